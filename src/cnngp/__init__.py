@@ -1,0 +1,27 @@
+"""cnngp: infinitely wide CNNs with spatially correlated weight priors as Gaussian processes."""
+
+from .correlations import RBF, Constant, Correlation, Independent, Matern, UserCorrelation
+from .errors import CNNGPError
+from .gram import kernel, readout_sweep
+from .layers import (
+    ABReLU,
+    AvgPool,
+    Conv,
+    Erf,
+    Flatten,
+    GlobalAvgPool,
+    Identity,
+    Layer,
+    Readout,
+    ReLU,
+    Serial,
+)
+from .state import KernelState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABReLU", "AvgPool", "CNNGPError", "Constant", "Conv", "Correlation", "Erf", "Flatten",
+    "GlobalAvgPool", "Identity", "Independent", "KernelState", "Layer", "Matern", "RBF",
+    "Readout", "ReLU", "Serial", "UserCorrelation", "kernel", "readout_sweep",
+]

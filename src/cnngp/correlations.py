@@ -1,0 +1,260 @@
+"""Weight correlations over filter positions (PAPER.md §1–2).
+
+A correlation describes the prior covariance Σ of one filter's weights across its spatial
+taps, ``W[i, j, :] ~ N(0, Σ / C_in)``. Every correlation is normalised so that its entries sum
+to 1 (PAPER.md §2, "Normalisation"): the independent case becomes ``I/|P|`` (an ordinary
+convolution, or a flatten readout) and the constant case ``11ᵀ/|P|²`` (average pooling, or a
+global-average-pooling readout). Stationary families interpolate between the two with a
+lengthscale λ measured in index units of the grid the filter spans; ``λ = 0`` and ``λ = ∞``
+return the two extremes *exactly*.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import CNNGPError
+
+__all__ = [
+    "Correlation",
+    "Independent",
+    "Constant",
+    "Matern",
+    "RBF",
+    "UserCorrelation",
+    "parse_lengthscale",
+]
+
+
+def parse_lengthscale(value, name: str = "lengthscale") -> float:
+    """Validate a lengthscale: a number ≥ 0, ``0`` or ``inf`` (also the string ``"inf"``)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("inf", "infinity", "+inf"):
+            return math.inf
+        try:
+            value = float(text)
+        except ValueError:
+            raise CNNGPError(
+                f"{name}: expected a number >= 0, 0 or 'inf', got {value!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise CNNGPError(f"{name}: expected a number >= 0, 0 or 'inf', got {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise CNNGPError(f"{name}: expected a number >= 0, 0 or 'inf', got {value!r}")
+    return value
+
+
+def tap_coordinates(shape: Sequence[int]) -> np.ndarray:
+    """Integer index vectors of all positions of a grid, row-major: shape (|P|, D)."""
+    if len(shape) == 0:
+        return np.zeros((1, 0))
+    return np.array(list(itertools.product(*[range(n) for n in shape])), dtype=np.float64)
+
+
+def _distances(shape: Sequence[int]) -> np.ndarray:
+    """Euclidean distances between all pairs of grid positions, (|P|, |P|)."""
+    coords = tap_coordinates(shape)
+    diff = coords[:, None, :] - coords[None, :, :]
+    return np.sqrt((diff**2).sum(-1))
+
+
+class Correlation:
+    """Base class: a PSD correlation over the positions of a grid, normalised to sum 1.
+
+    Subclasses implement :meth:`_unnormalised` (a PSD matrix over positions) and may declare
+    themselves exactly independent or constant, which the kernel layers use to pick their
+    cheap paths (diagonal sums and box sums instead of a dense filter).
+    """
+
+    #: the exact special case this correlation reduces to: "independent", "constant" or None
+    kind: str | None = None
+
+    def matrix(
+        self, shape: Sequence[int], dtype=torch.float64, device="cpu"
+    ) -> torch.Tensor:
+        """Σ over the row-major positions of a grid of ``shape``, normalised to sum 1.
+
+        Returns a tensor of shape (|P|, |P|) with |P| = prod(shape).
+        """
+        shape = tuple(int(s) for s in shape)
+        size = int(np.prod(shape)) if shape else 1
+        if self.kind == "independent":
+            m = np.eye(size) / size
+        elif self.kind == "constant":
+            m = np.full((size, size), 1.0 / size**2)
+        else:
+            m = np.asarray(self._unnormalised(shape), dtype=np.float64)
+            total = m.sum()
+            if not np.isfinite(total) or total <= 0:
+                raise CNNGPError(
+                    f"correlation {self!r}: entries must have a positive finite sum to be "
+                    f"normalised, got sum {total!r}"
+                )
+            m = m / total
+        return torch.as_tensor(m, dtype=dtype, device=device)
+
+    def _unnormalised(self, shape) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_spec(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.to_spec() == other.to_spec()
+
+    def __hash__(self):
+        return hash(repr(self.to_spec()))
+
+
+class Independent(Correlation):
+    """Independent weights: Σ = I/|P| (ordinary convolution; flatten readout)."""
+
+    kind = "independent"
+
+    def to_spec(self):
+        return {"type": "independent"}
+
+    def __repr__(self):
+        return "Independent()"
+
+
+class Constant(Correlation):
+    """Fully shared weights: Σ = 11ᵀ/|P|² (average pooling; global-average-pool readout)."""
+
+    kind = "constant"
+
+    def to_spec(self):
+        return {"type": "constant"}
+
+    def __repr__(self):
+        return "Constant()"
+
+
+class _Stationary(Correlation):
+    """A stationary correlation k(r/λ) with exact limits at λ = 0 and λ = ∞."""
+
+    def __init__(self, lengthscale):
+        self.lengthscale = parse_lengthscale(lengthscale)
+
+    @property
+    def kind(self):  # type: ignore[override]
+        if self.lengthscale == 0:
+            return "independent"
+        if math.isinf(self.lengthscale):
+            return "constant"
+        return None
+
+    def _unnormalised(self, shape):
+        return self._profile(_distances(shape) / self.lengthscale)
+
+    def _lengthscale_spec(self):
+        return "inf" if math.isinf(self.lengthscale) else self.lengthscale
+
+
+class Matern(_Stationary):
+    """Matérn-ν correlation, ν ∈ {1/2, 3/2, 5/2}, lengthscale λ in grid index units.
+
+    Σ[p, p'] ∝ (1 + √3 r/λ) exp(−√3 r/λ) for ν = 3/2 (PAPER.md §2), r = ‖p − p'‖₂.
+    """
+
+    NUS = (0.5, 1.5, 2.5)
+
+    def __init__(self, nu=1.5, lengthscale=1.0):
+        try:
+            nu = float(nu)
+        except (TypeError, ValueError):
+            nu = None
+        if nu not in self.NUS:
+            raise CNNGPError(f"nu: expected one of 0.5, 1.5, 2.5 for a Matérn correlation, got {nu!r}")
+        self.nu = nu
+        super().__init__(lengthscale)
+
+    def _profile(self, d):
+        if self.nu == 0.5:
+            return np.exp(-d)
+        if self.nu == 1.5:
+            s = math.sqrt(3.0) * d
+            return (1.0 + s) * np.exp(-s)
+        s = math.sqrt(5.0) * d
+        return (1.0 + s + s * s / 3.0) * np.exp(-s)
+
+    def to_spec(self):
+        return {"type": "matern", "nu": self.nu, "lengthscale": self._lengthscale_spec()}
+
+    def __repr__(self):
+        return f"Matern(nu={self.nu}, lengthscale={self._lengthscale_spec()!r})"
+
+
+class RBF(_Stationary):
+    """Squared-exponential correlation exp(−r²/(2λ²)), lengthscale λ in grid index units."""
+
+    def _profile(self, d):
+        return np.exp(-0.5 * d * d)
+
+    def to_spec(self):
+        return {"type": "rbf", "lengthscale": self._lengthscale_spec()}
+
+    def __repr__(self):
+        return f"RBF(lengthscale={self._lengthscale_spec()!r})"
+
+
+class UserCorrelation(Correlation):
+    """A user-supplied PSD matrix over the row-major positions of the grid.
+
+    Parameters
+    ----------
+    matrix : array (|P|, |P|)
+        Symmetric positive semi-definite; checked (eigenvalues ≥ −1e-10·max|eig|).
+    normalise : bool
+        Rescale to sum 1 (default), like every built-in correlation.
+    """
+
+    def __init__(self, matrix, normalise: bool = True):
+        m = np.asarray(matrix, dtype=np.float64)
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+            raise CNNGPError(
+                f"correlation matrix: expected a square (|P|, |P|) matrix, got shape {m.shape}"
+            )
+        if not np.all(np.isfinite(m)):
+            raise CNNGPError("correlation matrix: contains NaN or infinite entries")
+        if not np.allclose(m, m.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(m).max())):
+            raise CNNGPError("correlation matrix: must be symmetric")
+        eig = np.linalg.eigvalsh(m)
+        if eig.min() < -1e-10 * max(np.abs(eig).max(), 1e-300):
+            raise CNNGPError(
+                "correlation matrix: must be positive semi-definite, smallest eigenvalue "
+                f"is {eig.min():.3g}"
+            )
+        self._m = m
+        self.normalise = bool(normalise)
+
+    def matrix(self, shape, dtype=torch.float64, device="cpu"):
+        size = int(np.prod(shape)) if len(shape) else 1
+        if self._m.shape[0] != size:
+            raise CNNGPError(
+                f"correlation matrix: has shape {self._m.shape} but the grid {tuple(shape)} "
+                f"has {size} positions; expected ({size}, {size})"
+            )
+        m = self._m
+        if self.normalise:
+            total = m.sum()
+            if total <= 0:
+                raise CNNGPError(
+                    "correlation matrix: entries must have a positive sum to be normalised "
+                    "(pass normalise=False to use it as is)"
+                )
+            m = m / total
+        return torch.as_tensor(m, dtype=dtype, device=device)
+
+    def to_spec(self):
+        return {"type": "user", "matrix": self._m.tolist(), "normalise": self.normalise}
+
+    def __repr__(self):
+        return f"UserCorrelation(<{self._m.shape[0]}x{self._m.shape[0]}>)"

@@ -1,0 +1,742 @@
+"""Gaussian-process classification from precomputed kernel matrices.
+
+The protocol of the paper (PAPER.md, section 5): classification is done as regression
+on one-hot targets minus ``1 / n_classes``; the predicted class is the argmax of the GP
+posterior mean ``K_*X (K_XX + sigma^2 I)^-1 Y``. The observation noise ``sigma^2`` is
+chosen from a grid of 1000 log-spaced values by k-fold cross-validation (or exact
+leave-one-out). Each fold's training kernel is eigendecomposed once,
+``K = U diag(s) U^T``, after which every ``sigma^2`` costs only a matrix product:
+
+    K_*X (K + sigma^2 I)^-1 Y = (K_*X U) diag(1 / (s + sigma^2)) (U^T Y).
+
+Everything here is float64 NumPy / SciPy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+
+__all__ = [
+    "CVResult",
+    "centered_one_hot",
+    "noise_grid",
+    "paper_folds",
+    "stratified_folds",
+    "cross_validate",
+    "leave_one_out",
+    "posterior_mean",
+    "fit_predict",
+    "test_accuracy",
+    "mean_and_2se",
+    "NOISE_LOG_MIN",
+    "NOISE_LOG_MAX",
+    "PD_MARGIN",
+]
+
+#: Natural logarithms of the ends of the paper's noise grid, ``[e^-36, e^5]``.
+NOISE_LOG_MIN = -36.0
+NOISE_LOG_MAX = 5.0
+#: Relative safety margin on the positive-definiteness floor ``c`` (see :func:`noise_grid`).
+PD_MARGIN = 1e-6
+
+# Bound on the size (bytes) of the temporary arrays made when evaluating many sigma^2 at
+# once; sigma^2 values are processed in chunks that fit in it.
+_CHUNK_BYTES = 1 << 27
+
+Fold = tuple[np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_square(K, what: str) -> np.ndarray:
+    K = np.asarray(K, dtype=np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"{what} must be a square 2-D matrix; got shape {K.shape}")
+    if K.shape[0] == 0:
+        raise ValueError(f"{what} is empty")
+    if not np.all(np.isfinite(K)):
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return K
+
+
+def _check_symmetric(K: np.ndarray, what: str, rtol: float = 1e-6) -> None:
+    """Raise unless ``|K - K^T| <= rtol * max|K|`` (checked in row blocks)."""
+    scale = float(np.max(np.abs(K))) or 1.0
+    n = K.shape[0]
+    step = max(1, (1 << 22) // n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        dev = float(np.max(np.abs(K[start:stop] - K[:, start:stop].T)))
+        if dev > rtol * scale:
+            raise ValueError(
+                f"{what} is not symmetric (max |K - K^T| = {dev:.3g}, relative "
+                f"{dev / scale:.3g} > {rtol:g}); pass a symmetric kernel matrix"
+            )
+
+
+def _check_labels(y, n: int | None, what: str = "y") -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D label vector; got shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise ValueError(f"{what} must hold integer class labels; got dtype {y.dtype}")
+    if n is not None and len(y) != n:
+        raise ValueError(f"{what} has {len(y)} labels but the kernel has {n} rows")
+    if y.size and y.min() < 0:
+        raise ValueError(f"{what} has a negative label ({y.min()}); labels must be >= 0")
+    return y.astype(np.int64)
+
+
+def _resolve_n_classes(y: np.ndarray, n_classes: int | None) -> int:
+    k = int(y.max()) + 1 if n_classes is None else int(n_classes)
+    if k < 2:
+        raise ValueError(f"n_classes={k}: classification needs at least 2 classes")
+    if y.max() >= k:
+        raise ValueError(f"label {y.max()} is out of range for n_classes={k}")
+    return k
+
+
+def _check_noise(noise_variances, what: str = "noise_variances") -> np.ndarray:
+    s2 = np.atleast_1d(np.asarray(noise_variances, dtype=np.float64))
+    if s2.ndim != 1 or s2.size == 0:
+        raise ValueError(f"{what} must be a non-empty scalar or 1-D array; got shape {s2.shape}")
+    if not np.all(np.isfinite(s2)) or np.any(s2 < 0):
+        raise ValueError(f"{what} must be finite and >= 0")
+    return s2
+
+
+def centered_one_hot(y: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """Regression targets of the paper: one-hot minus ``1 / n_classes``.
+
+    Parameters
+    ----------
+    y : numpy.ndarray, shape (N,), int
+        Labels in ``0..n_classes-1``.
+    n_classes : int, optional
+        Number of classes; default ``max(y) + 1``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, n_classes), float64
+
+    Examples
+    --------
+    >>> centered_one_hot(np.array([1, 0]), 2)
+    array([[-0.5,  0.5],
+           [ 0.5, -0.5]])
+    """
+    y = _check_labels(y, None)
+    k = _resolve_n_classes(y, n_classes)
+    return np.eye(k)[y] - 1.0 / k
+
+
+# --------------------------------------------------------------------------------------
+# Noise grid
+# --------------------------------------------------------------------------------------
+
+
+def _pd_floor(min_eig: float) -> float:
+    """Smallest practical sigma^2 making ``K + sigma^2 I`` positive definite."""
+    return (1.0 + PD_MARGIN) * max(0.0, -float(min_eig))
+
+
+def _grid_from_floor(c: float, n: int) -> np.ndarray:
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n={n}: the noise grid needs at least one value")
+    lo = max(np.log(c) if c > 0 else -np.inf, NOISE_LOG_MIN)
+    if lo >= NOISE_LOG_MAX:
+        raise ValueError(
+            f"the kernel's smallest eigenvalue is about {-c:.3g}: making it positive "
+            f"definite needs sigma^2 >= {c:.3g} > e^{NOISE_LOG_MAX:g}, the top of the "
+            "grid. The matrix is not a valid covariance; check how it was computed"
+        )
+    grid = np.exp(np.linspace(lo, NOISE_LOG_MAX, n))
+    return np.maximum(grid, c)  # exp(log(c)) may round below c
+
+
+def noise_grid(K_folds, n: int = 1000) -> np.ndarray:
+    """The paper's grid of observation-noise variances ``sigma^2``.
+
+    ``n`` values log-spaced in ``[max(c, e^-36), e^5]``, where ``c`` is the smallest
+    value making every fold's training kernel positive definite. With ``lambda_min`` the
+    smallest eigenvalue over all the fold kernels,
+    ``c = (1 + PD_MARGIN) * max(0, -lambda_min)`` with ``PD_MARGIN = 1e-6``: the
+    relative margin keeps ``K + c I`` strictly positive definite,
+    ``lambda_min(K + c I) = 1e-6 * |lambda_min| > 0``, instead of singular at the
+    computed ``lambda_min``. When every kernel is positive semi-definite, ``c = 0`` and
+    the grid starts at ``e^-36``.
+
+    Parameters
+    ----------
+    K_folds : numpy.ndarray, shape (n_i, n_i), or sequence of them
+        The training kernel of each fold (or a single kernel matrix).
+    n : int, default 1000
+        Number of grid values.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n,), float64
+        Increasing noise variances.
+
+    Raises
+    ------
+    ValueError
+        If a kernel is not square, symmetric and finite, or so indefinite that ``c``
+        exceeds ``e^5``.
+
+    Examples
+    --------
+    >>> g = noise_grid(np.eye(3), n=5)
+    >>> np.allclose(np.log(g), np.linspace(-36, 5, 5))
+    True
+    """
+    if isinstance(K_folds, np.ndarray) and K_folds.ndim == 2:
+        K_folds = [K_folds]
+    min_eig = np.inf
+    for i, K in enumerate(K_folds):
+        K = _check_square(K, f"K_folds[{i}]")
+        _check_symmetric(K, f"K_folds[{i}]")
+        ev = scipy.linalg.eigh(K, eigvals_only=True, subset_by_index=[0, 0])
+        min_eig = min(min_eig, float(ev[0]))
+    if not np.isfinite(min_eig):
+        raise ValueError("K_folds is empty; give at least one kernel matrix")
+    return _grid_from_floor(_pd_floor(min_eig), n)
+
+
+# --------------------------------------------------------------------------------------
+# Folds
+# --------------------------------------------------------------------------------------
+
+
+def paper_folds(n: int, k: int = 4) -> list[Fold]:
+    """k contiguous folds of a class-interleaved order, without shuffling.
+
+    Parameters
+    ----------
+    n : int
+        Number of training points, in the class-interleaved order of
+        :func:`cnngp.data.balanced_subset`.
+    k : int, default 4
+        Number of folds.
+
+    Returns
+    -------
+    list of (train_idx, val_idx)
+        ``k`` pairs of int64 index arrays. Fold ``i`` validates on the contiguous range
+        ``[i*n/k, (i+1)*n/k)`` (sizes differ by at most one when k does not divide n)
+        and trains on the rest. The validation sets are disjoint and cover ``0..n-1``.
+        They are class-balanced when ``n`` is a multiple of ``k * n_classes``.
+
+    Notes
+    -----
+    The paper's research code validates on ``slice(i, n, k)`` of a class-*sorted*
+    order instead; on the interleaved order that strided split would be unbalanced
+    whenever ``gcd(k, n_classes) > 1`` (e.g. k=4, 10 classes: fold 0 would hold only
+    even classes), so it is not offered.
+
+    Examples
+    --------
+    >>> [v.tolist() for _, v in paper_folds(6, 3)]
+    [[0, 1], [2, 3], [4, 5]]
+    """
+    n, k = int(n), int(k)
+    if k < 2:
+        raise ValueError(f"k={k}: cross-validation needs at least 2 folds")
+    if n < k:
+        raise ValueError(f"n={n} points cannot be split into k={k} non-empty folds")
+    idx = np.arange(n, dtype=np.int64)
+    return [(np.setdiff1d(idx, v, assume_unique=True), v) for v in np.array_split(idx, k)]
+
+
+def stratified_folds(y: np.ndarray, k: int = 4, seed: int | None = 0) -> list[Fold]:
+    """Shuffled, stratified k folds (scikit-learn ``StratifiedKFold``).
+
+    Parameters
+    ----------
+    y : numpy.ndarray, shape (N,), int
+        Labels.
+    k : int, default 4
+        Number of folds.
+    seed : int or None, default 0
+        ``random_state`` of the shuffle.
+
+    Returns
+    -------
+    list of (train_idx, val_idx)
+        ``k`` pairs of sorted int64 index arrays.
+
+    Raises
+    ------
+    ValueError
+        If some class has fewer than `k` samples, or a training fold lacks a class.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y = _check_labels(y, None)
+    k = int(k)
+    if k < 2:
+        raise ValueError(f"k={k}: cross-validation needs at least 2 folds")
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < k:
+        c = classes[np.argmin(counts)]
+        raise ValueError(
+            f"class {c} has only {counts.min()} samples, fewer than the k={k} folds; "
+            "every class needs at least k samples"
+        )
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = [
+        (np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64))
+        for tr, va in skf.split(np.zeros(len(y)), y)
+    ]
+    _check_folds(folds, y, len(y))
+    return folds
+
+
+def _check_folds(folds, y: np.ndarray, n: int) -> list[Fold]:
+    out = []
+    all_classes = np.unique(y)
+    for i, fold in enumerate(folds):
+        try:
+            tr, va = fold
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"folds[{i}] must be a (train_idx, val_idx) pair of index arrays"
+            ) from None
+        tr, va = np.asarray(tr), np.asarray(va)
+        for arr, name in ((tr, "train"), (va, "validation")):
+            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(
+                    f"folds[{i}] {name} indices must be a non-empty 1-D integer array"
+                )
+            if arr.min() < 0 or arr.max() >= n:
+                raise ValueError(
+                    f"folds[{i}] {name} indices out of range for {n} points"
+                )
+        if np.intersect1d(tr, va).size:
+            raise ValueError(f"folds[{i}]: training and validation indices overlap")
+        missing = np.setdiff1d(all_classes, y[tr])
+        if missing.size:
+            raise ValueError(
+                f"folds[{i}]: class(es) {missing.tolist()} missing from the training "
+                "fold; use more points per class or fewer folds"
+            )
+        out.append((tr.astype(np.int64), va.astype(np.int64)))
+    if not out:
+        raise ValueError("folds is empty")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Core: predictions for many sigma^2 from one eigendecomposition
+# --------------------------------------------------------------------------------------
+
+
+def _chunks(n_noise: int, per_noise_bytes: int):
+    step = max(1, _CHUNK_BYTES // max(1, per_noise_bytes))
+    for start in range(0, n_noise, step):
+        yield slice(start, min(n_noise, start + step))
+
+
+def _accuracies_eig(
+    s: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    y_true: np.ndarray,
+    noise: np.ndarray,
+) -> np.ndarray:
+    """Accuracy of ``argmax A diag(1/(s+sigma^2)) B`` for every sigma^2.
+
+    Parameters
+    ----------
+    s : (n,) eigenvalues; A : (m, n) ``K_*X U``; B : (n, C) ``U^T Y``;
+    y_true : (m,) labels; noise : (J,) variances.
+
+    Returns
+    -------
+    (J,) accuracies.
+    """
+    m, n = A.shape
+    C = B.shape[1]
+    acc = np.empty(len(noise))
+    for sl in _chunks(len(noise), 8 * C * (n + m)):
+        w = 1.0 / (s[None, :] + noise[sl, None])  # (j, n)
+        rhs = (w[:, :, None] * B[None, :, :]).transpose(1, 0, 2).reshape(n, -1)
+        pred = (A @ rhs).reshape(m, -1, C)  # (m, j, C)
+        acc[sl] = (pred.argmax(axis=2) == y_true[:, None]).mean(axis=0)
+    return acc
+
+
+def _eigh(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return scipy.linalg.eigh(K, check_finite=False)
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """Accuracy of GP classification over a grid of noise variances.
+
+    Attributes
+    ----------
+    noise_variances : numpy.ndarray, shape (J,)
+        The sigma^2 grid.
+    accuracy : numpy.ndarray, shape (J,)
+        Mean validation accuracy over folds at each sigma^2 (for leave-one-out: the
+        fraction of points predicted correctly).
+    fold_accuracies : numpy.ndarray, shape (n_folds, J)
+        Accuracy of each fold at each sigma^2 (one row for leave-one-out).
+    best_index : int
+        Index of the best sigma^2 (the first, i.e. smallest, among ties).
+    """
+
+    noise_variances: np.ndarray
+    accuracy: np.ndarray
+    fold_accuracies: np.ndarray
+    best_index: int
+
+    @property
+    def best_noise_variance(self) -> float:
+        """The sigma^2 with the highest mean accuracy."""
+        return float(self.noise_variances[self.best_index])
+
+    @property
+    def best_accuracy(self) -> float:
+        """The highest mean accuracy over the grid."""
+        return float(self.accuracy[self.best_index])
+
+    @property
+    def best_fold_accuracies(self) -> np.ndarray:
+        """Per-fold accuracies at the best sigma^2, shape (n_folds,)."""
+        return self.fold_accuracies[:, self.best_index]
+
+
+def _make_result(noise: np.ndarray, fold_acc: np.ndarray) -> CVResult:
+    acc = fold_acc.mean(axis=0)
+    return CVResult(noise, acc, fold_acc, int(np.argmax(acc)))
+
+
+def cross_validate(
+    K: np.ndarray,
+    y: np.ndarray,
+    folds: Sequence[Fold] | int = 4,
+    noise_variances: np.ndarray | None = None,
+    n_classes: int | None = None,
+    n_grid: int = 1000,
+) -> CVResult:
+    """k-fold cross-validated accuracy of GP classification for every sigma^2.
+
+    Each fold's training kernel is eigendecomposed once (``scipy.linalg.eigh``); the
+    posterior mean for all sigma^2 then follows from matrix products, evaluated in
+    chunks of sigma^2 to bound memory.
+
+    Parameters
+    ----------
+    K : numpy.ndarray, shape (N, N)
+        Symmetric kernel matrix of the training set.
+    y : numpy.ndarray, shape (N,), int
+        Labels.
+    folds : sequence of (train_idx, val_idx) or int, default 4
+        The folds (see :func:`paper_folds`, :func:`stratified_folds`); an int ``k``
+        means ``paper_folds(N, k)``.
+    noise_variances : array_like, shape (J,), optional
+        sigma^2 values; default the paper's grid over these folds,
+        ``noise_grid([K[tr][:, tr] for tr, _ in folds], n_grid)``.
+    n_classes : int, optional
+        Number of classes; default ``max(y) + 1``.
+    n_grid : int, default 1000
+        Size of the default grid.
+
+    Returns
+    -------
+    CVResult
+        ``accuracy`` (J,) mean over folds, ``fold_accuracies`` (k, J),
+        ``best_noise_variance``, ``best_accuracy``.
+
+    Raises
+    ------
+    ValueError
+        For a non-square, non-symmetric or non-finite `K`, labels of the wrong length,
+        folds out of range or overlapping, or a training fold that lacks a class.
+    """
+    K = _check_square(K, "K")
+    n = K.shape[0]
+    _check_symmetric(K, "K")
+    y = _check_labels(y, n)
+    k_cls = _resolve_n_classes(y, n_classes)
+    if isinstance(folds, (int, np.integer)):
+        folds = paper_folds(n, int(folds))
+    folds = _check_folds(folds, y, n)
+    Y = centered_one_hot(y, k_cls)
+
+    eigs = [_eigh(K[np.ix_(tr, tr)]) for tr, _ in folds]
+    if noise_variances is None:
+        c = _pd_floor(min(float(s[0]) for s, _ in eigs))
+        noise = _grid_from_floor(c, n_grid)
+    else:
+        noise = _check_noise(noise_variances)
+
+    fold_acc = np.empty((len(folds), len(noise)))
+    for i, ((tr, va), (s, U)) in enumerate(zip(folds, eigs)):
+        A = K[np.ix_(va, tr)] @ U
+        B = U.T @ Y[tr]
+        fold_acc[i] = _accuracies_eig(s, A, B, y[va], noise)
+    return _make_result(noise, fold_acc)
+
+
+def leave_one_out(
+    K: np.ndarray,
+    y: np.ndarray,
+    noise_variances: np.ndarray | None = None,
+    n_classes: int | None = None,
+    n_grid: int = 1000,
+) -> CVResult:
+    """Exact leave-one-out accuracy for every sigma^2, from one eigendecomposition.
+
+    With ``G = (K + sigma^2 I)^-1`` the leave-one-out residual of point i is
+    ``(G Y)_i / G_ii`` and its leave-one-out prediction is ``Y_i - (G Y)_i / G_ii``,
+    identical to refitting without point i. ``G = U diag(1/(s+sigma^2)) U^T`` from one
+    ``eigh`` of K, so all sigma^2 cost matrix products.
+
+    Parameters
+    ----------
+    K : numpy.ndarray, shape (N, N)
+        Symmetric kernel matrix.
+    y : numpy.ndarray, shape (N,), int
+        Labels.
+    noise_variances : array_like, shape (J,), optional
+        sigma^2 values; default ``noise_grid(K, n_grid)`` (computed from the same
+        eigendecomposition).
+    n_classes : int, optional
+        Number of classes; default ``max(y) + 1``.
+    n_grid : int, default 1000
+        Size of the default grid.
+
+    Returns
+    -------
+    CVResult
+        ``accuracy`` (J,) leave-one-out accuracy; ``fold_accuracies`` has one row.
+    """
+    K = _check_square(K, "K")
+    n = K.shape[0]
+    _check_symmetric(K, "K")
+    y = _check_labels(y, n)
+    k_cls = _resolve_n_classes(y, n_classes)
+    if n < 2:
+        raise ValueError("leave-one-out needs at least 2 points")
+    Y = centered_one_hot(y, k_cls)
+    s, U = _eigh(K)
+    if noise_variances is None:
+        noise = _grid_from_floor(_pd_floor(s[0]), n_grid)
+    else:
+        noise = _check_noise(noise_variances)
+
+    C = Y.shape[1]
+    acc = np.empty(len(noise))
+    for sl in _chunks(len(noise), 8 * (3 * C + 2) * n):
+        pred = _loo_means(s, U, Y, noise[sl])
+        acc[sl] = (pred.argmax(axis=2) == y[None, :]).mean(axis=1)
+    return _make_result(noise, acc[None, :])
+
+
+def _loo_means(s: np.ndarray, U: np.ndarray, Y: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Leave-one-out posterior means for each sigma^2, from ``K = U diag(s) U^T``.
+
+    Parameters
+    ----------
+    s : (n,) eigenvalues; U : (n, n) eigenvectors; Y : (n, C) targets;
+    noise : (J,) variances.
+
+    Returns
+    -------
+    (J, n, C): entry ``[j, i]`` is the posterior mean at point i of the GP fitted to
+    all other points with noise ``noise[j]``.
+    """
+    n, C = Y.shape
+    w = 1.0 / (s[None, :] + noise[:, None])  # (J, n): eigenvalues of G
+    diag = w @ (U * U).T  # (J, n): G_ii
+    B = U.T @ Y
+    rhs = (w[:, :, None] * B[None, :, :]).transpose(1, 0, 2).reshape(n, -1)
+    GY = (U @ rhs).reshape(n, -1, C).transpose(1, 0, 2)  # (J, n, C)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return Y[None] - GY / diag[:, :, None]
+
+
+# --------------------------------------------------------------------------------------
+# Final fit and test
+# --------------------------------------------------------------------------------------
+
+
+def posterior_mean(
+    K_train: np.ndarray,
+    y_train: np.ndarray,
+    K_test_train: np.ndarray,
+    noise_variance: float,
+    n_classes: int | None = None,
+) -> np.ndarray:
+    """GP posterior mean ``K_*X (K + sigma^2 I)^-1 Y`` on centred one-hot targets.
+
+    Solved by Cholesky when ``K + sigma^2 I`` is positive definite; otherwise (sigma^2
+    chosen on fold kernels can lie below the full kernel's floor) by an
+    eigendecomposition, as the paper's research code does, with a ``RuntimeWarning``.
+
+    Parameters
+    ----------
+    K_train : numpy.ndarray, shape (N, N)
+        Training kernel.
+    y_train : numpy.ndarray, shape (N,), int
+        Training labels.
+    K_test_train : numpy.ndarray, shape (M, N)
+        Kernel between test and training points.
+    noise_variance : float
+        sigma^2 >= 0.
+    n_classes : int, optional
+        Number of classes; default ``max(y_train) + 1``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (M, n_classes), float64
+    """
+    K = _check_square(K_train, "K_train")
+    n = K.shape[0]
+    _check_symmetric(K, "K_train")
+    y = _check_labels(y_train, n, "y_train")
+    k_cls = _resolve_n_classes(y, n_classes)
+    Ks = np.asarray(K_test_train, dtype=np.float64)
+    if Ks.ndim != 2 or Ks.shape[1] != n:
+        raise ValueError(
+            f"K_test_train must have shape (M, {n}) to match K_train; got {Ks.shape}"
+        )
+    if not np.all(np.isfinite(Ks)):
+        raise ValueError("K_test_train contains NaN or infinite values")
+    s2 = float(_check_noise(noise_variance, "noise_variance")[0])
+    Y = centered_one_hot(y, k_cls)
+    try:
+        factor = scipy.linalg.cho_factor(K + s2 * np.eye(n), lower=True, check_finite=False)
+        alpha = scipy.linalg.cho_solve(factor, Y, check_finite=False)
+    except np.linalg.LinAlgError:
+        s, U = _eigh(K)
+        d = s + s2
+        if np.any(d == 0):
+            raise ValueError(
+                f"K_train + noise_variance*I is singular at noise_variance={s2:g}; use a "
+                "larger noise_variance"
+            ) from None
+        warnings.warn(
+            f"K_train + {s2:g} I is not positive definite (smallest eigenvalue "
+            f"{d[0]:.3g}); solving through the eigendecomposition instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        alpha = U @ ((U.T @ Y) / d[:, None])
+    return Ks @ alpha
+
+
+def fit_predict(
+    K_train: np.ndarray,
+    y_train: np.ndarray,
+    K_test_train: np.ndarray,
+    noise_variance: float,
+    n_classes: int | None = None,
+) -> np.ndarray:
+    """Predicted labels: argmax of :func:`posterior_mean`.
+
+    Parameters
+    ----------
+    K_train : numpy.ndarray, shape (N, N)
+    y_train : numpy.ndarray, shape (N,), int
+    K_test_train : numpy.ndarray, shape (M, N)
+    noise_variance : float
+    n_classes : int, optional
+
+    Returns
+    -------
+    numpy.ndarray, shape (M,), int64
+
+    Examples
+    --------
+    >>> K = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> fit_predict(K, np.array([0, 1]), np.array([[0.9, 0.1]]), 0.1).tolist()
+    [0]
+    """
+    mean = posterior_mean(K_train, y_train, K_test_train, noise_variance, n_classes)
+    return mean.argmax(axis=1).astype(np.int64)
+
+
+def test_accuracy(
+    K_train: np.ndarray,
+    y_train: np.ndarray,
+    K_test_train: np.ndarray,
+    y_test: np.ndarray,
+    noise_variance: float,
+    n_classes: int | None = None,
+) -> float:
+    """Fraction of test points whose :func:`fit_predict` label equals `y_test`.
+
+    Parameters
+    ----------
+    K_train : numpy.ndarray, shape (N, N)
+    y_train : numpy.ndarray, shape (N,), int
+    K_test_train : numpy.ndarray, shape (M, N)
+    y_test : numpy.ndarray, shape (M,), int
+    noise_variance : float
+    n_classes : int, optional
+
+    Returns
+    -------
+    float in [0, 1]
+    """
+    y_test = _check_labels(y_test, None, "y_test")
+    if len(y_test) != np.shape(K_test_train)[0]:
+        raise ValueError(
+            f"y_test has {len(y_test)} labels but K_test_train has "
+            f"{np.shape(K_test_train)[0]} rows"
+        )
+    pred = fit_predict(K_train, y_train, K_test_train, noise_variance, n_classes)
+    return float(np.mean(pred == y_test))
+
+
+test_accuracy.__test__ = False  # not a pytest test despite the name
+
+
+def mean_and_2se(values, axis: int = 0) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """Mean and two standard errors over repeats (e.g. disjoint data blocks).
+
+    Parameters
+    ----------
+    values : array_like, shape (B, ...)
+        One value (or array of values) per block along `axis`.
+    axis : int, default 0
+        The block axis.
+
+    Returns
+    -------
+    mean : float or numpy.ndarray, shape (...)
+    two_se : float or numpy.ndarray, shape (...)
+        ``2 * std(ddof=1) / sqrt(B)``; 0 when there is a single block.
+
+    Examples
+    --------
+    >>> mean_and_2se([1.0, 3.0])
+    (2.0, 2.0)
+    >>> mean_and_2se([0.5])
+    (0.5, 0.0)
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 0 or v.shape[axis] == 0:
+        raise ValueError("values must hold at least one value along the block axis")
+    b = v.shape[axis]
+    mean = v.mean(axis=axis)
+    if b == 1:
+        se2 = np.zeros_like(mean)
+    else:
+        se2 = 2.0 * v.std(axis=axis, ddof=1) / np.sqrt(b)
+    if np.ndim(mean) == 0:
+        return float(mean), float(se2)
+    return mean, se2

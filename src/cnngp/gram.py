@@ -1,0 +1,355 @@
+"""Gram matrices: run a network's kernel recursion over many image pairs.
+
+Two passes (PAPER.md §2–3a):
+
+1. a **self pass** over every distinct image computes, for each nonlinearity, the diagonal
+   K_xx[p, p] of that image's own covariance. It carries the full position-pair tensor only
+   below layers whose output variances need off-diagonal entries (correlated convs, pooling);
+2. a **pair pass** over image pairs — only i ≤ j when x2 is None, mirrored afterwards —
+   carries K_xx' in the cheapest representation the layers above allow (spatial diagonal or
+   full tensor) and reads the variances recorded by the self pass.
+
+Pairs are processed in batches whose size is chosen from a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import CNNGPError
+from .layers import Layer, Readout, Serial
+from .state import KernelState
+
+__all__ = ["kernel", "readout_sweep", "as_images", "resolve_dtype", "DEFAULT_MEMORY_BUDGET"]
+
+#: bytes of working memory a batch of pairs may use, unless told otherwise
+DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("CNNGP_MEMORY_BUDGET", 2 * 1024**3)))
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype in (torch.float64, "float64", "double", np.float64):
+        return torch.float64
+    if dtype in (torch.float32, "float32", "float", np.float32):
+        return torch.float32
+    raise CNNGPError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CNNGPError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CNNGPError("device: 'cuda' was requested but torch finds no CUDA device here")
+    return dev
+
+
+def as_images(x, name: str = "x1", channels: int | None = None) -> np.ndarray:
+    """Validate images ``(N, *spatial, C)`` channels last, D = 1, 2 or 3 spatial dims.
+
+    uint8 arrays are scaled to [0, 1]; floats are kept. Returns float64 numpy.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise CNNGPError(f"{name}: could not be read as an array ({e})") from None
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float64) / 255.0
+    elif arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype.kind != "f":
+        raise CNNGPError(
+            f"{name}: expected a float or uint8 array of images, got dtype {arr.dtype}"
+        )
+    if arr.ndim not in (3, 4, 5):
+        raise CNNGPError(
+            f"{name}: expected images of shape (N, *spatial, C) with 1, 2 or 3 spatial "
+            f"dimensions, i.e. 3 to 5 axes, got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0 or any(s == 0 for s in arr.shape[1:]):
+        raise CNNGPError(f"{name}: is empty (shape {arr.shape}); expected at least one image")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise CNNGPError(f"{name}: contains {bad} NaN or infinite pixel values")
+    if channels is not None and arr.shape[-1] != channels:
+        raise CNNGPError(
+            f"{name}: has {arr.shape[-1]} channels (last axis) but the network expects "
+            f"{channels}; images must be channels-last (N, *spatial, C)"
+        )
+    return arr.astype(np.float64, copy=False)
+
+
+@dataclass
+class _Plan:
+    body: Serial
+    heads: list
+    grids: list
+    pair_flags: list
+    self_flags: list
+    self_depth: int
+    var_layers: list
+
+    @property
+    def spatial_out(self):
+        return self.grids[-1]
+
+
+def _split_model(model) -> tuple[Serial, list]:
+    if isinstance(model, Readout):
+        return Serial(), [model]
+    if not isinstance(model, Layer):
+        raise CNNGPError(f"model: expected a cnngp layer or Serial, got {type(model).__name__}")
+    layers = list(model.layers) if isinstance(model, Serial) else [model]
+    if layers and isinstance(layers[-1], Readout):
+        return Serial(*layers[:-1]), [layers[-1]]
+    return Serial(*layers), []
+
+
+def _make_plan(body: Serial, heads: list, spatial: tuple) -> _Plan:
+    grids = body.grids(spatial)
+    last = grids[-1]
+    for h in heads:
+        h.output_spatial(last)
+    if not heads and last:
+        raise CNNGPError(
+            f"model: ends on a spatial grid {last}; finish it with a readout, flatten or "
+            "global_avg_pool layer"
+        )
+    full_top = any(h.requires_full_input(False, last) for h in heads) and len(last) > 0
+    pair_flags = body.representation(spatial, full_top)
+    var_layers = [i for i, layer in enumerate(body.layers) if layer.needs_variances]
+    self_depth = (var_layers[-1] + 1) if var_layers else 0
+    self_flags = body[:self_depth].representation(spatial, False) if self_depth else [False]
+    return _Plan(body, heads, grids, pair_flags, self_flags, self_depth, var_layers)
+
+
+def _elements(grid, full):
+    n = math.prod(grid) if grid else 1
+    return n * n if full else n
+
+
+def _bytes_per_item(plan: _Plan, flags, depth, itemsize) -> int:
+    """Working memory of one pair (or one image in the self pass), a generous estimate."""
+    peak = 1
+    for i in range(depth):
+        layer = plan.body.layers[i]
+        g_in, g_out = plan.grids[i], plan.grids[i + 1]
+        e_in, e_out = _elements(g_in, flags[i]), _elements(g_out, flags[i + 1])
+        work = e_in + 3 * e_out
+        if hasattr(layer, "geometries") and flags[i] and layer._kind(layer.geometries(g_in)) not in (
+            "independent",
+            "constant",
+        ):
+            geoms = layer.geometries(g_in)
+            taps = math.prod(g.taps for g in geoms)
+            q = math.prod(g.n_out for g in geoms)
+            padded = math.prod(g.n_in + g.extent for g in geoms)
+            work += q * taps * (padded if flags[i + 1] else taps) * 2
+        if layer.needs_variances:
+            work = e_in + 5 * e_out
+        peak = max(peak, work)
+    peak = max(peak, _elements(plan.grids[depth], flags[depth]) * 2)
+    return peak * itemsize
+
+
+def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise CNNGPError(f"batch_size: expected an int >= 1, got {requested!r}")
+        return requested
+    per = _bytes_per_item(plan, flags, depth, itemsize)
+    return int(max(1, min(4096, budget // max(per, 1))))
+
+
+def _input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool) -> KernelState:
+    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2)."""
+    b, c = x1.shape[0], x1.shape[-1]
+    spatial = tuple(x1.shape[1:-1])
+    if full:
+        n = math.prod(spatial)
+        cross = torch.bmm(x1.reshape(b, n, c), x2.reshape(b, n, c).transpose(1, 2)) / c
+        cross = cross.reshape((b,) + spatial + spatial)
+    else:
+        cross = (x1 * x2).sum(-1) / c
+    return KernelState(cross=cross, spatial=spatial, full=full)
+
+
+def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
+    """Record each image's own variances K_xx[p, p] at every nonlinearity input."""
+    records = {i: [] for i in plan.var_layers}
+    if not plan.self_depth:
+        return {}
+    for start in range(0, x.shape[0], batch):
+        xb = x[start : start + batch]
+        state = _input_state(xb, xb, plan.self_flags[0])
+        for i in range(plan.self_depth):
+            layer = plan.body.layers[i]
+            if layer.needs_variances:
+                d = state.diagonal()
+                records[i].append(d)
+                state = state.with_variances(d, d)
+            state = layer.propagate(state, plan.self_flags[i + 1])
+        if progress is not None:
+            progress.update(xb.shape[0])
+    return {i: torch.cat(v) for i, v in records.items()}
+
+
+def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
+    """Kernel values (n_heads or 1, B) for a batch of pairs."""
+    state = _input_state(x1b, x2b, plan.pair_flags[0])
+    for i, layer in enumerate(plan.body.layers):
+        if layer.needs_variances:
+            state = state.with_variances(rec1[i][idx1], rec2[i][idx2])
+        state = layer.propagate(state, plan.pair_flags[i + 1])
+    if not plan.heads:
+        return state.cross[None]
+    return _apply_heads(plan.heads, state)
+
+
+def _apply_heads(heads, state: KernelState) -> torch.Tensor:
+    """All readouts from one last-hidden-layer state; general Σ's share one matmul."""
+    out = [None] * len(heads)
+    general = [
+        i
+        for i, h in enumerate(heads)
+        if state.full and state.ndim and h._kind(state.spatial) not in ("independent", "constant")
+    ]
+    if general:
+        w = torch.stack(
+            [heads[i].weights(state.spatial, state.cross.dtype, state.cross.device) for i in general],
+            dim=1,
+        )
+        values = state.cross.reshape(state.batch, -1) @ w  # (B, L_general)
+        for k, i in enumerate(general):
+            out[i] = values[:, k] * heads[i].weight_var + heads[i].bias_var
+    for i, h in enumerate(heads):
+        if out[i] is None:
+            out[i] = h.propagate(state, False).cross
+    return torch.stack(out)
+
+
+def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress):
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    a1 = as_images(x1, "x1")
+    symmetric = x2 is None
+    a2 = a1 if symmetric else as_images(x2, "x2")
+    if not symmetric and a2.shape[1:] != a1.shape[1:]:
+        raise CNNGPError(
+            f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
+            "must be (N, *spatial, C) with the same spatial size and channels"
+        )
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+    spatial = tuple(a1.shape[1:-1])
+    plan = _make_plan(body, heads, spatial)
+    t1 = torch.as_tensor(a1, dtype=dtype, device=device)
+    t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=device)
+    n1, n2 = t1.shape[0], t2.shape[0]
+    itemsize = torch.finfo(dtype).bits // 8
+
+    self_batch = _batch_size(plan, plan.self_flags, plan.self_depth, itemsize, memory_budget, None)
+    pair_batch = _batch_size(
+        plan, plan.pair_flags, len(plan.body), itemsize, memory_budget, batch_size
+    )
+    if symmetric:
+        rows, cols = torch.triu_indices(n1, n1)
+    else:
+        rows = torch.arange(n1).repeat_interleave(n2)
+        cols = torch.arange(n2).repeat(n1)
+    n_pairs = rows.numel()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total_images = n1 + (0 if symmetric else n2) if plan.self_depth else 0
+        bar = tqdm(
+            total=n_pairs + total_images,
+            unit="pair",
+            desc=f"kernel (batch {pair_batch})",
+            disable=progress is None,
+        )
+    with torch.no_grad():
+        rec1 = _self_pass(plan, t1, self_batch, bar)
+        rec2 = rec1 if symmetric else _self_pass(plan, t2, self_batch, bar)
+        n_out = max(1, len(heads))
+        out = torch.empty((n_out, n1, n2), dtype=dtype)
+        for start in range(0, n_pairs, pair_batch):
+            r = rows[start : start + pair_batch].to(device)
+            c = cols[start : start + pair_batch].to(device)
+            values = _pair_values(plan, t1[r], t2[c], rec1, rec2, r, c).cpu()
+            out[:, r.cpu(), c.cpu()] = values
+            if symmetric:
+                out[:, c.cpu(), r.cpu()] = values
+            if bar is not None:
+                bar.update(r.numel())
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def kernel(
+    model,
+    x1,
+    x2=None,
+    *,
+    dtype="float64",
+    device="cpu",
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool).
+
+    Parameters
+    ----------
+    model : Layer or Serial
+    x1 : array (N1, *spatial, C)
+        Images, channels last; uint8 is scaled to [0, 1].
+    x2 : array (N2, *spatial, C), optional
+        Defaults to x1; then only the upper triangle is computed and mirrored.
+    dtype : "float64" (default) or "float32"
+    device : torch device, e.g. "cpu" or "cuda"
+    batch_size : image pairs per batch; chosen from ``memory_budget`` bytes by default.
+    progress : show a progress bar.
+
+    Returns
+    -------
+    torch.Tensor (N1, N2) on the CPU.
+    """
+    body, heads = _split_model(model)
+    return _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress)[0]
+
+
+def readout_sweep(
+    body,
+    readouts: Sequence[Readout],
+    x1,
+    x2=None,
+    *,
+    dtype="float64",
+    device="cpu",
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
+
+    This is how a λ sweep costs one kernel computation (PAPER.md §3): every readout is a
+    weighted sum of the same last-hidden-layer covariance.
+    """
+    body, tail = _split_model(body)
+    if tail:
+        raise CNNGPError("body: must not end with a readout; pass the readouts separately")
+    readouts = list(readouts)
+    if not readouts or not all(isinstance(r, Readout) for r in readouts):
+        raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
+    return _compute(body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress)

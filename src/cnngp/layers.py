@@ -1,0 +1,517 @@
+"""Kernel layers: each maps a :class:`~cnngp.state.KernelState` to the next (PAPER.md §2).
+
+Every layer has one job: given the second moments of its inputs over position pairs, return
+those of its outputs. Layers also report their output grid (validating their geometry) and
+which representation they need from below (full position-pair tensor or only its diagonal),
+so :class:`Serial` can choose the cheapest representation automatically.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import _ops
+from ._ops import AxisGeometry, check_geometry
+from .correlations import Constant, Correlation, Independent
+from .errors import CNNGPError
+from .state import KernelState
+
+__all__ = [
+    "Layer",
+    "Conv",
+    "AvgPool",
+    "GlobalAvgPool",
+    "Flatten",
+    "Readout",
+    "Nonlinearity",
+    "ReLU",
+    "ABReLU",
+    "Erf",
+    "Identity",
+    "Serial",
+]
+
+
+def _check_variance(value, name):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise CNNGPError(f"{name}: expected a finite number >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
+        raise CNNGPError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return v
+
+
+def _check_ints(value, name, minimum=1):
+    vals = value if isinstance(value, (list, tuple)) else (value,)
+    out = []
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise CNNGPError(
+                f"{name}: expected an int >= {minimum} or a list of them (one per spatial "
+                f"dimension), got {value!r}"
+            )
+        out.append(int(v))
+    if not out:
+        raise CNNGPError(f"{name}: expected an int or a non-empty list, got {value!r}")
+    return tuple(out)
+
+
+def _per_dim(values: tuple, d: int, name: str) -> tuple:
+    if len(values) == 1:
+        return values * d
+    if len(values) != d:
+        raise CNNGPError(
+            f"{name}: has {len(values)} entries but the input grid has {d} spatial dimensions"
+        )
+    return values
+
+
+class Layer(nn.Module):
+    """Base class. Subclasses implement the four methods below."""
+
+    #: nonlinearities read the diagonals of each input's own covariance (var1, var2)
+    needs_variances = False
+
+    def output_spatial(self, spatial: tuple) -> tuple:
+        """The output grid for an input grid; raises :class:`CNNGPError` if it cannot apply."""
+        return spatial
+
+    def requires_full_input(self, full_out: bool, spatial: tuple) -> bool:
+        """Whether the full position-pair tensor is needed below to produce the output."""
+        return full_out
+
+    def propagate(self, state: KernelState, full_out: bool) -> KernelState:
+        raise NotImplementedError
+
+    def to_spec(self) -> dict:
+        raise NotImplementedError
+
+    def extra_repr(self):
+        spec = self.to_spec()
+        spec.pop("type")
+        return ", ".join(f"{k}={v!r}" for k, v in spec.items())
+
+
+class Conv(Layer):
+    """Convolution with weight prior N(0, weight_var · Σ / C_in) over filter taps, plus bias.
+
+    K[q, q'] = weight_var · Σ_{p,p'} Σ[p, p'] V[i(q,p), i(q',p')] + bias_var   (PAPER.md (*))
+
+    Parameters
+    ----------
+    filter, stride, dilation : int or sequence of int (one per spatial dimension)
+    padding : {"same", "valid", "circular"}
+        "same" splits like XLA/TensorFlow: the extra pixel goes after.
+    weight_var, bias_var : float ≥ 0
+        neural-tangents' ``W_std²`` and ``b_std²``.
+    correlation : Correlation, default Independent()
+        Σ over the filter taps; distances in tap index units.
+    """
+
+    def __init__(
+        self,
+        filter=3,
+        stride=1,
+        dilation=1,
+        padding: str = "same",
+        weight_var: float = 1.0,
+        bias_var: float = 0.0,
+        correlation: Correlation | None = None,
+    ):
+        super().__init__()
+        self.filter = _check_ints(filter, "filter")
+        self.stride = _check_ints(stride, "stride")
+        self.dilation = _check_ints(dilation, "dilation")
+        if padding not in _ops.PADDINGS:
+            raise CNNGPError(f"padding: expected one of {_ops.PADDINGS}, got {padding!r}")
+        self.padding = padding
+        self.weight_var = _check_variance(weight_var, "weight_var")
+        self.bias_var = _check_variance(bias_var, "bias_var")
+        if correlation is None:
+            correlation = Independent()
+        if not isinstance(correlation, Correlation):
+            raise CNNGPError(f"correlation: expected a cnngp Correlation, got {correlation!r}")
+        self.correlation = correlation
+
+    # -- geometry ---------------------------------------------------------------------------
+    def geometries(self, spatial) -> list[AxisGeometry]:
+        d = len(spatial)
+        if d == 0:
+            raise CNNGPError(
+                f"{type(self).__name__}: needs a spatial grid, but its input has none "
+                "(it comes after a readout, flatten or global_avg_pool)"
+            )
+        f = _per_dim(self.filter, d, "filter")
+        s = _per_dim(self.stride, d, "stride")
+        h = _per_dim(self.dilation, d, "dilation")
+        return [AxisGeometry(n, fi, si, hi, self.padding) for n, fi, si, hi in zip(spatial, f, s, h)]
+
+    def output_spatial(self, spatial):
+        geoms = self.geometries(spatial)
+        for g in geoms:
+            check_geometry(g, type(self).__name__)
+        # a user correlation must match the filter size: check once, here
+        self.correlation.matrix(tuple(g.taps for g in geoms))
+        return tuple(g.n_out for g in geoms)
+
+    def _kind(self, geoms):
+        if all(g.taps == 1 for g in geoms):
+            return "independent"  # a single tap: every correlation is [[1]]
+        return self.correlation.kind
+
+    def requires_full_input(self, full_out, spatial):
+        return full_out if self._kind(self.geometries(spatial)) == "independent" else True
+
+    # -- kernel ------------------------------------------------------------------------------
+    def propagate(self, state, full_out):
+        geoms = self.geometries(state.spatial)
+        d = len(geoms)
+        kind = self._kind(geoms)
+        if kind == "independent":
+            if state.full and full_out:  # one diagonal sum per axis pair (d, D + d)
+                x = state.cross
+                for k, g in enumerate(geoms):
+                    x = _ops.shift_sum(x, (1 + k, 1 + d + k), g)
+            else:  # the spatial diagonal is an ordinary strided/dilated average
+                x = state.diagonal()
+                for k, g in enumerate(geoms):
+                    x = _ops.shift_sum(x, (1 + k,), g)
+                full_out = False
+        else:
+            if not state.full:
+                raise CNNGPError(
+                    f"{self!r}: a correlated filter needs the full position-pair covariance"
+                )
+            if kind == "constant" and full_out:  # box sums, each side and axis separately
+                x = state.cross
+                for k, g in enumerate(geoms):
+                    x = _ops.shift_sum(x, (1 + k,), g)
+                    x = _ops.shift_sum(x, (1 + d + k,), g)
+            else:
+                sigma = self.correlation.matrix(
+                    tuple(g.taps for g in geoms), state.cross.dtype, state.cross.device
+                )
+                if full_out:
+                    x = _ops.correlated_conv_full(state.cross, sigma, geoms)
+                else:
+                    x = _ops.correlated_conv_diagonal(state.cross, sigma, geoms)
+        if self.weight_var != 1.0:
+            x = x * self.weight_var
+        if self.bias_var:
+            x = x + self.bias_var
+        return state.evolve(x, spatial=tuple(g.n_out for g in geoms), full=full_out)
+
+    def to_spec(self):
+        return {
+            "type": "conv",
+            "filter": list(self.filter),
+            "stride": list(self.stride),
+            "dilation": list(self.dilation),
+            "padding": self.padding,
+            "weight_var": self.weight_var,
+            "bias_var": self.bias_var,
+            "correlation": self.correlation.to_spec(),
+        }
+
+
+class AvgPool(Conv):
+    """Average pooling: zero padding, divides by the window size (neural-tangents AvgPool).
+
+    Exactly a convolution with constant correlation Σ = 11ᵀ/|P|², weight_var 1, no bias.
+    """
+
+    def __init__(self, window=2, stride=None, padding: str = "valid"):
+        super().__init__(
+            filter=window,
+            stride=window if stride is None else stride,
+            padding=padding,
+            correlation=Constant(),
+        )
+
+    def to_spec(self):
+        return {
+            "type": "avgpool",
+            "window": list(self.filter),
+            "stride": list(self.stride),
+            "padding": self.padding,
+        }
+
+
+class _Collapse(Layer):
+    """Layers after which no spatial grid remains."""
+
+    def output_spatial(self, spatial):
+        return ()
+
+    def requires_full_input(self, full_out, spatial):
+        return False
+
+
+class GlobalAvgPool(_Collapse):
+    """Mean over all positions: K = mean_{p,p'} V[p, p'] (needs the full covariance)."""
+
+    def requires_full_input(self, full_out, spatial):
+        return len(spatial) > 0
+
+    def propagate(self, state, full_out):
+        if state.ndim == 0:
+            return state.evolve(state.cross)
+        if not state.full:
+            raise CNNGPError("GlobalAvgPool needs the full position-pair covariance")
+        return state.evolve(state.cross.reshape(state.batch, -1).mean(1), spatial=(), full=False)
+
+    def to_spec(self):
+        return {"type": "global_avg_pool"}
+
+
+class Flatten(_Collapse):
+    """neural-tangents Flatten: K = mean_p V[p, p] (only the spatial diagonal is needed)."""
+
+    def propagate(self, state, full_out):
+        if state.ndim == 0:
+            return state.evolve(state.cross)
+        diag = state.diagonal().reshape(state.batch, -1)
+        return state.evolve(diag.mean(1), spatial=(), full=False)
+
+    def to_spec(self):
+        return {"type": "flatten"}
+
+
+class Readout(Layer):
+    """The last layer: a dense layer whose filter covers the whole grid (PAPER.md §2).
+
+    k = weight_var · Σ_{p,p'} Σ[p, p'] V[p, p'] + bias_var, Σ over the positions of the last
+    grid (distances in its index units). Independent = flatten, Constant = global average
+    pooling, Matérn/RBF in between.
+    """
+
+    def __init__(self, weight_var: float = 1.0, bias_var: float = 0.0, correlation=None):
+        super().__init__()
+        self.weight_var = _check_variance(weight_var, "weight_var")
+        self.bias_var = _check_variance(bias_var, "bias_var")
+        if correlation is None:
+            correlation = Independent()
+        if not isinstance(correlation, Correlation):
+            raise CNNGPError(f"correlation: expected a cnngp Correlation, got {correlation!r}")
+        self.correlation = correlation
+
+    def output_spatial(self, spatial):
+        if spatial:
+            self.correlation.matrix(spatial)  # validates a user matrix's size
+        return ()
+
+    def _kind(self, spatial):
+        return "independent" if math.prod(spatial) == 1 else self.correlation.kind
+
+    def requires_full_input(self, full_out, spatial):
+        return self._kind(spatial) != "independent"
+
+    def weights(self, spatial, dtype, device):
+        """Σ over the grid, flattened to shape (|F|·|F|,)."""
+        return self.correlation.matrix(spatial, dtype, device).reshape(-1)
+
+    def propagate(self, state, full_out):
+        kind = self._kind(state.spatial)
+        if state.ndim == 0:
+            value = state.cross
+        elif kind == "independent":
+            value = state.diagonal().reshape(state.batch, -1).mean(1)
+        elif not state.full:
+            raise CNNGPError(f"{self!r} needs the full position-pair covariance")
+        elif kind == "constant":
+            value = state.cross.reshape(state.batch, -1).mean(1)
+        else:
+            w = self.weights(state.spatial, state.cross.dtype, state.cross.device)
+            value = state.cross.reshape(state.batch, -1) @ w
+        value = value * self.weight_var + self.bias_var
+        return state.evolve(value, spatial=(), full=False)
+
+    def to_spec(self):
+        return {
+            "type": "readout",
+            "weight_var": self.weight_var,
+            "bias_var": self.bias_var,
+            "correlation": self.correlation.to_spec(),
+        }
+
+
+# -- nonlinearities ----------------------------------------------------------------------------
+
+
+class Nonlinearity(Layer):
+    """Elementwise φ: V[p, p'] = E[φ(u) φ(v)] under the bivariate Gaussian of PAPER.md §2."""
+
+    needs_variances = True
+
+    def expectation(self, c, vx, vy):  # pragma: no cover - abstract
+        """E[φ(u)φ(v)] for Var u = vx, Var v = vy, Cov(u, v) = c (broadcastable tensors)."""
+        raise NotImplementedError
+
+    def propagate(self, state, full_out):
+        if state.var1 is None or state.var2 is None:
+            raise CNNGPError(f"{self!r}: the kernel state carries no variances")
+        if state.full and not full_out:
+            state = state.to_diagonal()
+        vx, vy = state.var1, state.var2
+        if state.full:
+            ones = (1,) * state.ndim
+            vx = vx.reshape(vx.shape + ones)
+            vy = vy.reshape((vy.shape[0],) + ones + vy.shape[1:])
+        return state.evolve(self.expectation(state.cross, vx, vy))
+
+
+def _relu_expectation(c, vx, vy):
+    """E[max(u,0) max(v,0)] = (sqrt(vx vy − c²) + (π − θ) c) / 2π, θ = arccos(c/√(vx vy)).
+
+    Cho & Saul's arc-cosine kernel of degree 1. Written with atan2 so that zero-variance
+    positions (blank image borders) give exactly 0 instead of 0/0.
+    """
+    s = torch.sqrt(torch.clamp(vx * vy - c * c, min=0))
+    theta = torch.atan2(s, c)
+    return (s + (math.pi - theta) * c) * (0.5 / math.pi)
+
+
+class ABReLU(Nonlinearity):
+    """φ(x) = a·min(x, 0) + b·max(x, 0) (leaky ReLU for a = slope, b = 1).
+
+    With φ(x) = a·x + (b − a)·max(x, 0): E[φ(u)φ(v)] = a·b·c + (b − a)²·E[relu(u) relu(v)].
+    """
+
+    def __init__(self, a: float = 0.0, b: float = 1.0):
+        super().__init__()
+        for name, v in (("a", a), ("b", b)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
+        self.a, self.b = float(a), float(b)
+
+    def expectation(self, c, vx, vy):
+        d2 = (self.b - self.a) ** 2
+        out = _relu_expectation(c, vx, vy)
+        if d2 != 1.0:
+            out = out * d2
+        if self.a != 0.0:
+            out = out + (self.a * self.b) * c
+        return out
+
+    def to_spec(self):
+        return {"type": "abrelu", "a": self.a, "b": self.b}
+
+
+class ReLU(ABReLU):
+    """Balanced ReLU √2·max(0, x): V = (1/π)(sqrt(ΣxΣy − Σxy²) + (π − θ)Σxy) (PAPER.md §2)."""
+
+    def __init__(self):
+        super().__init__(0.0, math.sqrt(2.0))
+
+    def expectation(self, c, vx, vy):
+        return 2.0 * _relu_expectation(c, vx, vy)
+
+    def to_spec(self):
+        return {"type": "relu"}
+
+
+class Erf(Nonlinearity):
+    """φ(x) = a·erf(b·x) + c (neural-tangents Erf).
+
+    E[erf(bu) erf(bv)] = (2/π) arcsin(2b²c / sqrt((1 + 2b²vx)(1 + 2b²vy))); the constant adds c².
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
+        super().__init__()
+        for name, v in (("a", a), ("b", b), ("c", c)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
+        self.a, self.b, self.c = float(a), float(b), float(c)
+
+    def expectation(self, c, vx, vy):
+        t = 2.0 * self.b**2
+        arg = (t * c) * torch.rsqrt((1.0 + t * vx) * (1.0 + t * vy))
+        out = torch.asin(torch.clamp(arg, -1.0, 1.0)) * (2.0 / math.pi * self.a**2)
+        if self.c:
+            out = out + self.c**2
+        return out
+
+    def to_spec(self):
+        return {"type": "erf", "a": self.a, "b": self.b, "c": self.c}
+
+
+class Identity(Nonlinearity):
+    """φ(x) = x."""
+
+    needs_variances = False
+
+    def propagate(self, state, full_out):
+        if state.full and not full_out:
+            state = state.to_diagonal()
+        return state.evolve(state.cross)
+
+    def to_spec(self):
+        return {"type": "identity"}
+
+
+# -- composition -------------------------------------------------------------------------------
+
+
+class Serial(Layer):
+    """Layers applied in order. Errors are re-raised naming the layer index and its repr."""
+
+    def __init__(self, *layers: Layer):
+        super().__init__()
+        flat = []
+        for layer in layers:
+            if isinstance(layer, Serial):
+                flat.extend(layer.layers)
+            elif isinstance(layer, Layer):
+                flat.append(layer)
+            else:
+                raise CNNGPError(f"Serial: expected cnngp layers, got {layer!r}")
+        self.layers = nn.ModuleList(flat)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Serial(*list(self.layers)[i])
+        return self.layers[i]
+
+    def grids(self, spatial: Sequence[int]) -> list[tuple]:
+        """Grid before each layer and after the last: list of len(self) + 1 tuples."""
+        grids = [tuple(spatial)]
+        for i, layer in enumerate(self.layers):
+            try:
+                grids.append(layer.output_spatial(grids[-1]))
+            except CNNGPError as e:
+                raise CNNGPError(f"layer {i} ({layer!r}) on input grid {grids[-1]}: {e}") from None
+        return grids
+
+    def output_spatial(self, spatial):
+        return self.grids(spatial)[-1]
+
+    def representation(self, spatial, full_out: bool = False) -> list[bool]:
+        """For each layer's input (and the output at the end): full tensor (True) or diagonal."""
+        grids = self.grids(spatial)
+        flags = [full_out]
+        for layer, grid in zip(reversed(self.layers), reversed(grids[:-1])):
+            flags.append(bool(layer.requires_full_input(flags[-1], grid)) and len(grid) > 0)
+        return flags[::-1]
+
+    def requires_full_input(self, full_out, spatial):
+        return self.representation(spatial, full_out)[0]
+
+    def propagate(self, state, full_out):
+        flags = self.representation(state.spatial, full_out)
+        for i, layer in enumerate(self.layers):
+            state = layer.propagate(state, flags[i + 1])
+        return state
+
+    def to_spec(self):
+        return {"type": "serial", "layers": [layer.to_spec() for layer in self.layers]}
+
+    def extra_repr(self):
+        return ""
