@@ -108,9 +108,12 @@ def _split_model(model) -> tuple[Serial, list]:
     if not isinstance(model, Layer):
         raise CNNGPError(f"model: expected a cnngp layer or Serial, got {type(model).__name__}")
     layers = list(model.layers) if isinstance(model, Serial) else [model]
+    heads = []
     if layers and isinstance(layers[-1], Readout):
-        return Serial(*layers[:-1]), [layers[-1]]
-    return Serial(*layers), []
+        heads = [layers.pop()]
+    body = Serial(*layers)
+    body.input_channels = getattr(model, "input_channels", None)
+    return body, heads
 
 
 def _make_plan(body: Serial, heads: list, spatial: tuple) -> _Plan:
@@ -239,9 +242,10 @@ def _apply_heads(heads, state: KernelState) -> torch.Tensor:
 def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress):
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    a1 = as_images(x1, "x1")
+    channels = getattr(body, "input_channels", None)
+    a1 = as_images(x1, "x1", channels)
     symmetric = x2 is None
-    a2 = a1 if symmetric else as_images(x2, "x2")
+    a2 = a1 if symmetric else as_images(x2, "x2", channels)
     if not symmetric and a2.shape[1:] != a1.shape[1:]:
         raise CNNGPError(
             f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
