@@ -1,5 +1,6 @@
 """cnngp: infinitely wide CNNs with spatially correlated weight priors as Gaussian processes."""
 
+from . import architectures
 from .correlations import RBF, Constant, Correlation, Independent, Matern, UserCorrelation
 from .errors import CNNGPError
 from .gram import kernel, readout_sweep
@@ -16,6 +17,7 @@ from .layers import (
     ReLU,
     Serial,
 )
+from .spec import from_spec, load_spec
 from .state import KernelState
 
 __version__ = "0.1.0"
@@ -23,5 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ABReLU", "AvgPool", "CNNGPError", "Constant", "Conv", "Correlation", "Erf", "Flatten",
     "GlobalAvgPool", "Identity", "Independent", "KernelState", "Layer", "Matern", "RBF",
-    "Readout", "ReLU", "Serial", "UserCorrelation", "kernel", "readout_sweep",
+    "Readout", "ReLU", "Serial", "UserCorrelation", "architectures", "from_spec", "kernel",
+    "load_spec", "readout_sweep",
 ]
