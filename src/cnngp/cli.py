@@ -123,6 +123,26 @@ def load_network(arch: str, readout: str | None = None):
     return architectures.get(arch, readout=corr)
 
 
+def load_images(flag: str, path_spec: str) -> np.ndarray:
+    """Images from ``FILE.npz`` or ``FILE.npz:ARRAY``, errors naming the command-line flag."""
+    from .data import load_array, load_digits
+    from .gram import as_images
+
+    name, _, count = str(path_spec).partition(":")
+    if name == "digits" and not Path(name).exists():  # the embedded default data set
+        images = load_digits()[0]
+        if count:
+            if not count.isdigit() or not 1 <= int(count) <= len(images):
+                raise CNNGPError(f"{flag}: digits:N needs 1 <= N <= {len(images)}, got {count!r}")
+            images = images[: int(count)]
+        return as_images(images, flag)
+    try:
+        arr = load_array(path_spec)
+    except (ValueError, OSError) as e:
+        raise CNNGPError(f"{flag}: {e}".replace("path_spec: ", "").replace("path_spec ", "")) from None
+    return as_images(arr, flag)
+
+
 def parse_bytes(text: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
     t = text.strip().lower().rstrip("b").rstrip("i")
@@ -144,13 +164,12 @@ def parse_bytes(text: str) -> int:
 def cmd_kernel(args) -> int:
     import torch
 
-    from .data import load_array
     from .gram import kernel, readout_sweep
     from .layers import Readout
 
     net = load_network(args.arch, args.readout)
-    x1 = load_array(args.x1)
-    x2 = None if args.x2 is None else load_array(args.x2)
+    x1 = load_images("--x1", args.x1)
+    x2 = None if args.x2 is None else load_images("--x2", args.x2)
     common = dict(
         dtype=args.dtype,
         device=args.device,
@@ -233,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernel", help="compute a kernel (Gram) matrix")
     k.add_argument("--arch", required=True, help="cnngp14, myrtle10, ... or SPEC.json")
-    k.add_argument("--x1", required=True, help="FILE.npz or FILE.npz:ARRAY (default array x, then x_train)")
+    k.add_argument("--x1", required=True, help="FILE.npz or FILE.npz:ARRAY (default array x, then x_train), or digits[:N]")
     k.add_argument("--x2", help="second set of images (default: x1, symmetric Gram matrix)")
     k.add_argument("--out", required=True, help="output .npz")
     k.add_argument("--dtype", choices=["float64", "float32"], default="float64")

@@ -1,0 +1,207 @@
+"""Bad input: one clear error naming the argument and what is accepted — in the library
+(CNNGPError) and on the command line (exit code 2, one line on stderr, no output file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cnngp
+from cnngp import CNNGPError, Conv, Matern, RBF, Readout, ReLU, Serial, UserCorrelation
+from cnngp.cli import main
+from cnngp.spec import from_spec
+
+NET = Serial(Conv(3), ReLU(), Readout())
+GOOD = np.random.default_rng(0).uniform(size=(2, 5, 5, 3))
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (np.zeros((2, 5, 3)), None),  # 1-D images are fine: checked separately below
+        (np.zeros((5, 5)), r"x1: expected images of shape \(N, \*spatial, C\)"),
+        (np.zeros((1, 2, 2, 2, 2, 2, 1)), r"x1: expected images of shape"),
+        (np.zeros((0, 5, 5, 3)), r"x1: is empty"),
+        (np.full((2, 5, 5, 3), np.nan), r"x1: contains 150 NaN or infinite"),
+        (np.where(np.eye(5)[None, :, :, None] > 0, np.inf, 0.5) * np.ones((1, 1, 1, 3)), r"x1: contains 15 NaN"),
+        (np.array([["a"]]), r"x1: expected a float or uint8 array"),
+    ],
+)
+def test_bad_images(x, match):
+    if match is None:
+        net1d = Serial(Conv(3), ReLU(), Readout())
+        assert cnngp.kernel(net1d, x).shape == (2, 2)
+        return
+    with pytest.raises(CNNGPError, match=match):
+        cnngp.kernel(NET, x)
+
+
+def test_mismatched_second_input_and_channels():
+    with pytest.raises(CNNGPError, match=r"x2: images of shape \(4, 4, 3\) do not match x1's \(5, 5, 3\)"):
+        cnngp.kernel(NET, GOOD, np.zeros((1, 4, 4, 3)))
+    net = from_spec({"input_channels": 1, "layers": [{"type": "conv"}, {"type": "relu"}, {"type": "readout"}]})
+    with pytest.raises(CNNGPError, match=r"x1: has 3 channels .* the network expects 1"):
+        cnngp.kernel(net, GOOD)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "-2", "soon", None, True])
+def test_bad_lengthscales(bad):
+    with pytest.raises(CNNGPError, match=r"lengthscale: expected a number >= 0, 0 or 'inf'"):
+        Matern(1.5, bad)
+    with pytest.raises(CNNGPError, match=r"lengthscale: expected a number >= 0"):
+        RBF(bad)
+
+
+def test_bad_matern_order_and_variances():
+    with pytest.raises(CNNGPError, match=r"nu: expected one of 0.5, 1.5, 2.5"):
+        Matern(1.0, 2.0)
+    for kw in ({"weight_var": -1.0}, {"bias_var": float("nan")}, {"weight_var": math.inf}):
+        with pytest.raises(CNNGPError, match=rf"{list(kw)[0]}: expected a finite number >= 0"):
+            Conv(3, **kw)
+        with pytest.raises(CNNGPError, match=rf"{list(kw)[0]}: expected a finite number >= 0"):
+            Readout(**kw)
+    with pytest.raises(CNNGPError, match=r"filter: expected an int >= 1"):
+        Conv(0)
+    with pytest.raises(CNNGPError, match=r"stride: expected an int >= 1"):
+        Conv(3, stride=1.5)
+    with pytest.raises(CNNGPError, match=r"padding: expected one of \('same', 'valid', 'circular'\)"):
+        Conv(3, padding="full")
+
+
+def test_user_correlation_checks():
+    with pytest.raises(CNNGPError, match=r"must be positive semi-definite, smallest eigenvalue"):
+        UserCorrelation(np.array([[1.0, 2.0], [2.0, 1.0]]))
+    with pytest.raises(CNNGPError, match=r"must be symmetric"):
+        UserCorrelation(np.array([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(CNNGPError, match=r"expected a square"):
+        UserCorrelation(np.ones((2, 3)))
+    with pytest.raises(CNNGPError, match=r"NaN"):
+        UserCorrelation(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+    net = Serial(Conv(3, correlation=UserCorrelation(np.eye(4))), ReLU(), Readout())
+    with pytest.raises(CNNGPError, match=r"layer 0 .*has shape \(4, 4\) but the grid \(3, 3\) has 9 positions"):
+        cnngp.kernel(net, GOOD)
+
+
+def test_filter_or_pool_larger_than_grid():
+    with pytest.raises(CNNGPError, match=r"layer 0 .*filter of extent 7 .* larger than its input grid of size 5"):
+        cnngp.kernel(Serial(Conv(7), ReLU(), Readout()), GOOD)
+    with pytest.raises(CNNGPError, match=r"extent 5 \(taps 3, dilation 2\)"):
+        cnngp.kernel(Serial(Conv(3, dilation=2, padding="valid"), Conv(3, dilation=2), Readout()), GOOD)
+    with pytest.raises(CNNGPError, match=r"layer 2 \(AvgPool.*larger than its input grid of size 2"):
+        cnngp.kernel(Serial(Conv(3, stride=3), ReLU(), cnngp.AvgPool(3), Readout()), GOOD)
+    with pytest.raises(CNNGPError, match=r"ends on a spatial grid"):
+        cnngp.kernel(Serial(Conv(3), ReLU()), GOOD)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"layers": [{"type": "convolution"}]}, r"layer 0: unknown type 'convolution'; expected one of \['abrelu'"),
+        ({"layers": [{"type": "conv", "correlation": {"type": "cauchy"}}]}, r"correlation: unknown type 'cauchy'; expected one of"),
+        ({"layers": [{"type": "conv", "size": 3}]}, r"layer 0 of type 'conv': unknown key\(s\) \['size'\]; accepted keys are"),
+        ({"layers": [{"type": "conv", "correlation": {"type": "matern", "lengthscale": -1}}]}, r"lengthscale: expected a number >= 0"),
+        ({"layers": []}, r"'layers' must be a non-empty list"),
+        ({"layer": []}, r"spec: unknown key\(s\) \['layer'\]"),
+        ({"input_channels": 0, "layers": [{"type": "relu"}]}, r"'input_channels' must be an int >= 1"),
+        ([1, 2], r"spec: expected a JSON object"),
+    ],
+)
+def test_bad_specs(spec, match):
+    with pytest.raises(CNNGPError, match=match):
+        from_spec(spec)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, x=(GOOD * 255).astype(np.uint8), other=GOOD[:1])
+    return path
+
+
+def _run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--arch", "resnet50"], r"arch: unknown architecture 'resnet50'"),
+        (["--x1", "{tmp}/missing.npz"], r"--x1: .*not found"),
+        (["--x1", "{tmp}/x.npz:nope"], r"--x1: no array 'nope' .* available arrays: \['x', 'other'\]"),
+        (["--lengthscales", "1,-2"], r"--lengthscales: expected a number >= 0"),
+        (["--arch", "{tmp}/spec.json"], r"spec file: .* is not valid JSON"),
+        (["--arch", "{tmp}/unknown.json"], r"layer 0: unknown type 'dense'"),
+        (["--x1", "{tmp}/nan.npz"], r"--x1: contains 1 NaN or infinite pixel values"),
+        (["--arch", "cnngp2", "--readout", "matern32"], r"--readout: matern32 needs a lengthscale"),
+        (["--arch", "cnngp9"], r"layer 0 .*larger than its input grid|NONE"),
+        (["--memory-budget", "lots"], r"--memory-budget: expected a size like 2G"),
+    ],
+)
+def test_cli_errors_one_line_no_output(tmp_path, images, capsys, extra, match):
+    (tmp_path / "spec.json").write_text("{not json")
+    (tmp_path / "unknown.json").write_text(json.dumps({"layers": [{"type": "dense"}]}))
+    bad = GOOD.copy()
+    bad[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=bad)
+    out = tmp_path / "k.npz"
+    args = {"--arch": "cnngp2", "--x1": str(images), "--out": str(out)}
+    flags = []
+    it = iter(extra)
+    for a in it:
+        value = next(it).replace("{tmp}", str(tmp_path))
+        if a in args:
+            args[a] = value
+        else:
+            flags += [a, value]
+    if args["--arch"] == "cnngp9":  # 9 layers of 3x3 'same' convs fit a 5x5 grid: succeeds
+        code, err = _run_cli(capsys, "kernel", *sum(([k, v] for k, v in args.items()), []), "--quiet")
+        assert code == 0 and out.exists()
+        return
+    code, err = _run_cli(capsys, "kernel", *sum(([k, v] for k, v in args.items()), []), *flags, "--quiet")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnngp: error: "), err
+    assert __import__("re").search(match, lines[0]), lines[0]
+    assert not out.exists()
+    assert not list(tmp_path.glob(".k.npz*"))  # no partial file left behind
+
+
+def test_cli_kernel_writes_everything(tmp_path, images, capsys):
+    out = tmp_path / "k.npz"
+    code, _ = _run_cli(capsys, "kernel", "--arch", "cnngp2", "--x1", images, "--x2", f"{images}:other",
+                       "--out", out, "--lengthscales", "0,1.5,inf", "--quiet")
+    assert code == 0
+    z = np.load(out)
+    assert z["kernel"].shape == (3, 2, 1)
+    assert list(z["lengthscales"]) == [0.0, 1.5, math.inf]
+    config = json.loads(str(z["config"]))
+    assert config["arch"] == "cnngp2" and config["dtype"] == "float64"
+    assert "torch" in json.loads(str(z["versions"]))
+    assert len(str(z["x1_sha256"])) == 64 and len(str(z["x2_sha256"])) == 64
+    # uint8 input was scaled to [0, 1]: the same kernel as the float images
+    net = cnngp.architectures.get("cnngp2")
+    x = (GOOD * 255).astype(np.uint8) / 255.0
+    expected = cnngp.readout_sweep(net[:-1], [Readout(correlation=Matern(1.5, lam)) for lam in (0, 1.5, math.inf)], x, GOOD[:1])
+    np.testing.assert_allclose(z["kernel"], expected.numpy(), rtol=1e-12)
+
+
+def test_cli_entry_point_runs_as_a_process(tmp_path, images):
+    out = tmp_path / "k.npz"
+    ok = subprocess.run([sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp2", "--x1", str(images),
+                         "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp2", "--x1",
+                          str(tmp_path / "none.npz"), "--out", str(tmp_path / "k2.npz")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert not (tmp_path / "k2.npz").exists()
