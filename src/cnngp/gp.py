@@ -346,6 +346,26 @@ def _chunks(n_noise: int, per_noise_bytes: int):
         yield slice(start, min(n_noise, start + step))
 
 
+def _eig_means(s: np.ndarray, A: np.ndarray, B: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Posterior means ``A diag(1/(s+sigma^2)) B`` for several sigma^2, class by class.
+
+    Parameters
+    ----------
+    s : (n,) eigenvalues of the training kernel; A : (m, n) ``K_*X U``;
+    B : (n, C) ``U^T Y``; noise : (J,) variances.
+
+    Returns
+    -------
+    (C, m, J): entry ``[c, i, j]`` is the mean of class c at test point i for
+    ``noise[j]``. One (m, n) @ (n, J) matrix product per class.
+    """
+    Wt = 1.0 / (s[:, None] + noise[None, :])  # (n, J)
+    out = np.empty((B.shape[1], A.shape[0], len(noise)))
+    for c in range(B.shape[1]):
+        np.matmul(A * B[:, c], Wt, out=out[c])
+    return out
+
+
 def _accuracies_eig(
     s: np.ndarray,
     A: np.ndarray,
@@ -362,16 +382,14 @@ def _accuracies_eig(
 
     Returns
     -------
-    (J,) accuracies.
+    (J,) accuracies, sigma^2 processed in chunks of bounded memory.
     """
     m, n = A.shape
     C = B.shape[1]
     acc = np.empty(len(noise))
-    for sl in _chunks(len(noise), 8 * C * (n + m)):
-        w = 1.0 / (s[None, :] + noise[sl, None])  # (j, n)
-        rhs = (w[:, :, None] * B[None, :, :]).transpose(1, 0, 2).reshape(n, -1)
-        pred = (A @ rhs).reshape(m, -1, C)  # (m, j, C)
-        acc[sl] = (pred.argmax(axis=2) == y_true[:, None]).mean(axis=0)
+    for sl in _chunks(len(noise), 8 * (n + (C + 2) * m)):
+        pred = _eig_means(s, A, B, noise[sl])
+        acc[sl] = (pred.argmax(axis=0) == y_true[:, None]).mean(axis=0)
     return acc
 
 
@@ -539,14 +557,17 @@ def leave_one_out(
 
     C = Y.shape[1]
     acc = np.empty(len(noise))
-    for sl in _chunks(len(noise), 8 * (3 * C + 2) * n):
+    for sl in _chunks(len(noise), 8 * (C + 4) * n):
         pred = _loo_means(s, U, Y, noise[sl])
-        acc[sl] = (pred.argmax(axis=2) == y[None, :]).mean(axis=1)
+        acc[sl] = (pred.argmax(axis=0) == y[:, None]).mean(axis=0)
     return _make_result(noise, acc[None, :])
 
 
 def _loo_means(s: np.ndarray, U: np.ndarray, Y: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Leave-one-out posterior means for each sigma^2, from ``K = U diag(s) U^T``.
+    """Leave-one-out posterior means for several sigma^2, from ``K = U diag(s) U^T``.
+
+    With ``G = (K + sigma^2 I)^-1 = U diag(w) U^T``, ``w = 1/(s + sigma^2)``, the
+    leave-one-out mean at point i is ``Y_i - (G Y)_i / G_ii``.
 
     Parameters
     ----------
@@ -555,17 +576,14 @@ def _loo_means(s: np.ndarray, U: np.ndarray, Y: np.ndarray, noise: np.ndarray) -
 
     Returns
     -------
-    (J, n, C): entry ``[j, i]`` is the posterior mean at point i of the GP fitted to
-    all other points with noise ``noise[j]``.
+    (C, n, J): entry ``[c, i, j]`` is the class-c posterior mean at point i of the GP
+    fitted to all other points with noise ``noise[j]``.
     """
-    n, C = Y.shape
-    w = 1.0 / (s[None, :] + noise[:, None])  # (J, n): eigenvalues of G
-    diag = w @ (U * U).T  # (J, n): G_ii
-    B = U.T @ Y
-    rhs = (w[:, :, None] * B[None, :, :]).transpose(1, 0, 2).reshape(n, -1)
-    GY = (U @ rhs).reshape(n, -1, C).transpose(1, 0, 2)  # (J, n, C)
+    Wt = 1.0 / (s[:, None] + noise[None, :])  # (n, J)
+    diag = (U * U) @ Wt  # (n, J): G_ii
+    GY = _eig_means(s, U, U.T @ Y, noise)  # (C, n, J)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return Y[None] - GY / diag[:, :, None]
+        return Y.T[:, :, None] - GY / diag[None]
 
 
 # --------------------------------------------------------------------------------------

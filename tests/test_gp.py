@@ -1,0 +1,226 @@
+"""Tests of cnngp.gp against independent oracles (Cholesky solves, KernelRidge, refits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+from sklearn.kernel_ridge import KernelRidge
+
+from cnngp import gp
+from cnngp.gp import (
+    centered_one_hot,
+    cross_validate,
+    fit_predict,
+    leave_one_out,
+    mean_and_2se,
+    noise_grid,
+    paper_folds,
+    posterior_mean,
+    stratified_folds,
+)
+from cnngp.gp import test_accuracy as gp_test_accuracy
+
+NOISES = np.array([1e-4, 1e-2, 0.1, 0.5, 2.0])
+
+
+def _problem(n=80, n_classes=4, d=6, seed=0, lengthscale=1.5):
+    """RBF kernel of random points; labels are a noisy function of the points,
+    in class-interleaved order."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = np.arange(n) % n_classes
+    centres = rng.normal(size=(n_classes, d))
+    x = x + 1.0 * centres[y]
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    K = np.exp(-sq / (2 * lengthscale**2 * d))
+    return K, y
+
+
+def _oracle_fold_accuracy(K, y, tr, va, s2, n_classes):
+    """Accuracy of a Cholesky solve of one fold at one noise variance."""
+    Y = np.eye(n_classes)[y[tr]] - 1.0 / n_classes
+    cf = scipy.linalg.cho_factor(K[np.ix_(tr, tr)] + s2 * np.eye(len(tr)))
+    mean = K[np.ix_(va, tr)] @ scipy.linalg.cho_solve(cf, Y)
+    return np.mean(mean.argmax(1) == y[va]), mean
+
+
+def test_centered_one_hot():
+    Y = centered_one_hot(np.array([2, 0]), 4)
+    np.testing.assert_array_equal(Y, [[-0.25, -0.25, 0.75, -0.25], [0.75, -0.25, -0.25, -0.25]])
+
+
+def test_cross_validate_matches_cholesky_and_kernel_ridge():
+    K, y = _problem()
+    folds = paper_folds(len(y), 4)
+    res = cross_validate(K, y, folds, NOISES)
+    assert res.fold_accuracies.shape == (4, len(NOISES))
+    for i, (tr, va) in enumerate(folds):
+        # The vectorised eigendecomposition means used inside cross_validate.
+        s, U = scipy.linalg.eigh(K[np.ix_(tr, tr)])
+        B = U.T @ centered_one_hot(y[tr], 4)
+        eig_means = gp._eig_means(s, K[np.ix_(va, tr)] @ U, B, NOISES)
+        for j, s2 in enumerate(NOISES):
+            acc, mean = _oracle_fold_accuracy(K, y, tr, va, s2, 4)
+            np.testing.assert_allclose(eig_means[:, :, j].T, mean, rtol=1e-6, atol=1e-9)
+            kr = KernelRidge(kernel="precomputed", alpha=s2)
+            kr.fit(K[np.ix_(tr, tr)], centered_one_hot(y[tr], 4))
+            kr_mean = kr.predict(K[np.ix_(va, tr)])
+            np.testing.assert_allclose(mean, kr_mean, rtol=1e-7, atol=1e-10)
+            assert res.fold_accuracies[i, j] == pytest.approx(acc, abs=0)
+    np.testing.assert_allclose(res.accuracy, res.fold_accuracies.mean(0))
+    # Non-trivial problem: accuracies vary with the noise and beat chance.
+    assert res.best_accuracy > 0.5 and np.ptp(res.accuracy) > 0
+    assert res.best_noise_variance == NOISES[np.argmax(res.accuracy)]
+
+
+def test_cross_validate_chunking_does_not_change_results(monkeypatch):
+    K, y = _problem(seed=1)
+    grid = np.exp(np.linspace(-12, 3, 37))
+    full = cross_validate(K, y, 4, grid)
+    monkeypatch.setattr(gp, "_CHUNK_BYTES", 1)  # one sigma^2 per chunk
+    one = cross_validate(K, y, 4, grid)
+    np.testing.assert_array_equal(full.fold_accuracies, one.fold_accuracies)
+    monkeypatch.setattr(gp, "_CHUNK_BYTES", 8 * 4 * 80 * 5)  # ragged chunks
+    ragged = cross_validate(K, y, 4, grid)
+    np.testing.assert_array_equal(full.fold_accuracies, ragged.fold_accuracies)
+
+
+def test_cross_validate_default_grid():
+    K, y = _problem(n=40, seed=2)
+    res = cross_validate(K, y, 4, n_grid=50)
+    folds = paper_folds(40, 4)
+    expected = noise_grid([K[np.ix_(tr, tr)] for tr, _ in folds], n=50)
+    np.testing.assert_allclose(res.noise_variances, expected, rtol=1e-12)
+    assert res.accuracy.shape == (50,) and res.fold_accuracies.shape == (4, 50)
+    assert res.best_accuracy == res.accuracy.max()
+    np.testing.assert_array_equal(res.best_fold_accuracies, res.fold_accuracies[:, res.best_index])
+
+
+def test_posterior_mean_fit_predict_test_accuracy():
+    K, y = _problem(n=60, seed=3)
+    tr, te = np.arange(40), np.arange(40, 60)
+    for s2 in (1e-3, 0.3):
+        mean = posterior_mean(K[np.ix_(tr, tr)], y[tr], K[np.ix_(te, tr)], s2)
+        kr = KernelRidge(kernel="precomputed", alpha=s2).fit(
+            K[np.ix_(tr, tr)], centered_one_hot(y[tr], 4)
+        )
+        np.testing.assert_allclose(mean, kr.predict(K[np.ix_(te, tr)]), rtol=1e-7, atol=1e-10)
+        pred = fit_predict(K[np.ix_(tr, tr)], y[tr], K[np.ix_(te, tr)], s2)
+        np.testing.assert_array_equal(pred, mean.argmax(1))
+        acc = gp_test_accuracy(K[np.ix_(tr, tr)], y[tr], K[np.ix_(te, tr)], y[te], s2)
+        assert acc == np.mean(pred == y[te])
+
+
+def test_posterior_mean_indefinite_falls_back_to_eigh():
+    rng = np.random.default_rng(4)
+    A = rng.normal(size=(12, 12))
+    K = (A + A.T) / 2  # indefinite
+    y = np.arange(12) % 3
+    Ks = rng.normal(size=(5, 12))
+    s2 = 1e-3
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        mean = posterior_mean(K, y, Ks, s2)
+    expected = Ks @ np.linalg.solve(K + s2 * np.eye(12), centered_one_hot(y, 3))
+    np.testing.assert_allclose(mean, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_leave_one_out_equals_explicit_refits():
+    K, y = _problem(n=30, n_classes=3, seed=5)
+    res = leave_one_out(K, y, NOISES)
+    s, U = scipy.linalg.eigh(K)
+    Y = centered_one_hot(y, 3)
+    loo_means = gp._loo_means(s, U, Y, NOISES)
+    n = len(y)
+    for j, s2 in enumerate(NOISES):
+        hits = 0
+        for i in range(n):
+            keep = np.delete(np.arange(n), i)
+            cf = scipy.linalg.cho_factor(K[np.ix_(keep, keep)] + s2 * np.eye(n - 1))
+            m_i = K[i, keep] @ scipy.linalg.cho_solve(cf, Y[keep])
+            np.testing.assert_allclose(loo_means[:, i, j], m_i, rtol=1e-6, atol=1e-9)
+            hits += m_i.argmax() == y[i]
+        assert res.accuracy[j] == pytest.approx(hits / n, abs=0)
+    assert res.fold_accuracies.shape == (1, len(NOISES))
+    assert 0 < res.best_accuracy <= 1
+
+
+def test_noise_grid_psd_and_indefinite():
+    K, _ = _problem(n=20)
+    g = noise_grid(K, n=1000)
+    assert g.shape == (1000,) and np.all(np.diff(g) > 0)
+    np.testing.assert_allclose(np.log(g[[0, -1]]), [-36.0, 5.0])
+    np.testing.assert_allclose(np.diff(np.log(g)), 41.0 / 999, rtol=1e-9)
+    # Indefinite fold kernels: the grid starts just above -min eigenvalue over folds.
+    K1 = K - 0.05 * np.eye(20)
+    K2 = K[:10, :10] - 0.2 * np.eye(10)
+    lam = min(np.linalg.eigvalsh(K1)[0], np.linalg.eigvalsh(K2)[0])
+    g = noise_grid([K1, K2], n=100)
+    assert g[0] == pytest.approx(-lam * (1 + gp.PD_MARGIN), rel=1e-10)
+    assert g[-1] == pytest.approx(np.exp(5.0))
+    scipy.linalg.cholesky(K2 + g[0] * np.eye(10))  # positive definite, does not raise
+    with pytest.raises(ValueError, match="not a valid covariance"):
+        noise_grid(-200.0 * np.eye(3))
+
+
+def test_paper_folds_disjoint_cover_balanced():
+    n, n_classes = 160, 10
+    y = np.arange(n) % n_classes
+    folds = paper_folds(n, 4)
+    vals = np.concatenate([va for _, va in folds])
+    np.testing.assert_array_equal(np.sort(vals), np.arange(n))
+    for i, (tr, va) in enumerate(folds):
+        np.testing.assert_array_equal(va, np.arange(40 * i, 40 * (i + 1)))
+        assert np.intersect1d(tr, va).size == 0 and len(tr) + len(va) == n
+        assert np.all(np.bincount(y[va], minlength=10) == 4)
+        assert np.all(np.bincount(y[tr], minlength=10) == 12)
+    folds = paper_folds(10, 4)  # unequal sizes 3,3,2,2
+    assert [len(va) for _, va in folds] == [3, 3, 2, 2]
+    with pytest.raises(ValueError, match="cannot be split"):
+        paper_folds(3, 4)
+
+
+def test_stratified_folds():
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat(np.arange(5), [8, 9, 10, 11, 12]))
+    folds = stratified_folds(y, 4, seed=1)
+    vals = np.concatenate([va for _, va in folds])
+    np.testing.assert_array_equal(np.sort(vals), np.arange(len(y)))
+    for tr, va in folds:
+        assert np.intersect1d(tr, va).size == 0
+        counts = np.bincount(y[va], minlength=5)
+        np.testing.assert_array_less(np.abs(counts - np.bincount(y) / 4), 1.0)
+    with pytest.raises(ValueError, match="class 1 has only 2 samples, fewer than the k=4"):
+        stratified_folds(np.array([0, 0, 0, 0, 1, 1]), 4)
+
+
+def test_cross_validate_errors():
+    K, y = _problem(n=40)
+    with pytest.raises(ValueError, match="missing from the training fold"):
+        cross_validate(K[:10, :10], np.arange(10), 4, NOISES)
+    with pytest.raises(ValueError, match="square"):
+        cross_validate(K[:, :5], y, 4, NOISES)
+    with pytest.raises(ValueError, match="not symmetric"):
+        cross_validate(K + np.triu(np.ones_like(K), 1), y, 4, NOISES)
+    with pytest.raises(ValueError, match="has 39 labels but the kernel has 40"):
+        cross_validate(K, y[:-1], 4, NOISES)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        cross_validate(K, y, 4, [-1.0])
+    with pytest.raises(ValueError, match="overlap"):
+        cross_validate(K, y, [(np.arange(30), np.arange(25, 40))], NOISES)
+    with pytest.raises(ValueError, match="NaN"):
+        cross_validate(np.full((4, 4), np.nan), np.arange(4) % 2, 2, NOISES)
+    with pytest.raises(ValueError, match=r"K_test_train must have shape \(M, 40\)"):
+        fit_predict(K, y, K[:, :3], 0.1)
+
+
+def test_mean_and_2se():
+    m, e = mean_and_2se([0.1, 0.2, 0.3])
+    assert m == pytest.approx(0.2) and e == pytest.approx(2 * 0.1 / np.sqrt(3))
+    assert mean_and_2se([0.7]) == (0.7, 0.0)
+    v = np.array([[1.0, 2.0], [3.0, 6.0]])
+    m, e = mean_and_2se(v)
+    np.testing.assert_allclose(m, [2.0, 4.0])
+    np.testing.assert_allclose(e, 2 * np.std(v, axis=0, ddof=1) / np.sqrt(2))
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_and_2se([])
