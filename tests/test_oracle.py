@@ -15,43 +15,17 @@ from scipy import integrate, special
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oracle import brute_force_hidden, brute_force_kernel, correlation_matrix  # noqa: E402
+from reference_cases import BODIES  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference"
 
 RELU = {"type": "relu"}
 
-# The networks of shared/reference/cases.json, in the JSON spec format (NTK parameterisation:
-# weight_var = W_std^2, bias_var = b_std^2), with how many images the loops can afford.
-REFERENCE_BODIES = {
-    "conv1d_digits": (
-        5,
-        [
-            {"type": "conv", "filter": 5, "padding": "same"},
-            RELU,
-            {"type": "conv", "filter": 3, "stride": 2, "padding": "same"},
-            RELU,
-            {"type": "conv", "filter": 3, "padding": "valid"},
-            RELU,
-        ],
-    ),
-    "conv3d_random": (
-        2,
-        [{"type": "conv", "filter": [3, 3, 3]}, RELU, {"type": "conv", "filter": 3}, RELU],
-    ),
-    "mixed_mnist": (
-        2,
-        [
-            {"type": "conv", "filter": [5, 5], "stride": 2, "padding": "valid", "weight_var": 1.2**2, "bias_var": 0.1**2},
-            {"type": "erf", "a": 1, "b": 1, "c": 0},
-            {"type": "conv", "filter": 3, "padding": "same", "weight_var": 1.0, "bias_var": 0.05**2},
-            {"type": "abrelu", "a": 0.1, "b": 1.0},
-            {"type": "avgpool", "window": 3, "stride": 1, "padding": "same"},
-            {"type": "conv", "filter": 3, "padding": "same", "weight_var": 1.5**2},
-            RELU,
-        ],
-    ),
-}
+# The networks of shared/reference/cases.json (tests/reference_cases.py), with how many images
+# the loops can afford.
+REFERENCE_BODIES = {name: (n, BODIES[name]) for name, n in
+                    (("conv1d_digits", 5), ("conv3d_random", 2), ("mixed_mnist", 2))}
 
 
 def _reference_cases():
