@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import _fused
 from .errors import CNNGPError
 from .layers import Layer, Readout, Serial
 from .state import KernelState
@@ -185,21 +186,48 @@ def _input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool) -> KernelState:
     return KernelState(cross=cross, spatial=spatial, full=full)
 
 
+def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor) -> int:
+    """Pairs per call of the fused CPU path (cnngp._fused), or 0 to use the layers' own torch
+    propagate. Chunks are sized so one layer's input and output stay in the L3 cache."""
+    layers = list(plan.body.layers)[:depth]
+    if not (_fused.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+        return 0
+    if not _fused.wanted(layers, plan.grids, flags) or not _fused.available(x.dtype, x.device):
+        return 0
+    largest = max(_elements(plan.grids[i], flags[i]) for i in range(depth + 1))
+    return _fused.chunk_size(largest, x.element_size())
+
+
+def _workspace(plan: _Plan) -> "_fused.Workspace":
+    if getattr(plan, "workspace", None) is None:
+        plan.workspace = _fused.Workspace()
+    return plan.workspace
+
+
 def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
     """Record each image's own variances K_xx[p, p] at every nonlinearity input."""
     records = {i: [] for i in plan.var_layers}
     if not plan.self_depth:
         return {}
+    layers = list(plan.body.layers)[: plan.self_depth]
+    chunk = _fast_chunk(plan, plan.self_flags, plan.self_depth, x)
     for start in range(0, x.shape[0], batch):
         xb = x[start : start + batch]
-        state = _input_state(xb, xb, plan.self_flags[0])
-        for i in range(plan.self_depth):
-            layer = plan.body.layers[i]
-            if layer.needs_variances:
-                d = state.diagonal()
-                records[i].append(d)
-                state = state.with_variances(d, d)
-            state = layer.propagate(state, plan.self_flags[i + 1])
+        if chunk:  # fused path: chunks of images, symmetric (self-covariance) kernels
+            ws = _workspace(plan)
+            for s in range(0, xb.shape[0], chunk):
+                xc = xb[s : s + chunk]
+                state = _fused.input_state(xc, xc, plan.self_flags[0], ws)
+                _fused.run_layers(layers, state, plan.self_flags, None, records=records, ws=ws)
+        else:
+            state = _input_state(xb, xb, plan.self_flags[0])
+            for i in range(plan.self_depth):
+                layer = plan.body.layers[i]
+                if layer.needs_variances:
+                    d = state.diagonal()
+                    records[i].append(d)
+                    state = state.with_variances(d, d)
+                state = layer.propagate(state, plan.self_flags[i + 1])
         if progress is not None:
             progress.update(xb.shape[0])
     return {i: torch.cat(v) for i, v in records.items()}
@@ -207,6 +235,21 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
 
 def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     """Kernel values (n_heads or 1, B) for a batch of pairs."""
+    chunk = _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b)
+    if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
+        ws = _workspace(plan)
+        layers = list(plan.body.layers)
+        values = []
+        for s in range(0, x1b.shape[0], chunk):
+            sl = slice(s, s + chunk)
+
+            def variances(i, sl=sl):
+                return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
+
+            state = _fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws)
+            state = _fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
+            values.append(state.cross[None].clone() if not plan.heads else _apply_heads(plan.heads, state))
+        return torch.cat(values, dim=1)
     state = _input_state(x1b, x2b, plan.pair_flags[0])
     for i, layer in enumerate(plan.body.layers):
         if layer.needs_variances:
