@@ -12,15 +12,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CNNGPError
+from .storage import atomic_write
 
-__all__ = ["main"]
+__all__ = ["main", "atomic_write"]
 
 
 # -- shared helpers (also used by the other commands) -----------------------------------------
@@ -47,27 +47,6 @@ def array_sha256(a: np.ndarray) -> str:
     h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
     h.update(a.tobytes())
     return h.hexdigest()
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
-
-    An interrupted or failed write leaves no file at ``path``.
-    """
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise CNNGPError(f"--out: folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def parse_lengthscales(text: str) -> list[float]:
