@@ -1,0 +1,710 @@
+"""The paper's experiment as a library function: a readout-lengthscale sweep (PAPER.md §5–6).
+
+One class-balanced training subset of the largest size ``N_max`` is drawn in class-interleaved
+order, and **one** pass of the kernel engine computes the Gram matrices of every readout over
+it (:func:`cnngp.readout_sweep`): independent weights (flatten), the chosen stationary family
+at each lengthscale λ (in index units of the grid the readout sees), and fully shared weights
+(global mean pooling). Every smaller ``N`` is a set of disjoint contiguous blocks of that one
+matrix (:func:`cnngp.data.blocks`), so each reported accuracy is a mean over several data
+sets, with ±2 standard errors. On each block, k-fold cross-validation picks the observation
+noise σ² from the paper's grid (:func:`cnngp.gp.cross_validate`, one eigendecomposition per
+fold). Optionally the model trained on ``N_max`` with the cross-validated λ and σ² is scored
+on the test split.
+
+>>> from cnngp.sweep import run_sweep
+>>> res = run_sweep("cnngp1", "digits", ns=(40, 80), lengthscales=[1.0],
+...                 progress=False)                                 # doctest: +SKIP
+>>> [(r["n"], r["readout"], r["lengthscale"]) for r in res["results"]][:3]  # doctest: +SKIP
+[(40, 'independent', 0.0), (40, 'matern32', 1.0), (40, 'constant', 'inf')]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import gp
+from .correlations import RBF, Constant, Correlation, Independent, Matern, parse_lengthscale
+from .data import Dataset, balanced_subset, blocks, load_dataset
+from .errors import CNNGPError
+from .layers import Readout, Serial
+
+__all__ = [
+    "run_sweep",
+    "sweep_readouts",
+    "split_network",
+    "summary_table",
+    "PAPER_LENGTHSCALES",
+    "FAMILIES",
+    "RESULTS_FORMAT",
+]
+
+#: the paper's readout lengthscales: 10^linspace(-1.5, 4.5, 25), in readout-grid units
+PAPER_LENGTHSCALES: tuple[float, ...] = tuple(float(v) for v in 10 ** np.linspace(-1.5, 4.5, 25))
+
+#: stationary families for the swept readout: name -> Matérn ν (None: squared exponential)
+FAMILIES = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}
+
+#: version tag of the results.json layout
+RESULTS_FORMAT = "cnngp-sweep/1"
+
+_FOLD_SCHEMES = ("paper", "stratified")
+_BEST_KEYS = (
+    "n", "readout", "lengthscale", "cv_accuracy", "cv_accuracy_2se", "n_datasets", "noise_variance",
+)
+#: sweeps up to this N_max run their cross-validation with one BLAS thread
+_SINGLE_THREAD_MAX_N = 2048
+
+
+# --------------------------------------------------------------------------------------
+# Networks and readouts
+# --------------------------------------------------------------------------------------
+
+
+def split_network(network) -> tuple[Serial, Readout, str]:
+    """Split a network into its body (up to the last hidden layer) and its readout.
+
+    Parameters
+    ----------
+    network : str, path-like, :class:`cnngp.layers.Serial` or list of layers
+        A named architecture (``"cnngp4"``, ``"myrtle10-paper"``, …), a JSON spec file,
+        or a network. If it ends with a :class:`~cnngp.Readout`, that readout's weight and
+        bias variances are kept for every swept readout; otherwise ``Readout(1.0, 0.0)``.
+
+    Returns
+    -------
+    body : Serial
+        The layers before the readout (``input_channels`` carried over from a spec).
+    template : Readout
+        The readout whose variances the sweep reuses.
+    name : str
+        A short name for reports.
+    """
+    from . import architectures
+    from .spec import load_spec
+
+    if isinstance(network, (str, os.PathLike)):
+        text = os.fspath(network)
+        if text.endswith(".json") or os.sep in text or Path(text).is_file():
+            net = load_spec(text)
+            name = text
+        else:
+            net = architectures.get(text)
+            name = text
+    elif isinstance(network, Serial):
+        net = network
+        name = getattr(network, "name", None) or type(network).__name__
+    elif isinstance(network, (list, tuple)):
+        net = Serial(*network)
+        name = "network"
+    else:
+        raise CNNGPError(
+            f"network: expected an architecture name, a JSON spec path or a cnngp Serial, "
+            f"got {type(network).__name__}"
+        )
+    layers = list(net.layers)
+    template = Readout(1.0, 0.0)
+    if layers and isinstance(layers[-1], Readout):
+        template = layers.pop()
+    if not layers:
+        raise CNNGPError("network: has no layers before its readout")
+    body = Serial(*layers)
+    body.input_channels = getattr(net, "input_channels", None)
+    return body, template, str(name)
+
+
+def _family_correlation(family: str, lengthscale: float) -> Correlation:
+    nu = FAMILIES[family]
+    return RBF(lengthscale) if nu is None else Matern(nu, lengthscale)
+
+
+def _lengthscale_json(value: float):
+    return "inf" if math.isinf(value) else float(value)
+
+
+def sweep_readouts(
+    template: Readout, lengthscales: Sequence[float], family: str = "matern32"
+) -> tuple[list[Readout], list[tuple[str, float]]]:
+    """The readouts of a sweep: independent, ``family`` at each λ, constant (mean pool).
+
+    Parameters
+    ----------
+    template : Readout
+        Supplies ``weight_var`` and ``bias_var``.
+    lengthscales : sequence of float
+        λ values (>= 0, ``inf`` allowed) in readout-grid index units.
+    family : {"matern12", "matern32", "matern52", "rbf"}
+
+    Returns
+    -------
+    readouts : list of Readout, length ``len(lengthscales) + 2``
+    labels : list of (readout name, λ)
+        ``("independent", 0.0)``, ``(family, λ)`` …, ``("constant", inf)``.
+    """
+    if family not in FAMILIES:
+        raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    lams = [parse_lengthscale(v, "lengthscales") for v in lengthscales]
+    corrs = [Independent()] + [_family_correlation(family, v) for v in lams] + [Constant()]
+    labels = [("independent", 0.0)] + [(family, v) for v in lams] + [("constant", math.inf)]
+    readouts = [Readout(template.weight_var, template.bias_var, c) for c in corrs]
+    return readouts, labels
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def _check_ns(ns, folds: int, n_classes: int, counts: np.ndarray) -> list[int]:
+    try:
+        values = [int(v) for v in ns]
+        if any(float(v) != int(v) for v in ns):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise CNNGPError(f"n: expected a list of positive integers, got {ns!r}") from None
+    if not values or min(values) <= 0:
+        raise CNNGPError(f"n: expected a non-empty list of positive integers, got {ns!r}")
+    values = sorted(set(values))
+    n_max = values[-1]
+    for n in values:
+        if n % n_classes:
+            raise CNNGPError(
+                f"n={n} is not a multiple of the number of classes ({n_classes}); "
+                f"class-balanced subsets need n = {n_classes}·m, e.g. "
+                f"{n_classes * max(1, n // n_classes)}"
+            )
+        if n_max % n:
+            raise CNNGPError(
+                f"n={n} does not divide the largest n={n_max}: smaller data sets are "
+                f"disjoint blocks of the largest one, so every n must divide {n_max} "
+                f"(e.g. n = {n_max // 4},{n_max // 2},{n_max})"
+            )
+        if n // n_classes < folds:
+            raise CNNGPError(
+                f"n={n} gives {n // n_classes} image(s) per class, fewer than the "
+                f"{folds} folds; use n >= {folds * n_classes} or fewer folds"
+            )
+    per_class = n_max // n_classes
+    if per_class > counts.min():
+        c = int(np.argmin(counts))
+        raise CNNGPError(
+            f"n={n_max} needs {per_class} training images per class but class {c} has "
+            f"only {int(counts[c])}; the largest balanced n for these data is "
+            f"{n_classes * int(counts.min())}"
+        )
+    return values
+
+
+def _check_labels(y: np.ndarray, n_classes: int, what: str, folds: int | None) -> np.ndarray:
+    counts = np.bincount(y, minlength=n_classes)
+    if counts.size > n_classes:
+        raise CNNGPError(f"{what}: label {int(y.max())} is out of range for {n_classes} classes")
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise CNNGPError(
+            f"{what}: class(es) {missing.tolist()} have no images; every class "
+            f"0..{n_classes - 1} must be present"
+        )
+    if folds is not None and counts.min() < folds:
+        c = int(np.argmin(counts))
+        raise CNNGPError(
+            f"{what}: class {c} has only {int(counts[c])} image(s), fewer than the "
+            f"{folds} folds"
+        )
+    return counts
+
+
+def _sha256(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Kernel cache
+# --------------------------------------------------------------------------------------
+
+
+def _write_npz_atomic(path: Path, arrays: dict) -> None:
+    import tempfile
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CNNGPError(f"kernel_cache: folder {str(path.parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_cache(path: Path, key: dict) -> dict | None:
+    """Arrays of a matching cache file, None if absent; an error if it does not match."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = json.loads(str(z["key"]))
+            out = {"kernels": np.asarray(z["kernels"], dtype=np.float64)}
+            if "test_kernels" in z.files:
+                out["test_kernels"] = np.asarray(z["test_kernels"], dtype=np.float64)
+    except Exception as e:
+        raise CNNGPError(
+            f"kernel_cache: {str(path)!r} is not a readable cnngp sweep kernel file ({e}); "
+            "delete it or choose another path"
+        ) from None
+    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype")
+    diff = [f for f in train_fields if stored.get(f) != key.get(f)]
+    if diff:
+        raise CNNGPError(
+            f"kernel_cache: {str(path)!r} holds kernels of a different sweep (differs in "
+            f"{', '.join(diff)}); delete it or choose another path"
+        )
+    if stored.get("test_sha256") != key.get("test_sha256"):
+        out.pop("test_kernels", None)
+    out["key"] = stored
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------
+
+
+def _folds_for(scheme: str, n: int, y: np.ndarray, k: int, seed: int):
+    if scheme == "paper":
+        return gp.paper_folds(n, k)
+    return gp.stratified_folds(y, k, seed)
+
+
+def _blas_threads(n_max: int):
+    """One BLAS thread for the many small eigendecompositions of a small sweep.
+
+    For matrices of a few hundred rows a multi-threaded BLAS gains nothing and, on a busy
+    machine, its spinning threads can make each call hundreds of times slower.
+    """
+    from contextlib import nullcontext
+
+    if n_max > _SINGLE_THREAD_MAX_N:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _cross_validate_all(K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress):
+    """CV accuracy of every readout on every block of every size: (results, best)."""
+    n_max = ns[-1]
+    results = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = len(labels) * sum(n_max // n for n in ns)
+        bar = tqdm(total=total, desc="cross-validation", unit="fit")
+    best = []
+    for n in ns:
+        block_list = blocks(n_max, n, n_classes)
+        rows = []
+        for (name, lam), Kl in zip(labels, K):
+            accs, noises = [], []
+            for b in block_list:
+                yb = y_sub[b]
+                cv = gp.cross_validate(
+                    Kl[np.ix_(b, b)],
+                    yb,
+                    folds=_folds_for(fold_scheme, n, yb, folds, seed),
+                    n_classes=n_classes,
+                    n_grid=n_grid,
+                )
+                accs.append(cv.best_accuracy)
+                noises.append(cv.best_noise_variance)
+                if bar is not None:
+                    bar.update(1)
+            mean, two_se = gp.mean_and_2se(accs)
+            rows.append(
+                {
+                    "n": int(n),
+                    "readout": name,
+                    "lengthscale": _lengthscale_json(lam),
+                    "cv_accuracy": float(mean),
+                    "cv_accuracy_2se": float(two_se),
+                    "n_datasets": len(block_list),
+                    "noise_variance": float(np.median(noises)),
+                    "block_cv_accuracies": [float(a) for a in accs],
+                    "block_noise_variances": [float(s) for s in noises],
+                }
+            )
+        i_best = int(np.argmax([r["cv_accuracy"] for r in rows]))
+        best.append({k: rows[i_best][k] for k in _BEST_KEYS})
+        results.extend(rows)
+    if bar is not None:
+        bar.close()
+    return results, best
+
+
+def run_sweep(
+    network,
+    dataset,
+    ns: Sequence[int] = (40, 80, 160),
+    folds: int = 4,
+    lengthscales: Sequence[float] = PAPER_LENGTHSCALES,
+    family: str = "matern32",
+    test: bool = False,
+    n_test: int | None = None,
+    seed: int = 0,
+    dtype: str = "float64",
+    device: str = "cpu",
+    fold_scheme: str = "paper",
+    n_grid: int = 1000,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    progress: bool = True,
+    kernel_cache: str | os.PathLike | None = None,
+    data_label: str | None = None,
+) -> dict:
+    """Run the paper's readout sweep and return a results dictionary.
+
+    Parameters
+    ----------
+    network : str, path-like or Serial
+        Named architecture, JSON spec file, or network (see :func:`split_network`).
+    dataset : Dataset or str
+        A :class:`cnngp.data.Dataset` or a source for :func:`cnngp.data.load_dataset`
+        (``"digits"``, a ``.npz`` file, a folder).
+    ns : sequence of int, default (40, 80, 160)
+        Training-set sizes. Each must be a multiple of the number of classes, give at
+        least ``folds`` images per class, and divide the largest, ``N_max``.
+    folds : int, default 4
+        Number of cross-validation folds.
+    lengthscales : sequence of float, default :data:`PAPER_LENGTHSCALES`
+        λ of the swept readout in index units of the readout's grid. ``0`` and ``inf``
+        are allowed (exactly independent / constant); the independent and constant
+        readouts are always included as separate entries.
+    family : {"matern32", "matern12", "matern52", "rbf"}, default "matern32"
+    test : bool, default False
+        Also score, on the test split, the models trained on the whole ``N_max`` subset
+        (each readout at its cross-validated σ²; the top-level ``"test"`` entry is the
+        one with the best cross-validated λ).
+    n_test : int, optional
+        Use a class-balanced subset of this many test images (default: all).
+    seed : int, default 0
+        Seed of the class-balanced subsets (and of stratified folds).
+    dtype : {"float64", "float32"}, default "float64"
+        Precision of the kernel computation; GP inference is always float64.
+    device : str, default "cpu"
+        Torch device of the kernel computation.
+    fold_scheme : {"paper", "stratified"}, default "paper"
+        ``"paper"``: contiguous folds of the class-interleaved order
+        (:func:`cnngp.gp.paper_folds`); ``"stratified"``: shuffled stratified folds.
+    n_grid : int, default 1000
+        Number of σ² values (the paper's log-spaced grid).
+    batch_size, memory_budget : optional
+        Passed to the kernel engine.
+    progress : bool, default True
+        Progress bars over the kernel computation (stderr).
+    kernel_cache : path, optional
+        ``.npz`` file for the kernel stack. If it exists and was made by the same network,
+        readouts, images and dtype, the kernels are read from it instead of computed;
+        otherwise they are computed and written there (atomically). A file from a
+        different sweep is an error, never overwritten.
+    data_label : str, optional
+        How to name the data in ``config["data"]`` (default: the source string, or the
+        data set's name).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable, ``RESULTS_FORMAT`` layout:
+
+        ``config``
+            the sweep's settings (network spec, data, sizes, folds, lengthscales, seed, …);
+        ``versions``
+            package versions;
+        ``results``
+            one entry per (n, readout): ``n``, ``readout`` (``"independent"``, the family
+            name, ``"constant"``), ``lengthscale`` (number, ``0`` or ``"inf"``),
+            ``cv_accuracy`` (mean over blocks of each block's best CV accuracy),
+            ``cv_accuracy_2se``, ``n_datasets`` (blocks), ``noise_variance`` (median of
+            the blocks' CV-chosen σ²), ``block_cv_accuracies``, ``block_noise_variances``
+            and, with ``test``, ``test_accuracy`` on the ``N_max`` entries;
+        ``best``
+            per n, the entry with the highest ``cv_accuracy`` (first among ties);
+        ``test``
+            (with ``test``) the CV-selected model at ``N_max``: ``readout``,
+            ``lengthscale``, ``noise_variance``, ``test_accuracy``, ``n_train``, ``n_test``.
+
+    Raises
+    ------
+    CNNGPError
+        For bad sizes (not a multiple of the classes, not dividing ``N_max``, larger than
+        the data allows, fewer than ``folds`` per class), a class missing from the labels,
+        ``test`` without a test split, unknown family or fold scheme, and any error of the
+        kernel engine (shapes, channels, dtype, device).
+    ValueError, FileNotFoundError
+        From :func:`cnngp.data.load_dataset` for unreadable or missing data.
+    """
+    import torch
+
+    from .gram import readout_sweep
+
+    if family not in FAMILIES:
+        raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    if fold_scheme not in _FOLD_SCHEMES:
+        raise CNNGPError(f"fold_scheme: expected one of {list(_FOLD_SCHEMES)}, got {fold_scheme!r}")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise CNNGPError(f"folds: expected an integer >= 2, got {folds!r}")
+    folds = int(folds)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise CNNGPError(f"seed: expected an integer >= 0, got {seed!r}")
+    seed = int(seed)
+
+    # -- data ----------------------------------------------------------------------
+    if isinstance(dataset, Dataset):
+        ds = dataset
+        source = data_label or ds.name
+    else:
+        source = data_label or os.fspath(dataset)
+        ds = load_dataset(dataset)
+    n_classes = ds.n_classes
+    counts = _check_labels(ds.y_train, n_classes, "training labels", folds)
+    ns = _check_ns(ns, folds, n_classes, counts)
+    n_max = ns[-1]
+    order = balanced_subset(ds.y_train, n_max, seed=seed, n_classes=n_classes)
+    x_sub, y_sub = ds.x_train[order], ds.y_train[order]
+
+    test_order = None
+    if test:
+        if ds.x_test is None or ds.y_test is None or len(ds.y_test) == 0:
+            raise CNNGPError(
+                f"test: the data set {ds.name!r} has no test split; give a .npz with "
+                "x_test and y_test, a CIFAR-10/MNIST folder, or drop --test"
+            )
+        test_counts = np.bincount(ds.y_test, minlength=n_classes)
+        if n_test is None:
+            test_order = np.arange(len(ds.y_test), dtype=np.int64)
+        else:
+            n_test = int(n_test)
+            if n_test <= 0 or n_test % n_classes:
+                raise CNNGPError(
+                    f"n_test={n_test} must be a positive multiple of the number of "
+                    f"classes ({n_classes})"
+                )
+            if n_test // n_classes > test_counts.min():
+                raise CNNGPError(
+                    f"n_test={n_test} needs {n_test // n_classes} test images per class "
+                    f"but class {int(np.argmin(test_counts))} has only "
+                    f"{int(test_counts.min())}"
+                )
+            test_order = balanced_subset(ds.y_test, n_test, seed=seed, n_classes=n_classes)
+    elif n_test is not None:
+        raise CNNGPError("n_test: only meaningful together with test=True (--test)")
+
+    # -- network and readouts --------------------------------------------------------
+    body, template, net_name = split_network(network)
+    readouts, labels = sweep_readouts(template, lengthscales, family)
+    grid = body.grids(tuple(x_sub.shape[1:-1]))[-1]
+
+    # -- kernels (one pass for every readout) -----------------------------------------
+    common = dict(
+        dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
+    key = {
+        "format": RESULTS_FORMAT,
+        "spec": body.to_spec(),
+        "readouts": [r.to_spec() for r in readouts],
+        "train_sha256": _sha256(x_sub),
+        "dtype": str(dtype),
+        "test_sha256": None if test_order is None else _sha256(ds.x_test[test_order]),
+    }
+    cache_path = None if kernel_cache is None else Path(kernel_cache)
+    cached = _read_cache(cache_path, key) if cache_path is not None else None
+
+    def save(K, K_test=None):  # after each computation, so a later failure keeps it
+        if cache_path is None:
+            return
+        stored_key = {**key, "test_sha256": None if K_test is None else key["test_sha256"]}
+        arrays = {
+            "kernels": K,
+            "key": np.array(json.dumps(stored_key)),
+            "train_index": order,
+            "y_train": y_sub,
+            "lengthscales": np.array([v for _, v in labels], dtype=np.float64),
+            "readout_names": np.array([name for name, _ in labels]),
+        }
+        if K_test is not None:
+            arrays["test_kernels"] = K_test
+            arrays["test_index"] = test_order
+            arrays["y_test"] = ds.y_test[test_order]
+        _write_npz_atomic(cache_path, arrays)
+
+    if cached is not None:
+        K = cached["kernels"]
+        if K.shape != (len(readouts), n_max, n_max):
+            raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
+    else:
+        K = readout_sweep(body, readouts, x_sub, **common).to(torch.float64).numpy()
+        save(K)
+    K_test = None
+    if test_order is not None:
+        if cached is not None and "test_kernels" in cached:
+            K_test = cached["test_kernels"]
+        else:
+            K_test = (
+                readout_sweep(body, readouts, ds.x_test[test_order], x_sub, **common)
+                .to(torch.float64)
+                .numpy()
+            )
+            save(K, K_test)
+    if not np.all(np.isfinite(K)):
+        raise CNNGPError("kernel: the computed kernel has NaN or infinite entries")
+
+    # -- cross-validation on every block of every size ----------------------------------
+    with _blas_threads(n_max):
+        results, best = _cross_validate_all(
+            K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress
+        )
+
+    # -- test accuracy of the models trained on N_max -----------------------------------
+    test_summary = None
+    if K_test is not None:
+        y_test = ds.y_test[test_order]
+        top = [r for r in results if r["n"] == n_max]
+        for r, Kl, Kt in zip(top, K, K_test):
+            r["test_accuracy"] = gp.test_accuracy(
+                Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
+            )
+        chosen = best[-1]
+        i = next(j for j, r in enumerate(top) if r["readout"] == chosen["readout"]
+                 and r["lengthscale"] == chosen["lengthscale"])
+        test_summary = {
+            "n_train": int(n_max),
+            "n_test": int(len(y_test)),
+            "readout": top[i]["readout"],
+            "lengthscale": top[i]["lengthscale"],
+            "noise_variance": top[i]["noise_variance"],
+            "cv_accuracy": top[i]["cv_accuracy"],
+            "test_accuracy": top[i]["test_accuracy"],
+        }
+
+    config = {
+        "format": RESULTS_FORMAT,
+        "arch": net_name,
+        "spec": body.to_spec(),
+        "readout_weight_var": template.weight_var,
+        "readout_bias_var": template.bias_var,
+        "readout_grid": list(grid),
+        "data": str(source),
+        "dataset": ds.name,
+        "image_shape": list(ds.image_shape),
+        "n_classes": int(n_classes),
+        "class_names": list(ds.class_names),
+        "ns": [int(n) for n in ns],
+        "folds": folds,
+        "fold_scheme": fold_scheme,
+        "family": family,
+        "lengthscales": [_lengthscale_json(v) for _, v in labels[1:-1]],
+        "lengthscale_units": "index units of the readout's input grid",
+        "noise_grid": {
+            "n": int(n_grid),
+            "log_min": gp.NOISE_LOG_MIN,
+            "log_max": gp.NOISE_LOG_MAX,
+            "lower_end": "raised to make every fold kernel positive definite",
+        },
+        "targets": "one-hot minus 1/n_classes",
+        "seed": seed,
+        "dtype": str(dtype),
+        "test": bool(test),
+        "n_test": None if test_order is None else int(len(test_order)),
+        "train_sha256": key["train_sha256"],
+    }
+    out = {
+        "config": config,
+        "versions": _versions(),
+        "results": results,
+        "best": best,
+    }
+    if test_summary is not None:
+        out["test"] = test_summary
+    return out
+
+
+def _versions() -> dict:
+    import sklearn
+
+    from .cli import versions
+
+    v = versions()
+    v["scikit-learn"] = sklearn.__version__
+    return v
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_lam(lam) -> str:
+    if lam == "inf":
+        return "inf"
+    lam = float(lam)
+    return "0" if lam == 0 else f"{lam:.3g}"
+
+
+def summary_table(results: dict) -> str:
+    """A plain-text table like PAPER.md §6: per N, independent, mean pool, best λ, best.
+
+    Accuracies in percent, ``± 2 SE`` over the disjoint blocks.
+    """
+    rows = results["results"]
+    head = (
+        f"{'N':>6} {'sets':>4}  {'independent':>13}  {'mean pool':>13}  "
+        f"{'best readout':>18}  {'best':>13}"
+    )
+    lines = [head, "-" * len(head)]
+
+    def pct(r):
+        return f"{100 * r['cv_accuracy']:5.1f} ± {100 * r['cv_accuracy_2se']:4.1f}"
+
+    for b in results["best"]:
+        n = b["n"]
+        at_n = [r for r in rows if r["n"] == n]
+        ind = next(r for r in at_n if r["readout"] == "independent")
+        const = next(r for r in at_n if r["readout"] == "constant")
+        if b["readout"] in ("independent", "constant"):
+            which = "mean pool" if b["readout"] == "constant" else "independent"
+        else:
+            which = f"{b['readout']} λ={_fmt_lam(b['lengthscale'])}"
+        lines.append(
+            f"{n:>6} {b['n_datasets']:>4}  {pct(ind):>13}  {pct(const):>13}  "
+            f"{which:>18}  {pct(b):>13}"
+        )
+    if "test" in results:
+        t = results["test"]
+        lam = _fmt_lam(t["lengthscale"])
+        lines.append(
+            f"test: {100 * t['test_accuracy']:.1f} % on {t['n_test']} images "
+            f"(trained on N={t['n_train']}, {t['readout']} λ={lam}, "
+            f"σ²={t['noise_variance']:.3g})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""The paper's protocol end to end (cnngp.sweep), its figure, and the ``cnngp sweep`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from cnngp import gp
+from cnngp.cli import main
+from cnngp.data import Dataset, blocks, load_digits
+from cnngp.errors import CNNGPError
+from cnngp.sweep import run_sweep, summary_table
+
+ARCH = "cnngp1"
+NS = (40, 80)
+LAMS = [0.0, 1.0, 10.0, math.inf]  # 0 and inf must reproduce the two exact ends
+ROW_KEYS = {
+    "n", "readout", "lengthscale", "cv_accuracy", "cv_accuracy_2se", "n_datasets",
+    "noise_variance", "block_cv_accuracies", "block_noise_variances",
+}
+
+
+def _digits_npz(path, test=True, drop_class=None, n_train=600):
+    x, y = load_digits()
+    x8 = np.round(x * 255).astype(np.uint8)
+    arrays = {"x_train": x8[:n_train], "y_train": y[:n_train].astype(np.uint8)}
+    if test:
+        arrays.update(x_test=x8[1500:], y_test=y[1500:].astype(np.uint8))
+    arrays["class_names"] = np.array([str(i) for i in range(10)])
+    if drop_class is not None:
+        keep = arrays["y_train"] != drop_class
+        arrays["x_train"], arrays["y_train"] = arrays["x_train"][keep], arrays["y_train"][keep]
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache") / "kernels.npz"
+    res = run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
+    return res, cache
+
+
+def _row(res, n, readout, lam):
+    return next(
+        r for r in res["results"]
+        if r["n"] == n and r["readout"] == readout and r["lengthscale"] == lam
+    )
+
+
+# -- library --------------------------------------------------------------------------------
+
+
+def test_results_schema(sweep):
+    res, _ = sweep
+    assert set(res) == {"config", "versions", "results", "best"}
+    json.dumps(res, allow_nan=False)  # strict JSON: inf is written as the string "inf"
+    cfg = res["config"]
+    assert cfg["ns"] == list(NS) and cfg["folds"] == 4 and cfg["family"] == "matern32"
+    assert cfg["readout_grid"] == [8, 8] and cfg["seed"] == 0
+    assert cfg["lengthscales"] == [0.0, 1.0, 10.0, "inf"]
+    rows = res["results"]
+    assert len(rows) == len(NS) * (len(LAMS) + 2)
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r["readout"] in ("independent", "matern32", "constant")
+        assert r["lengthscale"] == "inf" or isinstance(r["lengthscale"], float)
+        assert 0 <= r["cv_accuracy"] <= 1 and r["cv_accuracy_2se"] >= 0
+        assert r["n_datasets"] == 80 // r["n"] == len(r["block_cv_accuracies"])
+        assert r["noise_variance"] > 0
+        assert r["cv_accuracy"] == pytest.approx(np.mean(r["block_cv_accuracies"]))
+    for n in NS:
+        assert _row(res, n, "independent", 0.0)
+        assert _row(res, n, "constant", "inf")
+    assert [b["n"] for b in res["best"]] == list(NS)
+    for b in res["best"]:
+        assert b["cv_accuracy"] == max(r["cv_accuracy"] for r in rows if r["n"] == b["n"])
+    # digits are easy: any readout of a 1-layer net is far above chance
+    assert min(r["cv_accuracy"] for r in rows) > 0.6
+
+
+def test_lengthscale_ends_equal_exact_readouts(sweep):
+    res, _ = sweep
+    for n in NS:
+        for lam, end in ((0.0, "independent"), ("inf", "constant")):
+            a, b = _row(res, n, "matern32", lam), _row(res, n, end, lam)
+            for key in ("cv_accuracy", "cv_accuracy_2se", "noise_variance",
+                        "block_cv_accuracies", "block_noise_variances"):
+                assert a[key] == b[key], (n, lam, key)
+
+
+def test_blocks_are_disjoint_and_reproduce_the_reported_accuracies(sweep):
+    res, cache = sweep
+    with np.load(cache) as z:
+        K, order, y = z["kernels"], z["train_index"], z["y_train"]
+        names = z["readout_names"].tolist()
+    assert K.shape == (len(LAMS) + 2, 80, 80)
+    assert len(np.unique(order)) == 80  # distinct images
+    assert np.array_equal(y, load_digits()[1][order])
+    for n in NS:
+        bl = blocks(80, n, 10)
+        covered = np.concatenate(bl)
+        assert len(np.unique(covered)) == len(covered) == 80  # disjoint, cover all
+        for b in bl:
+            assert np.all(np.bincount(y[b], minlength=10) == n // 10)  # balanced
+        ind = _row(res, n, "independent", 0.0)
+        k = names.index("independent")
+        accs = [gp.cross_validate(K[k][np.ix_(b, b)], y[b], 4, n_classes=10).best_accuracy
+                for b in bl]
+        assert accs == ind["block_cv_accuracies"]
+
+
+def test_same_seed_same_numbers_and_cache_reuse(sweep, monkeypatch):
+    res, cache = sweep
+
+    def boom(*a, **k):
+        raise AssertionError("kernel recomputed despite a matching cache")
+
+    monkeypatch.setattr("cnngp.gram.readout_sweep", boom)
+    again = run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
+    assert again["results"] == res["results"] and again["config"] == res["config"]
+
+
+def test_recomputed_with_same_seed_is_identical_and_other_seed_differs():
+    once = run_sweep(ARCH, "digits", ns=(40,), lengthscales=[1.0], progress=False)
+    twice = run_sweep(ARCH, "digits", ns=(40,), lengthscales=[1.0], progress=False)
+    assert twice["results"] == once["results"] and twice["config"] == once["config"]
+    other = run_sweep(ARCH, "digits", ns=(40,), lengthscales=[1.0], progress=False, seed=1)
+    assert other["config"]["train_sha256"] != once["config"]["train_sha256"]
+
+
+def test_mismatched_cache_is_an_error(sweep):
+    _, cache = sweep
+    with pytest.raises(CNNGPError, match="different sweep"):
+        run_sweep("cnngp2", "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
+
+
+def test_test_accuracy_of_cv_selected_model(tmp_path):
+    src = _digits_npz(tmp_path / "d.npz")
+    res = run_sweep(ARCH, src, ns=(40,), lengthscales=[2.0], test=True, n_test=20,
+                    progress=False, kernel_cache=tmp_path / "k.npz")
+    t = res["test"]
+    assert t["n_train"] == 40 and t["n_test"] == 20
+    chosen = _row(res, 40, t["readout"], t["lengthscale"])
+    assert chosen["cv_accuracy"] == res["best"][0]["cv_accuracy"]
+    assert t["test_accuracy"] == chosen["test_accuracy"]
+    assert all("test_accuracy" in r for r in res["results"])
+    with np.load(tmp_path / "k.npz") as z:
+        K, Kt, y, yt = z["kernels"], z["test_kernels"], z["y_train"], z["y_test"]
+        names = z["readout_names"].tolist()
+    k = names.index(t["readout"]) if t["readout"] != "matern32" else 1
+    expect = gp.test_accuracy(K[k], y, Kt[k], yt, t["noise_variance"], 10)
+    assert t["test_accuracy"] == expect
+    assert "test:" in summary_table(res)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ns=(45,)), "multiple of the number of classes"),
+        (dict(ns=(80, 120)), "does not divide"),
+        (dict(ns=(2000,)), "largest balanced n"),
+        (dict(ns=(30,)), "fewer than the 4 folds"),
+        (dict(ns=(40,), folds=1), "folds"),
+        (dict(ns=(40,), test=True), "no test split"),
+        (dict(ns=(40,), family="cosine"), "family"),
+    ],
+)
+def test_bad_sizes_and_options(kwargs, match):
+    with pytest.raises(CNNGPError, match=match):
+        run_sweep(ARCH, "digits", lengthscales=[1.0], progress=False, **kwargs)
+
+
+def test_missing_class_and_too_few_per_class(tmp_path):
+    src = _digits_npz(tmp_path / "m.npz", drop_class=3)
+    with pytest.raises(CNNGPError, match=r"class\(es\) \[3\]"):
+        run_sweep(ARCH, src, ns=(40,), lengthscales=[1.0], progress=False)
+    x, y = load_digits()
+    ds = Dataset(x[:30], np.arange(10).repeat(3), None, None, "t", tuple("0123456789"))
+    with pytest.raises(CNNGPError, match="fewer than the 4 folds"):
+        run_sweep(ARCH, ds, ns=(40,), lengthscales=[1.0], progress=False)
+
+
+def test_sweep_figure_writes_png(sweep, tmp_path):
+    from cnngp.plots import sweep_figure
+
+    res, _ = sweep
+    fig = sweep_figure(res, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = fig.axes[0]
+    assert "λ" in ax.get_xlabel() and ax.get_xticklabels()[0].get_text().startswith("indep")
+
+
+def test_summary_table(sweep):
+    text = summary_table(sweep[0])
+    assert "independent" in text and "mean pool" in text
+    assert len(text.splitlines()) == 2 + len(NS)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+CLI = ["sweep", "--arch", ARCH, "--n", "40,80", "--lengthscales", "0.5,5", "--quiet"]
+
+
+def test_cli_writes_results_and_figure_reproducibly(tmp_path, capsys):
+    out1, out2 = tmp_path / "a", tmp_path / "b" / "nested"
+    assert main(CLI + ["--out", str(out1)]) == 0
+    table = capsys.readouterr().out
+    assert "mean pool" in table and "    80" in table
+    assert sorted(os.listdir(out1)) == ["results.json", "sweep.png"]
+    res = json.loads((out1 / "results.json").read_text())
+    assert [r["n"] for r in res["results"]].count(40) == 4
+    assert res["config"]["command"].startswith("cnngp sweep --arch cnngp1")
+    assert (out1 / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(CLI + ["--out", str(out2)]) == 0
+    assert (out1 / "results.json").read_text() == (out2 / "results.json").read_text()
+
+
+def _bad_truncated(tmp_path):
+    src = _digits_npz(tmp_path / "t.npz")
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    return ["--data", str(src), "--n", "40"]
+
+
+def _bad_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("nothing here")
+    return ["--data", str(tmp_path / "empty"), "--n", "40"]
+
+
+def _bad_missing_class(tmp_path):
+    return ["--data", str(_digits_npz(tmp_path / "m.npz", drop_class=7)), "--n", "40"]
+
+
+def _bad_not_npz(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"not a zip archive")
+    return ["--data", str(tmp_path / "x.npz"), "--n", "40"]
+
+
+@pytest.mark.parametrize(
+    "make_args, match",
+    [
+        (lambda p: ["--n", "45"], "multiple of the number of classes"),
+        (lambda p: ["--n", "80,120"], "does not divide"),
+        (lambda p: ["--n", "5000"], "largest balanced n"),
+        (lambda p: ["--n", "30"], "fewer than the 4 folds"),
+        (lambda p: ["--n", "40,x"], "--n"),
+        (lambda p: ["--folds", "1"], "--folds"),
+        (lambda p: ["--n", "40", "--test"], "no test split"),
+        (lambda p: ["--data", str(p / "nope.npz")], "does not exist"),
+        (_bad_truncated, "--data"),
+        (_bad_not_npz, "not a .npz archive"),
+        (_bad_empty_folder, "holds no known data set"),
+        (_bad_missing_class, r"class\(es\) \[7\]"),
+        (lambda p: ["--arch", "resnet9"], "unknown architecture"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, make_args, match):
+    import re
+
+    out = tmp_path / "out"
+    rc = main(["sweep", "--arch", ARCH, "--lengthscales", "1", "--quiet", "--out", str(out)]
+              + make_args(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("cnngp: error: ")
+    assert re.search(match, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_cli_existing_out_dir_untouched_on_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["sweep", "--n", "45", "--quiet", "--out", str(out)]) == 2
+    assert os.listdir(out) == ["keep.txt"]
+
+
+def test_cli_interrupt_and_late_failure_leave_nothing(tmp_path, capsys, monkeypatch):
+    import cnngp.plots
+    import cnngp.sweep
+
+    out = tmp_path / "out"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnngp.sweep, "run_sweep", interrupted)
+    assert main(CLI + ["--out", str(out)]) == 130
+    assert not out.exists()
+    monkeypatch.undo()
+
+    def broken_figure(*a, **k):
+        raise ValueError("figure failed")
+
+    monkeypatch.setattr(cnngp.plots, "sweep_figure", broken_figure)
+    assert main(CLI[:4] + ["40", "--lengthscales", "1", "--quiet", "--out", str(out)]) == 2
+    assert not out.exists()
+    monkeypatch.undo()
+
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_interrupt(src, dst):  # Ctrl-C between the two renames
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("cnngp.cli_sweep.os.replace", replace_then_interrupt)
+    assert main(CLI[:4] + ["40", "--lengthscales", "1", "--quiet", "--out", str(out)]) == 130
+    assert not out.exists()
+
+
+def test_cli_defaults():
+    from cnngp.cli import _register_optional_commands, build_parser
+    from cnngp.cli_sweep import DEFAULT_ARCH, DEFAULT_NS
+
+    _register_optional_commands()
+    args = build_parser().parse_args(["sweep"])
+    assert (args.arch, args.data, args.n, args.folds) == (DEFAULT_ARCH, "digits", DEFAULT_NS, "4")
+    assert args.lengthscales is None and not args.test
+
+
+@pytest.mark.slow
+def test_cli_default_main_job(tmp_path, capsys):
+    """``cnngp sweep`` with no arguments (about 20-30 s on 2 cores)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["sweep", "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    res = json.loads((tmp_path / "cnngp-sweep" / "results.json").read_text())
+    assert res["config"]["ns"] == [40, 80, 160]
+    assert max(b["cv_accuracy"] for b in res["best"]) > 0.9
