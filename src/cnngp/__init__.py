@@ -1,6 +1,7 @@
 """cnngp: infinitely wide CNNs with spatially correlated weight priors as Gaussian processes."""
 
 from . import architectures
+from .finite import finite_network, monte_carlo_kernel
 from .correlations import RBF, Constant, Correlation, Independent, Matern, UserCorrelation
 from .errors import CNNGPError
 from .gram import kernel, readout_sweep
@@ -26,5 +27,5 @@ __all__ = [
     "ABReLU", "AvgPool", "CNNGPError", "Constant", "Conv", "Correlation", "Erf", "Flatten",
     "GlobalAvgPool", "Identity", "Independent", "KernelState", "Layer", "Matern", "RBF",
     "Readout", "ReLU", "Serial", "UserCorrelation", "architectures", "from_spec", "kernel",
-    "load_spec", "readout_sweep",
+    "load_spec", "readout_sweep", "finite_network", "monte_carlo_kernel",
 ]

@@ -71,6 +71,10 @@ def _per_dim(values: tuple, d: int, name: str) -> tuple:
     return values
 
 
+def _normalised(correlation) -> bool:
+    return getattr(correlation, "normalise", True)
+
+
 class Layer(nn.Module):
     """Base class. Subclasses implement the four methods below."""
 
@@ -90,6 +94,13 @@ class Layer(nn.Module):
 
     def to_spec(self) -> dict:
         raise NotImplementedError
+
+    def finite(self, in_channels: int, width: int, seed=None, **kwargs):
+        """The finite twin of this layer (or network) at ``width`` channels, weights drawn from
+        its prior: see :func:`cnngp.finite.finite_network`."""
+        from .finite import finite_network
+
+        return finite_network(self, in_channels, width, seed, **kwargs)
 
     def extra_repr(self):
         spec = self.to_spec()
@@ -160,8 +171,8 @@ class Conv(Layer):
         return tuple(g.n_out for g in geoms)
 
     def _kind(self, geoms):
-        if all(g.taps == 1 for g in geoms):
-            return "independent"  # a single tap: every correlation is [[1]]
+        if all(g.taps == 1 for g in geoms) and _normalised(self.correlation):
+            return "independent"  # a single tap: every normalised correlation is [[1]]
         return self.correlation.kind
 
     def requires_full_input(self, full_out, spatial):
@@ -306,7 +317,9 @@ class Readout(Layer):
         return ()
 
     def _kind(self, spatial):
-        return "independent" if math.prod(spatial) == 1 else self.correlation.kind
+        if math.prod(spatial) == 1 and _normalised(self.correlation):
+            return "independent"
+        return self.correlation.kind
 
     def requires_full_input(self, full_out, spatial):
         return self._kind(spatial) != "independent"
@@ -319,6 +332,8 @@ class Readout(Layer):
         kind = self._kind(state.spatial)
         if state.ndim == 0:
             value = state.cross
+            if kind != "independent":  # a 1×1 user matrix that is not normalised
+                value = value * self.weights((), state.cross.dtype, state.cross.device)[0]
         elif kind == "independent":
             value = state.diagonal().reshape(state.batch, -1).mean(1)
         elif not state.full:

@@ -1,0 +1,844 @@
+"""Finite networks sampled from the prior of a kernel model, and Monte Carlo kernels.
+
+Every kernel layer has a finite twin: a ``torch.nn`` module at a chosen width C whose weights
+are drawn from the layer's prior (PAPER.md §1):
+
+* conv: ``W[i, j, :] ~ N(0, weight_var · Σ / C_in)`` over the filter taps (row-major), one
+  independent draw per (output, input) channel pair, bias ``b[i] ~ N(0, bias_var)``. Σ is
+  sampled through a factor ``L`` with ``L Lᵀ = Σ`` from an eigendecomposition with clipped
+  eigenvalues, so PSD-but-singular Σ (the constant case) is fine. Padding, stride and dilation
+  follow the kernel layers exactly: input index ``i = s·q + h·p − pad_before``, "same" puts the
+  extra pad pixel after, "circular" wraps around; cross-correlation like ``torch.conv*d``;
+* avgpool: the deterministic per-channel window average (zero padding counted in the divisor);
+* global_avg_pool: the mean over positions; flatten: all positions × channels as features;
+* readout: a dense layer over the whole last grid, ``W[o, j, :] ~ N(0, weight_var · Σ / C)``
+  with Σ over the grid positions (independent Σ = I/|F| is a flatten + dense layer with
+  variance ``weight_var / (C·|F|)``); after a flatten or global pool its fan-in is the number
+  of features. The last readout has ``n_outputs`` independent outputs, an inner one ``width``;
+* relu (balanced, √2·max(0, x)), abrelu, erf, identity: elementwise.
+
+The first conv's fan-in is the image channel count C_in: its ``Σ / C_in`` matches the engine's
+``V0 = (1/C) Σ_c x x'``.
+
+Seeding: network ``k`` of :func:`monte_carlo_kernel` with ``seed`` is exactly
+``finite_network(..., seed=network_seed(seed, k))``, whatever the batching, and each layer of
+a network draws from its own stream (seeded by the network seed and the layer index), so
+results do not depend on how many networks are drawn at once. Streams differ between devices
+and dtypes (reproducible given seed, device and dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CNNGPError
+from .gram import as_images, resolve_device, resolve_dtype
+from .layers import (
+    ABReLU,
+    AvgPool,
+    Conv,
+    Erf,
+    Flatten,
+    GlobalAvgPool,
+    Identity,
+    Layer,
+    Readout,
+    Serial,
+)
+
+__all__ = [
+    "FiniteNetwork",
+    "finite_network",
+    "monte_carlo_kernel",
+    "monte_carlo_estimates",
+    "network_seed",
+    "covariance_factor",
+    "DEFAULT_MC_MEMORY_BUDGET",
+]
+
+#: bytes of weights and activations one batch of sampled networks may use by default
+DEFAULT_MC_MEMORY_BUDGET = 256 * 1024**2
+
+_MASK64 = (1 << 64) - 1
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# -- seeds --------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a tuple of integers (splitmix64 chain)."""
+    h = 0x6A09E667F3BCC909
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h >> 1
+
+
+def network_seed(seed: int, index: int) -> int:
+    """The seed of network ``index`` among those :func:`monte_carlo_kernel` draws for ``seed``."""
+    return _mix(seed, index)
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise CNNGPError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+# -- geometry (PAPER.md §1 indexing, written out independently of the kernel engine) ------------
+
+
+def _per_dim(values: tuple, d: int, name: str) -> tuple:
+    if len(values) == 1:
+        return tuple(values) * d
+    if len(values) != d:
+        raise CNNGPError(f"{name}: has {len(values)} entries but the input grid has {d} dimensions")
+    return tuple(values)
+
+
+def _axis_geometry(n: int, taps: int, stride: int, dilation: int, padding: str):
+    """(n_out, pad_before, pad_after) of one axis; "same"/"circular" split like XLA."""
+    extent = (taps - 1) * dilation + 1
+    if padding == "valid":
+        return (n - extent) // stride + 1, 0, 0
+    n_out = -(-n // stride)
+    total = max((n_out - 1) * stride + extent - n, 0)
+    return n_out, total // 2, total - total // 2
+
+
+def _pad(x: torch.Tensor, pads: Sequence[tuple], padding: str) -> torch.Tensor:
+    """Pad the last len(pads) axes of x by (before, after) each: zeros, or wrap-around."""
+    d = len(pads)
+    if padding == "circular":
+        for k, (before, after) in enumerate(pads):
+            if before or after:
+                axis = x.dim() - d + k
+                n = x.shape[axis]
+                idx = torch.remainder(torch.arange(-before, n + after, device=x.device), n)
+                x = x.index_select(axis, idx)
+        return x
+    flat = [v for before, after in reversed(pads) for v in (before, after)]
+    return F.pad(x, flat) if any(flat) else x
+
+
+# -- Σ factors ----------------------------------------------------------------------------------
+
+
+def covariance_factor(sigma: torch.Tensor) -> torch.Tensor:
+    """A factor ``L`` (|P|, r) with ``L Lᵀ = Σ`` for a PSD ``Σ`` (|P|, |P|), in float64.
+
+    From the eigendecomposition, negative round-off eigenvalues clipped to 0 and null
+    directions dropped (r = numerical rank), so singular Σ (e.g. the constant 11ᵀ/|P|²) works.
+    """
+    s = sigma.detach().to(device="cpu", dtype=torch.float64)
+    s = 0.5 * (s + s.T)
+    evals, evecs = torch.linalg.eigh(s)
+    keep = evals > evals.abs().max().clamp_min(1e-300) * 1e-12
+    if not bool(keep.any()):
+        return torch.zeros(s.shape[0], 1, dtype=torch.float64)
+    return evecs[:, keep] * evals[keep].sqrt()
+
+
+_FACTORS: dict = {}  # (id(correlation), shape) → (correlation, factor): eigh once per layer
+
+
+def _factor(correlation, shape: tuple) -> torch.Tensor:
+    """Factor of Σ over a grid of ``shape`` (|P|, r), exact for the independent/constant kinds.
+
+    Cached per correlation object and grid (a 32×32 readout's eigendecomposition is not free
+    and every batch of networks needs it).
+    """
+    key = (id(correlation), tuple(shape))
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0] is correlation:
+        return hit[1]
+    factor = _compute_factor(correlation, tuple(shape))
+    if len(_FACTORS) >= 64:
+        _FACTORS.pop(next(iter(_FACTORS)))
+    _FACTORS[key] = (correlation, factor)
+    return factor
+
+
+def _compute_factor(correlation, shape: tuple) -> torch.Tensor:
+    size = math.prod(shape) if shape else 1
+    if size == 1:
+        m = correlation.matrix(shape) if shape else torch.ones(1, 1, dtype=torch.float64)
+        return covariance_factor(m)
+    if correlation.kind == "independent":
+        return torch.eye(size, dtype=torch.float64) / math.sqrt(size)
+    if correlation.kind == "constant":
+        return torch.full((size, 1), 1.0 / size, dtype=torch.float64)
+    return covariance_factor(correlation.matrix(shape))
+
+
+def _sample_normals(seeds, layer_index, shape, bias_shape, device, dtype):
+    """Standard normals (G, *shape) and, if ``bias_shape``, (G, *bias_shape): one stream per
+    (network, layer), so the draw does not depend on how many networks are drawn together."""
+    z = torch.empty((len(seeds),) + tuple(shape), device=device, dtype=dtype)
+    b = torch.empty((len(seeds),) + tuple(bias_shape), device=device, dtype=dtype) if bias_shape else None
+    for i, s in enumerate(seeds):
+        gen = _generator(_mix(s, layer_index), device)
+        torch.randn(tuple(shape), generator=gen, out=z[i])
+        if b is not None:
+            torch.randn(tuple(bias_shape), generator=gen, out=b[i])
+    return z, b
+
+
+def _sample_filters(seeds, layer_index, c_out, c_in, factor, scale, bias_var, device, dtype):
+    """Weights (G, c_out, c_in, |P|) = scale · Z Lᵀ and biases (G, c_out) or None, per network."""
+    r = factor.shape[1]
+    z, b = _sample_normals(seeds, layer_index, (c_out, c_in, r), (c_out,) if bias_var else None, device, dtype)
+    if _is_scaled_identity(factor):
+        w = z.mul_(scale * float(factor[0, 0]))
+    else:
+        lt = (factor.T * scale).to(device=device, dtype=dtype)
+        w = (z.reshape(-1, r) @ lt).reshape(z.shape[:3] + (factor.shape[0],))
+    if b is not None:
+        b.mul_(math.sqrt(bias_var))
+    return w, b
+
+
+def _is_scaled_identity(factor: torch.Tensor) -> bool:
+    n, r = factor.shape
+    return n == r and bool(torch.equal(factor, torch.diag(torch.diagonal(factor)))) and bool(
+        (torch.diagonal(factor) == factor[0, 0]).all()
+    )
+
+
+# -- finite layers --------------------------------------------------------------------------------
+#
+# Activations flow as (N, G, C, *S): N images, G independent networks (G = 1 broadcasts, e.g. the
+# input images before the first random layer), C channels, spatial grid S (empty after a readout,
+# flatten or global pool).
+
+
+class _FiniteLayer(nn.Module):
+    def __init__(self, in_shape: tuple):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(in_shape)
+
+
+class _FiniteConv(_FiniteLayer):
+    """Correlated-weight convolution for G networks at once (one grouped conv call)."""
+
+    def __init__(self, layer: Conv, in_shape, width, seeds, index, device, dtype):
+        super().__init__(in_shape)
+        c_in, spatial = in_shape[0], tuple(in_shape[1:])
+        d = len(spatial)
+        if d == 0:
+            raise CNNGPError(f"{layer!r}: needs a spatial grid, but its input has none")
+        self.taps = _per_dim(layer.filter, d, "filter")
+        self.stride = _per_dim(layer.stride, d, "stride")
+        self.dilation = _per_dim(layer.dilation, d, "dilation")
+        self.padding = layer.padding
+        geoms = [
+            _axis_geometry(n, p, s, h, layer.padding)
+            for n, p, s, h in zip(spatial, self.taps, self.stride, self.dilation)
+        ]
+        self.pads = [(b, a) for _, b, a in geoms]
+        self.out_shape = (width,) + tuple(n for n, _, _ in geoms)
+        factor = _factor(layer.correlation, self.taps)
+        scale = math.sqrt(layer.weight_var / c_in)
+        w, b = _sample_filters(seeds, index, width, c_in, factor, scale, layer.bias_var, device, dtype)
+        self.weight = nn.Parameter(w.reshape(w.shape[:3] + self.taps))
+        self.bias = None if b is None else nn.Parameter(b)
+
+    def forward(self, x):
+        n, gx, c_in = x.shape[:3]
+        g, c_out = self.weight.shape[:2]
+        xp = _pad(x, self.pads, self.padding)
+        spatial = xp.shape[3:]
+        if gx == g:
+            inp, groups = xp.reshape((n, gx * c_in) + spatial), g
+        elif gx == 1:  # the same input for every network: one ordinary conv, G·C_out filters
+            inp, groups = xp.reshape((n, c_in) + spatial), 1
+        else:
+            raise CNNGPError(f"finite conv: input holds {gx} networks, the layer {g}")
+        y = _CONV[len(self.taps)](
+            inp,
+            self.weight.reshape((g * c_out, c_in) + self.taps),
+            stride=self.stride,
+            dilation=self.dilation,
+            groups=groups,
+        )
+        y = y.reshape((n, g, c_out) + tuple(y.shape[2:]))
+        if self.bias is not None:
+            y = y + self.bias.reshape((1, g, c_out) + (1,) * len(self.taps))
+        return y
+
+
+class _FiniteAvgPool(_FiniteLayer):
+    """Per-channel window mean (zero padding counts in the divisor), no weights."""
+
+    def __init__(self, layer: AvgPool, in_shape):
+        super().__init__(in_shape)
+        spatial = tuple(in_shape[1:])
+        d = len(spatial)
+        if d == 0:
+            raise CNNGPError(f"{layer!r}: needs a spatial grid, but its input has none")
+        self.taps = _per_dim(layer.filter, d, "window")
+        self.stride = _per_dim(layer.stride, d, "stride")
+        self.dilation = _per_dim(layer.dilation, d, "dilation")
+        self.padding = layer.padding
+        geoms = [
+            _axis_geometry(n, p, s, h, layer.padding)
+            for n, p, s, h in zip(spatial, self.taps, self.stride, self.dilation)
+        ]
+        self.pads = [(b, a) for _, b, a in geoms]
+        self.out_shape = (in_shape[0],) + tuple(n for n, _, _ in geoms)
+
+    def forward(self, x):
+        lead = x.shape[:3]
+        xp = _pad(x, self.pads, self.padding)
+        flat = xp.reshape((-1, 1) + tuple(xp.shape[3:]))
+        box = flat.new_full((1, 1) + self.taps, 1.0 / math.prod(self.taps))
+        y = _CONV[len(self.taps)](flat, box, stride=self.stride, dilation=self.dilation)
+        return y.reshape(lead + tuple(y.shape[2:]))
+
+
+class _FiniteGlobalAvgPool(_FiniteLayer):
+    def __init__(self, in_shape):
+        super().__init__(in_shape)
+        self.out_shape = (in_shape[0],)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            return x
+        return x.mean(dim=tuple(range(3, x.dim())))
+
+
+class _FiniteFlatten(_FiniteLayer):
+    def __init__(self, in_shape):
+        super().__init__(in_shape)
+        self.out_shape = (math.prod(in_shape),)
+
+    def forward(self, x):
+        return x.reshape(x.shape[:2] + (-1,))
+
+
+class _FiniteReadout(_FiniteLayer):
+    """Dense layer over all positions × channels, weights correlated over positions by Σ.
+
+    ``W[o, j, :] = √(weight_var / C) · L z[o, j]`` with ``L Lᵀ = Σ`` over the grid positions
+    and z standard normal. Stored as z and L: the output Σ_{j,p} W[o,j,p] a[j,p] is computed as
+    Σ_{j,k} z[o,j,k] (aL)[j,k], which avoids forming W (|F|² work per output and channel).
+    """
+
+    def __init__(self, layer: Readout, in_shape, n_out, seeds, index, device, dtype):
+        super().__init__(in_shape)
+        c, spatial = in_shape[0], tuple(in_shape[1:])
+        self.out_shape = (n_out,)
+        factor = _factor(layer.correlation, spatial)  # (|F|, r); [[1]] after a flatten/pool
+        self.identity = _is_scaled_identity(factor)
+        self.scale = math.sqrt(layer.weight_var / c)
+        if self.identity:
+            self.scale *= float(factor[0, 0])
+        z, b = _sample_normals(
+            seeds, index, (n_out, c, factor.shape[1]), (n_out,) if layer.bias_var else None, device, dtype
+        )
+        self.z = nn.Parameter(z)
+        self.register_buffer("factor", None if self.identity else factor.to(device=device, dtype=dtype))
+        self.bias = None if b is None else nn.Parameter(b.mul_(math.sqrt(layer.bias_var)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weights (G, n_out, C, |F|) (formed on demand)."""
+        w = self.z * self.scale
+        return w if self.factor is None else w @ self.factor.T
+
+    def forward(self, x):
+        n, gx = x.shape[:2]
+        g, _, c, _ = self.z.shape
+        a = x.reshape(n, gx, c, -1)
+        if self.factor is not None:
+            a = a @ self.factor  # (N, Gx, C, r)
+        y = torch.einsum("ngck,gock->ngo", a.expand(n, g, -1, -1), self.z) * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class _FiniteElementwise(_FiniteLayer):
+    def __init__(self, layer, in_shape):
+        super().__init__(in_shape)
+        self.layer_spec = layer.to_spec()
+        if isinstance(layer, ABReLU):
+            a, b = layer.a, layer.b
+            if a == 0.0:
+                self.fn = lambda x: F.relu(x).mul_(b)
+            else:
+                self.fn = lambda x: torch.where(x > 0, x * b, x * a)
+        elif isinstance(layer, Erf):
+            a, b, c = layer.a, layer.b, layer.c
+            self.fn = lambda x: a * torch.erf(b * x) + c
+        elif isinstance(layer, Identity):
+            self.fn = lambda x: x
+        else:  # pragma: no cover - guarded by _make_layer
+            raise CNNGPError(f"{layer!r}: no finite twin")
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def extra_repr(self):
+        return repr(self.layer_spec)
+
+
+def _flatten_layers(model) -> list:
+    if isinstance(model, (list, tuple)):
+        return [layer for m in model for layer in _flatten_layers(m)]
+    if isinstance(model, Serial):
+        return list(model.layers)
+    if isinstance(model, Layer):
+        return [model]
+    raise CNNGPError(f"model: expected a cnngp layer or Serial, got {type(model).__name__}")
+
+
+def _make_layer(layer, in_shape, width, seeds, index, device, dtype):
+    if isinstance(layer, AvgPool):  # before Conv: AvgPool subclasses it
+        return _FiniteAvgPool(layer, in_shape)
+    if isinstance(layer, Conv):
+        return _FiniteConv(layer, in_shape, width, seeds, index, device, dtype)
+    if isinstance(layer, GlobalAvgPool):
+        return _FiniteGlobalAvgPool(in_shape)
+    if isinstance(layer, Flatten):
+        return _FiniteFlatten(in_shape)
+    if isinstance(layer, Readout):
+        return _FiniteReadout(layer, in_shape, width, seeds, index, device, dtype)
+    if isinstance(layer, (ABReLU, Erf, Identity)):
+        return _FiniteElementwise(layer, in_shape)
+    raise CNNGPError(f"{layer!r}: this layer type has no finite twin")
+
+
+# -- the network ----------------------------------------------------------------------------------
+
+
+class FiniteNetwork(nn.Module):
+    """G ≥ 1 finite networks drawn from the prior of a kernel model, evaluated together.
+
+    Build with :func:`finite_network` (one network). The weights are drawn when the input grid
+    is first known: at construction if ``spatial`` was given, else at the first call. Each layer
+    draws from its own stream, so the draw does not depend on when it happens. The weights are
+    ordinary trainable parameters (a readout stores z with W = √(weight_var/C) · z Lᵀ, see its
+    ``weight`` property).
+
+    Attributes
+    ----------
+    seeds : list of int
+        One seed per network.
+    width, in_channels, n_outputs : int
+    finite : nn.ModuleList
+        The finite layers (empty until built).
+    """
+
+    def __init__(
+        self,
+        model,
+        in_channels: int,
+        width: int,
+        seeds: Sequence[int],
+        *,
+        n_outputs: int = 1,
+        spatial: Sequence[int] | None = None,
+        device=None,
+        dtype="float32",
+    ):
+        super().__init__()
+        self.kernel_layers = tuple(_flatten_layers(model))  # plain tuple: not submodules
+        self.in_channels = _check_int(in_channels, "in_channels", 1)
+        self.width = _check_int(width, "width", 1)
+        self.n_outputs = _check_int(n_outputs, "n_outputs", 1)
+        expected = getattr(model, "input_channels", None)
+        if expected is not None and expected != self.in_channels:
+            raise CNNGPError(
+                f"in_channels: the network expects {expected} input channels, got {in_channels}"
+            )
+        self.seeds = [int(s) for s in seeds]
+        if not self.seeds:
+            raise CNNGPError("seeds: expected at least one network seed")
+        self.device = resolve_device("cpu" if device is None else device)
+        self.dtype = resolve_dtype(dtype)
+        self.finite = nn.ModuleList()
+        self.spatial = None
+        if spatial is not None:
+            self.build(spatial)
+
+    @property
+    def n_networks(self) -> int:
+        return len(self.seeds)
+
+    def _channels_after(self, i: int) -> int:
+        """Output channels of layer i: n_outputs for the last readout, else width."""
+        last = i == len(self.kernel_layers) - 1
+        return self.n_outputs if last and isinstance(self.kernel_layers[i], Readout) else self.width
+
+    def build(self, spatial: Sequence[int]) -> None:
+        """Draw the weights for inputs on grid ``spatial`` (validated like the kernel)."""
+        spatial = tuple(int(s) for s in spatial)
+        if self.spatial is not None:
+            if spatial != self.spatial:
+                raise CNNGPError(
+                    f"x: images of spatial shape {spatial}, but this finite network was built "
+                    f"for {self.spatial}; build a new one for another image size"
+                )
+            return
+        if not 1 <= len(spatial) <= 3:
+            raise CNNGPError(f"x: expected 1, 2 or 3 spatial dimensions, got grid {spatial}")
+        grids = Serial(*self.kernel_layers).grids(spatial)  # the kernel's own validation
+        shape = (self.in_channels,) + spatial
+        layers = []
+        for i, layer in enumerate(self.kernel_layers):
+            try:
+                f = _make_layer(
+                    layer, shape, self._channels_after(i), self.seeds, i, self.device, self.dtype
+                )
+            except CNNGPError as e:
+                raise CNNGPError(f"layer {i} ({layer!r}) on input grid {shape[1:]}: {e}") from None
+            shape = f.out_shape
+            if tuple(shape[1:]) != tuple(grids[i + 1]):  # pragma: no cover - engine mismatch
+                raise CNNGPError(
+                    f"layer {i} ({layer!r}): finite output grid {shape[1:]} differs from the "
+                    f"kernel's {grids[i + 1]}"
+                )
+            layers.append(f)
+        self.finite.extend(layers)
+        self.spatial = spatial
+
+    @property
+    def output_shape(self) -> tuple:
+        """(C,) for a network ending in a readout/flatten/pool, else (C, *grid)."""
+        if self.spatial is None:
+            raise CNNGPError("the network is not built yet: call build(spatial) or run it once")
+        return self.finite[-1].out_shape if len(self.finite) else (self.in_channels,) + self.spatial
+
+    def _prepare(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(as_images(x, "x", self.in_channels))
+        if x.dim() not in (3, 4, 5):
+            raise CNNGPError(
+                f"x: expected images (N, *spatial, C) with 1 to 3 spatial dims, got shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.in_channels:
+            raise CNNGPError(
+                f"x: has {x.shape[-1]} channels (last axis) but the network expects "
+                f"{self.in_channels}; images must be channels-last (N, *spatial, C)"
+            )
+        if x.dtype == torch.uint8:
+            x = x.to(self.dtype) / 255.0
+        self.build(tuple(x.shape[1:-1]))
+        x = x.to(device=self.device, dtype=self.dtype)
+        d = x.dim() - 2
+        return x.permute((0, d + 1) + tuple(range(1, d + 1))).unsqueeze(1)  # (N, 1, C, *S)
+
+    def run(self, x, upto: int | None = None) -> torch.Tensor:
+        """All networks' outputs, grouped: (N, G, C) or (N, G, C, *grid) if spatial remains."""
+        h = self._prepare(x)
+        for f in list(self.finite)[:upto]:
+            h = f(h)
+        return h.expand((h.shape[0], self.n_networks) + tuple(h.shape[2:]))
+
+    @staticmethod
+    def _channels_last(h: torch.Tensor) -> torch.Tensor:
+        if h.dim() <= 3:
+            return h
+        return h.permute((0, 1) + tuple(range(3, h.dim())) + (2,))
+
+    def forward(self, x) -> torch.Tensor:
+        """Outputs of the network: (N, n_outputs) (or (N, C) features after a flatten/pool,
+        or channels-last (N, *grid, C) for a model that ends on a grid). For G > 1 networks the
+        network axis comes second: (N, G, ...)."""
+        h = self._channels_last(self.run(x))
+        return h[:, 0] if self.n_networks == 1 else h
+
+    def hidden(self, x) -> torch.Tensor:
+        """The last hidden layer (the input of a final readout), channels-last (N, *grid, C)."""
+        upto = len(self.finite)
+        if self.kernel_layers and isinstance(self.kernel_layers[-1], Readout):
+            upto -= 1
+        h = self._channels_last(self.run(x, upto))
+        return h[:, 0] if self.n_networks == 1 else h
+
+    def extra_repr(self):
+        return f"networks={self.n_networks}, width={self.width}, in_channels={self.in_channels}"
+
+
+def finite_network(
+    model,
+    in_channels: int,
+    width: int,
+    seed: int | None = None,
+    *,
+    n_outputs: int = 1,
+    spatial: Sequence[int] | None = None,
+    device=None,
+    dtype="float32",
+) -> FiniteNetwork:
+    """One finite network of width ``width`` drawn from the prior of a kernel ``model``.
+
+    Parameters
+    ----------
+    model : Layer or Serial
+        Any cnngp model (its readout, if last, gets ``n_outputs`` outputs).
+    in_channels : int
+        Image channels C_in (the first layer's fan-in).
+    width : int
+        Channels C of every hidden layer (and of an inner readout).
+    seed : int, optional
+        Seed of the draw; random if None (recorded in ``net.seeds``).
+    n_outputs : int
+        Independent outputs of a final readout (each a sample of the same GP).
+    spatial : sequence of int, optional
+        Input grid; draw the weights now instead of at the first call.
+    device, dtype : torch device (default CPU) and "float32" (default) or "float64".
+
+    Returns
+    -------
+    FiniteNetwork
+        ``net(x)`` maps images (N, *spatial, C_in), channels-last, to (N, n_outputs).
+
+    Examples
+    --------
+    >>> import torch, cnngp
+    >>> model = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    >>> net = finite_network(model, in_channels=3, width=8, seed=0, n_outputs=2)
+    >>> net(torch.rand(5, 4, 4, 3)).shape
+    torch.Size([5, 2])
+    """
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy) & ((1 << 63) - 1)
+    seed = _check_int(seed, "seed", 0)
+    return FiniteNetwork(
+        model, in_channels, width, [seed], n_outputs=n_outputs, spatial=spatial, device=device, dtype=dtype
+    )
+
+
+# -- Monte Carlo kernel ---------------------------------------------------------------------------
+
+
+def _per_network_bytes(layers, in_channels, spatial, width, n_outputs, itemsize) -> tuple[int, int]:
+    """(weight bytes, activation bytes per image) of one network, generous estimates."""
+    grids = Serial(*layers).grids(spatial)
+    shape = (in_channels,) + tuple(spatial)
+    params, peak = 0, math.prod(shape)
+    for i, layer in enumerate(layers):
+        c_in, grid = shape[0], grids[i]
+        if isinstance(layer, Readout):
+            c = n_outputs if i == len(layers) - 1 else width
+            params += c * math.prod(shape)
+            out = (c,)
+        elif isinstance(layer, Conv):  # AvgPool included (no weights, but keep it simple)
+            taps = math.prod(_per_dim(layer.filter, len(grid), "filter"))
+            c = c_in if isinstance(layer, AvgPool) else width
+            params += 0 if isinstance(layer, AvgPool) else c * c_in * taps
+            out = (c,) + tuple(grids[i + 1])
+        elif isinstance(layer, GlobalAvgPool):
+            out = (c_in,)
+        elif isinstance(layer, Flatten):
+            out = (math.prod(shape),)
+        else:
+            out = shape
+        peak = max(peak, 2 * math.prod(shape) + 2 * math.prod(out))  # padded input + output
+        shape = out
+    return 2 * params * itemsize, peak * itemsize  # Z and Z Lᵀ while sampling
+
+
+_MC_DOC_PARAMS = """
+    Parameters
+    ----------
+    model : Layer or Serial
+        Must end without a spatial grid (readout, flatten or global_avg_pool).
+    x1 : array (N1, *spatial, C)
+        Images, channels-last; uint8 is scaled to [0, 1].
+    x2 : array (N2, *spatial, C), optional
+        Defaults to x1.
+    width : int >= 1
+        Channels of every hidden layer.
+    n_samples : int >= 2
+        Networks drawn; network k is ``finite_network(..., seed=network_seed(seed, k))``.
+    seed : int >= 0
+    n_outputs : int >= 1
+        Outputs of the final readout per network (more outputs, less readout noise).
+    batch : int, optional
+        Networks evaluated together; chosen from ``memory_budget`` bytes (default 256 MiB) if
+        None. The result does not depend on it.
+    device, dtype : where and in which precision the networks run ("float32" default;
+        estimates accumulate in float64).
+    progress : show a progress bar.
+"""
+
+
+def _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, memory_budget,
+                      device, dtype, progress):
+    """Validate, then yield per-network estimates (G, N1, N2), float64, batch after batch."""
+    width = _check_int(width, "width", 1)
+    n_samples = _check_int(n_samples, "n_samples", 2)
+    seed = _check_int(seed, "seed", 0)
+    n_outputs = _check_int(n_outputs, "n_outputs", 1)
+    if batch is not None:
+        batch = _check_int(batch, "batch", 1)
+    memory_budget = _check_int(
+        DEFAULT_MC_MEMORY_BUDGET if memory_budget is None else memory_budget, "memory_budget", 1
+    )
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    channels = getattr(model, "input_channels", None)
+    a1 = as_images(x1, "x1", channels)
+    a2 = None if x2 is None else as_images(x2, "x2", channels)
+    if a2 is not None and a2.shape[1:] != a1.shape[1:]:
+        raise CNNGPError(
+            f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both must be "
+            "(N, *spatial, C) with the same spatial size and channels"
+        )
+    spatial = tuple(a1.shape[1:-1])
+    layers = _flatten_layers(model)
+    last_grid = Serial(*layers).grids(spatial)[-1]
+    if last_grid:
+        raise CNNGPError(
+            f"model: ends on a spatial grid {last_grid}; finish it with a readout, flatten or "
+            "global_avg_pool layer"
+        )
+    n1 = a1.shape[0]
+    x = torch.as_tensor(a1 if a2 is None else np.concatenate([a1, a2])).to(device=dev, dtype=dt)
+    n_img = x.shape[0]
+    itemsize = torch.finfo(dt).bits // 8
+    w_bytes, act_bytes = _per_network_bytes(layers, a1.shape[-1], spatial, width, n_outputs, itemsize)
+    if batch is None:
+        per_net = w_bytes + min(n_img, 64) * act_bytes
+        batch = max(1, memory_budget // max(per_net, 1))
+    batch = min(batch, n_samples)
+    chunk = max(1, min(n_img, (memory_budget - batch * w_bytes) // max(batch * act_bytes, 1)))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_samples, unit="net", desc=f"monte carlo (width {width}, batch {batch})")
+    try:
+        with torch.no_grad():
+            for start in range(0, n_samples, batch):
+                seeds = [network_seed(seed, k) for k in range(start, min(start + batch, n_samples))]
+                net = FiniteNetwork(layers, a1.shape[-1], width, seeds, n_outputs=n_outputs,
+                                    device=dev, dtype=dt, spatial=spatial)
+                outs = torch.cat([net.run(x[i : i + chunk]) for i in range(0, n_img, chunk)])
+                outs = outs.to(torch.float64)  # (N, G, F)
+                f1 = outs[:n1]
+                f2 = f1 if a2 is None else outs[n1:]
+                # one estimate per network: the mean over its outputs of f(x) f(x')
+                yield torch.einsum("agf,bgf->gab", f1, f2) / outs.shape[-1]
+                del net, outs
+                if bar is not None:
+                    bar.update(len(seeds))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def monte_carlo_kernel(
+    model,
+    x1,
+    x2=None,
+    *,
+    width: int,
+    n_samples: int,
+    seed: int = 0,
+    n_outputs: int = 16,
+    batch: int | None = None,
+    memory_budget: int | None = None,
+    device="cpu",
+    dtype="float32",
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empirical kernel of finite networks sampled from ``model``'s prior, with its MC error.
+
+    Draws ``n_samples`` independent networks, evaluates them on x1 and x2 and averages
+    ``f(x) f(x')`` over the networks and over their outputs. Each network gives one estimate
+    (the mean over its ``n_outputs`` readout outputs, or over its features for a model ending
+    in a flatten/pool); these are i.i.d., so the standard error per entry is their standard
+    deviation over √n_samples. Memory stays bounded: networks are drawn ``batch`` at a time
+    (one grouped convolution per layer) and images are chunked if needed.
+    {params}
+    Returns
+    -------
+    (empirical, standard_error) : two float64 CPU tensors (N1, N2)
+
+    Examples
+    --------
+    >>> import torch, cnngp
+    >>> model = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    >>> x = torch.rand(3, 4, 4, 2, dtype=torch.float64)
+    >>> emp, se = monte_carlo_kernel(model, x, width=16, n_samples=400, seed=0)
+    >>> bool(((emp - cnngp.kernel(model, x)).abs() < 5 * se + 1e-12).all())
+    True
+    """
+    count, mean, m2 = 0, None, None
+    for est in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
+                                 memory_budget, device, dtype, progress):
+        g = est.shape[0]
+        b_mean = est.mean(0)
+        b_m2 = ((est - b_mean) ** 2).sum(0)
+        if mean is None:
+            count, mean, m2 = g, b_mean, b_m2
+        else:  # Chan et al.'s pairwise update of the mean and the sum of squared deviations
+            delta = b_mean - mean
+            total = count + g
+            mean = mean + delta * (g / total)
+            m2 = m2 + b_m2 + delta**2 * (count * g / total)
+            count = total
+    se = torch.sqrt(m2 / (count - 1) / count)
+    return mean.cpu(), se.cpu()
+
+
+def monte_carlo_estimates(
+    model,
+    x1,
+    x2=None,
+    *,
+    width: int,
+    n_samples: int,
+    seed: int = 0,
+    n_outputs: int = 16,
+    batch: int | None = None,
+    memory_budget: int | None = None,
+    device="cpu",
+    dtype="float32",
+    progress: bool = False,
+) -> torch.Tensor:
+    """The per-network estimates behind :func:`monte_carlo_kernel`: (n_samples, N1, N2).
+
+    Row k is network k's mean over its outputs of ``f(x) f(x')``; their mean is the empirical
+    kernel. For statistics beyond the per-entry standard error (ratios, covariances between
+    entries). Same arguments as :func:`monte_carlo_kernel`.
+    {params}
+    Returns
+    -------
+    torch.Tensor (n_samples, N1, N2), float64 on the CPU
+    """
+    return torch.cat([
+        est.cpu()
+        for est in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
+                                     memory_budget, device, dtype, progress)
+    ])
+
+
+monte_carlo_kernel.__doc__ = monte_carlo_kernel.__doc__.replace("    {params}\n", _MC_DOC_PARAMS)
+monte_carlo_estimates.__doc__ = monte_carlo_estimates.__doc__.replace("    {params}\n", _MC_DOC_PARAMS)
