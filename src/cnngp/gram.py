@@ -85,7 +85,8 @@ def as_images(x, name: str = "x1", channels: int | None = None) -> np.ndarray:
             f"{name}: has {arr.shape[-1]} channels (last axis) but the network expects "
             f"{channels}; images must be channels-last (N, *spatial, C)"
         )
-    return arr.astype(np.float64, copy=False)
+    arr = arr.astype(np.float64, copy=False)
+    return arr if arr.flags.writeable else arr.copy()  # torch cannot wrap read-only memory
 
 
 @dataclass
@@ -217,7 +218,7 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
             ws = _workspace(plan)
             for s in range(0, xb.shape[0], chunk):
                 xc = xb[s : s + chunk]
-                state = _fused.input_state(xc, xc, plan.self_flags[0], ws)
+                state = _fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
                 _fused.run_layers(layers, state, plan.self_flags, None, records=records, ws=ws)
         else:
             state = _input_state(xb, xb, plan.self_flags[0])
@@ -239,16 +240,27 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
         ws = _workspace(plan)
         layers = list(plan.body.layers)
+        # sqrt and 1/sqrt of every image's variances, once per batch (what the fused ReLU reads)
+        roots1 = {i: _fused.roots(r)[:2] for i, r in rec1.items()}
+        roots2 = roots1 if rec2 is rec1 else {i: _fused.roots(r)[:2] for i, r in rec2.items()}
+        i1, i2 = idx1.cpu().numpy(), idx2.cpu().numpy()
         values = []
         for s in range(0, x1b.shape[0], chunk):
             sl = slice(s, s + chunk)
 
-            def variances(i, sl=sl):
+            def variances(i, as_roots, sl=sl):
+                if as_roots:
+                    (r1, v1), (r2, v2) = roots1[i], roots2[i]
+                    return r1[i1[sl]], v1[i1[sl]], r2[i2[sl]], v2[i2[sl]]
                 return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
 
-            state = _fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws)
-            state = _fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
-            values.append(state.cross[None].clone() if not plan.heads else _apply_heads(plan.heads, state))
+            state = _fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags)
+            state, fused = _fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
+            if not plan.heads:
+                values.append(state.cross[None].clone())
+                continue
+            heads = _fused.apply_heads(plan.heads, fused)
+            values.append(heads if heads is not None else _apply_heads(plan.heads, state))
         return torch.cat(values, dim=1)
     state = _input_state(x1b, x2b, plan.pair_flags[0])
     for i, layer in enumerate(plan.body.layers):

@@ -1,0 +1,529 @@
+"""Fast CPU path for full position-pair tensors: fused conv + nonlinearity (numba).
+
+The layers' ``propagate`` (torch) is the reference implementation and the fallback. On the CPU,
+when numba imports and ``CNNGP_FAST`` is not ``0``, :func:`run_layers` replaces each
+full → full convolution on a 1-D or 2-D grid (zero or no padding; any stride, dilation and
+correlation) together with a ReLU-family nonlinearity after it by one numba pass
+(:mod:`cnngp._fused_kernels`), so that each 10⁶-entry position-pair tensor crosses memory
+once per layer and its pair of slabs stays in cache. The ReLU expectation is evaluated
+without arccos (a polynomial exact to the dtype's rounding, PAPER.md §2). Every other layer
+runs its own ``propagate``. Results agree with the torch path to rounding (tests/test_fast_paths.py).
+
+Σ of a conv is split over the spatial axes as Σ = Σ_m A_m ⊗ B_m (exactly: the identity and
+the constant are one term; a general Σ uses the SVD of its axis-rearranged matrix, at most
+min(P0², P1²) terms — for a stationary isotropic correlation at most one per distinct row of
+its tap-offset profile).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _ops
+from .layers import ABReLU, Conv, ReLU
+from .state import KernelState
+
+__all__ = ["available", "wanted", "run_layers", "Workspace", "conv_plan", "conv_full"]
+
+_KERNELS = None
+_IMPORT_FAILED = False
+
+#: working set (bytes) a chunk of pairs may keep per layer, so that it stays in the L3 cache
+CACHE_BYTES = int(float(os.environ.get("CNNGP_CACHE_BYTES", 16 * 1024**2)))
+
+
+def _kernels():
+    """The numba kernels, imported on first use; None if numba is missing or disabled."""
+    global _KERNELS, _IMPORT_FAILED
+    if _KERNELS is None and not _IMPORT_FAILED:
+        try:
+            from . import _fused_kernels
+
+            _KERNELS = _fused_kernels
+        except Exception:  # numba missing or broken: the torch path does the work
+            _IMPORT_FAILED = True
+    return _KERNELS
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel(kernel, *args):
+    """Run ``kernel(*args, first_row, row_step)`` on torch.get_num_threads() threads (the numba
+    kernels release the GIL; each thread takes every n-th output row)."""
+    global _POOL
+    n = max(1, torch.get_num_threads())
+    if n == 1:
+        kernel(*args, 0, 1)
+        return
+    if _POOL is None or _POOL._max_workers < n - 1:
+        _POOL = ThreadPoolExecutor(n - 1, thread_name_prefix="cnngp")
+    futures = [_POOL.submit(kernel, *args, k, n) for k in range(1, n)]
+    kernel(*args, 0, n)
+    for f in futures:
+        f.result()
+
+
+def enabled() -> bool:
+    return os.environ.get("CNNGP_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def available(dtype=torch.float64, device="cpu") -> bool:
+    """Whether the fused path can run for tensors of this dtype on this device."""
+    if not enabled() or torch.device(device).type != "cpu":
+        return False
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    return _kernels() is not None
+
+
+def wanted(layers, grids, flags) -> bool:
+    """Whether some layer is a full → full conv the fused path handles (worth importing numba)."""
+    return any(
+        isinstance(layer, Conv) and flags[i] and flags[i + 1] and _supported(layer, grids[i])
+        for i, layer in enumerate(layers)
+    )
+
+
+# -- Kronecker split of a conv's Σ ------------------------------------------------------------
+
+
+def _supported(conv: Conv, spatial) -> bool:
+    if len(spatial) not in (1, 2):
+        return False
+    return conv.padding != "circular"
+
+
+def _axis_geometry(g: _ops.AxisGeometry) -> np.ndarray:
+    return np.array([g.n_in, g.n_out, g.stride, g.dilation, g.pad_before, g.taps], np.int64)
+
+
+def _sparse_factors(factors: list[np.ndarray]):
+    """Stack the (P, P) factors of all terms: tap pairs where any is non-zero, (E, M) values."""
+    stack = np.stack(factors, axis=-1)  # (P, P, M)
+    nz = np.argwhere(np.any(stack != 0, axis=-1))
+    return np.ascontiguousarray(nz, np.int64), np.ascontiguousarray(stack[nz[:, 0], nz[:, 1]])
+
+
+def _sigma(conv: Conv, kind, taps: tuple) -> np.ndarray:
+    """Σ of the conv over its (P0, P1) taps, float64, as (P0, P1, P0, P1)."""
+    n = math.prod(taps)
+    if kind == "independent":  # also every single-tap filter, whatever its correlation
+        sigma = np.eye(n) / n
+    elif kind == "constant":
+        sigma = np.full((n, n), 1.0 / n**2)
+    else:
+        sigma = conv.correlation.matrix(taps, torch.float64).numpy()
+    return sigma.reshape(taps + taps)
+
+
+def _kron_terms(sigma: np.ndarray, kind):
+    """Factors (A_m over axis 0, B_m over axis 1) with Σ = Σ_m A_m ⊗ B_m, Σ as (P0, P1, P0, P1)."""
+    p0, p1 = sigma.shape[:2]
+    if kind == "independent":  # I/|P| = I/P0 ⊗ I/P1
+        return [np.eye(p0) / p0], [np.eye(p1) / p1]
+    if kind == "constant":  # 11ᵀ/|P|² = 11ᵀ/P0² ⊗ 11ᵀ/P1²
+        return [np.full((p0, p0), 1.0 / p0**2)], [np.full((p1, p1), 1.0 / p1**2)]
+    # Van Loan–Pitsianis: R[(p0,p0'), (p1,p1')] = Σ[(p0,p1), (p0',p1')] = U S Wᵀ, keep the terms
+    # above rounding
+    r = sigma.transpose(0, 2, 1, 3).reshape(p0 * p0, p1 * p1)
+    u, s, wt = np.linalg.svd(r)
+    keep = np.flatnonzero(s > s[0] * 1e-15) if s[0] > 0 else []
+    a = [(u[:, m] * math.sqrt(s[m])).reshape(p0, p0) for m in keep]
+    b = [(wt[m] * math.sqrt(s[m])).reshape(p1, p1) for m in keep]
+    if not a:
+        return [np.zeros((p0, p0))], [np.zeros((p1, p1))]
+    return a, b
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a full tensor on an (n0, n1) grid is stored for the conv that reads it (see
+    :mod:`cnngp._fused_kernels`): buffer (B, n0, n0, s, s, h, h), axis-1 positions shifted by
+    ``pad`` and split into ``s`` phases. (pad, s, h) = (0, 1, n1) is the plain paired layout."""
+
+    n0: int
+    n1: int
+    pad: int
+    s: int
+    h: int
+
+    def shape(self, b: int) -> tuple:
+        return (b, self.n0, self.n0, self.s, self.s, self.h, self.h)
+
+    @property
+    def plain(self) -> bool:
+        return self.pad == 0 and self.s == 1
+
+
+class Fused:
+    """A full position-pair tensor held in a :class:`Layout` (the executor's working form)."""
+
+    def __init__(self, buf: torch.Tensor, layout: Layout, spatial: tuple):
+        self.buf, self.layout, self.spatial = buf, layout, tuple(spatial)
+
+    @property
+    def batch(self) -> int:
+        return self.buf.shape[0]
+
+    def _index(self):
+        lay = self.layout
+        pos = torch.arange(lay.n1) + lay.pad
+        return pos % lay.s, pos // lay.s
+
+    def interior(self) -> torch.Tensor:
+        """For s = 1: the view (B, n0, n1, n0, n1) of the buffer's grid entries."""
+        lay = self.layout
+        sl = slice(lay.pad, lay.pad + lay.n1)
+        return self.buf[:, :, :, 0, 0, sl, sl].permute(0, 1, 3, 2, 4)
+
+    def standard(self) -> torch.Tensor:
+        """The (B, *F, *F) tensor: a view for the plain paired layouts, else a copy."""
+        lay, b = self.layout, self.batch
+        if lay.s == 1:
+            v = self.interior()
+        else:
+            ph, i = self._index()
+            v = self.buf[:, :, :, ph[:, None], ph[None, :], i[:, None], i[None, :]]
+            v = v.permute(0, 1, 3, 2, 4)
+        return v.reshape((b,) + self.spatial + self.spatial) if len(self.spatial) == 1 else v
+
+    def state(self) -> KernelState:
+        return KernelState(self.standard(), self.spatial, True)
+
+    def diagonal(self) -> torch.Tensor:
+        """V[x, x] for every position x, shape (B, *F)."""
+        ph, i = self._index()
+        x0 = torch.arange(self.layout.n0)
+        d = self.buf[:, x0[:, None], x0[:, None], ph[None, :], ph[None, :], i[None, :], i[None, :]]
+        return d.reshape((self.batch,) + self.spatial)
+
+
+def _spatial2(spatial) -> tuple:
+    return tuple(spatial) if len(spatial) == 2 else (spatial[0], 1)
+
+
+def to_fused(v: torch.Tensor, layout: Layout, spatial, ws: "Workspace | None" = None) -> Fused:
+    """A standard full tensor (B, *F, *F) copied into ``layout`` (zero borders)."""
+    b = v.shape[0]
+    n0, n1 = _spatial2(spatial)
+    buf = ws.get(layout, b, v.dtype) if ws is not None else torch.zeros(layout.shape(b), dtype=v.dtype)
+    v5 = v.reshape(b, n0, n1, n0, n1)
+    if layout.s == 1:  # a strided copy into the buffer's view
+        Fused(buf, layout, spatial).interior().copy_(v5)
+    else:
+        _parallel(_kernels().to_layout, v5.contiguous().numpy(), buf.numpy(), layout.pad)
+    return Fused(buf, layout, spatial)
+
+
+class ConvPlan:
+    """Everything the numba conv needs for one Conv layer on one input grid."""
+
+    def __init__(self, conv: Conv, spatial: tuple):
+        geoms = conv.geometries(spatial)
+        if len(geoms) == 1:  # a 1-D grid is the 2-D grid (n, 1)
+            geoms = geoms + [_ops.AxisGeometry(1, 1)]
+        self.spatial_in = tuple(spatial)
+        self.spatial_out = tuple(g.n_out for g in conv.geometries(spatial))
+        self.geom0 = _axis_geometry(geoms[0])
+        self.geom1 = _axis_geometry(geoms[1])
+        kind = conv._kind(geoms)
+        self.sigma = _sigma(conv, kind, (geoms[0].taps, geoms[1].taps))
+        a, b = _kron_terms(self.sigma, kind)
+        self.a_taps, self.a_coef = _sparse_factors(a)
+        self.b_taps, self.b_coef = _sparse_factors(b)
+        n0, n1 = geoms[0].n_in, geoms[1].n_in
+        q0, q1 = geoms[0].n_out, geoms[1].n_out
+        g1 = geoms[1]
+        span = max(g1.pad_before + n1, g1.stride * (q1 - 1) + g1.dilation * (g1.taps - 1) + 1)
+        self.layout = Layout(n0, n1, g1.pad_before, g1.stride, -(-span // g1.stride))
+        self.out_standard = Layout(q0, q1, 0, 1, q1)
+
+
+def conv_plan(conv: Conv, spatial) -> ConvPlan | None:
+    """The fused plan for ``conv`` on ``spatial``, or None where the torch path is better."""
+    if not _supported(conv, spatial):
+        return None
+    # keyed by everything the plan depends on (layers are mutable; weight_var and bias_var are
+    # read at each call)
+    key = (tuple(spatial), conv.filter, conv.stride, conv.dilation, conv.padding, conv.correlation)
+    cache = conv.__dict__.setdefault("_fused_plans", {})
+    if key not in cache:
+        plan = ConvPlan(conv, spatial)
+        # a general Σ of high Kronecker rank (more terms than taps along an axis, e.g. a random
+        # user matrix): the one dense GEMM-backed call of the torch path is cheaper. Stationary
+        # isotropic Σ have at most min(P0, P1) terms.
+        taps = max(int(plan.geom0[5]), int(plan.geom1[5]))
+        cache[key] = plan if plan.a_coef.shape[1] <= taps else None
+    return cache[key]
+
+
+def _act_coefficients(act) -> tuple[float, float]:
+    """(c_lin, c_relu) with φ's expectation = c_lin·c + c_relu·2·E[relu(u) relu(v)]."""
+    if type(act) is ReLU:
+        return 0.0, 1.0  # balanced ReLU: 2·E[relu relu] exactly
+    return act.a * act.b, 0.5 * (act.b - act.a) ** 2
+
+
+def _roots(var: torch.Tensor):
+    """sqrt(var) and 1/sqrt(var) (0 where var = 0), as numpy arrays."""
+    r = np.sqrt(var.detach().contiguous().numpy())
+    inv = np.zeros_like(r)
+    np.divide(1, r, out=inv, where=r > 0)
+    return r, inv
+
+
+def roots(var1: torch.Tensor, var2: torch.Tensor | None = None):
+    """(sqrt v1, 1/sqrt v1, sqrt v2, 1/sqrt v2) as numpy arrays (B, *Q), 1/0 := 0: the
+    variances K_xx[q, q], K_x'x'[q', q'] as the fused nonlinearity reads them."""
+    r1, i1 = _roots(var1)
+    r2, i2 = (r1, i1) if var2 is None or var2 is var1 else _roots(var2)
+    return r1, i1, r2, i2
+
+
+def conv_fused(
+    x: Fused,
+    plan: ConvPlan,
+    out_layout: Layout,
+    act=None,
+    var_roots=None,
+    symmetric: bool = False,
+    ws: "Workspace | None" = None,
+    weight_var: float = 1.0,
+    bias_var: float = 0.0,
+) -> Fused:
+    """Conv (PAPER.md (*)) of a full tensor in its layout, then ``act`` if given, in one pass,
+    written in ``out_layout`` (that of the next conv).
+
+    ``var_roots``: :func:`roots` of the diagonals K_xx[q, q], K_x'x'[q', q'] of the conv output
+    that the nonlinearity needs. ``symmetric``: x is a self-covariance (var_roots of x with x).
+    """
+    assert x.layout == plan.layout
+    k = _kernels()
+    b, dtype = x.batch, x.buf.dtype
+    npd = np.float32 if dtype == torch.float32 else np.float64
+    if ws is not None:
+        out = ws.get(out_layout, b, dtype, avoid=x.buf)
+    else:
+        out = torch.zeros(out_layout.shape(b), dtype=dtype)
+    q_shape = (b, plan.geom0[1], plan.geom1[1])
+    if act is not None:
+        c_lin, c_relu = _act_coefficients(act)
+        rx, ix, ry, iy = (a.reshape(q_shape) for a in var_roots)
+        code = 1
+    else:
+        c_lin = c_relu = 0.0
+        rx = ix = ry = iy = np.zeros(q_shape, npd)
+        code = 0
+    _parallel(
+        k.kron_conv,
+        x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_taps,
+        plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
+        code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
+    )
+    return Fused(out, out_layout, plan.spatial_out)
+
+
+def conv_diagonal(x: Fused, plan: ConvPlan, weight_var: float = 1.0, bias_var: float = 0.0) -> torch.Tensor:
+    """K[q, q] of the conv's output (B, *Q), from its input in the conv's layout."""
+    q = (plan.geom0[1], plan.geom1[1])
+    out = np.empty((x.batch,) + q)
+    _parallel(
+        _kernels().conv_diagonal, x.buf.numpy(), out, plan.geom0, plan.geom1, plan.sigma,
+        float(weight_var), float(bias_var),
+    )
+    return torch.as_tensor(out, dtype=x.buf.dtype).reshape((x.batch,) + plan.spatial_out)
+
+
+def conv_full(v, conv: Conv, act=None, var1=None, var2=None, symmetric=False) -> torch.Tensor:
+    """``conv`` (then ``act``) on a standard (B, *F, *F) tensor by the fused path, returning a
+    standard tensor (a convenience for tests and benchmarks)."""
+    spatial = tuple(v.shape[1 : 1 + (v.dim() - 1) // 2])
+    plan = conv_plan(conv, spatial)
+    x = to_fused(v, plan.layout, plan.spatial_in)
+    r = roots(var1, var2) if act is not None else None
+    out = conv_fused(x, plan, plan.out_standard, act, r, symmetric, None, conv.weight_var, conv.bias_var)
+    return out.standard()
+
+
+# -- readouts from the offset sums --------------------------------------------------------
+
+
+def _offset_table(head, spatial):
+    """Σ of a readout as a function of the offset δ = p' − p, shape (2N0 − 1, 2N1 − 1), or None
+    if Σ is not stationary on this grid (then the dense matrix is used)."""
+    cache = head.__dict__.setdefault("_fused_offsets", {})
+    key = (spatial, head.correlation)
+    if key not in cache:
+        n0, n1 = _spatial2(spatial)
+        sigma = head.weights(spatial, torch.float64, "cpu").numpy().reshape(n0, n1, n0, n1)
+        d0, d1 = np.arange(1 - n0, n0), np.arange(1 - n1, n1)
+        a, b = np.maximum(0, -d0), np.maximum(0, -d1)  # a position where each offset occurs
+        table = sigma[a[:, None], b[None, :], (a + d0)[:, None], (b + d1)[None, :]]
+        x0, x1 = np.arange(n0), np.arange(n1)
+        rebuilt = table[(x0[None, :] - x0[:, None] + n0 - 1)[:, None, :, None],
+                        (x1[None, :] - x1[:, None] + n1 - 1)[None, :, None, :]]  # [x0, x1, x0', x1']
+        cache[key] = table if np.array_equal(rebuilt, sigma) else None
+    return cache[key]
+
+
+def apply_heads(heads, x: "Fused | None") -> torch.Tensor | None:
+    """All readouts of a full 1-D/2-D tensor from its offset sums, accumulated in float64
+    (a float32 sum of 10⁶ terms would lose ~1e-4). None where the engine's own path applies."""
+    if x is None or not x.layout.plain:
+        return None
+    spatial = x.spatial
+    tables = []
+    for h in heads:
+        kind = h._kind(spatial)
+        if kind not in ("independent", "constant"):
+            table = _offset_table(h, spatial)
+            if table is None:
+                return None
+            tables.append(table)
+        else:
+            tables.append(kind)
+    n0, n1 = _spatial2(spatial)
+    parts = np.empty((x.batch, n0, 2 * n0 - 1, 2 * n1 - 1))
+    _parallel(_kernels().offset_sums, x.buf.numpy(), parts)
+    sums = parts.sum(axis=1)  # (B, 2N0 − 1, 2N1 − 1)
+    n = n0 * n1
+    out = []
+    for h, table in zip(heads, tables):
+        if isinstance(table, str) and table == "independent":
+            value = sums[:, n0 - 1, n1 - 1] / n  # the δ = 0 diagonal: mean of V[p, p]
+        elif isinstance(table, str):
+            value = sums.sum(axis=(1, 2)) / n**2
+        else:
+            value = np.einsum("bij,ij->b", sums, table)
+        out.append(value * h.weight_var + h.bias_var)
+    return torch.as_tensor(np.stack(out), dtype=x.buf.dtype)
+
+
+# -- running a stack of layers -------------------------------------------------------------
+
+
+class Workspace:
+    """Reusable zero-bordered buffers, two per layout (ping-pong), so no layer allocates
+    (page faults) and every buffer keeps the zero padding of its layout."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, layout, b: int, dtype, avoid: torch.Tensor | None = None) -> torch.Tensor:
+        key = (layout, b, dtype)
+        bufs = self._bufs.setdefault(key, [])
+        for buf in bufs:
+            if avoid is None or buf.data_ptr() != avoid.data_ptr():
+                return buf
+        shape = layout.shape(b) if isinstance(layout, Layout) else tuple(layout)  # or a shape
+        buf = torch.zeros(shape, dtype=dtype)
+        bufs.append(buf)
+        return buf
+
+
+def input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool, ws: Workspace, layers=(), flags=()):
+    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2), into a reused buffer: written
+    straight into the layout of the first layer when that runs fused (returns a Fused), else a
+    KernelState."""
+    b, c = x1.shape[0], x1.shape[-1]
+    spatial = tuple(x1.shape[1:-1])
+    if not full:
+        return KernelState((x1 * x2).sum(-1) / c, spatial, False)
+    plan = _fused_plan(list(layers), 0, flags, spatial, available(x1.dtype)) if layers else None
+    if plan is not None:
+        n0, n1 = _spatial2(spatial)
+        out = ws.get(plan.layout, b, x1.dtype)
+        a = (x1 * (1.0 / c)).reshape(b, n0, n1, c).contiguous().numpy()
+        bt = x2.reshape(b, n0, n1, c).transpose(2, 3).contiguous().numpy()
+        _parallel(_kernels().input_layout, a, bt, out.numpy(), plan.layout.pad)
+        return Fused(out, plan.layout, spatial)
+    n = math.prod(spatial)
+    out = ws.get((b, n, n), b, x1.dtype)
+    torch.bmm(x1.reshape(b, n, c), x2.reshape(b, n, c).transpose(1, 2), out=out)
+    out *= 1.0 / c
+    return KernelState(out.reshape((b,) + spatial + spatial), spatial, True)
+
+
+def _fused_plan(layers, i, flags, spatial, fast):
+    """The plan of layer i if it runs fused here (a conv, full input and output), else None."""
+    if not fast or i >= len(layers) or not isinstance(layers[i], Conv):
+        return None
+    if not (flags[i] and flags[i + 1]):
+        return None
+    return conv_plan(layers[i], spatial)
+
+
+def run_layers(layers, state, flags, variances, records=None, ws=None):
+    """Propagate ``state`` (a KernelState or a Fused) through ``layers`` (flags[i]: full input
+    of layer i; flags[-1]: output).
+
+    Pair mode: ``variances(i, roots)`` returns the variances (var1, var2) of the nonlinearity
+    at index i, or with ``roots=True`` their :func:`roots`. Self mode (``records`` a dict of
+    lists): the input is an image with itself; the diagonal at every nonlinearity input is
+    appended to ``records[i]`` and used as both variances.
+    Returns (state, fused): the output state, and the same tensor as a :class:`Fused` when the
+    last layer ran fused (else None).
+    """
+    cur: Fused | None = None  # the current tensor when it is held fused, else `state` holds it
+    if isinstance(state, Fused):
+        cur, state = state, None
+        fast = True
+    else:
+        fast = state.cross.device.type == "cpu" and available(state.cross.dtype)
+    if ws is None:
+        ws = Workspace()
+    symmetric = records is not None
+    i, n = 0, len(layers)
+    while i < n:
+        layer = layers[i]
+        spatial = cur.spatial if cur is not None else state.spatial
+        plan = _fused_plan(layers, i, flags, spatial, fast)
+        if plan is not None:
+            act = layers[i + 1] if i + 1 < n else None
+            if not (isinstance(act, ABReLU) and flags[i + 2]):
+                act = None
+            if cur is None or cur.layout != plan.layout:
+                src = state.cross if cur is None else cur.standard()
+                cur = to_fused(src, plan.layout, spatial, ws)
+            var_roots = None
+            if act is not None:
+                if symmetric:  # the conv output's diagonal: the variances of the act
+                    var = conv_diagonal(cur, plan, layer.weight_var, layer.bias_var)
+                    records[i + 1].append(var)
+                    var_roots = roots(var)
+                else:
+                    var_roots = variances(i + 1, True)
+            nxt = i + (2 if act is not None else 1)
+            nplan = _fused_plan(layers, nxt, flags, plan.spatial_out, fast)
+            out_layout = nplan.layout if nplan is not None else plan.out_standard
+            cur = conv_fused(
+                cur, plan, out_layout, act, var_roots, symmetric, ws, layer.weight_var, layer.bias_var
+            )
+            i = nxt
+            continue
+        if cur is not None:
+            state, cur = cur.state(), None
+        if layer.needs_variances:
+            if symmetric:
+                d = state.diagonal().clone()  # may be a view of a reused buffer
+                records[i].append(d)
+                state = state.with_variances(d, d)
+            else:
+                state = state.with_variances(*variances(i, False))
+        state = layer.propagate(state, flags[i + 1])
+        i += 1
+    if cur is not None:
+        return cur.state(), cur
+    return state, None
+
+
+def chunk_size(elements: int, itemsize: int) -> int:
+    """Pairs per fused call so that input and output of the largest layer stay in cache."""
+    return max(1, CACHE_BYTES // max(1, 2 * elements * itemsize))

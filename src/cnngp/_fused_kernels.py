@@ -1,0 +1,361 @@
+"""numba kernels behind :mod:`cnngp._fused` (imported lazily: importing numba costs ~1 s).
+
+Everything here works on 2-D grids (a 1-D grid is the 2-D grid (n, 1)) and on one dtype
+(float32 or float64) at a time.
+
+**Layout.** A full position-pair tensor V[x0, x1, x0', x1'] (x first side, x' second side) is
+kept *paired and phase-split* for the conv that reads it: buffer (B, N0, N0, s, s, H, H) with
+
+    V[x0, x1, x0', x1'] = buf[x0, x0', r % s, c % s, r // s, c // s],  r = pad + x1, c = pad + x1'
+
+where s, pad are the stride and leading zero padding of the reading conv along axis 1 and H
+rows of zeros pad each phase. Zero entries outside the grid are the conv's zero padding; each
+(x0, x0') slab is contiguous; and a stride-s tap becomes a plain shift inside one phase block.
+
+**Conv** (PAPER.md (*)) with Σ written as a sum of Kronecker products over the two spatial axes,
+Σ[(p0,p1),(p0',p1')] = Σ_m A_m[p0,p0'] · B_m[p1,p1'], runs in two stages per output slab
+(q0, q0'):
+
+  stage 1  T_m = Σ_{p0,p0'} A_m[p0,p0'] · slab(x0(q0,p0), x0(q0',p0'))       (whole-slab adds)
+  stage 2  K[q1, q1'] = Σ_m Σ_{p1,p1'} B_m[p1,p1'] · T_m[x1(q1,p1), x1(q1',p1')]  (shifted adds)
+
+with x_k(q, p) = s_k·q + h_k·p − pad_k. Only non-zero entries of A_m and B_m are visited: an
+independent 3×3 conv (Σ = I/9 = I/3 ⊗ I/3) adds 3 slabs and 3 shifted copies per output, a 2×2
+average pool 4 and 4, a stationary correlated filter at most one term per distinct row of its
+tap-offset profile. The nonlinearity that follows is applied to each output row while it is in
+cache, and the row is written straight into the layout the next conv reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit
+from numba.extending import overload
+
+_FLAGS = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz", "arcp"})
+_INV_PI = 1.0 / math.pi
+
+# G(x), x = 2t − 1, t = 1 − |ρ|: g(1 − t) = t·sqrt(t)·G(t) with g(a) = sqrt(1 − a²) − a·arccos(a)
+# (Chebyshev interpolation, benchmarks/fit_relu_poly.py: max error 1.1e-16 for degree 16 in
+# float64 and 4.7e-8 for degree 7 in float32, i.e. the rounding of each dtype). Highest
+# degree first.
+_G64 = (
+    7.906598070003905e-12,
+    2.7560738323921426e-11,
+    6.340817712651167e-11,
+    2.2815178176838448e-10,
+    8.912760270332491e-10,
+    3.2922975329198337e-09,
+    1.233846992961815e-08,
+    4.752751641991498e-08,
+    1.8823228627931607e-07,
+    7.714950637620816e-07,
+    3.3048961140718203e-06,
+    1.501278833924427e-05,
+    7.39982103548234e-05,
+    0.0004118095595013345,
+    0.0027982527541597496,
+    0.028167834290537465,
+    0.9685287633970561,
+)
+_G32 = (
+    8.764433779201709e-07,
+    3.7184429249408682e-06,
+    1.4945205847846928e-05,
+    7.373228948224375e-05,
+    0.0004118232368985815,
+    0.002798306540880535,
+    0.028167833862185077,
+    0.9685287617127246,
+)
+
+
+
+
+_C64 = tuple(np.float64(x) for x in reversed(_G64))  # ascending powers
+_C32 = tuple(np.float32(x) for x in reversed(_G32))
+
+
+@njit(inline="always")
+def _poly64(x):
+    """G(x) in float64 by Estrin's scheme (short dependency chains vectorise better than Horner)."""
+    c = _C64
+    x2 = x * x
+    x4 = x2 * x2
+    x8 = x4 * x4
+    p03 = (c[0] + c[1] * x) + (c[2] + c[3] * x) * x2
+    p47 = (c[4] + c[5] * x) + (c[6] + c[7] * x) * x2
+    p8b = (c[8] + c[9] * x) + (c[10] + c[11] * x) * x2
+    pcf = (c[12] + c[13] * x) + (c[14] + c[15] * x) * x2
+    return (p03 + p47 * x4) + ((p8b + pcf * x4) + c[16] * x8) * x8
+
+
+@njit(inline="always")
+def _poly32(x):
+    """G(x) in float32, Estrin's scheme."""
+    c = _C32
+    x2 = x * x
+    p03 = (c[0] + c[1] * x) + (c[2] + c[3] * x) * x2
+    p47 = (c[4] + c[5] * x) + (c[6] + c[7] * x) * x2
+    return p03 + p47 * (x2 * x2)
+
+
+def _make_relu_value(dtype, poly):
+    """relu_value for one dtype, every constant of that dtype (no silent float64 promotion)."""
+    one = dtype(1.0)
+    zero = dtype(0.0)
+    inv_pi = dtype(_INV_PI)
+
+    @njit(inline="always")
+    def relu_value(k, n, inv_n, c_lin, c_relu):
+        a = min(abs(k * inv_n), one)
+        t = one - a
+        g = t * math.sqrt(t) * poly(t + t - one)  # g(a) = t^(3/2)·G(2t − 1)
+        return c_lin * k + c_relu * (max(k, zero) + n * g * inv_pi)
+
+    return relu_value
+
+
+_relu_value32 = _make_relu_value(np.float32, _poly32)
+_relu_value64 = _make_relu_value(np.float64, _poly64)
+
+
+def relu_value(k, n, inv_n, c_lin, c_relu):
+    """c_lin·k + c_relu·(max(k, 0) + n·g(|ρ|)/π), ρ = k/n (PAPER.md §2, balanced-ReLU form).
+
+    n = sqrt(Σx Σy), inv_n = 1/n or 0 where n = 0 (then the value is c_relu·max(k, 0) + c_lin·k,
+    exactly what the arccos form gives at zero variance). |ρ| is clipped to 1 (rounding).
+    (Plain-Python statement of the formula; inside numba the typed overload below is used.)
+    """
+    a = min(abs(k * inv_n), 1.0)
+    g = math.sqrt(1.0 - a * a) - a * math.acos(a)
+    return c_lin * k + c_relu * (max(k, 0.0) + n * g * _INV_PI)
+
+
+@overload(relu_value, inline="always")
+def _relu_value_impl(k, n, inv_n, c_lin, c_relu):
+    if k == numba.types.float32:
+        return lambda k, n, inv_n, c_lin, c_relu: _relu_value32(k, n, inv_n, c_lin, c_relu)
+    return lambda k, n, inv_n, c_lin, c_relu: _relu_value64(k, n, inv_n, c_lin, c_relu)
+
+
+@njit(nogil=True, **_FLAGS)
+def kron_conv(
+    v, out, geom0, geom1, out_pad, a_taps, a_coef, b_taps, b_coef,
+    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, first_row, row_step,
+):
+    """Full → full conv (PAPER.md (*)) by Kronecker terms, then an optional ReLU-family act.
+
+    v (B, N0, N0, s1, s1, H, H) in the layout of this conv (see the module docstring) → out
+    (B, Q0, Q0, so, so, Ho, Ho) in the layout of the next one (so, Ho from its shape, leading
+    padding out_pad). geom_k = (n_in, n_out, stride, dilation, pad_before, taps) of axis k.
+    Axis 0's factors: the tap pairs (p0, p0') = a_taps[e] where some A_m is non-zero, with
+    A_m[p0, p0'] = a_coef[e, m]; axis 1 likewise (b_taps, b_coef). K = wv·(Σ …) + bv; act = 1
+    then writes c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'] and
+    1/n = ix[b,q]·iy[b,q'] (relu_value).
+    symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
+    computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
+    rows first_row, first_row + row_step, … (interleaved: the symmetric rows shrink with q0).
+    """
+    nb = v.shape[0]
+    dtype = v.dtype
+    n_in0, q_0, s0, h0, pad0 = geom0[0], geom0[1], geom0[2], geom0[3], geom0[4]
+    q_1, s1, h1 = geom1[1], geom1[2], geom1[3]
+    hh = v.shape[5]
+    so = out.shape[3]
+    ho = out.shape[5]
+    slab_len = s1 * s1 * hh * hh
+    n_terms = a_coef.shape[1]
+    ac = a_coef.astype(dtype)
+    bc = b_coef.astype(dtype)
+    w = v.dtype.type(wv)  # wv, bv in the array dtype (no silent float64 promotion)
+    bias = v.dtype.type(bv)
+    t = np.zeros((n_terms, slab_len), dtype)
+    ex = np.empty(a_taps.shape[0], np.int64)
+    exb = np.empty(a_taps.shape[0], np.int64)
+    ee = np.empty(a_taps.shape[0], np.int64)
+    # stage 2 reads, per tap pair: the phase block and the shift inside it
+    n_b = b_taps.shape[0]
+    b_off = np.empty(n_b, np.int64)
+    for e in range(n_b):
+        r = h1 * b_taps[e, 0]
+        c = h1 * b_taps[e, 1]
+        b_off[e] = ((r % s1) * s1 + c % s1) * hh * hh + (r // s1) * hh + c // s1
+    n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
+    acc = np.empty(q_1 * hh, dtype)
+    val = np.empty(q_1, dtype)
+    for bq in range(first_row, nb * q_0, row_step):
+        b = bq // q_0
+        q0 = bq % q_0
+        start = q0 if symmetric else 0
+        for q0b in range(start, q_0):
+            # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0'))
+            nv = 0
+            for e in range(a_taps.shape[0]):
+                x = s0 * q0 + h0 * a_taps[e, 0] - pad0
+                xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
+                if 0 <= x < n_in0 and 0 <= xb < n_in0:  # else: zero padding
+                    ex[nv] = x
+                    exb[nv] = xb
+                    ee[nv] = e
+                    nv += 1
+            if nv == 0:
+                t[:] = 0
+            for k in range(nv):
+                src = v[b, ex[k], exb[k]].reshape(slab_len)
+                for m in range(n_terms):
+                    coef = ac[ee[k], m]
+                    tm = t[m]
+                    if k == 0:
+                        for i in range(slab_len):
+                            tm[i] = coef * src[i]
+                    else:
+                        for i in range(slab_len):
+                            tm[i] += coef * src[i]
+            # stage 2: every tap pair is one shifted add over the flattened phase block
+            for e in range(n_b):
+                off = b_off[e]
+                for m in range(n_terms):
+                    coef = bc[e, m]
+                    src = t[m, off : off + n_acc]
+                    if e == 0 and m == 0:
+                        for i in range(n_acc):
+                            acc[i] = coef * src[i]
+                    else:
+                        for i in range(n_acc):
+                            acc[i] += coef * src[i]
+            # the nonlinearity, row by row, written into the next conv's layout
+            for q1 in range(q_1):
+                row = acc[q1 * hh : q1 * hh + q_1]
+                ro = out_pad + q1
+                if so == 1:
+                    dst = out[b, q0, q0b, 0, 0, ro, out_pad : out_pad + q_1]
+                else:
+                    dst = val
+                if act == 1:
+                    sx = rx[b, q0, q1]
+                    isx = ix[b, q0, q1]
+                    syr = ry[b, q0b]
+                    isy = iy[b, q0b]
+                    for i in range(q_1):
+                        dst[i] = relu_value(w * row[i] + bias, sx * syr[i], isx * isy[i], c_lin, c_relu)
+                else:
+                    for i in range(q_1):
+                        dst[i] = w * row[i] + bias
+                if so != 1:  # column phase pc holds the outputs i ≡ pc − out_pad (mod so)
+                    for pc in range(so):
+                        i0 = (pc - out_pad) % so
+                        drow = out[b, q0, q0b, ro % so, pc, ro // so, (out_pad + i0) // so :]
+                        for k in range((q_1 - i0 + so - 1) // so):
+                            drow[k] = dst[i0 + so * k]
+                if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
+                    for pr in range(so):
+                        i0 = (pr - out_pad) % so
+                        dcol = out[b, q0b, q0, pr, ro % so, (out_pad + i0) // so :, ro // so]
+                        for k in range((q_1 - i0 + so - 1) // so):
+                            dcol[k] = dst[i0 + so * k]
+
+
+@njit(nogil=True, **_FLAGS)
+def input_layout(x1, x2t, out, pad, first_row, row_step):
+    """V0[x, x'] = (1/C) Σ_c x1[x, c] x2[x', c] (PAPER.md §2) straight into the layout
+    (B, N0, N0, s, s, H, H) of the first conv. x1 (B, N0, N1, C) is pre-divided by C; x2t is
+    x2 as (B, N0, C, N1)."""
+    nb, n0, n1, nc = x1.shape
+    s = out.shape[3]
+    row = np.empty(n1, x1.dtype)
+    for bx in range(first_row, nb * n0, row_step):
+        b = bx // n0
+        x0 = bx % n0
+        for x0b in range(n0):
+            for j in range(n1):
+                r = pad + j
+                dst = out[b, x0, x0b, 0, 0, r, pad : pad + n1] if s == 1 else row
+                for c in range(nc):
+                    a = x1[b, x0, j, c]
+                    src = x2t[b, x0b, c]
+                    if c == 0:
+                        for i in range(n1):
+                            dst[i] = a * src[i]
+                    else:
+                        for i in range(n1):
+                            dst[i] += a * src[i]
+                if s != 1:
+                    for pc in range(s):
+                        i0 = (pc - pad) % s
+                        drow = out[b, x0, x0b, r % s, pc, r // s, (pad + i0) // s :]
+                        for k in range((n1 - i0 + s - 1) // s):
+                            drow[k] = row[i0 + s * k]
+
+
+@njit(nogil=True, **_FLAGS)
+def to_layout(v, out, pad, first_row, row_step):
+    """Standard (B, N0, N1, N0, N1) → the layout (B, N0, N0, s, s, H, H) with padding ``pad``
+    (the zero borders of ``out`` are left as they are)."""
+    nb, n0, n1 = v.shape[0], v.shape[1], v.shape[2]
+    s = out.shape[3]
+    for bx in range(first_row, nb * n0, row_step):
+        b = bx // n0
+        x0 = bx % n0
+        for x1 in range(n1):
+            r = pad + x1
+            for x0b in range(n0):
+                src = v[b, x0, x1, x0b]
+                for x1b in range(n1):
+                    c = pad + x1b
+                    out[b, x0, x0b, r % s, c % s, r // s, c // s] = src[x1b]
+
+
+@njit(nogil=True, **_FLAGS)
+def offset_sums(v, out, first_row, row_step):
+    """out[b, x0, d0, d1] = Σ_{x1; x0' − x0 = d0 − (N0−1), x1' − x1 = d1 − (N1−1)} V in float64,
+    from the plain paired layout v (B, N0, N0, 1, 1, N1, N1): the sums of a full tensor along
+    each position offset δ = x' − x, one partial per x0 (summed by the caller). A readout with a
+    stationary Σ is Σ_δ Σ(δ)·Σ_x0 out[.., δ]."""
+    nb, n0, n1 = v.shape[0], v.shape[1], v.shape[5]
+    for bx in range(first_row, nb * n0, row_step):
+        b = bx // n0
+        x0 = bx % n0
+        part = out[b, x0]
+        part[:, :] = 0
+        for x0b in range(n0):
+            for x1 in range(n1):
+                row = v[b, x0, x0b, 0, 0, x1]
+                dst = part[x0b - x0 + n0 - 1, n1 - 1 - x1 : 2 * n1 - 1 - x1]
+                for x1b in range(n1):
+                    dst[x1b] += np.float64(row[x1b])
+
+
+@njit(nogil=True, **_FLAGS)
+def conv_diagonal(v, out, geom0, geom1, sigma, wv, bv, first_row, row_step):
+    """The diagonal K[q, q] = wv·Σ_{p,p'} Σ[p, p'] V[x(q, p), x(q, p')] + bv of a conv's output
+    (what a nonlinearity after it needs as variances), read from v in the conv's layout.
+    sigma (P0, P1, P0, P1); out (B, Q0, Q1) float64."""
+    nb = v.shape[0]
+    s = v.shape[3]
+    n_in0, q_0, s0, h0, pad0, taps0 = geom0[0], geom0[1], geom0[2], geom0[3], geom0[4], geom0[5]
+    q_1, s1, h1, taps1 = geom1[1], geom1[2], geom1[3], geom1[5]
+    for bq in range(first_row, nb * q_0, row_step):
+        b = bq // q_0
+        q0 = bq % q_0
+        for q1 in range(q_1):
+            total = 0.0
+            for p0 in range(taps0):
+                x = s0 * q0 + h0 * p0 - pad0
+                if x < 0 or x >= n_in0:
+                    continue
+                for p0b in range(taps0):
+                    xb = s0 * q0 + h0 * p0b - pad0
+                    if xb < 0 or xb >= n_in0:
+                        continue
+                    for p1 in range(taps1):
+                        r = s1 * q1 + h1 * p1  # padded coordinates: zero outside the grid
+                        for p1b in range(taps1):
+                            c = s1 * q1 + h1 * p1b
+                            total += sigma[p0, p1, p0b, p1b] * np.float64(
+                                v[b, x, xb, r % s, c % s, r // s, c // s]
+                            )
+            out[b, q0, q1] = wv * total + bv

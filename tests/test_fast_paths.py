@@ -1,0 +1,305 @@
+"""The fused numba path (cnngp._fused) against the reference torch path of the layers.
+
+Every optimised path must give the torch path's results: float64 to ~1e-12, float32 within
+1e-5 of the float64 Gram matrix; and with numba missing or disabled the torch path runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cnngp
+from cnngp import (
+    ABReLU,
+    AvgPool,
+    Constant,
+    Conv,
+    Erf,
+    GlobalAvgPool,
+    Matern,
+    RBF,
+    Readout,
+    ReLU,
+    Serial,
+    UserCorrelation,
+    architectures,
+)
+from cnngp import _fused
+from cnngp.layers import _relu_expectation
+from cnngp.state import KernelState
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not _fused.available(), reason="numba is not installed")
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the reference torch path (CNNGP_FAST=0)."""
+
+    def run(fn, *args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setenv("CNNGP_FAST", "0")
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _psd_full(b, spatial, seed, dtype=torch.float64):
+    """A random self/cross position-pair tensor with matching variances (a valid kernel state)."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(spatial)
+    x = torch.rand((b, n, 4), generator=g, dtype=torch.float64) - 0.3
+    y = torch.rand((b, n, 4), generator=g, dtype=torch.float64) - 0.3
+    cross = (x @ y.transpose(1, 2)).reshape((b,) + spatial + spatial)
+    selfx = (x @ x.transpose(1, 2)).reshape((b,) + spatial + spatial)
+    return cross.to(dtype), selfx.to(dtype)
+
+
+# -- the ReLU expectation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 4e-16), (np.float32, 3e-7)])
+def test_relu_polynomial_matches_arccos_form(dtype, tol):
+    rng = np.random.default_rng(0)
+    vx = rng.uniform(0.1, 3, (1, 64))
+    vy = rng.uniform(0.1, 3, (1, 64))
+    vx[0, :4] = 0.0  # zero-variance positions (blank borders): the value must be exactly 0
+    rho = rng.uniform(-1, 1, (1, 64, 64))
+    rho[0, :, :8] = 1 - np.logspace(-16, -1, 8)
+    rho[0, :, 8:16] = -1 + np.logspace(-16, -1, 8)
+    rho[0, :, 16] = 1.0
+    rho[0, :, 17] = -1.0
+    rho[0, :, 18] = 0.0
+    c = rho * np.sqrt(vx[:, :, None] * vy[:, None, :])
+    c[0, :, 19] *= 1 + 1e-15  # |ρ| a rounding error above 1
+    ref = 2 * _relu_expectation(
+        torch.tensor(c), torch.tensor(vx)[:, :, None], torch.tensor(vy)[:, None, :]
+    ).numpy()
+    # a 1×1 conv (Σ = [[1]]) on the 1-D grid of 64 positions: K = c, then the ReLU
+    conv = Conv(1)
+    plan = _fused.conv_plan(conv, (64,))
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    out = _fused.conv_full(
+        torch.tensor(c, dtype=tdt), conv, ReLU(), torch.tensor(vx, dtype=tdt), torch.tensor(vy, dtype=tdt)
+    ).numpy()
+    scale = np.sqrt(vx[:, :, None] * vy[:, None, :]) + np.abs(c)
+    assert np.all(np.abs(out - ref) <= tol * np.maximum(scale, 1e-300) + 1e-300)
+    assert np.all(out[0, :4] == 0)
+    assert np.all(out >= 0)
+
+
+# -- one conv (+ nonlinearity) on a full tensor ------------------------------------------------
+
+CONVS = [
+    ("3x3 same", Conv(3), (7, 6)),
+    ("5x3 valid stride 2", Conv([5, 3], stride=[2, 1], padding="valid"), (9, 7)),
+    ("3x3 dilation 2 stride 2", Conv(3, stride=2, dilation=2), (8, 7)),
+    ("weights and bias", Conv(3, weight_var=1.7, bias_var=0.3), (5, 5)),
+    ("avgpool 2x2", AvgPool(2), (6, 8)),
+    ("avgpool 3x3 stride 1 same", AvgPool(3, stride=1, padding="same"), (6, 5)),
+    ("matern 4x4 stride 2", Conv(4, stride=2, correlation=Matern(1.5, 2.0)), (8, 8)),
+    ("rbf 3x2", Conv([3, 2], correlation=RBF(1.3)), (6, 5)),
+    ("matern 6x6 stride 2 (myrtle10-correlated)", Conv(6, stride=2, correlation=Matern(1.5, 3.0)), (12, 12)),
+    ("1-D stride 2", Conv(3, stride=2), (11,)),
+    ("1-D matern", Conv(5, correlation=Matern(0.5, 1.0)), (9,)),
+]
+
+
+def _user_conv():
+    """A user Σ of Kronecker rank 2 (a random PSD matrix has rank 4 > 3 taps: torch path)."""
+    g = np.random.default_rng(3)
+    psd = [(lambda a: a @ a.T)(g.standard_normal((n, n))) for n in (2, 3, 2, 3)]
+    return Conv([2, 3], correlation=UserCorrelation(np.kron(psd[0], psd[1]) + np.kron(psd[2], psd[3])))
+
+
+CONVS.append(("user correlation 2x3", _user_conv(), (5, 6)))
+
+
+@pytest.mark.parametrize("act", [None, ReLU(), ABReLU(0.2, 1.1)], ids=["conv", "relu", "abrelu"])
+@pytest.mark.parametrize("name,conv,spatial", CONVS, ids=[c[0] for c in CONVS])
+def test_conv_full_matches_torch(name, conv, spatial, act):
+    conv.output_spatial(spatial)
+    plan = _fused.conv_plan(conv, spatial)
+    assert plan is not None
+    cross, selfx = _psd_full(2, spatial, seed=len(name))
+    state = KernelState(cross, spatial, True)
+    ref = conv.propagate(state, True)
+    var1 = var2 = None
+    if act is not None:
+        q = ref.spatial
+        g = torch.Generator().manual_seed(1)
+        var1 = torch.rand((2,) + q, generator=g, dtype=torch.float64) + 2.0
+        var2 = torch.rand((2,) + q, generator=g, dtype=torch.float64) + 2.0
+        var1[0, 0] = 0.0  # a zero-variance position
+        ref = act.propagate(ref.with_variances(var1, var2), True)
+    out = _fused.conv_full(cross, conv, act, var1, var2)
+    assert out.shape == ref.cross.shape
+    assert rel_err(out, ref.cross) < 1e-13
+
+    # self-covariance (symmetric) mode computes half the slabs and mirrors them
+    sref = conv.propagate(KernelState(selfx, spatial, True), True)
+    d = None
+    if act is not None:
+        d = sref.diagonal()
+        sref = act.propagate(sref.with_variances(d, d), True)
+    sout = _fused.conv_full(selfx, conv, act, d, d, symmetric=True)
+    assert rel_err(sout, sref.cross) < 1e-13
+
+
+def test_conv_full_float32():
+    conv, spatial = Conv(3), (8, 8)
+    cross, _ = _psd_full(1, spatial, seed=5)
+    ref = conv.propagate(KernelState(cross, spatial, True), True).cross
+    out = _fused.conv_full(cross.float(), conv)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_layer_changes_after_a_run_are_seen(torch_path):
+    """Plans are cached on the layers: a changed weight_var or correlation must not be stale."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, (2, 6, 6, 3))
+    conv = Conv(3, correlation=Matern(1.5, 1.0))
+    net = Serial(Conv(3), ReLU(), conv, ReLU(), Readout(correlation=Constant()))
+    cnngp.kernel(net, x)
+    conv.weight_var, conv.bias_var, conv.correlation = 2.0, 0.5, Matern(0.5, 2.0)
+    assert rel_err(cnngp.kernel(net, x), torch_path(cnngp.kernel, net, x)) < 1e-12
+
+
+def test_high_rank_correlation_uses_dense_path():
+    g = np.random.default_rng(0)
+    a = g.standard_normal((25, 25))
+    conv = Conv(5, correlation=UserCorrelation(a @ a.T))
+    assert _fused.conv_plan(conv, (8, 8)) is None  # Kronecker rank 25: the dense GEMM is cheaper
+
+
+def test_unsupported_layers_are_left_to_torch():
+    assert _fused.conv_plan(Conv(3, padding="circular"), (6, 6)) is None
+    assert _fused.conv_plan(Conv(3), (4, 4, 4)) is None
+
+
+# -- whole Gram matrices: fast path vs torch path ---------------------------------------------
+
+NETS = {
+    "relu stack + gap": lambda: Serial(Conv(3), ReLU(), Conv(3), ReLU(), Readout(correlation=Constant())),
+    "myrtle-like": lambda: Serial(
+        Conv(3), ReLU(), AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0))
+    ),
+    "correlated + erf + bias": lambda: Serial(
+        Conv(4, stride=2, correlation=Matern(1.5, 2.0), bias_var=0.1),
+        Erf(),
+        Conv(3, weight_var=2.0),
+        ABReLU(0.1, 1.0),
+        GlobalAvgPool(),
+    ),
+    "flatten readout (diagonal path)": lambda: Serial(Conv(3), ReLU(), Conv(3), ReLU(), Readout()),
+    "non-stationary user readout": lambda: Serial(
+        Conv(3), ReLU(), Conv(3, stride=2), ReLU(), Readout(correlation=_user_readout(4 * 4))
+    ),
+}
+
+
+def _user_readout(n):
+    a = np.random.default_rng(6).standard_normal((n, n))
+    return UserCorrelation(a @ a.T)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_gram_matches_torch_path(name, torch_path):
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (4, 8, 8, 3))
+    x[0, :2] = 0.0  # blank rows: zero-variance positions
+    x2 = rng.uniform(0, 1, (2, 8, 8, 3))
+    net = NETS[name]()
+    ref = torch_path(cnngp.kernel, net, x)
+    fast = cnngp.kernel(net, x)
+    assert rel_err(fast, ref) < 1e-12
+    assert torch.allclose(fast, fast.T, rtol=0, atol=0)
+    ref2 = torch_path(cnngp.kernel, net, x, x2)
+    assert rel_err(cnngp.kernel(net, x, x2, batch_size=3), ref2) < 1e-12
+    f32 = cnngp.kernel(net, x, dtype="float32")
+    assert rel_err(f32, ref) < 1e-5
+
+
+def test_1d_gram_matches_torch_path(torch_path):
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (4, 12, 2))
+    net = Serial(
+        Conv(3), ReLU(), Conv(4, stride=2, correlation=Matern(1.5, 2.0)), ABReLU(0.1, 1.0),
+        AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(0.5, 1.0)),
+    )
+    assert rel_err(cnngp.kernel(net, x), torch_path(cnngp.kernel, net, x)) < 1e-12
+
+
+def test_readout_sweep_fast_path(torch_path):
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (3, 8, 8, 3))
+    body = Serial(Conv(3), ReLU(), Conv(3), ReLU())
+    heads = [Readout(correlation=Matern(1.5, ls)) for ls in (0.5, 2.0)] + [Readout(correlation=Constant())]
+    ref = torch_path(cnngp.readout_sweep, body, heads, x)
+    assert rel_err(cnngp.readout_sweep(body, heads, x), ref) < 1e-12
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch, torch_path):
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 1, (3, 6, 6, 3))
+    net = NETS["myrtle-like"]()
+    ref = torch_path(cnngp.kernel, net, x)
+    monkeypatch.setattr(_fused, "_KERNELS", None)
+    monkeypatch.setattr(_fused, "_IMPORT_FAILED", True)  # as if `import numba` had failed
+    assert not _fused.available()
+    assert torch.equal(cnngp.kernel(net, x), ref)
+
+
+# -- real images: neural-tangents references --------------------------------------------------
+
+
+def _reference(reference_dir, case):
+    return np.load(reference_dir / f"{case}.npz")
+
+
+def test_cnngp4_against_neural_tangents(reference_dir):
+    r = _reference(reference_dir, "cnngp4")
+    body = architectures.body("cnngp4")
+    heads = [Readout(correlation=Constant())] + [
+        Readout(correlation=Matern(1.5, float(ls))) for ls in r["lengthscales"]
+    ]
+    k = cnngp.readout_sweep(Serial(*body), heads, r["x"]).numpy()
+    assert rel_err(k[0], r["kernel_gap"]) < 1e-10
+    assert rel_err(k[1:], r["kernel_matern32"]) < 1e-10
+    k32 = cnngp.readout_sweep(Serial(*body), heads, r["x"], dtype="float32").numpy()
+    assert rel_err(k32, k) < 1e-5
+
+
+@pytest.mark.parametrize("case,arch", [("myrtle10", "myrtle10"), ("cnngp14", "cnngp14")])
+def test_deep_nets_against_neural_tangents(reference_dir, case, arch):
+    r = _reference(reference_dir, case)
+    x = r["x"][:3]
+    net = architectures.get(arch, readout=Constant())
+    k = cnngp.kernel(net, x).numpy()
+    assert rel_err(k, r["kernel_gap"][:3, :3]) < 1e-10
+    k32 = cnngp.kernel(net, x, dtype="float32").numpy()
+    assert rel_err(k32, k) < 1e-5
+
+
+def test_zero_variance_1d_against_neural_tangents(reference_dir):
+    r = _reference(reference_dir, "conv1d_digits")
+    net = Serial(
+        Conv(5), ReLU(), Conv(3, stride=2), ReLU(), Conv(3, padding="valid"), ReLU(),
+        Readout(correlation=Constant()),
+    )
+    x = r["x"][:5]
+    k = cnngp.kernel(net, x).numpy()
+    assert rel_err(k, r["kernel_gap"][:5, :5]) < 1e-10
+
+
+def test_myrtle10_correlated_fast_path_matches_torch(torch_path, data_dir):
+    x = np.load(data_dir / "cifar10_subset.npz")["x_train"][:2, 8:24, 8:24] / 255.0  # 16×16 crops
+    net = architectures.get("myrtle10-correlated")
+    ref = torch_path(cnngp.kernel, net, x)
+    assert rel_err(cnngp.kernel(net, x), ref) < 1e-12
