@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cnngp
-from cnngp import Constant, Independent, Matern, RBF, Readout, Serial, UserCorrelation
+from cnngp import Constant, Independent, Matern, RBF, Readout, Serial
 from cnngp.spec import from_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

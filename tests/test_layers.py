@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import cnngp
 from cnngp import (
     ABReLU, AvgPool, Constant, Conv, Erf, Flatten, GlobalAvgPool, Identity, Independent, Matern,
     RBF, Readout, ReLU, UserCorrelation,

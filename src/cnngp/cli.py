@@ -7,10 +7,8 @@ stderr and exits 2 without writing any output file. Output files are written ato
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,35 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CNNGPError
+from .provenance import array_sha256, versions
 from .storage import atomic_write
 
-__all__ = ["main", "atomic_write"]
+__all__ = ["main", "atomic_write", "versions", "array_sha256"]
 
 
 # -- shared helpers (also used by the other commands) -----------------------------------------
-
-
-def versions() -> dict:
-    import scipy
-    import torch
-
-    from . import __version__
-
-    return {
-        "cnngp": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def array_sha256(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def parse_lengthscales(text: str) -> list[float]:

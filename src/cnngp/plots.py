@@ -411,7 +411,7 @@ def sidecar_path(out) -> Path:
 
 def save_correlation_figure(data: dict, out) -> None:
     """Write the PNG (config in its metadata) and a sidecar JSON with every number, atomically."""
-    from .cli import atomic_write
+    from .storage import atomic_write
 
     out = Path(out)
     if out.suffix.lower() != ".png":

@@ -20,7 +20,6 @@ on the test split.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from .correlations import RBF, Constant, Correlation, Independent, Matern, parse
 from .data import Dataset, balanced_subset, blocks, load_dataset
 from .errors import CNNGPError
 from .layers import Readout, Serial
+from .provenance import array_sha256, versions
+from .storage import atomic_write
 
 __all__ = [
     "run_sweep",
@@ -220,38 +221,13 @@ def _check_labels(y: np.ndarray, n_classes: int, what: str, folds: int | None) -
     return counts
 
 
-def _sha256(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------
 # Kernel cache
 # --------------------------------------------------------------------------------------
 
 
 def _write_npz_atomic(path: Path, arrays: dict) -> None:
-    import tempfile
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CNNGPError(f"kernel_cache: folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays), what="kernel_cache")
 
 
 def _read_cache(path: Path, key: dict) -> dict | None:
@@ -533,9 +509,9 @@ def run_sweep(
         "format": RESULTS_FORMAT,
         "spec": body.to_spec(),
         "readouts": [r.to_spec() for r in readouts],
-        "train_sha256": _sha256(x_sub),
+        "train_sha256": array_sha256(x_sub),
         "dtype": str(dtype),
-        "test_sha256": None if test_order is None else _sha256(ds.x_test[test_order]),
+        "test_sha256": None if test_order is None else array_sha256(ds.x_test[test_order]),
     }
     cache_path = None if kernel_cache is None else Path(kernel_cache)
     cached = _read_cache(cache_path, key) if cache_path is not None else None
@@ -640,23 +616,13 @@ def run_sweep(
     }
     out = {
         "config": config,
-        "versions": _versions(),
+        "versions": versions(),
         "results": results,
         "best": best,
     }
     if test_summary is not None:
         out["test"] = test_summary
     return out
-
-
-def _versions() -> dict:
-    import sklearn
-
-    from .cli import versions
-
-    v = versions()
-    v["scikit-learn"] = sklearn.__version__
-    return v
 
 
 # --------------------------------------------------------------------------------------
