@@ -131,6 +131,7 @@ def cmd_kernel(args) -> int:
         batch_size=args.batch_size,
         memory_budget=None if args.memory_budget is None else parse_bytes(args.memory_budget),
         progress=not args.quiet,
+        checkpoint=None if args.no_checkpoint else f"{args.out}.checkpoint.npz",
     )
     lengthscales = None
     start = time.perf_counter()
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch-size", type=int, help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
     k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not save progress to OUT.checkpoint.npz (by default an interrupted run "
+        "resumes from there when the same command is run again)",
+    )
     k.set_defaults(func=cmd_kernel)
 
     i = sub.add_parser("info", help="versions, devices, architectures and their grids")

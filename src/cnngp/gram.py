@@ -26,6 +26,7 @@ from . import _fused
 from .errors import CNNGPError
 from .layers import Layer, Readout, Serial
 from .state import KernelState
+from .storage import Checkpoint, fingerprint
 
 __all__ = ["kernel", "readout_sweep", "as_images", "resolve_dtype", "DEFAULT_MEMORY_BUDGET"]
 
@@ -294,7 +295,7 @@ def _apply_heads(heads, state: KernelState) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress):
+def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint=None):
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     channels = getattr(body, "input_channels", None)
@@ -325,6 +326,17 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
         rows = torch.arange(n1).repeat_interleave(n2)
         cols = torch.arange(n2).repeat(n1)
     n_pairs = rows.numel()
+    n_out = max(1, len(heads))
+    out, done, ckpt = torch.empty((n_out, n1, n2), dtype=dtype), 0, None
+    if checkpoint is not None:
+        key = fingerprint(
+            "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1,
+            None if symmetric else a2, str(dtype),
+        )
+        ckpt = Checkpoint(checkpoint, key)
+        resumed = ckpt.load((n_out, n1, n2), dtype)
+        if resumed is not None:
+            out, done = resumed
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -332,26 +344,35 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
         total_images = n1 + (0 if symmetric else n2) if plan.self_depth else 0
         bar = tqdm(
             total=n_pairs + total_images,
+            initial=done,
             unit="pair",
-            desc=f"kernel (batch {pair_batch})",
+            desc=f"kernel (batch {pair_batch}{', resumed' if done else ''})",
             disable=progress is None,
         )
     with torch.no_grad():
         rec1 = _self_pass(plan, t1, self_batch, bar)
         rec2 = rec1 if symmetric else _self_pass(plan, t2, self_batch, bar)
-        n_out = max(1, len(heads))
-        out = torch.empty((n_out, n1, n2), dtype=dtype)
-        for start in range(0, n_pairs, pair_batch):
-            r = rows[start : start + pair_batch].to(device)
-            c = cols[start : start + pair_batch].to(device)
-            values = _pair_values(plan, t1[r], t2[c], rec1, rec2, r, c).cpu()
-            out[:, r.cpu(), c.cpu()] = values
-            if symmetric:
-                out[:, c.cpu(), r.cpu()] = values
-            if bar is not None:
-                bar.update(r.numel())
+        try:
+            for start in range(done, n_pairs, pair_batch):
+                r = rows[start : start + pair_batch].to(device)
+                c = cols[start : start + pair_batch].to(device)
+                values = _pair_values(plan, t1[r], t2[c], rec1, rec2, r, c).cpu()
+                out[:, r.cpu(), c.cpu()] = values
+                if symmetric:
+                    out[:, c.cpu(), r.cpu()] = values
+                done = start + r.numel()
+                if bar is not None:
+                    bar.update(r.numel())
+                if ckpt is not None and ckpt.due() and done < n_pairs:
+                    ckpt.save(out, done)
+        except KeyboardInterrupt:
+            if ckpt is not None and done:
+                ckpt.save(out, done)  # rerun the same call to resume from here
+            raise
     if bar is not None:
         bar.close()
+    if ckpt is not None:
+        ckpt.remove()
     return out
 
 
@@ -365,6 +386,7 @@ def kernel(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     progress: bool = False,
+    checkpoint=None,
 ) -> torch.Tensor:
     """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool).
 
@@ -379,13 +401,18 @@ def kernel(
     device : torch device, e.g. "cpu" or "cuda"
     batch_size : image pairs per batch; chosen from ``memory_budget`` bytes by default.
     progress : show a progress bar.
+    checkpoint : path, optional
+        Save progress there every 30 s and on Ctrl-C; calling again with the same arguments
+        resumes from it (a checkpoint of another computation is refused). Removed when done.
 
     Returns
     -------
     torch.Tensor (N1, N2) on the CPU.
     """
     body, heads = _split_model(model)
-    return _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress)[0]
+    return _compute(
+        body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint
+    )[0]
 
 
 def readout_sweep(
@@ -399,6 +426,7 @@ def readout_sweep(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     progress: bool = False,
+    checkpoint=None,
 ) -> torch.Tensor:
     """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
 
@@ -411,4 +439,6 @@ def readout_sweep(
     readouts = list(readouts)
     if not readouts or not all(isinstance(r, Readout) for r in readouts):
         raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
-    return _compute(body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress)
+    return _compute(
+        body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint
+    )

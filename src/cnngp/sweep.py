@@ -230,6 +230,11 @@ def _write_npz_atomic(path: Path, arrays: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays), what="kernel_cache")
 
 
+def _checkpoint(cache_path, part):
+    """Where a long kernel computation of a cached sweep saves its progress (resumable)."""
+    return None if cache_path is None else cache_path.with_name(f"{cache_path.name}.{part}.checkpoint.npz")
+
+
 def _read_cache(path: Path, key: dict) -> dict | None:
     """Arrays of a matching cache file, None if absent; an error if it does not match."""
     if not path.exists():
@@ -539,7 +544,8 @@ def run_sweep(
         if K.shape != (len(readouts), n_max, n_max):
             raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
     else:
-        K = readout_sweep(body, readouts, x_sub, **common).to(torch.float64).numpy()
+        K = readout_sweep(body, readouts, x_sub, checkpoint=_checkpoint(cache_path, "train"), **common)
+        K = K.to(torch.float64).numpy()
         save(K)
     K_test = None
     if test_order is not None:
@@ -547,7 +553,10 @@ def run_sweep(
             K_test = cached["test_kernels"]
         else:
             K_test = (
-                readout_sweep(body, readouts, ds.x_test[test_order], x_sub, **common)
+                readout_sweep(
+                    body, readouts, ds.x_test[test_order], x_sub,
+                    checkpoint=_checkpoint(cache_path, "test"), **common,
+                )
                 .to(torch.float64)
                 .numpy()
             )
