@@ -82,7 +82,6 @@ def test_relu_polynomial_matches_arccos_form(dtype, tol):
     ).numpy()
     # a 1×1 conv (Σ = [[1]]) on the 1-D grid of 64 positions: K = c, then the ReLU
     conv = Conv(1)
-    plan = _fused.conv_plan(conv, (64,))
     tdt = torch.float64 if dtype == np.float64 else torch.float32
     out = _fused.conv_full(
         torch.tensor(c, dtype=tdt), conv, ReLU(), torch.tensor(vx, dtype=tdt), torch.tensor(vy, dtype=tdt)

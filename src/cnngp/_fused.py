@@ -35,7 +35,7 @@ _KERNELS = None
 _IMPORT_FAILED = False
 
 #: working set (bytes) a chunk of pairs may keep per layer, so that it stays in the L3 cache
-CACHE_BYTES = int(float(os.environ.get("CNNGP_CACHE_BYTES", 16 * 1024**2)))
+CACHE_BYTES = int(float(os.environ.get("CNNGP_CACHE_BYTES", 8 * 1024**2)))
 
 
 def _kernels():
@@ -52,21 +52,23 @@ def _kernels():
 
 
 _POOL: ThreadPoolExecutor | None = None
+#: work items per thread: rows are dealt out in this many interleaved shares per thread, taken
+#: by whichever thread is free (a thread descheduled on a busy machine delays only its share)
+SHARES_PER_THREAD = 2
 
 
 def _parallel(kernel, *args):
-    """Run ``kernel(*args, first_row, row_step)`` on torch.get_num_threads() threads (the numba
-    kernels release the GIL; each thread takes every n-th output row)."""
+    """Run ``kernel(*args, first_row, row_step)`` over all rows on torch.get_num_threads()
+    threads (the numba kernels release the GIL); share k takes rows k, k + n, k + 2n, …"""
     global _POOL
-    n = max(1, torch.get_num_threads())
-    if n == 1:
+    threads = max(1, torch.get_num_threads())
+    if threads == 1:
         kernel(*args, 0, 1)
         return
-    if _POOL is None or _POOL._max_workers < n - 1:
-        _POOL = ThreadPoolExecutor(n - 1, thread_name_prefix="cnngp")
-    futures = [_POOL.submit(kernel, *args, k, n) for k in range(1, n)]
-    kernel(*args, 0, n)
-    for f in futures:
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cnngp")
+    n = threads * SHARES_PER_THREAD
+    for f in [_POOL.submit(kernel, *args, k, n) for k in range(n)]:
         f.result()
 
 
@@ -111,6 +113,29 @@ def _sparse_factors(factors: list[np.ndarray]):
     return np.ascontiguousarray(nz, np.int64), np.ascontiguousarray(stack[nz[:, 0], nz[:, 1]])
 
 
+def _grouped_factors(factors: list[np.ndarray]):
+    """Axis-0 factors for stage 1 as groups of tap pairs sharing their coefficients:
+    (ptr (G+1,), taps (E, 2), coef (G, M)). When every A_m is Toeplitz (a stationary Σ) and that
+    saves work, a group is a diagonal p0 − p0' = δ (its slabs are summed once, then scaled by each
+    term); otherwise each non-zero tap pair is its own group."""
+    taps, coef = _sparse_factors(factors)
+    m, e = coef.shape[1], len(taps)
+    stack = np.stack(factors, axis=-1)
+    p = stack.shape[0]
+    deltas = np.unique(taps[:, 0] - taps[:, 1])
+    tol = 1e-15 * np.abs(stack).max()
+    diagonals = [np.diagonal(stack, -d, 0, 1) for d in range(1 - p, p)]  # (M, length) each
+    toeplitz = all(np.allclose(dg, dg[:, :1], rtol=0, atol=tol) for dg in diagonals)
+    if not toeplitz or e + len(deltas) * m >= e * m:
+        return np.arange(e + 1, dtype=np.int64), taps, coef
+    order = np.argsort(taps[:, 0] - taps[:, 1], kind="stable")
+    taps = taps[order]
+    d = taps[:, 0] - taps[:, 1]
+    ptr = np.searchsorted(d, deltas, side="left").tolist() + [e]
+    gcoef = np.stack([np.diagonal(stack, -int(dd), 0, 1).mean(axis=-1) for dd in deltas])
+    return np.asarray(ptr, np.int64), np.ascontiguousarray(taps), np.ascontiguousarray(gcoef)
+
+
 def _sigma(conv: Conv, kind, taps: tuple) -> np.ndarray:
     """Σ of the conv over its (P0, P1) taps, float64, as (P0, P1, P0, P1)."""
     n = math.prod(taps)
@@ -131,11 +156,22 @@ def _kron_terms(sigma: np.ndarray, kind):
     if kind == "constant":  # 11ᵀ/|P|² = 11ᵀ/P0² ⊗ 11ᵀ/P1²
         return [np.full((p0, p0), 1.0 / p0**2)], [np.full((p1, p1), 1.0 / p1**2)]
     # Van Loan–Pitsianis: R[(p0,p0'), (p1,p1')] = Σ[(p0,p1), (p0',p1')] = U S Wᵀ, keep the terms
-    # above rounding
-    r = sigma.transpose(0, 2, 1, 3).reshape(p0 * p0, p1 * p1)
-    u, s, wt = np.linalg.svd(r)
+    # above rounding. A Σ stationary along axis 0 (R depends on p0 − p0' only) is split as
+    # R = E F, E[(p0,p0'), δ] = [p0 − p0' = δ], and F = U S Wᵀ instead: its A_m are then exactly
+    # Toeplitz, which stage 1 exploits (_grouped_factors).
+    r = sigma.transpose(0, 2, 1, 3).reshape(p0, p0, p1 * p1)
+    deltas = np.arange(1 - p0, p0)
+    first = np.maximum(0, deltas)  # a tap pair (first, first − δ) on each diagonal
+    f = r[first, first - deltas]  # (2P0 − 1, P1²)
+    rebuilt = f[np.subtract.outer(np.arange(p0), np.arange(p0)) + p0 - 1]  # E F
+    toeplitz = np.allclose(rebuilt, r, rtol=0, atol=1e-15 * np.abs(r).max())
+    u, s, wt = np.linalg.svd(f if toeplitz else r.reshape(p0 * p0, p1 * p1), full_matrices=False)
     keep = np.flatnonzero(s > s[0] * 1e-15) if s[0] > 0 else []
-    a = [(u[:, m] * math.sqrt(s[m])).reshape(p0, p0) for m in keep]
+    if toeplitz:
+        index = np.subtract.outer(np.arange(p0), np.arange(p0)) + p0 - 1
+        a = [(u[:, m] * math.sqrt(s[m]))[index] for m in keep]
+    else:
+        a = [(u[:, m] * math.sqrt(s[m])).reshape(p0, p0) for m in keep]
     b = [(wt[m] * math.sqrt(s[m])).reshape(p1, p1) for m in keep]
     if not a:
         return [np.zeros((p0, p0))], [np.zeros((p1, p1))]
@@ -236,7 +272,7 @@ class ConvPlan:
         kind = conv._kind(geoms)
         self.sigma = _sigma(conv, kind, (geoms[0].taps, geoms[1].taps))
         a, b = _kron_terms(self.sigma, kind)
-        self.a_taps, self.a_coef = _sparse_factors(a)
+        self.a_ptr, self.a_taps, self.a_coef = _grouped_factors(a)
         self.b_taps, self.b_coef = _sparse_factors(b)
         n0, n1 = geoms[0].n_in, geoms[1].n_in
         q0, q1 = geoms[0].n_out, geoms[1].n_out
@@ -271,15 +307,17 @@ def _act_coefficients(act) -> tuple[float, float]:
     return act.a * act.b, 0.5 * (act.b - act.a) ** 2
 
 
-def _roots(var: torch.Tensor):
+def _roots(var):
     """sqrt(var) and 1/sqrt(var) (0 where var = 0), as numpy arrays."""
-    r = np.sqrt(var.detach().contiguous().numpy())
+    if isinstance(var, torch.Tensor):
+        var = var.detach().numpy()
+    r = np.sqrt(np.ascontiguousarray(var))
     inv = np.zeros_like(r)
     np.divide(1, r, out=inv, where=r > 0)
     return r, inv
 
 
-def roots(var1: torch.Tensor, var2: torch.Tensor | None = None):
+def roots(var1, var2=None):
     """(sqrt v1, 1/sqrt v1, sqrt v2, 1/sqrt v2) as numpy arrays (B, *Q), 1/0 := 0: the
     variances K_xx[q, q], K_x'x'[q', q'] as the fused nonlinearity reads them."""
     r1, i1 = _roots(var1)
@@ -323,7 +361,7 @@ def conv_fused(
         code = 0
     _parallel(
         k.kron_conv,
-        x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_taps,
+        x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_ptr, plan.a_taps,
         plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
         code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
     )

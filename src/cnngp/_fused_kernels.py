@@ -38,10 +38,12 @@ from numba.extending import overload
 _FLAGS = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz", "arcp"})
 _INV_PI = 1.0 / math.pi
 
-# G(x), x = 2t − 1, t = 1 − |ρ|: g(1 − t) = t·sqrt(t)·G(t) with g(a) = sqrt(1 − a²) − a·arccos(a)
-# (Chebyshev interpolation, benchmarks/fit_relu_poly.py: max error 1.1e-16 for degree 16 in
-# float64 and 4.7e-8 for degree 7 in float32, i.e. the rounding of each dtype). Highest
-# degree first.
+# The balanced-ReLU expectation (PAPER.md §2) without arccos: with ρ = Σxy/sqrt(ΣxΣy),
+#   V = max(Σxy, 0) + sqrt(ΣxΣy)·g(|ρ|)/π,   g(a) = sqrt(1 − a²) − a·arccos(a)
+# (ρ ≥ 0: V/sqrt(ΣxΣy) = ρ + g(ρ)/π; ρ < 0: g(−ρ) = g(ρ) + πρ leaves g(|ρ|)/π). g(1 − t) =
+# t·sqrt(t)·G(2t − 1) with G smooth on [−1, 1]: a polynomial from Chebyshev interpolation
+# (benchmarks/fit_relu_poly.py prints these, highest degree first): max error 1.1e-16 for
+# degree 16 in float64 and 4.7e-8 for degree 7 in float32, the rounding of each dtype.
 _G64 = (
     7.906598070003905e-12,
     2.7560738323921426e-11,
@@ -71,11 +73,7 @@ _G32 = (
     0.028167833862185077,
     0.9685287617127246,
 )
-
-
-
-
-_C64 = tuple(np.float64(x) for x in reversed(_G64))  # ascending powers
+_C64 = tuple(np.float64(x) for x in reversed(_G64))  # ascending powers, in each dtype
 _C32 = tuple(np.float32(x) for x in reversed(_G32))
 
 
@@ -144,7 +142,7 @@ def _relu_value_impl(k, n, inv_n, c_lin, c_relu):
 
 @njit(nogil=True, **_FLAGS)
 def kron_conv(
-    v, out, geom0, geom1, out_pad, a_taps, a_coef, b_taps, b_coef,
+    v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
     wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, first_row, row_step,
 ):
     """Full → full conv (PAPER.md (*)) by Kronecker terms, then an optional ReLU-family act.
@@ -152,10 +150,11 @@ def kron_conv(
     v (B, N0, N0, s1, s1, H, H) in the layout of this conv (see the module docstring) → out
     (B, Q0, Q0, so, so, Ho, Ho) in the layout of the next one (so, Ho from its shape, leading
     padding out_pad). geom_k = (n_in, n_out, stride, dilation, pad_before, taps) of axis k.
-    Axis 0's factors: the tap pairs (p0, p0') = a_taps[e] where some A_m is non-zero, with
-    A_m[p0, p0'] = a_coef[e, m]; axis 1 likewise (b_taps, b_coef). K = wv·(Σ …) + bv; act = 1
-    then writes c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'] and
-    1/n = ix[b,q]·iy[b,q'] (relu_value).
+    Axis 0's factors: groups g of tap pairs (p0, p0') = a_taps[a_ptr[g]:a_ptr[g + 1]] with
+    A_m[p0, p0'] = a_coef[g, m] for all of them; axis 1: tap pairs b_taps[e] with
+    B_m[p1, p1'] = b_coef[e, m]. K = wv·(Σ …) + bv; act = 1 then writes
+    c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'], 1/n = ix[b,q]·iy[b,q']
+    (relu_value).
     symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
     computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
     rows first_row, first_row + row_step, … (interleaved: the symmetric rows shrink with q0).
@@ -166,7 +165,6 @@ def kron_conv(
     q_1, s1, h1 = geom1[1], geom1[2], geom1[3]
     hh = v.shape[5]
     so = out.shape[3]
-    ho = out.shape[5]
     slab_len = s1 * s1 * hh * hh
     n_terms = a_coef.shape[1]
     ac = a_coef.astype(dtype)
@@ -174,9 +172,7 @@ def kron_conv(
     w = v.dtype.type(wv)  # wv, bv in the array dtype (no silent float64 promotion)
     bias = v.dtype.type(bv)
     t = np.zeros((n_terms, slab_len), dtype)
-    ex = np.empty(a_taps.shape[0], np.int64)
-    exb = np.empty(a_taps.shape[0], np.int64)
-    ee = np.empty(a_taps.shape[0], np.int64)
+    dbuf = np.empty(slab_len, dtype)
     # stage 2 reads, per tap pair: the phase block and the shift inside it
     n_b = b_taps.shape[0]
     b_off = np.empty(n_b, np.int64)
@@ -187,34 +183,62 @@ def kron_conv(
     n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
     acc = np.empty(q_1 * hh, dtype)
     val = np.empty(q_1, dtype)
+    # where output position i goes in the next layout (no integer division in the loops):
+    # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
+    o_ph = np.empty(q_1, np.int64)
+    o_ix = np.empty(q_1, np.int64)
+    for i in range(q_1):
+        o_ph[i] = (out_pad + i) % so
+        o_ix[i] = (out_pad + i) // so
+    ph_i0 = np.empty(so, np.int64)
+    ph_k0 = np.empty(so, np.int64)
+    ph_n = np.empty(so, np.int64)
+    for pc in range(so):
+        i0 = (pc - out_pad) % so
+        ph_i0[pc] = i0
+        ph_k0[pc] = (out_pad + i0) // so
+        ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
     for bq in range(first_row, nb * q_0, row_step):
         b = bq // q_0
         q0 = bq % q_0
         start = q0 if symmetric else 0
         for q0b in range(start, q_0):
-            # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0'))
-            nv = 0
-            for e in range(a_taps.shape[0]):
-                x = s0 * q0 + h0 * a_taps[e, 0] - pad0
-                xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
-                if 0 <= x < n_in0 and 0 <= xb < n_in0:  # else: zero padding
-                    ex[nv] = x
-                    exb[nv] = xb
-                    ee[nv] = e
-                    nv += 1
-            if nv == 0:
-                t[:] = 0
-            for k in range(nv):
-                src = v[b, ex[k], exb[k]].reshape(slab_len)
-                for m in range(n_terms):
-                    coef = ac[ee[k], m]
-                    tm = t[m]
-                    if k == 0:
+            # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0')), the taps in groups
+            # sharing their coefficients (one tap each, or the diagonals p0 − p0' = δ of a
+            # Toeplitz A_m): each group's slabs are summed into D, then T_m += coef·D
+            t_init = False
+            for g in range(a_ptr.shape[0] - 1):
+                nd = 0
+                for e in range(a_ptr[g], a_ptr[g + 1]):
+                    x = s0 * q0 + h0 * a_taps[e, 0] - pad0
+                    xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
+                    if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
+                        continue  # zero padding
+                    src = v[b, x, xb].reshape(slab_len)
+                    if a_ptr[g + 1] - a_ptr[g] == 1:
+                        dsum = src  # a single tap: no copy
+                    elif nd == 0:
+                        dsum = dbuf
                         for i in range(slab_len):
-                            tm[i] = coef * src[i]
+                            dsum[i] = src[i]
                     else:
                         for i in range(slab_len):
-                            tm[i] += coef * src[i]
+                            dsum[i] += src[i]
+                    nd += 1
+                if nd == 0:
+                    continue
+                for m in range(n_terms):
+                    coef = ac[g, m]
+                    tm = t[m]
+                    if not t_init:
+                        for i in range(slab_len):
+                            tm[i] = coef * dsum[i]
+                    else:
+                        for i in range(slab_len):
+                            tm[i] += coef * dsum[i]
+                t_init = True
+            if not t_init:
+                t[:] = 0
             # stage 2: every tap pair is one shifted add over the flattened phase block
             for e in range(n_b):
                 off = b_off[e]
@@ -230,9 +254,8 @@ def kron_conv(
             # the nonlinearity, row by row, written into the next conv's layout
             for q1 in range(q_1):
                 row = acc[q1 * hh : q1 * hh + q_1]
-                ro = out_pad + q1
                 if so == 1:
-                    dst = out[b, q0, q0b, 0, 0, ro, out_pad : out_pad + q_1]
+                    dst = out[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
                 else:
                     dst = val
                 if act == 1:
@@ -245,18 +268,22 @@ def kron_conv(
                 else:
                     for i in range(q_1):
                         dst[i] = w * row[i] + bias
-                if so != 1:  # column phase pc holds the outputs i ≡ pc − out_pad (mod so)
+                if so != 1:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
                     for pc in range(so):
-                        i0 = (pc - out_pad) % so
-                        drow = out[b, q0, q0b, ro % so, pc, ro // so, (out_pad + i0) // so :]
-                        for k in range((q_1 - i0 + so - 1) // so):
-                            drow[k] = dst[i0 + so * k]
+                        drow = out[b, q0, q0b, o_ph[q1], pc, o_ix[q1], ph_k0[pc] :]
+                        src = dst[ph_i0[pc] :]
+                        if so == 2:  # a constant stride vectorises
+                            for k in range(ph_n[pc]):
+                                drow[k] = src[2 * k]
+                        else:
+                            for k in range(ph_n[pc]):
+                                drow[k] = src[so * k]
                 if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
                     for pr in range(so):
-                        i0 = (pr - out_pad) % so
-                        dcol = out[b, q0b, q0, pr, ro % so, (out_pad + i0) // so :, ro // so]
-                        for k in range((q_1 - i0 + so - 1) // so):
-                            dcol[k] = dst[i0 + so * k]
+                        dcol = out[b, q0b, q0, pr, o_ph[q1], ph_k0[pr] :, o_ix[q1]]
+                        src = dst[ph_i0[pr] :]
+                        for k in range(ph_n[pr]):
+                            dcol[k] = src[so * k]
 
 
 @njit(nogil=True, **_FLAGS)
@@ -338,6 +365,14 @@ def conv_diagonal(v, out, geom0, geom1, sigma, wv, bv, first_row, row_step):
     s = v.shape[3]
     n_in0, q_0, s0, h0, pad0, taps0 = geom0[0], geom0[1], geom0[2], geom0[3], geom0[4], geom0[5]
     q_1, s1, h1, taps1 = geom1[1], geom1[2], geom1[3], geom1[5]
+    # padded axis-1 coordinate s1·q1 + h1·p1 → (phase, index) in the layout
+    ph = np.empty((q_1, taps1), np.int64)
+    ix = np.empty((q_1, taps1), np.int64)
+    for q1 in range(q_1):
+        for p1 in range(taps1):
+            r = s1 * q1 + h1 * p1
+            ph[q1, p1] = r % s
+            ix[q1, p1] = r // s
     for bq in range(first_row, nb * q_0, row_step):
         b = bq // q_0
         q0 = bq % q_0
@@ -351,11 +386,10 @@ def conv_diagonal(v, out, geom0, geom1, sigma, wv, bv, first_row, row_step):
                     xb = s0 * q0 + h0 * p0b - pad0
                     if xb < 0 or xb >= n_in0:
                         continue
+                    slab = v[b, x, xb]
                     for p1 in range(taps1):
-                        r = s1 * q1 + h1 * p1  # padded coordinates: zero outside the grid
                         for p1b in range(taps1):
-                            c = s1 * q1 + h1 * p1b
                             total += sigma[p0, p1, p0b, p1b] * np.float64(
-                                v[b, x, xb, r % s, c % s, r // s, c // s]
+                                slab[ph[q1, p1], ph[q1, p1b], ix[q1, p1], ix[q1, p1b]]
                             )
             out[b, q0, q1] = wv * total + bv

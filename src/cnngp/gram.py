@@ -241,18 +241,16 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
         ws = _workspace(plan)
         layers = list(plan.body.layers)
-        # sqrt and 1/sqrt of every image's variances, once per batch (what the fused ReLU reads)
-        roots1 = {i: _fused.roots(r)[:2] for i, r in rec1.items()}
-        roots2 = roots1 if rec2 is rec1 else {i: _fused.roots(r)[:2] for i, r in rec2.items()}
+        np1 = {i: r.numpy() for i, r in rec1.items()}  # views: numpy indexing is cheaper
+        np2 = {i: r.numpy() for i, r in rec2.items()}
         i1, i2 = idx1.cpu().numpy(), idx2.cpu().numpy()
         values = []
         for s in range(0, x1b.shape[0], chunk):
             sl = slice(s, s + chunk)
 
             def variances(i, as_roots, sl=sl):
-                if as_roots:
-                    (r1, v1), (r2, v2) = roots1[i], roots2[i]
-                    return r1[i1[sl]], v1[i1[sl]], r2[i2[sl]], v2[i2[sl]]
+                if as_roots:  # sqrt and 1/sqrt, what the fused ReLU reads
+                    return _fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
                 return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
 
             state = _fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags)
