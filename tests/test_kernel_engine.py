@@ -258,3 +258,17 @@ def test_myrtle_correlated_runs_and_is_psd(cifar_images):
         if l["type"] == "conv" and l["filter"][0] == 6:
             l["correlation"] = {"type": "independent"}
     assert rel_err(k0, cnngp.kernel(from_spec(spec), x)) <= 1e-13
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_float32_correlated_readout_on_32x32(reference_dir, monkeypatch, fast):
+    """Sums over 10⁶ position pairs accumulate in float64 on both paths (torch and fused)."""
+    monkeypatch.setenv("CNNGP_FAST", fast)
+    x = np.load(reference_dir / "cnngp4.npz")["x"][:3]
+    body = from_spec({"layers": BODIES["cnngp4"][:4]})
+    heads = [Readout(correlation=Matern(1.5, lam)) for lam in (0.5, 8.0)] + [Readout(correlation=Constant())]
+    k64 = cnngp.readout_sweep(body, heads, x)
+    k32 = cnngp.readout_sweep(body, heads, x, dtype="float32")
+    err = rel_err(k32, k64)
+    print(f"CNNGP_FAST={fast}: float32 vs float64 max relative error {err:.2e}")
+    assert err <= 1e-5

@@ -24,7 +24,7 @@ import torch
 
 from . import _fused
 from .errors import CNNGPError
-from .layers import Layer, Readout, Serial
+from .layers import Layer, Readout, Serial, weighted_sums
 from .state import KernelState
 from .storage import Checkpoint, fingerprint
 
@@ -281,12 +281,12 @@ def _apply_heads(heads, state: KernelState) -> torch.Tensor:
     ]
     if general:
         w = torch.stack(
-            [heads[i].weights(state.spatial, state.cross.dtype, state.cross.device) for i in general],
+            [heads[i].weights(state.spatial, torch.float64, state.cross.device) for i in general],
             dim=1,
         )
-        values = state.cross.reshape(state.batch, -1) @ w  # (B, L_general)
+        values = weighted_sums(state.cross, w)  # (B, L_general), float64
         for k, i in enumerate(general):
-            out[i] = values[:, k] * heads[i].weight_var + heads[i].bias_var
+            out[i] = (values[:, k] * heads[i].weight_var + heads[i].bias_var).to(state.cross.dtype)
     for i, h in enumerate(heads):
         if out[i] is None:
             out[i] = h.propagate(state, False).cross

@@ -334,16 +334,16 @@ class Readout(Layer):
             value = state.cross
             if kind != "independent":  # a 1×1 user matrix that is not normalised
                 value = value * self.weights((), state.cross.dtype, state.cross.device)[0]
-        elif kind == "independent":
-            value = state.diagonal().reshape(state.batch, -1).mean(1)
+        elif kind == "independent":  # sums of 10⁶ terms accumulate in float64
+            value = state.diagonal().reshape(state.batch, -1).mean(1, dtype=torch.float64)
         elif not state.full:
             raise CNNGPError(f"{self!r} needs the full position-pair covariance")
         elif kind == "constant":
-            value = state.cross.reshape(state.batch, -1).mean(1)
+            value = state.cross.reshape(state.batch, -1).mean(1, dtype=torch.float64)
         else:
-            w = self.weights(state.spatial, state.cross.dtype, state.cross.device)
-            value = state.cross.reshape(state.batch, -1) @ w
-        value = value * self.weight_var + self.bias_var
+            w = self.weights(state.spatial, torch.float64, state.cross.device)
+            value = weighted_sums(state.cross, w[:, None])[:, 0]
+        value = (value * self.weight_var + self.bias_var).to(state.cross.dtype)
         return state.evolve(value, spatial=(), full=False)
 
     def to_spec(self):
@@ -353,6 +353,18 @@ class Readout(Layer):
             "bias_var": self.bias_var,
             "correlation": self.correlation.to_spec(),
         }
+
+
+def weighted_sums(cross: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_{p,p'} W_l[p,p'] V_b[p,p'] for every pair b and readout l, accumulated in float64.
+
+    cross: (B, *F, *F); weights: (|F|², L) float64. Returns (B, L) float64. One pair at a time
+    is converted, so the float64 copy stays small.
+    """
+    flat = cross.reshape(cross.shape[0], -1)
+    if flat.dtype == torch.float64:
+        return flat @ weights
+    return torch.stack([row.double() @ weights for row in flat])
 
 
 # -- nonlinearities ----------------------------------------------------------------------------

@@ -11,22 +11,21 @@ __all__ = ["versions", "array_sha256"]
 
 
 def versions() -> dict:
-    """Versions of cnngp, Python and the numerical stack, and the platform."""
-    import scipy
-    import sklearn
-    import torch
+    """Versions of cnngp, Python and the numerical stack, and the platform.
 
-    from . import __version__
+    Read from the installed packages' metadata: importing scikit-learn just to ask would add
+    a second to every command's start.
+    """
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "cnngp": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "platform": platform.platform(),
-    }
+    out = {"python": platform.python_version()}
+    for name in ("cnngp", "torch", "numpy", "scipy", "scikit-learn", "numba"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    out["platform"] = platform.platform()
+    return out
 
 
 def array_sha256(a: np.ndarray) -> str:
