@@ -205,3 +205,24 @@ def test_cli_entry_point_runs_as_a_process(tmp_path, images):
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert not (tmp_path / "k2.npz").exists()
+
+
+def test_cli_info_lists_grids_and_representation(capsys):
+    assert main(["info", "--arch", "myrtle10-paper"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["grids"][0] == [32, 32] and info["grids"][-1] == []
+    assert [32, 32] in info["grids"] and [8, 8] in info["grids"]
+    assert info["full_covariance"][0] is True  # pooling above: the full tensor from the start
+    assert main(["info", "--arch", "cnngp3"]) == 0
+    assert json.loads(capsys.readouterr().out)["full_covariance"] == [False] * 8
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_requested_without_a_device(images, tmp_path, capsys):
+    with pytest.raises(CNNGPError, match=r"device: 'cuda' was requested but torch finds no CUDA device"):
+        cnngp.kernel(NET, GOOD, device="cuda")
+    code, err = _run_cli(capsys, "kernel", "--arch", "cnngp2", "--x1", images, "--out", tmp_path / "k.npz",
+                         "--device", "cuda", "--quiet")
+    assert code == 2 and "no CUDA device" in err and not (tmp_path / "k.npz").exists()
+    with pytest.raises(CNNGPError, match=r"dtype: expected 'float64' or 'float32'"):
+        cnngp.kernel(NET, GOOD, dtype="float16")
