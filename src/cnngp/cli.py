@@ -92,9 +92,9 @@ def load_images(flag: str, path_spec: str) -> np.ndarray:
             images = images[: int(count)]
         return as_images(images, flag)
     try:
-        arr = load_array(path_spec)
+        arr = load_array(path_spec, name=flag)
     except (ValueError, OSError) as e:
-        raise CNNGPError(f"{flag}: {e}".replace("path_spec: ", "").replace("path_spec ", "")) from None
+        raise CNNGPError(str(e)) from None
     return as_images(arr, flag)
 
 

@@ -28,18 +28,10 @@ def _positive(value, flag, minimum):
 
 
 def _load_images(spec: str, flag: str, limit: int | None):
-    from .data import load_array
+    from .cli import load_images
 
-    try:
-        x = load_array(spec)
-    except (ValueError, OSError) as e:  # CNNGPError is a ValueError
-        msg = str(e)
-        if msg.startswith("path_spec: "):
-            msg = msg[len("path_spec: "):]
-        raise CNNGPError(f"{flag}: {msg}") from None
-    if limit is not None:
-        x = x[:limit]
-    return x
+    x = load_images(flag, spec)
+    return x if limit is None else x[:limit]
 
 
 def _frobenius(a: np.ndarray) -> float:

@@ -303,7 +303,9 @@ _NPZ_SPEC = re.compile(r"^(?P<file>.+\.npz):(?P<key>[^:/\\]+)$", re.IGNORECASE)
 
 
 def load_array(
-    path_spec: str | os.PathLike, default_keys: Sequence[str] = ("x", "x_train")
+    path_spec: str | os.PathLike,
+    default_keys: Sequence[str] = ("x", "x_train"),
+    name: str = "path_spec",
 ) -> np.ndarray:
     """Load one array from a ``.npz`` file, for the command line.
 
@@ -314,6 +316,8 @@ def load_array(
         the file) or ``"FILE.npz:ARRAY"`` (take the array named ``ARRAY``).
     default_keys : sequence of str, default ("x", "x_train")
         Array names tried, in order, when `path_spec` names no array.
+    name : str, default "path_spec"
+        How error messages name the argument (the CLI passes its flag, e.g. ``--x1``).
 
     Returns
     -------
@@ -335,7 +339,7 @@ def load_array(
     if match and not Path(spec).exists():
         spec, key = match.group("file"), match.group("key")
     path = Path(spec)
-    with _open_npz(path, "path_spec") as archive:
+    with _open_npz(path, name) as archive:
         names = list(archive.files)
         if key is None:
             present = [k for k in default_keys if k in names]
@@ -345,20 +349,20 @@ def load_array(
                 key = names[0]
             else:
                 raise ValueError(
-                    f"path_spec {spec!r} names no array and none of the default arrays "
+                    f"{name} {spec!r} names no array and none of the default arrays "
                     f"{list(default_keys)} is in it; write {spec}:NAME with NAME one of "
                     f"{names}"
                 )
         elif key not in names:
             raise ValueError(
-                f"path_spec: no array {key!r} in {spec}; available arrays: {names}"
+                f"{name}: no array {key!r} in {spec}; available arrays: {names}"
             )
         arr = _npz_get(archive, key, path)
     if arr.dtype == np.uint8:
         return arr.astype(np.float64) / 255.0
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ValueError(
-            f"path_spec: array {key!r} in {spec} has non-numeric dtype {arr.dtype}"
+            f"{name}: array {key!r} in {spec} has non-numeric dtype {arr.dtype}"
         )
     return arr.astype(np.float64)
 
