@@ -25,3 +25,15 @@ def data_dir():
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def cifar_images(reference_dir):
+    """Six real CIFAR-10 crops, 12×12×3."""
+    return np.load(reference_dir / "cnngp4.npz")["x"][:6, :12, :12]
+
+
+@pytest.fixture(scope="session")
+def cifar32(reference_dir):
+    """Four real CIFAR-10 images, 32×32×3."""
+    return np.load(reference_dir / "cnngp4.npz")["x"][:4]

@@ -212,9 +212,12 @@ def test_cli_info_lists_grids_and_representation(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["grids"][0] == [32, 32] and info["grids"][-1] == []
     assert [32, 32] in info["grids"] and [8, 8] in info["grids"]
-    assert info["full_covariance"][0] is True  # pooling above: the full tensor from the start
+    assert info["representation"][0] == "full"  # global pooling on top: the full tensor
     assert main(["info", "--arch", "cnngp3"]) == 0
-    assert json.loads(capsys.readouterr().out)["full_covariance"] == [False] * 8
+    assert json.loads(capsys.readouterr().out)["representation"] == ["diagonal"] * 8
+    assert main(["info", "--arch", "myrtle10-paper", "--readout", "independent"]) == 0
+    reps = json.loads(capsys.readouterr().out)["representation"]
+    assert reps[0] == "band 3x3" and "band 1x1" in reps and reps[-1] == "diagonal"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")

@@ -209,10 +209,6 @@ def test_one_by_one_images_give_the_arccos_mlp_kernel():
 # -- Gram matrices -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cifar_images(reference_dir):
-    return np.load(reference_dir / "cnngp4.npz")["x"][:6, :12, :12]
-
 
 def test_gram_symmetric_psd_and_consistent(cifar_images):
     net = cnngp.architectures.get("cnngp3", readout=Matern(1.5, 2.0))

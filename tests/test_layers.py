@@ -16,7 +16,8 @@ from cnngp import (
 )
 from cnngp.gram import _input_state
 from cnngp.spec import from_spec
-from cnngp.state import KernelState
+from cnngp._ops import band_radius_in
+from cnngp.state import Band, KernelState
 
 
 def _states(spatial, channels=2, batch=3, seed=0, dtype=torch.float64):
@@ -62,6 +63,31 @@ class LayerContract:
         from_full = layer.propagate(state, False).diagonal()
         from_diag = layer.propagate(state.to_diagonal(), False).diagonal()
         torch.testing.assert_close(from_diag, from_full, rtol=1e-13, atol=0)
+
+    def test_band_output_equals_band_of_full_output(self):
+        """Band in, band out (radius 1 above, what the layer asks for below) = the band of
+        the full computation."""
+        layer = self.make_layer()
+        if isinstance(layer, GlobalAvgPool) or getattr(layer, "padding", None) == "circular":
+            pytest.skip("this layer needs the full covariance")
+        state = _states(self.spatial)
+        out_grid = layer.output_spatial(self.spatial)
+        out = Band(tuple(min(1, n - 1) for n in out_grid)) if out_grid else False
+        if isinstance(layer, Conv):
+            independent = layer._kind(layer.geometries(self.spatial)) == "independent"
+            r_out = out.radius if out_grid else (0,) * len(self.spatial)
+            r_in = band_radius_in(layer.geometries(self.spatial), r_out, independent)
+        elif isinstance(layer, Readout):
+            r_in = tuple(n - 1 for n in self.spatial)  # the whole grid: any Σ
+        else:
+            r_in = out.radius if out_grid else (1,) * len(self.spatial)
+        got = layer.propagate(state.to_band(r_in), out)
+        if out_grid:
+            assert got.band == out.radius
+            expected = layer.propagate(state, True).to_band(out.radius).cross
+        else:
+            expected = layer.propagate(state, False).cross
+        torch.testing.assert_close(got.cross, expected, rtol=1e-12, atol=1e-14)
 
     def test_batch_equals_loop(self):
         layer = self.make_layer()

@@ -27,7 +27,7 @@ import torch
 
 from . import _ops
 from .layers import ABReLU, Conv, ReLU
-from .state import KernelState
+from .state import Band, KernelState
 
 __all__ = ["available", "wanted", "run_layers", "Workspace", "conv_plan", "conv_full"]
 
@@ -87,8 +87,10 @@ def available(dtype=torch.float64, device="cpu") -> bool:
 
 def wanted(layers, grids, flags) -> bool:
     """Whether some layer is a full → full conv the fused path handles (worth importing numba)."""
+    if any(isinstance(f, Band) for f in flags):  # bands run on the layers' torch path
+        return False
     return any(
-        isinstance(layer, Conv) and flags[i] and flags[i + 1] and _supported(layer, grids[i])
+        isinstance(layer, Conv) and flags[i] is True and flags[i + 1] is True and _supported(layer, grids[i])
         for i, layer in enumerate(layers)
     )
 
@@ -493,7 +495,7 @@ def _fused_plan(layers, i, flags, spatial, fast):
     """The plan of layer i if it runs fused here (a conv, full input and output), else None."""
     if not fast or i >= len(layers) or not isinstance(layers[i], Conv):
         return None
-    if not (flags[i] and flags[i + 1]):
+    if not (flags[i] is True and flags[i + 1] is True):
         return None
     return conv_plan(layers[i], spatial)
 
@@ -525,7 +527,7 @@ def run_layers(layers, state, flags, variances, records=None, ws=None):
         plan = _fused_plan(layers, i, flags, spatial, fast)
         if plan is not None:
             act = layers[i + 1] if i + 1 < n else None
-            if not (isinstance(act, ABReLU) and flags[i + 2]):
+            if not (isinstance(act, ABReLU) and flags[i + 2] is True):
                 act = None
             if cur is None or cur.layout != plan.layout:
                 src = state.cross if cur is None else cur.standard()

@@ -20,6 +20,7 @@ independent stack) by gathering each output's |P|×|P| block.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -237,3 +238,139 @@ def check_geometry(geom: AxisGeometry, what: str):
             f"{geom.dilation}) is larger than its input grid of size {geom.n_in}; "
             "use a smaller filter, window or dilation"
         )
+
+
+# -- the band representation (PAPER.md (*) restricted to |q' − q| ≤ R per axis) ----------------
+
+
+@functools.lru_cache(maxsize=64)
+def _band_index_cpu(spatial: tuple, radius: tuple) -> torch.Tensor:
+    n = math.prod(spatial)
+    idx = torch.zeros((n, 1), dtype=torch.long)  # flat partner index, built axis by axis
+    valid = torch.ones((n, 1), dtype=torch.bool)
+    grids = torch.meshgrid(*[torch.arange(s) for s in spatial], indexing="ij")
+    for k, (s, r) in enumerate(zip(spatial, radius)):
+        partner = grids[k].reshape(n, 1) + torch.arange(-r, r + 1)  # (n, 2r+1)
+        ok = (partner >= 0) & (partner < s)
+        stride = math.prod(spatial[k + 1 :])
+        idx = (idx[:, :, None] + ((partner - grids[k].reshape(n, 1)) * stride)[:, None, :]).reshape(n, -1)
+        valid = (valid[:, :, None] & ok[:, None, :]).reshape(n, -1)
+    idx = idx + torch.arange(n)[:, None]
+    return torch.where(valid, idx, torch.full_like(idx, n))
+
+
+def band_index(spatial, radius, device=None) -> torch.Tensor:
+    """(|F|, W) flat index of the partner q + j − R of every position q and band slot j
+    (row-major over axes); |F| marks a partner off the grid."""
+    idx = _band_index_cpu(tuple(spatial), tuple(radius))
+    return idx if device is None or torch.device(device).type == "cpu" else idx.to(device)
+
+
+def band_mask(spatial, radius, dtype, device=None) -> torch.Tensor:
+    """(*F, *W): 1 where the partner lies on the grid, else 0."""
+    idx = band_index(spatial, radius, device)
+    shape = tuple(spatial) + tuple(2 * r + 1 for r in radius)
+    return (idx < math.prod(spatial)).to(dtype).reshape(shape)
+
+
+def band_shift(v: torch.Tensor, spatial, radius) -> torch.Tensor:
+    """v: (B, *F, *C) → (B, *F, *W, *C) with out[b, q, j] = v[b, q + j − R] (0 off the grid)."""
+    b, d, n = v.shape[0], len(spatial), math.prod(spatial)
+    rest = tuple(v.shape[1 + d :])
+    flat = v.reshape((b, n) + rest)
+    flat = torch.cat([flat, flat.new_zeros((b, 1) + rest)], dim=1)
+    idx = band_index(spatial, radius, v.device)
+    out = flat[:, idx]  # (B, |F|, W, *C)
+    return out.reshape((b,) + tuple(spatial) + tuple(2 * r + 1 for r in radius) + rest)
+
+
+def band_from_full(v: torch.Tensor, spatial, radius) -> torch.Tensor:
+    """The band of a full tensor (B, *F, *F) → (B, *F, *W)."""
+    b, n = v.shape[0], math.prod(spatial)
+    flat = F.pad(v.reshape(b, n, n), (0, 1))
+    idx = band_index(spatial, radius, v.device)
+    out = flat[:, torch.arange(n, device=v.device)[:, None], idx]
+    return out.reshape((b,) + tuple(spatial) + tuple(2 * r + 1 for r in radius))
+
+
+def band_radius_in(geoms, radius_out, independent: bool) -> tuple:
+    """Radius a layer needs below to produce band ``radius_out``: partner offsets s·e + h·(t' − t)
+    reach s·R + extent − 1 for a correlated filter, s·R for an independent one (t = t')."""
+    return tuple(
+        g.stride * r + (0 if independent else g.extent - 1) for g, r in zip(geoms, radius_out)
+    )
+
+
+def _offset_filters(sigma: torch.Tensor, taps: tuple):
+    """Σ[t, t'] regrouped by u = t' − t: (U, *taps) filters c_u(t) = Σ[t, t + u] with the
+    all-zero ones dropped, and the (U, D) offsets u."""
+    d = len(taps)
+    s = sigma.reshape(taps + taps)
+    us = torch.cartesian_prod(*[torch.arange(-(p - 1), p) for p in taps]).reshape(-1, d)
+    ts = torch.cartesian_prod(*[torch.arange(p) for p in taps]).reshape(-1, d)
+    partner = us[:, None, :] + ts[None, :, :]  # (U, T, D)
+    ok = ((partner >= 0) & (partner < torch.tensor(taps))).all(-1)
+    partner = torch.where(ok[..., None], partner, torch.zeros_like(partner))
+    index = tuple(ts[None, :, k].expand_as(ok) for k in range(d)) + tuple(
+        partner[..., k] for k in range(d)
+    )
+    filters = torch.where(ok.to(sigma.device), s[index], torch.zeros((), dtype=sigma.dtype, device=sigma.device))
+    keep = (filters != 0).any(1)
+    return filters[keep].reshape((-1,) + taps), us[keep.cpu()]
+
+
+def banded_conv(v: torch.Tensor, sigma: torch.Tensor | None, geoms, r_in, r_out) -> torch.Tensor:
+    """(*) on a band: v (B, *F, *(2 r_in + 1)) → (B, *Q, *(2 r_out + 1)); entries whose partner
+    is off the output grid are left for the caller to zero (see :func:`band_mask`).
+
+    K[q, q + e] = Σ_u Σ_t c_u(t) · V[s·q + h·t − pad, offset s·e + h·u], u = t' − t: for each
+    (e, u) an ordinary strided, dilated D-dimensional convolution with filter c_u over the first
+    side — one grouped GEMM-backed call. ``sigma`` None means independent taps (u = 0 only,
+    separable box sums).
+    """
+    d = len(geoms)
+    b = v.shape[0]
+    need = band_radius_in(geoms, r_out, sigma is None)
+    if any(n > r for n, r in zip(need, r_in)):
+        # a band capped at the grid: the offsets beyond it only reach partners off the grid
+        for k, (n, r) in enumerate(zip(need, r_in)):
+            if n > r and r < geoms[k].n_in - 1:
+                raise CNNGPError(f"banded_conv: input band radius {r} < {n} needed on axis {k}")
+        pads = []
+        for n, r in zip(reversed(need), reversed(r_in)):
+            pads += [max(n - r, 0)] * 2
+        v = F.pad(v, pads)
+        r_in = tuple(max(n, r) for n, r in zip(need, r_in))
+    if sigma is None:
+        x = v
+        for k, g in enumerate(geoms):
+            offsets = torch.arange(-r_out[k], r_out[k] + 1, device=v.device) * g.stride + r_in[k]
+            x = x.index_select(1 + d + k, offsets)
+        for k, g in enumerate(geoms):
+            x = shift_sum(x, (1 + k,), g)
+        return x
+    taps = tuple(g.taps for g in geoms)
+    filters, us = _offset_filters(sigma, taps)
+    n_u = filters.shape[0]
+    # gather, for every output offset e and filter offset u, the input offset s·e + h·u
+    x = v
+    e_shape = tuple(2 * r + 1 for r in r_out)
+    flat_offsets = torch.zeros((math.prod(e_shape), n_u), dtype=torch.long)
+    for k, g in enumerate(geoms):
+        e = torch.arange(-r_out[k], r_out[k] + 1)
+        e_full = e.reshape([-1 if j == k else 1 for j in range(d)]).expand(e_shape).reshape(-1)
+        off = g.stride * e_full[:, None] + g.dilation * us[None, :, k] + r_in[k]
+        flat_offsets = flat_offsets * (2 * r_in[k] + 1) + off
+    x = v.reshape((b,) + v.shape[1 : 1 + d] + (-1,))
+    x = x[..., flat_offsets.to(v.device).reshape(-1)]  # (B, *F, E·U)
+    x = x.movedim(-1, 1).reshape((b * math.prod(e_shape), n_u) + tuple(v.shape[1 : 1 + d]))
+    x = pad_spatial(x, geoms)
+    out = _CONV[d](
+        x,
+        filters[None],
+        stride=tuple(g.stride for g in geoms),
+        dilation=tuple(g.dilation for g in geoms),
+    )  # (B·E, 1, *Q)
+    q_shape = tuple(g.n_out for g in geoms)
+    out = out.reshape((b,) + e_shape + q_shape)
+    return out.permute([0] + list(range(1 + d, 1 + 2 * d)) + list(range(1, 1 + d)))

@@ -186,13 +186,16 @@ def cmd_info(args) -> int:
 
     info = {"versions": versions(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
     if args.arch:
-        net = load_network(args.arch)
+        net = load_network(args.arch, args.readout)
         spatial = tuple(int(s) for s in args.shape.split("x")) if args.shape else (32, 32)
         grids = net.grids(spatial)
         info["arch"] = args.arch
         info["spec"] = net.to_spec()
         info["grids"] = [list(g) for g in grids]
-        info["full_covariance"] = net.representation(spatial)
+        from .state import describe
+
+        # what each layer's input is carried as: full, diagonal or band (radii per axis)
+        info["representation"] = [describe(r) for r in net.representation(spatial)]
     else:
         info["architectures"] = list(architectures.NAMES)
     print(json.dumps(info, indent=2))
@@ -230,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, devices, architectures and their grids")
     i.add_argument("--arch", help="show the layers and grids of this architecture")
     i.add_argument("--shape", help="input spatial shape, e.g. 32x32 (default)")
+    i.add_argument("--readout", help="readout correlation, as for `cnngp kernel`")
     i.set_defaults(func=cmd_info)
 
     for register in _EXTRA_COMMANDS:

@@ -22,10 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import _fused
+from . import _fused, _ops
 from .errors import CNNGPError
 from .layers import Layer, Readout, Serial, weighted_sums
-from .state import KernelState
+from .state import Band, KernelState
 from .storage import Checkpoint, fingerprint
 
 __all__ = ["kernel", "readout_sweep", "as_images", "resolve_dtype", "DEFAULT_MEMORY_BUDGET"]
@@ -129,17 +129,30 @@ def _make_plan(body: Serial, heads: list, spatial: tuple) -> _Plan:
             f"model: ends on a spatial grid {last}; finish it with a readout, flatten or "
             "global_avg_pool layer"
         )
-    full_top = any(h.requires_full_input(False, last) for h in heads) and len(last) > 0
-    pair_flags = body.representation(spatial, full_top)
+    top = _merge([h.input_representation(False, last) for h in heads] if last else [])
+    pair_flags = body.representation(spatial, top)
     var_layers = [i for i, layer in enumerate(body.layers) if layer.needs_variances]
     self_depth = (var_layers[-1] + 1) if var_layers else 0
     self_flags = body[:self_depth].representation(spatial, False) if self_depth else [False]
     return _Plan(body, heads, grids, pair_flags, self_flags, self_depth, var_layers)
 
 
-def _elements(grid, full):
+def _merge(reps):
+    """The least representation that serves every readout: full if any needs it, else the
+    widest band, else the diagonal."""
+    if any(r is True for r in reps):
+        return True
+    bands = [r.radius for r in reps if isinstance(r, Band)]
+    if not bands:
+        return False
+    return Band(tuple(max(rs) for rs in zip(*bands)))
+
+
+def _elements(grid, rep):
     n = math.prod(grid) if grid else 1
-    return n * n if full else n
+    if isinstance(rep, Band):
+        return n * math.prod(rep.widths)
+    return n * n if rep is True else n
 
 
 def _bytes_per_item(plan: _Plan, flags, depth, itemsize) -> int:
@@ -150,15 +163,21 @@ def _bytes_per_item(plan: _Plan, flags, depth, itemsize) -> int:
         g_in, g_out = plan.grids[i], plan.grids[i + 1]
         e_in, e_out = _elements(g_in, flags[i]), _elements(g_out, flags[i + 1])
         work = e_in + 3 * e_out
-        if hasattr(layer, "geometries") and flags[i] and layer._kind(layer.geometries(g_in)) not in (
-            "independent",
-            "constant",
-        ):
+        if hasattr(layer, "geometries") and isinstance(flags[i], Band):
+            # banded_conv gathers (output band slots) × (filter offsets) channels
+            geoms = layer.geometries(g_in)
+            slots = math.prod(flags[i + 1].widths) if isinstance(flags[i + 1], Band) else 1
+            offsets = math.prod(2 * g.taps - 1 for g in geoms)
+            padded = math.prod(g.n_in + g.extent for g in geoms)
+            work += 2 * slots * offsets * padded
+        elif hasattr(layer, "geometries") and flags[i] is True and layer._kind(
+            layer.geometries(g_in)
+        ) not in ("independent", "constant"):
             geoms = layer.geometries(g_in)
             taps = math.prod(g.taps for g in geoms)
             q = math.prod(g.n_out for g in geoms)
             padded = math.prod(g.n_in + g.extent for g in geoms)
-            work += q * taps * (padded if flags[i + 1] else taps) * 2
+            work += q * taps * (padded if flags[i + 1] is True else taps) * 2
         if layer.needs_variances:
             work = e_in + 5 * e_out
         peak = max(peak, work)
@@ -175,10 +194,15 @@ def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
     return int(max(1, min(4096, budget // max(per, 1))))
 
 
-def _input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool) -> KernelState:
-    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2)."""
+def _input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
+    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2), in representation ``full``."""
     b, c = x1.shape[0], x1.shape[-1]
     spatial = tuple(x1.shape[1:-1])
+    if isinstance(full, Band):  # x' shifted to each band slot's partner (zeros off the grid)
+        shifted = _ops.band_shift(x2, spatial, full.radius)  # (B, *F, *W, C)
+        x1b = x1.reshape((b,) + spatial + (1,) * len(spatial) + (c,))
+        cross = (x1b * shifted).sum(-1) / c
+        return KernelState(cross=cross, spatial=spatial, full=False, band=full.radius)
     if full:
         n = math.prod(spatial)
         cross = torch.bmm(x1.reshape(b, n, c), x2.reshape(b, n, c).transpose(1, 2)) / c
@@ -277,11 +301,16 @@ def _apply_heads(heads, state: KernelState) -> torch.Tensor:
     general = [
         i
         for i, h in enumerate(heads)
-        if state.full and state.ndim and h._kind(state.spatial) not in ("independent", "constant")
+        if (state.full or state.band is not None)
+        and state.ndim
+        and h._kind(state.spatial) not in ("independent", "constant")
     ]
     if general:
         w = torch.stack(
-            [heads[i].weights(state.spatial, torch.float64, state.cross.device) for i in general],
+            [
+                heads[i].weights(state.spatial, torch.float64, state.cross.device, state.band)
+                for i in general
+            ],
             dim=1,
         )
         values = weighted_sums(state.cross, w)  # (B, L_general), float64

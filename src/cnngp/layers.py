@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +19,7 @@ from . import _ops
 from ._ops import AxisGeometry, check_geometry
 from .correlations import Constant, Correlation, Independent
 from .errors import CNNGPError
-from .state import KernelState
+from .state import Band, KernelState
 
 __all__ = [
     "Layer",
@@ -75,6 +76,22 @@ def _normalised(correlation) -> bool:
     return getattr(correlation, "normalise", True)
 
 
+#: a band is used when it holds at most this fraction of the full tensor's entries
+BAND_FRACTION = 0.25
+
+
+def band_or_full(radius: tuple, spatial: tuple):
+    """The representation for a needed radius: diagonal if 0, else a Band (each radius capped
+    at grid size − 1, beyond which every partner is off the grid) when it holds at most
+    BAND_FRACTION of the full tensor's entries, else the full tensor."""
+    radius = tuple(min(int(r), n - 1) for r, n in zip(radius, spatial))
+    if not any(radius):
+        return False
+    if math.prod(2 * r + 1 for r in radius) <= BAND_FRACTION * math.prod(spatial):
+        return Band(radius)
+    return True
+
+
 class Layer(nn.Module):
     """Base class. Subclasses implement the four methods below."""
 
@@ -89,7 +106,16 @@ class Layer(nn.Module):
         """Whether the full position-pair tensor is needed below to produce the output."""
         return full_out
 
-    def propagate(self, state: KernelState, full_out: bool) -> KernelState:
+    def input_representation(self, out, spatial: tuple):
+        """The representation needed below (True full, False diagonal, or a
+        :class:`~cnngp.state.Band`) to produce representation ``out``. The default suits
+        position-wise layers: a band needs the same band."""
+        if isinstance(out, Band):
+            return out
+        return bool(self.requires_full_input(out, spatial))
+
+    def propagate(self, state: KernelState, full_out) -> KernelState:
+        """The next state, in representation ``full_out`` (True, False or a Band)."""
         raise NotImplementedError
 
     def to_spec(self) -> dict:
@@ -178,11 +204,28 @@ class Conv(Layer):
     def requires_full_input(self, full_out, spatial):
         return full_out if self._kind(self.geometries(spatial)) == "independent" else True
 
+    def input_representation(self, out, spatial):
+        if out is True:
+            return True
+        geoms = self.geometries(spatial)
+        independent = self._kind(geoms) == "independent"
+        if independent and not isinstance(out, Band):
+            return False
+        r_out = out.radius if isinstance(out, Band) else (0,) * len(geoms)
+        if self.padding == "circular":  # wrap-around partners: only the full tensor
+            return True
+        return band_or_full(_ops.band_radius_in(geoms, r_out, independent), spatial)
+
     # -- kernel ------------------------------------------------------------------------------
     def propagate(self, state, full_out):
         geoms = self.geometries(state.spatial)
         d = len(geoms)
         kind = self._kind(geoms)
+        q_shape = tuple(g.n_out for g in geoms)
+        if state.band is not None or (isinstance(full_out, Band) and not state.full):
+            return self._propagate_band(state, full_out, geoms, kind)
+        if isinstance(full_out, Band):  # full below, band above: compute full, keep the band
+            return self.propagate(state, True).to_band(full_out.radius)
         if kind == "independent":
             if state.full and full_out:  # one diagonal sum per axis pair (d, D + d)
                 x = state.cross
@@ -215,7 +258,31 @@ class Conv(Layer):
             x = x * self.weight_var
         if self.bias_var:
             x = x + self.bias_var
-        return state.evolve(x, spatial=tuple(g.n_out for g in geoms), full=full_out)
+        return state.evolve(x, spatial=q_shape, full=full_out)
+
+    def _propagate_band(self, state, out, geoms, kind):
+        """Band (or diagonal) in, band or diagonal out: :func:`cnngp._ops.banded_conv`."""
+        d = len(geoms)
+        r_in = state.band if state.band is not None else (0,) * d
+        r_out = out.radius if isinstance(out, Band) else (0,) * d
+        if out is True:
+            raise CNNGPError(f"{self!r}: a band input cannot give the full covariance")
+        sigma = None
+        if kind != "independent":
+            sigma = self.correlation.matrix(
+                tuple(g.taps for g in geoms), state.cross.dtype, state.cross.device
+            )
+        v = state.cross if state.band is not None else state.cross.reshape(state.cross.shape + (1,) * d)
+        x = _ops.banded_conv(v, sigma, geoms, r_in, r_out)
+        if self.weight_var != 1.0:
+            x = x * self.weight_var
+        if self.bias_var:
+            x = x + self.bias_var
+        q_shape = tuple(g.n_out for g in geoms)
+        if any(r_out):
+            x = x * _ops.band_mask(q_shape, r_out, x.dtype, x.device)
+            return state.evolve(x, spatial=q_shape, full=Band(r_out))
+        return state.evolve(x.reshape(x.shape[: 1 + d]), spatial=q_shape, full=False)
 
     def to_spec(self):
         return {
@@ -324,9 +391,29 @@ class Readout(Layer):
     def requires_full_input(self, full_out, spatial):
         return self._kind(spatial) != "independent"
 
-    def weights(self, spatial, dtype, device):
-        """Σ over the grid, flattened to shape (|F|·|F|,)."""
-        return self.correlation.matrix(spatial, dtype, device).reshape(-1)
+    def input_representation(self, out, spatial):
+        kind = self._kind(spatial) if spatial else "independent"
+        if kind == "independent":
+            return False
+        if kind == "constant":
+            return True
+        # a Σ with compact support (exact zeros far from its diagonal) reads only a band
+        m = self.correlation.matrix(spatial).reshape(tuple(spatial) * 2).numpy()
+        coords = np.nonzero(m)
+        d = len(spatial)
+        radius = tuple(
+            int(np.abs(coords[k] - coords[d + k]).max()) if coords[0].size else 0 for k in range(d)
+        )
+        return band_or_full(radius, spatial)
+
+    def weights(self, spatial, dtype, device, band=None):
+        """Σ over the grid, flattened to shape (|F|·|F|,), or, for a band of radius ``band``,
+        in the band layout (|F|·W,) with zeros for partners off the grid."""
+        m = self.correlation.matrix(spatial, dtype, device)
+        if band is None:
+            return m.reshape(-1)
+        n = math.prod(spatial)
+        return _ops.band_from_full(m.reshape((1,) + tuple(spatial) * 2), spatial, band).reshape(-1)
 
     def propagate(self, state, full_out):
         kind = self._kind(state.spatial)
@@ -336,6 +423,9 @@ class Readout(Layer):
                 value = value * self.weights((), state.cross.dtype, state.cross.device)[0]
         elif kind == "independent":  # sums of 10⁶ terms accumulate in float64
             value = state.diagonal().reshape(state.batch, -1).mean(1, dtype=torch.float64)
+        elif state.band is not None:  # Σ gathered into the band layout
+            w = self.weights(state.spatial, torch.float64, state.cross.device, state.band)
+            value = weighted_sums(state.cross, w[:, None])[:, 0]
         elif not state.full:
             raise CNNGPError(f"{self!r} needs the full position-pair covariance")
         elif kind == "constant":
@@ -382,9 +472,13 @@ class Nonlinearity(Layer):
     def propagate(self, state, full_out):
         if state.var1 is None or state.var2 is None:
             raise CNNGPError(f"{self!r}: the kernel state carries no variances")
-        if state.full and not full_out:
-            state = state.to_diagonal()
+        state = state.convert(full_out)
         vx, vy = state.var1, state.var2
+        if state.band is not None:  # partner q + j − R of each band slot: var2 shifted
+            vx = vx.reshape(vx.shape + (1,) * state.ndim)
+            vy = _ops.band_shift(vy, state.spatial, state.band)
+            out = self.expectation(state.cross, vx, vy)
+            return state.evolve(out * _ops.band_mask(state.spatial, state.band, out.dtype, out.device))
         if state.full:
             ones = (1,) * state.ndim
             vx = vx.reshape(vx.shape + ones)
@@ -473,8 +567,7 @@ class Identity(Nonlinearity):
     needs_variances = False
 
     def propagate(self, state, full_out):
-        if state.full and not full_out:
-            state = state.to_diagonal()
+        state = state.convert(full_out)
         return state.evolve(state.cross)
 
     def to_spec(self):
@@ -520,16 +613,27 @@ class Serial(Layer):
     def output_spatial(self, spatial):
         return self.grids(spatial)[-1]
 
-    def representation(self, spatial, full_out: bool = False) -> list[bool]:
-        """For each layer's input (and the output at the end): full tensor (True) or diagonal."""
+    def representation(self, spatial, full_out=False, band: bool = True) -> list:
+        """For each layer's input (and the output at the end): True (full tensor), False
+        (spatial diagonal) or a :class:`~cnngp.state.Band`, chosen from the top down: each
+        layer asks for the least its output needs. ``band=False`` never uses bands."""
         grids = self.grids(spatial)
         flags = [full_out]
         for layer, grid in zip(reversed(self.layers), reversed(grids[:-1])):
-            flags.append(bool(layer.requires_full_input(flags[-1], grid)) and len(grid) > 0)
+            if not grid:
+                rep = False
+            else:
+                rep = layer.input_representation(flags[-1], grid)
+                if isinstance(rep, Band) and not band:
+                    rep = True
+            flags.append(rep)
         return flags[::-1]
 
     def requires_full_input(self, full_out, spatial):
-        return self.representation(spatial, full_out)[0]
+        return self.representation(spatial, full_out, band=False)[0]
+
+    def input_representation(self, out, spatial):
+        return self.representation(spatial, out)[0]
 
     def propagate(self, state, full_out):
         flags = self.representation(state.spatial, full_out)
