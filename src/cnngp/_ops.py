@@ -273,10 +273,36 @@ def band_mask(spatial, radius, dtype, device=None) -> torch.Tensor:
     return (idx < math.prod(spatial)).to(dtype).reshape(shape)
 
 
+def _unfold2d(v: torch.Tensor, radius) -> torch.Tensor:
+    """v (B, C, n0, n1) → (B, C, W, n0·n1): every partner q + j − R of every position q, zero
+    off the grid (one im2col call)."""
+    b, c = v.shape[:2]
+    k = tuple(2 * r + 1 for r in radius)
+    return F.unfold(v, k, padding=tuple(radius)).reshape(b, c, math.prod(k), -1)
+
+
+def band_products(x1: torch.Tensor, x2: torch.Tensor, spatial, radius) -> torch.Tensor:
+    """(1/C) Σ_c x1[b, q, c] x2[b, q + j − R, c] for channels-last images (B, *F, C) → the band
+    (B, *F, *W) of the input covariance V0 (PAPER.md §2)."""
+    b, c, d = x1.shape[0], x1.shape[-1], len(spatial)
+    widths = tuple(2 * r + 1 for r in radius)
+    if d == 2:
+        patches = _unfold2d(x2.permute(0, 3, 1, 2), radius)  # (B, C, W, |F|)
+        x1c = x1.reshape(b, -1, c).transpose(1, 2)[:, :, None, :]  # (B, C, 1, |F|)
+        out = (x1c * patches).sum(1) * (1.0 / c)  # (B, W, |F|)
+        return out.transpose(1, 2).reshape((b,) + tuple(spatial) + widths)
+    shifted = band_shift(x2, spatial, radius)  # (B, *F, *W, C)
+    x1b = x1.reshape((b,) + tuple(spatial) + (1,) * d + (c,))
+    return (x1b * shifted).sum(-1) * (1.0 / c)
+
+
 def band_shift(v: torch.Tensor, spatial, radius) -> torch.Tensor:
     """v: (B, *F, *C) → (B, *F, *W, *C) with out[b, q, j] = v[b, q + j − R] (0 off the grid)."""
     b, d, n = v.shape[0], len(spatial), math.prod(spatial)
     rest = tuple(v.shape[1 + d :])
+    if d == 2 and not rest:  # a variance map: one im2col call
+        out = _unfold2d(v[:, None], radius)[:, 0]  # (B, W, |F|)
+        return out.transpose(1, 2).reshape((b,) + tuple(spatial) + tuple(2 * r + 1 for r in radius))
     flat = v.reshape((b, n) + rest)
     flat = torch.cat([flat, flat.new_zeros((b, 1) + rest)], dim=1)
     idx = band_index(spatial, radius, v.device)
@@ -341,11 +367,13 @@ def banded_conv(v: torch.Tensor, sigma: torch.Tensor | None, geoms, r_in, r_out)
             pads += [max(n - r, 0)] * 2
         v = F.pad(v, pads)
         r_in = tuple(max(n, r) for n, r in zip(need, r_in))
-    if sigma is None:
+    if sigma is None:  # offsets s·e: a strided view of the band axes, then box sums
         x = v
         for k, g in enumerate(geoms):
-            offsets = torch.arange(-r_out[k], r_out[k] + 1, device=v.device) * g.stride + r_in[k]
-            x = x.index_select(1 + d + k, offsets)
+            start = r_in[k] - g.stride * r_out[k]
+            x = x.narrow(1 + d + k, start, g.stride * 2 * r_out[k] + 1)
+            if g.stride > 1:
+                x = x[(slice(None),) * (1 + d + k) + (slice(None, None, g.stride),)]
         for k, g in enumerate(geoms):
             x = shift_sum(x, (1 + k,), g)
         return x

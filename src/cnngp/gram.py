@@ -198,10 +198,8 @@ def _input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
     """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2), in representation ``full``."""
     b, c = x1.shape[0], x1.shape[-1]
     spatial = tuple(x1.shape[1:-1])
-    if isinstance(full, Band):  # x' shifted to each band slot's partner (zeros off the grid)
-        shifted = _ops.band_shift(x2, spatial, full.radius)  # (B, *F, *W, C)
-        x1b = x1.reshape((b,) + spatial + (1,) * len(spatial) + (c,))
-        cross = (x1b * shifted).sum(-1) / c
+    if isinstance(full, Band):  # x' at each band slot's partner (zeros off the grid)
+        cross = _ops.band_products(x1, x2, spatial, full.radius)
         return KernelState(cross=cross, spatial=spatial, full=False, band=full.radius)
     if full:
         n = math.prod(spatial)

@@ -9,6 +9,7 @@ so :class:`Serial` can choose the cheapest representation automatically.
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -77,7 +78,8 @@ def _normalised(correlation) -> bool:
 
 
 #: a band is used when it holds at most this fraction of the full tensor's entries
-BAND_FRACTION = 0.25
+#: (environment CNNGP_BAND_FRACTION; 0 never uses bands)
+BAND_FRACTION = float(os.environ.get("CNNGP_BAND_FRACTION", 0.25))
 
 
 def band_or_full(radius: tuple, spatial: tuple):
