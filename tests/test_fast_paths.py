@@ -302,3 +302,21 @@ def test_myrtle10_correlated_fast_path_matches_torch(torch_path, data_dir):
     net = architectures.get("myrtle10-correlated")
     ref = torch_path(cnngp.kernel, net, x)
     assert rel_err(cnngp.kernel(net, x), ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("arch", ["cnngp3", "myrtle5"])  # diagonal path; bands under the pools
+def test_pointwise_relu_on_diagonal_and_band_states(monkeypatch, torch_path, cifar32, arch, dtype, tol):
+    """The fused arccos-free ReLU (used for large diagonal/band batches) = the torch atan2 form."""
+    import cnngp.layers
+
+    net = cnngp.architectures.get(arch, readout=cnngp.Independent())
+    x = cifar32[:3]
+    ref = torch_path(cnngp.kernel, net, x)
+    monkeypatch.setattr(cnngp.layers, "POINTWISE_MIN", 0)  # every batch through the kernel
+    calls = []
+    original = _fused.relu_pointwise
+    monkeypatch.setattr(_fused, "relu_pointwise", lambda *a: calls.append(1) or original(*a))
+    got = cnngp.kernel(net, x, dtype=dtype).double()
+    assert calls, "the pointwise kernel was not used"
+    assert rel_err(got, ref) < tol

@@ -312,6 +312,37 @@ def _act_coefficients(act) -> tuple[float, float]:
     return act.a * act.b, 0.5 * (act.b - act.a) ** 2
 
 
+def relu_pointwise(act, cross: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor):
+    """``act``'s expectation (an ABReLU) on a diagonal (vx, vy shaped like cross, (B, *F)) or
+    band ((B, *F, *W) with vx (B, *F) and vy at each slot's partner) state, by the
+    arccos-free relu_value; None where the torch path should do it."""
+    if not (
+        enabled()
+        and cross.device.type == "cpu"
+        and cross.dtype in (torch.float32, torch.float64)
+        and available(cross.dtype)
+    ):
+        return None
+    b = cross.shape[0]
+    if vx.dim() == cross.dim():  # diagonal: one row per pair
+        shape2 = (b, -1)
+        vx2 = vx.reshape(shape2)
+    else:  # band: one row per (pair, position), the band slots along it
+        rows = vx.numel()
+        shape2 = (rows, -1)
+        vx2 = vx.reshape(rows, 1)
+    k2 = cross.reshape(shape2).contiguous()
+    vy2 = vy.reshape(k2.shape).contiguous()
+    out = torch.empty_like(k2)
+    npd = np.float32 if cross.dtype == torch.float32 else np.float64
+    c_lin, c_relu = _act_coefficients(act)
+    _parallel(
+        _kernels().relu_pointwise, k2.numpy(), vx2.contiguous().numpy(), vy2.numpy(), out.numpy(),
+        npd(c_lin), npd(c_relu),
+    )
+    return out.reshape(cross.shape)
+
+
 def _roots(var):
     """sqrt(var) and 1/sqrt(var) (0 where var = 0), as numpy arrays."""
     if isinstance(var, torch.Tensor):

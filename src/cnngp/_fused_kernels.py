@@ -393,3 +393,26 @@ def conv_diagonal(v, out, geom0, geom1, sigma, wv, bv, first_row, row_step):
                                 slab[ph[q1, p1], ph[q1, p1b], ix[q1, p1], ix[q1, p1b]]
                             )
             out[b, q0, q1] = wv * total + bv
+
+
+@njit(nogil=True, **_FLAGS)
+def relu_pointwise(k, vx, vy, out, c_lin, c_relu, first_row, row_step):
+    """The ReLU-family expectation (relu_value) entry by entry, for the diagonal and band
+    representations: k, vy, out (R, W); vx (R, W) or (R, 1) (one variance per row, broadcast
+    over the band slots). n = sqrt(vx·vy), 1/n = 0 where n = 0."""
+    zero = k.dtype.type(0.0)
+    one = k.dtype.type(1.0)
+    w = k.shape[1]
+    per_row = vx.shape[1] == 1
+    for r in range(first_row, k.shape[0], row_step):
+        if per_row:
+            sx = vx[r, 0]
+            for j in range(w):
+                n = math.sqrt(sx * vy[r, j])
+                inv = one / n if n > zero else zero
+                out[r, j] = relu_value(k[r, j], n, inv, c_lin, c_relu)
+        else:
+            for j in range(w):
+                n = math.sqrt(vx[r, j] * vy[r, j])
+                inv = one / n if n > zero else zero
+                out[r, j] = relu_value(k[r, j], n, inv, c_lin, c_relu)

@@ -471,16 +471,25 @@ class Nonlinearity(Layer):
         """E[φ(u)φ(v)] for Var u = vx, Var v = vy, Cov(u, v) = c (broadcastable tensors)."""
         raise NotImplementedError
 
+    def _pointwise(self, cross, vx, vy):
+        """A faster evaluation of the expectation for diagonal/band states, or None."""
+        return None
+
     def propagate(self, state, full_out):
         if state.var1 is None or state.var2 is None:
             raise CNNGPError(f"{self!r}: the kernel state carries no variances")
         state = state.convert(full_out)
         vx, vy = state.var1, state.var2
         if state.band is not None:  # partner q + j − R of each band slot: var2 shifted
-            vx = vx.reshape(vx.shape + (1,) * state.ndim)
             vy = _ops.band_shift(vy, state.spatial, state.band)
-            out = self.expectation(state.cross, vx, vy)
+            out = self._pointwise(state.cross, vx, vy)
+            if out is None:
+                out = self.expectation(state.cross, vx.reshape(vx.shape + (1,) * state.ndim), vy)
             return state.evolve(out * _ops.band_mask(state.spatial, state.band, out.dtype, out.device))
+        if not state.full:
+            out = self._pointwise(state.cross, vx, vy)
+            if out is not None:
+                return state.evolve(out)
         if state.full:
             ones = (1,) * state.ndim
             vx = vx.reshape(vx.shape + ones)
@@ -499,6 +508,11 @@ def _relu_expectation(c, vx, vy):
     return (s + (math.pi - theta) * c) * (0.5 / math.pi)
 
 
+#: fewest entries of a diagonal or band state for which ReLU-family layers use the fused
+#: arccos-free CPU kernel; below it torch's elementwise ops cost less than importing numba
+POINTWISE_MIN = int(float(os.environ.get("CNNGP_POINTWISE_MIN", 2**20)))
+
+
 class ABReLU(Nonlinearity):
     """φ(x) = a·min(x, 0) + b·max(x, 0) (leaky ReLU for a = slope, b = 1).
 
@@ -511,6 +525,14 @@ class ABReLU(Nonlinearity):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
         self.a, self.b = float(a), float(b)
+
+    def _pointwise(self, cross, vx, vy):
+        """Large diagonal/band states on the CPU: the fused arccos-free kernel (or None)."""
+        if cross.numel() < POINTWISE_MIN:
+            return None
+        from . import _fused
+
+        return _fused.relu_pointwise(self, cross, vx, vy)
 
     def expectation(self, c, vx, vy):
         d2 = (self.b - self.a) ** 2
