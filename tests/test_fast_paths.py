@@ -305,15 +305,25 @@ def test_myrtle10_correlated_fast_path_matches_torch(torch_path, data_dir):
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
-@pytest.mark.parametrize("arch", ["cnngp3", "myrtle5"])  # diagonal path; bands under the pools
-def test_pointwise_relu_on_diagonal_and_band_states(monkeypatch, torch_path, cifar32, arch, dtype, tol):
-    """The fused arccos-free ReLU (used for large diagonal/band batches) = the torch atan2 form."""
+@pytest.mark.parametrize("arch", ["cnngp3", "myrtle5", "strided", "strided1d"])
+def test_fused_diagonal_and_band_kernels(monkeypatch, torch_path, cifar32, arch, dtype, tol):
+    """The fused arccos-free ReLU (large diagonal/band batches) equals the torch path's atan2
+    form, through strides, dilations, paddings, biases and 1-D."""
     import cnngp.layers
 
-    net = cnngp.architectures.get(arch, readout=cnngp.Independent())
     x = cifar32[:3]
+    if arch == "strided":  # strides, dilations, valid/same, bias: every box_conv branch
+        net = Serial(Conv([3, 2], stride=[2, 1], dilation=[1, 2], padding="valid", bias_var=0.2),
+                     ReLU(), Conv(4, stride=3, weight_var=1.6), ABReLU(-0.2, 1.1), Conv(1), ReLU(),
+                     cnngp.Readout())
+    elif arch == "strided1d":
+        net = Serial(Conv(3, stride=2, dilation=2, bias_var=0.1), ReLU(), Conv(2, padding="valid"),
+                     ReLU(), cnngp.Flatten())
+        x = x.reshape(3, 32 * 32, 3)
+    else:
+        net = cnngp.architectures.get(arch, readout=cnngp.Independent())
     ref = torch_path(cnngp.kernel, net, x)
-    monkeypatch.setattr(cnngp.layers, "POINTWISE_MIN", 0)  # every batch through the kernel
+    monkeypatch.setattr(cnngp.layers, "POINTWISE_MIN", 0)  # every batch through the kernels
     calls = []
     original = _fused.relu_pointwise
     monkeypatch.setattr(_fused, "relu_pointwise", lambda *a: calls.append(1) or original(*a))
