@@ -55,6 +55,8 @@ def _kernels():
 
 
 _POOL: ThreadPoolExecutor | None = None
+#: the conv kernel's rows go to the threads in contiguous blocks (else interleaved)
+BLOCKED_ROWS = os.environ.get("CNNGP_BLOCKED_ROWS", "1") != "0"
 #: work items per thread: rows are dealt out in this many interleaved shares per thread, taken
 #: by whichever thread is free (a thread descheduled on a busy machine delays only its share)
 SHARES_PER_THREAD = 2
@@ -72,6 +74,24 @@ def _parallel(kernel, *args):
         _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cnngp")
     n = threads * SHARES_PER_THREAD
     for f in [_POOL.submit(kernel, *args, k, n) for k in range(n)]:
+        f.result()
+
+
+def _parallel_blocks(kernel, rows: int, weights, *args):
+    """Like :func:`_parallel`, but each share is a contiguous block of rows (passed to the
+    kernel as first_row, −end) of about equal total ``weights`` (the work of each row)."""
+    global _POOL
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or rows < 2:
+        kernel(*args, 0, -rows)
+        return
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cnngp")
+    cum = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
+    n = min(rows, threads * SHARES_PER_THREAD)
+    edges = np.searchsorted(cum, np.linspace(0.0, cum[-1], n + 1)[1:-1])
+    bounds = sorted(set([0, rows] + [int(e) for e in edges]))
+    for f in [_POOL.submit(kernel, *args, lo, -hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
         f.result()
 
 
@@ -395,12 +415,20 @@ def conv_fused(
         c_lin = c_relu = 0.0
         rx = ix = ry = iy = np.zeros(q_shape, npd)
         code = 0
-    _parallel(
-        k.kron_conv,
+    args = (
         x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_ptr, plan.a_taps,
         plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
         code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
     )
+    q0 = int(plan.geom0[1])
+    if BLOCKED_ROWS:
+        # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which
+        # then come from the cache, not memory, once a call's pairs outgrow the L3 cache.
+        # A symmetric row q0 computes only the q0' >= q0 slabs: blocks of equal work.
+        weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
+        _parallel_blocks(k.kron_conv, b * q0, weights, *args)
+    else:
+        _parallel(k.kron_conv, *args)
     return Fused(out, out_layout, plan.spatial_out)
 
 

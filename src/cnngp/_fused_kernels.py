@@ -198,7 +198,10 @@ def kron_conv(
         ph_i0[pc] = i0
         ph_k0[pc] = (out_pad + i0) // so
         ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
-    for bq in range(first_row, nb * q_0, row_step):
+    # rows first_row, first_row + row_step, …; row_step <= 0 means the contiguous block
+    # [first_row, −row_step) instead (neighbouring rows share input slabs in the cache)
+    row_end, step = (nb * q_0, row_step) if row_step > 0 else (min(-row_step, nb * q_0), 1)
+    for bq in range(first_row, row_end, step):
         b = bq // q_0
         q0 = bq % q_0
         start = q0 if symmetric else 0
