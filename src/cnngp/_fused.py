@@ -55,44 +55,47 @@ def _kernels():
 
 
 _POOL: ThreadPoolExecutor | None = None
-#: the conv kernel's rows go to the threads in contiguous blocks (else interleaved)
-BLOCKED_ROWS = os.environ.get("CNNGP_BLOCKED_ROWS", "1") != "0"
-#: work items per thread: rows are dealt out in this many interleaved shares per thread, taken
-#: by whichever thread is free (a thread descheduled on a busy machine delays only its share)
+#: work items per thread, taken by whichever thread is free (a thread descheduled on a busy
+#: machine delays only its share)
 SHARES_PER_THREAD = 2
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _run_shares(kernel, args, shares):
+    """kernel(*args, *share) for every share, on the thread pool (the numba kernels release
+    the GIL); the caller's thread when there is one share."""
+    global _POOL
+    if len(shares) == 1:
+        kernel(*args, *shares[0])
+        return
+    threads = _threads()
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cnngp")
+    for f in [_POOL.submit(kernel, *args, *share) for share in shares]:
+        f.result()
 
 
 def _parallel(kernel, *args):
     """Run ``kernel(*args, first_row, row_step)`` over all rows on torch.get_num_threads()
-    threads (the numba kernels release the GIL); share k takes rows k, k + n, k + 2n, …"""
-    global _POOL
-    threads = max(1, torch.get_num_threads())
-    if threads == 1:
-        kernel(*args, 0, 1)
-        return
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cnngp")
-    n = threads * SHARES_PER_THREAD
-    for f in [_POOL.submit(kernel, *args, k, n) for k in range(n)]:
-        f.result()
+    threads; share k takes rows k, k + n, k + 2n, …"""
+    threads = _threads()
+    n = 1 if threads == 1 else threads * SHARES_PER_THREAD
+    _run_shares(kernel, args, [(k, n) for k in range(n)])
 
 
-def _parallel_blocks(kernel, rows: int, weights, *args):
-    """Like :func:`_parallel`, but each share is a contiguous block of rows (passed to the
-    kernel as first_row, −end) of about equal total ``weights`` (the work of each row)."""
-    global _POOL
-    threads = max(1, torch.get_num_threads())
-    if threads == 1 or rows < 2:
-        kernel(*args, 0, -rows)
-        return
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cnngp")
+def _parallel_blocks(kernel, weights, *args):
+    """Run ``kernel(*args, row_lo, row_hi)`` over contiguous blocks of rows of about equal
+    total ``weights`` (the work of each row, one entry per row)."""
+    rows = len(weights)
+    threads = _threads()
+    n = 1 if threads == 1 else min(rows, threads * SHARES_PER_THREAD)
     cum = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
-    n = min(rows, threads * SHARES_PER_THREAD)
     edges = np.searchsorted(cum, np.linspace(0.0, cum[-1], n + 1)[1:-1])
     bounds = sorted(set([0, rows] + [int(e) for e in edges]))
-    for f in [_POOL.submit(kernel, *args, lo, -hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
-        f.result()
+    _run_shares(kernel, args, list(zip(bounds[:-1], bounds[1:])))
 
 
 def enabled() -> bool:
@@ -420,15 +423,12 @@ def conv_fused(
         plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
         code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
     )
+    # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which then
+    # come from the cache, not memory, once a call's pairs outgrow the L3 cache. A symmetric
+    # row q0 computes only the q0' >= q0 slabs: blocks of equal work.
     q0 = int(plan.geom0[1])
-    if BLOCKED_ROWS:
-        # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which
-        # then come from the cache, not memory, once a call's pairs outgrow the L3 cache.
-        # A symmetric row q0 computes only the q0' >= q0 slabs: blocks of equal work.
-        weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
-        _parallel_blocks(k.kron_conv, b * q0, weights, *args)
-    else:
-        _parallel(k.kron_conv, *args)
+    weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
+    _parallel_blocks(k.kron_conv, weights, *args)
     return Fused(out, out_layout, plan.spatial_out)
 
 

@@ -143,7 +143,7 @@ def _relu_value_impl(k, n, inv_n, c_lin, c_relu):
 @njit(nogil=True, **_FLAGS)
 def kron_conv(
     v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
-    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, first_row, row_step,
+    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, row_lo, row_hi,
 ):
     """Full → full conv (PAPER.md (*)) by Kronecker terms, then an optional ReLU-family act.
 
@@ -157,7 +157,7 @@ def kron_conv(
     (relu_value).
     symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
     computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
-    rows first_row, first_row + row_step, … (interleaved: the symmetric rows shrink with q0).
+    the contiguous rows row_lo … row_hi − 1 (neighbouring rows share input slabs in the cache).
     """
     nb = v.shape[0]
     dtype = v.dtype
@@ -198,10 +198,7 @@ def kron_conv(
         ph_i0[pc] = i0
         ph_k0[pc] = (out_pad + i0) // so
         ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
-    # rows first_row, first_row + row_step, …; row_step <= 0 means the contiguous block
-    # [first_row, −row_step) instead (neighbouring rows share input slabs in the cache)
-    row_end, step = (nb * q_0, row_step) if row_step > 0 else (min(-row_step, nb * q_0), 1)
-    for bq in range(first_row, row_end, step):
+    for bq in range(row_lo, min(row_hi, nb * q_0)):
         b = bq // q_0
         q0 = bq % q_0
         start = q0 if symmetric else 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -99,6 +99,8 @@ class _Plan:
     self_flags: list
     self_depth: int
     var_layers: list
+    #: stacked readout weights, see _head_weights
+    head_weights: dict = field(default_factory=dict)
 
     @property
     def spatial_out(self):
@@ -291,7 +293,7 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
                 values.append(state.cross[None].clone())
                 continue
             heads = _fused.apply_heads(plan.heads, fused)
-            values.append(heads if heads is not None else _apply_heads(plan.heads, state))
+            values.append(heads if heads is not None else _apply_heads(plan, state))
         return torch.cat(values, dim=1)
     state = _input_state(x1b, x2b, plan.pair_flags[0])
     for i, layer in enumerate(plan.body.layers):
@@ -300,11 +302,26 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
         state = layer.propagate(state, plan.pair_flags[i + 1])
     if not plan.heads:
         return state.cross[None]
-    return _apply_heads(plan.heads, state)
+    return _apply_heads(plan, state)
 
 
-def _apply_heads(heads, state: KernelState) -> torch.Tensor:
+def _head_weights(plan: _Plan, general: list, state: KernelState) -> torch.Tensor:
+    """The general readouts' Σ stacked as (|F|·|F| or |F|·W, L) float64, built once per plan."""
+    key = (tuple(general), state.band, str(state.cross.device))
+    if key not in plan.head_weights:
+        plan.head_weights[key] = torch.stack(
+            [
+                plan.heads[i].weights(state.spatial, torch.float64, state.cross.device, state.band)
+                for i in general
+            ],
+            dim=1,
+        )
+    return plan.head_weights[key]
+
+
+def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
     """All readouts from one last-hidden-layer state; general Σ's share one matmul."""
+    heads = plan.heads
     out = [None] * len(heads)
     general = [
         i
@@ -314,14 +331,7 @@ def _apply_heads(heads, state: KernelState) -> torch.Tensor:
         and h._kind(state.spatial) not in ("independent", "constant")
     ]
     if general:
-        w = torch.stack(
-            [
-                heads[i].weights(state.spatial, torch.float64, state.cross.device, state.band)
-                for i in general
-            ],
-            dim=1,
-        )
-        values = weighted_sums(state.cross, w)  # (B, L_general), float64
+        values = weighted_sums(state.cross, _head_weights(plan, general, state))  # (B, L), f64
         for k, i in enumerate(general):
             out[i] = (values[:, k] * heads[i].weight_var + heads[i].bias_var).to(state.cross.dtype)
     for i, h in enumerate(heads):

@@ -225,7 +225,7 @@ class Conv(Layer):
         kind = self._kind(geoms)
         q_shape = tuple(g.n_out for g in geoms)
         if state.band is not None or (isinstance(full_out, Band) and not state.full):
-            return self._propagate_band(state, full_out, geoms, kind)
+            return self._propagate_band(state, full_out, geoms, kind, q_shape)
         if isinstance(full_out, Band):  # full below, band above: compute full, keep the band
             return self.propagate(state, True).to_band(full_out.radius)
         if kind == "independent":
@@ -256,13 +256,17 @@ class Conv(Layer):
                     x = _ops.correlated_conv_full(state.cross, sigma, geoms)
                 else:
                     x = _ops.correlated_conv_diagonal(state.cross, sigma, geoms)
+        return state.evolve(self._affine(x), spatial=q_shape, full=full_out)
+
+    def _affine(self, x):
+        """weight_var · x + bias_var (PAPER.md (*)), skipping the identity parts."""
         if self.weight_var != 1.0:
             x = x * self.weight_var
         if self.bias_var:
             x = x + self.bias_var
-        return state.evolve(x, spatial=q_shape, full=full_out)
+        return x
 
-    def _propagate_band(self, state, out, geoms, kind):
+    def _propagate_band(self, state, out, geoms, kind, q_shape):
         """Band (or diagonal) in, band or diagonal out: :func:`cnngp._ops.banded_conv`."""
         d = len(geoms)
         r_in = state.band if state.band is not None else (0,) * d
@@ -275,12 +279,7 @@ class Conv(Layer):
                 tuple(g.taps for g in geoms), state.cross.dtype, state.cross.device
             )
         v = state.cross if state.band is not None else state.cross.reshape(state.cross.shape + (1,) * d)
-        x = _ops.banded_conv(v, sigma, geoms, r_in, r_out)
-        if self.weight_var != 1.0:
-            x = x * self.weight_var
-        if self.bias_var:
-            x = x + self.bias_var
-        q_shape = tuple(g.n_out for g in geoms)
+        x = self._affine(_ops.banded_conv(v, sigma, geoms, r_in, r_out))
         if any(r_out):
             x = x * _ops.band_mask(q_shape, r_out, x.dtype, x.device)
             return state.evolve(x, spatial=q_shape, full=Band(r_out))
@@ -414,7 +413,6 @@ class Readout(Layer):
         m = self.correlation.matrix(spatial, dtype, device)
         if band is None:
             return m.reshape(-1)
-        n = math.prod(spatial)
         return _ops.band_from_full(m.reshape((1,) + tuple(spatial) * 2), spatial, band).reshape(-1)
 
     def propagate(self, state, full_out):
