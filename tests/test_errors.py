@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -229,3 +230,18 @@ def test_cuda_requested_without_a_device(images, tmp_path, capsys):
     assert code == 2 and "no CUDA device" in err and not (tmp_path / "k.npz").exists()
     with pytest.raises(CNNGPError, match=r"dtype: expected 'float64' or 'float32'"):
         cnngp.kernel(NET, GOOD, dtype="float16")
+
+
+def test_bad_tuning_variable_warns_and_keeps_the_default():
+    """A malformed CNNGP_* knob names itself in a warning; the import and the run go on."""
+    code = ("import warnings, numpy as np\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import cnngp, cnngp.layers, cnngp.gram\n"
+            "print([str(x.message) for x in w])\n"
+            "print(cnngp.layers.BAND_FRACTION, cnngp.gram.STREAM_BATCH_BYTES)\n")
+    env = dict(os.environ, CNNGP_BAND_FRACTION="abc", CNNGP_STREAM_BATCH_BYTES="-5")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "CNNGP_BAND_FRACTION='abc' is not a finite number >= 0; using the default 0.25" in out
+    assert "CNNGP_STREAM_BATCH_BYTES='-5' is not a finite number >= 1" in out
+    assert out.strip().endswith("0.25 16777216")

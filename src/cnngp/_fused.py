@@ -27,6 +27,7 @@ import torch
 
 from . import _ops
 from .layers import ABReLU, Conv, ReLU
+from .settings import env_number
 from .state import Band, KernelState
 
 __all__ = ["available", "wanted", "run_layers", "Workspace", "conv_plan", "conv_full"]
@@ -38,7 +39,7 @@ _IMPORT_FAILED = False
 #: amortise the per-call work in Python (numba dispatch, handing rows to the threads, the
 #: variance roots): on the 2-core benchmark machine 64 MB (6 CNNGP-14 pairs in float32) ran
 #: the N = 16 Gram matrix ~20 % faster (median of 5) than 8 MB (one pair, cache-resident).
-CACHE_BYTES = int(float(os.environ.get("CNNGP_CACHE_BYTES", 64 * 1024**2)))
+CACHE_BYTES = env_number("CNNGP_CACHE_BYTES", 64 * 1024**2, 1, integer=True)
 
 
 def _kernels():

@@ -15,7 +15,6 @@ Pairs are processed in batches whose size is chosen from a memory budget.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,6 +23,7 @@ import torch
 
 from . import _fused, _ops
 from .errors import CNNGPError
+from .settings import env_number
 from .layers import Layer, Readout, Serial, weighted_sums
 from .state import Band, KernelState
 from .storage import Checkpoint, fingerprint
@@ -31,7 +31,7 @@ from .storage import Checkpoint, fingerprint
 __all__ = ["kernel", "readout_sweep", "as_images", "resolve_dtype", "DEFAULT_MEMORY_BUDGET"]
 
 #: bytes of working memory a batch of pairs may use, unless told otherwise
-DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("CNNGP_MEMORY_BUDGET", 2 * 1024**3)))
+DEFAULT_MEMORY_BUDGET = env_number("CNNGP_MEMORY_BUDGET", 2 * 1024**3, 1, integer=True)
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -140,7 +140,7 @@ def _make_plan(body: Serial, heads: list, spatial: tuple) -> _Plan:
 
 
 #: bytes of one layer's state per batch on the diagonal/band paths (see _batch_size)
-STREAM_BATCH_BYTES = int(float(os.environ.get("CNNGP_STREAM_BATCH_BYTES", 16 * 1024**2)))
+STREAM_BATCH_BYTES = env_number("CNNGP_STREAM_BATCH_BYTES", 16 * 1024**2, 1, integer=True)
 
 
 def _merge(reps):

@@ -9,7 +9,6 @@ so :class:`Serial` can choose the cheapest representation automatically.
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ from . import _ops
 from ._ops import AxisGeometry, check_geometry
 from .correlations import Constant, Correlation, Independent
 from .errors import CNNGPError
+from .settings import env_number
 from .state import Band, KernelState
 
 __all__ = [
@@ -79,7 +79,7 @@ def _normalised(correlation) -> bool:
 
 #: a band is used when it holds at most this fraction of the full tensor's entries
 #: (environment CNNGP_BAND_FRACTION; 0 never uses bands)
-BAND_FRACTION = float(os.environ.get("CNNGP_BAND_FRACTION", 0.25))
+BAND_FRACTION = env_number("CNNGP_BAND_FRACTION", 0.25)
 
 
 def band_or_full(radius: tuple, spatial: tuple):
@@ -508,7 +508,7 @@ def _relu_expectation(c, vx, vy):
 
 #: fewest entries of a diagonal or band state for which ReLU-family layers use the fused
 #: arccos-free CPU kernel; below it torch's elementwise ops cost less than importing numba
-POINTWISE_MIN = int(float(os.environ.get("CNNGP_POINTWISE_MIN", 2**20)))
+POINTWISE_MIN = env_number("CNNGP_POINTWISE_MIN", 2**20, integer=True)
 
 
 class ABReLU(Nonlinearity):
