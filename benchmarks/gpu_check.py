@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import cnngp  # noqa: E402
 from cnngp.provenance import versions  # noqa: E402
+from cnngp.storage import atomic_write  # noqa: E402
 
 #: (name, architecture, readout) — the representation each one exercises in brackets
 CORRECTNESS = [
@@ -113,6 +114,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="correctness on 2 images, one dtype timed")
     p.add_argument("--out", default="gpu_check.json")
     args = p.parse_args(argv)
+    if args.n < 1 or args.n_check < 1:
+        p.error(f"--n and --n-check: expected integers >= 1, got {args.n} and {args.n_check}")
+    out_dir = Path(args.out).parent
+    if not out_dir.is_dir():  # say so now, not after minutes of GPU time
+        p.error(f"--out: folder {str(out_dir)!r} does not exist")
     device = args.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: --device cuda but torch finds no CUDA device")
@@ -134,7 +140,7 @@ def main(argv=None):
     result = {"config": info, "correctness": correctness(device, n_check, budget)}
     print("timing:", flush=True)
     result["timing"] = timing(device, args.n, budget, dtypes, workloads)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=1).encode()))
     worst = max(r["rel_err_float64"] for r in result["correctness"])
     print(f"worst float64 relative error {worst:.1e}; wrote {args.out}")
     return 0 if worst <= 1e-9 else 1
