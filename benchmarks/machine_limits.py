@@ -9,6 +9,13 @@ Measures, for float32 and float64:
   in G elements per second, for a large (memory-resident) array and a small
   (L2-resident) one; numpy.arccos likewise (numpy is single-threaded).
 * matmul - square torch matmul, GFLOP/s = 2 n^3 / t.
+* cache-resident copy - ``dst.copy_(src)`` with --l3-mib MiB per array (source and
+  destination together inside the L3 cache): the bandwidth a layer of the fused path sees
+  when a pair's position-pair tensors stay in the L3 cache.
+* cnngp's arccos-free ReLU expectation - the numba kernel ``relu_pointwise`` (polynomial,
+  see src/cnngp/_fused_kernels.py) on a cache-resident array, one thread: the transcendental
+  cost per entry the fused path actually pays (it also takes a sqrt and a division per entry,
+  which the fused conv does not).
 
 torch figures are measured with 1 thread and with --threads threads.  Times
 are the best of --reps repetitions after one warm-up (best-of, because the
@@ -54,6 +61,23 @@ def best_time(fn, reps, min_time=0.03):
 LOAD0 = None
 
 
+def relu_kernel(dt, n):
+    """A call of cnngp's numba ReLU-expectation kernel on n cache-resident entries (one
+    thread), or None where numba is missing."""
+    try:
+        from cnngp import _fused_kernels as fk
+    except Exception:  # numba missing
+        return None
+    npd = np.float32 if dt == torch.float32 else np.float64
+    rng = np.random.default_rng(0)
+    w = 64
+    vx = (rng.random((n // w, w)) + 0.5).astype(npd)
+    vy = (rng.random((n // w, w)) + 0.5).astype(npd)
+    k = ((rng.random((n // w, w)) * 1.8 - 0.9) * np.sqrt(vx * vy)).astype(npd)
+    out = np.empty_like(k)
+    return lambda: fk.relu_pointwise(k, vx, vy, out, npd(0.0), npd(1.0), 0, 1)
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -73,6 +97,8 @@ def main():
                    help="size of the large arrays (MiB) for bandwidth tests")
     p.add_argument("--small-elems", type=int, default=1 << 14,
                    help="elements of the small (cache-resident) arrays")
+    p.add_argument("--l3-mib", type=int, default=8,
+                   help="size of each array (MiB) for the cache-resident copy")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__),
                                                   "machine_limits.json"))
@@ -107,6 +133,8 @@ def main():
             a = torch.rand(n, dtype=dt) * 1.8 - 0.9      # in (-0.9, 0.9) for acos
             b = torch.rand(n, dtype=dt) + 0.1
             arrays[size_name] = (n, a, b, torch.empty_like(a))
+        nl3 = args.l3_mib * 2 ** 20 // esize
+        src3, dst3 = torch.rand(nl3, dtype=dt), torch.empty(nl3, dtype=dt)
         A = torch.rand(m, m, dtype=dt)
         B = torch.rand(m, m, dtype=dt)
         C = torch.empty(m, m, dtype=dt)
@@ -117,6 +145,9 @@ def main():
             add("torch copy_ bandwidth (r+w)", name, thr, 2 * nbig * esize,
                 best_time(lambda: dst.copy_(src), args.reps), "GB/s",
                 bytes=nbig * esize)
+            add(f"torch copy_ bandwidth [L3 {args.l3_mib} MiB] (r+w)", name, thr,
+                2 * nl3 * esize, best_time(lambda: dst3.copy_(src3), args.reps), "GB/s",
+                bytes=nl3 * esize)
             # --- elementwise throughput, large (memory) and small (cache) arrays
             for size_name, (n, a, b, o) in arrays.items():
                 ops = {
@@ -142,7 +173,11 @@ def main():
             an, on = a.numpy(), o.numpy()
             add(f"numpy.arccos [{size_name} {n}]", name, 1, n,
                 best_time(lambda: np.arccos(an, out=on), args.reps), "Gelem/s", n=n)
-        del src, dst, arrays, A, B, C
+        relu = relu_kernel(dt, args.small_elems)
+        if relu is not None:
+            add(f"cnngp relu expectation [small {args.small_elems}]", name, 1,
+                args.small_elems, best_time(relu, args.reps), "Gelem/s", n=args.small_elems)
+        del src, dst, src3, dst3, arrays, A, B, C
     torch.set_num_threads(args.threads)
 
     info = dict(
