@@ -103,6 +103,11 @@ def main():
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__),
                                                   "machine_limits.json"))
     args = p.parse_args()
+    for name, least in (("threads", 1), ("reps", 1), ("big_mib", 1), ("l3_mib", 1),
+                        ("small_elems", 64), ("matmul_n", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be an integer >= {least}, "
+                    f"got {getattr(args, name)}")
     global LOAD0
     LOAD0 = list(os.getloadavg())
     torch.manual_seed(0)
@@ -193,8 +198,10 @@ def main():
         results=rows,
     )
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = args.json + ".partial"  # written whole, then renamed: never a half-written file
+        with open(tmp, "w") as f:
             json.dump(info, f, indent=1)
+        os.replace(tmp, args.json)
         print(f"# wrote {args.json}")
 
 
