@@ -149,8 +149,12 @@ def test_noise_grid_psd_and_indefinite():
     K, _ = _problem(n=20)
     g = noise_grid(K, n=1000)
     assert g.shape == (1000,) and np.all(np.diff(g) > 0)
-    np.testing.assert_allclose(np.log(g[[0, -1]]), [-36.0, 5.0])
-    np.testing.assert_allclose(np.diff(np.log(g)), 41.0 / 999, rtol=1e-9)
+    # PSD: the grid starts at the conditioning floor 1e-10 * lambda_max (or e^-36)
+    lo = max(-36.0, np.log(gp.NOISE_RCOND * np.linalg.eigvalsh(K)[-1]))
+    np.testing.assert_allclose(np.log(g[[0, -1]]), [lo, 5.0])
+    np.testing.assert_allclose(np.diff(np.log(g)), (5.0 - lo) / 999, rtol=1e-9)
+    tiny = np.eye(3) * 1e-9  # lambda_max 1e-9: the floor 1e-19 is below e^-36
+    np.testing.assert_allclose(np.log(noise_grid(tiny, n=5)[0]), -36.0)
     # Indefinite fold kernels: the grid starts just above -min eigenvalue over folds.
     K1 = K - 0.05 * np.eye(20)
     K2 = K[:10, :10] - 0.2 * np.eye(10)
@@ -161,6 +165,53 @@ def test_noise_grid_psd_and_indefinite():
     scipy.linalg.cholesky(K2 + g[0] * np.eye(10))  # positive definite, does not raise
     with pytest.raises(ValueError, match="not a valid covariance"):
         noise_grid(-200.0 * np.eye(3))
+
+
+def _rank_deficient(n=24, rank=3, seed=0):
+    """A kernel of rank 3 (3 features; duplicate points), scale about 1, and 2 classes."""
+    rng = np.random.default_rng(seed)
+    F = rng.normal(size=(n, rank))
+    F[n // 2 :] = F[: n - n // 2]  # duplicates
+    y = (F[:, 0] > 0).astype(np.int64)
+    y[:2] = [0, 1]
+    return F @ F.T, y
+
+
+def test_noise_grid_never_offers_an_ill_conditioned_sigma2():
+    """A rank-deficient kernel: every grid value keeps cond(K + sigma^2 I) <= 1e10, and the
+    posterior mean at the smallest one agrees on every subset of test rows to rounding (at
+    the paper's e^-36 it came out quantised to multiples of 1/64, different per subset)."""
+    K, y = _rank_deficient()
+    top = np.linalg.eigvalsh(K)[-1]
+    g = noise_grid(K, n=50)
+    assert g[0] >= gp.NOISE_RCOND * top * (1 - 1e-12)
+    res = gp.cross_validate(K, y, folds=4)
+    assert res.noise_variances[0] >= gp.NOISE_RCOND * top * 0.5
+    s2 = g[0]
+    whole = gp.posterior_mean(K, y, K, s2)
+    for rows in (np.arange(5), np.arange(3, 20, 2), np.array([7])):
+        part = gp.posterior_mean(K, y, K[rows], s2)
+        np.testing.assert_allclose(part, whole[rows], rtol=1e-7, atol=1e-7)
+    # as sigma^2 -> 0 the training-point means tend to the projection of Y onto the
+    # kernel's range, F F^+ Y (closed form from the 3 features)
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(24, 3))
+    F[12:] = F[:12]
+    np.testing.assert_allclose(F @ F.T, K)
+    Y = gp.centered_one_hot(y)
+    np.testing.assert_allclose(whole, F @ np.linalg.pinv(F) @ Y, atol=1e-6)
+
+
+def test_ill_conditioned_noise_is_reported():
+    K, y = _rank_deficient()
+    with pytest.warns(gp.IllConditionedWarning, match=r"noise_variance=2.32e-16 is below 1e-10"):
+        with pytest.warns(RuntimeWarning, match="not positive definite"):
+            gp.posterior_mean(K, y, K[:2], np.exp(-36.0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gp.posterior_mean(K, y, K[:2], noise_grid(K, n=5)[0])  # the grid's floor: silent
 
 
 def test_paper_folds_disjoint_cover_balanced():

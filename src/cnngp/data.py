@@ -38,6 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import CNNGPError, MissingFileError
+
 __all__ = [
     "Dataset",
     "CIFAR10_CLASSES",
@@ -138,9 +140,9 @@ def _pixels_to_float(x: np.ndarray, what: str) -> np.ndarray:
     if np.issubdtype(x.dtype, np.floating):
         out = x.astype(np.float64)
         if not np.all(np.isfinite(out)):
-            raise ValueError(f"{what} contains NaN or infinite values")
+            raise CNNGPError(f"{what} contains NaN or infinite values")
         return out
-    raise ValueError(
+    raise CNNGPError(
         f"{what} has dtype {x.dtype}; accepted are uint8 (0..255, scaled by 1/255) or a "
         "floating-point type (kept as is, expected in [0, 1])"
     )
@@ -151,7 +153,7 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise ValueError(
+        raise CNNGPError(
             f"{what} must have shape (N, H, W, C) or (N, H, W); got shape {x.shape}"
         )
     return _pixels_to_float(x, what)
@@ -161,19 +163,19 @@ def _as_labels(y: np.ndarray, what: str, n_classes: int | None) -> np.ndarray:
     """Check labels are a 1-D integer vector in ``0..n_classes-1``; return int64."""
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"{what} must be 1-D (one label per image); got shape {y.shape}")
+        raise CNNGPError(f"{what} must be 1-D (one label per image); got shape {y.shape}")
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
         out = y.astype(np.int64)
     elif np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise ValueError(f"{what} must hold integer class labels; got non-integer values")
+            raise CNNGPError(f"{what} must hold integer class labels; got non-integer values")
         out = y.astype(np.int64)
     else:
-        raise ValueError(f"{what} must hold integer class labels; got dtype {y.dtype}")
+        raise CNNGPError(f"{what} must hold integer class labels; got dtype {y.dtype}")
     if out.size and out.min() < 0:
-        raise ValueError(f"{what} has a negative label ({out.min()}); labels must be >= 0")
+        raise CNNGPError(f"{what} has a negative label ({out.min()}); labels must be >= 0")
     if n_classes is not None and out.size and out.max() >= n_classes:
-        raise ValueError(
+        raise CNNGPError(
             f"{what} has label {out.max()}, out of range for {n_classes} classes "
             f"(accepted: 0..{n_classes - 1})"
         )
@@ -182,7 +184,7 @@ def _as_labels(y: np.ndarray, what: str, n_classes: int | None) -> np.ndarray:
 
 def _check_lengths(x: np.ndarray, y: np.ndarray, what: str) -> None:
     if len(x) != len(y):
-        raise ValueError(
+        raise CNNGPError(
             f"mismatched lengths in {what}: {len(x)} images but {len(y)} labels"
         )
 
@@ -223,30 +225,30 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def _open_npz(path: Path, what: str):
     if not path.exists():
-        raise FileNotFoundError(f"{what}: file not found: {path}")
+        raise MissingFileError(f"{what}: file not found: {path}")
     if path.is_dir():
-        raise ValueError(f"{what}: expected a .npz file, got a directory: {path}")
+        raise CNNGPError(f"{what}: expected a .npz file, got a directory: {path}")
     if not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise CNNGPError(
             f"{what}: {path} is not a .npz archive (accepted: a NumPy .npz file written by "
             "numpy.savez or numpy.savez_compressed)"
         )
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # corrupt zip members etc.
-        raise ValueError(f"{what}: cannot read .npz archive {path}: {exc}") from None
+        raise CNNGPError(f"{what}: cannot read .npz archive {path}: {exc}") from None
 
 
 def _npz_get(archive, key: str, path: Path) -> np.ndarray:
     try:
         return archive[key]
     except ValueError as exc:  # object arrays need pickle, which we refuse
-        raise ValueError(
+        raise CNNGPError(
             f"array {key!r} in {path} cannot be read without pickle (object dtype?); "
             f"store it as a plain numeric or string array: {exc}"
         ) from None
     except Exception as exc:
-        raise ValueError(f"array {key!r} in {path} is corrupt: {exc}") from None
+        raise CNNGPError(f"array {key!r} in {path} is corrupt: {exc}") from None
 
 
 def _load_npz_dataset(path: Path) -> Dataset:
@@ -254,21 +256,21 @@ def _load_npz_dataset(path: Path) -> Dataset:
         names = list(archive.files)
         missing = [k for k in ("x_train", "y_train") if k not in names]
         if missing:
-            raise ValueError(
+            raise CNNGPError(
                 f"source {path} lacks the array(s) {missing}; a data-set .npz needs "
                 f"x_train and y_train (and optionally x_test, y_test, class_names); "
                 f"it holds {names}"
             )
         has_test = "x_test" in names or "y_test" in names
         if has_test and not ("x_test" in names and "y_test" in names):
-            raise ValueError(
+            raise CNNGPError(
                 f"source {path} has only one of x_test / y_test; give both or neither"
             )
         class_names = None
         if "class_names" in names:
             cn = _npz_get(archive, "class_names", path)
             if cn.ndim != 1:
-                raise ValueError(
+                raise CNNGPError(
                     f"class_names in {path} must be 1-D; got shape {cn.shape}"
                 )
             class_names = tuple(str(c) for c in cn.tolist())
@@ -287,7 +289,7 @@ def _load_npz_dataset(path: Path) -> Dataset:
         y_test = _as_labels(y_test_raw, f"y_test in {path}", n_classes)
         _check_lengths(x_test, y_test, f"{path} (x_test, y_test)")
         if x_test.shape[1:] != x_train.shape[1:]:
-            raise ValueError(
+            raise CNNGPError(
                 f"{path}: x_test images have shape {x_test.shape[1:]} but x_train images "
                 f"have shape {x_train.shape[1:]}"
             )
@@ -348,20 +350,20 @@ def load_array(
             elif len(names) == 1:
                 key = names[0]
             else:
-                raise ValueError(
+                raise CNNGPError(
                     f"{name} {spec!r} names no array and none of the default arrays "
                     f"{list(default_keys)} is in it; write {spec}:NAME with NAME one of "
                     f"{names}"
                 )
         elif key not in names:
-            raise ValueError(
+            raise CNNGPError(
                 f"{name}: no array {key!r} in {spec}; available arrays: {names}"
             )
         arr = _npz_get(archive, key, path)
     if arr.dtype == np.uint8:
         return arr.astype(np.float64) / 255.0
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ValueError(
+        raise CNNGPError(
             f"{name}: array {key!r} in {spec} has non-numeric dtype {arr.dtype}"
         )
     return arr.astype(np.float64)
@@ -381,7 +383,7 @@ def _chw_to_hwc(flat: np.ndarray) -> np.ndarray:
 def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % _CIFAR_RECORD:
-        raise ValueError(
+        raise CNNGPError(
             f"{path} is truncated or not a CIFAR-10 binary batch: its size ({raw.size} "
             f"bytes) is not a positive multiple of the record size {_CIFAR_RECORD} "
             "(1 label byte + 3072 pixel bytes)"
@@ -456,9 +458,9 @@ def _safe_unpickle(path: Path):
     try:
         return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _UnsafePickleError as exc:
-        raise ValueError(f"unsafe CIFAR-10 python batch {path}: {exc}") from None
+        raise CNNGPError(f"unsafe CIFAR-10 python batch {path}: {exc}") from None
     except Exception as exc:  # EOFError, struct errors, ... from truncation
-        raise ValueError(
+        raise CNNGPError(
             f"cannot read CIFAR-10 python batch {path} (truncated or corrupt): "
             f"{type(exc).__name__}: {exc}"
         ) from None
@@ -474,27 +476,27 @@ def _dict_get(d: dict, key: str):
 def _read_cifar_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
     obj = _safe_unpickle(path)
     if not isinstance(obj, dict):
-        raise ValueError(
+        raise CNNGPError(
             f"{path} is not a CIFAR-10 python batch: expected a pickled dict, got "
             f"{type(obj).__name__}"
         )
     data = _dict_get(obj, "data")
     labels = _dict_get(obj, "labels")
     if data is None or labels is None:
-        raise ValueError(
+        raise CNNGPError(
             f"{path} is not a CIFAR-10 python batch: the dict must have keys b'data' and "
             f"b'labels'; it has {sorted(map(repr, obj))}"
         )
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
-        raise ValueError(
+        raise CNNGPError(
             f"{path}: b'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}); got "
             f"dtype {data.dtype}, shape {data.shape}"
         )
     try:
         y = np.asarray(labels)
     except Exception:  # pragma: no cover - ragged lists etc.
-        raise ValueError(f"{path}: b'labels' is not a list of integers") from None
+        raise CNNGPError(f"{path}: b'labels' is not a list of integers") from None
     y = _as_labels(y, f"labels in {path}", len(CIFAR10_CLASSES))
     _check_lengths(data, y, str(path))
     return _chw_to_hwc(data), y
@@ -527,28 +529,28 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(f"cannot read {path} (corrupt or truncated gzip?): {exc}") from None
+        raise CNNGPError(f"cannot read {path} (corrupt or truncated gzip?): {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
+        raise CNNGPError(
             f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'} "
             "(expected 0x0000 followed by type and rank bytes)"
         )
     dtype_code, rank = raw[2], raw[3]
     if dtype_code != 0x08:
-        raise ValueError(
+        raise CNNGPError(
             f"{path}: IDX element type 0x{dtype_code:02x} is not supported (accepted: "
             "0x08, unsigned bytes, as in MNIST)"
         )
     if rank != ndim:
-        raise ValueError(f"{path}: IDX rank is {rank}, expected {ndim}")
+        raise CNNGPError(f"{path}: IDX rank is {rank}, expected {ndim}")
     header = 4 + 4 * rank
     if len(raw) < header:
-        raise ValueError(f"{path} is truncated: the IDX header is incomplete")
+        raise CNNGPError(f"{path} is truncated: the IDX header is incomplete")
     dims = struct.unpack(f">{rank}I", raw[4:header])
     expected = int(np.prod(dims, dtype=np.int64))
     body = len(raw) - header
     if body != expected:
-        raise ValueError(
+        raise CNNGPError(
             f"{path} is truncated or corrupt: the header announces shape {dims} "
             f"({expected} bytes of data) but the file holds {body} bytes of data"
         )
@@ -620,7 +622,7 @@ def _load_folder(folder: Path) -> Dataset:
         + f"); also in sub-folders {_CIFAR_BIN_SUBDIR}/ and {_CIFAR_PY_SUBDIR}/"
     )
     detail = ("; ".join(partial) + ". ") if partial else ""
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"source folder {folder} holds no known data set. {detail}Looked for: {looked_for}"
     )
 
@@ -667,12 +669,12 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
         return _load_folder(path)
     if path.is_file():
         if path.suffix.lower() != ".npz" and not zipfile.is_zipfile(path):
-            raise ValueError(
+            raise CNNGPError(
                 f"source {path} is a file but not a .npz archive; accepted sources: "
                 "'digits', a .npz file, or a folder with CIFAR-10 or MNIST files"
             )
         return _load_npz_dataset(path)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"source {os.fspath(source)!r} does not exist; accepted sources: 'digits', a "
         ".npz file, or a folder with the CIFAR-10 (binary or python) or MNIST IDX files"
     )
@@ -686,17 +688,17 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
 def _class_count(y: np.ndarray, n_classes: int | None, what: str = "y") -> int:
     y = np.asarray(y)
     if y.ndim != 1 or y.size == 0:
-        raise ValueError(f"{what} must be a non-empty 1-D label vector; got shape {y.shape}")
+        raise CNNGPError(f"{what} must be a non-empty 1-D label vector; got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{what} must hold integer labels; got dtype {y.dtype}")
+        raise CNNGPError(f"{what} must hold integer labels; got dtype {y.dtype}")
     if y.min() < 0:
-        raise ValueError(f"{what} has a negative label ({y.min()})")
+        raise CNNGPError(f"{what} has a negative label ({y.min()})")
     k = int(y.max()) + 1 if n_classes is None else int(n_classes)
     if y.max() >= k:
-        raise ValueError(f"{what} has label {y.max()}, out of range for n_classes={k}")
+        raise CNNGPError(f"{what} has label {y.max()}, out of range for n_classes={k}")
     counts = np.bincount(y, minlength=k)
     if np.any(counts == 0):
-        raise ValueError(
+        raise CNNGPError(
             f"class(es) {np.flatnonzero(counts == 0).tolist()} missing from {what}; "
             f"every class 0..{k - 1} must be present"
         )
@@ -741,14 +743,14 @@ def balanced_subset(
     k = _class_count(y, n_classes)
     n = int(n)
     if n <= 0 or n % k:
-        raise ValueError(
+        raise CNNGPError(
             f"n={n} must be a positive multiple of the number of classes ({k})"
         )
     per_class = n // k
     counts = np.bincount(y, minlength=k)
     if per_class > counts.min():
         c = int(np.argmin(counts))
-        raise ValueError(
+        raise CNNGPError(
             f"n={n} needs {per_class} images per class but class {c} has only "
             f"{counts[c]} (largest balanced n is {k * counts.min()})"
         )
@@ -785,13 +787,13 @@ def blocks(n_total: int, n: int, n_classes: int = 10) -> list[np.ndarray]:
     """
     n_total, n, n_classes = int(n_total), int(n), int(n_classes)
     if n_classes <= 0:
-        raise ValueError(f"n_classes={n_classes} must be positive")
+        raise CNNGPError(f"n_classes={n_classes} must be positive")
     if n <= 0 or n_total <= 0:
-        raise ValueError(f"n={n} and n_total={n_total} must be positive")
+        raise CNNGPError(f"n={n} and n_total={n_total} must be positive")
     if n_total % n:
-        raise ValueError(f"block size n={n} does not divide n_total={n_total}")
+        raise CNNGPError(f"block size n={n} does not divide n_total={n_total}")
     if n % n_classes:
-        raise ValueError(
+        raise CNNGPError(
             f"block size n={n} is not a multiple of the number of classes "
             f"({n_classes}), so blocks would not be class-balanced"
         )

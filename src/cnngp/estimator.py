@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import gp
 from .correlations import Constant, Correlation, Independent, parse_lengthscale
+from .errors import CNNGPError
 from .layers import Readout, Serial
 from .sweep import _blas_threads
 
@@ -60,17 +61,17 @@ def _correlation(correlation, lengthscale, template: Readout) -> Correlation:
     """A Correlation from the estimator's ``correlation`` / ``lengthscale`` parameters."""
     if correlation is None:
         if lengthscale is not None:
-            raise ValueError(
+            raise CNNGPError(
                 "lengthscale is set but correlation is None; give a family as well, e.g. "
                 "correlation='matern32'"
             )
         return template.correlation
     if isinstance(correlation, Correlation):
         if lengthscale is not None:
-            raise ValueError("lengthscale cannot be combined with a Correlation instance")
+            raise CNNGPError("lengthscale cannot be combined with a Correlation instance")
         return correlation
     if not isinstance(correlation, str):
-        raise ValueError(
+        raise CNNGPError(
             f"correlation must be None, a cnngp Correlation or one of "
             f"{sorted(_ENDS) + sorted(_family_names())}; got {correlation!r}"
         )
@@ -79,12 +80,12 @@ def _correlation(correlation, lengthscale, template: Readout) -> Correlation:
         return _ENDS[key]()
     families = _family_names()
     if key not in families:
-        raise ValueError(
+        raise CNNGPError(
             f"correlation={correlation!r} is unknown; expected one of "
             f"{sorted(_ENDS) + sorted(families)} or a cnngp Correlation"
         )
     if lengthscale is None:
-        raise ValueError(f"correlation={correlation!r} needs a lengthscale, e.g. lengthscale=2.0")
+        raise CNNGPError(f"correlation={correlation!r} needs a lengthscale, e.g. lengthscale=2.0")
     from .sweep import _family_correlation
 
     return _family_correlation(key, parse_lengthscale(lengthscale))
@@ -102,10 +103,10 @@ def _split(arch) -> tuple[Serial, Readout]:
 
 def _check_noise(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+        raise CNNGPError(f"{name} must be a finite number >= 0; got {value!r}")
     v = float(value)
     if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+        raise CNNGPError(f"{name} must be a finite number >= 0; got {value!r}")
     return v
 
 
@@ -117,12 +118,12 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         shape = self.image_shape
         if isinstance(shape, str):
             if shape != "channels":
-                raise ValueError(
+                raise CNNGPError(
                     f"image_shape must be None, 'channels' or a tuple (*spatial, channels); "
                     f"got {shape!r}"
                 )
             if X.ndim != 2:
-                raise ValueError("image_shape='channels' applies to 2-D X (n_samples, n_features)")
+                raise CNNGPError("image_shape='channels' applies to 2-D X (n_samples, n_features)")
             return self._writable(X.reshape(X.shape[0], 1, X.shape[1]))
         if X.ndim == 2:
             if shape is None:
@@ -130,17 +131,17 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
             try:
                 shape = tuple(int(s) for s in shape)
             except TypeError:
-                raise ValueError(
+                raise CNNGPError(
                     f"image_shape must be a tuple (*spatial, channels); got {shape!r}"
                 ) from None
             if len(shape) < 2 or math.prod(shape) != X.shape[1] or min(shape) < 1:
-                raise ValueError(
+                raise CNNGPError(
                     f"image_shape={shape} does not fit {X.shape[1]} features per sample; "
                     "give (*spatial, channels) whose product is n_features, e.g. (8, 8, 1)"
                 )
             return self._writable(X.reshape((X.shape[0],) + shape))
         if shape is not None and tuple(X.shape[1:]) != tuple(int(s) for s in shape):
-            raise ValueError(
+            raise CNNGPError(
                 f"X has images of shape {X.shape[1:]} but image_shape={tuple(shape)}"
             )
         return self._writable(X)
@@ -155,7 +156,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(
+            raise CNNGPError(
                 f"{type(self).__name__} needs at least 2 classes to fit; got 1 class "
                 f"({classes[0]!r}) in y"
             )
@@ -412,7 +413,7 @@ class CNNGPClassifierCV(_CNNGPBase):
             return [0.0, *PAPER_LENGTHSCALES, math.inf]
         values = np.atleast_1d(np.asarray(self.lengthscales, dtype=object))
         if values.ndim != 1 or values.size == 0:
-            raise ValueError(f"lengthscales must be a non-empty 1-D sequence; got {self.lengthscales!r}")
+            raise CNNGPError(f"lengthscales must be a non-empty 1-D sequence; got {self.lengthscales!r}")
         return [parse_lengthscale(v, "lengthscales") for v in values.tolist()]
 
     def _folds(self, X, y_enc):
@@ -427,7 +428,7 @@ class CNNGPClassifierCV(_CNNGPBase):
             try:
                 splits = iter(self.cv)
             except TypeError:
-                raise ValueError(
+                raise CNNGPError(
                     f"cv must be None (leave-one-out), an int, a CV splitter or an iterable of "
                     f"(train, validation) index arrays; got {self.cv!r}"
                 ) from None
@@ -466,7 +467,7 @@ class CNNGPClassifierCV(_CNNGPBase):
 
         family = self.correlation
         if not isinstance(family, str) or family.strip().lower() not in FAMILIES:
-            raise ValueError(
+            raise CNNGPError(
                 f"correlation must be one of {sorted(FAMILIES)} for {type(self).__name__}; "
                 f"got {family!r}"
             )
@@ -476,7 +477,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         if self.noise_variances is not None:
             noise = np.atleast_1d(np.asarray(self.noise_variances, dtype=np.float64))
             if noise.ndim != 1 or noise.size == 0 or not np.all(np.isfinite(noise)) or np.any(noise < 0):
-                raise ValueError(
+                raise CNNGPError(
                     "noise_variances must be a non-empty 1-D sequence of finite numbers >= 0; "
                     f"got {self.noise_variances!r}"
                 )

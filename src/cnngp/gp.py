@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import scipy.linalg
 
+from .errors import CNNGPError
+
 __all__ = [
     "CVResult",
     "centered_one_hot",
@@ -36,6 +38,8 @@ __all__ = [
     "NOISE_LOG_MIN",
     "NOISE_LOG_MAX",
     "PD_MARGIN",
+    "NOISE_RCOND",
+    "IllConditionedWarning",
 ]
 
 #: Natural logarithms of the ends of the paper's noise grid, ``[e^-36, e^5]``.
@@ -43,6 +47,18 @@ NOISE_LOG_MIN = -36.0
 NOISE_LOG_MAX = 5.0
 #: Relative safety margin on the positive-definiteness floor ``c`` (see :func:`noise_grid`).
 PD_MARGIN = 1e-6
+#: Smallest sigma^2 the grid offers, relative to the largest eigenvalue of the training
+#: kernel: ``sigma^2 >= NOISE_RCOND * lambda_max`` bounds the condition number of
+#: ``K + sigma^2 I`` by ``1 / NOISE_RCOND``. Below it, float64 rounding (relative 1e-16 of
+#: ``lambda_max``) in the numerically null directions of a rank-deficient kernel (duplicate
+#: images, few features) is amplified by ``1 / sigma^2`` into the posterior mean.
+NOISE_RCOND = 1e-10
+
+
+class IllConditionedWarning(RuntimeWarning):
+    """A noise variance so small, relative to the kernel's scale, that ``K + sigma^2 I`` has a
+    condition number above ``1 / NOISE_RCOND``: predictions then depend on rounding."""
+
 
 # Bound on the size (bytes) of the temporary arrays made when evaluating many sigma^2 at
 # once; sigma^2 values are processed in chunks that fit in it.
@@ -59,11 +75,11 @@ Fold = tuple[np.ndarray, np.ndarray]
 def _check_square(K, what: str) -> np.ndarray:
     K = np.asarray(K, dtype=np.float64)
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
-        raise ValueError(f"{what} must be a square 2-D matrix; got shape {K.shape}")
+        raise CNNGPError(f"{what} must be a square 2-D matrix; got shape {K.shape}")
     if K.shape[0] == 0:
-        raise ValueError(f"{what} is empty")
+        raise CNNGPError(f"{what} is empty")
     if not np.all(np.isfinite(K)):
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise CNNGPError(f"{what} contains NaN or infinite values")
     return K
 
 
@@ -76,7 +92,7 @@ def _check_symmetric(K: np.ndarray, what: str, rtol: float = 1e-6) -> None:
         stop = min(n, start + step)
         dev = float(np.max(np.abs(K[start:stop] - K[:, start:stop].T)))
         if dev > rtol * scale:
-            raise ValueError(
+            raise CNNGPError(
                 f"{what} is not symmetric (max |K - K^T| = {dev:.3g}, relative "
                 f"{dev / scale:.3g} > {rtol:g}); pass a symmetric kernel matrix"
             )
@@ -85,31 +101,31 @@ def _check_symmetric(K: np.ndarray, what: str, rtol: float = 1e-6) -> None:
 def _check_labels(y, n: int | None, what: str = "y") -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D label vector; got shape {y.shape}")
+        raise CNNGPError(f"{what} must be a 1-D label vector; got shape {y.shape}")
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
-        raise ValueError(f"{what} must hold integer class labels; got dtype {y.dtype}")
+        raise CNNGPError(f"{what} must hold integer class labels; got dtype {y.dtype}")
     if n is not None and len(y) != n:
-        raise ValueError(f"{what} has {len(y)} labels but the kernel has {n} rows")
+        raise CNNGPError(f"{what} has {len(y)} labels but the kernel has {n} rows")
     if y.size and y.min() < 0:
-        raise ValueError(f"{what} has a negative label ({y.min()}); labels must be >= 0")
+        raise CNNGPError(f"{what} has a negative label ({y.min()}); labels must be >= 0")
     return y.astype(np.int64)
 
 
 def _resolve_n_classes(y: np.ndarray, n_classes: int | None) -> int:
     k = int(y.max()) + 1 if n_classes is None else int(n_classes)
     if k < 2:
-        raise ValueError(f"n_classes={k}: classification needs at least 2 classes")
+        raise CNNGPError(f"n_classes={k}: classification needs at least 2 classes")
     if y.max() >= k:
-        raise ValueError(f"label {y.max()} is out of range for n_classes={k}")
+        raise CNNGPError(f"label {y.max()} is out of range for n_classes={k}")
     return k
 
 
 def _check_noise(noise_variances, what: str = "noise_variances") -> np.ndarray:
     s2 = np.atleast_1d(np.asarray(noise_variances, dtype=np.float64))
     if s2.ndim != 1 or s2.size == 0:
-        raise ValueError(f"{what} must be a non-empty scalar or 1-D array; got shape {s2.shape}")
+        raise CNNGPError(f"{what} must be a non-empty scalar or 1-D array; got shape {s2.shape}")
     if not np.all(np.isfinite(s2)) or np.any(s2 < 0):
-        raise ValueError(f"{what} must be finite and >= 0")
+        raise CNNGPError(f"{what} must be finite and >= 0")
     return s2
 
 
@@ -143,21 +159,24 @@ def centered_one_hot(y: np.ndarray, n_classes: int | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _pd_floor(min_eig: float) -> float:
-    """Smallest practical sigma^2 making ``K + sigma^2 I`` positive definite."""
-    return (1.0 + PD_MARGIN) * max(0.0, -float(min_eig))
+def _pd_floor(min_eig: float, max_eig: float = 0.0) -> float:
+    """Smallest usable sigma^2: ``K + sigma^2 I`` positive definite (relative margin
+    ``PD_MARGIN``) and with condition number at most ``1 / NOISE_RCOND``."""
+    definite = (1.0 + PD_MARGIN) * max(0.0, -float(min_eig))
+    return max(definite, NOISE_RCOND * max(0.0, float(max_eig)))
 
 
 def _grid_from_floor(c: float, n: int) -> np.ndarray:
     n = int(n)
     if n < 1:
-        raise ValueError(f"n={n}: the noise grid needs at least one value")
+        raise CNNGPError(f"n={n}: the noise grid needs at least one value")
     lo = max(np.log(c) if c > 0 else -np.inf, NOISE_LOG_MIN)
     if lo >= NOISE_LOG_MAX:
-        raise ValueError(
-            f"the kernel's smallest eigenvalue is about {-c:.3g}: making it positive "
-            f"definite needs sigma^2 >= {c:.3g} > e^{NOISE_LOG_MAX:g}, the top of the "
-            "grid. The matrix is not a valid covariance; check how it was computed"
+        raise CNNGPError(
+            f"the kernel needs sigma^2 >= {c:.3g} to be positive definite and well "
+            f"conditioned, above e^{NOISE_LOG_MAX:g}, the top of the grid: the matrix is "
+            "either not a valid covariance or on a scale the grid does not cover (rescale "
+            "it, or pass noise_variances)"
         )
     grid = np.exp(np.linspace(lo, NOISE_LOG_MAX, n))
     return np.maximum(grid, c)  # exp(log(c)) may round below c
@@ -167,13 +186,20 @@ def noise_grid(K_folds, n: int = 1000) -> np.ndarray:
     """The paper's grid of observation-noise variances ``sigma^2``.
 
     ``n`` values log-spaced in ``[max(c, e^-36), e^5]``, where ``c`` is the smallest
-    value making every fold's training kernel positive definite. With ``lambda_min`` the
-    smallest eigenvalue over all the fold kernels,
-    ``c = (1 + PD_MARGIN) * max(0, -lambda_min)`` with ``PD_MARGIN = 1e-6``: the
-    relative margin keeps ``K + c I`` strictly positive definite,
-    ``lambda_min(K + c I) = 1e-6 * |lambda_min| > 0``, instead of singular at the
-    computed ``lambda_min``. When every kernel is positive semi-definite, ``c = 0`` and
-    the grid starts at ``e^-36``.
+    value making every fold's training kernel positive definite *and* well conditioned.
+    With ``lambda_min`` and ``lambda_max`` the smallest and largest eigenvalues over all
+    the fold kernels,
+    ``c = max((1 + PD_MARGIN) * max(0, -lambda_min), NOISE_RCOND * lambda_max)`` with
+    ``PD_MARGIN = 1e-6`` and ``NOISE_RCOND = 1e-10``. The first term keeps ``K + c I``
+    strictly positive definite, ``lambda_min(K + c I) = 1e-6 * |lambda_min| > 0``,
+    instead of singular at the computed ``lambda_min``. The second bounds the condition
+    number of ``K + sigma^2 I`` by ``1e10``: this departs from the paper's grid (which
+    starts at ``e^-36`` whatever the kernel's scale) only where the paper's choice is
+    numerically meaningless. On a rank-deficient kernel (duplicate images, fewer
+    features than points) a smaller sigma^2 turns float64 rounding in the null
+    directions, about ``1e-16 * lambda_max``, into posterior means of order
+    ``1e-16 * lambda_max / sigma^2``: different on every subset of test points, and
+    garbage once ``sigma^2`` nears ``1e-16 * lambda_max``.
 
     Parameters
     ----------
@@ -195,21 +221,24 @@ def noise_grid(K_folds, n: int = 1000) -> np.ndarray:
 
     Examples
     --------
-    >>> g = noise_grid(np.eye(3), n=5)
+    >>> g = noise_grid(1e-9 * np.eye(3), n=5)       # floor 1e-19 < e^-36: the paper's grid
     >>> np.allclose(np.log(g), np.linspace(-36, 5, 5))
     True
+    >>> float(noise_grid(np.eye(3), n=5)[0])         # conditioning floor 1e-10 * lambda_max
+    1e-10
     """
     if isinstance(K_folds, np.ndarray) and K_folds.ndim == 2:
         K_folds = [K_folds]
-    min_eig = np.inf
+    min_eig, max_eig = np.inf, 0.0
     for i, K in enumerate(K_folds):
         K = _check_square(K, f"K_folds[{i}]")
         _check_symmetric(K, f"K_folds[{i}]")
-        ev = scipy.linalg.eigh(K, eigvals_only=True, subset_by_index=[0, 0])
+        ev = scipy.linalg.eigh(K, eigvals_only=True)
         min_eig = min(min_eig, float(ev[0]))
+        max_eig = max(max_eig, float(ev[-1]))
     if not np.isfinite(min_eig):
-        raise ValueError("K_folds is empty; give at least one kernel matrix")
-    return _grid_from_floor(_pd_floor(min_eig), n)
+        raise CNNGPError("K_folds is empty; give at least one kernel matrix")
+    return _grid_from_floor(_pd_floor(min_eig, max_eig), n)
 
 
 # --------------------------------------------------------------------------------------
@@ -250,9 +279,9 @@ def paper_folds(n: int, k: int = 4) -> list[Fold]:
     """
     n, k = int(n), int(k)
     if k < 2:
-        raise ValueError(f"k={k}: cross-validation needs at least 2 folds")
+        raise CNNGPError(f"k={k}: cross-validation needs at least 2 folds")
     if n < k:
-        raise ValueError(f"n={n} points cannot be split into k={k} non-empty folds")
+        raise CNNGPError(f"n={n} points cannot be split into k={k} non-empty folds")
     idx = np.arange(n, dtype=np.int64)
     return [(np.setdiff1d(idx, v, assume_unique=True), v) for v in np.array_split(idx, k)]
 
@@ -284,11 +313,11 @@ def stratified_folds(y: np.ndarray, k: int = 4, seed: int | None = 0) -> list[Fo
     y = _check_labels(y, None)
     k = int(k)
     if k < 2:
-        raise ValueError(f"k={k}: cross-validation needs at least 2 folds")
+        raise CNNGPError(f"k={k}: cross-validation needs at least 2 folds")
     classes, counts = np.unique(y, return_counts=True)
     if counts.min() < k:
         c = classes[np.argmin(counts)]
-        raise ValueError(
+        raise CNNGPError(
             f"class {c} has only {counts.min()} samples, fewer than the k={k} folds; "
             "every class needs at least k samples"
         )
@@ -308,30 +337,30 @@ def _check_folds(folds, y: np.ndarray, n: int) -> list[Fold]:
         try:
             tr, va = fold
         except (TypeError, ValueError):
-            raise ValueError(
+            raise CNNGPError(
                 f"folds[{i}] must be a (train_idx, val_idx) pair of index arrays"
             ) from None
         tr, va = np.asarray(tr), np.asarray(va)
         for arr, name in ((tr, "train"), (va, "validation")):
             if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(
+                raise CNNGPError(
                     f"folds[{i}] {name} indices must be a non-empty 1-D integer array"
                 )
             if arr.min() < 0 or arr.max() >= n:
-                raise ValueError(
+                raise CNNGPError(
                     f"folds[{i}] {name} indices out of range for {n} points"
                 )
         if np.intersect1d(tr, va).size:
-            raise ValueError(f"folds[{i}]: training and validation indices overlap")
+            raise CNNGPError(f"folds[{i}]: training and validation indices overlap")
         missing = np.setdiff1d(all_classes, y[tr])
         if missing.size:
-            raise ValueError(
+            raise CNNGPError(
                 f"folds[{i}]: class(es) {missing.tolist()} missing from the training "
                 "fold; use more points per class or fewer folds"
             )
         out.append((tr.astype(np.int64), va.astype(np.int64)))
     if not out:
-        raise ValueError("folds is empty")
+        raise CNNGPError("folds is empty")
     return out
 
 
@@ -395,6 +424,23 @@ def _accuracies_eig(
 
 def _eigh(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scipy.linalg.eigh(K, check_finite=False)
+
+
+def _largest_eigenvalue(K: np.ndarray, steps: int = 30) -> float:
+    """lambda_max of a symmetric K by power iteration (O(n^2) a step, not a factorisation).
+
+    A lower bound that converges fast on NNGP kernels, whose top eigenvector is close to
+    constant; within a few per cent is all the conditioning check needs.
+    """
+    v = np.ones(K.shape[0]) / np.sqrt(K.shape[0])
+    value = 0.0
+    for _ in range(steps):
+        w = K @ v
+        norm = float(np.linalg.norm(w))
+        if norm == 0.0:
+            return 0.0
+        value, v = norm, w / norm
+    return value
 
 
 @dataclass(frozen=True)
@@ -495,7 +541,7 @@ def cross_validate(
 
     eigs = [_eigh(K[np.ix_(tr, tr)]) for tr, _ in folds]
     if noise_variances is None:
-        c = _pd_floor(min(float(s[0]) for s, _ in eigs))
+        c = _pd_floor(min(float(s[0]) for s, _ in eigs), max(float(s[-1]) for s, _ in eigs))
         noise = _grid_from_floor(c, n_grid)
     else:
         noise = _check_noise(noise_variances)
@@ -547,11 +593,11 @@ def leave_one_out(
     y = _check_labels(y, n)
     k_cls = _resolve_n_classes(y, n_classes)
     if n < 2:
-        raise ValueError("leave-one-out needs at least 2 points")
+        raise CNNGPError("leave-one-out needs at least 2 points")
     Y = centered_one_hot(y, k_cls)
     s, U = _eigh(K)
     if noise_variances is None:
-        noise = _grid_from_floor(_pd_floor(s[0]), n_grid)
+        noise = _grid_from_floor(_pd_floor(s[0], s[-1]), n_grid)
     else:
         noise = _check_noise(noise_variances)
 
@@ -603,6 +649,9 @@ def posterior_mean(
     Solved by Cholesky when ``K + sigma^2 I`` is positive definite; otherwise (sigma^2
     chosen on fold kernels can lie below the full kernel's floor) by an
     eigendecomposition, as the paper's research code does, with a ``RuntimeWarning``.
+    A sigma^2 below ``0.1 * NOISE_RCOND * lambda_max(K_train)`` (condition number above
+    ``1e11``, which the CV grid never offers) is computed but reported with an
+    :class:`IllConditionedWarning`: such predictions depend on rounding.
 
     Parameters
     ----------
@@ -628,13 +677,23 @@ def posterior_mean(
     k_cls = _resolve_n_classes(y, n_classes)
     Ks = np.asarray(K_test_train, dtype=np.float64)
     if Ks.ndim != 2 or Ks.shape[1] != n:
-        raise ValueError(
+        raise CNNGPError(
             f"K_test_train must have shape (M, {n}) to match K_train; got {Ks.shape}"
         )
     if not np.all(np.isfinite(Ks)):
-        raise ValueError("K_test_train contains NaN or infinite values")
+        raise CNNGPError("K_test_train contains NaN or infinite values")
     s2 = float(_check_noise(noise_variance, "noise_variance")[0])
     Y = centered_one_hot(y, k_cls)
+    top = _largest_eigenvalue(K)
+    if s2 < 0.1 * NOISE_RCOND * top:  # 0.1: CV picks sigma^2 on fold kernels, a bit smaller
+        warnings.warn(
+            f"noise_variance={s2:.3g} is below {NOISE_RCOND:g} x the kernel's largest "
+            f"eigenvalue ({top:.3g}): K_train + sigma^2 I has a condition number of about "
+            f"{top / max(s2, 1e-300):.2g}, so the posterior mean depends on rounding; use "
+            f"noise_variance >= {NOISE_RCOND * top:.3g}",
+            IllConditionedWarning,
+            stacklevel=2,
+        )
     try:
         factor = scipy.linalg.cho_factor(K + s2 * np.eye(n), lower=True, check_finite=False)
         alpha = scipy.linalg.cho_solve(factor, Y, check_finite=False)
@@ -642,7 +701,7 @@ def posterior_mean(
         s, U = _eigh(K)
         d = s + s2
         if np.any(d == 0):
-            raise ValueError(
+            raise CNNGPError(
                 f"K_train + noise_variance*I is singular at noise_variance={s2:g}; use a "
                 "larger noise_variance"
             ) from None
@@ -712,7 +771,7 @@ def test_accuracy(
     """
     y_test = _check_labels(y_test, None, "y_test")
     if len(y_test) != np.shape(K_test_train)[0]:
-        raise ValueError(
+        raise CNNGPError(
             f"y_test has {len(y_test)} labels but K_test_train has "
             f"{np.shape(K_test_train)[0]} rows"
         )
@@ -748,7 +807,7 @@ def mean_and_2se(values, axis: int = 0) -> tuple[np.ndarray | float, np.ndarray 
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim == 0 or v.shape[axis] == 0:
-        raise ValueError("values must hold at least one value along the block axis")
+        raise CNNGPError("values must hold at least one value along the block axis")
     b = v.shape[axis]
     mean = v.mean(axis=axis)
     if b == 1:

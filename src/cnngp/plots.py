@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CNNGPError
+
 __all__ = [
     "sweep_figure",
     "correlation_figure_data",
@@ -261,11 +263,11 @@ def correlation_figure_data(
 
     x = as_images(images, "images")
     if x.ndim != 4:
-        raise ValueError(f"images: expected (N, H, W, C), got shape {x.shape}")
+        raise CNNGPError(f"images: expected (N, H, W, C), got shape {x.shape}")
     h, w = x.shape[1:3]
     for pos in positions:
         if not (0 <= pos[0] < h and 0 <= pos[1] < w):
-            raise ValueError(f"positions: {tuple(pos)} is outside the {h}x{w} grid")
+            raise CNNGPError(f"positions: {tuple(pos)} is outside the {h}x{w} grid")
     mean = x.mean(axis=(0, 1, 2)) if centre else np.zeros(x.shape[-1])
     x = x - mean
     image = x[index : index + 1]

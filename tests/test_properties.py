@@ -1,0 +1,212 @@
+"""Property-based test of cnngp.kernel over random architecture specs and random images.
+
+The property: for any *valid-looking* spec (the keys of src/cnngp/spec.py, sensible values)
+and any finite images, ``cnngp.kernel`` either
+
+(a) returns a finite, symmetric, positive semi-definite (N, N) matrix — and, for x2 given, a
+    finite (N1, N2) matrix equal to the off-diagonal block of the joint kernel of [x1; x2] —
+or
+(b) raises :class:`cnngp.CNNGPError` with a one-line message.
+
+Any other exception, a multi-line message, NaN/inf, asymmetry or a negative eigenvalue is a
+bug. The draws span 1-D and 2-D grids, every layer type of a spec, all three paddings,
+strides, dilations, all built-in correlations (including the exact limits λ = 0 and λ = ∞),
+pixel scales from 1e-6 to 1e6, blank images and duplicated images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import cnngp
+
+PADDINGS = ["same", "valid", "circular"]
+LENGTHSCALES = [0.0, 0.5, 2.0, math.inf, "inf"]
+VARIANCES = st.one_of(
+    st.sampled_from([0.0, 1.0, 2.0, 3.0]),
+    st.floats(0.0, 3.0, allow_nan=False, allow_infinity=False),
+)
+
+
+# -- spec strategies ---------------------------------------------------------------------------
+
+
+def correlations():
+    return st.one_of(
+        st.just({"type": "independent"}),
+        st.just({"type": "constant"}),
+        st.builds(
+            lambda nu, ls: {"type": "matern", "nu": nu, "lengthscale": ls},
+            st.sampled_from([0.5, 1.5, 2.5]),
+            st.sampled_from(LENGTHSCALES),
+        ),
+        st.builds(
+            lambda ls: {"type": "rbf", "lengthscale": ls},
+            st.sampled_from(LENGTHSCALES),
+        ),
+    )
+
+
+def per_dim(draw, d, values):
+    """An int, or a list of one int per spatial dimension."""
+    if draw(st.booleans()):
+        return draw(values)
+    return [draw(values) for _ in range(d)]
+
+
+@st.composite
+def layer_specs(draw, d):
+    kind = draw(
+        st.sampled_from(
+            ["conv", "conv", "conv", "relu", "relu", "abrelu", "erf", "identity", "avgpool",
+             "global_avg_pool", "flatten"]
+        )
+    )
+    if kind == "conv":
+        layer = {"type": "conv"}
+        # each key is sometimes left to its default
+        if draw(st.integers(0, 4)):
+            layer["filter"] = per_dim(draw, d, st.integers(1, 4))
+        if draw(st.integers(0, 2)):
+            layer["stride"] = per_dim(draw, d, st.integers(1, 2))
+        if draw(st.integers(0, 2)):
+            layer["dilation"] = per_dim(draw, d, st.integers(1, 2))
+        if draw(st.integers(0, 4)):
+            layer["padding"] = draw(st.sampled_from(PADDINGS))
+        if draw(st.integers(0, 2)):
+            layer["weight_var"] = draw(VARIANCES)
+        if draw(st.integers(0, 2)):
+            layer["bias_var"] = draw(VARIANCES)
+        if draw(st.integers(0, 4)):
+            layer["correlation"] = draw(correlations())
+        return layer
+    if kind == "abrelu":
+        return {"type": "abrelu", "a": draw(st.floats(-1.0, 1.0)), "b": draw(st.floats(-2.0, 2.0))}
+    if kind == "erf":
+        return {
+            "type": "erf",
+            "a": draw(st.floats(-2.0, 2.0)),
+            "b": draw(st.floats(0.0, 3.0)),
+            "c": draw(st.floats(-1.0, 1.0)),
+        }
+    if kind == "avgpool":
+        layer = {"type": "avgpool", "window": per_dim(draw, d, st.integers(1, 3))}
+        if draw(st.booleans()):
+            layer["stride"] = per_dim(draw, d, st.integers(1, 2))
+        if draw(st.booleans()):
+            layer["padding"] = draw(st.sampled_from(PADDINGS))
+        return layer
+    return {"type": kind}
+
+
+@st.composite
+def problems(draw):
+    d = draw(st.integers(1, 2))
+    spatial = tuple(draw(st.integers(1, 7)) for _ in range(d))
+    channels = draw(st.integers(1, 3))
+    layers = draw(st.lists(layer_specs(d), min_size=1, max_size=4))
+    if draw(st.integers(0, 4)):  # a readout most of the time
+        readout = {"type": "readout"}
+        if draw(st.booleans()):
+            readout["weight_var"] = draw(VARIANCES)
+        if draw(st.booleans()):
+            readout["bias_var"] = draw(VARIANCES)
+        if draw(st.integers(0, 3)):
+            readout["correlation"] = draw(correlations())
+        layers.append(readout)
+    spec = {"layers": layers}
+    if draw(st.booleans()):
+        spec["input_channels"] = channels
+
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+
+    def images(n):
+        # one scale for all images, or one per image; across 12 orders of magnitude
+        if draw(st.booleans()):
+            scales = [10.0 ** draw(st.integers(-6, 6))] * n
+        else:
+            scales = [10.0 ** draw(st.integers(-6, 6)) for _ in range(n)]
+        x = np.stack([s * rng.standard_normal(spatial + (channels,)) for s in scales])
+        if draw(st.integers(0, 4)) == 0:  # a blank (all-zero) image
+            x[draw(st.integers(0, n - 1))] = 0.0
+        if n > 1 and draw(st.integers(0, 2)) == 0:  # a duplicate image
+            i, j = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+            x[i] = x[j]
+        if draw(st.integers(0, 5)) == 0:  # non-negative pixels, as after a ReLU or uint8
+            x = np.abs(x)
+        return x
+
+    x1 = images(draw(st.integers(1, 4)))
+    x2 = None
+    if draw(st.booleans()):
+        x2 = images(draw(st.integers(1, 4)))
+        if draw(st.integers(0, 2)) == 0:  # an image shared with x1
+            x2[draw(st.integers(0, len(x2) - 1))] = x1[draw(st.integers(0, len(x1) - 1))]
+    return spec, x1, x2
+
+
+# -- the property --------------------------------------------------------------------------------
+
+
+def _check_gram(k: torch.Tensor, n: int, what: str) -> np.ndarray:
+    assert isinstance(k, torch.Tensor), f"{what}: returned {type(k).__name__}, not a tensor"
+    assert tuple(k.shape) == (n, n), f"{what}: shape {tuple(k.shape)}, expected {(n, n)}"
+    assert k.dtype == torch.float64, f"{what}: dtype {k.dtype}"
+    a = k.numpy()
+    assert np.all(np.isfinite(a)), f"{what}: non-finite entries\n{a}"
+    scale = np.abs(a).max()
+    assert np.allclose(a, a.T, rtol=0, atol=1e-12 * scale), f"{what}: not symmetric\n{a}"
+    eig = np.linalg.eigvalsh((a + a.T) / 2)
+    assert eig.min() >= -1e-9 * np.abs(eig).max(), (
+        f"{what}: not positive semi-definite, eigenvalues {eig}\n{a}"
+    )
+    return a
+
+
+def _check_message(err: cnngp.CNNGPError):
+    msg = str(err)
+    assert msg.strip(), f"CNNGPError with an empty message: {err!r}"
+    assert "\n" not in msg, f"CNNGPError message spans several lines:\n{msg}"
+
+
+@settings(
+    derandomize=True,
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+@given(problems())
+def test_kernel_is_psd_or_clean_error(problem):
+    spec, x1, x2 = problem
+    try:
+        model = cnngp.from_spec(spec)
+        k11 = cnngp.kernel(model, x1)
+    except cnngp.CNNGPError as e:
+        event("case (b): CNNGPError")
+        _check_message(e)
+        return
+    event("case (a): kernel")
+    _check_gram(k11, len(x1), "kernel(x1)")
+    if x2 is None:
+        return
+    # the same model on images of the same shape: no error is acceptable any more
+    k12 = cnngp.kernel(model, x1, x2)
+    joint = _check_gram(cnngp.kernel(model, np.concatenate([x1, x2])), len(x1) + len(x2), "joint")
+    assert tuple(k12.shape) == (len(x1), len(x2)), f"kernel(x1, x2): shape {tuple(k12.shape)}"
+    b = k12.numpy()
+    assert np.all(np.isfinite(b)), f"kernel(x1, x2): non-finite entries\n{b}"
+    block = joint[: len(x1), len(x1) :]
+    tol = 1e-9 * np.abs(joint).max()
+    assert np.allclose(b, block, rtol=1e-9, atol=tol), (
+        f"kernel(x1, x2) differs from the joint kernel's block:\n{b}\nvs\n{block}"
+    )
+    assert np.allclose(k11.numpy(), joint[: len(x1), : len(x1)], rtol=1e-9, atol=tol), (
+        "kernel(x1) differs from the joint kernel's block"
+    )
