@@ -136,11 +136,31 @@ def test_npz_round_trip_uint8_and_float(tmp_path):
     assert ds.image_shape == (4, 5, 3)
 
 
-def test_npz_grey_images_get_channel_and_default_names(tmp_path):
+def test_npz_three_axes_are_signals_and_default_names(tmp_path):
+    # one layout rule everywhere: (N, *spatial, C), so 3 axes are N 1-D signals (N, L, C),
+    # as in cnngp.kernel; grey images carry their channel axis
     np.savez(tmp_path / "g.npz", x_train=np.zeros((4, 3, 3), np.uint8), y_train=[0, 1, 3, 1])
     ds = load_dataset(str(tmp_path / "g.npz"))
-    assert ds.x_train.shape == (4, 3, 3, 1)
+    assert ds.x_train.shape == (4, 3, 3)
     assert ds.class_names == ("0", "1", "2", "3") and ds.x_test is None
+
+
+def test_one_dtype_policy_for_datasets_and_the_api(tmp_path):
+    """bool is 0/1, int16 is taken as its numbers, uint8 is scaled: the same in load_dataset
+    (sweep), cnngp.kernel (API) and as_images (CLI)."""
+    import cnngp
+    from cnngp.validation import as_images
+
+    net = cnngp.Serial(cnngp.Conv(1), cnngp.ReLU(), cnngp.Readout())
+    raw = np.array([[[[0], [1]], [[1], [0]]], [[[1], [1]], [[0], [0]]]])
+    for dtype, scale in ((np.bool_, 1.0), (np.int16, 1.0), (np.uint8, 1 / 255), (np.float32, 1.0)):
+        x = raw.astype(dtype)
+        np.savez(tmp_path / "d.npz", x_train=x, y_train=[0, 1])
+        np.testing.assert_array_equal(load_dataset(tmp_path / "d.npz").x_train, raw * scale)
+        np.testing.assert_array_equal(as_images(x), raw * scale)
+        np.testing.assert_allclose(
+            cnngp.kernel(net, x).numpy(), cnngp.kernel(net, raw * scale).numpy(), rtol=1e-15
+        )
 
 
 @pytest.mark.parametrize(
@@ -153,7 +173,8 @@ def test_npz_grey_images_get_channel_and_default_names(tmp_path):
             r"label 3, out of range for 2 classes",
         ),
         (dict(x_train=np.zeros((2, 2, 2, 1)), y_train=[0, -1]), "negative label"),
-        (dict(x_train=np.zeros((2, 2, 2, 1), np.int32), y_train=[0, 1]), "dtype int32"),
+        (dict(x_train=np.zeros((2, 2, 2, 1), np.complex64), y_train=[0, 1]), "got a complex array"),
+        (dict(x_train=np.full((2, 2, 2, 1), 1e200), y_train=[0, 1]), r"pixel values reach 1e\+200"),
         (
             dict(x_train=np.zeros((2, 2, 2, 1)), y_train=[0, 1], x_test=np.zeros((1, 2, 2, 1))),
             "only one of x_test / y_test",
@@ -187,8 +208,8 @@ def test_load_array(tmp_path):
     x8 = np.arange(12, dtype=np.uint8).reshape(3, 4)
     np.savez(tmp_path / "a.npz", x_train=x8, k=np.eye(2, dtype=np.float32), other=np.arange(3))
     out = load_array(tmp_path / "a.npz")
-    assert out.dtype == np.float64
-    np.testing.assert_array_equal(out * 255.0, x8.astype(np.float64))
+    assert out.dtype == np.uint8  # as stored: as_images scales it, in one place
+    np.testing.assert_array_equal(out, x8)
     np.testing.assert_array_equal(load_array(f"{tmp_path / 'a.npz'}:k"), np.eye(2))
     np.testing.assert_array_equal(load_array(f"{tmp_path / 'a.npz'}:other"), [0.0, 1.0, 2.0])
     np.savez(tmp_path / "one.npz", kernel=np.ones((2, 2)))

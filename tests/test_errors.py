@@ -30,7 +30,9 @@ GOOD = np.random.default_rng(0).uniform(size=(2, 5, 5, 3))
         (np.zeros((0, 5, 5, 3)), r"x1: is empty"),
         (np.full((2, 5, 5, 3), np.nan), r"x1: contains 150 NaN or infinite"),
         (np.where(np.eye(5)[None, :, :, None] > 0, np.inf, 0.5) * np.ones((1, 1, 1, 3)), r"x1: contains 15 NaN"),
-        (np.array([["a"]]), r"x1: expected a float or uint8 array"),
+        (np.array([[["a"]]]), r"x1: got a string array .*accepted are uint8"),
+        (np.ones((1, 2, 2, 1), dtype=complex), r"x1: got a complex array"),
+        (np.full((1, 2, 2, 1), 1e300), r"x1: pixel values reach 1e\+300; accepted are \|x\| <= 1e\+08"),
     ],
 )
 def test_bad_images(x, match):

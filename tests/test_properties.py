@@ -61,11 +61,11 @@ def per_dim(draw, d, values):
 
 
 @st.composite
-def layer_specs(draw, d):
+def layer_specs(draw, d, mid=True):
     kind = draw(
         st.sampled_from(
-            ["conv", "conv", "conv", "relu", "relu", "abrelu", "erf", "identity", "avgpool",
-             "global_avg_pool", "flatten"]
+            ["conv"] * 4 + ["relu"] * 2 + ["abrelu", "erf", "identity", "avgpool"]
+            + ["global_avg_pool", "flatten"] * (1 if mid else 0)
         )
     )
     if kind == "conv":
@@ -108,10 +108,12 @@ def layer_specs(draw, d):
 @st.composite
 def problems(draw):
     d = draw(st.integers(1, 2))
-    spatial = tuple(draw(st.integers(1, 7)) for _ in range(d))
+    # grid sizes 1..7, the larger ones more often (small grids reject most filters)
+    spatial = tuple(draw(st.sampled_from([1, 2, 3, 4, 5, 5, 6, 6, 7, 7, 7])) for _ in range(d))
     channels = draw(st.integers(1, 3))
-    layers = draw(st.lists(layer_specs(d), min_size=1, max_size=4))
-    if draw(st.integers(0, 4)):  # a readout most of the time
+    # a global_avg_pool or flatten mid-network is legal only if no conv or pool follows: rarer
+    layers = [draw(layer_specs(d, mid=draw(st.integers(0, 3)) == 0)) for _ in range(draw(st.integers(1, 4)))]
+    if draw(st.integers(0, 7)):  # a readout most of the time
         readout = {"type": "readout"}
         if draw(st.booleans()):
             readout["weight_var"] = draw(VARIANCES)
@@ -120,6 +122,8 @@ def problems(draw):
         if draw(st.integers(0, 3)):
             readout["correlation"] = draw(correlations())
         layers.append(readout)
+    elif draw(st.integers(0, 2)):  # else mostly a collapsing last layer
+        layers.append({"type": draw(st.sampled_from(["global_avg_pool", "flatten"]))})
     spec = {"layers": layers}
     if draw(st.booleans()):
         spec["input_channels"] = channels

@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import CNNGPError, MissingFileError
+from .validation import as_images
 
 __all__ = [
     "Dataset",
@@ -129,34 +130,9 @@ class Dataset:
 # --------------------------------------------------------------------------------------
 
 
-def _pixels_to_float(x: np.ndarray, what: str) -> np.ndarray:
-    """Convert an image array to float64 in [0, 1].
-
-    uint8 is divided by 255; floating point is kept as is (but must be finite). Other
-    dtypes are rejected, since their scale is ambiguous.
-    """
-    if x.dtype == np.uint8:
-        return x.astype(np.float64) / 255.0
-    if np.issubdtype(x.dtype, np.floating):
-        out = x.astype(np.float64)
-        if not np.all(np.isfinite(out)):
-            raise CNNGPError(f"{what} contains NaN or infinite values")
-        return out
-    raise CNNGPError(
-        f"{what} has dtype {x.dtype}; accepted are uint8 (0..255, scaled by 1/255) or a "
-        "floating-point type (kept as is, expected in [0, 1])"
-    )
-
-
 def _as_images(x: np.ndarray, what: str) -> np.ndarray:
-    """Check an image array is (N, H, W, C), adding C=1 to (N, H, W) grey images."""
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise CNNGPError(
-            f"{what} must have shape (N, H, W, C) or (N, H, W); got shape {x.shape}"
-        )
-    return _pixels_to_float(x, what)
+    """The package's image-array policy (:func:`cnngp.validation.as_images`)."""
+    return as_images(x, what)
 
 
 def _as_labels(y: np.ndarray, what: str, n_classes: int | None) -> np.ndarray:
@@ -323,9 +299,9 @@ def load_array(
 
     Returns
     -------
-    numpy.ndarray, float64, same shape as stored
-        uint8 arrays are divided by 255; other numeric types are converted to float64
-        unchanged.
+    numpy.ndarray, as stored (dtype and shape)
+        Images still go through :func:`cnngp.validation.as_images`, which applies the
+        image-array policy (uint8 scaled by 1/255, and so on) in one place.
 
     Raises
     ------
@@ -360,13 +336,11 @@ def load_array(
                 f"{name}: no array {key!r} in {spec}; available arrays: {names}"
             )
         arr = _npz_get(archive, key, path)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float64) / 255.0
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise CNNGPError(
             f"{name}: array {key!r} in {spec} has non-numeric dtype {arr.dtype}"
         )
-    return arr.astype(np.float64)
+    return arr
 
 
 # --------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .correlations import Constant, Correlation, Independent, parse_lengthscale
 from .errors import CNNGPError
 from .layers import Readout, Serial
 from .sweep import _blas_threads
+from .validation import as_images
 
 __all__ = ["CNNGPClassifier", "CNNGPClassifierCV"]
 
@@ -148,11 +149,12 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
 
     @staticmethod
     def _writable(x: np.ndarray) -> np.ndarray:
-        # read-only inputs (memmaps) are copied: torch cannot wrap non-writable arrays
-        return x if x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C")
+        # the package's one image-array policy (uint8 scaled by 1/255, bool 0/1, finite and
+        # bounded values, any strides), as in cnngp.kernel and the command line
+        return as_images(x, "X")
 
     def _validate_fit(self, X, y):
-        X, y = validate_data(self, X, y, allow_nd=True, dtype=np.float64)
+        X, y = validate_data(self, X, y, allow_nd=True, dtype="numeric")
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
@@ -184,7 +186,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
     # -- prediction -----------------------------------------------------------------
     def _posterior_mean(self, X) -> np.ndarray:
         check_is_fitted(self, "dual_coef_")
-        X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float64)
+        X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
         images = self._images(X)
         Ks = self._kernel(self.network_, images, self.X_fit_)
         return Ks @ self.dual_coef_

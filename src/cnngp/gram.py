@@ -27,67 +27,12 @@ from .settings import env_number
 from .layers import Layer, Readout, Serial, weighted_sums
 from .state import Band, KernelState
 from .storage import Checkpoint, fingerprint
+from .validation import as_images, resolve_device, resolve_dtype
 
 __all__ = ["kernel", "readout_sweep", "as_images", "resolve_dtype", "DEFAULT_MEMORY_BUDGET"]
 
 #: bytes of working memory a batch of pairs may use, unless told otherwise
 DEFAULT_MEMORY_BUDGET = env_number("CNNGP_MEMORY_BUDGET", 2 * 1024**3, 1, integer=True)
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if dtype in (torch.float64, "float64", "double", np.float64):
-        return torch.float64
-    if dtype in (torch.float32, "float32", "float", np.float32):
-        return torch.float32
-    raise CNNGPError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
-
-
-def resolve_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CNNGPError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CNNGPError("device: 'cuda' was requested but torch finds no CUDA device here")
-    return dev
-
-
-def as_images(x, name: str = "x1", channels: int | None = None) -> np.ndarray:
-    """Validate images ``(N, *spatial, C)`` channels last, D = 1, 2 or 3 spatial dims.
-
-    uint8 arrays are scaled to [0, 1]; floats are kept. Returns float64 numpy.
-    """
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    try:
-        arr = np.asarray(x)
-    except Exception as e:  # ragged lists and the like
-        raise CNNGPError(f"{name}: could not be read as an array ({e})") from None
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float64) / 255.0
-    elif arr.dtype.kind in "iu":
-        arr = arr.astype(np.float64)
-    elif arr.dtype.kind != "f":
-        raise CNNGPError(
-            f"{name}: expected a float or uint8 array of images, got dtype {arr.dtype}"
-        )
-    if arr.ndim not in (3, 4, 5):
-        raise CNNGPError(
-            f"{name}: expected images of shape (N, *spatial, C) with 1, 2 or 3 spatial "
-            f"dimensions, i.e. 3 to 5 axes, got shape {arr.shape}"
-        )
-    if arr.shape[0] == 0 or any(s == 0 for s in arr.shape[1:]):
-        raise CNNGPError(f"{name}: is empty (shape {arr.shape}); expected at least one image")
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise CNNGPError(f"{name}: contains {bad} NaN or infinite pixel values")
-    if channels is not None and arr.shape[-1] != channels:
-        raise CNNGPError(
-            f"{name}: has {arr.shape[-1]} channels (last axis) but the network expects "
-            f"{channels}; images must be channels-last (N, *spatial, C)"
-        )
-    arr = arr.astype(np.float64, copy=False)
-    return arr if arr.flags.writeable else arr.copy()  # torch cannot wrap read-only memory
 
 
 @dataclass

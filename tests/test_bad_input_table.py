@@ -1,0 +1,608 @@
+"""The command line's bad-input contract, as one table.
+
+For every user error, every command (``kernel``, ``sweep``, ``montecarlo``, ``info``,
+``correlation-figure``) must:
+
+1. exit with status 2;
+2. print exactly one line on stderr, starting ``cnngp: error: `` (argparse's own errors
+   included: no multi-line usage block);
+3. name the offending argument (the flag, e.g. ``--x1``) in that line;
+4. leave the working folder exactly as it was: no output, no checkpoint, no ``*.partial``
+   temporary file, inputs (and a symlink's target) unchanged;
+5. print nothing on stdout.
+
+:func:`test_bad_input` runs every case of :data:`CASES` in-process through
+:func:`cnngp.cli.main` (fast); :func:`test_bad_input_console_script` runs a few of them through
+the real console script, which also checks that no Python traceback appears.
+
+Each case's regex requires the flag plus one key word, not an exact wording. The inputs are
+tiny (3 images of 4x4) and the networks small (``cnngp1``), so a case that wrongly succeeds
+still finishes quickly; each in-process case also runs under a guard (a wall-clock alarm and
+an address-space cap) so that one which starts real work fails instead of hanging the suite.
+Cases marked ``quick`` (absurd sizes) must be refused within :data:`QUICK_S` seconds.
+
+``python tests/test_bad_input_table.py`` runs every case and prints a Markdown table
+(case id | command line | exit status | message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from cnngp.cli import main
+
+#: seconds after which an in-process case is interrupted (it started real work)
+GUARD_S = 60.0
+#: seconds within which a ``quick`` case (an absurd size) must be refused
+QUICK_S = 5.0
+#: extra address space a case may take on top of what the process already has
+GUARD_BYTES = 8 * 1024**3
+
+PREFIX = "cnngp: error: "
+
+
+# -- the regexes: the flag plus one key word ---------------------------------------------------
+
+
+def need(flag: str, *words: str) -> str:
+    """A regex matching a line that names ``flag`` (as a whole flag) and any of ``words``.
+
+    ``need("--n", "integer")`` matches ``--n: expected an integer`` but not ``--n-test: …``.
+    """
+    flag_re = rf"(?<![\w-]){re.escape(flag)}(?![\w-])"
+    pattern = rf"(?=.*{flag_re})"
+    if words:
+        pattern += rf"(?=.*(?:{'|'.join(words)}))"
+    return pattern
+
+
+REQUIRED = ("required", "missing")
+UNKNOWN = ("unknown", "unrecognized", "invalid", "not recognised", "not recognized")
+NOT_FOUND = ("not found", "does not exist", "no such", "missing")
+FOLDER = ("folder", "directory", "not a file", "not a regular file")
+INTEGER = ("integer", "int", ">= ?1", ">= ?2", "positive")
+SIZE = ("size", "bytes", ">= ?1", "positive", "finite")
+LENGTHSCALE = ("number", ">= ?0", "lengthscale", "inf")
+REGULAR = ("regular file", "not a file", "device", "fifo", "pipe", "symlink", "symbolic link", "special")
+
+
+# -- the cases ---------------------------------------------------------------------------------
+
+
+class Case(NamedTuple):
+    id: str
+    argv: list[str]
+    regex: str
+    quick: bool = False  # absurd size: must be refused within QUICK_S
+
+
+def _edit(base: list[str], *extra: str, **changes: str | None) -> list[str]:
+    """``base`` with flags replaced (``x1="y.npz"``), dropped (``out=None``), or added (extra)."""
+    argv = list(base)
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        i = argv.index(flag)
+        if value is None:
+            del argv[i : i + 2]
+        else:
+            argv[i + 1] = value
+    return argv + list(extra)
+
+
+K = ["kernel", "--arch", "cnngp1", "--x1", "x.npz", "--out", "k.npz", "--quiet"]
+S = ["sweep", "--arch", "cnngp1", "--data", "data.npz", "--n", "4", "--folds", "2",
+     "--lengthscales", "1", "--out", "sw", "--quiet"]
+M = ["montecarlo", "--arch", "cnngp1", "--x1", "x.npz", "--width", "4", "--samples", "2",
+     "--out", "mc.json", "--quiet"]
+I = ["info", "--arch", "cnngp1", "--shape", "4x4"]
+F = ["correlation-figure", "--x", "x.npz", "--out", "fig.png", "--depth", "1", "--widths", "2",
+     "--draws", "2", "--samples", "2", "--mc-width", "2", "--mc-lengthscales", "1",
+     "--positions", "0,0,3,3", "--shift", "1", "--quiet"]
+
+
+def k(*extra, **changes):
+    return _edit(K, *extra, **changes)
+
+
+def s(*extra, **changes):
+    return _edit(S, *extra, **changes)
+
+
+def m(*extra, **changes):
+    return _edit(M, *extra, **changes)
+
+
+def i(*extra, **changes):
+    return _edit(I, *extra, **changes)
+
+
+def f(*extra, **changes):
+    return _edit(F, *extra, **changes)
+
+
+CASES: list[Case] = [
+    # -- the parser itself
+    Case("no-command", [], need("command", *REQUIRED, "choose")),
+    Case("unknown-command", ["frobnicate"], need("frobnicate", *UNKNOWN, "choice")),
+    Case("top-level-unknown-flag", ["--frob"], need("--frob", *UNKNOWN)),
+    # -- kernel: flags
+    Case("kernel-missing-arch", k(arch=None), need("--arch", *REQUIRED)),
+    Case("kernel-missing-x1", k(x1=None), need("--x1", *REQUIRED)),
+    Case("kernel-missing-out", k(out=None), need("--out", *REQUIRED)),
+    Case("kernel-unknown-flag", k("--frob", "1"), need("--frob", *UNKNOWN)),
+    Case("kernel-arch-missing-value", ["kernel", "--x1", "x.npz", "--out", "k.npz", "--arch"],
+         need("--arch", "argument", "expected")),
+    # -- kernel: --arch names
+    Case("kernel-arch-unknown", k(arch="resnet50"), need("--arch", "unknown")),
+    Case("kernel-arch-cnngp0", k(arch="cnngp0"), need("--arch", "depth", ">= ?1")),
+    Case("kernel-arch-cnngp-1", k(arch="cnngp-1"), need("--arch", "unknown", "depth")),
+    Case("kernel-arch-absurd-depth", k(arch="cnngp100000000"),
+         need("--arch", "depth", "too deep", "too many", "large", "at most"), quick=True),
+    # -- kernel: --arch spec files
+    Case("kernel-spec-missing", k(arch="missing.json"), need("--arch", *NOT_FOUND)),
+    Case("kernel-spec-folder", k(arch="specdir.json"), need("--arch", *FOLDER)),
+    Case("kernel-spec-invalid-json", k(arch="invalid.json"), need("--arch", "JSON")),
+    Case("kernel-spec-json-list", k(arch="list.json"), need("--arch", "object", "list")),
+    Case("kernel-spec-unknown-key", k(arch="unknown_key.json"), need("--arch", "unknown key")),
+    Case("kernel-spec-deeply-nested", k(arch="deep.json"), need("--arch", "nest", "deep", "JSON")),
+    Case("kernel-spec-negative-lengthscale", k(arch="neg_lengthscale.json"),
+         need("--arch", "lengthscale")),
+    # -- kernel: --x1 / --x2 images
+    Case("kernel-x1-missing", k(x1="missing.npz"), need("--x1", *NOT_FOUND)),
+    Case("kernel-x1-folder", k(x1="adir"), need("--x1", *FOLDER)),
+    Case("kernel-x1-not-npz", k(x1="not_npz.npz"), need("--x1", "npz", "archive")),
+    Case("kernel-x1-npz-no-default-array", k(x1="two.npz"), need("--x1", "array")),
+    Case("kernel-x1-npz-array-missing", k(x1="x.npz:nope"), need("--x1", "nope")),
+    Case("kernel-x1-object-array", k(x1="object.npz"), need("--x1", "object", "pickle", "dtype")),
+    Case("kernel-x1-complex", k(x1="complex.npz"), need("--x1", "complex", "dtype")),
+    Case("kernel-x1-int16", k(x1="int16.npz"), need("--x1", "int16", "integer", "scale")),
+    Case("kernel-x1-strings", k(x1="strings.npz"), need("--x1", "numeric", "dtype", "string")),
+    Case("kernel-x1-nan", k(x1="nan.npz"), need("--x1", "NaN")),
+    Case("kernel-x1-inf", k(x1="inf.npz"), need("--x1", "inf")),
+    Case("kernel-x1-huge-values", k(x1="huge.npz"),
+         need("--x1", "large", "overflow", "huge", "range", "magnitude", "finite")),
+    Case("kernel-x1-empty", k(x1="empty.npz"), need("--x1", "empty")),
+    Case("kernel-x1-2d", k(x1="two_d.npz"), need("--x1", "shape", "axes", "dimension")),
+    Case("kernel-x1-6d", k(x1="six_d.npz"), need("--x1", "shape", "axes", "dimension")),
+    Case("kernel-x2-channel-mismatch", k("--x2", "x3.npz"), need("--x2", "channel", "shape", "match")),
+    Case("kernel-x2-missing", k("--x2", "missing.npz"), need("--x2", *NOT_FOUND)),
+    Case("kernel-x1-digits-0", k(x1="digits:0"), need("--x1", "digits")),
+    Case("kernel-x1-digits-abc", k(x1="digits:abc"), need("--x1", "digits")),
+    Case("kernel-x1-digits-99999", k(x1="digits:99999"), need("--x1", "digits")),
+    # -- kernel: --out
+    Case("kernel-out-empty", k(out=""), need("--out", "empty", "path")),
+    Case("kernel-out-existing-folder", k(out="adir"), need("--out", *FOLDER)),
+    Case("kernel-out-missing-parent", k(out="nope/k.npz"), need("--out", "folder", *NOT_FOUND)),
+    Case("kernel-out-inside-regular-file", k(out="x.npz/k.npz"), need("--out", "folder", "directory", "not a")),
+    Case("kernel-out-dev-null", k(out="/dev/null"), need("--out", *REGULAR)),
+    Case("kernel-out-fifo", k(out="fifo"), need("--out", *REGULAR)),
+    Case("kernel-out-symlink", k(out="link.npz"), need("--out", *REGULAR)),
+    # -- kernel: precision, device, memory, batches
+    Case("kernel-dtype-float16", k("--dtype", "float16"), need("--dtype", "float16", "choice")),
+    Case("kernel-device-meta", k("--device", "meta"), need("--device", "meta")),
+    Case("kernel-device-nonsense", k("--device", "nonsense"), need("--device", "device", "nonsense")),
+    Case("kernel-device-cuda-absent", k("--device", "cuda"), need("--device", "CUDA", "cuda")),
+    Case("kernel-memory-budget-inf", k("--memory-budget", "inf"), need("--memory-budget", *SIZE)),
+    Case("kernel-memory-budget-negative", k("--memory-budget=-1"), need("--memory-budget", *SIZE)),
+    Case("kernel-memory-budget-0", k("--memory-budget", "0"), need("--memory-budget", *SIZE)),
+    Case("kernel-memory-budget-abc", k("--memory-budget", "abc"), need("--memory-budget", *SIZE)),
+    Case("kernel-memory-budget-nan", k("--memory-budget", "nan"), need("--memory-budget", *SIZE)),
+    Case("kernel-batch-size-0", k("--batch-size", "0"), need("--batch-size", *INTEGER)),
+    Case("kernel-batch-size-negative", k("--batch-size=-3"), need("--batch-size", *INTEGER)),
+    Case("kernel-batch-size-x", k("--batch-size", "x"), need("--batch-size", *INTEGER)),
+    # -- kernel: readout and lengthscales
+    Case("kernel-lengthscales-empty", k("--lengthscales", ""), need("--lengthscales", "list", "empty")),
+    Case("kernel-lengthscales-a-b", k("--lengthscales", "a,b"), need("--lengthscales", *LENGTHSCALE)),
+    Case("kernel-lengthscales-negative", k("--lengthscales=-1"), need("--lengthscales", *LENGTHSCALE)),
+    Case("kernel-lengthscales-nan", k("--lengthscales", "nan"), need("--lengthscales", *LENGTHSCALE)),
+    Case("kernel-lengthscales-with-readout", k("--lengthscales", "1,2", "--readout", "constant"),
+         need("--lengthscales", "--readout") + need("--readout", "conflict", "together", "both",
+                                                     "either", "not with", "cannot", "exclusive")),
+    Case("kernel-family-unknown", k("--lengthscales", "1", "--family", "cauchy"),
+         need("--family", "cauchy", "choice")),
+    Case("kernel-readout-unknown", k("--readout", "cauchy:2"), need("--readout", "unknown")),
+    Case("kernel-readout-matern32-no-lengthscale", k("--readout", "matern32"), need("--readout", "lengthscale")),
+    Case("kernel-readout-matern32-negative", k("--readout", "matern32:-2"), need("--readout", *LENGTHSCALE)),
+    # -- sweep
+    Case("sweep-n-0", s(n="0"), need("--n", *INTEGER)),
+    Case("sweep-n-7-abc", s(n="7,abc"), need("--n", *INTEGER)),
+    Case("sweep-n-not-dividing", s(n="4,6"), need("--n", "divid")),
+    Case("sweep-folds-1", s(folds="1"), need("--folds", *INTEGER)),
+    Case("sweep-seed-negative", s("--seed=-1"), need("--seed", *INTEGER, ">= ?0")),
+    Case("sweep-n-test-without-test", s("--n-test", "2"), need("--n-test", "--test")),
+    Case("sweep-data-missing", s(data="missing.npz"), need("--data", *NOT_FOUND)),
+    Case("sweep-data-without-y-train", s(data="no_labels.npz"), need("--data", "y_train")),
+    Case("sweep-kernel-cache-folder", s("--kernel-cache", "adir"), need("--kernel-cache", *FOLDER)),
+    Case("sweep-arch-unknown", s(arch="resnet50"), need("--arch", "unknown")),
+    Case("sweep-out-inside-regular-file", s(out="x.npz/sw"), need("--out", "folder", "directory", "not a")),
+    Case("sweep-lengthscales-negative", s(lengthscales="-1"), need("--lengthscales", *LENGTHSCALE)),
+    Case("sweep-memory-budget-nan", s("--memory-budget", "nan"), need("--memory-budget", *SIZE)),
+    Case("sweep-unknown-flag", s("--frob"), need("--frob", *UNKNOWN)),
+    # -- montecarlo
+    Case("montecarlo-missing-width", m(width=None), need("--width", *REQUIRED)),
+    Case("montecarlo-width-0", m(width="0"), need("--width", *INTEGER)),
+    Case("montecarlo-width-abc", m(width="abc"), need("--width", *INTEGER)),
+    Case("montecarlo-width-absurd", m(width="100000000"),
+         need("--width", "memory", "bytes", "GB", "GiB", "TB", "TiB"), quick=True),
+    Case("montecarlo-samples-1", m(samples="1"), need("--samples", *INTEGER)),
+    Case("montecarlo-outputs-0", m("--outputs", "0"), need("--outputs", *INTEGER)),
+    Case("montecarlo-seed-negative", m("--seed=-1"), need("--seed", *INTEGER, ">= ?0")),
+    Case("montecarlo-arch-without-readout", m(arch="no_readout.json"), need("--arch", "readout")),
+    Case("montecarlo-x1-nan", m(x1="nan.npz"), need("--x1", "NaN")),
+    Case("montecarlo-x2-channel-mismatch", m("--x2", "x3.npz"), need("--x2", "channel", "shape", "match")),
+    Case("montecarlo-out-existing-folder", m(out="adir"), need("--out", *FOLDER)),
+    Case("montecarlo-device-nonsense", m("--device", "nonsense"), need("--device", "device", "nonsense")),
+    Case("montecarlo-memory-budget-0", m("--memory-budget", "0"), need("--memory-budget", *SIZE)),
+    # -- info
+    Case("info-arch-unknown", i(arch="resnet50"), need("--arch", "unknown")),
+    Case("info-arch-absurd-depth", i(arch="cnngp100000000"),
+         need("--arch", "depth", "too deep", "too many", "large", "at most"), quick=True),
+    Case("info-shape-0x0", i(shape="0x0"), need("--shape", "shape", ">= ?1", "positive")),
+    Case("info-shape-abc", i(shape="abc"), need("--shape", "shape", "expected")),
+    Case("info-shape-3x", i(shape="3x"), need("--shape", "shape", "expected")),
+    Case("info-readout-unknown", i("--readout", "cauchy:2"), need("--readout", "unknown")),
+    Case("info-unknown-flag", i("--frob"), need("--frob", *UNKNOWN)),
+    # -- correlation-figure
+    Case("figure-missing-x", f(x=None), need("--x", *REQUIRED)),
+    Case("figure-missing-out", f(out=None), need("--out", *REQUIRED)),
+    Case("figure-x-missing", f(x="missing.npz"), need("--x", *NOT_FOUND)),
+    Case("figure-x-nan", f(x="nan.npz"), need("--x", "NaN")),
+    Case("figure-widths-0", f(widths="0"), need("--widths", *INTEGER)),
+    Case("figure-widths-abc", f(widths="abc"), need("--widths", *INTEGER)),
+    Case("figure-positions-outside", f(positions="0,0,9,9"), need("--positions", "outside")),
+    Case("figure-positions-three", f(positions="0,0,3"), need("--positions", "four")),
+    Case("figure-draws-1", f(draws="1"), need("--draws", *INTEGER)),
+    Case("figure-depth-0", f(depth="0"), need("--depth", *INTEGER)),
+    Case("figure-index-out-of-range", f("--index", "99"), need("--index", "0\\.\\.", "range", "index")),
+    Case("figure-mc-lengthscales-negative", f("--mc-lengthscales=-1"), need("--mc-lengthscales", *LENGTHSCALE)),
+    Case("figure-out-existing-folder", f(out="adir"), need("--out", *FOLDER)),
+    Case("figure-out-missing-parent", f(out="nope/fig.png"), need("--out", "folder", *NOT_FOUND)),
+]
+
+#: cases also run through the real console script (end to end)
+CONSOLE_CASES = [
+    "no-command",
+    "kernel-missing-out",
+    "kernel-spec-deeply-nested",
+    "kernel-x1-huge-values",
+    "montecarlo-width-0",
+    "sweep-folds-1",
+]
+
+_BY_ID = {c.id: c for c in CASES}
+assert len(_BY_ID) == len(CASES), "duplicate case ids"
+assert all(c in _BY_ID for c in CONSOLE_CASES)
+
+
+# -- the inputs --------------------------------------------------------------------------------
+
+
+def make_inputs(folder: Path) -> None:
+    """The small files the cases name, written into ``folder``."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(3, 4, 4, 1))
+    np.savez(folder / "x.npz", x=x)
+    np.savez(folder / "x3.npz", x=rng.uniform(size=(2, 4, 4, 3)))
+    np.savez(folder / "two.npz", a=x, b=x)
+    np.savez(folder / "object.npz", x=np.array([x[0], "pixels"], dtype=object))
+    np.savez(folder / "complex.npz", x=x.astype(np.complex128) * (1 + 1j))
+    np.savez(folder / "int16.npz", x=(x * 1000).astype(np.int16))
+    np.savez(folder / "strings.npz", x=np.full((3, 4, 4, 1), "a"))
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    np.savez(folder / "nan.npz", x=bad)
+    bad = x.copy()
+    bad[1, 2, 2, 0] = np.inf
+    np.savez(folder / "inf.npz", x=bad)
+    np.savez(folder / "huge.npz", x=np.full((3, 4, 4, 1), 1e300))
+    np.savez(folder / "empty.npz", x=np.zeros((0, 4, 4, 1)))
+    np.savez(folder / "two_d.npz", x=np.zeros((4, 4)))
+    np.savez(folder / "six_d.npz", x=np.zeros((1, 2, 2, 2, 2, 1)))
+    (folder / "not_npz.npz").write_text("this is not a zip archive\n")
+    (folder / "adir").mkdir()
+    (folder / "adir" / "keep.txt").write_text("a file in a folder\n")
+    # a tiny classification data set: 2 classes, 12 training and 4 test images
+    np.savez(folder / "data.npz", x_train=rng.uniform(size=(12, 4, 4, 1)), y_train=np.arange(12) % 2,
+             x_test=rng.uniform(size=(4, 4, 4, 1)), y_test=np.arange(4) % 2)
+    np.savez(folder / "no_labels.npz", x_train=rng.uniform(size=(12, 4, 4, 1)))
+    # architecture files
+    (folder / "specdir.json").mkdir()
+    (folder / "invalid.json").write_text("{not json")
+    (folder / "list.json").write_text(json.dumps([{"type": "conv"}, {"type": "relu"}]))
+    (folder / "unknown_key.json").write_text(json.dumps(
+        {"layers": [{"type": "conv"}, {"type": "relu"}, {"type": "readout"}], "bogus": 1}))
+    (folder / "deep.json").write_text("[" * 100_000)
+    (folder / "neg_lengthscale.json").write_text(json.dumps({"layers": [
+        {"type": "conv", "correlation": {"type": "matern", "nu": 1.5, "lengthscale": -1}},
+        {"type": "relu"}, {"type": "readout"}]}))
+    (folder / "no_readout.json").write_text(json.dumps({"layers": [{"type": "conv"}, {"type": "relu"}]}))
+    # outputs that are not regular files
+    os.mkfifo(folder / "fifo")
+    (folder / "target.txt").write_text("the symlink's target: must stay as it is\n")
+    os.symlink("target.txt", folder / "link.npz")
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every entry under ``folder``: kind and content hash (files), target (links). Never
+    opens anything but regular files (a FIFO would block)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(root) / name
+            st = os.lstat(p)
+            rel = str(p.relative_to(folder))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("special", stat.S_IFMT(st.st_mode))
+    return out
+
+
+def _describe_change(before: dict, after: dict) -> str:
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+    parts = [f"{what}: {names}" for what, names in
+             (("new", added), ("removed", removed), ("changed", changed)) if names]
+    return "; ".join(parts)
+
+
+# -- the guard ---------------------------------------------------------------------------------
+
+
+class CaseTimeout(BaseException):
+    """Raised by the guard's alarm: a BaseException so that ``except Exception`` (and the CLI's
+    ``except KeyboardInterrupt``) do not swallow it."""
+
+
+class EscapedWrite(BaseException):
+    """A rename onto a device file (e.g. replacing /dev/null, which root may do)."""
+
+
+def _vm_size() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def guard(seconds: float):
+    """Interrupt after ``seconds``; cap the address space; forbid renames onto device files.
+
+    The rename guard protects the machine: running as root, a CLI that wrongly accepts
+    ``--out /dev/null`` would atomically replace /dev/null with a regular file.
+    """
+    import resource
+
+    real_replace, real_rename = os.replace, os.rename
+
+    def _forbidden(dst) -> bool:  # an existing device file, or anything under /dev
+        try:
+            real = os.path.realpath(dst)
+            mode = os.stat(real).st_mode
+        except OSError:
+            return os.path.realpath(os.path.dirname(os.path.abspath(dst))).startswith("/dev")
+        return real.startswith("/dev/") or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+    def safe_replace(src, dst, *a, **kw):
+        if _forbidden(dst):
+            raise EscapedWrite(f"tried to rename a file onto {os.fspath(dst)!r} (refused by the test's guard)")
+        return real_replace(src, dst, *a, **kw)
+
+    def safe_rename(src, dst, *a, **kw):
+        if _forbidden(dst):
+            raise EscapedWrite(f"tried to rename a file onto {os.fspath(dst)!r} (refused by the test's guard)")
+        return real_rename(src, dst, *a, **kw)
+
+    def on_alarm(signum, frame):
+        raise CaseTimeout(f"still running after {seconds:g} s (it started real work)")
+
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _vm_size() + GUARD_BYTES
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    os.replace, os.rename = safe_replace, safe_rename
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        os.replace, os.rename = real_replace, real_rename
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+class Outcome(NamedTuple):
+    status: int | None  # exit status; None when main raised
+    stdout: str
+    stderr: str
+    seconds: float
+    raised: BaseException | None
+
+
+def run_in_process(argv: list[str], read_output, timeout: float = GUARD_S) -> Outcome:
+    """``cnngp.cli.main(argv)`` under :func:`guard`; ``read_output()`` → (stdout, stderr)."""
+    status, raised = None, None
+    start = time.perf_counter()
+    try:
+        with guard(timeout):
+            try:
+                status = main(list(argv))
+            except SystemExit as e:  # argparse exits; the contract is about the status
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (CaseTimeout, EscapedWrite, Exception) as e:  # noqa: BLE001 - reported per case
+        raised = e
+    seconds = time.perf_counter() - start
+    out, err = read_output()
+    return Outcome(status, out, err, seconds, raised)
+
+
+def _skip_reason(case: Case) -> str | None:
+    if case.id == "kernel-device-cuda-absent":
+        import torch
+
+        if torch.cuda.is_available():
+            return "a CUDA device is present"
+    return None
+
+
+def check_contract(case: Case, outcome: Outcome, before: dict, after: dict) -> list[str]:
+    """The broken clauses of the contract, as short reasons (empty: the case passes)."""
+    problems = []
+    if outcome.raised is not None:
+        e = outcome.raised
+        problems.append(f"uncaught {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    elif outcome.status != 2:
+        problems.append(f"exit status {outcome.status}, expected 2")
+    lines = outcome.stderr.splitlines()
+    if len(lines) != 1:
+        problems.append(f"stderr has {len(lines)} lines, expected 1")
+    line = next((ln for ln in lines if PREFIX in ln), lines[-1] if lines else "")
+    if lines and not lines[0].startswith(PREFIX):
+        problems.append(f"stderr does not start with {PREFIX!r}: {lines[0][:120]!r}")
+    if lines and not re.search(case.regex, line, re.IGNORECASE):
+        problems.append(f"message does not match {case.regex!r}: {line[:200]!r}")
+    if outcome.stdout:
+        problems.append(f"stdout not empty: {outcome.stdout[:80]!r}")
+    if before != after:
+        problems.append("working folder changed: " + _describe_change(before, after))
+    if case.quick and outcome.seconds > QUICK_S:
+        problems.append(f"took {outcome.seconds:.1f} s, expected a refusal within {QUICK_S:g} s")
+    if "/dev/null" in case.argv and not stat.S_ISCHR(os.stat("/dev/null").st_mode):
+        problems.append("/dev/null is no longer a character device")
+    return problems
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    make_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, workdir, capsys):
+    reason = _skip_reason(case)
+    if reason:
+        pytest.skip(reason)
+    before = snapshot(workdir)
+    capsys.readouterr()
+    outcome = run_in_process(case.argv, lambda: tuple(capsys.readouterr()),
+                             timeout=2 * QUICK_S if case.quick else GUARD_S)
+    problems = check_contract(case, outcome, before, snapshot(workdir))
+    assert not problems, f"cnngp {shlex.join(case.argv)}:\n  " + "\n  ".join(problems)
+
+
+def _console_script() -> str | None:
+    script = Path(sys.executable).parent / "cnngp"
+    return str(script) if script.exists() else None
+
+
+@pytest.mark.parametrize("case_id", CONSOLE_CASES)
+def test_bad_input_console_script(case_id, workdir):
+    """The same contract through the installed ``cnngp`` script, and no traceback."""
+    script = _console_script()
+    if script is None:
+        pytest.skip("no cnngp console script beside the interpreter")
+    case = _BY_ID[case_id]
+    before = snapshot(workdir)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([script, *case.argv], cwd=workdir, capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"cnngp {shlex.join(case.argv)} still running after 120 s")
+    outcome = Outcome(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start, None)
+    problems = check_contract(case, outcome, before, snapshot(workdir))
+    if "Traceback" in proc.stderr:
+        problems.append("a Python traceback on stderr")
+    assert not problems, f"cnngp {shlex.join(case.argv)}:\n  " + "\n  ".join(problems)
+
+
+# -- the Markdown table for the issue note -----------------------------------------------------
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table() -> int:
+    """Run every case in-process and print a Markdown table; returns the number failing."""
+    import io
+
+    print("| case id | command line | exit status | message |")
+    print("|---|---|---|---|")
+    failing = []
+    start = time.perf_counter()
+    for case in CASES:
+        reason = _skip_reason(case)
+        cmd = "cnngp " + shlex.join(case.argv)
+        if reason:
+            print(f"| {case.id} | `{_markdown_cell(cmd)}` | skipped | {reason} |")
+            continue
+        with tempfile.TemporaryDirectory(prefix="cnngp-bad-input-") as tmp:
+            folder = Path(tmp)
+            make_inputs(folder)
+            before = snapshot(folder)
+            out, err = io.StringIO(), io.StringIO()
+            cwd = os.getcwd()
+            os.chdir(folder)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    outcome = run_in_process(case.argv, lambda: ("", ""),
+                                             timeout=2 * QUICK_S if case.quick else GUARD_S)
+            finally:
+                os.chdir(cwd)
+            outcome = outcome._replace(stdout=out.getvalue(), stderr=err.getvalue())
+            problems = check_contract(case, outcome, before, snapshot(folder))
+        if outcome.raised is not None:
+            status = f"uncaught {type(outcome.raised).__name__}"
+        else:
+            status = str(outcome.status)
+        lines = outcome.stderr.splitlines()
+        message = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "")
+        if len(lines) > 1:
+            message = f"({len(lines)} lines) {message}"
+        if outcome.raised is not None:
+            message = (message + " " if message else "") + " ".join(str(outcome.raised).split())[:160]
+        print(f"| {case.id} | `{_markdown_cell(cmd)}` | {status} | {_markdown_cell(message)} |", flush=True)
+        if problems:
+            failing.append((case.id, problems))
+    seconds = time.perf_counter() - start
+    print(f"\n{len(CASES)} cases in {seconds:.1f} s; {len(failing)} break the contract:\n")
+    for cid, problems in failing:
+        print(f"- {cid}: {'; '.join(problems)}")
+    return len(failing)
+
+
+if __name__ == "__main__":
+    sys.exit(1 if _table() else 0)
