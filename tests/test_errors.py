@@ -147,7 +147,7 @@ def _run_cli(capsys, *args):
         (["--x1", "{tmp}/nan.npz"], r"--x1: contains 1 NaN or infinite pixel values"),
         (["--arch", "cnngp2", "--readout", "matern32"], r"--readout: matern32 needs a lengthscale"),
         (["--arch", "cnngp9"], r"layer 0 .*larger than its input grid|NONE"),
-        (["--memory-budget", "lots"], r"--memory-budget: expected a size like 2G"),
+        (["--memory-budget", "lots"], r"--memory-budget: expected a size of at least 1M such as 2G"),
     ],
 )
 def test_cli_errors_one_line_no_output(tmp_path, images, capsys, extra, match):

@@ -87,5 +87,5 @@ def test_checkpoint_save_is_atomic(tmp_path):
     ck = Checkpoint(tmp_path / "c.npz", "key")
     ck.save(torch.ones(1, 2, 2), 3)
     assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]
-    values, done = ck.load((1, 2, 2), torch.float64)
+    values, done = ck.load((1, 2, 2), torch.float64, 3)
     assert done == 3 and torch.equal(values, torch.ones(1, 2, 2, dtype=torch.float64))

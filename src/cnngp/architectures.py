@@ -17,6 +17,9 @@ from .spec import Network
 
 __all__ = ["get", "NAMES", "body"]
 
+#: deepest cnngp<depth> offered (a depth is conv+ReLU pairs; the paper goes to 14)
+MAX_DEPTH = 1000
+
 NAMES = ("cnngp{depth}", "myrtle5", "myrtle7", "myrtle10", "myrtle10-paper", "myrtle10-correlated")
 
 #: conv layers per block at 32×32, 16×16 and 8×8 (Shankar et al. 2020; the paper's 3/3/2)
@@ -37,8 +40,11 @@ def body(name: str, internal: Correlation | None = None) -> list:
     m = re.fullmatch(r"cnngp(\d+)", name)
     if m:
         depth = int(m.group(1))
-        if depth < 1:
-            raise CNNGPError(f"arch: cnngp needs a depth >= 1, got {name!r}")
+        if not 1 <= depth <= MAX_DEPTH:
+            raise CNNGPError(
+                f"arch: cnngp<depth> needs 1 <= depth <= {MAX_DEPTH}, got {name!r} (the "
+                "paper's deepest is cnngp14)"
+            )
         return _conv_relu(depth)
     if name in _MYRTLE_BLOCKS:
         a, b, c = _MYRTLE_BLOCKS[name]

@@ -1,7 +1,18 @@
 """The ``cnngp`` command line: a thin layer over the library.
 
-Every command exits 0 on success and, on bad input, prints one line ``cnngp: error: …`` to
-stderr and exits 2 without writing any output file. Output files are written atomically.
+The contract every command keeps, enforced here in :func:`main` and :func:`preflight`
+rather than option by option (README, "Command-line contract"):
+
+* exit 0 on success; on a user error (bad flag or value, bad input file, an output path
+  cnngp must not write, a job the machine cannot hold) one line ``cnngp: error: …`` naming
+  the argument, exit 2, *before* any work and with nothing written. Exit 1 only for a bug.
+* Ctrl-C (exit 130) and SIGTERM (exit 143) stop cleanly; a kernel in progress saves its
+  checkpoint, and rerunning the same command resumes from it.
+* Output files are written to a temporary name and renamed into place; only regular files
+  are ever replaced; a checkpoint is removed only once the output is in place.
+
+Only the standard library is imported at module level, so that an interrupt during
+start-up (importing torch takes seconds) is handled like any other.
 """
 
 from __future__ import annotations
@@ -9,29 +20,67 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .errors import CNNGPError
-from .provenance import array_sha256, versions
-from .storage import atomic_write
 
-__all__ = ["main", "atomic_write", "versions", "array_sha256"]
+__all__ = ["main", "entry", "build_parser", "preflight", "Terminated"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, schedulers), handled like Ctrl-C."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error contract: errors raise instead of printing usage."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        raise CNNGPError(where + message)
+
+
+def int_at_least(minimum: int):
+    """argparse ``type=`` for integers >= ``minimum`` (messages name the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for a finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 # -- shared helpers (also used by the other commands) -----------------------------------------
 
 
-def parse_lengthscales(text: str) -> list[float]:
+def parse_lengthscales(text: str, flag: str = "--lengthscales") -> list[float]:
     from .correlations import parse_lengthscale
 
     items = [t for t in text.split(",") if t.strip()]
     if not items:
-        raise CNNGPError("--lengthscales: expected a comma-separated list like 0,0.5,2,inf")
-    return [parse_lengthscale(t, "--lengthscales") for t in items]
+        raise CNNGPError(f"{flag}: expected a comma-separated list like 0,0.5,2,inf")
+    return [parse_lengthscale(t, flag) for t in items]
 
 
 _FAMILIES = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}
@@ -61,12 +110,30 @@ def correlation_from_text(text: str, lengthscale=None):
 
 
 def load_network(arch: str, readout: str | None = None):
-    """A named architecture or a JSON spec file; ``readout`` overrides the readout correlation."""
+    """A named architecture or a JSON spec file; ``readout`` overrides the readout correlation.
+    Errors name ``--arch`` (or ``--readout``)."""
+    try:
+        return _load_network(arch, readout)
+    except CNNGPError as e:
+        text = str(e)
+        if text.startswith("--"):
+            raise
+        raise CNNGPError(f"--arch: {text.removeprefix('arch: ')}") from None
+
+
+def _load_network(arch: str, readout: str | None):
     from . import architectures
     from .layers import Readout
     from .spec import load_spec
 
-    if arch.endswith(".json") or os.sep in arch or Path(arch).is_file():
+    if not arch.strip():
+        raise CNNGPError("is empty; give a name such as cnngp14 or a SPEC.json file")
+    if arch.endswith(".json") or os.sep in arch or Path(arch).exists():
+        p = Path(arch)
+        if not p.exists():
+            raise CNNGPError(f"spec file {arch!r} not found")
+        if not p.is_file():
+            raise CNNGPError(f"spec file {arch!r} is not a regular file (a folder?)")
         net = load_spec(arch)
         if readout is not None:
             last = net.layers[-1]
@@ -79,9 +146,10 @@ def load_network(arch: str, readout: str | None = None):
 
 
 def load_images(flag: str, path_spec: str) -> np.ndarray:
-    """Images from ``FILE.npz`` or ``FILE.npz:ARRAY``, errors naming the command-line flag."""
+    """Images from ``FILE.npz``, ``FILE.npz:ARRAY`` or ``digits[:N]``, under the package's
+    image-array policy (:func:`cnngp.validation.as_images`), errors naming ``flag``."""
     from .data import load_array, load_digits
-    from .gram import as_images
+    from .validation import as_images
 
     name, _, count = str(path_spec).partition(":")
     if name == "digits" and not Path(name).exists():  # the embedded default data set
@@ -93,48 +161,113 @@ def load_images(flag: str, path_spec: str) -> np.ndarray:
         return as_images(images, flag)
     try:
         arr = load_array(path_spec, name=flag)
-    except (ValueError, OSError) as e:
-        raise CNNGPError(str(e)) from None
+    except OSError as e:
+        raise CNNGPError(f"{flag}: cannot read {str(path_spec)!r} ({e.strerror or e})") from None
+    except CNNGPError as e:
+        if str(e).startswith(flag):
+            raise
+        raise CNNGPError(f"{flag}: {e}") from None
     return as_images(arr, flag)
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
+    """``2G``, ``500M``, ``1.5GiB``, ``123456`` → bytes (finite, at least 1 MiB)."""
+    import math
+
     units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    t = text.strip().lower().rstrip("b").rstrip("i")
+    t = str(text).strip().lower().rstrip("b").rstrip("i")
     try:
         if t and t[-1] in units:
             value = float(t[:-1]) * units[t[-1]]
         else:
             value = float(t)
     except ValueError:
-        value = -1
-    if not value > 0:
-        raise CNNGPError(f"--memory-budget: expected a size like 2G or 500M, got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1024**2):
+        raise CNNGPError(f"{flag}: expected a size of at least 1M such as 2G or 500M, got {text!r}")
     return int(value)
+
+
+def preflight(args) -> None:
+    """The checks every command shares, made before any work, by flag name.
+
+    ``--out`` (a file, or a folder for ``sweep``), ``--device``, ``--memory-budget`` and
+    ``--x1/--x2/--x`` paths; values are replaced by their parsed form (``args.memory_budget``
+    in bytes, ``args.device`` a ``torch.device``).
+    """
+    out_kind = getattr(args, "out_kind", "file")
+    if hasattr(args, "out"):
+        if out_kind == "file":
+            from .storage import check_output_file
+
+            check_output_file(args.out, "--out")
+            if getattr(args, "checkpointed", False) and not args.no_checkpoint:
+                args.checkpoint_path = f"{args.out}.checkpoint.npz"
+                check_output_file(args.checkpoint_path, "--out (its checkpoint)")
+        else:
+            from .cli_sweep import check_out_dir
+
+            check_out_dir(Path(args.out))
+    if getattr(args, "memory_budget", None) is not None:
+        args.memory_budget = parse_bytes(args.memory_budget)
+    if getattr(args, "device", None) is not None:
+        from .validation import resolve_device
+
+        args.device = str(resolve_device(args.device, "--device"))
+    for flag in ("x1", "x2", "x"):
+        spec = getattr(args, flag, None)
+        if spec is not None and not str(spec).startswith("digits"):
+            _check_input_path(f"--{flag}", str(spec))
+
+
+def _check_input_path(flag: str, spec: str) -> None:
+    from .data import _NPZ_SPEC
+
+    name = spec
+    m = _NPZ_SPEC.match(spec)
+    if m and not Path(spec).exists():
+        name = m.group("file")
+    p = Path(name)
+    if not name.strip():
+        raise CNNGPError(f"{flag}: is empty; give FILE.npz or FILE.npz:ARRAY")
+    if not p.exists():
+        raise CNNGPError(f"{flag}: file not found: {name}")
+    if not p.is_file():
+        raise CNNGPError(f"{flag}: {name!r} is not a regular file; give FILE.npz or FILE.npz:ARRAY")
 
 
 # -- commands ---------------------------------------------------------------------------------
 
 
 def cmd_kernel(args) -> int:
+    import numpy as np
     import torch
 
     from .gram import kernel, readout_sweep
     from .layers import Readout
+    from .provenance import array_sha256, versions
+    from .resources import check_gram
+    from .storage import atomic_write
 
+    if args.lengthscales is not None and args.readout is not None:
+        raise CNNGPError(
+            "--lengthscales: cannot be combined with --readout (the sweep sets the readout "
+            "correlation itself: choose its family with --family)"
+        )
     net = load_network(args.arch, args.readout)
     x1 = load_images("--x1", args.x1)
     x2 = None if args.x2 is None else load_images("--x2", args.x2)
-    common = dict(
-        dtype=args.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        memory_budget=None if args.memory_budget is None else parse_bytes(args.memory_budget),
-        progress=not args.quiet,
-        checkpoint=None if args.no_checkpoint else f"{args.out}.checkpoint.npz",
-    )
-    lengthscales = None
-    start = time.perf_counter()
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise CNNGPError(
+            f"--x2: images of shape {x2.shape[1:]} do not match --x1's {x1.shape[1:]}; both "
+            "must be (N, *spatial, C) with the same spatial size and channels"
+        )
+    channels = getattr(net, "input_channels", None)
+    if channels is not None and x1.shape[-1] != channels:
+        raise CNNGPError(
+            f"--x1: has {x1.shape[-1]} channels (last axis) but --arch expects {channels}"
+        )
+    lengthscales, readouts, body = None, None, net
     if args.lengthscales is not None:
         lengthscales = parse_lengthscales(args.lengthscales)
         last = net.layers[-1]
@@ -146,6 +279,21 @@ def cmd_kernel(args) -> int:
         ]
         body = net[:-1]
         body.input_channels = getattr(net, "input_channels", None)
+    check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
+               readouts=readouts, dtype=args.dtype, device=args.device,
+               memory_budget=args.memory_budget, disk_path=args.out, yes=args.yes)
+    checkpoint = getattr(args, "checkpoint_path", None)
+    common = dict(
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        memory_budget=args.memory_budget,
+        progress=not args.quiet,
+        checkpoint=checkpoint,
+        keep_checkpoint=True,
+    )
+    start = time.perf_counter()
+    if readouts is not None:
         k = readout_sweep(body, readouts, x1, x2, **common)
     else:
         k = kernel(net, x1, x2, **common)
@@ -174,20 +322,36 @@ def cmd_kernel(args) -> int:
     if lengthscales is not None:
         arrays["lengthscales"] = np.array(lengthscales, dtype=np.float64)
     atomic_write(args.out, lambda f: np.savez(f, **arrays))
+    if checkpoint is not None:  # only now that the output is safely in place
+        Path(checkpoint).unlink(missing_ok=True)
     if not args.quiet:
         print(f"wrote {args.out}: kernel {k.shape} in {seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    parts = str(text).lower().split("x")
+    try:
+        shape = tuple(int(t) for t in parts)
+    except ValueError:
+        shape = ()
+    if not 1 <= len(shape) <= 3 or min(shape) < 1:
+        raise CNNGPError(
+            f"--shape: expected 1 to 3 positive sizes such as 32x32 or 28 or 8x8x8, got {text!r}"
+        )
+    return shape
 
 
 def cmd_info(args) -> int:
     import torch
 
     from . import architectures
+    from .provenance import versions
 
     info = {"versions": versions(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
     if args.arch:
+        spatial = _parse_shape(args.shape) if args.shape else (32, 32)
         net = load_network(args.arch, args.readout)
-        spatial = tuple(int(s) for s in args.shape.split("x")) if args.shape else (32, 32)
         grids = net.grids(spatial)
         info["arch"] = args.arch
         info["spec"] = net.to_spec()
@@ -197,17 +361,19 @@ def cmd_info(args) -> int:
         # what each layer's input is carried as: full, diagonal or band (radii per axis)
         info["representation"] = [describe(r) for r in net.representation(spatial)]
     else:
+        if args.shape or args.readout:
+            raise CNNGPError("--shape/--readout: only meaningful together with --arch")
         info["architectures"] = list(architectures.NAMES)
     print(json.dumps(info, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cnngp",
         description="NNGP kernels of infinitely wide CNNs with spatially correlated weight priors.",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     k = sub.add_parser("kernel", help="compute a kernel (Gram) matrix")
     k.add_argument("--arch", required=True, help="cnngp14, myrtle10, ... or SPEC.json")
@@ -219,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
     k.add_argument("--family", default="matern32", choices=sorted(_FAMILIES), help="sweep family")
-    k.add_argument("--batch-size", type=int, help="image pairs per batch (default: from the memory budget)")
+    k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
+    k.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
     k.add_argument("--quiet", action="store_true", help="no progress bar")
     k.add_argument(
         "--no-checkpoint",
@@ -228,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not save progress to OUT.checkpoint.npz (by default an interrupted run "
         "resumes from there when the same command is run again)",
     )
-    k.set_defaults(func=cmd_kernel)
+    k.set_defaults(func=cmd_kernel, checkpointed=True)
 
     i = sub.add_parser("info", help="versions, devices, architectures and their grids")
     i.add_argument("--arch", help="show the layers and grids of this architecture")
@@ -259,23 +426,93 @@ def _register_optional_commands():
             _EXTRA_COMMANDS.append(m.register)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+#: library argument names -> the flag a command-line user typed
+_FLAGS = {
+    "arch": "--arch", "model": "--arch", "body": "--arch", "network": "--arch",
+    "spec": "--arch", "layer": "--arch", "x1": "--x1", "x2": "--x2", "n": "--n", "ns": "--n",
+    "folds": "--folds", "n_test": "--n-test", "test": "--test", "seed": "--seed",
+    "family": "--family", "dtype": "--dtype", "device": "--device", "width": "--width",
+    "n_samples": "--samples", "n_outputs": "--outputs", "batch": "--batch",
+    "batch_size": "--batch-size", "memory_budget": "--memory-budget",
+    "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales",
+}
+
+
+def _name_flag(text: str) -> str:
+    """A library message ``"n=4 does not divide ..."`` or ``"layer 0: ..."`` becomes
+    ``"--n: n=4 does not divide ..."``: every message names the flag, mapped in one place."""
+    import re
+
+    if text.startswith("--"):
+        return text
+    m = re.match(r"(\w+)(?=[:= ]|$)", text)
+    if m and m.group(1) in _FLAGS:
+        return f"{_FLAGS[m.group(1)]}: {text}"
+    return text
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(args, code: int, what: str) -> int:
+    ckpt = getattr(args, "checkpoint_path", None) if args is not None else None
+    if ckpt and Path(ckpt).is_file():
+        print(f"cnngp: {what}; progress saved to {ckpt}: rerun the same command to resume",
+              file=sys.stderr)
+    else:
+        print(f"cnngp: {what}; no output written", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
-    _register_optional_commands()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns the exit status (0, 2 for user errors, 130/143 when
+    interrupted, 1 for a bug). Never raises, never prints a traceback (set CNNGP_DEBUG=1
+    to see one for a bug)."""
+    args = None
+    previous = None
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        _register_optional_commands()
+        args = build_parser().parse_args(argv)
+        preflight(args)
         return int(args.func(args) or 0)
+    except Terminated:
+        return _interrupted(args, 143, "terminated (SIGTERM)")
     except KeyboardInterrupt:
-        print("cnngp: interrupted; no output written", file=sys.stderr)
-        return 130
-    except (CNNGPError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        msg = " ".join(str(e).split())
-        print(f"cnngp: error: {msg}", file=sys.stderr)
+        return _interrupted(args, 130, "interrupted")
+    except CNNGPError as e:
+        print(f"cnngp: error: {_name_flag(_one_line(e))}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # torch errors such as out of memory
-        msg = " ".join(str(e).split())[:300]
-        print(f"cnngp: error: {msg}", file=sys.stderr)
+    except MemoryError:
+        print("cnngp: error: out of memory; use fewer images, a smaller --memory-budget or "
+              "--batch-size", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system or the machine, not cnngp: name what failed
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"cnngp: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        text = _one_line(e)
+        if isinstance(e, RuntimeError) and ("allocate" in text or "out of memory" in text):
+            print(f"cnngp: error: out of memory ({text[:200]}); use fewer images, a smaller "
+                  "--memory-budget or --batch-size", file=sys.stderr)
+            return 2
+        if os.environ.get("CNNGP_DEBUG"):
+            raise
+        print(f"cnngp: internal error (a bug; rerun with CNNGP_DEBUG=1 for the traceback and "
+              f"please report it): {type(e).__name__}: {text[:300]}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:  # pragma: no cover - exercised by the subprocess tests
@@ -285,7 +522,10 @@ def entry() -> None:  # pragma: no cover - exercised by the subprocess tests
     interpreter's teardown — about 0.7 s of freeing torch's and numba's module state on this
     machine — has nothing left to do for us and is skipped with ``os._exit``.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
+        code = 130
     sys.stdout.flush()
     sys.stderr.flush()
     if os.environ.get("CNNGP_SLOW_EXIT"):

@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 
-from .cli import atomic_write, load_network, parse_bytes, versions
+from .cli import finite_float, int_at_least, load_network
+from .provenance import versions
+from .storage import atomic_write
 from .errors import CNNGPError
 
 __all__ = ["register", "cmd_montecarlo", "cmd_correlation_figure", "montecarlo_report"]
@@ -87,7 +89,17 @@ def cmd_montecarlo(args) -> int:
             f"--x2: images of shape {x2.shape[1:]} do not match --x1's {x1.shape[1:]}; both must "
             "be (N, *spatial, C) with the same spatial size and channels"
         )
-    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+    budget = args.memory_budget
+    from .finite import network_memory
+    from .resources import check_gram, check_job
+
+    check_job(
+        f"--width {width}",
+        memory_bytes=network_memory(net, x1.shape[1:], width, outputs, args.dtype),
+        remedy="one finite network of this width on one image does not fit; use a smaller --width",
+    )
+    check_gram("--x1", net, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
+               device=args.device, yes=args.yes)
 
     start = time.perf_counter()
     analytic = kernel(net, x1, x2, dtype="float64", device=args.device).numpy()
@@ -173,7 +185,7 @@ def cmd_correlation_figure(args) -> int:
     pos = _int_list(args.positions, "--positions", 0)
     if len(pos) != 4:
         raise CNNGPError(f"--positions: expected four integers r1,c1,r2,c2, got {args.positions!r}")
-    mc_lengthscales = parse_lengthscales(args.mc_lengthscales)
+    mc_lengthscales = parse_lengthscales(args.mc_lengthscales, "--mc-lengthscales")
     if args.seed < 0:
         raise CNNGPError(f"--seed: expected an integer >= 0, got {args.seed}")
     x = _load_images(args.x, "--x", None)
@@ -224,21 +236,22 @@ def register(subparsers) -> None:
     m.add_argument("--arch", required=True, help="cnngp14, myrtle10, ... or SPEC.json (must end with a readout)")
     m.add_argument("--x1", required=True, help="FILE.npz or FILE.npz:ARRAY (default array x, then x_train)")
     m.add_argument("--x2", help="second set of images (default: x1)")
-    m.add_argument("--n1", type=int, help="use only the first N1 images of --x1")
-    m.add_argument("--n2", type=int, help="use only the first N2 images of --x2")
-    m.add_argument("--width", type=int, required=True, help="channels of every hidden layer (>= 1)")
-    m.add_argument("--samples", type=int, required=True, help="networks drawn (>= 2)")
-    m.add_argument("--outputs", type=int, default=16, help="outputs of the readout per network (default 16)")
+    m.add_argument("--n1", type=int_at_least(1), help="use only the first N1 images of --x1")
+    m.add_argument("--n2", type=int_at_least(1), help="use only the first N2 images of --x2")
+    m.add_argument("--width", type=int_at_least(1), required=True, help="channels of every hidden layer (>= 1)")
+    m.add_argument("--samples", type=int_at_least(2), required=True, help="networks drawn (>= 2)")
+    m.add_argument("--outputs", type=int_at_least(1), default=16, help="outputs of the readout per network (default 16)")
     m.add_argument("--out", required=True, help="output .json report")
-    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    m.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     m.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     m.add_argument(
         "--dtype", choices=["float32", "float64"], default="float32",
         help="precision of the finite networks (default float32; the analytic kernel is float64)",
     )
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    m.add_argument("--batch", type=int, help="networks evaluated together (default: from the memory budget)")
+    m.add_argument("--batch", type=int_at_least(1), help="networks evaluated together (default: from the memory budget)")
     m.add_argument("--memory-budget", help="memory for one batch of networks, e.g. 512M (default 256M)")
+    m.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_montecarlo)
 
@@ -255,19 +268,19 @@ def register(subparsers) -> None:
     )
     f.add_argument("--x", required=True, help="images, e.g. cifar10_subset.npz:x_test")
     f.add_argument("--out", required=True, help="output .png (a sidecar .json holds the numbers)")
-    f.add_argument("--index", type=int, default=0, help="image used (default 0)")
-    f.add_argument("--other", type=int, default=1, help="a second image for the λ panel (default 1)")
-    f.add_argument("--depth", type=int, default=4, help="conv+relu layers (default 4)")
+    f.add_argument("--index", type=int_at_least(0), default=0, help="image used (default 0)")
+    f.add_argument("--other", type=int_at_least(0), default=1, help="a second image for the λ panel (default 1)")
+    f.add_argument("--depth", type=int_at_least(1), default=4, help="conv+relu layers (default 4)")
     f.add_argument("--positions", default="8,8,24,24", help="two positions r1,c1,r2,c2 (default 8,8,24,24)")
     f.add_argument("--widths", default="8,32,128,512", help="widths for the left panel (default 8,32,128,512)")
-    f.add_argument("--draws", type=int, default=8, help="networks per width (default 8)")
-    f.add_argument("--conv-lengthscale", type=float, default=3.0, help="Matérn-3/2 λ of the correlated convs (default 3)")
-    f.add_argument("--shift", type=int, default=4, help="translation in pixels for the λ panel (default 4)")
-    f.add_argument("--mc-width", type=int, default=64, help="width of the finite networks in the λ panel (default 64)")
-    f.add_argument("--samples", type=int, default=200, help="networks per λ in the λ panel (default 200)")
+    f.add_argument("--draws", type=int_at_least(2), default=8, help="networks per width (default 8)")
+    f.add_argument("--conv-lengthscale", type=finite_float, default=3.0, help="Matérn-3/2 λ of the correlated convs (default 3)")
+    f.add_argument("--shift", type=int_at_least(0), default=4, help="translation in pixels for the λ panel (default 4)")
+    f.add_argument("--mc-width", type=int_at_least(1), default=64, help="width of the finite networks in the λ panel (default 64)")
+    f.add_argument("--samples", type=int_at_least(2), default=200, help="networks per λ in the λ panel (default 200)")
     f.add_argument("--mc-lengthscales", default="0.3,1,3,10,30", help="λ values estimated by Monte Carlo")
     f.add_argument("--no-centre", action="store_true", help="do not subtract the per-channel mean pixel")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int_at_least(0), default=0)
     f.add_argument("--device", default="cpu")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_correlation_figure)

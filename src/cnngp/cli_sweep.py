@@ -44,8 +44,15 @@ def _int_list(flag: str, text: str) -> list[int]:
     return [_int(flag, t, 1) for t in items]
 
 
-def _check_out_dir(out: Path) -> None:
-    """Fail before any computation if DIR cannot be created or written."""
+def check_out_dir(out: Path) -> None:
+    """Fail before any computation if DIR cannot be created or written, or if a file cnngp
+    would place there is not a regular file (a link, a device, a folder)."""
+    from .storage import check_output_file
+
+    if not str(out).strip():
+        raise CNNGPError("--out: is empty; give a folder such as cnngp-sweep")
+    if out.is_symlink() and not out.is_dir():
+        raise CNNGPError(f"--out: {str(out)!r} is a symbolic link that does not lead to a folder")
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a folder")
     probe = out
@@ -55,6 +62,13 @@ def _check_out_dir(out: Path) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise CNNGPError(f"--out: cannot write into {str(probe)!r}")
+    if out.is_dir():
+        for name in OUTPUT_FILES:
+            check_output_file(out / name, "--out")
+
+
+#: the files ``cnngp sweep`` writes into DIR
+OUTPUT_FILES = ("sweep.png", "results.json")
 
 
 def _umask() -> int:
@@ -100,7 +114,7 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .cli import parse_bytes, parse_lengthscales
+    from .cli import parse_lengthscales
     from .data import load_dataset
     from .plots import sweep_figure
     from .sweep import PAPER_LENGTHSCALES, run_sweep, summary_table
@@ -119,18 +133,15 @@ def cmd_sweep(args) -> int:
         if args.lengthscales is None
         else parse_lengthscales(args.lengthscales)
     )
-    _check_out_dir(out)
     if args.kernel_cache is not None:
-        cache = Path(args.kernel_cache)
-        if cache.exists() and cache.is_dir():
-            raise CNNGPError(f"--kernel-cache: {str(cache)!r} is a folder; expected a .npz path")
-        if not cache.parent.is_dir():
-            raise CNNGPError(f"--kernel-cache: folder {str(cache.parent)!r} does not exist")
+        from .storage import check_output_file
+
+        check_output_file(args.kernel_cache, "--kernel-cache")
 
     try:
         dataset = load_dataset(args.data)
     except (ValueError, OSError) as e:
-        raise CNNGPError(f"--data: {e}") from None
+        raise CNNGPError(f"--data: {' '.join(str(e).split())}") from None
 
     results = run_sweep(
         args.arch,
@@ -146,10 +157,11 @@ def cmd_sweep(args) -> int:
         device=args.device,
         fold_scheme=args.fold_scheme,
         batch_size=batch_size,
-        memory_budget=None if args.memory_budget is None else parse_bytes(args.memory_budget),
+        memory_budget=args.memory_budget,
         progress=not args.quiet,
         kernel_cache=args.kernel_cache,
         data_label=str(args.data),
+        yes=args.yes,
     )
     results["config"]["command"] = "cnngp sweep " + " ".join(_argv_for_record(args))
 
@@ -232,5 +244,7 @@ def register(subparsers) -> None:
     p.add_argument("--kernel-cache",
                    help="FILE.npz: reuse the kernel stack stored there by an identical "
                    "sweep, or store it there")
+    p.add_argument("--yes", action="store_true",
+                   help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep, out_kind="dir")

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CNNGPError
-from .gram import as_images, resolve_device, resolve_dtype
+from .resources import check_job
+from .validation import as_images, resolve_device, resolve_dtype
 from .layers import (
     ABReLU,
     AvgPool,
@@ -635,6 +636,16 @@ def finite_network(
 # -- Monte Carlo kernel ---------------------------------------------------------------------------
 
 
+def network_memory(model, image_shape, width: int, n_outputs: int = 1, dtype="float32") -> int:
+    """Bytes one finite network of ``width`` needs to run one image of ``image_shape``
+    (``(*spatial, C)``): its weights plus one image's activations. Nothing is allocated."""
+    layers = _flatten_layers(model)
+    itemsize = torch.finfo(resolve_dtype(dtype)).bits // 8
+    spatial = tuple(int(s) for s in image_shape[:-1])
+    w, act = _per_network_bytes(layers, int(image_shape[-1]), spatial, int(width), int(n_outputs), itemsize)
+    return int(w + act)
+
+
 def _per_network_bytes(layers, in_channels, spatial, width, n_outputs, itemsize) -> tuple[int, int]:
     """(weight bytes, activation bytes per image) of one network, generous estimates."""
     grids = Serial(*layers).grids(spatial)
@@ -722,6 +733,10 @@ def _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, m
     n_img = x.shape[0]
     itemsize = torch.finfo(dt).bits // 8
     w_bytes, act_bytes = _per_network_bytes(layers, a1.shape[-1], spatial, width, n_outputs, itemsize)
+    check_job(  # one network on one image must fit, or nothing can run
+        f"width={width}", memory_bytes=w_bytes + act_bytes,
+        remedy="one network of this width on one image does not fit; use a smaller width",
+    )
     if batch is None:
         per_net = w_bytes + min(n_img, 64) * act_bytes
         batch = max(1, memory_budget // max(per_net, 1))

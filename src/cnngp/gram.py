@@ -29,7 +29,10 @@ from .state import Band, KernelState
 from .storage import Checkpoint, fingerprint
 from .validation import as_images, resolve_device, resolve_dtype
 
-__all__ = ["kernel", "readout_sweep", "as_images", "resolve_dtype", "DEFAULT_MEMORY_BUDGET"]
+__all__ = [
+    "kernel", "readout_sweep", "estimate_cost", "GramCost", "as_images", "resolve_dtype",
+    "DEFAULT_MEMORY_BUDGET",
+]
 
 #: bytes of working memory a batch of pairs may use, unless told otherwise
 DEFAULT_MEMORY_BUDGET = env_number("CNNGP_MEMORY_BUDGET", 2 * 1024**3, 1, integer=True)
@@ -149,6 +152,88 @@ def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
         largest = max(_elements(plan.grids[i], flags[i]) for i in range(depth + 1))
         batch = min(batch, max(1, STREAM_BATCH_BYTES // (largest * itemsize)))
     return int(batch)
+
+
+#: seconds per elementary operation of the cost model below, calibrated on the 2-core
+#: machine of benchmarks/README.md (CNNGP-14 with a full readout: 15–22 ms per pair, the
+#: model says 28; Myrtle10: 14 ms, the model says 7); float32 is taken as 0.7 of it.
+#: Estimates are for refusing absurd jobs before they start, good to a factor of ~3.
+SECONDS_PER_OP = env_number("CNNGP_SECONDS_PER_OP", 1e-10, 0)
+#: fixed cost of one layer for one pair (call overhead on the diagonal path)
+SECONDS_PER_LAYER_PAIR = 5e-6
+
+
+@dataclass(frozen=True)
+class GramCost:
+    """What a Gram computation will need, known before it allocates anything.
+
+    Attributes
+    ----------
+    pairs : int
+        Image pairs the pair pass computes (upper triangle only when x2 is x1).
+    seconds : float
+        Estimated CPU time, from the cost model (``SECONDS_PER_OP``).
+    output_bytes : int
+        The result (n_readouts, N1, N2) in the working dtype.
+    working_bytes : int
+        One batch's working memory (at most the memory budget).
+    """
+
+    pairs: int
+    seconds: float
+    output_bytes: int
+    working_bytes: int
+
+
+def _ops_per_item(plan: _Plan, flags, depth) -> float:
+    """Elementary operations for one pair: conv outputs × taps (× taps again for a
+    correlated conv on the full tensor), nonlinearities ~10 per element, pools ~1."""
+    ops = 0.0
+    for i in range(depth):
+        layer = plan.body.layers[i]
+        e_in, e_out = _elements(plan.grids[i], flags[i]), _elements(plan.grids[i + 1], flags[i + 1])
+        if hasattr(layer, "geometries") and plan.grids[i]:
+            geoms = layer.geometries(plan.grids[i])
+            taps = math.prod(g.taps for g in geoms)
+            correlated = layer._kind(geoms) not in ("independent", "constant")
+            ops += e_out * taps * (taps if correlated and flags[i] is True else 1)
+        elif layer.needs_variances:
+            ops += 10.0 * e_out
+        else:
+            ops += e_in
+    last = _elements(plan.grids[depth], flags[depth])
+    return ops + last * max(1, len(plan.heads))
+
+
+def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
+                  dtype="float64", memory_budget: int | None = None) -> GramCost:
+    """The :class:`GramCost` of ``kernel(model, x1, x2)`` (or of ``readout_sweep(model,
+    readouts, ...)``) for ``n1`` (and ``n2``) images of shape ``image_shape = (*spatial, C)``,
+    computed from the network's plan alone: nothing is allocated."""
+    if readouts is None:
+        body, heads = _split_model(model)
+    else:
+        body, heads = _split_model(model)[0], list(readouts)
+    spatial = tuple(int(s) for s in image_shape[:-1])
+    plan = _make_plan(body, heads, spatial)
+    itemsize = torch.finfo(resolve_dtype(dtype)).bits // 8
+    symmetric = n2 is None
+    pairs = n1 * (n1 + 1) // 2 if symmetric else n1 * n2
+    images = n1 + (0 if symmetric else n2)
+    per_op = SECONDS_PER_OP * (0.7 if itemsize == 4 else 1.0)
+    seconds = per_op * (
+        pairs * _ops_per_item(plan, plan.pair_flags, len(plan.body))
+        + (images * _ops_per_item(plan, plan.self_flags, plan.self_depth) if plan.self_depth else 0)
+    ) + SECONDS_PER_LAYER_PAIR * (len(plan.body) + 1) * (pairs + images)
+    n_out = max(1, len(heads))
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    per = _bytes_per_item(plan, plan.pair_flags, len(plan.body), itemsize)
+    return GramCost(
+        pairs=pairs,
+        seconds=seconds,
+        output_bytes=n_out * n1 * (n1 if symmetric else n2) * itemsize,
+        working_bytes=int(min(max(per, budget), per * max(1, pairs))),
+    )
 
 
 def _input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
@@ -285,7 +370,8 @@ def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint=None):
+def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress,
+             checkpoint=None, keep_checkpoint=False):
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     channels = getattr(body, "input_channels", None)
@@ -317,16 +403,26 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
         cols = torch.arange(n2).repeat(n1)
     n_pairs = rows.numel()
     n_out = max(1, len(heads))
-    out, done, ckpt = torch.empty((n_out, n1, n2), dtype=dtype), 0, None
+    # NaN until computed: an entry that is never written cannot pass the final check
+    out, done, ckpt = torch.full((n_out, n1, n2), math.nan, dtype=dtype), 0, None
     if checkpoint is not None:
         key = fingerprint(
             "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1,
             None if symmetric else a2, str(dtype),
         )
         ckpt = Checkpoint(checkpoint, key)
-        resumed = ckpt.load((n_out, n1, n2), dtype)
+        resumed = ckpt.load((n_out, n1, n2), dtype, n_pairs)
         if resumed is not None:
-            out, done = resumed
+            saved, done = resumed
+            r, c = rows[:done], cols[:done]
+            if not bool(torch.isfinite(saved[:, r, c]).all()):
+                raise CNNGPError(
+                    f"checkpoint: {str(checkpoint)!r} is corrupt (non-finite values among the "
+                    f"{done} pairs it says are done); delete it to start over"
+                )
+            out[:, r, c] = saved[:, r, c]  # trust only the pairs it says are done
+            if symmetric:
+                out[:, c, r] = saved[:, r, c]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -361,9 +457,25 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             raise
     if bar is not None:
         bar.close()
-    if ckpt is not None:
+    _check_finite(out, body, heads, a1 if symmetric else np.concatenate([a1[:1], a2[:1]]), dtype)
+    if ckpt is not None and not keep_checkpoint:
         ckpt.remove()
     return out
+
+
+def _check_finite(out: torch.Tensor, body, heads, images, dtype) -> None:
+    """Refuse to return a kernel with NaN or infinite entries (an overflow)."""
+    finite = torch.isfinite(out)
+    if bool(finite.all()):
+        return
+    bad = int(out.numel() - finite.sum())
+    peak = float(np.max(np.abs(images)))
+    raise CNNGPError(
+        f"kernel: {bad} of {out.numel()} entries overflowed to NaN or infinity in {dtype} "
+        f"(pixels up to {peak:.3g}, {len(body)} layers): the kernel grows with the pixel "
+        "scale squared and the weight variances layer by layer; use dtype float64, images "
+        "scaled to about [0, 1], or smaller weight_var"
+    )
 
 
 def kernel(
@@ -377,6 +489,7 @@ def kernel(
     memory_budget: int | None = None,
     progress: bool = False,
     checkpoint=None,
+    keep_checkpoint: bool = False,
 ) -> torch.Tensor:
     """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool).
 
@@ -392,8 +505,17 @@ def kernel(
     batch_size : image pairs per batch; chosen from ``memory_budget`` bytes by default.
     progress : show a progress bar.
     checkpoint : path, optional
-        Save progress there every 30 s and on Ctrl-C; calling again with the same arguments
-        resumes from it (a checkpoint of another computation is refused). Removed when done.
+        Save progress there every 30 s and on Ctrl-C (or SIGTERM, from the command line);
+        calling again with the same arguments resumes from it (a checkpoint of another
+        computation, or one whose contents do not check out, is refused). Removed when
+        done, unless ``keep_checkpoint``: the command line removes it only once its output
+        file is safely in place.
+
+    Raises
+    ------
+    CNNGPError
+        For bad input, and for a kernel that overflowed (NaN or infinite entries are
+        never returned).
 
     Returns
     -------
@@ -401,7 +523,8 @@ def kernel(
     """
     body, heads = _split_model(model)
     return _compute(
-        body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint
+        body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
+        keep_checkpoint,
     )[0]
 
 
@@ -417,6 +540,7 @@ def readout_sweep(
     memory_budget: int | None = None,
     progress: bool = False,
     checkpoint=None,
+    keep_checkpoint: bool = False,
 ) -> torch.Tensor:
     """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
 
@@ -430,5 +554,6 @@ def readout_sweep(
     if not readouts or not all(isinstance(r, Readout) for r in readouts):
         raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
     return _compute(
-        body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint
+        body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
+        keep_checkpoint,
     )

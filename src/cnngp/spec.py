@@ -140,4 +140,8 @@ def load_spec(path) -> Network:
         spec = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CNNGPError(f"spec file: {str(path)!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CNNGPError(f"spec file: {str(path)!r} nests too deeply to be a network spec") from None
+    except OSError as e:
+        raise CNNGPError(f"spec file: {str(path)!r} cannot be read ({e.strerror})") from None
     return from_spec(spec, name=p.stem)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -22,28 +23,93 @@ import torch
 
 from .errors import CNNGPError
 
-__all__ = ["atomic_write", "fingerprint", "Checkpoint"]
+__all__ = ["atomic_write", "check_output_file", "fingerprint", "Checkpoint"]
+
+
+def _kind_of(path: Path) -> str | None:
+    """What is at ``path`` when it is not a regular file (None for a regular file or
+    nothing): 'a symbolic link', 'a folder', 'a character device', ..."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_output_file(path, what: str = "--out") -> Path:
+    """Refuse, before any work, an output path cnngp must not or cannot write.
+
+    cnngp writes only regular files, through a temporary file renamed into place: an
+    existing folder, symbolic link, device (``/dev/null`` included), FIFO or socket at
+    ``path`` is refused rather than replaced, as is a missing or unwritable parent folder.
+    """
+    if path is None or not str(path).strip():
+        raise CNNGPError(f"{what}: is empty; give a file path such as K.npz")
+    text = str(path)
+    path = Path(text)
+    if text.endswith(("/", os.sep)):
+        raise CNNGPError(f"{what}: {text!r} names a folder; give a file path such as {text}K.npz")
+    kind = _kind_of(path)
+    if kind is not None:
+        raise CNNGPError(
+            f"{what}: {text!r} is {kind}; cnngp writes only regular files and will not "
+            "replace it (give the path of a new or existing regular file)"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise CNNGPError(f"{what}: folder {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise CNNGPError(f"{what}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CNNGPError(f"{what}: cannot write into folder {str(parent)!r} (permission denied)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CNNGPError(f"{what}: {text!r} exists and is read-only")
+    return path
 
 
 def atomic_write(path, write, what: str = "--out") -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
+
+    The target is checked by :func:`check_output_file` first (only regular files are ever
+    replaced). If writing fails — a full disk, say — the temporary file is removed, the
+    target is left as it was, and a :class:`CNNGPError` names ``what`` and the reason.
+    """
+    path = check_output_file(path, what)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CNNGPError(f"{what}: folder {str(parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    except OSError as e:
+        raise CNNGPError(f"{what}: cannot create a file in {str(parent)!r} ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise CNNGPError(
+                f"{what}: writing {str(path)!r} failed ({e.strerror or e}); nothing was written"
+            ) from None
         raise
 
 
@@ -78,27 +144,42 @@ class Checkpoint:
         self.every = float(every)
         self._last = time.monotonic()
 
-    def load(self, shape, dtype) -> tuple[torch.Tensor, int] | None:
-        """(matrix so far, pairs done), or None when there is nothing to resume."""
+    def load(self, shape, dtype, n_pairs: int) -> tuple[torch.Tensor, int] | None:
+        """(matrix so far, pairs done), or None when there is nothing to resume.
+
+        Everything read is checked: the key, a pairs counter in ``0..n_pairs``, the shape
+        and a floating dtype. A file that fails is refused with a message naming it."""
         if not self.path.exists():
             return None
+        kind = _kind_of(self.path)
+        if kind is not None:
+            raise CNNGPError(f"checkpoint: {str(self.path)!r} is {kind}, not a checkpoint file")
         try:
             with np.load(self.path, allow_pickle=False) as z:
-                key = str(z["key"])
-                done = int(z["pairs_done"])
+                key = z["key"]
+                done = z["pairs_done"]
                 values = z["values"]
         except Exception as e:
             raise CNNGPError(
-                f"checkpoint: {str(self.path)!r} is unreadable ({e}); delete it to start over"
+                f"checkpoint: {str(self.path)!r} is unreadable ({' '.join(str(e).split())}); "
+                "delete it to start over"
             ) from None
-        if key != self.key:
+        if key.shape != () or key.dtype.kind != "U" or str(key) != self.key:
             raise CNNGPError(
                 f"checkpoint: {str(self.path)!r} belongs to a different computation (network, "
                 "inputs or settings changed); delete it or choose another checkpoint path"
             )
-        if tuple(values.shape) != tuple(shape):
-            raise CNNGPError(f"checkpoint: {str(self.path)!r} has shape {values.shape}, expected {shape}")
-        return torch.as_tensor(values, dtype=dtype), done
+        if done.shape != () or done.dtype.kind not in "iu" or not 0 <= int(done) <= n_pairs:
+            raise CNNGPError(
+                f"checkpoint: {str(self.path)!r} is corrupt (pairs done {done!r} is not an "
+                f"integer in 0..{n_pairs}); delete it to start over"
+            )
+        if tuple(values.shape) != tuple(shape) or values.dtype.kind != "f":
+            raise CNNGPError(
+                f"checkpoint: {str(self.path)!r} is corrupt (values {values.dtype} "
+                f"{values.shape}, expected float {tuple(shape)}); delete it to start over"
+            )
+        return torch.as_tensor(values, dtype=dtype), int(done)
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every

@@ -359,6 +359,7 @@ def run_sweep(
     progress: bool = True,
     kernel_cache: str | os.PathLike | None = None,
     data_label: str | None = None,
+    yes: bool = True,
 ) -> dict:
     """Run the paper's readout sweep and return a results dictionary.
 
@@ -400,6 +401,10 @@ def run_sweep(
         Passed to the kernel engine.
     progress : bool, default True
         Progress bars over the kernel computation (stderr).
+    yes : bool, default True
+        Start a job estimated to take longer than ``cnngp.resources.LONG_JOB_SECONDS``
+        (the command line passes ``--yes``, default off). A job that cannot fit in memory
+        is refused either way, before any kernel is computed.
     kernel_cache : path, optional
         ``.npz`` file for the kernel stack. If it exists and was made by the same network,
         readouts, images and dtype, the kernels are read from it instead of computed;
@@ -520,6 +525,23 @@ def run_sweep(
     }
     cache_path = None if kernel_cache is None else Path(kernel_cache)
     cached = _read_cache(cache_path, key) if cache_path is not None else None
+    if cached is None:  # refuse, before any work, what this machine cannot hold or finish
+        from .resources import check_job, gram_needs
+
+        shape = x_sub.shape[1:]
+        memory, seconds, _ = gram_needs(body, shape, n_max, readouts=readouts, dtype=dtype,
+                                        memory_budget=memory_budget)
+        if test_order is not None:
+            m2, s2, _ = gram_needs(body, shape, len(test_order), n_max, readouts=readouts,
+                                   dtype=dtype, memory_budget=memory_budget)
+            memory, seconds = memory + m2, seconds + s2
+        check_job(
+            f"--n {n_max} with {len(readouts)} readouts",
+            memory_bytes=memory,
+            seconds=seconds if str(device).startswith("cpu") else None,
+            yes=yes,
+            remedy="use a smaller --n, fewer --lengthscales or --n-test",
+        )
 
     def save(K, K_test=None):  # after each computation, so a later failure keeps it
         if cache_path is None:
