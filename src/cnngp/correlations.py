@@ -11,6 +11,7 @@ return the two extremes *exactly*.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -58,11 +59,17 @@ def tap_coordinates(shape: Sequence[int]) -> np.ndarray:
     return np.array(list(itertools.product(*[range(n) for n in shape])), dtype=np.float64)
 
 
+@functools.lru_cache(maxsize=8)
 def _distances(shape: Sequence[int]) -> np.ndarray:
-    """Euclidean distances between all pairs of grid positions, (|P|, |P|)."""
+    """Euclidean distances between all pairs of grid positions, (|P|, |P|), read-only and
+    cached per shape (a sweep builds the same grid's Σ for every lengthscale)."""
     coords = tap_coordinates(shape)
-    diff = coords[:, None, :] - coords[None, :, :]
-    return np.sqrt((diff**2).sum(-1))
+    sq = np.zeros((len(coords), len(coords)))
+    for k in range(coords.shape[1]):
+        sq += np.square(coords[:, None, k] - coords[None, :, k])
+    d = np.sqrt(sq)
+    d.flags.writeable = False
+    return d
 
 
 class Correlation:
@@ -102,6 +109,10 @@ class Correlation:
 
     def _unnormalised(self, shape) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Raise unless this correlation is defined on a grid of ``shape``. The families
+        are defined on every grid; a user matrix only on grids of its size."""
 
     def to_spec(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -152,7 +163,7 @@ class _Stationary(Correlation):
         return None
 
     def _unnormalised(self, shape):
-        return self._profile(_distances(shape) / self.lengthscale)
+        return self._profile(_distances(tuple(shape)) / self.lengthscale)
 
     def _lengthscale_spec(self):
         return "inf" if math.isinf(self.lengthscale) else self.lengthscale
@@ -234,6 +245,9 @@ class UserCorrelation(Correlation):
             )
         self._m = m
         self.normalise = bool(normalise)
+
+    def check_shape(self, shape):
+        self.matrix(shape)
 
     def matrix(self, shape, dtype=torch.float64, device="cpu"):
         size = int(np.prod(shape)) if len(shape) else 1

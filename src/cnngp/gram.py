@@ -154,11 +154,12 @@ def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
     return int(batch)
 
 
-#: seconds per elementary operation of the cost model below, calibrated on the 2-core
-#: machine of benchmarks/README.md (CNNGP-14 with a full readout: 15–22 ms per pair, the
-#: model says 28; Myrtle10: 14 ms, the model says 7); float32 is taken as 0.7 of it.
-#: Estimates are for refusing absurd jobs before they start, good to a factor of ~3.
-SECONDS_PER_OP = env_number("CNNGP_SECONDS_PER_OP", 1e-10, 0)
+#: seconds per elementary operation of the cost model below, calibrated in process on the
+#: 2-core machine of benchmarks/README.md: CNNGP-14 with a Matérn readout, 15 ms per pair
+#: measured (205,760 pairs of N = 640 in 50 min), 17 ms modelled; Myrtle10-paper ~6 ms
+#: measured, 4 modelled; Myrtle10-correlated ~10 ms, 11 modelled. float32 is taken as 0.7 of
+#: float64. Estimates are for refusing absurd jobs before they start, good to a factor of ~3.
+SECONDS_PER_OP = env_number("CNNGP_SECONDS_PER_OP", 6e-11, 0)
 #: fixed cost of one layer for one pair (call overhead on the diagonal path)
 SECONDS_PER_LAYER_PAIR = 5e-6
 

@@ -195,7 +195,7 @@ class Conv(Layer):
         for g in geoms:
             check_geometry(g, type(self).__name__)
         # a user correlation must match the filter size: check once, here
-        self.correlation.matrix(tuple(g.taps for g in geoms))
+        self.correlation.check_shape(tuple(g.taps for g in geoms))
         return tuple(g.n_out for g in geoms)
 
     def _kind(self, geoms):
@@ -381,7 +381,7 @@ class Readout(Layer):
 
     def output_spatial(self, spatial):
         if spatial:
-            self.correlation.matrix(spatial)  # validates a user matrix's size
+            self.correlation.check_shape(spatial)  # a user matrix must fit the grid
         return ()
 
     def _kind(self, spatial):

@@ -134,14 +134,16 @@ def check_job(
 def gram_needs(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
                dtype="float64", memory_budget: int | None = None) -> tuple[float, float, float]:
     """(memory bytes, CPU seconds, float64 result bytes) of one Gram computation, from
-    :func:`cnngp.gram.estimate_cost`: the result in its dtype, its float64 copy, one
-    checkpoint copy and a batch's working memory."""
+    :func:`cnngp.gram.estimate_cost`: the result in its dtype, its float64 copy when that
+    is float32 (what is written and analysed), and a batch's working memory. Checkpoints
+    are saved from the result's own memory."""
     from .gram import estimate_cost
 
     cost = estimate_cost(model, image_shape, n1, n2, readouts=readouts, dtype=dtype,
                          memory_budget=memory_budget)
-    entries = cost.output_bytes / (4 if str(dtype).endswith("32") else 8)
-    memory = cost.output_bytes + 2 * 8 * entries + cost.working_bytes
+    single = str(dtype).endswith("32")
+    entries = cost.output_bytes / (4 if single else 8)
+    memory = cost.output_bytes + (8 * entries if single else 0) + cost.working_bytes
     return float(memory), float(cost.seconds), float(8 * entries)
 
 
