@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import cnngp
 from cnngp import CNNGPError, Conv, Matern, RBF, Readout, ReLU, Serial, UserCorrelation
@@ -42,6 +43,23 @@ def test_bad_images(x, match):
         return
     with pytest.raises(CNNGPError, match=match):
         cnngp.kernel(NET, x)
+
+
+def test_any_strides_and_read_only_inputs():
+    """A horizontally flipped batch (negative strides), a read-only array and a float32 view
+    give the kernel of their contiguous float64 copy (once a raw torch error)."""
+    x = np.random.default_rng(3).uniform(size=(3, 5, 6, 2))
+    ref = cnngp.kernel(NET2, np.ascontiguousarray(x[:, :, ::-1])).numpy()
+    np.testing.assert_array_equal(cnngp.kernel(NET2, x[:, :, ::-1]).numpy(), ref)
+    ro = np.ascontiguousarray(x[:, :, ::-1])
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(cnngp.kernel(NET2, ro).numpy(), ref)
+    np.testing.assert_array_equal(
+        cnngp.kernel(NET2, torch.as_tensor(np.ascontiguousarray(x[:, :, ::-1]))).numpy(), ref
+    )
+
+
+NET2 = Serial(Conv(3), ReLU(), Readout())
 
 
 def test_mismatched_second_input_and_channels():

@@ -249,6 +249,9 @@ def cmd_kernel(args) -> int:
     from .resources import check_gram
     from .storage import atomic_write
 
+    if args.family is not None and args.lengthscales is None:
+        raise CNNGPError("--family: only meaningful together with --lengthscales (a readout sweep)")
+    args.family = args.family or "matern32"
     if args.lengthscales is not None and args.readout is not None:
         raise CNNGPError(
             "--lengthscales: cannot be combined with --readout (the sweep sets the readout "
@@ -384,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
-    k.add_argument("--family", default="matern32", choices=sorted(_FAMILIES), help="sweep family")
+    k.add_argument("--family", choices=sorted(_FAMILIES), help="family of a --lengthscales sweep (default matern32)")
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
     k.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")

@@ -75,6 +75,8 @@ def cmd_montecarlo(args) -> int:
     for flag, value in (("--n1", args.n1), ("--n2", args.n2), ("--batch", args.batch)):
         if value is not None:
             _positive(value, flag, 1)
+    if args.n2 is not None and args.x2 is None:
+        raise CNNGPError("--n2: only meaningful together with --x2")
     net = load_network(args.arch, args.readout)
     last = net.layers[-1] if len(net.layers) else None
     if not isinstance(last, Readout):
