@@ -611,5 +611,92 @@ def _table() -> int:
     return len(failing)
 
 
+# -- the library: the same contract as an exception --------------------------------------------
+#
+# Every user error of the Python API raises cnngp.CNNGPError (a ValueError) whose message is one
+# line naming the argument; nothing else escapes (no torch RuntimeError, no TypeError).
+
+
+def _api_cases():
+    import math
+
+    import cnngp
+    from cnngp import gp
+    from cnngp.estimator import CNNGPClassifier
+
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    x = np.random.default_rng(0).uniform(size=(3, 4, 4, 2))
+    K = np.eye(4)
+    y = np.array([0, 1, 0, 1])
+    call = lambda f, *a, **kw: (lambda: f(*a, **kw))  # noqa: E731
+    return [
+        ("api-x1-2d", call(cnngp.kernel, net, np.zeros((3, 4))), r"x1: expected images of shape"),
+        ("api-x1-complex", call(cnngp.kernel, net, x.astype(complex)), r"x1: got a complex"),
+        ("api-x1-strings", call(cnngp.kernel, net, np.full((1, 2, 2, 1), "a")), r"x1: got a string"),
+        ("api-x1-object", call(cnngp.kernel, net, np.array([[[[None]]]])), r"x1: got a object|x1: .*object"),
+        ("api-x1-nan", call(cnngp.kernel, net, np.full((1, 4, 4, 2), np.nan)), r"x1: contains 32 NaN"),
+        ("api-x1-huge", call(cnngp.kernel, net, np.full((1, 4, 4, 2), 1e300)), r"x1: pixel values reach"),
+        ("api-x1-empty", call(cnngp.kernel, net, np.zeros((0, 4, 4, 2))), r"x1: is empty"),
+        ("api-x1-ragged", call(cnngp.kernel, net, [[1.0], [1.0, 2.0]]), r"x1: could not be read"),
+        ("api-x2-shape", call(cnngp.kernel, net, x, np.zeros((1, 5, 5, 2))), r"x2: images of shape"),
+        ("api-dtype", call(cnngp.kernel, net, x, dtype="float16"), r"dtype: expected 'float64' or 'float32'"),
+        ("api-device-meta", call(cnngp.kernel, net, x, device="meta"), r"device: expected 'cpu'"),
+        ("api-device-cuda", call(cnngp.kernel, net, x, device="cuda:7"), r"device: 'cuda:7' was requested"),
+        ("api-batch-size", call(cnngp.kernel, net, x, batch_size=0), r"batch_size: expected an int >= 1"),
+        ("api-model", call(cnngp.kernel, "cnngp2", x), r"model: expected a cnngp layer"),
+        ("api-filter-larger", call(cnngp.kernel, cnngp.Serial(cnngp.Conv(7, padding="valid"), cnngp.Readout()), x),
+         r"layer 0 .*larger than its input grid"),
+        ("api-no-readout", call(cnngp.kernel, cnngp.Serial(cnngp.Conv(3)), x), r"model: ends on a spatial grid"),
+        ("api-lengthscale-negative", call(cnngp.Matern, 1.5, -1.0), r"lengthscale: expected a number >= 0"),
+        ("api-lengthscale-nan", call(cnngp.RBF, math.nan), r"lengthscale: expected a number >= 0"),
+        ("api-matern-nu", call(cnngp.Matern, 1.0, 2.0), r"nu: expected one of 0.5, 1.5, 2.5"),
+        ("api-weight-var", call(cnngp.Conv, 3, weight_var=-1.0), r"weight_var: expected a finite number >= 0"),
+        ("api-non-psd", call(cnngp.UserCorrelation, np.array([[1.0, 2.0], [2.0, 1.0]])), r"positive semi-definite"),
+        ("api-spec-unknown-key", call(cnngp.from_spec, {"layers": [{"type": "conv", "size": 3}]}), r"unknown key"),
+        ("api-arch-depth", call(cnngp.architectures.get, "cnngp100000000"), r"arch: cnngp<depth> needs 1 <= depth"),
+        ("api-readouts-empty", call(cnngp.readout_sweep, net[:-1], [], x), r"readouts: expected a non-empty list"),
+        ("api-gp-not-square", call(gp.cross_validate, np.ones((3, 4)), y), r"K must be a square"),
+        ("api-gp-not-symmetric", call(gp.cross_validate, np.triu(np.ones((4, 4))), y), r"K is not symmetric"),
+        ("api-gp-labels", call(gp.cross_validate, K, np.array([0, 1, 2])), r"y has 3 labels but the kernel has 4"),
+        ("api-gp-noise", call(gp.posterior_mean, K, y, K, -1.0), r"noise_variance must be finite and >= 0"),
+        ("api-gp-indefinite", call(gp.noise_grid, -200.0 * np.eye(3)), r"not a valid covariance"),
+        ("api-width", call(cnngp.monte_carlo_kernel, net, x, width=10**8, n_samples=2),
+         r"width=100000000: needs about .* of memory"),
+        ("api-estimator-noise", call(CNNGPClassifier("cnngp1", noise_variance=-1.0).fit, x, np.array([0, 1, 0])),
+         r"noise_variance must be a finite number >= 0"),
+        ("api-load-missing", call(__import__("cnngp.data").data.load_dataset, "/nonexistent.npz"), r"does not exist"),
+    ]
+
+
+@pytest.mark.parametrize("case", _api_cases(), ids=lambda c: c[0])
+def test_bad_input_api(case):
+    import cnngp
+
+    _, fn, match = case
+    with pytest.raises(cnngp.CNNGPError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    assert re.search(match, message), message
+
+
+def _api_table() -> int:
+    import cnngp
+
+    print("\n| case id | raises | message |")
+    print("|---|---|---|")
+    bad = 0
+    for cid, fn, match in _api_cases():
+        try:
+            fn()
+            raised, message = "nothing", ""
+        except Exception as e:  # noqa: BLE001 - reported
+            raised, message = type(e).__name__, " ".join(str(e).split())
+        ok = raised != "nothing" and isinstance(e, cnngp.CNNGPError) and re.search(match, message)
+        bad += not ok
+        print(f"| {cid} | {raised} | {_markdown_cell(message)} |")
+    return bad
+
+
 if __name__ == "__main__":
-    sys.exit(1 if _table() else 0)
+    sys.exit(1 if (_table() + _api_table()) else 0)
