@@ -462,13 +462,18 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _interrupted(args, code: int, what: str) -> int:
+def _interrupted(args, code: int, what: str, stop: BaseException) -> int:
     ckpt = getattr(args, "checkpoint_path", None) if args is not None else None
-    if ckpt and Path(ckpt).is_file():
-        print(f"cnngp: {what}; progress saved to {ckpt}: rerun the same command to resume",
-              file=sys.stderr)
+    failed = getattr(stop, "checkpoint_error", None)
+    if ckpt and Path(ckpt).is_file() and failed:
+        text = f"{what}; saving progress failed ({failed}); the previous checkpoint {ckpt} still resumes"
+    elif ckpt and Path(ckpt).is_file():
+        text = f"{what}; progress saved to {ckpt}: rerun the same command to resume"
+    elif failed:
+        text = f"{what}; saving progress failed ({failed}); no output written"
     else:
-        print(f"cnngp: {what}; no output written", file=sys.stderr)
+        text = f"{what}; no output written"
+    print(f"cnngp: {' '.join(text.split())}", file=sys.stderr)
     return code
 
 
@@ -487,10 +492,10 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         preflight(args)
         return int(args.func(args) or 0)
-    except Terminated:
-        return _interrupted(args, 143, "terminated (SIGTERM)")
-    except KeyboardInterrupt:
-        return _interrupted(args, 130, "interrupted")
+    except Terminated as e:
+        return _interrupted(args, 143, "terminated (SIGTERM)", e)
+    except KeyboardInterrupt as e:
+        return _interrupted(args, 130, "interrupted", e)
     except CNNGPError as e:
         print(f"cnngp: error: {_name_flag(_one_line(e))}", file=sys.stderr)
         return 2

@@ -436,31 +436,50 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             desc=f"kernel (batch {pair_batch}{', resumed' if done else ''})",
             disable=progress is None,
         )
-    with torch.no_grad():
-        rec1 = _self_pass(plan, t1, self_batch, bar)
-        rec2 = rec1 if symmetric else _self_pass(plan, t2, self_batch, bar)
-        try:
-            for start in range(done, n_pairs, pair_batch):
-                r = rows[start : start + pair_batch].to(device)
-                c = cols[start : start + pair_batch].to(device)
-                values = _pair_values(plan, t1[r], t2[c], rec1, rec2, r, c).cpu()
-                out[:, r.cpu(), c.cpu()] = values
-                if symmetric:
-                    out[:, c.cpu(), r.cpu()] = values
-                done = start + r.numel()
-                if bar is not None:
-                    bar.update(r.numel())
-                if ckpt is not None and ckpt.due() and done < n_pairs:
-                    ckpt.save(out, done)
-        except KeyboardInterrupt:
-            if ckpt is not None and done:
-                ckpt.save(out, done)  # rerun the same call to resume from here
-            raise
-    if bar is not None:
-        bar.close()
-    _check_finite(out, body, heads, a1 if symmetric else np.concatenate([a1[:1], a2[:1]]), dtype)
-    if ckpt is not None and not keep_checkpoint:
-        ckpt.remove()
+    sample = a1 if symmetric else np.concatenate([a1[:1], a2[:1]])
+    try:
+        with torch.no_grad():
+            rec1 = _self_pass(plan, t1, self_batch, bar)
+            rec2 = rec1 if symmetric else _self_pass(plan, t2, self_batch, bar)
+            try:
+                for start in range(done, n_pairs, pair_batch):
+                    r = rows[start : start + pair_batch].to(device)
+                    c = cols[start : start + pair_batch].to(device)
+                    values = _pair_values(plan, t1[r], t2[c], rec1, rec2, r, c).cpu()
+                    if not bool(torch.isfinite(values).all()):
+                        # an overflow: deterministic, so a checkpoint could only repeat it
+                        if ckpt is not None:
+                            ckpt.remove()
+                        _check_finite(values, body, heads, sample, dtype)
+                    out[:, r.cpu(), c.cpu()] = values
+                    if symmetric:
+                        out[:, c.cpu(), r.cpu()] = values
+                    done = start + r.numel()
+                    if bar is not None:
+                        bar.update(r.numel())
+                    if ckpt is not None and ckpt.due() and done < n_pairs:
+                        ckpt.save(out, done)
+            except KeyboardInterrupt as stop:
+                if ckpt is not None and done:
+                    try:
+                        ckpt.save(out, done)  # rerun the same call to resume from here
+                    except CNNGPError as e:  # a full disk: the previous checkpoint is whole
+                        stop.checkpoint_error = str(e)
+                raise
+    finally:
+        if bar is not None:
+            bar.close()  # before any message about why it stopped
+    _check_finite(out, body, heads, sample, dtype)
+    if ckpt is not None:
+        if not keep_checkpoint:
+            ckpt.remove()
+        elif ckpt.path.exists():
+            # a long run: keep all of it until the caller's output is in place, so a failed
+            # final write (a full disk) costs a rerun seconds, not the work since the last save
+            try:
+                ckpt.save(out, n_pairs)
+            except CNNGPError:
+                pass
     return out
 
 
@@ -472,7 +491,8 @@ def _check_finite(out: torch.Tensor, body, heads, images, dtype) -> None:
     bad = int(out.numel() - finite.sum())
     peak = float(np.max(np.abs(images)))
     raise CNNGPError(
-        f"kernel: {bad} of {out.numel()} entries overflowed to NaN or infinity in {dtype} "
+        f"kernel: {bad} of {out.numel()} entries overflowed to NaN or infinity in "
+        f"{str(dtype).removeprefix('torch.')} "
         f"(pixels up to {peak:.3g}, {len(body)} layers): the kernel grows with the pixel "
         "scale squared and the weight variances layer by layer; use dtype float64, images "
         "scaled to about [0, 1], or smaller weight_var"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import CNNGPError
+from .settings import env_number
 
 __all__ = ["atomic_write", "check_output_file", "fingerprint", "Checkpoint"]
 
@@ -134,14 +135,17 @@ class Checkpoint:
     path : path-like
     key : str
         Fingerprint of the computation; a checkpoint with another key is refused.
-    every : float
-        Seconds between saves.
+    every : float, optional
+        Seconds between saves (default :attr:`EVERY`, 30 s or ``CNNGP_CHECKPOINT_SECONDS``).
     """
 
-    def __init__(self, path, key: str, every: float = 30.0):
+    #: default seconds between saves (``CNNGP_CHECKPOINT_SECONDS``)
+    EVERY = env_number("CNNGP_CHECKPOINT_SECONDS", 30.0, 0)
+
+    def __init__(self, path, key: str, every: float | None = None):
         self.path = Path(path)
         self.key = key
-        self.every = float(every)
+        self.every = float(self.EVERY if every is None else every)
         self._last = time.monotonic()
 
     def load(self, shape, dtype, n_pairs: int) -> tuple[torch.Tensor, int] | None:
