@@ -279,6 +279,8 @@ def to_fused(v: torch.Tensor, layout: Layout, spatial, ws: "Workspace | None" = 
     b = v.shape[0]
     n0, n1 = _spatial2(spatial)
     buf = ws.get(layout, b, v.dtype) if ws is not None else torch.zeros(layout.shape(b), dtype=v.dtype)
+    if v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+        v = v.clone()  # v still lives in the buffer it is to be copied into (an identity layer)
     v5 = v.reshape(b, n0, n1, n0, n1)
     if layout.s == 1:  # a strided copy into the buffer's view
         Fused(buf, layout, spatial).interior().copy_(v5)

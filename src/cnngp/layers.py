@@ -501,7 +501,11 @@ def _relu_expectation(c, vx, vy):
     Cho & Saul's arc-cosine kernel of degree 1. Written with atan2 so that zero-variance
     positions (blank image borders) give exactly 0 instead of 0/0.
     """
-    s = torch.sqrt(torch.clamp(vx * vy - c * c, min=0))
+    # n = √vx·√vy, not √(vx·vy): the product of two variances below ~1e-154 underflows to 0
+    # and would leave max(c, 0), which is not a kernel. s = √(vx vy − c²) = n √(1 − ρ²).
+    n = torch.sqrt(vx) * torch.sqrt(vy)
+    rho = torch.clamp(c / torch.where(n > 0, n, torch.ones_like(n)), -1.0, 1.0)
+    s = n * torch.sqrt(torch.clamp((1 - rho) * (1 + rho), min=0))
     theta = torch.atan2(s, c)
     return (s + (math.pi - theta) * c) * (0.5 / math.pi)
 
