@@ -1,0 +1,80 @@
+"""Jobs are sized before they allocate: exact counts from the plan, and refusals with numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnngp
+from cnngp import resources
+from cnngp.cli import main
+from cnngp.gram import estimate_cost
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset.npz"
+
+
+def test_estimate_counts_pairs_and_bytes_exactly():
+    net = cnngp.architectures.get("cnngp3", readout=cnngp.Matern(1.5, 2.0))
+    sym = estimate_cost(net, (8, 8, 1), 10)
+    assert sym.pairs == 55 and sym.output_bytes == 10 * 10 * 8
+    cross = estimate_cost(net, (8, 8, 1), 10, 7, dtype="float32")
+    assert cross.pairs == 70 and cross.output_bytes == 10 * 7 * 4
+    readouts = [cnngp.Readout(correlation=cnngp.Matern(1.5, lam)) for lam in (0.5, 1, 2)]
+    stack = estimate_cost(net[:-1], (8, 8, 1), 10, readouts=readouts)
+    assert stack.output_bytes == 3 * 10 * 10 * 8
+    # time grows with the pairs (quadratically in N) and with the work per pair
+    assert estimate_cost(net, (8, 8, 1), 20).seconds > 3.5 * sym.seconds
+    deep = cnngp.architectures.get("cnngp14", readout=cnngp.Matern(1.5, 2.0))
+    assert estimate_cost(deep, (8, 8, 1), 10).seconds > 3 * sym.seconds
+    # nothing is computed: a plan for 10^5 images costs no time or memory to make
+    big = estimate_cost(deep, (32, 32, 3), 100_000)
+    assert big.pairs == 100_000 * 100_001 // 2 and big.output_bytes == 8 * 10**10
+
+
+def test_check_job_refuses_with_numbers(monkeypatch):
+    monkeypatch.setattr(resources, "available_memory", lambda: 8 * 1024**3)
+    with pytest.raises(cnngp.CNNGPError, match=r"^--x1 \(1 image\): needs about 16 GiB of memory "
+                                                r"but this machine has 8 GiB available; fewer"):
+        resources.check_job("--x1 (1 image)", memory_bytes=16 * 1024**3, remedy="fewer")
+    with pytest.raises(cnngp.CNNGPError, match=r"would take about 2\.0 h on this machine .*pass --yes"):
+        resources.check_job("job", seconds=7200)
+    resources.check_job("job", seconds=7200, yes=True)  # --yes starts it
+    resources.check_job("job", memory_bytes=1024**3, seconds=10)  # fits: silent
+
+
+def test_kernel_command_refuses_what_does_not_fit_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(resources, "available_memory", lambda: 2 * 1024**2)
+    x = np.random.default_rng(0).uniform(size=(300, 4, 4, 1))
+    np.savez(tmp_path / "x.npz", x=x)
+    out = tmp_path / "k.npz"
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(tmp_path / "x.npz"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --x1 (300 images, 45150 pairs): needs about")
+    assert "available" in err[0] and not out.exists()
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="needs ../shared/data/cifar10_subset.npz")
+def test_sweep_refuses_a_days_long_job_without_yes_and_an_oversized_one(tmp_path, capsys):
+    """The two hostile-probe cases: a 5120-image CNNGP-14 sweep (days on 2 cores) started
+    without a word, and 200 lengthscales asking for 41 GiB after 17 s of work."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "--arch", "cnngp14", "--data", str(CIFAR), "--n", "5120", "--out", str(out)]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "cnngp: error: --n 5120 with 27 readouts: would take about"), err
+    assert "days on this machine" in err[0] and "pass --yes" in err[0]
+    many = ",".join(str(v) for v in range(1, 199))  # + independent and mean pool = 200
+    real = resources.available_memory
+    try:
+        resources.available_memory = lambda: 16 * 1024**3
+        assert main(base + ["--lengthscales", many, "--yes"]) == 2
+    finally:
+        resources.available_memory = real
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cnngp: error: --n 5120 with 200 readouts: needs about 41.1 GiB of memory but "
+                   "this machine has 16 GiB available; use a smaller --n, fewer --lengthscales "
+                   "or --n-test"], err
+    assert not out.exists()
