@@ -775,9 +775,19 @@ def test_out_fifo_is_never_opened(small_inputs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.npz"]
 
 
-def test_out_dev_null_is_refused_and_stays_a_device(small_inputs, capsys):
+def test_out_dev_null_is_refused_and_stays_a_device(small_inputs, capsys, monkeypatch):
     x1, _ = small_inputs
     before = os.stat("/dev/null")
+    real_replace = os.replace
+
+    def guarded(src, dst, *a, **k):  # broken code must not take the machine's /dev/null
+        if os.path.realpath(dst).startswith("/dev/"):
+            os.unlink(src)
+            raise AssertionError(f"tried to rename a file onto {dst!r}")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", guarded)
+    monkeypatch.setattr(os, "rename", guarded)
     line = _refused(capsys, _small_argv(x1, "/dev/null"))
     assert "character device" in line
     after = os.stat("/dev/null")

@@ -205,9 +205,9 @@ def preflight(args) -> None:
                 args.checkpoint_path = f"{args.out}.checkpoint.npz"
                 check_output_file(args.checkpoint_path, "--out (its checkpoint)")
         else:
-            from .cli_sweep import check_out_dir
+            from .storage import check_output_dir
 
-            check_out_dir(Path(args.out))
+            check_output_dir(Path(args.out), getattr(args, "out_files", ()))
     if getattr(args, "memory_budget", None) is not None:
         args.memory_budget = parse_bytes(args.memory_budget)
     if getattr(args, "device", None) is not None:
@@ -246,7 +246,7 @@ def cmd_kernel(args) -> int:
     from .gram import kernel, readout_sweep
     from .layers import Readout
     from .provenance import array_sha256, versions
-    from .resources import check_gram
+    from .gram import check_gram
     from .storage import atomic_write
 
     if args.family is not None and args.lengthscales is None:

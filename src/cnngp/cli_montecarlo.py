@@ -93,7 +93,8 @@ def cmd_montecarlo(args) -> int:
         )
     budget = args.memory_budget
     from .finite import network_memory
-    from .resources import check_gram, check_job
+    from .gram import check_gram
+    from .resources import check_job
 
     check_job(
         f"--width {width}",

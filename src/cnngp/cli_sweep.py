@@ -44,33 +44,6 @@ def _int_list(flag: str, text: str) -> list[int]:
     return [_int(flag, t, 1) for t in items]
 
 
-def check_out_dir(out: Path) -> None:
-    """Fail before any computation if DIR cannot be created or written, or if a file cnngp
-    would place there is not a regular file (a link, a device, a folder)."""
-    from .storage import check_output_file
-
-    if not str(out).strip():
-        raise CNNGPError("--out: is empty; give a folder such as cnngp-sweep")
-    if out.is_symlink() and not out.is_dir():
-        raise CNNGPError(f"--out: {str(out)!r} is a symbolic link that does not lead to a folder")
-    if out.exists() and not out.is_dir():
-        raise CNNGPError(f"--out: {str(out)!r} exists and is not a folder")
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise CNNGPError(f"--out: cannot write into {str(probe)!r}")
-    if out.is_dir():
-        for name in OUTPUT_FILES:
-            check_output_file(out / name, "--out")
-
-
-#: the files ``cnngp sweep`` writes into DIR
-OUTPUT_FILES = ("sweep.png", "results.json")
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -247,4 +220,4 @@ def register(subparsers) -> None:
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_sweep, out_kind="dir")
+    p.set_defaults(func=cmd_sweep, out_kind="dir", out_files=("sweep.png", "results.json"))

@@ -26,11 +26,13 @@ from .errors import CNNGPError
 from .settings import env_number
 from .layers import Layer, Readout, Serial, weighted_sums
 from .state import Band, KernelState
+from .resources import check_job
 from .storage import Checkpoint, fingerprint
 from .validation import as_images, resolve_device, resolve_dtype
 
 __all__ = [
-    "kernel", "readout_sweep", "estimate_cost", "GramCost", "as_images", "resolve_dtype",
+    "kernel", "readout_sweep", "estimate_cost", "GramCost", "gram_needs", "check_gram",
+    "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
 ]
 
@@ -234,6 +236,38 @@ def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readout
         seconds=seconds,
         output_bytes=n_out * n1 * (n1 if symmetric else n2) * itemsize,
         working_bytes=int(min(max(per, budget), per * max(1, pairs))),
+    )
+
+
+def gram_needs(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
+               dtype="float64", memory_budget: int | None = None) -> tuple[float, float, float]:
+    """(memory bytes, CPU seconds, float64 result bytes) of one Gram computation, from
+    :func:`cnngp.gram.estimate_cost`: the result in its dtype, its float64 copy when that
+    is float32 (what is written and analysed), and a batch's working memory. Checkpoints
+    are saved from the result's own memory."""
+    cost = estimate_cost(model, image_shape, n1, n2, readouts=readouts, dtype=dtype,
+                         memory_budget=memory_budget)
+    single = str(dtype).endswith("32")
+    entries = cost.output_bytes / (4 if single else 8)
+    memory = cost.output_bytes + (8 * entries if single else 0) + cost.working_bytes
+    return float(memory), float(cost.seconds), float(8 * entries)
+
+
+def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
+               dtype="float64", device="cpu", memory_budget=None, disk_path=None,
+               yes: bool = False) -> None:
+    """:func:`check_job` for one Gram computation (time is gated on the CPU only)."""
+    memory, seconds, result = gram_needs(model, image_shape, n1, n2, readouts=readouts,
+                                         dtype=dtype, memory_budget=memory_budget)
+    pairs = n1 * (n1 + 1) // 2 if n2 is None else n1 * n2
+    check_job(
+        f"{what} ({n1}{'' if n2 is None else f' x {n2}'} images, {pairs} pairs)",
+        memory_bytes=memory,
+        seconds=seconds if str(device).startswith("cpu") else None,
+        disk_bytes=2 * result if disk_path is not None else 0,  # the output and its checkpoint
+        disk_path=disk_path,
+        yes=yes,
+        remedy="use fewer images or readouts, or split the work (--x2 takes row blocks)",
     )
 
 

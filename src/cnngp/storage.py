@@ -24,7 +24,7 @@ import torch
 from .errors import CNNGPError
 from .settings import env_number
 
-__all__ = ["atomic_write", "check_output_file", "fingerprint", "Checkpoint"]
+__all__ = ["atomic_write", "check_output_file", "check_output_dir", "fingerprint", "Checkpoint"]
 
 
 def _kind_of(path: Path) -> str | None:
@@ -78,6 +78,27 @@ def check_output_file(path, what: str = "--out") -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise CNNGPError(f"{what}: {text!r} exists and is read-only")
     return path
+
+
+def check_output_dir(out: Path, files=(), what: str = "--out") -> None:
+    """Fail before any computation if DIR cannot be created or written, or if a file cnngp
+    would place there is not a regular file (a link, a device, a folder)."""
+    if not str(out).strip():
+        raise CNNGPError(f"{what}: is empty; give a folder such as cnngp-sweep")
+    if out.is_symlink() and not out.is_dir():
+        raise CNNGPError(f"{what}: {str(out)!r} is a symbolic link that does not lead to a folder")
+    if out.exists() and not out.is_dir():
+        raise CNNGPError(f"{what}: {str(out)!r} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise CNNGPError(f"{what}: cannot write into {str(probe)!r}")
+    if out.is_dir():
+        for name in files:
+            check_output_file(out / name, what)
 
 
 def atomic_write(path, write, what: str = "--out") -> None:

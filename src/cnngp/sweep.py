@@ -526,7 +526,8 @@ def run_sweep(
     cache_path = None if kernel_cache is None else Path(kernel_cache)
     cached = _read_cache(cache_path, key) if cache_path is not None else None
     if cached is None:  # refuse, before any work, what this machine cannot hold or finish
-        from .resources import check_job, gram_needs
+        from .gram import gram_needs
+        from .resources import check_job
 
         shape = x_sub.shape[1:]
         memory, seconds, _ = gram_needs(body, shape, n_max, readouts=readouts, dtype=dtype,
