@@ -687,12 +687,14 @@ def _api_table() -> int:
     print("|---|---|---|")
     bad = 0
     for cid, fn, match in _api_cases():
+        error = None
         try:
             fn()
-            raised, message = "nothing", ""
         except Exception as e:  # noqa: BLE001 - reported
-            raised, message = type(e).__name__, " ".join(str(e).split())
-        ok = raised != "nothing" and isinstance(e, cnngp.CNNGPError) and re.search(match, message)
+            error = e
+        raised = "nothing" if error is None else type(error).__name__
+        message = "" if error is None else " ".join(str(error).split())
+        ok = isinstance(error, cnngp.CNNGPError) and re.search(match, message)
         bad += not ok
         print(f"| {cid} | {raised} | {_markdown_cell(message)} |")
     return bad
