@@ -330,3 +330,32 @@ def test_fused_diagonal_and_band_kernels(monkeypatch, torch_path, cifar32, arch,
     got = cnngp.kernel(net, x, dtype=dtype).double()
     assert calls, "the pointwise kernel was not used"
     assert rel_err(got, ref) < tol
+
+
+class _HalfReLU(cnngp.ABReLU):
+    """A subclass that keeps ABReLU's coefficients but computes another expectation: half of
+    it. The fused path must decline it (it declares no ReLU form) rather than run ABReLU's."""
+
+    def expectation(self, c, vx, vy):
+        return 0.5 * super().expectation(c, vx, vy)
+
+
+@pytest.mark.parametrize("readout", [cnngp.Matern(1.5, 2.0), cnngp.Independent()])
+def test_overridden_expectation_is_not_computed_with_the_parents_formula(
+    monkeypatch, torch_path, readout
+):
+    from cnngp import layers
+
+    monkeypatch.setattr(layers, "POINTWISE_MIN", 1)  # the diagonal path's fused kernel too
+    net = cnngp.Serial(cnngp.Conv(3), _HalfReLU(0.1, 1.0), cnngp.Conv(3), _HalfReLU(0.1, 1.0),
+                       cnngp.Readout(correlation=readout))
+    assert _HalfReLU(0.1, 1.0).relu_coefficients() is None
+    assert cnngp.ABReLU(0.1, 1.0).relu_coefficients() == (0.1, 1.0)
+    x = np.random.default_rng(5).uniform(size=(3, 6, 6, 2))
+    fused = cnngp.kernel(net, x).numpy()
+    reference = torch_path(cnngp.kernel, net, x).numpy()
+    np.testing.assert_allclose(fused, reference, rtol=1e-12)
+    # and it is not the parent's kernel (which the old isinstance test computed: ~75 % off)
+    parent = cnngp.Serial(cnngp.Conv(3), cnngp.ABReLU(0.1, 1.0), cnngp.Conv(3),
+                          cnngp.ABReLU(0.1, 1.0), cnngp.Readout(correlation=readout))
+    assert np.abs(cnngp.kernel(parent, x).numpy() / fused - 1).min() > 0.5

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import _ops
-from .layers import ABReLU, Conv, ReLU
+from .layers import Conv, register_pointwise
 from .settings import env_number
 from .state import Band, KernelState
 
@@ -332,10 +332,18 @@ def conv_plan(conv: Conv, spatial) -> ConvPlan | None:
 
 
 def _act_coefficients(act) -> tuple[float, float]:
-    """(c_lin, c_relu) with φ's expectation = c_lin·c + c_relu·2·E[relu(u) relu(v)]."""
-    if type(act) is ReLU:
-        return 0.0, 1.0  # balanced ReLU: 2·E[relu relu] exactly
-    return act.a * act.b, 0.5 * (act.b - act.a) ** 2
+    """(c_lin, c_relu) with φ's expectation = c_lin·c + c_relu·2·E[relu(u) relu(v)], from the
+    layer's declaration φ = a·min(x, 0) + b·max(x, 0): c_lin = a·b, c_relu = (b − a)²/2."""
+    a, b = act.relu_coefficients()
+    if a == 0.0 and b == math.sqrt(2.0):
+        return 0.0, 1.0  # balanced ReLU: 2·E[relu relu] exactly, without rounding (√2)²/2
+    return a * b, 0.5 * (b - a) ** 2
+
+
+def _relu_like(layer) -> bool:
+    """Whether ``layer`` declares itself a·min(x, 0) + b·max(x, 0) (what the kernels compute)."""
+    declare = getattr(layer, "relu_coefficients", None)
+    return declare is not None and declare() is not None
 
 
 def relu_pointwise(act, cross: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor):
@@ -343,7 +351,8 @@ def relu_pointwise(act, cross: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor)
     band ((B, *F, *W) with vx (B, *F) and vy at each slot's partner) state, by the
     arccos-free relu_value; None where the torch path should do it."""
     if not (
-        enabled()
+        _relu_like(act)
+        and enabled()
         and cross.device.type == "cpu"
         and cross.dtype in (torch.float32, torch.float64)
         and available(cross.dtype)
@@ -592,7 +601,7 @@ def run_layers(layers, state, flags, variances, records=None, ws=None):
         plan = _fused_plan(layers, i, flags, spatial, fast)
         if plan is not None:
             act = layers[i + 1] if i + 1 < n else None
-            if not (isinstance(act, ABReLU) and flags[i + 2] is True):
+            if not (_relu_like(act) and flags[i + 2] is True):
                 act = None
             if cur is None or cur.layout != plan.layout:
                 src = state.cross if cur is None else cur.standard()
@@ -632,3 +641,14 @@ def run_layers(layers, state, flags, variances, records=None, ws=None):
 def chunk_size(elements: int, itemsize: int) -> int:
     """Pairs per fused call so that input and output of the largest layer stay in cache."""
     return max(1, CACHE_BYTES // max(1, 2 * elements * itemsize))
+
+
+
+def _pointwise_engine(layer, cross, vx, vy):
+    """What this module offers the layers' diagonal/band evaluation (see
+    :func:`cnngp.layers.register_pointwise`): :func:`relu_pointwise`, which declines layers
+    that declare no ReLU form."""
+    return relu_pointwise(layer, cross, vx, vy)
+
+
+register_pointwise(_pointwise_engine)

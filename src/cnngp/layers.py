@@ -123,13 +123,6 @@ class Layer(nn.Module):
     def to_spec(self) -> dict:
         raise NotImplementedError
 
-    def finite(self, in_channels: int, width: int, seed=None, **kwargs):
-        """The finite twin of this layer (or network) at ``width`` channels, weights drawn from
-        its prior: see :func:`cnngp.finite.finite_network`."""
-        from .finite import finite_network
-
-        return finite_network(self, in_channels, width, seed, **kwargs)
-
     def extra_repr(self):
         spec = self.to_spec()
         spec.pop("type")
@@ -469,8 +462,21 @@ class Nonlinearity(Layer):
         """E[φ(u)φ(v)] for Var u = vx, Var v = vy, Cov(u, v) = c (broadcastable tensors)."""
         raise NotImplementedError
 
+    def relu_coefficients(self) -> tuple[float, float] | None:
+        """Declares ``φ(x) = a·min(x, 0) + b·max(x, 0)`` *and* that :meth:`expectation` is that
+        φ's closed form, by returning ``(a, b)``; None otherwise. Fast paths (the fused CPU
+        kernels) compute only what a layer declares, and decline the rest."""
+        return None
+
     def _pointwise(self, cross, vx, vy):
-        """A faster evaluation of the expectation for diagonal/band states, or None."""
+        """A faster evaluation of the expectation for large diagonal/band states: the first
+        registered engine that accepts this layer (see :func:`register_pointwise`), or None."""
+        if cross.numel() < POINTWISE_MIN:
+            return None
+        for engine in _POINTWISE_ENGINES:
+            out = engine(self, cross, vx, vy)
+            if out is not None:
+                return out
         return None
 
     def propagate(self, state, full_out):
@@ -514,6 +520,17 @@ def _relu_expectation(c, vx, vy):
 #: arccos-free CPU kernel; below it torch's elementwise ops cost less than importing numba
 POINTWISE_MIN = env_number("CNNGP_POINTWISE_MIN", 2**20, integer=True)
 
+#: engines offering a faster pointwise expectation: ``engine(layer, cross, vx, vy)`` returns
+#: the tensor, or None to decline (a layer it does not handle, a device it does not run on)
+_POINTWISE_ENGINES: list = []
+
+
+def register_pointwise(engine) -> None:
+    """Offer ``engine`` to every nonlinearity's diagonal/band evaluation (the kernel maths
+    imports no engine; engines register themselves here when they are imported)."""
+    if engine not in _POINTWISE_ENGINES:
+        _POINTWISE_ENGINES.append(engine)
+
 
 class ABReLU(Nonlinearity):
     """φ(x) = a·min(x, 0) + b·max(x, 0) (leaky ReLU for a = slope, b = 1).
@@ -528,13 +545,12 @@ class ABReLU(Nonlinearity):
                 raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
         self.a, self.b = float(a), float(b)
 
-    def _pointwise(self, cross, vx, vy):
-        """Large diagonal/band states on the CPU: the fused arccos-free kernel (or None)."""
-        if cross.numel() < POINTWISE_MIN:
+    def relu_coefficients(self):
+        # only while the expectation is still ABReLU's (or ReLU's) own: a subclass that
+        # overrides it computes something else, which no ReLU fast path may assume
+        if type(self).expectation not in (ABReLU.expectation, ReLU.expectation):
             return None
-        from . import _fused
-
-        return _fused.relu_pointwise(self, cross, vx, vy)
+        return (self.a, self.b)
 
     def expectation(self, c, vx, vy):
         d2 = (self.b - self.a) ** 2
