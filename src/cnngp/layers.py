@@ -507,11 +507,16 @@ def _relu_expectation(c, vx, vy):
     Cho & Saul's arc-cosine kernel of degree 1. Written with atan2 so that zero-variance
     positions (blank image borders) give exactly 0 instead of 0/0.
     """
-    # n = √vx·√vy, not √(vx·vy): the product of two variances below ~1e-154 underflows to 0
-    # and would leave max(c, 0), which is not a kernel. s = √(vx vy − c²) = n √(1 − ρ²).
-    n = torch.sqrt(vx) * torch.sqrt(vy)
-    rho = torch.clamp(c / torch.where(n > 0, n, torch.ones_like(n)), -1.0, 1.0)
-    s = n * torch.sqrt(torch.clamp((1 - rho) * (1 + rho), min=0))
+    prod = vx * vy
+    tiny = prod < torch.finfo(prod.dtype).tiny
+    if bool(tiny.any()) and bool((tiny & (vx > 0) & (vy > 0)).any()):
+        # variances so small (float64: below ~1e-154) that vx·vy underflows, which would leave
+        # max(c, 0), not a kernel: s = √(vx vy − c²) = n √(1 − ρ²) with n = √vx·√vy
+        n = torch.sqrt(vx) * torch.sqrt(vy)
+        rho = torch.clamp(c / torch.where(n > 0, n, torch.ones_like(n)), -1.0, 1.0)
+        s = n * torch.sqrt(torch.clamp((1 - rho) * (1 + rho), min=0))
+    else:
+        s = torch.sqrt(torch.clamp(prod - c * c, min=0))
     theta = torch.atan2(s, c)
     return (s + (math.pi - theta) * c) * (0.5 / math.pi)
 
