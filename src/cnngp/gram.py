@@ -31,7 +31,8 @@ from .storage import Checkpoint, fingerprint
 from .validation import as_images, resolve_device, resolve_dtype
 
 __all__ = [
-    "kernel", "readout_sweep", "estimate_cost", "GramCost", "gram_needs", "check_gram",
+    "kernel", "readout_sweep", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
+    "GramCost", "gram_needs", "check_gram",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -405,10 +406,183 @@ def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
     return torch.stack(out)
 
 
+# -- the tile seam ---------------------------------------------------------------------------
+#
+# A Gram computation is two kinds of work, and any scheduler (this module's single loop, the
+# checkpointed command line, a Dask cluster) maps them:
+#
+# 1. GramPlan.self_records(x): per-image records of the self pass, each image's own variances
+#    at every nonlinearity, computed once per image;
+# 2. GramPlan.block(x_rows, records_rows, x_cols, records_cols): the kernel block for those
+#    rows and columns, (n_outputs, R, C), from the images and their records alone.
+#
+# Every pair's value depends only on its two images and their records, not on which other
+# pairs share its batch, so a matrix assembled tile by tile in any order equals the one-call
+# result bit for bit (tests/test_tiles.py). write_tile puts a block into any array that takes
+# slice assignment: a NumPy array, a torch tensor, a memory map, a Zarr or HDF5 array.
+
+
+@dataclass(frozen=True)
+class SelfRecords:
+    """Each image's own variances K_xx[p, p] at the input of every nonlinearity.
+
+    Attributes
+    ----------
+    variances : dict
+        Layer index → tensor (N, *grid of that layer).
+    n : int
+        Number of images.
+    """
+
+    variances: dict
+    n: int
+
+    def take(self, index) -> "SelfRecords":
+        """The records of a subset of the images (a slice or an index array)."""
+        if isinstance(index, slice):
+            n = len(range(*index.indices(self.n)))
+        else:
+            index = torch.as_tensor(index, dtype=torch.long)
+            n = int(index.numel())
+        return SelfRecords({i: v[index] for i, v in self.variances.items()}, n)
+
+
+class GramPlan:
+    """The plan of a Gram computation for images of one shape: the unit of work that any
+    scheduler maps (see the comment above :class:`SelfRecords`).
+
+    Parameters
+    ----------
+    model : Layer or Serial
+        Ending in a readout, flatten or pool; or the body when ``readouts`` are given.
+    image_shape : tuple
+        ``(*spatial, C)`` of one image.
+    readouts : sequence of Readout, optional
+        Many readouts from one pass (then ``model`` must not end in a readout).
+    dtype, device, batch_size, memory_budget
+        As for :func:`kernel`.
+    """
+
+    def __init__(self, model, image_shape, *, readouts=None, dtype="float64", device="cpu",
+                 batch_size=None, memory_budget=None):
+        if readouts is None:
+            body, heads = _split_model(model)
+        else:  # the body runs as given (it may hold readouts of its own: a dense head)
+            if not isinstance(model, Layer):
+                raise CNNGPError(f"model: expected a cnngp layer or Serial, got {type(model).__name__}")
+            body = model if isinstance(model, Serial) else Serial(model)
+            heads = list(readouts)
+            if not heads or not all(isinstance(r, Readout) for r in heads):
+                raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
+        self.body, self.heads = body, heads
+        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.plan = _make_plan(body, heads, self.image_shape[:-1])
+        itemsize = torch.finfo(self.dtype).bits // 8
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+        p = self.plan
+        self.self_batch = _batch_size(p, p.self_flags, p.self_depth, itemsize, budget, None)
+        self.pair_batch = _batch_size(p, p.pair_flags, len(p.body), itemsize, budget, batch_size)
+
+    @property
+    def n_outputs(self) -> int:
+        """Kernels computed per pair: the number of readouts (1 for a plain model)."""
+        return max(1, len(self.heads))
+
+    def images(self, x, name: str = "x1") -> torch.Tensor:
+        """Validated images (the package's image-array policy) on the plan's device and dtype."""
+        a = as_images(x, name, getattr(self.body, "input_channels", None))
+        if tuple(a.shape[1:]) != self.image_shape:
+            raise CNNGPError(
+                f"{name}: images of shape {tuple(a.shape[1:])} do not match the plan's "
+                f"{self.image_shape}"
+            )
+        return torch.as_tensor(a, dtype=self.dtype, device=self.device)
+
+    def self_records(self, x: torch.Tensor, progress=None) -> SelfRecords:
+        """Stage 1: the self pass over images ``x`` (as returned by :meth:`images`)."""
+        with torch.no_grad():
+            return SelfRecords(_self_pass(self.plan, x, self.self_batch, progress), int(x.shape[0]))
+
+    def pairs(self, n_rows: int, n_cols: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs a block computes, in their fixed order: (i, j) with i <= j for a
+        symmetric (diagonal) block, else all of them row by row."""
+        if symmetric:
+            return torch.triu_indices(n_rows, n_rows)
+        return (torch.arange(n_rows).repeat_interleave(n_cols), torch.arange(n_cols).repeat(n_rows))
+
+    def block(self, x_rows, rec_rows: SelfRecords, x_cols=None, rec_cols: SelfRecords | None = None,
+              *, out: torch.Tensor | None = None, start: int = 0, on_batch=None,
+              progress=None) -> torch.Tensor:
+        """Stage 2: the kernel block (n_outputs, R, C) for images ``x_rows`` × ``x_cols``.
+
+        ``x_cols=None`` means a diagonal block (the rows against themselves): only pairs
+        i <= j are computed, then mirrored. ``out`` (NaN where not yet computed) and
+        ``start`` resume a block after its first ``start`` pairs (:meth:`pairs` order);
+        ``on_batch(out, pairs_done)`` is called after every batch (checkpoints use it).
+        """
+        symmetric = x_cols is None
+        if symmetric:
+            x_cols, rec_cols = x_rows, rec_rows
+        n_r, n_c = int(x_rows.shape[0]), int(x_cols.shape[0])
+        rows, cols = self.pairs(n_r, n_c, symmetric)
+        if out is None:
+            out = torch.full((self.n_outputs, n_r, n_c), math.nan, dtype=self.dtype)
+        sample = x_rows[:1].cpu().numpy()
+        done = start
+        with torch.no_grad():
+            for begin in range(start, rows.numel(), self.pair_batch):
+                r = rows[begin : begin + self.pair_batch]
+                c = cols[begin : begin + self.pair_batch]
+                rd, cd = r.to(self.device), c.to(self.device)
+                if r.numel() == 1:
+                    # a lone pair runs as two: BLAS takes another path (GEMV) for one row,
+                    # which differs in the last bit from the batched one
+                    rd, cd = rd.repeat(2), cd.repeat(2)
+                values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
+                                      rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
+                if not bool(torch.isfinite(values).all()):
+                    _check_finite(values, self.body, self.heads, sample, self.dtype)
+                out[:, r, c] = values
+                if symmetric:
+                    out[:, c, r] = values
+                done = begin + r.numel()
+                if progress is not None:
+                    progress.update(r.numel())
+                if on_batch is not None:
+                    on_batch(out, done)
+        return out
+
+    def tiles(self, n_rows: int, n_cols: int | None = None, tile: int = 512):
+        """Square tiles covering the (n_rows, n_cols) matrix: ``(rows, cols, diagonal)`` with
+        slices; with ``n_cols=None`` (a symmetric matrix) only tiles on or above the
+        diagonal, the diagonal ones flagged. Edge tiles are ragged."""
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+            raise CNNGPError(f"tile: expected an int >= 1, got {tile!r}")
+        symmetric = n_cols is None
+        n_cols = n_rows if symmetric else n_cols
+        out = []
+        for r0 in range(0, n_rows, tile):
+            for c0 in range(r0 if symmetric else 0, n_cols, tile):
+                out.append((slice(r0, min(r0 + tile, n_rows)), slice(c0, min(c0 + tile, n_cols)),
+                            symmetric and r0 == c0))
+        return out
+
+
+def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> None:
+    """Put ``block`` (n_outputs, R, C) at ``out[:, rows, cols]`` (and its transpose at
+    ``out[:, cols, rows]`` when ``mirror``, for an off-diagonal tile of a symmetric matrix).
+    ``out`` is anything that takes slice assignment of a NumPy array."""
+    data = block.numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
+    out[:, rows, cols] = data
+    if mirror:
+        out[:, cols, rows] = np.swapaxes(data, 1, 2)
+
+
 def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress,
              checkpoint=None, keep_checkpoint=False):
-    dtype = resolve_dtype(dtype)
-    device = resolve_device(device)
+    """One call: the whole matrix as one block, with checkpoints between batches."""
     channels = getattr(body, "input_channels", None)
     a1 = as_images(x1, "x1", channels)
     symmetric = x2 is None
@@ -418,26 +592,17 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
-    spatial = tuple(a1.shape[1:-1])
-    plan = _make_plan(body, heads, spatial)
-    t1 = torch.as_tensor(a1, dtype=dtype, device=device)
-    t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=device)
+    model = Serial(*body.layers)
+    model.input_channels = channels
+    gp = GramPlan(model, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
+                  batch_size=batch_size, memory_budget=memory_budget)
+    dtype = gp.dtype
+    t1 = torch.as_tensor(a1, dtype=dtype, device=gp.device)
+    t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=gp.device)
     n1, n2 = t1.shape[0], t2.shape[0]
-    itemsize = torch.finfo(dtype).bits // 8
-
-    self_batch = _batch_size(plan, plan.self_flags, plan.self_depth, itemsize, memory_budget, None)
-    pair_batch = _batch_size(
-        plan, plan.pair_flags, len(plan.body), itemsize, memory_budget, batch_size
-    )
-    if symmetric:
-        rows, cols = torch.triu_indices(n1, n1)
-    else:
-        rows = torch.arange(n1).repeat_interleave(n2)
-        cols = torch.arange(n2).repeat(n1)
+    rows, cols = gp.pairs(n1, n2, symmetric)
     n_pairs = rows.numel()
-    n_out = max(1, len(heads))
+    n_out = gp.n_outputs
     # NaN until computed: an entry that is never written cannot pass the final check
     out, done, ckpt = torch.full((n_out, n1, n2), math.nan, dtype=dtype), 0, None
     if checkpoint is not None:
@@ -462,48 +627,43 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
     if progress:
         from tqdm.auto import tqdm
 
-        total_images = n1 + (0 if symmetric else n2) if plan.self_depth else 0
+        total_images = n1 + (0 if symmetric else n2) if gp.plan.self_depth else 0
         bar = tqdm(
             total=n_pairs + total_images,
             initial=done,
             unit="pair",
-            desc=f"kernel (batch {pair_batch}{', resumed' if done else ''})",
+            desc=f"kernel (batch {gp.pair_batch}{', resumed' if done else ''})",
             disable=progress is None,
         )
-    sample = a1 if symmetric else np.concatenate([a1[:1], a2[:1]])
+    progress_made = {"done": done}
+
+    def on_batch(values, pairs_done):
+        progress_made["done"] = pairs_done
+        if ckpt is not None and ckpt.due() and pairs_done < n_pairs:
+            ckpt.save(values, pairs_done)
+
     try:
-        with torch.no_grad():
-            rec1 = _self_pass(plan, t1, self_batch, bar)
-            rec2 = rec1 if symmetric else _self_pass(plan, t2, self_batch, bar)
-            try:
-                for start in range(done, n_pairs, pair_batch):
-                    r = rows[start : start + pair_batch].to(device)
-                    c = cols[start : start + pair_batch].to(device)
-                    values = _pair_values(plan, t1[r], t2[c], rec1, rec2, r, c).cpu()
-                    if not bool(torch.isfinite(values).all()):
-                        # an overflow: deterministic, so a checkpoint could only repeat it
-                        if ckpt is not None:
-                            ckpt.remove()
-                        _check_finite(values, body, heads, sample, dtype)
-                    out[:, r.cpu(), c.cpu()] = values
-                    if symmetric:
-                        out[:, c.cpu(), r.cpu()] = values
-                    done = start + r.numel()
-                    if bar is not None:
-                        bar.update(r.numel())
-                    if ckpt is not None and ckpt.due() and done < n_pairs:
-                        ckpt.save(out, done)
-            except KeyboardInterrupt as stop:
-                if ckpt is not None and done:
-                    try:
-                        ckpt.save(out, done)  # rerun the same call to resume from here
-                    except CNNGPError as e:  # a full disk: the previous checkpoint is whole
-                        stop.checkpoint_error = str(e)
-                raise
+        rec1 = gp.self_records(t1, bar)
+        rec2 = rec1 if symmetric else gp.self_records(t2, bar)
+        try:
+            gp.block(t1, rec1, None if symmetric else t2, None if symmetric else rec2,
+                     out=out, start=done, on_batch=on_batch, progress=bar)
+        except KeyboardInterrupt as stop:
+            done = progress_made["done"]
+            if ckpt is not None and done:
+                try:
+                    ckpt.save(out, done)  # rerun the same call to resume from here
+                except CNNGPError as e:  # a full disk: the previous checkpoint is whole
+                    stop.checkpoint_error = str(e)
+            raise
+        except CNNGPError:
+            if ckpt is not None:  # an overflow is deterministic: a checkpoint would repeat it
+                ckpt.remove()
+            raise
     finally:
         if bar is not None:
             bar.close()  # before any message about why it stopped
-    _check_finite(out, body, heads, sample, dtype)
+    _check_finite(out, body, heads, a1 if symmetric else np.concatenate([a1[:1], a2[:1]]), dtype)
     if ckpt is not None:
         if not keep_checkpoint:
             ckpt.remove()
