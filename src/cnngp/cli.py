@@ -83,30 +83,12 @@ def parse_lengthscales(text: str, flag: str = "--lengthscales") -> list[float]:
     return [parse_lengthscale(t, flag) for t in items]
 
 
-_FAMILIES = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}
+def correlation_from_text(text: str, lengthscale=None, what: str = "--readout"):
+    """``independent``, ``constant``, ``matern32:2.0``, ``rbf:4`` → a Correlation
+    (:func:`cnngp.correlations.by_name`, errors naming ``what``)."""
+    from .correlations import by_name
 
-
-def correlation_from_text(text: str, lengthscale=None):
-    """``independent``, ``constant``, ``matern32:2.0``, ``rbf:4`` → a Correlation."""
-    from .correlations import RBF, Constant, Independent, Matern, parse_lengthscale
-
-    kind, _, arg = text.partition(":")
-    kind = kind.strip().lower()
-    if kind in ("independent", "flatten"):
-        return Independent()
-    if kind in ("constant", "mean", "gap"):
-        return Constant()
-    if kind not in _FAMILIES:
-        raise CNNGPError(
-            f"--readout: unknown correlation {text!r}; expected independent, constant, "
-            "matern12:λ, matern32:λ, matern52:λ or rbf:λ"
-        )
-    if lengthscale is None:
-        if not arg:
-            raise CNNGPError(f"--readout: {kind} needs a lengthscale, e.g. {kind}:2.0")
-        lengthscale = parse_lengthscale(arg, "--readout lengthscale")
-    nu = _FAMILIES[kind]
-    return RBF(lengthscale) if nu is None else Matern(nu, lengthscale)
+    return by_name(text, lengthscale, what)
 
 
 def load_network(arch: str, readout: str | None = None):
@@ -145,7 +127,7 @@ def _load_network(arch: str, readout: str | None):
     return architectures.get(arch, readout=corr)
 
 
-def load_images(flag: str, path_spec: str) -> np.ndarray:
+def load_images(flag: str, path_spec: str):
     """Images from ``FILE.npz``, ``FILE.npz:ARRAY`` or ``digits[:N]``, under the package's
     image-array policy (:func:`cnngp.validation.as_images`), errors naming ``flag``."""
     from .data import load_array, load_digits
@@ -277,11 +259,10 @@ def cmd_kernel(args) -> int:
         if not isinstance(last, Readout):
             raise CNNGPError("--lengthscales: the network must end with a readout layer")
         readouts = [
-            Readout(last.weight_var, last.bias_var, correlation_from_text(args.family, lam))
+            Readout(last.weight_var, last.bias_var, correlation_from_text(args.family, lam, "--family"))
             for lam in lengthscales
         ]
-        body = net[:-1]
-        body.input_channels = getattr(net, "input_channels", None)
+        body, _ = net.split_readout()
     check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
                readouts=readouts, dtype=args.dtype, device=args.device,
                memory_budget=args.memory_budget, disk_path=args.out, yes=args.yes)
@@ -372,6 +353,8 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .correlations import FAMILIES
+
     p = _Parser(
         prog="cnngp",
         description="NNGP kernels of infinitely wide CNNs with spatially correlated weight priors.",
@@ -387,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
-    k.add_argument("--family", choices=sorted(_FAMILIES), help="family of a --lengthscales sweep (default matern32)")
+    k.add_argument("--family", choices=sorted(FAMILIES), help="family of a --lengthscales sweep (default matern32)")
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
     k.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")

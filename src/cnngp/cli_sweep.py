@@ -175,7 +175,7 @@ def _argv_for_record(args) -> list[str]:
 
 def register(subparsers) -> None:
     """Add the ``sweep`` command to the ``cnngp`` parser."""
-    from .cli import _FAMILIES
+    from .correlations import FAMILIES
 
     p = subparsers.add_parser(
         "sweep",
@@ -206,7 +206,7 @@ def register(subparsers) -> None:
     p.add_argument("--lengthscales",
                    help="comma-separated λ in readout-grid units (default: the paper's "
                    "10^linspace(-1.5, 4.5, 25)); 0 and inf allowed")
-    p.add_argument("--family", choices=sorted(_FAMILIES), default="matern32",
+    p.add_argument("--family", choices=sorted(FAMILIES), default="matern32",
                    help="correlation family of the swept readout (default matern32)")
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",

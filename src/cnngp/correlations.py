@@ -22,6 +22,7 @@ import torch
 from .errors import CNNGPError
 
 __all__ = [
+    "FAMILIES", "ENDS", "family", "by_name",
     "Correlation",
     "Independent",
     "Constant",
@@ -272,3 +273,42 @@ class UserCorrelation(Correlation):
 
     def __repr__(self):
         return f"UserCorrelation(<{self._m.shape[0]}x{self._m.shape[0]}>)"
+
+
+# -- correlations by name (the command line, the sweep and the estimators) -------------------
+
+#: the stationary families by name: ν of the Matérn, or None for the RBF
+FAMILIES = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}
+#: the two ends by name: independent weights (λ = 0) and full sharing (λ = ∞, mean pooling)
+ENDS = {"independent": Independent, "flatten": Independent, "constant": Constant,
+        "mean": Constant, "gap": Constant}
+
+
+def family(name: str, lengthscale, what: str = "family") -> Correlation:
+    """The stationary correlation ``name`` (``matern12``, ``matern32``, ``matern52``,
+    ``rbf``) at ``lengthscale``."""
+    key = str(name).strip().lower()
+    if key not in FAMILIES:
+        raise CNNGPError(f"{what}: expected one of {sorted(FAMILIES)}, got {name!r}")
+    lam = parse_lengthscale(lengthscale)
+    nu = FAMILIES[key]
+    return RBF(lam) if nu is None else Matern(nu, lam)
+
+
+def by_name(text: str, lengthscale=None, what: str = "correlation") -> Correlation:
+    """``independent``, ``constant`` (or ``flatten``, ``mean``, ``gap``), ``matern32:2.0``,
+    ``rbf:4`` — or a family name with ``lengthscale`` given separately — → a Correlation."""
+    kind, _, arg = str(text).partition(":")
+    key = kind.strip().lower()
+    if key in ENDS and not arg:
+        return ENDS[key]()
+    if key not in FAMILIES:
+        raise CNNGPError(
+            f"{what}: unknown correlation {text!r}; expected independent, constant, "
+            "matern12:λ, matern32:λ, matern52:λ or rbf:λ"
+        )
+    if lengthscale is None:
+        if not arg:
+            raise CNNGPError(f"{what}: {key} needs a lengthscale, e.g. {key}:2.0")
+        lengthscale = parse_lengthscale(arg, f"{what} lengthscale")
+    return family(key, lengthscale, what)

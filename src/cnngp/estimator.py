@@ -40,23 +40,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import gp
-from .correlations import Constant, Correlation, Independent, parse_lengthscale
+from .correlations import ENDS, FAMILIES, Correlation, parse_lengthscale
+from .correlations import family as correlation_family
 from .errors import CNNGPError
 from .layers import Readout, Serial
-from .sweep import _blas_threads
 from .validation import as_images
 
 __all__ = ["CNNGPClassifier", "CNNGPClassifierCV"]
-
-_ENDS = {"independent": Independent, "flatten": Independent, "constant": Constant,
-         "mean": Constant}
-
-
-def _family_names():
-    from .sweep import FAMILIES
-
-    return FAMILIES
-
 
 def _correlation(correlation, lengthscale, template: Readout) -> Correlation:
     """A Correlation from the estimator's ``correlation`` / ``lengthscale`` parameters."""
@@ -71,25 +61,21 @@ def _correlation(correlation, lengthscale, template: Readout) -> Correlation:
         if lengthscale is not None:
             raise CNNGPError("lengthscale cannot be combined with a Correlation instance")
         return correlation
+    names = sorted(ENDS) + sorted(FAMILIES)
     if not isinstance(correlation, str):
         raise CNNGPError(
-            f"correlation must be None, a cnngp Correlation or one of "
-            f"{sorted(_ENDS) + sorted(_family_names())}; got {correlation!r}"
+            f"correlation must be None, a cnngp Correlation or one of {names}; got {correlation!r}"
         )
     key = correlation.strip().lower()
-    if key in _ENDS:
-        return _ENDS[key]()
-    families = _family_names()
-    if key not in families:
+    if key in ENDS:
+        return ENDS[key]()
+    if key not in FAMILIES:
         raise CNNGPError(
-            f"correlation={correlation!r} is unknown; expected one of "
-            f"{sorted(_ENDS) + sorted(families)} or a cnngp Correlation"
+            f"correlation={correlation!r} is unknown; expected one of {names} or a cnngp Correlation"
         )
     if lengthscale is None:
         raise CNNGPError(f"correlation={correlation!r} needs a lengthscale, e.g. lengthscale=2.0")
-    from .sweep import _family_correlation
-
-    return _family_correlation(key, parse_lengthscale(lengthscale))
+    return correlation_family(key, parse_lengthscale(lengthscale))
 
 
 def _split(arch) -> tuple[Serial, Readout]:
@@ -318,8 +304,7 @@ class CNNGPClassifier(_CNNGPBase):
         images, y_enc = self._validate_fit(X, y)
         body, template = _split(self.arch)
         corr = _correlation(self.correlation, self.lengthscale, template)
-        network = Serial(*body.layers, Readout(template.weight_var, template.bias_var, corr))
-        network.input_channels = getattr(body, "input_channels", None)
+        network = Serial(body, Readout(template.weight_var, template.bias_var, corr))
         K = self._kernel(network, images)
         self._set_fit(images, network, K, y_enc, noise)
         return self
@@ -465,8 +450,6 @@ class CNNGPClassifierCV(_CNNGPBase):
         self
         """
         from .gram import readout_sweep
-        from .sweep import FAMILIES, _family_correlation
-
         family = self.correlation
         if not isinstance(family, str) or family.strip().lower() not in FAMILIES:
             raise CNNGPError(
@@ -489,7 +472,7 @@ class CNNGPClassifierCV(_CNNGPBase):
 
         body, template = _split(self.arch)
         readouts = [
-            Readout(template.weight_var, template.bias_var, _family_correlation(family, v))
+            Readout(template.weight_var, template.bias_var, correlation_family(family, v))
             for v in lams
         ]
         Ks = readout_sweep(
@@ -498,7 +481,7 @@ class CNNGPClassifierCV(_CNNGPBase):
             progress=bool(self.verbose),
         ).double().numpy()
 
-        with _blas_threads(len(y_enc)):
+        with gp.small_problem_threads(len(y_enc)):
             results, noise = self._cross_validate(Ks, y_enc, folds, noise, n_classes)
         scores = np.stack([r.accuracy for r in results])  # (L, J)
         # the first λ reaching the best score, with the largest σ² that reaches it there:
@@ -538,7 +521,6 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.best_score_ = float(scores[i, j])
         self.lengthscale_ = float(lams[i])
         self.noise_variance_ = float(noise[j])
-        network = Serial(*body.layers, readouts[i])
-        network.input_channels = getattr(body, "input_channels", None)
+        network = Serial(body, readouts[i])
         self._set_fit(images, network, Ks[i], y_enc, self.noise_variance_)
         return self

@@ -35,6 +35,7 @@ __all__ = [
     "fit_predict",
     "test_accuracy",
     "mean_and_2se",
+    "small_problem_threads",
     "NOISE_LOG_MIN",
     "NOISE_LOG_MAX",
     "PD_MARGIN",
@@ -367,6 +368,26 @@ def _check_folds(folds, y: np.ndarray, n: int) -> list[Fold]:
 # --------------------------------------------------------------------------------------
 # Core: predictions for many sigma^2 from one eigendecomposition
 # --------------------------------------------------------------------------------------
+
+
+#: problems up to this many points run their factorisations with one BLAS thread
+SINGLE_THREAD_MAX_N = 2048
+
+
+def small_problem_threads(n: int):
+    """A context with one BLAS thread for the many small eigendecompositions of a problem
+    of ``n`` points (``n <= SINGLE_THREAD_MAX_N``); nothing changes for larger ones.
+
+    For matrices of a few hundred rows a multi-threaded BLAS gains nothing and, on a busy
+    machine, its spinning threads can make each call hundreds of times slower.
+    """
+    from contextlib import nullcontext
+
+    if n > SINGLE_THREAD_MAX_N:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _chunks(n_noise: int, per_noise_bytes: int):

@@ -63,13 +63,8 @@ def _split_model(model) -> tuple[Serial, list]:
         return Serial(), [model]
     if not isinstance(model, Layer):
         raise CNNGPError(f"model: expected a cnngp layer or Serial, got {type(model).__name__}")
-    layers = list(model.layers) if isinstance(model, Serial) else [model]
-    heads = []
-    if layers and isinstance(layers[-1], Readout):
-        heads = [layers.pop()]
-    body = Serial(*layers)
-    body.input_channels = getattr(model, "input_channels", None)
-    return body, heads
+    body, head = (model if isinstance(model, Serial) else Serial(model)).split_readout()
+    return body, [] if head is None else [head]
 
 
 def _make_plan(body: Serial, heads: list, spatial: tuple) -> _Plan:
@@ -592,8 +587,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
-    model = Serial(*body.layers)
-    model.input_channels = channels
+    model = Serial(*body.layers, input_channels=channels)
     gp = GramPlan(model, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
                   batch_size=batch_size, memory_budget=memory_budget)
     dtype = gp.dtype

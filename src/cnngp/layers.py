@@ -627,7 +627,7 @@ class Identity(Nonlinearity):
 class Serial(Layer):
     """Layers applied in order. Errors are re-raised naming the layer index and its repr."""
 
-    def __init__(self, *layers: Layer):
+    def __init__(self, *layers: Layer, input_channels: int | None = None):
         super().__init__()
         flat = []
         for layer in layers:
@@ -638,14 +638,30 @@ class Serial(Layer):
             else:
                 raise CNNGPError(f"Serial: expected cnngp layers, got {layer!r}")
         self.layers = nn.ModuleList(flat)
+        if input_channels is None and layers and isinstance(layers[0], Serial):
+            input_channels = layers[0].input_channels  # Serial(body, readout) keeps it
+        if input_channels is not None and (
+            isinstance(input_channels, bool) or not isinstance(input_channels, int) or input_channels < 1
+        ):
+            raise CNNGPError(f"input_channels: expected an int >= 1 or None, got {input_channels!r}")
+        #: channels the network's input must have (checked against images), or None
+        self.input_channels = input_channels
 
     def __len__(self):
         return len(self.layers)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Serial(*list(self.layers)[i])
+            keep = self.input_channels if (i.start or 0) == 0 else None
+            return Serial(*list(self.layers)[i], input_channels=keep)
         return self.layers[i]
+
+    def split_readout(self) -> tuple["Serial", "Readout | None"]:
+        """(body, readout): the layers before a final :class:`Readout` (keeping
+        ``input_channels``) and that readout, or (self's layers, None) without one."""
+        layers = list(self.layers)
+        head = layers.pop() if layers and isinstance(layers[-1], Readout) else None
+        return Serial(*layers, input_channels=self.input_channels), head
 
     def grids(self, spatial: Sequence[int]) -> list[tuple]:
         """Grid before each layer and after the last: list of len(self) + 1 tuples."""

@@ -100,8 +100,7 @@ class Network(Serial):
     """A :class:`Serial` that also knows its number of input channels (from a spec)."""
 
     def __init__(self, *layers, input_channels: int | None = None, name: str | None = None):
-        super().__init__(*layers)
-        self.input_channels = input_channels
+        super().__init__(*layers, input_channels=input_channels)
         self.name = name
 
     def to_spec(self):

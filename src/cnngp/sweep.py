@@ -29,7 +29,8 @@ from typing import Sequence
 import numpy as np
 
 from . import gp
-from .correlations import RBF, Constant, Correlation, Independent, Matern, parse_lengthscale
+from .correlations import FAMILIES, Constant, Independent, parse_lengthscale
+from .correlations import family as correlation_family
 from .data import Dataset, balanced_subset, blocks, load_dataset
 from .errors import CNNGPError
 from .layers import Readout, Serial
@@ -50,7 +51,6 @@ __all__ = [
 PAPER_LENGTHSCALES: tuple[float, ...] = tuple(float(v) for v in 10 ** np.linspace(-1.5, 4.5, 25))
 
 #: stationary families for the swept readout: name -> Matérn ν (None: squared exponential)
-FAMILIES = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}
 
 #: version tag of the results.json layout
 RESULTS_FORMAT = "cnngp-sweep/1"
@@ -59,8 +59,6 @@ _FOLD_SCHEMES = ("paper", "stratified")
 _BEST_KEYS = (
     "n", "readout", "lengthscale", "cv_accuracy", "cv_accuracy_2se", "n_datasets", "noise_variance",
 )
-#: sweeps up to this N_max run their cross-validation with one BLAS thread
-_SINGLE_THREAD_MAX_N = 2048
 
 
 # --------------------------------------------------------------------------------------
@@ -109,20 +107,12 @@ def split_network(network) -> tuple[Serial, Readout, str]:
             f"network: expected an architecture name, a JSON spec path or a cnngp Serial, "
             f"got {type(network).__name__}"
         )
-    layers = list(net.layers)
-    template = Readout(1.0, 0.0)
-    if layers and isinstance(layers[-1], Readout):
-        template = layers.pop()
-    if not layers:
+    body, template = net.split_readout()
+    if template is None:
+        template = Readout(1.0, 0.0)
+    if not len(body):
         raise CNNGPError("network: has no layers before its readout")
-    body = Serial(*layers)
-    body.input_channels = getattr(net, "input_channels", None)
     return body, template, str(name)
-
-
-def _family_correlation(family: str, lengthscale: float) -> Correlation:
-    nu = FAMILIES[family]
-    return RBF(lengthscale) if nu is None else Matern(nu, lengthscale)
 
 
 def _lengthscale_json(value: float):
@@ -151,7 +141,7 @@ def sweep_readouts(
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
     lams = [parse_lengthscale(v, "lengthscales") for v in lengthscales]
-    corrs = [Independent()] + [_family_correlation(family, v) for v in lams] + [Constant()]
+    corrs = [Independent()] + [correlation_family(family, v) for v in lams] + [Constant()]
     labels = [("independent", 0.0)] + [(family, v) for v in lams] + [("constant", math.inf)]
     readouts = [Readout(template.weight_var, template.bias_var, c) for c in corrs]
     return readouts, labels
@@ -272,21 +262,6 @@ def _folds_for(scheme: str, n: int, y: np.ndarray, k: int, seed: int):
     if scheme == "paper":
         return gp.paper_folds(n, k)
     return gp.stratified_folds(y, k, seed)
-
-
-def _blas_threads(n_max: int):
-    """One BLAS thread for the many small eigendecompositions of a small sweep.
-
-    For matrices of a few hundred rows a multi-threaded BLAS gains nothing and, on a busy
-    machine, its spinning threads can make each call hundreds of times slower.
-    """
-    from contextlib import nullcontext
-
-    if n_max > _SINGLE_THREAD_MAX_N:
-        return nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _cross_validate_all(K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress):
@@ -588,7 +563,7 @@ def run_sweep(
         raise CNNGPError("kernel: the computed kernel has NaN or infinite entries")
 
     # -- cross-validation on every block of every size ----------------------------------
-    with _blas_threads(n_max):
+    with gp.small_problem_threads(n_max):
         results, best = _cross_validate_all(
             K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress
         )
