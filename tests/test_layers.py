@@ -74,7 +74,7 @@ class LayerContract:
         out_grid = layer.output_spatial(self.spatial)
         out = Band(tuple(min(1, n - 1) for n in out_grid)) if out_grid else False
         if isinstance(layer, Conv):
-            independent = layer._kind(layer.geometries(self.spatial)) == "independent"
+            independent = layer.correlation_kind(self.spatial) == "independent"
             r_out = out.radius if out_grid else (0,) * len(self.spatial)
             r_in = band_radius_in(layer.geometries(self.spatial), r_out, independent)
         elif isinstance(layer, Readout):

@@ -300,7 +300,7 @@ class ConvPlan:
         self.spatial_out = tuple(g.n_out for g in conv.geometries(spatial))
         self.geom0 = _axis_geometry(geoms[0])
         self.geom1 = _axis_geometry(geoms[1])
-        kind = conv._kind(geoms)
+        kind = conv.correlation_kind(spatial)
         self.sigma = _sigma(conv, kind, (geoms[0].taps, geoms[1].taps))
         a, b = _kron_terms(self.sigma, kind)
         self.a_ptr, self.a_taps, self.a_coef = _grouped_factors(a)
@@ -495,7 +495,7 @@ def apply_heads(heads, x: "Fused | None") -> torch.Tensor | None:
     spatial = x.spatial
     tables = []
     for h in heads:
-        kind = h._kind(spatial)
+        kind = h.correlation_kind(spatial)
         if kind not in ("independent", "constant"):
             table = _offset_table(h, spatial)
             if table is None:

@@ -122,8 +122,8 @@ def _bytes_per_item(plan: _Plan, flags, depth, itemsize) -> int:
             offsets = math.prod(2 * g.taps - 1 for g in geoms)
             padded = math.prod(g.n_in + g.extent for g in geoms)
             work += 2 * slots * offsets * padded
-        elif hasattr(layer, "geometries") and flags[i] is True and layer._kind(
-            layer.geometries(g_in)
+        elif hasattr(layer, "geometries") and flags[i] is True and layer.correlation_kind(
+            g_in
         ) not in ("independent", "constant"):
             geoms = layer.geometries(g_in)
             taps = math.prod(g.taps for g in geoms)
@@ -194,7 +194,7 @@ def _ops_per_item(plan: _Plan, flags, depth) -> float:
         if hasattr(layer, "geometries") and plan.grids[i]:
             geoms = layer.geometries(plan.grids[i])
             taps = math.prod(g.taps for g in geoms)
-            correlated = layer._kind(geoms) not in ("independent", "constant")
+            correlated = layer.correlation_kind(plan.grids[i]) not in ("independent", "constant")
             ops += e_out * taps * (taps if correlated and flags[i] is True else 1)
         elif layer.needs_variances:
             ops += 10.0 * e_out
@@ -389,7 +389,7 @@ def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
         for i, h in enumerate(heads)
         if (state.full or state.band is not None)
         and state.ndim
-        and h._kind(state.spatial) not in ("independent", "constant")
+        and h.correlation_kind(state.spatial) not in ("independent", "constant")
     ]
     if general:
         values = weighted_sums(state.cross, _head_weights(plan, general, state))  # (B, L), f64

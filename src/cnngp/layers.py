@@ -191,6 +191,12 @@ class Conv(Layer):
         self.correlation.check_shape(tuple(g.taps for g in geoms))
         return tuple(g.n_out for g in geoms)
 
+    def correlation_kind(self, spatial) -> str | None:
+        """What this conv's weight correlation amounts to on an input grid of ``spatial``:
+        ``"independent"``, ``"constant"`` or None (a general Σ). Engines pick their paths
+        from this declaration."""
+        return self._kind(self.geometries(spatial))
+
     def _kind(self, geoms):
         if all(g.taps == 1 for g in geoms) and _normalised(self.correlation):
             return "independent"  # a single tap: every normalised correlation is [[1]]
@@ -376,6 +382,11 @@ class Readout(Layer):
         if spatial:
             self.correlation.check_shape(spatial)  # a user matrix must fit the grid
         return ()
+
+    def correlation_kind(self, spatial) -> str | None:
+        """What this readout's correlation amounts to over a last grid of ``spatial``:
+        ``"independent"`` (flatten), ``"constant"`` (global mean pooling) or None."""
+        return self._kind(spatial)
 
     def _kind(self, spatial):
         if math.prod(spatial) == 1 and _normalised(self.correlation):
