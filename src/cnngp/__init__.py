@@ -19,11 +19,12 @@ _EXPORTS = {
     "kernel": "gram", "readout_sweep": "gram",
     "ABReLU": "layers", "AvgPool": "layers", "Conv": "layers", "Erf": "layers",
     "Flatten": "layers", "GlobalAvgPool": "layers", "Identity": "layers", "Layer": "layers",
-    "Readout": "layers", "ReLU": "layers", "Serial": "layers",
+    "Readout": "layers", "ReLU": "layers", "Serial": "layers", "Sign": "layers", "Sin": "layers",
+    "Nonlinearity": "layers",
     "from_spec": "spec", "load_spec": "spec",
     "KernelState": "state",
 }
-_SUBMODULES = {"architectures", "data", "gp", "sweep", "estimator", "plots", "validation",
+_SUBMODULES = {"testing", "architectures", "data", "gp", "sweep", "estimator", "plots", "validation",
                "resources", "storage", "finite", "gram", "layers", "spec", "correlations"}
 
 __all__ = sorted([*_EXPORTS, "architectures"])

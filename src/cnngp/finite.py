@@ -41,14 +41,12 @@ from .errors import CNNGPError
 from .resources import check_job
 from .validation import as_images, resolve_device, resolve_dtype
 from .layers import (
-    ABReLU,
     AvgPool,
     Conv,
-    Erf,
     Flatten,
     GlobalAvgPool,
-    Identity,
     Layer,
+    Nonlinearity,
     Readout,
     Serial,
 )
@@ -380,22 +378,12 @@ class _FiniteReadout(_FiniteLayer):
 
 
 class _FiniteElementwise(_FiniteLayer):
+    """A nonlinearity's finite twin: the φ it declares (:meth:`Nonlinearity.function`)."""
+
     def __init__(self, layer, in_shape):
         super().__init__(in_shape)
         self.layer_spec = layer.to_spec()
-        if isinstance(layer, ABReLU):
-            a, b = layer.a, layer.b
-            if a == 0.0:
-                self.fn = lambda x: F.relu(x).mul_(b)
-            else:
-                self.fn = lambda x: torch.where(x > 0, x * b, x * a)
-        elif isinstance(layer, Erf):
-            a, b, c = layer.a, layer.b, layer.c
-            self.fn = lambda x: a * torch.erf(b * x) + c
-        elif isinstance(layer, Identity):
-            self.fn = lambda x: x
-        else:  # pragma: no cover - guarded by _make_layer
-            raise CNNGPError(f"{layer!r}: no finite twin")
+        self.fn = layer.function
 
     def forward(self, x):
         return self.fn(x)
@@ -425,7 +413,7 @@ def _make_layer(layer, in_shape, width, seeds, index, device, dtype):
         return _FiniteFlatten(in_shape)
     if isinstance(layer, Readout):
         return _FiniteReadout(layer, in_shape, width, seeds, index, device, dtype)
-    if isinstance(layer, (ABReLU, Erf, Identity)):
+    if isinstance(layer, Nonlinearity):
         return _FiniteElementwise(layer, in_shape)
     raise CNNGPError(f"{layer!r}: this layer type has no finite twin")
 

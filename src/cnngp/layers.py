@@ -30,6 +30,8 @@ __all__ = [
     "Flatten",
     "Readout",
     "Nonlinearity",
+    "Sin",
+    "Sign",
     "ReLU",
     "ABReLU",
     "Erf",
@@ -473,6 +475,10 @@ class Nonlinearity(Layer):
         """E[φ(u)φ(v)] for Var u = vx, Var v = vy, Cov(u, v) = c (broadcastable tensors)."""
         raise NotImplementedError
 
+    def function(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """φ itself, elementwise: what the finite twin applies (and quadrature checks)."""
+        raise NotImplementedError
+
     def relu_coefficients(self) -> tuple[float, float] | None:
         """Declares ``φ(x) = a·min(x, 0) + b·max(x, 0)`` *and* that :meth:`expectation` is that
         φ's closed form, by returning ``(a, b)``; None otherwise. Fast paths (the fused CPU
@@ -577,6 +583,11 @@ class ABReLU(Nonlinearity):
             out = out + (self.a * self.b) * c
         return out
 
+    def function(self, x):
+        if self.a == 0.0:
+            return torch.relu(x).mul_(self.b)
+        return torch.where(x > 0, x * self.b, x * self.a)
+
     def to_spec(self):
         return {"type": "abrelu", "a": self.a, "b": self.b}
 
@@ -589,6 +600,9 @@ class ReLU(ABReLU):
 
     def expectation(self, c, vx, vy):
         return 2.0 * _relu_expectation(c, vx, vy)
+
+    def function(self, x):
+        return torch.relu(x).mul_(math.sqrt(2.0))
 
     def to_spec(self):
         return {"type": "relu"}
@@ -615,8 +629,60 @@ class Erf(Nonlinearity):
             out = out + self.c**2
         return out
 
+    def function(self, x):
+        return self.a * torch.erf(self.b * x) + self.c
+
     def to_spec(self):
         return {"type": "erf", "a": self.a, "b": self.b, "c": self.c}
+
+
+def _finite_numbers(names_values):
+    for name, v in names_values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
+    return [float(v) for _, v in names_values]
+
+
+class Sin(Nonlinearity):
+    """φ(x) = a·sin(b·x + c) (neural-tangents Sin).
+
+    From sin α sin β = ½[cos(α − β) − cos(α + β)] and E cos(t·w) = exp(−t² Var w / 2):
+    E[φ(u)φ(v)] = a²/2 · [exp(−b²(vx + vy − 2k)/2) − cos 2c · exp(−b²(vx + vy + 2k)/2)].
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.c = _finite_numbers((("a", a), ("b", b), ("c", c)))
+
+    def expectation(self, c, vx, vy):
+        half = 0.5 * self.b**2
+        total = vx + vy
+        return (0.5 * self.a**2) * (
+            torch.exp(-half * (total - 2.0 * c)) - math.cos(2.0 * self.c) * torch.exp(-half * (total + 2.0 * c))
+        )
+
+    def function(self, x):
+        return self.a * torch.sin(self.b * x + self.c)
+
+    def to_spec(self):
+        return {"type": "sin", "a": self.a, "b": self.b, "c": self.c}
+
+
+class Sign(Nonlinearity):
+    """φ(x) = sign(x), the step function ±1 (neural-tangents Sign; the arc-cosine kernel of
+    degree 0 up to an affine map): E[φ(u)φ(v)] = (2/π)·arcsin(ρ), ρ = k / √(vx·vy), and 0
+    where a variance is 0 (sign(0) = 0)."""
+
+    def expectation(self, c, vx, vy):
+        n = torch.sqrt(vx) * torch.sqrt(vy)  # not √(vx·vy): the product may underflow
+        rho = torch.clamp(c / torch.where(n > 0, n, torch.ones_like(n)), -1.0, 1.0)
+        return torch.where(n > 0, torch.asin(rho) * (2.0 / math.pi), torch.zeros_like(rho))
+
+    def function(self, x):
+        return torch.sign(x)
+
+    def to_spec(self):
+        return {"type": "sign"}
 
 
 class Identity(Nonlinearity):
@@ -627,6 +693,12 @@ class Identity(Nonlinearity):
     def propagate(self, state, full_out):
         state = state.convert(full_out)
         return state.evolve(state.cross)
+
+    def expectation(self, c, vx, vy):
+        return c
+
+    def function(self, x):
+        return x
 
     def to_spec(self):
         return {"type": "identity"}

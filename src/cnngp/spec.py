@@ -24,6 +24,8 @@ from .layers import (
     Readout,
     ReLU,
     Serial,
+    Sign,
+    Sin,
 )
 
 __all__ = ["from_spec", "load_spec", "correlation_from_spec", "Network"]
@@ -53,6 +55,8 @@ _LAYERS = {
     "abrelu": (lambda d: ABReLU(d.get("a", 0.0), d.get("b", 1.0)), {"a", "b"}),
     "erf": (lambda d: Erf(d.get("a", 1.0), d.get("b", 1.0), d.get("c", 0.0)), {"a", "b", "c"}),
     "identity": (lambda d: Identity(), set()),
+    "sin": (lambda d: Sin(d.get("a", 1.0), d.get("b", 1.0), d.get("c", 0.0)), {"a", "b", "c"}),
+    "sign": (lambda d: Sign(), set()),
     "avgpool": (
         lambda d: AvgPool(d.get("window", 2), d.get("stride"), d.get("padding", "valid")),
         {"window", "stride", "padding"},
