@@ -359,3 +359,30 @@ def test_overridden_expectation_is_not_computed_with_the_parents_formula(
     parent = cnngp.Serial(cnngp.Conv(3), cnngp.ABReLU(0.1, 1.0), cnngp.Conv(3),
                           cnngp.ABReLU(0.1, 1.0), cnngp.Readout(correlation=readout))
     assert np.abs(cnngp.kernel(parent, x).numpy() / fused - 1).min() > 0.5
+
+
+class _ScaledConv(cnngp.Conv):
+    """Changes the maths by overriding propagate: twice the parent's kernel."""
+
+    def propagate(self, state, full_out):
+        out = super().propagate(state, full_out)
+        return out.evolve(2.0 * out.cross)
+
+
+class _ShiftedReadout(cnngp.Readout):
+    def propagate(self, state, full_out):
+        out = super().propagate(state, full_out)
+        return out.evolve(out.cross + 1.0)
+
+
+def test_overridden_conv_and_readout_are_left_to_their_own_propagate(monkeypatch, torch_path):
+    assert cnngp.Conv(3).affine_filter() and cnngp.AvgPool(2).affine_filter()
+    assert not _ScaledConv(3).affine_filter() and not _ShiftedReadout().affine_readout()
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), _ScaledConv(3), cnngp.ReLU(),
+                       _ShiftedReadout(correlation=cnngp.Matern(1.5, 2.0)))
+    x = np.random.default_rng(6).uniform(size=(3, 6, 6, 2))
+    fused = cnngp.kernel(net, x).numpy()
+    np.testing.assert_allclose(fused, torch_path(cnngp.kernel, net, x).numpy(), rtol=1e-12)
+    parent = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(),
+                          cnngp.Readout(correlation=cnngp.Matern(1.5, 2.0)))
+    np.testing.assert_allclose(fused, 2.0 * cnngp.kernel(parent, x).numpy() + 1.0, rtol=1e-12)

@@ -117,7 +117,7 @@ def wanted(layers, grids, flags) -> bool:
     if any(isinstance(f, Band) for f in flags):  # bands run on the layers' torch path
         return False
     return any(
-        isinstance(layer, Conv) and flags[i] is True and flags[i + 1] is True and _supported(layer, grids[i])
+        flags[i] is True and flags[i + 1] is True and _supported(layer, grids[i])
         for i, layer in enumerate(layers)
     )
 
@@ -125,7 +125,12 @@ def wanted(layers, grids, flags) -> bool:
 # -- Kronecker split of a conv's Σ ------------------------------------------------------------
 
 
-def _supported(conv: Conv, spatial) -> bool:
+def _supported(conv, spatial) -> bool:
+    """Whether the fused kernels handle this layer: one that declares itself an affine filter
+    (:meth:`cnngp.layers.Conv.affine_filter`) on a 1-D or 2-D grid without circular padding."""
+    declare = getattr(conv, "affine_filter", None)
+    if declare is None or not declare():
+        return False
     if len(spatial) not in (1, 2):
         return False
     return conv.padding != "circular"
@@ -490,7 +495,7 @@ def _offset_table(head, spatial):
 def apply_heads(heads, x: "Fused | None") -> torch.Tensor | None:
     """All readouts of a full 1-D/2-D tensor from its offset sums, accumulated in float64
     (a float32 sum of 10⁶ terms would lose ~1e-4). None where the engine's own path applies."""
-    if x is None or not x.layout.plain:
+    if x is None or not x.layout.plain or not all(h.affine_readout() for h in heads):
         return None
     spatial = x.spatial
     tables = []
@@ -567,7 +572,7 @@ def input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool, ws: Workspace, l
 
 def _fused_plan(layers, i, flags, spatial, fast):
     """The plan of layer i if it runs fused here (a conv, full input and output), else None."""
-    if not fast or i >= len(layers) or not isinstance(layers[i], Conv):
+    if not fast or i >= len(layers) or not getattr(layers[i], "affine_filter", lambda: False)():
         return None
     if not (flags[i] is True and flags[i + 1] is True):
         return None

@@ -389,6 +389,7 @@ def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
         for i, h in enumerate(heads)
         if (state.full or state.band is not None)
         and state.ndim
+        and h.affine_readout()
         and h.correlation_kind(state.spatial) not in ("independent", "constant")
     ]
     if general:

@@ -193,6 +193,14 @@ class Conv(Layer):
         self.correlation.check_shape(tuple(g.taps for g in geoms))
         return tuple(g.n_out for g in geoms)
 
+    def affine_filter(self) -> bool:
+        """Declares that this layer's kernel map is the correlated filter of PAPER.md (*),
+        K[q,q'] = σ_w² Σ_{p,p'} Σ[p,p'] V[i(q,p), i(q',p')] + σ_b², with the geometry,
+        correlation and variances it holds: true for Conv and AvgPool, false for a subclass
+        that changes the maths (fast paths then leave it to its own propagate)."""
+        cls = type(self)
+        return cls.propagate is Conv.propagate and cls.geometries is Conv.geometries
+
     def correlation_kind(self, spatial) -> str | None:
         """What this conv's weight correlation amounts to on an input grid of ``spatial``:
         ``"independent"``, ``"constant"`` or None (a general Σ). Engines pick their paths
@@ -384,6 +392,12 @@ class Readout(Layer):
         if spatial:
             self.correlation.check_shape(spatial)  # a user matrix must fit the grid
         return ()
+
+    def affine_readout(self) -> bool:
+        """Declares that this readout's kernel is σ_w² Σ_{p,p'} Σ[p,p'] V[p,p'] + σ_b² with the
+        Σ of :meth:`weights`: true for Readout, false for a subclass that changes the maths."""
+        cls = type(self)
+        return cls.propagate is Readout.propagate and cls.weights is Readout.weights
 
     def correlation_kind(self, spatial) -> str | None:
         """What this readout's correlation amounts to over a last grid of ``spatial``:
