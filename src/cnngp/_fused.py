@@ -6,7 +6,7 @@ full → full convolution on a 1-D or 2-D grid (zero or no padding; any stride, 
 correlation) together with a ReLU-family nonlinearity after it by one numba pass
 (:mod:`cnngp._fused_kernels`), so that each 10⁶-entry position-pair tensor crosses memory
 once per layer and its pair of slabs stays in cache. The ReLU expectation is evaluated
-without arccos (a polynomial exact to the dtype's rounding, PAPER.md §2). Every other layer
+without arccos (a polynomial exact to the dtype's rounding, docs/maths.md §2). Every other layer
 runs its own ``propagate``. Results agree with the torch path to rounding (tests/test_fast_paths.py).
 
 Σ of a conv is split over the spatial axes as Σ = Σ_m A_m ⊗ B_m (exactly: the identity and
@@ -412,7 +412,7 @@ def conv_fused(
     weight_var: float = 1.0,
     bias_var: float = 0.0,
 ) -> Fused:
-    """Conv (PAPER.md (*)) of a full tensor in its layout, then ``act`` if given, in one pass,
+    """Conv (docs/maths.md §2 (*)) of a full tensor in its layout, then ``act`` if given, in one pass,
     written in ``out_layout`` (that of the next conv).
 
     ``var_roots``: :func:`roots` of the diagonals K_xx[q, q], K_x'x'[q', q'] of the conv output
@@ -548,7 +548,7 @@ class Workspace:
 
 
 def input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool, ws: Workspace, layers=(), flags=()):
-    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2), into a reused buffer: written
+    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (docs/maths.md §2), into a reused buffer: written
     straight into the layout of the first layer when that runs fused (returns a Fused), else a
     KernelState."""
     b, c = x1.shape[0], x1.shape[-1]

@@ -12,7 +12,7 @@ where s, pad are the stride and leading zero padding of the reading conv along a
 rows of zeros pad each phase. Zero entries outside the grid are the conv's zero padding; each
 (x0, x0') slab is contiguous; and a stride-s tap becomes a plain shift inside one phase block.
 
-**Conv** (PAPER.md (*)) with Σ written as a sum of Kronecker products over the two spatial axes,
+**Conv** (docs/maths.md §2 (*)) with Σ written as a sum of Kronecker products over the two spatial axes,
 Σ[(p0,p1),(p0',p1')] = Σ_m A_m[p0,p0'] · B_m[p1,p1'], runs in two stages per output slab
 (q0, q0'):
 
@@ -38,7 +38,7 @@ from numba.extending import overload
 _FLAGS = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz", "arcp"})
 _INV_PI = 1.0 / math.pi
 
-# The balanced-ReLU expectation (PAPER.md §2) without arccos: with ρ = Σxy/sqrt(ΣxΣy),
+# The balanced-ReLU expectation (docs/maths.md §2) without arccos: with ρ = Σxy/sqrt(ΣxΣy),
 #   V = max(Σxy, 0) + sqrt(ΣxΣy)·g(|ρ|)/π,   g(a) = sqrt(1 − a²) − a·arccos(a)
 # (ρ ≥ 0: V/sqrt(ΣxΣy) = ρ + g(ρ)/π; ρ < 0: g(−ρ) = g(ρ) + πρ leaves g(|ρ|)/π). g(1 − t) =
 # t·sqrt(t)·G(2t − 1) with G smooth on [−1, 1]: a polynomial from Chebyshev interpolation
@@ -122,7 +122,7 @@ _relu_value64 = _make_relu_value(np.float64, _poly64)
 
 
 def relu_value(k, n, inv_n, c_lin, c_relu):
-    """c_lin·k + c_relu·(max(k, 0) + n·g(|ρ|)/π), ρ = k/n (PAPER.md §2, balanced-ReLU form).
+    """c_lin·k + c_relu·(max(k, 0) + n·g(|ρ|)/π), ρ = k/n (docs/maths.md §2, balanced-ReLU form).
 
     n = sqrt(Σx Σy), inv_n = 1/n or 0 where n = 0 (then the value is c_relu·max(k, 0) + c_lin·k,
     exactly what the arccos form gives at zero variance). |ρ| is clipped to 1 (rounding).
@@ -145,7 +145,7 @@ def kron_conv(
     v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
     wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, row_lo, row_hi,
 ):
-    """Full → full conv (PAPER.md (*)) by Kronecker terms, then an optional ReLU-family act.
+    """Full → full conv (docs/maths.md §2 (*)) by Kronecker terms, then an optional ReLU-family act.
 
     v (B, N0, N0, s1, s1, H, H) in the layout of this conv (see the module docstring) → out
     (B, Q0, Q0, so, so, Ho, Ho) in the layout of the next one (so, Ho from its shape, leading
@@ -288,7 +288,7 @@ def kron_conv(
 
 @njit(nogil=True, **_FLAGS)
 def input_layout(x1, x2t, out, pad, first_row, row_step):
-    """V0[x, x'] = (1/C) Σ_c x1[x, c] x2[x', c] (PAPER.md §2) straight into the layout
+    """V0[x, x'] = (1/C) Σ_c x1[x, c] x2[x', c] (docs/maths.md §2) straight into the layout
     (B, N0, N0, s, s, H, H) of the first conv. x1 (B, N0, N1, C) is pre-divided by C; x2t is
     x2 as (B, N0, C, N1)."""
     nb, n0, n1, nc = x1.shape

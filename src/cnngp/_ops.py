@@ -1,4 +1,4 @@
-"""Tensor operations on position-pair tensors: the convolution (*) of PAPER.md §2.
+"""Tensor operations on position-pair tensors: the convolution (*) of docs/maths.md §2.
 
 A layer with filter taps p, stride s, dilation h and padding reads input position
 ``i(q, p) = s·q + h·p − pad_before`` for output position q (per spatial axis). On a full
@@ -240,7 +240,7 @@ def check_geometry(geom: AxisGeometry, what: str):
         )
 
 
-# -- the band representation (PAPER.md (*) restricted to |q' − q| ≤ R per axis) ----------------
+# -- the band representation (docs/maths.md §2 (*) restricted to |q' − q| ≤ R per axis) ----------------
 
 
 @functools.lru_cache(maxsize=64)
@@ -283,7 +283,7 @@ def _unfold2d(v: torch.Tensor, radius) -> torch.Tensor:
 
 def band_products(x1: torch.Tensor, x2: torch.Tensor, spatial, radius) -> torch.Tensor:
     """(1/C) Σ_c x1[b, q, c] x2[b, q + j − R, c] for channels-last images (B, *F, C) → the band
-    (B, *F, *W) of the input covariance V0 (PAPER.md §2)."""
+    (B, *F, *W) of the input covariance V0 (docs/maths.md §2)."""
     b, c, d = x1.shape[0], x1.shape[-1], len(spatial)
     widths = tuple(2 * r + 1 for r in radius)
     if d == 2:

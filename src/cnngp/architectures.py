@@ -1,4 +1,4 @@
-"""Named architectures of the paper and of Shankar et al. (PAPER.md §4).
+"""Named architectures of the paper and of Shankar et al. (docs/maths.md §6).
 
 ``get("cnngp14")``, ``get("myrtle10", readout=Matern(1.5, 3.0))``… Every network here uses 3×3
 convolutions with stride 1, SAME padding, no bias, independent weights (Σ = I/|P|), balanced
@@ -50,7 +50,7 @@ def body(name: str, internal: Correlation | None = None) -> list:
         a, b, c = _MYRTLE_BLOCKS[name]
         return _conv_relu(a) + [AvgPool(2)] + _conv_relu(b) + [AvgPool(2)] + _conv_relu(c)
     if name == "myrtle10-correlated":
-        # PAPER.md §4: each avgpool + the conv after it → one 6×6 stride-2 SAME correlated conv
+        # docs/maths.md §6: each avgpool + the conv after it → one 6×6 stride-2 SAME correlated conv
         corr = Matern(1.5, 3.0) if internal is None else internal
         down = [Conv(6, stride=2, padding="same", correlation=corr), ReLU()]
         return _conv_relu(3) + down + _conv_relu(2) + down + _conv_relu(1)
@@ -77,7 +77,7 @@ def get(
     ----------
     name : str
         ``cnngp{depth}``, ``myrtle5``, ``myrtle7``, ``myrtle10`` (3/3/3), ``myrtle10-paper``
-        (3/3/2), ``myrtle10-correlated`` (6×6 stride-2 correlated convs, PAPER.md §4).
+        (3/3/2), ``myrtle10-correlated`` (6×6 stride-2 correlated convs, docs/maths.md §6).
     readout : Correlation, optional
         Σ over the last grid; default :func:`default_readout`.
     internal : Correlation, optional

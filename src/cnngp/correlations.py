@@ -1,8 +1,8 @@
-"""Weight correlations over filter positions (PAPER.md §1–2).
+"""Weight correlations over filter positions (docs/maths.md §1–2).
 
 A correlation describes the prior covariance Σ of one filter's weights across its spatial
 taps, ``W[i, j, :] ~ N(0, Σ / C_in)``. Every correlation is normalised so that its entries sum
-to 1 (PAPER.md §2, "Normalisation"): the independent case becomes ``I/|P|`` (an ordinary
+to 1 (docs/maths.md §1): the independent case becomes ``I/|P|`` (an ordinary
 convolution, or a flatten readout) and the constant case ``11ᵀ/|P|²`` (average pooling, or a
 global-average-pooling readout). Stationary families interpolate between the two with a
 lengthscale λ measured in index units of the grid the filter spans; ``λ = 0`` and ``λ = ∞``
@@ -173,7 +173,7 @@ class _Stationary(Correlation):
 class Matern(_Stationary):
     """Matérn-ν correlation, ν ∈ {1/2, 3/2, 5/2}, lengthscale λ in grid index units.
 
-    Σ[p, p'] ∝ (1 + √3 r/λ) exp(−√3 r/λ) for ν = 3/2 (PAPER.md §2), r = ‖p − p'‖₂.
+    Σ[p, p'] ∝ (1 + √3 r/λ) exp(−√3 r/λ) for ν = 3/2 (docs/maths.md §2), r = ‖p − p'‖₂.
     """
 
     NUS = (0.5, 1.5, 2.5)

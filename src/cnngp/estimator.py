@@ -1,6 +1,6 @@
 """scikit-learn classifiers: GP classification with the NNGP kernel of an infinite CNN.
 
-:class:`CNNGPClassifier` is the paper's classifier (PAPER.md §5) with fixed readout
+:class:`CNNGPClassifier` is the paper's classifier (docs/maths.md §5) with fixed readout
 correlation and noise variance σ²: regression on one-hot targets minus ``1/n_classes``,
 prediction by the argmax of the posterior mean ``K_*X (K_XX + σ² I)⁻¹ Y``.
 :class:`CNNGPClassifierCV` chooses the readout lengthscale λ and σ² by cross-validation
@@ -216,7 +216,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
 
 
 class CNNGPClassifier(_CNNGPBase):
-    """GP classifier with the NNGP kernel of an infinitely wide CNN (PAPER.md §5).
+    """GP classifier with the NNGP kernel of an infinitely wide CNN (docs/maths.md §5).
 
     Parameters
     ----------

@@ -1,7 +1,7 @@
 """Finite networks sampled from the prior of a kernel model, and Monte Carlo kernels.
 
 Every kernel layer has a finite twin: a ``torch.nn`` module at a chosen width C whose weights
-are drawn from the layer's prior (PAPER.md §1):
+are drawn from the layer's prior (docs/maths.md §1):
 
 * conv: ``W[i, j, :] ~ N(0, weight_var · Σ / C_in)`` over the filter taps (row-major), one
   independent draw per (output, input) channel pair, bias ``b[i] ~ N(0, bias_var)``. Σ is
@@ -103,7 +103,7 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-# -- geometry (PAPER.md §1 indexing, written out independently of the kernel engine) ------------
+# -- geometry (docs/maths.md §1 indexing, written out independently of the kernel engine) ------------
 
 
 def _per_dim(values: tuple, d: int, name: str) -> tuple:

@@ -1,6 +1,6 @@
 """Gaussian-process classification from precomputed kernel matrices.
 
-The protocol of the paper (PAPER.md, section 5): classification is done as regression
+The protocol of the paper (docs/maths.md §5): classification is done as regression
 on one-hot targets minus ``1 / n_classes``; the predicted class is the argmax of the GP
 posterior mean ``K_*X (K_XX + sigma^2 I)^-1 Y``. The observation noise ``sigma^2`` is
 chosen from a grid of 1000 log-spaced values by k-fold cross-validation (or exact

@@ -1,6 +1,6 @@
 """Gram matrices: run a network's kernel recursion over many image pairs.
 
-Two passes (PAPER.md §2–3a):
+Two passes (docs/maths.md §3):
 
 1. a **self pass** over every distinct image computes, for each nonlinearity, the diagonal
    K_xx[p, p] of that image's own covariance. It carries the full position-pair tensor only
@@ -268,7 +268,7 @@ def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *,
 
 
 def _input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
-    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (PAPER.md §2), in representation ``full``."""
+    """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (docs/maths.md §2), in representation ``full``."""
     b, c = x1.shape[0], x1.shape[-1]
     spatial = tuple(x1.shape[1:-1])
     if isinstance(full, Band):  # x' at each band slot's partner (zeros off the grid)
@@ -754,7 +754,7 @@ def readout_sweep(
 ) -> torch.Tensor:
     """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
 
-    This is how a λ sweep costs one kernel computation (PAPER.md §3): every readout is a
+    This is how a λ sweep costs one kernel computation (docs/maths.md §2, readout): every readout is a
     weighted sum of the same last-hidden-layer covariance.
     """
     body, tail = _split_model(body)

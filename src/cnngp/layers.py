@@ -1,4 +1,4 @@
-"""Kernel layers: each maps a :class:`~cnngp.state.KernelState` to the next (PAPER.md §2).
+"""Kernel layers: each maps a :class:`~cnngp.state.KernelState` to the next (docs/maths.md §2).
 
 Every layer has one job: given the second moments of its inputs over position pairs, return
 those of its outputs. Layers also report their output grid (validating their geometry) and
@@ -134,7 +134,7 @@ class Layer(nn.Module):
 class Conv(Layer):
     """Convolution with weight prior N(0, weight_var · Σ / C_in) over filter taps, plus bias.
 
-    K[q, q'] = weight_var · Σ_{p,p'} Σ[p, p'] V[i(q,p), i(q',p')] + bias_var   (PAPER.md (*))
+    K[q, q'] = weight_var · Σ_{p,p'} Σ[p, p'] V[i(q,p), i(q',p')] + bias_var   (docs/maths.md §2 (*))
 
     Parameters
     ----------
@@ -194,7 +194,7 @@ class Conv(Layer):
         return tuple(g.n_out for g in geoms)
 
     def affine_filter(self) -> bool:
-        """Declares that this layer's kernel map is the correlated filter of PAPER.md (*),
+        """Declares that this layer's kernel map is the correlated filter of docs/maths.md §2 (*),
         K[q,q'] = σ_w² Σ_{p,p'} Σ[p,p'] V[i(q,p), i(q',p')] + σ_b², with the geometry,
         correlation and variances it holds: true for Conv and AvgPool, false for a subclass
         that changes the maths (fast paths then leave it to its own propagate)."""
@@ -268,7 +268,7 @@ class Conv(Layer):
         return state.evolve(self._affine(x), spatial=q_shape, full=full_out)
 
     def _affine(self, x):
-        """weight_var · x + bias_var (PAPER.md (*)), skipping the identity parts."""
+        """weight_var · x + bias_var (docs/maths.md §2 (*)), skipping the identity parts."""
         if self.weight_var != 1.0:
             x = x * self.weight_var
         if self.bias_var:
@@ -371,7 +371,7 @@ class Flatten(_Collapse):
 
 
 class Readout(Layer):
-    """The last layer: a dense layer whose filter covers the whole grid (PAPER.md §2).
+    """The last layer: a dense layer whose filter covers the whole grid (docs/maths.md §2).
 
     k = weight_var · Σ_{p,p'} Σ[p, p'] V[p, p'] + bias_var, Σ over the positions of the last
     grid (distances in its index units). Independent = flatten, Constant = global average
@@ -481,7 +481,7 @@ def weighted_sums(cross: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 class Nonlinearity(Layer):
-    """Elementwise φ: V[p, p'] = E[φ(u) φ(v)] under the bivariate Gaussian of PAPER.md §2."""
+    """Elementwise φ: V[p, p'] = E[φ(u) φ(v)] under the bivariate Gaussian of docs/maths.md §2."""
 
     needs_variances = True
 
@@ -607,7 +607,7 @@ class ABReLU(Nonlinearity):
 
 
 class ReLU(ABReLU):
-    """Balanced ReLU √2·max(0, x): V = (1/π)(sqrt(ΣxΣy − Σxy²) + (π − θ)Σxy) (PAPER.md §2)."""
+    """Balanced ReLU √2·max(0, x): V = (1/π)(sqrt(ΣxΣy − Σxy²) + (π − θ)Σxy) (docs/maths.md §2)."""
 
     def __init__(self):
         super().__init__(0.0, math.sqrt(2.0))

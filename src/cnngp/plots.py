@@ -3,7 +3,7 @@
 :func:`sweep_figure` draws the readout-lengthscale sweep of ``cnngp sweep``.
 
 :func:`correlation_figure_data` computes, and :func:`plot_correlation_figure` draws, a
-two-panel figure on a real image (PAPER.md §1–2, §7 "finite, correlated-weight networks"):
+two-panel figure on a real image (docs/maths.md §1–2):
 
 * left: for finite networks of growing width C, the correlation *across the C channels of one
   network* between the last hidden layer's pre-activations at two distant positions p, p'.
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-# -- readout sweep figure (owner: the sweep session) -------------------------------------------
+# -- readout sweep figure ----------------------------------------------------------------------
 
 
 def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None):
@@ -295,7 +295,7 @@ def correlation_figure_data(
 
     # right panel: independent conv body, Matérn-3/2 readout over the last grid
     if lengthscales is None:
-        lengthscales = np.logspace(-1.5, 4.5, 25)  # the paper's grid (PAPER.md §5)
+        lengthscales = np.logspace(-1.5, 4.5, 25)  # the paper's grid (docs/maths.md §5)
     lengthscales = [float(v) for v in lengthscales]
     moved = np.roll(image, shift, axis=2)  # translate right by `shift` pixels (wrapped)
     trio = np.concatenate([image, moved, x[other : other + 1]])

@@ -1,4 +1,4 @@
-"""The kernel state that flows through the layers (PAPER.md §2).
+"""The kernel state that flows through the layers (docs/maths.md §2).
 
 For a batch of B input pairs (x, x') a layer ℓ is described by the second moments of its
 outputs over **pairs of positions**:
@@ -14,7 +14,7 @@ outputs over **pairs of positions**:
     partner q + j − R lies off the grid are kept at exactly 0. Used below correlated or
     pooling layers whose outputs are only needed near their diagonal (strided nets ending in
     an independent readout): the radius a layer needs grows by stride × (radius above) +
-    filter extent − 1 going down (PAPER.md (*)).
+    filter extent − 1 going down (docs/maths.md §2 (*)).
 * ``var1``, ``var2`` — the diagonals K_xx[p, p] and K_x'x'[p', p'] of each input's own
   covariance, shape ``(B, *F)``; needed by nonlinearities, ``None`` elsewhere.
 

@@ -1,4 +1,4 @@
-"""The paper's experiment as a library function: a readout-lengthscale sweep (PAPER.md §5–6).
+"""The paper's experiment as a library function: a readout-lengthscale sweep (docs/maths.md §5).
 
 One class-balanced training subset of the largest size ``N_max`` is drawn in class-interleaved
 order, and **one** pass of the kernel engine computes the Gram matrices of every readout over
@@ -645,7 +645,7 @@ def _fmt_lam(lam) -> str:
 
 
 def summary_table(results: dict) -> str:
-    """A plain-text table like PAPER.md §6: per N, independent, mean pool, best λ, best.
+    """A plain-text table like the paper's results table: per N, independent, mean pool, best λ, best.
 
     Accuracies in percent, ``± 2 SE`` over the disjoint blocks.
     """
