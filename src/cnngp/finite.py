@@ -53,6 +53,7 @@ from .layers import (
 
 __all__ = [
     "FiniteNetwork",
+    "register_twin",
     "finite_network",
     "monte_carlo_kernel",
     "monte_carlo_estimates",
@@ -402,20 +403,36 @@ def _flatten_layers(model) -> list:
     raise CNNGPError(f"model: expected a cnngp layer or Serial, got {type(model).__name__}")
 
 
+#: the finite twin of each layer class, found through the class's MRO (a subclass inherits
+#: its parent's twin); nonlinearities all share one, which applies their declared φ
+_TWINS: dict = {}
+
+
+def register_twin(layer_class):
+    """Register ``builder(layer, in_shape, width, seeds, index, device, dtype)`` as the finite
+    twin of ``layer_class`` (and of its subclasses that register none of their own)."""
+
+    def decorate(builder):
+        _TWINS[layer_class] = builder
+        return builder
+
+    return decorate
+
+
+register_twin(AvgPool)(lambda layer, in_shape, *_: _FiniteAvgPool(layer, in_shape))
+register_twin(Conv)(lambda layer, in_shape, *rest: _FiniteConv(layer, in_shape, *rest))
+register_twin(GlobalAvgPool)(lambda layer, in_shape, *_: _FiniteGlobalAvgPool(in_shape))
+register_twin(Flatten)(lambda layer, in_shape, *_: _FiniteFlatten(in_shape))
+register_twin(Readout)(lambda layer, in_shape, *rest: _FiniteReadout(layer, in_shape, *rest))
+register_twin(Nonlinearity)(lambda layer, in_shape, *_: _FiniteElementwise(layer, in_shape))
+
+
 def _make_layer(layer, in_shape, width, seeds, index, device, dtype):
-    if isinstance(layer, AvgPool):  # before Conv: AvgPool subclasses it
-        return _FiniteAvgPool(layer, in_shape)
-    if isinstance(layer, Conv):
-        return _FiniteConv(layer, in_shape, width, seeds, index, device, dtype)
-    if isinstance(layer, GlobalAvgPool):
-        return _FiniteGlobalAvgPool(in_shape)
-    if isinstance(layer, Flatten):
-        return _FiniteFlatten(in_shape)
-    if isinstance(layer, Readout):
-        return _FiniteReadout(layer, in_shape, width, seeds, index, device, dtype)
-    if isinstance(layer, Nonlinearity):
-        return _FiniteElementwise(layer, in_shape)
-    raise CNNGPError(f"{layer!r}: this layer type has no finite twin")
+    for cls in type(layer).__mro__:
+        builder = _TWINS.get(cls)
+        if builder is not None:
+            return builder(layer, in_shape, width, seeds, index, device, dtype)
+    raise CNNGPError(f"{layer!r}: this layer type has no finite twin (see cnngp.finite.register_twin)")
 
 
 # -- the network ----------------------------------------------------------------------------------
