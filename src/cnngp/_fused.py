@@ -579,9 +579,11 @@ def _fused_plan(layers, i, flags, spatial, fast):
     return conv_plan(layers[i], spatial)
 
 
-def run_layers(layers, state, flags, variances, records=None, ws=None):
+def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None):
     """Propagate ``state`` (a KernelState or a Fused) through ``layers`` (flags[i]: full input
-    of layer i; flags[-1]: output).
+    of layer i; flags[-1]: output): the one layer runner of the engine. Layers the fused
+    kernels handle run fused when ``fast`` (default: on a CPU where numba is available);
+    every other layer, and every layer with ``fast=False``, runs its own ``propagate``.
 
     Pair mode: ``variances(i, roots)`` returns the variances (var1, var2) of the nonlinearity
     at index i, or with ``roots=True`` their :func:`roots`. Self mode (``records`` a dict of
@@ -594,9 +596,9 @@ def run_layers(layers, state, flags, variances, records=None, ws=None):
     if isinstance(state, Fused):
         cur, state = state, None
         fast = True
-    else:
+    elif fast is None:
         fast = state.cross.device.type == "cpu" and available(state.cross.dtype)
-    if ws is None:
+    if ws is None and fast:
         ws = Workspace()
     symmetric = records is not None
     i, n = 0, len(layers)

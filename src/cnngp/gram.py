@@ -316,15 +316,9 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
                 xc = xb[s : s + chunk]
                 state = _fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
                 _fused.run_layers(layers, state, plan.self_flags, None, records=records, ws=ws)
-        else:
+        else:  # the same runner, every layer on its own torch propagate
             state = _input_state(xb, xb, plan.self_flags[0])
-            for i in range(plan.self_depth):
-                layer = plan.body.layers[i]
-                if layer.needs_variances:
-                    d = state.diagonal()
-                    records[i].append(d)
-                    state = state.with_variances(d, d)
-                state = layer.propagate(state, plan.self_flags[i + 1])
+            _fused.run_layers(layers, state, plan.self_flags, None, records=records, fast=False)
         if progress is not None:
             progress.update(xb.shape[0])
     return {i: torch.cat(v) for i, v in records.items()}
@@ -357,10 +351,10 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
             values.append(heads if heads is not None else _apply_heads(plan, state))
         return torch.cat(values, dim=1)
     state = _input_state(x1b, x2b, plan.pair_flags[0])
-    for i, layer in enumerate(plan.body.layers):
-        if layer.needs_variances:
-            state = state.with_variances(rec1[i][idx1], rec2[i][idx2])
-        state = layer.propagate(state, plan.pair_flags[i + 1])
+    state, _ = _fused.run_layers(
+        list(plan.body.layers), state, plan.pair_flags,
+        lambda i, as_roots: (rec1[i][idx1], rec2[i][idx2]), fast=False,
+    )
     if not plan.heads:
         return state.cross[None]
     return _apply_heads(plan, state)
