@@ -265,3 +265,20 @@ def test_bad_tuning_variable_warns_and_keeps_the_default():
     assert "CNNGP_BAND_FRACTION='abc' is not a finite number >= 0; using the default 0.25" in out
     assert "CNNGP_STREAM_BATCH_BYTES='-5' is not a finite number >= 1" in out
     assert out.strip().endswith("0.25 16777216")
+
+
+def test_interrupt_turned_into_import_error_is_still_an_interrupt(monkeypatch, capsys):
+    """numpy turns a Ctrl-C during its C-extension import into ImportError: still exit 130,
+    one line, not an "internal error" (seen on a loaded CI machine)."""
+    import cnngp.cli as cli
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("Importing the numpy C-extensions failed") from stop
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted_import)
+    assert cli.main(["info"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cnngp: interrupted; no output written"]

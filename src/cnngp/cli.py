@@ -441,6 +441,17 @@ def _name_flag(text: str) -> str:
     return text
 
 
+def _interrupt_behind(e: BaseException):
+    """The KeyboardInterrupt (or Terminated) an exception was raised from, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -491,6 +502,10 @@ def main(argv=None) -> int:
         print(f"cnngp: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:
+        stop = _interrupt_behind(e)
+        if stop is not None:  # e.g. numpy turns a Ctrl-C during its import into ImportError
+            code = 143 if isinstance(stop, Terminated) else 130
+            return _interrupted(args, code, "terminated (SIGTERM)" if code == 143 else "interrupted", stop)
         text = _one_line(e)
         if isinstance(e, RuntimeError) and ("allocate" in text or "out of memory" in text):
             print(f"cnngp: error: out of memory ({text[:200]}); use fewer images, a smaller "
