@@ -35,10 +35,8 @@ __all__ = ["available", "wanted", "run_layers", "Workspace", "conv_plan", "conv_
 _KERNELS = None
 _IMPORT_FAILED = False
 
-#: bytes of one layer's input + output a fused call handles at once. Several pairs per call
-#: amortise the per-call work in Python (numba dispatch, handing rows to the threads, the
-#: variance roots): on the 2-core benchmark machine 64 MB (6 CNNGP-14 pairs in float32) ran
-#: the N = 16 Gram matrix ~20 % faster (median of 5) than 8 MB (one pair, cache-resident).
+#: bytes of one layer's input + output a fused call handles at once: several pairs per call
+#: amortise the per-call work in Python (default chosen in docs/tuning.md)
 CACHE_BYTES = env_number("CNNGP_CACHE_BYTES", 64 * 1024**2, 1, integer=True)
 
 

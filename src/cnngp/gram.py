@@ -146,17 +146,14 @@ def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
     batch = max(1, min(4096, budget // max(per, 1)))
     if not any(f is True for f in flags[: depth + 1]):
         # diagonal/band states run as whole-batch torch ops: one layer's state should stay
-        # in the last-level cache (a 33 MB diagonal batch of CNNGP-14 ran 2× slower than 16 MB)
+        # in the last-level cache (docs/tuning.md, CNNGP_STREAM_BATCH_BYTES)
         largest = max(_elements(plan.grids[i], flags[i]) for i in range(depth + 1))
         batch = min(batch, max(1, STREAM_BATCH_BYTES // (largest * itemsize)))
     return int(batch)
 
 
-#: seconds per elementary operation of the cost model below, calibrated in process on the
-#: 2-core machine of benchmarks/README.md: CNNGP-14 with a Matérn readout, 15 ms per pair
-#: measured (205,760 pairs of N = 640 in 50 min), 17 ms modelled; Myrtle10-paper ~6 ms
-#: measured, 4 modelled; Myrtle10-correlated ~10 ms, 11 modelled. float32 is taken as 0.7 of
-#: float64. Estimates are for refusing absurd jobs before they start, good to a factor of ~3.
+#: seconds per elementary operation of the cost model below (float32 counts 0.7 of it);
+#: calibrated in docs/tuning.md, good to a factor of ~3: enough to refuse absurd jobs
 SECONDS_PER_OP = env_number("CNNGP_SECONDS_PER_OP", 6e-11, 0)
 #: fixed cost of one layer for one pair (call overhead on the diagonal path)
 SECONDS_PER_LAYER_PAIR = 5e-6
