@@ -282,3 +282,16 @@ def test_interrupt_turned_into_import_error_is_still_an_interrupt(monkeypatch, c
     assert cli.main(["info"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cnngp: interrupted; no output written"]
+
+
+def test_broken_pipe_ends_quietly(monkeypatch, capsys):
+    """`cnngp info | head -2`: the reader leaves early; exit 141 like a shell, no message."""
+    import cnngp.cli as cli
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_info", reader_left)
+    monkeypatch.setattr(cli.os, "dup2", lambda *a: None)  # keep pytest's own stdout
+    assert cli.main(["info"]) == 141
+    assert capsys.readouterr().err == ""

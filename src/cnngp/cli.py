@@ -493,6 +493,13 @@ def main(argv=None) -> int:
     except CNNGPError as e:
         print(f"cnngp: error: {_name_flag(_one_line(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cnngp info | head`: the reader left; end quietly, as shells do
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except MemoryError:
         print("cnngp: error: out of memory; use fewer images, a smaller --memory-budget or "
               "--batch-size", file=sys.stderr)
