@@ -295,3 +295,22 @@ def test_broken_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr(cli.os, "dup2", lambda *a: None)  # keep pytest's own stdout
     assert cli.main(["info"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_montecarlo_never_writes_an_overflowed_estimate(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import cnngp.finite
+
+    def overflowed(*a, **k):
+        return torch.full((2, 2), float("inf")), torch.ones(2, 2)
+
+    monkeypatch.setattr(cnngp.finite, "monte_carlo_kernel", overflowed)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(2, 4, 4, 1)))
+    out = tmp_path / "mc.json"
+    argv = ["montecarlo", "--arch", "cnngp1", "--x1", str(tmp_path / "x.npz"), "--width", "4",
+            "--samples", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "overflowed" in err[0] and err[0].startswith("cnngp: error: --dtype")
+    assert not out.exists()

@@ -123,6 +123,12 @@ def cmd_montecarlo(args) -> int:
     seconds = time.perf_counter() - start
     empirical = empirical.to(torch.float64).numpy()
     se = se.to(torch.float64).numpy()
+    if not (np.isfinite(empirical).all() and np.isfinite(se).all()):
+        raise CNNGPError(
+            f"--dtype {args.dtype}: the finite networks' outputs overflowed to NaN or infinity "
+            "(large weight variances over many layers); use --dtype float64 or images scaled "
+            "to about [0, 1]"
+        )
     numbers = montecarlo_report(analytic, empirical, se)
     config = {
         "command": "montecarlo",
