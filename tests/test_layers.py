@@ -206,3 +206,28 @@ def test_sign_and_sin_match_neural_tangents(case, inputs):
     # Sin alone agrees to 4e-16; neural-tangents' Sign differs from the exact arcsine by up
     # to 3e-9 relative (it regularises the arcsine's argument), so 1e-8 here
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12)
+
+
+def test_state_carries_extra_tensors_through_conversions_and_a_network():
+    """KernelState.extra: converted with cross in one place; carried by every linear layer
+    through band, diagonal and full representations."""
+    import cnngp
+    from cnngp.state import Band
+    from cnngp.testing import random_states
+
+    state = random_states((5, 4))
+    grown = state.with_extra(theta=2.0 * state.cross)
+    for convert in (lambda s: s.to_diagonal(), lambda s: s.to_band((1, 2)),
+                    lambda s: s.to_band((2, 2)).to_band((1, 1)), lambda s: s.convert(True)):
+        assert torch.equal(convert(grown).extra["theta"], 2.0 * convert(state).cross)
+    with pytest.raises(cnngp.CNNGPError, match=r"KernelState.extra\['bad'\]: expected shape"):
+        state.with_extra(bad=state.cross[:1])
+    # a strided conv on the band path and on the full path: the extra follows σ_w² Σ * ·
+    conv = Conv(3, stride=2, bias_var=0.2, weight_var=1.5)
+    for rep_in, rep_out in ((True, True), (Band((2, 2)), Band((1, 1))), (True, False)):
+        s0 = state if rep_in is True else state.convert(rep_in)
+        a = conv.propagate(s0, rep_out)
+        b = conv.propagate(s0.with_extra(theta=s0.cross), rep_out)
+        assert b.representation == a.representation
+        unbiased = torch.where(a.cross != 0, a.cross - 0.2, a.cross)  # band slots off the grid: 0
+        torch.testing.assert_close(b.extra["theta"], unbiased, rtol=1e-12, atol=1e-14)

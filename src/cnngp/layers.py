@@ -230,42 +230,44 @@ class Conv(Layer):
     # -- kernel ------------------------------------------------------------------------------
     def propagate(self, state, full_out):
         geoms = self.geometries(state.spatial)
-        d = len(geoms)
         kind = self._kind(geoms)
         q_shape = tuple(g.n_out for g in geoms)
         if state.band is not None or (isinstance(full_out, Band) and not state.full):
             return self._propagate_band(state, full_out, geoms, kind, q_shape)
         if isinstance(full_out, Band):  # full below, band above: compute full, keep the band
             return self.propagate(state, True).to_band(full_out.radius)
+        x, rep = self._filter(state, state.cross, full_out, geoms, kind)
+        # extra tensors go through the linear part (σ_w² Σ * ·), without the bias
+        extra = {k: self._filter(state, v, full_out, geoms, kind)[0] * self.weight_var
+                 for k, v in state.extra.items()}
+        return state.evolve(self._affine(x), spatial=q_shape, full=rep, extra=extra)
+
+    def _filter(self, state, t, full_out, geoms, kind):
+        """Σ * t (docs/maths.md §2 (*)) for ``t``, one of ``state``'s tensors, before the
+        variances: (result, its representation)."""
+        d = len(geoms)
         if kind == "independent":
             if state.full and full_out:  # one diagonal sum per axis pair (d, D + d)
-                x = state.cross
+                x = t
                 for k, g in enumerate(geoms):
                     x = _ops.shift_sum(x, (1 + k, 1 + d + k), g)
-            else:  # the spatial diagonal is an ordinary strided/dilated average
-                x = state.diagonal()
-                for k, g in enumerate(geoms):
-                    x = _ops.shift_sum(x, (1 + k,), g)
-                full_out = False
-        else:
-            if not state.full:
-                raise CNNGPError(
-                    f"{self!r}: a correlated filter needs the full position-pair covariance"
-                )
-            if kind == "constant" and full_out:  # box sums, each side and axis separately
-                x = state.cross
-                for k, g in enumerate(geoms):
-                    x = _ops.shift_sum(x, (1 + k,), g)
-                    x = _ops.shift_sum(x, (1 + d + k,), g)
-            else:
-                sigma = self.correlation.matrix(
-                    tuple(g.taps for g in geoms), state.cross.dtype, state.cross.device
-                )
-                if full_out:
-                    x = _ops.correlated_conv_full(state.cross, sigma, geoms)
-                else:
-                    x = _ops.correlated_conv_diagonal(state.cross, sigma, geoms)
-        return state.evolve(self._affine(x), spatial=q_shape, full=full_out)
+                return x, full_out
+            x = state.diagonal(t)  # the spatial diagonal is an ordinary strided/dilated average
+            for k, g in enumerate(geoms):
+                x = _ops.shift_sum(x, (1 + k,), g)
+            return x, False
+        if not state.full:
+            raise CNNGPError(f"{self!r}: a correlated filter needs the full position-pair covariance")
+        if kind == "constant" and full_out:  # box sums, each side and axis separately
+            x = t
+            for k, g in enumerate(geoms):
+                x = _ops.shift_sum(x, (1 + k,), g)
+                x = _ops.shift_sum(x, (1 + d + k,), g)
+            return x, full_out
+        sigma = self.correlation.matrix(tuple(g.taps for g in geoms), t.dtype, t.device)
+        if full_out:
+            return _ops.correlated_conv_full(t, sigma, geoms), full_out
+        return _ops.correlated_conv_diagonal(t, sigma, geoms), full_out
 
     def _affine(self, x):
         """weight_var · x + bias_var (docs/maths.md §2 (*)), skipping the identity parts."""
@@ -287,12 +289,19 @@ class Conv(Layer):
             sigma = self.correlation.matrix(
                 tuple(g.taps for g in geoms), state.cross.dtype, state.cross.device
             )
-        v = state.cross if state.band is not None else state.cross.reshape(state.cross.shape + (1,) * d)
-        x = self._affine(_ops.banded_conv(v, sigma, geoms, r_in, r_out))
+        def banded(t):
+            v = t if state.band is not None else t.reshape(t.shape + (1,) * d)
+            return _ops.banded_conv(v, sigma, geoms, r_in, r_out)
+
+        x = self._affine(banded(state.cross))
+        extra = {k: banded(v) * self.weight_var for k, v in state.extra.items()}
         if any(r_out):
-            x = x * _ops.band_mask(q_shape, r_out, x.dtype, x.device)
-            return state.evolve(x, spatial=q_shape, full=Band(r_out))
-        return state.evolve(x.reshape(x.shape[: 1 + d]), spatial=q_shape, full=False)
+            mask = _ops.band_mask(q_shape, r_out, x.dtype, x.device)
+            return state.evolve(x * mask, spatial=q_shape, full=Band(r_out),
+                                extra={k: v * mask for k, v in extra.items()})
+        flat = lambda t: t.reshape(t.shape[: 1 + d])  # noqa: E731
+        return state.evolve(flat(x), spatial=q_shape, full=False,
+                            extra={k: flat(v) for k, v in extra.items()})
 
     def to_spec(self):
         return {
@@ -348,10 +357,12 @@ class GlobalAvgPool(_Collapse):
 
     def propagate(self, state, full_out):
         if state.ndim == 0:
-            return state.evolve(state.cross)
+            return state.evolve(state.cross, extra=state.extra)
         if not state.full:
             raise CNNGPError("GlobalAvgPool needs the full position-pair covariance")
-        return state.evolve(state.cross.reshape(state.batch, -1).mean(1), spatial=(), full=False)
+        mean = lambda t: t.reshape(state.batch, -1).mean(1)  # noqa: E731
+        return state.evolve(mean(state.cross), spatial=(), full=False,
+                            extra={k: mean(v) for k, v in state.extra.items()})
 
     def to_spec(self):
         return {"type": "global_avg_pool"}
@@ -362,9 +373,10 @@ class Flatten(_Collapse):
 
     def propagate(self, state, full_out):
         if state.ndim == 0:
-            return state.evolve(state.cross)
-        diag = state.diagonal().reshape(state.batch, -1)
-        return state.evolve(diag.mean(1), spatial=(), full=False)
+            return state.evolve(state.cross, extra=state.extra)
+        mean = lambda t: state.diagonal(t).reshape(state.batch, -1).mean(1)  # noqa: E731
+        return state.evolve(mean(state.cross), spatial=(), full=False,
+                            extra={k: mean(v) for k, v in state.extra.items()})
 
     def to_spec(self):
         return {"type": "flatten"}
@@ -436,25 +448,29 @@ class Readout(Layer):
         return _ops.band_from_full(m.reshape((1,) + tuple(spatial) * 2), spatial, band).reshape(-1)
 
     def propagate(self, state, full_out):
+        value = (self._sum(state, state.cross) * self.weight_var + self.bias_var).to(state.cross.dtype)
+        # extra tensors go through the linear part, without the bias
+        extra = {k: (self._sum(state, v) * self.weight_var).to(v.dtype) for k, v in state.extra.items()}
+        return state.evolve(value, spatial=(), full=False, extra=extra)
+
+    def _sum(self, state, t):
+        """Σ_{p,p'} Σ[p, p'] t[p, p'] for ``t``, one of ``state``'s tensors (float64 sums)."""
         kind = self._kind(state.spatial)
         if state.ndim == 0:
-            value = state.cross
             if kind != "independent":  # a 1×1 user matrix that is not normalised
-                value = value * self.weights((), state.cross.dtype, state.cross.device)[0]
-        elif kind == "independent":  # sums of 10⁶ terms accumulate in float64
-            value = state.diagonal().reshape(state.batch, -1).mean(1, dtype=torch.float64)
-        elif state.band is not None:  # Σ gathered into the band layout
-            w = self.weights(state.spatial, torch.float64, state.cross.device, state.band)
-            value = weighted_sums(state.cross, w[:, None])[:, 0]
-        elif not state.full:
+                return t * self.weights((), t.dtype, t.device)[0]
+            return t
+        if kind == "independent":  # sums of 10⁶ terms accumulate in float64
+            return state.diagonal(t).reshape(state.batch, -1).mean(1, dtype=torch.float64)
+        if state.band is not None:  # Σ gathered into the band layout
+            w = self.weights(state.spatial, torch.float64, t.device, state.band)
+            return weighted_sums(t, w[:, None])[:, 0]
+        if not state.full:
             raise CNNGPError(f"{self!r} needs the full position-pair covariance")
-        elif kind == "constant":
-            value = state.cross.reshape(state.batch, -1).mean(1, dtype=torch.float64)
-        else:
-            w = self.weights(state.spatial, torch.float64, state.cross.device)
-            value = weighted_sums(state.cross, w[:, None])[:, 0]
-        value = (value * self.weight_var + self.bias_var).to(state.cross.dtype)
-        return state.evolve(value, spatial=(), full=False)
+        if kind == "constant":
+            return t.reshape(state.batch, -1).mean(1, dtype=torch.float64)
+        w = self.weights(state.spatial, torch.float64, t.device)
+        return weighted_sums(t, w[:, None])[:, 0]
 
     def to_spec(self):
         return {
@@ -514,22 +530,33 @@ class Nonlinearity(Layer):
         if state.var1 is None or state.var2 is None:
             raise CNNGPError(f"{self!r}: the kernel state carries no variances")
         state = state.convert(full_out)
+        extra = {k: self.carry_extra(k, v, state) for k, v in state.extra.items()}
         vx, vy = state.var1, state.var2
         if state.band is not None:  # partner q + j − R of each band slot: var2 shifted
             vy = _ops.band_shift(vy, state.spatial, state.band)
             out = self._pointwise(state.cross, vx, vy)
             if out is None:
                 out = self.expectation(state.cross, vx.reshape(vx.shape + (1,) * state.ndim), vy)
-            return state.evolve(out * _ops.band_mask(state.spatial, state.band, out.dtype, out.device))
+            mask = _ops.band_mask(state.spatial, state.band, out.dtype, out.device)
+            return state.evolve(out * mask, extra=extra)
         if not state.full:
             out = self._pointwise(state.cross, vx, vy)
             if out is not None:
-                return state.evolve(out)
+                return state.evolve(out, extra=extra)
         if state.full:
             ones = (1,) * state.ndim
             vx = vx.reshape(vx.shape + ones)
             vy = vy.reshape((vy.shape[0],) + ones + vy.shape[1:])
-        return state.evolve(self.expectation(state.cross, vx, vy))
+        return state.evolve(self.expectation(state.cross, vx, vy), extra=extra)
+
+    def carry_extra(self, name: str, tensor: torch.Tensor, state) -> torch.Tensor:
+        """How the extra tensor ``name`` (see :attr:`cnngp.state.KernelState.extra`) passes
+        this nonlinearity, given the converted input ``state`` with its variances. A kernel
+        type that adds a tensor defines its rule (the NTK's Θ is multiplied by E[φ′ φ′]);
+        there is none by default."""
+        raise CNNGPError(
+            f"{self!r}: no rule to carry the extra tensor {name!r} through this nonlinearity"
+        )
 
 
 def _relu_expectation(c, vx, vy):
@@ -706,7 +733,7 @@ class Identity(Nonlinearity):
 
     def propagate(self, state, full_out):
         state = state.convert(full_out)
-        return state.evolve(state.cross)
+        return state.evolve(state.cross, extra=state.extra)
 
     def expectation(self, c, vx, vy):
         return c

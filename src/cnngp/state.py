@@ -24,7 +24,7 @@ global pooling) makes ``cross`` shape ``(B,)`` and both representations coincide
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -72,6 +72,10 @@ class KernelState:
     var1: torch.Tensor | None = None
     var2: torch.Tensor | None = None
     band: tuple | None = None
+    #: more tensors carried beside ``cross``, by name, each of the same shape, dtype and
+    #: representation (a kernel type such as the NTK adds its own): converted with ``cross``
+    #: in one place (:meth:`_each`), and passed on by the layers through their linear part
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         spatial = tuple(int(s) for s in self.spatial)
@@ -97,6 +101,14 @@ class KernelState:
                 f"KernelState.cross: expected shape {expected} for spatial grid {spatial} "
                 f"({describe(self.representation)}), got {tuple(self.cross.shape)}"
             )
+        for name, t in self.extra.items():
+            if not isinstance(name, str) or name == "cross":
+                raise CNNGPError(f"KernelState.extra: names must be strings other than 'cross', got {name!r}")
+            if tuple(t.shape) != tuple(self.cross.shape) or t.dtype != self.cross.dtype or t.device != self.cross.device:
+                raise CNNGPError(
+                    f"KernelState.extra[{name!r}]: expected shape {tuple(self.cross.shape)}, "
+                    f"dtype and device of cross, got {tuple(t.shape)} {t.dtype} {t.device}"
+                )
         for name in ("var1", "var2"):
             v = getattr(self, name)
             if v is not None:
@@ -123,20 +135,28 @@ class KernelState:
         """Number of spatial dimensions D."""
         return len(self.spatial)
 
-    def diagonal(self) -> torch.Tensor:
-        """The spatial diagonal K[p, p], shape ``(B, *F)``."""
+    def diagonal(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The spatial diagonal K[p, p], shape ``(B, *F)`` (of ``tensor``, one of this state's
+        tensors, if given)."""
+        t = self.cross if tensor is None else tensor
         if self.band is not None:  # the middle of every band axis
-            return self.cross[(Ellipsis,) + tuple(self.band)]
+            return t[(Ellipsis,) + tuple(self.band)]
         if not self.full:
-            return self.cross
+            return t
         b, n = self.batch, 1
         for s in self.spatial:
             n *= s
-        flat = self.cross.reshape(b, n, n)
+        flat = t.reshape(b, n, n)
         return torch.diagonal(flat, dim1=1, dim2=2).reshape((b,) + self.spatial)
 
+    def _each(self, fn, **changes) -> "KernelState":
+        """``fn`` applied to ``cross`` and to every extra tensor alike (representation
+        changes), with the other fields replaced by ``changes``."""
+        return replace(self, cross=fn(self.cross), extra={k: fn(v) for k, v in self.extra.items()},
+                       **changes)
+
     def to_diagonal(self) -> "KernelState":
-        return replace(self, cross=self.diagonal(), full=False, band=None)
+        return self._each(self.diagonal, full=False, band=None)
 
     def to_band(self, radius) -> "KernelState":
         """The band of radius ``radius`` from a full state (or a wider band)."""
@@ -151,10 +171,10 @@ class KernelState:
             if any(r > s for r, s in zip(radius, self.band)):
                 raise CNNGPError(f"KernelState.to_band: cannot widen band {self.band} to {radius}")
             idx = tuple(slice(s - r, s + r + 1) for r, s in zip(radius, self.band))
-            return replace(self, cross=self.cross[(Ellipsis,) + idx], band=radius)
+            return self._each(lambda t: t[(Ellipsis,) + idx], band=radius)
         if not self.full:
             raise CNNGPError("KernelState.to_band: a diagonal state has no off-diagonal entries")
-        return replace(self, cross=_ops.band_from_full(self.cross, self.spatial, radius), full=False, band=radius)
+        return self._each(lambda t: _ops.band_from_full(t, self.spatial, radius), full=False, band=radius)
 
     def convert(self, rep) -> "KernelState":
         """This state in representation ``rep`` (True, False or a Band) — only narrowing."""
@@ -169,8 +189,9 @@ class KernelState:
     def with_variances(self, var1, var2) -> "KernelState":
         return replace(self, var1=var1, var2=var2)
 
-    def evolve(self, cross, spatial=None, full=None, band=None) -> "KernelState":
-        """A new state with new ``cross`` (variances dropped: they belong to the old layer).
+    def evolve(self, cross, spatial=None, full=None, band=None, extra=None) -> "KernelState":
+        """A new state with new ``cross`` (variances dropped: they belong to the old layer)
+        and the new ``extra`` tensors (none unless given).
 
         ``full`` may also be a :class:`Band` (the new representation); by default the
         representation is kept."""
@@ -183,4 +204,9 @@ class KernelState:
             spatial=self.spatial if spatial is None else spatial,
             full=full,
             band=band,
+            extra={} if extra is None else dict(extra),
         )
+
+    def with_extra(self, **tensors) -> "KernelState":
+        """This state with more tensors carried beside ``cross`` (see :attr:`extra`)."""
+        return replace(self, extra={**self.extra, **tensors})

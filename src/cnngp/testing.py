@@ -129,6 +129,29 @@ class LayerContract:
         assert torch.equal(again.propagate(state, True).cross, expected)
         assert torch.equal(unpickled.propagate(state, True).cross, expected)
 
+    def test_extra_tensors_follow_the_linear_part(self):
+        """A tensor carried beside ``cross`` (KernelState.extra) goes through a linear layer's
+        map without its bias; a nonlinearity refuses it unless it defines a rule."""
+        from .errors import CNNGPError
+        from .layers import Nonlinearity
+
+        layer = self.make_layer()
+        state = random_states(self.spatial)
+        probe = state.with_extra(probe=state.cross * 0.5)
+        for rep in (True, False):
+            if not rep and layer.requires_full_input(False, self.spatial):
+                continue
+            if isinstance(layer, Nonlinearity):
+                if getattr(layer, "needs_variances", True):
+                    with pytest.raises(CNNGPError, match="no rule to carry the extra tensor 'probe'"):
+                        layer.propagate(probe, rep)
+                continue
+            out = layer.propagate(probe, rep)
+            plain = layer.propagate(state, rep).cross
+            bias = getattr(layer, "bias_var", 0.0)
+            assert set(out.extra) == {"probe"} and out.extra["probe"].shape == out.cross.shape
+            torch.testing.assert_close(out.extra["probe"], 0.5 * (plain - bias), rtol=1e-12, atol=1e-14)
+
     def test_float32_close_to_float64(self):
         layer = self.make_layer()
         s64 = random_states(self.spatial)
