@@ -419,12 +419,29 @@ def register_twin(layer_class):
     return decorate
 
 
+#: for the memory estimate: ``rule(layer, in_shape (C, *grid), grid_out, channels_out)`` →
+#: (weights, output shape) of each twin class (absent: no weights, shape kept)
+_TWIN_SIZES: dict = {}
+
+
+def _conv_sizes(layer, shape, grid_out, channels_out):
+    taps = math.prod(_per_dim(layer.filter, len(shape) - 1, "filter"))
+    return shape[0] * channels_out * taps, (channels_out,) + grid_out
+
+
 register_twin(AvgPool)(lambda layer, in_shape, *_: _FiniteAvgPool(layer, in_shape))
 register_twin(Conv)(lambda layer, in_shape, *rest: _FiniteConv(layer, in_shape, *rest))
 register_twin(GlobalAvgPool)(lambda layer, in_shape, *_: _FiniteGlobalAvgPool(in_shape))
 register_twin(Flatten)(lambda layer, in_shape, *_: _FiniteFlatten(in_shape))
 register_twin(Readout)(lambda layer, in_shape, *rest: _FiniteReadout(layer, in_shape, *rest))
 register_twin(Nonlinearity)(lambda layer, in_shape, *_: _FiniteElementwise(layer, in_shape))
+_TWIN_SIZES.update({
+    AvgPool: lambda layer, shape, grid_out, c: (0, (shape[0],) + grid_out),
+    Conv: _conv_sizes,
+    GlobalAvgPool: lambda layer, shape, grid_out, c: (0, (shape[0],)),
+    Flatten: lambda layer, shape, grid_out, c: (0, (math.prod(shape),)),
+    Readout: lambda layer, shape, grid_out, c: (c * math.prod(shape), (c,)),
+})
 
 
 def _make_layer(layer, in_shape, width, seeds, index, device, dtype):
@@ -651,28 +668,25 @@ def network_memory(model, image_shape, width: int, n_outputs: int = 1, dtype="fl
     return int(w + act)
 
 
+def _sizes_of(layer):
+    """The size rule registered for ``layer``'s class (through its MRO), or None."""
+    for cls in type(layer).__mro__:
+        if cls in _TWIN_SIZES:
+            return _TWIN_SIZES[cls]
+    return None
+
+
 def _per_network_bytes(layers, in_channels, spatial, width, n_outputs, itemsize) -> tuple[int, int]:
-    """(weight bytes, activation bytes per image) of one network, generous estimates."""
+    """(weight bytes, activation bytes per image) of one network, generous estimates, from
+    each twin's registered size rule (elementwise layers keep the shape, hold no weights)."""
     grids = Serial(*layers).grids(spatial)
     shape = (in_channels,) + tuple(spatial)
     params, peak = 0, math.prod(shape)
     for i, layer in enumerate(layers):
-        c_in, grid = shape[0], grids[i]
-        if isinstance(layer, Readout):
-            c = n_outputs if i == len(layers) - 1 else width
-            params += c * math.prod(shape)
-            out = (c,)
-        elif isinstance(layer, Conv):  # AvgPool included (no weights, but keep it simple)
-            taps = math.prod(_per_dim(layer.filter, len(grid), "filter"))
-            c = c_in if isinstance(layer, AvgPool) else width
-            params += 0 if isinstance(layer, AvgPool) else c * c_in * taps
-            out = (c,) + tuple(grids[i + 1])
-        elif isinstance(layer, GlobalAvgPool):
-            out = (c_in,)
-        elif isinstance(layer, Flatten):
-            out = (math.prod(shape),)
-        else:
-            out = shape
+        rule = _sizes_of(layer)
+        channels_out = n_outputs if i == len(layers) - 1 else width
+        p, out = (0, shape) if rule is None else rule(layer, shape, tuple(grids[i + 1]), channels_out)
+        params += p
         peak = max(peak, 2 * math.prod(shape) + 2 * math.prod(out))  # padded input + output
         shape = out
     return 2 * params * itemsize, peak * itemsize  # Z and Z Lᵀ while sampling
