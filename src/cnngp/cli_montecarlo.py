@@ -23,12 +23,6 @@ from .errors import CNNGPError
 __all__ = ["register", "cmd_montecarlo", "cmd_correlation_figure", "montecarlo_report"]
 
 
-def _positive(value, flag, minimum):
-    if value is None or value < minimum:
-        raise CNNGPError(f"{flag}: expected an integer >= {minimum}, got {value}")
-    return value
-
-
 def _load_images(spec: str, flag: str, limit: int | None):
     from .cli import load_images
 
@@ -67,14 +61,8 @@ def cmd_montecarlo(args) -> int:
     from .gram import kernel
     from .layers import Readout
 
-    width = _positive(args.width, "--width", 1)
-    samples = _positive(args.samples, "--samples", 2)
-    outputs = _positive(args.outputs, "--outputs", 1)
-    if args.seed < 0:
-        raise CNNGPError(f"--seed: expected an integer >= 0, got {args.seed}")
-    for flag, value in (("--n1", args.n1), ("--n2", args.n2), ("--batch", args.batch)):
-        if value is not None:
-            _positive(value, flag, 1)
+    # integer ranges are checked by the parser's types (int_at_least)
+    width, samples, outputs = args.width, args.samples, args.outputs
     if args.n2 is not None and args.x2 is None:
         raise CNNGPError("--n2: only meaningful together with --x2")
     net = load_network(args.arch, args.readout)
@@ -187,16 +175,11 @@ def cmd_correlation_figure(args) -> int:
     from .cli import parse_lengthscales
 
     widths = _int_list(args.widths, "--widths")
-    draws = _positive(args.draws, "--draws", 2)
-    depth = _positive(args.depth, "--depth", 1)
-    samples = _positive(args.samples, "--samples", 2)
-    mc_width = _positive(args.mc_width, "--mc-width", 1)
+    draws, depth, samples, mc_width = args.draws, args.depth, args.samples, args.mc_width
     pos = _int_list(args.positions, "--positions", 0)
     if len(pos) != 4:
         raise CNNGPError(f"--positions: expected four integers r1,c1,r2,c2, got {args.positions!r}")
     mc_lengthscales = parse_lengthscales(args.mc_lengthscales, "--mc-lengthscales")
-    if args.seed < 0:
-        raise CNNGPError(f"--seed: expected an integer >= 0, got {args.seed}")
     x = _load_images(args.x, "--x", None)
     if not 0 <= args.index < x.shape[0] or not 0 <= args.other < x.shape[0]:
         raise CNNGPError(f"--index/--other: expected image indices in 0..{x.shape[0] - 1}")

@@ -516,7 +516,6 @@ class GramPlan:
         rows, cols = self.pairs(n_r, n_c, symmetric)
         if out is None:
             out = torch.full((self.n_outputs, n_r, n_c), math.nan, dtype=self.dtype)
-        sample = x_rows[:1].cpu().numpy()
         done = start
         with torch.no_grad():
             for begin in range(start, rows.numel(), self.pair_batch):
@@ -530,7 +529,7 @@ class GramPlan:
                 values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
                                       rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
                 if not bool(torch.isfinite(values).all()):
-                    _check_finite(values, self.body, self.heads, sample, self.dtype)
+                    _check_finite(values, self.body, self.heads, x_rows[:1].cpu().numpy(), self.dtype)
                 out[:, r, c] = values
                 if symmetric:
                     out[:, c, r] = values
@@ -579,8 +578,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
-    model = Serial(*body.layers, input_channels=channels)
-    gp = GramPlan(model, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
+    gp = GramPlan(body, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
                   batch_size=batch_size, memory_budget=memory_budget)
     dtype = gp.dtype
     t1 = torch.as_tensor(a1, dtype=dtype, device=gp.device)
