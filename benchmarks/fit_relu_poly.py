@@ -1,4 +1,4 @@
-"""Derive the polynomial used by cnngp._fused for the ReLU expectation (PAPER.md §2).
+"""Derive the polynomial used by cnngp.engine.fused for the ReLU expectation (PAPER.md §2).
 
 With ρ = Σxy/sqrt(ΣxΣy), the balanced-ReLU expectation is
 

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import cnngp  # noqa: E402
-from cnngp.provenance import versions  # noqa: E402
-from cnngp.storage import atomic_write  # noqa: E402
+from cnngp.io.provenance import versions  # noqa: E402
+from cnngp.engine.storage import atomic_write  # noqa: E402
 
 #: (name, architecture, readout) — the representation each one exercises in brackets
 CORRECTNESS = [
@@ -44,7 +44,7 @@ TIMING = [
 
 
 def _net(arch, readout):
-    from cnngp.cli import load_network
+    from cnngp.cli.main import load_network
 
     return load_network(arch, readout)
 

@@ -13,7 +13,7 @@ Measures, for float32 and float64:
   destination together inside the L3 cache): the bandwidth a layer of the fused path sees
   when a pair's position-pair tensors stay in the L3 cache.
 * cnngp's arccos-free ReLU expectation - the numba kernel ``relu_pointwise`` (polynomial,
-  see src/cnngp/_fused_kernels.py) on a cache-resident array, one thread: the transcendental
+  see src/cnngp/engine/fused_kernels.py) on a cache-resident array, one thread: the transcendental
   cost per entry the fused path actually pays (it also takes a sqrt and a division per entry,
   which the fused conv does not).
 
@@ -65,7 +65,7 @@ def relu_kernel(dt, n):
     """A call of cnngp's numba ReLU-expectation kernel on n cache-resident entries (one
     thread), or None where numba is missing."""
     try:
-        from cnngp import _fused_kernels as fk
+        from cnngp.engine import fused_kernels as fk
     except Exception:  # numba missing
         return None
     npd = np.float32 if dt == torch.float32 else np.float64

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 import cnngp
-from cnngp import Matern, architectures
+from cnngp import Matern
+from cnngp.io import architectures
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset.npz"
 

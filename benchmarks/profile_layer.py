@@ -13,8 +13,8 @@ import time
 import torch
 
 from cnngp import AvgPool, Conv, Matern, ReLU
-from cnngp import _fused
-from cnngp.state import KernelState
+from cnngp.engine import fused
+from cnngp.kernels.state import KernelState
 
 
 def timeit(fn, reps):
@@ -57,19 +57,19 @@ def main():
         q = conv.output_spatial((n, n))
         var1 = torch.rand((b,) + q, generator=g, dtype=torch.float64).to(dtype) + 4
         var2 = torch.rand((b,) + q, generator=g, dtype=torch.float64).to(dtype) + 4
-        plan = _fused.conv_plan(conv, (n, n))
+        plan = fused.conv_plan(conv, (n, n))
         act = relu if a.conv != "avgpool" else None
-        ws = _fused.Workspace()
-        x = _fused.to_fused(v, plan.layout, (n, n), ws)
+        ws = fused.Workspace()
+        x = fused.to_fused(v, plan.layout, (n, n), ws)
         # the output in the layout of a following 3×3 conv (what the executor writes)
-        out_layout = _fused.conv_plan(Conv(3), q).layout
+        out_layout = fused.conv_plan(Conv(3), q).layout
 
-        var_roots = _fused.roots(var1, var2)
+        var_roots = fused.roots(var1, var2)
 
-        def fused():
-            return _fused.conv_fused(x, plan, out_layout, act, var_roots, False, ws, conv.weight_var, conv.bias_var)
+        def run_fused():
+            return fused.conv_fused(x, plan, out_layout, act, var_roots, False, ws, conv.weight_var, conv.bias_var)
 
-        fused()
+        run_fused()
         w, c = timeit(fused, a.reps)
         line = f"{a.conv} {dtype}  fused: {1e3 * w / b:7.2f} ms/pair wall {1e3 * c / b:7.2f} cpu"
         if a.torch:
@@ -81,7 +81,7 @@ def main():
                 return s.cross
 
             r = ref()
-            err = ((fused().standard() - r).abs().max() / r.abs().max()).item()
+            err = ((run_fused().standard() - r).abs().max() / r.abs().max()).item()
             w, c = timeit(ref, max(2, a.reps // 4))
             line += f" | torch: {1e3 * w / b:7.2f} ms/pair wall {1e3 * c / b:7.2f} cpu  max rel diff {err:.1e}"
         print(line, flush=True)

@@ -237,7 +237,7 @@ def cnngp_command():
     exe = Path(sys.executable).with_name("cnngp")
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "import sys; from cnngp.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from cnngp.cli.main import main; sys.exit(main())"]
 
 
 def run_cnngp(tmp, wl, xfile, dtype, timeout, tag, fast=True):
@@ -442,7 +442,7 @@ def main(argv=None):
     log(f"# images: first {a.n} of {a.data}:x_train (uint8/255); tmp {tmp}")
 
     # fixed cost of a cnngp process: python start + `import torch, cnngp` (best of 2)
-    start = [run_process([sys.executable, "-c", "import torch, cnngp.cli"], timeout=300)
+    start = [run_process([sys.executable, "-c", "import torch, cnngp.cli.main"], timeout=300)
              for _ in range(2)]
     start_s = min(r["wall_s"] for r in start)
     machine["cnngp_process_start_s"] = round(start_s, 3)

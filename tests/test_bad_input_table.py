@@ -12,7 +12,7 @@ For every user error, every command (``kernel``, ``sweep``, ``montecarlo``, ``in
 5. print nothing on stdout.
 
 :func:`test_bad_input` runs every case of :data:`CASES` in-process through
-:func:`cnngp.cli.main` (fast); :func:`test_bad_input_console_script` runs a few of them through
+:func:`cnngp.cli.main.main` (fast); :func:`test_bad_input_console_script` runs a few of them through
 the real console script, which also checks that no Python traceback appears.
 
 Each case's regex requires the flag plus one key word, not an exact wording. The inputs are
@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from cnngp.cli import main
+from cnngp.cli.main import main
 
 #: seconds after which an in-process case is interrupted (it started real work)
 GUARD_S = 60.0
@@ -454,7 +454,7 @@ class Outcome(NamedTuple):
 
 
 def run_in_process(argv: list[str], read_output, timeout: float = GUARD_S) -> Outcome:
-    """``cnngp.cli.main(argv)`` under :func:`guard`; ``read_output()`` → (stdout, stderr)."""
+    """``cnngp.cli.main.main(argv)`` under :func:`guard`; ``read_output()`` → (stdout, stderr)."""
     status, raised = None, None
     start = time.perf_counter()
     try:
@@ -621,8 +621,8 @@ def _api_cases():
     import math
 
     import cnngp
-    from cnngp import gp
-    from cnngp.estimator import CNNGPClassifier
+    from cnngp.inference import gp
+    from cnngp.inference.estimator import CNNGPClassifier
 
     net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
     x = np.random.default_rng(0).uniform(size=(3, 4, 4, 2))
@@ -653,7 +653,7 @@ def _api_cases():
         ("api-weight-var", call(cnngp.Conv, 3, weight_var=-1.0), r"weight_var: expected a finite number >= 0"),
         ("api-non-psd", call(cnngp.UserCorrelation, np.array([[1.0, 2.0], [2.0, 1.0]])), r"positive semi-definite"),
         ("api-spec-unknown-key", call(cnngp.from_spec, {"layers": [{"type": "conv", "size": 3}]}), r"unknown key"),
-        ("api-arch-depth", call(cnngp.architectures.get, "cnngp100000000"), r"arch: cnngp<depth> needs 1 <= depth"),
+        ("api-arch-depth", call(cnngp.io.architectures.get, "cnngp100000000"), r"arch: cnngp<depth> needs 1 <= depth"),
         ("api-readouts-empty", call(cnngp.readout_sweep, net[:-1], [], x), r"readouts: expected a non-empty list"),
         ("api-gp-not-square", call(gp.cross_validate, np.ones((3, 4)), y), r"K must be a square"),
         ("api-gp-not-symmetric", call(gp.cross_validate, np.triu(np.ones((4, 4))), y), r"K is not symmetric"),
@@ -664,7 +664,7 @@ def _api_cases():
          r"width=100000000: needs about .* of memory"),
         ("api-estimator-noise", call(CNNGPClassifier("cnngp1", noise_variance=-1.0).fit, x, np.array([0, 1, 0])),
          r"noise_variance must be a finite number >= 0"),
-        ("api-load-missing", call(__import__("cnngp.data").data.load_dataset, "/nonexistent.npz"), r"does not exist"),
+        ("api-load-missing", call(__import__("cnngp.io.data").io.data.load_dataset, "/nonexistent.npz"), r"does not exist"),
     ]
 
 

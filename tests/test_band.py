@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import cnngp
-import cnngp.layers
+import cnngp.kernels.layers
 from cnngp import AvgPool, Conv, Flatten, Independent, Matern, ReLU, Readout, Serial, UserCorrelation
-from cnngp.gram import _make_plan, _split_model
-from cnngp.spec import from_spec
-from cnngp.state import Band, KernelState, describe
+from cnngp.engine.gram import _make_plan, _split_model
+from cnngp.io.spec import from_spec
+from cnngp.kernels.state import Band, KernelState, describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import rel_err  # noqa: E402
@@ -107,7 +107,7 @@ def _plan(net, spatial):
 @pytest.fixture
 def bands_everywhere(monkeypatch):
     """Use a band whenever it is narrower than the grid, so small grids exercise it."""
-    monkeypatch.setattr(cnngp.layers, "BAND_FRACTION", 1.0)
+    monkeypatch.setattr(cnngp.kernels.layers, "BAND_FRACTION", 1.0)
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -144,7 +144,7 @@ def test_named_architectures_with_flatten_use_bands_and_match_reference(referenc
     """myrtle10-paper's pools below a flatten readout: bands 3×3 then 1×1 (vs 32×32 full)."""
     data = np.load(reference_dir / "myrtle10_paper.npz")
     x = data["x"][:3]
-    net = cnngp.architectures.get("myrtle10-paper", readout=Independent())
+    net = cnngp.io.architectures.get("myrtle10-paper", readout=Independent())
     reps = _plan(net, (32, 32)).pair_flags
     assert reps[0] == Band((3, 3)) and Band((1, 1)) in reps and reps[-1] is False
     assert rel_err(cnngp.kernel(net, x), data["kernel_flatten"][:3, :3]) <= 1e-6
@@ -158,7 +158,7 @@ def test_band_path_equals_full_path(cifar32, monkeypatch, dtype, tol):
     reps = _plan(net, x.shape[1:-1]).pair_flags
     assert isinstance(reps[0], Band)
     k_band = cnngp.kernel(net, x, dtype=dtype).double().numpy()
-    monkeypatch.setattr(cnngp.layers, "BAND_FRACTION", -1.0)  # never a band
+    monkeypatch.setattr(cnngp.kernels.layers, "BAND_FRACTION", -1.0)  # never a band
     assert _plan(net, x.shape[1:-1]).pair_flags[0] is True
     k_full = cnngp.kernel(net, x).numpy()
     err = rel_err(k_band, k_full)
@@ -176,16 +176,16 @@ def test_compact_readout_reads_only_its_band(cifar_images, monkeypatch):
     plan = _make_plan(body, readouts, spatial)
     assert plan.pair_flags[-1] == Band((1, 1)) and plan.pair_flags[0] == Band((2, 2))
     k = cnngp.readout_sweep(body, readouts, x).numpy()
-    monkeypatch.setattr(cnngp.layers, "BAND_FRACTION", -1.0)
+    monkeypatch.setattr(cnngp.kernels.layers, "BAND_FRACTION", -1.0)
     assert rel_err(k, cnngp.readout_sweep(body, readouts, x).numpy()) <= 1e-12
 
 
 def test_band_state_is_validated_and_zero_off_the_grid():
     x = torch.rand(2, 5, 4, 3, dtype=torch.float64)
-    full = cnngp.gram._input_state(x, x.flip(0), True)
+    full = cnngp.engine.gram.input_state(x, x.flip(0), True)
     band = full.to_band((1, 2))
     assert band.cross.shape == (2, 5, 4, 3, 5)
-    direct = cnngp.gram._input_state(x, x.flip(0), Band((1, 2)))
+    direct = cnngp.engine.gram.input_state(x, x.flip(0), Band((1, 2)))
     torch.testing.assert_close(direct.cross, band.cross, rtol=1e-14, atol=1e-15)
     # slot j of position q holds K[q, q + j − R]; partners off the grid hold exactly 0
     assert band.cross[1, 2, 1, 0, 4] == full.cross[1, 2, 1, 1, 3]

@@ -1,4 +1,4 @@
-"""Tests of cnngp.data: loaders of local files and class-balanced subsets."""
+"""Tests of cnngp.io.data: loaders of local files and class-balanced subsets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnngp.data import (
+from cnngp.io.data import (
     CIFAR10_CLASSES,
     Dataset,
     balanced_subset,

@@ -15,8 +15,8 @@ import torch
 
 import cnngp
 from cnngp import CNNGPError, Conv, Matern, RBF, Readout, ReLU, Serial, UserCorrelation
-from cnngp.cli import main
-from cnngp.spec import from_spec
+from cnngp.cli.main import main
+from cnngp.io.spec import from_spec
 
 NET = Serial(Conv(3), ReLU(), Readout())
 GOOD = np.random.default_rng(0).uniform(size=(2, 5, 5, 3))
@@ -210,7 +210,7 @@ def test_cli_kernel_writes_everything(tmp_path, images, capsys):
     assert "torch" in json.loads(str(z["versions"]))
     assert len(str(z["x1_sha256"])) == 64 and len(str(z["x2_sha256"])) == 64
     # uint8 input was scaled to [0, 1]: the same kernel as the float images
-    net = cnngp.architectures.get("cnngp2")
+    net = cnngp.io.architectures.get("cnngp2")
     x = (GOOD * 255).astype(np.uint8) / 255.0
     expected = cnngp.readout_sweep(net[:-1], [Readout(correlation=Matern(1.5, lam)) for lam in (0, 1.5, math.inf)], x, GOOD[:1])
     np.testing.assert_allclose(z["kernel"], expected.numpy(), rtol=1e-12)
@@ -218,10 +218,10 @@ def test_cli_kernel_writes_everything(tmp_path, images, capsys):
 
 def test_cli_entry_point_runs_as_a_process(tmp_path, images):
     out = tmp_path / "k.npz"
-    ok = subprocess.run([sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp2", "--x1", str(images),
+    ok = subprocess.run([sys.executable, "-m", "cnngp.cli.main", "kernel", "--arch", "cnngp2", "--x1", str(images),
                          "--out", str(out), "--quiet"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp2", "--x1",
+    bad = subprocess.run([sys.executable, "-m", "cnngp.cli.main", "kernel", "--arch", "cnngp2", "--x1",
                           str(tmp_path / "none.npz"), "--out", str(tmp_path / "k2.npz")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
@@ -257,9 +257,9 @@ def test_bad_tuning_variable_warns_and_keeps_the_default():
     code = ("import warnings, numpy as np\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
-            "    import cnngp, cnngp.layers, cnngp.gram\n"
+            "    import cnngp, cnngp.kernels.layers, cnngp.engine.gram\n"
             "print([str(x.message) for x in w])\n"
-            "print(cnngp.layers.BAND_FRACTION, cnngp.gram.STREAM_BATCH_BYTES)\n")
+            "print(cnngp.kernels.layers.BAND_FRACTION, cnngp.engine.gram.STREAM_BATCH_BYTES)\n")
     env = dict(os.environ, CNNGP_BAND_FRACTION="abc", CNNGP_STREAM_BATCH_BYTES="-5")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert "CNNGP_BAND_FRACTION='abc' is not a finite number >= 0; using the default 0.25" in out
@@ -270,7 +270,7 @@ def test_bad_tuning_variable_warns_and_keeps_the_default():
 def test_interrupt_turned_into_import_error_is_still_an_interrupt(monkeypatch, capsys):
     """numpy turns a Ctrl-C during its C-extension import into ImportError: still exit 130,
     one line, not an "internal error" (seen on a loaded CI machine)."""
-    import cnngp.cli as cli
+    import cnngp.cli.main as cli
 
     def interrupted_import(args):
         try:
@@ -286,7 +286,7 @@ def test_interrupt_turned_into_import_error_is_still_an_interrupt(monkeypatch, c
 
 def test_broken_pipe_ends_quietly(monkeypatch, capsys):
     """`cnngp info | head -2`: the reader leaves early; exit 141 like a shell, no message."""
-    import cnngp.cli as cli
+    import cnngp.cli.main as cli
 
     def reader_left(args):
         raise BrokenPipeError(32, "Broken pipe")

@@ -1,4 +1,4 @@
-"""scikit-learn estimators: the estimator contract, accuracy on digits, agreement with cnngp.gp."""
+"""scikit-learn estimators: the estimator contract, accuracy on digits, agreement with cnngp.inference.gp."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from cnngp import Independent, Matern, Readout, gp, kernel
-from cnngp.data import balanced_subset, load_digits
-from cnngp.estimator import CNNGPClassifier, CNNGPClassifierCV
+from cnngp import Independent, Matern, Readout, kernel
+from cnngp.inference import gp
+from cnngp.io.data import balanced_subset, load_digits
+from cnngp.inference.estimator import CNNGPClassifier, CNNGPClassifierCV
 
 # A network of 1x1 convolutions works on inputs of any width, which the checks' tabular data
 # (often 1 or 2 features) need: the named architectures' 3-tap convolutions need >= 3

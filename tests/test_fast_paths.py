@@ -1,4 +1,4 @@
-"""The fused numba path (cnngp._fused) against the reference torch path of the layers.
+"""The fused numba path (cnngp.engine.fused) against the reference torch path of the layers.
 
 Every optimised path must give the torch path's results: float64 to ~1e-12, float32 within
 1e-5 of the float64 Gram matrix; and with numba missing or disabled the torch path runs.
@@ -13,28 +13,15 @@ import pytest
 import torch
 
 import cnngp
-from cnngp import (
-    ABReLU,
-    AvgPool,
-    Constant,
-    Conv,
-    Erf,
-    GlobalAvgPool,
-    Matern,
-    RBF,
-    Readout,
-    ReLU,
-    Serial,
-    UserCorrelation,
-    architectures,
-)
-from cnngp import _fused
-from cnngp.layers import _relu_expectation
-from cnngp.state import KernelState
+from cnngp import ABReLU, AvgPool, Constant, Conv, Erf, GlobalAvgPool, Matern, RBF, Readout, ReLU, Serial, UserCorrelation
+from cnngp.io import architectures
+from cnngp.engine import fused
+from cnngp.kernels.layers import _relu_expectation
+from cnngp.kernels.state import KernelState
 
 from conftest import rel_err
 
-pytestmark = pytest.mark.skipif(not _fused.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
 
 
 @pytest.fixture
@@ -83,7 +70,7 @@ def test_relu_polynomial_matches_arccos_form(dtype, tol):
     # a 1×1 conv (Σ = [[1]]) on the 1-D grid of 64 positions: K = c, then the ReLU
     conv = Conv(1)
     tdt = torch.float64 if dtype == np.float64 else torch.float32
-    out = _fused.conv_full(
+    out = fused.conv_full(
         torch.tensor(c, dtype=tdt), conv, ReLU(), torch.tensor(vx, dtype=tdt), torch.tensor(vy, dtype=tdt)
     ).numpy()
     scale = np.sqrt(vx[:, :, None] * vy[:, None, :]) + np.abs(c)
@@ -123,7 +110,7 @@ CONVS.append(("user correlation 2x3", _user_conv(), (5, 6)))
 @pytest.mark.parametrize("name,conv,spatial", CONVS, ids=[c[0] for c in CONVS])
 def test_conv_full_matches_torch(name, conv, spatial, act):
     conv.output_spatial(spatial)
-    plan = _fused.conv_plan(conv, spatial)
+    plan = fused.conv_plan(conv, spatial)
     assert plan is not None
     cross, selfx = _psd_full(2, spatial, seed=len(name))
     state = KernelState(cross, spatial, True)
@@ -136,7 +123,7 @@ def test_conv_full_matches_torch(name, conv, spatial, act):
         var2 = torch.rand((2,) + q, generator=g, dtype=torch.float64) + 2.0
         var1[0, 0] = 0.0  # a zero-variance position
         ref = act.propagate(ref.with_variances(var1, var2), True)
-    out = _fused.conv_full(cross, conv, act, var1, var2)
+    out = fused.conv_full(cross, conv, act, var1, var2)
     assert out.shape == ref.cross.shape
     assert rel_err(out, ref.cross) < 1e-13
 
@@ -146,7 +133,7 @@ def test_conv_full_matches_torch(name, conv, spatial, act):
     if act is not None:
         d = sref.diagonal()
         sref = act.propagate(sref.with_variances(d, d), True)
-    sout = _fused.conv_full(selfx, conv, act, d, d, symmetric=True)
+    sout = fused.conv_full(selfx, conv, act, d, d, symmetric=True)
     assert rel_err(sout, sref.cross) < 1e-13
 
 
@@ -154,7 +141,7 @@ def test_conv_full_float32():
     conv, spatial = Conv(3), (8, 8)
     cross, _ = _psd_full(1, spatial, seed=5)
     ref = conv.propagate(KernelState(cross, spatial, True), True).cross
-    out = _fused.conv_full(cross.float(), conv)
+    out = fused.conv_full(cross.float(), conv)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-6
 
@@ -174,12 +161,12 @@ def test_high_rank_correlation_uses_dense_path():
     g = np.random.default_rng(0)
     a = g.standard_normal((25, 25))
     conv = Conv(5, correlation=UserCorrelation(a @ a.T))
-    assert _fused.conv_plan(conv, (8, 8)) is None  # Kronecker rank 25: the dense GEMM is cheaper
+    assert fused.conv_plan(conv, (8, 8)) is None  # Kronecker rank 25: the dense GEMM is cheaper
 
 
 def test_unsupported_layers_are_left_to_torch():
-    assert _fused.conv_plan(Conv(3, padding="circular"), (6, 6)) is None
-    assert _fused.conv_plan(Conv(3), (4, 4, 4)) is None
+    assert fused.conv_plan(Conv(3, padding="circular"), (6, 6)) is None
+    assert fused.conv_plan(Conv(3), (4, 4, 4)) is None
 
 
 # -- whole Gram matrices: fast path vs torch path ---------------------------------------------
@@ -249,9 +236,9 @@ def test_without_numba_the_torch_path_runs(monkeypatch, torch_path):
     x = rng.uniform(0, 1, (3, 6, 6, 3))
     net = NETS["myrtle-like"]()
     ref = torch_path(cnngp.kernel, net, x)
-    monkeypatch.setattr(_fused, "_KERNELS", None)
-    monkeypatch.setattr(_fused, "_IMPORT_FAILED", True)  # as if `import numba` had failed
-    assert not _fused.available()
+    monkeypatch.setattr(fused, "_KERNELS", None)
+    monkeypatch.setattr(fused, "_IMPORT_FAILED", True)  # as if `import numba` had failed
+    assert not fused.available()
     assert torch.equal(cnngp.kernel(net, x), ref)
 
 
@@ -309,7 +296,7 @@ def test_myrtle10_correlated_fast_path_matches_torch(torch_path, data_dir):
 def test_fused_diagonal_and_band_kernels(monkeypatch, torch_path, cifar32, arch, dtype, tol):
     """The fused arccos-free ReLU (large diagonal/band batches) equals the torch path's atan2
     form, through strides, dilations, paddings, biases and 1-D."""
-    import cnngp.layers
+    import cnngp.kernels.layers
 
     x = cifar32[:3]
     if arch == "strided":  # strides, dilations, valid/same, bias: every box_conv branch
@@ -321,12 +308,12 @@ def test_fused_diagonal_and_band_kernels(monkeypatch, torch_path, cifar32, arch,
                      ReLU(), cnngp.Flatten())
         x = x.reshape(3, 32 * 32, 3)
     else:
-        net = cnngp.architectures.get(arch, readout=cnngp.Independent())
+        net = cnngp.io.architectures.get(arch, readout=cnngp.Independent())
     ref = torch_path(cnngp.kernel, net, x)
-    monkeypatch.setattr(cnngp.layers, "POINTWISE_MIN", 0)  # every batch through the kernels
+    monkeypatch.setattr(cnngp.kernels.layers, "POINTWISE_MIN", 0)  # every batch through the kernels
     calls = []
-    original = _fused.relu_pointwise
-    monkeypatch.setattr(_fused, "relu_pointwise", lambda *a: calls.append(1) or original(*a))
+    original = fused.relu_pointwise
+    monkeypatch.setattr(fused, "relu_pointwise", lambda *a: calls.append(1) or original(*a))
     got = cnngp.kernel(net, x, dtype=dtype).double()
     assert calls, "the pointwise kernel was not used"
     assert rel_err(got, ref) < tol
@@ -344,7 +331,7 @@ class _HalfReLU(cnngp.ABReLU):
 def test_overridden_expectation_is_not_computed_with_the_parents_formula(
     monkeypatch, torch_path, readout
 ):
-    from cnngp import layers
+    from cnngp.kernels import layers
 
     monkeypatch.setattr(layers, "POINTWISE_MIN", 1)  # the diagonal path's fused kernel too
     net = cnngp.Serial(cnngp.Conv(3), _HalfReLU(0.1, 1.0), cnngp.Conv(3), _HalfReLU(0.1, 1.0),

@@ -1,6 +1,6 @@
 """Fault injection against the command-line contract of ``cnngp kernel``.
 
-The contract (``cnngp.cli`` module docstring, ``cnngp.storage``, ``cnngp.gram._compute``):
+The contract (``cnngp.cli.main`` module docstring, ``cnngp.engine.storage``, ``cnngp.engine.gram._compute``):
 
 * a user error or a failure of the machine (full disk, bad checkpoint, overflow) is one line
   ``cnngp: error: ...``, exit 2, and nothing is written;
@@ -10,7 +10,7 @@ The contract (``cnngp.cli`` module docstring, ``cnngp.storage``, ``cnngp.gram._c
   leaves a torn checkpoint or output; only regular files are ever replaced;
 * ``OUT.checkpoint.npz`` is removed only once ``OUT`` is in place.
 
-The in-process tests run :func:`cnngp.cli.main` on tiny inputs and break it from inside
+The in-process tests run :func:`cnngp.cli.main.main` on tiny inputs and break it from inside
 (a full disk under the real ``np.savez``, a Ctrl-C at a chosen batch, rewritten checkpoint
 arrays); the subprocess tests run the real console script (or ``main`` in a child Python) and
 send it real signals, waiting for conditions (progress, a saved checkpoint) rather than for
@@ -35,8 +35,9 @@ import numpy as np
 import pytest
 
 import cnngp
-from cnngp import gram, storage
-from cnngp.cli import load_images, load_network, main
+from cnngp.engine import gram
+from cnngp.engine import storage
+from cnngp.cli.main import load_images, load_network, main
 
 SCRIPT = Path(sys.executable).with_name("cnngp")
 PYTHON = sys.executable
@@ -472,13 +473,13 @@ def test_sigterm_saves_progress_and_a_rerun_is_bit_identical(long_job, tmp_path,
 
 _FREQUENT = """\
 import sys
-import cnngp.storage as s
+import cnngp.engine.storage as s
 real = s.Checkpoint.__init__
 def init(self, *a, **k):
     real(self, *a, **k)
     self.every = 0.0
 s.Checkpoint.__init__ = init
-from cnngp.cli import main
+from cnngp.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -637,7 +638,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(delay, long_job, tmp_path):
     exit 130, one line, no traceback, nothing written.
 
     The delay runs from the moment ``main`` is known to be running (numpy's extension is
-    mapped: ``cnngp.cli`` imports only the standard library, and the first numpy import is
+    mapped: ``cnngp.cli.main`` imports only the standard library, and the first numpy import is
     made by ``main``), so that a loaded machine still signals it at the stage intended."""
     x1, _ = long_job
     out = tmp_path / "k.npz"
@@ -685,7 +686,7 @@ builtins.__import__ = hook
 
 @pytest.mark.parametrize("module", ["argparse", "pathlib"])
 def test_ctrl_c_while_the_command_module_is_imported_is_one_line_and_130(module, tmp_path):
-    """Ctrl-C in the ~20 ms in which the console script imports ``cnngp.cli`` (argparse,
+    """Ctrl-C in the ~20 ms in which the console script imports ``cnngp.cli.main`` (argparse,
     json, pathlib), made deterministic by raising KeyboardInterrupt from that import: the
     contract asks for exit 130 and one line there too, not a traceback."""
     (tmp_path / "site").mkdir()

@@ -1,4 +1,4 @@
-"""Tests of cnngp.gp against independent oracles (Cholesky solves, KernelRidge, refits)."""
+"""Tests of cnngp.inference.gp against independent oracles (Cholesky solves, KernelRidge, refits)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import scipy.linalg
 from sklearn.kernel_ridge import KernelRidge
 
-from cnngp import gp
-from cnngp.gp import (
+from cnngp.inference import gp
+from cnngp.inference.gp import (
     centered_one_hot,
     cross_validate,
     fit_predict,
@@ -19,7 +19,7 @@ from cnngp.gp import (
     posterior_mean,
     stratified_folds,
 )
-from cnngp.gp import test_accuracy as gp_test_accuracy
+from cnngp.inference.gp import test_accuracy as gp_test_accuracy
 
 NOISES = np.array([1e-4, 1e-2, 0.1, 0.5, 2.0])
 

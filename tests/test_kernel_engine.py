@@ -13,7 +13,7 @@ import torch
 
 import cnngp
 from cnngp import Constant, Independent, Matern, RBF, Readout, Serial
-from cnngp.spec import from_spec
+from cnngp.io.spec import from_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import rel_err  # noqa: E402
@@ -42,7 +42,7 @@ def test_named_architectures_match_reference(reference_dir):
     data = np.load(reference_dir / "myrtle10_paper.npz")
     x = data["x"][:2]
     for corr, key in ((Independent(), "kernel_flatten"), (Constant(), "kernel_gap")):
-        net = cnngp.architectures.get("myrtle10-paper", readout=corr)
+        net = cnngp.io.architectures.get("myrtle10-paper", readout=corr)
         assert rel_err(cnngp.kernel(net, x), data[key][:2, :2]) <= 1e-6
 
 
@@ -211,7 +211,7 @@ def test_one_by_one_images_give_the_arccos_mlp_kernel():
 
 
 def test_gram_symmetric_psd_and_consistent(cifar_images):
-    net = cnngp.architectures.get("cnngp3", readout=Matern(1.5, 2.0))
+    net = cnngp.io.architectures.get("cnngp3", readout=Matern(1.5, 2.0))
     k = cnngp.kernel(net, cifar_images).numpy()
     assert np.array_equal(k, k.T)
     eig = np.linalg.eigvalsh(k)
@@ -223,7 +223,7 @@ def test_gram_symmetric_psd_and_consistent(cifar_images):
 
 def test_diagonal_path_equals_full_path(cifar_images):
     """Independent everywhere → only the spatial diagonal; a sweep forces the full tensor."""
-    body = Serial(*cnngp.architectures.body("cnngp3"))
+    body = Serial(*cnngp.io.architectures.body("cnngp3"))
     assert body.representation((12, 12), False) == [False] * 7
     k_diag = cnngp.kernel(Serial(body, Readout()), cifar_images)
     k_full = cnngp.readout_sweep(body, [Readout(), Readout(correlation=Constant())], cifar_images)[0]
@@ -233,7 +233,7 @@ def test_diagonal_path_equals_full_path(cifar_images):
 
 def test_float32_agrees_with_float64(cifar_images):
     x = cifar_images
-    net = cnngp.architectures.get("cnngp4", readout=Matern(1.5, 2.0))
+    net = cnngp.io.architectures.get("cnngp4", readout=Matern(1.5, 2.0))
     k64 = cnngp.kernel(net, x)
     k32 = cnngp.kernel(net, x, dtype="float32")
     assert k32.dtype == torch.float32
@@ -244,11 +244,11 @@ def test_float32_agrees_with_float64(cifar_images):
 
 def test_myrtle_correlated_runs_and_is_psd(cifar_images):
     x = np.random.default_rng(2).uniform(size=(3, 16, 16, 3))
-    net = cnngp.architectures.get("myrtle10-correlated", readout=Constant())
+    net = cnngp.io.architectures.get("myrtle10-correlated", readout=Constant())
     k = cnngp.kernel(net, x).numpy()
     assert np.linalg.eigvalsh(k).min() > 0
     # internal λ = 0 reduces the 6×6 correlated conv to an independent 6×6 conv
-    k0 = cnngp.kernel(cnngp.architectures.get("myrtle10-correlated", readout=Constant(), internal=Matern(1.5, 0)), x)
+    k0 = cnngp.kernel(cnngp.io.architectures.get("myrtle10-correlated", readout=Constant(), internal=Matern(1.5, 0)), x)
     spec = {"layers": [l.to_spec() for l in net.layers]}
     for l in spec["layers"]:
         if l["type"] == "conv" and l["filter"][0] == 6:

@@ -89,7 +89,7 @@ class TestErf(NonlinearityContract):
         return Erf(1.2, 0.8, 0.1)
 
 
-# two nonlinearities neural-tangents has: each one class (cnngp.layers) and one test class
+# two nonlinearities neural-tangents has: each one class (cnngp.kernels.layers) and one test class
 
 
 class TestSin(NonlinearityContract):
@@ -212,7 +212,7 @@ def test_state_carries_extra_tensors_through_conversions_and_a_network():
     """KernelState.extra: converted with cross in one place; carried by every linear layer
     through band, diagonal and full representations."""
     import cnngp
-    from cnngp.state import Band
+    from cnngp.kernels.state import Band
     from cnngp.testing import random_states
 
     state = random_states((5, 4))

@@ -36,8 +36,8 @@ from cnngp import (
     Serial,
     UserCorrelation,
 )
-from cnngp._ops import AxisGeometry
-from cnngp.cli import main
+from cnngp.kernels.ops import AxisGeometry
+from cnngp.cli.main import main
 from cnngp.errors import CNNGPError
 from cnngp.finite import (
     covariance_factor,
@@ -243,7 +243,7 @@ def test_seeded_and_reproducible():
     (7, 2, 3, 2), (4, 4, 1, 1), (8, 3, 3, 1),
 ])
 def test_conv_indexing_matches_the_engine(n, taps, stride, dilation, padding):
-    """Output q reads input i = s·q + h·p − pad_before (``_ops.AxisGeometry``), per axis."""
+    """Output q reads input i = s·q + h·p − pad_before (``ops.AxisGeometry``), per axis."""
     geom = AxisGeometry(n, taps, stride, dilation, padding)
     if geom.extent > n:
         pytest.skip("filter larger than the grid")

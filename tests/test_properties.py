@@ -237,7 +237,7 @@ KNOWN = [
     pytest.param(
         # two full -> full convs run by the fused CPU path with an identity between them: the
         # second conv's layout buffer is the one the identity's output still lives in, and
-        # _fused.to_fused copies a tensor onto itself -> RuntimeError (memory overlap)
+        # fused.to_fused copies a tensor onto itself -> RuntimeError (memory overlap)
         {"layers": [{"type": "conv", "filter": 1, "stride": 2}, {"type": "identity"},
                     {"type": "conv", "filter": 1}, {"type": "global_avg_pool"}]},
         np.linspace(-1.0, 1.0, 8).reshape(2, 4, 1),

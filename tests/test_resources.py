@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 import cnngp
-from cnngp import resources
-from cnngp.cli import main
-from cnngp.gram import estimate_cost
+from cnngp.engine import resources
+from cnngp.cli.main import main
+from cnngp.engine.gram import estimate_cost
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset.npz"
 
 
 def test_estimate_counts_pairs_and_bytes_exactly():
-    net = cnngp.architectures.get("cnngp3", readout=cnngp.Matern(1.5, 2.0))
+    net = cnngp.io.architectures.get("cnngp3", readout=cnngp.Matern(1.5, 2.0))
     sym = estimate_cost(net, (8, 8, 1), 10)
     assert sym.pairs == 55 and sym.output_bytes == 10 * 10 * 8
     cross = estimate_cost(net, (8, 8, 1), 10, 7, dtype="float32")
@@ -26,7 +26,7 @@ def test_estimate_counts_pairs_and_bytes_exactly():
     assert stack.output_bytes == 3 * 10 * 10 * 8
     # time grows with the pairs (quadratically in N) and with the work per pair
     assert estimate_cost(net, (8, 8, 1), 20).seconds > 3.5 * sym.seconds
-    deep = cnngp.architectures.get("cnngp14", readout=cnngp.Matern(1.5, 2.0))
+    deep = cnngp.io.architectures.get("cnngp14", readout=cnngp.Matern(1.5, 2.0))
     assert estimate_cost(deep, (8, 8, 1), 10).seconds > 3 * sym.seconds
     # nothing is computed: a plan for 10^5 images costs no time or memory to make
     big = estimate_cost(deep, (32, 32, 3), 100_000)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import cnngp
-from cnngp import CNNGPError, Matern, Readout, gram
-from cnngp.storage import Checkpoint
+from cnngp import CNNGPError, Matern, Readout
+from cnngp.engine import gram
+from cnngp.engine.storage import Checkpoint
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_checkpoint_of_another_computation_is_refused(setup, tmp_path, monkeypat
 
 
 def test_cli_kernel_resumes(setup, tmp_path, monkeypatch, capsys):
-    from cnngp.cli import main
+    from cnngp.cli.main import main
 
     _, x = setup
     np.savez(tmp_path / "x.npz", x=x)
@@ -79,7 +80,7 @@ def test_cli_kernel_resumes(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     assert main(args) == 0
     assert not (tmp_path / "k.npz.checkpoint.npz").exists()
-    expected = cnngp.kernel(cnngp.architectures.get("cnngp1"), x)
+    expected = cnngp.kernel(cnngp.io.architectures.get("cnngp1"), x)
     np.testing.assert_array_equal(np.load(out)["kernel"], expected.numpy())
 
 

@@ -1,4 +1,4 @@
-"""The paper's protocol end to end (cnngp.sweep), its figure, and the ``cnngp sweep`` command."""
+"""The paper's protocol end to end (cnngp.experiments.sweep), its figure, and the ``cnngp sweep`` command."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from cnngp import gp
-from cnngp.cli import main
-from cnngp.data import Dataset, blocks, load_digits
+from cnngp.inference import gp
+from cnngp.cli.main import main
+from cnngp.io.data import Dataset, blocks, load_digits
 from cnngp.errors import CNNGPError
-from cnngp.sweep import run_sweep, summary_table
+from cnngp.experiments.sweep import run_sweep, summary_table
 
 ARCH = "cnngp1"
 NS = (40, 80)
@@ -120,7 +120,7 @@ def test_same_seed_same_numbers_and_cache_reuse(sweep, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("kernel recomputed despite a matching cache")
 
-    monkeypatch.setattr("cnngp.gram.readout_sweep", boom)
+    monkeypatch.setattr("cnngp.engine.gram.readout_sweep", boom)
     again = run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
     assert again["results"] == res["results"] and again["config"] == res["config"]
 
@@ -186,7 +186,7 @@ def test_missing_class_and_too_few_per_class(tmp_path):
 
 
 def test_sweep_figure_writes_png(sweep, tmp_path):
-    from cnngp.plots import sweep_figure
+    from cnngp.experiments.plots import sweep_figure
 
     res, _ = sweep
     fig = sweep_figure(res, tmp_path / "s.png")
@@ -282,15 +282,15 @@ def test_cli_existing_out_dir_untouched_on_error(tmp_path, capsys):
 
 
 def test_cli_interrupt_and_late_failure_leave_nothing(tmp_path, capsys, monkeypatch):
-    import cnngp.plots
-    import cnngp.sweep
+    import cnngp.experiments.plots
+    import cnngp.experiments.sweep
 
     out = tmp_path / "out"
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cnngp.sweep, "run_sweep", interrupted)
+    monkeypatch.setattr(cnngp.experiments.sweep, "run_sweep", interrupted)
     assert main(CLI + ["--out", str(out)]) == 130
     assert not out.exists()
     monkeypatch.undo()
@@ -298,7 +298,7 @@ def test_cli_interrupt_and_late_failure_leave_nothing(tmp_path, capsys, monkeypa
     def broken_figure(*a, **k):  # a bug (not a CNNGPError): exit 1, still nothing written
         raise ValueError("figure failed")
 
-    monkeypatch.setattr(cnngp.plots, "sweep_figure", broken_figure)
+    monkeypatch.setattr(cnngp.experiments.plots, "sweep_figure", broken_figure)
     assert main(CLI[:4] + ["40", "--lengthscales", "1", "--quiet", "--out", str(out)]) == 1
     assert not out.exists()
     monkeypatch.undo()
@@ -312,14 +312,14 @@ def test_cli_interrupt_and_late_failure_leave_nothing(tmp_path, capsys, monkeypa
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr("cnngp.cli_sweep.os.replace", replace_then_interrupt)
+    monkeypatch.setattr("cnngp.cli.sweep.os.replace", replace_then_interrupt)
     assert main(CLI[:4] + ["40", "--lengthscales", "1", "--quiet", "--out", str(out)]) == 130
     assert not out.exists()
 
 
 def test_cli_defaults():
-    from cnngp.cli import _register_optional_commands, build_parser
-    from cnngp.cli_sweep import DEFAULT_ARCH, DEFAULT_NS
+    from cnngp.cli.main import _register_optional_commands, build_parser
+    from cnngp.cli.sweep import DEFAULT_ARCH, DEFAULT_NS
 
     _register_optional_commands()
     args = build_parser().parse_args(["sweep"])

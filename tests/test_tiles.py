@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cnngp
-from cnngp.gram import GramPlan, write_tile
+from cnngp.engine.gram import GramPlan, write_tile
 
 
 def _images(n, shape=(6, 6, 2), seed=0):
@@ -18,7 +18,7 @@ def _images(n, shape=(6, 6, 2), seed=0):
 NETS = {
     "matern-readout": cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(),
                                    cnngp.Readout(correlation=cnngp.Matern(1.5, 2.0))),
-    "flatten-diagonal": cnngp.architectures.get("cnngp3"),
+    "flatten-diagonal": cnngp.io.architectures.get("cnngp3"),
     "pooled-band": cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.AvgPool(2), cnngp.Conv(3),
                                 cnngp.ReLU(), cnngp.Readout()),
     "correlated-conv": cnngp.Serial(cnngp.Conv(3, correlation=cnngp.RBF(1.0)), cnngp.Erf(),

@@ -10,24 +10,25 @@ import importlib
 
 __version__ = "0.1.0"
 
-#: public name -> the submodule that defines it
+#: public name -> the module that defines it
 _EXPORTS = {
     "finite_network": "finite", "monte_carlo_kernel": "finite",
-    "RBF": "correlations", "Constant": "correlations", "Correlation": "correlations",
-    "Independent": "correlations", "Matern": "correlations", "UserCorrelation": "correlations",
+    "RBF": "kernels.correlations", "Constant": "kernels.correlations",
+    "Correlation": "kernels.correlations", "Independent": "kernels.correlations",
+    "Matern": "kernels.correlations", "UserCorrelation": "kernels.correlations",
     "CNNGPError": "errors",
-    "kernel": "gram", "readout_sweep": "gram",
-    "ABReLU": "layers", "AvgPool": "layers", "Conv": "layers", "Erf": "layers",
-    "Flatten": "layers", "GlobalAvgPool": "layers", "Identity": "layers", "Layer": "layers",
-    "Readout": "layers", "ReLU": "layers", "Serial": "layers", "Sign": "layers", "Sin": "layers",
-    "Nonlinearity": "layers",
-    "from_spec": "spec", "load_spec": "spec",
-    "KernelState": "state",
+    "kernel": "engine.gram", "readout_sweep": "engine.gram",
+    **{name: "kernels.layers" for name in (
+        "ABReLU", "AvgPool", "Conv", "Erf", "Flatten", "GlobalAvgPool", "Identity", "Layer",
+        "Nonlinearity", "Readout", "ReLU", "Serial", "Sign", "Sin")},
+    "from_spec": "io.spec", "load_spec": "io.spec",
+    "KernelState": "kernels.state",
 }
-_SUBMODULES = {"testing", "architectures", "data", "gp", "sweep", "estimator", "plots", "validation",
-               "resources", "storage", "finite", "gram", "layers", "spec", "correlations"}
+#: subpackages and modules reachable as attributes of ``cnngp``
+_SUBMODULES = {"kernels", "engine", "inference", "experiments", "io", "cli",
+               "errors", "finite", "settings", "testing", "validation"}
 
-__all__ = sorted([*_EXPORTS, "architectures"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

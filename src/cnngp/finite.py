@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CNNGPError
-from .resources import check_job
-from .validation import as_images, resolve_device, resolve_dtype
-from .layers import (
+from cnngp.errors import CNNGPError
+from cnngp.engine.resources import check_job
+from cnngp.validation import as_images, resolve_device, resolve_dtype
+from cnngp.kernels.layers import (
     AvgPool,
     Conv,
     Flatten,

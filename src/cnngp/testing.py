@@ -15,7 +15,7 @@ one class plus one test class (as GPyTorch ships its kernel test base).
 diagonal ≡ full (and diagonal input where the layer allows it); band ≡ the band of the full
 result; a batch ≡ a loop over its pairs; the JSON spec round trip and pickling; float32 ≈
 float64. :class:`NonlinearityContract` adds: the closed-form expectation against numerical
-integration of the layer's own φ (:meth:`~cnngp.layers.Nonlinearity.function`), finite values
+integration of the layer's own φ (:meth:`~cnngp.kernels.layers.Nonlinearity.function`), finite values
 at zero variance, the fused CPU path ≡ the torch path in a network, and a Monte Carlo estimate
 over finite networks (the layer's finite twin) within its standard error. pytest is needed
 only by code that uses this module.
@@ -30,11 +30,11 @@ import numpy as np
 import pytest
 import torch
 
-from .gram import _input_state
-from .layers import Conv, GlobalAvgPool, Readout, Serial
-from .spec import from_spec
-from ._ops import band_radius_in
-from .state import Band, KernelState
+from cnngp.engine.gram import input_state
+from cnngp.kernels.layers import Conv, GlobalAvgPool, Readout, Serial
+from cnngp.io.spec import from_spec
+from cnngp.kernels.ops import band_radius_in
+from cnngp.kernels.state import Band, KernelState
 
 __all__ = ["LayerContract", "NonlinearityContract", "gaussian_expectation", "random_states"]
 
@@ -44,9 +44,9 @@ def random_states(spatial, channels=2, batch=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     x1 = torch.rand((batch, *spatial, channels), generator=g, dtype=dtype)
     x2 = torch.rand((batch, *spatial, channels), generator=g, dtype=dtype)
-    state = _input_state(x1, x2, True)
-    v1 = _input_state(x1, x1, False).cross
-    v2 = _input_state(x2, x2, False).cross
+    state = input_state(x1, x2, True)
+    v1 = input_state(x1, x1, False).cross
+    v2 = input_state(x2, x2, False).cross
     return state.with_variances(v1, v2)
 
 
@@ -132,8 +132,8 @@ class LayerContract:
     def test_extra_tensors_follow_the_linear_part(self):
         """A tensor carried beside ``cross`` (KernelState.extra) goes through a linear layer's
         map without its bias; a nonlinearity refuses it unless it defines a rule."""
-        from .errors import CNNGPError
-        from .layers import Nonlinearity
+        from cnngp.errors import CNNGPError
+        from cnngp.kernels.layers import Nonlinearity
 
         layer = self.make_layer()
         state = random_states(self.spatial)
@@ -219,7 +219,7 @@ class NonlinearityContract(LayerContract):
                       self.make_layer(), Readout())
 
     def test_fused_path_equals_torch_path(self, monkeypatch):
-        from . import gram
+        from cnngp.engine import gram
 
         x = np.random.default_rng(11).uniform(-1, 1, size=(3, 5, 5, 2))
         net = self._network()
@@ -229,8 +229,8 @@ class NonlinearityContract(LayerContract):
         np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-14)
 
     def test_monte_carlo_of_the_finite_twin(self):
-        from .finite import monte_carlo_kernel
-        from .gram import kernel
+        from cnngp.finite import monte_carlo_kernel
+        from cnngp.engine.gram import kernel
 
         x = np.random.default_rng(12).uniform(-1, 1, size=(3, 4, 4, 2))
         net = self._network()

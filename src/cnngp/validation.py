@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = ["as_images", "resolve_dtype", "resolve_device", "MAX_ABS_PIXEL", "IMAGE_POLICY"]
 

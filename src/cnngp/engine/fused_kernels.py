@@ -1,4 +1,4 @@
-"""numba kernels behind :mod:`cnngp._fused` (imported lazily: importing numba costs ~1 s).
+"""numba kernels behind :mod:`cnngp.engine.fused` (imported lazily: importing numba costs ~1 s).
 
 Everything here works on 2-D grids (a 1-D grid is the 2-D grid (n, 1)) and on one dtype
 (float32 or float64) at a time.

@@ -28,7 +28,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 PADDINGS = ("same", "valid", "circular")
 

@@ -21,18 +21,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import _fused, _ops
-from .errors import CNNGPError
-from .settings import env_number
-from .layers import Layer, Readout, Serial, weighted_sums
-from .state import Band, KernelState
-from .resources import check_job
-from .storage import Checkpoint, fingerprint
-from .validation import as_images, resolve_device, resolve_dtype
+from cnngp.engine import fused
+from cnngp.kernels import ops
+from cnngp.errors import CNNGPError
+from cnngp.settings import env_number
+from cnngp.kernels.layers import Layer, Readout, Serial, weighted_sums
+from cnngp.kernels.state import Band, KernelState
+from cnngp.engine.resources import check_job
+from cnngp.engine.storage import Checkpoint, fingerprint
+from cnngp.validation import as_images, resolve_device, resolve_dtype
 
 __all__ = [
     "kernel", "readout_sweep", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
-    "GramCost", "gram_needs", "check_gram",
+    "GramCost", "gram_needs", "check_gram", "input_state",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -184,7 +185,7 @@ class GramCost:
 def _ops_per_item(plan: _Plan, flags, depth) -> float:
     """Elementary operations for one pair: conv outputs × taps (× taps again for a
     correlated conv on the full tensor), nonlinearities ~10 per element, pools ~1."""
-    ops = 0.0
+    n_ops = 0.0
     for i in range(depth):
         layer = plan.body.layers[i]
         e_in, e_out = _elements(plan.grids[i], flags[i]), _elements(plan.grids[i + 1], flags[i + 1])
@@ -192,13 +193,13 @@ def _ops_per_item(plan: _Plan, flags, depth) -> float:
             geoms = layer.geometries(plan.grids[i])
             taps = math.prod(g.taps for g in geoms)
             correlated = layer.correlation_kind(plan.grids[i]) not in ("independent", "constant")
-            ops += e_out * taps * (taps if correlated and flags[i] is True else 1)
+            n_ops += e_out * taps * (taps if correlated and flags[i] is True else 1)
         elif layer.needs_variances:
-            ops += 10.0 * e_out
+            n_ops += 10.0 * e_out
         else:
-            ops += e_in
+            n_ops += e_in
     last = _elements(plan.grids[depth], flags[depth])
-    return ops + last * max(1, len(plan.heads))
+    return n_ops + last * max(1, len(plan.heads))
 
 
 def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
@@ -235,7 +236,7 @@ def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readout
 def gram_needs(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
                dtype="float64", memory_budget: int | None = None) -> tuple[float, float, float]:
     """(memory bytes, CPU seconds, float64 result bytes) of one Gram computation, from
-    :func:`cnngp.gram.estimate_cost`: the result in its dtype, its float64 copy when that
+    :func:`cnngp.engine.gram.estimate_cost`: the result in its dtype, its float64 copy when that
     is float32 (what is written and analysed), and a batch's working memory. Checkpoints
     are saved from the result's own memory."""
     cost = estimate_cost(model, image_shape, n1, n2, readouts=readouts, dtype=dtype,
@@ -264,12 +265,12 @@ def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *,
     )
 
 
-def _input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
+def input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
     """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (docs/maths.md §2), in representation ``full``."""
     b, c = x1.shape[0], x1.shape[-1]
     spatial = tuple(x1.shape[1:-1])
     if isinstance(full, Band):  # x' at each band slot's partner (zeros off the grid)
-        cross = _ops.band_products(x1, x2, spatial, full.radius)
+        cross = ops.band_products(x1, x2, spatial, full.radius)
         return KernelState(cross=cross, spatial=spatial, full=False, band=full.radius)
     if full:
         n = math.prod(spatial)
@@ -281,20 +282,20 @@ def _input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
 
 
 def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor) -> int:
-    """Pairs per call of the fused CPU path (cnngp._fused), or 0 to use the layers' own torch
+    """Pairs per call of the fused CPU path (cnngp.engine.fused), or 0 to use the layers' own torch
     propagate. Chunks are sized so one layer's input and output stay in the L3 cache."""
     layers = list(plan.body.layers)[:depth]
-    if not (_fused.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+    if not (fused.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
         return 0
-    if not _fused.wanted(layers, plan.grids, flags) or not _fused.available(x.dtype, x.device):
+    if not fused.wanted(layers, plan.grids, flags) or not fused.available(x.dtype, x.device):
         return 0
     largest = max(_elements(plan.grids[i], flags[i]) for i in range(depth + 1))
-    return _fused.chunk_size(largest, x.element_size())
+    return fused.chunk_size(largest, x.element_size())
 
 
-def _workspace(plan: _Plan) -> "_fused.Workspace":
+def _workspace(plan: _Plan) -> "fused.Workspace":
     if getattr(plan, "workspace", None) is None:
-        plan.workspace = _fused.Workspace()
+        plan.workspace = fused.Workspace()
     return plan.workspace
 
 
@@ -311,11 +312,11 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
             ws = _workspace(plan)
             for s in range(0, xb.shape[0], chunk):
                 xc = xb[s : s + chunk]
-                state = _fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
-                _fused.run_layers(layers, state, plan.self_flags, None, records=records, ws=ws)
+                state = fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
+                fused.run_layers(layers, state, plan.self_flags, None, records=records, ws=ws)
         else:  # the same runner, every layer on its own torch propagate
-            state = _input_state(xb, xb, plan.self_flags[0])
-            _fused.run_layers(layers, state, plan.self_flags, None, records=records, fast=False)
+            state = input_state(xb, xb, plan.self_flags[0])
+            fused.run_layers(layers, state, plan.self_flags, None, records=records, fast=False)
         if progress is not None:
             progress.update(xb.shape[0])
     return {i: torch.cat(v) for i, v in records.items()}
@@ -336,19 +337,19 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
 
             def variances(i, as_roots, sl=sl):
                 if as_roots:  # sqrt and 1/sqrt, what the fused ReLU reads
-                    return _fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
+                    return fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
                 return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
 
-            state = _fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags)
-            state, fused = _fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
+            state = fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags)
+            state, fused_out = fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
             if not plan.heads:
                 values.append(state.cross[None].clone())
                 continue
-            heads = _fused.apply_heads(plan.heads, fused)
+            heads = fused.apply_heads(plan.heads, fused_out)
             values.append(heads if heads is not None else _apply_heads(plan, state))
         return torch.cat(values, dim=1)
-    state = _input_state(x1b, x2b, plan.pair_flags[0])
-    state, _ = _fused.run_layers(
+    state = input_state(x1b, x2b, plan.pair_flags[0])
+    state, _ = fused.run_layers(
         list(plan.body.layers), state, plan.pair_flags,
         lambda i, as_roots: (rec1[i][idx1], rec2[i][idx2]), fast=False,
     )

@@ -1,7 +1,7 @@
 """What this machine can give a job, and the check every command makes before it allocates.
 
 A command estimates its memory, disk and time from the plan alone (for a Gram matrix,
-:func:`cnngp.gram.estimate_cost`), then calls :func:`check_job`: a job that cannot fit in
+:func:`cnngp.engine.gram.estimate_cost`), then calls :func:`check_job`: a job that cannot fit in
 the memory or disk this machine has left is refused with the numbers and a remedy, and a
 job longer than ``CNNGP_LONG_JOB_SECONDS`` (default one hour) starts only with ``--yes``.
 """
@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CNNGPError
-from .settings import env_number
+from cnngp.errors import CNNGPError
+from cnngp.settings import env_number
 
 __all__ = ["available_memory", "free_disk", "check_job", "human_bytes", "human_seconds",
            "LONG_JOB_SECONDS"]

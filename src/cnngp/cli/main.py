@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "Terminated"]
 
@@ -75,7 +75,7 @@ def finite_float(text: str) -> float:
 
 
 def parse_lengthscales(text: str, flag: str = "--lengthscales") -> list[float]:
-    from .correlations import parse_lengthscale
+    from cnngp.kernels.correlations import parse_lengthscale
 
     items = [t for t in text.split(",") if t.strip()]
     if not items:
@@ -85,8 +85,8 @@ def parse_lengthscales(text: str, flag: str = "--lengthscales") -> list[float]:
 
 def correlation_from_text(text: str, lengthscale=None, what: str = "--readout"):
     """``independent``, ``constant``, ``matern32:2.0``, ``rbf:4`` → a Correlation
-    (:func:`cnngp.correlations.by_name`, errors naming ``what``)."""
-    from .correlations import by_name
+    (:func:`cnngp.kernels.correlations.by_name`, errors naming ``what``)."""
+    from cnngp.kernels.correlations import by_name
 
     return by_name(text, lengthscale, what)
 
@@ -104,34 +104,24 @@ def load_network(arch: str, readout: str | None = None):
 
 
 def _load_network(arch: str, readout: str | None):
-    from . import architectures
-    from .layers import Readout
-    from .spec import load_spec
+    from cnngp.io import architectures
 
-    if not arch.strip():
-        raise CNNGPError("is empty; give a name such as cnngp14 or a SPEC.json file")
-    if arch.endswith(".json") or os.sep in arch or Path(arch).exists():
-        p = Path(arch)
-        if not p.exists():
-            raise CNNGPError(f"spec file {arch!r} not found")
-        if not p.is_file():
-            raise CNNGPError(f"spec file {arch!r} is not a regular file (a folder?)")
-        net = load_spec(arch)
-        if readout is not None:
-            last = net.layers[-1]
-            if not isinstance(last, Readout):
-                raise CNNGPError("--readout: the spec file does not end with a readout layer")
-            net.layers[-1] = Readout(last.weight_var, last.bias_var, correlation_from_text(readout))
-        return net
     corr = None if readout is None else correlation_from_text(readout)
-    return architectures.get(arch, readout=corr)
+    try:
+        net, _ = architectures.resolve(arch, readout=corr)
+    except CNNGPError as e:
+        text = str(e)
+        if text.startswith("readout: "):
+            raise CNNGPError(f"--readout: {text.removeprefix('readout: ')}") from None
+        raise CNNGPError(text.removeprefix("network: ")) from None
+    return net
 
 
 def load_images(flag: str, path_spec: str):
     """Images from ``FILE.npz``, ``FILE.npz:ARRAY`` or ``digits[:N]``, under the package's
     image-array policy (:func:`cnngp.validation.as_images`), errors naming ``flag``."""
-    from .data import load_array, load_digits
-    from .validation import as_images
+    from cnngp.io.data import load_array, load_digits
+    from cnngp.validation import as_images
 
     name, _, count = str(path_spec).partition(":")
     if name == "digits" and not Path(name).exists():  # the embedded default data set
@@ -180,20 +170,20 @@ def preflight(args) -> None:
     out_kind = getattr(args, "out_kind", "file")
     if hasattr(args, "out"):
         if out_kind == "file":
-            from .storage import check_output_file
+            from cnngp.engine.storage import check_output_file
 
             check_output_file(args.out, "--out")
             if getattr(args, "checkpointed", False) and not args.no_checkpoint:
                 args.checkpoint_path = f"{args.out}.checkpoint.npz"
                 check_output_file(args.checkpoint_path, "--out (its checkpoint)")
         else:
-            from .storage import check_output_dir
+            from cnngp.engine.storage import check_output_dir
 
             check_output_dir(Path(args.out), getattr(args, "out_files", ()))
     if getattr(args, "memory_budget", None) is not None:
         args.memory_budget = parse_bytes(args.memory_budget)
     if getattr(args, "device", None) is not None:
-        from .validation import resolve_device
+        from cnngp.validation import resolve_device
 
         args.device = str(resolve_device(args.device, "--device"))
     for flag in ("x1", "x2", "x"):
@@ -203,12 +193,9 @@ def preflight(args) -> None:
 
 
 def _check_input_path(flag: str, spec: str) -> None:
-    from .data import _NPZ_SPEC
+    from cnngp.io.data import split_array_path
 
-    name = spec
-    m = _NPZ_SPEC.match(spec)
-    if m and not Path(spec).exists():
-        name = m.group("file")
+    name, _ = split_array_path(spec)
     p = Path(name)
     if not name.strip():
         raise CNNGPError(f"{flag}: is empty; give FILE.npz or FILE.npz:ARRAY")
@@ -225,11 +212,11 @@ def cmd_kernel(args) -> int:
     import numpy as np
     import torch
 
-    from .gram import kernel, readout_sweep
-    from .layers import Readout
-    from .provenance import array_sha256, versions
-    from .gram import check_gram
-    from .storage import atomic_write
+    from cnngp.engine.gram import kernel, readout_sweep
+    from cnngp.kernels.layers import Readout
+    from cnngp.io.provenance import array_sha256, versions
+    from cnngp.engine.gram import check_gram
+    from cnngp.engine.storage import atomic_write
 
     if args.family is not None and args.lengthscales is None:
         raise CNNGPError("--family: only meaningful together with --lengthscales (a readout sweep)")
@@ -329,8 +316,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def cmd_info(args) -> int:
     import torch
 
-    from . import architectures
-    from .provenance import versions
+    from cnngp.io import architectures
+    from cnngp.io.provenance import versions
 
     info = {"versions": versions(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
     if args.arch:
@@ -340,7 +327,7 @@ def cmd_info(args) -> int:
         info["arch"] = args.arch
         info["spec"] = net.to_spec()
         info["grids"] = [list(g) for g in grids]
-        from .state import describe
+        from cnngp.kernels.state import describe
 
         # what each layer's input is carried as: full, diagonal or band (radii per axis)
         info["representation"] = [describe(r) for r in net.representation(spatial)]
@@ -353,7 +340,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .correlations import FAMILIES
+    from cnngp.kernels.correlations import FAMILIES
 
     p = _Parser(
         prog="cnngp",
@@ -401,7 +388,7 @@ _EXTRA_COMMANDS: list = []
 def _register_optional_commands():
     import importlib
 
-    for mod in ("cnngp.cli_sweep", "cnngp.cli_montecarlo"):
+    for mod in ("cnngp.cli.sweep", "cnngp.cli.montecarlo"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

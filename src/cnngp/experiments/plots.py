@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = [
     "sweep_figure",
@@ -47,7 +47,7 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     Parameters
     ----------
     results : dict
-        The output of :func:`cnngp.sweep.run_sweep` (or a loaded ``results.json``).
+        The output of :func:`cnngp.experiments.sweep.run_sweep` (or a loaded ``results.json``).
     path : str, path-like or binary file object
         Where to save the figure.
     title : str, optional
@@ -158,7 +158,7 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
 
 
 def _body(depth: int, correlation, relu_last: bool):
-    from .layers import Conv, ReLU
+    from cnngp.kernels.layers import Conv, ReLU
 
     layers = [layer for _ in range(depth) for layer in (Conv(3, correlation=correlation), ReLU())]
     return layers if relu_last else layers[:-1]
@@ -170,9 +170,9 @@ def _pair_correlation_limit(body_layers, image, p, q, dtype="float64", device="c
     Three unnormalised rank-one readouts e_p e_pᵀ, e_q e_qᵀ, (e_p + e_q)(e_p + e_q)ᵀ read
     K[p, p], K[q, q] and K[p, p] + K[q, q] + 2 K[p, q] in one pass.
     """
-    from .correlations import UserCorrelation
-    from .gram import readout_sweep
-    from .layers import Readout, Serial
+    from cnngp.kernels.correlations import UserCorrelation
+    from cnngp.engine.gram import readout_sweep
+    from cnngp.kernels.layers import Readout, Serial
 
     h, w = image.shape[1:3]
     ip, iq = p[0] * w + p[1], q[0] * w + q[1]
@@ -188,7 +188,7 @@ def _finite_pair_correlations(body_layers, image, p, q, width, draws, seed, devi
     """Channel-wise correlation of each of ``draws`` finite networks (network k: seed k)."""
     import torch
 
-    from .finite import FiniteNetwork, network_seed
+    from cnngp.finite import FiniteNetwork, network_seed
 
     per_batch = max(1, min(draws, (1 << 22) // max(width * width * 9 * len(body_layers), 1)))
     values = []
@@ -256,10 +256,10 @@ def correlation_figure_data(
     """
     import torch
 
-    from .correlations import Constant, Independent, Matern
-    from .finite import monte_carlo_estimates
-    from .gram import as_images, readout_sweep
-    from .layers import Readout, Serial
+    from cnngp.kernels.correlations import Constant, Independent, Matern
+    from cnngp.finite import monte_carlo_estimates
+    from cnngp.engine.gram import as_images, readout_sweep
+    from cnngp.kernels.layers import Readout, Serial
 
     x = as_images(images, "images")
     if x.ndim != 4:
@@ -413,11 +413,11 @@ def sidecar_path(out) -> Path:
 
 def save_correlation_figure(data: dict, out) -> None:
     """Write the PNG (config in its metadata) and a sidecar JSON with every number, atomically."""
-    from .storage import atomic_write
+    from cnngp.engine.storage import atomic_write
 
     out = Path(out)
     if out.suffix.lower() != ".png":
-        from .errors import CNNGPError
+        from cnngp.errors import CNNGPError
 
         raise CNNGPError(f"--out: expected a .png file name, got {str(out)!r}")
     fig = plot_correlation_figure(data)

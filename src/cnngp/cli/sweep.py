@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_sweep", "DEFAULT_ARCH", "DEFAULT_NS", "DEFAULT_OUT"]
 
@@ -87,10 +87,10 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .cli import parse_lengthscales
-    from .data import load_dataset
-    from .plots import sweep_figure
-    from .sweep import PAPER_LENGTHSCALES, run_sweep, summary_table
+    from cnngp.cli.main import parse_lengthscales
+    from cnngp.io.data import load_dataset
+    from cnngp.experiments.plots import sweep_figure
+    from cnngp.experiments.sweep import PAPER_LENGTHSCALES, run_sweep, summary_table
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -107,7 +107,7 @@ def cmd_sweep(args) -> int:
         else parse_lengthscales(args.lengthscales)
     )
     if args.kernel_cache is not None:
-        from .storage import check_output_file
+        from cnngp.engine.storage import check_output_file
 
         check_output_file(args.kernel_cache, "--kernel-cache")
 
@@ -175,7 +175,7 @@ def _argv_for_record(args) -> list[str]:
 
 def register(subparsers) -> None:
     """Add the ``sweep`` command to the ``cnngp`` parser."""
-    from .correlations import FAMILIES
+    from cnngp.kernels.correlations import FAMILIES
 
     p = subparsers.add_parser(
         "sweep",

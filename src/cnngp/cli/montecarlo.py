@@ -3,7 +3,7 @@
 ``cnngp montecarlo`` samples finite networks of a given width from an architecture's prior,
 estimates their kernel by Monte Carlo and compares it with the analytic (infinite-width)
 kernel, writing one JSON report. ``cnngp correlation-figure`` draws the figure of
-:mod:`cnngp.plots`. Both register through :func:`register` (see ``cnngp.cli``).
+:mod:`cnngp.experiments.plots`. Both register through :func:`register` (see ``cnngp.cli.main``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import time
 
 import numpy as np
 
-from .cli import finite_float, int_at_least, load_network
-from .provenance import versions
-from .storage import atomic_write
-from .errors import CNNGPError
+from cnngp.cli.main import finite_float, int_at_least, load_network
+from cnngp.io.provenance import versions
+from cnngp.engine.storage import atomic_write
+from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_montecarlo", "cmd_correlation_figure", "montecarlo_report"]
 
 
 def _load_images(spec: str, flag: str, limit: int | None):
-    from .cli import load_images
+    from cnngp.cli.main import load_images
 
     x = load_images(flag, spec)
     return x if limit is None else x[:limit]
@@ -57,9 +57,9 @@ def montecarlo_report(analytic: np.ndarray, empirical: np.ndarray, standard_erro
 def cmd_montecarlo(args) -> int:
     import torch
 
-    from .finite import monte_carlo_kernel
-    from .gram import kernel
-    from .layers import Readout
+    from cnngp.finite import monte_carlo_kernel
+    from cnngp.engine.gram import kernel
+    from cnngp.kernels.layers import Readout
 
     # integer ranges are checked by the parser's types (int_at_least)
     width, samples, outputs = args.width, args.samples, args.outputs
@@ -80,9 +80,9 @@ def cmd_montecarlo(args) -> int:
             "be (N, *spatial, C) with the same spatial size and channels"
         )
     budget = args.memory_budget
-    from .finite import network_memory
-    from .gram import check_gram
-    from .resources import check_job
+    from cnngp.finite import network_memory
+    from cnngp.engine.gram import check_gram
+    from cnngp.engine.resources import check_job
 
     check_job(
         f"--width {width}",
@@ -171,8 +171,8 @@ def _int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
 
 
 def cmd_correlation_figure(args) -> int:
-    from . import plots
-    from .cli import parse_lengthscales
+    from cnngp.experiments import plots
+    from cnngp.cli.main import parse_lengthscales
 
     widths = _int_list(args.widths, "--widths")
     draws, depth, samples, mc_width = args.draws, args.depth, args.samples, args.mc_width

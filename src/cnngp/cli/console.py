@@ -8,7 +8,7 @@ import sys
 
 def entry() -> None:  # pragma: no cover - exercised by the subprocess tests
     try:
-        from .cli import entry as run
+        from cnngp.cli.main import entry as run
     except KeyboardInterrupt:
         sys.stderr.write("cnngp: interrupted; no output written\n")
         sys.stderr.flush()

@@ -19,9 +19,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = [
+    "PAPER_LENGTHSCALES",
     "FAMILIES", "ENDS", "family", "by_name",
     "Correlation",
     "Independent",
@@ -276,6 +277,9 @@ class UserCorrelation(Correlation):
 
 
 # -- correlations by name (the command line, the sweep and the estimators) -------------------
+
+#: the paper's readout lengthscales: 10^linspace(-1.5, 4.5, 25), in readout-grid units
+PAPER_LENGTHSCALES: tuple[float, ...] = tuple(float(v) for v in 10 ** np.linspace(-1.5, 4.5, 25))
 
 #: the stationary families by name: ν of the Matérn, or None for the RBF
 FAMILIES = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import scipy.linalg
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = [
     "CVResult",
@@ -254,7 +254,7 @@ def paper_folds(n: int, k: int = 4) -> list[Fold]:
     ----------
     n : int
         Number of training points, in the class-interleaved order of
-        :func:`cnngp.data.balanced_subset`.
+        :func:`cnngp.io.data.balanced_subset`.
     k : int, default 4
         Number of folds.
 

@@ -38,13 +38,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CNNGPError, MissingFileError
-from .validation import as_images
+from cnngp.errors import CNNGPError, MissingFileError
+from cnngp.validation import as_images
 
 __all__ = [
     "Dataset",
     "CIFAR10_CLASSES",
     "load_digits",
+    "split_array_path",
     "load_dataset",
     "load_array",
     "balanced_subset",
@@ -280,6 +281,16 @@ def _load_npz_dataset(path: Path) -> Dataset:
 _NPZ_SPEC = re.compile(r"^(?P<file>.+\.npz):(?P<key>[^:/\\]+)$", re.IGNORECASE)
 
 
+def split_array_path(path_spec: str | os.PathLike) -> tuple[str, str | None]:
+    """``"FILE.npz:ARRAY"`` -> ``("FILE.npz", "ARRAY")``; ``"FILE.npz"`` -> ``("FILE.npz", None)``.
+    A file whose own name contains the colon is taken as a file."""
+    spec = os.fspath(path_spec)
+    match = _NPZ_SPEC.match(spec)
+    if match and not Path(spec).exists():
+        return match.group("file"), match.group("key")
+    return spec, None
+
+
 def load_array(
     path_spec: str | os.PathLike,
     default_keys: Sequence[str] = ("x", "x_train"),
@@ -311,11 +322,7 @@ def load_array(
         If the file is not a ``.npz`` archive, the array is missing (the message lists
         the available arrays), or it is not numeric.
     """
-    spec = os.fspath(path_spec)
-    key = None
-    match = _NPZ_SPEC.match(spec)
-    if match and not Path(spec).exists():
-        spec, key = match.group("file"), match.group("key")
+    spec, key = split_array_path(path_spec)
     path = Path(spec)
     with _open_npz(path, name) as archive:
         names = list(archive.files)

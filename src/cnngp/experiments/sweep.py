@@ -5,13 +5,13 @@ order, and **one** pass of the kernel engine computes the Gram matrices of every
 it (:func:`cnngp.readout_sweep`): independent weights (flatten), the chosen stationary family
 at each lengthscale λ (in index units of the grid the readout sees), and fully shared weights
 (global mean pooling). Every smaller ``N`` is a set of disjoint contiguous blocks of that one
-matrix (:func:`cnngp.data.blocks`), so each reported accuracy is a mean over several data
+matrix (:func:`cnngp.io.data.blocks`), so each reported accuracy is a mean over several data
 sets, with ±2 standard errors. On each block, k-fold cross-validation picks the observation
-noise σ² from the paper's grid (:func:`cnngp.gp.cross_validate`, one eigendecomposition per
+noise σ² from the paper's grid (:func:`cnngp.inference.gp.cross_validate`, one eigendecomposition per
 fold). Optionally the model trained on ``N_max`` with the cross-validated λ and σ² is scored
 on the test split.
 
->>> from cnngp.sweep import run_sweep
+>>> from cnngp.experiments.sweep import run_sweep
 >>> res = run_sweep("cnngp1", "digits", ns=(40, 80), lengthscales=[1.0],
 ...                 progress=False)                                 # doctest: +SKIP
 >>> [(r["n"], r["readout"], r["lengthscale"]) for r in res["results"]][:3]  # doctest: +SKIP
@@ -28,14 +28,17 @@ from typing import Sequence
 
 import numpy as np
 
-from . import gp
-from .correlations import FAMILIES, Constant, Independent, parse_lengthscale
-from .correlations import family as correlation_family
-from .data import Dataset, balanced_subset, blocks, load_dataset
-from .errors import CNNGPError
-from .layers import Readout, Serial
-from .provenance import array_sha256, versions
-from .storage import atomic_write
+from cnngp.inference import gp
+from cnngp.kernels.correlations import (
+    FAMILIES, PAPER_LENGTHSCALES, Constant, Independent, parse_lengthscale,
+)
+from cnngp.kernels.correlations import family as correlation_family
+from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
+from cnngp.errors import CNNGPError
+from cnngp.kernels.layers import Readout
+from cnngp.io.architectures import split_network
+from cnngp.io.provenance import array_sha256, versions
+from cnngp.engine.storage import atomic_write
 
 __all__ = [
     "run_sweep",
@@ -47,8 +50,6 @@ __all__ = [
     "RESULTS_FORMAT",
 ]
 
-#: the paper's readout lengthscales: 10^linspace(-1.5, 4.5, 25), in readout-grid units
-PAPER_LENGTHSCALES: tuple[float, ...] = tuple(float(v) for v in 10 ** np.linspace(-1.5, 4.5, 25))
 
 #: stationary families for the swept readout: name -> Matérn ν (None: squared exponential)
 
@@ -64,55 +65,6 @@ _BEST_KEYS = (
 # --------------------------------------------------------------------------------------
 # Networks and readouts
 # --------------------------------------------------------------------------------------
-
-
-def split_network(network) -> tuple[Serial, Readout, str]:
-    """Split a network into its body (up to the last hidden layer) and its readout.
-
-    Parameters
-    ----------
-    network : str, path-like, :class:`cnngp.layers.Serial` or list of layers
-        A named architecture (``"cnngp4"``, ``"myrtle10-paper"``, …), a JSON spec file,
-        or a network. If it ends with a :class:`~cnngp.Readout`, that readout's weight and
-        bias variances are kept for every swept readout; otherwise ``Readout(1.0, 0.0)``.
-
-    Returns
-    -------
-    body : Serial
-        The layers before the readout (``input_channels`` carried over from a spec).
-    template : Readout
-        The readout whose variances the sweep reuses.
-    name : str
-        A short name for reports.
-    """
-    from . import architectures
-    from .spec import load_spec
-
-    if isinstance(network, (str, os.PathLike)):
-        text = os.fspath(network)
-        if text.endswith(".json") or os.sep in text or Path(text).is_file():
-            net = load_spec(text)
-            name = text
-        else:
-            net = architectures.get(text)
-            name = text
-    elif isinstance(network, Serial):
-        net = network
-        name = getattr(network, "name", None) or type(network).__name__
-    elif isinstance(network, (list, tuple)):
-        net = Serial(*network)
-        name = "network"
-    else:
-        raise CNNGPError(
-            f"network: expected an architecture name, a JSON spec path or a cnngp Serial, "
-            f"got {type(network).__name__}"
-        )
-    body, template = net.split_readout()
-    if template is None:
-        template = Readout(1.0, 0.0)
-    if not len(body):
-        raise CNNGPError("network: has no layers before its readout")
-    return body, template, str(name)
 
 
 def _lengthscale_json(value: float):
@@ -343,7 +295,7 @@ def run_sweep(
     network : str, path-like or Serial
         Named architecture, JSON spec file, or network (see :func:`split_network`).
     dataset : Dataset or str
-        A :class:`cnngp.data.Dataset` or a source for :func:`cnngp.data.load_dataset`
+        A :class:`cnngp.io.data.Dataset` or a source for :func:`cnngp.io.data.load_dataset`
         (``"digits"``, a ``.npz`` file, a folder).
     ns : sequence of int, default (40, 80, 160)
         Training-set sizes. Each must be a multiple of the number of classes, give at
@@ -369,7 +321,7 @@ def run_sweep(
         Torch device of the kernel computation.
     fold_scheme : {"paper", "stratified"}, default "paper"
         ``"paper"``: contiguous folds of the class-interleaved order
-        (:func:`cnngp.gp.paper_folds`); ``"stratified"``: shuffled stratified folds.
+        (:func:`cnngp.inference.gp.paper_folds`); ``"stratified"``: shuffled stratified folds.
     n_grid : int, default 1000
         Number of σ² values (the paper's log-spaced grid).
     batch_size, memory_budget : optional
@@ -377,7 +329,7 @@ def run_sweep(
     progress : bool, default True
         Progress bars over the kernel computation (stderr).
     yes : bool, default True
-        Start a job estimated to take longer than ``cnngp.resources.LONG_JOB_SECONDS``
+        Start a job estimated to take longer than ``cnngp.engine.resources.LONG_JOB_SECONDS``
         (the command line passes ``--yes``, default off). A job that cannot fit in memory
         is refused either way, before any kernel is computed.
     kernel_cache : path, optional
@@ -419,11 +371,11 @@ def run_sweep(
         ``test`` without a test split, unknown family or fold scheme, and any error of the
         kernel engine (shapes, channels, dtype, device).
     ValueError, FileNotFoundError
-        From :func:`cnngp.data.load_dataset` for unreadable or missing data.
+        From :func:`cnngp.io.data.load_dataset` for unreadable or missing data.
     """
     import torch
 
-    from .gram import readout_sweep
+    from cnngp.engine.gram import readout_sweep
 
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
@@ -501,8 +453,8 @@ def run_sweep(
     cache_path = None if kernel_cache is None else Path(kernel_cache)
     cached = _read_cache(cache_path, key) if cache_path is not None else None
     if cached is None:  # refuse, before any work, what this machine cannot hold or finish
-        from .gram import gram_needs
-        from .resources import check_job
+        from cnngp.engine.gram import gram_needs
+        from cnngp.engine.resources import check_job
 
         shape = x_sub.shape[1:]
         memory, seconds, _ = gram_needs(body, shape, n_max, readouts=readouts, dtype=dtype,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .errors import CNNGPError
+from cnngp.errors import CNNGPError
 
 __all__ = ["KernelState", "Band", "describe"]
 
@@ -160,7 +160,7 @@ class KernelState:
 
     def to_band(self, radius) -> "KernelState":
         """The band of radius ``radius`` from a full state (or a wider band)."""
-        from . import _ops
+        from cnngp.kernels import ops
 
         radius = tuple(int(r) for r in radius)
         if not any(radius):
@@ -174,7 +174,7 @@ class KernelState:
             return self._each(lambda t: t[(Ellipsis,) + idx], band=radius)
         if not self.full:
             raise CNNGPError("KernelState.to_band: a diagonal state has no off-diagonal entries")
-        return self._each(lambda t: _ops.band_from_full(t, self.spatial, radius), full=False, band=radius)
+        return self._each(lambda t: ops.band_from_full(t, self.spatial, radius), full=False, band=radius)
 
     def convert(self, rep) -> "KernelState":
         """This state in representation ``rep`` (True, False or a Band) — only narrowing."""

@@ -4,7 +4,7 @@ The layers' ``propagate`` (torch) is the reference implementation and the fallba
 when numba imports and ``CNNGP_FAST`` is not ``0``, :func:`run_layers` replaces each
 full → full convolution on a 1-D or 2-D grid (zero or no padding; any stride, dilation and
 correlation) together with a ReLU-family nonlinearity after it by one numba pass
-(:mod:`cnngp._fused_kernels`), so that each 10⁶-entry position-pair tensor crosses memory
+(:mod:`cnngp.engine.fused_kernels`), so that each 10⁶-entry position-pair tensor crosses memory
 once per layer and its pair of slabs stays in cache. The ReLU expectation is evaluated
 without arccos (a polynomial exact to the dtype's rounding, docs/maths.md §2). Every other layer
 runs its own ``propagate``. Results agree with the torch path to rounding (tests/test_fast_paths.py).
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _ops
-from .layers import Conv, register_pointwise
-from .settings import env_number
-from .state import Band, KernelState
+from cnngp.kernels import ops
+from cnngp.kernels.layers import Conv, register_pointwise
+from cnngp.settings import env_number
+from cnngp.kernels.state import Band, KernelState
 
 __all__ = ["available", "wanted", "run_layers", "Workspace", "conv_plan", "conv_full"]
 
@@ -45,9 +45,9 @@ def _kernels():
     global _KERNELS, _IMPORT_FAILED
     if _KERNELS is None and not _IMPORT_FAILED:
         try:
-            from . import _fused_kernels
+            from cnngp.engine import fused_kernels
 
-            _KERNELS = _fused_kernels
+            _KERNELS = fused_kernels
         except Exception:  # numba missing or broken: the torch path does the work
             _IMPORT_FAILED = True
     return _KERNELS
@@ -125,7 +125,7 @@ def wanted(layers, grids, flags) -> bool:
 
 def _supported(conv, spatial) -> bool:
     """Whether the fused kernels handle this layer: one that declares itself an affine filter
-    (:meth:`cnngp.layers.Conv.affine_filter`) on a 1-D or 2-D grid without circular padding."""
+    (:meth:`cnngp.kernels.layers.Conv.affine_filter`) on a 1-D or 2-D grid without circular padding."""
     declare = getattr(conv, "affine_filter", None)
     if declare is None or not declare():
         return False
@@ -134,7 +134,7 @@ def _supported(conv, spatial) -> bool:
     return conv.padding != "circular"
 
 
-def _axis_geometry(g: _ops.AxisGeometry) -> np.ndarray:
+def _axis_geometry(g: ops.AxisGeometry) -> np.ndarray:
     return np.array([g.n_in, g.n_out, g.stride, g.dilation, g.pad_before, g.taps], np.int64)
 
 
@@ -213,7 +213,7 @@ def _kron_terms(sigma: np.ndarray, kind):
 @dataclass(frozen=True)
 class Layout:
     """How a full tensor on an (n0, n1) grid is stored for the conv that reads it (see
-    :mod:`cnngp._fused_kernels`): buffer (B, n0, n0, s, s, h, h), axis-1 positions shifted by
+    :mod:`cnngp.engine.fused_kernels`): buffer (B, n0, n0, s, s, h, h), axis-1 positions shifted by
     ``pad`` and split into ``s`` phases. (pad, s, h) = (0, 1, n1) is the plain paired layout."""
 
     n0: int
@@ -298,7 +298,7 @@ class ConvPlan:
     def __init__(self, conv: Conv, spatial: tuple):
         geoms = conv.geometries(spatial)
         if len(geoms) == 1:  # a 1-D grid is the 2-D grid (n, 1)
-            geoms = geoms + [_ops.AxisGeometry(1, 1)]
+            geoms = geoms + [ops.AxisGeometry(1, 1)]
         self.spatial_in = tuple(spatial)
         self.spatial_out = tuple(g.n_out for g in conv.geometries(spatial))
         self.geom0 = _axis_geometry(geoms[0])
@@ -651,7 +651,7 @@ def chunk_size(elements: int, itemsize: int) -> int:
 
 def _pointwise_engine(layer, cross, vx, vy):
     """What this module offers the layers' diagonal/band evaluation (see
-    :func:`cnngp.layers.register_pointwise`): :func:`relu_pointwise`, which declines layers
+    :func:`cnngp.kernels.layers.register_pointwise`): :func:`relu_pointwise`, which declines layers
     that declare no ReLU form."""
     return relu_pointwise(layer, cross, vx, vy)
 

@@ -39,12 +39,12 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import gp
-from .correlations import ENDS, FAMILIES, Correlation, parse_lengthscale
-from .correlations import family as correlation_family
-from .errors import CNNGPError
-from .layers import Readout, Serial
-from .validation import as_images
+from cnngp.inference import gp
+from cnngp.kernels.correlations import ENDS, FAMILIES, Correlation, parse_lengthscale
+from cnngp.kernels.correlations import family as correlation_family
+from cnngp.errors import CNNGPError
+from cnngp.kernels.layers import Readout, Serial
+from cnngp.validation import as_images
 
 __all__ = ["CNNGPClassifier", "CNNGPClassifierCV"]
 
@@ -79,11 +79,8 @@ def _correlation(correlation, lengthscale, template: Readout) -> Correlation:
 
 
 def _split(arch) -> tuple[Serial, Readout]:
-    from .spec import from_spec
-    from .sweep import split_network
+    from cnngp.io.architectures import split_network
 
-    if isinstance(arch, dict):
-        arch = from_spec(arch)
     body, template, _ = split_network(arch)
     return body, template
 
@@ -152,7 +149,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         return self._images(X), y_enc.astype(np.int64)
 
     def _kernel(self, network, x1, x2=None) -> np.ndarray:
-        from .gram import kernel
+        from cnngp.engine.gram import kernel
 
         K = kernel(
             network, x1, x2, dtype=self.dtype, device=self.device,
@@ -257,7 +254,7 @@ class CNNGPClassifier(_CNNGPBase):
 
     Examples
     --------
-    >>> from cnngp.data import load_digits
+    >>> from cnngp.io.data import load_digits
     >>> x, y = load_digits()
     >>> clf = CNNGPClassifier("cnngp1", correlation="matern32", lengthscale=3.0)
     >>> clf.fit(x[:100], y[:100]).score(x[100:150], y[100:150]) > 0.8   # doctest: +SKIP
@@ -394,7 +391,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.verbose = verbose
 
     def _candidate_lengthscales(self) -> list[float]:
-        from .sweep import PAPER_LENGTHSCALES
+        from cnngp.kernels.correlations import PAPER_LENGTHSCALES
 
         if self.lengthscales is None:
             return [0.0, *PAPER_LENGTHSCALES, math.inf]
@@ -449,7 +446,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         -------
         self
         """
-        from .gram import readout_sweep
+        from cnngp.engine.gram import readout_sweep
         family = self.correlation
         if not isinstance(family, str) or family.strip().lower() not in FAMILIES:
             raise CNNGPError(

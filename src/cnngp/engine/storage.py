@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CNNGPError
-from .settings import env_number
+from cnngp.errors import CNNGPError
+from cnngp.settings import env_number
 
 __all__ = ["atomic_write", "check_output_file", "check_output_dir", "fingerprint", "Checkpoint"]
 

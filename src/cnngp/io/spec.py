@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .correlations import RBF, Constant, Independent, Matern, UserCorrelation
-from .errors import CNNGPError
-from .layers import (
+from cnngp.kernels.correlations import RBF, Constant, Independent, Matern, UserCorrelation
+from cnngp.errors import CNNGPError
+from cnngp.kernels.layers import (
     ABReLU,
     AvgPool,
     Conv,

@@ -1,4 +1,4 @@
-"""Kernel layers: each maps a :class:`~cnngp.state.KernelState` to the next (docs/maths.md §2).
+"""Kernel layers: each maps a :class:`~cnngp.kernels.state.KernelState` to the next (docs/maths.md §2).
 
 Every layer has one job: given the second moments of its inputs over position pairs, return
 those of its outputs. Layers also report their output grid (validating their geometry) and
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _ops
-from ._ops import AxisGeometry, check_geometry
-from .correlations import Constant, Correlation, Independent
-from .errors import CNNGPError
-from .settings import env_number
-from .state import Band, KernelState
+from cnngp.kernels import ops
+from cnngp.kernels.ops import AxisGeometry, check_geometry
+from cnngp.kernels.correlations import Constant, Correlation, Independent
+from cnngp.errors import CNNGPError
+from cnngp.settings import env_number
+from cnngp.kernels.state import Band, KernelState
 
 __all__ = [
     "Layer",
@@ -112,7 +112,7 @@ class Layer(nn.Module):
 
     def input_representation(self, out, spatial: tuple):
         """The representation needed below (True full, False diagonal, or a
-        :class:`~cnngp.state.Band`) to produce representation ``out``. The default suits
+        :class:`~cnngp.kernels.state.Band`) to produce representation ``out``. The default suits
         position-wise layers: a band needs the same band."""
         if isinstance(out, Band):
             return out
@@ -161,8 +161,8 @@ class Conv(Layer):
         self.filter = _check_ints(filter, "filter")
         self.stride = _check_ints(stride, "stride")
         self.dilation = _check_ints(dilation, "dilation")
-        if padding not in _ops.PADDINGS:
-            raise CNNGPError(f"padding: expected one of {_ops.PADDINGS}, got {padding!r}")
+        if padding not in ops.PADDINGS:
+            raise CNNGPError(f"padding: expected one of {ops.PADDINGS}, got {padding!r}")
         self.padding = padding
         self.weight_var = _check_variance(weight_var, "weight_var")
         self.bias_var = _check_variance(bias_var, "bias_var")
@@ -225,7 +225,7 @@ class Conv(Layer):
         r_out = out.radius if isinstance(out, Band) else (0,) * len(geoms)
         if self.padding == "circular":  # wrap-around partners: only the full tensor
             return True
-        return band_or_full(_ops.band_radius_in(geoms, r_out, independent), spatial)
+        return band_or_full(ops.band_radius_in(geoms, r_out, independent), spatial)
 
     # -- kernel ------------------------------------------------------------------------------
     def propagate(self, state, full_out):
@@ -250,24 +250,24 @@ class Conv(Layer):
             if state.full and full_out:  # one diagonal sum per axis pair (d, D + d)
                 x = t
                 for k, g in enumerate(geoms):
-                    x = _ops.shift_sum(x, (1 + k, 1 + d + k), g)
+                    x = ops.shift_sum(x, (1 + k, 1 + d + k), g)
                 return x, full_out
             x = state.diagonal(t)  # the spatial diagonal is an ordinary strided/dilated average
             for k, g in enumerate(geoms):
-                x = _ops.shift_sum(x, (1 + k,), g)
+                x = ops.shift_sum(x, (1 + k,), g)
             return x, False
         if not state.full:
             raise CNNGPError(f"{self!r}: a correlated filter needs the full position-pair covariance")
         if kind == "constant" and full_out:  # box sums, each side and axis separately
             x = t
             for k, g in enumerate(geoms):
-                x = _ops.shift_sum(x, (1 + k,), g)
-                x = _ops.shift_sum(x, (1 + d + k,), g)
+                x = ops.shift_sum(x, (1 + k,), g)
+                x = ops.shift_sum(x, (1 + d + k,), g)
             return x, full_out
         sigma = self.correlation.matrix(tuple(g.taps for g in geoms), t.dtype, t.device)
         if full_out:
-            return _ops.correlated_conv_full(t, sigma, geoms), full_out
-        return _ops.correlated_conv_diagonal(t, sigma, geoms), full_out
+            return ops.correlated_conv_full(t, sigma, geoms), full_out
+        return ops.correlated_conv_diagonal(t, sigma, geoms), full_out
 
     def _affine(self, x):
         """weight_var · x + bias_var (docs/maths.md §2 (*)), skipping the identity parts."""
@@ -278,7 +278,7 @@ class Conv(Layer):
         return x
 
     def _propagate_band(self, state, out, geoms, kind, q_shape):
-        """Band (or diagonal) in, band or diagonal out: :func:`cnngp._ops.banded_conv`."""
+        """Band (or diagonal) in, band or diagonal out: :func:`cnngp.kernels.ops.banded_conv`."""
         d = len(geoms)
         r_in = state.band if state.band is not None else (0,) * d
         r_out = out.radius if isinstance(out, Band) else (0,) * d
@@ -291,12 +291,12 @@ class Conv(Layer):
             )
         def banded(t):
             v = t if state.band is not None else t.reshape(t.shape + (1,) * d)
-            return _ops.banded_conv(v, sigma, geoms, r_in, r_out)
+            return ops.banded_conv(v, sigma, geoms, r_in, r_out)
 
         x = self._affine(banded(state.cross))
         extra = {k: banded(v) * self.weight_var for k, v in state.extra.items()}
         if any(r_out):
-            mask = _ops.band_mask(q_shape, r_out, x.dtype, x.device)
+            mask = ops.band_mask(q_shape, r_out, x.dtype, x.device)
             return state.evolve(x * mask, spatial=q_shape, full=Band(r_out),
                                 extra={k: v * mask for k, v in extra.items()})
         flat = lambda t: t.reshape(t.shape[: 1 + d])  # noqa: E731
@@ -445,7 +445,7 @@ class Readout(Layer):
         m = self.correlation.matrix(spatial, dtype, device)
         if band is None:
             return m.reshape(-1)
-        return _ops.band_from_full(m.reshape((1,) + tuple(spatial) * 2), spatial, band).reshape(-1)
+        return ops.band_from_full(m.reshape((1,) + tuple(spatial) * 2), spatial, band).reshape(-1)
 
     def propagate(self, state, full_out):
         value = (self._sum(state, state.cross) * self.weight_var + self.bias_var).to(state.cross.dtype)
@@ -533,11 +533,11 @@ class Nonlinearity(Layer):
         extra = {k: self.carry_extra(k, v, state) for k, v in state.extra.items()}
         vx, vy = state.var1, state.var2
         if state.band is not None:  # partner q + j − R of each band slot: var2 shifted
-            vy = _ops.band_shift(vy, state.spatial, state.band)
+            vy = ops.band_shift(vy, state.spatial, state.band)
             out = self._pointwise(state.cross, vx, vy)
             if out is None:
                 out = self.expectation(state.cross, vx.reshape(vx.shape + (1,) * state.ndim), vy)
-            mask = _ops.band_mask(state.spatial, state.band, out.dtype, out.device)
+            mask = ops.band_mask(state.spatial, state.band, out.dtype, out.device)
             return state.evolve(out * mask, extra=extra)
         if not state.full:
             out = self._pointwise(state.cross, vx, vy)
@@ -550,7 +550,7 @@ class Nonlinearity(Layer):
         return state.evolve(self.expectation(state.cross, vx, vy), extra=extra)
 
     def carry_extra(self, name: str, tensor: torch.Tensor, state) -> torch.Tensor:
-        """How the extra tensor ``name`` (see :attr:`cnngp.state.KernelState.extra`) passes
+        """How the extra tensor ``name`` (see :attr:`cnngp.kernels.state.KernelState.extra`) passes
         this nonlinearity, given the converted input ``state`` with its variances. A kernel
         type that adds a tensor defines its rule (the NTK's Θ is multiplied by E[φ′ φ′]);
         there is none by default."""
@@ -802,7 +802,7 @@ class Serial(Layer):
 
     def representation(self, spatial, full_out=False, band: bool = True) -> list:
         """For each layer's input (and the output at the end): True (full tensor), False
-        (spatial diagonal) or a :class:`~cnngp.state.Band`, chosen from the top down: each
+        (spatial diagonal) or a :class:`~cnngp.kernels.state.Band`, chosen from the top down: each
         layer asks for the least its output needs. ``band=False`` never uses bands."""
         grids = self.grids(spatial)
         flags = [full_out]

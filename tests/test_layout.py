@@ -1,0 +1,76 @@
+"""The package's layering (docs/layout.md): each subpackage imports only the ones below it,
+lazy imports inside functions included."""
+
+import ast
+import pathlib
+
+import pytest
+
+import cnngp
+
+SRC = pathlib.Path(cnngp.__file__).parent
+
+#: unit -> the units it may import (besides itself)
+FLOOR = {"errors", "settings", "validation", "_lazy"}
+ALLOWED = {
+    "kernels": FLOOR,
+    "engine": FLOOR | {"kernels"},
+    "io": FLOOR | {"kernels"},
+    "finite": FLOOR | {"kernels", "engine"},
+    "inference": FLOOR | {"kernels", "engine", "io"},
+    "testing": FLOOR | {"kernels", "engine", "io", "finite"},
+    "experiments": FLOOR | {"kernels", "engine", "io", "finite", "inference"},
+    "cli": FLOOR | {"kernels", "engine", "io", "finite", "inference", "experiments"},
+}
+
+
+def _unit(path: pathlib.Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imported_units(path: pathlib.Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] != "cnngp":
+                continue
+            if len(parts) > 1:
+                yield parts[1], node.lineno
+            else:  # from cnngp import x
+                for alias in node.names:
+                    yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}:{node.lineno}: relative import; the package uses absolute ones")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "cnngp" and len(parts) > 1:
+                    yield parts[1], node.lineno
+
+
+MODULES = sorted(p for p in SRC.rglob("*.py") if _unit(p) in ALLOWED)
+
+
+def test_every_module_belongs_to_a_layer():
+    units = {_unit(p) for p in SRC.rglob("*.py")} - {"__init__", "__main__"}
+    assert units <= set(ALLOWED) | FLOOR, units - set(ALLOWED) - FLOOR
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_only_downwards(path):
+    unit = _unit(path)
+    bad = [(u, line) for u, line in _imported_units(path) if u != unit and u not in ALLOWED[unit]]
+    assert not bad, f"{path.relative_to(SRC)} ({unit}) imports {bad}; allowed: {sorted(ALLOWED[unit])}"
+
+
+def test_kernel_maths_imports_no_engine_even_at_run_time():
+    import subprocess
+    import sys
+
+    code = ("import sys, cnngp.kernels.layers, cnngp.kernels.state, cnngp.kernels.correlations;"
+            "print(sorted(m for m in sys.modules if m.startswith('cnngp.') and not "
+            "m.startswith(('cnngp.kernels', 'cnngp.errors', 'cnngp.settings', 'cnngp._lazy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
