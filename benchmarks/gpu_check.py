@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import cnngp  # noqa: E402
-from cnngp.io.provenance import versions  # noqa: E402
+from cnngp.provenance import versions  # noqa: E402
 from cnngp.engine.storage import atomic_write  # noqa: E402
 
 #: (name, architecture, readout) — the representation each one exercises in brackets

@@ -11,7 +11,7 @@ import cnngp
 SRC = pathlib.Path(cnngp.__file__).parent
 
 #: unit -> the units it may import (besides itself)
-FLOOR = {"errors", "settings", "validation", "_lazy"}
+FLOOR = {"errors", "settings", "validation", "provenance", "_lazy"}
 ALLOWED = {
     "kernels": FLOOR,
     "engine": FLOOR | {"kernels"},

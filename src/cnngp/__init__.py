@@ -26,7 +26,7 @@ _EXPORTS = {
 }
 #: subpackages and modules reachable as attributes of ``cnngp``
 _SUBMODULES = {"kernels", "engine", "inference", "experiments", "io", "cli",
-               "errors", "finite", "settings", "testing", "validation"}
+               "errors", "finite", "provenance", "settings", "testing", "validation"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -160,6 +160,17 @@ def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
     return int(value)
 
 
+def _check_store_flags(args, out_kind: str) -> None:
+    """--workers, --scheduler, --tile, --threads-per-worker and --dry-run need a store."""
+    given = [f for f in ("workers", "scheduler", "tile", "threads_per_worker", "dry_run")
+             if getattr(args, f, None) not in (None, False)]
+    if given and out_kind != "store":
+        flag = "--" + given[0].replace("_", "-")
+        raise CNNGPError(f"{flag}: needs --out K.zarr (a kernel store); an .npz is computed in this process")
+    if getattr(args, "workers", None) is not None and getattr(args, "scheduler", None) is not None:
+        raise CNNGPError("--workers: cannot be combined with --scheduler (that cluster has its own workers)")
+
+
 def preflight(args) -> None:
     """The checks every command shares, made before any work, by flag name.
 
@@ -168,8 +179,19 @@ def preflight(args) -> None:
     in bytes, ``args.device`` a ``torch.device``).
     """
     out_kind = getattr(args, "out_kind", "file")
+    if out_kind == "file" and getattr(args, "store_ok", False):
+        from cnngp.engine.store import is_store_path
+
+        if is_store_path(args.out):
+            out_kind = "store"
+    if getattr(args, "store_ok", False):
+        _check_store_flags(args, out_kind)
     if hasattr(args, "out"):
-        if out_kind == "file":
+        if out_kind == "store":
+            from cnngp.engine.store import check_output_store
+
+            check_output_store(args.out, "--out")
+        elif out_kind == "file":
             from cnngp.engine.storage import check_output_file
 
             check_output_file(args.out, "--out")
@@ -214,7 +236,7 @@ def cmd_kernel(args) -> int:
 
     from cnngp.engine.gram import kernel, readout_sweep
     from cnngp.kernels.layers import Readout
-    from cnngp.io.provenance import array_sha256, versions
+    from cnngp.provenance import array_sha256, versions
     from cnngp.engine.gram import check_gram
     from cnngp.engine.storage import atomic_write
 
@@ -250,6 +272,10 @@ def cmd_kernel(args) -> int:
             for lam in lengthscales
         ]
         body, _ = net.split_readout()
+    from cnngp.engine.store import is_store_path
+
+    if is_store_path(args.out):
+        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2)
     check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
                readouts=readouts, dtype=args.dtype, device=args.device,
                memory_budget=args.memory_budget, disk_path=args.out, yes=args.yes)
@@ -300,6 +326,41 @@ def cmd_kernel(args) -> int:
     return 0
 
 
+def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2) -> int:
+    """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask."""
+    from cnngp.engine.distributed import describe_dry_run, store_kernel
+    from cnngp.engine.resources import check_job
+
+    labels = None if lengthscales is None else [
+        f"{args.family}:{'inf' if lam == float('inf') else lam}" for lam in lengthscales]
+    options = dict(
+        out=args.out, readouts=readouts, labels=labels, dtype=args.dtype, device=args.device,
+        tile=args.tile, batch_size=args.batch_size, memory_budget=args.memory_budget,
+        workers=args.workers, scheduler=args.scheduler, threads_per_worker=args.threads_per_worker,
+        progress=not args.quiet,
+    )
+    model = body if readouts is not None else net
+    plan = store_kernel(model, x1, x2, dry_run=True, **options).dry_run
+    if args.dry_run:
+        print(describe_dry_run(plan))
+        print(json.dumps(plan, indent=2))
+        return 0
+    here = args.scheduler is None  # a remote cluster's memory and speed are not this machine's
+    check_job(
+        f"--x1 ({x1.shape[0]} images)",
+        memory_bytes=plan["memory_per_worker_bytes"] * (args.workers or 1) if here else 0,
+        seconds=plan["estimated_seconds"] if here and str(args.device).startswith("cpu") else None,
+        disk_bytes=plan["store_bytes"], disk_path=args.out, yes=args.yes,
+        remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
+    )
+    report = store_kernel(model, x1, x2, **options)
+    if not args.quiet:
+        print(f"wrote {args.out}: kernel {tuple(report.shape)}, {report.tiles_computed} tile(s) computed, "
+              f"{report.tiles_done_before} already done ({report.tiles_bad} bad, recomputed), "
+              f"{report.pairs_computed:,} pairs in {report.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
 def _parse_shape(text: str) -> tuple[int, ...]:
     parts = str(text).lower().split("x")
     try:
@@ -314,10 +375,21 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_info(args) -> int:
+    if args.store is not None:
+        if args.arch is not None:
+            raise CNNGPError("--arch: give either a kernel store or --arch, not both")
+        from cnngp.engine.store import KernelStore
+
+        store = KernelStore.open(args.store, what="store")
+        info = store.info()
+        print(json.dumps(info, indent=2))
+        tail = f", {len(info['tiles_bad'])} bad: {', '.join(info['tiles_bad'])}" if info["tiles_bad"] else ""
+        print(f"{args.store}: {info['tiles_done']}/{info['tiles_total']} tiles done{tail}", file=sys.stderr)
+        return 0
     import torch
 
     from cnngp.io import architectures
-    from cnngp.io.provenance import versions
+    from cnngp.provenance import versions
 
     info = {"versions": versions(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
     if args.arch:
@@ -352,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--arch", required=True, help="cnngp14, myrtle10, ... or SPEC.json")
     k.add_argument("--x1", required=True, help="FILE.npz or FILE.npz:ARRAY (default array x, then x_train), or digits[:N]")
     k.add_argument("--x2", help="second set of images (default: x1, symmetric Gram matrix)")
-    k.add_argument("--out", required=True, help="output .npz")
+    k.add_argument("--out", required=True, help="output .npz, or K.zarr: a resumable tiled kernel store")
     k.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
@@ -368,9 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not save progress to OUT.checkpoint.npz (by default an interrupted run "
         "resumes from there when the same command is run again)",
     )
-    k.set_defaults(func=cmd_kernel, checkpointed=True)
+    k.add_argument("--workers", type=int_at_least(1),
+                   help="with --out K.zarr: run on a local Dask cluster of N worker processes (127.0.0.1)")
+    k.add_argument("--scheduler", help="with --out K.zarr: an existing Dask scheduler, e.g. tcp://host:8786")
+    k.add_argument("--tile", type=int_at_least(1), help="with --out K.zarr: tile side T (default: from the memory budget)")
+    k.add_argument("--threads-per-worker", type=int_at_least(1),
+                   help="with --out K.zarr: torch/numba threads per task (default: cores / workers)")
+    k.add_argument("--dry-run", action="store_true",
+                   help="with --out K.zarr: print the plan, sizes and a time estimate; compute nothing")
+    k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)
 
     i = sub.add_parser("info", help="versions, devices, architectures and their grids")
+    i.add_argument("store", nargs="?", help="a kernel store K.zarr: shape, dtype, tiles done/total, bad tiles, provenance")
     i.add_argument("--arch", help="show the layers and grids of this architecture")
     i.add_argument("--shape", help="input spatial shape, e.g. 32x32 (default)")
     i.add_argument("--readout", help="readout correlation, as for `cnngp kernel`")

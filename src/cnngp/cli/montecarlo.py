@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from cnngp.cli.main import finite_float, int_at_least, load_network
-from cnngp.io.provenance import versions
+from cnngp.provenance import versions
 from cnngp.engine.storage import atomic_write
 from cnngp.errors import CNNGPError
 

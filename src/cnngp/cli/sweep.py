@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cnngp.cli.main import int_at_least
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_sweep", "DEFAULT_ARCH", "DEFAULT_NS", "DEFAULT_OUT"]
@@ -110,6 +111,21 @@ def cmd_sweep(args) -> int:
         from cnngp.engine.storage import check_output_file
 
         check_output_file(args.kernel_cache, "--kernel-cache")
+    if args.kernel is not None:
+        from cnngp.engine.store import check_output_store, is_store_path
+        from cnngp.experiments.sweep import test_store_path
+
+        if args.kernel_cache is not None:
+            raise CNNGPError("--kernel: cannot be combined with --kernel-cache (choose one)")
+        if not is_store_path(args.kernel):
+            raise CNNGPError(f"--kernel: expected a kernel store path ending in .zarr, got {args.kernel!r}")
+        check_output_store(args.kernel, "--kernel")
+        if args.test:
+            check_output_store(test_store_path(args.kernel), "--kernel (its test store)")
+    else:
+        for flag in ("workers", "scheduler", "tile", "threads_per_worker"):
+            if getattr(args, flag) is not None:
+                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --kernel K.zarr (a kernel store)")
 
     try:
         dataset = load_dataset(args.data)
@@ -135,6 +151,11 @@ def cmd_sweep(args) -> int:
         kernel_cache=args.kernel_cache,
         data_label=str(args.data),
         yes=args.yes,
+        kernel_store=args.kernel,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        tile=args.tile,
+        threads_per_worker=args.threads_per_worker,
     )
     results["config"]["command"] = "cnngp sweep " + " ".join(_argv_for_record(args))
 
@@ -217,6 +238,13 @@ def register(subparsers) -> None:
     p.add_argument("--kernel-cache",
                    help="FILE.npz: reuse the kernel stack stored there by an identical "
                    "sweep, or store it there")
+    p.add_argument("--kernel",
+                   help="K.zarr: compute the kernels tile by tile into this resumable store (and "
+                   "K-test.zarr with --test), or finish/reuse it; one readout in memory at a time")
+    p.add_argument("--workers", type=int_at_least(1), help="with --kernel: a local Dask cluster of N worker processes")
+    p.add_argument("--scheduler", help="with --kernel: an existing Dask scheduler address")
+    p.add_argument("--tile", type=int_at_least(1), help="with --kernel: tile side (default: from the memory budget)")
+    p.add_argument("--threads-per-worker", type=int_at_least(1), help="with --kernel: torch/numba threads per task")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -33,7 +33,7 @@ from cnngp.validation import as_images, resolve_device, resolve_dtype
 
 __all__ = [
     "kernel", "readout_sweep", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
-    "GramCost", "gram_needs", "check_gram", "input_state",
+    "GramCost", "gram_needs", "check_gram", "input_state", "Tile", "tile_plan",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -543,18 +543,48 @@ class GramPlan:
 
     def tiles(self, n_rows: int, n_cols: int | None = None, tile: int = 512):
         """Square tiles covering the (n_rows, n_cols) matrix: ``(rows, cols, diagonal)`` with
-        slices; with ``n_cols=None`` (a symmetric matrix) only tiles on or above the
-        diagonal, the diagonal ones flagged. Edge tiles are ragged."""
-        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-            raise CNNGPError(f"tile: expected an int >= 1, got {tile!r}")
-        symmetric = n_cols is None
-        n_cols = n_rows if symmetric else n_cols
-        out = []
-        for r0 in range(0, n_rows, tile):
-            for c0 in range(r0 if symmetric else 0, n_cols, tile):
-                out.append((slice(r0, min(r0 + tile, n_rows)), slice(c0, min(c0 + tile, n_cols)),
-                            symmetric and r0 == c0))
-        return out
+        slices (:func:`tile_plan`); with ``n_cols=None`` (a symmetric matrix) only tiles on or
+        above the diagonal, the diagonal ones flagged. Edge tiles are ragged."""
+        return [(t.rows, t.cols, t.diagonal) for t in tile_plan(n_rows, n_cols, tile)]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One square tile of the matrix: block row ``i``, block column ``j``."""
+
+    i: int
+    j: int
+    rows: slice
+    cols: slice
+    diagonal: bool  # on the diagonal of a symmetric matrix: only pairs r <= c are computed
+    mirror: bool  # off the diagonal of a symmetric matrix: also written at (cols, rows)
+
+    @property
+    def name(self) -> str:
+        return f"tile-{self.i}-{self.j}"
+
+    @property
+    def pairs(self) -> int:
+        r, c = self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
+        return r * (r + 1) // 2 if self.diagonal else r * c
+
+
+def tile_plan(n_rows: int, n_cols: int | None, tile: int) -> list[Tile]:
+    """Square tiles of side ``tile`` covering an (n_rows, n_cols) matrix, ragged at the edges;
+    with ``n_cols=None`` (x2 is x1) only the tiles on and above the diagonal."""
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise CNNGPError(f"tile: expected an int >= 1, got {tile!r}")
+    tile = int(tile)
+    symmetric = n_cols is None
+    n_cols = n_rows if symmetric else n_cols
+    out = []
+    for i, r0 in enumerate(range(0, n_rows, tile)):
+        for j, c0 in enumerate(range(0, n_cols, tile)):
+            if symmetric and j < i:
+                continue
+            out.append(Tile(i, j, slice(r0, min(r0 + tile, n_rows)), slice(c0, min(c0 + tile, n_cols)),
+                            diagonal=symmetric and i == j, mirror=symmetric and i != j))
+    return out
 
 
 def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> None:

@@ -20,6 +20,7 @@ on the test split.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
 from cnngp.errors import CNNGPError
 from cnngp.kernels.layers import Readout
 from cnngp.io.architectures import split_network
-from cnngp.io.provenance import array_sha256, versions
+from cnngp.provenance import array_sha256, versions
 from cnngp.engine.storage import atomic_write
 
 __all__ = [
@@ -65,6 +66,100 @@ _BEST_KEYS = (
 # --------------------------------------------------------------------------------------
 # Networks and readouts
 # --------------------------------------------------------------------------------------
+
+
+def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, **common):
+    """The whole (L, N, N) stack in memory, read from or written to an ``.npz`` kernel cache."""
+    import torch
+
+    from cnngp.engine.gram import readout_sweep
+
+    n_max = x_sub.shape[0]
+    dtype, device, memory_budget = common["dtype"], common["device"], common["memory_budget"]
+    cache_path = None if kernel_cache is None else Path(kernel_cache)
+    cached = _read_cache(cache_path, key) if cache_path is not None else None
+    if cached is None:  # refuse, before any work, what this machine cannot hold or finish
+        from cnngp.engine.gram import gram_needs
+        from cnngp.engine.resources import check_job
+
+        shape = x_sub.shape[1:]
+        memory, seconds, _ = gram_needs(body, shape, n_max, readouts=readouts, dtype=dtype,
+                                        memory_budget=memory_budget)
+        if x_test is not None:
+            m2, s2, _ = gram_needs(body, shape, len(x_test), n_max, readouts=readouts,
+                                   dtype=dtype, memory_budget=memory_budget)
+            memory, seconds = memory + m2, seconds + s2
+        check_job(
+            f"--n {n_max} with {len(readouts)} readouts",
+            memory_bytes=memory,
+            seconds=seconds if str(device).startswith("cpu") else None,
+            yes=yes,
+            remedy="use a smaller --n, fewer --lengthscales or --n-test (or --kernel K.zarr)",
+        )
+
+    def save(K, K_test=None):  # after each computation, so a later failure keeps it
+        if cache_path is None:
+            return
+        stored_key = {**key, "test_sha256": None if K_test is None else key["test_sha256"]}
+        arrays = {
+            "kernels": K,
+            "key": np.array(json.dumps(stored_key)),
+            "train_index": saved["order"],
+            "y_train": saved["y_sub"],
+            "lengthscales": np.array([v for _, v in saved["labels"]], dtype=np.float64),
+            "readout_names": np.array([name for name, _ in saved["labels"]]),
+        }
+        if K_test is not None:
+            arrays["test_kernels"] = K_test
+            arrays["test_index"] = saved["test_order"]
+            arrays["y_test"] = saved["y_test"]
+        _write_npz_atomic(cache_path, arrays)
+
+    if cached is not None:
+        K = cached["kernels"]
+        if K.shape != (len(readouts), n_max, n_max):
+            raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
+    else:
+        K = readout_sweep(body, readouts, x_sub, checkpoint=_checkpoint(cache_path, "train"), **common)
+        K = K.to(torch.float64).numpy()
+        save(K)
+    K_test = None
+    if x_test is not None:
+        if cached is not None and "test_kernels" in cached:
+            K_test = cached["test_kernels"]
+        else:
+            K_test = readout_sweep(body, readouts, x_test, x_sub,
+                                   checkpoint=_checkpoint(cache_path, "test"), **common)
+            K_test = K_test.to(torch.float64).numpy()
+            save(K, K_test)
+    if not np.all(np.isfinite(K)):
+        raise CNNGPError("kernel: the computed kernel has NaN or infinite entries")
+    return K, K_test
+
+
+def test_store_path(kernel_store) -> Path:
+    """Where the sweep keeps the test × train kernels of the store ``K.zarr``: ``K-test.zarr``."""
+    path = Path(kernel_store)
+    return path.with_name(path.name[: -len(".zarr")] + "-test.zarr" if path.name.lower().endswith(".zarr")
+                          else path.name + "-test.zarr")
+
+
+def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, **options):
+    """Train (and test) kernels computed into stores; returned as lazy per-readout sequences."""
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore, StoredReadouts
+
+    names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
+    store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--kernel",
+                 **options)
+    K = StoredReadouts(KernelStore.open(kernel_store))
+    K_test = None
+    if x_test is not None:
+        path = test_store_path(kernel_store)
+        store_kernel(body, x_test, x_train, readouts=readouts, labels=names, out=path,
+                     what="--kernel (its test store)", **options)
+        K_test = StoredReadouts(KernelStore.open(path))
+    return K, K_test
 
 
 def _lengthscale_json(value: float):
@@ -216,54 +311,87 @@ def _folds_for(scheme: str, n: int, y: np.ndarray, k: int, seed: int):
     return gp.stratified_folds(y, k, seed)
 
 
-def _cross_validate_all(K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress):
-    """CV accuracy of every readout on every block of every size: (results, best)."""
+def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid, bar=None):
+    """One readout's CV accuracy on every block of every size: a row per n in ``ns``."""
     n_max = ns[-1]
-    results = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(labels) * sum(n_max // n for n in ns)
-        bar = tqdm(total=total, desc="cross-validation", unit="fit")
-    best = []
+    out = []
     for n in ns:
         block_list = blocks(n_max, n, n_classes)
-        rows = []
-        for (name, lam), Kl in zip(labels, K):
-            accs, noises = [], []
-            for b in block_list:
-                yb = y_sub[b]
-                cv = gp.cross_validate(
-                    Kl[np.ix_(b, b)],
-                    yb,
-                    folds=_folds_for(fold_scheme, n, yb, folds, seed),
-                    n_classes=n_classes,
-                    n_grid=n_grid,
-                )
-                accs.append(cv.best_accuracy)
-                noises.append(cv.best_noise_variance)
-                if bar is not None:
-                    bar.update(1)
-            mean, two_se = gp.mean_and_2se(accs)
-            rows.append(
-                {
-                    "n": int(n),
-                    "readout": name,
-                    "lengthscale": _lengthscale_json(lam),
-                    "cv_accuracy": float(mean),
-                    "cv_accuracy_2se": float(two_se),
-                    "n_datasets": len(block_list),
-                    "noise_variance": float(np.median(noises)),
-                    "block_cv_accuracies": [float(a) for a in accs],
-                    "block_noise_variances": [float(s) for s in noises],
-                }
+        accs, noises = [], []
+        for b in block_list:
+            yb = y_sub[b]
+            whole = len(b) == len(Kl) and np.array_equal(b, np.arange(len(Kl)))
+            cv = gp.cross_validate(
+                Kl if whole else Kl[np.ix_(b, b)],
+                yb,
+                folds=_folds_for(fold_scheme, n, yb, folds, seed),
+                n_classes=n_classes,
+                n_grid=n_grid,
             )
+            accs.append(cv.best_accuracy)
+            noises.append(cv.best_noise_variance)
+            if bar is not None:
+                bar.update(1)
+        mean, two_se = gp.mean_and_2se(accs)
+        out.append({
+            "n": int(n),
+            "readout": name,
+            "lengthscale": _lengthscale_json(lam),
+            "cv_accuracy": float(mean),
+            "cv_accuracy_2se": float(two_se),
+            "n_datasets": len(block_list),
+            "noise_variance": float(np.median(noises)),
+            "block_cv_accuracies": [float(a) for a in accs],
+            "block_noise_variances": [float(s) for s in noises],
+        })
+    return out
+
+
+def cv_stored_readout(path, index, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid):
+    """A Dask task: read readout ``index`` of the store at ``path`` and cross-validate it."""
+    from cnngp.engine.store import KernelStore
+
+    Kl = KernelStore.open(path).readout(index)
+    with gp.small_problem_threads(ns[-1]):
+        return _cv_readout(Kl, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid)
+
+
+def _cross_validate_all(K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress,
+                        client=None):
+    """CV accuracy of every readout on every block of every size: (results, best).
+
+    ``K`` is any sequence of (N, N) matrices, read once each in order (a kernel store's
+    readouts come from disk one at a time), so one readout is in memory at once. With a Dask
+    ``client`` and a store, each readout is a task that reads its own matrix."""
+    n_max = ns[-1]
+    args = (y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid)
+    if client is not None and hasattr(K, "store"):
+        from distributed import as_completed
+
+        futures = {client.submit(cv_stored_readout, str(K.store.path), i, name, lam, *args, pure=False): i
+                   for i, (name, lam) in enumerate(labels)}
+        per_readout = [None] * len(labels)
+        for future in as_completed(futures):
+            per_readout[futures[future]] = future.result()
+    else:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(labels) * sum(n_max // n for n in ns), desc="cross-validation", unit="fit")
+        per_readout = []
+        with gp.small_problem_threads(n_max):
+            for (name, lam), Kl in zip(labels, K):
+                per_readout.append(_cv_readout(Kl, name, lam, *args, bar=bar))
+                del Kl
+        if bar is not None:
+            bar.close()
+    results, best = [], []
+    for k, n in enumerate(ns):
+        rows = [r[k] for r in per_readout]
         i_best = int(np.argmax([r["cv_accuracy"] for r in rows]))
-        best.append({k: rows[i_best][k] for k in _BEST_KEYS})
+        best.append({key: rows[i_best][key] for key in _BEST_KEYS})
         results.extend(rows)
-    if bar is not None:
-        bar.close()
     return results, best
 
 
@@ -287,6 +415,11 @@ def run_sweep(
     kernel_cache: str | os.PathLike | None = None,
     data_label: str | None = None,
     yes: bool = True,
+    kernel_store: str | os.PathLike | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    tile: int | None = None,
+    threads_per_worker: int | None = None,
 ) -> dict:
     """Run the paper's readout sweep and return a results dictionary.
 
@@ -337,6 +470,12 @@ def run_sweep(
         readouts, images and dtype, the kernels are read from it instead of computed;
         otherwise they are computed and written there (atomically). A file from a
         different sweep is an error, never overwritten.
+    kernel_store : path, optional
+        ``K.zarr``: compute the train kernels tile by tile into this resumable store
+        (:func:`cnngp.engine.distributed.store_kernel`; a rerun computes only what it lacks)
+        and the test kernels into ``K-test.zarr`` beside it, then cross-validate one readout
+        at a time: at most one N×N float64 matrix (and its eigendecomposition) is in memory.
+        ``workers``, ``scheduler``, ``tile`` and ``threads_per_worker`` go to the store engine.
     data_label : str, optional
         How to name the data in ``config["data"]`` (default: the source string, or the
         data set's name).
@@ -373,10 +512,6 @@ def run_sweep(
     ValueError, FileNotFoundError
         From :func:`cnngp.io.data.load_dataset` for unreadable or missing data.
     """
-    import torch
-
-    from cnngp.engine.gram import readout_sweep
-
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
     if fold_scheme not in _FOLD_SCHEMES:
@@ -434,154 +569,103 @@ def run_sweep(
     readouts, labels = sweep_readouts(template, lengthscales, family)
     grid = body.grids(tuple(x_sub.shape[1:-1]))[-1]
 
-    # -- kernels (one pass for every readout) -----------------------------------------
-    common = dict(
-        dtype=dtype,
-        device=device,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        progress=progress,
-    )
-    key = {
-        "format": RESULTS_FORMAT,
-        "spec": body.to_spec(),
-        "readouts": [r.to_spec() for r in readouts],
-        "train_sha256": array_sha256(x_sub),
-        "dtype": str(dtype),
-        "test_sha256": None if test_order is None else array_sha256(ds.x_test[test_order]),
-    }
-    cache_path = None if kernel_cache is None else Path(kernel_cache)
-    cached = _read_cache(cache_path, key) if cache_path is not None else None
-    if cached is None:  # refuse, before any work, what this machine cannot hold or finish
-        from cnngp.engine.gram import gram_needs
-        from cnngp.engine.resources import check_job
-
-        shape = x_sub.shape[1:]
-        memory, seconds, _ = gram_needs(body, shape, n_max, readouts=readouts, dtype=dtype,
-                                        memory_budget=memory_budget)
-        if test_order is not None:
-            m2, s2, _ = gram_needs(body, shape, len(test_order), n_max, readouts=readouts,
-                                   dtype=dtype, memory_budget=memory_budget)
-            memory, seconds = memory + m2, seconds + s2
-        check_job(
-            f"--n {n_max} with {len(readouts)} readouts",
-            memory_bytes=memory,
-            seconds=seconds if str(device).startswith("cpu") else None,
-            yes=yes,
-            remedy="use a smaller --n, fewer --lengthscales or --n-test",
-        )
-
-    def save(K, K_test=None):  # after each computation, so a later failure keeps it
-        if cache_path is None:
-            return
-        stored_key = {**key, "test_sha256": None if K_test is None else key["test_sha256"]}
-        arrays = {
-            "kernels": K,
-            "key": np.array(json.dumps(stored_key)),
-            "train_index": order,
-            "y_train": y_sub,
-            "lengthscales": np.array([v for _, v in labels], dtype=np.float64),
-            "readout_names": np.array([name for name, _ in labels]),
+    with contextlib.ExitStack() as cleanup:  # a Dask cluster, when one is started
+        # -- kernels (one pass for every readout) -----------------------------------------
+        x_test = None if test_order is None else ds.x_test[test_order]
+        key = {
+            "format": RESULTS_FORMAT,
+            "spec": body.to_spec(),
+            "readouts": [r.to_spec() for r in readouts],
+            "train_sha256": array_sha256(x_sub),
+            "dtype": str(dtype),
+            "test_sha256": None if x_test is None else array_sha256(x_test),
         }
-        if K_test is not None:
-            arrays["test_kernels"] = K_test
-            arrays["test_index"] = test_order
-            arrays["y_test"] = ds.y_test[test_order]
-        _write_npz_atomic(cache_path, arrays)
+        common = dict(dtype=dtype, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                      progress=progress)
+        client = None
+        if kernel_store is not None:
+            if kernel_cache is not None:
+                raise CNNGPError("kernel_store: cannot be combined with kernel_cache (choose one)")
+            if workers or scheduler:  # one cluster for the kernels and the cross-validation
+                from cnngp.engine.distributed import dask_client
 
-    if cached is not None:
-        K = cached["kernels"]
-        if K.shape != (len(readouts), n_max, n_max):
-            raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
-    else:
-        K = readout_sweep(body, readouts, x_sub, checkpoint=_checkpoint(cache_path, "train"), **common)
-        K = K.to(torch.float64).numpy()
-        save(K)
-    K_test = None
-    if test_order is not None:
-        if cached is not None and "test_kernels" in cached:
-            K_test = cached["test_kernels"]
+                limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
+                client = cleanup.enter_context(dask_client(workers, scheduler, limit))
+            K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test, client=client,
+                                        tile=tile, threads_per_worker=threads_per_worker, **common)
         else:
-            K_test = (
-                readout_sweep(
-                    body, readouts, ds.x_test[test_order], x_sub,
-                    checkpoint=_checkpoint(cache_path, "test"), **common,
-                )
-                .to(torch.float64)
-                .numpy()
-            )
-            save(K, K_test)
-    if not np.all(np.isfinite(K)):
-        raise CNNGPError("kernel: the computed kernel has NaN or infinite entries")
+            saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
+                         y_test=None if x_test is None else ds.y_test[test_order])
+            K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes,
+                                           **common)
 
-    # -- cross-validation on every block of every size ----------------------------------
-    with gp.small_problem_threads(n_max):
+        # -- cross-validation on every block of every size ----------------------------------
         results, best = _cross_validate_all(
-            K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress
+            K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress, client=client
         )
 
-    # -- test accuracy of the models trained on N_max -----------------------------------
-    test_summary = None
-    if K_test is not None:
-        y_test = ds.y_test[test_order]
-        top = [r for r in results if r["n"] == n_max]
-        for r, Kl, Kt in zip(top, K, K_test):
-            r["test_accuracy"] = gp.test_accuracy(
-                Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
-            )
-        chosen = best[-1]
-        i = next(j for j, r in enumerate(top) if r["readout"] == chosen["readout"]
-                 and r["lengthscale"] == chosen["lengthscale"])
-        test_summary = {
-            "n_train": int(n_max),
-            "n_test": int(len(y_test)),
-            "readout": top[i]["readout"],
-            "lengthscale": top[i]["lengthscale"],
-            "noise_variance": top[i]["noise_variance"],
-            "cv_accuracy": top[i]["cv_accuracy"],
-            "test_accuracy": top[i]["test_accuracy"],
-        }
+        # -- test accuracy of the models trained on N_max -----------------------------------
+        test_summary = None
+        if K_test is not None:
+            y_test = ds.y_test[test_order]
+            top = [r for r in results if r["n"] == n_max]
+            for r, Kl, Kt in zip(top, K, K_test):
+                r["test_accuracy"] = gp.test_accuracy(
+                    Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
+                )
+            chosen = best[-1]
+            i = next(j for j, r in enumerate(top) if r["readout"] == chosen["readout"]
+                     and r["lengthscale"] == chosen["lengthscale"])
+            test_summary = {
+                "n_train": int(n_max),
+                "n_test": int(len(y_test)),
+                "readout": top[i]["readout"],
+                "lengthscale": top[i]["lengthscale"],
+                "noise_variance": top[i]["noise_variance"],
+                "cv_accuracy": top[i]["cv_accuracy"],
+                "test_accuracy": top[i]["test_accuracy"],
+            }
 
-    config = {
-        "format": RESULTS_FORMAT,
-        "arch": net_name,
-        "spec": body.to_spec(),
-        "readout_weight_var": template.weight_var,
-        "readout_bias_var": template.bias_var,
-        "readout_grid": list(grid),
-        "data": str(source),
-        "dataset": ds.name,
-        "image_shape": list(ds.image_shape),
-        "n_classes": int(n_classes),
-        "class_names": list(ds.class_names),
-        "ns": [int(n) for n in ns],
-        "folds": folds,
-        "fold_scheme": fold_scheme,
-        "family": family,
-        "lengthscales": [_lengthscale_json(v) for _, v in labels[1:-1]],
-        "lengthscale_units": "index units of the readout's input grid",
-        "noise_grid": {
-            "n": int(n_grid),
-            "log_min": gp.NOISE_LOG_MIN,
-            "log_max": gp.NOISE_LOG_MAX,
-            "lower_end": "raised to make every fold kernel positive definite",
-        },
-        "targets": "one-hot minus 1/n_classes",
-        "seed": seed,
-        "dtype": str(dtype),
-        "test": bool(test),
-        "n_test": None if test_order is None else int(len(test_order)),
-        "train_sha256": key["train_sha256"],
-    }
-    out = {
-        "config": config,
-        "versions": versions(),
-        "results": results,
-        "best": best,
-    }
-    if test_summary is not None:
-        out["test"] = test_summary
-    return out
+        config = {
+            "format": RESULTS_FORMAT,
+            "arch": net_name,
+            "spec": body.to_spec(),
+            "readout_weight_var": template.weight_var,
+            "readout_bias_var": template.bias_var,
+            "readout_grid": list(grid),
+            "data": str(source),
+            "dataset": ds.name,
+            "image_shape": list(ds.image_shape),
+            "n_classes": int(n_classes),
+            "class_names": list(ds.class_names),
+            "ns": [int(n) for n in ns],
+            "folds": folds,
+            "fold_scheme": fold_scheme,
+            "family": family,
+            "lengthscales": [_lengthscale_json(v) for _, v in labels[1:-1]],
+            "lengthscale_units": "index units of the readout's input grid",
+            "noise_grid": {
+                "n": int(n_grid),
+                "log_min": gp.NOISE_LOG_MIN,
+                "log_max": gp.NOISE_LOG_MAX,
+                "lower_end": "raised to make every fold kernel positive definite",
+            },
+            "targets": "one-hot minus 1/n_classes",
+            "seed": seed,
+            "dtype": str(dtype),
+            "test": bool(test),
+            "n_test": None if test_order is None else int(len(test_order)),
+            "train_sha256": key["train_sha256"],
+        }
+        out = {
+            "config": config,
+            "versions": versions(),
+            "results": results,
+            "best": best,
+        }
+        if test_summary is not None:
+            out["test"] = test_summary
+        return out
 
 
 # --------------------------------------------------------------------------------------

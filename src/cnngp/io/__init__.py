@@ -1,7 +1,6 @@
-"""Files in and out: data sets (``data``), JSON architecture specs (``spec``), the named
-architectures (``architectures``) and what results record about how they were made
-(``provenance``)."""
+"""Files in and out: data sets (``data``), JSON architecture specs (``spec``) and the named
+architectures (``architectures``)."""
 
 from cnngp._lazy import submodule_getattr
 
-__getattr__ = submodule_getattr(__name__, ("data", "spec", "architectures", "provenance"))
+__getattr__ = submodule_getattr(__name__, ("data", "spec", "architectures"))

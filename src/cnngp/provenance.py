@@ -19,7 +19,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("cnngp", "torch", "numpy", "scipy", "scikit-learn", "numba"):
+    for name in ("cnngp", "torch", "numpy", "scipy", "scikit-learn", "numba", "zarr", "dask", "distributed"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

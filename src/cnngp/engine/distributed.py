@@ -1,0 +1,443 @@
+"""Gram matrices into a kernel store, in this process or on a Dask cluster, resumably.
+
+:func:`store_kernel` plans the tiles of a (L, N1, N2) matrix, creates (or reopens and checks)
+the Zarr store (:mod:`cnngp.engine.store`), and runs two stages of small tasks whose only
+arguments are the store's path and a unit of work:
+
+1. ``self`` tasks, one per block of T images: each image's own variances (the self pass), once
+   per image, written to the store;
+2. ``tile`` tasks, one per tile: the block of the matrix from the rows' and columns' images and
+   records (:meth:`cnngp.engine.gram.GramPlan.block`), written to the tile's own chunks, then
+   its record with the checksum of the bytes.
+
+Without a cluster the tasks run here one after another (the default, single-machine engine).
+With ``workers=N`` a Dask ``LocalCluster`` of N worker processes listening on 127.0.0.1 only;
+with ``scheduler=ADDRESS`` an existing cluster (e.g. started by ``dask-jobqueue`` on SLURM or
+PBS). Dask reruns the tasks of a lost worker; a task that runs twice writes the same bytes. A
+rerun of the same call verifies every finished tile against its checksum and computes only the
+missing and bad ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords
+from cnngp.engine.resources import human_bytes, human_seconds
+from cnngp.engine.storage import fingerprint
+from cnngp.engine.store import KernelStore, Tile, tile_plan
+from cnngp.errors import CNNGPError
+from cnngp.provenance import versions
+
+__all__ = ["store_kernel", "StoreReport", "choose_tile", "dask_client", "TILE_SIZES"]
+
+#: tile sides :func:`choose_tile` picks from (largest first)
+TILE_SIZES = (1024, 512, 256, 128, 64, 32, 16)
+
+
+@dataclass
+class StoreReport:
+    """What a :func:`store_kernel` call found and did."""
+
+    path: str
+    shape: tuple
+    tile: int
+    tiles_total: int
+    tiles_done_before: int
+    tiles_bad: int
+    tiles_computed: int
+    self_blocks_computed: int
+    pairs_computed: int
+    seconds: float
+    workers: int
+    dashboard: str | None = None
+    dry_run: dict | None = field(default=None)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, shape=list(self.shape))
+
+
+# -- sizes ---------------------------------------------------------------------------------
+
+
+def _record_bytes_per_image(plan: GramPlan, grids: dict) -> int:
+    return sum(math.prod(g) for g in grids.values()) * plan.dtype.itemsize
+
+
+def tile_bytes(plan: GramPlan, tile: int, grids: dict) -> int:
+    """Memory one tile task holds besides the engine's batch working set: the block (and its
+    mirror copy), two blocks of images and of self records."""
+    item = plan.dtype.itemsize
+    block = plan.n_outputs * tile * tile * item * 3
+    images = 2 * tile * math.prod(plan.image_shape) * item
+    return block + images + 2 * tile * _record_bytes_per_image(plan, grids)
+
+
+def choose_tile(plan: GramPlan, n1: int, n2: int | None, grids: dict, budget: int, workers: int) -> int:
+    """The tile side: the largest of :data:`TILE_SIZES` whose task fits in half the worker's
+    memory budget and that leaves at least 4 tiles per worker to balance (when N allows)."""
+    n = max(n1, n2 or n1)
+    fitting = [t for t in TILE_SIZES if tile_bytes(plan, t, grids) <= budget // 2] or [TILE_SIZES[-1]]
+    for t in fitting:
+        if len(tile_plan(n1, n2, t)) >= 4 * max(1, workers) or t <= 16:
+            return min(t, n)
+    return min(fitting[-1], n)
+
+
+# -- the tasks (run on workers; arguments are small and picklable) -------------------------
+
+_PLANS: dict = {}
+
+
+def _set_threads(threads: int | None) -> None:
+    if not threads:
+        return
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if "numba" in sys.modules:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _plan(key: str, recipe) -> GramPlan:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if isinstance(recipe, bytes):
+            recipe = pickle.loads(recipe)
+        model, image_shape, options = recipe
+        plan = GramPlan(model, image_shape, **options)
+        _PLANS.clear()  # one computation at a time per process
+        _PLANS[key] = plan
+    return plan
+
+
+def _records(store: KernelStore, plan: GramPlan, which: str, sl: slice) -> SelfRecords:
+    arrays = store.read_self(which, sl)
+    return SelfRecords({int(k): torch.as_tensor(v, device=plan.device) for k, v in arrays.items()},
+                       sl.stop - sl.start)
+
+
+def run_self_task(path: str, key: str, recipe: tuple, which: str, block: int, sl: slice,
+                  threads: int | None) -> tuple:
+    """Stage 1 on a block of images: their self records, into the store."""
+    _set_threads(threads)
+    store = KernelStore.open(path)
+    plan = _plan(key, recipe)
+    x = torch.as_tensor(store.images(which, sl), device=plan.device)
+    records = plan.self_records(x)
+    store.write_self(which, block, sl, {k: v.cpu().numpy() for k, v in records.variances.items()})
+    return which, block
+
+
+def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int | None) -> tuple:
+    """Stage 2 on one tile: its block of the matrix, into the store, then its record."""
+    _set_threads(threads)
+    start = time.perf_counter()
+    store = KernelStore.open(path)
+    plan = _plan(key, recipe)
+    x_rows = torch.as_tensor(store.images("x1", tile.rows), device=plan.device)
+    rec_rows = _records(store, plan, "x1", tile.rows)
+    if tile.diagonal:
+        block = plan.block(x_rows, rec_rows)
+    else:
+        which = "x1" if store.symmetric else "x2"
+        x_cols = torch.as_tensor(store.images(which, tile.cols), device=plan.device)
+        block = plan.block(x_rows, rec_rows, x_cols, _records(store, plan, which, tile.cols))
+    seconds = time.perf_counter() - start
+    store.write_tile(tile, block.numpy(), seconds)
+    return tile.name, tile.pairs, seconds
+
+
+# -- clusters -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dask_client(workers: int | None = None, scheduler: str | None = None,
+                memory_limit: int | None = None):
+    """A Dask client: an existing cluster at ``scheduler``, or a ``LocalCluster`` of
+    ``workers`` single-task worker processes bound to 127.0.0.1 (closed on exit, even on error)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CNNGPError("--workers/--scheduler need dask.distributed (pip install 'dask[distributed]')") from None
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise CNNGPError(f"--scheduler: cannot reach {scheduler!r} ({e})") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = LocalCluster(  # every listening socket, the dashboard's included, on 127.0.0.1
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address="127.0.0.1:0", memory_limit=memory_limit or "auto",
+        silence_logs=logging.ERROR,
+    )
+    try:
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def _progress_bar(total_pairs: int, tiles_total: int, tiles_done: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_pairs, unit="pair", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+               desc="tiles", smoothing=0.05)
+    bar.set_postfix_str(f"{tiles_done}/{tiles_total} tiles")
+    return bar
+
+
+def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path) -> dict:
+    """Plan, sizes and a time estimate from timing a sample of pairs here."""
+    _set_threads(threads)
+    n_pairs = sum(t.pairs for t in tiles)
+    n_images = xa.shape[0] + (0 if xb is None else xb.shape[0])
+    item = plan.dtype.itemsize
+    L, n1 = plan.n_outputs, xa.shape[0]
+    n2 = n1 if xb is None else xb.shape[0]
+    store_bytes = (L * n1 * n2 + n_images * (math.prod(plan.image_shape)
+                                              + _record_bytes_per_image(plan, grids) // item)) * item
+    k = max(2, min(8, n1))
+    xs = torch.as_tensor(np.resize(xa, (k, *xa.shape[1:])), device=plan.device)
+    plan.block(xs[:2], plan.self_records(xs[:2]))  # warm up (numba compiles once per process)
+    t0 = time.perf_counter()
+    rec = plan.self_records(xs)
+    t_self = (time.perf_counter() - t0) / k
+    xs2 = xs.flip(0)
+    rec2 = plan.self_records(xs2)
+    t0 = time.perf_counter()
+    plan.block(xs, rec, xs2, rec2)
+    t_pair = max((time.perf_counter() - t0) / (k * k), 1e-9)
+    serial = n_pairs * t_pair + n_images * t_self
+    w = max(1, workers)
+    return {
+        "tiles": len(tiles),
+        "diagonal_tiles": sum(t.diagonal for t in tiles),
+        "tile": tile,
+        "pairs": n_pairs,
+        "images": n_images,
+        "store_bytes": int(store_bytes),
+        "memory_per_worker_bytes": int(budget + tile_bytes(plan, tile, grids)),
+        "workers": w,
+        "threads_per_worker": threads,
+        "timed_pairs": k * k,
+        "seconds_per_pair": t_pair,
+        "seconds_per_image_self": t_self,
+        "estimated_seconds_one_worker": serial,
+        "estimated_seconds": serial / w,
+        "path": str(path),
+    }
+
+
+def describe_dry_run(d: dict) -> str:
+    """The dry run as the lines ``cnngp kernel --dry-run`` prints."""
+    return "\n".join([
+        f"plan: {d['tiles']} tiles of {d['tile']} ({d['diagonal_tiles']} on the diagonal), "
+        f"{d['pairs']:,} image pairs, {d['images']:,} images in the self pass",
+        f"store: {d['path']} about {human_bytes(d['store_bytes'])}",
+        f"per worker: about {human_bytes(d['memory_per_worker_bytes'])} "
+        f"({d['threads_per_worker'] or 'all'} threads); {d['workers']} worker(s)",
+        f"timed here: {d['timed_pairs']} pairs at {d['seconds_per_pair'] * 1e3:.3g} ms per pair, "
+        f"{d['seconds_per_image_self'] * 1e3:.3g} ms per image (self pass)",
+        f"estimate: {human_seconds(d['estimated_seconds_one_worker'])} on one worker, "
+        f"about {human_seconds(d['estimated_seconds'])} on {d['workers']} worker(s) of this speed",
+    ])
+
+
+def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="float64",
+                 device="cpu", tile: int | None = None, batch_size=None, memory_budget=None,
+                 workers: int | None = None, scheduler: str | None = None, client=None,
+                 threads_per_worker: int | None = None, progress: bool = True,
+                 dry_run: bool = False, what: str = "--out") -> StoreReport:
+    """Compute the Gram matrix of ``model`` (or of ``model`` under each of ``readouts``) on
+    images ``x1`` × ``x2`` (``x2=None``: x1 × x1) into the kernel store at ``out``.
+
+    Parameters
+    ----------
+    model, x1, x2, readouts, dtype, device, batch_size, memory_budget
+        As for :func:`cnngp.kernel` / :func:`cnngp.readout_sweep`; ``memory_budget`` is per
+        worker and also decides the tile size.
+    out : path-like
+        The store (``K.zarr``). An existing store of the same computation is resumed: its
+        finished tiles are verified against their checksums, and only missing or bad ones run.
+    labels : list, optional
+        Names of the readouts (recorded in the store).
+    tile : int, optional
+        Tile side T (default :func:`choose_tile`). Part of the store's identity.
+    workers : int, optional
+        Run on a ``LocalCluster`` of this many processes (127.0.0.1 only).
+    scheduler : str, optional
+        Address of an existing Dask scheduler (``tcp://host:8786``).
+    client : distributed.Client, optional
+        An existing client (overrides ``workers``/``scheduler``).
+    threads_per_worker : int, optional
+        torch and numba threads in each task (default: this machine's cores / workers).
+    dry_run : bool
+        Plan, size and time a sample of pairs; compute and write nothing.
+    """
+    x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
+    plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, dtype=dtype, device=device,
+                    batch_size=batch_size, memory_budget=memory_budget)
+    xa = plan.images(x1, "x1").cpu().numpy()
+    xb = None if x2 is None else plan.images(x2, "x2").cpu().numpy()
+    n1 = xa.shape[0]
+    n2 = None if xb is None else xb.shape[0]
+    probe = plan.self_records(torch.as_tensor(xa[:1], device=plan.device))
+    grids = {int(k): tuple(v.shape[1:]) for k, v in probe.variances.items()}
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    n_workers = 1 if (client is None and scheduler is None and not workers) else (workers or 1)
+    if client is not None:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    if threads_per_worker is None:
+        threads_per_worker = max(1, (os.cpu_count() or 1) // n_workers) if (workers or client or scheduler) else None
+    if tile is None:  # a store being resumed keeps its tile, whatever the workers now
+        tile = KernelStore.stored_tile(out) or choose_tile(plan, n1, n2, grids, budget, n_workers)
+    tiles = tile_plan(n1, n2, tile)
+    recipe = (plan.body, plan.image_shape, dict(readouts=readouts, dtype=str(plan.dtype).removeprefix("torch."),
+                                                device=str(plan.device), batch_size=batch_size,
+                                                memory_budget=memory_budget))
+    if readouts is None:
+        recipe = (model, plan.image_shape, {k: v for k, v in recipe[2].items() if k != "readouts"})
+    identity = {
+        "spec": plan.body.to_spec(),
+        "readouts": [h.to_spec() for h in plan.heads],
+        "x1_sha256": fingerprint(xa),
+        "x2_sha256": None if xb is None else fingerprint(xb),
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "tile": int(tile),
+        "shape": [plan.n_outputs, n1, n1 if n2 is None else n2],
+    }
+    key = fingerprint(identity)
+    if dry_run:
+        d = _dry_run(plan, xa, xb, tiles, grids, tile, n_workers, threads_per_worker, budget, out)
+        return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
+                           n_workers, dry_run=d)
+    provenance = {"versions": versions(), "labels": list(labels or []),
+                  "self_grids": {str(k): list(v) for k, v in grids.items()}}
+    store = KernelStore.create(out, identity, xa, xb, grids, provenance, what=what)
+
+    start = time.perf_counter()
+    state = store.verify()
+    for t in state["bad"]:
+        store.forget(t)
+    todo = state["missing"] + state["bad"]
+    blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
+    report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
+                         len(state["bad"]), 0, 0, 0, 0.0, n_workers)
+    if progress and (state["done"] or state["bad"]):
+        print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done, {len(todo)} to compute"
+              + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
+    if not todo and not blocks:
+        report.seconds = time.perf_counter() - start
+        return report
+    bar = None
+    done_tiles = len(state["done"])
+
+    def start_progress():
+        nonlocal bar
+        bar = _progress_bar(sum(t.pairs for t in todo), len(tiles), done_tiles, progress)
+
+    def tile_finished(name, pairs):
+        nonlocal done_tiles
+        done_tiles += 1
+        report.tiles_computed += 1
+        report.pairs_computed += pairs
+        if bar is not None:
+            bar.update(pairs)
+            bar.set_postfix_str(f"{done_tiles}/{len(tiles)} tiles")
+
+    try:
+        if client is None and scheduler is None and not workers:
+            _PLANS.clear()
+            _PLANS[key] = plan
+            for w, b, sl in blocks:
+                run_self_task(str(out), key, recipe, w, b, sl, threads_per_worker)
+                report.self_blocks_computed += 1
+            start_progress()
+            for t in todo:
+                name, pairs, _ = run_tile_task(str(out), key, recipe, t, threads_per_worker)
+                tile_finished(name, pairs)
+        else:
+            memory_limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
+            ctx = contextlib.nullcontext(client) if client is not None else dask_client(
+                workers, scheduler, memory_limit)
+            with ctx as c:
+                report.dashboard = _dashboard(c)
+                if progress:
+                    print(f"dask: {len(c.scheduler_info().get('workers', {}))} worker(s) at "
+                          f"{c.scheduler.address}" + (f", dashboard {report.dashboard}" if report.dashboard else ""),
+                          file=sys.stderr)
+                start_progress()
+                _run_on_dask(c, str(out), key, recipe, blocks, todo, threads_per_worker, store.symmetric,
+                             report, tile_finished)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, report,
+                 tile_finished) -> None:
+    from distributed import as_completed
+
+    # the recipe travels as pickled bytes: Dask would otherwise look inside its containers
+    recipe_f = client.scatter([pickle.dumps(recipe)], broadcast=True)[0]
+    self_futures = {}
+    for w, b, sl in blocks:
+        self_futures[(w, b)] = client.submit(run_self_task, path, key, recipe_f, w, b, sl, threads,
+                                             key=f"cnngp-self-{key[:12]}-{w}-{b}", pure=False)
+    tile_futures = []
+    for t in todo:  # a tile waits for the self records it reads
+        needs = {("x1", t.i), ("x1" if symmetric else "x2", t.j)}
+        deps = [self_futures[n] for n in needs if n in self_futures]
+        tile_futures.append(client.submit(_after, run_tile_task, deps, path, key, recipe_f, t, threads,
+                                          key=f"cnngp-{t.name}-{key[:12]}", pure=False))
+    try:
+        for future in as_completed(tile_futures):
+            name, pairs, _ = future.result()
+            tile_finished(name, pairs)
+        report.self_blocks_computed = len(self_futures)
+    except BaseException:
+        client.cancel(tile_futures + list(self_futures.values()), force=True)
+        raise
+
+
+def _dashboard(client) -> str | None:
+    """The dashboard's address, when the scheduler serves one (it needs bokeh)."""
+    import importlib.util
+
+    if client.cluster is not None and importlib.util.find_spec("bokeh") is None:
+        return None
+    try:
+        return client.dashboard_link
+    except Exception:  # a scheduler without an HTTP server
+        return None
+
+
+def _after(function, deps, *args):
+    """Run ``function(*args)`` once ``deps`` (futures Dask resolves before calling) are done."""
+    return function(*args)

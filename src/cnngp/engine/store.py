@@ -1,0 +1,390 @@
+"""The kernel store: a Gram matrix in a Zarr group that many workers fill tile by tile.
+
+Layout of ``K.zarr`` (a folder on a file system every worker sees: local disk, NFS, Lustre):
+
+- ``kernel``: the matrix, shape ``(L, N1, N2)`` (L readouts; 1 for a plain kernel), chunks
+  ``(L, T, T)``: one chunk per tile, so a tile's writer owns its chunks and no two writers
+  touch the same bytes. A symmetric matrix (x2 is x1) is computed on the tiles on and above
+  the diagonal; each off-diagonal tile also writes its mirror chunk.
+- ``images/x1`` (and ``images/x2``): the inputs as the engine reads them, so a task needs
+  nothing but the store's path and its tile.
+- ``self/x1/<layer>`` (and ``self/x2/<layer>``): stage 1, each image's own variances at the
+  input of every nonlinearity (:class:`cnngp.engine.gram.SelfRecords`), computed once per image
+  block of T images and read by every tile that needs them.
+- ``records/``: one small JSON file per finished unit (``tile-i-j.json``, ``self-x1-b.json``),
+  written (atomically) only after its data, holding the sha256 of the data. A unit is done only
+  when its record exists and the bytes in the store hash to it; a torn, missing or corrupted
+  chunk is found by :meth:`KernelStore.verify` and recomputed.
+- attributes of the group: what makes the numbers trustworthy and a resume safe (the network
+  spec, readouts, sha256 of the inputs, dtype, tile size, shape, versions). Opening a store for a
+  different computation is refused, naming what differs.
+
+Writes are idempotent (a unit computed twice writes the same bytes and the same record), which
+is what Dask needs: it may run a task twice or rerun the tasks of a lost worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnngp.engine.gram import Tile, tile_plan
+from cnngp.engine.storage import fingerprint
+from cnngp.errors import CNNGPError, MissingFileError
+
+__all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store"]
+
+#: version tag of the store layout
+STORE_FORMAT = "cnngp-kernel-store/1"
+
+#: identity keys that must agree for a resume, in the order a mismatch is reported
+IDENTITY_KEYS = ("format", "spec", "readouts", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
+
+
+def is_store_path(path) -> bool:
+    """A ``.zarr`` path (the CLI's cue to write a store rather than an ``.npz``)."""
+    return str(path).rstrip("/\\").lower().endswith(".zarr")
+
+
+def check_output_store(path, what: str = "--out") -> Path:
+    """Refuse, before any work, a store path cnngp must not write: an existing file, symbolic
+    link or non-empty folder that is not a kernel store, or a missing or unwritable parent."""
+    if path is None or not str(path).strip():
+        raise CNNGPError(f"{what}: is empty; give a store path such as K.zarr")
+    path = Path(path)
+    if path.is_symlink():
+        raise CNNGPError(f"{what}: {str(path)!r} is a symbolic link; cnngp writes only its own folders")
+    if path.exists():
+        if not path.is_dir():
+            raise CNNGPError(f"{what}: {str(path)!r} exists and is not a folder (a kernel store is one)")
+        if not (path / "zarr.json").is_file() and any(path.iterdir()):
+            raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a kernel store; "
+                             "nothing was overwritten")
+        if not os.access(path, os.W_OK):
+            raise CNNGPError(f"{what}: {str(path)!r} is not writable")
+        return path
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise CNNGPError(f"{what}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CNNGPError(f"{what}: the folder {str(parent)!r} is not writable")
+    return path
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CNNGPError("a kernel store (.zarr) needs zarr-python 3 (pip install 'zarr>=3.1,<4'; "
+                         "it needs Python >= 3.11)") from None
+    return zarr
+
+
+def _checksum(*arrays) -> str:
+    return fingerprint(*[np.ascontiguousarray(a) for a in arrays])
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _first_difference(stored: dict, wanted: dict) -> str | None:
+    for key in IDENTITY_KEYS:
+        if json.dumps(stored.get(key), sort_keys=True) != json.dumps(wanted.get(key), sort_keys=True):
+            return key
+    return None
+
+
+_WHAT = {
+    "format": "store format", "spec": "network spec", "readouts": "readouts",
+    "x1_sha256": "images (--x1)", "x2_sha256": "images (--x2)", "dtype": "dtype",
+    "tile": "tile size", "shape": "shape",
+}
+
+
+class KernelStore:
+    """A Gram matrix being computed, or computed, in a Zarr group at ``path``.
+
+    Create or resume one with :meth:`create`; open a finished or partial one with
+    :meth:`open`. ``store.kernel`` is the Zarr array ``(L, N1, N2)``.
+    """
+
+    def __init__(self, path, group, what: str = "--out"):
+        self.path = Path(path)
+        self.group = group
+        self.what = what
+        self.attrs = dict(group.attrs)
+        self.records_dir = self.path / "records"
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, identity: dict, x1: np.ndarray, x2: np.ndarray | None,
+               self_layers: dict, provenance: dict, what: str = "--out") -> "KernelStore":
+        """Create the store for ``identity`` (see :data:`IDENTITY_KEYS`), or reopen the one
+        at ``path`` if it was made for exactly this computation; anything else is refused.
+
+        ``self_layers`` maps each recorded layer index to its grid (the stage-1 arrays).
+        """
+        zarr = _zarr()
+        path = Path(path)
+        identity = {"format": STORE_FORMAT, **identity}
+        if path.exists() or path.is_symlink():
+            if not path.is_dir() or path.is_symlink():
+                raise CNNGPError(f"{what}: {str(path)!r} exists and is not a kernel store (a folder)")
+            if not (path / "zarr.json").exists():
+                if any(path.iterdir()):
+                    raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a kernel store; "
+                                     "nothing was overwritten")
+            else:
+                store = cls.open(path, what=what)
+                key = _first_difference(store.attrs, identity)
+                if key is not None:
+                    raise CNNGPError(
+                        f"{what}: {str(path)!r} holds a kernel of different {_WHAT[key]}; "
+                        "resume only with the same command, or give another --out (nothing was overwritten)"
+                    )
+                if not store.attrs.get("complete_layout"):
+                    raise CNNGPError(f"{what}: {str(path)!r} was left half-created; delete it and run again")
+                return store
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(str(path), mode="w-")
+            L, n1, n2 = identity["shape"]
+            t = identity["tile"]
+            dtype = np.dtype(identity["dtype"])
+            group.create_array("kernel", shape=(L, n1, n2), chunks=(L, min(t, n1), min(t, n2)),
+                               dtype=dtype, fill_value=np.nan, compressors=None)
+            images = group.require_group("images")
+            selfs = group.require_group("self")
+            for name, x in (("x1", x1), ("x2", x2)):
+                if x is None:
+                    continue
+                arr = images.create_array(name, shape=x.shape, chunks=(min(t, x.shape[0]), *x.shape[1:]),
+                                          dtype=x.dtype, compressors=None)
+                arr[...] = x
+                sub = selfs.require_group(name)
+                for layer, grid in self_layers.items():
+                    sub.create_array(str(layer), shape=(x.shape[0], *grid),
+                                     chunks=(min(t, x.shape[0]), *grid), dtype=dtype,
+                                     fill_value=np.nan, compressors=None)
+            (path / "records").mkdir(exist_ok=True)
+            group.attrs.update({**identity, **provenance, "self_layers": sorted(self_layers),
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            group.attrs["complete_layout"] = True  # last: a store without it was torn while created
+        except OSError as e:
+            raise CNNGPError(f"{what}: creating {str(path)!r} failed ({e.strerror or e})") from None
+        return cls.open(path, what=what)
+
+    @staticmethod
+    def stored_tile(path) -> int | None:
+        """The tile size of the store at ``path``, or None if there is none (yet)."""
+        try:
+            with open(Path(path) / "zarr.json") as f:
+                attrs = json.load(f).get("attributes", {})
+        except (OSError, ValueError):
+            return None
+        tile = attrs.get("tile") if attrs.get("format") == STORE_FORMAT else None
+        return int(tile) if isinstance(tile, int) and not isinstance(tile, bool) else None
+
+    @classmethod
+    def open(cls, path, what: str = "--kernel") -> "KernelStore":
+        """Open an existing store (read and write)."""
+        zarr = _zarr()
+        path = Path(path)
+        if not path.exists():
+            raise MissingFileError(f"{what}: kernel store {str(path)!r} does not exist")
+        if not (path / "zarr.json").is_file():
+            raise CNNGPError(f"{what}: {str(path)!r} is not a kernel store (no zarr.json)")
+        try:
+            group = zarr.open_group(str(path), mode="r+")
+        except Exception as e:  # a damaged zarr.json
+            raise CNNGPError(f"{what}: {str(path)!r} cannot be opened as a kernel store ({e})") from None
+        if group.attrs.get("format") != STORE_FORMAT:
+            raise CNNGPError(f"{what}: {str(path)!r} is not a {STORE_FORMAT} store "
+                             f"(format {group.attrs.get('format')!r})")
+        return cls(path, group, what)
+
+    # -- shape of the work ----------------------------------------------------------------
+    @property
+    def kernel(self):
+        return self.group["kernel"]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.attrs.get("x2_sha256") is None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.attrs["shape"])
+
+    @property
+    def tile(self) -> int:
+        return int(self.attrs["tile"])
+
+    def tiles(self) -> list[Tile]:
+        _, n1, n2 = self.shape
+        return tile_plan(n1, None if self.symmetric else n2, self.tile)
+
+    def image_blocks(self) -> list[tuple[str, int, slice]]:
+        """Stage-1 units: (set, block, images) for every block of T images of x1 (and x2)."""
+        _, n1, n2 = self.shape
+        sets = [("x1", n1)] + ([] if self.symmetric else [("x2", n2)])
+        return [(name, b, slice(s, min(s + self.tile, n))) for name, n in sets
+                for b, s in enumerate(range(0, n, self.tile))]
+
+    def images(self, which: str, sl: slice) -> np.ndarray:
+        return self.group["images"][which][sl]
+
+    # -- stage 1: self records ----------------------------------------------------------
+    def write_self(self, which: str, block: int, sl: slice, variances: dict) -> None:
+        arrays = []
+        for layer in self.attrs["self_layers"]:
+            data = np.asarray(variances[layer], dtype=self.kernel.dtype)
+            self.group["self"][which][str(layer)][sl] = data
+            arrays.append(data)
+        _atomic_json(self.records_dir / f"self-{which}-{block}.json",
+                     {"sha256": _checksum(*arrays), "images": [sl.start, sl.stop]})
+
+    def read_self(self, which: str, sl: slice) -> dict:
+        return {layer: self.group["self"][which][str(layer)][sl] for layer in self.attrs["self_layers"]}
+
+    def self_done(self, which: str, block: int, sl: slice) -> bool:
+        record = self._record(f"self-{which}-{block}")
+        if record is None:
+            return False
+        try:
+            arrays = [self.group["self"][which][str(layer)][sl] for layer in self.attrs["self_layers"]]
+        except Exception:
+            return False
+        return record.get("sha256") == _checksum(*arrays)
+
+    # -- stage 2: tiles -----------------------------------------------------------------
+    def write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None = None) -> None:
+        """Write a tile's block ``(L, R, C)`` (and its mirror), then its record."""
+        data = np.ascontiguousarray(np.asarray(block, dtype=self.kernel.dtype))
+        self.kernel[:, tile.rows, tile.cols] = data
+        record = {"sha256": _checksum(data), "rows": [tile.rows.start, tile.rows.stop],
+                  "cols": [tile.cols.start, tile.cols.stop], "pairs": tile.pairs,
+                  "seconds": seconds, "host": os.uname().nodename, "pid": os.getpid()}
+        if tile.mirror:
+            mirror = np.ascontiguousarray(np.swapaxes(data, 1, 2))
+            self.kernel[:, tile.cols, tile.rows] = mirror
+            record["mirror_sha256"] = _checksum(mirror)
+        _atomic_json(self.records_dir / f"{tile.name}.json", record)
+
+    def _record(self, name: str) -> dict | None:
+        try:
+            with open(self.records_dir / f"{name}.json") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def tile_state(self, tile: Tile) -> str:
+        """'done', 'missing' (no record) or 'bad' (a record the bytes do not match)."""
+        record = self._record(tile.name)
+        if record is None:
+            return "missing"
+        try:
+            if record.get("sha256") != _checksum(self.kernel[:, tile.rows, tile.cols]):
+                return "bad"
+            if tile.mirror and record.get("mirror_sha256") != _checksum(self.kernel[:, tile.cols, tile.rows]):
+                return "bad"
+        except Exception:  # an unreadable chunk
+            return "bad"
+        return "done"
+
+    def verify(self) -> dict:
+        """Check every tile against its record: ``{"done": [...], "missing": [...], "bad": [...]}``
+        (lists of :class:`Tile`). Reads the whole matrix once."""
+        out = {"done": [], "missing": [], "bad": []}
+        for tile in self.tiles():
+            out[self.tile_state(tile)].append(tile)
+        return out
+
+    def forget(self, tile: Tile) -> None:
+        """Drop a tile's record (before recomputing a bad tile)."""
+        try:
+            os.unlink(self.records_dir / f"{tile.name}.json")
+        except FileNotFoundError:
+            pass
+
+    # -- reading --------------------------------------------------------------------------
+    def complete(self) -> bool:
+        state = self.verify()
+        return not state["missing"] and not state["bad"]
+
+    def readout(self, index: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+        """One readout's matrix (or a block of it) as float64."""
+        return np.asarray(self.kernel[index, rows, cols], dtype=np.float64)
+
+    def labels(self) -> list:
+        return list(self.attrs.get("labels") or [])
+
+    def info(self) -> dict:
+        """What ``cnngp info K.zarr`` prints: shape, dtype, tiles done/total, bad tiles, provenance."""
+        state = self.verify()
+        tiles = self.tiles()
+        done_pairs = sum(t.pairs for t in state["done"])
+        return {
+            "path": str(self.path),
+            "format": self.attrs.get("format"),
+            "shape": list(self.shape),
+            "dtype": self.attrs.get("dtype"),
+            "tile": self.tile,
+            "symmetric": self.symmetric,
+            "tiles_total": len(tiles),
+            "tiles_done": len(state["done"]),
+            "tiles_missing": len(state["missing"]),
+            "tiles_bad": [t.name for t in state["bad"]],
+            "pairs_total": sum(t.pairs for t in tiles),
+            "pairs_done": done_pairs,
+            "complete": not state["missing"] and not state["bad"],
+            "readouts": len(self.attrs.get("readouts") or [None]),
+            "labels": self.labels(),
+            "x1_sha256": self.attrs.get("x1_sha256"),
+            "x2_sha256": self.attrs.get("x2_sha256"),
+            "spec": self.attrs.get("spec"),
+            "created": self.attrs.get("created"),
+            "versions": self.attrs.get("versions"),
+            "seconds_recorded": sum((self._record(t.name) or {}).get("seconds") or 0.0 for t in state["done"]),
+        }
+
+
+
+class StoredReadouts:
+    """The readouts of a complete store as a sequence of (N1, N2) float64 matrices, read one
+    at a time (what the sweep iterates over, so that one readout is in memory at once)."""
+
+    def __init__(self, store: KernelStore):
+        state = store.verify()
+        if state["missing"] or state["bad"]:
+            raise CNNGPError(
+                f"{store.what}: {str(store.path)!r} is not complete ({len(state['missing'])} "
+                f"missing and {len(state['bad'])} bad tiles); run the same command again to finish it"
+            )
+        self.store = store
+        self.shape = store.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        matrix = self.store.readout(index % len(self))
+        if not np.all(np.isfinite(matrix)):
+            raise CNNGPError(f"kernel: readout {index} in {str(self.store.path)!r} has NaN or infinite entries")
+        return matrix
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]

@@ -1,0 +1,401 @@
+"""Scale out: the tile plan, the Zarr kernel store, resume and repair, a real Dask LocalCluster
+(2 worker processes) with a worker killed mid-run, SIGKILL and SIGINT of the whole run, and the
+sweep from a store. Every matrix is compared bit for bit with the single-process kernel()."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnngp
+from cnngp.cli.main import main
+from cnngp.engine.distributed import choose_tile, dask_client, store_kernel
+from cnngp.engine.gram import GramPlan, tile_plan
+from cnngp.engine.store import KernelStore, StoredReadouts
+from cnngp.errors import CNNGPError
+
+pytest.importorskip("zarr")
+pytest.importorskip("distributed")
+
+NET = cnngp.io.architectures.get("cnngp2")
+BODY = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+READOUTS = [cnngp.Readout(correlation=cnngp.Matern(1.5, lam)) for lam in (0.0, 1.0, float("inf"))]
+
+
+def _images(n, shape=(6, 6, 3), seed=0):
+    return np.random.default_rng(seed).uniform(size=(n,) + shape)
+
+
+def _cli(*argv):
+    return main([str(a) for a in argv])
+
+
+# -- the tile plan ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n1,n2", [(7, None), (1, None), (10, None), (7, 3), (3, 11), (1, 1)])
+@pytest.mark.parametrize("tile", [1, 2, 3, 5, 16])
+def test_tiles_cover_every_entry_exactly_once(n1, n2, tile):
+    count = np.zeros((n1, n1 if n2 is None else n2), dtype=int)
+    for t in tile_plan(n1, n2, tile):
+        assert t.rows.stop - t.rows.start <= tile and t.cols.stop - t.cols.start <= tile
+        block = np.zeros_like(count)
+        block[t.rows, t.cols] = 1
+        if t.diagonal:  # only pairs r <= c are computed, then mirrored
+            block[t.rows, t.cols] = np.triu(block[t.rows, t.cols]) + np.tril(block[t.rows, t.cols], -1)
+        count += block
+        if t.mirror:
+            count[t.cols, t.rows] += 1
+    assert (count == 1).all()
+    n_pairs = n1 * (n1 + 1) // 2 if n2 is None else n1 * n2
+    assert sum(t.pairs for t in tile_plan(n1, n2, tile)) == n_pairs
+
+
+def test_tile_plan_refuses_bad_sizes():
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(CNNGPError, match="tile"):
+            tile_plan(4, None, bad)
+
+
+def test_default_tile_fits_the_budget_and_balances_the_workers():
+    plan = GramPlan(NET, (6, 6, 3))
+    grids = {1: (6, 6), 3: (6, 6)}
+    assert choose_tile(plan, 1000, None, grids, 2 * 1024**3, 2) == 256  # 10 tiles >= 4 per worker
+    assert choose_tile(plan, 3000, None, grids, 2 * 1024**3, 1) == 1024  # 6 tiles
+    assert choose_tile(plan, 10, None, grids, 2 * 1024**3, 1) == 10  # never wider than the matrix
+    small = choose_tile(plan, 50_000, None, grids, 8 * 1024**2, 1)  # 8 MiB: small tiles
+    from cnngp.engine.distributed import tile_bytes
+
+    assert tile_bytes(plan, small, grids) <= 4 * 1024**2 or small == 16
+
+
+# -- the store, single process --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("tile", [1, 3, 4, 20])
+def test_store_equals_kernel_bit_for_bit(tmp_path, dtype, tile):
+    x = _images(9)
+    whole = cnngp.kernel(NET, x, dtype=dtype).numpy()
+    report = store_kernel(NET, x, out=tmp_path / "k.zarr", tile=tile, dtype=dtype, progress=False)
+    assert report.tiles_computed == report.tiles_total == len(tile_plan(9, None, tile))
+    store = KernelStore.open(tmp_path / "k.zarr")
+    assert store.kernel.dtype == np.dtype(dtype)
+    assert np.array_equal(np.asarray(store.kernel[0]), whole)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 10])
+def test_store_readout_sweep_rectangular_bit_for_bit(tmp_path, tile):
+    x1, x2 = _images(7, seed=1), _images(5, seed=2)
+    whole = cnngp.readout_sweep(BODY, READOUTS, x1, x2).numpy()
+    store_kernel(BODY, x1, x2, readouts=READOUTS, out=tmp_path / "k.zarr", tile=tile, progress=False)
+    store = KernelStore.open(tmp_path / "k.zarr")
+    assert store.shape == (3, 7, 5) and not store.symmetric
+    assert np.array_equal(np.asarray(store.kernel[...]), whole)
+    assert [m.shape for m in StoredReadouts(store)] == [(7, 5)] * 3
+
+
+def test_rerun_computes_only_missing_and_bad_tiles(tmp_path):
+    x = _images(10)
+    whole = cnngp.kernel(NET, x).numpy()
+    out = tmp_path / "k.zarr"
+    store_kernel(NET, x, out=out, tile=3, progress=False)
+    store = KernelStore.open(out)
+    tiles = store.tiles()
+    assert len(tiles) == 10
+    (out / "records" / f"{tiles[1].name}.json").unlink()  # a tile whose record never landed
+    chunk = out / "kernel" / "c" / "0" / "2" / "3"  # a torn chunk under a valid record
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    state = KernelStore.open(out).verify()
+    assert [t.name for t in state["missing"]] == [tiles[1].name]
+    assert [t.name for t in state["bad"]] == ["tile-2-3"]
+    report = store_kernel(NET, x, out=out, tile=3, progress=False)
+    assert (report.tiles_done_before, report.tiles_bad, report.tiles_computed) == (8, 1, 2)
+    assert report.self_blocks_computed == 0  # the self records were all there
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), whole)
+    assert store_kernel(NET, x, out=out, tile=3, progress=False).tiles_computed == 0
+
+
+def test_a_resume_keeps_the_stored_tile_whatever_the_workers(tmp_path):
+    x = _images(6)
+    store_kernel(NET, x, out=tmp_path / "k.zarr", tile=2, progress=False)
+    report = store_kernel(NET, x, out=tmp_path / "k.zarr", progress=False)  # no --tile
+    assert report.tile == 2 and report.tiles_computed == 0
+
+
+def test_a_different_computation_is_refused_and_nothing_overwritten(tmp_path):
+    x = _images(6)
+    out = tmp_path / "k.zarr"
+    store_kernel(NET, x, out=out, tile=3, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cases = [
+        (dict(model=cnngp.io.architectures.get("cnngp3")), "network spec"),
+        (dict(x1=_images(6, seed=5)), r"images \(--x1\)"),
+        (dict(dtype="float32"), "dtype"),
+        (dict(tile=2), "tile size"),
+        (dict(x1=_images(7)), r"images \(--x1\)"),
+    ]
+    for change, what in cases:
+        args = dict(model=NET, x1=x, out=out, tile=3, progress=False) | change
+        with pytest.raises(CNNGPError, match=f"holds a kernel of different {what}"):
+            store_kernel(args.pop("model"), args.pop("x1"), **args)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_store_refuses_a_folder_that_is_not_a_store(tmp_path):
+    (tmp_path / "k.zarr").mkdir()
+    (tmp_path / "k.zarr" / "mine.txt").write_text("keep me")
+    with pytest.raises(CNNGPError, match="not a kernel store"):
+        store_kernel(NET, _images(3), out=tmp_path / "k.zarr", progress=False)
+    assert (tmp_path / "k.zarr" / "mine.txt").read_text() == "keep me"
+
+
+def test_stored_readouts_refuses_an_incomplete_store(tmp_path):
+    out = tmp_path / "k.zarr"
+    store_kernel(NET, _images(6), out=out, tile=3, progress=False)
+    (out / "records" / "tile-0-1.json").unlink()
+    with pytest.raises(CNNGPError, match="not complete .1 missing"):
+        StoredReadouts(KernelStore.open(out))
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def images_npz(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, x=_images(12).astype(np.float32))
+    return path
+
+
+def test_cli_store_info_corruption_and_repair(tmp_path, images_npz, capsys):
+    out = tmp_path / "K.zarr"
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "4", "--quiet") == 0
+    ref = cnngp.kernel(NET, np.load(images_npz)["x"]).numpy()
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), ref)
+    capsys.readouterr()
+    assert _cli("info", out) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["shape"], info["tiles_total"], info["tiles_done"], info["tiles_bad"]) == ([1, 12, 12], 6, 6, [])
+    assert info["pairs_total"] == info["pairs_done"] == 78 and info["complete"]
+    assert info["versions"]["zarr"] and info["spec"] == NET.split_readout()[0].to_spec()
+
+    chunk = out / "kernel" / "c" / "0" / "1" / "2"
+    data = bytearray(chunk.read_bytes())
+    data[37] ^= 0xFF  # flip the bits of one byte of one stored float
+    chunk.write_bytes(bytes(data))
+    assert _cli("info", out) == 0
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)
+    assert info["tiles_bad"] == ["tile-1-2"] and info["tiles_done"] == 5 and not info["complete"]
+    assert "1 bad: tile-1-2" in captured.err
+
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out) == 0
+    assert "5 of 6 tiles already done, 1 to compute (1 bad, recomputed)" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), ref)
+
+
+def _error_line(capsys, *argv):
+    """Run the CLI in this process: its exit status and its one stderr line."""
+    capsys.readouterr()
+    code = _cli(*argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return code, lines[0]
+
+
+def test_cli_refuses_a_different_computation_with_one_line(tmp_path, images_npz, capsys):
+    out = tmp_path / "K.zarr"
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "6", "--quiet") == 0
+    other = tmp_path / "y.npz"
+    np.savez(other, x=_images(12, seed=9).astype(np.float32))
+    for argv, what in [
+        (("--arch", "cnngp3", "--x1", images_npz), "network spec"),
+        (("--arch", "cnngp2", "--x1", other), r"images \(--x1\)"),
+        (("--arch", "cnngp2", "--x1", images_npz, "--dtype", "float32"), "dtype"),
+        (("--arch", "cnngp2", "--x1", images_npz, "--tile", "4"), "tile size"),
+    ]:
+        code, line = _error_line(capsys, "kernel", *argv, "--out", out, "--quiet")
+        assert code == 2 and re.search(f"^cnngp: error: --out: .* holds a kernel of different {what}", line), line
+
+
+def test_cli_store_flags_need_a_store(tmp_path, images_npz, capsys):
+    for flags in (["--workers", "2"], ["--tile", "4"], ["--dry-run"], ["--scheduler", "tcp://127.0.0.1:1"]):
+        code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out",
+                                 tmp_path / "k.npz", *flags)
+        assert code == 2 and f"{flags[0]}: needs --out K.zarr" in line, line
+    code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out",
+                             tmp_path / "k.zarr", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
+    assert code == 2 and "cannot be combined with --scheduler" in line
+    (tmp_path / "file.zarr").write_text("not a folder")
+    code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", tmp_path / "file.zarr")
+    assert code == 2 and "is not a folder" in line
+    code, line = _error_line(capsys, "info", tmp_path / "none.zarr")
+    assert code == 2 and "does not exist" in line
+    code, line = _error_line(capsys, "sweep", "--arch", "cnngp2", "--data", "digits", "--n", "40",
+                             "--out", tmp_path / "sw", "--workers", "2")
+    assert code == 2 and "--workers: needs --kernel K.zarr" in line
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, capsys):
+    out = tmp_path / "K.zarr"
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5",
+                "--dry-run", "--workers", "3") == 0
+    text = capsys.readouterr().out
+    assert "plan: 6 tiles of 5 (3 on the diagonal), 78 image pairs, 12 images" in text
+    plan = json.loads(text[text.index("{"):])
+    assert (plan["tiles"], plan["pairs"], plan["workers"]) == (6, 78, 3)
+    assert plan["seconds_per_pair"] > 0 and plan["estimated_seconds"] * 3 == pytest.approx(
+        plan["estimated_seconds_one_worker"])
+    assert not out.exists()
+
+
+def test_cli_sigint_keeps_finished_tiles_and_the_rerun_finishes(tmp_path):
+    x = tmp_path / "x.npz"
+    np.savez(x, x=_images(40, shape=(8, 8, 3)).astype(np.float32))
+    out = tmp_path / "K.zarr"
+    argv = [sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp4", "--x1", str(x),
+            "--out", str(out), "--tile", "2", "--quiet"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    _wait_for_records(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    done = len(KernelStore.open(out).verify()["done"])
+    assert 0 < done < 210
+    r = subprocess.run(argv[:-1], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{done} of 210 tiles already done, {210 - done} to compute" in r.stderr
+    ref = cnngp.kernel(cnngp.io.architectures.get("cnngp4"), np.load(x)["x"]).numpy()
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), ref)
+
+
+def _wait_for_records(out: Path, n: int, proc, timeout: float = 120.0) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        records = out / "records"
+        if records.is_dir() and sum(1 for p in records.glob("tile-*.json")) >= n:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended early ({proc.returncode}): {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no tile finished in time")
+
+
+# -- a real LocalCluster --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(workers=2) as c:
+        c.wait_for_workers(2, timeout=60)
+        yield c
+
+
+def test_local_cluster_listens_on_loopback_only(client):
+    info = client.scheduler_info()
+    addresses = [client.scheduler.address, *info["workers"]]
+    assert len(info["workers"]) == 2
+    for address in addresses:
+        assert address.startswith("tcp://127.0.0.1:"), address
+    for worker in info["workers"].values():
+        assert worker["host"] == "127.0.0.1"
+        for port in worker.get("services", {}).values():  # a worker dashboard, if any
+            assert isinstance(port, int)
+    server = client.cluster.scheduler.http_server
+    if server is not None:  # the scheduler's HTTP (dashboard) server
+        hosts = {s.getsockname()[0] for s in server._sockets.values()}
+        assert hosts == {"127.0.0.1"}, hosts
+
+
+def test_dask_matches_the_single_process_kernel(client, tmp_path):
+    x1, x2 = _images(9, seed=3), _images(7, seed=4)
+    for args, ref in [
+        ((NET, x1), cnngp.kernel(NET, x1).numpy()[None]),
+        ((BODY, x1, x2), cnngp.readout_sweep(BODY, READOUTS, x1, x2).numpy()),
+    ]:
+        out = tmp_path / f"k{len(args)}.zarr"
+        readouts = READOUTS if len(args) == 3 else None
+        report = store_kernel(*args, readouts=readouts, out=out, tile=3, client=client, progress=False)
+        assert report.tiles_computed == report.tiles_total
+        assert np.array_equal(np.asarray(KernelStore.open(out).kernel[...]), ref)
+
+
+def test_killing_a_worker_mid_run_still_gives_the_identical_matrix(client, tmp_path):
+    net = cnngp.io.architectures.get("cnngp4")
+    x = _images(30, shape=(8, 8, 3), seed=6)
+    ref = cnngp.kernel(net, x).numpy()
+    out = tmp_path / "k.zarr"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(
+        report=store_kernel(net, x, out=out, tile=2, client=client, progress=False)))
+    run.start()
+    try:
+        _wait_for_records(out, 2, None)
+        pids = client.run(os.getpid)
+        n_done = sum(1 for _ in (out / "records").glob("tile-*.json"))
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+    finally:
+        run.join(300)
+    assert n_done < 120, "the run finished before the worker was killed"
+    assert result["report"].tiles_computed == 120
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), ref)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def test_sigkill_of_the_whole_run_then_the_same_command_finishes_it(tmp_path):
+    x = tmp_path / "x.npz"
+    np.savez(x, x=_images(40, shape=(8, 8, 3), seed=7).astype(np.float32))
+    out = tmp_path / "K.zarr"
+    argv = [sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp4", "--x1", str(x),
+            "--out", str(out), "--tile", "2", "--workers", "2", "--threads-per-worker", "1"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_records(out, 5, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # client, scheduler, nannies and workers at once
+        proc.wait(60)
+    state = KernelStore.open(out).verify()
+    missing = len(state["missing"]) + len(state["bad"])
+    assert 0 < missing < 210
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"{missing} tile\(s\) computed, {210 - missing} already done", r.stderr), r.stderr
+    ref = cnngp.kernel(cnngp.io.architectures.get("cnngp4"), np.load(x)["x"]).numpy()
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), ref)
+
+
+# -- the sweep from a store -----------------------------------------------------------------
+
+
+def test_sweep_from_a_store_equals_the_in_memory_sweep(tmp_path):
+    from cnngp.experiments.sweep import run_sweep, test_store_path
+    from cnngp.io.data import Dataset
+
+    rng = np.random.default_rng(11)
+    x = rng.uniform(size=(60, 6, 6, 1)).astype(np.float32)
+    y = np.repeat(np.arange(3), 20)
+    xt = rng.uniform(size=(12, 6, 6, 1)).astype(np.float32)
+    ds = Dataset(x, y, xt, np.repeat(np.arange(3), 4), "toy", ("a", "b", "c"))
+    common = dict(ns=(12, 24), folds=2, lengthscales=(1.0, 3.0), test=True, progress=False)
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    a = run_sweep(net, ds, **common)
+    b = run_sweep(net, ds, kernel_store=tmp_path / "K.zarr", tile=5, **common)
+    assert a["results"] == b["results"] and a["best"] == b["best"] and a["test"] == b["test"]
+    assert KernelStore.open(test_store_path(tmp_path / "K.zarr")).shape == (4, 12, 24)
+    c = run_sweep(net, ds, kernel_store=tmp_path / "K.zarr", tile=5, **common)  # all reused
+    assert c["results"] == a["results"]
+    # kernels and the per-readout cross-validation as tasks on a 2-process LocalCluster
+    d = run_sweep(net, ds, kernel_store=tmp_path / "K2.zarr", tile=5, workers=2, **common)
+    assert np.array_equal(np.asarray(KernelStore.open(tmp_path / "K2.zarr").kernel[...]),
+                          np.asarray(KernelStore.open(tmp_path / "K.zarr").kernel[...]))
+    assert d["results"] == a["results"] and d["best"] == a["best"] and d["test"] == a["test"]
