@@ -1,4 +1,5 @@
-"""A deliberately naive brute-force oracle for the NNGP kernel recursion (PAPER.md section 2).
+"""A deliberately naive brute-force oracle for the NNGP kernel recursion (PAPER.md section 2)
+and the neural tangent kernel (NTK) carried alongside it.
 
 Used by the test suite to check the fast torch engine. It must stay independent of ``cnngp``
 (it never imports it) and obviously correct rather than fast: plain Python loops over output
@@ -17,10 +18,26 @@ Every linear layer (conv, avgpool, flatten, global_avg_pool, readout) is the sam
 where ``i(q, a)`` is the input position that output ``q`` reads through tap ``a`` (or "none",
 meaning zero padding, whose contribution is 0) and ``Sigma`` the normalised tap correlation.
 
+The NTK (NTK parameterisation, as neural-tangents) is a second tensor ``T[p, p']`` carried
+through the same layers, ``T = 0`` at the input:
+
+    linear layer with parameters (conv, readout):
+        T_out[q, q'] = weight_var * sum_{a, b} Sigma[a, b] * T_in[i(q, a), i(q', b)] + K_out[q, q']
+    parameter-free linear layer (avgpool, flatten, global_avg_pool; weight_var 1, bias 0):
+        T_out[q, q'] = weight_var * sum_{a, b} Sigma[a, b] * T_in[i(q, a), i(q', b)]
+    nonlinearity phi:
+        T_out[p, p'] = T_in[p, p'] * E[phi'(u) phi'(v)]
+
+with ``K_out`` the layer's own NNGP output (bias included) and the expectation under the same
+bivariate Gaussian as the NNGP's (Var u = K_xx[p, p], Var v = K_x'x'[p', p'], Cov = K[p, p']).
+
 Public API:
-    brute_force_kernel(spec, x1, x2=None) -> (N1, N2) kernel
-    brute_force_hidden(spec, x1, x2=None) -> (N1, N2, *F, *F) covariance fed to the readout
+    brute_force_kernel(spec, x1, x2=None, get="nngp") -> (N1, N2) kernel
+    brute_force_ntk(spec, x1, x2=None) -> (N1, N2) neural tangent kernel
+    brute_force_hidden(spec, x1, x2=None, get="nngp") -> (N1, N2, *F, *F) tensor fed to the readout
     correlation_matrix(corr_spec, shape) -> (|P|, |P|) normalised tap correlation
+
+``get`` is "nngp" (default), "ntk", or "both" for the tuple (nngp, ntk).
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ import math
 
 import numpy as np
 
-__all__ = ["brute_force_kernel", "brute_force_hidden", "correlation_matrix"]
+__all__ = ["brute_force_kernel", "brute_force_ntk", "brute_force_hidden", "correlation_matrix"]
 
 _NONLINEARITIES = ("relu", "abrelu", "erf", "identity")
 
@@ -142,6 +159,40 @@ def _expect(layer: dict, sx: float, sy: float, c: float) -> float:
     raise ValueError(f"unknown nonlinearity {kind!r}")
 
 
+# E[phi'(u) phi'(v)] for (u, v) ~ N(0, [[sx, c], [c, sy]]): what the NTK multiplies by.
+
+
+def _angle(sx: float, sy: float, c: float) -> float:
+    """theta = arccos(c / sqrt(sx*sy)) in [0, pi], and pi/2 when a variance is 0."""
+    if sx * sy <= 0.0:
+        return math.pi / 2.0
+    # the atan2 form again: exactly 0 at perfect correlation, no digits lost near it
+    return math.atan2(math.sqrt(max(sx * sy - c * c, 0.0)), c)
+
+
+def _dexpect(layer: dict, sx: float, sy: float, c: float) -> float:
+    kind = layer["type"]
+    if kind == "identity":  # phi' = 1
+        return 1.0
+    if kind in ("relu", "abrelu"):
+        # phi' = a for u < 0, b for u > 0; P(u > 0, v > 0) = P(u < 0, v < 0) = (pi - theta) / 2pi
+        # and P(u > 0, v < 0) = P(u < 0, v > 0) = theta / 2pi
+        if kind == "relu":
+            a, b = 0.0, math.sqrt(2.0)
+        else:
+            a = float(layer.get("a", 0.0))
+            b = float(layer.get("b", 1.0))
+        theta = _angle(sx, sy, c)
+        return ((a * a + b * b) * (math.pi - theta) + 2.0 * a * b * theta) / (2.0 * math.pi)
+    if kind == "erf":
+        # phi'(u) = a b (2 / sqrt(pi)) exp(-b^2 u^2): a Gaussian integral of exp(-b^2 (u^2 + v^2))
+        a = float(layer.get("a", 1.0))
+        b = float(layer.get("b", 1.0))
+        det = (1.0 + 2.0 * b * b * sx) * (1.0 + 2.0 * b * b * sy) - 4.0 * b**4 * c * c
+        return (4.0 * a * a * b * b / math.pi) / math.sqrt(det)
+    raise ValueError(f"unknown nonlinearity {kind!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Compiling a spec into a list of operations on a known input grid
 # --------------------------------------------------------------------------------------------
@@ -166,8 +217,9 @@ def _ravel(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
     return flat
 
 
-def _conv_op(grid, filt, stride, dilation, padding, corr, weight_var, bias_var, where):
-    """Index table and tap weights of a conv on ``grid``; returns (op, output grid)."""
+def _conv_op(grid, filt, stride, dilation, padding, corr, weight_var, bias_var, trainable, where):
+    """Index table and tap weights of a conv on ``grid``; returns (op, output grid).
+    ``trainable``: the layer has weights and biases (a conv, not an avgpool)."""
     out_shape, pad_before = [], []
     for n, P, s, h in zip(grid, filt, stride, dilation):
         e = (P - 1) * h + 1
@@ -202,14 +254,16 @@ def _conv_op(grid, filt, stride, dilation, padding, corr, weight_var, bias_var, 
         table.append(row)
 
     sigma = correlation_matrix(corr, filt)
-    return ("linear", table, _nonzero_taps(sigma), float(weight_var), float(bias_var)), out_shape
+    op = ("linear", table, _nonzero_taps(sigma), float(weight_var), float(bias_var), trainable)
+    return op, out_shape
 
 
-def _whole_grid_op(grid, sigma, weight_var, bias_var):
-    """One output position reading every position of ``grid`` (flatten, pooling, readout)."""
+def _whole_grid_op(grid, sigma, weight_var, bias_var, trainable):
+    """One output position reading every position of ``grid`` (flatten, pooling, readout).
+    ``trainable``: the layer has parameters of its own (the readout), which the NTK counts."""
     n = math.prod(grid)
     table = [list(range(n))]
-    return ("linear", table, _nonzero_taps(sigma), float(weight_var), float(bias_var))
+    return ("linear", table, _nonzero_taps(sigma), float(weight_var), float(bias_var), trainable)
 
 
 def _nonzero_taps(sigma: np.ndarray) -> list[tuple[int, int, float]]:
@@ -244,6 +298,7 @@ def _compile(spec: dict, spatial: tuple[int, ...], channels: int):
                 layer.get("correlation"),
                 layer.get("weight_var", 1.0),
                 layer.get("bias_var", 0.0),
+                True,
                 where,
             )
         elif kind == "avgpool":
@@ -255,18 +310,18 @@ def _compile(spec: dict, spatial: tuple[int, ...], channels: int):
             padding = layer.get("padding", "valid")
             if padding not in ("valid", "same"):
                 raise ValueError(f"{where}: avgpool padding must be 'valid' or 'same', got {padding!r}")
-            op, grid = _conv_op(grid, window, stride, (1,) * D, padding, {"type": "constant"}, 1.0, 0.0, where)
+            op, grid = _conv_op(grid, window, stride, (1,) * D, padding, {"type": "constant"}, 1.0, 0.0, False, where)
         elif kind == "global_avg_pool":
             n = math.prod(grid)
-            op, grid = _whole_grid_op(grid, np.ones((n, n)) / (n * n), 1.0, 0.0), ()
+            op, grid = _whole_grid_op(grid, np.ones((n, n)) / (n * n), 1.0, 0.0, False), ()
         elif kind == "flatten":
             n = math.prod(grid)
-            op, grid = _whole_grid_op(grid, np.eye(n) / n, 1.0, 0.0), ()
+            op, grid = _whole_grid_op(grid, np.eye(n) / n, 1.0, 0.0, False), ()
         elif kind == "readout":
             if k != len(layers) - 1:
                 raise ValueError(f"{where}: a readout must be the last layer")
             sigma = correlation_matrix(layer.get("correlation"), grid)
-            op, grid = _whole_grid_op(grid, sigma, layer.get("weight_var", 1.0), layer.get("bias_var", 0.0)), ()
+            op, grid = _whole_grid_op(grid, sigma, layer.get("weight_var", 1.0), layer.get("bias_var", 0.0), True), ()
         elif kind in _NONLINEARITIES:
             op = ("nonlin", layer)
         else:
@@ -299,7 +354,7 @@ def _input_tensor(x: np.ndarray, y: np.ndarray) -> list[list[float]]:
 
 
 def _linear(op, V: list[list[float]]) -> list[list[float]]:
-    _, table, taps, weight_var, bias_var = op
+    _, table, taps, weight_var, bias_var, _ = op
     K = []
     for ia in table:  # output position q
         row = []
@@ -314,6 +369,27 @@ def _linear(op, V: list[list[float]]) -> list[list[float]]:
     return K
 
 
+def _linear_tangent(op, T: list[list[float]], K_out: list[list[float]]) -> list[list[float]]:
+    """The NTK through a linear layer: the same tap sum of T_in, times weight_var, no bias;
+    plus the layer's own NNGP output K_out when it has parameters (their gradients)."""
+    _, table, taps, weight_var, _, trainable = op
+    out = []
+    for q, ia in enumerate(table):
+        row = []
+        for qq, ib in enumerate(table):
+            s = 0.0
+            for a, b, w in taps:
+                i, j = ia[a], ib[b]
+                if i >= 0 and j >= 0:
+                    s += w * T[i][j]
+            t = weight_var * s
+            if trainable:
+                t += K_out[q][qq]
+            row.append(t)
+        out.append(row)
+    return out
+
+
 def _nonlin(layer: dict, K: list[list[float]], Kxx: list[list[float]], Kyy: list[list[float]]):
     n = len(K)
     V = []
@@ -323,6 +399,17 @@ def _nonlin(layer: dict, K: list[list[float]], Kxx: list[list[float]], Kyy: list
             row.append(_expect(layer, Kxx[p][p], Kyy[pp][pp], K[p][pp]))
         V.append(row)
     return V
+
+
+def _nonlin_tangent(layer: dict, T, K, Kxx, Kyy):
+    n = len(K)
+    out = []
+    for p in range(n):
+        row = []
+        for pp in range(n):
+            row.append(T[p][pp] * _dexpect(layer, Kxx[p][p], Kyy[pp][pp], K[p][pp]))
+        out.append(row)
+    return out
 
 
 def _propagate(ops, V0, self_x=None, self_y=None):
@@ -341,6 +428,23 @@ def _propagate(ops, V0, self_x=None, self_y=None):
     return states
 
 
+def _propagate_tangent(ops, states, self_x=None, self_y=None):
+    """The NTK tensors before every op and after the last, from the NNGP ``states`` of the same
+    pair (and the images' own NNGP states, as in :func:`_propagate`)."""
+    n = len(states[0])
+    T = [[0.0] * len(states[0][0]) for _ in range(n)]  # no parameters below the input
+    tangents = [T]
+    for k, op in enumerate(ops):
+        if op[0] == "linear":
+            T = _linear_tangent(op, T, states[k + 1])
+        else:
+            Kxx = states[k] if self_x is None else self_x[k]
+            Kyy = states[k] if self_y is None else self_y[k]
+            T = _nonlin_tangent(op[1], T, states[k], Kxx, Kyy)
+        tangents.append(T)
+    return tangents
+
+
 def _check_inputs(x1, x2):
     x1 = np.asarray(x1, dtype=np.float64)
     if x1.ndim < 2:
@@ -352,38 +456,63 @@ def _check_inputs(x1, x2):
     return x1, x2
 
 
-def _all_pairs(spec, x1, x2, state_index):
-    """Run the recursion for every pair and pick states[state_index]; returns (array, grid)."""
+def _parse_get(get) -> tuple[str, ...]:
+    names = {"nngp": ("nngp",), "ntk": ("ntk",), "both": ("nngp", "ntk")}
+    if get not in names:
+        raise ValueError(f"get must be 'nngp', 'ntk' or 'both', got {get!r}")
+    return names[get]
+
+
+def _all_pairs(spec, x1, x2, state_index, get="nngp"):
+    """Run the recursion for every pair and pick states[state_index] (of the NNGP and/or the
+    NTK, see ``get``); returns one array, or the tuple (nngp, ntk) for get="both"."""
+    kinds = _parse_get(get)
     x1, x2 = _check_inputs(x1, x2)
     ops, grids = _compile(spec, x1.shape[1:-1], x1.shape[-1])
     grid = grids[state_index]
     traj1 = [_propagate(ops, _input_tensor(x, x)) for x in x1]
     traj2 = traj1 if x2 is None else [_propagate(ops, _input_tensor(y, y)) for y in x2]
     others = x1 if x2 is None else x2
-    out = np.zeros((len(x1), len(others)) + grid + grid)
+    outs = {kind: np.zeros((len(x1), len(others)) + grid + grid) for kind in kinds}
     for i, j in itertools.product(range(len(x1)), range(len(others))):
         if x2 is None and j < i:
-            # V_{x_i x_j}[p, p'] = V_{x_j x_i}[p', p]
+            # V_{x_i x_j}[p, p'] = V_{x_j x_i}[p', p] (and the same for the NTK's T)
             n = math.prod(grid)
-            out[i, j] = out[j, i].reshape(n, n).T.reshape(grid + grid)
+            for out in outs.values():
+                out[i, j] = out[j, i].reshape(n, n).T.reshape(grid + grid)
             continue
         if x2 is None and i == j:
             states = traj1[i]
+            self_x = self_y = None
         else:
-            states = _propagate(ops, _input_tensor(x1[i], others[j]), traj1[i], traj2[j])
-        out[i, j] = np.array(states[state_index]).reshape(grid + grid)
-    return out
+            self_x, self_y = traj1[i], traj2[j]
+            states = _propagate(ops, _input_tensor(x1[i], others[j]), self_x, self_y)
+        if "nngp" in outs:
+            outs["nngp"][i, j] = np.array(states[state_index]).reshape(grid + grid)
+        if "ntk" in outs:
+            tangents = _propagate_tangent(ops, states, self_x, self_y)
+            outs["ntk"][i, j] = np.array(tangents[state_index]).reshape(grid + grid)
+    result = tuple(outs[kind] for kind in kinds)
+    return result[0] if len(result) == 1 else result
 
 
-def brute_force_kernel(spec: dict, x1: np.ndarray, x2: np.ndarray | None = None) -> np.ndarray:
+def brute_force_kernel(spec: dict, x1: np.ndarray, x2: np.ndarray | None = None, get="nngp"):
     """The (N1, N2) NNGP kernel of ``spec`` (last layer: readout); ``x2=None`` means ``x1``.
 
-    x1, x2: (N, *spatial, C) channels last.
+    x1, x2: (N, *spatial, C) channels last. get: "nngp" (default), "ntk" (the neural tangent
+    kernel, NTK parameterisation) or "both" for the tuple (nngp, ntk).
     """
-    return _all_pairs(spec, x1, x2, -1)
+    return _all_pairs(spec, x1, x2, -1, get)
 
 
-def brute_force_hidden(spec: dict, x1: np.ndarray, x2: np.ndarray | None = None) -> np.ndarray:
+def brute_force_ntk(spec: dict, x1: np.ndarray, x2: np.ndarray | None = None) -> np.ndarray:
+    """The (N1, N2) neural tangent kernel of ``spec`` at the network output (NTK
+    parameterisation, as neural-tangents); ``x2=None`` means ``x1``."""
+    return _all_pairs(spec, x1, x2, -1, "ntk")
+
+
+def brute_force_hidden(spec: dict, x1: np.ndarray, x2: np.ndarray | None = None, get="nngp"):
     """The (N1, N2, *F, *F) position-pair covariance V after the last layer before the readout
-    (F = that layer's output grid; () after flatten / global_avg_pool, giving (N1, N2))."""
-    return _all_pairs(spec, x1, x2, -2)
+    (F = that layer's output grid; () after flatten / global_avg_pool, giving (N1, N2)).
+    get: as for :func:`brute_force_kernel` ("ntk": the NTK's position-pair tensor T there)."""
+    return _all_pairs(spec, x1, x2, -2, get)

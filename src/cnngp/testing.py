@@ -56,6 +56,9 @@ class LayerContract:
 
     spatial = (6, 5)
     float32_rtol = 1e-5
+    #: Θ in float32: V̇ of a kinked φ (ReLU) has unbounded slope in the correlation at ρ → 1,
+    #: so float32's rounding of ρ is amplified near the diagonal (≈ eps / √(1 − ρ))
+    ntk_float32_rtol = 1e-3
 
     def make_layer(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -91,9 +94,16 @@ class LayerContract:
         """Band in, band out (radius 1 above, what the layer asks for below) = the band of
         the full computation."""
         layer = self.make_layer()
-        if isinstance(layer, GlobalAvgPool) or getattr(layer, "padding", None) == "circular":
+        case = self._band_case(layer)
+        if case is None:
             pytest.skip("this layer needs the full covariance")
-        state = random_states(self.spatial)
+        got, expected = self._band_pair(layer, random_states(self.spatial), *case)
+        torch.testing.assert_close(got.cross, expected.cross, rtol=1e-12, atol=1e-14)
+
+    def _band_case(self, layer):
+        """(input band radius, output representation) for the band check, or None."""
+        if isinstance(layer, GlobalAvgPool) or getattr(layer, "padding", None) == "circular":
+            return None
         out_grid = layer.output_spatial(self.spatial)
         out = Band(tuple(min(1, n - 1) for n in out_grid)) if out_grid else False
         if isinstance(layer, Conv):
@@ -104,13 +114,15 @@ class LayerContract:
             r_in = tuple(n - 1 for n in self.spatial)  # the whole grid: any Σ
         else:
             r_in = out.radius if out_grid else (1,) * len(self.spatial)
+        return r_in, out
+
+    def _band_pair(self, layer, state, r_in, out):
+        """(band computation, the same from the full state, cut to the band)."""
         got = layer.propagate(state.to_band(r_in), out)
-        if out_grid:
+        if isinstance(out, Band):
             assert got.band == out.radius
-            expected = layer.propagate(state, True).to_band(out.radius).cross
-        else:
-            expected = layer.propagate(state, False).cross
-        torch.testing.assert_close(got.cross, expected, rtol=1e-12, atol=1e-14)
+            return got, layer.propagate(state, True).to_band(out.radius)
+        return got, layer.propagate(state, False)
 
     def test_batch_equals_loop(self):
         layer = self.make_layer()
@@ -151,6 +163,73 @@ class LayerContract:
             bias = getattr(layer, "bias_var", 0.0)
             assert set(out.extra) == {"probe"} and out.extra["probe"].shape == out.cross.shape
             torch.testing.assert_close(out.extra["probe"], 0.5 * (plain - bias), rtol=1e-12, atol=1e-14)
+
+    def _tangent_state(self, state):
+        """The state with a Θ to carry: a positive multiple of cross plus a constant."""
+        from cnngp.kernels.layers import TANGENT
+
+        return state.with_extra(**{TANGENT: 0.6 * state.cross + 0.2})
+
+    def _has_ntk(self, layer) -> bool:
+        from cnngp.errors import CNNGPError
+        from cnngp.kernels.layers import Nonlinearity
+
+        if not isinstance(layer, Nonlinearity) or not getattr(layer, "needs_variances", True):
+            return True
+        one = torch.ones(1, dtype=torch.float64)
+        try:
+            layer.derivative_expectation(0.5 * one, one, one)
+        except CNNGPError:
+            return False
+        return True
+
+    def test_ntk_rule_and_representations(self):
+        """Θ through the layer (docs/maths.md §7): the linear part, plus the output NNGP for a
+        trainable layer, times V̇ for a nonlinearity; diagonal ≡ full, band ≡ band of full,
+        batch ≡ loop, float32 ≈ float64 — for Θ as for the NNGP."""
+        from cnngp.errors import CNNGPError
+        from cnngp.kernels.layers import TANGENT, Nonlinearity
+
+        layer = self.make_layer()
+        state = self._tangent_state(random_states(self.spatial))
+        if not self._has_ntk(layer):
+            with pytest.raises(CNNGPError, match="neural tangent kernel|NTK"):
+                layer.propagate(state, True)
+            return
+        full = layer.propagate(state, True)
+        theta = full.extra[TANGENT]
+        assert theta.shape == full.cross.shape and torch.all(torch.isfinite(theta))
+        # the rule, from the layer's own NNGP map on the Θ part alone
+        if isinstance(layer, Nonlinearity):
+            if getattr(layer, "needs_variances", True):
+                vx = state.var1.reshape(state.var1.shape + (1,) * state.ndim)
+                vy = state.var2.reshape((state.batch,) + (1,) * state.ndim + state.var2.shape[1:])
+                want = state.extra[TANGENT] * layer.derivative_expectation(state.cross, vx, vy)
+            else:
+                want = state.extra[TANGENT]
+        else:
+            lin = layer.propagate(state.evolve(state.extra[TANGENT]).with_variances(state.var1, state.var2), True)
+            want = lin.cross - getattr(layer, "bias_var", 0.0)
+            if getattr(layer, "trainable", False):
+                want = want + full.cross
+        torch.testing.assert_close(theta, want, rtol=1e-12, atol=1e-14)
+        if len(full.spatial) and not layer.requires_full_input(False, self.spatial):
+            diag = layer.propagate(state.to_diagonal(), False)
+            torch.testing.assert_close(diag.extra[TANGENT], full.to_diagonal().extra[TANGENT],
+                                       rtol=1e-12, atol=1e-14)
+        case = self._band_case(layer)
+        if case is not None:
+            got, expected = self._band_pair(layer, state, *case)
+            torch.testing.assert_close(got.extra[TANGENT], expected.extra[TANGENT], rtol=1e-12, atol=1e-14)
+        for b in range(state.batch):
+            one = KernelState(state.cross[b:b + 1], state.spatial, True, state.var1[b:b + 1],
+                              state.var2[b:b + 1], extra={TANGENT: state.extra[TANGENT][b:b + 1]})
+            torch.testing.assert_close(layer.propagate(one, True).extra[TANGENT][0], theta[b],
+                                       rtol=1e-13, atol=1e-15)
+        s32 = KernelState(state.cross.float(), state.spatial, True, state.var1.float(), state.var2.float(),
+                          extra={TANGENT: state.extra[TANGENT].float()})
+        torch.testing.assert_close(layer.propagate(s32, True).extra[TANGENT].double(), theta,
+                                   rtol=self.ntk_float32_rtol, atol=1e-6)
 
     def test_float32_close_to_float64(self):
         layer = self.make_layer()
@@ -207,12 +286,31 @@ class NonlinearityContract(LayerContract):
         want = gaussian_expectation(layer.function, vx, vy, c, self.kinks)
         assert got == pytest.approx(want, rel=self.quadrature_rtol, abs=1e-9)
 
+    @pytest.mark.parametrize("vx, vy, c", [(1.0, 2.0, 0.7), (0.5, 0.8, -0.3), (2.0, 2.0, 0.0)])
+    def test_derivative_expectation_by_quadrature(self, vx, vy, c):
+        """V̇ = E[φ′(u)φ′(v)] (the NTK's) against quadrature of φ′ from autograd of φ."""
+        layer = self.make_layer()
+        if not self._has_ntk(layer):
+            pytest.skip("no NTK for this nonlinearity")
+
+        def dphi(x):
+            x = x.detach().clone().requires_grad_(True)
+            layer.function(x).sum().backward()
+            return x.grad
+
+        t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+        got = float(layer.derivative_expectation(t(c), t(vx), t(vy)))
+        want = gaussian_expectation(dphi, vx, vy, c, self.kinks)
+        assert got == pytest.approx(want, rel=self.quadrature_rtol, abs=1e-9)
+
     def test_zero_and_tiny_variances_are_finite(self):
         layer = self.make_layer()
         z = torch.zeros(3, dtype=torch.float64)
         one = torch.ones(3, dtype=torch.float64)
         for c, vx, vy in ((z, z, z), (z, z, one), (1e-200 * one, 1e-200 * one, 1e-200 * one)):
             assert torch.all(torch.isfinite(layer.expectation(c, vx, vy)))
+            if self._has_ntk(layer):
+                assert torch.all(torch.isfinite(layer.derivative_expectation(c, vx, vy)))
 
     def _network(self):
         return Serial(Conv(3, weight_var=1.5, bias_var=0.1), self.make_layer(), Conv(3),

@@ -262,6 +262,7 @@ def cmd_kernel(args) -> int:
             f"--x1: has {x1.shape[-1]} channels (last axis) but --arch expects {channels}"
         )
     lengthscales, readouts, body = None, None, net
+    get = {"nngp": "nngp", "ntk": "ntk", "both": ("nngp", "ntk")}[args.get]
     if args.lengthscales is not None:
         lengthscales = parse_lengthscales(args.lengthscales)
         last = net.layers[-1]
@@ -275,7 +276,7 @@ def cmd_kernel(args) -> int:
     from cnngp.engine.store import is_store_path
 
     if is_store_path(args.out):
-        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2)
+        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get)
     check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
                readouts=readouts, dtype=args.dtype, device=args.device,
                memory_budget=args.memory_budget, disk_path=args.out, yes=args.yes)
@@ -291,11 +292,13 @@ def cmd_kernel(args) -> int:
     )
     start = time.perf_counter()
     if readouts is not None:
-        k = readout_sweep(body, readouts, x1, x2, **common)
+        k = readout_sweep(body, readouts, x1, x2, get=get, **common)
     else:
-        k = kernel(net, x1, x2, **common)
+        k = kernel(net, x1, x2, get=get, **common)
     seconds = time.perf_counter() - start
-    k = k.to(torch.float64).numpy()
+    names = ("nngp", "ntk") if args.get == "both" else (args.get,)
+    kernels = {name: v.to(torch.float64).numpy() for name, v in zip(names, k if isinstance(k, tuple) else (k,))}
+    k = kernels[names[0]]
     config = {
         "command": "kernel",
         "arch": args.arch,
@@ -305,10 +308,12 @@ def cmd_kernel(args) -> int:
         "device": args.device,
         "x1": str(args.x1),
         "x2": None if args.x2 is None else str(args.x2),
+        "get": args.get,
         "seconds": seconds,
     }
     arrays = {
         "kernel": k,
+        **kernels,
         "spec": np.array(json.dumps(net.to_spec())),
         "config": np.array(json.dumps(config)),
         "versions": np.array(json.dumps(versions())),
@@ -326,18 +331,20 @@ def cmd_kernel(args) -> int:
     return 0
 
 
-def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2) -> int:
+def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get) -> int:
     """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask."""
     from cnngp.engine.distributed import describe_dry_run, store_kernel
     from cnngp.engine.resources import check_job
 
-    labels = None if lengthscales is None else [
+    labels = ["kernel"] if lengthscales is None else [
         f"{args.family}:{'inf' if lam == float('inf') else lam}" for lam in lengthscales]
+    kinds = ("nngp", "ntk") if args.get == "both" else (args.get,)
+    labels = [f"{kind} {label}" for kind in kinds for label in labels]  # the leading axis, in order
     options = dict(
         out=args.out, readouts=readouts, labels=labels, dtype=args.dtype, device=args.device,
         tile=args.tile, batch_size=args.batch_size, memory_budget=args.memory_budget,
         workers=args.workers, scheduler=args.scheduler, threads_per_worker=args.threads_per_worker,
-        progress=not args.quiet,
+        progress=not args.quiet, get=get,
     )
     model = body if readouts is not None else net
     plan = store_kernel(model, x1, x2, dry_run=True, **options).dry_run
@@ -428,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
+    k.add_argument("--get", choices=["nngp", "ntk", "both"], default="nngp",
+                   help="the NNGP (default), the neural tangent kernel, or both from one pass")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
     k.add_argument("--family", choices=sorted(FAMILIES), help="family of a --lengthscales sweep (default matern32)")
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")

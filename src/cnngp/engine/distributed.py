@@ -271,7 +271,7 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
                  device="cpu", tile: int | None = None, batch_size=None, memory_budget=None,
                  workers: int | None = None, scheduler: str | None = None, client=None,
                  threads_per_worker: int | None = None, progress: bool = True,
-                 dry_run: bool = False, what: str = "--out") -> StoreReport:
+                 dry_run: bool = False, what: str = "--out", get="nngp") -> StoreReport:
     """Compute the Gram matrix of ``model`` (or of ``model`` under each of ``readouts``) on
     images ``x1`` × ``x2`` (``x2=None``: x1 × x1) into the kernel store at ``out``.
 
@@ -297,10 +297,13 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         torch and numba threads in each task (default: this machine's cores / workers).
     dry_run : bool
         Plan, size and time a sample of pairs; compute and write nothing.
+    get : "nngp" (default), "ntk" or "both"
+        The kernels stored, kernel type first along the leading axis: with ``"both"`` and L
+        readouts, ``kernel[:L]`` is the NNGP and ``kernel[L:]`` the NTK.
     """
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
     plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, dtype=dtype, device=device,
-                    batch_size=batch_size, memory_budget=memory_budget)
+                    batch_size=batch_size, memory_budget=memory_budget, get=get)
     xa = plan.images(x1, "x1").cpu().numpy()
     xb = None if x2 is None else plan.images(x2, "x2").cpu().numpy()
     n1 = xa.shape[0]
@@ -318,7 +321,7 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     tiles = tile_plan(n1, n2, tile)
     recipe = (plan.body, plan.image_shape, dict(readouts=readouts, dtype=str(plan.dtype).removeprefix("torch."),
                                                 device=str(plan.device), batch_size=batch_size,
-                                                memory_budget=memory_budget))
+                                                memory_budget=memory_budget, get=plan.kernels))
     if readouts is None:
         recipe = (model, plan.image_shape, {k: v for k, v in recipe[2].items() if k != "readouts"})
     identity = {
@@ -330,6 +333,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         "tile": int(tile),
         "shape": [plan.n_outputs, n1, n1 if n2 is None else n2],
     }
+    if plan.kernels != ("nngp",):  # stores of NNGPs alone keep the identity they always had
+        identity["kernels"] = list(plan.kernels)
     key = fingerprint(identity)
     if dry_run:
         d = _dry_run(plan, xa, xb, tiles, grids, tile, n_workers, threads_per_worker, budget, out)

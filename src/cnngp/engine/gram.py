@@ -25,7 +25,7 @@ from cnngp.engine import fused
 from cnngp.kernels import ops
 from cnngp.errors import CNNGPError
 from cnngp.settings import env_number
-from cnngp.kernels.layers import Layer, Readout, Serial, weighted_sums
+from cnngp.kernels.layers import TANGENT, Layer, Readout, Serial, weighted_sums
 from cnngp.kernels.state import Band, KernelState
 from cnngp.engine.resources import check_job
 from cnngp.engine.storage import Checkpoint, fingerprint
@@ -51,12 +51,32 @@ class _Plan:
     self_flags: list
     self_depth: int
     var_layers: list
+    #: the kernels computed, in output order: ("nngp",), ("ntk",) or ("nngp", "ntk")
+    kernels: tuple = ("nngp",)
     #: stacked readout weights, see _head_weights
     head_weights: dict = field(default_factory=dict)
 
     @property
     def spatial_out(self):
         return self.grids[-1]
+
+
+#: what ``get=`` accepts
+KERNEL_TYPES = ("nngp", "ntk")
+
+
+def parse_get(get) -> tuple:
+    """``"nngp"``, ``"ntk"``, ``"both"`` or a sequence of those names → the kernels, in order."""
+    if isinstance(get, str):
+        names = ("nngp", "ntk") if get == "both" else (get,)
+    elif isinstance(get, (list, tuple)) and get and all(isinstance(g, str) for g in get):
+        names = tuple(get)
+    else:
+        names = None
+    if names is None or any(n not in KERNEL_TYPES for n in names) or len(set(names)) != len(names):
+        raise CNNGPError(f"get: expected 'nngp', 'ntk', 'both' or a tuple of distinct names from "
+                         f"{KERNEL_TYPES}, got {get!r}")
+    return names
 
 
 def _split_model(model) -> tuple[Serial, list]:
@@ -323,8 +343,9 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
 
 
 def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
-    """Kernel values (n_heads or 1, B) for a batch of pairs."""
-    chunk = _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b)
+    """Kernel values (n_kernels × (n_heads or 1), B) for a batch of pairs."""
+    # the fused CPU kernels carry no Θ: an NTK runs every layer's own propagate
+    chunk = 0 if TANGENT in plan.kernels else _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b)
     if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
         ws = _workspace(plan)
         layers = list(plan.body.layers)
@@ -349,12 +370,15 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
             values.append(heads if heads is not None else _apply_heads(plan, state))
         return torch.cat(values, dim=1)
     state = input_state(x1b, x2b, plan.pair_flags[0])
+    if TANGENT in plan.kernels:
+        state = state.with_extra(**{TANGENT: torch.zeros_like(state.cross)})  # Θ(0) = 0
     state, _ = fused.run_layers(
         list(plan.body.layers), state, plan.pair_flags,
         lambda i, as_roots: (rec1[i][idx1], rec2[i][idx2]), fast=False,
     )
     if not plan.heads:
-        return state.cross[None]
+        parts = {"nngp": state.cross[None], TANGENT: state.extra.get(TANGENT, state.cross)[None]}
+        return torch.cat([parts[k] for k in plan.kernels])
     return _apply_heads(plan, state)
 
 
@@ -373,9 +397,12 @@ def _head_weights(plan: _Plan, general: list, state: KernelState) -> torch.Tenso
 
 
 def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
-    """All readouts from one last-hidden-layer state; general Σ's share one matmul."""
+    """All readouts from one last-hidden-layer state; general Σ's share one matmul. With the
+    NTK, Θ_out = weight_var · Σ_{p,p'} Σ[p,p'] Θ[p,p'] + K_out (docs/maths.md §7)."""
     heads = plan.heads
+    tangent = TANGENT in plan.kernels
     out = [None] * len(heads)
+    out_t = [None] * len(heads)
     general = [
         i
         for i, h in enumerate(heads)
@@ -385,13 +412,21 @@ def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
         and h.correlation_kind(state.spatial) not in ("independent", "constant")
     ]
     if general:
-        values = weighted_sums(state.cross, _head_weights(plan, general, state))  # (B, L), f64
+        weights = _head_weights(plan, general, state)
+        values = weighted_sums(state.cross, weights)  # (B, L), f64
+        values_t = weighted_sums(state.extra[TANGENT], weights) if tangent else None
         for k, i in enumerate(general):
-            out[i] = (values[:, k] * heads[i].weight_var + heads[i].bias_var).to(state.cross.dtype)
+            value = values[:, k] * heads[i].weight_var + heads[i].bias_var
+            out[i] = value.to(state.cross.dtype)
+            if tangent:
+                out_t[i] = (values_t[:, k] * heads[i].weight_var + value).to(state.cross.dtype)
     for i, h in enumerate(heads):
         if out[i] is None:
-            out[i] = h.propagate(state, False).cross
-    return torch.stack(out)
+            result = h.propagate(state, False)
+            out[i] = result.cross
+            out_t[i] = result.extra.get(TANGENT)
+    parts = {"nngp": out, TANGENT: out_t}
+    return torch.stack([v for k in plan.kernels for v in parts[k]])
 
 
 # -- the tile seam ---------------------------------------------------------------------------
@@ -447,12 +482,12 @@ class GramPlan:
         ``(*spatial, C)`` of one image.
     readouts : sequence of Readout, optional
         Many readouts from one pass (then ``model`` must not end in a readout).
-    dtype, device, batch_size, memory_budget
+    dtype, device, batch_size, memory_budget, get
         As for :func:`kernel`.
     """
 
     def __init__(self, model, image_shape, *, readouts=None, dtype="float64", device="cpu",
-                 batch_size=None, memory_budget=None):
+                 batch_size=None, memory_budget=None, get="nngp"):
         if readouts is None:
             body, heads = _split_model(model)
         else:  # the body runs as given (it may hold readouts of its own: a dense head)
@@ -466,7 +501,9 @@ class GramPlan:
         self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
         self.image_shape = tuple(int(s) for s in image_shape)
+        self.kernels = parse_get(get)
         self.plan = _make_plan(body, heads, self.image_shape[:-1])
+        self.plan.kernels = self.kernels
         itemsize = torch.finfo(self.dtype).bits // 8
         budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
         p = self.plan
@@ -475,8 +512,9 @@ class GramPlan:
 
     @property
     def n_outputs(self) -> int:
-        """Kernels computed per pair: the number of readouts (1 for a plain model)."""
-        return max(1, len(self.heads))
+        """Kernels computed per pair: the number of readouts (1 for a plain model) times the
+        number of kernel types (``get``), kernel type first: [nngp readouts…, ntk readouts…]."""
+        return max(1, len(self.heads)) * len(self.kernels)
 
     def images(self, x, name: str = "x1") -> torch.Tensor:
         """Validated images (the package's image-array policy) on the plan's device and dtype."""
@@ -598,7 +636,7 @@ def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> No
 
 
 def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress,
-             checkpoint=None, keep_checkpoint=False):
+             checkpoint=None, keep_checkpoint=False, get="nngp"):
     """One call: the whole matrix as one block, with checkpoints between batches."""
     channels = getattr(body, "input_channels", None)
     a1 = as_images(x1, "x1", channels)
@@ -610,7 +648,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
     gp = GramPlan(body, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
-                  batch_size=batch_size, memory_budget=memory_budget)
+                  batch_size=batch_size, memory_budget=memory_budget, get=get)
     dtype = gp.dtype
     t1 = torch.as_tensor(a1, dtype=dtype, device=gp.device)
     t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=gp.device)
@@ -623,7 +661,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
     if checkpoint is not None:
         key = fingerprint(
             "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1,
-            None if symmetric else a2, str(dtype),
+            None if symmetric else a2, str(dtype), *(() if gp.kernels == ("nngp",) else (gp.kernels,)),
         )
         ckpt = Checkpoint(checkpoint, key)
         resumed = ckpt.load((n_out, n1, n2), dtype, n_pairs)
@@ -720,8 +758,10 @@ def kernel(
     progress: bool = False,
     checkpoint=None,
     keep_checkpoint: bool = False,
-) -> torch.Tensor:
-    """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool).
+    get="nngp",
+):
+    """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool),
+    or its neural tangent kernel.
 
     Parameters
     ----------
@@ -740,6 +780,9 @@ def kernel(
         computation, or one whose contents do not check out, is refused). Removed when
         done, unless ``keep_checkpoint``: the command line removes it only once its output
         file is safely in place.
+    get : "nngp" (default), "ntk", "both" or a tuple such as ("nngp", "ntk")
+        Which kernel: the NNGP, the neural tangent kernel of the same network in the NTK
+        parameterisation (docs/maths.md §7), or both from one pass.
 
     Raises
     ------
@@ -749,13 +792,15 @@ def kernel(
 
     Returns
     -------
-    torch.Tensor (N1, N2) on the CPU.
+    torch.Tensor (N1, N2) on the CPU; a tuple of them, in the order asked, for several kernels.
     """
     body, heads = _split_model(model)
-    return _compute(
+    kernels = parse_get(get)
+    out = _compute(
         body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
-        keep_checkpoint,
-    )[0]
+        keep_checkpoint, get=kernels,
+    )
+    return out[0] if isinstance(get, str) and get != "both" else tuple(out)
 
 
 def readout_sweep(
@@ -771,11 +816,13 @@ def readout_sweep(
     progress: bool = False,
     checkpoint=None,
     keep_checkpoint: bool = False,
-) -> torch.Tensor:
+    get="nngp",
+):
     """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
 
     This is how a λ sweep costs one kernel computation (docs/maths.md §2, readout): every readout is a
-    weighted sum of the same last-hidden-layer covariance.
+    weighted sum of the same last-hidden-layer covariance. ``get`` as for :func:`kernel`: with
+    several kernels, a tuple of (L, N1, N2) tensors in the order asked.
     """
     body, tail = _split_model(body)
     if tail:
@@ -783,7 +830,12 @@ def readout_sweep(
     readouts = list(readouts)
     if not readouts or not all(isinstance(r, Readout) for r in readouts):
         raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
-    return _compute(
+    kernels = parse_get(get)
+    out = _compute(
         body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
-        keep_checkpoint,
+        keep_checkpoint, get=kernels,
     )
+    if isinstance(get, str) and get != "both":
+        return out
+    L = len(readouts)
+    return tuple(out[k * L:(k + 1) * L] for k in range(len(kernels)))

@@ -42,7 +42,7 @@ __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT",
 STORE_FORMAT = "cnngp-kernel-store/1"
 
 #: identity keys that must agree for a resume, in the order a mismatch is reported
-IDENTITY_KEYS = ("format", "spec", "readouts", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
+IDENTITY_KEYS = ("format", "spec", "readouts", "kernels", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
 
 
 def is_store_path(path) -> bool:
@@ -105,7 +105,7 @@ def _first_difference(stored: dict, wanted: dict) -> str | None:
 
 
 _WHAT = {
-    "format": "store format", "spec": "network spec", "readouts": "readouts",
+    "format": "store format", "spec": "network spec", "readouts": "readouts", "kernels": "kernel type (--get)",
     "x1_sha256": "images (--x1)", "x2_sha256": "images (--x2)", "dtype": "dtype",
     "tile": "tile size", "shape": "shape",
 }

@@ -22,6 +22,9 @@ from cnngp.errors import CNNGPError
 from cnngp.settings import env_number
 from cnngp.kernels.state import Band, KernelState
 
+#: the name of the NTK's Θ among a kernel state's extra tensors (docs/maths.md §7)
+TANGENT = "ntk"
+
 __all__ = [
     "Layer",
     "Conv",
@@ -102,6 +105,17 @@ class Layer(nn.Module):
     #: nonlinearities read the diagonals of each input's own covariance (var1, var2)
     needs_variances = False
 
+    #: the layer has weights and biases of its own (conv, readout; not a pool): in the NTK
+    #: their gradients add the layer's output NNGP to Θ (docs/maths.md §7)
+    trainable = False
+
+    def _tangent_terms(self, extra: dict, cross) -> dict:
+        """Θ_out = (linear part of Θ_in) + K_out for a trainable layer (docs/maths.md §7)."""
+        if self.trainable and TANGENT in extra:
+            extra = dict(extra)
+            extra[TANGENT] = extra[TANGENT] + cross
+        return extra
+
     def output_spatial(self, spatial: tuple) -> tuple:
         """The output grid for an input grid; raises :class:`CNNGPError` if it cannot apply."""
         return spatial
@@ -146,6 +160,8 @@ class Conv(Layer):
     correlation : Correlation, default Independent()
         Σ over the filter taps; distances in tap index units.
     """
+
+    trainable = True
 
     def __init__(
         self,
@@ -240,7 +256,8 @@ class Conv(Layer):
         # extra tensors go through the linear part (σ_w² Σ * ·), without the bias
         extra = {k: self._filter(state, v, full_out, geoms, kind)[0] * self.weight_var
                  for k, v in state.extra.items()}
-        return state.evolve(self._affine(x), spatial=q_shape, full=rep, extra=extra)
+        x = self._affine(x)
+        return state.evolve(x, spatial=q_shape, full=rep, extra=self._tangent_terms(extra, x))
 
     def _filter(self, state, t, full_out, geoms, kind):
         """Σ * t (docs/maths.md §2 (*)) for ``t``, one of ``state``'s tensors, before the
@@ -297,11 +314,13 @@ class Conv(Layer):
         extra = {k: banded(v) * self.weight_var for k, v in state.extra.items()}
         if any(r_out):
             mask = ops.band_mask(q_shape, r_out, x.dtype, x.device)
-            return state.evolve(x * mask, spatial=q_shape, full=Band(r_out),
-                                extra={k: v * mask for k, v in extra.items()})
+            x = x * mask
+            extra = self._tangent_terms({k: v * mask for k, v in extra.items()}, x)
+            return state.evolve(x, spatial=q_shape, full=Band(r_out), extra=extra)
         flat = lambda t: t.reshape(t.shape[: 1 + d])  # noqa: E731
-        return state.evolve(flat(x), spatial=q_shape, full=False,
-                            extra={k: flat(v) for k, v in extra.items()})
+        x = flat(x)
+        extra = self._tangent_terms({k: flat(v) for k, v in extra.items()}, x)
+        return state.evolve(x, spatial=q_shape, full=False, extra=extra)
 
     def to_spec(self):
         return {
@@ -319,8 +338,11 @@ class Conv(Layer):
 class AvgPool(Conv):
     """Average pooling: zero padding, divides by the window size (neural-tangents AvgPool).
 
-    Exactly a convolution with constant correlation Σ = 11ᵀ/|P|², weight_var 1, no bias.
+    Exactly a convolution with constant correlation Σ = 11ᵀ/|P|², weight_var 1, no bias,
+    and no parameters (nothing for the NTK to train).
     """
+
+    trainable = False
 
     def __init__(self, window=2, stride=None, padding: str = "valid"):
         super().__init__(
@@ -390,6 +412,8 @@ class Readout(Layer):
     pooling, Matérn/RBF in between.
     """
 
+    trainable = True
+
     def __init__(self, weight_var: float = 1.0, bias_var: float = 0.0, correlation=None):
         super().__init__()
         self.weight_var = _check_variance(weight_var, "weight_var")
@@ -451,7 +475,7 @@ class Readout(Layer):
         value = (self._sum(state, state.cross) * self.weight_var + self.bias_var).to(state.cross.dtype)
         # extra tensors go through the linear part, without the bias
         extra = {k: (self._sum(state, v) * self.weight_var).to(v.dtype) for k, v in state.extra.items()}
-        return state.evolve(value, spatial=(), full=False, extra=extra)
+        return state.evolve(value, spatial=(), full=False, extra=self._tangent_terms(extra, value))
 
     def _sum(self, state, t):
         """Σ_{p,p'} Σ[p, p'] t[p, p'] for ``t``, one of ``state``'s tensors (float64 sums)."""
@@ -549,14 +573,33 @@ class Nonlinearity(Layer):
             vy = vy.reshape((vy.shape[0],) + ones + vy.shape[1:])
         return state.evolve(self.expectation(state.cross, vx, vy), extra=extra)
 
+    def derivative_expectation(self, c, vx, vy):
+        """E[φ′(u)φ′(v)] under the same Gaussian as :meth:`expectation` (the NTK's V̇,
+        docs/maths.md §7); finite where a variance is 0. None by default: no NTK."""
+        raise CNNGPError(
+            f"{self!r}: has no closed-form E[φ′(u)φ′(v)], so no neural tangent kernel; "
+            "define derivative_expectation(c, vx, vy)"
+        )
+
     def carry_extra(self, name: str, tensor: torch.Tensor, state) -> torch.Tensor:
         """How the extra tensor ``name`` (see :attr:`cnngp.kernels.state.KernelState.extra`) passes
-        this nonlinearity, given the converted input ``state`` with its variances. A kernel
-        type that adds a tensor defines its rule (the NTK's Θ is multiplied by E[φ′ φ′]);
-        there is none by default."""
-        raise CNNGPError(
-            f"{self!r}: no rule to carry the extra tensor {name!r} through this nonlinearity"
-        )
+        this nonlinearity, given the converted input ``state`` with its variances: the NTK's Θ
+        is multiplied by V̇ = E[φ′ φ′] (docs/maths.md §7); other names have no rule."""
+        if name != TANGENT:
+            raise CNNGPError(
+                f"{self!r}: no rule to carry the extra tensor {name!r} through this nonlinearity"
+            )
+        vx, vy = state.var1, state.var2
+        if state.band is not None:
+            vy = ops.band_shift(vy, state.spatial, state.band)
+            vx = vx.reshape(vx.shape + (1,) * state.ndim)
+            mask = ops.band_mask(state.spatial, state.band, tensor.dtype, tensor.device)
+            return tensor * self.derivative_expectation(state.cross, vx, vy) * mask
+        if state.full:
+            ones = (1,) * state.ndim
+            vx = vx.reshape(vx.shape + ones)
+            vy = vy.reshape((vy.shape[0],) + ones + vy.shape[1:])
+        return tensor * self.derivative_expectation(state.cross, vx, vy)
 
 
 def _relu_expectation(c, vx, vy):
@@ -577,6 +620,13 @@ def _relu_expectation(c, vx, vy):
         s = torch.sqrt(torch.clamp(prod - c * c, min=0))
     theta = torch.atan2(s, c)
     return (s + (math.pi - theta) * c) * (0.5 / math.pi)
+
+
+def _angle(c, vx, vy):
+    """θ = arccos(c/√(vx vy)) in [0, π], π/2 where a variance is 0 (as neural-tangents)."""
+    n = torch.sqrt(vx) * torch.sqrt(vy)
+    s = torch.sqrt(torch.clamp(n * n - c * c, min=0))
+    return torch.where(n > 0, torch.atan2(s, c), torch.full_like(s, math.pi / 2))
 
 
 #: fewest entries of a diagonal or band state for which ReLU-family layers use the fused
@@ -624,9 +674,16 @@ class ABReLU(Nonlinearity):
             out = out + (self.a * self.b) * c
         return out
 
+    def derivative_expectation(self, c, vx, vy):
+        # φ′ = a below 0, b above: V̇ = (a² + b²)(π − θ)/2π + 2ab·θ/2π (θ = π/2 at zero variance)
+        if type(self).expectation not in (ABReLU.expectation, ReLU.expectation):
+            return super().derivative_expectation(c, vx, vy)  # a subclass changed the maths
+        theta = _angle(c, vx, vy)
+        return ((self.a**2 + self.b**2) * (math.pi - theta) + (2.0 * self.a * self.b) * theta) * (0.5 / math.pi)
+
     def function(self, x):
         if self.a == 0.0:
-            return torch.relu(x).mul_(self.b)
+            return torch.relu(x) * self.b  # not in place: the empirical NTK differentiates φ
         return torch.where(x > 0, x * self.b, x * self.a)
 
     def to_spec(self):
@@ -643,7 +700,7 @@ class ReLU(ABReLU):
         return 2.0 * _relu_expectation(c, vx, vy)
 
     def function(self, x):
-        return torch.relu(x).mul_(math.sqrt(2.0))
+        return torch.relu(x) * math.sqrt(2.0)
 
     def to_spec(self):
         return {"type": "relu"}
@@ -669,6 +726,12 @@ class Erf(Nonlinearity):
         if self.c:
             out = out + self.c**2
         return out
+
+    def derivative_expectation(self, c, vx, vy):
+        # φ′ = a·b·(2/√π)·exp(−b²x²): V̇ = (4a²b²/π) / √((1 + 2b²vx)(1 + 2b²vy) − 4b⁴c²)
+        t = 2.0 * self.b**2
+        det = torch.clamp((1.0 + t * vx) * (1.0 + t * vy) - (t * c) ** 2, min=torch.finfo(c.dtype).tiny)
+        return torch.rsqrt(det) * (4.0 / math.pi * (self.a * self.b) ** 2)
 
     def function(self, x):
         return self.a * torch.erf(self.b * x) + self.c
@@ -702,6 +765,14 @@ class Sin(Nonlinearity):
             torch.exp(-half * (total - 2.0 * c)) - math.cos(2.0 * self.c) * torch.exp(-half * (total + 2.0 * c))
         )
 
+    def derivative_expectation(self, c, vx, vy):
+        # φ′ = a·b·cos(bx + c); cos α cos β = ½[cos(α − β) + cos(α + β)]
+        half = 0.5 * self.b**2
+        total = vx + vy
+        return (0.5 * (self.a * self.b) ** 2) * (
+            torch.exp(-half * (total - 2.0 * c)) + math.cos(2.0 * self.c) * torch.exp(-half * (total + 2.0 * c))
+        )
+
     def function(self, x):
         return self.a * torch.sin(self.b * x + self.c)
 
@@ -718,6 +789,9 @@ class Sign(Nonlinearity):
         n = torch.sqrt(vx) * torch.sqrt(vy)  # not √(vx·vy): the product may underflow
         rho = torch.clamp(c / torch.where(n > 0, n, torch.ones_like(n)), -1.0, 1.0)
         return torch.where(n > 0, torch.asin(rho) * (2.0 / math.pi), torch.zeros_like(rho))
+
+    def derivative_expectation(self, c, vx, vy):
+        raise CNNGPError(f"{self!r}: φ′ is a Dirac delta (2δ(x)), so the NTK of a sign layer is infinite")
 
     def function(self, x):
         return torch.sign(x)
@@ -737,6 +811,9 @@ class Identity(Nonlinearity):
 
     def expectation(self, c, vx, vy):
         return c
+
+    def derivative_expectation(self, c, vx, vy):
+        return torch.ones_like(c)
 
     def function(self, x):
         return x
