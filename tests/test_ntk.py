@@ -148,3 +148,30 @@ def test_cli_get_both_writes_both_kernels(tmp_path, capsys):
     capsys.readouterr()
     assert main(["kernel", "--arch", "cnngp2", "--x1", str(x), "--out", str(out), "--get", "tangent"]) == 2
     assert "--get: invalid choice" in capsys.readouterr().err
+
+
+def test_sweep_with_the_ntk_cross_validates_the_ntk(tmp_path):
+    from cnngp.experiments.sweep import run_sweep, sweep_readouts, split_network
+    from cnngp.inference import gp
+    from cnngp.io.data import Dataset, balanced_subset
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(40, 5, 5, 1))
+    y = np.repeat(np.arange(2), 20)
+    ds = Dataset(x, y, None, None, "toy", ("a", "b"))
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    out = run_sweep(net, ds, ns=(20,), folds=2, lengthscales=(1.0,), kernel="ntk", progress=False)
+    assert out["config"]["kernel"] == "ntk"
+    order = balanced_subset(y, 20, seed=0, n_classes=2)
+    body, template, _ = split_network(net)
+    readouts, labels = sweep_readouts(template, (1.0,), "matern32")
+    theta = cnngp.readout_sweep(body, readouts, x[order], get="ntk").numpy()
+    for row, th in zip(out["results"], theta):
+        from cnngp.experiments.sweep import _folds_for
+
+        cv = gp.cross_validate(th, y[order], folds=_folds_for("paper", 20, y[order], 2, 0), n_classes=2)
+        assert row["cv_accuracy"] == cv.best_accuracy
+    nngp = run_sweep(net, ds, ns=(20,), folds=2, lengthscales=(1.0,), progress=False)
+    assert [r["noise_variance"] for r in nngp["results"]] != [r["noise_variance"] for r in out["results"]]
+    with pytest.raises(CNNGPError, match="kernel: expected 'nngp' or 'ntk'"):
+        run_sweep(net, ds, ns=(20,), folds=2, kernel="gp", progress=False)

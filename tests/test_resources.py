@@ -76,5 +76,5 @@ def test_sweep_refuses_a_days_long_job_without_yes_and_an_oversized_one(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cnngp: error: --n 5120 with 200 readouts: needs about 41.1 GiB of memory but "
                    "this machine has 16 GiB available; use a smaller --n, fewer --lengthscales "
-                   "or --n-test (or --kernel K.zarr)"], err
+                   "or --n-test (or --store K.zarr)"], err
     assert not out.exists()

@@ -244,7 +244,7 @@ def test_cli_store_flags_need_a_store(tmp_path, images_npz, capsys):
     assert code == 2 and "does not exist" in line
     code, line = _error_line(capsys, "sweep", "--arch", "cnngp2", "--data", "digits", "--n", "40",
                              "--out", tmp_path / "sw", "--workers", "2")
-    assert code == 2 and "--workers: needs --kernel K.zarr" in line
+    assert code == 2 and "--workers: needs --store K.zarr" in line
 
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, capsys):
@@ -270,6 +270,7 @@ def test_cli_sigint_keeps_finished_tiles_and_the_rerun_finishes(tmp_path):
     _wait_for_records(out, 3, proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
+    assert "the finished tiles are in" in proc.stderr.read()
     done = len(KernelStore.open(out).verify()["done"])
     assert 0 < done < 210
     r = subprocess.run(argv[:-1], capture_output=True, text=True, timeout=300)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnngp.errors import CNNGPError
+from cnngp.engine.gram import parse_get
 from cnngp.engine.resources import check_job
 from cnngp.validation import as_images, resolve_device, resolve_dtype
 from cnngp.kernels.layers import (
@@ -262,6 +263,13 @@ class _FiniteConv(_FiniteLayer):
         w, b = _sample_filters(seeds, index, width, c_in, factor, scale, layer.bias_var, device, dtype)
         self.weight = nn.Parameter(w.reshape(w.shape[:3] + self.taps))
         self.bias = None if b is None else nn.Parameter(b)
+        # the NTK's trainable variables are z (W = scale · z Lᵀ) and β (b = √bias_var · β)
+        identity = _is_scaled_identity(factor)
+        self.tangent_scale = scale * float(factor[0, 0]) if identity else scale
+        self.bias_scale = math.sqrt(layer.bias_var)
+        self.register_buffer(
+            "tangent_factor", None if identity else factor.to(device=device, dtype=dtype), persistent=False
+        )
 
     def forward(self, x):
         n, gx, c_in = x.shape[:3]
@@ -285,6 +293,18 @@ class _FiniteConv(_FiniteLayer):
         if self.bias is not None:
             y = y + self.bias.reshape((1, g, c_out) + (1,) * len(self.taps))
         return y
+
+    def ntk_gradient(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """∂f/∂z from ∂f/∂W = grad (B, G, C_out, C_in, *taps): ``scale · grad L`` over the taps
+        (W = scale · z Lᵀ); for the bias ∂f/∂β = √bias_var · grad. Returns (B, G, k)."""
+        lead = tuple(grad.shape[:2])
+        if name == "bias":
+            return (grad * self.bias_scale).reshape(lead + (-1,))
+        if name != "weight":  # pragma: no cover - no other parameters
+            raise CNNGPError(f"finite conv: no parameter {name!r}")
+        if self.tangent_factor is not None:
+            grad = grad.reshape(lead + tuple(self.weight.shape[1:3]) + (-1,)) @ self.tangent_factor
+        return (grad * self.tangent_scale).reshape(lead + (-1,))
 
 
 class _FiniteAvgPool(_FiniteLayer):
@@ -359,6 +379,7 @@ class _FiniteReadout(_FiniteLayer):
         self.z = nn.Parameter(z)
         self.register_buffer("factor", None if self.identity else factor.to(device=device, dtype=dtype))
         self.bias = None if b is None else nn.Parameter(b.mul_(math.sqrt(layer.bias_var)))
+        self.bias_scale = math.sqrt(layer.bias_var)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -376,6 +397,16 @@ class _FiniteReadout(_FiniteLayer):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    def ntk_gradient(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """z is already the standard-normal variable: ∂f/∂z = grad; ∂f/∂β = √bias_var · grad.
+        (B, G, *shape) → (B, G, k)."""
+        lead = tuple(grad.shape[:2])
+        if name == "bias":
+            return (grad * self.bias_scale).reshape(lead + (-1,))
+        if name != "z":  # pragma: no cover - no other parameters
+            raise CNNGPError(f"finite readout: no parameter {name!r}")
+        return grad.reshape(lead + (-1,))
 
 
 class _FiniteElementwise(_FiniteLayer):
@@ -601,6 +632,118 @@ class FiniteNetwork(nn.Module):
         h = self._channels_last(self.run(x, upto))
         return h[:, 0] if self.n_networks == 1 else h
 
+    def tangent_parameters(self) -> list:
+        """``[(layer, name, full_name, parameter)]`` of every trainable parameter, in layer
+        order (``name`` within its finite layer, ``full_name`` within the network).
+
+        Each finite layer holding parameters must map ∂f/∂parameter to the gradient with
+        respect to the standard normals of the NTK parameterisation (docs/maths.md §7) by a
+        method ``ntk_gradient(name, grad) -> (B, G, k)`` (grad: (B, G, *parameter shape)); a
+        twin registered without one is refused here.
+        """
+        if self.spatial is None:
+            raise CNNGPError("the network is not built yet: call build(spatial) or run it once")
+        out = []
+        for i, f in enumerate(self.finite):
+            named = [(n, p) for n, p in f.named_parameters() if p.requires_grad]
+            if named and not callable(getattr(f, "ntk_gradient", None)):
+                raise CNNGPError(
+                    f"layer {i} ({self.kernel_layers[i]!r}): its finite twin {type(f).__name__} "
+                    "has parameters but no ntk_gradient(name, grad) method, so its NTK is unknown"
+                )
+            out += [(f, n, f"finite.{i}.{n}", p) for n, p in named]
+        return out
+
+    def _ntk(self, x: torch.Tensor, n1: int, symmetric: bool, outputs_per_pass: int | None):
+        """(Θ̂ (G, n1, n2) float64, outputs (N, G, O) detached) for images x (N, *S, C) holding
+        x1 then (unless ``symmetric``) x2.
+
+        One graph per image (a backward pass then costs one image); for each output o a
+        vector-Jacobian product seeded with 1 at output o of every network (the G networks
+        share no parameters, so one pass gives each its own gradient), batched over the
+        outputs with ``torch.func.vmap``; the gradients become tangents of the standard-normal
+        variables (each layer's ``ntk_gradient``) and are contracted over the images in float64.
+        """
+        from torch.func import functional_call, vjp, vmap
+
+        tangents = self.tangent_parameters()
+        primals = {full: p.detach() for _, _, full, p in tangents}
+        g = self.n_networks
+        pullbacks, outs = [], []
+        with torch.enable_grad():
+            for i in range(x.shape[0]):
+                xi = x[i : i + 1]
+
+                def f(params, xi=xi):
+                    return functional_call(self, params, (xi,)).reshape(1, g, -1)
+
+                if primals:
+                    out, pull = vjp(f, primals)
+                    pullbacks.append(pull)
+                else:
+                    out = self.run(xi)
+                outs.append(out.detach())
+        outs = torch.cat(outs)
+        if outs.dim() != 3:  # pragma: no cover - callers check the model ends without a grid
+            raise CNNGPError("model: ends on a spatial grid; finish it with a readout, flatten or pool")
+        n_img, _, n_out = outs.shape
+        n2 = n1 if symmetric else n_img - n1
+        theta = torch.zeros((g, n1, n2), dtype=torch.float64, device=outs.device)
+        if not primals:
+            return theta, outs
+        m = n_out if outputs_per_pass is None else max(1, min(int(outputs_per_pass), n_out))
+        for o0 in range(0, n_out, m):
+            mm = min(m, n_out - o0)
+            seeds = outs.new_zeros((mm, 1, g, n_out))
+            seeds[torch.arange(mm), 0, :, o0 + torch.arange(mm)] = 1.0
+            per_param = [[] for _ in tangents]
+            for pull in pullbacks:
+                (grads,) = vmap(pull)(seeds)  # {full name: (mm, G, *shape)}
+                for k, (layer, name, full, _) in enumerate(tangents):
+                    per_param[k].append(layer.ntk_gradient(name, grads[full]))
+                del grads
+            for k, t in enumerate(per_param):
+                t = torch.stack(t).to(torch.float64)  # (N, mm, G, k)
+                per_param[k] = None
+                a = t[:n1]
+                theta += torch.einsum("aogk,bogk->gab", a, a if symmetric else t[n1:])
+                del t, a
+        del pullbacks
+        return theta / n_out, outs
+
+    def ntk(self, x1, x2=None, *, outputs_per_pass: int | None = None) -> torch.Tensor:
+        """The empirical NTK Θ̂(x1, x2) of these networks (docs/maths.md §7), float64.
+
+        Θ̂(x, x') = (1/O) Σ_o Σ_θ ∂f_o(x)/∂θ · ∂f_o(x')/∂θ over every trainable variable θ of
+        the NTK parameterisation — each weight a standard normal (a correlated filter's z with
+        W = √(σ_w²/fan_in) · z Lᵀ, Σ = L Lᵀ; a bias β with b = σ_b β) — averaged over the O
+        outputs (features, for a model ending in a flatten/pool). Equivalently
+        Σ_layers ∇_W f · Cov(W) · ∇_W f'ᵀ with Cov(W) the layer's prior covariance.
+
+        Parameters
+        ----------
+        x1, x2 : images (N1, *spatial, C), (N2, *spatial, C) channels-last; x2 defaults to x1.
+        outputs_per_pass : int, optional
+            Outputs differentiated together (one batched backward pass each); all by default.
+
+        Returns
+        -------
+        torch.Tensor (N1, N2), or (G, N1, N2) for G > 1 networks, on the network's device.
+        """
+        a1 = self._prepare_images(x1)
+        symmetric = x2 is None
+        x = a1 if symmetric else torch.cat([a1, self._prepare_images(x2)])
+        theta, _ = self._ntk(x, a1.shape[0], symmetric, outputs_per_pass)
+        return theta[0] if self.n_networks == 1 else theta
+
+    def _prepare_images(self, x) -> torch.Tensor:
+        """Images as a tensor (N, *spatial, C) on the network's device and dtype."""
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(as_images(x, "x", self.in_channels))
+        if x.dtype == torch.uint8:
+            x = x.to(self.dtype) / 255.0
+        return x.to(device=self.device, dtype=self.dtype)
+
     def extra_repr(self):
         return f"networks={self.n_networks}, width={self.width}, in_channels={self.in_channels}"
 
@@ -658,13 +801,19 @@ def finite_network(
 # -- Monte Carlo kernel ---------------------------------------------------------------------------
 
 
-def network_memory(model, image_shape, width: int, n_outputs: int = 1, dtype="float32") -> int:
+def network_memory(model, image_shape, width: int, n_outputs: int = 1, dtype="float32", *,
+                   get="nngp") -> int:
     """Bytes one finite network of ``width`` needs to run one image of ``image_shape``
-    (``(*spatial, C)``): its weights plus one image's activations. Nothing is allocated."""
+    (``(*spatial, C)``): its weights plus one image's activations — and, when ``get`` asks for
+    the NTK, that image's autograd graph and its parameter gradients for one output at a time
+    (the least an empirical NTK can use). Nothing is allocated."""
     layers = _flatten_layers(model)
     itemsize = torch.finfo(resolve_dtype(dtype)).bits // 8
     spatial = tuple(int(s) for s in image_shape[:-1])
     w, act = _per_network_bytes(layers, int(image_shape[-1]), spatial, int(width), int(n_outputs), itemsize)
+    if "ntk" in parse_get(get):
+        return int(_ntk_network_bytes(layers, int(image_shape[-1]), spatial, int(width), int(n_outputs),
+                                      itemsize, 1, 1))
     return int(w + act)
 
 
@@ -676,20 +825,39 @@ def _sizes_of(layer):
     return None
 
 
-def _per_network_bytes(layers, in_channels, spatial, width, n_outputs, itemsize) -> tuple[int, int]:
-    """(weight bytes, activation bytes per image) of one network, generous estimates, from
-    each twin's registered size rule (elementwise layers keep the shape, hold no weights)."""
+def _layer_sizes(layers, in_channels, spatial, width, n_outputs) -> tuple[int, int, int]:
+    """(weights, peak activation elements, all activation elements) of one network on one
+    image, from each twin's registered size rule (elementwise layers keep the shape, hold no
+    weights)."""
     grids = Serial(*layers).grids(spatial)
     shape = (in_channels,) + tuple(spatial)
-    params, peak = 0, math.prod(shape)
+    params, peak, total = 0, math.prod(shape), math.prod(shape)
     for i, layer in enumerate(layers):
         rule = _sizes_of(layer)
         channels_out = n_outputs if i == len(layers) - 1 else width
         p, out = (0, shape) if rule is None else rule(layer, shape, tuple(grids[i + 1]), channels_out)
         params += p
         peak = max(peak, 2 * math.prod(shape) + 2 * math.prod(out))  # padded input + output
+        total += 2 * math.prod(out)
         shape = out
+    return params, peak, total
+
+
+def _per_network_bytes(layers, in_channels, spatial, width, n_outputs, itemsize) -> tuple[int, int]:
+    """(weight bytes, activation bytes per image) of one network, generous estimates."""
+    params, peak, _ = _layer_sizes(layers, in_channels, spatial, width, n_outputs)
     return 2 * params * itemsize, peak * itemsize  # Z and Z Lᵀ while sampling
+
+
+def _ntk_network_bytes(layers, in_channels, spatial, width, n_outputs, itemsize, n_images,
+                       outputs_per_pass) -> int:
+    """Bytes of one network's empirical NTK over ``n_images`` images, ``outputs_per_pass``
+    outputs differentiated together: weights, every image's autograd graph, the backward
+    pass's working set, and the gradients of all images (stored, then contracted in float64)."""
+    params, _, total = _layer_sizes(layers, in_channels, spatial, width, n_outputs)
+    m = outputs_per_pass
+    return (itemsize * (2 * params + 2 * n_images * total + 3 * m * total)
+            + n_images * m * params * (itemsize + 8))
 
 
 _MC_DOC_PARAMS = """
@@ -714,12 +882,19 @@ _MC_DOC_PARAMS = """
     device, dtype : where and in which precision the networks run ("float32" default;
         estimates accumulate in float64).
     progress : show a progress bar.
+    get : "nngp" (default), "ntk", "both" or a tuple such as ("nngp", "ntk")
+        Which kernel, as for :func:`cnngp.kernel`: the NNGP (the mean over the outputs of
+        f(x) f(x')), the empirical NTK (:meth:`FiniteNetwork.ntk`, the mean over the outputs
+        of ∇_θ f(x) · ∇_θ f(x') in the NTK parameterisation, docs/maths.md §7), or several,
+        from the same networks.
 """
 
 
 def _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, memory_budget,
-                      device, dtype, progress):
-    """Validate, then yield per-network estimates (G, N1, N2), float64, batch after batch."""
+                      device, dtype, progress, get="nngp"):
+    """Validate, then yield per-network estimates, one (G, N1, N2) float64 tensor per kernel
+    named by ``get`` (a tuple of them), batch after batch."""
+    names = parse_get(get)
     width = _check_int(width, "width", 1)
     n_samples = _check_int(n_samples, "n_samples", 2)
     seed = _check_int(seed, "seed", 0)
@@ -752,34 +927,58 @@ def _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, m
     n_img = x.shape[0]
     itemsize = torch.finfo(dt).bits // 8
     w_bytes, act_bytes = _per_network_bytes(layers, a1.shape[-1], spatial, width, n_outputs, itemsize)
-    check_job(  # one network on one image must fit, or nothing can run
-        f"width={width}", memory_bytes=w_bytes + act_bytes,
-        remedy="one network of this width on one image does not fit; use a smaller width",
-    )
-    if batch is None:
-        per_net = w_bytes + min(n_img, 64) * act_bytes
-        batch = max(1, memory_budget // max(per_net, 1))
-    batch = min(batch, n_samples)
-    chunk = max(1, min(n_img, (memory_budget - batch * w_bytes) // max(batch * act_bytes, 1)))
+    ntk = "ntk" in names
+    if ntk:
+        sizes = (layers, a1.shape[-1], spatial, width, n_outputs, itemsize, n_img)
+        check_job(  # one network on these images, one output at a time, must fit
+            f"width={width}", memory_bytes=_ntk_network_bytes(*sizes, 1),
+            remedy="the empirical NTK of one network of this width on these images does not "
+                   "fit; use a smaller width or fewer images",
+        )
+        # all outputs in one backward pass if a network can, else as many as fit, one network
+        per_pass = n_outputs
+        while per_pass > 1 and _ntk_network_bytes(*sizes, per_pass) > memory_budget:
+            per_pass = max(1, per_pass // 2)
+        if batch is None:
+            batch = max(1, memory_budget // max(_ntk_network_bytes(*sizes, per_pass), 1))
+        batch = min(batch, n_samples)
+    else:
+        check_job(  # one network on one image must fit, or nothing can run
+            f"width={width}", memory_bytes=w_bytes + act_bytes,
+            remedy="one network of this width on one image does not fit; use a smaller width",
+        )
+        if batch is None:
+            per_net = w_bytes + min(n_img, 64) * act_bytes
+            batch = max(1, memory_budget // max(per_net, 1))
+        batch = min(batch, n_samples)
+        chunk = max(1, min(n_img, (memory_budget - batch * w_bytes) // max(batch * act_bytes, 1)))
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_samples, unit="net", desc=f"monte carlo (width {width}, batch {batch})")
+        what = "monte carlo" + (" NTK" if ntk else "")
+        bar = tqdm(total=n_samples, unit="net", desc=f"{what} (width {width}, batch {batch})")
     try:
         with torch.no_grad():
             for start in range(0, n_samples, batch):
                 seeds = [network_seed(seed, k) for k in range(start, min(start + batch, n_samples))]
                 net = FiniteNetwork(layers, a1.shape[-1], width, seeds, n_outputs=n_outputs,
                                     device=dev, dtype=dt, spatial=spatial)
-                outs = torch.cat([net.run(x[i : i + chunk]) for i in range(0, n_img, chunk)])
-                outs = outs.to(torch.float64)  # (N, G, F)
-                f1 = outs[:n1]
-                f2 = f1 if a2 is None else outs[n1:]
-                # one estimate per network: the mean over its outputs of f(x) f(x')
-                yield torch.einsum("agf,bgf->gab", f1, f2) / outs.shape[-1]
-                del net, outs
+                theta = None
+                if ntk:
+                    theta, outs = net._ntk(x, n1, a2 is None, per_pass)
+                else:
+                    outs = torch.cat([net.run(x[i : i + chunk]) for i in range(0, n_img, chunk)])
+                est = {"ntk": theta}
+                if "nngp" in names:
+                    outs = outs.to(torch.float64)  # (N, G, F)
+                    f1 = outs[:n1]
+                    f2 = f1 if a2 is None else outs[n1:]
+                    # one estimate per network: the mean over its outputs of f(x) f(x')
+                    est["nngp"] = torch.einsum("agf,bgf->gab", f1, f2) / outs.shape[-1]
+                yield tuple(est[name] for name in names)
+                del net, outs, theta, est
                 if bar is not None:
                     bar.update(len(seeds))
     finally:
@@ -801,19 +1000,23 @@ def monte_carlo_kernel(
     device="cpu",
     dtype="float32",
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    get="nngp",
+):
     """Empirical kernel of finite networks sampled from ``model``'s prior, with its MC error.
 
     Draws ``n_samples`` independent networks, evaluates them on x1 and x2 and averages
-    ``f(x) f(x')`` over the networks and over their outputs. Each network gives one estimate
-    (the mean over its ``n_outputs`` readout outputs, or over its features for a model ending
-    in a flatten/pool); these are i.i.d., so the standard error per entry is their standard
-    deviation over √n_samples. Memory stays bounded: networks are drawn ``batch`` at a time
-    (one grouped convolution per layer) and images are chunked if needed.
+    ``f(x) f(x')`` over the networks and over their outputs (``get="ntk"``: the empirical
+    NTK, ``∇_θ f(x) · ∇_θ f(x')``). Each network gives one estimate (the mean over its
+    ``n_outputs`` readout outputs, or over its features for a model ending in a flatten/pool);
+    these are i.i.d., so the standard error per entry is their standard deviation over
+    √n_samples. Memory stays bounded: networks are drawn ``batch`` at a time (one grouped
+    convolution per layer) and images are chunked if needed (for the NTK, outputs are
+    differentiated a few at a time if needed).
     {params}
     Returns
     -------
-    (empirical, standard_error) : two float64 CPU tensors (N1, N2)
+    (empirical, standard_error) : two float64 CPU tensors (N1, N2); for ``get="both"`` or a
+    tuple, one such pair per kernel, in order.
 
     Examples
     --------
@@ -823,23 +1026,27 @@ def monte_carlo_kernel(
     >>> emp, se = monte_carlo_kernel(model, x, width=16, n_samples=400, seed=0)
     >>> bool(((emp - cnngp.kernel(model, x)).abs() < 5 * se + 1e-12).all())
     True
+    >>> emp, se = monte_carlo_kernel(model, x, width=16, n_samples=400, seed=0, get="ntk")
+    >>> bool(((emp - cnngp.kernel(model, x, get="ntk")).abs() < 5 * se + 1e-12).all())
+    True
     """
-    count, mean, m2 = 0, None, None
-    for est in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
-                                 memory_budget, device, dtype, progress):
-        g = est.shape[0]
-        b_mean = est.mean(0)
-        b_m2 = ((est - b_mean) ** 2).sum(0)
-        if mean is None:
-            count, mean, m2 = g, b_mean, b_m2
-        else:  # Chan et al.'s pairwise update of the mean and the sum of squared deviations
-            delta = b_mean - mean
-            total = count + g
-            mean = mean + delta * (g / total)
-            m2 = m2 + b_m2 + delta**2 * (count * g / total)
-            count = total
-    se = torch.sqrt(m2 / (count - 1) / count)
-    return mean.cpu(), se.cpu()
+    names = parse_get(get)
+    stats = [[0, None, None] for _ in names]  # count, mean, sum of squared deviations
+    for ests in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
+                                  memory_budget, device, dtype, progress, names):
+        for st, est in zip(stats, ests):
+            count, mean, m2 = st
+            g = est.shape[0]
+            b_mean = est.mean(0)
+            b_m2 = ((est - b_mean) ** 2).sum(0)
+            if mean is None:
+                st[:] = [g, b_mean, b_m2]
+            else:  # Chan et al.'s pairwise update of the mean and the sum of squared deviations
+                delta = b_mean - mean
+                total = count + g
+                st[:] = [total, mean + delta * (g / total), m2 + b_m2 + delta**2 * (count * g / total)]
+    out = tuple((mean.cpu(), torch.sqrt(m2 / (count - 1) / count).cpu()) for count, mean, m2 in stats)
+    return out[0] if isinstance(get, str) and get != "both" else out
 
 
 def monte_carlo_estimates(
@@ -856,22 +1063,27 @@ def monte_carlo_estimates(
     device="cpu",
     dtype="float32",
     progress: bool = False,
-) -> torch.Tensor:
+    get="nngp",
+):
     """The per-network estimates behind :func:`monte_carlo_kernel`: (n_samples, N1, N2).
 
-    Row k is network k's mean over its outputs of ``f(x) f(x')``; their mean is the empirical
-    kernel. For statistics beyond the per-entry standard error (ratios, covariances between
-    entries). Same arguments as :func:`monte_carlo_kernel`.
+    Row k is network k's mean over its outputs of ``f(x) f(x')`` (or of its empirical NTK);
+    their mean is the empirical kernel. For statistics beyond the per-entry standard error
+    (ratios, covariances between entries). Same arguments as :func:`monte_carlo_kernel`.
     {params}
     Returns
     -------
-    torch.Tensor (n_samples, N1, N2), float64 on the CPU
+    torch.Tensor (n_samples, N1, N2), float64 on the CPU; for ``get="both"`` or a tuple, one
+    per kernel, in order.
     """
-    return torch.cat([
-        est.cpu()
-        for est in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
-                                     memory_budget, device, dtype, progress)
-    ])
+    names = parse_get(get)
+    parts = [[] for _ in names]
+    for ests in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
+                                  memory_budget, device, dtype, progress, names):
+        for part, est in zip(parts, ests):
+            part.append(est.cpu())
+    out = tuple(torch.cat(part) for part in parts)
+    return out[0] if isinstance(get, str) and get != "both" else out
 
 
 monte_carlo_kernel.__doc__ = monte_carlo_kernel.__doc__.replace("    {params}\n", _MC_DOC_PARAMS)

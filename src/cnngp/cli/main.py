@@ -501,7 +501,7 @@ _FLAGS = {
     "family": "--family", "dtype": "--dtype", "device": "--device", "width": "--width",
     "n_samples": "--samples", "n_outputs": "--outputs", "batch": "--batch",
     "batch_size": "--batch-size", "memory_budget": "--memory-budget",
-    "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales",
+    "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
 }
 
 
@@ -533,10 +533,24 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _store_of(args) -> str | None:
+    """The kernel store this command writes (``--out K.zarr`` or ``--store``), if it exists."""
+    if args is None:
+        return None
+    for flag in ("store", "out"):
+        path = getattr(args, flag, None)
+        if path is not None and str(path).rstrip("/").lower().endswith(".zarr") and (Path(path) / "zarr.json").is_file():
+            return str(path)
+    return None
+
+
 def _interrupted(args, code: int, what: str, stop: BaseException) -> int:
     ckpt = getattr(args, "checkpoint_path", None) if args is not None else None
     failed = getattr(stop, "checkpoint_error", None)
-    if ckpt and Path(ckpt).is_file() and failed:
+    store = _store_of(args)
+    if store is not None:
+        text = f"{what}; the finished tiles are in {store}: rerun the same command to resume"
+    elif ckpt and Path(ckpt).is_file() and failed:
         text = f"{what}; saving progress failed ({failed}); the previous checkpoint {ckpt} still resumes"
     elif ckpt and Path(ckpt).is_file():
         text = f"{what}; progress saved to {ckpt}: rerun the same command to resume"

@@ -111,21 +111,21 @@ def cmd_sweep(args) -> int:
         from cnngp.engine.storage import check_output_file
 
         check_output_file(args.kernel_cache, "--kernel-cache")
-    if args.kernel is not None:
+    if args.store is not None:
         from cnngp.engine.store import check_output_store, is_store_path
         from cnngp.experiments.sweep import test_store_path
 
         if args.kernel_cache is not None:
-            raise CNNGPError("--kernel: cannot be combined with --kernel-cache (choose one)")
-        if not is_store_path(args.kernel):
-            raise CNNGPError(f"--kernel: expected a kernel store path ending in .zarr, got {args.kernel!r}")
-        check_output_store(args.kernel, "--kernel")
+            raise CNNGPError("--store: cannot be combined with --kernel-cache (choose one)")
+        if not is_store_path(args.store):
+            raise CNNGPError(f"--store: expected a kernel store path ending in .zarr, got {args.store!r}")
+        check_output_store(args.store, "--store")
         if args.test:
-            check_output_store(test_store_path(args.kernel), "--kernel (its test store)")
+            check_output_store(test_store_path(args.store), "--store (its test store)")
     else:
         for flag in ("workers", "scheduler", "tile", "threads_per_worker"):
             if getattr(args, flag) is not None:
-                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --kernel K.zarr (a kernel store)")
+                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
 
     try:
         dataset = load_dataset(args.data)
@@ -151,7 +151,8 @@ def cmd_sweep(args) -> int:
         kernel_cache=args.kernel_cache,
         data_label=str(args.data),
         yes=args.yes,
-        kernel_store=args.kernel,
+        kernel_store=args.store,
+        kernel=args.kernel,
         workers=args.workers,
         scheduler=args.scheduler,
         tile=args.tile,
@@ -238,13 +239,15 @@ def register(subparsers) -> None:
     p.add_argument("--kernel-cache",
                    help="FILE.npz: reuse the kernel stack stored there by an identical "
                    "sweep, or store it there")
-    p.add_argument("--kernel",
+    p.add_argument("--kernel", choices=["nngp", "ntk"], default="nngp",
+                   help="classify with the NNGP (default) or the neural tangent kernel")
+    p.add_argument("--store",
                    help="K.zarr: compute the kernels tile by tile into this resumable store (and "
                    "K-test.zarr with --test), or finish/reuse it; one readout in memory at a time")
-    p.add_argument("--workers", type=int_at_least(1), help="with --kernel: a local Dask cluster of N worker processes")
-    p.add_argument("--scheduler", help="with --kernel: an existing Dask scheduler address")
-    p.add_argument("--tile", type=int_at_least(1), help="with --kernel: tile side (default: from the memory budget)")
-    p.add_argument("--threads-per-worker", type=int_at_least(1), help="with --kernel: torch/numba threads per task")
+    p.add_argument("--workers", type=int_at_least(1), help="with --store: a local Dask cluster of N worker processes")
+    p.add_argument("--scheduler", help="with --store: an existing Dask scheduler address")
+    p.add_argument("--tile", type=int_at_least(1), help="with --store: tile side (default: from the memory budget)")
+    p.add_argument("--threads-per-worker", type=int_at_least(1), help="with --store: torch/numba threads per task")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -196,7 +196,7 @@ class KernelStore:
         return int(tile) if isinstance(tile, int) and not isinstance(tile, bool) else None
 
     @classmethod
-    def open(cls, path, what: str = "--kernel") -> "KernelStore":
+    def open(cls, path, what: str = "store") -> "KernelStore":
         """Open an existing store (read and write)."""
         zarr = _zarr()
         path = Path(path)

@@ -94,7 +94,7 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
             memory_bytes=memory,
             seconds=seconds if str(device).startswith("cpu") else None,
             yes=yes,
-            remedy="use a smaller --n, fewer --lengthscales or --n-test (or --kernel K.zarr)",
+            remedy="use a smaller --n, fewer --lengthscales or --n-test (or --store K.zarr)",
         )
 
     def save(K, K_test=None):  # after each computation, so a later failure keeps it
@@ -150,14 +150,14 @@ def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, **opt
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
-    store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--kernel",
+    store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--store",
                  **options)
     K = StoredReadouts(KernelStore.open(kernel_store))
     K_test = None
     if x_test is not None:
         path = test_store_path(kernel_store)
         store_kernel(body, x_test, x_train, readouts=readouts, labels=names, out=path,
-                     what="--kernel (its test store)", **options)
+                     what="--store (its test store)", **options)
         K_test = StoredReadouts(KernelStore.open(path))
     return K, K_test
 
@@ -416,6 +416,7 @@ def run_sweep(
     data_label: str | None = None,
     yes: bool = True,
     kernel_store: str | os.PathLike | None = None,
+    kernel: str = "nngp",
     workers: int | None = None,
     scheduler: str | None = None,
     tile: int | None = None,
@@ -470,6 +471,10 @@ def run_sweep(
         readouts, images and dtype, the kernels are read from it instead of computed;
         otherwise they are computed and written there (atomically). A file from a
         different sweep is an error, never overwritten.
+    kernel : {"nngp", "ntk"}, default "nngp"
+        Classify with the NNGP (GP posterior mean) or with the neural tangent kernel (the
+        mean prediction of an infinite ensemble of infinitely wide networks trained by gradient
+        descent on squared loss, σ² acting as a ridge), with the same CV protocol.
     kernel_store : path, optional
         ``K.zarr``: compute the train kernels tile by tile into this resumable store
         (:func:`cnngp.engine.distributed.store_kernel`; a rerun computes only what it lacks)
@@ -514,6 +519,10 @@ def run_sweep(
     """
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    if kernel not in ("nngp", "ntk"):
+        raise CNNGPError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
+    if kernel not in ("nngp", "ntk"):
+        raise CNNGPError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
     if fold_scheme not in _FOLD_SCHEMES:
         raise CNNGPError(f"fold_scheme: expected one of {list(_FOLD_SCHEMES)}, got {fold_scheme!r}")
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
@@ -580,8 +589,10 @@ def run_sweep(
             "dtype": str(dtype),
             "test_sha256": None if x_test is None else array_sha256(x_test),
         }
+        if kernel != "nngp":  # NNGP caches keep the key they always had
+            key["kernel"] = kernel
         common = dict(dtype=dtype, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                      progress=progress)
+                      progress=progress, get=kernel)
         client = None
         if kernel_store is not None:
             if kernel_cache is not None:
@@ -656,6 +667,8 @@ def run_sweep(
             "test": bool(test),
             "n_test": None if test_order is None else int(len(test_order)),
             "train_sha256": key["train_sha256"],
+            "kernel": kernel,
+            "kernel_store": None if kernel_store is None else str(kernel_store),
         }
         out = {
             "config": config,

@@ -623,9 +623,17 @@ def _relu_expectation(c, vx, vy):
 
 
 def _angle(c, vx, vy):
-    """θ = arccos(c/√(vx vy)) in [0, π], π/2 where a variance is 0 (as neural-tangents)."""
+    """θ = arccos(c/√(vx vy)) in [0, π], π/2 where a variance is 0 (as neural-tangents).
+
+    s = √(vx·vy − c²) from the product itself (exactly 0 when c² = vx·vy), as in
+    :func:`_relu_expectation`; only where vx·vy underflows does it go through √vx·√vy."""
+    prod = vx * vy
+    s = torch.sqrt(torch.clamp(prod - c * c, min=0))
+    tiny = prod < torch.finfo(prod.dtype).tiny
     n = torch.sqrt(vx) * torch.sqrt(vy)
-    s = torch.sqrt(torch.clamp(n * n - c * c, min=0))
+    if bool(tiny.any()):
+        rho = torch.clamp(c / torch.where(n > 0, n, torch.ones_like(n)), -1.0, 1.0)
+        s = torch.where(tiny, n * torch.sqrt(torch.clamp((1 - rho) * (1 + rho), min=0)), s)
     return torch.where(n > 0, torch.atan2(s, c), torch.full_like(s, math.pi / 2))
 
 
