@@ -17,6 +17,7 @@ from scipy import integrate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oracle import brute_force_hidden, brute_force_kernel, brute_force_ntk  # noqa: E402
 from reference_cases import BODIES  # noqa: E402
+from test_oracle import _gaussian_expectation, _inputs_with_covariance  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NTK_REFERENCE = SHARED / "reference" / "ntk"
@@ -106,31 +107,6 @@ def _dphi(layer):
     if kind == "erf":
         return lambda t: layer["a"] * layer["b"] * 2.0 / math.sqrt(math.pi) * math.exp(-((layer["b"] * t) ** 2))
     return lambda t: 1.0
-
-
-def _gaussian_expectation(f, sx, sy, c):
-    """E[f(u) f(v)] by quadrature, split into quadrants (the steps lie on the axes)."""
-    det = sx * sy - c * c
-    norm = 1.0 / (2.0 * math.pi * math.sqrt(det))
-
-    def integrand(v, u):
-        q = (sy * u * u - 2.0 * c * u * v + sx * v * v) / det
-        return f(u) * f(v) * norm * math.exp(-0.5 * q)
-
-    total = 0.0
-    for ua, ub in ((-np.inf, 0.0), (0.0, np.inf)):
-        for va, vb in ((-np.inf, 0.0), (0.0, np.inf)):
-            val, _ = integrate.dblquad(integrand, ua, ub, va, vb, epsabs=1e-11, epsrel=1e-9)
-            total += val
-    return total
-
-
-def _inputs_with_covariance(sx, sy, c):
-    """Two 1x1, 2-channel images whose input kernel V0 = x.x'/2 is [[sx, c], [c, sy]]."""
-    cos = c / math.sqrt(sx * sy)
-    x = math.sqrt(2 * sx) * np.array([1.0, 0.0])
-    y = math.sqrt(2 * sy) * np.array([cos, math.sqrt(1 - cos * cos)])
-    return np.stack([x, y]).reshape(2, 1, 1, 2)
 
 
 @pytest.mark.parametrize(

@@ -252,12 +252,27 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5",
                 "--dry-run", "--workers", "3") == 0
     text = capsys.readouterr().out
-    assert "plan: 6 tiles of 5 (3 on the diagonal), 78 image pairs, 12 images" in text
+    assert "plan: 6 tiles of 5 to compute, 3 on the diagonal; 78 image pairs, 12 images" in text
     plan = json.loads(text[text.index("{"):])
     assert (plan["tiles"], plan["pairs"], plan["workers"]) == (6, 78, 3)
     assert plan["seconds_per_pair"] > 0 and plan["estimated_seconds"] * 3 == pytest.approx(
         plan["estimated_seconds_one_worker"])
     assert not out.exists()
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5", "--quiet") == 0
+    capsys.readouterr()
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--dry-run") == 0
+    assert "plan: 0 tiles of 5 to compute (of 6; the rest are in the store)" in capsys.readouterr().out
+
+
+def test_sweep_into_a_store_refuses_a_long_job_without_yes(tmp_path, monkeypatch):
+    from cnngp.engine import resources
+    from cnngp.experiments.sweep import run_sweep
+
+    monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 1e-6)
+    with pytest.raises(CNNGPError, match="would take about .* pass --yes"):
+        run_sweep("cnngp2", "digits", ns=(40,), folds=2, lengthscales=(1.0,), kernel_store=tmp_path / "K.zarr",
+                  yes=False, progress=False)
+    assert not (tmp_path / "K.zarr").exists()
 
 
 def test_cli_sigint_keeps_finished_tiles_and_the_rerun_finishes(tmp_path):

@@ -20,6 +20,15 @@ are drawn from the layer's prior (docs/maths.md §1):
 The first conv's fan-in is the image channel count C_in: its ``Σ / C_in`` matches the engine's
 ``V0 = (1/C) Σ_c x x'``.
 
+Empirical NTK (docs/maths.md §7): :meth:`FiniteNetwork.ntk` contracts the networks' parameter
+Jacobians in the NTK parameterisation — the trainable variables are the standard normals behind
+every weight (a conv's z with W = √(weight_var/C_in) · z Lᵀ, a readout's z, a bias's β with
+b = √bias_var · β), so a correlated layer contributes ∇_W f · (weight_var/C_in · Σ ⊗ I) · ∇_W f′;
+each twin with parameters maps ∂f/∂parameter to ∂f/∂(its normals) in ``ntk_gradient``.
+``monte_carlo_kernel(..., get="ntk")`` averages it over networks like the NNGP. φ is
+differentiated by autograd, almost everywhere: a sign layer's gradient is 0, its infinite-width
+NTK infinite (the analytic kernel refuses it).
+
 Seeding: network ``k`` of :func:`monte_carlo_kernel` with ``seed`` is exactly
 ``finite_network(..., seed=network_seed(seed, k))``, whatever the batching, and each layer of
 a network draws from its own stream (seeded by the network seed and the layer index), so
@@ -666,6 +675,12 @@ class FiniteNetwork(nn.Module):
         """
         from torch.func import functional_call, vjp, vmap
 
+        self._prepare(x[:1])  # validates the images and draws the weights if not yet drawn
+        if len(self.output_shape) != 1:
+            raise CNNGPError(
+                f"model: ends on a spatial grid {self.output_shape[1:]}; finish it with a readout, "
+                "flatten or global_avg_pool layer"
+            )
         tangents = self.tangent_parameters()
         primals = {full: p.detach() for _, _, full, p in tangents}
         g = self.n_networks
@@ -684,8 +699,6 @@ class FiniteNetwork(nn.Module):
                     out = self.run(xi)
                 outs.append(out.detach())
         outs = torch.cat(outs)
-        if outs.dim() != 3:  # pragma: no cover - callers check the model ends without a grid
-            raise CNNGPError("model: ends on a spatial grid; finish it with a readout, flatten or pool")
         n_img, _, n_out = outs.shape
         n2 = n1 if symmetric else n_img - n1
         theta = torch.zeros((g, n1, n2), dtype=torch.float64, device=outs.device)
@@ -875,7 +888,9 @@ _MC_DOC_PARAMS = """
         Networks drawn; network k is ``finite_network(..., seed=network_seed(seed, k))``.
     seed : int >= 0
     n_outputs : int >= 1
-        Outputs of the final readout per network (more outputs, less readout noise).
+        Outputs of the final readout per network (more outputs, less readout noise). The
+        NTK's estimate hardly depends on the readout's draw (its readout term does not at
+        all), so ``n_outputs=1`` is nearly as good there and each output costs a backward pass.
     batch : int, optional
         Networks evaluated together; chosen from ``memory_budget`` bytes (default 256 MiB) if
         None. The result does not depend on it.
@@ -1026,7 +1041,7 @@ def monte_carlo_kernel(
     >>> emp, se = monte_carlo_kernel(model, x, width=16, n_samples=400, seed=0)
     >>> bool(((emp - cnngp.kernel(model, x)).abs() < 5 * se + 1e-12).all())
     True
-    >>> emp, se = monte_carlo_kernel(model, x, width=16, n_samples=400, seed=0, get="ntk")
+    >>> emp, se = monte_carlo_kernel(model, x, width=16, n_samples=400, seed=0, get="ntk", n_outputs=1)
     >>> bool(((emp - cnngp.kernel(model, x, get="ntk")).abs() < 5 * se + 1e-12).all())
     True
     """

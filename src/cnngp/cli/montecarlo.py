@@ -1,8 +1,9 @@
 """``cnngp montecarlo`` and ``cnngp correlation-figure``: finite networks against the kernel.
 
 ``cnngp montecarlo`` samples finite networks of a given width from an architecture's prior,
-estimates their kernel by Monte Carlo and compares it with the analytic (infinite-width)
-kernel, writing one JSON report. ``cnngp correlation-figure`` draws the figure of
+estimates their kernel (the NNGP, or with ``--get ntk`` their empirical neural tangent kernel)
+by Monte Carlo and compares it with the analytic (infinite-width) kernel, writing one JSON
+report. ``cnngp correlation-figure`` draws the figure of
 :mod:`cnngp.experiments.plots`. Both register through :func:`register` (see ``cnngp.cli.main``).
 """
 
@@ -63,6 +64,9 @@ def cmd_montecarlo(args) -> int:
 
     # integer ranges are checked by the parser's types (int_at_least)
     width, samples, outputs = args.width, args.samples, args.outputs
+    get = args.get
+    if outputs is None:  # the NTK's per-network estimate hardly depends on the readout draw
+        outputs = 1 if get == "ntk" else 16
     if args.n2 is not None and args.x2 is None:
         raise CNNGPError("--n2: only meaningful together with --x2")
     net = load_network(args.arch, args.readout)
@@ -86,14 +90,14 @@ def cmd_montecarlo(args) -> int:
 
     check_job(
         f"--width {width}",
-        memory_bytes=network_memory(net, x1.shape[1:], width, outputs, args.dtype),
+        memory_bytes=network_memory(net, x1.shape[1:], width, outputs, args.dtype, get=get),
         remedy="one finite network of this width on one image does not fit; use a smaller --width",
     )
     check_gram("--x1", net, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
                device=args.device, yes=args.yes)
 
     start = time.perf_counter()
-    analytic = kernel(net, x1, x2, dtype="float64", device=args.device).numpy()
+    analytic = kernel(net, x1, x2, dtype="float64", device=args.device, get=get).numpy()
     empirical, se = monte_carlo_kernel(
         net,
         x1,
@@ -107,6 +111,7 @@ def cmd_montecarlo(args) -> int:
         device=args.device,
         dtype=args.dtype,
         progress=not args.quiet,
+        get=get,
     )
     seconds = time.perf_counter() - start
     empirical = empirical.to(torch.float64).numpy()
@@ -120,6 +125,7 @@ def cmd_montecarlo(args) -> int:
     numbers = montecarlo_report(analytic, empirical, se)
     config = {
         "command": "montecarlo",
+        "get": get,
         "arch": args.arch,
         "readout": args.readout,
         "spec": net.to_spec(),
@@ -150,7 +156,7 @@ def cmd_montecarlo(args) -> int:
     rel, rse, z = numbers["relative_error"], numbers["relative_standard_error"], numbers["max_abs_z"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(
-        f"{args.arch}: {analytic.shape[0]}x{analytic.shape[1]} kernel, images "
+        f"{args.arch}: {analytic.shape[0]}x{analytic.shape[1]} {get.upper()} kernel, images "
         f"{'x'.join(map(str, x1.shape[1:]))}, width {width}, {samples} networks x {outputs} outputs"
     )
     print(f"relative error {fmt(rel)}  (Monte Carlo standard error {fmt(rse)})")
@@ -222,7 +228,8 @@ def register(subparsers) -> None:
         help="check the kernel against finite networks sampled from the prior",
         description=(
             "Sample finite networks of the given width from the architecture's prior, estimate "
-            "their kernel by Monte Carlo, compare with the analytic kernel; write a JSON report."
+            "their kernel (NNGP, or empirical NTK with --get ntk) by Monte Carlo, compare with "
+            "the analytic kernel; write a JSON report."
         ),
     )
     m.add_argument("--arch", required=True, help="cnngp14, myrtle10, ... or SPEC.json (must end with a readout)")
@@ -232,7 +239,11 @@ def register(subparsers) -> None:
     m.add_argument("--n2", type=int_at_least(1), help="use only the first N2 images of --x2")
     m.add_argument("--width", type=int_at_least(1), required=True, help="channels of every hidden layer (>= 1)")
     m.add_argument("--samples", type=int_at_least(2), required=True, help="networks drawn (>= 2)")
-    m.add_argument("--outputs", type=int_at_least(1), default=16, help="outputs of the readout per network (default 16)")
+    m.add_argument("--get", choices=["nngp", "ntk"], default="nngp",
+                   help="the NNGP (default) or the neural tangent kernel (docs/maths.md §7)")
+    m.add_argument("--outputs", type=int_at_least(1),
+                   help="outputs of the readout per network (default 16; 1 with --get ntk, whose "
+                        "estimate more outputs barely improve)")
     m.add_argument("--out", required=True, help="output .json report")
     m.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     m.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")

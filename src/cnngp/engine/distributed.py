@@ -210,6 +210,22 @@ def _progress_bar(total_pairs: int, tiles_total: int, tiles_done: int, enabled: 
     return bar
 
 
+def _tiles_to_compute(out, identity: dict, tiles: list) -> list:
+    """The tiles a run would compute: all of them, or what a store of this computation lacks."""
+    from cnngp.engine.store import STORE_FORMAT, _first_difference
+
+    if KernelStore.stored_tile(out) is None:
+        return tiles
+    try:
+        store = KernelStore.open(out)
+    except CNNGPError:
+        return tiles
+    if _first_difference(store.attrs, {"format": STORE_FORMAT, **identity}) is not None:
+        return tiles  # the real run will refuse it, with the reason
+    state = store.verify()
+    return state["missing"] + state["bad"]
+
+
 def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path) -> dict:
     """Plan, sizes and a time estimate from timing a sample of pairs here."""
     _set_threads(threads)
@@ -255,8 +271,10 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path) -
 def describe_dry_run(d: dict) -> str:
     """The dry run as the lines ``cnngp kernel --dry-run`` prints."""
     return "\n".join([
-        f"plan: {d['tiles']} tiles of {d['tile']} ({d['diagonal_tiles']} on the diagonal), "
-        f"{d['pairs']:,} image pairs, {d['images']:,} images in the self pass",
+        f"plan: {d['tiles']} tiles of {d['tile']} to compute"
+        + (f" (of {d['tiles_total']}; the rest are in the store)" if d.get("tiles_total", d["tiles"]) != d["tiles"] else "")
+        + f", {d['diagonal_tiles']} on the diagonal; {d['pairs']:,} image pairs, "
+        f"{d['images']:,} images in the self pass",
         f"store: {d['path']} about {human_bytes(d['store_bytes'])}",
         f"per worker: about {human_bytes(d['memory_per_worker_bytes'])} "
         f"({d['threads_per_worker'] or 'all'} threads); {d['workers']} worker(s)",
@@ -337,7 +355,9 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         identity["kernels"] = list(plan.kernels)
     key = fingerprint(identity)
     if dry_run:
-        d = _dry_run(plan, xa, xb, tiles, grids, tile, n_workers, threads_per_worker, budget, out)
+        d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles), grids, tile, n_workers,
+                     threads_per_worker, budget, out)
+        d["tiles_total"] = len(tiles)
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)
     provenance = {"versions": versions(), "labels": list(labels or []),

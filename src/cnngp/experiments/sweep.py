@@ -144,12 +144,24 @@ def test_store_path(kernel_store) -> Path:
                           else path.name + "-test.zarr")
 
 
-def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, **options):
-    """Train (and test) kernels computed into stores; returned as lazy per-readout sequences."""
+def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=True, **options):
+    """Train (and test) kernels computed into stores; returned as lazy per-readout sequences.
+    Without ``yes``, a job estimated (from timing a few pairs here) at over an hour is refused."""
     from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.resources import check_job
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
+    if not yes and options.get("client") is None:
+        seconds = store_kernel(body, x_train, readouts=readouts, out=kernel_store, dry_run=True,
+                               **options).dry_run["estimated_seconds"]
+        if x_test is not None:
+            seconds += store_kernel(body, x_test, x_train, readouts=readouts, out=kernel_store,
+                                    dry_run=True, **options).dry_run["estimated_seconds"]
+        check_job(f"--n {len(x_train)} with {len(readouts)} readouts",
+                  seconds=seconds if str(options.get("device", "cpu")).startswith("cpu") else None,
+                  yes=yes, remedy="a finished store is reused, so the work can be spread over "
+                  "several runs, --workers or a --scheduler")
     store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--store",
                  **options)
     K = StoredReadouts(KernelStore.open(kernel_store))
@@ -602,8 +614,9 @@ def run_sweep(
 
                 limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
                 client = cleanup.enter_context(dask_client(workers, scheduler, limit))
-            K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test, client=client,
-                                        tile=tile, threads_per_worker=threads_per_worker, **common)
+            K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test, yes=yes,
+                                        client=client, tile=tile, threads_per_worker=threads_per_worker,
+                                        **common)
         else:
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test is None else ds.y_test[test_order])
