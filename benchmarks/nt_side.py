@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true",
                    help="merge into existing --summary / --kernels-out instead of "
                         "overwriting (records with the same workload/dtype/bs/n replaced)")
+    p.add_argument("--get", choices=["nngp", "ntk"], default="nngp",
+                   help="the kernel timed: NNGP (default) or NTK")
     p.add_argument("--child-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-bs", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -175,11 +177,11 @@ def child(args):
             if bs:
                 fn = nt.batch(kernel_fn, batch_size=bs, device_count=0,
                               store_on_device=True)
-                call = lambda: fn(x, None, "nngp")  # noqa: E731
+                call = lambda: fn(x, None, args.get)  # noqa: E731
             else:
                 jfn = jax.jit(kernel_fn, static_argnames=("get",))
                 t0 = time.perf_counter()
-                compiled = jfn.lower(x, None, get="nngp").compile()
+                compiled = jfn.lower(x, None, get=args.get).compile()
                 compile_aot = time.perf_counter() - t0
                 call = lambda: compiled(x, None)  # noqa: E731
             t0 = time.perf_counter()
@@ -197,7 +199,7 @@ def child(args):
             t = steady[i]
             k = np.asarray(k, dtype=np.float64).reshape(n, n)
             rec = dict(
-                workload=name, dtype=np.dtype(dtype).name, batch_size=bs, n=n,
+                workload=name, dtype=np.dtype(dtype).name, batch_size=bs, n=n, get=args.get,
                 compile_s=(compile_aot if compile_aot is not None
                            else max(t_first - t, 0.0)),
                 compile_method="aot" if compile_aot is not None else "first_minus_steady",
@@ -216,7 +218,7 @@ def child(args):
                 cpu_count=os.cpu_count(),
                 loadavg_1min_after=os.getloadavg()[0],
             )
-            kernels[f"{name}__{rec['dtype']}__bs{bs}"] = k
+            kernels[f"{name}__{rec['dtype']}__bs{bs}" + ("" if args.get == "nngp" else f"__{args.get}")] = k
             print("RESULT " + json.dumps(rec), flush=True)
             print(f"# {name:18s} {rec['dtype']} bs={bs}: compile {rec['compile_s']:.2f}s "
                   f"steady {t:.3f}s = {rec['ms_per_pair']:.3f} ms/pair "
@@ -260,7 +262,7 @@ def parent(args):
         cmd = [sys.executable, os.path.abspath(__file__), "--child-dtype", d,
                "--child-bs", ",".join(map(str, bss)), "--data", args.data,
                "--n", str(args.n), "--workloads", w,
-               "--reps", str(args.reps), "--kernels-out", kpath]
+               "--reps", str(args.reps), "--kernels-out", kpath, "--get", args.get]
         env = dict(os.environ, JAX_ENABLE_X64="1" if d == "float64" else "0")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:

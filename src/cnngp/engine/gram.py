@@ -319,6 +319,13 @@ def _workspace(plan: _Plan) -> "fused.Workspace":
     return plan.workspace
 
 
+#: images per call of the self pass: every call has exactly this many (the last is padded with
+#: copies), so that an image's records never depend on which images share its call — BLAS and
+#: convolution kernels pick their algorithm by shape, which would otherwise change the last bit
+#: between a whole-N pass and a store's per-block passes
+SELF_BATCH = 32
+
+
 def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
     """Record each image's own variances K_xx[p, p] at every nonlinearity input."""
     records = {i: [] for i in plan.var_layers}
@@ -328,17 +335,23 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
     chunk = _fast_chunk(plan, plan.self_flags, plan.self_depth, x)
     for start in range(0, x.shape[0], batch):
         xb = x[start : start + batch]
+        real = xb.shape[0]
+        if real < batch:  # the same shapes in every call (see SELF_BATCH)
+            xb = torch.cat([xb, xb[-1:].expand((batch - real,) + tuple(xb.shape[1:]))])
+        part = {i: [] for i in plan.var_layers}
         if chunk:  # fused path: chunks of images, symmetric (self-covariance) kernels
             ws = _workspace(plan)
             for s in range(0, xb.shape[0], chunk):
                 xc = xb[s : s + chunk]
                 state = fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
-                fused.run_layers(layers, state, plan.self_flags, None, records=records, ws=ws)
+                fused.run_layers(layers, state, plan.self_flags, None, records=part, ws=ws)
         else:  # the same runner, every layer on its own torch propagate
             state = input_state(xb, xb, plan.self_flags[0])
-            fused.run_layers(layers, state, plan.self_flags, None, records=records, fast=False)
+            fused.run_layers(layers, state, plan.self_flags, None, records=part, fast=False)
+        for i, v in part.items():
+            records[i].append(torch.cat(v)[:real])
         if progress is not None:
-            progress.update(xb.shape[0])
+            progress.update(real)
     return {i: torch.cat(v) for i, v in records.items()}
 
 
@@ -507,7 +520,7 @@ class GramPlan:
         itemsize = torch.finfo(self.dtype).bits // 8
         budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
         p = self.plan
-        self.self_batch = _batch_size(p, p.self_flags, p.self_depth, itemsize, budget, None)
+        self.self_batch = min(SELF_BATCH, _batch_size(p, p.self_flags, p.self_depth, itemsize, budget, None))
         self.pair_batch = _batch_size(p, p.pair_flags, len(p.body), itemsize, budget, batch_size)
 
     @property
