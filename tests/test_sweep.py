@@ -339,3 +339,23 @@ def test_cli_default_main_job(tmp_path, capsys):
     res = json.loads((tmp_path / "cnngp-sweep" / "results.json").read_text())
     assert res["config"]["ns"] == [40, 80, 160]
     assert max(b["cv_accuracy"] for b in res["best"]) > 0.9
+
+
+def test_sweep_figure_overlays_published_numbers(tmp_path):
+    from cnngp.experiments.paper import CNNGP14
+    from cnngp.experiments.plots import sweep_figure
+
+    rows = [{"n": n, "readout": r, "lengthscale": lam, "cv_accuracy": 0.3, "cv_accuracy_2se": 0.01,
+             "n_datasets": 1} for n in (160, 320) for r, lam in
+            (("independent", 0.0), ("matern32", 1.0), ("matern32", 31.6), ("constant", "inf"))]
+    results = {"config": {"arch": "cnngp14", "dataset": "cifar10"}, "results": rows, "best": []}
+    plain = sweep_figure(results, tmp_path / "a.png")
+    overlaid = sweep_figure(results, tmp_path / "b.png", reference=CNNGP14)
+
+    def hollow(fig):
+        return [(float(x), float(y)) for ln in fig.axes[0].lines if ln.get_markerfacecolor() == "none"
+                for x, y in zip(ln.get_xdata(), ln.get_ydata())]
+
+    assert hollow(plain) == []
+    ys = sorted(y for _, y in hollow(overlaid))
+    assert ys == sorted([28.8, 34.9, 35.3, 32.5, 40.2, 40.5])  # only the N that were run

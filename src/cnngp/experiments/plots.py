@@ -41,7 +41,8 @@ __all__ = [
 # -- readout sweep figure ----------------------------------------------------------------------
 
 
-def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None):
+def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None,
+                 reference: dict | None = None, reference_label: str = "paper"):
     """Cross-validated accuracy against log10 λ, one curve per N (the paper's Figure 2).
 
     Parameters
@@ -54,6 +55,10 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
         Default: ``"<arch> on <data>"`` from ``results["config"]``.
     format : str, optional
         Image format; default from the file name, ``"png"`` for file objects.
+    reference : dict, optional
+        Published numbers to overlay as hollow markers, N → {"independent", "mean_pool",
+        "best_lengthscale", "best"} in % (e.g. :data:`cnngp.experiments.paper.CNNGP14`); only the
+        N of ``results`` are drawn.
 
     Returns
     -------
@@ -131,8 +136,21 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
                 marker="*", ms=15, color=color, markeredgecolor="black", linestyle="none",
                 zorder=5,
             )
+        ref = (reference or {}).get(n)
+        if ref is not None:  # the published values: hollow markers of the same colour
+            lam_best = ref.get("best_lengthscale")
+            x_best = x_const if lam_best is None or math.isinf(lam_best) else math.log10(lam_best)
+            for xv, yv, marker in ((x_ind, ref.get("independent"), "s"), (x_const, ref.get("mean_pool"), "D"),
+                                   (x_best, ref.get("best"), "*")):
+                if yv is not None:
+                    ax.plot(xv + (dodge if xv in (x_ind, x_const) else 0.0) + 0.05, yv, marker=marker,
+                            ms=12 if marker == "*" else 8, markerfacecolor="none", markeredgecolor=color,
+                            markeredgewidth=1.5, linestyle="none", zorder=6)
     ax.plot([], [], marker="*", ms=12, color="white", markeredgecolor="black",
             linestyle="none", label="best readout")
+    if reference:
+        ax.plot([], [], marker="o", ms=8, markerfacecolor="none", markeredgecolor="black",
+                linestyle="none", label=f"{reference_label} (hollow)")
     for xv in (x_ind + gap / 2, x_const - gap / 2):
         ax.axvline(xv, color="0.8", lw=0.8, ls=":")
     ticks = list(range(math.ceil(lo), math.floor(hi) + 1)) if logs else []
