@@ -323,7 +323,7 @@ def _workspace(plan: _Plan) -> "fused.Workspace":
 #: copies), so that an image's records never depend on which images share its call — BLAS and
 #: convolution kernels pick their algorithm by shape, which would otherwise change the last bit
 #: between a whole-N pass and a store's per-block passes
-SELF_BATCH = 32
+SELF_BATCH = 8
 
 
 def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
