@@ -53,15 +53,7 @@ from cnngp.finite import (
 )
 
 
-def _images(n, spatial, channels=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n,) + tuple(spatial) + (channels,), generator=g, dtype=torch.float64)
-
-
-def _psd(n, rank, seed):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n, rank)) + 0.5
-    return a @ a.T
+from test_montecarlo import _images, _psd  # noqa: E402  (the same inputs as the NNGP tests)
 
 
 def _errors(model, x1, x2=None, **kw):
