@@ -99,6 +99,15 @@ def band_or_full(radius: tuple, spatial: tuple):
     return True
 
 
+def _check_correlation(correlation):
+    """A layer's weight correlation: Independent() by default, else a cnngp Correlation."""
+    if correlation is None:
+        return Independent()
+    if not isinstance(correlation, Correlation):
+        raise CNNGPError(f"correlation: expected a cnngp Correlation, got {correlation!r}")
+    return correlation
+
+
 class Layer(nn.Module):
     """Base class. Subclasses implement the four methods below."""
 
@@ -182,11 +191,7 @@ class Conv(Layer):
         self.padding = padding
         self.weight_var = _check_variance(weight_var, "weight_var")
         self.bias_var = _check_variance(bias_var, "bias_var")
-        if correlation is None:
-            correlation = Independent()
-        if not isinstance(correlation, Correlation):
-            raise CNNGPError(f"correlation: expected a cnngp Correlation, got {correlation!r}")
-        self.correlation = correlation
+        self.correlation = _check_correlation(correlation)
 
     # -- geometry ---------------------------------------------------------------------------
     def geometries(self, spatial) -> list[AxisGeometry]:
@@ -418,11 +423,7 @@ class Readout(Layer):
         super().__init__()
         self.weight_var = _check_variance(weight_var, "weight_var")
         self.bias_var = _check_variance(bias_var, "bias_var")
-        if correlation is None:
-            correlation = Independent()
-        if not isinstance(correlation, Correlation):
-            raise CNNGPError(f"correlation: expected a cnngp Correlation, got {correlation!r}")
-        self.correlation = correlation
+        self.correlation = _check_correlation(correlation)
 
     def output_spatial(self, spatial):
         if spatial:
