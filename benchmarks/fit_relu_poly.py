@@ -8,7 +8,11 @@ With ρ = Σxy/sqrt(ΣxΣy), the balanced-ReLU expectation is
 g(a) = ∫_a^1 arccos(s) ds behaves like t^{3/2} at t = 1 − a → 0 and is analytic elsewhere on
 the disc |t| < 2, so g(1 − t) = t·sqrt(t)·G(t) with G analytic there; G is interpolated at
 Chebyshev points of x = 2t − 1 ∈ [−1, 1] in 60-digit arithmetic and written in monomials of x
-(highest degree first, for Horner). Run this to print the coefficient tables.
+(highest degree first, for Horner).
+
+The NTK's derivative expectation (docs/maths.md §7) needs θ = arccos(ρ) itself. arccos(1 − t)
+= sqrt(t)·H(t) with H analytic on the same disc (H(0) = √2), so H is fitted the same way; for
+ρ < 0, arccos(ρ) = π − arccos(|ρ|). Run this to print the coefficient tables.
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ def G(t):
     return (mp.sqrt(1 - a * a) - a * mp.acos(a)) / (t * mp.sqrt(t))
 
 
-def fit(degree):
+def H(t):
+    return mp.acos(1 - t) / mp.sqrt(t)
+
+
+def fit(degree, f=G):
     n = degree + 1
     nodes = [mp.cos(mp.pi * (k + mp.mpf(1) / 2) / n) for k in range(n)]
-    vals = [G((x + 1) / 2) for x in nodes]
+    vals = [f((x + 1) / 2) for x in nodes]
     # Chebyshev coefficients, then monomials of x
     cheb = []
     for j in range(n):
@@ -57,20 +65,24 @@ def horner(coefs, x, dtype):
     return acc
 
 
-def max_error(coefs, dtype, m=4001):
+LIMITS = {G: 2 * mp.sqrt(2) / 3, H: mp.sqrt(2)}  # the values at t = 0 (x = −1)
+
+
+def max_error(coefs, dtype, m=4001, f=G):
     xs = np.linspace(-1, 1, m)
     approx = horner(coefs, xs, dtype)
-    exact = np.array([float(G((mp.mpf(float(x)) + 1) / 2)) if x > -1 else float(2 * mp.sqrt(2) / 3) for x in xs])
+    exact = np.array([float(f((mp.mpf(float(x)) + 1) / 2)) if x > -1 else float(LIMITS[f]) for x in xs])
     return float(np.max(np.abs(approx.astype(np.float64) - exact)))
 
 
 if __name__ == "__main__":
-    for dtype, degrees in ((np.float64, range(18, 27)), (np.float32, range(6, 13))):
-        for d in degrees:
-            c = fit(d)
-            print(dtype.__name__, d, f"max |error| {max_error(c, dtype):.2e}")
-    for name, d in (("_G64", 24), ("_G32", 10)):
+    for f in (G, H):
+        for dtype, degrees in ((np.float64, range(12, 21)), (np.float32, range(5, 11))):
+            for d in degrees:
+                c = fit(d, f)
+                print(f.__name__, dtype.__name__, d, f"max |error| {max_error(c, dtype, f=f):.2e}")
+    for name, f, d in (("_G64", G, 16), ("_G32", G, 7), ("_H64", H, 18), ("_H32", H, 7)):
         print(f"{name} = (")
-        for c in fit(d):
+        for c in fit(d, f):
             print(f"    {c!r},")
         print(")")

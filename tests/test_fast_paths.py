@@ -16,7 +16,7 @@ import cnngp
 from cnngp import ABReLU, AvgPool, Constant, Conv, Erf, GlobalAvgPool, Matern, RBF, Readout, ReLU, Serial, UserCorrelation
 from cnngp.io import architectures
 from cnngp.engine import fused
-from cnngp.kernels.layers import _relu_expectation
+from cnngp.kernels.layers import TANGENT, _relu_expectation
 from cnngp.kernels.state import KernelState
 
 from conftest import rel_err
@@ -373,3 +373,109 @@ def test_overridden_conv_and_readout_are_left_to_their_own_propagate(monkeypatch
     parent = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(),
                           cnngp.Readout(correlation=cnngp.Matern(1.5, 2.0)))
     np.testing.assert_allclose(fused, 2.0 * cnngp.kernel(parent, x).numpy() + 1.0, rtol=1e-12)
+
+
+# -- the NTK's Θ through the fused kernels (docs/maths.md §7) ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_relu_derivative_polynomial_matches_arccos(dtype):
+    """V̇ = c_lin + c_relu(1 − θ/π) by the arccos-free polynomial against the torch layer's
+    atan2 form on the same (dtype-rounded) inputs, for ρ across [−1, 1] (ρ = ±1 and a rounding
+    step past it) and zero variances."""
+    rng = np.random.default_rng(5)
+    vx = rng.uniform(0.1, 3, (1, 64)).astype(dtype)
+    vy = rng.uniform(0.1, 3, (1, 64)).astype(dtype)
+    vx[0, :4] = 0.0  # zero variance: θ = π/2, as the torch path
+    rho = rng.uniform(-1, 1, (1, 64, 64))
+    rho[0, :, :8] = 1 - np.logspace(-16, -1, 8)
+    rho[0, :, 8:16] = -1 + np.logspace(-16, -1, 8)
+    rho[0, :, 16], rho[0, :, 17], rho[0, :, 18] = 1.0, -1.0, 0.0
+    c = rho * np.sqrt(vx[:, :, None].astype(np.float64) * vy[:, None, :])
+    c[0, :, 19] *= 1 + 1e-15
+    c = c.astype(dtype)
+    eps = np.finfo(dtype).eps
+    # θ's sensitivity to the rounding of ρ grows as 1/sqrt(1 − ρ²) (either form has it)
+    near = np.abs(np.abs(rho) - 1) < 1e-3
+    bound = np.where(near, 4 * np.sqrt(eps), 100 * eps)
+    f64 = lambda a: torch.tensor(a.astype(np.float64))  # noqa: E731
+    for act in (ReLU(), ABReLU(0.2, 1.1)):
+        ref = act.derivative_expectation(f64(c), f64(vx)[:, :, None], f64(vy)[:, None, :]).numpy()
+        # a 1×1 conv (Σ = [[1]]) with Θ_in = 1: Θ_out = (1 + K)·V̇
+        k, theta = fused.conv_full(
+            torch.tensor(c), Conv(1), act, torch.tensor(vx), torch.tensor(vy),
+            theta=torch.ones(c.shape, dtype=torch.tensor(c).dtype),
+        )
+        vdot = theta.double().numpy() / (1.0 + c.astype(np.float64))
+        assert np.all(np.abs(vdot - ref) <= bound), float(np.max(np.abs(vdot - ref) - bound))
+
+
+@pytest.mark.parametrize("act", [None, ReLU(), ABReLU(0.2, 1.1)], ids=["conv", "relu", "abrelu"])
+@pytest.mark.parametrize("name,conv,spatial", CONVS, ids=[c[0] for c in CONVS])
+def test_conv_full_carries_theta_like_torch(name, conv, spatial, act):
+    """Θ_out = weight_var·Σ*Θ_in + K_out (trainable conv; a pool adds no K), then ⊙V̇, from a
+    given Θ_in and from Θ_in = 0, against the layers' own propagate."""
+    conv.output_spatial(spatial)
+    cross, _ = _psd_full(2, spatial, seed=len(name))
+    theta_in, _ = _psd_full(2, spatial, seed=len(name) + 100)
+    for given in (theta_in, 0):
+        t_in = theta_in if torch.is_tensor(given) else torch.zeros_like(cross)
+        state = KernelState(cross, spatial, True, extra={TANGENT: t_in})
+        ref = conv.propagate(state, True)
+        var1 = var2 = None
+        if act is not None:
+            g = torch.Generator().manual_seed(1)
+            var1 = torch.rand((2,) + ref.spatial, generator=g, dtype=torch.float64) + 2.0
+            var2 = torch.rand((2,) + ref.spatial, generator=g, dtype=torch.float64) + 2.0
+            var1[0, 0] = 0.0
+            ref = act.propagate(ref.with_variances(var1, var2), True)
+        k, theta = fused.conv_full(cross, conv, act, var1, var2, theta=given)
+        assert rel_err(k, ref.cross) < 1e-13
+        if not ref.extra[TANGENT].any():  # a pool on Θ = 0: no parameters, Θ stays 0
+            assert not theta.any()
+        else:
+            assert rel_err(theta, ref.extra[TANGENT]) < 1e-13, (name, torch.is_tensor(given))
+
+
+NTK_NETS = {k: NETS[k] for k in ("relu stack + gap", "myrtle-like", "correlated + erf + bias",
+                                 "non-stationary user readout")}
+
+
+@pytest.mark.parametrize("name", list(NTK_NETS))
+def test_ntk_gram_matches_torch_path(name, torch_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (4, 8, 8, 3))
+    x[0, :2] = 0.0
+    x2 = rng.uniform(0, 1, (2, 8, 8, 3))
+    net = NTK_NETS[name]()
+    calls = []
+    original = fused.conv_fused
+    monkeypatch.setattr(fused, "conv_fused", lambda x, *a, **k: calls.append(x.ntk) or original(x, *a, **k))
+    ref = torch_path(cnngp.kernel, net, x, get="both")
+    assert not calls
+    fast = cnngp.kernel(net, x, get="both")
+    assert any(calls), "the NTK ran no layer through the fused kernels"
+    # V̇ = 1 − θ/π has slope 1/sqrt(1 − ρ²): where an image meets itself (ρ = 1) an ε in the
+    # variances (each path sums them in its own order) would move θ by ~sqrt(ε); both paths
+    # count 1 − |ρ| within rounding as θ = 0, and agree to rounding (without: 4e-9, 2e-5 float32)
+    for f, r in zip(fast, ref):
+        assert rel_err(f, r) < 1e-12
+    assert torch.equal(fast[1], fast[1].T)
+    ref2 = torch_path(cnngp.kernel, net, x, x2, get="ntk")
+    assert rel_err(cnngp.kernel(net, x, x2, get="ntk", batch_size=3), ref2) < 1e-12
+    assert rel_err(cnngp.kernel(net, x, get="ntk", dtype="float32"), ref[1]) < 1e-5
+
+
+def test_ntk_1d_and_readout_sweep_match_torch_path(torch_path):
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (4, 12, 2))
+    net = Serial(
+        Conv(3), ReLU(), Conv(4, stride=2, correlation=Matern(1.5, 2.0)), ABReLU(0.1, 1.0),
+        AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(0.5, 1.0)),
+    )
+    assert rel_err(cnngp.kernel(net, x, get="ntk"), torch_path(cnngp.kernel, net, x, get="ntk")) < 1e-12
+    x = rng.uniform(0, 1, (3, 8, 8, 3))
+    body = Serial(Conv(3), ReLU(), Conv(3), ReLU())
+    heads = [Readout(correlation=Matern(1.5, ls)) for ls in (0.5, 2.0)] + [Readout(correlation=Constant())]
+    ref = torch_path(cnngp.readout_sweep, body, heads, x, get="both")
+    assert rel_err(cnngp.readout_sweep(body, heads, x, get="both"), ref) < 1e-12

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cnngp.kernels import ops
-from cnngp.kernels.layers import Conv, register_pointwise
+from cnngp.kernels.layers import TANGENT, Conv, register_pointwise
 from cnngp.settings import env_number
 from cnngp.kernels.state import Band, KernelState
 
@@ -231,10 +231,24 @@ class Layout:
 
 
 class Fused:
-    """A full position-pair tensor held in a :class:`Layout` (the executor's working form)."""
+    """A full position-pair tensor held in a :class:`Layout` (the executor's working form).
 
-    def __init__(self, buf: torch.Tensor, layout: Layout, spatial: tuple):
+    With ``ntk``, the NTK's Θ (docs/maths.md §7) travels with it in a second buffer
+    ``tangent`` of the same layout; ``tangent`` None then means Θ = 0 (the input, Θ(0))."""
+
+    def __init__(self, buf: torch.Tensor, layout: Layout, spatial: tuple,
+                 tangent: torch.Tensor | None = None, ntk: bool = False):
         self.buf, self.layout, self.spatial = buf, layout, tuple(spatial)
+        self.tangent, self.ntk = tangent, bool(ntk or tangent is not None)
+
+    def _with(self, buf) -> "Fused":
+        return Fused(buf, self.layout, self.spatial)
+
+    def tangent_standard(self) -> torch.Tensor:
+        """Θ as a standard (B, *F, *F) tensor (zeros for Θ = 0)."""
+        if self.tangent is None:
+            return torch.zeros_like(self.standard())
+        return self._with(self.tangent).standard()
 
     @property
     def batch(self) -> int:
@@ -263,7 +277,8 @@ class Fused:
         return v.reshape((b,) + self.spatial + self.spatial) if len(self.spatial) == 1 else v
 
     def state(self) -> KernelState:
-        return KernelState(self.standard(), self.spatial, True)
+        extra = {TANGENT: self.tangent_standard()} if self.ntk else {}
+        return KernelState(self.standard(), self.spatial, True, extra=extra)
 
     def diagonal(self) -> torch.Tensor:
         """V[x, x] for every position x, shape (B, *F)."""
@@ -277,11 +292,21 @@ def _spatial2(spatial) -> tuple:
     return tuple(spatial) if len(spatial) == 2 else (spatial[0], 1)
 
 
-def to_fused(v: torch.Tensor, layout: Layout, spatial, ws: "Workspace | None" = None) -> Fused:
-    """A standard full tensor (B, *F, *F) copied into ``layout`` (zero borders)."""
+def to_fused(v, layout: Layout, spatial, ws: "Workspace | None" = None, avoid=()) -> Fused:
+    """A standard full tensor (B, *F, *F) — or a KernelState, with its Θ if it has one —
+    copied into ``layout`` (zero borders)."""
+    if isinstance(v, KernelState):
+        x = to_fused(v.cross, layout, spatial, ws, avoid)
+        if TANGENT not in v.extra:
+            return x
+        t = to_fused(v.extra[TANGENT], layout, spatial, ws, tuple(avoid) + (x.buf,))
+        return Fused(x.buf, layout, spatial, tangent=t.buf)
     b = v.shape[0]
     n0, n1 = _spatial2(spatial)
-    buf = ws.get(layout, b, v.dtype) if ws is not None else torch.zeros(layout.shape(b), dtype=v.dtype)
+    if ws is not None:
+        buf = ws.get(layout, b, v.dtype, avoid=avoid)
+    else:
+        buf = torch.zeros(layout.shape(b), dtype=v.dtype)
     if v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
         v = v.clone()  # v still lives in the buffer it is to be copied into (an identity layer)
     v5 = v.reshape(b, n0, n1, n0, n1)
@@ -409,6 +434,7 @@ def conv_fused(
     ws: "Workspace | None" = None,
     weight_var: float = 1.0,
     bias_var: float = 0.0,
+    trainable: bool = True,
 ) -> Fused:
     """Conv (docs/maths.md §2 (*)) of a full tensor in its layout, then ``act`` if given, in one pass,
     written in ``out_layout`` (that of the next conv).
@@ -420,10 +446,18 @@ def conv_fused(
     k = _kernels()
     b, dtype = x.batch, x.buf.dtype
     npd = np.float32 if dtype == torch.float32 else np.float64
-    if ws is not None:
-        out = ws.get(out_layout, b, dtype, avoid=x.buf)
-    else:
-        out = torch.zeros(out_layout.shape(b), dtype=dtype)
+
+    def buffer(*avoid):
+        if ws is not None:
+            return ws.get(out_layout, b, dtype, avoid=tuple(a for a in avoid if a is not None))
+        return torch.zeros(out_layout.shape(b), dtype=dtype)
+
+    out = buffer(x.buf, x.tangent)
+    # the NTK (docs/maths.md §7): Θ through the same pass; mode 1 reads no Θ (Θ_in = 0)
+    ntk = 0 if not x.ntk else (1 if x.tangent is None else 2)
+    assert not (ntk and symmetric), "the self pass carries no Θ"
+    t_out = buffer(x.buf, x.tangent, out) if ntk else out
+    t_in = x.tangent if ntk == 2 else x.buf
     q_shape = (b, plan.geom0[1], plan.geom1[1])
     if act is not None:
         c_lin, c_relu = _act_coefficients(act)
@@ -437,6 +471,7 @@ def conv_fused(
         x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_ptr, plan.a_taps,
         plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
         code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
+        ntk, bool(trainable), t_in.numpy(), t_out.numpy(),
     )
     # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which then
     # come from the cache, not memory, once a call's pairs outgrow the L3 cache. A symmetric
@@ -444,7 +479,7 @@ def conv_fused(
     q0 = int(plan.geom0[1])
     weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
     _parallel_blocks(k.kron_conv, weights, *args)
-    return Fused(out, out_layout, plan.spatial_out)
+    return Fused(out, out_layout, plan.spatial_out, tangent=t_out if ntk else None)
 
 
 def conv_diagonal(x: Fused, plan: ConvPlan, weight_var: float = 1.0, bias_var: float = 0.0) -> torch.Tensor:
@@ -458,14 +493,21 @@ def conv_diagonal(x: Fused, plan: ConvPlan, weight_var: float = 1.0, bias_var: f
     return torch.as_tensor(out, dtype=x.buf.dtype).reshape((x.batch,) + plan.spatial_out)
 
 
-def conv_full(v, conv: Conv, act=None, var1=None, var2=None, symmetric=False) -> torch.Tensor:
+def conv_full(v, conv: Conv, act=None, var1=None, var2=None, symmetric=False, theta=None):
     """``conv`` (then ``act``) on a standard (B, *F, *F) tensor by the fused path, returning a
-    standard tensor (a convenience for tests and benchmarks)."""
+    standard tensor (a convenience for tests and benchmarks). With ``theta`` (the NTK's Θ
+    of the same shape, or 0 for Θ = 0): the pair (K, Θ) of the output."""
     spatial = tuple(v.shape[1 : 1 + (v.dim() - 1) // 2])
     plan = conv_plan(conv, spatial)
     x = to_fused(v, plan.layout, plan.spatial_in)
+    if theta is not None:
+        t = None if isinstance(theta, (int, float)) and theta == 0 else to_fused(theta, plan.layout, plan.spatial_in).buf
+        x = Fused(x.buf, x.layout, x.spatial, tangent=t, ntk=True)
     r = roots(var1, var2) if act is not None else None
-    out = conv_fused(x, plan, plan.out_standard, act, r, symmetric, None, conv.weight_var, conv.bias_var)
+    out = conv_fused(x, plan, plan.out_standard, act, r, symmetric, None, conv.weight_var, conv.bias_var,
+                     conv.trainable)
+    if theta is not None:
+        return out.standard(), out.tangent_standard()
     return out.standard()
 
 
@@ -490,10 +532,15 @@ def _offset_table(head, spatial):
     return cache[key]
 
 
-def apply_heads(heads, x: "Fused | None") -> torch.Tensor | None:
+def apply_heads(heads, x: "Fused | None", kernels=("nngp",)) -> torch.Tensor | None:
     """All readouts of a full 1-D/2-D tensor from its offset sums, accumulated in float64
-    (a float32 sum of 10⁶ terms would lose ~1e-4). None where the engine's own path applies."""
+    (a float32 sum of 10⁶ terms would lose ~1e-4), shape (len(kernels)·L, B) in the order
+    [nngp readouts…, ntk readouts…] of ``kernels``; the NTK's readout is
+    Θ_out = weight_var · Σ_{p,p'} Σ[p,p'] Θ[p,p'] + K_out (docs/maths.md §7).
+    None where the engine's own path applies."""
     if x is None or not x.layout.plain or not all(h.affine_readout() for h in heads):
+        return None
+    if TANGENT in kernels and not x.ntk:
         return None
     spatial = x.spatial
     tables = []
@@ -507,20 +554,29 @@ def apply_heads(heads, x: "Fused | None") -> torch.Tensor | None:
         else:
             tables.append(kind)
     n0, n1 = _spatial2(spatial)
-    parts = np.empty((x.batch, n0, 2 * n0 - 1, 2 * n1 - 1))
-    _parallel(_kernels().offset_sums, x.buf.numpy(), parts)
-    sums = parts.sum(axis=1)  # (B, 2N0 − 1, 2N1 − 1)
     n = n0 * n1
-    out = []
-    for h, table in zip(heads, tables):
-        if isinstance(table, str) and table == "independent":
-            value = sums[:, n0 - 1, n1 - 1] / n  # the δ = 0 diagonal: mean of V[p, p]
-        elif isinstance(table, str):
-            value = sums.sum(axis=(1, 2)) / n**2
-        else:
-            value = np.einsum("bij,ij->b", sums, table)
-        out.append(value * h.weight_var + h.bias_var)
-    return torch.as_tensor(np.stack(out), dtype=x.buf.dtype)
+
+    def readouts(buf):
+        """Σ_{p,p'} Σ[p,p'] t[p,p'] of every head, for one buffer t (float64)."""
+        parts = np.empty((x.batch, n0, 2 * n0 - 1, 2 * n1 - 1))
+        _parallel(_kernels().offset_sums, buf.numpy(), parts)
+        sums = parts.sum(axis=1)  # (B, 2N0 − 1, 2N1 − 1)
+        out = []
+        for table in tables:
+            if isinstance(table, str) and table == "independent":
+                out.append(sums[:, n0 - 1, n1 - 1] / n)  # the δ = 0 diagonal: mean of V[p, p]
+            elif isinstance(table, str):
+                out.append(sums.sum(axis=(1, 2)) / n**2)
+            else:
+                out.append(np.einsum("bij,ij->b", sums, table))
+        return out
+
+    nngp = [v * h.weight_var + h.bias_var for h, v in zip(heads, readouts(x.buf))]
+    parts = {"nngp": nngp}
+    if TANGENT in kernels:
+        theta = readouts(x.tangent) if x.tangent is not None else [0.0] * len(heads)
+        parts[TANGENT] = [v * h.weight_var + k for h, v, k in zip(heads, theta, nngp)]
+    return torch.as_tensor(np.stack([v for k in kernels for v in parts[k]]), dtype=x.buf.dtype)
 
 
 # -- running a stack of layers -------------------------------------------------------------
@@ -533,11 +589,16 @@ class Workspace:
     def __init__(self):
         self._bufs: dict = {}
 
-    def get(self, layout, b: int, dtype, avoid: torch.Tensor | None = None) -> torch.Tensor:
+    def get(self, layout, b: int, dtype, avoid=()) -> torch.Tensor:
+        """A buffer of this layout that is none of the tensors ``avoid`` (one tensor or a
+        sequence: the ones still being read)."""
+        if isinstance(avoid, torch.Tensor):
+            avoid = (avoid,)
+        busy = {a.data_ptr() for a in avoid if a is not None}
         key = (layout, b, dtype)
         bufs = self._bufs.setdefault(key, [])
         for buf in bufs:
-            if avoid is None or buf.data_ptr() != avoid.data_ptr():
+            if buf.data_ptr() not in busy:
                 return buf
         shape = layout.shape(b) if isinstance(layout, Layout) else tuple(layout)  # or a shape
         buf = torch.zeros(shape, dtype=dtype)
@@ -545,10 +606,20 @@ class Workspace:
         return buf
 
 
-def input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool, ws: Workspace, layers=(), flags=()):
+def input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool, ws: Workspace, layers=(), flags=(),
+                ntk: bool = False):
     """V0[p, p'] = (1/C) Σ_c x[p, c] x'[p', c] (docs/maths.md §2), into a reused buffer: written
     straight into the layout of the first layer when that runs fused (returns a Fused), else a
-    KernelState."""
+    KernelState. ``ntk``: with Θ(0) = 0 (docs/maths.md §7)."""
+    state = _input_state(x1, x2, full, ws, layers, flags)
+    if not ntk:
+        return state
+    if isinstance(state, Fused):
+        return Fused(state.buf, state.layout, state.spatial, ntk=True)
+    return state.with_extra(**{TANGENT: torch.zeros_like(state.cross)})
+
+
+def _input_state(x1, x2, full, ws, layers, flags):
     b, c = x1.shape[0], x1.shape[-1]
     spatial = tuple(x1.shape[1:-1])
     if not full:
@@ -609,8 +680,8 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
             if not (_relu_like(act) and flags[i + 2] is True):
                 act = None
             if cur is None or cur.layout != plan.layout:
-                src = state.cross if cur is None else cur.standard()
-                cur = to_fused(src, plan.layout, spatial, ws)
+                src = state if cur is None else cur.state()
+                cur = to_fused(src, plan.layout, spatial, ws, avoid=_buffers(cur))
             var_roots = None
             if act is not None:
                 if symmetric:  # the conv output's diagonal: the variances of the act
@@ -623,7 +694,8 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
             nplan = _fused_plan(layers, nxt, flags, plan.spatial_out, fast)
             out_layout = nplan.layout if nplan is not None else plan.out_standard
             cur = conv_fused(
-                cur, plan, out_layout, act, var_roots, symmetric, ws, layer.weight_var, layer.bias_var
+                cur, plan, out_layout, act, var_roots, symmetric, ws, layer.weight_var, layer.bias_var,
+                layer.trainable,
             )
             i = nxt
             continue
@@ -643,9 +715,14 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
     return state, None
 
 
-def chunk_size(elements: int, itemsize: int) -> int:
-    """Pairs per fused call so that input and output of the largest layer stay in cache."""
-    return max(1, CACHE_BYTES // max(1, 2 * elements * itemsize))
+def _buffers(x: "Fused | None") -> tuple:
+    return () if x is None else (x.buf, x.tangent)
+
+
+def chunk_size(elements: int, itemsize: int, tensors: int = 1) -> int:
+    """Pairs per fused call so that input and output of the largest layer (``tensors`` of each:
+    2 with the NTK's Θ) stay in cache."""
+    return max(1, CACHE_BYTES // max(1, 2 * tensors * elements * itemsize))
 
 
 

@@ -140,10 +140,201 @@ def _relu_value_impl(k, n, inv_n, c_lin, c_relu):
     return lambda k, n, inv_n, c_lin, c_relu: _relu_value64(k, n, inv_n, c_lin, c_relu)
 
 
+
+# θ = arccos(ρ) for the NTK's V̇ (docs/maths.md §7), without arccos: arccos(1 − t) = sqrt(t)·H(2t − 1)
+# with H smooth on [−1, 1], and arccos(−a) = π − arccos(a) (benchmarks/fit_relu_poly.py):
+# max error 2.2e-16 for degree 18 in float64, 9.2e-8 for degree 7 in float32.
+_H64 = (
+    1.8301166660387483e-11,
+    5.95055720852942e-11,
+    1.0744638228659012e-10,
+    3.555938648200568e-10,
+    1.3586330259282336e-09,
+    4.543226886430638e-09,
+    1.5131804766903207e-08,
+    5.1570659071542255e-08,
+    1.7797338327760117e-07,
+    6.225475446758364e-07,
+    2.216019758302968e-06,
+    8.063536126055667e-06,
+    3.018716999184834e-05,
+    0.0001174125045895998,
+    0.0004820541005764209,
+    0.002149135858989634,
+    0.011029313317978552,
+    0.0760160912346654,
+    1.480960979386122,
+)
+_H32 = (
+    9.466701326646602e-06,
+    3.5163113032801017e-05,
+    0.0001165034819326453,
+    0.0004788339995534139,
+    0.002149320263440397,
+    0.011029966269836582,
+    0.07601608545693156,
+    1.480960958929524,
+)
+_D64 = tuple(np.float64(x) for x in reversed(_H64))
+_D32 = tuple(np.float32(x) for x in reversed(_H32))
+
+
+@njit(inline="always")
+def _acos_poly64(x):
+    """H(x) in float64, Estrin's scheme."""
+    c = _D64
+    x2 = x * x
+    x4 = x2 * x2
+    x8 = x4 * x4
+    x16 = x8 * x8
+    p03 = (c[0] + c[1] * x) + (c[2] + c[3] * x) * x2
+    p47 = (c[4] + c[5] * x) + (c[6] + c[7] * x) * x2
+    p8b = (c[8] + c[9] * x) + (c[10] + c[11] * x) * x2
+    pcf = (c[12] + c[13] * x) + (c[14] + c[15] * x) * x2
+    p1618 = c[16] + c[17] * x + c[18] * x2
+    return (p03 + p47 * x4) + (p8b + pcf * x4) * x8 + p1618 * x16
+
+
+@njit(inline="always")
+def _acos_poly32(x):
+    """H(x) in float32, Estrin's scheme."""
+    c = _D32
+    x2 = x * x
+    p03 = (c[0] + c[1] * x) + (c[2] + c[3] * x) * x2
+    p47 = (c[4] + c[5] * x) + (c[6] + c[7] * x) * x2
+    return p03 + p47 * (x2 * x2)
+
+
+def _make_relu_derivative(dtype, poly):
+    one = dtype(1.0)
+    zero = dtype(0.0)
+    pi = dtype(math.pi)
+    inv_pi = dtype(_INV_PI)
+
+    snap = dtype(8.0) * np.finfo(dtype).eps
+
+    @njit(inline="always")
+    def relu_derivative(k, inv_n, c_lin, c_relu):
+        r = k * inv_n
+        a = min(abs(r), one)
+        t = one - a
+        if t < snap:  # |ρ| within rounding of 1 (an image with itself): θ = 0, not sqrt(2t)
+            t = zero
+        theta = math.sqrt(t) * poly(t + t - one)  # arccos(|ρ|)
+        if r < zero:
+            theta = pi - theta
+        return c_lin + c_relu * (one - theta * inv_pi)
+
+    return relu_derivative
+
+
+_relu_derivative32 = _make_relu_derivative(np.float32, _acos_poly32)
+_relu_derivative64 = _make_relu_derivative(np.float64, _acos_poly64)
+
+
+def relu_derivative(k, inv_n, c_lin, c_relu):
+    """V̇ = E[φ′(u)φ′(v)] = c_lin + c_relu·(1 − θ/π), θ = arccos(ρ), ρ = k·inv_n clipped to
+    [−1, 1] (docs/maths.md §7): φ′ is a below 0 and b above, so with c_lin = ab and
+    c_relu = (b − a)²/2 this is (a² + b²)(π − θ)/2π + ab·θ/π. inv_n = 0 (a zero variance)
+    gives θ = π/2, as the torch path. 1 − |ρ| below 8ε counts as 0: θ ≈ sqrt(2(1 − |ρ|))
+    would turn the rounding of k and n (summed in different orders) into a sqrt(ε) error
+    where an image meets itself. (Plain-Python statement; numba uses the overload below.)
+    """
+    r = min(max(k * inv_n, -1.0), 1.0)
+    return c_lin + c_relu * (1.0 - math.acos(r) * _INV_PI)
+
+
+@overload(relu_derivative, inline="always")
+def _relu_derivative_impl(k, inv_n, c_lin, c_relu):
+    if k == numba.types.float32:
+        return lambda k, inv_n, c_lin, c_relu: _relu_derivative32(k, inv_n, c_lin, c_relu)
+    return lambda k, inv_n, c_lin, c_relu: _relu_derivative64(k, inv_n, c_lin, c_relu)
+
+
+@njit(inline="always")
+def _filter_slab(v, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, acc, n_acc):
+    """acc = the (q0, q0') output slab of Σ * v before the affine part (stages 1 and 2 of the
+    module docstring), rows of length hh, for one input buffer v in the conv's layout."""
+    n_in0, s0, h0, pad0 = geom0[0], geom0[2], geom0[3], geom0[4]
+    slab_len = t.shape[1]
+    n_terms = ac.shape[1]
+    # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0')), the taps in groups
+    # sharing their coefficients (one tap each, or the diagonals p0 − p0' = δ of a
+    # Toeplitz A_m): each group's slabs are summed into D, then T_m += coef·D
+    t_init = False
+    for g in range(a_ptr.shape[0] - 1):
+        nd = 0
+        for e in range(a_ptr[g], a_ptr[g + 1]):
+            x = s0 * q0 + h0 * a_taps[e, 0] - pad0
+            xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
+            if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
+                continue  # zero padding
+            src = v[b, x, xb].reshape(slab_len)
+            if a_ptr[g + 1] - a_ptr[g] == 1:
+                dsum = src  # a single tap: no copy
+            elif nd == 0:
+                dsum = dbuf
+                for i in range(slab_len):
+                    dsum[i] = src[i]
+            else:
+                for i in range(slab_len):
+                    dsum[i] += src[i]
+            nd += 1
+        if nd == 0:
+            continue
+        for m in range(n_terms):
+            coef = ac[g, m]
+            tm = t[m]
+            if not t_init:
+                for i in range(slab_len):
+                    tm[i] = coef * dsum[i]
+            else:
+                for i in range(slab_len):
+                    tm[i] += coef * dsum[i]
+        t_init = True
+    if not t_init:
+        t[:] = 0
+    # stage 2: every tap pair is one shifted add over the flattened phase block
+    for e in range(b_off.shape[0]):
+        off = b_off[e]
+        for m in range(n_terms):
+            coef = bc[e, m]
+            src = t[m, off : off + n_acc]
+            if e == 0 and m == 0:
+                for i in range(n_acc):
+                    acc[i] = coef * src[i]
+            else:
+                for i in range(n_acc):
+                    acc[i] += coef * src[i]
+
+
+@njit(inline="always")
+def _put_row(out, b, q0, q0b, q1, row, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, symmetric):
+    """Write output row q1 of slab (q0, q0') (``row``, length Q1) into the next conv's layout
+    (for stride 1 the caller wrote it in place already), and its mirror when symmetric."""
+    so = out.shape[3]
+    if so != 1:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
+        for pc in range(so):
+            drow = out[b, q0, q0b, o_ph[q1], pc, o_ix[q1], ph_k0[pc] :]
+            src = row[ph_i0[pc] :]
+            if so == 2:  # a constant stride vectorises
+                for k in range(ph_n[pc]):
+                    drow[k] = src[2 * k]
+            else:
+                for k in range(ph_n[pc]):
+                    drow[k] = src[so * k]
+    if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
+        for pr in range(so):
+            dcol = out[b, q0b, q0, pr, o_ph[q1], ph_k0[pr] :, o_ix[q1]]
+            src = row[ph_i0[pr] :]
+            for k in range(ph_n[pr]):
+                dcol[k] = src[so * k]
+
+
 @njit(nogil=True, **_FLAGS)
 def kron_conv(
     v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
-    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, row_lo, row_hi,
+    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, ntk, trainable, tin, tout, row_lo, row_hi,
 ):
     """Full → full conv (docs/maths.md §2 (*)) by Kronecker terms, then an optional ReLU-family act.
 
@@ -155,13 +346,16 @@ def kron_conv(
     B_m[p1, p1'] = b_coef[e, m]. K = wv·(Σ …) + bv; act = 1 then writes
     c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'], 1/n = ix[b,q]·iy[b,q']
     (relu_value).
+    ntk (docs/maths.md §7): 0 — no Θ; 1 — Θ_in = 0; 2 — Θ_in is tin (v's layout). Then tout
+    (out's layout) gets Θ = wv·(Σ * Θ_in) + K (+ K only if ``trainable``: a pool has no
+    weights of its own), times V̇ = relu_derivative(K, …) when act = 1.
     symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
     computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
     the contiguous rows row_lo … row_hi − 1 (neighbouring rows share input slabs in the cache).
     """
     nb = v.shape[0]
     dtype = v.dtype
-    n_in0, q_0, s0, h0, pad0 = geom0[0], geom0[1], geom0[2], geom0[3], geom0[4]
+    q_0 = geom0[1]
     q_1, s1, h1 = geom1[1], geom1[2], geom1[3]
     hh = v.shape[5]
     so = out.shape[3]
@@ -182,7 +376,10 @@ def kron_conv(
         b_off[e] = ((r % s1) * s1 + c % s1) * hh * hh + (r // s1) * hh + c // s1
     n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
     acc = np.empty(q_1 * hh, dtype)
+    acc_t = np.zeros(q_1 * hh, dtype)
     val = np.empty(q_1, dtype)
+    val_t = np.empty(q_1, dtype)
+    own = dtype.type(1.0 if trainable else 0.0)  # the layer's own parameters' term K
     # where output position i goes in the next layout (no integer division in the loops):
     # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
     o_ph = np.empty(q_1, np.int64)
@@ -203,54 +400,9 @@ def kron_conv(
         q0 = bq % q_0
         start = q0 if symmetric else 0
         for q0b in range(start, q_0):
-            # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0')), the taps in groups
-            # sharing their coefficients (one tap each, or the diagonals p0 − p0' = δ of a
-            # Toeplitz A_m): each group's slabs are summed into D, then T_m += coef·D
-            t_init = False
-            for g in range(a_ptr.shape[0] - 1):
-                nd = 0
-                for e in range(a_ptr[g], a_ptr[g + 1]):
-                    x = s0 * q0 + h0 * a_taps[e, 0] - pad0
-                    xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
-                    if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
-                        continue  # zero padding
-                    src = v[b, x, xb].reshape(slab_len)
-                    if a_ptr[g + 1] - a_ptr[g] == 1:
-                        dsum = src  # a single tap: no copy
-                    elif nd == 0:
-                        dsum = dbuf
-                        for i in range(slab_len):
-                            dsum[i] = src[i]
-                    else:
-                        for i in range(slab_len):
-                            dsum[i] += src[i]
-                    nd += 1
-                if nd == 0:
-                    continue
-                for m in range(n_terms):
-                    coef = ac[g, m]
-                    tm = t[m]
-                    if not t_init:
-                        for i in range(slab_len):
-                            tm[i] = coef * dsum[i]
-                    else:
-                        for i in range(slab_len):
-                            tm[i] += coef * dsum[i]
-                t_init = True
-            if not t_init:
-                t[:] = 0
-            # stage 2: every tap pair is one shifted add over the flattened phase block
-            for e in range(n_b):
-                off = b_off[e]
-                for m in range(n_terms):
-                    coef = bc[e, m]
-                    src = t[m, off : off + n_acc]
-                    if e == 0 and m == 0:
-                        for i in range(n_acc):
-                            acc[i] = coef * src[i]
-                    else:
-                        for i in range(n_acc):
-                            acc[i] += coef * src[i]
+            _filter_slab(v, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, acc, n_acc)
+            if ntk == 2:
+                _filter_slab(tin, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, acc_t, n_acc)
             # the nonlinearity, row by row, written into the next conv's layout
             for q1 in range(q_1):
                 row = acc[q1 * hh : q1 * hh + q_1]
@@ -258,32 +410,41 @@ def kron_conv(
                     dst = out[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
                 else:
                     dst = val
-                if act == 1:
-                    sx = rx[b, q0, q1]
-                    isx = ix[b, q0, q1]
-                    syr = ry[b, q0b]
-                    isy = iy[b, q0b]
-                    for i in range(q_1):
-                        dst[i] = relu_value(w * row[i] + bias, sx * syr[i], isx * isy[i], c_lin, c_relu)
+                if ntk == 0:
+                    if act == 1:
+                        sx = rx[b, q0, q1]
+                        isx = ix[b, q0, q1]
+                        syr = ry[b, q0b]
+                        isy = iy[b, q0b]
+                        for i in range(q_1):
+                            dst[i] = relu_value(w * row[i] + bias, sx * syr[i], isx * isy[i], c_lin, c_relu)
+                    else:
+                        for i in range(q_1):
+                            dst[i] = w * row[i] + bias
                 else:
-                    for i in range(q_1):
-                        dst[i] = w * row[i] + bias
-                if so != 1:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
-                    for pc in range(so):
-                        drow = out[b, q0, q0b, o_ph[q1], pc, o_ix[q1], ph_k0[pc] :]
-                        src = dst[ph_i0[pc] :]
-                        if so == 2:  # a constant stride vectorises
-                            for k in range(ph_n[pc]):
-                                drow[k] = src[2 * k]
-                        else:
-                            for k in range(ph_n[pc]):
-                                drow[k] = src[so * k]
-                if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
-                    for pr in range(so):
-                        dcol = out[b, q0b, q0, pr, o_ph[q1], ph_k0[pr] :, o_ix[q1]]
-                        src = dst[ph_i0[pr] :]
-                        for k in range(ph_n[pr]):
-                            dcol[k] = src[so * k]
+                    row_t = acc_t[q1 * hh : q1 * hh + q_1]
+                    if so == 1:
+                        dst_t = tout[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
+                    else:
+                        dst_t = val_t
+                    if act == 1:
+                        sx = rx[b, q0, q1]
+                        isx = ix[b, q0, q1]
+                        syr = ry[b, q0b]
+                        isy = iy[b, q0b]
+                        for i in range(q_1):
+                            k = w * row[i] + bias
+                            n = sx * syr[i]
+                            inv_n = isx * isy[i]
+                            dst[i] = relu_value(k, n, inv_n, c_lin, c_relu)
+                            dst_t[i] = (w * row_t[i] + own * k) * relu_derivative(k, inv_n, c_lin, c_relu)
+                    else:
+                        for i in range(q_1):
+                            k = w * row[i] + bias
+                            dst[i] = k
+                            dst_t[i] = w * row_t[i] + own * k
+                    _put_row(tout, b, q0, q0b, q1, dst_t, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, False)
+                _put_row(out, b, q0, q0b, q1, dst, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, symmetric)
 
 
 @njit(nogil=True, **_FLAGS)

@@ -301,16 +301,17 @@ def input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
     return KernelState(cross=cross, spatial=spatial, full=full)
 
 
-def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor) -> int:
+def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) -> int:
     """Pairs per call of the fused CPU path (cnngp.engine.fused), or 0 to use the layers' own torch
-    propagate. Chunks are sized so one layer's input and output stay in the L3 cache."""
+    propagate. Chunks are sized so one layer's input and output (``tensors`` of each: 2 when
+    Θ travels too) stay in the L3 cache."""
     layers = list(plan.body.layers)[:depth]
     if not (fused.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
         return 0
     if not fused.wanted(layers, plan.grids, flags) or not fused.available(x.dtype, x.device):
         return 0
     largest = max(_elements(plan.grids[i], flags[i]) for i in range(depth + 1))
-    return fused.chunk_size(largest, x.element_size())
+    return fused.chunk_size(largest, x.element_size(), tensors)
 
 
 def _workspace(plan: _Plan) -> "fused.Workspace":
@@ -357,8 +358,8 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
 
 def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     """Kernel values (n_kernels × (n_heads or 1), B) for a batch of pairs."""
-    # the fused CPU kernels carry no Θ: an NTK runs every layer's own propagate
-    chunk = 0 if TANGENT in plan.kernels else _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b)
+    ntk = TANGENT in plan.kernels  # Θ travels through the fused kernels too (docs/maths.md §7)
+    chunk = _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b, 2 if ntk else 1)
     if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
         ws = _workspace(plan)
         layers = list(plan.body.layers)
@@ -374,25 +375,31 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
                     return fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
                 return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
 
-            state = fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags)
+            state = fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags,
+                                      ntk=ntk)
             state, fused_out = fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
             if not plan.heads:
-                values.append(state.cross[None].clone())
+                values.append(_kernel_parts(plan, state).clone())
                 continue
-            heads = fused.apply_heads(plan.heads, fused_out)
+            heads = fused.apply_heads(plan.heads, fused_out, plan.kernels)
             values.append(heads if heads is not None else _apply_heads(plan, state))
         return torch.cat(values, dim=1)
     state = input_state(x1b, x2b, plan.pair_flags[0])
-    if TANGENT in plan.kernels:
+    if ntk:
         state = state.with_extra(**{TANGENT: torch.zeros_like(state.cross)})  # Θ(0) = 0
     state, _ = fused.run_layers(
         list(plan.body.layers), state, plan.pair_flags,
         lambda i, as_roots: (rec1[i][idx1], rec2[i][idx2]), fast=False,
     )
     if not plan.heads:
-        parts = {"nngp": state.cross[None], TANGENT: state.extra.get(TANGENT, state.cross)[None]}
-        return torch.cat([parts[k] for k in plan.kernels])
+        return _kernel_parts(plan, state)
     return _apply_heads(plan, state)
+
+
+def _kernel_parts(plan: _Plan, state: KernelState) -> torch.Tensor:
+    """The kernels of a network without readout heads, (n_kernels, B, ...)."""
+    parts = {"nngp": state.cross[None], TANGENT: state.extra.get(TANGENT, state.cross)[None]}
+    return torch.cat([parts[k] for k in plan.kernels])
 
 
 def _head_weights(plan: _Plan, general: list, state: KernelState) -> torch.Tensor:

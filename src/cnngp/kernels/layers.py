@@ -627,9 +627,13 @@ def _angle(c, vx, vy):
     """θ = arccos(c/√(vx vy)) in [0, π], π/2 where a variance is 0 (as neural-tangents).
 
     s = √(vx·vy − c²) from the product itself (exactly 0 when c² = vx·vy), as in
-    :func:`_relu_expectation`; only where vx·vy underflows does it go through √vx·√vy."""
+    :func:`_relu_expectation`; only where vx·vy underflows does it go through √vx·√vy.
+    1 − ρ² below 16ε counts as 0 (θ = 0): θ ≈ sqrt(2(1 − |ρ|)) would turn the rounding of c
+    and of the variances (summed in different orders) into a sqrt(ε) error in the NTK's V̇
+    where an image meets itself; the fused CPU kernels use the same rule."""
     prod = vx * vy
-    s = torch.sqrt(torch.clamp(prod - c * c, min=0))
+    gap = prod - c * c
+    s = torch.sqrt(torch.where(gap <= (16 * torch.finfo(prod.dtype).eps) * prod, 0.0, gap))
     tiny = prod < torch.finfo(prod.dtype).tiny
     n = torch.sqrt(vx) * torch.sqrt(vy)
     if bool(tiny.any()):
