@@ -113,8 +113,10 @@ def main(argv=None) -> int:
               + (f"{nt:11.2f} {r['nt_over_cnngp_ntk_float64']:9.2f}" if nt is not None else f"{'-':>11s} {'-':>9s}"))
     if args.out:
         with open(args.out, "w") as f:
+            from cnngp.provenance import versions
+
             json.dump({"rows": rows, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-                       "loadavg": os.getloadavg()}, f, indent=2)
+                       "loadavg": os.getloadavg(), "versions": versions()}, f, indent=2)
     return 0
 
 
