@@ -20,7 +20,7 @@ _EXPORTS = {
     "kernel": "engine.gram", "readout_sweep": "engine.gram",
     **{name: "kernels.layers" for name in (
         "ABReLU", "AvgPool", "Conv", "Erf", "Flatten", "GlobalAvgPool", "Identity", "Layer",
-        "Nonlinearity", "Readout", "ReLU", "Serial", "Sign", "Sin")},
+        "Nonlinearity", "Readout", "ReLU", "Serial", "Sign", "Sin", "standard_parameterization")},
     "from_spec": "io.spec", "load_spec": "io.spec",
     "KernelState": "kernels.state",
 }

@@ -227,6 +227,21 @@ def _sample_filters(seeds, layer_index, c_out, c_in, factor, scale, bias_var, de
     return w, b
 
 
+def _standard(layer) -> bool:
+    """Whether ``layer`` trains in the standard parameterisation (docs/maths.md §7)."""
+    if getattr(layer, "parameterization", "ntk") != "standard":
+        return False
+    if layer.weight_var <= 0:
+        raise CNNGPError(f"{layer!r}: the standard parameterisation's finite twin needs weight_var > 0")
+    return True
+
+
+def _standard_scale(twin) -> float:
+    """∂f/∂v over ∂f/∂z for a weight: the standard parameterisation trains v = √(σ_w²/fan_in)·z
+    (W = √|P| · v Lᵀ), the NTK one z; 1 in the NTK parameterisation."""
+    return math.sqrt(twin.fan_in / twin.weight_var) if twin.standard else 1.0
+
+
 def _is_scaled_identity(factor: torch.Tensor) -> bool:
     n, r = factor.shape
     return n == r and bool(torch.equal(factor, torch.diag(torch.diagonal(factor)))) and bool(
@@ -271,7 +286,17 @@ class _FiniteConv(_FiniteLayer):
         scale = math.sqrt(layer.weight_var / c_in)
         w, b = _sample_filters(seeds, index, width, c_in, factor, scale, layer.bias_var, device, dtype)
         self.weight = nn.Parameter(w.reshape(w.shape[:3] + self.taps))
+        self.standard = _standard(layer)
+        if self.standard and layer.channels not in (None, width):
+            raise CNNGPError(
+                f"{layer!r}: channels={layer.channels}, but the finite network has width {width}; "
+                "its NTK in the standard parameterisation depends on the width, so they must agree"
+            )
+        if b is None and self.standard:  # the standard parameterisation trains a bias from 0
+            b = torch.zeros(w.shape[:2], device=device, dtype=dtype)
         self.bias = None if b is None else nn.Parameter(b)
+        self.fan_in = c_in * math.prod(self.taps)
+        self.weight_var = layer.weight_var
         # the NTK's trainable variables are z (W = scale · z Lᵀ) and β (b = √bias_var · β)
         identity = _is_scaled_identity(factor)
         self.tangent_scale = scale * float(factor[0, 0]) if identity else scale
@@ -308,12 +333,12 @@ class _FiniteConv(_FiniteLayer):
         (W = scale · z Lᵀ); for the bias ∂f/∂β = √bias_var · grad. Returns (B, G, k)."""
         lead = tuple(grad.shape[:2])
         if name == "bias":
-            return (grad * self.bias_scale).reshape(lead + (-1,))
+            return (grad * (1.0 if self.standard else self.bias_scale)).reshape(lead + (-1,))
         if name != "weight":  # pragma: no cover - no other parameters
             raise CNNGPError(f"finite conv: no parameter {name!r}")
         if self.tangent_factor is not None:
             grad = grad.reshape(lead + tuple(self.weight.shape[1:3]) + (-1,)) @ self.tangent_factor
-        return (grad * self.tangent_scale).reshape(lead + (-1,))
+        return (grad * (self.tangent_scale * _standard_scale(self))).reshape(lead + (-1,))
 
 
 class _FiniteAvgPool(_FiniteLayer):
@@ -387,8 +412,13 @@ class _FiniteReadout(_FiniteLayer):
         )
         self.z = nn.Parameter(z)
         self.register_buffer("factor", None if self.identity else factor.to(device=device, dtype=dtype))
+        self.standard = _standard(layer)
+        if b is None and self.standard:  # the standard parameterisation trains a bias from 0
+            b = torch.zeros(z.shape[:2], device=device, dtype=dtype)
         self.bias = None if b is None else nn.Parameter(b.mul_(math.sqrt(layer.bias_var)))
         self.bias_scale = math.sqrt(layer.bias_var)
+        self.fan_in = c * math.prod(spatial)
+        self.weight_var = layer.weight_var
 
     @property
     def weight(self) -> torch.Tensor:
@@ -412,10 +442,10 @@ class _FiniteReadout(_FiniteLayer):
         (B, G, *shape) → (B, G, k)."""
         lead = tuple(grad.shape[:2])
         if name == "bias":
-            return (grad * self.bias_scale).reshape(lead + (-1,))
+            return (grad * (1.0 if self.standard else self.bias_scale)).reshape(lead + (-1,))
         if name != "z":  # pragma: no cover - no other parameters
             raise CNNGPError(f"finite readout: no parameter {name!r}")
-        return grad.reshape(lead + (-1,))
+        return (grad * _standard_scale(self)).reshape(lead + (-1,))
 
 
 class _FiniteElementwise(_FiniteLayer):

@@ -103,6 +103,19 @@ def load_network(arch: str, readout: str | None = None):
         raise CNNGPError(f"--arch: {text.removeprefix('arch: ')}") from None
 
 
+def parameterized(net, parameterization: str, width, flag: str = "--width"):
+    """``net`` in the parameterisation asked for (docs/maths.md §7): ``standard`` needs the
+    hidden layers' width (their channels; only the NTK depends on them)."""
+    if parameterization == "ntk":
+        return net
+    if width is None:
+        raise CNNGPError(f"--parameterization standard: needs {flag} W (the channels of every hidden "
+                         "layer: the standard parameterisation's NTK depends on them)")
+    from cnngp.kernels.layers import standard_parameterization
+
+    return standard_parameterization(net, width)
+
+
 def _load_network(arch: str, readout: str | None):
     from cnngp.io import architectures
 
@@ -249,6 +262,7 @@ def cmd_kernel(args) -> int:
             "correlation itself: choose its family with --family)"
         )
     net = load_network(args.arch, args.readout)
+    net = parameterized(net, args.parameterization, args.width)
     x1 = load_images("--x1", args.x1)
     x2 = None if args.x2 is None else load_images("--x2", args.x2)
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
@@ -269,7 +283,7 @@ def cmd_kernel(args) -> int:
         if not isinstance(last, Readout):
             raise CNNGPError("--lengthscales: the network must end with a readout layer")
         readouts = [
-            Readout(last.weight_var, last.bias_var, correlation_from_text(args.family, lam, "--family"))
+            last.with_correlation(correlation_from_text(args.family, lam, "--family"))
             for lam in lengthscales
         ]
         body, _ = net.split_readout()
@@ -437,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     k.add_argument("--get", choices=["nngp", "ntk", "both"], default="nngp",
                    help="the NNGP (default), the neural tangent kernel, or both from one pass")
+    k.add_argument("--parameterization", choices=["ntk", "standard"], default="ntk",
+                   help="where σ_w/√fan_in sits (neural-tangents' parameterization; only the NTK "
+                        "depends on it): ntk (default) or standard (needs --width)")
+    k.add_argument("--width", type=int_at_least(1),
+                   help="with --parameterization standard: channels of every hidden layer")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
     k.add_argument("--family", choices=sorted(FAMILIES), help="family of a --lengthscales sweep (default matern32)")
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from cnngp.cli.main import finite_float, int_at_least, load_network
+from cnngp.cli.main import finite_float, int_at_least, load_network, parameterized
 from cnngp.provenance import versions
 from cnngp.engine.storage import atomic_write
 from cnngp.errors import CNNGPError
@@ -69,7 +69,7 @@ def cmd_montecarlo(args) -> int:
         outputs = 1 if get == "ntk" else 16
     if args.n2 is not None and args.x2 is None:
         raise CNNGPError("--n2: only meaningful together with --x2")
-    net = load_network(args.arch, args.readout)
+    net = parameterized(load_network(args.arch, args.readout), args.parameterization, width)
     last = net.layers[-1] if len(net.layers) else None
     if not isinstance(last, Readout):
         raise CNNGPError(
@@ -239,6 +239,9 @@ def register(subparsers) -> None:
     m.add_argument("--n2", type=int_at_least(1), help="use only the first N2 images of --x2")
     m.add_argument("--width", type=int_at_least(1), required=True, help="channels of every hidden layer (>= 1)")
     m.add_argument("--samples", type=int_at_least(2), required=True, help="networks drawn (>= 2)")
+    m.add_argument("--parameterization", choices=["ntk", "standard"], default="ntk",
+                   help="the finite networks' (and the kernel's) parameterisation; standard uses "
+                        "--width as every hidden layer's channels (only the NTK depends on it)")
     m.add_argument("--get", choices=["nngp", "ntk"], default="nngp",
                    help="the NNGP (default) or the neural tangent kernel (docs/maths.md §7)")
     m.add_argument("--outputs", type=int_at_least(1),

@@ -237,9 +237,10 @@ class Fused:
     ``tangent`` of the same layout; ``tangent`` None then means Θ = 0 (the input, Θ(0))."""
 
     def __init__(self, buf: torch.Tensor, layout: Layout, spatial: tuple,
-                 tangent: torch.Tensor | None = None, ntk: bool = False):
+                 tangent: torch.Tensor | None = None, ntk: bool = False, channels: int | None = None):
         self.buf, self.layout, self.spatial = buf, layout, tuple(spatial)
         self.tangent, self.ntk = tangent, bool(ntk or tangent is not None)
+        self.channels = channels  # as KernelState.channels
 
     def _with(self, buf) -> "Fused":
         return Fused(buf, self.layout, self.spatial)
@@ -278,7 +279,7 @@ class Fused:
 
     def state(self) -> KernelState:
         extra = {TANGENT: self.tangent_standard()} if self.ntk else {}
-        return KernelState(self.standard(), self.spatial, True, extra=extra)
+        return KernelState(self.standard(), self.spatial, True, extra=extra, channels=self.channels)
 
     def diagonal(self) -> torch.Tensor:
         """V[x, x] for every position x, shape (B, *F)."""
@@ -298,9 +299,9 @@ def to_fused(v, layout: Layout, spatial, ws: "Workspace | None" = None, avoid=()
     if isinstance(v, KernelState):
         x = to_fused(v.cross, layout, spatial, ws, avoid)
         if TANGENT not in v.extra:
-            return x
+            return Fused(x.buf, layout, spatial, channels=v.channels)
         t = to_fused(v.extra[TANGENT], layout, spatial, ws, tuple(avoid) + (x.buf,))
-        return Fused(x.buf, layout, spatial, tangent=t.buf)
+        return Fused(x.buf, layout, spatial, tangent=t.buf, channels=v.channels)
     b = v.shape[0]
     n0, n1 = _spatial2(spatial)
     if ws is not None:
@@ -434,13 +435,16 @@ def conv_fused(
     ws: "Workspace | None" = None,
     weight_var: float = 1.0,
     bias_var: float = 0.0,
-    trainable: bool = True,
+    own: tuple = (1.0, 0.0),
+    channels: int | None = None,
 ) -> Fused:
     """Conv (docs/maths.md §2 (*)) of a full tensor in its layout, then ``act`` if given, in one pass,
     written in ``out_layout`` (that of the next conv).
 
     ``var_roots``: :func:`roots` of the diagonals K_xx[q, q], K_x'x'[q', q'] of the conv output
     that the nonlinearity needs. ``symmetric``: x is a self-covariance (var_roots of x with x).
+    ``own``: (a, b) of the layer's own NTK term a·(Σ * V) + b
+    (:meth:`cnngp.kernels.layers.Layer.tangent_coefficients`); ``channels``: the output's.
     """
     assert x.layout == plan.layout
     k = _kernels()
@@ -471,7 +475,7 @@ def conv_fused(
         x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_ptr, plan.a_taps,
         plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
         code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
-        ntk, bool(trainable), t_in.numpy(), t_out.numpy(),
+        ntk, float(own[0]), float(own[1]), t_in.numpy(), t_out.numpy(),
     )
     # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which then
     # come from the cache, not memory, once a call's pairs outgrow the L3 cache. A symmetric
@@ -479,7 +483,8 @@ def conv_fused(
     q0 = int(plan.geom0[1])
     weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
     _parallel_blocks(k.kron_conv, weights, *args)
-    return Fused(out, out_layout, plan.spatial_out, tangent=t_out if ntk else None)
+    return Fused(out, out_layout, plan.spatial_out, tangent=t_out if ntk else None, ntk=bool(ntk),
+                 channels=channels)
 
 
 def conv_diagonal(x: Fused, plan: ConvPlan, weight_var: float = 1.0, bias_var: float = 0.0) -> torch.Tensor:
@@ -493,10 +498,11 @@ def conv_diagonal(x: Fused, plan: ConvPlan, weight_var: float = 1.0, bias_var: f
     return torch.as_tensor(out, dtype=x.buf.dtype).reshape((x.batch,) + plan.spatial_out)
 
 
-def conv_full(v, conv: Conv, act=None, var1=None, var2=None, symmetric=False, theta=None):
+def conv_full(v, conv: Conv, act=None, var1=None, var2=None, symmetric=False, theta=None, v_channels=None):
     """``conv`` (then ``act``) on a standard (B, *F, *F) tensor by the fused path, returning a
     standard tensor (a convenience for tests and benchmarks). With ``theta`` (the NTK's Θ
-    of the same shape, or 0 for Θ = 0): the pair (K, Θ) of the output."""
+    of the same shape, or 0 for Θ = 0): the pair (K, Θ) of the output; ``v_channels``: the
+    input's channel count (the standard parameterisation)."""
     spatial = tuple(v.shape[1 : 1 + (v.dim() - 1) // 2])
     plan = conv_plan(conv, spatial)
     x = to_fused(v, plan.layout, plan.spatial_in)
@@ -504,8 +510,9 @@ def conv_full(v, conv: Conv, act=None, var1=None, var2=None, symmetric=False, th
         t = None if isinstance(theta, (int, float)) and theta == 0 else to_fused(theta, plan.layout, plan.spatial_in).buf
         x = Fused(x.buf, x.layout, x.spatial, tangent=t, ntk=True)
     r = roots(var1, var2) if act is not None else None
+    own = conv.tangent_coefficients(v_channels, spatial) if theta is not None else (0.0, 0.0)
     out = conv_fused(x, plan, plan.out_standard, act, r, symmetric, None, conv.weight_var, conv.bias_var,
-                     conv.trainable)
+                     own)
     if theta is not None:
         return out.standard(), out.tangent_standard()
     return out.standard()
@@ -571,11 +578,14 @@ def apply_heads(heads, x: "Fused | None", kernels=("nngp",)) -> torch.Tensor | N
                 out.append(np.einsum("bij,ij->b", sums, table))
         return out
 
-    nngp = [v * h.weight_var + h.bias_var for h, v in zip(heads, readouts(x.buf))]
-    parts = {"nngp": nngp}
+    filtered = readouts(x.buf)
+    parts = {"nngp": [v * h.weight_var + h.bias_var for h, v in zip(heads, filtered)]}
     if TANGENT in kernels:
         theta = readouts(x.tangent) if x.tangent is not None else [0.0] * len(heads)
-        parts[TANGENT] = [v * h.weight_var + k for h, v, k in zip(heads, theta, nngp)]
+        parts[TANGENT] = []
+        for h, t, f in zip(heads, theta, filtered):
+            a, b = h.tangent_coefficients(x.channels, spatial)  # the readout's own term
+            parts[TANGENT].append(t * h.weight_var + a * f + b)
     return torch.as_tensor(np.stack([v for k in kernels for v in parts[k]]), dtype=x.buf.dtype)
 
 
@@ -615,7 +625,7 @@ def input_state(x1: torch.Tensor, x2: torch.Tensor, full: bool, ws: Workspace, l
     if not ntk:
         return state
     if isinstance(state, Fused):
-        return Fused(state.buf, state.layout, state.spatial, ntk=True)
+        return Fused(state.buf, state.layout, state.spatial, ntk=True, channels=state.channels)
     return state.with_extra(**{TANGENT: torch.zeros_like(state.cross)})
 
 
@@ -623,7 +633,7 @@ def _input_state(x1, x2, full, ws, layers, flags):
     b, c = x1.shape[0], x1.shape[-1]
     spatial = tuple(x1.shape[1:-1])
     if not full:
-        return KernelState((x1 * x2).sum(-1) / c, spatial, False)
+        return KernelState((x1 * x2).sum(-1) / c, spatial, False, channels=c)
     plan = _fused_plan(list(layers), 0, flags, spatial, available(x1.dtype)) if layers else None
     if plan is not None:
         n0, n1 = _spatial2(spatial)
@@ -631,12 +641,12 @@ def _input_state(x1, x2, full, ws, layers, flags):
         a = (x1 * (1.0 / c)).reshape(b, n0, n1, c).contiguous().numpy()
         bt = x2.reshape(b, n0, n1, c).transpose(2, 3).contiguous().numpy()
         _parallel(_kernels().input_layout, a, bt, out.numpy(), plan.layout.pad)
-        return Fused(out, plan.layout, spatial)
+        return Fused(out, plan.layout, spatial, channels=c)
     n = math.prod(spatial)
     out = ws.get((b, n, n), b, x1.dtype)
     torch.bmm(x1.reshape(b, n, c), x2.reshape(b, n, c).transpose(1, 2), out=out)
     out *= 1.0 / c
-    return KernelState(out.reshape((b,) + spatial + spatial), spatial, True)
+    return KernelState(out.reshape((b,) + spatial + spatial), spatial, True, channels=c)
 
 
 def _fused_plan(layers, i, flags, spatial, fast):
@@ -693,9 +703,10 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
             nxt = i + (2 if act is not None else 1)
             nplan = _fused_plan(layers, nxt, flags, plan.spatial_out, fast)
             out_layout = nplan.layout if nplan is not None else plan.out_standard
+            own = layer.tangent_coefficients(cur.channels, spatial) if cur.ntk else (0.0, 0.0)
             cur = conv_fused(
                 cur, plan, out_layout, act, var_roots, symmetric, ws, layer.weight_var, layer.bias_var,
-                layer.trainable,
+                own, layer.output_channels(cur.channels),
             )
             i = nxt
             continue

@@ -334,7 +334,7 @@ def _put_row(out, b, q0, q0b, q1, row, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, 
 @njit(nogil=True, **_FLAGS)
 def kron_conv(
     v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
-    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, ntk, trainable, tin, tout, row_lo, row_hi,
+    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, ntk, own_a, own_b, tin, tout, row_lo, row_hi,
 ):
     """Full → full conv (docs/maths.md §2 (*)) by Kronecker terms, then an optional ReLU-family act.
 
@@ -347,8 +347,9 @@ def kron_conv(
     c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'], 1/n = ix[b,q]·iy[b,q']
     (relu_value).
     ntk (docs/maths.md §7): 0 — no Θ; 1 — Θ_in = 0; 2 — Θ_in is tin (v's layout). Then tout
-    (out's layout) gets Θ = wv·(Σ * Θ_in) + K (+ K only if ``trainable``: a pool has no
-    weights of its own), times V̇ = relu_derivative(K, …) when act = 1.
+    (out's layout) gets Θ = wv·(Σ * Θ_in) + own_a·(Σ * V) + own_b — the layer's own
+    parameters' term: (wv, bv), i.e. K, in the NTK parameterisation, (fan_in, 1) in the
+    standard one, (0, 0) for a pool — times V̇ = relu_derivative(K, …) when act = 1.
     symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
     computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
     the contiguous rows row_lo … row_hi − 1 (neighbouring rows share input slabs in the cache).
@@ -379,7 +380,8 @@ def kron_conv(
     acc_t = np.zeros(q_1 * hh, dtype)
     val = np.empty(q_1, dtype)
     val_t = np.empty(q_1, dtype)
-    own = dtype.type(1.0 if trainable else 0.0)  # the layer's own parameters' term K
+    oa = v.dtype.type(own_a)  # the layer's own parameters' term oa·(Σ * V) + ob
+    ob = v.dtype.type(own_b)
     # where output position i goes in the next layout (no integer division in the loops):
     # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
     o_ph = np.empty(q_1, np.int64)
@@ -437,12 +439,12 @@ def kron_conv(
                             n = sx * syr[i]
                             inv_n = isx * isy[i]
                             dst[i] = relu_value(k, n, inv_n, c_lin, c_relu)
-                            dst_t[i] = (w * row_t[i] + own * k) * relu_derivative(k, inv_n, c_lin, c_relu)
+                            dst_t[i] = (w * row_t[i] + oa * row[i] + ob) * relu_derivative(k, inv_n, c_lin, c_relu)
                     else:
                         for i in range(q_1):
                             k = w * row[i] + bias
                             dst[i] = k
-                            dst_t[i] = w * row_t[i] + own * k
+                            dst_t[i] = w * row_t[i] + oa * row[i] + ob
                     _put_row(tout, b, q0, q0b, q1, dst_t, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, False)
                 _put_row(out, b, q0, q0b, q1, dst, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, symmetric)
 

@@ -298,7 +298,7 @@ def input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
         cross = cross.reshape((b,) + spatial + spatial)
     else:
         cross = (x1 * x2).sum(-1) / c
-    return KernelState(cross=cross, spatial=spatial, full=full)
+    return KernelState(cross=cross, spatial=spatial, full=full, channels=c)
 
 
 def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) -> int:
@@ -438,8 +438,9 @@ def _apply_heads(plan: _Plan, state: KernelState) -> torch.Tensor:
         for k, i in enumerate(general):
             value = values[:, k] * heads[i].weight_var + heads[i].bias_var
             out[i] = value.to(state.cross.dtype)
-            if tangent:
-                out_t[i] = (values_t[:, k] * heads[i].weight_var + value).to(state.cross.dtype)
+            if tangent:  # + the readout's own term a·(Σ * V) + b (docs/maths.md §7)
+                a, b = heads[i].tangent_coefficients(state.channels, state.spatial)
+                out_t[i] = (values_t[:, k] * heads[i].weight_var + a * values[:, k] + b).to(state.cross.dtype)
     for i, h in enumerate(heads):
         if out[i] is None:
             result = h.propagate(state, False)

@@ -202,7 +202,7 @@ def sweep_readouts(
     lams = [parse_lengthscale(v, "lengthscales") for v in lengthscales]
     corrs = [Independent()] + [correlation_family(family, v) for v in lams] + [Constant()]
     labels = [("independent", 0.0)] + [(family, v) for v in lams] + [("constant", math.inf)]
-    readouts = [Readout(template.weight_var, template.bias_var, c) for c in corrs]
+    readouts = [template.with_correlation(c) for c in corrs]
     return readouts, labels
 
 

@@ -301,7 +301,7 @@ class CNNGPClassifier(_CNNGPBase):
         images, y_enc = self._validate_fit(X, y)
         body, template = _split(self.arch)
         corr = _correlation(self.correlation, self.lengthscale, template)
-        network = Serial(body, Readout(template.weight_var, template.bias_var, corr))
+        network = Serial(body, template.with_correlation(corr))
         K = self._kernel(network, images)
         self._set_fit(images, network, K, y_enc, noise)
         return self
@@ -469,7 +469,7 @@ class CNNGPClassifierCV(_CNNGPBase):
 
         body, template = _split(self.arch)
         readouts = [
-            Readout(template.weight_var, template.bias_var, correlation_family(family, v))
+            template.with_correlation(correlation_family(family, v))
             for v in lams
         ]
         Ks = readout_sweep(

@@ -133,7 +133,7 @@ def resolve(network, readout: Correlation | None = None) -> tuple[Serial, str]:
         last = net.layers[-1] if len(net.layers) else None
         if not isinstance(last, Readout):
             raise CNNGPError("readout: the network does not end with a readout layer")
-        net = Network(*list(net.layers)[:-1], Readout(last.weight_var, last.bias_var, readout),
+        net = Network(*list(net.layers)[:-1], last.with_correlation(readout),
                       input_channels=net.input_channels, name=getattr(net, "name", None))
     return net, str(name)
 

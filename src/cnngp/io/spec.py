@@ -48,8 +48,11 @@ _LAYERS = {
             weight_var=d.get("weight_var", 1.0),
             bias_var=d.get("bias_var", 0.0),
             correlation=correlation_from_spec(d.get("correlation"), "correlation"),
+            parameterization=d.get("parameterization", "ntk"),
+            channels=d.get("channels"),
         ),
-        {"filter", "stride", "dilation", "padding", "weight_var", "bias_var", "correlation"},
+        {"filter", "stride", "dilation", "padding", "weight_var", "bias_var", "correlation",
+         "parameterization", "channels"},
     ),
     "relu": (lambda d: ReLU(), set()),
     "abrelu": (lambda d: ABReLU(d.get("a", 0.0), d.get("b", 1.0)), {"a", "b"}),
@@ -68,8 +71,9 @@ _LAYERS = {
             d.get("weight_var", 1.0),
             d.get("bias_var", 0.0),
             correlation_from_spec(d.get("correlation"), "correlation"),
+            d.get("parameterization", "ntk"),
         ),
-        {"weight_var", "bias_var", "correlation"},
+        {"weight_var", "bias_var", "correlation", "parameterization"},
     ),
 }
 
@@ -118,12 +122,14 @@ def from_spec(spec: dict, name: str | None = None) -> Network:
     """Build a network from a spec dict ``{"input_channels": C, "layers": [...]}``."""
     if not isinstance(spec, dict):
         raise CNNGPError(f"spec: expected a JSON object with a 'layers' list, got {type(spec).__name__}")
-    unknown = set(spec) - {"input_channels", "layers", "name", "description"}
+    unknown = set(spec) - {"input_channels", "layers", "name", "description", "type"}
     if unknown:
         raise CNNGPError(
             f"spec: unknown key(s) {sorted(unknown)}; accepted keys are "
-            "['description', 'input_channels', 'layers', 'name']"
+            "['description', 'input_channels', 'layers', 'name', 'type']"
         )
+    if spec.get("type", "serial") != "serial":  # Serial.to_spec() writes "type": "serial"
+        raise CNNGPError(f"spec: 'type' must be 'serial' for a whole network, got {spec['type']!r}")
     layers = spec.get("layers")
     if not isinstance(layers, list) or not layers:
         raise CNNGPError("spec: 'layers' must be a non-empty list of layer objects")

@@ -26,6 +26,7 @@ from cnngp.kernels.state import Band, KernelState
 TANGENT = "ntk"
 
 __all__ = [
+    "standard_parameterization",
     "Layer",
     "Conv",
     "AvgPool",
@@ -99,6 +100,34 @@ def band_or_full(radius: tuple, spatial: tuple):
     return True
 
 
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+def _check_parameterization(value) -> str:
+    if value not in PARAMETERIZATIONS:
+        raise CNNGPError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {value!r}")
+    return value
+
+
+def _check_channels(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise CNNGPError(f"channels: expected a positive integer or None, got {value!r}")
+    return int(value)
+
+
+def _parameterization_spec(layer) -> dict:
+    """The spec keys of the NTK's parameterisation, only where they differ from the defaults
+    (older specs, and the stores keyed by them, stay as they were)."""
+    out = {}
+    if layer.parameterization != "ntk":
+        out["parameterization"] = layer.parameterization
+    if getattr(layer, "channels", None) is not None:
+        out["channels"] = layer.channels
+    return out
+
+
 def _check_correlation(correlation):
     """A layer's weight correlation: Independent() by default, else a cnngp Correlation."""
     if correlation is None:
@@ -115,14 +144,45 @@ class Layer(nn.Module):
     needs_variances = False
 
     #: the layer has weights and biases of its own (conv, readout; not a pool): in the NTK
-    #: their gradients add the layer's output NNGP to Θ (docs/maths.md §7)
+    #: their gradients add a term of their own to Θ (docs/maths.md §7)
     trainable = False
 
-    def _tangent_terms(self, extra: dict, cross) -> dict:
-        """Θ_out = (linear part of Θ_in) + K_out for a trainable layer (docs/maths.md §7)."""
+    #: "ntk" or "standard" (docs/maths.md §7): where σ_w/√fan_in sits, which only the NTK sees
+    parameterization = "ntk"
+
+    def tangent_coefficients(self, channels: int | None, spatial: tuple) -> tuple[float, float]:
+        """(a, b) with this layer's own NTK term a·(Σ * V) + b, Σ * V its filtered input before
+        weight_var and bias_var (docs/maths.md §7): (weight_var, bias_var) — the output NNGP —
+        in the NTK parameterisation; (fan_in, 1) in the standard one, fan_in = C_in · taps with
+        ``channels`` = C_in the input's channel count; (0, 0) for a layer without parameters."""
+        if not self.trainable:
+            return 0.0, 0.0
+        if self.parameterization == "ntk":
+            return float(self.weight_var), float(self.bias_var)
+        if channels is None:
+            raise CNNGPError(
+                f"{self!r}: the standard parameterisation's NTK needs the channel count of this "
+                "layer's input; give the conv before it channels=C (cnngp.standard_parameterization"
+                "(model, width) sets every layer)"
+            )
+        return float(channels * self.fan_in_taps(spatial)), 1.0
+
+    def fan_in_taps(self, spatial: tuple) -> int:
+        """Weights per input channel of one output (the standard parameterisation's fan_in / C_in)."""
+        raise NotImplementedError
+
+    def output_channels(self, channels: int | None) -> int | None:
+        """The channel count of the output given the input's (None: not tracked)."""
+        return channels
+
+    def _tangent_terms(self, extra: dict, filtered, channels=None, spatial=()) -> dict:
+        """Θ_out = (linear part of Θ_in) + a·(Σ * V) + b for a trainable layer, ``filtered`` =
+        Σ * V (docs/maths.md §7, :meth:`tangent_coefficients`)."""
         if self.trainable and TANGENT in extra:
+            a, b = self.tangent_coefficients(channels, spatial)
+            own = filtered * a if a != 1.0 else filtered
             extra = dict(extra)
-            extra[TANGENT] = extra[TANGENT] + cross
+            extra[TANGENT] = extra[TANGENT] + (own + b if b else own)
         return extra
 
     def output_spatial(self, spatial: tuple) -> tuple:
@@ -168,6 +228,11 @@ class Conv(Layer):
         neural-tangents' ``W_std²`` and ``b_std²``.
     correlation : Correlation, default Independent()
         Σ over the filter taps; distances in tap index units.
+    parameterization : {"ntk", "standard"}
+        neural-tangents' ``parameterization``; only the NTK depends on it (docs/maths.md §7).
+    channels : int, optional
+        Output channels (neural-tangents' ``out_chan``): the fan-in of the next trainable
+        layer in the standard parameterisation. Nothing else reads it.
     """
 
     trainable = True
@@ -181,8 +246,12 @@ class Conv(Layer):
         weight_var: float = 1.0,
         bias_var: float = 0.0,
         correlation: Correlation | None = None,
+        parameterization: str = "ntk",
+        channels: int | None = None,
     ):
         super().__init__()
+        self.parameterization = _check_parameterization(parameterization)
+        self.channels = _check_channels(channels)
         self.filter = _check_ints(filter, "filter")
         self.stride = _check_ints(stride, "stride")
         self.dilation = _check_ints(dilation, "dilation")
@@ -257,12 +326,20 @@ class Conv(Layer):
             return self._propagate_band(state, full_out, geoms, kind, q_shape)
         if isinstance(full_out, Band):  # full below, band above: compute full, keep the band
             return self.propagate(state, True).to_band(full_out.radius)
-        x, rep = self._filter(state, state.cross, full_out, geoms, kind)
+        filtered, rep = self._filter(state, state.cross, full_out, geoms, kind)
         # extra tensors go through the linear part (σ_w² Σ * ·), without the bias
         extra = {k: self._filter(state, v, full_out, geoms, kind)[0] * self.weight_var
                  for k, v in state.extra.items()}
-        x = self._affine(x)
-        return state.evolve(x, spatial=q_shape, full=rep, extra=self._tangent_terms(extra, x))
+        x = self._affine(filtered)
+        extra = self._tangent_terms(extra, filtered, state.channels, state.spatial)
+        return state.evolve(x, spatial=q_shape, full=rep, extra=extra,
+                            channels=self.output_channels(state.channels))
+
+    def fan_in_taps(self, spatial):
+        return math.prod(g.taps for g in self.geometries(spatial))
+
+    def output_channels(self, channels):
+        return self.channels
 
     def _filter(self, state, t, full_out, geoms, kind):
         """Σ * t (docs/maths.md §2 (*)) for ``t``, one of ``state``'s tensors, before the
@@ -315,17 +392,23 @@ class Conv(Layer):
             v = t if state.band is not None else t.reshape(t.shape + (1,) * d)
             return ops.banded_conv(v, sigma, geoms, r_in, r_out)
 
-        x = self._affine(banded(state.cross))
+        filtered = banded(state.cross)
+        x = self._affine(filtered)
         extra = {k: banded(v) * self.weight_var for k, v in state.extra.items()}
+        channels = self.output_channels(state.channels)
         if any(r_out):
             mask = ops.band_mask(q_shape, r_out, x.dtype, x.device)
             x = x * mask
-            extra = self._tangent_terms({k: v * mask for k, v in extra.items()}, x)
-            return state.evolve(x, spatial=q_shape, full=Band(r_out), extra=extra)
+            extra = {k: v * mask for k, v in extra.items()}
+            extra = self._tangent_terms(extra, filtered, state.channels, state.spatial)
+            if TANGENT in extra and self.trainable:
+                extra[TANGENT] = extra[TANGENT] * mask  # the own term's b off the grid
+            return state.evolve(x, spatial=q_shape, full=Band(r_out), extra=extra, channels=channels)
         flat = lambda t: t.reshape(t.shape[: 1 + d])  # noqa: E731
         x = flat(x)
-        extra = self._tangent_terms({k: flat(v) for k, v in extra.items()}, x)
-        return state.evolve(x, spatial=q_shape, full=False, extra=extra)
+        extra = self._tangent_terms({k: flat(v) for k, v in extra.items()}, flat(filtered),
+                                    state.channels, state.spatial)
+        return state.evolve(x, spatial=q_shape, full=False, extra=extra, channels=channels)
 
     def to_spec(self):
         return {
@@ -337,6 +420,7 @@ class Conv(Layer):
             "weight_var": self.weight_var,
             "bias_var": self.bias_var,
             "correlation": self.correlation.to_spec(),
+            **_parameterization_spec(self),
         }
 
 
@@ -348,6 +432,9 @@ class AvgPool(Conv):
     """
 
     trainable = False
+
+    def output_channels(self, channels):
+        return channels  # a pool keeps the channels
 
     def __init__(self, window=2, stride=None, padding: str = "valid"):
         super().__init__(
@@ -402,8 +489,10 @@ class Flatten(_Collapse):
         if state.ndim == 0:
             return state.evolve(state.cross, extra=state.extra)
         mean = lambda t: state.diagonal(t).reshape(state.batch, -1).mean(1)  # noqa: E731
+        # C channels on |F| positions become C·|F| features (a dense layer's fan-in after it)
+        channels = None if state.channels is None else state.channels * math.prod(state.spatial)
         return state.evolve(mean(state.cross), spatial=(), full=False,
-                            extra={k: mean(v) for k, v in state.extra.items()})
+                            extra={k: mean(v) for k, v in state.extra.items()}, channels=channels)
 
     def to_spec(self):
         return {"type": "flatten"}
@@ -419,8 +508,10 @@ class Readout(Layer):
 
     trainable = True
 
-    def __init__(self, weight_var: float = 1.0, bias_var: float = 0.0, correlation=None):
+    def __init__(self, weight_var: float = 1.0, bias_var: float = 0.0, correlation=None,
+                 parameterization: str = "ntk"):
         super().__init__()
+        self.parameterization = _check_parameterization(parameterization)
         self.weight_var = _check_variance(weight_var, "weight_var")
         self.bias_var = _check_variance(bias_var, "bias_var")
         self.correlation = _check_correlation(correlation)
@@ -473,10 +564,20 @@ class Readout(Layer):
         return ops.band_from_full(m.reshape((1,) + tuple(spatial) * 2), spatial, band).reshape(-1)
 
     def propagate(self, state, full_out):
-        value = (self._sum(state, state.cross) * self.weight_var + self.bias_var).to(state.cross.dtype)
+        filtered = self._sum(state, state.cross)
+        value = (filtered * self.weight_var + self.bias_var).to(state.cross.dtype)
         # extra tensors go through the linear part, without the bias
-        extra = {k: (self._sum(state, v) * self.weight_var).to(v.dtype) for k, v in state.extra.items()}
-        return state.evolve(value, spatial=(), full=False, extra=self._tangent_terms(extra, value))
+        extra = {k: self._sum(state, v) * self.weight_var for k, v in state.extra.items()}
+        extra = self._tangent_terms(extra, filtered, state.channels, state.spatial)
+        extra = {k: v.to(state.cross.dtype) for k, v in extra.items()}
+        return state.evolve(value, spatial=(), full=False, extra=extra, channels=None)
+
+    def fan_in_taps(self, spatial):
+        return math.prod(spatial)  # one weight per position and channel (1 on a grid-less input)
+
+    def with_correlation(self, correlation) -> "Readout":
+        """This readout (variances, parameterisation) with another weight correlation."""
+        return Readout(self.weight_var, self.bias_var, correlation, self.parameterization)
 
     def _sum(self, state, t):
         """Σ_{p,p'} Σ[p, p'] t[p, p'] for ``t``, one of ``state``'s tensors (float64 sums)."""
@@ -503,6 +604,7 @@ class Readout(Layer):
             "weight_var": self.weight_var,
             "bias_var": self.bias_var,
             "correlation": self.correlation.to_spec(),
+            **_parameterization_spec(self),
         }
 
 
@@ -923,3 +1025,28 @@ class Serial(Layer):
 
     def extra_repr(self):
         return ""
+
+
+def standard_parameterization(model, width) -> "Serial":
+    """A copy of ``model`` in neural-tangents' standard parameterisation (docs/maths.md §7):
+    every conv and readout gets ``parameterization="standard"`` and every conv ``channels`` =
+    ``width`` (one int for all, or one per trainable conv, in order). The NNGP is unchanged;
+    the NTK then depends on the widths, as a finite network's does in this parameterisation.
+    """
+    import copy
+
+    net = model if isinstance(model, Serial) else Serial(*model) if isinstance(model, (list, tuple)) else Serial(model)
+    net = copy.deepcopy(net)
+    convs = [layer for layer in net.layers if isinstance(layer, Conv) and layer.trainable]
+    widths = [width] * len(convs) if not isinstance(width, (list, tuple)) else list(width)
+    if len(widths) != len(convs):
+        raise CNNGPError(f"width: expected one int or {len(convs)} (one per conv), got {width!r}")
+    for layer, w in zip(convs, widths):
+        layer.channels = _check_channels(w)
+        if layer.channels is None:
+            raise CNNGPError(f"width: expected positive integers, got {width!r}")
+        layer.parameterization = "standard"
+    for layer in net.layers:
+        if isinstance(layer, Readout):
+            layer.parameterization = "standard"
+    return net

@@ -76,6 +76,9 @@ class KernelState:
     #: representation (a kernel type such as the NTK adds its own): converted with ``cross``
     #: in one place (:meth:`_each`), and passed on by the layers through their linear part
     extra: dict = field(default_factory=dict)
+    #: channels of the features whose covariance this is (None: not tracked): only the
+    #: standard parameterisation's NTK reads it (docs/maths.md §7)
+    channels: int | None = None
 
     def __post_init__(self):
         spatial = tuple(int(s) for s in self.spatial)
@@ -189,9 +192,9 @@ class KernelState:
     def with_variances(self, var1, var2) -> "KernelState":
         return replace(self, var1=var1, var2=var2)
 
-    def evolve(self, cross, spatial=None, full=None, band=None, extra=None) -> "KernelState":
+    def evolve(self, cross, spatial=None, full=None, band=None, extra=None, channels=...) -> "KernelState":
         """A new state with new ``cross`` (variances dropped: they belong to the old layer)
-        and the new ``extra`` tensors (none unless given).
+        and the new ``extra`` tensors (none unless given); ``channels`` kept unless given.
 
         ``full`` may also be a :class:`Band` (the new representation); by default the
         representation is kept."""
@@ -205,6 +208,7 @@ class KernelState:
             full=full,
             band=band,
             extra={} if extra is None else dict(extra),
+            channels=self.channels if channels is ... else channels,
         )
 
     def with_extra(self, **tensors) -> "KernelState":
