@@ -17,7 +17,7 @@ _EXPORTS = {
     "Correlation": "kernels.correlations", "Independent": "kernels.correlations",
     "Matern": "kernels.correlations", "UserCorrelation": "kernels.correlations",
     "CNNGPError": "errors",
-    "kernel": "engine.gram", "readout_sweep": "engine.gram",
+    "kernel": "engine.gram", "readout_sweep": "engine.gram", "offset_sums": "engine.gram",
     **{name: "kernels.layers" for name in (
         "ABReLU", "AvgPool", "Conv", "Erf", "Flatten", "GlobalAvgPool", "Identity", "Layer",
         "Nonlinearity", "Readout", "ReLU", "Serial", "Sign", "Sin", "standard_parameterization")},

@@ -539,6 +539,17 @@ def _offset_table(head, spatial):
     return cache[key]
 
 
+def offset_sums(x: "Fused | None") -> torch.Tensor | None:
+    """S[δ] = Σ_q V[q, q + δ] (B, M) float64 of a full tensor held fused in the plain layout
+    (:func:`cnngp.kernels.ops.offset_sums`' order), by the numba kernel; None otherwise."""
+    if x is None or not x.layout.plain:
+        return None
+    n0, n1 = _spatial2(x.spatial)
+    parts = np.empty((x.batch, n0, 2 * n0 - 1, 2 * n1 - 1))
+    _parallel(_kernels().offset_sums, x.buf.numpy(), parts)
+    return torch.as_tensor(parts.sum(axis=1).reshape(x.batch, -1))
+
+
 def apply_heads(heads, x: "Fused | None", kernels=("nngp",)) -> torch.Tensor | None:
     """All readouts of a full 1-D/2-D tensor from its offset sums, accumulated in float64
     (a float32 sum of 10⁶ terms would lose ~1e-4), shape (len(kernels)·L, B) in the order

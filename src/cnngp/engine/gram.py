@@ -27,6 +27,7 @@ from cnngp.errors import CNNGPError
 from cnngp.settings import env_number
 from cnngp.kernels.layers import TANGENT, Layer, Readout, Serial, weighted_sums
 from cnngp.kernels.state import Band, KernelState
+from cnngp.kernels.correlations import Constant
 from cnngp.engine.resources import check_job
 from cnngp.engine.storage import Checkpoint, fingerprint
 from cnngp.validation import as_images, resolve_device, resolve_dtype
@@ -55,6 +56,8 @@ class _Plan:
     kernels: tuple = ("nngp",)
     #: stacked readout weights, see _head_weights
     head_weights: dict = field(default_factory=dict)
+    #: outputs are the offset sums S[δ] of the last hidden layer (docs/maths.md §8), not readouts
+    offsets: bool = False
 
     @property
     def spatial_out(self):
@@ -378,6 +381,9 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
             state = fused.input_state(x1b[sl], x2b[sl], plan.pair_flags[0], ws, layers, plan.pair_flags,
                                       ntk=ntk)
             state, fused_out = fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
+            if plan.offsets:
+                values.append(_offset_values(state, fused_out))
+                continue
             if not plan.heads:
                 values.append(_kernel_parts(plan, state).clone())
                 continue
@@ -391,9 +397,19 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
         list(plan.body.layers), state, plan.pair_flags,
         lambda i, as_roots: (rec1[i][idx1], rec2[i][idx2]), fast=False,
     )
+    if plan.offsets:
+        return _offset_values(state, None)
     if not plan.heads:
         return _kernel_parts(plan, state)
     return _apply_heads(plan, state)
+
+
+def _offset_values(state: KernelState, fused_out) -> torch.Tensor:
+    """The offset sums (M, B) of a full last-hidden-layer state (float64)."""
+    sums = fused.offset_sums(fused_out) if fused_out is not None else None
+    if sums is None:
+        sums = ops.offset_sums(state.cross, state.spatial)
+    return sums.T
 
 
 def _kernel_parts(plan: _Plan, state: KernelState) -> torch.Tensor:
@@ -508,7 +524,13 @@ class GramPlan:
     """
 
     def __init__(self, model, image_shape, *, readouts=None, dtype="float64", device="cpu",
-                 batch_size=None, memory_budget=None, get="nngp"):
+                 batch_size=None, memory_budget=None, get="nngp", offsets=False):
+        if offsets:  # the body's last full tensor, reduced to its offset sums (docs/maths.md §8)
+            if readouts is not None:
+                raise CNNGPError("offsets: the outputs are the offset sums, so no readouts may be given")
+            readouts = [Readout(correlation=Constant())]  # stands for "needs the full tensor"
+            if parse_get(get) != ("nngp",):
+                raise CNNGPError("offsets: only for the NNGP (get='nngp')")
         if readouts is None:
             body, heads = _split_model(model)
         else:  # the body runs as given (it may hold readouts of its own: a dense head)
@@ -525,6 +547,12 @@ class GramPlan:
         self.kernels = parse_get(get)
         self.plan = _make_plan(body, heads, self.image_shape[:-1])
         self.plan.kernels = self.kernels
+        self.plan.offsets = bool(offsets)
+        if offsets:
+            grid = self.plan.spatial_out
+            if not grid or self.plan.pair_flags[-1] is not True:
+                raise CNNGPError(f"offsets: the body must end on a spatial grid, got {grid}")
+            self.offset_shape = tuple(2 * n - 1 for n in grid)
         itemsize = torch.finfo(self.dtype).bits // 8
         budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
         p = self.plan
@@ -534,7 +562,10 @@ class GramPlan:
     @property
     def n_outputs(self) -> int:
         """Kernels computed per pair: the number of readouts (1 for a plain model) times the
-        number of kernel types (``get``), kernel type first: [nngp readouts…, ntk readouts…]."""
+        number of kernel types (``get``), kernel type first: [nngp readouts…, ntk readouts…];
+        with ``offsets``, the number of offsets δ of the last grid."""
+        if self.plan.offsets:
+            return math.prod(self.offset_shape)
         return max(1, len(self.heads)) * len(self.kernels)
 
     def images(self, x, name: str = "x1") -> torch.Tensor:
@@ -657,7 +688,7 @@ def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> No
 
 
 def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress,
-             checkpoint=None, keep_checkpoint=False, get="nngp"):
+             checkpoint=None, keep_checkpoint=False, get="nngp", offsets=False):
     """One call: the whole matrix as one block, with checkpoints between batches."""
     channels = getattr(body, "input_channels", None)
     a1 = as_images(x1, "x1", channels)
@@ -669,7 +700,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
     gp = GramPlan(body, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
-                  batch_size=batch_size, memory_budget=memory_budget, get=get)
+                  batch_size=batch_size, memory_budget=memory_budget, get=get, offsets=offsets)
     dtype = gp.dtype
     t1 = torch.as_tensor(a1, dtype=dtype, device=gp.device)
     t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=gp.device)
@@ -683,6 +714,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
         key = fingerprint(
             "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1,
             None if symmetric else a2, str(dtype), *(() if gp.kernels == ("nngp",) else (gp.kernels,)),
+            *(("offsets",) if offsets else ()),
         )
         ckpt = Checkpoint(checkpoint, key)
         resumed = ckpt.load((n_out, n1, n2), dtype, n_pairs)
@@ -860,3 +892,31 @@ def readout_sweep(
         return out
     L = len(readouts)
     return tuple(out[k * L:(k + 1) * L] for k in range(len(kernels)))
+
+
+def offset_sums(
+    body,
+    x1,
+    x2=None,
+    *,
+    dtype="float64",
+    device="cpu",
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+    checkpoint=None,
+    keep_checkpoint: bool = False,
+) -> torch.Tensor:
+    """The offset sums S_xx'[δ] = Σ_q V_xx'[q, q + δ] of the body's last hidden layer, for
+    every image pair: (M, N1, N2), M = ∏_k (2N_k − 1) offsets of the last grid in the order of
+    :func:`cnngp.kernels.correlations.offsets` (docs/maths.md §8).
+
+    One pass, as a readout sweep; afterwards every stationary readout Σ[p, p'] = w[p' − p]
+    (any family, any λ, or a freely learned w) is ``weight_var · Σ_δ w[δ] S[δ] + bias_var``:
+    ``torch.tensordot(corr.offset_weights(grid), S, 1)``, exactly, and differentiably in w.
+    """
+    body, tail = _split_model(body)
+    if tail:
+        raise CNNGPError("body: must not end with a readout; the offset sums replace it")
+    return _compute(body, [], x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
+                    keep_checkpoint, offsets=True)

@@ -74,6 +74,18 @@ def _distances(shape: Sequence[int]) -> np.ndarray:
     return d
 
 
+def offsets(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The position offsets δ = p′ − p of a grid: (δ (M, D) row-major over the (2N_k − 1)
+    values per axis, counts (M,) = ∏_k (N_k − |δ_k|), the position pairs at each offset)."""
+    shape = tuple(int(s) for s in shape)
+    axes = [np.arange(1 - n, n) for n in shape]
+    if not axes:
+        return np.zeros((1, 0)), np.ones(1)
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape)).astype(np.float64)
+    counts = np.prod([n - np.abs(grid[:, k]) for k, n in enumerate(shape)], axis=0)
+    return grid, counts
+
+
 class Correlation:
     """Base class: a PSD correlation over the positions of a grid, normalised to sum 1.
 
@@ -167,6 +179,27 @@ class _Stationary(Correlation):
     def _unnormalised(self, shape):
         return self._profile(_distances(tuple(shape)) / self.lengthscale)
 
+    def offset_weights(self, shape, lengthscale=None, dtype=torch.float64) -> torch.Tensor:
+        """Σ as a function of the offset, (M,) over :func:`offsets` of ``shape``: Σ[p, p′] =
+        w[δ(p′ − p)], normalised to sum 1 over all position pairs (Σ_δ count(δ)·w[δ] = 1).
+
+        ``lengthscale`` (default this correlation's) may be a torch scalar that requires
+        grad: w is then differentiable in it (docs/maths.md §8). λ = 0 and λ = ∞ give the
+        independent and constant ends exactly."""
+        delta, counts = offsets(shape)
+        counts_t = torch.as_tensor(counts, dtype=dtype)
+        lam = self.lengthscale if lengthscale is None else lengthscale
+        if not isinstance(lam, torch.Tensor):
+            lam = float(lam)
+            if lam == 0:  # the independent end: w = 1{δ = 0}/|P|
+                return torch.as_tensor((np.abs(delta).sum(1) == 0) / counts.max(), dtype=dtype)
+            if math.isinf(lam):
+                return torch.full((len(counts),), 1.0 / counts.sum(), dtype=dtype)
+            lam = torch.tensor(lam, dtype=dtype)
+        r = torch.as_tensor(np.sqrt((delta**2).sum(1)), dtype=dtype) / lam
+        w = self._profile(r)
+        return w / (counts_t * w).sum()
+
     def _lengthscale_spec(self):
         return "inf" if math.isinf(self.lengthscale) else self.lengthscale
 
@@ -190,13 +223,14 @@ class Matern(_Stationary):
         super().__init__(lengthscale)
 
     def _profile(self, d):
+        exp = torch.exp if isinstance(d, torch.Tensor) else np.exp  # numpy, or torch (autograd)
         if self.nu == 0.5:
-            return np.exp(-d)
+            return exp(-d)
         if self.nu == 1.5:
             s = math.sqrt(3.0) * d
-            return (1.0 + s) * np.exp(-s)
+            return (1.0 + s) * exp(-s)
         s = math.sqrt(5.0) * d
-        return (1.0 + s + s * s / 3.0) * np.exp(-s)
+        return (1.0 + s + s * s / 3.0) * exp(-s)
 
     def to_spec(self):
         return {"type": "matern", "nu": self.nu, "lengthscale": self._lengthscale_spec()}
@@ -209,7 +243,8 @@ class RBF(_Stationary):
     """Squared-exponential correlation exp(−r²/(2λ²)), lengthscale λ in grid index units."""
 
     def _profile(self, d):
-        return np.exp(-0.5 * d * d)
+        exp = torch.exp if isinstance(d, torch.Tensor) else np.exp
+        return exp(-0.5 * d * d)
 
     def to_spec(self):
         return {"type": "rbf", "lengthscale": self._lengthscale_spec()}

@@ -402,3 +402,22 @@ def banded_conv(v: torch.Tensor, sigma: torch.Tensor | None, geoms, r_in, r_out)
     q_shape = tuple(g.n_out for g in geoms)
     out = out.reshape((b,) + e_shape + q_shape)
     return out.permute([0] + list(range(1 + d, 1 + 2 * d)) + list(range(1, 1 + d)))
+
+
+def offset_sums(v: torch.Tensor, spatial) -> torch.Tensor:
+    """S[δ] = Σ_q V[q, q + δ] of a full tensor v (B, *F, *F), float64, shape (B, M) with the
+    offsets δ of :func:`cnngp.kernels.correlations.offsets` (row-major over the 2N_k − 1
+    values per axis). A readout with a stationary Σ[p, p'] = w[p' − p] is then Σ_δ w[δ]·S[δ]
+    (docs/maths.md §8). One scatter-add per axis pair."""
+    d = len(spatial)
+    x = v.to(torch.float64)
+    for k, n in enumerate(spatial):
+        # axes after the k offsets already made: B, δ_0..δ_{k−1}, x_k..x_{D−1}, x'_k..x'_{D−1}
+        a, b = 1 + k, 1 + k + (d - k)
+        x = x.movedim((a, b), (-2, -1))
+        q = torch.arange(n, device=x.device)
+        idx = (q[None, :] - q[:, None] + (n - 1)).reshape(-1)  # δ + n − 1 of each (q, q')
+        out = x.new_zeros(x.shape[:-2] + (2 * n - 1,))
+        out.index_add_(out.dim() - 1, idx, x.reshape(x.shape[:-2] + (n * n,)))
+        x = out.movedim(-1, 1 + k)  # the new offset axis after the earlier ones
+    return x.reshape(x.shape[0], -1)
