@@ -1,0 +1,99 @@
+"""``cnngp learn``: the readout λ by gradients of a model-selection objective, against the grid.
+
+Writes ``DIR/learned.json`` (:func:`cnngp.experiments.learned.run_learn`) and
+``DIR/learned.png`` only when everything is computed, through temporary files renamed into
+place (as ``cnngp sweep``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+from cnngp.cli.main import int_at_least
+from cnngp.errors import CNNGPError
+
+__all__ = ["register", "cmd_learn"]
+
+
+def _starts(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 and v == v and v != float("inf") for v in values):
+        raise CNNGPError(f"--starts: expected positive lengthscales like 0.3,3,30, got {text!r}")
+    return values
+
+
+def cmd_learn(args) -> int:
+    from cnngp.cli.sweep import _write_outputs
+    from cnngp.experiments.learned import learned_figure, run_learn
+
+    if args.params != "readout":  # pragma: no cover - argparse limits the choices
+        raise CNNGPError(f"--params: expected 'readout', got {args.params!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
+
+    def progress(entry):
+        if not args.quiet:
+            print(f"start {entry['start']} step {entry['step']:3d}: {args.objective} {entry['objective']:.6g}  "
+                  f"λ {entry['lengthscale']:.4g}  amplitude {entry['amplitude']:.4g}  "
+                  f"σ² {entry['noise_variance']:.3g}", file=sys.stderr, flush=True)
+
+    result = run_learn(
+        args.arch, args.data, args.n, objective=args.objective, family=args.family, folds=args.folds,
+        fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
+        dtype=args.dtype, device=args.device, starts=_starts(args.starts), max_iter=args.max_iter,
+        progress=None if args.quiet else progress,
+    )
+    result["config"]["command"] = "cnngp " + " ".join(sys.argv[1:])
+    png = io.BytesIO()
+    learned_figure(result, png)
+    _write_outputs(out, {"learned.json": json.dumps(result, indent=2).encode(), "learned.png": png.getvalue()})
+    gb = result["grid_best"]
+    what = "test" if args.test else f"{args.folds}-fold CV"
+    print(f"learned λ = {result['learned']['lengthscale']:.4g} ({args.objective}): {what} accuracy "
+          f"{100 * result['heldout_accuracy']:.1f}%, {result['kernel_evaluations']:,} kernel evaluations")
+    print(f"grid best λ = {gb['lengthscale']:.4g}: {what} accuracy {100 * gb['heldout_accuracy']:.1f}%, "
+          f"{gb['kernel_evaluations']:,} kernel evaluations")
+    print(f"wrote {out / 'learned.json'} and {out / 'learned.png'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from cnngp.kernels.correlations import FAMILIES
+
+    p = subparsers.add_parser(
+        "learn",
+        help="learn the readout lengthscale by gradients (marginal likelihood or LOO) and compare with the grid",
+        description=(
+            "Compute the offset sums of the last hidden layer once, maximise the GP log marginal "
+            "likelihood (mll) or the leave-one-out log predictive density (loo) over the readout "
+            "λ, its amplitude and σ² by L-BFGS-B, score the result (k-fold CV or --test) and the "
+            "sweep's grid search on the same folds; write DIR/learned.json and DIR/learned.png."
+        ),
+    )
+    p.add_argument("--arch", default="cnngp2", help="named architecture or SPEC.json (default cnngp2)")
+    p.add_argument("--data", default="digits", help="digits (default), FILE.npz or a CIFAR-10/MNIST folder")
+    p.add_argument("--n", type=int_at_least(2), default=200, help="training images, class-balanced (default 200)")
+    p.add_argument("--objective", choices=["mll", "loo"], default="mll", help="what to maximise (default mll)")
+    p.add_argument("--params", choices=["readout"], default="readout",
+                   help="what to learn: the readout's λ, amplitude and σ² (default)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="matern32", help="readout family (default matern32)")
+    p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
+    p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subset (default 0)")
+    p.add_argument("--test", action="store_true", help="score on the test split instead of k-fold CV")
+    p.add_argument("--n-test", type=int_at_least(1), help="with --test: a class-balanced test subset of this size")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                   help="precision of the body pass (inference is float64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--starts", default="0.3,3,30", help="starting lengthscales, best kept (default 0.3,3,30)")
+    p.add_argument("--max-iter", type=int_at_least(1), default=100, help="L-BFGS-B iterations per start (default 100)")
+    p.add_argument("--out", default="cnngp-learn", help="output directory (default cnngp-learn)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_learn)

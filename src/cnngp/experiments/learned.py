@@ -1,0 +1,256 @@
+"""Learned readout λ against the paper's grid search, on the same data and folds (issue
+"Learn the correlation"; docs/maths.md §8).
+
+One pass computes the offset sums S of the last hidden layer for the training images (and the
+test images against them); then both model-selection routes read S only:
+
+- **learned**: maximise the GP log marginal likelihood or the leave-one-out log predictive
+  density over (λ, amplitude, σ²) by L-BFGS-B (:func:`cnngp.inference.learn.learn_readout`),
+  and score the classifier at the learned values (k-fold CV on the folds of the sweep, or
+  the test split with ``test``);
+- **grid**: the sweep's protocol, every λ of the grid with σ² from the paper's noise grid by
+  k-fold CV accuracy (:func:`cnngp.inference.gp.cross_validate`).
+
+``kernel_evaluations`` counts image-pair kernel values formed from S by each route (the body
+pass they share is counted separately in ``body_pair_evaluations``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from cnngp.engine.gram import offset_sums
+from cnngp.errors import CNNGPError
+from cnngp.inference import gp
+from cnngp.inference.learn import OBJECTIVES, OffsetReadout, learn_readout, objective_value
+from cnngp.io.architectures import split_network
+from cnngp.io.data import Dataset, balanced_subset, load_dataset
+from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES
+from cnngp.provenance import array_sha256, versions
+
+LEARNED_FORMAT = "cnngp-learned/1"
+
+
+def _folds(scheme, n, y, k, seed):
+    return gp.paper_folds(n, k) if scheme == "paper" else gp.stratified_folds(y, k, seed)
+
+
+def _profile(readout, Y, objective, lam, start):
+    """max over (amplitude, σ²) of the objective at a fixed λ (L-BFGS-B, log space)."""
+    from scipy.optimize import minimize
+
+    def f(theta):
+        t = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+        amp, noise = torch.exp(t)
+        value = objective_value(objective, readout.kernel(lam, amp), Y, noise)
+        (-value).backward()
+        return -float(value.detach()), t.grad.numpy().copy()
+
+    lo, hi = np.log([1e-4, start[2]]), np.log([1e4, start[3]])
+    res = minimize(f, np.log(start[:2]), jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)),
+                   options={"maxiter": 60})
+    return -float(res.fun), np.exp(res.x).tolist()
+
+
+def run_learn(
+    network,
+    dataset="digits",
+    n: int = 200,
+    *,
+    objective: str = "mll",
+    family: str = "matern32",
+    folds: int = 4,
+    fold_scheme: str = "paper",
+    seed: int = 0,
+    test: bool = False,
+    n_test: int | None = None,
+    dtype: str = "float64",
+    device: str = "cpu",
+    starts=(0.3, 3.0, 30.0),
+    max_iter: int = 100,
+    lengthscales=PAPER_LENGTHSCALES,
+    progress=None,
+    data_label: str | None = None,
+) -> dict:
+    """Learn the readout λ of ``network`` on ``n`` class-balanced training images and compare
+    it with the grid search; returns the JSON-ready ``learned.json`` dictionary (see the
+    module docstring and README "Learning the correlation")."""
+    if objective not in OBJECTIVES:
+        raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if family not in FAMILIES:
+        raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    if fold_scheme not in ("paper", "stratified"):
+        raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {fold_scheme!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise CNNGPError(f"n: expected an integer >= 2, got {n!r}")
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
+    k_cls = ds.n_classes
+    if n % k_cls or n // k_cls < folds:
+        raise CNNGPError(f"n={n}: must be a multiple of the {k_cls} classes with at least "
+                         f"{folds} images per class (folds={folds})")
+    order = balanced_subset(ds.y_train, n, seed=seed, n_classes=k_cls)
+    x, y = ds.x_train[order], ds.y_train[order]
+    x_test = y_test = None
+    if test:
+        if ds.x_test is None or ds.y_test is None or len(ds.y_test) == 0:
+            raise CNNGPError(f"test: the data set {ds.name!r} has no test split; drop --test")
+        t_order = np.arange(len(ds.y_test)) if n_test is None else balanced_subset(
+            ds.y_test, int(n_test), seed=seed, n_classes=k_cls)
+        x_test, y_test = ds.x_test[t_order], ds.y_test[t_order]
+    elif n_test is not None:
+        raise CNNGPError("n_test: only meaningful together with test=True (--test)")
+
+    body, template, net_name = split_network(network)
+    grid = body.grids(tuple(x.shape[1:-1]))[-1]
+    if not grid:
+        raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
+    t0 = time.perf_counter()
+    S = offset_sums(body, x, dtype=dtype, device=device, progress=progress is not None).to(torch.float64)
+    S_test = None
+    if test:
+        S_test = offset_sums(body, x_test, x, dtype=dtype, device=device,
+                             progress=progress is not None).to(torch.float64)
+    body_seconds = time.perf_counter() - t0
+    pairs = n * (n + 1) // 2
+    test_pairs = 0 if x_test is None else len(x_test) * n
+
+    readout = OffsetReadout(S, grid, family, template.bias_var)
+    fold_list = _folds(fold_scheme, n, y, folds, seed)
+
+    # -- learned ------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    result = learn_readout(readout, y, objective=objective, n_classes=k_cls, starts=starts,
+                           max_iter=max_iter, progress=progress)
+    learned = result.learned
+    learn_evals = result.kernel_evaluations
+    with torch.no_grad():
+        K = readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
+    cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
+    fold_acc = cv.fold_accuracies[:, 0]
+    held = {"cv_accuracy": float(fold_acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(fold_acc)[1]),
+            "fold_accuracies": fold_acc.tolist()}
+    if test:
+        K_test = (learned["amplitude"] * torch.tensordot(readout.weights(learned["lengthscale"]), S_test, 1)
+                  + readout.bias_var).numpy()
+        held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
+        held["n_test"] = int(len(y_test))
+    learn_seconds = time.perf_counter() - t1
+
+    # -- grid (the sweep's protocol) and the objective profiled along it ------------------
+    t2 = time.perf_counter()
+    Y = torch.as_tensor(gp.centered_one_hot(y, k_cls), dtype=torch.float64)
+    readout.evaluations = 0
+    scale = float(torch.diagonal(readout.kernel(1.0)).mean())
+    grid_rows = []
+    for lam in lengthscales:
+        with torch.no_grad():
+            K_lam = readout.kernel(float(lam)).numpy()
+        cv_l = gp.cross_validate(K_lam, y, folds=fold_list, n_classes=k_cls)
+        grid_rows.append({"lengthscale": float(lam), "cv_accuracy": float(cv_l.best_accuracy),
+                          "cv_accuracy_2se": float(gp.mean_and_2se(cv_l.best_fold_accuracies)[1]),
+                          "noise_variance": float(cv_l.best_noise_variance)})
+    grid_evals = readout.evaluations
+    best = max(grid_rows, key=lambda r: r["cv_accuracy"])
+    grid_best = {"lengthscale": best["lengthscale"], "noise_variance": best["noise_variance"],
+                 "cv_accuracy": best["cv_accuracy"], "cv_accuracy_2se": best["cv_accuracy_2se"]}
+    if test:
+        with torch.no_grad():
+            K_b = readout.kernel(best["lengthscale"]).numpy()
+            K_bt = torch.tensordot(readout.weights(best["lengthscale"]), S_test, 1).numpy() + readout.bias_var
+        grid_best["test_accuracy"] = gp.test_accuracy(K_b, y, K_bt, y_test, best["noise_variance"], k_cls)
+    grid_best["heldout_accuracy"] = grid_best.get("test_accuracy", grid_best["cv_accuracy"])
+    grid_best["kernel_evaluations"] = int(grid_evals * pairs + (test_pairs if test else 0))
+    grid_seconds = time.perf_counter() - t2
+
+    # the objective along the grid, maximised over amplitude and σ² at each λ (for the figure)
+    readout.evaluations = 0
+    start = [learned["amplitude"], learned["noise_variance"], 1e-9 * scale, 1e1 * scale]
+    for row in grid_rows:
+        value, (amp, noise) = _profile(readout, Y, objective, row["lengthscale"], start)
+        row.update({"objective": value, "objective_amplitude": amp, "objective_noise_variance": noise})
+
+    heldout = held.get("test_accuracy", held["cv_accuracy"])
+    return {
+        "config": {
+            "format": LEARNED_FORMAT,
+            "arch": net_name,
+            "spec": body.to_spec(),
+            "readout": {"family": family, "weight_var_learned_as": "amplitude",
+                        "bias_var": template.bias_var, "grid": list(grid)},
+            "data": source,
+            "dataset": ds.name,
+            "n": int(n),
+            "n_classes": int(k_cls),
+            "folds": int(folds),
+            "fold_scheme": fold_scheme,
+            "objective": objective,
+            "params": "readout",
+            "starts": [float(s) for s in starts],
+            "max_iter": int(max_iter),
+            "bounds": {"lengthscale": [1e-2, 1e5], "amplitude": [1e-4, 1e4],
+                       "noise_variance": "[1e-9, 10] x mean diagonal of the kernel at amplitude 1"},
+            "grid_lengthscales": [float(v) for v in lengthscales],
+            "dtype": dtype,
+            "seed": int(seed),
+            "test": bool(test),
+            "n_test": None if x_test is None else int(len(x_test)),
+            "train_sha256": array_sha256(x),
+            "targets": "one-hot minus 1/n_classes",
+        },
+        "versions": versions(),
+        "learned": learned,
+        "objective": result.objective,
+        "trace": result.trace,
+        "starts": result.starts,
+        "kernel_evaluations": int(learn_evals * pairs + (test_pairs if test else 0)),
+        "body_pair_evaluations": int(pairs + test_pairs),
+        "heldout_accuracy": heldout,
+        "heldout": held,
+        "grid_best": grid_best,
+        "grid": grid_rows,
+        "seconds": {"body_pass": body_seconds, "learn": learn_seconds, "grid": grid_seconds},
+    }
+
+
+def learned_figure(result: dict, path):
+    """The objective (profiled over amplitude and σ²) and the held-out accuracy of the grid
+    against log10 λ, the learned λ marked (a vertical line and its held-out accuracy)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = result["grid"]
+    lam = np.log10([r["lengthscale"] for r in rows])
+    fig = Figure(figsize=(7.5, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    acc = np.array([r["cv_accuracy"] for r in rows]) * 100
+    se = np.array([r["cv_accuracy_2se"] for r in rows]) * 100
+    ax.plot(lam, acc, "o-", color="C0", label="grid: CV accuracy (σ² by CV)")
+    ax.fill_between(lam, acc - se, acc + se, color="C0", alpha=0.2)
+    cfg = result["config"]
+    learned = result["learned"]["lengthscale"]
+    ax.axvline(math.log10(learned), color="C3", ls="--", label=f"learned λ = {learned:.3g} ({cfg['objective']})")
+    ax.plot([math.log10(learned)], [result["heldout"]["cv_accuracy"] * 100], "*", color="C3", ms=14,
+            label="learned: CV accuracy at the learned σ²")
+    gb = result["grid_best"]
+    ax.plot([math.log10(gb["lengthscale"])], [gb["cv_accuracy"] * 100], "s", mfc="none", color="C0", ms=10,
+            label="grid best")
+    ax.set_xlabel(f"log10 λ of the {cfg['readout']['family']} readout (index units of its grid)")
+    ax.set_ylabel(f"{cfg['folds']}-fold CV accuracy (%), ±2 SE over folds")
+    ax2 = ax.twinx()
+    ax2.plot(lam, [r["objective"] for r in rows], "-", color="C2", label=f"{cfg['objective']} per point (profiled)")
+    ax2.set_ylabel(f"{cfg['objective']} per training point", color="C2")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small")
+    ax.set_title(f"{cfg['arch']} on {cfg['dataset']}, N = {cfg['n']}: learned vs grid λ")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,210 @@
+"""Learned readout correlations: gradient-based model selection of λ (docs/maths.md §8).
+
+A stationary readout Σ[p, p'] = w_λ[p' − p] makes the kernel linear in w:
+
+    k(x, x') = a · Σ_δ w_λ[δ] · S_xx'[δ] + b,        S_xx'[δ] = Σ_q V_xx'[q, q + δ],
+
+with S the offset sums of the last hidden layer (:func:`cnngp.engine.gram.offset_sums`, one
+pass). Every λ, family and gradient then costs one matrix–vector product per image pair, and
+the objectives below one Cholesky factorisation of the N×N training kernel, in float64.
+
+Objectives (per training point, to be maximised), classes as independent GP outputs on the
+centred one-hot targets Y (N, C), noise variance σ²:
+
+- ``mll``: the log marginal likelihood log p(Y | K + σ²I) / N;
+- ``loo``: the leave-one-out log predictive density Σ_i log p(y_i | Y_−i) / N, in closed form
+  from (K + σ²I)⁻¹ (Rasmussen & Williams §5.4.2: μ_−i = y_i − [K⁻¹Y]_i / [K⁻¹]_ii,
+  σ²_−i = 1 / [K⁻¹]_ii).
+
+Both are exact (no mini-batching). Parameters are optimised in log space by L-BFGS-B within
+:data:`BOUNDS`: λ in grid index units of the last hidden layer, the readout amplitude a
+(its weight_var) and σ² relative to the mean diagonal of the kernel at a = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cnngp.errors import CNNGPError
+from cnngp.inference.gp import centered_one_hot
+from cnngp.kernels.correlations import FAMILIES, family as correlation_family
+
+__all__ = ["OBJECTIVES", "BOUNDS", "OffsetReadout", "log_marginal_likelihood", "loo_log_predictive",
+           "objective_value", "learn_readout", "LearnResult"]
+
+OBJECTIVES = ("mll", "loo")
+
+#: bounds of the learned parameters (log space inside): λ in last-grid index units (the
+#: paper's grid spans 0.03–31,623), amplitude a, σ² as a multiple of the mean diagonal of
+#: Σ_δ w S (the kernel at a = 1)
+BOUNDS = {"lengthscale": (1e-2, 1e5), "amplitude": (1e-4, 1e4), "noise_variance": (1e-9, 1e1)}
+
+
+def _cholesky(A: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise CNNGPError("the kernel plus noise is not positive definite (raise the noise variance bound)")
+    return L
+
+
+def log_marginal_likelihood(K: torch.Tensor, Y: torch.Tensor, noise) -> torch.Tensor:
+    """log N(Y | 0, K + σ²I) summed over the C columns of Y, divided by N (float64)."""
+    n, c = Y.shape
+    L = _cholesky(K + noise * torch.eye(n, dtype=K.dtype))
+    alpha = torch.cholesky_solve(Y, L)
+    fit = (Y * alpha).sum()
+    logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
+    return (-0.5 * fit - 0.5 * c * logdet - 0.5 * n * c * math.log(2 * math.pi)) / n
+
+
+def loo_log_predictive(K: torch.Tensor, Y: torch.Tensor, noise) -> torch.Tensor:
+    """Σ_i Σ_c log N(y_ic | μ_−i,c, σ²_−i) / N, leave-one-out, from one factorisation."""
+    n, c = Y.shape
+    L = _cholesky(K + noise * torch.eye(n, dtype=K.dtype))
+    inv = torch.cholesky_inverse(L)
+    alpha = inv @ Y
+    d = torch.diagonal(inv)  # 1/σ²_−i
+    # log N(y | μ, s²) with y − μ = α/d and s² = 1/d
+    terms = 0.5 * torch.log(d / (2 * math.pi))[:, None] - 0.5 * alpha**2 / d[:, None]
+    return terms.sum() / n
+
+
+_OBJECTIVE_FNS = {"mll": log_marginal_likelihood, "loo": loo_log_predictive}
+
+
+def objective_value(name: str, K, Y, noise) -> torch.Tensor:
+    if name not in _OBJECTIVE_FNS:
+        raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {name!r}")
+    return _OBJECTIVE_FNS[name](K, Y, noise)
+
+
+class OffsetReadout:
+    """The readout kernel a · Σ_δ w_λ[δ] S[δ] + b of one stationary family from offset sums.
+
+    Parameters
+    ----------
+    S : tensor (M, N1, N2)
+        Offset sums (:func:`cnngp.engine.gram.offset_sums`), float64.
+    grid : tuple
+        The last hidden layer's grid (M = ∏ (2N_k − 1)).
+    family : {"matern12", "matern32", "matern52", "rbf"}
+    bias_var : float
+        b, fixed.
+    """
+
+    def __init__(self, S, grid, family: str = "matern32", bias_var: float = 0.0):
+        if family not in FAMILIES:
+            raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+        self.S = torch.as_tensor(S, dtype=torch.float64)
+        self.grid = tuple(int(g) for g in grid)
+        m = math.prod(2 * g - 1 for g in self.grid)
+        if self.S.dim() != 3 or self.S.shape[0] != m:
+            raise CNNGPError(f"S: expected offset sums of shape ({m}, N1, N2) for the grid {self.grid}, "
+                             f"got {tuple(self.S.shape)}")
+        self.family = family
+        self.correlation = correlation_family(family, 1.0)
+        self.bias_var = float(bias_var)
+        self.evaluations = 0  # kernel matrices formed (each: one value per image pair)
+
+    def weights(self, lengthscale) -> torch.Tensor:
+        return self.correlation.offset_weights(self.grid, lengthscale)
+
+    def kernel(self, lengthscale, amplitude=1.0) -> torch.Tensor:
+        """(N1, N2): ``lengthscale`` and ``amplitude`` numbers, or torch scalars (autograd)."""
+        self.evaluations += 1
+        return amplitude * torch.tensordot(self.weights(lengthscale), self.S, 1) + self.bias_var
+
+
+@dataclass
+class LearnResult:
+    learned: dict
+    objective: float
+    trace: list = field(default_factory=list)
+    kernel_evaluations: int = 0
+    starts: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def learn_readout(
+    readout: OffsetReadout,
+    y,
+    *,
+    objective: str = "mll",
+    n_classes: int | None = None,
+    starts=(0.3, 3.0, 30.0),
+    max_iter: int = 100,
+    progress=None,
+) -> LearnResult:
+    """Maximise ``objective`` over (λ, a, σ²) by L-BFGS-B in log space from each starting λ in
+    ``starts`` (a = 1, σ² = 1e-2 × mean diagonal); return the best.
+
+    ``trace`` records every accepted step of every start: ``start``, ``step``, ``objective``,
+    ``lengthscale``, ``amplitude``, ``noise_variance``. ``progress(entry)`` is called on each.
+    """
+    from scipy.optimize import minimize
+
+    if objective not in OBJECTIVES:
+        raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    S = readout.S
+    if S.shape[1] != S.shape[2]:
+        raise CNNGPError("learn_readout: needs the square training offset sums (x2 = x1)")
+    y = np.asarray(y)
+    Y = torch.as_tensor(centered_one_hot(y, n_classes), dtype=torch.float64)
+    with torch.no_grad():
+        scale = float(torch.diagonal(readout.kernel(1.0)).mean())
+    if not (scale > 0 and math.isfinite(scale)):
+        raise CNNGPError(f"learn_readout: the kernel's mean diagonal is {scale!r}; expected a positive number")
+    lo = np.log([BOUNDS["lengthscale"][0], BOUNDS["amplitude"][0], BOUNDS["noise_variance"][0] * scale])
+    hi = np.log([BOUNDS["lengthscale"][1], BOUNDS["amplitude"][1], BOUNDS["noise_variance"][1] * scale])
+    t0 = time.perf_counter()
+    trace, best = [], None
+
+    def unpack(theta):
+        return torch.exp(torch.as_tensor(theta, dtype=torch.float64))
+
+    seen = {}  # θ → objective, so that recording a step forms no kernel of its own
+
+    def f(theta):
+        t = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+        lam, amp, noise = torch.exp(t)
+        value = objective_value(objective, readout.kernel(lam, amp), Y, noise)
+        (-value).backward()
+        seen[tuple(np.asarray(theta, dtype=np.float64))] = float(value.detach())
+        return -float(value.detach()), t.grad.numpy().copy()
+
+    results = []
+    for k, lam0 in enumerate(starts):
+        x0 = np.log([float(lam0), 1.0, 1e-2 * scale])
+        step = [0]
+
+        def record(theta, k=k, step=step):
+            step[0] += 1
+            lam, amp, noise = unpack(theta).tolist()
+            value = seen.get(tuple(np.asarray(theta, dtype=np.float64)))
+            if value is None:
+                with torch.no_grad():
+                    value = float(objective_value(objective, readout.kernel(lam, amp), Y, noise))
+            entry = {"start": k, "step": step[0], "objective": value, "lengthscale": lam,
+                     "amplitude": amp, "noise_variance": noise}
+            trace.append(entry)
+            if progress is not None:
+                progress(entry)
+
+        record(x0)
+        res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)),
+                       callback=record, options={"maxiter": int(max_iter)})
+        lam, amp, noise = unpack(res.x).tolist()
+        results.append({"start_lengthscale": float(lam0), "lengthscale": lam, "amplitude": amp,
+                        "noise_variance": noise, "objective": -float(res.fun), "converged": bool(res.success),
+                        "iterations": int(res.nit), "message": str(res.message)})
+        if best is None or results[-1]["objective"] > best["objective"]:
+            best = results[-1]
+    learned = {"lengthscale": best["lengthscale"], "amplitude": best["amplitude"],
+               "noise_variance": best["noise_variance"]}
+    return LearnResult(learned, best["objective"], trace, readout.evaluations, results,
+                       time.perf_counter() - t0)

@@ -1,0 +1,157 @@
+"""Learned readout correlations (docs/maths.md §8): offset sums against direct readouts and a
+brute-force loop, gradients against finite differences, the objectives against their
+definitions (a multivariate normal density, explicit leave-one-out refits), the optimiser
+against the grid, and ``cnngp learn``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cnngp
+from cnngp import Conv, Matern, RBF, Readout, ReLU, Serial
+from cnngp.cli.main import main
+from cnngp.inference.gp import centered_one_hot
+from cnngp.inference.learn import (
+    OffsetReadout,
+    learn_readout,
+    log_marginal_likelihood,
+    loo_log_predictive,
+)
+from cnngp.kernels import ops
+from cnngp.kernels.correlations import offsets
+
+FAMILIES = [("matern12", lambda l: Matern(0.5, l)), ("matern32", lambda l: Matern(1.5, l)),
+            ("matern52", lambda l: Matern(2.5, l)), ("rbf", RBF)]
+
+
+def test_offset_sums_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn((2, 3, 4, 3, 4), generator=g, dtype=torch.float64)
+    s = ops.offset_sums(v, (3, 4)).reshape(2, 5, 7)
+    for b in range(2):
+        for d0 in range(-2, 3):
+            for d1 in range(-3, 4):
+                ref = sum(v[b, a0, a1, a0 + d0, a1 + d1] for a0 in range(3) for a1 in range(4)
+                          if 0 <= a0 + d0 < 3 and 0 <= a1 + d1 < 4)
+                assert abs(float(s[b, d0 + 2, d1 + 3]) - float(ref)) < 1e-13
+    delta, counts = offsets((3, 4))
+    assert delta.shape == (35, 2) and counts[17] == 12 and counts.sum() == 144
+
+
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fused", "torch"])
+@pytest.mark.parametrize("spatial", [(7, 6), (11,)], ids=["2d", "1d"])
+def test_offset_sum_readout_equals_the_direct_readout(monkeypatch, fast, spatial):
+    monkeypatch.setenv("CNNGP_FAST", fast)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (4,) + spatial + (2,))
+    x[0, :2] = 0.0  # blank rows: zero-variance positions
+    body = Serial(Conv(3), ReLU(), Conv(3, correlation=Matern(1.5, 1.0)), ReLU())
+    S = cnngp.offset_sums(body, x)
+    x2 = rng.uniform(0, 1, (3,) + spatial + (2,))
+    S2 = cnngp.offset_sums(body, x2, x)
+    for name, make in FAMILIES:
+        for lam in (0.0, 0.3, 1.0, 2.5, 10.0, 1e3, math.inf):
+            corr = make(lam)
+            w = corr.offset_weights(spatial)
+            for s, args in ((S, (x,)), (S2, (x2, x))):
+                direct = cnngp.kernel(Serial(*body.layers, Readout(weight_var=1.3, bias_var=0.2, correlation=corr)),
+                                      *args)
+                via = 1.3 * torch.tensordot(w, s, 1) + 0.2
+                assert float((via - direct).abs().max()) <= 1e-12 * float(direct.abs().max()), (name, lam)
+
+
+def test_readout_is_differentiable_in_the_lengthscale():
+    rng = np.random.default_rng(1)
+    S = cnngp.offset_sums(Serial(Conv(3), ReLU()), rng.uniform(0, 1, (3, 5, 5, 1)))
+    for name, _ in FAMILIES:
+        ro = OffsetReadout(S, (5, 5), name)
+        assert torch.autograd.gradcheck(lambda t: ro.kernel(torch.exp(t), 1.7),
+                                        (torch.tensor(0.4, dtype=torch.float64, requires_grad=True),))
+
+
+def _problem(n=24, seed=3):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, 6))
+    K = torch.tensor(a @ a.T / 6 + 0.1, dtype=torch.float64)
+    y = np.arange(n) % 3
+    return K, y, torch.tensor(centered_one_hot(y, 3), dtype=torch.float64)
+
+
+def test_objectives_against_their_definitions():
+    from scipy.stats import multivariate_normal
+
+    K, y, Y = _problem()
+    noise = 0.05
+    A = K.numpy() + noise * np.eye(len(y))
+    ref = sum(multivariate_normal(np.zeros(len(y)), A).logpdf(Y[:, c].numpy()) for c in range(3)) / len(y)
+    assert abs(float(log_marginal_likelihood(K, Y, noise)) - ref) < 1e-10
+    loo = 0.0  # explicit refits without point i
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        Ak = A[np.ix_(keep, keep)]
+        kv = A[i, keep]
+        mean = kv @ np.linalg.solve(Ak, Y.numpy()[keep])
+        var = A[i, i] - kv @ np.linalg.solve(Ak, kv)
+        loo += sum(-0.5 * math.log(2 * math.pi * var) - (Y[i, c].item() - mean[c]) ** 2 / (2 * var) for c in range(3))
+    assert abs(float(loo_log_predictive(K, Y, noise)) - loo / len(y)) < 1e-10
+
+
+@pytest.mark.parametrize("objective", [log_marginal_likelihood, loo_log_predictive])
+def test_objective_gradients_match_finite_differences(objective):
+    rng = np.random.default_rng(4)
+    S = cnngp.offset_sums(Serial(Conv(3), ReLU(), Conv(3), ReLU()), rng.uniform(0, 1, (18, 6, 6, 1)))
+    ro = OffsetReadout(S, (6, 6), "matern32")
+    Y = torch.tensor(centered_one_hot(np.arange(18) % 3, 3), dtype=torch.float64)
+
+    def f(t):
+        return objective(ro.kernel(torch.exp(t[0]), torch.exp(t[1])), Y, torch.exp(t[2]))
+
+    t = torch.tensor([math.log(1.7), math.log(2.0), math.log(0.03)], dtype=torch.float64, requires_grad=True)
+    f(t).backward()
+    for i in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[i] = 1e-5
+        with torch.no_grad():
+            fd = (f(t + e) - f(t - e)) / 2e-5
+        assert abs(float(t.grad[i]) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
+
+
+@pytest.mark.parametrize("objective", ["mll", "loo"])
+def test_learning_finds_the_best_lengthscale_of_the_grid_or_better(objective):
+    """The optimum over (λ, a, σ²) is at least the best objective along a fine λ grid (each
+    grid point with a and σ² optimised too): the optimiser is not stuck."""
+    from cnngp.experiments.learned import _profile
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, (30, 6, 6, 1))
+    y = np.arange(30) % 3
+    x[y == 1, :3] += 0.5  # some structure to learn
+    S = cnngp.offset_sums(Serial(Conv(3), ReLU(), Conv(3), ReLU()), x)
+    ro = OffsetReadout(S, (6, 6), "matern32")
+    res = learn_readout(ro, y, objective=objective, n_classes=3)
+    Y = torch.tensor(centered_one_hot(y, 3), dtype=torch.float64)
+    scale = float(torch.diagonal(ro.kernel(1.0)).mean())
+    best_grid = max(_profile(ro, Y, objective, lam, [1.0, 1e-2 * scale, 1e-9 * scale, 10 * scale])[0]
+                    for lam in 10 ** np.linspace(-1.5, 4.5, 25))
+    assert res.objective >= best_grid - 1e-6
+    assert res.kernel_evaluations > 0 and len(res.trace) >= 3
+
+
+def test_cnngp_learn_writes_results_and_figure(tmp_path, capsys):
+    out = tmp_path / "learn"
+    assert main(["learn", "--n", "40", "--out", str(out), "--quiet", "--starts", "1,10", "--max-iter", "20"]) == 0
+    r = json.loads((out / "learned.json").read_text())
+    for key in ("learned", "trace", "kernel_evaluations", "heldout_accuracy", "grid_best", "config", "versions"):
+        assert key in r
+    assert set(r["grid_best"]) >= {"lengthscale", "heldout_accuracy", "kernel_evaluations"}
+    assert r["config"]["seed"] == 0 and r["config"]["objective"] == "mll"
+    assert 0 <= r["heldout_accuracy"] <= 1 and r["learned"]["lengthscale"] > 0
+    assert (out / "learned.png").stat().st_size > 1000
+    assert "learned λ" in capsys.readouterr().out
+    assert main(["learn", "--n", "40", "--starts", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--starts" in capsys.readouterr().err
