@@ -65,6 +65,15 @@ def test_offset_sum_readout_equals_the_direct_readout(monkeypatch, fast, spatial
                 assert float((via - direct).abs().max()) <= 1e-12 * float(direct.abs().max()), (name, lam)
 
 
+def test_float32_offset_sums():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (3, 6, 6, 2))
+    body = Serial(Conv(3), ReLU(), Conv(3), ReLU())
+    s32, s64 = cnngp.offset_sums(body, x, dtype="float32"), cnngp.offset_sums(body, x)
+    assert s32.dtype == torch.float32
+    assert float((s32.double() - s64).abs().max() / s64.abs().max()) < 1e-6
+
+
 def test_readout_is_differentiable_in_the_lengthscale():
     rng = np.random.default_rng(1)
     S = cnngp.offset_sums(Serial(Conv(3), ReLU()), rng.uniform(0, 1, (3, 5, 5, 1)))
@@ -155,3 +164,49 @@ def test_cnngp_learn_writes_results_and_figure(tmp_path, capsys):
     assert "learned λ" in capsys.readouterr().out
     assert main(["learn", "--n", "40", "--starts", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "--starts" in capsys.readouterr().err
+
+
+# -- every parameter by autograd -------------------------------------------------------------
+
+
+def _autograd_net():
+    from cnngp import ABReLU
+
+    return Serial(Conv(3, correlation=Matern(1.5, 1.2)), ReLU(),
+                  Conv(3, correlation=RBF(0.8), weight_var=1.3, bias_var=0.1), ABReLU(0.1, 1.0),
+                  Readout(correlation=Matern(1.5, 2.0)))
+
+
+def test_differentiable_kernel_equals_the_kernel():
+    from cnngp.engine.gram import differentiable_kernel
+
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.uniform(0, 1, (3, 5, 5, 1)), rng.uniform(0, 1, (2, 5, 5, 1))
+    net = _autograd_net()
+    assert float((differentiable_kernel(net, x1, x2) - cnngp.kernel(net, x1, x2)).abs().max()) < 1e-14
+    assert float((differentiable_kernel(net, x1) - cnngp.kernel(net, x1)).abs().max()) < 1e-14
+
+
+def test_gradcheck_every_lengthscale_and_variance():
+    """float64 gradcheck of K(x1, x2) in each parameter, with an identical pair (ρ = 1 at every
+    position: the ReLU expectation's own parts have infinite slope there) and a blank region
+    (zero variance in the first layer, whose bias_var is 0; its bias_var is checked at 0.05:
+    at 0 exactly the derivative is one-sided and infinite, as √(bias) in a blank region)."""
+    from cnngp.engine.gram import differentiable_kernel
+    from cnngp.inference.learn import kernel_parameters, with_parameters
+
+    rng = np.random.default_rng(0)
+    x1 = rng.uniform(0, 1, (2, 5, 5, 1))
+    x1[0, :2] = 0.0
+    x2 = np.concatenate([x1[:1], rng.uniform(0, 1, (1, 5, 5, 1))])
+    net = _autograd_net()
+    params = kernel_parameters(net)
+    assert set(params) == {f"{i}.{a}" for i in (0, 2, 4) for a in ("weight_var", "bias_var", "lengthscale")}
+    for name, value in params.items():
+        t = torch.tensor(value if value > 0 else 0.05, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda v: differentiable_kernel(with_parameters(net, {name: v}), x1, x2),
+                                        (t,)), name
+    # at bias_var = 0 (a zero-variance region) every other gradient is finite
+    ts = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items() if k != "0.bias_var"}
+    differentiable_kernel(with_parameters(net, ts), x1, x2).sum().backward()
+    assert all(torch.isfinite(t.grad) for t in ts.values())

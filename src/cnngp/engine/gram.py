@@ -405,11 +405,12 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
 
 
 def _offset_values(state: KernelState, fused_out) -> torch.Tensor:
-    """The offset sums (M, B) of a full last-hidden-layer state (float64)."""
+    """The offset sums (M, B) of a full last-hidden-layer state, summed in float64, returned
+    in the state's dtype (what the plan's output holds)."""
     sums = fused.offset_sums(fused_out) if fused_out is not None else None
     if sums is None:
         sums = ops.offset_sums(state.cross, state.spatial)
-    return sums.T
+    return sums.T.to(state.cross.dtype)
 
 
 def _kernel_parts(plan: _Plan, state: KernelState) -> torch.Tensor:
@@ -920,3 +921,45 @@ def offset_sums(
         raise CNNGPError("body: must not end with a readout; the offset sums replace it")
     return _compute(body, [], x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
                     keep_checkpoint, offsets=True)
+
+
+def differentiable_kernel(model, x1, x2=None, *, dtype="float64", device="cpu", batch_size: int = 64):
+    """``kernel(model, x1, x2)`` with autograd through every layer (docs/maths.md §8): the
+    layers' torch code, the self pass included, outside ``torch.no_grad``, so the result is
+    differentiable in any lengthscale, weight_var or bias_var the model holds as a torch
+    scalar (:func:`cnngp.inference.learn.with_parameters`). Every image pair is computed (no
+    symmetric saving, no fused kernels) and the graph of every pair is kept: for small N.
+    Returns (N1, N2), or (L, N1, N2) for several readouts... of a model ending in one readout:
+    (N1, N2)."""
+    body, heads = _split_model(model)
+    channels = getattr(body, "input_channels", None)
+    a1 = as_images(x1, "x1", channels)
+    a2 = a1 if x2 is None else as_images(x2, "x2", channels)
+    dt, dev = resolve_dtype(dtype), resolve_device(device)
+    t1 = torch.as_tensor(a1, dtype=dt, device=dev)
+    t2 = t1 if x2 is None else torch.as_tensor(a2, dtype=dt, device=dev)
+    plan = _make_plan(body, heads, tuple(t1.shape[1:-1]))
+    layers = list(body.layers)
+
+    def records(t):
+        if not plan.self_depth:
+            return {}
+        part = {i: [] for i in plan.var_layers}
+        state = input_state(t, t, plan.self_flags[0])
+        fused.run_layers(layers[: plan.self_depth], state, plan.self_flags, None, records=part, fast=False)
+        return {i: torch.cat(v) for i, v in part.items()}
+
+    rec1 = records(t1)
+    rec2 = rec1 if x2 is None else records(t2)
+    n1, n2 = t1.shape[0], t2.shape[0]
+    rows = torch.arange(n1).repeat_interleave(n2)
+    cols = torch.arange(n2).repeat(n1)
+    values = []
+    for s in range(0, rows.numel(), batch_size):
+        r, c = rows[s : s + batch_size], cols[s : s + batch_size]
+        state = input_state(t1[r], t2[c], plan.pair_flags[0])
+        state, _ = fused.run_layers(layers, state, plan.pair_flags,
+                                    lambda i, as_roots, r=r, c=c: (rec1[i][r], rec2[i][c]), fast=False)
+        values.append(_apply_heads(plan, state) if plan.heads else _kernel_parts(plan, state))
+    out = torch.cat(values, dim=1)  # (n_outputs, B)
+    return out.reshape((out.shape[0], n1, n2) + tuple(out.shape[2:]))[0]

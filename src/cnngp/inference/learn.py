@@ -208,3 +208,47 @@ def learn_readout(
                "noise_variance": best["noise_variance"]}
     return LearnResult(learned, best["objective"], trace, readout.evaluations, results,
                        time.perf_counter() - t0)
+
+
+# -- every parameter of a network, by autograd (docs/maths.md §8) -----------------------------
+
+
+def kernel_parameters(model) -> dict:
+    """The positive parameters of ``model``'s kernel, by name: ``"<i>.weight_var"``,
+    ``"<i>.bias_var"`` of every conv and readout (layer index i in the flattened Serial) and
+    ``"<i>.lengthscale"`` of every stationary correlation with 0 < λ < ∞ (the ends are exact
+    special cases, not points of a continuum). Values are floats."""
+    from cnngp.kernels.layers import AvgPool, Conv, Readout, Serial
+
+    net = model if isinstance(model, Serial) else Serial(model)
+    out = {}
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, (Conv, Readout)) and not isinstance(layer, AvgPool):
+            out[f"{i}.weight_var"] = float(layer.weight_var)
+            out[f"{i}.bias_var"] = float(layer.bias_var)
+            lam = getattr(layer.correlation, "lengthscale", None)
+            if lam is not None and 0 < float(lam) < math.inf:
+                out[f"{i}.lengthscale"] = float(lam)
+    return out
+
+
+def with_parameters(model, values: dict):
+    """A copy of ``model`` with the named parameters (:func:`kernel_parameters`) set to
+    ``values`` — numbers or torch scalars (then the kernel is differentiable in them through
+    :func:`cnngp.engine.gram.differentiable_kernel`)."""
+    import copy
+
+    from cnngp.kernels.layers import Serial
+
+    net = copy.deepcopy(model if isinstance(model, Serial) else Serial(model))
+    known = kernel_parameters(net)
+    for name, v in values.items():
+        if name not in known:
+            raise CNNGPError(f"parameter {name!r}: not a parameter of this network; expected one of {sorted(known)}")
+        i, attr = name.split(".")
+        layer = net.layers[int(i)]
+        if attr == "lengthscale":
+            layer.correlation.lengthscale = v
+        else:
+            setattr(layer, attr, v)
+    return net

@@ -110,6 +110,11 @@ class Correlation:
             m = np.eye(size) / size
         elif self.kind == "constant":
             m = np.full((size, size), 1.0 / size**2)
+        elif isinstance(getattr(self, "lengthscale", None), torch.Tensor):
+            # a torch lengthscale (learning it, docs/maths.md §8): Σ differentiable in λ
+            d = torch.tensor(_distances(shape), dtype=dtype, device=device)
+            w = self._profile(d / self.lengthscale.to(dtype=dtype, device=device))
+            return w / w.sum()
         else:
             m = np.asarray(self._unnormalised(shape), dtype=np.float64)
             total = m.sum()
@@ -170,9 +175,10 @@ class _Stationary(Correlation):
 
     @property
     def kind(self):  # type: ignore[override]
-        if self.lengthscale == 0:
+        lam = float(self.lengthscale.detach()) if isinstance(self.lengthscale, torch.Tensor) else self.lengthscale
+        if lam == 0:
             return "independent"
-        if math.isinf(self.lengthscale):
+        if math.isinf(lam):
             return "constant"
         return None
 

@@ -369,10 +369,11 @@ class Conv(Layer):
         return ops.correlated_conv_diagonal(t, sigma, geoms), full_out
 
     def _affine(self, x):
-        """weight_var · x + bias_var (docs/maths.md §2 (*)), skipping the identity parts."""
-        if self.weight_var != 1.0:
+        """weight_var · x + bias_var (docs/maths.md §2 (*)), skipping the identity parts (not for
+        torch-scalar variances, which are being differentiated: docs/maths.md §8)."""
+        if isinstance(self.weight_var, torch.Tensor) or self.weight_var != 1.0:
             x = x * self.weight_var
-        if self.bias_var:
+        if isinstance(self.bias_var, torch.Tensor) or self.bias_var:
             x = x + self.bias_var
         return x
 
@@ -547,7 +548,7 @@ class Readout(Layer):
         if kind == "constant":
             return True
         # a Σ with compact support (exact zeros far from its diagonal) reads only a band
-        m = self.correlation.matrix(spatial).reshape(tuple(spatial) * 2).numpy()
+        m = self.correlation.matrix(spatial).reshape(tuple(spatial) * 2).detach().numpy()
         coords = np.nonzero(m)
         d = len(spatial)
         radius = tuple(
@@ -705,7 +706,48 @@ class Nonlinearity(Layer):
         return tensor * self.derivative_expectation(state.cross, vx, vy)
 
 
+class _ReLUExpectation(torch.autograd.Function):
+    """E[relu relu] with the closed-form derivatives (docs/maths.md §8): ∂/∂c = (π − θ)/2π,
+    ∂/∂vx = s/(4π vx), ∂/∂vy = s/(4π vy), s = √(vx vy − c²) — finite where the formula's own
+    parts are not (ρ = ±1, where s = 0, as for an image with itself), and 0 where a variance
+    is 0 (a blank region whose variance no parameter moves)."""
+
+    @staticmethod
+    def forward(ctx, c, vx, vy):
+        out = _relu_expectation_values(c, vx, vy)
+        ctx.save_for_backward(c, vx, vy)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, vx, vy = ctx.saved_tensors
+        prod = vx * vy
+        s = torch.sqrt(torch.clamp(prod - c * c, min=0))
+        theta = torch.where(prod > 0, torch.atan2(s, c), torch.full_like(s, math.pi / 2))
+        dc = (math.pi - theta) * (0.5 / math.pi)
+        dvx = torch.where(vx > 0, s / (4 * math.pi * torch.where(vx > 0, vx, torch.ones_like(vx))), 0.0)
+        dvy = torch.where(vy > 0, s / (4 * math.pi * torch.where(vy > 0, vy, torch.ones_like(vy))), 0.0)
+
+        def reduce(g, like):  # sum the broadcast axes back to the input's shape
+            while g.dim() > like.dim():
+                g = g.sum(0)
+            for k, n in enumerate(like.shape):
+                if n == 1 and g.shape[k] != 1:
+                    g = g.sum(k, keepdim=True)
+            return g
+
+        return grad * dc, reduce(grad * dvx, vx), reduce(grad * dvy, vy)
+
+
 def _relu_expectation(c, vx, vy):
+    """E[max(u,0) max(v,0)] (see :func:`_relu_expectation_values`); through
+    :class:`_ReLUExpectation` when a gradient is wanted, for finite derivatives everywhere."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (c, vx, vy)):
+        return _ReLUExpectation.apply(c, vx, vy)
+    return _relu_expectation_values(c, vx, vy)
+
+
+def _relu_expectation_values(c, vx, vy):
     """E[max(u,0) max(v,0)] = (sqrt(vx vy − c²) + (π − θ) c) / 2π, θ = arccos(c/√(vx vy)).
 
     Cho & Saul's arc-cosine kernel of degree 1. Written with atan2 so that zero-variance
