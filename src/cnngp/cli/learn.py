@@ -32,20 +32,21 @@ def cmd_learn(args) -> int:
     from cnngp.cli.sweep import _write_outputs
     from cnngp.experiments.learned import learned_figure, run_learn
 
-    if args.params != "readout":  # pragma: no cover - argparse limits the choices
-        raise CNNGPError(f"--params: expected 'readout', got {args.params!r}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
 
     def progress(entry):
-        if not args.quiet:
-            print(f"start {entry['start']} step {entry['step']:3d}: {args.objective} {entry['objective']:.6g}  "
-                  f"λ {entry['lengthscale']:.4g}  amplitude {entry['amplitude']:.4g}  "
-                  f"σ² {entry['noise_variance']:.3g}", file=sys.stderr, flush=True)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in entry.items()
+                           if k not in ("start", "step", "objective") and isinstance(v, float))
+        objective = entry.get("objective")
+        shown = "…" if objective is None else f"{objective:.6g}"
+        print(f"start {entry.get('start', 0)} step {entry['step']:3d}: {args.objective} {shown}  {values}",
+              file=sys.stderr, flush=True)
 
     result = run_learn(
-        args.arch, args.data, args.n, objective=args.objective, family=args.family, folds=args.folds,
+        args.arch, args.data, args.n, objective=args.objective, params=args.params, family=args.family,
+        folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         dtype=args.dtype, device=args.device, starts=_starts(args.starts), max_iter=args.max_iter,
         progress=None if args.quiet else progress,
@@ -81,8 +82,10 @@ def register(subparsers) -> None:
     p.add_argument("--data", default="digits", help="digits (default), FILE.npz or a CIFAR-10/MNIST folder")
     p.add_argument("--n", type=int_at_least(2), default=200, help="training images, class-balanced (default 200)")
     p.add_argument("--objective", choices=["mll", "loo"], default="mll", help="what to maximise (default mll)")
-    p.add_argument("--params", choices=["readout"], default="readout",
-                   help="what to learn: the readout's λ, amplitude and σ² (default)")
+    p.add_argument("--params", choices=["readout", "all"], default="readout",
+                   help="readout (default): the readout's λ, amplitude and σ², exactly from the offset "
+                        "sums; all: every lengthscale in the network (intermediate correlated convs too), "
+                        "the readout amplitude and σ², by autograd (two kernel passes per step: small N)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32", help="readout family (default matern32)")
     p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")

@@ -24,13 +24,21 @@ import time
 import numpy as np
 import torch
 
-from cnngp.engine.gram import offset_sums
+from cnngp.engine.gram import kernel, offset_sums
 from cnngp.errors import CNNGPError
 from cnngp.inference import gp
-from cnngp.inference.learn import OBJECTIVES, OffsetReadout, learn_readout, objective_value
+from cnngp.inference.learn import (
+    OBJECTIVES,
+    OffsetReadout,
+    learn_network,
+    learn_readout,
+    objective_value,
+    with_parameters,
+)
 from cnngp.io.architectures import split_network
 from cnngp.io.data import Dataset, balanced_subset, load_dataset
-from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES
+from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
+from cnngp.kernels.layers import Serial
 from cnngp.provenance import array_sha256, versions
 
 LEARNED_FORMAT = "cnngp-learned/1"
@@ -63,6 +71,7 @@ def run_learn(
     n: int = 200,
     *,
     objective: str = "mll",
+    params: str = "readout",
     family: str = "matern32",
     folds: int = 4,
     fold_scheme: str = "paper",
@@ -82,6 +91,8 @@ def run_learn(
     module docstring and README "Learning the correlation")."""
     if objective not in OBJECTIVES:
         raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if params not in ("readout", "all"):
+        raise CNNGPError(f"params: expected 'readout' or 'all', got {params!r}")
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
     if fold_scheme not in ("paper", "stratified"):
@@ -125,17 +136,32 @@ def run_learn(
 
     # -- learned ------------------------------------------------------------------------
     t1 = time.perf_counter()
-    result = learn_readout(readout, y, objective=objective, n_classes=k_cls, starts=starts,
-                           max_iter=max_iter, progress=progress)
-    learned = result.learned
-    learn_evals = result.kernel_evaluations
-    with torch.no_grad():
-        K = readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
+    if params == "readout":
+        result = learn_readout(readout, y, objective=objective, n_classes=k_cls, starts=starts,
+                               max_iter=max_iter, progress=progress)
+        learned = result.learned
+        learn_evals = result.kernel_evaluations * pairs
+        with torch.no_grad():
+            K = readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
+    else:  # every lengthscale and the readout amplitude, by autograd through the network
+        net = Serial(*body.layers, template.with_correlation(correlation_family(family, float(starts[0]))))
+        result = learn_network(net, x, y, objective=objective, n_classes=k_cls, max_iter=max_iter,
+                               dtype="float64", progress=progress)
+        learned = result.learned
+        learn_evals = result.kernel_evaluations
+        fitted = with_parameters(net, {k: v for k, v in learned.items() if k != "noise_variance"})
+        K = kernel(fitted, x).numpy()
+        last = str(len(net.layers) - 1)
+        learned = {**learned, "lengthscale": learned[f"{last}.lengthscale"]}
     cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
     fold_acc = cv.fold_accuracies[:, 0]
     held = {"cv_accuracy": float(fold_acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(fold_acc)[1]),
             "fold_accuracies": fold_acc.tolist()}
-    if test:
+    if test and params == "all":
+        K_test = kernel(fitted, x_test, x).numpy()
+        held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
+        held["n_test"] = int(len(y_test))
+    elif test:
         K_test = (learned["amplitude"] * torch.tensordot(readout.weights(learned["lengthscale"]), S_test, 1)
                   + readout.bias_var).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
@@ -170,7 +196,8 @@ def run_learn(
 
     # the objective along the grid, maximised over amplitude and σ² at each λ (for the figure)
     readout.evaluations = 0
-    start = [learned["amplitude"], learned["noise_variance"], 1e-9 * scale, 1e1 * scale]
+    amp0 = learned.get("amplitude", 1.0)
+    start = [amp0, min(max(learned["noise_variance"], 1e-9 * scale), 1e1 * scale), 1e-9 * scale, 1e1 * scale]
     for row in grid_rows:
         value, (amp, noise) = _profile(readout, Y, objective, row["lengthscale"], start)
         row.update({"objective": value, "objective_amplitude": amp, "objective_noise_variance": noise})
@@ -190,7 +217,7 @@ def run_learn(
             "folds": int(folds),
             "fold_scheme": fold_scheme,
             "objective": objective,
-            "params": "readout",
+            "params": params,
             "starts": [float(s) for s in starts],
             "max_iter": int(max_iter),
             "bounds": {"lengthscale": [1e-2, 1e5], "amplitude": [1e-4, 1e4],
@@ -208,7 +235,7 @@ def run_learn(
         "objective": result.objective,
         "trace": result.trace,
         "starts": result.starts,
-        "kernel_evaluations": int(learn_evals * pairs + (test_pairs if test else 0)),
+        "kernel_evaluations": int(learn_evals + (test_pairs if test else 0)),
         "body_pair_evaluations": int(pairs + test_pairs),
         "heldout_accuracy": heldout,
         "heldout": held,

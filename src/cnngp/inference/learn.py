@@ -252,3 +252,120 @@ def with_parameters(model, values: dict):
         else:
             setattr(layer, attr, v)
     return net
+
+
+#: bounds of the learned parameters by kind (log space inside), see :data:`BOUNDS`
+PARAMETER_BOUNDS = {"lengthscale": BOUNDS["lengthscale"], "weight_var": BOUNDS["amplitude"],
+                    "bias_var": (1e-6, 1e2)}
+
+
+def default_learnable(model) -> list[str]:
+    """What ``params="all"`` learns: every lengthscale in the network (intermediate correlated
+    convs and the readout) and the readout's weight_var (the kernel's amplitude); the noise
+    variance is always learned. (In a ReLU network the earlier weight_vars only rescale the
+    kernel, which the readout's amplitude already does.)"""
+    from cnngp.kernels.layers import Readout, Serial
+
+    net = model if isinstance(model, Serial) else Serial(model)
+    names = [n for n in kernel_parameters(net) if n.endswith(".lengthscale")]
+    last = len(net.layers) - 1
+    if isinstance(net.layers[last], Readout):
+        names.append(f"{last}.weight_var")
+    return names
+
+
+def kernel_vjp(model, names, values, x, G, *, tile: int = 8) -> np.ndarray:
+    """Σ_ij G_ij ∂K_ij/∂θ for the parameters ``names`` at ``values`` (K = kernel(model, x),
+    G symmetric), by recomputing K tile by tile with autograd
+    (:func:`cnngp.engine.gram.differentiable_kernel`): memory of one tile's graph, whatever N;
+    off-diagonal tiles count twice (K and G are symmetric)."""
+    from cnngp.engine.gram import differentiable_kernel
+
+    ts = {n: torch.tensor(float(v), dtype=torch.float64, requires_grad=True) for n, v in zip(names, values)}
+    net = with_parameters(model, ts)
+    n = len(x)
+    G = torch.as_tensor(G, dtype=torch.float64)
+    for i0 in range(0, n, tile):
+        for j0 in range(i0, n, tile):
+            rows, cols = slice(i0, i0 + tile), slice(j0, j0 + tile)
+            k = differentiable_kernel(net, x[rows], None if i0 == j0 else x[cols])
+            w = 1.0 if i0 == j0 else 2.0
+            (w * (k * G[rows, cols]).sum()).backward()
+    return np.array([float(ts[n].grad) if ts[n].grad is not None else 0.0 for n in names])
+
+
+def learn_network(
+    model,
+    x,
+    y,
+    *,
+    names=None,
+    objective: str = "mll",
+    n_classes: int | None = None,
+    max_iter: int = 50,
+    dtype="float64",
+    progress=None,
+    tile: int = 8,
+) -> LearnResult:
+    """Maximise ``objective`` over the network's parameters ``names`` (default
+    :func:`default_learnable`) and σ², by L-BFGS-B in log space from the model's own values.
+
+    Each step: K = kernel(model) by the fast path (no graph), the objective and G = ∂obj/∂K
+    from one factorisation, then Σ G ∂K/∂θ by :func:`kernel_vjp`. Cost per step: two kernel
+    passes (N(N+1)/2 pairs each, the second with autograd and its backward)."""
+    from scipy.optimize import minimize
+
+    from cnngp.engine.gram import kernel
+
+    if objective not in OBJECTIVES:
+        raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    names = list(default_learnable(model) if names is None else names)
+    start = kernel_parameters(model)
+    for name in names:
+        if name not in start:
+            raise CNNGPError(f"names: {name!r} is not a learnable parameter of this network "
+                             f"(0 < λ < ∞ lengthscales and variances: {sorted(start)})")
+        if not start[name] > 0:
+            raise CNNGPError(f"names: {name!r} starts at {start[name]}; a learned parameter must start > 0")
+    Y = torch.as_tensor(centered_one_hot(np.asarray(y), n_classes), dtype=torch.float64)
+    n = len(y)
+    evaluations = [0]
+    with torch.no_grad():
+        scale = float(torch.diagonal(kernel(model, x, dtype=dtype)).double().mean())
+    evaluations[0] += 1
+    bounds = [PARAMETER_BOUNDS[nm.split(".")[1]] for nm in names] + [
+        (BOUNDS["noise_variance"][0] * scale, BOUNDS["noise_variance"][1] * scale)]
+    lo, hi = np.log([b[0] for b in bounds]), np.log([b[1] for b in bounds])
+    x0 = np.clip(np.log([start[nm] for nm in names] + [1e-2 * scale]), lo, hi)
+    trace, seen, t0 = [], {}, time.perf_counter()
+
+    def f(theta):
+        vals = np.exp(theta)
+        net = with_parameters(model, dict(zip(names, vals[:-1].tolist())))
+        K = kernel(net, x, dtype=dtype).to(torch.float64).requires_grad_(True)
+        noise = torch.tensor(vals[-1], dtype=torch.float64, requires_grad=True)
+        value = objective_value(objective, K, Y, noise)
+        value.backward()
+        g = kernel_vjp(model, names, vals[:-1], x, K.grad, tile=tile)
+        evaluations[0] += 2
+        grad = np.concatenate([g, [float(noise.grad)]]) * vals  # d/dlog θ
+        seen[tuple(theta)] = float(value.detach())
+        return -float(value.detach()), -grad
+
+    def record(theta):
+        vals = np.exp(theta)
+        entry = {"step": len(trace), "objective": seen.get(tuple(theta)),
+                 **dict(zip(names, vals[:-1].tolist())), "noise_variance": float(vals[-1])}
+        trace.append(entry)
+        if progress is not None:
+            progress(entry)
+
+    record(x0)
+    res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)), callback=record,
+                   options={"maxiter": int(max_iter)})
+    vals = np.exp(res.x)
+    learned = dict(zip(names, vals[:-1].tolist()))
+    learned["noise_variance"] = float(vals[-1])
+    info = [{"converged": bool(res.success), "iterations": int(res.nit), "message": str(res.message)}]
+    return LearnResult(learned, -float(res.fun), trace, evaluations[0] * (n * (n + 1) // 2), info,
+                       time.perf_counter() - t0)
