@@ -31,6 +31,7 @@ TINY = {
     [
         CNNGPClassifier(arch=TINY, image_shape="channels"),
         CNNGPClassifierCV(arch=TINY, lengthscales=(0.0, 1.0, "inf")),
+        CNNGPClassifierCV(arch=TINY, search="gradient", lengthscales=(1.0,), cv=3),
     ]
 )
 def test_sklearn_estimator_checks(estimator, check):
@@ -137,3 +138,25 @@ def test_readout_variances_of_the_architecture_are_kept():
     assert isinstance(head, Readout) and (head.weight_var, head.bias_var) == (2.0, 0.5)
     default = CNNGPClassifier("cnngp1").fit(x[:30], y[:30]).network_.layers[-1]
     assert default.correlation == Independent()
+
+
+@pytest.mark.parametrize("objective", ["mll", "loo"])
+def test_gradient_search_on_digits(digits_split, objective):
+    """search="gradient": the learned readout's network reproduces the fitted kernel, and it
+    classifies digits about as well as the grid."""
+    import cnngp
+
+    xtr, ytr, xte, yte = digits_split
+    xtr, ytr, xte, yte = xtr[:100], ytr[:100], xte[:100], yte[:100]
+    clf = CNNGPClassifierCV("cnngp2", search="gradient", objective=objective, cv=4, lengthscales=(3.0,))
+    clf.fit(xtr, ytr)
+    assert 0 < clf.lengthscale_ < math.inf and clf.amplitude_ > 0 and clf.noise_variance_ > 0
+    assert clf.network_.layers[-1].weight_var == clf.amplitude_
+    K = cnngp.kernel(clf.network_, clf.X_fit_).numpy()
+    mean = clf.decision_function(xte)
+    ref = gp.posterior_mean(K, np.searchsorted(clf.classes_, ytr),
+                            cnngp.kernel(clf.network_, clf._images(xte), clf.X_fit_).numpy(),
+                            clf.noise_variance_, 10)
+    assert np.allclose(mean, ref, rtol=1e-6, atol=1e-9)
+    assert clf.score(xte, yte) > 0.85  # 100 training images
+    assert clf.cv_results_["objective"][0] == clf.learn_result_.objective

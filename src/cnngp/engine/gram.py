@@ -408,6 +408,8 @@ def _offset_values(state: KernelState, fused_out) -> torch.Tensor:
     """The offset sums (M, B) of a full last-hidden-layer state, summed in float64, returned
     in the state's dtype (what the plan's output holds)."""
     sums = fused.offset_sums(fused_out) if fused_out is not None else None
+    if sums is None and not state.full:  # a one-position grid: the one offset δ = 0
+        sums = state.cross.reshape(state.batch, -1).to(torch.float64)
     if sums is None:
         sums = ops.offset_sums(state.cross, state.spatial)
     return sums.T.to(state.cross.dtype)
@@ -551,7 +553,7 @@ class GramPlan:
         self.plan.offsets = bool(offsets)
         if offsets:
             grid = self.plan.spatial_out
-            if not grid or self.plan.pair_flags[-1] is not True:
+            if not grid or (self.plan.pair_flags[-1] is not True and math.prod(grid) > 1):
                 raise CNNGPError(f"offsets: the body must end on a spatial grid, got {grid}")
             self.offset_shape = tuple(2 * n - 1 for n in grid)
         itemsize = torch.finfo(self.dtype).bits // 8

@@ -336,6 +336,15 @@ class CNNGPClassifierCV(_CNNGPBase):
         (train, validation) index arrays.
     random_state : int, default 0
         Seed of the stratified folds.
+    search : {"grid", "gradient"}, default "grid"
+        ``"grid"``: every λ of ``lengthscales`` and σ² of ``noise_variances`` by CV accuracy.
+        ``"gradient"``: λ, the readout amplitude and σ² maximise ``objective`` by L-BFGS-B on
+        the exact offset-sum readout (docs/maths.md §8; ``lengthscales`` then gives the
+        starting λ, default 0.3, 3, 30); ``best_score_`` is the CV accuracy (``cv``) at
+        the learned values, and ``cv_results_`` holds the one learned candidate.
+    objective : {"mll", "loo"}, default "mll"
+        With ``search="gradient"``: the GP log marginal likelihood or the leave-one-out log
+        predictive density.
     image_shape, dtype, device, batch_size, memory_budget, verbose
         As for :class:`CNNGPClassifier`.
 
@@ -343,6 +352,9 @@ class CNNGPClassifierCV(_CNNGPBase):
     ----------
     lengthscale_ : float
         Selected λ (``0.0`` or ``inf`` for the exact ends).
+    amplitude_ : float
+        The readout's weight_var of the final model (the template's for ``search="grid"``,
+        learned for ``"gradient"``).
     noise_variance_ : float
         Selected σ².
     best_score_ : float
@@ -370,6 +382,8 @@ class CNNGPClassifierCV(_CNNGPBase):
         noise_variances=None,
         cv=None,
         random_state=0,
+        search="grid",
+        objective="mll",
         image_shape=None,
         dtype="float64",
         device="cpu",
@@ -383,6 +397,8 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.noise_variances = noise_variances
         self.cv = cv
         self.random_state = random_state
+        self.search = search
+        self.objective = objective
         self.image_shape = image_shape
         self.dtype = dtype
         self.device = device
@@ -454,6 +470,10 @@ class CNNGPClassifierCV(_CNNGPBase):
                 f"got {family!r}"
             )
         family = family.strip().lower()
+        if self.search not in ("grid", "gradient"):
+            raise CNNGPError(f"search must be 'grid' or 'gradient'; got {self.search!r}")
+        if self.search == "gradient":
+            return self._fit_gradient(X, y, family)
         lams = self._candidate_lengthscales()
         noise = None
         if self.noise_variances is not None:
@@ -518,6 +538,53 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.best_score_ = float(scores[i, j])
         self.lengthscale_ = float(lams[i])
         self.noise_variance_ = float(noise[j])
+        self.amplitude_ = float(template.weight_var)
         network = Serial(body, readouts[i])
         self._set_fit(images, network, Ks[i], y_enc, self.noise_variance_)
+        return self
+
+    def _fit_gradient(self, X, y, family):
+        """search="gradient": offset sums once, then L-BFGS-B on (λ, amplitude, σ²)."""
+        from cnngp.engine.gram import offset_sums
+        from cnngp.inference.learn import OBJECTIVES, OffsetReadout, learn_readout
+
+        if self.objective not in OBJECTIVES:
+            raise CNNGPError(f"objective must be one of {OBJECTIVES}; got {self.objective!r}")
+        starts = (0.3, 3.0, 30.0) if self.lengthscales is None else [
+            v for v in self._candidate_lengthscales() if 0 < v < math.inf]
+        if not starts:
+            raise CNNGPError("lengthscales: search='gradient' needs starting values with 0 < λ < inf")
+        images, y_enc = self._validate_fit(X, y)
+        n_classes = len(self.classes_)
+        body, template = _split(self.arch)
+        grid = body.grids(tuple(images.shape[1:-1]))[-1]
+        if not grid:
+            raise CNNGPError(f"arch: its last hidden layer has no spatial grid, so {type(self).__name__} "
+                             "has no readout λ to learn")
+        S = offset_sums(body, images, dtype=self.dtype, device=self.device, batch_size=self.batch_size,
+                        memory_budget=self.memory_budget, progress=bool(self.verbose)).double()
+        readout = OffsetReadout(S, grid, family, template.bias_var)
+        with gp.small_problem_threads(len(y_enc)):
+            result = learn_readout(readout, y_enc, objective=self.objective, n_classes=n_classes, starts=starts)
+            lam, amp = result.learned["lengthscale"], result.learned["amplitude"]
+            noise = result.learned["noise_variance"]
+            K = readout.kernel(lam, amp).detach().numpy()
+            folds = self._folds(images, y_enc)
+            score = (gp.leave_one_out(K, y_enc, [noise], n_classes) if folds is None
+                     else gp.cross_validate(K, y_enc, folds, [noise], n_classes))
+        self.lengthscale_, self.amplitude_, self.noise_variance_ = float(lam), float(amp), float(noise)
+        self.best_score_ = float(score.accuracy[0])
+        self.best_index_ = 0
+        self.noise_variances_ = np.array([noise])
+        self.cv_scores_ = score.accuracy[None, :]
+        self.cv_results_ = {"lengthscale": np.array([lam]), "noise_variance": np.array([noise]),
+                            "mean_test_score": score.accuracy.copy(),
+                            "std_test_score": np.array([score.fold_accuracies[:, 0].std()]),
+                            "rank_test_score": np.array([1], dtype=np.int32),
+                            "objective": np.array([result.objective])}
+        for s_, acc in enumerate(score.fold_accuracies[:, 0]):
+            self.cv_results_[f"split{s_}_test_score"] = np.array([acc])
+        self.learn_result_ = result
+        readout_layer = Readout(amp, template.bias_var, correlation_family(family, lam), template.parameterization)
+        self._set_fit(images, Serial(body, readout_layer), K, y_enc, noise)
         return self
