@@ -930,9 +930,9 @@ def differentiable_kernel(model, x1, x2=None, *, dtype="float64", device="cpu", 
     layers' torch code, the self pass included, outside ``torch.no_grad``, so the result is
     differentiable in any lengthscale, weight_var or bias_var the model holds as a torch
     scalar (:func:`cnngp.inference.learn.with_parameters`). Every image pair is computed (no
-    symmetric saving, no fused kernels) and the graph of every pair is kept: for small N.
-    Returns (N1, N2), or (L, N1, N2) for several readouts... of a model ending in one readout:
-    (N1, N2)."""
+    symmetric saving, no fused kernels) and the graph of every pair is kept: for small N
+    (:func:`cnngp.inference.learn.kernel_vjp` keeps one tile's graph at a time).
+    Returns (N1, N2) for a model ending in a readout, flatten or pool."""
     body, heads = _split_model(model)
     channels = getattr(body, "input_channels", None)
     a1 = as_images(x1, "x1", channels)

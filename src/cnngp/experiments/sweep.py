@@ -533,8 +533,6 @@ def run_sweep(
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
     if kernel not in ("nngp", "ntk"):
         raise CNNGPError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
-    if kernel not in ("nngp", "ntk"):
-        raise CNNGPError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
     if fold_scheme not in _FOLD_SCHEMES:
         raise CNNGPError(f"fold_scheme: expected one of {list(_FOLD_SCHEMES)}, got {fold_scheme!r}")
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
