@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cnngp.engine.gram import kernel, offset_sums
+from cnngp.experiments.sweep import _folds_for
 from cnngp.errors import CNNGPError
 from cnngp.inference import gp
 from cnngp.inference.learn import (
@@ -42,10 +43,6 @@ from cnngp.kernels.layers import Serial
 from cnngp.provenance import array_sha256, versions
 
 LEARNED_FORMAT = "cnngp-learned/1"
-
-
-def _folds(scheme, n, y, k, seed):
-    return gp.paper_folds(n, k) if scheme == "paper" else gp.stratified_folds(y, k, seed)
 
 
 def _profile(readout, Y, objective, lam, start):
@@ -132,7 +129,7 @@ def run_learn(
     test_pairs = 0 if x_test is None else len(x_test) * n
 
     readout = OffsetReadout(S, grid, family, template.bias_var)
-    fold_list = _folds(fold_scheme, n, y, folds, seed)
+    fold_list = _folds_for(fold_scheme, n, y, folds, seed)  # the sweep's folds
 
     # -- learned ------------------------------------------------------------------------
     t1 = time.perf_counter()
