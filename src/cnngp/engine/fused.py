@@ -457,11 +457,11 @@ def conv_fused(
         return torch.zeros(out_layout.shape(b), dtype=dtype)
 
     out = buffer(x.buf, x.tangent)
-    # the NTK (docs/maths.md §7): Θ through the same pass; mode 1 reads no Θ (Θ_in = 0)
+    # the NTK (docs/maths.md §7): Θ through the same pass (kron_conv_ntk); Θ_in = 0 is t_in None
     ntk = 0 if not x.ntk else (1 if x.tangent is None else 2)
     assert not (ntk and symmetric), "the self pass carries no Θ"
-    t_out = buffer(x.buf, x.tangent, out) if ntk else out
-    t_in = x.tangent if ntk == 2 else x.buf
+    t_out = buffer(x.buf, x.tangent, out) if ntk else None
+    t_in = x.tangent if ntk == 2 else None
     q_shape = (b, plan.geom0[1], plan.geom1[1])
     if act is not None:
         c_lin, c_relu = _act_coefficients(act)
@@ -474,15 +474,20 @@ def conv_fused(
     args = (
         x.buf.numpy(), out.numpy(), plan.geom0, plan.geom1, out_layout.pad, plan.a_ptr, plan.a_taps,
         plan.a_coef, plan.b_taps, plan.b_coef, float(weight_var), float(bias_var),
-        code, npd(c_lin), npd(c_relu), rx, ix, ry, iy, bool(symmetric),
-        ntk, float(own[0]), float(own[1]), t_in.numpy(), t_out.numpy(),
+        code, npd(c_lin), npd(c_relu), rx, ix, ry, iy,
     )
+    if ntk:
+        kernel = k.kron_conv_ntk
+        args += (float(own[0]), float(own[1]), None if t_in is None else t_in.numpy(), t_out.numpy())
+    else:
+        kernel = k.kron_conv
+        args += (bool(symmetric),)
     # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which then
     # come from the cache, not memory, once a call's pairs outgrow the L3 cache. A symmetric
     # row q0 computes only the q0' >= q0 slabs: blocks of equal work.
     q0 = int(plan.geom0[1])
     weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
-    _parallel_blocks(k.kron_conv, weights, *args)
+    _parallel_blocks(kernel, weights, *args)
     return Fused(out, out_layout, plan.spatial_out, tangent=t_out if ntk else None, ntk=bool(ntk),
                  channels=channels)
 
