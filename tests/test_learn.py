@@ -246,3 +246,137 @@ def test_cnngp_learn_all_parameters_runs(tmp_path):
     last = len(cnngp.from_spec(r["config"]["spec"]).layers)  # the readout's index, after the body
     assert {f"{last}.lengthscale", f"{last}.weight_var", "noise_variance", "lengthscale"} <= set(r["learned"])
     assert r["kernel_evaluations"] > 0 and len(r["trace"]) >= 1
+
+
+# -- offset sums through the store; the mirror of a symmetric block --------------------------
+
+
+def _offsets_body():
+    return Serial(Conv(3), ReLU(), Conv(3, correlation=Matern(1.5, 1.0)), ReLU())
+
+
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fused", "torch"])
+def test_symmetric_offset_sums_mirror_their_offsets(monkeypatch, fast):
+    """A symmetric Gram pass computes pairs x <= x' only; the pair (x', x) must get
+    S_x'x[δ] = S_xx'[−δ], which a second images argument (every pair computed) gives directly."""
+    monkeypatch.setenv("CNNGP_FAST", fast)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (5, 6, 5, 2))
+    S_sym = cnngp.offset_sums(_offsets_body(), x)
+    S_all = cnngp.offset_sums(_offsets_body(), x, x.copy())
+    assert float((S_sym - S_all).abs().max()) <= 1e-13 * float(S_all.abs().max())
+    # and the asymmetry is real: S is not symmetric in the pair without the flip
+    assert float((S_all - S_all.transpose(1, 2)).abs().max()) > 1e-6 * float(S_all.abs().max())
+
+
+def test_offset_sums_into_a_store_equal_the_in_memory_pass(tmp_path):
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore
+
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 1, (7, 6, 6, 1))
+    xt = rng.uniform(0, 1, (3, 6, 6, 1))
+    body = _offsets_body()
+    for x1, x2, name in ((x, None, "S.zarr"), (xt, x, "S-test.zarr")):
+        store_kernel(body, x1, x2, out=tmp_path / name, offsets=True, tile=3, progress=False)
+        got = np.asarray(KernelStore.open(tmp_path / name).kernel[:])
+        want = cnngp.offset_sums(body, x1, x2).numpy()
+        assert got.shape == want.shape == (121, len(x1), len(x))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+    # a kernel store of the same images is another computation: refused, not overwritten (the
+    # mean-pool readout is the one an offsets plan carries internally: only "offsets" differs)
+    from cnngp import Constant
+
+    with pytest.raises(cnngp.CNNGPError, match="different contents"):
+        store_kernel(body, x, out=tmp_path / "S.zarr", tile=3, progress=False,
+                     readouts=[Readout(correlation=Constant())])
+
+
+def test_learn_through_a_store_matches_and_reuses_it(tmp_path, monkeypatch):
+    import cnngp.engine.distributed as distributed
+    from cnngp.experiments.learned import run_learn
+
+    kw = dict(n=40, starts=(2.0,), max_iter=15, lengthscales=(1.0, 10.0))
+    net = Serial(Conv(3), ReLU(), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0)))
+    plain = run_learn(net, "digits", **kw)
+    stored = run_learn(net, "digits", store=tmp_path / "S.zarr", **kw)
+    for k, v in plain["learned"].items():
+        assert stored["learned"][k] == pytest.approx(v, rel=1e-8)
+    assert stored["heldout_accuracy"] == plain["heldout_accuracy"]
+
+    def no_body_pass(*a, **k):
+        raise AssertionError("the store is complete: no tile may be computed again")
+
+    monkeypatch.setattr(distributed, "run_tile_task", no_body_pass)
+    again = run_learn(net, "digits", store=tmp_path / "S.zarr", objective="loo", **kw)
+    assert again["config"]["objective"] == "loo" and again["learned"]["lengthscale"] > 0
+    with pytest.raises(cnngp.CNNGPError, match="only with params='readout'"):
+        run_learn(net, "digits", store=tmp_path / "S.zarr", params="all", **kw)
+
+
+# -- the intermediate λ, profiled ------------------------------------------------------------
+
+
+def _internal_net(lam=3.0):
+    from cnngp import Constant
+
+    return Serial(Conv(3), ReLU(), Conv(4, stride=2, padding="same", correlation=Matern(1.5, lam)), ReLU(),
+                  Conv(3), ReLU(), Readout(correlation=Constant()))
+
+
+def test_internal_profile_rows_are_the_objective_of_the_direct_kernel():
+    """Each row's objective is the objective of the kernel computed directly (the network
+    with that internal λ and the row's learned readout λ and amplitude), not of the offset
+    route's own arithmetic; λ = 0 is the independent-tap network; the learned internal λ is
+    the best row."""
+    from cnngp import Independent
+    from cnngp.experiments.learned import run_learn
+    from cnngp.inference.learn import objective_value
+    from cnngp.io.data import balanced_subset, load_dataset
+
+    r = run_learn(_internal_net(), "digits", 40, params="internal", starts=(2.0,), max_iter=20, refine=2,
+                  lengthscales=(1.0, 10.0))
+    ds = load_dataset("digits")
+    order = balanced_subset(ds.y_train, 40, seed=0, n_classes=10)
+    x, y = ds.x_train[order], ds.y_train[order]
+    Y = torch.tensor(centered_one_hot(y, 10), dtype=torch.float64)
+    rows = r["trace"]
+    assert len(rows) >= 7 + 1 and {0.0, 3.0, 100.0} <= {row["internal_lengthscale"] for row in rows}
+    for row in rows[:: 3] + [rows[0]]:
+        lam = row["internal_lengthscale"]
+        corr = Independent() if lam == 0 else Matern(1.5, lam)
+        net = _internal_net()
+        layers = list(net.layers)
+        layers[2] = Conv(4, stride=2, padding="same", correlation=corr)
+        layers[-1] = Readout(weight_var=row["amplitude"], correlation=Matern(1.5, row["readout_lengthscale"]))
+        K = cnngp.kernel(Serial(*layers), x)
+        direct = float(objective_value("mll", K, Y, row["noise_variance"]))
+        assert direct == pytest.approx(row["objective"], rel=1e-9, abs=1e-9), lam
+    best = max(rows, key=lambda row: row["objective"])
+    assert r["learned"]["internal_lengthscale"] == best["internal_lengthscale"]
+    assert r["learned"]["lengthscale"] == best["readout_lengthscale"]
+    assert r["config"]["internal"]["layers"] == [2] and r["body_pair_evaluations"] == 820 * len(rows)
+
+
+def test_internal_needs_a_correlated_intermediate_conv():
+    from cnngp.experiments.learned import run_learn
+
+    net = Serial(Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0)))
+    with pytest.raises(cnngp.CNNGPError, match="no intermediate conv with a Matérn or RBF"):
+        run_learn(net, "digits", 40, params="internal")
+
+
+def test_cnngp_learn_internal_writes_results_and_figure(tmp_path, capsys):
+    spec = tmp_path / "net.json"
+    spec.write_text(json.dumps(_internal_net().to_spec()))
+    out = tmp_path / "internal"
+    assert main(["learn", "--arch", str(spec), "--n", "40", "--params", "internal", "--refine", "0",
+                 "--starts", "2", "--max-iter", "10", "--out", str(out)]) == 0
+    r = json.loads((out / "learned.json").read_text())
+    assert r["config"]["params"] == "internal" and "internal_lengthscale" in r["learned"]
+    assert len(r["trace"]) == 7 and (out / "learned.png").stat().st_size > 1000
+    captured = capsys.readouterr()
+    assert "learned internal λ" in captured.out and "internal λ 0:" in captured.err
+    assert main(["learn", "--n", "40", "--params", "all", "--store", str(tmp_path / "S.zarr"),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "only with params='readout'" in capsys.readouterr().err

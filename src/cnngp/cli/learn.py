@@ -37,6 +37,11 @@ def cmd_learn(args) -> int:
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
 
     def progress(entry):
+        if "internal_lengthscale" in entry:  # one row per internal λ (--params internal)
+            print(f"internal λ {entry['internal_lengthscale']:.4g}: {args.objective} {entry['objective']:.6g}  "
+                  f"readout λ {entry['readout_lengthscale']:.4g}  CV accuracy {100 * entry['cv_accuracy']:.1f}% "
+                  f"(grid best {100 * entry['grid_best_cv_accuracy']:.1f}%)", file=sys.stderr, flush=True)
+            return
         values = "  ".join(f"{k} {v:.4g}" for k, v in entry.items()
                            if k not in ("start", "step", "objective") and isinstance(v, float))
         objective = entry.get("objective")
@@ -49,7 +54,7 @@ def cmd_learn(args) -> int:
         folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         dtype=args.dtype, device=args.device, starts=_starts(args.starts), max_iter=args.max_iter,
-        progress=None if args.quiet else progress,
+        progress=None if args.quiet else progress, store=args.store, refine=args.refine,
     )
     result["config"]["command"] = "cnngp " + " ".join(sys.argv[1:])
     png = io.BytesIO()
@@ -57,6 +62,8 @@ def cmd_learn(args) -> int:
     _write_outputs(out, {"learned.json": json.dumps(result, indent=2).encode(), "learned.png": png.getvalue()})
     gb = result["grid_best"]
     what = "test" if args.test else f"{args.folds}-fold CV"
+    if "internal_lengthscale" in result["learned"]:
+        print(f"learned internal λ = {result['learned']['internal_lengthscale']:.4g}")
     print(f"learned λ = {result['learned']['lengthscale']:.4g} ({args.objective}): {what} accuracy "
           f"{100 * result['heldout_accuracy']:.1f}%, {result['kernel_evaluations']:,} kernel evaluations")
     print(f"grid best λ = {gb['lengthscale']:.4g}: {what} accuracy {100 * gb['heldout_accuracy']:.1f}%, "
@@ -82,10 +89,16 @@ def register(subparsers) -> None:
     p.add_argument("--data", default="digits", help="digits (default), FILE.npz or a CIFAR-10/MNIST folder")
     p.add_argument("--n", type=int_at_least(2), default=200, help="training images, class-balanced (default 200)")
     p.add_argument("--objective", choices=["mll", "loo"], default="mll", help="what to maximise (default mll)")
-    p.add_argument("--params", choices=["readout", "all"], default="readout",
+    p.add_argument("--params", choices=["readout", "all", "internal"], default="readout",
                    help="readout (default): the readout's λ, amplitude and σ², exactly from the offset "
                         "sums; all: every lengthscale in the network (intermediate correlated convs too), "
-                        "the readout amplitude and σ², by autograd (two kernel passes per step: small N)")
+                        "the readout amplitude and σ², by autograd (two kernel passes per step: small N); "
+                        "internal: one tied λ of the intermediate correlated convs, profiled (one fast "
+                        "body pass per value) with the readout learned exactly at each")
+    p.add_argument("--refine", type=int_at_least(0), default=5,
+                   help="with --params internal: Brent steps in log λ after the internal grid (default 5)")
+    p.add_argument("--store", help="S.zarr: compute the offset sums into this resumable tiled store (and "
+                                   "S-test.zarr with --test), or reuse it (--params readout)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32", help="readout family (default matern32)")
     p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")

@@ -289,7 +289,7 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
                  device="cpu", tile: int | None = None, batch_size=None, memory_budget=None,
                  workers: int | None = None, scheduler: str | None = None, client=None,
                  threads_per_worker: int | None = None, progress: bool = True,
-                 dry_run: bool = False, what: str = "--out", get="nngp") -> StoreReport:
+                 dry_run: bool = False, what: str = "--out", get="nngp", offsets: bool = False) -> StoreReport:
     """Compute the Gram matrix of ``model`` (or of ``model`` under each of ``readouts``) on
     images ``x1`` × ``x2`` (``x2=None``: x1 × x1) into the kernel store at ``out``.
 
@@ -318,10 +318,13 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     get : "nngp" (default), "ntk" or "both"
         The kernels stored, kernel type first along the leading axis: with ``"both"`` and L
         readouts, ``kernel[:L]`` is the NNGP and ``kernel[L:]`` the NTK.
+    offsets : bool
+        Store the offset sums S (M, N1, N2) of ``model``'s last hidden layer instead of
+        kernels (:func:`cnngp.offset_sums`; ``model`` is then a body and ``readouts`` None).
     """
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
     plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, dtype=dtype, device=device,
-                    batch_size=batch_size, memory_budget=memory_budget, get=get)
+                    batch_size=batch_size, memory_budget=memory_budget, get=get, offsets=offsets)
     xa = plan.images(x1, "x1").cpu().numpy()
     xb = None if x2 is None else plan.images(x2, "x2").cpu().numpy()
     n1 = xa.shape[0]
@@ -339,7 +342,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     tiles = tile_plan(n1, n2, tile)
     recipe = (plan.body, plan.image_shape, dict(readouts=readouts, dtype=str(plan.dtype).removeprefix("torch."),
                                                 device=str(plan.device), batch_size=batch_size,
-                                                memory_budget=memory_budget, get=plan.kernels))
+                                                memory_budget=memory_budget, get=plan.kernels,
+                                                offsets=bool(offsets)))
     if readouts is None:
         recipe = (model, plan.image_shape, {k: v for k, v in recipe[2].items() if k != "readouts"})
     identity = {
@@ -353,6 +357,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     }
     if plan.kernels != ("nngp",):  # stores of NNGPs alone keep the identity they always had
         identity["kernels"] = list(plan.kernels)
+    if offsets:
+        identity["offsets"] = True
     key = fingerprint(identity)
     if dry_run:
         d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles), grids, tile, n_workers,

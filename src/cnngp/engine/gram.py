@@ -571,6 +571,13 @@ class GramPlan:
             return math.prod(self.offset_shape)
         return max(1, len(self.heads)) * len(self.kernels)
 
+    def mirrored(self, values):
+        """The outputs of pair (x', x) from those of (x, x') along the leading axis: the same
+        kernels, or with ``offsets`` the offsets reversed, S_x'x[δ] = S_xx'[−δ] (the offsets
+        of :func:`cnngp.kernels.correlations.offsets` are in C order over a grid symmetric
+        about 0, so −δ sits at M − 1 − the index of δ)."""
+        return values.flip(0) if self.plan.offsets else values
+
     def images(self, x, name: str = "x1") -> torch.Tensor:
         """Validated images (the package's image-array policy) on the plan's device and dtype."""
         a = as_images(x, name, getattr(self.body, "input_channels", None))
@@ -626,7 +633,7 @@ class GramPlan:
                     _check_finite(values, self.body, self.heads, x_rows[:1].cpu().numpy(), self.dtype)
                 out[:, r, c] = values
                 if symmetric:
-                    out[:, c, r] = values
+                    out[:, c, r] = self.mirrored(values)
                 done = begin + r.numel()
                 if progress is not None:
                     progress.update(r.numel())

@@ -42,7 +42,7 @@ __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT",
 STORE_FORMAT = "cnngp-kernel-store/1"
 
 #: identity keys that must agree for a resume, in the order a mismatch is reported
-IDENTITY_KEYS = ("format", "spec", "readouts", "kernels", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
+IDENTITY_KEYS = ("format", "spec", "readouts", "kernels", "offsets", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
 
 
 def is_store_path(path) -> bool:
@@ -106,6 +106,7 @@ def _first_difference(stored: dict, wanted: dict) -> str | None:
 
 _WHAT = {
     "format": "store format", "spec": "network spec", "readouts": "readouts", "kernels": "kernel type (--get)",
+    "offsets": "contents (offset sums, not kernels)",
     "x1_sha256": "images (--x1)", "x2_sha256": "images (--x2)", "dtype": "dtype",
     "tile": "tile size", "shape": "shape",
 }
@@ -276,7 +277,8 @@ class KernelStore:
                   "cols": [tile.cols.start, tile.cols.stop], "pairs": tile.pairs,
                   "seconds": seconds, "host": os.uname().nodename, "pid": os.getpid()}
         if tile.mirror:
-            mirror = np.ascontiguousarray(np.swapaxes(data, 1, 2))
+            # pair (x', x); a store of offset sums reverses its offsets: S_x'x[δ] = S_xx'[−δ]
+            mirror = np.ascontiguousarray(np.swapaxes(data[::-1] if self.attrs.get("offsets") else data, 1, 2))
             self.kernel[:, tile.cols, tile.rows] = mirror
             record["mirror_sha256"] = _checksum(mirror)
         _atomic_json(self.records_dir / f"{tile.name}.json", record)

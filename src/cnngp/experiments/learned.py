@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from cnngp.engine.gram import kernel, offset_sums
-from cnngp.experiments.sweep import _folds_for
+from cnngp.experiments.sweep import _folds_for, test_store_path
 from cnngp.errors import CNNGPError
 from cnngp.inference import gp
 from cnngp.inference.learn import (
     OBJECTIVES,
+    LearnResult,
     OffsetReadout,
     learn_network,
     learn_readout,
@@ -62,6 +63,113 @@ def _profile(readout, Y, objective, lam, start):
     return -float(res.fun), np.exp(res.x).tolist()
 
 
+#: the internal λ evaluated first by ``params="internal"`` (taps of the correlated convs), then
+#: refined by a bounded Brent search in log λ between the best one's neighbours
+INTERNAL_GRID = (0.0, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def internal_convs(body) -> list[int]:
+    """Indices of the body's convs with a stationary (Matérn or RBF) correlation over their
+    taps: the intermediate lengthscales ``params="internal"`` learns (tied to one value, as
+    the paper's 6×6 convs share one internal λ)."""
+    from cnngp.kernels.layers import AvgPool, Conv
+
+    return [i for i, layer in enumerate(body.layers)
+            if isinstance(layer, Conv) and not isinstance(layer, AvgPool)
+            and getattr(layer.correlation, "lengthscale", None) is not None]
+
+
+def with_internal(body, indices, lengthscale: float):
+    """A copy of ``body`` whose convs ``indices`` have correlation lengthscale ``lengthscale``
+    (0: independent taps; the family is kept)."""
+    import copy
+
+    net = copy.deepcopy(body)
+    for i in indices:
+        net.layers[i].correlation.lengthscale = float(lengthscale)
+    return Serial(*net.layers)
+
+
+def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var, objective, k_cls,
+                    starts, max_iter, dtype, device, fold_list, lengthscales, refine, progress):
+    """Profile the objective over one tied internal λ: at each λ one fused body pass gives S,
+    then (λ_readout, amplitude, σ²) are learned exactly from S (:func:`learn_readout`). The
+    λ of :data:`INTERNAL_GRID` (and the network's own, whose S is ``S_given``) first, then
+    ``refine`` steps of a bounded Brent search in log λ around the best. Returns the rows
+    (one per λ, in evaluation order) and the S of the best."""
+    from scipy.optimize import minimize_scalar
+
+    rows, kept = [], {}
+    pairs = len(x) * (len(x) + 1) // 2
+
+    def evaluate(lam):
+        key = float(f"{lam:.10g}")
+        for r in rows:
+            if r["internal_lengthscale"] == key:
+                return r
+        t = time.perf_counter()
+        S = S_given if key == own else offset_sums(with_internal(body, indices, key), x, dtype=dtype,
+                                                   device=device).to(torch.float64)
+        ro = OffsetReadout(S, grid, family, bias_var)
+        res = learn_readout(ro, y, objective=objective, n_classes=k_cls, starts=starts, max_iter=max_iter)
+        fit = res.learned
+        with torch.no_grad():
+            K = ro.kernel(fit["lengthscale"], fit["amplitude"]).numpy()
+        cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[fit["noise_variance"]], n_classes=k_cls)
+        grid_acc = []
+        for lam_r in lengthscales:  # the sweep's protocol at this internal λ, for comparison
+            with torch.no_grad():
+                K_r = ro.kernel(float(lam_r)).numpy()
+            grid_acc.append((gp.cross_validate(K_r, y, folds=fold_list, n_classes=k_cls).best_accuracy, float(lam_r)))
+        best_acc, best_lam = max(grid_acc)
+        row = {"step": len(rows) + 1, "internal_lengthscale": key, "objective": res.objective,
+               "readout_lengthscale": fit["lengthscale"], "amplitude": fit["amplitude"],
+               "noise_variance": fit["noise_variance"], "cv_accuracy": float(cv.fold_accuracies[:, 0].mean()),
+               "fold_accuracies": cv.fold_accuracies[:, 0].tolist(),
+               "grid_best_cv_accuracy": float(best_acc), "grid_best_readout_lengthscale": best_lam,
+               "kernel_evaluations": int(res.kernel_evaluations * pairs),
+               "body_pass": key != own, "seconds": time.perf_counter() - t}
+        rows.append(row)
+        best = max(rows, key=lambda r: r["objective"])
+        if best is row:
+            kept.clear()
+            kept["S"] = S
+        if progress is not None:
+            progress({k: v for k, v in row.items() if k not in ("fold_accuracies",)})
+        return row
+
+    for lam in sorted(set(INTERNAL_GRID) | {own}):
+        evaluate(lam)
+    positive = sorted({r["internal_lengthscale"] for r in rows if r["internal_lengthscale"] > 0})
+    best = max(rows, key=lambda r: r["objective"])["internal_lengthscale"]
+    if refine and positive:
+        centre = best if best > 0 else positive[0] / 10
+        lower = [v for v in positive if v < centre]
+        upper = [v for v in positive if v > centre]
+        lo = lower[-1] if lower else centre / 10
+        hi = upper[0] if upper else centre * 10
+        minimize_scalar(lambda t: -evaluate(math.exp(t))["objective"], bounds=(math.log(lo), math.log(hi)),
+                        method="bounded", options={"xatol": 0.05, "maxiter": int(refine)})
+    return rows, kept["S"]
+
+
+def _offset_sums(body, x1, x2, store, dtype, device, progress) -> torch.Tensor:
+    """S (M, N1, N2) in float64: in memory, or through the resumable tiled store ``store``
+    (computed or finished there first, then read whole)."""
+    if store is None:
+        return offset_sums(body, x1, x2, dtype=dtype, device=device, progress=progress).to(torch.float64)
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore
+
+    store_kernel(body, x1, x2, out=store, dtype=dtype, device=device, progress=progress, offsets=True,
+                 what="--store" if x2 is None else "--store (its test store)")
+    opened = KernelStore.open(store)
+    state = opened.verify()
+    if state["missing"] or state["bad"]:  # store_kernel finished it: a bug if not
+        raise CNNGPError(f"--store: {str(store)!r} is not complete after computing it")
+    return torch.as_tensor(np.asarray(opened.kernel[:], dtype=np.float64))
+
+
 def run_learn(
     network,
     dataset="digits",
@@ -82,20 +190,37 @@ def run_learn(
     lengthscales=PAPER_LENGTHSCALES,
     progress=None,
     data_label: str | None = None,
+    store=None,
+    refine: int = 5,
 ) -> dict:
     """Learn the readout λ of ``network`` on ``n`` class-balanced training images and compare
     it with the grid search; returns the JSON-ready ``learned.json`` dictionary (see the
-    module docstring and README "Learning the correlation")."""
+    module docstring and README "Learning the correlation"). ``store`` (``S.zarr``): compute
+    the offset sums into that resumable tiled store (and ``S-test.zarr`` with ``test``), or
+    reuse it, so that another objective on the same data costs no body pass.
+
+    ``params``: ``"readout"`` — the readout's (λ, amplitude, σ²), exactly from one S;
+    ``"all"`` — every lengthscale of the network and the readout amplitude by autograd (the
+    torch path: small N); ``"internal"`` — one tied λ of the intermediate correlated convs
+    (:func:`internal_convs`), by a profile: a fused body pass per internal λ
+    (:data:`INTERNAL_GRID`, then ``refine`` Brent steps in log λ), the readout learned
+    exactly at each; ``trace`` then has one row per internal λ."""
     if objective not in OBJECTIVES:
         raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
-    if params not in ("readout", "all"):
-        raise CNNGPError(f"params: expected 'readout' or 'all', got {params!r}")
+    if params not in ("readout", "all", "internal"):
+        raise CNNGPError(f"params: expected 'readout', 'all' or 'internal', got {params!r}")
+    if store is not None and params != "readout":
+        raise CNNGPError(f"store: only with params='readout' (--params readout), got params={params!r}")
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
     if fold_scheme not in ("paper", "stratified"):
         raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {fold_scheme!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise CNNGPError(f"n: expected an integer >= 2, got {n!r}")
+    if store is not None:
+        from cnngp.engine.store import check_output_store
+
+        store = check_output_store(store, "--store")
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
     k_cls = ds.n_classes
@@ -115,15 +240,20 @@ def run_learn(
         raise CNNGPError("n_test: only meaningful together with test=True (--test)")
 
     body, template, net_name = split_network(network)
+    indices = internal_convs(body) if params == "internal" else []
+    if params == "internal" and not indices:
+        raise CNNGPError("params='internal': the network has no intermediate conv with a Matérn or RBF "
+                         "correlation whose λ could be learned (e.g. --arch myrtle10-correlated)")
     grid = body.grids(tuple(x.shape[1:-1]))[-1]
     if not grid:
         raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
     t0 = time.perf_counter()
-    S = offset_sums(body, x, dtype=dtype, device=device, progress=progress is not None).to(torch.float64)
+    shown = progress is not None
+    S = _offset_sums(body, x, None, store, dtype, device, shown)
     S_test = None
     if test:
-        S_test = offset_sums(body, x_test, x, dtype=dtype, device=device,
-                             progress=progress is not None).to(torch.float64)
+        S_test = _offset_sums(body, x_test, x, None if store is None else test_store_path(store), dtype,
+                              device, shown)
     body_seconds = time.perf_counter() - t0
     pairs = n * (n + 1) // 2
     test_pairs = 0 if x_test is None else len(x_test) * n
@@ -133,7 +263,22 @@ def run_learn(
 
     # -- learned ------------------------------------------------------------------------
     t1 = time.perf_counter()
-    if params == "readout":
+    internal_rows = None
+    if params == "internal":  # one tied internal λ, profiled; the readout learned exactly at each
+        own = float(body.layers[indices[0]].correlation.lengthscale)
+        internal_rows, S_best = _learn_internal(
+            body, indices, x, y, S, own, grid=grid, family=family, bias_var=template.bias_var,
+            objective=objective, k_cls=k_cls, starts=starts, max_iter=max_iter, dtype=dtype, device=device,
+            fold_list=fold_list, lengthscales=lengthscales, refine=refine, progress=progress)
+        top = max(internal_rows, key=lambda r: r["objective"])
+        learned = {"internal_lengthscale": top["internal_lengthscale"], "lengthscale": top["readout_lengthscale"],
+                   "amplitude": top["amplitude"], "noise_variance": top["noise_variance"]}
+        learn_evals = sum(r["kernel_evaluations"] for r in internal_rows)
+        result = LearnResult(learned, top["objective"], internal_rows, learn_evals, [])
+        best_readout = OffsetReadout(S_best, grid, family, template.bias_var)
+        with torch.no_grad():
+            K = best_readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
+    elif params == "readout":
         result = learn_readout(readout, y, objective=objective, n_classes=k_cls, starts=starts,
                                max_iter=max_iter, progress=progress)
         learned = result.learned
@@ -154,7 +299,14 @@ def run_learn(
     fold_acc = cv.fold_accuracies[:, 0]
     held = {"cv_accuracy": float(fold_acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(fold_acc)[1]),
             "fold_accuracies": fold_acc.tolist()}
-    if test and params == "all":
+    if test and params == "internal":
+        fitted_body = with_internal(body, indices, learned["internal_lengthscale"])
+        S_t = offset_sums(fitted_body, x_test, x, dtype=dtype, device=device).to(torch.float64)
+        K_test = (learned["amplitude"] * torch.tensordot(best_readout.weights(learned["lengthscale"]), S_t, 1)
+                  + template.bias_var).numpy()
+        held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
+        held["n_test"] = int(len(y_test))
+    elif test and params == "all":
         K_test = kernel(fitted, x_test, x).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
         held["n_test"] = int(len(y_test))
@@ -215,6 +367,9 @@ def run_learn(
             "fold_scheme": fold_scheme,
             "objective": objective,
             "params": params,
+            **({"internal": {"layers": indices, "tied": True, "grid": list(INTERNAL_GRID), "refine_steps": int(refine),
+                             "given_lengthscale": float(body.layers[indices[0]].correlation.lengthscale)}}
+               if params == "internal" else {}),
             "starts": [float(s) for s in starts],
             "max_iter": int(max_iter),
             "bounds": {"lengthscale": [1e-2, 1e5], "amplitude": [1e-4, 1e4],
@@ -233,13 +388,43 @@ def run_learn(
         "trace": result.trace,
         "starts": result.starts,
         "kernel_evaluations": int(learn_evals + (test_pairs if test else 0)),
-        "body_pair_evaluations": int(pairs + test_pairs),
+        "body_pair_evaluations": int(pairs * (1 + sum(r["body_pass"] for r in internal_rows or []))
+                                     + test_pairs * (2 if params == "internal" and test else 1)),
         "heldout_accuracy": heldout,
         "heldout": held,
         "grid_best": grid_best,
         "grid": grid_rows,
         "seconds": {"body_pass": body_seconds, "learn": learn_seconds, "grid": grid_seconds},
     }
+
+
+def _internal_panel(ax, result: dict) -> None:
+    """Objective and CV accuracy against the tied internal λ (0, independent taps, drawn one
+    decade left of the smallest positive λ), the learned internal λ marked."""
+    rows = sorted(result["trace"], key=lambda r: r["internal_lengthscale"])
+    lams = [r["internal_lengthscale"] for r in rows]
+    positive = [v for v in lams if v > 0]
+    zero_at = math.log10(min(positive)) - 1 if positive else 0.0
+    xs = np.array([math.log10(v) if v > 0 else zero_at for v in lams])
+    acc = np.array([r["cv_accuracy"] for r in rows]) * 100
+    se = np.array([gp.mean_and_2se(np.asarray(r["fold_accuracies"]))[1] for r in rows]) * 100
+    ax.errorbar(xs, acc, yerr=se, fmt="o-", color="C0", capsize=3, label="CV accuracy, readout learned (±2 SE)")
+    ax.plot(xs, [r["grid_best_cv_accuracy"] * 100 for r in rows], "s:", color="C1", mfc="none",
+            label="CV accuracy, best readout λ of the grid")
+    learned = result["learned"]["internal_lengthscale"]
+    lx = math.log10(learned) if learned > 0 else zero_at
+    ax.axvline(lx, color="C3", ls="--", label=f"learned internal λ = {learned:.3g}")
+    cfg = result["config"]
+    ax.set_xlabel("log10 internal λ of the correlated convs (taps; leftmost point: λ = 0, independent)")
+    ax.set_ylabel("CV accuracy (%)")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["objective"] for r in rows], "^-", color="C2", label=f"{cfg['objective']} per point")
+    ax2.set_ylabel(f"{cfg['objective']} per training point (readout learned)", color="C2")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small")
+    ax.set_title("the internal λ, profiled", fontsize="medium")
+    ax.grid(True, alpha=0.3)
 
 
 def learned_figure(result: dict, path):
@@ -250,9 +435,12 @@ def learned_figure(result: dict, path):
 
     rows = result["grid"]
     lam = np.log10([r["lengthscale"] for r in rows])
-    fig = Figure(figsize=(7.5, 4.8))
+    internal = result["config"].get("params") == "internal"
+    fig = Figure(figsize=(14, 4.8) if internal else (7.5, 4.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2, 1) if internal else fig.add_subplot()
+    if internal:
+        _internal_panel(fig.add_subplot(1, 2, 2), result)
     acc = np.array([r["cv_accuracy"] for r in rows]) * 100
     se = np.array([r["cv_accuracy_2se"] for r in rows]) * 100
     ax.plot(lam, acc, "o-", color="C0", label="grid: CV accuracy (σ² by CV)")
@@ -273,7 +461,8 @@ def learned_figure(result: dict, path):
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small")
-    ax.set_title(f"{cfg['arch']} on {cfg['dataset']}, N = {cfg['n']}: learned vs grid λ")
+    given = f" (internal λ = {cfg['internal']['given_lengthscale']:g})" if internal else ""
+    ax.set_title(f"{cfg['arch']}{given} on {cfg['dataset']}, N = {cfg['n']}: learned vs grid λ", fontsize="medium")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
