@@ -380,3 +380,87 @@ def test_cnngp_learn_internal_writes_results_and_figure(tmp_path, capsys):
     assert main(["learn", "--n", "40", "--params", "all", "--store", str(tmp_path / "S.zarr"),
                  "--out", str(tmp_path / "y")]) == 2
     assert "only with params='readout'" in capsys.readouterr().err
+
+
+# -- a freely learned stationary readout: the spectral mixture ------------------------------
+
+
+def test_spectral_mixture_correlation_against_a_loop_and_rbf():
+    from cnngp import SpectralMixture
+
+    sm = SpectralMixture([1.0, 0.4], [[0.0, 0.1], [0.3, 0.05]], [[1.5, 2.0], [0.8, 3.0]])
+    shape = (4, 3)
+    pos = [(i, j) for i in range(4) for j in range(3)]
+    ref = np.zeros((12, 12))
+    for a, (i, j) in enumerate(pos):
+        for b, (k, l) in enumerate(pos):
+            d = (k - i, l - j)
+            ref[a, b] = sum(w * math.exp(-d[0] ** 2 / (2 * e[0] ** 2) - d[1] ** 2 / (2 * e[1] ** 2))
+                            * math.cos(2 * math.pi * m[0] * d[0]) * math.cos(2 * math.pi * m[1] * d[1])
+                            for w, m, e in zip([1.0, 0.4], [[0.0, 0.1], [0.3, 0.05]], [[1.5, 2.0], [0.8, 3.0]]))
+    got = sm.matrix(shape).numpy()
+    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-12)
+    assert np.linalg.eigvalsh(got).min() > -1e-14
+    # one component at frequency 0 with equal envelopes is the RBF
+    np.testing.assert_allclose(SpectralMixture([2.0], [[0.0, 0.0]], [[1.7, 1.7]]).matrix((5, 4)).numpy(),
+                               RBF(1.7).matrix((5, 4)).numpy(), rtol=1e-12)
+    assert cnngp.from_spec({"layers": [{"type": "readout", "correlation": sm.to_spec()}]}).layers[0].correlation == sm
+    with pytest.raises(cnngp.CNNGPError, match="lengthscales: expected finite numbers > 0"):
+        SpectralMixture([1.0], [[0.0]], [[-1.0]])
+    with pytest.raises(cnngp.CNNGPError, match="defined for 2-D grids"):
+        sm.matrix((5,))
+
+
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fused", "torch"])
+def test_spectral_mixture_offset_readout_equals_the_direct_readout(monkeypatch, fast):
+    from cnngp import SpectralMixture
+
+    monkeypatch.setenv("CNNGP_FAST", fast)
+    rng = np.random.default_rng(6)
+    x = rng.uniform(0, 1, (4, 7, 6, 2))
+    body = _offsets_body()
+    S = cnngp.offset_sums(body, x)
+    sm = SpectralMixture([1.0, 0.7], [[0.0, 0.2], [0.4, 0.0]], [[2.0, 1.0], [1.2, 4.0]])
+    direct = cnngp.kernel(Serial(*body.layers, Readout(weight_var=1.3, bias_var=0.2, correlation=sm)), x)
+    via = 1.3 * torch.tensordot(sm.offset_weights((7, 6)), S, 1) + 0.2
+    assert float((via - direct).abs().max()) <= 1e-12 * float(direct.abs().max())
+
+
+def test_spectral_mixture_weights_gradcheck():
+    from cnngp.kernels.correlations import spectral_mixture_offset_weights
+
+    params = [torch.tensor(v, dtype=torch.float64, requires_grad=True)
+              for v in ([1.0, 0.5], [[0.05, 0.1], [0.3, 0.2]], [[1.5, 2.0], [0.9, 3.0]])]
+    assert torch.autograd.gradcheck(lambda *p: spectral_mixture_offset_weights((4, 3), *p), params)
+
+
+def test_learned_spectral_mixture_is_at_least_the_learned_rbf():
+    """Q = 1 at frequency 0 with equal envelopes is the RBF readout, so the mixture's optimum
+    (Q = 2, per-axis envelopes) can only be better."""
+    from cnngp.inference.learn import learn_spectral_mixture
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, (30, 6, 6, 1))
+    y = np.arange(30) % 3
+    x[y == 1, :3] += 0.5
+    x[y == 2, :, :2] += 0.4
+    S = cnngp.offset_sums(Serial(Conv(3), ReLU(), Conv(3), ReLU()), x)
+    rbf = learn_readout(OffsetReadout(S, (6, 6), "rbf"), y, n_classes=3)
+    sm = learn_spectral_mixture(S, (6, 6), y, components=2, n_classes=3)
+    assert sm.objective >= rbf.objective - 1e-6
+    corr = cnngp.from_spec({"layers": [{"type": "readout", "correlation": sm.learned["correlation"]}]}).layers[0].correlation
+    K = sm.learned["amplitude"] * torch.tensordot(corr.offset_weights((6, 6)), S, 1)
+    Y = torch.tensor(centered_one_hot(y, 3), dtype=torch.float64)
+    assert float(log_marginal_likelihood(K, Y, sm.learned["noise_variance"])) == pytest.approx(sm.objective, rel=1e-10)
+    assert sm.kernel_evaluations > 0 and len(sm.trace) >= 3
+
+
+def test_cnngp_learn_spectral_mixture(tmp_path, capsys):
+    out = tmp_path / "sm"
+    assert main(["learn", "--n", "40", "--spectral-mixture", "2", "--starts", "2", "--max-iter", "15",
+                 "--out", str(out), "--quiet"]) == 0
+    r = json.loads((out / "learned.json").read_text())
+    sm = r["spectral_mixture"]
+    assert sm["components"] == 2 and sm["learned"]["correlation"]["type"] == "spectral_mixture"
+    assert 0 <= sm["heldout_accuracy"] <= 1 and sm["kernel_evaluations"] > 0
+    assert "spectral mixture (Q = 2)" in capsys.readouterr().out

@@ -16,6 +16,7 @@ _EXPORTS = {
     "RBF": "kernels.correlations", "Constant": "kernels.correlations",
     "Correlation": "kernels.correlations", "Independent": "kernels.correlations",
     "Matern": "kernels.correlations", "UserCorrelation": "kernels.correlations",
+    "SpectralMixture": "kernels.correlations",
     "CNNGPError": "errors",
     "kernel": "engine.gram", "readout_sweep": "engine.gram", "offset_sums": "engine.gram",
     **{name: "kernels.layers" for name in (

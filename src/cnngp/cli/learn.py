@@ -55,6 +55,7 @@ def cmd_learn(args) -> int:
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         dtype=args.dtype, device=args.device, starts=_starts(args.starts), max_iter=args.max_iter,
         progress=None if args.quiet else progress, store=args.store, refine=args.refine,
+        spectral_mixture=args.spectral_mixture,
     )
     result["config"]["command"] = "cnngp " + " ".join(sys.argv[1:])
     png = io.BytesIO()
@@ -68,6 +69,11 @@ def cmd_learn(args) -> int:
           f"{100 * result['heldout_accuracy']:.1f}%, {result['kernel_evaluations']:,} kernel evaluations")
     print(f"grid best λ = {gb['lengthscale']:.4g}: {what} accuracy {100 * gb['heldout_accuracy']:.1f}%, "
           f"{gb['kernel_evaluations']:,} kernel evaluations")
+    if "spectral_mixture" in result:
+        sm = result["spectral_mixture"]
+        print(f"spectral mixture (Q = {sm['components']}): {args.objective} {sm['objective']:.6g} (Matérn λ: "
+              f"{result['objective']:.6g}), {what} accuracy {100 * sm['heldout_accuracy']:.1f}%, "
+              f"{sm['kernel_evaluations']:,} kernel evaluations")
     print(f"wrote {out / 'learned.json'} and {out / 'learned.png'}")
     return 0
 
@@ -97,6 +103,9 @@ def register(subparsers) -> None:
                         "body pass per value) with the readout learned exactly at each")
     p.add_argument("--refine", type=int_at_least(0), default=5,
                    help="with --params internal: Brent steps in log λ after the internal grid (default 5)")
+    p.add_argument("--spectral-mixture", type=int_at_least(0), default=0, metavar="Q",
+                   help="with --params readout: also learn a Q-component spectral-mixture readout "
+                        "(any stationary PSD correlation, not one family's λ) from the same offset sums")
     p.add_argument("--store", help="S.zarr: compute the offset sums into this resumable tiled store (and "
                                    "S-test.zarr with --test), or reuse it (--params readout)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32", help="readout family (default matern32)")

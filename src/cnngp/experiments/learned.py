@@ -34,10 +34,12 @@ from cnngp.inference.learn import (
     OffsetReadout,
     learn_network,
     learn_readout,
+    learn_spectral_mixture,
     objective_value,
     with_parameters,
 )
 from cnngp.io.architectures import split_network
+from cnngp.io.spec import correlation_from_spec as from_correlation_spec
 from cnngp.io.data import Dataset, balanced_subset, load_dataset
 from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
 from cnngp.kernels.layers import Serial
@@ -192,6 +194,7 @@ def run_learn(
     data_label: str | None = None,
     store=None,
     refine: int = 5,
+    spectral_mixture: int = 0,
 ) -> dict:
     """Learn the readout λ of ``network`` on ``n`` class-balanced training images and compare
     it with the grid search; returns the JSON-ready ``learned.json`` dictionary (see the
@@ -204,11 +207,18 @@ def run_learn(
     torch path: small N); ``"internal"`` — one tied λ of the intermediate correlated convs
     (:func:`internal_convs`), by a profile: a fused body pass per internal λ
     (:data:`INTERNAL_GRID`, then ``refine`` Brent steps in log λ), the readout learned
-    exactly at each; ``trace`` then has one row per internal λ."""
+    exactly at each; ``trace`` then has one row per internal λ. ``spectral_mixture`` = Q > 0
+    (with ``"readout"``): also learn a Q-component spectral-mixture readout from the same S
+    (:func:`cnngp.inference.learn.learn_spectral_mixture`), reported under
+    ``"spectral_mixture"``."""
     if objective not in OBJECTIVES:
         raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     if params not in ("readout", "all", "internal"):
         raise CNNGPError(f"params: expected 'readout', 'all' or 'internal', got {params!r}")
+    if isinstance(spectral_mixture, bool) or not isinstance(spectral_mixture, (int, np.integer)) or spectral_mixture < 0:
+        raise CNNGPError(f"spectral_mixture: expected a number of components >= 0, got {spectral_mixture!r}")
+    if spectral_mixture and params != "readout":
+        raise CNNGPError(f"spectral_mixture: only with params='readout' (--params readout), got params={params!r}")
     if store is not None and params != "readout":
         raise CNNGPError(f"store: only with params='readout' (--params readout), got params={params!r}")
     if family not in FAMILIES:
@@ -315,6 +325,27 @@ def run_learn(
                   + readout.bias_var).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
         held["n_test"] = int(len(y_test))
+    sm_result = None
+    if spectral_mixture:
+        sm = learn_spectral_mixture(S, grid, y, components=int(spectral_mixture), objective=objective,
+                                    n_classes=k_cls, bias_var=template.bias_var, progress=progress)
+        sm_corr = from_correlation_spec(sm.learned["correlation"])
+        with torch.no_grad():
+            K_sm = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S, 1)
+                    + template.bias_var).numpy()
+        cv_sm = gp.cross_validate(K_sm, y, folds=fold_list, noise_variances=[sm.learned["noise_variance"]],
+                                  n_classes=k_cls)
+        acc = cv_sm.fold_accuracies[:, 0]
+        sm_result = {"learned": sm.learned, "objective": sm.objective, "components": int(spectral_mixture),
+                     "cv_accuracy": float(acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(acc)[1]),
+                     "fold_accuracies": acc.tolist(), "kernel_evaluations": int(sm.kernel_evaluations * pairs),
+                     "starts": sm.starts, "trace": sm.trace, "seconds": sm.seconds}
+        if test:
+            with torch.no_grad():
+                K_smt = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S_test, 1)
+                         + template.bias_var).numpy()
+            sm_result["test_accuracy"] = gp.test_accuracy(K_sm, y, K_smt, y_test, sm.learned["noise_variance"], k_cls)
+        sm_result["heldout_accuracy"] = sm_result.get("test_accuracy", sm_result["cv_accuracy"])
     learn_seconds = time.perf_counter() - t1
 
     # -- grid (the sweep's protocol) and the objective profiled along it ------------------
@@ -393,6 +424,7 @@ def run_learn(
         "heldout_accuracy": heldout,
         "heldout": held,
         "grid_best": grid_best,
+        **({"spectral_mixture": sm_result} if sm_result is not None else {}),
         "grid": grid_rows,
         "seconds": {"body_pass": body_seconds, "learn": learn_seconds, "grid": grid_seconds},
     }

@@ -35,7 +35,7 @@ from cnngp.inference.gp import centered_one_hot
 from cnngp.kernels.correlations import FAMILIES, family as correlation_family
 
 __all__ = ["OBJECTIVES", "BOUNDS", "OffsetReadout", "log_marginal_likelihood", "loo_log_predictive",
-           "objective_value", "learn_readout", "LearnResult"]
+           "objective_value", "learn_readout", "learn_spectral_mixture", "LearnResult"]
 
 OBJECTIVES = ("mll", "loo")
 
@@ -208,6 +208,118 @@ def learn_readout(
                "noise_variance": best["noise_variance"]}
     return LearnResult(learned, best["objective"], trace, readout.evaluations, results,
                        time.perf_counter() - t0)
+
+
+# -- a freely learned stationary readout: a spectral mixture over the offsets ------------------
+
+#: bounds of a spectral mixture's parameters: relative weights (the first is 1: the
+#: amplitude carries the scale), frequencies in cycles per grid step (0 to Nyquist; cos is
+#: even, so the sign is immaterial), envelope lengthscales in grid steps
+SPECTRAL_BOUNDS = {"weight": (1e-4, 1e4), "mean": (0.0, 0.5), "lengthscale": (0.1, 1e4)}
+
+
+def learn_spectral_mixture(
+    S,
+    grid,
+    y,
+    *,
+    components: int = 2,
+    objective: str = "mll",
+    n_classes: int | None = None,
+    bias_var: float = 0.0,
+    starts=(1.0, 10.0),
+    max_iter: int = 200,
+    progress=None,
+) -> LearnResult:
+    """Maximise ``objective`` over a Q-component :class:`~cnngp.kernels.correlations.SpectralMixture`
+    readout (weights, per-axis frequencies and envelopes), its amplitude and σ², by L-BFGS-B
+    on exact gradients of k = a·Σ_δ w[δ] S[δ] + b — any stationary PSD readout, not one
+    family's λ (docs/maths.md §8). Starts: every envelope at each value of ``starts``, the
+    frequencies spread over [0, 1/4]; the best is returned. ``learned["correlation"]`` is the
+    spec of the learned correlation (``cnngp.from_spec``-ready)."""
+    from scipy.optimize import minimize
+
+    from cnngp.kernels.correlations import SpectralMixture, spectral_mixture_offset_weights
+
+    if objective not in OBJECTIVES:
+        raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if isinstance(components, bool) or not isinstance(components, (int, np.integer)) or components < 1:
+        raise CNNGPError(f"components: expected an integer >= 1, got {components!r}")
+    S = torch.as_tensor(S, dtype=torch.float64)
+    grid = tuple(int(g) for g in grid)
+    if S.dim() != 3 or S.shape[0] != math.prod(2 * g - 1 for g in grid) or S.shape[1] != S.shape[2]:
+        raise CNNGPError(f"S: expected square training offset sums (M, N, N) for the grid {grid}, got {tuple(S.shape)}")
+    q, d = int(components), len(grid)
+    Y = torch.as_tensor(centered_one_hot(np.asarray(y), n_classes), dtype=torch.float64)
+    scale = float(torch.diagonal(S[len(S) // 2]).mean()) / math.prod(grid)  # ≈ the independent readout's
+    if not (scale > 0 and math.isfinite(scale)):
+        raise CNNGPError(f"learn_spectral_mixture: the kernel's mean diagonal is {scale!r}; expected a positive number")
+    sb = SPECTRAL_BOUNDS
+
+    def unpack(theta):
+        t = torch.as_tensor(theta, dtype=torch.float64)
+        i = 0
+        logw = torch.cat([torch.zeros(1, dtype=torch.float64), t[i : i + q - 1]])
+        i += q - 1
+        mu = t[i : i + q * d].reshape(q, d)
+        i += q * d
+        ell = torch.exp(t[i : i + q * d].reshape(q, d))
+        i += q * d
+        return torch.exp(logw), mu, ell, torch.exp(t[i]), torch.exp(t[i + 1])
+
+    bounds = ([tuple(np.log(sb["weight"]))] * (q - 1) + [sb["mean"]] * (q * d)
+              + [tuple(np.log(sb["lengthscale"]))] * (q * d)
+              + [tuple(np.log(BOUNDS["amplitude"])), tuple(np.log([BOUNDS["noise_variance"][0] * scale,
+                                                                     BOUNDS["noise_variance"][1] * scale]))])
+    evaluations = [0]
+
+    def value_of(theta):
+        w, mu, ell, amp, noise = unpack(theta)
+        wd = spectral_mixture_offset_weights(grid, w, mu, ell)
+        evaluations[0] += 1
+        return objective_value(objective, amp * torch.tensordot(wd, S, 1) + bias_var, Y, noise)
+
+    def f(theta):
+        t = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+        try:
+            value = value_of(t)
+        except CNNGPError:  # not positive definite or not normalisable here: a wall, not a crash
+            return 1e10, np.zeros_like(theta)
+        (-value).backward()
+        return -float(value.detach()), t.grad.numpy().copy()
+
+    trace, results = [], []
+    t0 = time.perf_counter()
+    for k, ell0 in enumerate(starts):
+        x0 = np.concatenate([np.zeros(q - 1), np.repeat(np.linspace(0.0, 0.25, q), d),
+                             np.full(q * d, math.log(float(ell0))), [0.0, math.log(1e-2 * scale)]])
+        step = [0]
+
+        def record(theta, k=k, step=step):
+            step[0] += 1
+            with torch.no_grad():
+                value = float(value_of(theta))
+            evaluations[0] -= 1  # recording is not part of the optimisation's cost
+            w, mu, ell, amp, noise = unpack(theta)
+            entry = {"start": k, "step": step[0], "objective": value, "amplitude": float(amp),
+                     "noise_variance": float(noise), "weights": w.tolist(), "means": mu.tolist(),
+                     "lengthscales": ell.tolist()}
+            trace.append(entry)
+            if progress is not None:
+                progress({kk: v for kk, v in entry.items() if not isinstance(v, list)})
+
+        record(x0)
+        res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=record,
+                       options={"maxiter": int(max_iter)})
+        w, mu, ell, amp, noise = unpack(res.x)
+        results.append({"start_lengthscale": float(ell0), "objective": -float(res.fun),
+                        "converged": bool(res.success), "iterations": int(res.nit), "message": str(res.message),
+                        "correlation": SpectralMixture(w.numpy(), mu.numpy(), ell.numpy()).to_spec(),
+                        "amplitude": float(amp), "noise_variance": float(noise)})
+    best = max(results, key=lambda r: r["objective"])
+    learned = {"correlation": best["correlation"], "amplitude": best["amplitude"],
+               "noise_variance": best["noise_variance"]}
+    return LearnResult(learned, best["objective"], trace, evaluations[0], results, time.perf_counter() - t0)
 
 
 # -- every parameter of a network, by autograd (docs/maths.md §8) -----------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cnngp.kernels.correlations import RBF, Constant, Independent, Matern, UserCorrelation
+from cnngp.kernels.correlations import RBF, Constant, Independent, Matern, SpectralMixture, UserCorrelation
 from cnngp.errors import CNNGPError
 from cnngp.kernels.layers import (
     ABReLU,
@@ -36,6 +36,8 @@ _CORRELATIONS = {
     "matern": (lambda d: Matern(d.get("nu", 1.5), d.get("lengthscale", 1.0)), {"nu", "lengthscale"}),
     "rbf": (lambda d: RBF(d.get("lengthscale", 1.0)), {"lengthscale"}),
     "user": (lambda d: UserCorrelation(d["matrix"], d.get("normalise", True)), {"matrix", "normalise"}),
+    "spectral_mixture": (lambda d: SpectralMixture(d.get("weights"), d.get("means"), d.get("lengthscales")),
+                         {"weights", "means", "lengthscales"}),
 }
 
 _LAYERS = {

@@ -259,6 +259,99 @@ class RBF(_Stationary):
         return f"RBF(lengthscale={self._lengthscale_spec()!r})"
 
 
+class SpectralMixture(Correlation):
+    """A spectral-mixture stationary correlation over the grid (Wilson & Adams' kernel, per
+    axis): Σ[p, p′] ∝ k(p′ − p) with
+
+        k(δ) = Σ_q w_q ∏_k exp(−δ_k² / (2 ℓ_qk²)) · cos(2π μ_qk δ_k),
+
+    a positive sum of products of PSD kernels, hence PSD on every grid (docs/maths.md §8).
+    What ``cnngp learn --readout spectral-mixture`` learns from the offset sums; then usable
+    as any readout or conv correlation (spec ``{"type": "spectral_mixture", ...}``).
+
+    Parameters
+    ----------
+    weights : sequence of Q numbers > 0
+    means : (Q, D) frequencies μ in cycles per grid step (finite; |μ| ≤ 1/2 is below the
+        grid's Nyquist frequency, larger values alias)
+    lengthscales : (Q, D) envelopes ℓ > 0 in grid steps
+    """
+
+    def __init__(self, weights, means, lengthscales):
+        w = np.asarray(weights, dtype=np.float64)
+        mu = np.asarray(means, dtype=np.float64)
+        ell = np.asarray(lengthscales, dtype=np.float64)
+        if w.ndim != 1 or w.size == 0:
+            raise CNNGPError(f"spectral_mixture weights: expected a non-empty list of Q numbers, got shape {w.shape}")
+        q = w.size
+        if mu.ndim != 2 or mu.shape[0] != q or ell.shape != mu.shape:
+            raise CNNGPError(
+                f"spectral_mixture: means and lengthscales must both be (Q, D) = ({q}, D) lists, "
+                f"got {mu.shape} and {ell.shape}"
+            )
+        if not (np.all(np.isfinite(w)) and np.all(w > 0)):
+            raise CNNGPError(f"spectral_mixture weights: expected finite numbers > 0, got {w.tolist()}")
+        if not np.all(np.isfinite(mu)):
+            raise CNNGPError(f"spectral_mixture means: expected finite frequencies, got {mu.tolist()}")
+        if not (np.all(np.isfinite(ell)) and np.all(ell > 0)):
+            raise CNNGPError(f"spectral_mixture lengthscales: expected finite numbers > 0, got {ell.tolist()}")
+        self.weights, self.means, self.lengthscales = w, mu, ell
+
+    @property
+    def dims(self) -> int:
+        return self.means.shape[1]
+
+    def check_shape(self, shape):
+        if len(tuple(shape)) != self.dims:
+            raise CNNGPError(
+                f"spectral_mixture: defined for {self.dims}-D grids (means and lengthscales have "
+                f"{self.dims} columns), got the grid {tuple(shape)}"
+            )
+
+    def _unnormalised(self, shape):
+        self.check_shape(shape)
+        coords = tap_coordinates(tuple(shape))
+        delta = coords[None, :, :] - coords[:, None, :]
+        return spectral_mixture_profile(torch.as_tensor(delta.reshape(-1, self.dims)), self.weights,
+                                        self.means, self.lengthscales).numpy().reshape(len(coords), len(coords))
+
+    def offset_weights(self, shape, dtype=torch.float64) -> torch.Tensor:
+        """Σ as a function of the offset over :func:`offsets` of ``shape``, normalised as
+        every correlation (Σ_δ count(δ)·w[δ] = 1)."""
+        self.check_shape(shape)
+        return spectral_mixture_offset_weights(shape, self.weights, self.means, self.lengthscales, dtype)
+
+    def to_spec(self):
+        return {"type": "spectral_mixture", "weights": self.weights.tolist(), "means": self.means.tolist(),
+                "lengthscales": self.lengthscales.tolist()}
+
+    def __repr__(self):
+        return f"SpectralMixture(Q={self.weights.size}, D={self.dims})"
+
+
+def spectral_mixture_profile(delta, weights, means, lengthscales) -> torch.Tensor:
+    """k(δ) of :class:`SpectralMixture` for offsets ``delta`` (M, D); the parameters may be
+    torch tensors that require grad (the learned readout), or arrays."""
+    t = torch.as_tensor(delta, dtype=torch.float64)
+    w, mu, ell = (torch.as_tensor(a, dtype=torch.float64) for a in (weights, means, lengthscales))
+    env = torch.exp(-0.5 * ((t[:, None, :] / ell[None]) ** 2).sum(-1))  # (M, Q)
+    wave = torch.cos(2 * math.pi * t[:, None, :] * mu[None]).prod(-1)
+    return (env * wave) @ w
+
+
+def spectral_mixture_offset_weights(shape, weights, means, lengthscales, dtype=torch.float64) -> torch.Tensor:
+    """The normalised offset weights w[δ] of a spectral mixture on a grid of ``shape``
+    (differentiable in torch parameters). The sum Σ_δ count(δ) k(δ) = 1ᵀΣ1 is ≥ 0 (Σ is
+    PSD); a mixture whose Σ sums to 0 on this grid cannot be normalised and is refused."""
+    delta, counts = offsets(tuple(shape))
+    k = spectral_mixture_profile(delta, weights, means, lengthscales)
+    total = (torch.as_tensor(counts, dtype=torch.float64) * k).sum()
+    if not float(total.detach()) > 1e-300:
+        raise CNNGPError("spectral_mixture: its correlation sums to 0 over this grid (a pure "
+                         "oscillation), so it cannot be normalised; lower the frequencies")
+    return (k / total).to(dtype)
+
+
 class UserCorrelation(Correlation):
     """A user-supplied PSD matrix over the row-major positions of the grid.
 
