@@ -359,3 +359,24 @@ def test_sweep_figure_overlays_published_numbers(tmp_path):
     assert hollow(plain) == []
     ys = sorted(y for _, y in hollow(overlaid))
     assert ys == sorted([28.8, 34.9, 35.3, 32.5, 40.2, 40.5])  # only the N that were run
+
+
+def test_figure3_draws_every_variant_and_the_papers_numbers(tmp_path):
+    from cnngp.experiments.paper import FIGURE3
+    from cnngp.experiments.plots import figure3
+
+    def results(shift):
+        rows = [{"n": n, "readout": r, "lengthscale": lam, "cv_accuracy": acc + shift + n / 1e4,
+                 "cv_accuracy_2se": 0.02, "n_datasets": 640 // n} for n in (160, 320, 640)
+                for r, lam, acc in (("independent", 0.0, 0.30), ("matern32", 3.0, 0.33), ("constant", "inf", 0.35))]
+        return {"config": {}, "results": rows}
+
+    fig = figure3({"pooled": results(0.05), "6×6 independent": results(0.0)}, tmp_path / "f3.png",
+                  reference=FIGURE3)
+    assert (tmp_path / "f3.png").stat().st_size > 1000
+    left = fig.axes[0]
+    curves = {c.get_label(): [round(float(v), 6) for v in c.lines[0].get_ydata()] for c in left.containers}
+    assert curves["pooled"] == [41.6, 43.2, 46.4] and curves["6×6 independent"] == [36.6, 38.2, 41.4]
+    hollow = sorted(round(float(y), 6) for c in left.containers if c.lines[0].get_markerfacecolor() == "none"
+                    for y in c.lines[0].get_ydata())
+    assert hollow == [48.1, 51.65, 51.65]  # ranges drawn at their midpoints, with bars

@@ -172,6 +172,101 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     return fig
 
 
+def _best_per_n(results: dict) -> dict:
+    """N → the row of the readout with the best CV accuracy (the sweep's choice)."""
+    out = {}
+    for r in results["results"]:
+        n = int(r["n"])
+        if n not in out or r["cv_accuracy"] > out[n]["cv_accuracy"]:
+            out[n] = r
+    return out
+
+
+def figure3(variants: dict, path, reference: dict | None = None, reference_n: int = 1280,
+            title: str | None = None, format: str | None = None):
+    """The paper's Figure 3 in our terms: Myrtle10 variants (pooled; 6×6 stride-2 convs with
+    independent or correlated taps) side by side.
+
+    Parameters
+    ----------
+    variants : dict
+        Label → sweep results (``results.json`` of :func:`cnngp.experiments.sweep.run_sweep`).
+    path : str, path-like or binary file object
+    reference : dict, optional
+        The paper's numbers (:data:`cnngp.experiments.paper.FIGURE3`: ``pooled``,
+        ``independent_6x6``, ``correlated_6x6``, each a % or a (low, high) range), drawn as
+        hollow markers at N = ``reference_n`` on the left panel.
+
+    Left: the best readout's CV accuracy (±2 SE over disjoint blocks) against N per variant.
+    Right: the readout λ sweep of every variant at its largest N, with ±2 SE bands.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.8))
+    FigureCanvasAgg(fig)
+    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    all_n = set()
+    for k, (label, res) in enumerate(variants.items()):
+        color = f"C{k}"
+        best = _best_per_n(res)
+        ns = sorted(best)
+        all_n |= set(ns)
+        ax.errorbar(np.log2(ns), [100 * best[n]["cv_accuracy"] for n in ns],
+                    yerr=[100 * best[n]["cv_accuracy_2se"] for n in ns], fmt="o-", color=color,
+                    capsize=3, label=label)
+        n_max = ns[-1]
+        rows = [r for r in res["results"] if int(r["n"]) == n_max]
+
+        def lam(r):
+            v = r["lengthscale"]
+            return math.inf if v == "inf" else float(v)
+
+        curve = sorted((r for r in rows if 0 < lam(r) < math.inf), key=lam)
+        if curve:
+            x = np.log10([lam(r) for r in curve])
+            y = 100 * np.array([r["cv_accuracy"] for r in curve])
+            e = 100 * np.array([r["cv_accuracy_2se"] for r in curve])
+            ax2.plot(x, y, "-", color=color, label=f"{label}, N = {n_max}")
+            ax2.fill_between(x, y - e, y + e, color=color, alpha=0.15, linewidth=0)
+            for r, marker, xv in ((next((r for r in rows if lam(r) == 0), None), "s", x[0] - 0.8),
+                                  (next((r for r in rows if math.isinf(lam(r))), None), "D", x[-1] + 0.8)):
+                if r is not None:
+                    ax2.errorbar(xv, 100 * r["cv_accuracy"], yerr=100 * r["cv_accuracy_2se"], fmt=marker,
+                                 color=color, capsize=3)
+    if reference:
+        xr = math.log2(reference_n)
+        for k, (key, label) in enumerate((("pooled", "pooled"), ("independent_6x6", "6×6 independent"),
+                                          ("correlated_6x6", "6×6 correlated"))):
+            v = reference.get(key)
+            if v is None:
+                continue
+            lo, hi = (v, v) if not isinstance(v, (tuple, list)) else v
+            xv = xr + 0.06 * (k - 1)
+            ax.errorbar(xv, (lo + hi) / 2, yerr=[[(hi - lo) / 2], [(hi - lo) / 2]], fmt="o", mfc="none",
+                        color=f"C{k}", capsize=4, ms=9, mew=1.5)
+        ax.plot([], [], "o", mfc="none", color="black", ms=9, label=f"paper, N = {reference_n} (hollow; ranges as bars)")
+        all_n.add(reference_n)
+    ticks = sorted(all_n)
+    ax.set_xticks(np.log2(ticks))
+    ax.set_xticklabels([str(n) for n in ticks])
+    ax.set_xlabel("training set size N")
+    ax.set_ylabel("4-fold CV accuracy of the best readout (%), ±2 SE")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(title or "Myrtle10: pooling vs 6×6 stride-2 convs (independent / correlated taps)", fontsize="medium")
+    ax2.set_xlabel("log10 λ of the Matérn-3/2 readout (square: independent, diamond: mean pool)")
+    ax2.set_ylabel("4-fold CV accuracy (%), ±2 SE")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(loc="best", fontsize="small")
+    ax2.set_title("readout sweep at the largest N", fontsize="medium")
+    fig.tight_layout()
+    if format is None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+        format = "png"
+    fig.savefig(path, dpi=120, format=format)
+    return fig
+
+
 # -- Monte Carlo correlation figure ------------------------------------------------------------
 
 
