@@ -445,3 +445,31 @@ def test_sweep_from_a_store_equals_the_in_memory_sweep(tmp_path):
     assert np.array_equal(np.asarray(KernelStore.open(tmp_path / "K2.zarr").kernel[...]),
                           np.asarray(KernelStore.open(tmp_path / "K.zarr").kernel[...]))
     assert d["results"] == a["results"] and d["best"] == a["best"] and d["test"] == a["test"]
+
+
+def test_the_progress_bar_advances_within_a_tile(tmp_path, monkeypatch):
+    """In-process tiles report every batch of pairs, not only their end: the bar's updates sum
+    to the pairs of the matrix exactly, and there are more of them than tiles."""
+    import cnngp.engine.distributed as distributed
+
+    updates = []
+
+    class Bar:
+        def update(self, k):
+            updates.append(int(k))
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(distributed, "_progress_bar", lambda *a, **k: Bar())
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (9, 5, 5, 1))
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    report = store_kernel(net, x, out=tmp_path / "K.zarr", tile=4, batch_size=3, progress=True)
+    assert sum(updates) == 9 * 10 // 2 == report.pairs_computed
+    assert len([u for u in updates if u > 0]) > report.tiles_computed == 6
+    np.testing.assert_allclose(StoredReadouts(KernelStore.open(tmp_path / "K.zarr"))[0],
+                               cnngp.kernel(net, x).numpy(), rtol=1e-12)

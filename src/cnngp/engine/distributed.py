@@ -140,8 +140,10 @@ def run_self_task(path: str, key: str, recipe: tuple, which: str, block: int, sl
     return which, block
 
 
-def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int | None) -> tuple:
-    """Stage 2 on one tile: its block of the matrix, into the store, then its record."""
+def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int | None,
+                  progress=None) -> tuple:
+    """Stage 2 on one tile: its block of the matrix, into the store, then its record.
+    ``progress.update(pairs)`` is called after every batch of pairs (in-process runs)."""
     _set_threads(threads)
     start = time.perf_counter()
     store = KernelStore.open(path)
@@ -149,11 +151,11 @@ def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int |
     x_rows = torch.as_tensor(store.images("x1", tile.rows), device=plan.device)
     rec_rows = _records(store, plan, "x1", tile.rows)
     if tile.diagonal:
-        block = plan.block(x_rows, rec_rows)
+        block = plan.block(x_rows, rec_rows, progress=progress)
     else:
         which = "x1" if store.symmetric else "x2"
         x_cols = torch.as_tensor(store.images(which, tile.cols), device=plan.device)
-        block = plan.block(x_rows, rec_rows, x_cols, _records(store, plan, which, tile.cols))
+        block = plan.block(x_rows, rec_rows, x_cols, _records(store, plan, which, tile.cols), progress=progress)
     seconds = time.perf_counter() - start
     store.write_tile(tile, block.numpy(), seconds)
     return tile.name, tile.pairs, seconds
@@ -391,13 +393,13 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         nonlocal bar
         bar = _progress_bar(sum(t.pairs for t in todo), len(tiles), done_tiles, progress)
 
-    def tile_finished(name, pairs):
+    def tile_finished(name, pairs, shown=0):
         nonlocal done_tiles
         done_tiles += 1
         report.tiles_computed += 1
         report.pairs_computed += pairs
         if bar is not None:
-            bar.update(pairs)
+            bar.update(pairs - shown)  # ``shown``: pairs the bar already counted batch by batch
             bar.set_postfix_str(f"{done_tiles}/{len(tiles)} tiles")
 
     try:
@@ -409,8 +411,10 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
                 report.self_blocks_computed += 1
             start_progress()
             for t in todo:
-                name, pairs, _ = run_tile_task(str(out), key, recipe, t, threads_per_worker)
-                tile_finished(name, pairs)
+                batches = _BatchProgress(bar)
+                name, pairs, _ = run_tile_task(str(out), key, recipe, t, threads_per_worker,
+                                               progress=batches if bar is not None else None)
+                tile_finished(name, pairs, batches.shown)
         else:
             memory_limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
             ctx = contextlib.nullcontext(client) if client is not None else dask_client(
@@ -429,6 +433,19 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
             bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+class _BatchProgress:
+    """The progress bar advanced batch by batch inside a tile (in-process runs), counting what
+    it showed so that the tile's end adds only the rest."""
+
+    def __init__(self, bar):
+        self.bar, self.shown = bar, 0
+
+    def update(self, pairs: int) -> None:
+        if self.bar is not None:
+            self.bar.update(pairs)
+            self.shown += pairs
 
 
 def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, report,
