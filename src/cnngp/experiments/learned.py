@@ -430,6 +430,16 @@ def run_learn(
     }
 
 
+def _objective_axis(ax, x, values, style: str, label: str, ylabel: str) -> None:
+    """The objective on a twin y axis of ``ax`` (green), one legend for both axes."""
+    ax2 = ax.twinx()
+    ax2.plot(x, values, style, color="C2", label=label)
+    ax2.set_ylabel(ylabel, color="C2")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small")
+
+
 def _internal_panel(ax, result: dict) -> None:
     """Objective and CV accuracy against the tied internal λ (0, independent taps, drawn one
     decade left of the smallest positive λ), the learned internal λ marked."""
@@ -449,12 +459,8 @@ def _internal_panel(ax, result: dict) -> None:
     cfg = result["config"]
     ax.set_xlabel("log10 internal λ of the correlated convs (taps; leftmost point: λ = 0, independent)")
     ax.set_ylabel("CV accuracy (%)")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [r["objective"] for r in rows], "^-", color="C2", label=f"{cfg['objective']} per point")
-    ax2.set_ylabel(f"{cfg['objective']} per training point (readout learned)", color="C2")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small")
+    _objective_axis(ax, xs, [r["objective"] for r in rows], "^-", f"{cfg['objective']} per point",
+                    f"{cfg['objective']} per training point (readout learned)")
     ax.set_title("the internal λ, profiled", fontsize="medium")
     ax.grid(True, alpha=0.3)
 
@@ -487,12 +493,8 @@ def learned_figure(result: dict, path):
             label="grid best")
     ax.set_xlabel(f"log10 λ of the {cfg['readout']['family']} readout (index units of its grid)")
     ax.set_ylabel(f"{cfg['folds']}-fold CV accuracy (%), ±2 SE over folds")
-    ax2 = ax.twinx()
-    ax2.plot(lam, [r["objective"] for r in rows], "-", color="C2", label=f"{cfg['objective']} per point (profiled)")
-    ax2.set_ylabel(f"{cfg['objective']} per training point", color="C2")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small")
+    _objective_axis(ax, lam, [r["objective"] for r in rows], "-", f"{cfg['objective']} per point (profiled)",
+                    f"{cfg['objective']} per training point")
     given = f" (internal λ = {cfg['internal']['given_lengthscale']:g})" if internal else ""
     ax.set_title(f"{cfg['arch']}{given} on {cfg['dataset']}, N = {cfg['n']}: learned vs grid λ", fontsize="medium")
     ax.grid(True, alpha=0.3)
