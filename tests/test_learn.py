@@ -162,6 +162,12 @@ def test_cnngp_learn_writes_results_and_figure(tmp_path, capsys):
     assert 0 <= r["heldout_accuracy"] <= 1 and r["learned"]["lengthscale"] > 0
     assert (out / "learned.png").stat().st_size > 1000
     assert "learned λ" in capsys.readouterr().out
+    # the same command again replaces its results (another objective, a resumed store, …)
+    assert main(["learn", "--n", "40", "--out", str(out), "--quiet", "--starts", "1", "--max-iter", "5"]) == 0
+    assert json.loads((out / "learned.json").read_text())["config"]["starts"] == [1.0]
+    (tmp_path / "plain").write_text("x")
+    assert main(["learn", "--n", "40", "--out", str(tmp_path / "plain")]) == 2
+    assert "--out" in capsys.readouterr().err
     assert main(["learn", "--n", "40", "--starts", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "--starts" in capsys.readouterr().err
 

@@ -121,4 +121,4 @@ def register(subparsers) -> None:
     p.add_argument("--max-iter", type=int_at_least(1), default=100, help="L-BFGS-B iterations per start (default 100)")
     p.add_argument("--out", default="cnngp-learn", help="output directory (default cnngp-learn)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_learn)
+    p.set_defaults(func=cmd_learn, out_kind="dir", out_files=("learned.json", "learned.png"))
