@@ -316,7 +316,7 @@ def test_learn_through_a_store_matches_and_reuses_it(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "run_tile_task", no_body_pass)
     again = run_learn(net, "digits", store=tmp_path / "S.zarr", objective="loo", **kw)
     assert again["config"]["objective"] == "loo" and again["learned"]["lengthscale"] > 0
-    with pytest.raises(cnngp.CNNGPError, match="only with params='readout'"):
+    with pytest.raises(cnngp.CNNGPError, match="not with params='all'"):
         run_learn(net, "digits", store=tmp_path / "S.zarr", params="all", **kw)
 
 
@@ -385,7 +385,7 @@ def test_cnngp_learn_internal_writes_results_and_figure(tmp_path, capsys):
     assert "learned internal λ" in captured.out and "internal λ 0:" in captured.err
     assert main(["learn", "--n", "40", "--params", "all", "--store", str(tmp_path / "S.zarr"),
                  "--out", str(tmp_path / "y")]) == 2
-    assert "only with params='readout'" in capsys.readouterr().err
+    assert "not with params='all'" in capsys.readouterr().err
 
 
 # -- a freely learned stationary readout: the spectral mixture ------------------------------
@@ -470,3 +470,25 @@ def test_cnngp_learn_spectral_mixture(tmp_path, capsys):
     assert sm["components"] == 2 and sm["learned"]["correlation"]["type"] == "spectral_mixture"
     assert 0 <= sm["heldout_accuracy"] <= 1 and sm["kernel_evaluations"] > 0
     assert "spectral mixture (Q = 2)" in capsys.readouterr().out
+
+
+def test_internal_through_stores_resumes_without_a_body_pass(tmp_path, monkeypatch):
+    """Each internal λ's offset sums go into their own store; the same run again computes no
+    tile and reproduces every row."""
+    import cnngp.engine.distributed as distributed
+    from cnngp.experiments.learned import internal_store_path, run_learn
+
+    kw = dict(params="internal", starts=(2.0,), max_iter=10, refine=1, lengthscales=(1.0,),
+              store=tmp_path / "S.zarr")
+    first = run_learn(_internal_net(), "digits", 40, **kw)
+    assert internal_store_path(tmp_path / "S.zarr", 0.3).name == "S-internal-0.3.zarr"
+    assert all(internal_store_path(tmp_path / "S.zarr", r["internal_lengthscale"]).exists()
+               for r in first["trace"] if r["internal_lengthscale"] != 3.0)
+
+    def no_body_pass(*a, **k):
+        raise AssertionError("every store is complete: no tile may be computed again")
+
+    monkeypatch.setattr(distributed, "run_tile_task", no_body_pass)
+    again = run_learn(_internal_net(), "digits", 40, **kw)
+    assert [r["objective"] for r in again["trace"]] == [r["objective"] for r in first["trace"]]
+    assert again["learned"] == first["learned"]

@@ -107,7 +107,8 @@ def register(subparsers) -> None:
                    help="with --params readout: also learn a Q-component spectral-mixture readout "
                         "(any stationary PSD correlation, not one family's λ) from the same offset sums")
     p.add_argument("--store", help="S.zarr: compute the offset sums into this resumable tiled store (and "
-                                   "S-test.zarr with --test), or reuse it (--params readout)")
+                                   "S-test.zarr with --test), or reuse it; with --params internal also "
+                                   "S-internal-<λ>.zarr per internal λ, so an interrupted run resumes")
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32", help="readout family (default matern32)")
     p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")

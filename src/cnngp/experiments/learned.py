@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,13 +93,23 @@ def with_internal(body, indices, lengthscale: float):
     return Serial(*net.layers)
 
 
+def internal_store_path(store, lengthscale: float) -> Path:
+    """Where ``params="internal"`` keeps the offset sums at one internal λ beside the store
+    ``S.zarr`` of the network as given: ``S-internal-<λ>.zarr``."""
+    path = Path(store)
+    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+    return path.with_name(f"{stem}-internal-{lengthscale:.10g}.zarr")
+
+
 def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var, objective, k_cls,
-                    starts, max_iter, dtype, device, fold_list, lengthscales, refine, progress):
+                    starts, max_iter, dtype, device, fold_list, lengthscales, refine, progress, store=None):
     """Profile the objective over one tied internal λ: at each λ one fused body pass gives S,
     then (λ_readout, amplitude, σ²) are learned exactly from S (:func:`learn_readout`). The
     λ of :data:`INTERNAL_GRID` (and the network's own, whose S is ``S_given``) first, then
-    ``refine`` steps of a bounded Brent search in log λ around the best. Returns the rows
-    (one per λ, in evaluation order) and the S of the best."""
+    ``refine`` steps of a bounded Brent search in log λ around the best. With ``store``, each
+    λ's S goes into its own resumable store (:func:`internal_store_path`), so an interrupted
+    run resumes without repeating a body pass (the search is deterministic given its values).
+    Returns the rows (one per λ, in evaluation order) and the S of the best."""
     from scipy.optimize import minimize_scalar
 
     rows, kept = [], {}
@@ -110,8 +121,12 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var
             if r["internal_lengthscale"] == key:
                 return r
         t = time.perf_counter()
-        S = S_given if key == own else offset_sums(with_internal(body, indices, key), x, dtype=dtype,
-                                                   device=device).to(torch.float64)
+        if key == own:
+            S = S_given
+        else:
+            S = _offset_sums(with_internal(body, indices, key), x, None,
+                             None if store is None else internal_store_path(store, key), dtype, device,
+                             progress is not None and store is not None)
         ro = OffsetReadout(S, grid, family, bias_var)
         res = learn_readout(ro, y, objective=objective, n_classes=k_cls, starts=starts, max_iter=max_iter)
         fit = res.learned
@@ -219,8 +234,9 @@ def run_learn(
         raise CNNGPError(f"spectral_mixture: expected a number of components >= 0, got {spectral_mixture!r}")
     if spectral_mixture and params != "readout":
         raise CNNGPError(f"spectral_mixture: only with params='readout' (--params readout), got params={params!r}")
-    if store is not None and params != "readout":
-        raise CNNGPError(f"store: only with params='readout' (--params readout), got params={params!r}")
+    if store is not None and params == "all":
+        raise CNNGPError("store: not with params='all' (its kernels are recomputed by autograd at every "
+                         "step); use --params readout or internal")
     if family not in FAMILIES:
         raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
     if fold_scheme not in ("paper", "stratified"):
@@ -279,7 +295,7 @@ def run_learn(
         internal_rows, S_best = _learn_internal(
             body, indices, x, y, S, own, grid=grid, family=family, bias_var=template.bias_var,
             objective=objective, k_cls=k_cls, starts=starts, max_iter=max_iter, dtype=dtype, device=device,
-            fold_list=fold_list, lengthscales=lengthscales, refine=refine, progress=progress)
+            fold_list=fold_list, lengthscales=lengthscales, refine=refine, progress=progress, store=store)
         top = max(internal_rows, key=lambda r: r["objective"])
         learned = {"internal_lengthscale": top["internal_lengthscale"], "lengthscale": top["readout_lengthscale"],
                    "amplitude": top["amplitude"], "noise_variance": top["noise_variance"]}
