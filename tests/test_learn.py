@@ -454,6 +454,8 @@ def test_learned_spectral_mixture_is_at_least_the_learned_rbf():
     rbf = learn_readout(OffsetReadout(S, (6, 6), "rbf"), y, n_classes=3)
     sm = learn_spectral_mixture(S, (6, 6), y, components=2, n_classes=3)
     assert sm.objective >= rbf.objective - 1e-6
+    warm = learn_spectral_mixture(S, (6, 6), y, components=1, n_classes=3, starts=(), warm=rbf.learned)
+    assert warm.objective >= rbf.objective - 1e-6 and warm.starts[0]["warm"]
     corr = cnngp.from_spec({"layers": [{"type": "readout", "correlation": sm.learned["correlation"]}]}).layers[0].correlation
     K = sm.learned["amplitude"] * torch.tensordot(corr.offset_weights((6, 6)), S, 1)
     Y = torch.tensor(centered_one_hot(y, 3), dtype=torch.float64)

@@ -344,7 +344,8 @@ def run_learn(
     sm_result = None
     if spectral_mixture:
         sm = learn_spectral_mixture(S, grid, y, components=int(spectral_mixture), objective=objective,
-                                    n_classes=k_cls, bias_var=template.bias_var, progress=progress)
+                                    n_classes=k_cls, bias_var=template.bias_var, progress=progress,
+                                    warm=learned)
         sm_corr = from_correlation_spec(sm.learned["correlation"])
         with torch.no_grad():
             K_sm = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S, 1)

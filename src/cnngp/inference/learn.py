@@ -230,13 +230,18 @@ def learn_spectral_mixture(
     starts=(1.0, 10.0),
     max_iter: int = 200,
     progress=None,
+    warm: dict | None = None,
 ) -> LearnResult:
     """Maximise ``objective`` over a Q-component :class:`~cnngp.kernels.correlations.SpectralMixture`
     readout (weights, per-axis frequencies and envelopes), its amplitude and σ², by L-BFGS-B
     on exact gradients of k = a·Σ_δ w[δ] S[δ] + b — any stationary PSD readout, not one
     family's λ (docs/maths.md §8). Starts: every envelope at each value of ``starts``, the
-    frequencies spread over [0, 1/4]; the best is returned. ``learned["correlation"]`` is the
-    spec of the learned correlation (``cnngp.from_spec``-ready)."""
+    frequencies spread over [0, 1/4]; the best is returned. ``warm`` (a learned
+    one-family readout: ``lengthscale``, ``amplitude``, ``noise_variance``) adds a start at its
+    amplitude and σ² with every envelope at its λ — the mixture then cannot end below a
+    degenerate optimum the family found (e.g. amplitude → 0, all noise), which the default
+    starts may not reach. ``learned["correlation"]`` is the spec of the learned correlation
+    (``cnngp.from_spec``-ready)."""
     from scipy.optimize import minimize
 
     from cnngp.kernels.correlations import SpectralMixture, spectral_mixture_offset_weights
@@ -290,9 +295,17 @@ def learn_spectral_mixture(
 
     trace, results = [], []
     t0 = time.perf_counter()
-    for k, ell0 in enumerate(starts):
+    inits = [(float(ell0), 1.0, 1e-2 * scale) for ell0 in starts]
+    if warm is not None:
+        def clip(v, lo, hi):
+            return min(max(float(v), lo), hi)
+
+        inits.append((clip(warm["lengthscale"], *sb["lengthscale"]), clip(warm["amplitude"], *BOUNDS["amplitude"]),
+                      clip(warm["noise_variance"], BOUNDS["noise_variance"][0] * scale,
+                           BOUNDS["noise_variance"][1] * scale)))
+    for k, (ell0, amp0, noise0) in enumerate(inits):
         x0 = np.concatenate([np.zeros(q - 1), np.repeat(np.linspace(0.0, 0.25, q), d),
-                             np.full(q * d, math.log(float(ell0))), [0.0, math.log(1e-2 * scale)]])
+                             np.full(q * d, math.log(ell0)), [math.log(amp0), math.log(noise0)]])
         step = [0]
 
         def record(theta, k=k, step=step):
@@ -312,7 +325,8 @@ def learn_spectral_mixture(
         res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=record,
                        options={"maxiter": int(max_iter)})
         w, mu, ell, amp, noise = unpack(res.x)
-        results.append({"start_lengthscale": float(ell0), "objective": -float(res.fun),
+        results.append({"start_lengthscale": ell0, "start_amplitude": amp0, "start_noise_variance": noise0,
+                        "warm": warm is not None and k == len(inits) - 1, "objective": -float(res.fun),
                         "converged": bool(res.success), "iterations": int(res.nit), "message": str(res.message),
                         "correlation": SpectralMixture(w.numpy(), mu.numpy(), ell.numpy()).to_spec(),
                         "amplitude": float(amp), "noise_variance": float(noise)})
