@@ -14,8 +14,10 @@ run() {  # run NAME ARCH
     local CMD=(cnngp sweep --arch "$arch" --data ../../../shared/data/cifar10_subset.npz
                --n 80,160,320,640 --dtype float32 --store "/work/stores/$name-n640.zarr"
                --tile 128 --yes --out "$name-n640")
-    { date -u +%FT%TZ; echo "# ${CMD[*]}"; /usr/bin/time -v "${CMD[@]}"; echo "exit status $?"; date -u +%FT%TZ; } \
+    local rc
+    { date -u +%FT%TZ; echo "# ${CMD[*]}"; /usr/bin/time -v "${CMD[@]}"; rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } \
         >> "$name-n640.log" 2>&1
+    [ "$rc" -eq 0 ] || exit "$rc"  # stopped (143) or failed: not on to the next variant
 }
 run myrtle10-paper myrtle10-paper
 run myrtle10-correlated-independent myrtle10-correlated-independent.json
