@@ -702,6 +702,57 @@ def test_ctrl_c_while_the_command_module_is_imported_is_one_line_and_130(module,
     assert not out.exists()
 
 
+_INTERRUPT_SWALLOWED_AT_IMPORT = """\
+import builtins, os, signal
+real = builtins.__import__
+def hook(name, *args, **kwargs):
+    if name == "numpy" and builtins.__import__ is hook:
+        builtins.__import__ = real
+        try:  # what numpy's extension does when a Ctrl-C arrives while it initialises
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            pass
+        raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+    return real(name, *args, **kwargs)
+builtins.__import__ = hook
+"""
+
+
+def test_ctrl_c_turned_into_an_unrelated_import_error_is_still_one_line_and_130(tmp_path):
+    """A Ctrl-C that arrives while numpy initialises its C extension can surface as an
+    ImportError with no link to the KeyboardInterrupt (seen on CI: "PyCapsule_Import could not
+    import module 'datetime'"). Made deterministic here: the signal is real, the swallowing is
+    simulated. The console script records the signal, so it is still an interrupt, not a bug."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_INTERRUPT_SWALLOWED_AT_IMPORT)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = tmp_path / "k.npz"
+    proc = subprocess.run([str(SCRIPT), "kernel", "--arch", "cnngp1", "--x1", "digits:3", "--out",
+                           str(out), "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr[-1500:]
+    assert proc.returncode == 130, proc.stderr[-1500:]
+    assert _lines(proc.stderr) == ["cnngp: interrupted; no output written"]
+    assert not out.exists()
+
+
+def test_a_real_import_error_without_a_signal_is_still_a_bug(tmp_path):
+    """The other side: the same ImportError with no signal received is reported as a bug
+    (exit 1), not passed off as an interrupt."""
+    (tmp_path / "site").mkdir()
+    hook = _INTERRUPT_SWALLOWED_AT_IMPORT.replace("os.kill(os.getpid(), signal.SIGINT)", "pass")
+    (tmp_path / "site" / "sitecustomize.py").write_text(hook)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([str(SCRIPT), "kernel", "--arch", "cnngp1", "--x1", "digits:3", "--out",
+                           str(tmp_path / "k.npz"), "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    assert _lines(proc.stderr)[0].startswith("cnngp: internal error"), proc.stderr[-1500:]
+
+
 # -- 6. the output never harms other files -----------------------------------------------------
 
 
