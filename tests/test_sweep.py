@@ -380,3 +380,9 @@ def test_figure3_draws_every_variant_and_the_papers_numbers(tmp_path):
     hollow = sorted(round(float(y), 6) for c in left.containers if c.lines[0].get_markerfacecolor() == "none"
                     for y in c.lines[0].get_ydata())
     assert hollow == [48.1, 51.65, 51.65]  # ranges drawn at their midpoints, with bars
+    # error bars: ±2 SE over the blocks where there are several; the N = 640 row is one block
+    # (its stored spread is meaningless), so its bar is the binomial 2·sqrt(p(1 − p)/640)
+    pooled = next(c for c in left.containers if c.get_label() == "pooled")
+    half = [round(float(seg[1][1] - seg[0][1]) / 2, 6) for seg in pooled.lines[2][0].get_segments()]
+    p = 0.35 + 0.05 + 0.064
+    assert half[:2] == [2.0, 2.0] and half[2] == pytest.approx(200 * np.sqrt(p * (1 - p) / 640), abs=1e-6)

@@ -30,6 +30,7 @@ from cnngp.errors import CNNGPError
 
 __all__ = [
     "sweep_figure",
+    "accuracy_2se",
     "correlation_figure_data",
     "plot_correlation_figure",
     "save_correlation_figure",
@@ -39,6 +40,21 @@ __all__ = [
 
 
 # -- readout sweep figure ----------------------------------------------------------------------
+
+
+def accuracy_2se(row: dict) -> float:
+    """±2 SE of a sweep row's CV accuracy: over its disjoint data sets when there are several,
+    else (one data set, whose spread over blocks is undefined and stored as 0) the binomial
+    2·sqrt(p(1 − p)/N) of its N held-out predictions.
+
+    >>> accuracy_2se({"n": 640, "cv_accuracy": 0.5, "cv_accuracy_2se": 0.0, "n_datasets": 1})
+    0.039528470752104736
+    """
+    if int(row.get("n_datasets", 1)) > 1:
+        return float(row["cv_accuracy_2se"])
+    p = float(row["cv_accuracy"])
+    return 2.0 * math.sqrt(p * (1.0 - p) / int(row["n"]))
+
 
 
 def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None,
@@ -67,7 +83,7 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     Notes
     -----
     Each N gets a line through the swept lengthscales with a ±2 SE band over its disjoint
-    data sets; the independent readout (λ = 0) is a square at the left end, mean pooling
+    data sets (binomial over its predictions where there is one data set: :func:`accuracy_2se`); the independent readout (λ = 0) is a square at the left end, mean pooling
     (λ = ∞) a diamond at the right end (slightly offset per N so they do not hide each
     other), and the best readout for that N is a star.
     """
@@ -110,11 +126,11 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
         at_n = [r for r in rows if int(r["n"]) == n]
         curve = sorted((r for r in at_n if swept(r)), key=lam)
         sets = at_n[0]["n_datasets"] if at_n else 0
-        label = f"N = {n}" + (f" ({sets} sets)" if sets > 1 else "")
+        label = f"N = {n}" + (f" ({sets} sets)" if sets > 1 else " (1 set: binomial SE)")
         if curve:
             x = np.array([math.log10(lam(r)) for r in curve])
             y = 100 * np.array([r["cv_accuracy"] for r in curve])
-            e = 100 * np.array([r["cv_accuracy_2se"] for r in curve])
+            e = 100 * np.array([accuracy_2se(r) for r in curve])
             ax.plot(x, y, "-", marker="o", ms=3, color=color, label=label)
             ax.fill_between(x, y - e, y + e, color=color, alpha=0.18, linewidth=0)
             label = None
@@ -122,7 +138,7 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
             r = next((r for r in at_n if r["readout"] == name), None)
             if r is not None:
                 ax.errorbar(
-                    xpos(r) + dodge, 100 * r["cv_accuracy"], yerr=100 * r["cv_accuracy_2se"],
+                    xpos(r) + dodge, 100 * r["cv_accuracy"], yerr=100 * accuracy_2se(r),
                     fmt=marker, ms=6, color=color, capsize=3, label=label,
                 )
                 label = None
@@ -197,8 +213,9 @@ def figure3(variants: dict, path, reference: dict | None = None, reference_n: in
         ``independent_6x6``, ``correlated_6x6``, each a % or a (low, high) range), drawn as
         hollow markers at N = ``reference_n`` on the left panel.
 
-    Left: the best readout's CV accuracy (±2 SE over disjoint blocks) against N per variant.
-    Right: the readout λ sweep of every variant at its largest N, with ±2 SE bands.
+    Left: the best readout's CV accuracy (±2 SE over disjoint blocks, binomial where there is
+    one block: :func:`accuracy_2se`) against N per variant. Right: the readout λ sweep of every
+    variant at its largest N, with ±2 SE bands.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -213,7 +230,7 @@ def figure3(variants: dict, path, reference: dict | None = None, reference_n: in
         ns = sorted(best)
         all_n |= set(ns)
         ax.errorbar(np.log2(ns), [100 * best[n]["cv_accuracy"] for n in ns],
-                    yerr=[100 * best[n]["cv_accuracy_2se"] for n in ns], fmt="o-", color=color,
+                    yerr=[100 * accuracy_2se(best[n]) for n in ns], fmt="o-", color=color,
                     capsize=3, label=label)
         n_max = ns[-1]
         rows = [r for r in res["results"] if int(r["n"]) == n_max]
@@ -226,13 +243,13 @@ def figure3(variants: dict, path, reference: dict | None = None, reference_n: in
         if curve:
             x = np.log10([lam(r) for r in curve])
             y = 100 * np.array([r["cv_accuracy"] for r in curve])
-            e = 100 * np.array([r["cv_accuracy_2se"] for r in curve])
+            e = 100 * np.array([accuracy_2se(r) for r in curve])
             ax2.plot(x, y, "-", color=color, label=f"{label}, N = {n_max}")
             ax2.fill_between(x, y - e, y + e, color=color, alpha=0.15, linewidth=0)
             for r, marker, xv in ((next((r for r in rows if lam(r) == 0), None), "s", x[0] - 0.8),
                                   (next((r for r in rows if math.isinf(lam(r))), None), "D", x[-1] + 0.8)):
                 if r is not None:
-                    ax2.errorbar(xv, 100 * r["cv_accuracy"], yerr=100 * r["cv_accuracy_2se"], fmt=marker,
+                    ax2.errorbar(xv, 100 * r["cv_accuracy"], yerr=100 * accuracy_2se(r), fmt=marker,
                                  color=color, capsize=3)
     if reference:
         xr = math.log2(reference_n)
@@ -251,7 +268,7 @@ def figure3(variants: dict, path, reference: dict | None = None, reference_n: in
     ax.set_xticks(np.log2(ticks))
     ax.set_xticklabels([str(n) for n in ticks])
     ax.set_xlabel("training set size N")
-    ax.set_ylabel("4-fold CV accuracy of the best readout (%), ±2 SE")
+    ax.set_ylabel("4-fold CV accuracy of the best readout (%), ±2 SE\n(over blocks; binomial for one block)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     ax.set_title(title or "Myrtle10: pooling vs 6×6 stride-2 convs (independent / correlated taps)", fontsize="medium")
