@@ -196,9 +196,17 @@ def test_sweep_figure_writes_png(sweep, tmp_path):
 
 
 def test_summary_table(sweep):
-    text = summary_table(sweep[0])
+    res = sweep[0]
+    text = summary_table(res)
     assert "independent" in text and "mean pool" in text
-    assert len(text.splitlines()) == 2 + len(NS)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(NS) + 1  # N = 80 is one block: the binomial footnote
+    assert lines[-1].startswith("b: one data set")
+    ind = _row(res, 80, "independent", 0.0)
+    p = ind["cv_accuracy"]
+    binomial = f"{100 * p:5.1f} ± {200 * math.sqrt(p * (1 - p) / 80):4.1f}b"
+    assert binomial in lines[-2], (binomial, lines[-2])
+    assert "b" not in lines[2].split("±", 1)[1].split()[0]  # N = 40: two blocks, their spread
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -707,8 +707,12 @@ def _fmt_lam(lam) -> str:
 def summary_table(results: dict) -> str:
     """A plain-text table like the paper's results table: per N, independent, mean pool, best λ, best.
 
-    Accuracies in percent, ``± 2 SE`` over the disjoint blocks.
+    Accuracies in percent, ``± 2 SE`` over the disjoint blocks; where an N has one block
+    (its spread over blocks is undefined), the binomial ±2 SE of its predictions, marked ``b``
+    (:func:`cnngp.experiments.plots.accuracy_2se`).
     """
+    from cnngp.experiments.plots import accuracy_2se
+
     rows = results["results"]
     head = (
         f"{'N':>6} {'sets':>4}  {'independent':>13}  {'mean pool':>13}  "
@@ -717,7 +721,8 @@ def summary_table(results: dict) -> str:
     lines = [head, "-" * len(head)]
 
     def pct(r):
-        return f"{100 * r['cv_accuracy']:5.1f} ± {100 * r['cv_accuracy_2se']:4.1f}"
+        mark = "b" if int(r.get("n_datasets", 1)) == 1 else " "
+        return f"{100 * r['cv_accuracy']:5.1f} ± {100 * accuracy_2se(r):4.1f}{mark}"
 
     for b in results["best"]:
         n = b["n"]
@@ -732,6 +737,8 @@ def summary_table(results: dict) -> str:
             f"{n:>6} {b['n_datasets']:>4}  {pct(ind):>13}  {pct(const):>13}  "
             f"{which:>18}  {pct(b):>13}"
         )
+    if any(int(b["n_datasets"]) == 1 for b in results["best"]):
+        lines.append("b: one data set at this N, binomial ±2 SE over its held-out predictions")
     if "test" in results:
         t = results["test"]
         lam = _fmt_lam(t["lengthscale"])
