@@ -4,4 +4,4 @@
 
 from cnngp._lazy import submodule_getattr
 
-__getattr__ = submodule_getattr(__name__, ("main", "console", "sweep", "montecarlo"))
+__getattr__ = submodule_getattr(__name__, ("main", "console", "signals", "sweep", "montecarlo"))

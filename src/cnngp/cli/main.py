@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnngp.cli import console
+from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "Terminated"]
@@ -550,7 +550,7 @@ def _interrupt_behind(e: BaseException):
 
 
 def _on_sigterm(signum, frame):
-    console.SIGNALS_SEEN.append(signum)
+    received.SIGNALS_SEEN.append(signum)
     raise Terminated()
 
 
@@ -589,7 +589,7 @@ def main(argv=None) -> int:
     to see one for a bug)."""
     args = None
     previous = None
-    del console.SIGNALS_SEEN[:]  # signals of an earlier in-process call are not this one's
+    del received.SIGNALS_SEEN[:]  # signals of an earlier in-process call are not this one's
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave signals alone
@@ -623,10 +623,10 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:
         stop = _interrupt_behind(e)
-        if stop is None and console.interrupted() is not None:
+        if stop is None and received.interrupted() is not None:
             # a signal arrived and something turned it into another error with no link to it
             # (numpy, interrupted while initialising its extension, raises ImportError)
-            stop = Terminated() if console.interrupted() == signal.SIGTERM else KeyboardInterrupt()
+            stop = Terminated() if received.interrupted() == signal.SIGTERM else KeyboardInterrupt()
         if stop is not None:  # e.g. numpy turns a Ctrl-C during its import into ImportError
             code = 143 if isinstance(stop, Terminated) else 130
             return _interrupted(args, code, "terminated (SIGTERM)" if code == 143 else "interrupted", stop)
