@@ -114,6 +114,36 @@ def main(argv=None):
         print(f"N = {n}: " + "; ".join(f"{k} {v['difference']:+.1f} ± {v['two_se_paired_images']:.1f}"
                                         for k, v in rows.items() if k.endswith("pooled") or "pooled" in k))
     Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(out, Path(args.out).with_suffix(".png"))
+
+
+def plot(out: dict, path: Path) -> None:
+    """Each variant minus the pooled baseline against N, ±2 SE paired over images."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ns = sorted(map(int, out["by_n"]))
+    others = [label for label in out["variants"] if label != "pooled"]
+    for k, label in enumerate(others):
+        key = f"pooled - {label}"
+        rows = [out["by_n"][str(n)]["differences"].get(key) for n in ns]
+        xs = [np.log2(n) + 0.05 * (k - 1) for n, r in zip(ns, rows) if r]
+        ys = [-r["difference"] for r in rows if r]  # variant minus pooled
+        es = [r["two_se_paired_images"] for r in rows if r]
+        ax.errorbar(xs, ys, yerr=es, fmt="o-", color=f"C{k + 1}", capsize=3, label=label)
+    ax.axhline(0, color="C0", lw=1.2, label="pooled baseline (myrtle10-paper)")
+    ax.set_xticks(np.log2(ns))
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xlabel("training set size N")
+    ax.set_ylabel("CV accuracy minus the pooled baseline's\n(points, ±2 SE paired over images)")
+    ax.set_title("Figure 3 as paired differences (same images, same folds)", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
