@@ -52,32 +52,42 @@ def _readout_index(store: KernelStore, readout: str, lengthscale) -> int:
     raise SystemExit(f"{store.path}: no readout {readout} λ={lengthscale}")
 
 
-def correct_per_image(name: str, data: Path, n: int):
-    """(correct (N_max,) bool over the blocks of size n in order, the sweep's best row, blocks)."""
+def correct_per_image(name: str, ds, ns):
+    """n → (correct (N_max,) bool over the blocks of size n, the sweep's best row, the blocks).
+
+    The data set, the store's images and each chosen readout's matrix are read once."""
     results = json.loads((HERE / name / "results.json").read_text())
     cfg = results["config"]
-    best = next(b for b in results["best"] if b["n"] == n)
-    row = next(r for r in results["results"] if r["n"] == n and r["readout"] == best["readout"]
-               and r["lengthscale"] == best["lengthscale"])
     store = KernelStore.open(STORES / f"{name}.zarr")
     n_max = store.shape[-1]
-    ds = load_dataset(data)
     order = balanced_subset(ds.y_train, n_max, seed=cfg.get("seed", 0), n_classes=ds.n_classes)
-    assert np.array_equal(store.images("x1", slice(None)), ds.x_train[order].astype(store.images("x1", slice(0, 1)).dtype)), \
+    stored = store.images("x1", slice(None))
+    assert np.array_equal(stored, ds.x_train[order].astype(stored.dtype)), \
         f"{name}: the store's images are not the sweep's subset"
     y = ds.y_train[order]
-    K = store.readout(_readout_index(store, best["readout"], best["lengthscale"]))
-    correct = np.zeros(n_max, bool)
-    block_list = blocks(n_max, n, ds.n_classes)
-    for b, noise in zip(block_list, row["block_noise_variances"]):
-        Kb, yb = K[np.ix_(b, b)], y[b]
-        for train, val in gp.paper_folds(len(b), cfg.get("folds", 4)):
-            pred = gp.fit_predict(Kb[np.ix_(train, train)], yb[train], Kb[np.ix_(val, train)], noise, ds.n_classes)
-            correct[b[val]] = pred == yb[val]
-    accs = [correct[b].mean() for b in block_list]
-    assert np.allclose(accs, row["block_cv_accuracies"], atol=1e-12), \
-        (name, n, accs, row["block_cv_accuracies"])  # the re-fit is the sweep's
-    return correct, best, row, block_list
+    matrices = {}
+    out = {}
+    for n in ns:
+        best = next(b for b in results["best"] if b["n"] == n)
+        row = next(r for r in results["results"] if r["n"] == n and r["readout"] == best["readout"]
+                   and r["lengthscale"] == best["lengthscale"])
+        index = _readout_index(store, best["readout"], best["lengthscale"])
+        if index not in matrices:
+            matrices[index] = store.readout(index)
+        K = matrices[index]
+        correct = np.zeros(n_max, bool)
+        block_list = blocks(n_max, n, ds.n_classes)
+        for b, noise in zip(block_list, row["block_noise_variances"]):
+            Kb, yb = K[np.ix_(b, b)], y[b]
+            for train, val in gp.paper_folds(len(b), cfg.get("folds", 4)):
+                pred = gp.fit_predict(Kb[np.ix_(train, train)], yb[train], Kb[np.ix_(val, train)], noise,
+                                      ds.n_classes)
+                correct[b[val]] = pred == yb[val]
+        accs = [correct[b].mean() for b in block_list]
+        assert np.allclose(accs, row["block_cv_accuracies"], atol=1e-12), \
+            (name, n, accs, row["block_cv_accuracies"])  # the re-fit is the sweep's
+        out[n] = (correct, best, row, block_list)
+    return out
 
 
 def main(argv=None):
@@ -89,8 +99,11 @@ def main(argv=None):
     done = {label: name for label, name in VARIANTS.items() if (HERE / name / "results.json").exists()}
     out = {"variants": done, "data": args.data, "folds": "paper (4 contiguous folds)",
            "versions": versions(), "by_n": {}}
-    for n in map(int, args.ns.split(",")):
-        per = {label: correct_per_image(name, Path(args.data), n) for label, name in done.items()}
+    ns = [int(n) for n in args.ns.split(",")]
+    ds = load_dataset(Path(args.data))
+    by_variant = {label: correct_per_image(name, ds, ns) for label, name in done.items()}
+    for n in ns:
+        per = {label: v[n] for label, v in by_variant.items()}
         rows = {}
         for a, b in combinations(per, 2):
             ca, cb = per[a][0], per[b][0]

@@ -539,14 +539,19 @@ def _name_flag(text: str) -> str:
 
 
 def _interrupt_behind(e: BaseException):
-    """The KeyboardInterrupt (or Terminated) an exception was raised from, if any."""
+    """The KeyboardInterrupt (or Terminated) an exception was raised from, if any: found in its
+    chain or, where something replaced it with no link to it (numpy, interrupted while it
+    initialises its extension, raises ImportError), the signal :mod:`cnngp.cli.signals` recorded."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, KeyboardInterrupt):
             return e
         e = e.__cause__ or e.__context__
-    return None
+    last = received.interrupted()
+    if last is None:
+        return None
+    return Terminated() if last == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _on_sigterm(signum, frame):
@@ -623,10 +628,6 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:
         stop = _interrupt_behind(e)
-        if stop is None and received.interrupted() is not None:
-            # a signal arrived and something turned it into another error with no link to it
-            # (numpy, interrupted while initialising its extension, raises ImportError)
-            stop = Terminated() if received.interrupted() == signal.SIGTERM else KeyboardInterrupt()
         if stop is not None:  # e.g. numpy turns a Ctrl-C during its import into ImportError
             code = 143 if isinstance(stop, Terminated) else 130
             return _interrupted(args, code, "terminated (SIGTERM)" if code == 143 else "interrupted", stop)

@@ -56,7 +56,6 @@ def accuracy_2se(row: dict) -> float:
     return 2.0 * math.sqrt(p * (1.0 - p) / int(row["n"]))
 
 
-
 def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None,
                  reference: dict | None = None, reference_label: str = "paper"):
     """Cross-validated accuracy against log10 λ, one curve per N (the paper's Figure 2).
@@ -83,8 +82,8 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     Notes
     -----
     Each N gets a line through the swept lengthscales with a ±2 SE band over its disjoint
-    data sets (binomial over its predictions where there is one data set: :func:`accuracy_2se`); the independent readout (λ = 0) is a square at the left end, mean pooling
-    (λ = ∞) a diamond at the right end (slightly offset per N so they do not hide each
+    data sets (binomial over its predictions where there is one: :func:`accuracy_2se`); the
+    independent readout (λ = 0) is a square at the left end, mean pooling (λ = ∞) a diamond at the right end (slightly offset per N so they do not hide each
     other), and the best readout for that N is a star.
     """
     from matplotlib import colormaps
