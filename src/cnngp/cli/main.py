@@ -175,8 +175,8 @@ def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
 
 
 def _check_store_flags(args, out_kind: str) -> None:
-    """--workers, --scheduler, --tile, --threads-per-worker and --dry-run need a store."""
-    given = [f for f in ("workers", "scheduler", "tile", "threads_per_worker", "dry_run")
+    """--workers, --scheduler, --tile, --threads-per-worker, --archive and --dry-run need a store."""
+    given = [f for f in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "dry_run")
              if getattr(args, f, None) not in (None, False)]
     if given and out_kind != "store":
         flag = "--" + given[0].replace("_", "-")
@@ -205,6 +205,10 @@ def preflight(args) -> None:
             from cnngp.engine.store import check_output_store
 
             check_output_store(args.out, "--out")
+            if getattr(args, "archive", None) is not None:
+                from cnngp.engine.archive import check_archive_folder
+
+                check_archive_folder(args.archive, "--archive")
         elif out_kind == "file":
             from cnngp.engine.storage import check_output_file
 
@@ -359,7 +363,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get) -> in
         out=args.out, readouts=readouts, labels=labels, dtype=args.dtype, device=args.device,
         tile=args.tile, batch_size=args.batch_size, memory_budget=args.memory_budget,
         workers=args.workers, scheduler=args.scheduler, threads_per_worker=args.threads_per_worker,
-        progress=not args.quiet, get=get,
+        progress=not args.quiet, get=get, archive=args.archive,
     )
     model = body if readouts is not None else net
     plan = store_kernel(model, x1, x2, dry_run=True, **options).dry_run
@@ -378,7 +382,9 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get) -> in
     report = store_kernel(model, x1, x2, **options)
     if not args.quiet:
         print(f"wrote {args.out}: kernel {tuple(report.shape)}, {report.tiles_computed} tile(s) computed, "
-              f"{report.tiles_done_before} already done ({report.tiles_bad} bad, recomputed), "
+              f"{report.tiles_done_before} already done ({report.tiles_bad} bad, recomputed"
+              + (f"; {report.tiles_restored} restored from {args.archive}" if report.tiles_restored else "")
+              + "), "
               f"{report.pairs_computed:,} pairs in {report.seconds:.1f} s", file=sys.stderr)
     return 0
 
@@ -475,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tile", type=int_at_least(1), help="with --out K.zarr: tile side T (default: from the memory budget)")
     k.add_argument("--threads-per-worker", type=int_at_least(1),
                    help="with --out K.zarr: torch/numba threads per task (default: cores / workers)")
+    k.add_argument("--archive", metavar="DIR",
+                   help="with --out K.zarr: keep a compressed, portable copy of every finished tile in "
+                        "DIR and restore from it what the store lacks (copy or commit DIR to finish "
+                        "a run on another machine)")
     k.add_argument("--dry-run", action="store_true",
                    help="with --out K.zarr: print the plan, sizes and a time estimate; compute nothing")
     k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)

@@ -122,8 +122,13 @@ def cmd_sweep(args) -> int:
         check_output_store(args.store, "--store")
         if args.test:
             check_output_store(test_store_path(args.store), "--store (its test store)")
+        if args.archive is not None:
+            from cnngp.engine.archive import check_archive_folder
+
+            for part in ("train",) + (("test",) if args.test else ()):
+                check_archive_folder(Path(args.archive) / part, "--archive")
     else:
-        for flag in ("workers", "scheduler", "tile", "threads_per_worker"):
+        for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive"):
             if getattr(args, flag) is not None:
                 raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
 
@@ -157,6 +162,7 @@ def cmd_sweep(args) -> int:
         scheduler=args.scheduler,
         tile=args.tile,
         threads_per_worker=args.threads_per_worker,
+        archive=args.archive,
     )
     results["config"]["command"] = "cnngp sweep " + " ".join(_argv_for_record(args))
 
@@ -248,6 +254,10 @@ def register(subparsers) -> None:
     p.add_argument("--scheduler", help="with --store: an existing Dask scheduler address")
     p.add_argument("--tile", type=int_at_least(1), help="with --store: tile side (default: from the memory budget)")
     p.add_argument("--threads-per-worker", type=int_at_least(1), help="with --store: torch/numba threads per task")
+    p.add_argument("--archive", metavar="DIR",
+                   help="with --store: keep a compressed, portable copy of every finished tile in "
+                        "DIR/train (and DIR/test) and restore from it what the stores lack (copy or "
+                        "commit DIR to finish a run on another machine)")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

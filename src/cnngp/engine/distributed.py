@@ -62,6 +62,8 @@ class StoreReport:
     workers: int
     dashboard: str | None = None
     dry_run: dict | None = field(default=None)
+    tiles_restored: int = 0
+    archive: str | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, shape=list(self.shape))
@@ -291,7 +293,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
                  device="cpu", tile: int | None = None, batch_size=None, memory_budget=None,
                  workers: int | None = None, scheduler: str | None = None, client=None,
                  threads_per_worker: int | None = None, progress: bool = True,
-                 dry_run: bool = False, what: str = "--out", get="nngp", offsets: bool = False) -> StoreReport:
+                 dry_run: bool = False, what: str = "--out", get="nngp", offsets: bool = False,
+                 archive=None) -> StoreReport:
     """Compute the Gram matrix of ``model`` (or of ``model`` under each of ``readouts``) on
     images ``x1`` × ``x2`` (``x2=None``: x1 × x1) into the kernel store at ``out``.
 
@@ -323,6 +326,11 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     offsets : bool
         Store the offset sums S (M, N1, N2) of ``model``'s last hidden layer instead of
         kernels (:func:`cnngp.offset_sums`; ``model`` is then a body and ``readouts`` None).
+    archive : path-like, optional
+        A folder kept as a compact, portable copy of the finished tiles
+        (:class:`cnngp.engine.archive.TileArchive`): tiles the store lacks are restored
+        from it first, tiles it lacks are saved to it, and every new tile is saved as it
+        finishes. Copy or commit the folder to finish a run on another machine.
     """
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
     plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, dtype=dtype, device=device,
@@ -377,17 +385,33 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     for t in state["bad"]:
         store.forget(t)
     todo = state["missing"] + state["bad"]
+    saver = None
+    restored = []
+    if archive is not None:
+        from cnngp.engine.archive import TileArchive
+
+        saver = TileArchive(archive, store)
+        restored = saver.restore(todo)
+        todo = [t for t in todo if t not in restored]
+        state["done"] += restored
+        for t in state["done"]:
+            if not saver.has(t):
+                saver.save(t)
     blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
     report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
-                         len(state["bad"]), 0, 0, 0, 0.0, n_workers)
+                         len(state["bad"]), 0, 0, 0, 0.0, n_workers, tiles_restored=len(restored),
+                         archive=None if archive is None else str(archive))
     if progress and (state["done"] or state["bad"]):
-        print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done, {len(todo)} to compute"
+        print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done"
+              + (f" ({len(restored)} restored from {archive})" if restored else "")
+              + f", {len(todo)} to compute"
               + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
-    if not todo and not blocks:
+    if not todo:  # self records are needed only by tiles still to compute
         report.seconds = time.perf_counter() - start
         return report
     bar = None
     done_tiles = len(state["done"])
+    by_name = {t.name: t for t in todo}
 
     def start_progress():
         nonlocal bar
@@ -398,6 +422,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         done_tiles += 1
         report.tiles_computed += 1
         report.pairs_computed += pairs
+        if saver is not None:
+            saver.save(by_name[name])
         if bar is not None:
             bar.update(pairs - shown)  # ``shown``: pairs the bar already counted batch by batch
             bar.set_postfix_str(f"{done_tiles}/{len(tiles)} tiles")

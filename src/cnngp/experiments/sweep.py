@@ -144,9 +144,11 @@ def test_store_path(kernel_store) -> Path:
                           else path.name + "-test.zarr")
 
 
-def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=True, **options):
+def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=True, archive=None,
+                    **options):
     """Train (and test) kernels computed into stores; returned as lazy per-readout sequences.
-    Without ``yes``, a job estimated (from timing a few pairs here) at over an hour is refused."""
+    Without ``yes``, a job estimated (from timing a few pairs here) at over an hour is refused.
+    ``archive``: a folder whose ``train`` and ``test`` subfolders are the stores' tile archives."""
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.resources import check_job
     from cnngp.engine.store import KernelStore, StoredReadouts
@@ -163,13 +165,14 @@ def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=T
                   yes=yes, remedy="a finished store is reused, so the work can be spread over "
                   "several runs, --workers or a --scheduler")
     store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--store",
-                 **options)
+                 archive=None if archive is None else Path(archive) / "train", **options)
     K = StoredReadouts(KernelStore.open(kernel_store))
     K_test = None
     if x_test is not None:
         path = test_store_path(kernel_store)
         store_kernel(body, x_test, x_train, readouts=readouts, labels=names, out=path,
-                     what="--store (its test store)", **options)
+                     what="--store (its test store)",
+                     archive=None if archive is None else Path(archive) / "test", **options)
         K_test = StoredReadouts(KernelStore.open(path))
     return K, K_test
 
@@ -433,6 +436,7 @@ def run_sweep(
     scheduler: str | None = None,
     tile: int | None = None,
     threads_per_worker: int | None = None,
+    archive: str | os.PathLike | None = None,
 ) -> dict:
     """Run the paper's readout sweep and return a results dictionary.
 
@@ -493,6 +497,10 @@ def run_sweep(
         and the test kernels into ``K-test.zarr`` beside it, then cross-validate one readout
         at a time: at most one N×N float64 matrix (and its eigendecomposition) is in memory.
         ``workers``, ``scheduler``, ``tile`` and ``threads_per_worker`` go to the store engine.
+    archive : path, optional
+        With ``kernel_store``: a folder kept as compressed, portable copies of the finished
+        tiles (``archive/train``, ``archive/test``; :class:`cnngp.engine.archive.TileArchive`),
+        restored from before computing, so that a run can move to another machine.
     data_label : str, optional
         How to name the data in ``config["data"]`` (default: the source string, or the
         data set's name).
@@ -614,7 +622,7 @@ def run_sweep(
                 client = cleanup.enter_context(dask_client(workers, scheduler, limit))
             K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test, yes=yes,
                                         client=client, tile=tile, threads_per_worker=threads_per_worker,
-                                        **common)
+                                        archive=archive, **common)
         else:
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test is None else ds.y_test[test_order])
@@ -680,6 +688,7 @@ def run_sweep(
             "train_sha256": key["train_sha256"],
             "kernel": kernel,
             "kernel_store": None if kernel_store is None else str(kernel_store),
+            "archive": None if archive is None else str(archive),
         }
         out = {
             "config": config,

@@ -1,0 +1,187 @@
+"""Tile archives: a store's finished tiles carried, compressed, to a fresh machine.
+
+The oracle is the single-process ``cnngp.kernel`` / ``readout_sweep`` result and the store's
+own bytes: a store rebuilt from an archive must equal the original bit for bit, whatever mix
+of restored and recomputed tiles built it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import cnngp
+from cnngp.cli.main import main
+from cnngp.engine.archive import TileArchive, decode_tile, encode_tile
+from cnngp.engine.distributed import store_kernel
+from cnngp.engine.store import KernelStore
+from cnngp.errors import CNNGPError
+
+pytest.importorskip("zarr")
+pytest.importorskip("numcodecs")
+
+BODY = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+READOUTS = [cnngp.Readout(correlation=cnngp.Matern(1.5, lam)) for lam in (0.0, 1.0, 4.0, float("inf"))]
+
+
+def _images(n, shape=(6, 6, 3), seed=0):
+    return np.random.default_rng(seed).uniform(size=(n,) + shape)
+
+
+def _stored(path) -> np.ndarray:
+    return np.asarray(KernelStore.open(path).kernel[...])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_encoding_is_lossless_on_values_that_stress_the_integer_deltas(dtype):
+    rng = np.random.default_rng(3)
+    block = (rng.normal(size=(5, 7, 3)) * 10.0 ** rng.integers(-30, 30, size=(5, 7, 3))).astype(dtype)
+    block[0, 0, 0], block[1, 0, 0], block[2, 0, 0] = 0.0, -0.0, np.finfo(dtype).tiny / 4  # subnormal
+    block[3, 1, 1], block[4, 1, 1] = np.finfo(dtype).max, -np.finfo(dtype).max
+    back = decode_tile(encode_tile(block), block.shape, dtype)
+    assert back.dtype == dtype and back.shape == block.shape
+    assert back.tobytes() == block.tobytes()  # bit for bit, signed zeros included
+
+
+def test_a_smooth_readout_stack_compresses_well():
+    """What the layout is for: readouts of one pair side by side differ in their last bits."""
+    x = _images(10)
+    block = cnngp.readout_sweep(BODY, [cnngp.Readout(correlation=cnngp.Matern(1.5, lam))
+                                       for lam in np.geomspace(0.1, 100, 20)], x).numpy().astype(np.float32)
+    assert len(encode_tile(block)) < 0.6 * block.nbytes
+
+
+def test_a_store_rebuilt_from_its_archive_equals_the_original(tmp_path, capsys):
+    x = _images(11)
+    whole = cnngp.readout_sweep(BODY, READOUTS, x).numpy()
+    first = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=4,
+                         archive=tmp_path / "arch", progress=False)
+    assert (first.tiles_computed, first.tiles_restored) == (6, 0)
+    assert np.array_equal(_stored(tmp_path / "a.zarr"), whole)
+    names = sorted(p.name for p in (tmp_path / "arch").glob("tile-*.bin"))
+    assert names == sorted(f"{t.name}.bin" for t in KernelStore.open(tmp_path / "a.zarr").tiles())
+    archived = sum(p.stat().st_size for p in (tmp_path / "arch").glob("tile-*.bin"))
+    assert archived < _stored(tmp_path / "a.zarr").nbytes  # no mirrors
+    header = json.loads((tmp_path / "arch" / "archive.json").read_text())
+    assert header["identity"]["shape"] == [4, 11, 11] and header["versions"]["numpy"]
+
+    # a fresh machine: only the archive survived (copied, or committed and cloned)
+    shutil.copytree(tmp_path / "arch", tmp_path / "carried")
+    again = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", tile=4,
+                         archive=tmp_path / "carried", progress=True)
+    assert (again.tiles_restored, again.tiles_computed, again.pairs_computed) == (6, 0, 0)
+    assert "6 of 6 tiles already done (6 restored from" in capsys.readouterr().err
+    assert _stored(tmp_path / "b.zarr").tobytes() == _stored(tmp_path / "a.zarr").tobytes()
+    assert KernelStore.open(tmp_path / "b.zarr").complete()  # records written for restored tiles
+
+
+def test_a_partial_archive_resumes_and_a_damaged_tile_is_recomputed(tmp_path, capsys):
+    x1, x2 = _images(9), _images(7, seed=1)
+    whole = cnngp.readout_sweep(BODY, READOUTS, x1, x2).numpy()
+    store_kernel(BODY, x1, x2, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3,
+                 archive=tmp_path / "arch", progress=False)
+    tiles = KernelStore.open(tmp_path / "a.zarr").tiles()
+    assert len(tiles) == 9
+    (tmp_path / "arch" / f"{tiles[0].name}.json").unlink()  # a tile whose record never landed
+    (tmp_path / "arch" / f"{tiles[4].name}.bin").unlink()  # record without data
+    damaged = tmp_path / "arch" / f"{tiles[7].name}.bin"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    report = store_kernel(BODY, x1, x2, readouts=READOUTS, out=tmp_path / "b.zarr", tile=3,
+                          archive=tmp_path / "arch", progress=False)
+    assert (report.tiles_restored, report.tiles_computed) == (6, 3)
+    err = capsys.readouterr().err
+    assert f"tile {tiles[4].name}" in err and f"tile {tiles[7].name}" in err and "recomputed" in err
+    assert np.array_equal(_stored(tmp_path / "b.zarr"), whole.astype(np.float64))
+    # the recomputed tiles are archived again: a third machine restores everything
+    third = store_kernel(BODY, x1, x2, readouts=READOUTS, out=tmp_path / "c.zarr", tile=3,
+                         archive=tmp_path / "arch", progress=False)
+    assert (third.tiles_restored, third.tiles_computed) == (9, 0)
+    assert np.array_equal(_stored(tmp_path / "c.zarr"), _stored(tmp_path / "b.zarr"))
+
+
+def test_an_archive_added_to_a_running_store_catches_up(tmp_path):
+    x = _images(8)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=4, dtype="float32", progress=False)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=4, dtype="float32",
+                          archive=tmp_path / "arch", progress=False)
+    assert report.tiles_computed == 0
+    store = KernelStore.open(tmp_path / "a.zarr")
+    archive = TileArchive(tmp_path / "arch", store)
+    for tile in store.tiles():
+        block, _ = archive.load(tile)
+        assert block.dtype == np.float32
+        assert np.array_equal(block, np.asarray(store.kernel[:, tile.rows, tile.cols]))
+
+
+def test_an_archive_of_another_computation_is_refused(tmp_path):
+    x = _images(6)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, archive=tmp_path / "arch",
+                 progress=False)
+    before = sorted(p.name for p in (tmp_path / "arch").iterdir())
+    for kwargs, what in [(dict(x1=_images(6, seed=5)), r"images \(--x1\)"),
+                         (dict(dtype="float32"), "dtype"),
+                         (dict(readouts=READOUTS[:2]), "readouts")]:
+        args = dict(x1=x, dtype="float64", readouts=READOUTS) | kwargs
+        with pytest.raises(CNNGPError, match=f"--archive: .* holds tiles of a kernel of different {what}"):
+            store_kernel(BODY, args["x1"], readouts=args["readouts"], dtype=args["dtype"], tile=3,
+                         out=tmp_path / f"other-{len(what)}.zarr", archive=tmp_path / "arch", progress=False)
+    assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == before  # nothing overwritten
+
+
+def test_cli_archive_round_trip_and_its_errors(tmp_path, capsys):
+    x = tmp_path / "x.npz"
+    np.savez(x, x=_images(10).astype(np.float32))
+    argv = ["kernel", "--arch", "cnngp2", "--x1", str(x), "--tile", "4", "--dtype", "float32"]
+    assert main(argv + ["--out", str(tmp_path / "a.zarr"), "--archive", str(tmp_path / "arch"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "b.zarr"), "--archive", str(tmp_path / "arch")]) == 0
+    assert "0 tile(s) computed" in capsys.readouterr().err
+    assert _stored(tmp_path / "b.zarr").tobytes() == _stored(tmp_path / "a.zarr").tobytes()
+    ref = cnngp.kernel(cnngp.io.architectures.get("cnngp2"), np.load(x)["x"], dtype=np.float32).numpy()
+    np.testing.assert_allclose(_stored(tmp_path / "b.zarr")[0], ref, rtol=1e-5)
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    for extra, pattern in [
+        (["--out", str(tmp_path / "k.npz")], "--tile: needs --out K.zarr"),
+        (["--out", str(tmp_path / "c.zarr"), "--archive", str(tmp_path / "junk")], "--archive: .* is a folder that is not a tile archive"),
+        (["--out", str(tmp_path / "c.zarr"), "--archive", str(tmp_path / "file")], "--archive: .* is not a folder"),
+        (["--out", str(tmp_path / "c.zarr"), "--archive", ""], "--archive: is empty"),
+    ]:
+        capsys.readouterr()
+        code = main(argv + extra)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and re.search(pattern, lines[0]), lines
+    assert not (tmp_path / "c.zarr").exists() and (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+    code = main(["kernel", "--arch", "cnngp2", "--x1", str(x), "--out", str(tmp_path / "k.npz"),
+                 "--archive", str(tmp_path / "arch")])
+    assert code == 2 and "--archive: needs --out K.zarr" in capsys.readouterr().err
+    capsys.readouterr()
+    code = main(["sweep", "--arch", "cnngp2", "--data", "digits", "--n", "40", "--out", str(tmp_path / "sw"),
+                 "--archive", str(tmp_path / "arch2")])
+    assert code == 2 and "--archive: needs --store K.zarr" in capsys.readouterr().err
+
+
+def test_a_sweep_finishes_from_its_archive_on_a_fresh_machine(tmp_path):
+    from cnngp.experiments.sweep import run_sweep
+    from cnngp.io.data import Dataset
+
+    rng = np.random.default_rng(11)
+    ds = Dataset(rng.uniform(size=(48, 6, 6, 1)).astype(np.float32), np.repeat(np.arange(3), 16),
+                 rng.uniform(size=(9, 6, 6, 1)).astype(np.float32), np.repeat(np.arange(3), 3), "toy", ("a", "b", "c"))
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    common = dict(ns=(12, 24), folds=2, lengthscales=(1.0, 3.0), test=True, progress=False, tile=5)
+    a = run_sweep(net, ds, **common)
+    b = run_sweep(net, ds, kernel_store=tmp_path / "m1" / "K.zarr", archive=tmp_path / "arch", **common)
+    assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["test", "train"]
+    assert b["config"]["archive"] == str(tmp_path / "arch")
+    c = run_sweep(net, ds, kernel_store=tmp_path / "m2" / "K.zarr", archive=tmp_path / "arch", **common)
+    for r in (b, c):
+        assert r["results"] == a["results"] and r["best"] == a["best"] and r["test"] == a["test"]
+    assert np.array_equal(_stored(tmp_path / "m1" / "K-test.zarr"), _stored(tmp_path / "m2" / "K-test.zarr"))
