@@ -225,6 +225,9 @@ CASES: list[Case] = [
     Case("kernel-readout-unknown", k("--readout", "cauchy:2"), need("--readout", "unknown")),
     Case("kernel-readout-matern32-no-lengthscale", k("--readout", "matern32"), need("--readout", "lengthscale")),
     Case("kernel-readout-matern32-negative", k("--readout", "matern32:-2"), need("--readout", *LENGTHSCALE)),
+    Case("kernel-archive-without-store", k("--archive", "arch"), need("--archive", "needs --out K.zarr")),
+    Case("kernel-archive-foreign-folder", k("--archive", "adir", out="k.zarr"), need("--archive", "not a tile archive")),
+    Case("kernel-archive-is-a-file", k("--archive", "x.npz", out="k.zarr"), need("--archive", "not a folder")),
     # -- sweep
     Case("sweep-n-0", s(n="0"), need("--n", *INTEGER)),
     Case("sweep-n-7-abc", s(n="7,abc"), need("--n", *INTEGER)),
@@ -240,6 +243,9 @@ CASES: list[Case] = [
     Case("sweep-lengthscales-negative", s(lengthscales="-1"), need("--lengthscales", *LENGTHSCALE)),
     Case("sweep-memory-budget-nan", s("--memory-budget", "nan"), need("--memory-budget", *SIZE)),
     Case("sweep-unknown-flag", s("--frob"), need("--frob", *UNKNOWN)),
+    Case("sweep-archive-without-store", s("--archive", "arch"), need("--archive", "needs --store K.zarr")),
+    Case("sweep-archive-foreign-folder", s("--store", "k.zarr", "--archive", "adir"),
+         need("--archive", "not a sweep.s tile archive")),
     # -- montecarlo
     Case("montecarlo-missing-width", m(width=None), need("--width", *REQUIRED)),
     Case("montecarlo-width-0", m(width="0"), need("--width", *INTEGER)),

@@ -123,10 +123,9 @@ def cmd_sweep(args) -> int:
         if args.test:
             check_output_store(test_store_path(args.store), "--store (its test store)")
         if args.archive is not None:
-            from cnngp.engine.archive import check_archive_folder
+            from cnngp.experiments.sweep import check_sweep_archive
 
-            for part in ("train",) + (("test",) if args.test else ()):
-                check_archive_folder(Path(args.archive) / part, "--archive")
+            check_sweep_archive(args.archive, args.test)
     else:
         for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive"):
             if getattr(args, flag) is not None:

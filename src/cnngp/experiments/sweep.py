@@ -144,6 +144,24 @@ def test_store_path(kernel_store) -> Path:
                           else path.name + "-test.zarr")
 
 
+def check_sweep_archive(archive, test: bool, what: str = "--archive") -> Path:
+    """Refuse, before any work, a sweep archive folder cnngp must not write: it holds the
+    tile archives ``train/`` (and ``test/``) and nothing else."""
+    from cnngp.engine.archive import check_archive_folder
+
+    path = Path(archive)
+    if not path.is_dir() or path.is_symlink() or not str(archive).strip():
+        check_archive_folder(path if str(archive).strip() else archive, what)  # a new folder, or refused
+    else:
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ("train", "test"))
+        if foreign:
+            raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a sweep's tile archive "
+                             f"(it holds {foreign[0]!r}; a sweep's holds train/ and test/); give a new or empty folder")
+    for part in ("train",) + (("test",) if test else ()):
+        check_archive_folder(path / part, what)
+    return path
+
+
 def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=True, archive=None,
                     **options):
     """Train (and test) kernels computed into stores; returned as lazy per-readout sequences.
@@ -154,6 +172,8 @@ def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=T
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
+    if archive is not None:
+        check_sweep_archive(archive, x_test is not None)
     if not yes and options.get("client") is None:
         seconds = store_kernel(body, x_train, readouts=readouts, out=kernel_store, dry_run=True,
                                **options).dry_run["estimated_seconds"]
