@@ -185,3 +185,31 @@ def test_a_sweep_finishes_from_its_archive_on_a_fresh_machine(tmp_path):
     for r in (b, c):
         assert r["results"] == a["results"] and r["best"] == a["best"] and r["test"] == a["test"]
     assert np.array_equal(_stored(tmp_path / "m1" / "K-test.zarr"), _stored(tmp_path / "m2" / "K-test.zarr"))
+
+
+def test_test_best_scores_the_cross_validated_choice_with_one_readouts_kernels(tmp_path):
+    """``test="best"`` gives the same top-level test entry as scoring every readout, from a
+    test store (and archive) of that one readout."""
+    from cnngp.experiments.sweep import run_sweep, test_store_path
+    from cnngp.io.data import Dataset
+
+    rng = np.random.default_rng(5)
+    ds = Dataset(rng.uniform(size=(36, 6, 6, 1)).astype(np.float32), np.repeat(np.arange(3), 12),
+                 rng.uniform(size=(9, 6, 6, 1)).astype(np.float32), np.repeat(np.arange(3), 3), "toy", ("a", "b", "c"))
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    common = dict(ns=(12, 36), folds=2, lengthscales=(0.5, 2.0, 8.0), progress=False)
+    every = run_sweep(net, ds, test=True, **common)
+    best_in_memory = run_sweep(net, ds, test="best", **common)
+    best_stored = run_sweep(net, ds, test="best", kernel_store=tmp_path / "K.zarr", tile=4,
+                            archive=tmp_path / "arch", **common)
+    for r in (best_in_memory, best_stored):
+        assert r["test"] == every["test"] and r["best"] == every["best"]
+        assert r["config"]["test_readouts"] == "best"
+        scored = [x for x in r["results"] if "test_accuracy" in x]
+        assert len(scored) == 1 and scored[0]["readout"] == every["test"]["readout"]
+    assert every["config"]["test_readouts"] == "all"
+    store = KernelStore.open(test_store_path(tmp_path / "K.zarr"))
+    assert store.shape == (1, 9, 36) and store.labels()[0].startswith(every["test"]["readout"])
+    assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["test", "train"]
+    with pytest.raises(CNNGPError, match="test: expected False, True"):
+        run_sweep(net, ds, test="some", **common)

@@ -143,7 +143,7 @@ def cmd_sweep(args) -> int:
         folds=folds,
         lengthscales=lengthscales,
         family=args.family,
-        test=args.test,
+        test=args.test or False,
         n_test=n_test,
         seed=seed,
         dtype=args.dtype,
@@ -194,7 +194,7 @@ def _argv_for_record(args) -> list[str]:
     if args.lengthscales is not None:
         parts.append(f"--lengthscales {args.lengthscales}")
     if args.test:
-        parts.append("--test")
+        parts.append("--test" if args.test == "all" else f"--test {args.test}")
         if args.n_test is not None:
             parts.append(f"--n-test {args.n_test}")
     return parts
@@ -226,8 +226,11 @@ def register(subparsers) -> None:
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper",
                    help="paper: contiguous folds of the class-interleaved order (default); "
                    "stratified: shuffled stratified folds")
-    p.add_argument("--test", action="store_true",
-                   help="also report test accuracy of the model trained on the largest N")
+    p.add_argument("--test", nargs="?", const="all", choices=["all", "best"],
+                   help="also report test accuracy of the models trained on the largest N: every "
+                        "readout (--test, --test all), or only the one cross-validation chose "
+                        "(--test best: its test kernels are computed after the cross-validation, "
+                        "for that readout alone)")
     p.add_argument("--n-test", help="use a class-balanced subset of this many test images")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--lengthscales",

@@ -197,6 +197,31 @@ def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=T
     return K, K_test
 
 
+def _best_test_kernel(body, readout, name, x_train, x_test, kernel_store, archive, yes, options):
+    """The test × train kernel (float64) of the one readout the cross-validation chose: in
+    memory, or into the test store ``K-test.zarr`` (and ``archive/test``) beside ``kernel_store``."""
+    if kernel_store is None:
+        from cnngp.engine.gram import readout_sweep
+
+        return readout_sweep(body, [readout], x_test, x_train, **options)[0].double().numpy()
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.resources import check_job
+    from cnngp.engine.store import KernelStore, StoredReadouts
+
+    path = test_store_path(kernel_store)
+    if not yes and options.get("client") is None:
+        seconds = store_kernel(body, x_test, x_train, readouts=[readout], out=path, dry_run=True,
+                               **options).dry_run["estimated_seconds"]
+        check_job(f"--test best ({len(x_test)} × {len(x_train)} images)",
+                  seconds=seconds if str(options.get("device", "cpu")).startswith("cpu") else None,
+                  yes=yes, remedy="a finished store is reused, so the work can be spread over "
+                  "several runs, --workers or a --scheduler")
+    store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], out=path,
+                 what="--store (its test store)",
+                 archive=None if archive is None else Path(archive) / "test", **options)
+    return StoredReadouts(KernelStore.open(path))[0]
+
+
 def _lengthscale_json(value: float):
     return "inf" if math.isinf(value) else float(value)
 
@@ -477,10 +502,13 @@ def run_sweep(
         are allowed (exactly independent / constant); the independent and constant
         readouts are always included as separate entries.
     family : {"matern32", "matern12", "matern52", "rbf"}, default "matern32"
-    test : bool, default False
+    test : bool or {"all", "best"}, default False
         Also score, on the test split, the models trained on the whole ``N_max`` subset
         (each readout at its cross-validated σ²; the top-level ``"test"`` entry is the
-        one with the best cross-validated λ).
+        one with the best cross-validated λ). ``True`` is ``"all"``. ``"best"`` scores only
+        the cross-validation's choice: the test kernels are computed after the
+        cross-validation, for that one readout (the same kernel computation per pair, 1/L
+        of the memory and storage; with ``kernel_store``, the test store holds one readout).
     n_test : int, optional
         Use a class-balanced subset of this many test images (default: all).
     seed : int, default 0
@@ -570,6 +598,10 @@ def run_sweep(
         raise CNNGPError(f"seed: expected an integer >= 0, got {seed!r}")
     seed = int(seed)
 
+    if test not in (False, True, "all", "best"):
+        raise CNNGPError(f"test: expected False, True ('all') or 'best', got {test!r}")
+    test_mode = None if test is False else ("best" if test == "best" else "all")
+
     # -- data ----------------------------------------------------------------------
     if isinstance(dataset, Dataset):
         ds = dataset
@@ -619,13 +651,14 @@ def run_sweep(
     with contextlib.ExitStack() as cleanup:  # a Dask cluster, when one is started
         # -- kernels (one pass for every readout) -----------------------------------------
         x_test = None if test_order is None else ds.x_test[test_order]
+        x_test_now = x_test if test_mode == "all" else None  # "best": after the cross-validation
         key = {
             "format": RESULTS_FORMAT,
             "spec": body.to_spec(),
             "readouts": [r.to_spec() for r in readouts],
             "train_sha256": array_sha256(x_sub),
             "dtype": str(dtype),
-            "test_sha256": None if x_test is None else array_sha256(x_test),
+            "test_sha256": None if x_test_now is None else array_sha256(x_test_now),
         }
         if kernel != "nngp":  # NNGP caches keep the key they always had
             key["kernel"] = kernel
@@ -640,13 +673,13 @@ def run_sweep(
 
                 limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
                 client = cleanup.enter_context(dask_client(workers, scheduler, limit))
-            K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test, yes=yes,
-                                        client=client, tile=tile, threads_per_worker=threads_per_worker,
-                                        archive=archive, **common)
+            store_options = dict(client=client, tile=tile, threads_per_worker=threads_per_worker, **common)
+            K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test_now, yes=yes,
+                                        archive=archive, **store_options)
         else:
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
-                         y_test=None if x_test is None else ds.y_test[test_order])
-            K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes,
+                         y_test=None if x_test_now is None else ds.y_test[test_order])
+            K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, yes,
                                            **common)
 
         # -- cross-validation on every block of every size ----------------------------------
@@ -656,16 +689,24 @@ def run_sweep(
 
         # -- test accuracy of the models trained on N_max -----------------------------------
         test_summary = None
-        if K_test is not None:
+        if test_mode is not None:
             y_test = ds.y_test[test_order]
             top = [r for r in results if r["n"] == n_max]
-            for r, Kl, Kt in zip(top, K, K_test):
-                r["test_accuracy"] = gp.test_accuracy(
-                    Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
-                )
             chosen = best[-1]
             i = next(j for j, r in enumerate(top) if r["readout"] == chosen["readout"]
                      and r["lengthscale"] == chosen["lengthscale"])
+            if test_mode == "all":
+                for r, Kl, Kt in zip(top, K, K_test):
+                    r["test_accuracy"] = gp.test_accuracy(
+                        Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
+                    )
+            else:
+                Kt = _best_test_kernel(body, readouts[i], f"{labels[i][0]}:{_lengthscale_json(labels[i][1])}",
+                                       x_sub, x_test, kernel_store, archive, yes,
+                                       store_options if kernel_store is not None else common)
+                top[i]["test_accuracy"] = gp.test_accuracy(
+                    K[i], y_sub, Kt, y_test, top[i]["noise_variance"], n_classes
+                )
             test_summary = {
                 "n_train": int(n_max),
                 "n_test": int(len(y_test)),
@@ -703,7 +744,8 @@ def run_sweep(
             "targets": "one-hot minus 1/n_classes",
             "seed": seed,
             "dtype": str(dtype),
-            "test": bool(test),
+            "test": test_mode is not None,
+            "test_readouts": test_mode,
             "n_test": None if test_order is None else int(len(test_order)),
             "train_sha256": key["train_sha256"],
             "kernel": kernel,
