@@ -4,7 +4,8 @@
     .venv/bin/python results/paper-scale/make_figures.py
 
 - ``figure2-cnngp14.png``: CNNGP-14 accuracy against the readout λ for every N, ±2 SE bands,
-  the paper's numbers (PAPER.md §6) as hollow markers (from ``cnngp14-n1280/results.json``);
+  the paper's numbers (PAPER.md §6) as hollow markers (from ``cnngp14-n1280/results.json``;
+  the test accuracy of the CV-chosen model from ``cnngp14-n1280-test/results.json``);
 - ``figure3.png``: myrtle10-paper and myrtle10-correlated with independent, Matérn-3/2 and RBF
   6×6 taps, against N and along the readout sweep, the paper's Figure 3 overlaid;
 - ``summary.json``: per run and N, the independent, mean-pool and best readouts (accuracy ±2 SE,
@@ -57,6 +58,10 @@ def main():
         sweep_figure(c14, HERE / "figure2-cnngp14.png", reference=paper.CNNGP14,
                      title="CNNGP-14 on the CIFAR-10 subset (paper: hollow)")
         summary["cnngp14"] = {"ours": table(c14), "paper": {str(k): v for k, v in paper.CNNGP14.items()}}
+        tested = load("cnngp14-n1280-test")  # the same sweep with --test best
+        if tested is not None:
+            assert tested["results"] == c14["results"], "the --test best run cross-validated other kernels"
+            summary["cnngp14"]["test"] = tested["test"]
     variants = {label: load(name) for label, name in FIG3.items()}
     done = {label: res for label, res in variants.items() if res is not None}
     if done:
