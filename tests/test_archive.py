@@ -142,6 +142,12 @@ def test_cli_archive_round_trip_and_its_errors(tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "b.zarr"), "--archive", str(tmp_path / "arch")]) == 0
     assert "0 tile(s) computed" in capsys.readouterr().err
     assert _stored(tmp_path / "b.zarr").tobytes() == _stored(tmp_path / "a.zarr").tobytes()
+    (tmp_path / "arch" / "tile-1-2.json").unlink()
+    assert main(["info", str(tmp_path / "arch")]) == 0
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)
+    assert (info["tiles_total"], info["tiles_archived"], info["pairs_total"]) == (6, 5, 55)
+    assert info["shape"] == [1, 10, 10] and info["dtype"] == "float32" and "5/6 tiles archived" in captured.err
     ref = cnngp.kernel(cnngp.io.architectures.get("cnngp2"), np.load(x)["x"], dtype=np.float32).numpy()
     np.testing.assert_allclose(_stored(tmp_path / "b.zarr")[0], ref, rtol=1e-5)
 
@@ -213,3 +219,29 @@ def test_test_best_scores_the_cross_validated_choice_with_one_readouts_kernels(t
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["test", "train"]
     with pytest.raises(CNNGPError, match="test: expected False, True"):
         run_sweep(net, ds, test="some", **common)
+
+
+def test_archives_of_offset_sum_and_ntk_stores_restore_bit_for_bit(tmp_path):
+    """The mirror of an offset-sum tile reverses its offsets and an NTK store stacks two kernel
+    types: both are rebuilt by the store's own write_tile, so both restore exactly."""
+    x = _images(7)
+    for name, kwargs in [("offsets", dict(offsets=True)), ("both", dict(readouts=READOUTS[:2], get="both"))]:
+        first = tmp_path / f"{name}-a.zarr"
+        store_kernel(BODY, x, out=first, tile=3, archive=tmp_path / name, progress=False, **kwargs)
+        report = store_kernel(BODY, x, out=tmp_path / f"{name}-b.zarr", tile=3, archive=tmp_path / name,
+                              progress=False, **kwargs)
+        assert (report.tiles_restored, report.tiles_computed) == (6, 0)
+        assert _stored(tmp_path / f"{name}-b.zarr").tobytes() == _stored(first).tobytes()
+
+
+def test_tiles_finished_on_dask_workers_are_archived(tmp_path):
+    pytest.importorskip("distributed")
+    x = _images(9)
+    whole = cnngp.readout_sweep(BODY, READOUTS, x).numpy()
+    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, workers=2,
+                          archive=tmp_path / "arch", progress=False)
+    assert report.tiles_computed == 6
+    again = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", tile=3,
+                         archive=tmp_path / "arch", progress=False)
+    assert (again.tiles_restored, again.tiles_computed) == (6, 0)
+    assert np.array_equal(_stored(tmp_path / "b.zarr"), whole)

@@ -406,7 +406,15 @@ def cmd_info(args) -> int:
     if args.store is not None:
         if args.arch is not None:
             raise CNNGPError("--arch: give either a kernel store or --arch, not both")
+        from cnngp.engine.archive import archive_info, is_archive
         from cnngp.engine.store import KernelStore
+
+        if is_archive(args.store):
+            info = archive_info(args.store)
+            print(json.dumps(info, indent=2))
+            print(f"{args.store}: {info['tiles_archived']}/{info['tiles_total']} tiles archived "
+                  f"({info['bytes'] / 2**20:.1f} MiB)", file=sys.stderr)
+            return 0
 
         store = KernelStore.open(args.store, what="store")
         info = store.info()
@@ -490,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)
 
     i = sub.add_parser("info", help="versions, devices, architectures and their grids")
-    i.add_argument("store", nargs="?", help="a kernel store K.zarr: shape, dtype, tiles done/total, bad tiles, provenance")
+    i.add_argument("store", nargs="?", help="a kernel store K.zarr (shape, dtype, tiles done/total, bad tiles, provenance) "
+                        "or a tile archive folder (tiles archived/total)")
     i.add_argument("--arch", help="show the layers and grids of this architecture")
     i.add_argument("--shape", help="input spatial shape, e.g. 32x32 (default)")
     i.add_argument("--readout", help="readout correlation, as for `cnngp kernel`")

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cnngp.engine.gram import Tile
+from cnngp.engine.gram import Tile, tile_plan
 from cnngp.engine.store import IDENTITY_KEYS, KernelStore, _WHAT, _atomic_json, _checksum, _first_difference
 from cnngp.errors import CNNGPError
 
-__all__ = ["TileArchive", "ARCHIVE_FORMAT", "check_archive_folder", "encode_tile", "decode_tile"]
+__all__ = ["TileArchive", "ARCHIVE_FORMAT", "archive_info", "is_archive", "check_archive_folder",
+           "encode_tile", "decode_tile"]
 
 #: version tag of the archive layout
 ARCHIVE_FORMAT = "cnngp-tile-archive/1"
@@ -101,6 +102,37 @@ def check_archive_folder(path, what: str = "--archive") -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise CNNGPError(f"{what}: the folder {str(parent)!r} is not writable")
     return path
+
+
+def is_archive(path) -> bool:
+    """``path`` is a tile archive folder (it has an ``archive.json``)."""
+    return (Path(path) / "archive.json").is_file()
+
+
+def archive_info(path) -> dict:
+    """What ``cnngp info DIR`` prints for a tile archive: its computation, tiles archived of
+    the plan's total, bytes on disk (tiles are not decoded: :meth:`TileArchive.load` checks them)."""
+    path = Path(path)
+    try:
+        with open(path / "archive.json") as f:
+            header = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CNNGPError(f"archive: {str(path)!r} has no readable archive.json ({e})") from None
+    if header.get("format") != ARCHIVE_FORMAT:
+        raise CNNGPError(f"archive: {str(path)!r} is not a {ARCHIVE_FORMAT} folder (format {header.get('format')!r})")
+    identity = header.get("identity") or {}
+    _, n1, n2 = identity["shape"]
+    plan = tile_plan(n1, None if identity.get("x2_sha256") is None else n2, int(identity["tile"]))
+    archived = [t for t in plan if (path / f"{t.name}.json").is_file() and (path / f"{t.name}.bin").is_file()]
+    return {
+        "path": str(path), "format": header["format"], "codec": header.get("codec"),
+        "shape": identity["shape"], "dtype": identity.get("dtype"), "tile": identity["tile"],
+        "tiles_total": len(plan), "tiles_archived": len(archived),
+        "pairs_total": sum(t.pairs for t in plan), "pairs_archived": sum(t.pairs for t in archived),
+        "bytes": sum(p.stat().st_size for p in path.glob("tile-*.bin")),
+        "labels": header.get("labels"), "spec": identity.get("spec"), "created": header.get("created"),
+        "versions": header.get("versions"),
+    }
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
