@@ -33,7 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from cnngp.engine.gram import Tile, tile_plan
-from cnngp.engine.store import IDENTITY_KEYS, KernelStore, _WHAT, _atomic_json, _checksum, _first_difference
+from cnngp.engine.storage import check_own_folder
+from cnngp.engine.store import (
+    IDENTITY_KEYS, KernelStore, _WHAT, _atomic_json, _checksum, _first_difference, _read_json,
+)
 from cnngp.errors import CNNGPError
 
 __all__ = ["TileArchive", "ARCHIVE_FORMAT", "archive_info", "is_archive", "check_archive_folder",
@@ -83,25 +86,11 @@ def decode_tile(data: bytes, shape, dtype) -> np.ndarray:
 
 def check_archive_folder(path, what: str = "--archive") -> Path:
     """Refuse, before any work, an archive path cnngp must not write: an empty name, a file or
-    link, a non-empty folder that is not a tile archive, or a missing or unwritable parent."""
-    if path is None or not str(path).strip():
-        raise CNNGPError(f"{what}: is empty; give a folder for the tile archive")
-    path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise CNNGPError(f"{what}: {str(path)!r} exists and is not a folder (an archive is one)")
-    if path.is_dir():
-        if not (path / "archive.json").is_file() and any(path.iterdir()):
-            raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a tile archive; "
-                             "give a new or empty folder")
-        if not os.access(path, os.W_OK):
-            raise CNNGPError(f"{what}: {str(path)!r} is not writable")
-        return path
-    parent = path.absolute().parent
-    while not parent.exists():  # the archive's parents are made with it
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise CNNGPError(f"{what}: the folder {str(parent)!r} is not writable")
-    return path
+    link, a non-empty folder that is not a tile archive, or an unwritable parent (missing
+    parents are made with the archive)."""
+    return check_own_folder(path, what, marker="archive.json", kind="a tile archive",
+                            empty_hint="give a folder for the tile archive",
+                            foreign_hint="give a new or empty folder", parents_made=True)
 
 
 def is_archive(path) -> bool:
@@ -190,11 +179,7 @@ class TileArchive:
                 raise CNNGPError(f"{what}: creating {str(self.path)!r} failed ({e.strerror or e})") from None
 
     def _record(self, tile: Tile) -> dict | None:
-        try:
-            with open(self.path / f"{tile.name}.json") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.path / f"{tile.name}.json")
 
     def has(self, tile: Tile) -> bool:
         """A record for ``tile`` exists (its bytes are checked when it is loaded)."""

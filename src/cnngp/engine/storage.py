@@ -101,6 +101,35 @@ def check_output_dir(out: Path, files=(), what: str = "--out") -> None:
             check_output_file(out / name, what)
 
 
+def check_own_folder(path, what: str, *, marker: str, kind: str, empty_hint: str,
+                     foreign_hint: str, parents_made: bool) -> Path:
+    """Refuse, before any work, a folder cnngp must not write as ``kind`` (a kernel store, a
+    tile archive): an empty name, a link, a file, a non-empty folder without ``marker`` (a
+    folder of someone else's), an unwritable folder, or a parent that is missing (unless
+    ``parents_made``) or unwritable."""
+    if path is None or not str(path).strip():
+        raise CNNGPError(f"{what}: is empty; {empty_hint}")
+    path = Path(path)
+    if path.is_symlink():
+        raise CNNGPError(f"{what}: {str(path)!r} is a symbolic link; cnngp writes only its own folders")
+    if path.exists():
+        if not path.is_dir():
+            raise CNNGPError(f"{what}: {str(path)!r} exists and is not a folder ({kind} is one)")
+        if not (path / marker).is_file() and any(path.iterdir()):
+            raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not {kind}; {foreign_hint}")
+        if not os.access(path, os.W_OK):
+            raise CNNGPError(f"{what}: {str(path)!r} is not writable")
+        return path
+    parent = path.absolute().parent
+    while parents_made and not parent.exists():  # made with it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CNNGPError(f"{what}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CNNGPError(f"{what}: the folder {str(parent)!r} is not writable")
+    return path
+
+
 def atomic_write(path, write, what: str = "--out") -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
 

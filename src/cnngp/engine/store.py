@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cnngp.engine.gram import Tile, tile_plan
-from cnngp.engine.storage import fingerprint
+from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 
 __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store"]
@@ -53,26 +53,9 @@ def is_store_path(path) -> bool:
 def check_output_store(path, what: str = "--out") -> Path:
     """Refuse, before any work, a store path cnngp must not write: an existing file, symbolic
     link or non-empty folder that is not a kernel store, or a missing or unwritable parent."""
-    if path is None or not str(path).strip():
-        raise CNNGPError(f"{what}: is empty; give a store path such as K.zarr")
-    path = Path(path)
-    if path.is_symlink():
-        raise CNNGPError(f"{what}: {str(path)!r} is a symbolic link; cnngp writes only its own folders")
-    if path.exists():
-        if not path.is_dir():
-            raise CNNGPError(f"{what}: {str(path)!r} exists and is not a folder (a kernel store is one)")
-        if not (path / "zarr.json").is_file() and any(path.iterdir()):
-            raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a kernel store; "
-                             "nothing was overwritten")
-        if not os.access(path, os.W_OK):
-            raise CNNGPError(f"{what}: {str(path)!r} is not writable")
-        return path
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise CNNGPError(f"{what}: the folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CNNGPError(f"{what}: the folder {str(parent)!r} is not writable")
-    return path
+    return check_own_folder(path, what, marker="zarr.json", kind="a kernel store",
+                            empty_hint="give a store path such as K.zarr",
+                            foreign_hint="nothing was overwritten", parents_made=False)
 
 
 def _zarr():
@@ -95,6 +78,15 @@ def _atomic_json(path: Path, payload: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A record's contents, or None if it is missing or not JSON (a torn record is no record)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _first_difference(stored: dict, wanted: dict) -> str | None:
@@ -284,11 +276,7 @@ class KernelStore:
         _atomic_json(self.records_dir / f"{tile.name}.json", record)
 
     def _record(self, name: str) -> dict | None:
-        try:
-            with open(self.records_dir / f"{name}.json") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.records_dir / f"{name}.json")
 
     def tile_state(self, tile: Tile) -> str:
         """'done', 'missing' (no record) or 'bad' (a record the bytes do not match)."""
