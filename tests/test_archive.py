@@ -12,6 +12,9 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import cnngp
 from cnngp.cli.main import main
@@ -44,6 +47,15 @@ def test_encoding_is_lossless_on_values_that_stress_the_integer_deltas(dtype):
     back = decode_tile(encode_tile(block), block.shape, dtype)
     assert back.dtype == dtype and back.shape == block.shape
     assert back.tobytes() == block.tobytes()  # bit for bit, signed zeros included
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(st.sampled_from([np.float32, np.float64]),
+                  st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5)),
+                  elements={"allow_nan": True, "allow_infinity": True, "allow_subnormal": True}))
+def test_encoding_round_trips_any_block_bit_for_bit(block):
+    back = decode_tile(encode_tile(block), block.shape, block.dtype)
+    assert back.dtype == block.dtype and back.tobytes() == block.tobytes()
 
 
 def test_a_smooth_readout_stack_compresses_well():
