@@ -12,6 +12,7 @@ set -u
 cd "$(dirname "$0")"
 . ../../.venv/bin/activate
 mkdir -p /work/stores
+export TQDM_MININTERVAL=60  # progress in the log once a minute, not every 0.1 s
 COMMON=(--arch cnngp14 --data ../../../shared/data/cifar10_subset.npz --n 80,160,320,640,1280
         --dtype float32 --store /work/stores/cnngp14-n1280.zarr --archive archive-cnngp14-n1280
         --tile 128 --yes)
