@@ -473,3 +473,16 @@ def test_the_progress_bar_advances_within_a_tile(tmp_path, monkeypatch):
     assert len([u for u in updates if u > 0]) > report.tiles_computed == 6
     np.testing.assert_allclose(StoredReadouts(KernelStore.open(tmp_path / "K.zarr"))[0],
                                cnngp.kernel(net, x).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n1,n2,tile", [(10, None, 3), (7, 11, 2), (9, 4, 4)])
+def test_tile_plan_completes_leading_blocks_first(n1, n2, tile):
+    """After the first m tiles, the tiles done are exactly those of a leading k×k block (plus
+    part of the next ring): no tile outside the block of the largest ring started comes early."""
+    plan = tile_plan(n1, n2, tile)
+    rings = [max(t.i, t.j) for t in plan]
+    assert rings == sorted(rings)
+    for k in range(max(rings) + 1):
+        first = {(t.i, t.j) for t in plan[: sum(r <= k for r in rings)]}
+        block = {(t.i, t.j) for t in plan if t.i <= k and t.j <= k}
+        assert first == block

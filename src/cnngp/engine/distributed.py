@@ -384,7 +384,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     state = store.verify()
     for t in state["bad"]:
         store.forget(t)
-    todo = state["missing"] + state["bad"]
+    pending = {t.name for t in state["missing"] + state["bad"]}
+    todo = [t for t in tiles if t.name in pending]  # the plan's nested order: leading blocks first
     saver = None
     restored = []
     if archive is not None:

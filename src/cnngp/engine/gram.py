@@ -671,7 +671,16 @@ class Tile:
 
 def tile_plan(n_rows: int, n_cols: int | None, tile: int) -> list[Tile]:
     """Square tiles of side ``tile`` covering an (n_rows, n_cols) matrix, ragged at the edges;
-    with ``n_cols=None`` (x2 is x1) only the tiles on and above the diagonal."""
+    with ``n_cols=None`` (x2 is x1) only the tiles on and above the diagonal.
+
+    The order is nested: every tile of the leading k×k block of tiles comes before any tile
+    outside it (by ``max(i, j)``, then column, then row), so a run computed in this order and
+    stopped has a complete leading block: with a sweep's class-interleaved images, the first
+    data sets of every smaller N.
+
+    >>> [t.name for t in tile_plan(3, None, 1)]
+    ['tile-0-0', 'tile-0-1', 'tile-1-1', 'tile-0-2', 'tile-1-2', 'tile-2-2']
+    """
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise CNNGPError(f"tile: expected an int >= 1, got {tile!r}")
     tile = int(tile)
@@ -684,7 +693,7 @@ def tile_plan(n_rows: int, n_cols: int | None, tile: int) -> list[Tile]:
                 continue
             out.append(Tile(i, j, slice(r0, min(r0 + tile, n_rows)), slice(c0, min(c0 + tile, n_cols)),
                             diagonal=symmetric and i == j, mirror=symmetric and i != j))
-    return out
+    return sorted(out, key=lambda t: (max(t.i, t.j), t.j, t.i))
 
 
 def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> None:
