@@ -128,6 +128,14 @@ def test_an_archive_added_to_a_running_store_catches_up(tmp_path):
         block, _ = archive.load(tile)
         assert block.dtype == np.float32
         assert np.array_equal(block, np.asarray(store.kernel[:, tile.rows, tile.cols]))
+    # an archived tile damaged (or lost) while the store still holds it is saved again
+    tiles = store.tiles()
+    (tmp_path / "arch" / f"{tiles[0].name}.bin").write_bytes(b"torn")
+    (tmp_path / "arch" / f"{tiles[1].name}.json").unlink()
+    assert not archive.intact(tiles[0]) and not archive.intact(tiles[1]) and archive.intact(tiles[2])
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=4, dtype="float32",
+                 archive=tmp_path / "arch", progress=False)
+    assert all(archive.intact(t) for t in tiles)
 
 
 def test_an_archive_of_another_computation_is_refused(tmp_path):

@@ -181,9 +181,10 @@ class TileArchive:
     def _record(self, tile: Tile) -> dict | None:
         return _read_json(self.path / f"{tile.name}.json")
 
-    def has(self, tile: Tile) -> bool:
-        """A record for ``tile`` exists (its bytes are checked when it is loaded)."""
-        return (self.path / f"{tile.name}.json").is_file()
+    def intact(self, tile: Tile) -> bool:
+        """The archive holds ``tile`` and its bytes decode to its checksum."""
+        loaded = self._read(tile)
+        return loaded is not None and not isinstance(loaded, str)
 
     def save(self, tile: Tile) -> None:
         """Copy the store's finished ``tile`` into the archive (data first, then record)."""
@@ -207,6 +208,15 @@ class TileArchive:
     def load(self, tile: Tile) -> tuple[np.ndarray, dict] | None:
         """``(block, record)`` of ``tile`` if the archive holds it intact, else None (a
         damaged tile is reported on stderr and left to be recomputed)."""
+        loaded = self._read(tile)
+        if isinstance(loaded, str):
+            print(f"{self.what}: tile {tile.name} in {str(self.path)!r} is damaged ({loaded}); it is recomputed",
+                  file=sys.stderr)
+            return None
+        return loaded
+
+    def _read(self, tile: Tile) -> tuple[np.ndarray, dict] | str | None:
+        """``(block, record)``, None (not archived) or why the archived tile is not intact."""
         record = self._record(tile)
         if record is None:
             return None
@@ -219,9 +229,7 @@ class TileArchive:
             if _checksum(block) != record.get("sha256"):
                 raise ValueError("its bytes do not match its checksum")
         except Exception as e:  # a torn, truncated or foreign file: never trusted
-            print(f"{self.what}: tile {tile.name} in {str(self.path)!r} is damaged ({e}); it is recomputed",
-                  file=sys.stderr)
-            return None
+            return str(e) or type(e).__name__
         return block, record
 
     def restore(self, tiles: list[Tile]) -> list[Tile]:

@@ -395,8 +395,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         restored = saver.restore(todo)
         todo = [t for t in todo if t not in restored]
         state["done"] += restored
-        for t in state["done"]:
-            if not saver.has(t):
+        for t in state["done"]:  # tiles the archive lacks, or holds damaged, from the store
+            if t not in restored and not saver.intact(t):
                 saver.save(t)
     blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
     report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
