@@ -8,7 +8,8 @@ long before the whole matrix. The sweep's class-interleaved subsets are prefixes
 (``balanced_subset(y, n)`` is the first n of ``balanced_subset(y, 1280)``: the same per-class
 permutations, cut shorter), so that block is exactly the kernel a sweep with N_max = n would
 compute: this runs the sweep's own cross-validation on it, for the N dividing n, and writes
-``cnngp14-leading{n}/results.json`` (and ``summary.txt``). Its data sets are the first
+``cnngp14-leading{n}/results.json`` (and ``summary.txt``, ``sweep.png`` with the paper's
+numbers as hollow markers). Its data sets are the first
 n / N_k blocks of each size; the full run adds the rest.
 """
 
@@ -76,6 +77,11 @@ def main() -> None:
     (folder / "results.json").write_text(json.dumps(out, indent=1, allow_nan=False))
     table = sweep.summary_table(out)
     (folder / "summary.txt").write_text(table + "\n")
+    from cnngp.experiments import paper
+    from cnngp.experiments.plots import sweep_figure
+
+    sweep_figure(out, folder / "sweep.png", reference={k: v for k, v in paper.CNNGP14.items() if k <= n},
+                 title=f"CNNGP-14, leading {n}×{n} block of the N = 1,280 store (paper: hollow)")
     print(table)
 
 
