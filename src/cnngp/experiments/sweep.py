@@ -144,14 +144,23 @@ def test_store_path(kernel_store) -> Path:
                           else path.name + "-test.zarr")
 
 
+def _refuse_long_store_job(what: str, seconds: float, options: dict) -> None:
+    """Without --yes, refuse store work estimated (on this machine's CPU) at over an hour."""
+    from cnngp.engine.resources import check_job
+
+    check_job(what, seconds=seconds if str(options.get("device", "cpu")).startswith("cpu") else None,
+              yes=False, remedy="a finished store is reused, so the work can be spread over "
+              "several runs, --workers or a --scheduler")
+
+
 def check_sweep_archive(archive, test: bool, what: str = "--archive") -> Path:
     """Refuse, before any work, a sweep archive folder cnngp must not write: it holds the
     tile archives ``train/`` (and ``test/``) and nothing else."""
     from cnngp.engine.archive import check_archive_folder
 
     path = Path(archive)
-    if not path.is_dir() or path.is_symlink() or not str(archive).strip():
-        check_archive_folder(path if str(archive).strip() else archive, what)  # a new folder, or refused
+    if not str(archive).strip() or not path.is_dir() or path.is_symlink():
+        check_archive_folder(archive, what)  # a new folder, or refused
     else:
         foreign = sorted(p.name for p in path.iterdir() if p.name not in ("train", "test"))
         if foreign:
@@ -168,7 +177,6 @@ def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=T
     Without ``yes``, a job estimated (from timing a few pairs here) at over an hour is refused.
     ``archive``: a folder whose ``train`` and ``test`` subfolders are the stores' tile archives."""
     from cnngp.engine.distributed import store_kernel
-    from cnngp.engine.resources import check_job
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
@@ -180,10 +188,7 @@ def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=T
         if x_test is not None:
             seconds += store_kernel(body, x_test, x_train, readouts=readouts, out=kernel_store,
                                     dry_run=True, **options).dry_run["estimated_seconds"]
-        check_job(f"--n {len(x_train)} with {len(readouts)} readouts",
-                  seconds=seconds if str(options.get("device", "cpu")).startswith("cpu") else None,
-                  yes=yes, remedy="a finished store is reused, so the work can be spread over "
-                  "several runs, --workers or a --scheduler")
+        _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, options)
     store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--store",
                  archive=None if archive is None else Path(archive) / "train", **options)
     K = StoredReadouts(KernelStore.open(kernel_store))
@@ -205,17 +210,13 @@ def _best_test_kernel(body, readout, name, x_train, x_test, kernel_store, archiv
 
         return readout_sweep(body, [readout], x_test, x_train, **options)[0].double().numpy()
     from cnngp.engine.distributed import store_kernel
-    from cnngp.engine.resources import check_job
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     path = test_store_path(kernel_store)
     if not yes and options.get("client") is None:
         seconds = store_kernel(body, x_test, x_train, readouts=[readout], out=path, dry_run=True,
                                **options).dry_run["estimated_seconds"]
-        check_job(f"--test best ({len(x_test)} × {len(x_train)} images)",
-                  seconds=seconds if str(options.get("device", "cpu")).startswith("cpu") else None,
-                  yes=yes, remedy="a finished store is reused, so the work can be spread over "
-                  "several runs, --workers or a --scheduler")
+        _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, options)
     store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], out=path,
                  what="--store (its test store)",
                  archive=None if archive is None else Path(archive) / "test", **options)
