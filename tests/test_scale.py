@@ -475,14 +475,31 @@ def test_the_progress_bar_advances_within_a_tile(tmp_path, monkeypatch):
                                cnngp.kernel(net, x).numpy(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("n1,n2,tile", [(10, None, 3), (7, 11, 2), (9, 4, 4)])
-def test_tile_plan_completes_leading_blocks_first(n1, n2, tile):
-    """After the first m tiles, the tiles done are exactly those of a leading k×k block (plus
-    part of the next ring): no tile outside the block of the largest ring started comes early."""
-    plan = tile_plan(n1, n2, tile)
+@pytest.mark.parametrize("n1,tile", [(10, 3), (9, 2), (9, 4), (1, 1)])
+def test_tile_plan_completes_leading_blocks_first(n1, tile):
+    """Symmetric: after the first m tiles, the tiles done are exactly those of a leading k×k
+    block (plus part of the next ring): no tile outside the block of the largest ring started
+    comes early."""
+    plan = tile_plan(n1, None, tile)
     rings = [max(t.i, t.j) for t in plan]
     assert rings == sorted(rings)
     for k in range(max(rings) + 1):
         first = {(t.i, t.j) for t in plan[: sum(r <= k for r in rings)]}
         block = {(t.i, t.j) for t in plan if t.i <= k and t.j <= k}
         assert first == block
+
+
+@pytest.mark.parametrize("n1,n2,tile", [(7, 11, 2), (9, 4, 4), (1, 5, 2), (5, 1, 3)])
+def test_rectangular_tile_plan_finishes_rows_of_x1_first(n1, n2, tile):
+    """Rectangular (test × train): after each row of tiles, those x1 rows are complete against
+    every column of x2, before any later row starts; the tiles cover the matrix exactly once."""
+    plan = tile_plan(n1, n2, tile)
+    n_col_tiles = -(-n2 // tile)
+    assert [t.i for t in plan] == sorted(t.i for t in plan)
+    for r in range(-(-n1 // tile)):
+        row = plan[r * n_col_tiles:(r + 1) * n_col_tiles]
+        assert {t.i for t in row} == {r}
+        covered = np.zeros(n2, int)
+        for t in row:
+            covered[t.cols] += 1
+        assert (covered == 1).all()

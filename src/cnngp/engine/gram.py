@@ -673,13 +673,19 @@ def tile_plan(n_rows: int, n_cols: int | None, tile: int) -> list[Tile]:
     """Square tiles of side ``tile`` covering an (n_rows, n_cols) matrix, ragged at the edges;
     with ``n_cols=None`` (x2 is x1) only the tiles on and above the diagonal.
 
-    The order is nested: every tile of the leading k×k block of tiles comes before any tile
-    outside it (by ``max(i, j)``, then column, then row), so a run computed in this order and
-    stopped has a complete leading block: with a sweep's class-interleaved images, the first
-    data sets of every smaller N.
+    The order is chosen so that a run stopped part way has something whole:
+
+    * symmetric (a Gram matrix): nested, every tile of the leading k×k block of tiles before
+      any tile outside it (by ``max(i, j)``, then column, then row), so a stopped run has a
+      complete leading block: with a sweep's class-interleaved images, the first data sets of
+      every smaller N;
+    * rectangular (x1 × x2, e.g. test × train): row by row, so each finished row of tiles is the
+      final kernel of those x1 images against all of x2 (their test predictions).
 
     >>> [t.name for t in tile_plan(3, None, 1)]
     ['tile-0-0', 'tile-0-1', 'tile-1-1', 'tile-0-2', 'tile-1-2', 'tile-2-2']
+    >>> [t.name for t in tile_plan(2, 3, 1)]
+    ['tile-0-0', 'tile-0-1', 'tile-0-2', 'tile-1-0', 'tile-1-1', 'tile-1-2']
     """
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise CNNGPError(f"tile: expected an int >= 1, got {tile!r}")
@@ -693,6 +699,8 @@ def tile_plan(n_rows: int, n_cols: int | None, tile: int) -> list[Tile]:
                 continue
             out.append(Tile(i, j, slice(r0, min(r0 + tile, n_rows)), slice(c0, min(c0 + tile, n_cols)),
                             diagonal=symmetric and i == j, mirror=symmetric and i != j))
+    if not symmetric:
+        return out  # built row by row
     return sorted(out, key=lambda t: (max(t.i, t.j), t.j, t.i))
 
 
