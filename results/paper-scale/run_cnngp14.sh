@@ -21,7 +21,8 @@ run() {
         >> cnngp14-n1280.log 2>&1
     return $rc
 }
-# 1. the train kernels and the cross-validation (results as soon as the train store is full)
-run cnngp sweep "${COMMON[@]}" --out cnngp14-n1280 || exit $?
+# 1. the train kernels and the cross-validation (results as soon as the train store is full);
+#    done once: step 2 rebuilds the train store from the archive itself when it is missing
+[ -f cnngp14-n1280/results.json ] || run cnngp sweep "${COMMON[@]}" --out cnngp14-n1280 || exit $?
 # 2. the same sweep (its train store reused) scoring the CV-chosen model on the test split
 run cnngp sweep "${COMMON[@]}" --test best --out cnngp14-n1280-test
