@@ -50,11 +50,7 @@ def main() -> None:
     res = json.loads(Path(a.results).read_text())
     chosen = res["best"][-1]
     assert chosen["n"] == n_full, chosen
-    top = [r for r in res["results"] if r["n"] == n_full and r["readout"] == chosen["readout"]
-           and r["lengthscale"] == chosen["lengthscale"]]
-    assert len(top) == 1, top
-    noise = top[0]["noise_variance"]
-    assert noise == chosen["noise_variance"]
+    noise = chosen["noise_variance"]  # the CV-chosen σ² of the one data set at N_max
 
     train = KernelStore.open(a.store)
     test = KernelStore.open(test_store_path(a.store))
@@ -62,14 +58,13 @@ def main() -> None:
     i = train.attrs["readouts"].index(test.attrs["readouts"][0])  # the chosen readout's index
     ds = load_dataset(a.data)
     order = balanced_subset(ds.y_train, n_full, seed=SEED, n_classes=ds.n_classes)
-    assert np.allclose(np.asarray(train.images("x1", slice(0, n_full)), np.float64).reshape(n_full, -1),
-                       ds.x_train[order].reshape(n_full, -1), rtol=0, atol=1e-6)
     _, n_test, n_cols = test.shape
     assert n_cols == n_full and train.shape[1:] == (n_full, n_full), (test.shape, train.shape)
-    assert np.allclose(np.asarray(test.images("x1", slice(0, n_test)), np.float64).reshape(n_test, -1),
-                       ds.x_test.reshape(n_test, -1), rtol=0, atol=1e-6)
-    assert np.allclose(np.asarray(test.images("x2", slice(0, n_full)), np.float64).reshape(n_full, -1),
-                       ds.x_train[order].reshape(n_full, -1), rtol=0, atol=1e-6)
+    for store, which, expected in [(train, "x1", ds.x_train[order]), (test, "x1", ds.x_test),
+                                   (test, "x2", ds.x_train[order])]:
+        stored = np.asarray(store.images(which, slice(None)), np.float64)
+        assert np.allclose(stored.reshape(len(expected), -1), expected.reshape(len(expected), -1),
+                           rtol=0, atol=1e-6), f"{store.path}: {which} is not the sweep's images"
 
     # rows of test images whose every tile is done
     tiles = test.tiles()
@@ -79,8 +74,8 @@ def main() -> None:
     if not done_rows:
         sys.exit(f"no row of tiles of {test_store_path(a.store)} is finished yet")
     index = np.concatenate([np.arange(*r) for r in done_rows])
-    K_train = train.readout(i).astype(np.float64)
-    K_test = np.concatenate([test.readout(0, rows=slice(*r)) for r in done_rows]).astype(np.float64)
+    K_train = train.readout(i)  # float64, as GP inference wants
+    K_test = np.concatenate([test.readout(0, rows=slice(*r)) for r in done_rows])
     y_train, y_test = ds.y_train[order], ds.y_test[index]
     acc = gp.test_accuracy(K_train, y_train, K_test, y_test, noise, ds.n_classes)
     se = math.sqrt(acc * (1 - acc) / len(index))
