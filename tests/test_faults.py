@@ -420,13 +420,20 @@ class _Proc:
     def stderr(self) -> str:
         return bytes(self.err).decode(errors="replace")
 
+    def close(self):
+        """Kill the process if it still runs, then close both pipes."""
+        self.kill()
+        self._t.join(10)
+        self.p.stdout.close()
+        self.p.stderr.close()
+
 
 @pytest.fixture
 def procs():
     started = []
     yield lambda cmd, cwd: started.append(_Proc(cmd, cwd)) or started[-1]
     for p in started:
-        p.kill()
+        p.close()
 
 
 def _finish_normally(x1: Path, out: Path, reference: np.ndarray, resumed: bool):

@@ -312,10 +312,16 @@ def test_cli_sigint_keeps_finished_tiles_and_the_rerun_finishes(tmp_path):
     argv = [sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp4", "--x1", str(x),
             "--out", str(out), "--tile", "2", "--quiet"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    _wait_for_records(out, 3, proc)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
-    assert "the finished tiles are in" in proc.stderr.read()
+    try:
+        _wait_for_records(out, 3, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert "the finished tiles are in" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+        proc.stderr.close()
     done = len(KernelStore.open(out).verify()["done"])
     assert 0 < done < 210
     r = subprocess.run(argv[:-1], capture_output=True, text=True, timeout=300)
@@ -410,6 +416,7 @@ def test_sigkill_of_the_whole_run_then_the_same_command_finishes_it(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # client, scheduler, nannies and workers at once
         proc.wait(60)
+        proc.stderr.close()
     state = KernelStore.open(out).verify()
     missing = len(state["missing"]) + len(state["bad"])
     assert 0 < missing < 210

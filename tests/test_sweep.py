@@ -139,6 +139,19 @@ def test_mismatched_cache_is_an_error(sweep):
         run_sweep("cnngp2", "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_truncated_cache_is_refused_with_its_file_closed(sweep, tmp_path):
+    _, cache = sweep
+    bad = tmp_path / "kernels.npz"
+    bad.write_bytes(cache.read_bytes()[:500])
+    with pytest.raises(CNNGPError, match="not a readable cnngp sweep kernel file") as info:
+        run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=bad)
+    assert repr(str(bad)) in str(info.value)
+    open_fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert str(bad.resolve()) not in open_fds
+
+
 def test_test_accuracy_of_cv_selected_model(tmp_path):
     src = _digits_npz(tmp_path / "d.npz")
     res = run_sweep(ARCH, src, ns=(40,), lengthscales=[2.0], test=True, n_test=20,

@@ -10,6 +10,7 @@ leaves a file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -130,6 +131,22 @@ def check_own_folder(path, what: str, *, marker: str, kind: str, empty_hint: str
     return path
 
 
+@contextlib.contextmanager
+def read_npz(path):
+    """``np.load`` of a ``.npz`` path, without pickle, whose file is closed on every exit.
+
+    ``np.load(path)`` leaves its file open when the archive itself cannot be read (a
+    truncated zip, say): that handle would outlive the error until garbage collection, and
+    on some systems keeps the file from being deleted. Here the file is ours to close.
+    A file that is not an ``.npz`` archive raises ``ValueError``."""
+    with open(path, "rb") as f:
+        archive = np.load(f, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("not a .npz archive")
+        with archive:
+            yield archive
+
+
 def atomic_write(path, write, what: str = "--out") -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -209,7 +226,7 @@ class Checkpoint:
         if kind is not None:
             raise CNNGPError(f"checkpoint: {str(self.path)!r} is {kind}, not a checkpoint file")
         try:
-            with np.load(self.path, allow_pickle=False) as z:
+            with read_npz(self.path) as z:
                 key = z["key"]
                 done = z["pairs_done"]
                 values = z["values"]

@@ -39,7 +39,7 @@ from cnngp.errors import CNNGPError
 from cnngp.kernels.layers import Readout
 from cnngp.io.architectures import split_network
 from cnngp.provenance import array_sha256, versions
-from cnngp.engine.storage import atomic_write
+from cnngp.engine.storage import atomic_write, read_npz
 
 __all__ = [
     "run_sweep",
@@ -338,7 +338,7 @@ def _read_cache(path: Path, key: dict) -> dict | None:
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with read_npz(path) as z:
             stored = json.loads(str(z["key"]))
             out = {"kernels": np.asarray(z["kernels"], dtype=np.float64)}
             if "test_kernels" in z.files:

@@ -24,6 +24,7 @@ paper's protocol (:func:`balanced_subset`, :func:`blocks`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -200,7 +201,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _open_npz(path: Path, what: str):
+    """The archive at ``path``, open for the ``with`` block (its file closed on every exit)."""
     if not path.exists():
         raise MissingFileError(f"{what}: file not found: {path}")
     if path.is_dir():
@@ -210,10 +213,17 @@ def _open_npz(path: Path, what: str):
             f"{what}: {path} is not a .npz archive (accepted: a NumPy .npz file written by "
             "numpy.savez or numpy.savez_compressed)"
         )
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:  # corrupt zip members etc.
-        raise CNNGPError(f"{what}: cannot read .npz archive {path}: {exc}") from None
+    # the file is opened here, not by np.load(path), which leaves it open when the zip
+    # directory cannot be read (engine.storage.read_npz does the same for the engine)
+    with open(path, "rb") as f:
+        try:
+            archive = np.load(f, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):  # a zip behind other bytes
+                raise ValueError("it does not start as a zip of .npy arrays")
+        except Exception as exc:  # a corrupt zip directory etc.
+            raise CNNGPError(f"{what}: cannot read .npz archive {path}: {exc}") from None
+        with archive:
+            yield archive
 
 
 def _npz_get(archive, key: str, path: Path) -> np.ndarray:
