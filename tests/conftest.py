@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,21 @@ DATA = SHARED / "data"
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def open_handles(path) -> int:
+    """How many of this process's file descriptors point at ``path`` (Linux /proc)."""
+    target = str(Path(path).resolve())
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd) == target
+        except OSError:  # the descriptor of the listing itself, closed meanwhile
+            pass
+    return count
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
 
 
 @pytest.fixture(scope="session")

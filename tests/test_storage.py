@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +10,7 @@ import cnngp
 from cnngp import CNNGPError, Matern, Readout
 from cnngp.engine import gram
 from cnngp.engine.storage import Checkpoint, read_npz
+from conftest import needs_proc, open_handles
 
 
 @pytest.fixture
@@ -95,22 +93,6 @@ def test_checkpoint_save_is_atomic(tmp_path):
     assert done == 3 and torch.equal(values, torch.ones(1, 2, 2, dtype=torch.float64))
 
 
-def _open_handles(path) -> int:
-    """How many of this process's file descriptors point at ``path`` (Linux /proc)."""
-    fds = Path("/proc/self/fd")
-    target = str(Path(path).resolve())
-    count = 0
-    for fd in fds.iterdir():
-        try:
-            count += os.readlink(fd) == target
-        except OSError:  # the descriptor of the listing itself, closed meanwhile
-            pass
-    return count
-
-
-needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
-
-
 def _truncated_npz(path):
     np.savez(path, key=np.array("k"), values=np.arange(4000.0))
     path.write_bytes(path.read_bytes()[:300])  # the zip's central directory is gone
@@ -124,7 +106,7 @@ def test_unreadable_checkpoint_is_refused_with_its_file_closed(tmp_path):
     with pytest.raises(CNNGPError, match=r"unreadable .*delete it to start over") as info:
         Checkpoint(path, key="k").load((1, 4), torch.float64, n_pairs=4)
     assert str(path) in str(info.value)
-    assert _open_handles(path) == 0  # checked while the error (and its traceback) is alive
+    assert open_handles(path) == 0  # checked while the error (and its traceback) is alive
 
 
 @needs_proc
@@ -132,24 +114,24 @@ def test_read_npz_closes_its_file_on_every_exit(tmp_path):
     good = tmp_path / "good.npz"
     np.savez(good, a=np.arange(3))
     with read_npz(good) as z:
-        assert _open_handles(good) == 1
+        assert open_handles(good) == 1
         np.testing.assert_array_equal(z["a"], [0, 1, 2])
-    assert _open_handles(good) == 0
+    assert open_handles(good) == 0
     with pytest.raises(RuntimeError, match="inside"):
         with read_npz(good):
             raise RuntimeError("inside")
-    assert _open_handles(good) == 0
+    assert open_handles(good) == 0
     bad = _truncated_npz(tmp_path / "bad.npz")
     with pytest.raises(Exception):
         with read_npz(bad):
             pass
-    assert _open_handles(bad) == 0
+    assert open_handles(bad) == 0
     npy = tmp_path / "plain.npy"
     np.save(npy, np.arange(3))
     with pytest.raises(ValueError, match="not a .npz archive"):
         with read_npz(npy):
             pass
-    assert _open_handles(npy) == 0
+    assert open_handles(npy) == 0
     with pytest.raises(ValueError):  # an object array is never unpickled
         with read_npz(_pickled(tmp_path / "obj.npz")) as z:
             z["a"]

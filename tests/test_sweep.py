@@ -14,6 +14,7 @@ from cnngp.cli.main import main
 from cnngp.io.data import Dataset, blocks, load_digits
 from cnngp.errors import CNNGPError
 from cnngp.experiments.sweep import run_sweep, summary_table
+from conftest import needs_proc, open_handles
 
 ARCH = "cnngp1"
 NS = (40, 80)
@@ -139,7 +140,7 @@ def test_mismatched_cache_is_an_error(sweep):
         run_sweep("cnngp2", "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@needs_proc
 def test_truncated_cache_is_refused_with_its_file_closed(sweep, tmp_path):
     _, cache = sweep
     bad = tmp_path / "kernels.npz"
@@ -147,9 +148,7 @@ def test_truncated_cache_is_refused_with_its_file_closed(sweep, tmp_path):
     with pytest.raises(CNNGPError, match="not a readable cnngp sweep kernel file") as info:
         run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=bad)
     assert repr(str(bad)) in str(info.value)
-    open_fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-                if os.path.exists(f"/proc/self/fd/{fd}")]
-    assert str(bad.resolve()) not in open_fds
+    assert open_handles(bad) == 0
 
 
 def test_test_accuracy_of_cv_selected_model(tmp_path):
