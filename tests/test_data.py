@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnngp.errors import CNNGPError
 from cnngp.io.data import (
     CIFAR10_CLASSES,
     Dataset,
@@ -230,6 +231,11 @@ def test_load_array_errors(tmp_path):
     np.savez(tmp_path / "s.npz", x=np.array(["a", "b"]))
     with pytest.raises(ValueError, match="non-numeric"):
         load_array(tmp_path / "s.npz")
+    # a valid zip behind a .npy array passes zipfile.is_zipfile, and np.load reads the array
+    behind = (tmp_path / "plain.npy").read_bytes() + (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "behind.npz").write_bytes(behind)
+    with pytest.raises(CNNGPError, match=r"^path_spec: cannot read \.npz archive .*behind\.npz"):
+        load_array(tmp_path / "behind.npz")
 
 
 # --------------------------------------------------------------------------------------
