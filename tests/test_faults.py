@@ -352,6 +352,52 @@ def test_disk_full_while_saving_the_checkpoint_on_ctrl_c_keeps_the_previous_one(
     assert not ckpt.exists()
 
 
+@pytest.mark.parametrize("then", ["finish", "ctrl-c"])
+def test_a_periodic_checkpoint_save_that_fails_keeps_the_previous_checkpoint(
+    then, small_inputs, small_reference, tmp_path, monkeypatch, capsys
+):
+    """A full disk during a periodic save (not on Ctrl-C) once deleted the previous checkpoint
+    and ended the run. Now the run warns in one line and goes on; the last good checkpoint
+    stays whole until the output is in place, and a rerun after Ctrl-C resumes from it."""
+    x1, _ = small_inputs
+    out = tmp_path / "k.npz"
+    ckpt = Path(f"{out}.checkpoint.npz")
+    with monkeypatch.context() as m:
+        _force_checkpoints(m, 0.0)
+        if then == "ctrl-c":
+            _interrupt_at(m, 7)
+        real = storage.Checkpoint.save
+        saves = {"n": 0, "failed": 0}
+
+        def save(self, values, pairs_done):
+            saves["n"] += 1
+            if saves["n"] > 3:  # the disk is full from the 4th save on
+                saves["failed"] += 1
+                assert int(_load_checkpoint(self.path)["pairs_done"]) == 3  # still the 3rd
+                raise storage.CNNGPError(f"checkpoint: writing {str(self.path)!r} failed (No space left on device); nothing was written")
+            return real(self, values, pairs_done)
+
+        m.setattr(storage.Checkpoint, "save", save)
+        code, _, err = _run(_small_argv(x1, out), capsys)
+    assert saves["failed"] >= 2, saves  # later saves were tried (and failed) too
+    warnings_printed = [e for e in err if e.startswith("cnngp: warning: checkpoint: saving progress failed")]
+    assert len(warnings_printed) == 1 and "previous checkpoint" in warnings_printed[0], err
+    if then == "finish":
+        assert code == 0, err
+        with np.load(out) as z:
+            assert np.array_equal(z["kernel"], small_reference)
+        assert not ckpt.exists()
+        return
+    assert code == 130, err
+    assert err[-1].endswith(f"the previous checkpoint {ckpt} still resumes"), err
+    assert int(_load_checkpoint(ckpt)["pairs_done"]) == 3
+    assert _partials(tmp_path) == [] and not out.exists()
+    assert main(_small_argv(x1, out)) == 0
+    with np.load(out) as z:
+        assert np.array_equal(z["kernel"], small_reference)
+    assert not ckpt.exists()
+
+
 # -- 2./3. real signals to a real process ------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -607,10 +608,21 @@ def _interrupted(args, code: int, what: str, stop: BaseException) -> int:
     return code
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning during a command is one line on stderr, as errors are."""
+    print(f"cnngp: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     """Run one command; returns the exit status (0, 2 for user errors, 130/143 when
     interrupted, 1 for a bug). Never raises, never prints a traceback (set CNNGP_DEBUG=1
-    to see one for a bug)."""
+    to see one for a bug). Warnings are printed as one line each."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = None
     previous = None
     del received.SIGNALS_SEEN[:]  # signals of an earlier in-process call are not this one's

@@ -15,6 +15,7 @@ Pairs are processed in batches whose size is chosen from a memory budget.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -768,12 +769,25 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             desc=f"kernel (batch {gp.pair_batch}{', resumed' if done else ''})",
             disable=progress is None,
         )
-    progress_made = {"done": done}
+    progress_made = {"done": done, "save_failed": None}
 
     def on_batch(values, pairs_done):
         progress_made["done"] = pairs_done
         if ckpt is not None and ckpt.due() and pairs_done < n_pairs:
-            ckpt.save(values, pairs_done)
+            try:
+                ckpt.save(values, pairs_done)
+            except CNNGPError as e:
+                # a periodic save that fails (a full disk) must not cost the run or the last
+                # good checkpoint: atomic_write left the previous file whole; warn once, go on
+                if progress_made["save_failed"] is None:
+                    warnings.warn(
+                        f"checkpoint: saving progress failed ({' '.join(str(e).split())}); the computation "
+                        f"goes on and the previous checkpoint {str(ckpt.path)!r} still resumes",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                progress_made["save_failed"] = str(e)
+                ckpt.postpone()
 
     try:
         rec1 = gp.self_records(t1, bar)
@@ -790,7 +804,9 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
                     stop.checkpoint_error = str(e)
             raise
         except CNNGPError:
-            if ckpt is not None:  # an overflow is deterministic: a checkpoint would repeat it
+            # an overflow is deterministic: a checkpoint would repeat it. (A failed checkpoint
+            # save never reaches here: on_batch keeps the previous checkpoint and goes on.)
+            if ckpt is not None:
                 ckpt.remove()
             raise
     finally:

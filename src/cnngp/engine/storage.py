@@ -264,6 +264,10 @@ class Checkpoint:
         atomic_write(self.path, lambda f: np.savez(f, **arrays), what="checkpoint")
         self._last = time.monotonic()
 
+    def postpone(self) -> None:
+        """Count the next interval from now (after a save that failed)."""
+        self._last = time.monotonic()
+
     def remove(self) -> None:
         try:
             self.path.unlink()
