@@ -59,6 +59,8 @@ class _Plan:
     head_weights: dict = field(default_factory=dict)
     #: outputs are the offset sums S[δ] of the last hidden layer (docs/maths.md §8), not readouts
     offsets: bool = False
+    #: the engine that runs the layers (resolve_engine): "fused", "torch" or "triton"
+    engine: str = "fused"
 
     @property
     def spatial_out(self):
@@ -305,10 +307,34 @@ def input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
     return KernelState(cross=cross, spatial=spatial, full=full, channels=c)
 
 
+#: the engines a Gram computation can run on (see :func:`resolve_engine`)
+ENGINES = ("auto", "fused", "torch", "triton")
+
+
+def resolve_engine(engine, device, dtype) -> str:
+    """The engine that computes the layers: ``"fused"`` (the numba CPU kernels of
+    :mod:`cnngp.engine.fused`, declining layers they do not handle to torch), ``"torch"`` (every
+    layer's own ``propagate``: the reference), or ``"triton"`` (the fused GPU kernels);
+    ``"auto"`` picks ``"fused"`` on a CPU and ``"torch"`` elsewhere."""
+    if engine is None:
+        engine = "auto"
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise CNNGPError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    device = torch.device(device)
+    if engine == "auto":
+        return "fused" if device.type == "cpu" else "torch"
+    if engine == "fused" and device.type != "cpu":
+        raise CNNGPError(f"engine: 'fused' runs on the CPU only, not on device {str(device)!r}; "
+                         "use engine 'triton' or 'torch' there")
+    return engine
+
+
 def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) -> int:
     """Pairs per call of the fused CPU path (cnngp.engine.fused), or 0 to use the layers' own torch
     propagate. Chunks are sized so one layer's input and output (``tensors`` of each: 2 when
     Θ travels too) stay in the L3 cache."""
+    if getattr(plan, "engine", "fused") != "fused":
+        return 0
     layers = list(plan.body.layers)[:depth]
     if not (fused.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
         return 0
@@ -528,7 +554,7 @@ class GramPlan:
     """
 
     def __init__(self, model, image_shape, *, readouts=None, dtype="float64", device="cpu",
-                 batch_size=None, memory_budget=None, get="nngp", offsets=False):
+                 batch_size=None, memory_budget=None, get="nngp", offsets=False, engine="auto"):
         if offsets:  # the body's last full tensor, reduced to its offset sums (docs/maths.md §8)
             if readouts is not None:
                 raise CNNGPError("offsets: the outputs are the offset sums, so no readouts may be given")
@@ -552,6 +578,7 @@ class GramPlan:
         self.plan = _make_plan(body, heads, self.image_shape[:-1])
         self.plan.kernels = self.kernels
         self.plan.offsets = bool(offsets)
+        self.engine = self.plan.engine = resolve_engine(engine, self.device, self.dtype)
         if offsets:
             grid = self.plan.spatial_out
             if not grid or (self.plan.pair_flags[-1] is not True and math.prod(grid) > 1):
