@@ -674,7 +674,7 @@ def _fused_plan(layers, i, flags, spatial, fast):
     return conv_plan(layers[i], spatial)
 
 
-def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None):
+def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None, step=None):
     """Propagate ``state`` (a KernelState or a Fused) through ``layers`` (flags[i]: full input
     of layer i; flags[-1]: output): the one layer runner of the engine. Layers the fused
     kernels handle run fused when ``fast`` (default: on a CPU where numba is available);
@@ -684,6 +684,8 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
     at index i, or with ``roots=True`` their :func:`roots`. Self mode (``records`` a dict of
     lists): the input is an image with itself; the diagonal at every nonlinearity input is
     appended to ``records[i]`` and used as both variances.
+    ``step(i, state)``: another engine's offer for layer i of a torch-held ``state`` (e.g.
+    :func:`cnngp.engine.gpu.step_hook`): (new state, next layer index), or None to decline.
     Returns (state, fused): the output state, and the same tensor as a :class:`Fused` when the
     last layer ran fused (else None).
     """
@@ -699,6 +701,11 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
     i, n = 0, len(layers)
     while i < n:
         layer = layers[i]
+        if step is not None and cur is None:
+            taken = step(i, state)
+            if taken is not None:
+                state, i = taken
+                continue
         spatial = cur.spatial if cur is not None else state.spatial
         plan = _fused_plan(layers, i, flags, spatial, fast)
         if plan is not None:
