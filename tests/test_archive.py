@@ -204,10 +204,10 @@ def test_a_sweep_finishes_from_its_archive_on_a_fresh_machine(tmp_path):
     net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
     common = dict(ns=(12, 24), folds=2, lengthscales=(1.0, 3.0), test=True, progress=False, tile=5)
     a = run_sweep(net, ds, **common)
-    b = run_sweep(net, ds, kernel_store=tmp_path / "m1" / "K.zarr", archive=tmp_path / "arch", **common)
+    b = run_sweep(net, ds, store=tmp_path / "m1" / "K.zarr", archive=tmp_path / "arch", **common)
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["test", "train"]
     assert b["config"]["archive"] == str(tmp_path / "arch")
-    c = run_sweep(net, ds, kernel_store=tmp_path / "m2" / "K.zarr", archive=tmp_path / "arch", **common)
+    c = run_sweep(net, ds, store=tmp_path / "m2" / "K.zarr", archive=tmp_path / "arch", **common)
     for r in (b, c):
         assert r["results"] == a["results"] and r["best"] == a["best"] and r["test"] == a["test"]
     assert np.array_equal(_stored(tmp_path / "m1" / "K-test.zarr"), _stored(tmp_path / "m2" / "K-test.zarr"))
@@ -226,7 +226,7 @@ def test_test_best_scores_the_cross_validated_choice_with_one_readouts_kernels(t
     common = dict(ns=(12, 36), folds=2, lengthscales=(0.5, 2.0, 8.0), progress=False)
     every = run_sweep(net, ds, test=True, **common)
     best_in_memory = run_sweep(net, ds, test="best", **common)
-    best_stored = run_sweep(net, ds, test="best", kernel_store=tmp_path / "K.zarr", tile=4,
+    best_stored = run_sweep(net, ds, test="best", store=tmp_path / "K.zarr", tile=4,
                             archive=tmp_path / "arch", **common)
     for r in (best_in_memory, best_stored):
         assert r["test"] == every["test"] and r["best"] == every["best"]

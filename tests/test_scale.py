@@ -300,7 +300,7 @@ def test_sweep_into_a_store_refuses_a_long_job_without_yes(tmp_path, monkeypatch
 
     monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 1e-6)
     with pytest.raises(CNNGPError, match="would take about .* pass --yes"):
-        run_sweep("cnngp2", "digits", ns=(40,), folds=2, lengthscales=(1.0,), kernel_store=tmp_path / "K.zarr",
+        run_sweep("cnngp2", "digits", ns=(40,), folds=2, lengthscales=(1.0,), store=tmp_path / "K.zarr",
                   yes=False, progress=False)
     assert not (tmp_path / "K.zarr").exists()
 
@@ -377,7 +377,7 @@ def test_dask_matches_the_single_process_kernel(client, tmp_path):
     ]:
         out = tmp_path / f"k{len(args)}.zarr"
         readouts = READOUTS if len(args) == 3 else None
-        report = store_kernel(*args, readouts=readouts, out=out, tile=3, client=client, progress=False)
+        report = store_kernel(*args, readouts=readouts, out=out, tile=3, scheduler=client, progress=False)
         assert report.tiles_computed == report.tiles_total
         assert np.array_equal(np.asarray(KernelStore.open(out).kernel[...]), ref)
 
@@ -389,7 +389,7 @@ def test_killing_a_worker_mid_run_still_gives_the_identical_matrix(client, tmp_p
     out = tmp_path / "k.zarr"
     result = {}
     run = threading.Thread(target=lambda: result.update(
-        report=store_kernel(net, x, out=out, tile=2, client=client, progress=False)))
+        report=store_kernel(net, x, out=out, tile=2, scheduler=client, progress=False)))
     run.start()
     try:
         _wait_for_records(out, 2, None)
@@ -442,13 +442,13 @@ def test_sweep_from_a_store_equals_the_in_memory_sweep(tmp_path):
     common = dict(ns=(12, 24), folds=2, lengthscales=(1.0, 3.0), test=True, progress=False)
     net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
     a = run_sweep(net, ds, **common)
-    b = run_sweep(net, ds, kernel_store=tmp_path / "K.zarr", tile=5, **common)
+    b = run_sweep(net, ds, store=tmp_path / "K.zarr", tile=5, **common)
     assert a["results"] == b["results"] and a["best"] == b["best"] and a["test"] == b["test"]
     assert KernelStore.open(test_store_path(tmp_path / "K.zarr")).shape == (4, 12, 24)
-    c = run_sweep(net, ds, kernel_store=tmp_path / "K.zarr", tile=5, **common)  # all reused
+    c = run_sweep(net, ds, store=tmp_path / "K.zarr", tile=5, **common)  # all reused
     assert c["results"] == a["results"]
     # kernels and the per-readout cross-validation as tasks on a 2-process LocalCluster
-    d = run_sweep(net, ds, kernel_store=tmp_path / "K2.zarr", tile=5, workers=2, **common)
+    d = run_sweep(net, ds, store=tmp_path / "K2.zarr", tile=5, workers=2, **common)
     assert np.array_equal(np.asarray(KernelStore.open(tmp_path / "K2.zarr").kernel[...]),
                           np.asarray(KernelStore.open(tmp_path / "K.zarr").kernel[...]))
     assert d["results"] == a["results"] and d["best"] == a["best"] and d["test"] == a["test"]

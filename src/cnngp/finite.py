@@ -924,21 +924,32 @@ _MC_DOC_PARAMS = """
     batch : int, optional
         Networks evaluated together; chosen from ``memory_budget`` bytes (default 256 MiB) if
         None. The result does not depend on it.
-    device, dtype : where and in which precision the networks run ("float32" default;
-        estimates accumulate in float64).
-    progress : show a progress bar.
     get : "nngp" (default), "ntk", "both" or a tuple such as ("nngp", "ntk")
         Which kernel, as for :func:`cnngp.kernel`: the NNGP (the mean over the outputs of
         f(x) f(x')), the empirical NTK (:meth:`FiniteNetwork.ntk`, the mean over the outputs
         of ∇_θ f(x) · ∇_θ f(x') in the NTK parameterisation, docs/maths.md §7), or several,
         from the same networks.
+    execution, **options
+        The execution options (:class:`cnngp.Execution`) ``dtype`` (here "float32" by default;
+        estimates accumulate in float64), ``device``, ``memory_budget`` (of one batch of
+        networks, default 256 MiB) and ``progress``.
 """
 
+#: the execution options the Monte Carlo functions take, and their own defaults
+_MC_OPTIONS = ("dtype", "device", "memory_budget", "progress")
+_MC_DEFAULTS = {"dtype": "float32"}
 
-def _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, memory_budget,
-                      device, dtype, progress, get="nngp"):
+
+def _mc_execution(execution, options, where):
+    from cnngp.engine.execution import Execution
+
+    return Execution.build(execution, options, where=where, accepted=_MC_OPTIONS, defaults=_MC_DEFAULTS)
+
+
+def _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, ex, get="nngp"):
     """Validate, then yield per-network estimates, one (G, N1, N2) float64 tensor per kernel
-    named by ``get`` (a tuple of them), batch after batch."""
+    named by ``get`` (a tuple of them), batch after batch (``ex``: the Execution)."""
+    memory_budget, device, dtype, progress = ex.memory_budget, ex.device, ex.dtype, ex.progress
     names = parse_get(get)
     width = _check_int(width, "width", 1)
     n_samples = _check_int(n_samples, "n_samples", 2)
@@ -1041,11 +1052,9 @@ def monte_carlo_kernel(
     seed: int = 0,
     n_outputs: int = 16,
     batch: int | None = None,
-    memory_budget: int | None = None,
-    device="cpu",
-    dtype="float32",
-    progress: bool = False,
     get="nngp",
+    execution=None,
+    **options,
 ):
     """Empirical kernel of finite networks sampled from ``model``'s prior, with its MC error.
 
@@ -1075,10 +1084,10 @@ def monte_carlo_kernel(
     >>> bool(((emp - cnngp.kernel(model, x, get="ntk")).abs() < 5 * se + 1e-12).all())
     True
     """
+    ex = _mc_execution(execution, options, "monte_carlo_kernel")
     names = parse_get(get)
     stats = [[0, None, None] for _ in names]  # count, mean, sum of squared deviations
-    for ests in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
-                                  memory_budget, device, dtype, progress, names):
+    for ests in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, ex, names):
         for st, est in zip(stats, ests):
             count, mean, m2 = st
             g = est.shape[0]
@@ -1104,11 +1113,9 @@ def monte_carlo_estimates(
     seed: int = 0,
     n_outputs: int = 16,
     batch: int | None = None,
-    memory_budget: int | None = None,
-    device="cpu",
-    dtype="float32",
-    progress: bool = False,
     get="nngp",
+    execution=None,
+    **options,
 ):
     """The per-network estimates behind :func:`monte_carlo_kernel`: (n_samples, N1, N2).
 
@@ -1121,10 +1128,10 @@ def monte_carlo_estimates(
     torch.Tensor (n_samples, N1, N2), float64 on the CPU; for ``get="both"`` or a tuple, one
     per kernel, in order.
     """
+    ex = _mc_execution(execution, options, "monte_carlo_estimates")
     names = parse_get(get)
     parts = [[] for _ in names]
-    for ests in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch,
-                                  memory_budget, device, dtype, progress, names):
+    for ests in _estimate_batches(model, x1, x2, width, n_samples, seed, n_outputs, batch, ex, names):
         for part, est in zip(parts, ests):
             part.append(est.cpu())
     out = tuple(torch.cat(part) for part in parts)

@@ -25,7 +25,7 @@ import torch
 
 from cnngp.errors import CNNGPError
 
-__all__ = ["as_images", "resolve_dtype", "resolve_device", "MAX_ABS_PIXEL", "IMAGE_POLICY"]
+__all__ = ["as_images", "resolve_dtype", "resolve_device", "parse_bytes", "MAX_ABS_PIXEL", "IMAGE_POLICY"]
 
 #: largest accepted absolute pixel value (see the module docstring)
 MAX_ABS_PIXEL = 1e8
@@ -129,3 +129,21 @@ def resolve_device(device, name: str = "device") -> torch.device:
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise CNNGPError(f"{name}: 'mps' was requested but torch finds no MPS device here")
     return dev
+
+
+def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
+    """``2G``, ``500M``, ``1.5GiB``, ``123456`` → bytes (finite, at least 1 MiB); messages name ``flag``."""
+    import math
+
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    t = str(text).strip().lower().rstrip("b").rstrip("i")
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1024**2):
+        raise CNNGPError(f"{flag}: expected a size of at least 1M such as 2G or 500M, got {text!r}")
+    return int(value)

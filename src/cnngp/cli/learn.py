@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from cnngp.cli.main import int_at_least
+from cnngp.cli.main import add_engine_argument, int_at_least
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_learn"]
@@ -49,14 +49,17 @@ def cmd_learn(args) -> int:
         print(f"start {entry.get('start', 0)} step {entry['step']:3d}: {args.objective} {shown}  {values}",
               file=sys.stderr, flush=True)
 
-    result = run_learn(
-        args.arch, args.data, args.n, objective=args.objective, params=args.params, family=args.family,
-        folds=args.folds,
+    from cnngp.cli.main import execution_from_args
+    from cnngp.experiments.learned import LearnProtocol
+
+    protocol = LearnProtocol(
+        objective=args.objective, params=args.params, family=args.family, folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
-        dtype=args.dtype, device=args.device, starts=_starts(args.starts), max_iter=args.max_iter,
-        progress=None if args.quiet else progress, store=args.store, refine=args.refine,
+        starts=_starts(args.starts), max_iter=args.max_iter, refine=args.refine,
         spectral_mixture=args.spectral_mixture,
     )
+    result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
+                       execution=execution_from_args(args))
     result["config"]["command"] = "cnngp " + " ".join(sys.argv[1:])
     png = io.BytesIO()
     learned_figure(result, png)
@@ -118,6 +121,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="precision of the body pass (inference is float64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_engine_argument(p)
     p.add_argument("--starts", default="0.3,3,30", help="starting lengthscales, best kept (default 0.3,3,30)")
     p.add_argument("--max-iter", type=int_at_least(1), default=100, help="L-BFGS-B iterations per start (default 100)")
     p.add_argument("--out", default="cnngp-learn", help="output directory (default cnngp-learn)")

@@ -29,7 +29,8 @@ from pathlib import Path
 from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
-__all__ = ["main", "entry", "build_parser", "preflight", "Terminated"]
+__all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
+           "Terminated"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -158,21 +159,51 @@ def load_images(flag: str, path_spec: str):
 
 
 def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
-    """``2G``, ``500M``, ``1.5GiB``, ``123456`` → bytes (finite, at least 1 MiB)."""
-    import math
+    """``2G``, ``500M``, ``1.5GiB``, ``123456`` → bytes (:func:`cnngp.validation.parse_bytes`)."""
+    from cnngp.validation import parse_bytes as parse
 
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    t = str(text).strip().lower().rstrip("b").rstrip("i")
-    try:
-        if t and t[-1] in units:
-            value = float(t[:-1]) * units[t[-1]]
-        else:
-            value = float(t)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 1024**2):
-        raise CNNGPError(f"{flag}: expected a size of at least 1M such as 2G or 500M, got {text!r}")
-    return int(value)
+    return parse(text, flag)
+
+
+#: ``--engine`` choices (cnngp.engine.execution.ENGINES, without importing torch here)
+ENGINE_CHOICES = ("auto", "fused", "torch", "triton")
+
+
+def add_engine_argument(parser) -> None:
+    """``--engine``, the same on every command that computes kernels."""
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                        help="what runs the layers: fused (numba CPU kernels), torch (every layer's own "
+                             "torch code, the reference) or triton (fused GPU kernels); auto (default): "
+                             "fused on a CPU, torch elsewhere (README, \"Execution options\")")
+
+
+def execution_from_args(args, **changes):
+    """The command's :class:`cnngp.Execution`, built once from its parsed flags (after
+    :func:`preflight`): ``--dtype``, ``--device``, ``--engine``, ``--batch-size``,
+    ``--memory-budget``, ``--quiet`` (progress), the checkpoint beside ``--out``, and the store
+    flags ``--store`` (or ``--out K.zarr``), ``--archive``, ``--workers``, ``--scheduler``,
+    ``--tile``, ``--threads-per-worker``. ``changes`` override them."""
+    from cnngp.engine.execution import Execution
+
+    store = getattr(args, "store", None)
+    out = getattr(args, "out", None)
+    if store is None and out is not None and getattr(args, "store_ok", False):
+        from cnngp.engine.store import is_store_path
+
+        store = out if is_store_path(out) else None
+    checkpoint = getattr(args, "checkpoint_path", None)
+    values = dict(
+        dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+        engine=getattr(args, "engine", None), batch_size=getattr(args, "batch_size", None),
+        memory_budget=getattr(args, "memory_budget", None), progress=not getattr(args, "quiet", False),
+        checkpoint=checkpoint, keep_checkpoint=checkpoint is not None, store=store,
+        archive=getattr(args, "archive", None), workers=getattr(args, "workers", None),
+        scheduler=getattr(args, "scheduler", None), tile=getattr(args, "tile", None),
+        threads=getattr(args, "threads_per_worker", None),
+    )
+    values = {k: v for k, v in values.items() if v is not None}
+    values.update(changes)
+    return Execution(**values)
 
 
 def _check_store_flags(args, out_kind: str) -> None:
@@ -295,26 +326,17 @@ def cmd_kernel(args) -> int:
         body, _ = net.split_readout()
     from cnngp.engine.store import is_store_path
 
+    ex = execution_from_args(args)
     if is_store_path(args.out):
-        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get)
+        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex)
     check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
-               readouts=readouts, dtype=args.dtype, device=args.device,
-               memory_budget=args.memory_budget, disk_path=args.out, yes=args.yes)
-    checkpoint = getattr(args, "checkpoint_path", None)
-    common = dict(
-        dtype=args.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        memory_budget=args.memory_budget,
-        progress=not args.quiet,
-        checkpoint=checkpoint,
-        keep_checkpoint=True,
-    )
+               readouts=readouts, disk_path=args.out, yes=args.yes, execution=ex)
+    checkpoint = ex.checkpoint
     start = time.perf_counter()
     if readouts is not None:
-        k = readout_sweep(body, readouts, x1, x2, get=get, **common)
+        k = readout_sweep(body, readouts, x1, x2, get=get, execution=ex)
     else:
-        k = kernel(net, x1, x2, get=get, **common)
+        k = kernel(net, x1, x2, get=get, execution=ex)
     seconds = time.perf_counter() - start
     names = ("nngp", "ntk") if args.get == "both" else (args.get,)
     kernels = {name: v.to(torch.float64).numpy() for name, v in zip(names, k if isinstance(k, tuple) else (k,))}
@@ -329,6 +351,8 @@ def cmd_kernel(args) -> int:
         "x1": str(args.x1),
         "x2": None if args.x2 is None else str(args.x2),
         "get": args.get,
+        "engine": ex.resolved_engine,
+        "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")},
         "seconds": seconds,
     }
     arrays = {
@@ -351,7 +375,7 @@ def cmd_kernel(args) -> int:
     return 0
 
 
-def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get) -> int:
+def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex) -> int:
     """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask."""
     from cnngp.engine.distributed import describe_dry_run, store_kernel
     from cnngp.engine.resources import check_job
@@ -360,12 +384,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get) -> in
         f"{args.family}:{'inf' if lam == float('inf') else lam}" for lam in lengthscales]
     kinds = ("nngp", "ntk") if args.get == "both" else (args.get,)
     labels = [f"{kind} {label}" for kind in kinds for label in labels]  # the leading axis, in order
-    options = dict(
-        out=args.out, readouts=readouts, labels=labels, dtype=args.dtype, device=args.device,
-        tile=args.tile, batch_size=args.batch_size, memory_budget=args.memory_budget,
-        workers=args.workers, scheduler=args.scheduler, threads_per_worker=args.threads_per_worker,
-        progress=not args.quiet, get=get, archive=args.archive,
-    )
+    options = dict(out=args.out, readouts=readouts, labels=labels, get=get, execution=ex)
     model = body if readouts is not None else net
     plan = store_kernel(model, x1, x2, dry_run=True, **options).dry_run
     if args.dry_run:
@@ -464,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, help="output .npz, or K.zarr: a resumable tiled kernel store")
     k.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_engine_argument(k)
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     k.add_argument("--get", choices=["nngp", "ntk", "both"], default="nngp",
                    help="the NNGP (default), the neural tangent kernel, or both from one pass")
@@ -542,6 +562,7 @@ _FLAGS = {
     "n_samples": "--samples", "n_outputs": "--outputs", "batch": "--batch",
     "batch_size": "--batch-size", "memory_budget": "--memory-budget",
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
+    "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
 }
 
 

@@ -16,7 +16,9 @@ import time
 
 import numpy as np
 
-from cnngp.cli.main import finite_float, int_at_least, load_network, parameterized
+from cnngp.cli.main import (
+    add_engine_argument, execution_from_args, finite_float, int_at_least, load_network, parameterized,
+)
 from cnngp.provenance import versions
 from cnngp.engine.storage import atomic_write
 from cnngp.errors import CNNGPError
@@ -83,7 +85,6 @@ def cmd_montecarlo(args) -> int:
             f"--x2: images of shape {x2.shape[1:]} do not match --x1's {x1.shape[1:]}; both must "
             "be (N, *spatial, C) with the same spatial size and channels"
         )
-    budget = args.memory_budget
     from cnngp.finite import network_memory
     from cnngp.engine.gram import check_gram
     from cnngp.engine.resources import check_job
@@ -93,25 +94,16 @@ def cmd_montecarlo(args) -> int:
         memory_bytes=network_memory(net, x1.shape[1:], width, outputs, args.dtype, get=get),
         remedy="one finite network of this width on one image does not fit; use a smaller --width",
     )
+    ex = execution_from_args(args)  # the finite networks' (--dtype, --memory-budget per batch of networks)
+    analytic_ex = ex.replace(dtype="float64", memory_budget=None, progress=False)  # the kernel's
     check_gram("--x1", net, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
-               device=args.device, yes=args.yes)
+               yes=args.yes, execution=analytic_ex)
 
     start = time.perf_counter()
-    analytic = kernel(net, x1, x2, dtype="float64", device=args.device, get=get).numpy()
+    analytic = kernel(net, x1, x2, get=get, execution=analytic_ex).numpy()
     empirical, se = monte_carlo_kernel(
-        net,
-        x1,
-        x2,
-        width=width,
-        n_samples=samples,
-        seed=args.seed,
-        n_outputs=outputs,
-        batch=args.batch,
-        memory_budget=budget,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        get=get,
+        net, x1, x2, width=width, n_samples=samples, seed=args.seed, n_outputs=outputs,
+        batch=args.batch, get=get, execution=ex,
     )
     seconds = time.perf_counter() - start
     empirical = empirical.to(torch.float64).numpy()
@@ -140,6 +132,8 @@ def cmd_montecarlo(args) -> int:
         "dtype": args.dtype,
         "analytic_dtype": "float64",
         "device": args.device,
+        "engine": analytic_ex.resolved_engine,
+        "execution": ex.as_dict(),
         "seconds": seconds,
     }
     report = {
@@ -195,24 +189,13 @@ def cmd_correlation_figure(args) -> int:
     if not (pos[0] < h and pos[2] < h and pos[1] < w and pos[3] < w):
         raise CNNGPError(f"--positions: {args.positions!r} lies outside the {h}x{w} images")
     start = time.perf_counter()
-    data = plots.correlation_figure_data(
-        x,
-        index=args.index,
-        other=args.other,
-        depth=depth,
-        positions=((pos[0], pos[1]), (pos[2], pos[3])),
-        widths=widths,
-        draws=draws,
-        conv_lengthscale=args.conv_lengthscale,
-        shift=args.shift,
-        mc_width=mc_width,
-        mc_samples=samples,
-        mc_lengthscales=mc_lengthscales,
-        centre=not args.no_centre,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
+    figure = plots.CorrelationFigure(
+        index=args.index, other=args.other, depth=depth, positions=((pos[0], pos[1]), (pos[2], pos[3])),
+        widths=tuple(widths), draws=draws, conv_lengthscale=args.conv_lengthscale, shift=args.shift,
+        mc_width=mc_width, mc_samples=samples, mc_lengthscales=tuple(mc_lengthscales),
+        centre=not args.no_centre, seed=args.seed,
     )
+    data = plots.correlation_figure_data(x, figure, execution=execution_from_args(args))
     data["config"].update({"x": str(args.x), "seconds": time.perf_counter() - start})
     data["versions"] = versions()
     plots.save_correlation_figure(data, args.out)
@@ -255,6 +238,7 @@ def register(subparsers) -> None:
         help="precision of the finite networks (default float32; the analytic kernel is float64)",
     )
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_engine_argument(m)
     m.add_argument("--batch", type=int_at_least(1), help="networks evaluated together (default: from the memory budget)")
     m.add_argument("--memory-budget", help="memory for one batch of networks, e.g. 512M (default 256M)")
     m.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
@@ -288,5 +272,6 @@ def register(subparsers) -> None:
     f.add_argument("--no-centre", action="store_true", help="do not subtract the per-channel mean pixel")
     f.add_argument("--seed", type=int_at_least(0), default=0)
     f.add_argument("--device", default="cpu")
+    add_engine_argument(f)
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_correlation_figure)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnngp.cli.main import int_at_least
+from cnngp.cli.main import add_engine_argument, int_at_least
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_sweep", "DEFAULT_ARCH", "DEFAULT_NS", "DEFAULT_OUT"]
@@ -136,33 +136,14 @@ def cmd_sweep(args) -> int:
     except (ValueError, OSError) as e:
         raise CNNGPError(f"--data: {' '.join(str(e).split())}") from None
 
-    results = run_sweep(
-        args.arch,
-        dataset,
-        ns=ns,
-        folds=folds,
-        lengthscales=lengthscales,
-        family=args.family,
-        test=args.test or False,
-        n_test=n_test,
-        seed=seed,
-        dtype=args.dtype,
-        device=args.device,
-        fold_scheme=args.fold_scheme,
-        batch_size=batch_size,
-        memory_budget=args.memory_budget,
-        progress=not args.quiet,
-        kernel_cache=args.kernel_cache,
-        data_label=str(args.data),
-        yes=args.yes,
-        kernel_store=args.store,
-        kernel=args.kernel,
-        workers=args.workers,
-        scheduler=args.scheduler,
-        tile=args.tile,
-        threads_per_worker=args.threads_per_worker,
-        archive=args.archive,
-    )
+    from cnngp.cli.main import execution_from_args
+    from cnngp.experiments.sweep import SweepProtocol
+
+    protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
+                             test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme)
+    results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
+                        data_label=str(args.data), yes=args.yes,
+                        execution=execution_from_args(args, batch_size=batch_size))
     results["config"]["command"] = "cnngp sweep " + " ".join(_argv_for_record(args))
 
     figure = io.BytesIO()
@@ -242,6 +223,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="kernel precision (GP inference is always float64)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    add_engine_argument(p)
     p.add_argument("--batch-size", help="image pairs per kernel batch (default: from the budget)")
     p.add_argument("--memory-budget", help="kernel working memory per batch, e.g. 2G")
     p.add_argument("--kernel-cache",

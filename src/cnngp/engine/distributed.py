@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords
 from cnngp.engine.resources import human_bytes, human_seconds
 from cnngp.engine.storage import fingerprint
@@ -289,52 +290,48 @@ def describe_dry_run(d: dict) -> str:
     ])
 
 
-def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="float64",
-                 device="cpu", tile: int | None = None, batch_size=None, memory_budget=None,
-                 workers: int | None = None, scheduler: str | None = None, client=None,
-                 threads_per_worker: int | None = None, progress: bool = True,
-                 dry_run: bool = False, what: str = "--out", get="nngp", offsets: bool = False,
-                 archive=None) -> StoreReport:
+def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, get="nngp",
+                 offsets: bool = False, dry_run: bool = False, execution=None, **options) -> StoreReport:
     """Compute the Gram matrix of ``model`` (or of ``model`` under each of ``readouts``) on
     images ``x1`` × ``x2`` (``x2=None``: x1 × x1) into the kernel store at ``out``.
 
     Parameters
     ----------
-    model, x1, x2, readouts, dtype, device, batch_size, memory_budget
-        As for :func:`cnngp.kernel` / :func:`cnngp.readout_sweep`; ``memory_budget`` is per
-        worker and also decides the tile size.
-    out : path-like
-        The store (``K.zarr``). An existing store of the same computation is resumed: its
-        finished tiles are verified against their checksums, and only missing or bad ones run.
+    model, x1, x2, readouts
+        As for :func:`cnngp.kernel` / :func:`cnngp.readout_sweep`.
+    out : path-like, optional
+        The store (``K.zarr``; default: the execution's ``store``). An existing store of the
+        same computation is resumed: its finished tiles are verified against their checksums,
+        and only missing or bad ones run.
     labels : list, optional
         Names of the readouts (recorded in the store).
-    tile : int, optional
-        Tile side T (default :func:`choose_tile`). Part of the store's identity.
-    workers : int, optional
-        Run on a ``LocalCluster`` of this many processes (127.0.0.1 only).
-    scheduler : str, optional
-        Address of an existing Dask scheduler (``tcp://host:8786``).
-    client : distributed.Client, optional
-        An existing client (overrides ``workers``/``scheduler``).
-    threads_per_worker : int, optional
-        torch and numba threads in each task (default: this machine's cores / workers).
-    dry_run : bool
-        Plan, size and time a sample of pairs; compute and write nothing.
     get : "nngp" (default), "ntk" or "both"
         The kernels stored, kernel type first along the leading axis: with ``"both"`` and L
         readouts, ``kernel[:L]`` is the NNGP and ``kernel[L:]`` the NTK.
     offsets : bool
         Store the offset sums S (M, N1, N2) of ``model``'s last hidden layer instead of
         kernels (:func:`cnngp.offset_sums`; ``model`` is then a body and ``readouts`` None).
-    archive : path-like, optional
-        A folder kept as a compact, portable copy of the finished tiles
-        (:class:`cnngp.engine.archive.TileArchive`): tiles the store lacks are restored
-        from it first, tiles it lacks are saved to it, and every new tile is saved as it
-        finishes. Copy or commit the folder to finish a run on another machine.
+    dry_run : bool
+        Plan, size and time a sample of pairs; compute and write nothing.
+    execution, **options
+        How to compute (:class:`cnngp.Execution`, README "Execution options"): ``dtype``,
+        ``device``, ``engine``, ``batch_size``, ``memory_budget`` (per worker; it also decides
+        the tile size), ``progress`` (default on), and the store's ``archive``, ``workers``,
+        ``scheduler`` (an address or a ``distributed.Client``), ``tile`` (part of the store's
+        identity) and ``threads`` (per task; default this machine's cores / workers).
     """
+    ex = Execution.build(execution, options, where="store_kernel", accepted=COMPUTE + STORE,
+                         defaults={"progress": True})
+    what = "--out" if out is not None else "--store"
+    out = ex.store if out is None else out
+    if out is None:
+        raise CNNGPError("out: store_kernel needs a store path (out=K.zarr or the execution's store)")
+    memory_budget = ex.memory_budget
+    tile, workers, progress, archive, threads_per_worker = ex.tile, ex.workers, ex.progress, ex.archive, ex.threads
+    client = ex.scheduler if ex.scheduler is not None and not isinstance(ex.scheduler, str) else None
+    scheduler = ex.scheduler if isinstance(ex.scheduler, str) else None
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
-    plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, dtype=dtype, device=device,
-                    batch_size=batch_size, memory_budget=memory_budget, get=get, offsets=offsets)
+    plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, get=get, offsets=offsets, execution=ex)
     xa = plan.images(x1, "x1").cpu().numpy()
     xb = None if x2 is None else plan.images(x2, "x2").cpu().numpy()
     n1 = xa.shape[0]
@@ -350,10 +347,9 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
     if tile is None:  # a store being resumed keeps its tile, whatever the workers now
         tile = KernelStore.stored_tile(out) or choose_tile(plan, n1, n2, grids, budget, n_workers)
     tiles = tile_plan(n1, n2, tile)
-    recipe = (plan.body, plan.image_shape, dict(readouts=readouts, dtype=str(plan.dtype).removeprefix("torch."),
-                                                device=str(plan.device), batch_size=batch_size,
-                                                memory_budget=memory_budget, get=plan.kernels,
-                                                offsets=bool(offsets)))
+    # what a task needs to rebuild the plan: plain values (the engine included), no client
+    recipe = (plan.body, plan.image_shape, dict(readouts=readouts, get=plan.kernels, offsets=bool(offsets),
+                                                **ex.gram_options()))
     if readouts is None:
         recipe = (model, plan.image_shape, {k: v for k, v in recipe[2].items() if k != "readouts"})
     identity = {
@@ -369,7 +365,9 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         identity["kernels"] = list(plan.kernels)
     if offsets:
         identity["offsets"] = True
-    key = fingerprint(identity)
+    # the tasks' key: the computation and how it runs (a worker's cached plan is one engine's)
+    key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
+                      str(plan.device))
     if dry_run:
         d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles), grids, tile, n_workers,
                      threads_per_worker, budget, out)
@@ -377,7 +375,8 @@ def store_kernel(model, x1, x2=None, *, out, readouts=None, labels=None, dtype="
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)
     provenance = {"versions": versions(), "labels": list(labels or []),
-                  "self_grids": {str(k): list(v) for k, v in grids.items()}}
+                  "self_grids": {str(k): list(v) for k, v in grids.items()},
+                  "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")}}
     store = KernelStore.create(out, identity, xa, xb, grids, provenance, what=what)
 
     start = time.perf_counter()

@@ -30,11 +30,12 @@ from cnngp.kernels.layers import TANGENT, Layer, Readout, Serial, weighted_sums
 from cnngp.kernels.state import Band, KernelState
 from cnngp.kernels.correlations import Constant
 from cnngp.engine.resources import check_job
+from cnngp.engine.execution import COMPUTE, ENGINES, RESUME, Execution, resolve_engine  # noqa: F401
 from cnngp.engine.storage import Checkpoint, fingerprint
 from cnngp.validation import as_images, resolve_device, resolve_dtype
 
 __all__ = [
-    "kernel", "readout_sweep", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
+    "kernel", "readout_sweep", "offset_sums", "differentiable_kernel", "Execution", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
     "GramCost", "gram_needs", "check_gram", "input_state", "Tile", "tile_plan",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
@@ -274,11 +275,14 @@ def gram_needs(model, image_shape, n1: int, n2: int | None = None, *, readouts=N
 
 
 def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
-               dtype="float64", device="cpu", memory_budget=None, disk_path=None,
-               yes: bool = False) -> None:
-    """:func:`check_job` for one Gram computation (time is gated on the CPU only)."""
+               disk_path=None, yes: bool = False, execution=None, **options) -> None:
+    """:func:`check_job` for one Gram computation (time is gated on the CPU only); ``dtype``,
+    ``device`` and ``memory_budget`` from the execution options (:class:`Execution`)."""
+    ex = Execution.build(execution, options, where="check_gram",
+                         accepted=("dtype", "device", "memory_budget"))
+    dtype, device = ex.dtype, ex.device
     memory, seconds, result = gram_needs(model, image_shape, n1, n2, readouts=readouts,
-                                         dtype=dtype, memory_budget=memory_budget)
+                                         dtype=dtype, memory_budget=ex.memory_budget)
     pairs = n1 * (n1 + 1) // 2 if n2 is None else n1 * n2
     check_job(
         f"{what} ({n1}{'' if n2 is None else f' x {n2}'} images, {pairs} pairs)",
@@ -305,32 +309,6 @@ def input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:
     else:
         cross = (x1 * x2).sum(-1) / c
     return KernelState(cross=cross, spatial=spatial, full=full, channels=c)
-
-
-#: the engines a Gram computation can run on (see :func:`resolve_engine`)
-ENGINES = ("auto", "fused", "torch", "triton")
-
-
-def resolve_engine(engine, device, dtype) -> str:
-    """The engine that computes the layers: ``"fused"`` (the numba CPU kernels of
-    :mod:`cnngp.engine.fused`, declining layers they do not handle to torch), ``"torch"`` (every
-    layer's own ``propagate``: the reference), or ``"triton"`` (the fused GPU kernels);
-    ``"auto"`` picks ``"fused"`` on a CPU and ``"torch"`` elsewhere."""
-    if engine is None:
-        engine = "auto"
-    if not isinstance(engine, str) or engine not in ENGINES:
-        raise CNNGPError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
-    device = torch.device(device)
-    if engine == "auto":
-        return "fused" if device.type == "cpu" else "torch"
-    if engine == "fused" and device.type != "cpu":
-        raise CNNGPError(f"engine: 'fused' runs on the CPU only, not on device {str(device)!r}; "
-                         "use engine 'triton' or 'torch' there")
-    if engine == "triton":  # triton installed, and a CUDA device (or its CPU interpreter)
-        from cnngp.engine import gpu  # imports triton only now
-
-        gpu.require(device)
-    return engine
 
 
 def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) -> int:
@@ -557,12 +535,21 @@ class GramPlan:
         ``(*spatial, C)`` of one image.
     readouts : sequence of Readout, optional
         Many readouts from one pass (then ``model`` must not end in a readout).
-    dtype, device, batch_size, memory_budget, get
-        As for :func:`kernel`.
+    get : as for :func:`kernel`.
+    offsets : bool
+        Outputs are the offset sums of the body's last hidden layer (:func:`offset_sums`).
+    execution, **options
+        The execution options (:class:`Execution`) ``dtype``, ``device``, ``engine``,
+        ``batch_size`` and ``memory_budget``.
     """
 
-    def __init__(self, model, image_shape, *, readouts=None, dtype="float64", device="cpu",
-                 batch_size=None, memory_budget=None, get="nngp", offsets=False, engine="auto"):
+    def __init__(self, model, image_shape, *, readouts=None, get="nngp", offsets=False, execution=None,
+                 **options):
+        ex = Execution.build(execution, options, where="GramPlan",
+                             accepted=("dtype", "device", "engine", "batch_size", "memory_budget"))
+        self.execution = ex
+        dtype, device, engine = ex.dtype, ex.device, ex.engine
+        batch_size, memory_budget = ex.batch_size, ex.memory_budget
         if offsets:  # the body's last full tensor, reduced to its offset sums (docs/maths.md §8)
             if readouts is not None:
                 raise CNNGPError("offsets: the outputs are the offset sums, so no readouts may be given")
@@ -750,9 +737,9 @@ def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> No
         out[:, cols, rows] = np.swapaxes(data, 1, 2)
 
 
-def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress,
-             checkpoint=None, keep_checkpoint=False, get="nngp", offsets=False):
+def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
     """One call: the whole matrix as one block, with checkpoints between batches."""
+    progress, checkpoint, keep_checkpoint = ex.progress, ex.checkpoint, ex.keep_checkpoint
     channels = getattr(body, "input_channels", None)
     a1 = as_images(x1, "x1", channels)
     symmetric = x2 is None
@@ -762,8 +749,7 @@ def _compute(body, heads, x1, x2, dtype, device, batch_size, memory_budget, prog
             f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
-    gp = GramPlan(body, a1.shape[1:], readouts=heads or None, dtype=dtype, device=device,
-                  batch_size=batch_size, memory_budget=memory_budget, get=get, offsets=offsets)
+    gp = GramPlan(body, a1.shape[1:], readouts=heads or None, get=get, offsets=offsets, execution=ex)
     dtype = gp.dtype
     t1 = torch.as_tensor(a1, dtype=dtype, device=gp.device)
     t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=gp.device)
@@ -877,20 +863,11 @@ def _check_finite(out: torch.Tensor, body, heads, images, dtype) -> None:
     )
 
 
-def kernel(
-    model,
-    x1,
-    x2=None,
-    *,
-    dtype="float64",
-    device="cpu",
-    batch_size: int | None = None,
-    memory_budget: int | None = None,
-    progress: bool = False,
-    checkpoint=None,
-    keep_checkpoint: bool = False,
-    get="nngp",
-):
+#: the execution options the in-memory kernel functions take as keywords
+_IN_MEMORY = COMPUTE + RESUME
+
+
+def kernel(model, x1, x2=None, *, get="nngp", execution=None, **options):
     """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool),
     or its neural tangent kernel.
 
@@ -901,60 +878,44 @@ def kernel(
         Images, channels last; uint8 is scaled to [0, 1].
     x2 : array (N2, *spatial, C), optional
         Defaults to x1; then only the upper triangle is computed and mirrored.
-    dtype : "float64" (default) or "float32"
-    device : torch device, e.g. "cpu" or "cuda"
-    batch_size : image pairs per batch; chosen from ``memory_budget`` bytes by default.
-    progress : show a progress bar.
-    checkpoint : path, optional
-        Save progress there every 30 s and on Ctrl-C (or SIGTERM, from the command line);
-        calling again with the same arguments resumes from it (a checkpoint of another
-        computation, or one whose contents do not check out, is refused). Removed when
-        done, unless ``keep_checkpoint``: the command line removes it only once its output
-        file is safely in place.
     get : "nngp" (default), "ntk", "both" or a tuple such as ("nngp", "ntk")
         Which kernel: the NNGP, the neural tangent kernel of the same network in the NTK
         parameterisation (docs/maths.md §7), or both from one pass.
+    execution : Execution, optional
+        How to compute (:class:`cnngp.Execution`, README "Execution options"): ``dtype``,
+        ``device``, ``engine``, ``batch_size``, ``memory_budget``, ``progress``,
+        ``checkpoint``, ``keep_checkpoint``.
+    **options
+        The same execution options as keywords (they override ``execution``), e.g.
+        ``kernel(net, x, dtype="float32")``.
 
     Raises
     ------
     CNNGPError
-        For bad input, and for a kernel that overflowed (NaN or infinite entries are
-        never returned).
+        For bad input or options, and for a kernel that overflowed (NaN or infinite entries
+        are never returned).
 
     Returns
     -------
     torch.Tensor (N1, N2) on the CPU; a tuple of them, in the order asked, for several kernels.
     """
+    ex = Execution.build(execution, options, where="kernel", accepted=_IN_MEMORY)
     body, heads = _split_model(model)
     kernels = parse_get(get)
-    out = _compute(
-        body, heads, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
-        keep_checkpoint, get=kernels,
-    )
+    out = _compute(body, heads, x1, x2, ex, get=kernels)
     return out[0] if isinstance(get, str) and get != "both" else tuple(out)
 
 
-def readout_sweep(
-    body,
-    readouts: Sequence[Readout],
-    x1,
-    x2=None,
-    *,
-    dtype="float64",
-    device="cpu",
-    batch_size: int | None = None,
-    memory_budget: int | None = None,
-    progress: bool = False,
-    checkpoint=None,
-    keep_checkpoint: bool = False,
-    get="nngp",
-):
+def readout_sweep(body, readouts: Sequence[Readout], x1, x2=None, *, get="nngp", execution=None,
+                  **options):
     """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
 
     This is how a λ sweep costs one kernel computation (docs/maths.md §2, readout): every readout is a
-    weighted sum of the same last-hidden-layer covariance. ``get`` as for :func:`kernel`: with
-    several kernels, a tuple of (L, N1, N2) tensors in the order asked.
+    weighted sum of the same last-hidden-layer covariance. ``get``, ``execution`` and the
+    execution options as for :func:`kernel`: with several kernels, a tuple of (L, N1, N2)
+    tensors in the order asked.
     """
+    ex = Execution.build(execution, options, where="readout_sweep", accepted=_IN_MEMORY)
     body, tail = _split_model(body)
     if tail:
         raise CNNGPError("body: must not end with a readout; pass the readouts separately")
@@ -962,29 +923,14 @@ def readout_sweep(
     if not readouts or not all(isinstance(r, Readout) for r in readouts):
         raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
     kernels = parse_get(get)
-    out = _compute(
-        body, readouts, x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
-        keep_checkpoint, get=kernels,
-    )
+    out = _compute(body, readouts, x1, x2, ex, get=kernels)
     if isinstance(get, str) and get != "both":
         return out
     L = len(readouts)
     return tuple(out[k * L:(k + 1) * L] for k in range(len(kernels)))
 
 
-def offset_sums(
-    body,
-    x1,
-    x2=None,
-    *,
-    dtype="float64",
-    device="cpu",
-    batch_size: int | None = None,
-    memory_budget: int | None = None,
-    progress: bool = False,
-    checkpoint=None,
-    keep_checkpoint: bool = False,
-) -> torch.Tensor:
+def offset_sums(body, x1, x2=None, *, execution=None, **options) -> torch.Tensor:
     """The offset sums S_xx'[δ] = Σ_q V_xx'[q, q + δ] of the body's last hidden layer, for
     every image pair: (M, N1, N2), M = ∏_k (2N_k − 1) offsets of the last grid in the order of
     :func:`cnngp.kernels.correlations.offsets` (docs/maths.md §8).
@@ -992,27 +938,33 @@ def offset_sums(
     One pass, as a readout sweep; afterwards every stationary readout Σ[p, p'] = w[p' − p]
     (any family, any λ, or a freely learned w) is ``weight_var · Σ_δ w[δ] S[δ] + bias_var``:
     ``torch.tensordot(corr.offset_weights(grid), S, 1)``, exactly, and differentiably in w.
+    ``execution`` and the execution options as for :func:`kernel`.
     """
+    ex = Execution.build(execution, options, where="offset_sums", accepted=_IN_MEMORY)
     body, tail = _split_model(body)
     if tail:
         raise CNNGPError("body: must not end with a readout; the offset sums replace it")
-    return _compute(body, [], x1, x2, dtype, device, batch_size, memory_budget, progress, checkpoint,
-                    keep_checkpoint, offsets=True)
+    return _compute(body, [], x1, x2, ex, offsets=True)
 
 
-def differentiable_kernel(model, x1, x2=None, *, dtype="float64", device="cpu", batch_size: int = 64):
+def differentiable_kernel(model, x1, x2=None, *, execution=None, **options):
     """``kernel(model, x1, x2)`` with autograd through every layer (docs/maths.md §8): the
     layers' torch code, the self pass included, outside ``torch.no_grad``, so the result is
     differentiable in any lengthscale, weight_var or bias_var the model holds as a torch
     scalar (:func:`cnngp.inference.learn.with_parameters`). Every image pair is computed (no
     symmetric saving, no fused kernels) and the graph of every pair is kept: for small N
     (:func:`cnngp.inference.learn.kernel_vjp` keeps one tile's graph at a time).
-    Returns (N1, N2) for a model ending in a readout, flatten or pool."""
+    Returns (N1, N2) for a model ending in a readout, flatten or pool. Of the execution
+    options (:class:`Execution`) it takes ``dtype``, ``device`` and ``batch_size`` (default 64);
+    the layers always run on their torch code."""
+    ex = Execution.build(execution, options, where="differentiable_kernel",
+                         accepted=("dtype", "device", "batch_size"), defaults={"batch_size": 64})
+    batch_size = ex.batch_size or 64
     body, heads = _split_model(model)
     channels = getattr(body, "input_channels", None)
     a1 = as_images(x1, "x1", channels)
     a2 = a1 if x2 is None else as_images(x2, "x2", channels)
-    dt, dev = resolve_dtype(dtype), resolve_device(device)
+    dt, dev = ex.torch_dtype, torch.device(ex.device)
     t1 = torch.as_tensor(a1, dtype=dt, device=dev)
     t2 = t1 if x2 is None else torch.as_tensor(a2, dtype=dt, device=dev)
     plan = _make_plan(body, heads, tuple(t1.shape[1:-1]))

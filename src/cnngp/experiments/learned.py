@@ -17,16 +17,19 @@ pass they share is counted separately in ``body_pair_evaluations``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import kernel, offset_sums
-from cnngp.experiments.sweep import _folds_for, test_store_path
+from cnngp.experiments.sweep import _folds_for, _in_memory, test_store_path
 from cnngp.errors import CNNGPError
 from cnngp.inference import gp
 from cnngp.inference.learn import (
@@ -101,8 +104,8 @@ def internal_store_path(store, lengthscale: float) -> Path:
     return path.with_name(f"{stem}-internal-{lengthscale:.10g}.zarr")
 
 
-def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var, objective, k_cls,
-                    starts, max_iter, dtype, device, fold_list, lengthscales, refine, progress, store=None):
+def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls, fold_list, protocol,
+                    ex, progress=None):
     """Profile the objective over one tied internal λ: at each λ one fused body pass gives S,
     then (λ_readout, amplitude, σ²) are learned exactly from S (:func:`learn_readout`). The
     λ of :data:`INTERNAL_GRID` (and the network's own, whose S is ``S_given``) first, then
@@ -111,6 +114,9 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var
     run resumes without repeating a body pass (the search is deterministic given its values).
     Returns the rows (one per λ, in evaluation order) and the S of the best."""
     from scipy.optimize import minimize_scalar
+
+    family, objective, starts, max_iter = protocol.family, protocol.objective, protocol.starts, protocol.max_iter
+    lengthscales, refine, store = protocol.lengthscales, protocol.refine, ex.store
 
     rows, kept = [], {}
     pairs = len(x) * (len(x) + 1) // 2
@@ -125,8 +131,8 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var
             S = S_given
         else:
             S = _offset_sums(with_internal(body, indices, key), x, None,
-                             None if store is None else internal_store_path(store, key), dtype, device,
-                             progress is not None and store is not None)
+                             ex.replace(store=None if store is None else internal_store_path(store, key),
+                                        progress=ex.progress and store is not None))
         ro = OffsetReadout(S, grid, family, bias_var)
         res = learn_readout(ro, y, objective=objective, n_classes=k_cls, starts=starts, max_iter=max_iter)
         fit = res.learned
@@ -170,16 +176,16 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, family, bias_var
     return rows, kept["S"]
 
 
-def _offset_sums(body, x1, x2, store, dtype, device, progress) -> torch.Tensor:
-    """S (M, N1, N2) in float64: in memory, or through the resumable tiled store ``store``
+def _offset_sums(body, x1, x2, ex) -> torch.Tensor:
+    """S (M, N1, N2) in float64: in memory, or through the resumable tiled store ``ex.store``
     (computed or finished there first, then read whole)."""
+    store = ex.store
     if store is None:
-        return offset_sums(body, x1, x2, dtype=dtype, device=device, progress=progress).to(torch.float64)
+        return offset_sums(body, x1, x2, execution=ex).to(torch.float64)
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore
 
-    store_kernel(body, x1, x2, out=store, dtype=dtype, device=device, progress=progress, offsets=True,
-                 what="--store" if x2 is None else "--store (its test store)")
+    store_kernel(body, x1, x2, offsets=True, execution=ex)
     opened = KernelStore.open(store)
     state = opened.verify()
     if state["missing"] or state["bad"]:  # store_kernel finished it: a bug if not
@@ -187,66 +193,119 @@ def _offset_sums(body, x1, x2, store, dtype, device, progress) -> torch.Tensor:
     return torch.as_tensor(np.asarray(opened.kernel[:], dtype=np.float64))
 
 
-def run_learn(
-    network,
-    dataset="digits",
-    n: int = 200,
-    *,
-    objective: str = "mll",
-    params: str = "readout",
-    family: str = "matern32",
-    folds: int = 4,
-    fold_scheme: str = "paper",
-    seed: int = 0,
-    test: bool = False,
-    n_test: int | None = None,
-    dtype: str = "float64",
-    device: str = "cpu",
-    starts=(0.3, 3.0, 30.0),
-    max_iter: int = 100,
-    lengthscales=PAPER_LENGTHSCALES,
-    progress=None,
-    data_label: str | None = None,
-    store=None,
-    refine: int = 5,
-    spectral_mixture: int = 0,
-) -> dict:
+@dataclass(frozen=True)
+class LearnProtocol:
+    """What :func:`run_learn` learns and how it scores it (validated on construction;
+    :meth:`replace` makes a changed copy). How the body pass is computed is the separate
+    :class:`cnngp.Execution`.
+
+    Attributes
+    ----------
+    objective : "mll" (default) or "loo"
+        The GP log marginal likelihood or the leave-one-out log predictive density.
+    params : "readout" (default), "all" or "internal"
+        ``"readout"`` — the readout's (λ, amplitude, σ²), exactly from one S; ``"all"`` — every
+        lengthscale of the network and the readout amplitude by autograd (the torch path: small
+        N); ``"internal"`` — one tied λ of the intermediate correlated convs
+        (:func:`internal_convs`), by a profile: a fused body pass per internal λ
+        (:data:`INTERNAL_GRID`, then ``refine`` Brent steps in log λ), the readout learned
+        exactly at each; ``trace`` then has one row per internal λ.
+    family : str, default "matern32"
+        The readout's correlation family.
+    folds, fold_scheme, seed, test, n_test
+        The sweep's cross-validation protocol (:class:`cnngp.experiments.sweep.SweepProtocol`);
+        ``test``: score on the test split instead of k-fold CV.
+    starts : sequence of float, default (0.3, 3, 30)
+        Starting lengthscales (the best run is kept).
+    max_iter : int, default 100
+        L-BFGS-B iterations per start.
+    lengthscales : sequence of float
+        The grid searched for comparison (default the paper's).
+    refine : int, default 5
+        With ``params="internal"``: Brent steps after the internal grid.
+    spectral_mixture : int, default 0
+        Q > 0 (with ``"readout"``): also learn a Q-component spectral-mixture readout from the
+        same S (:func:`cnngp.inference.learn.learn_spectral_mixture`), reported under
+        ``"spectral_mixture"``.
+    """
+
+    objective: str = "mll"
+    params: str = "readout"
+    family: str = "matern32"
+    folds: int = 4
+    fold_scheme: str = "paper"
+    seed: int = 0
+    test: bool = False
+    n_test: int | None = None
+    starts: tuple = (0.3, 3.0, 30.0)
+    max_iter: int = 100
+    lengthscales: tuple = PAPER_LENGTHSCALES
+    refine: int = 5
+    spectral_mixture: int = 0
+
+    def __post_init__(self):
+        objective, params, spectral_mixture = self.objective, self.params, self.spectral_mixture
+        if objective not in OBJECTIVES:
+            raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        if params not in ("readout", "all", "internal"):
+            raise CNNGPError(f"params: expected 'readout', 'all' or 'internal', got {params!r}")
+        if isinstance(spectral_mixture, bool) or not isinstance(spectral_mixture, (int, np.integer)) or spectral_mixture < 0:
+            raise CNNGPError(f"spectral_mixture: expected a number of components >= 0, got {spectral_mixture!r}")
+        if spectral_mixture and params != "readout":
+            raise CNNGPError(f"spectral_mixture: only with params='readout' (--params readout), got params={params!r}")
+        if self.family not in FAMILIES:
+            raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
+        if self.fold_scheme not in ("paper", "stratified"):
+            raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {self.fold_scheme!r}")
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
+
+    def replace(self, **changes) -> "LearnProtocol":
+        """A copy with ``changes`` (validated)."""
+        unknown = [k for k in changes if k not in self.names()]
+        if unknown:
+            raise CNNGPError(f"{', '.join(unknown)}: not a learn setting; accepted: {', '.join(self.names())}")
+        return dataclasses.replace(self, **changes)
+
+
+def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol | None = None, *,
+              on_step=None, data_label: str | None = None, execution=None, **options) -> dict:
     """Learn the readout λ of ``network`` on ``n`` class-balanced training images and compare
     it with the grid search; returns the JSON-ready ``learned.json`` dictionary (see the
-    module docstring and README "Learning the correlation"). ``store`` (``S.zarr``): compute
-    the offset sums into that resumable tiled store (and ``S-test.zarr`` with ``test``), or
-    reuse it, so that another objective on the same data costs no body pass.
+    module docstring and README "Learning the correlation").
 
-    ``params``: ``"readout"`` — the readout's (λ, amplitude, σ²), exactly from one S;
-    ``"all"`` — every lengthscale of the network and the readout amplitude by autograd (the
-    torch path: small N); ``"internal"`` — one tied λ of the intermediate correlated convs
-    (:func:`internal_convs`), by a profile: a fused body pass per internal λ
-    (:data:`INTERNAL_GRID`, then ``refine`` Brent steps in log λ), the readout learned
-    exactly at each; ``trace`` then has one row per internal λ. ``spectral_mixture`` = Q > 0
-    (with ``"readout"``): also learn a Q-component spectral-mixture readout from the same S
-    (:func:`cnngp.inference.learn.learn_spectral_mixture`), reported under
-    ``"spectral_mixture"``."""
-    if objective not in OBJECTIVES:
-        raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
-    if params not in ("readout", "all", "internal"):
-        raise CNNGPError(f"params: expected 'readout', 'all' or 'internal', got {params!r}")
-    if isinstance(spectral_mixture, bool) or not isinstance(spectral_mixture, (int, np.integer)) or spectral_mixture < 0:
-        raise CNNGPError(f"spectral_mixture: expected a number of components >= 0, got {spectral_mixture!r}")
-    if spectral_mixture and params != "readout":
-        raise CNNGPError(f"spectral_mixture: only with params='readout' (--params readout), got params={params!r}")
+    ``protocol`` (:class:`LearnProtocol`): the objective, the parameters learned, the folds and
+    the optimiser's settings. ``on_step(entry)`` is called on every accepted optimiser step
+    (or, with ``params="internal"``, every internal λ). ``execution`` (:class:`cnngp.Execution`,
+    README "Execution options") computes the body pass; with its ``store`` (``S.zarr``) the
+    offset sums go into that resumable tiled store (and ``S-test.zarr`` with ``test``) or are
+    reused from it, so that another objective on the same data costs no body pass. ``options``:
+    settings of either by name (``run_learn(net, "digits", 40, params="internal", dtype="float32")``)."""
+    protocol_options = {k: options.pop(k) for k in list(options) if k in LearnProtocol.names()}
+    if protocol is None:
+        protocol = LearnProtocol(**protocol_options)
+    elif not isinstance(protocol, LearnProtocol):
+        raise CNNGPError(f"protocol: expected a LearnProtocol or None, got {type(protocol).__name__}")
+    elif protocol_options:
+        protocol = protocol.replace(**protocol_options)
+    ex = Execution.build(execution, options, where="run_learn", accepted=COMPUTE + STORE)
+    objective, params, family, folds = protocol.objective, protocol.params, protocol.family, protocol.folds
+    fold_scheme, seed, test, n_test = protocol.fold_scheme, protocol.seed, protocol.test, protocol.n_test
+    starts, max_iter, lengthscales = protocol.starts, protocol.max_iter, protocol.lengthscales
+    refine, spectral_mixture, dtype, store = protocol.refine, protocol.spectral_mixture, ex.dtype, ex.store
+    progress = on_step
     if store is not None and params == "all":
         raise CNNGPError("store: not with params='all' (its kernels are recomputed by autograd at every "
                          "step); use --params readout or internal")
-    if family not in FAMILIES:
-        raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
-    if fold_scheme not in ("paper", "stratified"):
-        raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {fold_scheme!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise CNNGPError(f"n: expected an integer >= 2, got {n!r}")
     if store is not None:
         from cnngp.engine.store import check_output_store
 
         store = check_output_store(store, "--store")
+        ex = ex.replace(store=store)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
     k_cls = ds.n_classes
@@ -274,12 +333,10 @@ def run_learn(
     if not grid:
         raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
     t0 = time.perf_counter()
-    shown = progress is not None
-    S = _offset_sums(body, x, None, store, dtype, device, shown)
+    S = _offset_sums(body, x, None, ex)
     S_test = None
     if test:
-        S_test = _offset_sums(body, x_test, x, None if store is None else test_store_path(store), dtype,
-                              device, shown)
+        S_test = _offset_sums(body, x_test, x, ex.replace(store=None if store is None else test_store_path(store)))
     body_seconds = time.perf_counter() - t0
     pairs = n * (n + 1) // 2
     test_pairs = 0 if x_test is None else len(x_test) * n
@@ -293,9 +350,8 @@ def run_learn(
     if params == "internal":  # one tied internal λ, profiled; the readout learned exactly at each
         own = float(body.layers[indices[0]].correlation.lengthscale)
         internal_rows, S_best = _learn_internal(
-            body, indices, x, y, S, own, grid=grid, family=family, bias_var=template.bias_var,
-            objective=objective, k_cls=k_cls, starts=starts, max_iter=max_iter, dtype=dtype, device=device,
-            fold_list=fold_list, lengthscales=lengthscales, refine=refine, progress=progress, store=store)
+            body, indices, x, y, S, own, grid=grid, bias_var=template.bias_var, k_cls=k_cls,
+            fold_list=fold_list, protocol=protocol, ex=ex, progress=progress)
         top = max(internal_rows, key=lambda r: r["objective"])
         learned = {"internal_lengthscale": top["internal_lengthscale"], "lengthscale": top["readout_lengthscale"],
                    "amplitude": top["amplitude"], "noise_variance": top["noise_variance"]}
@@ -314,11 +370,11 @@ def run_learn(
     else:  # every lengthscale and the readout amplitude, by autograd through the network
         net = Serial(*body.layers, template.with_correlation(correlation_family(family, float(starts[0]))))
         result = learn_network(net, x, y, objective=objective, n_classes=k_cls, max_iter=max_iter,
-                               dtype="float64", progress=progress)
+                               progress=progress, execution=_in_memory(ex).replace(dtype="float64"))
         learned = result.learned
         learn_evals = result.kernel_evaluations
         fitted = with_parameters(net, {k: v for k, v in learned.items() if k != "noise_variance"})
-        K = kernel(fitted, x).numpy()
+        K = kernel(fitted, x, execution=_in_memory(ex).replace(dtype="float64")).numpy()
         last = str(len(net.layers) - 1)
         learned = {**learned, "lengthscale": learned[f"{last}.lengthscale"]}
     cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
@@ -327,13 +383,13 @@ def run_learn(
             "fold_accuracies": fold_acc.tolist()}
     if test and params == "internal":
         fitted_body = with_internal(body, indices, learned["internal_lengthscale"])
-        S_t = offset_sums(fitted_body, x_test, x, dtype=dtype, device=device).to(torch.float64)
+        S_t = offset_sums(fitted_body, x_test, x, execution=_in_memory(ex).replace(progress=False)).to(torch.float64)
         K_test = (learned["amplitude"] * torch.tensordot(best_readout.weights(learned["lengthscale"]), S_t, 1)
                   + template.bias_var).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
         held["n_test"] = int(len(y_test))
     elif test and params == "all":
-        K_test = kernel(fitted, x_test, x).numpy()
+        K_test = kernel(fitted, x_test, x, execution=_in_memory(ex).replace(dtype="float64")).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
         held["n_test"] = int(len(y_test))
     elif test:
@@ -424,6 +480,7 @@ def run_learn(
                        "noise_variance": "[1e-9, 10] x mean diagonal of the kernel at amplitude 1"},
             "grid_lengthscales": [float(v) for v in lengthscales],
             "dtype": dtype,
+            "execution": ex.as_dict(),
             "seed": int(seed),
             "test": bool(test),
             "n_test": None if x_test is None else int(len(x_test)),

@@ -19,9 +19,11 @@ two-panel figure on a real image (docs/maths.md §1–2):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ __all__ = [
     "sweep_figure",
     "accuracy_2se",
     "correlation_figure_data",
+    "CorrelationFigure",
     "plot_correlation_figure",
     "save_correlation_figure",
     "sidecar_path",
@@ -293,7 +296,7 @@ def _body(depth: int, correlation, relu_last: bool):
     return layers if relu_last else layers[:-1]
 
 
-def _pair_correlation_limit(body_layers, image, p, q, dtype="float64", device="cpu") -> float:
+def _pair_correlation_limit(body_layers, image, p, q, ex) -> float:
     """K[p, q] / √(K[p, p] K[q, q]) of the body's output for one image, from the kernel engine.
 
     Three unnormalised rank-one readouts e_p e_pᵀ, e_q e_qᵀ, (e_p + e_q)(e_p + e_q)ᵀ read
@@ -308,7 +311,7 @@ def _pair_correlation_limit(body_layers, image, p, q, dtype="float64", device="c
     e1, e2 = np.zeros(h * w), np.zeros(h * w)
     e1[ip], e2[iq] = 1.0, 1.0
     readouts = [Readout(correlation=UserCorrelation(np.outer(v, v), normalise=False)) for v in (e1, e2, e1 + e2)]
-    k = readout_sweep(Serial(*body_layers), readouts, image, dtype=dtype, device=device)[:, 0, 0].numpy()
+    k = readout_sweep(Serial(*body_layers), readouts, image, execution=ex)[:, 0, 0].numpy()
     kpp, kqq, ksum = k
     return float((ksum - kpp - kqq) / 2.0 / math.sqrt(kpp * kqq))
 
@@ -351,27 +354,36 @@ def _normalised_estimate(est: np.ndarray) -> dict:
     return {"value": float(r), "se": math.sqrt(max(var, 0.0))}
 
 
-def correlation_figure_data(
-    images,
-    *,
-    index: int = 0,
-    other: int = 1,
-    depth: int = 4,
-    positions=((8, 8), (24, 24)),
-    widths=(8, 32, 128, 512),
-    draws: int = 8,
-    conv_lengthscale: float = 3.0,
-    shift: int = 4,
-    lengthscales=None,
-    mc_width: int = 64,
-    mc_samples: int = 200,
-    mc_lengthscales=(0.3, 1.0, 3.0, 10.0, 30.0),
-    mc_outputs: int = 16,
-    centre: bool = True,
-    seed: int = 0,
-    device="cpu",
-    progress: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class CorrelationFigure:
+    """The settings of the correlation figure (see the module docstring): ``index`` and
+    ``other`` (the image used and the second image of the λ panel), ``depth`` (conv+ReLU
+    layers), ``positions`` (two grid positions), ``widths`` and ``draws`` (finite networks of
+    the left panel), ``conv_lengthscale`` (Matérn-3/2 λ of the correlated convs), ``shift``
+    (translation of the λ panel, pixels), ``lengthscales`` (readout λ, default the paper's
+    grid), ``mc_width``, ``mc_samples``, ``mc_lengthscales``, ``mc_outputs`` (the Monte Carlo
+    points), ``centre`` (subtract the per-channel mean pixel first: without it, the large
+    common mean of [0, 1] pixels pushes every correlation towards 1) and ``seed``."""
+
+    index: int = 0
+    other: int = 1
+    depth: int = 4
+    positions: tuple = ((8, 8), (24, 24))
+    widths: tuple = (8, 32, 128, 512)
+    draws: int = 8
+    conv_lengthscale: float = 3.0
+    shift: int = 4
+    lengthscales: tuple | None = None
+    mc_width: int = 64
+    mc_samples: int = 200
+    mc_lengthscales: tuple = (0.3, 1.0, 3.0, 10.0, 30.0)
+    mc_outputs: int = 16
+    centre: bool = True
+    seed: int = 0
+
+
+def correlation_figure_data(images, figure: CorrelationFigure | None = None, *, execution=None,
+                            **options) -> dict:
     """Compute the numbers of the figure (see the module docstring). JSON-serialisable dict.
 
     Parameters
@@ -382,7 +394,23 @@ def correlation_figure_data(
     centre : bool
         Subtract the per-channel mean pixel of ``images`` first (without it, the large common
         mean of [0, 1] pixels pushes every correlation towards 1).
+    figure : CorrelationFigure, optional
+        The figure's settings; ``options`` may also name them (``depth=2``).
+    execution, **options
+        The execution options (:class:`cnngp.Execution`) ``device``, ``engine`` and ``progress``.
     """
+    from cnngp.engine.execution import Execution
+
+    settings = {k: options.pop(k) for k in list(options) if k in {f.name for f in fields(CorrelationFigure)}}
+    figure = dataclasses.replace(figure or CorrelationFigure(), **settings)
+    ex = Execution.build(execution, options, where="correlation_figure_data",
+                         accepted=("device", "engine", "progress"))
+    index, other, depth, positions = figure.index, figure.other, figure.depth, figure.positions
+    widths, draws, conv_lengthscale, shift = figure.widths, figure.draws, figure.conv_lengthscale, figure.shift
+    lengthscales, mc_width, mc_samples = figure.lengthscales, figure.mc_width, figure.mc_samples
+    mc_lengthscales, mc_outputs, centre, seed = figure.mc_lengthscales, figure.mc_outputs, figure.centre, figure.seed
+    device, progress = ex.device, ex.progress
+    kernel_ex = ex.replace(dtype="float64", progress=False)
     import torch
 
     from cnngp.kernels.correlations import Constant, Independent, Matern
@@ -415,7 +443,7 @@ def correlation_figure_data(
     for name, corr in priors.items():
         layers = _body(depth, corr, relu_last=False)
         left[name] = {
-            "limit": _pair_correlation_limit(layers, image, p, q, device=device),
+            "limit": _pair_correlation_limit(layers, image, p, q, kernel_ex),
             "finite": {
                 str(c): _finite_pair_correlations(layers, image, p, q, c, draws, seed, device, bar)
                 for c in widths
@@ -431,7 +459,7 @@ def correlation_figure_data(
     body = Serial(*_body(depth, Independent(), relu_last=True))
     readouts = [Readout(correlation=Matern(1.5, lam)) for lam in lengthscales]
     readouts += [Readout(correlation=Independent()), Readout(correlation=Constant())]
-    k = readout_sweep(body, readouts, trio, device=device).numpy()  # (L, 3, 3)
+    k = readout_sweep(body, readouts, trio, execution=kernel_ex).numpy()  # (L, 3, 3)
 
     def normalised(m, i, j):
         return float(m[i, j] / math.sqrt(m[i, i] * m[j, j]))
@@ -473,6 +501,7 @@ def correlation_figure_data(
         "mean_pixel": [float(v) for v in mean],
         "seed": seed,
         "device": str(device),
+        "execution": ex.as_dict(),
         "torch": torch.__version__,
     }
     return {"left": left, "right": right, "config": config}

@@ -21,9 +21,11 @@ on the test split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -39,10 +41,12 @@ from cnngp.errors import CNNGPError
 from cnngp.kernels.layers import Readout
 from cnngp.io.architectures import split_network
 from cnngp.provenance import array_sha256, versions
+from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.storage import atomic_write, read_npz
 
 __all__ = [
     "run_sweep",
+    "SweepProtocol",
     "sweep_readouts",
     "split_network",
     "summary_table",
@@ -68,14 +72,14 @@ _BEST_KEYS = (
 # --------------------------------------------------------------------------------------
 
 
-def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, **common):
+def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, ex, get):
     """The whole (L, N, N) stack in memory, read from or written to an ``.npz`` kernel cache."""
     import torch
 
     from cnngp.engine.gram import readout_sweep
 
     n_max = x_sub.shape[0]
-    dtype, device, memory_budget = common["dtype"], common["device"], common["memory_budget"]
+    dtype, device, memory_budget = ex.dtype, ex.device, ex.memory_budget
     cache_path = None if kernel_cache is None else Path(kernel_cache)
     cached = _read_cache(cache_path, key) if cache_path is not None else None
     if cached is None:  # refuse, before any work, what this machine cannot hold or finish
@@ -120,7 +124,7 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         if K.shape != (len(readouts), n_max, n_max):
             raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
     else:
-        K = readout_sweep(body, readouts, x_sub, checkpoint=_checkpoint(cache_path, "train"), **common)
+        K = readout_sweep(body, readouts, x_sub, get=get, execution=_in_memory(ex, _checkpoint(cache_path, "train")))
         K = K.to(torch.float64).numpy()
         save(K)
     K_test = None
@@ -128,8 +132,8 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         if cached is not None and "test_kernels" in cached:
             K_test = cached["test_kernels"]
         else:
-            K_test = readout_sweep(body, readouts, x_test, x_sub,
-                                   checkpoint=_checkpoint(cache_path, "test"), **common)
+            K_test = readout_sweep(body, readouts, x_test, x_sub, get=get,
+                                   execution=_in_memory(ex, _checkpoint(cache_path, "test")))
             K_test = K_test.to(torch.float64).numpy()
             save(K, K_test)
     if not np.all(np.isfinite(K)):
@@ -144,11 +148,17 @@ def test_store_path(kernel_store) -> Path:
                           else path.name + "-test.zarr")
 
 
-def _refuse_long_store_job(what: str, seconds: float, options: dict) -> None:
+def _in_memory(ex, checkpoint=None):
+    """The execution of an in-memory kernel of the sweep: no store options, its own checkpoint."""
+    return ex.replace(store=None, archive=None, workers=None, scheduler=None, tile=None, threads=None,
+                      checkpoint=checkpoint)
+
+
+def _refuse_long_store_job(what: str, seconds: float, ex) -> None:
     """Without --yes, refuse store work estimated (on this machine's CPU) at over an hour."""
     from cnngp.engine.resources import check_job
 
-    check_job(what, seconds=seconds if str(options.get("device", "cpu")).startswith("cpu") else None,
+    check_job(what, seconds=seconds if ex.device.startswith("cpu") else None,
               yes=False, remedy="a finished store is reused, so the work can be spread over "
               "several runs, --workers or a --scheduler")
 
@@ -171,56 +181,55 @@ def check_sweep_archive(archive, test: bool, what: str = "--archive") -> Path:
     return path
 
 
-def _stored_kernels(kernel_store, body, readouts, labels, x_train, x_test, yes=True, archive=None,
-                    **options):
-    """Train (and test) kernels computed into stores; returned as lazy per-readout sequences.
-    Without ``yes``, a job estimated (from timing a few pairs here) at over an hour is refused.
-    ``archive``: a folder whose ``train`` and ``test`` subfolders are the stores' tile archives."""
+def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get):
+    """Train (and test) kernels computed into the stores ``ex.store`` (and its test store);
+    returned as lazy per-readout sequences. Without ``yes``, a job estimated (from timing a few
+    pairs here) at over an hour is refused. ``ex.archive``: a folder whose ``train`` and
+    ``test`` subfolders are the stores' tile archives."""
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
+    archive = ex.archive
     if archive is not None:
         check_sweep_archive(archive, x_test is not None)
-    if not yes and options.get("client") is None:
-        seconds = store_kernel(body, x_train, readouts=readouts, out=kernel_store, dry_run=True,
-                               **options).dry_run["estimated_seconds"]
+    train = ex.replace(archive=None if archive is None else Path(archive) / "train")
+    test = ex.replace(store=test_store_path(ex.store), archive=None if archive is None else Path(archive) / "test")
+    if not yes and not ex.on_cluster:
+        seconds = store_kernel(body, x_train, readouts=readouts, dry_run=True, get=get,
+                               execution=train).dry_run["estimated_seconds"]
         if x_test is not None:
-            seconds += store_kernel(body, x_test, x_train, readouts=readouts, out=kernel_store,
-                                    dry_run=True, **options).dry_run["estimated_seconds"]
-        _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, options)
-    store_kernel(body, x_train, readouts=readouts, labels=names, out=kernel_store, what="--store",
-                 archive=None if archive is None else Path(archive) / "train", **options)
-    K = StoredReadouts(KernelStore.open(kernel_store))
+            seconds += store_kernel(body, x_test, x_train, readouts=readouts, dry_run=True, get=get,
+                                    execution=train).dry_run["estimated_seconds"]
+        _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
+    store_kernel(body, x_train, readouts=readouts, labels=names, get=get, execution=train)
+    K = StoredReadouts(KernelStore.open(ex.store))
     K_test = None
     if x_test is not None:
-        path = test_store_path(kernel_store)
-        store_kernel(body, x_test, x_train, readouts=readouts, labels=names, out=path,
-                     what="--store (its test store)",
-                     archive=None if archive is None else Path(archive) / "test", **options)
-        K_test = StoredReadouts(KernelStore.open(path))
+        store_kernel(body, x_test, x_train, readouts=readouts, labels=names, get=get, execution=test)
+        K_test = StoredReadouts(KernelStore.open(test.store))
     return K, K_test
 
 
-def _best_test_kernel(body, readout, name, x_train, x_test, kernel_store, archive, yes, options):
+def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get):
     """The test × train kernel (float64) of the one readout the cross-validation chose: in
-    memory, or into the test store ``K-test.zarr`` (and ``archive/test``) beside ``kernel_store``."""
-    if kernel_store is None:
+    memory, or into the test store ``K-test.zarr`` (and ``archive/test``) beside ``ex.store``."""
+    if ex.store is None:
         from cnngp.engine.gram import readout_sweep
 
-        return readout_sweep(body, [readout], x_test, x_train, **options)[0].double().numpy()
+        return readout_sweep(body, [readout], x_test, x_train, get=get,
+                             execution=_in_memory(ex))[0].double().numpy()
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore, StoredReadouts
 
-    path = test_store_path(kernel_store)
-    if not yes and options.get("client") is None:
-        seconds = store_kernel(body, x_test, x_train, readouts=[readout], out=path, dry_run=True,
-                               **options).dry_run["estimated_seconds"]
-        _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, options)
-    store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], out=path,
-                 what="--store (its test store)",
-                 archive=None if archive is None else Path(archive) / "test", **options)
-    return StoredReadouts(KernelStore.open(path))[0]
+    test = ex.replace(store=test_store_path(ex.store),
+                      archive=None if ex.archive is None else Path(ex.archive) / "test")
+    if not yes and not ex.on_cluster:
+        seconds = store_kernel(body, x_test, x_train, readouts=[readout], dry_run=True, get=get,
+                               execution=test).dry_run["estimated_seconds"]
+        _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, ex)
+    store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, execution=test)
+    return StoredReadouts(KernelStore.open(test.store))[0]
 
 
 def _lengthscale_json(value: float):
@@ -372,8 +381,9 @@ def _folds_for(scheme: str, n: int, y: np.ndarray, k: int, seed: int):
     return gp.stratified_folds(y, k, seed)
 
 
-def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid, bar=None):
+def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
     """One readout's CV accuracy on every block of every size: a row per n in ``ns``."""
+    folds, fold_scheme, seed, n_grid = protocol.folds, protocol.fold_scheme, protocol.seed, protocol.n_grid
     n_max = ns[-1]
     out = []
     for n in ns:
@@ -408,24 +418,24 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n
     return out
 
 
-def cv_stored_readout(path, index, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid):
-    """A Dask task: read readout ``index`` of the store at ``path`` and cross-validate it."""
+def cv_stored_readout(path, index, name, lam, y_sub, ns, n_classes, protocol):
+    """A Dask task: read readout ``index`` of the store at ``path`` and cross-validate it
+    (``protocol``: the sweep's :class:`SweepProtocol`)."""
     from cnngp.engine.store import KernelStore
 
     Kl = KernelStore.open(path).readout(index)
     with gp.small_problem_threads(ns[-1]):
-        return _cv_readout(Kl, name, lam, y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid)
+        return _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol)
 
 
-def _cross_validate_all(K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress,
-                        client=None):
+def _cross_validate_all(K, y_sub, labels, ns, n_classes, protocol, progress, client=None):
     """CV accuracy of every readout on every block of every size: (results, best).
 
     ``K`` is any sequence of (N, N) matrices, read once each in order (a kernel store's
     readouts come from disk one at a time), so one readout is in memory at once. With a Dask
     ``client`` and a store, each readout is a task that reads its own matrix."""
     n_max = ns[-1]
-    args = (y_sub, ns, n_classes, folds, fold_scheme, seed, n_grid)
+    args = (y_sub, ns, n_classes, protocol)
     if client is not None and hasattr(K, "store"):
         from distributed import as_completed
 
@@ -456,43 +466,14 @@ def _cross_validate_all(K, y_sub, labels, ns, n_classes, folds, fold_scheme, see
     return results, best
 
 
-def run_sweep(
-    network,
-    dataset,
-    ns: Sequence[int] = (40, 80, 160),
-    folds: int = 4,
-    lengthscales: Sequence[float] = PAPER_LENGTHSCALES,
-    family: str = "matern32",
-    test: bool = False,
-    n_test: int | None = None,
-    seed: int = 0,
-    dtype: str = "float64",
-    device: str = "cpu",
-    fold_scheme: str = "paper",
-    n_grid: int = 1000,
-    batch_size: int | None = None,
-    memory_budget: int | None = None,
-    progress: bool = True,
-    kernel_cache: str | os.PathLike | None = None,
-    data_label: str | None = None,
-    yes: bool = True,
-    kernel_store: str | os.PathLike | None = None,
-    kernel: str = "nngp",
-    workers: int | None = None,
-    scheduler: str | None = None,
-    tile: int | None = None,
-    threads_per_worker: int | None = None,
-    archive: str | os.PathLike | None = None,
-) -> dict:
-    """Run the paper's readout sweep and return a results dictionary.
+@dataclass(frozen=True)
+class SweepProtocol:
+    """What a sweep measures: sizes, readouts and the cross-validation (validated on
+    construction; :meth:`replace` makes a changed copy). How the kernels are computed is the
+    separate :class:`cnngp.Execution`.
 
-    Parameters
+    Attributes
     ----------
-    network : str, path-like or Serial
-        Named architecture, JSON spec file, or network (see :func:`split_network`).
-    dataset : Dataset or str
-        A :class:`cnngp.io.data.Dataset` or a source for :func:`cnngp.io.data.load_dataset`
-        (``"digits"``, a ``.npz`` file, a folder).
     ns : sequence of int, default (40, 80, 160)
         Training-set sizes. Each must be a multiple of the number of classes, give at
         least ``folds`` images per class, and divide the largest, ``N_max``.
@@ -509,50 +490,99 @@ def run_sweep(
         one with the best cross-validated λ). ``True`` is ``"all"``. ``"best"`` scores only
         the cross-validation's choice: the test kernels are computed after the
         cross-validation, for that one readout (the same kernel computation per pair, 1/L
-        of the memory and storage; with ``kernel_store``, the test store holds one readout).
+        of the memory and storage; with a store, the test store holds one readout).
     n_test : int, optional
         Use a class-balanced subset of this many test images (default: all).
     seed : int, default 0
         Seed of the class-balanced subsets (and of stratified folds).
-    dtype : {"float64", "float32"}, default "float64"
-        Precision of the kernel computation; GP inference is always float64.
-    device : str, default "cpu"
-        Torch device of the kernel computation.
     fold_scheme : {"paper", "stratified"}, default "paper"
         ``"paper"``: contiguous folds of the class-interleaved order
         (:func:`cnngp.inference.gp.paper_folds`); ``"stratified"``: shuffled stratified folds.
     n_grid : int, default 1000
         Number of σ² values (the paper's log-spaced grid).
-    batch_size, memory_budget : optional
-        Passed to the kernel engine.
-    progress : bool, default True
-        Progress bars over the kernel computation (stderr).
-    yes : bool, default True
-        Start a job estimated to take longer than ``cnngp.engine.resources.LONG_JOB_SECONDS``
-        (the command line passes ``--yes``, default off). A job that cannot fit in memory
-        is refused either way, before any kernel is computed.
+    """
+
+    ns: Sequence[int] = (40, 80, 160)
+    folds: int = 4
+    lengthscales: Sequence[float] = PAPER_LENGTHSCALES
+    family: str = "matern32"
+    test: bool | str = False
+    n_test: int | None = None
+    seed: int = 0
+    fold_scheme: str = "paper"
+    n_grid: int = 1000
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
+        if self.fold_scheme not in _FOLD_SCHEMES:
+            raise CNNGPError(f"fold_scheme: expected one of {list(_FOLD_SCHEMES)}, got {self.fold_scheme!r}")
+        folds, seed = self.folds, self.seed
+        if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+            raise CNNGPError(f"folds: expected an integer >= 2, got {folds!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise CNNGPError(f"seed: expected an integer >= 0, got {seed!r}")
+        if self.test not in (False, True, "all", "best"):
+            raise CNNGPError(f"test: expected False, True ('all') or 'best', got {self.test!r}")
+        if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, (int, np.integer)) or self.n_grid < 1:
+            raise CNNGPError(f"n_grid: expected an integer >= 1, got {self.n_grid!r}")
+        object.__setattr__(self, "folds", int(folds))
+        object.__setattr__(self, "seed", int(seed))
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
+
+    def replace(self, **changes) -> "SweepProtocol":
+        """A copy with ``changes`` (validated)."""
+        unknown = [k for k in changes if k not in self.names()]
+        if unknown:
+            raise CNNGPError(f"{', '.join(unknown)}: not a sweep protocol setting; accepted: {', '.join(self.names())}")
+        return dataclasses.replace(self, **changes)
+
+
+def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel: str = "nngp",
+              kernel_cache: str | os.PathLike | None = None, data_label: str | None = None,
+              yes: bool = True, execution=None, **options) -> dict:
+    """Run the paper's readout sweep and return a results dictionary.
+
+    Parameters
+    ----------
+    network : str, path-like or Serial
+        Named architecture, JSON spec file, or network (see :func:`split_network`).
+    dataset : Dataset or str
+        A :class:`cnngp.io.data.Dataset` or a source for :func:`cnngp.io.data.load_dataset`
+        (``"digits"``, a ``.npz`` file, a folder).
+    protocol : SweepProtocol, optional
+        Sizes, readouts and cross-validation (``ns``, ``folds``, ``lengthscales``, ``family``,
+        ``test``, ``n_test``, ``seed``, ``fold_scheme``, ``n_grid``; see :class:`SweepProtocol`).
+    kernel : {"nngp", "ntk"}, default "nngp"
+        Classify with the NNGP (GP posterior mean) or with the neural tangent kernel (the
+        mean prediction of an infinite ensemble of infinitely wide networks trained by gradient
+        descent on squared loss, σ² acting as a ridge), with the same CV protocol.
     kernel_cache : path, optional
         ``.npz`` file for the kernel stack. If it exists and was made by the same network,
         readouts, images and dtype, the kernels are read from it instead of computed;
         otherwise they are computed and written there (atomically). A file from a
         different sweep is an error, never overwritten.
-    kernel : {"nngp", "ntk"}, default "nngp"
-        Classify with the NNGP (GP posterior mean) or with the neural tangent kernel (the
-        mean prediction of an infinite ensemble of infinitely wide networks trained by gradient
-        descent on squared loss, σ² acting as a ridge), with the same CV protocol.
-    kernel_store : path, optional
-        ``K.zarr``: compute the train kernels tile by tile into this resumable store
-        (:func:`cnngp.engine.distributed.store_kernel`; a rerun computes only what it lacks)
-        and the test kernels into ``K-test.zarr`` beside it, then cross-validate one readout
-        at a time: at most one N×N float64 matrix (and its eigendecomposition) is in memory.
-        ``workers``, ``scheduler``, ``tile`` and ``threads_per_worker`` go to the store engine.
-    archive : path, optional
-        With ``kernel_store``: a folder kept as compressed, portable copies of the finished
-        tiles (``archive/train``, ``archive/test``; :class:`cnngp.engine.archive.TileArchive`),
-        restored from before computing, so that a run can move to another machine.
     data_label : str, optional
         How to name the data in ``config["data"]`` (default: the source string, or the
         data set's name).
+    yes : bool, default True
+        Start a job estimated to take longer than ``cnngp.engine.resources.LONG_JOB_SECONDS``
+        (the command line passes ``--yes``, default off). A job that cannot fit in memory
+        is refused either way, before any kernel is computed.
+    execution : Execution, optional
+        How the kernels are computed (:class:`cnngp.Execution`, README "Execution options";
+        ``progress`` defaults to on here). With ``store`` (``K.zarr``) the train kernels go
+        tile by tile into that resumable store (a rerun computes only what it lacks) and the
+        test kernels into ``K-test.zarr`` beside it, then one readout at a time is
+        cross-validated: at most one N×N float64 matrix (and its eigendecomposition) is in
+        memory; ``archive`` then keeps ``archive/train`` and ``archive/test``, and
+        ``workers``/``scheduler`` also run the cross-validation.
+    **options
+        Settings of :class:`SweepProtocol` and execution options by name, overriding
+        ``protocol`` and ``execution``: ``run_sweep("cnngp1", "digits", ns=(40, 80), progress=False)``.
 
     Returns
     -------
@@ -586,21 +616,25 @@ def run_sweep(
     ValueError, FileNotFoundError
         From :func:`cnngp.io.data.load_dataset` for unreadable or missing data.
     """
-    if family not in FAMILIES:
-        raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    protocol_options = {k: options.pop(k) for k in list(options) if k in SweepProtocol.names()}
+    if protocol is None:
+        protocol = SweepProtocol(**protocol_options)
+    elif not isinstance(protocol, SweepProtocol):
+        raise CNNGPError(f"protocol: expected a SweepProtocol or None, got {type(protocol).__name__}")
+    elif protocol_options:
+        protocol = protocol.replace(**protocol_options)
+    try:
+        ex = Execution.build(execution, options, where="run_sweep", accepted=COMPUTE + STORE,
+                             defaults={"progress": True})
+    except CNNGPError as e:
+        if options and not set(options) <= set(Execution.names()):
+            raise CNNGPError(f"{e}; and the SweepProtocol settings: {', '.join(SweepProtocol.names())}") from None
+        raise
     if kernel not in ("nngp", "ntk"):
         raise CNNGPError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
-    if fold_scheme not in _FOLD_SCHEMES:
-        raise CNNGPError(f"fold_scheme: expected one of {list(_FOLD_SCHEMES)}, got {fold_scheme!r}")
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise CNNGPError(f"folds: expected an integer >= 2, got {folds!r}")
-    folds = int(folds)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise CNNGPError(f"seed: expected an integer >= 0, got {seed!r}")
-    seed = int(seed)
-
-    if test not in (False, True, "all", "best"):
-        raise CNNGPError(f"test: expected False, True ('all') or 'best', got {test!r}")
+    ns, folds, lengthscales, family = protocol.ns, protocol.folds, protocol.lengthscales, protocol.family
+    test, n_test, seed, fold_scheme = protocol.test, protocol.n_test, protocol.seed, protocol.fold_scheme
+    n_grid, progress, kernel_store, archive, dtype = protocol.n_grid, ex.progress, ex.store, ex.archive, ex.dtype
     test_mode = None if test is False else ("best" if test == "best" else "all")
 
     # -- data ----------------------------------------------------------------------
@@ -663,29 +697,28 @@ def run_sweep(
         }
         if kernel != "nngp":  # NNGP caches keep the key they always had
             key["kernel"] = kernel
-        common = dict(dtype=dtype, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                      progress=progress, get=kernel)
         client = None
         if kernel_store is not None:
             if kernel_cache is not None:
-                raise CNNGPError("kernel_store: cannot be combined with kernel_cache (choose one)")
-            if workers or scheduler:  # one cluster for the kernels and the cross-validation
-                from cnngp.engine.distributed import dask_client
+                raise CNNGPError("store: cannot be combined with kernel_cache (choose one)")
+            if ex.on_cluster:  # one cluster for the kernels and the cross-validation
+                client = ex.scheduler if not (ex.scheduler is None or isinstance(ex.scheduler, str)) else None
+                if client is None:
+                    from cnngp.engine.distributed import dask_client
 
-                limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
-                client = cleanup.enter_context(dask_client(workers, scheduler, limit))
-            store_options = dict(client=client, tile=tile, threads_per_worker=threads_per_worker, **common)
-            K, K_test = _stored_kernels(kernel_store, body, readouts, labels, x_sub, x_test_now, yes=yes,
-                                        archive=archive, **store_options)
+                    limit = None if ex.memory_budget is None else int(ex.memory_budget) + 2 * 1024**3
+                    client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
+                ex = ex.replace(workers=None, scheduler=client)
+            K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, yes, ex, kernel)
         else:
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test_now is None else ds.y_test[test_order])
             K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, yes,
-                                           **common)
+                                           ex, kernel)
 
         # -- cross-validation on every block of every size ----------------------------------
         results, best = _cross_validate_all(
-            K, y_sub, labels, ns, n_classes, folds, fold_scheme, seed, n_grid, progress, client=client
+            K, y_sub, labels, ns, n_classes, protocol, progress, client=client
         )
 
         # -- test accuracy of the models trained on N_max -----------------------------------
@@ -703,8 +736,7 @@ def run_sweep(
                     )
             else:
                 Kt = _best_test_kernel(body, readouts[i], f"{labels[i][0]}:{_lengthscale_json(labels[i][1])}",
-                                       x_sub, x_test, kernel_store, archive, yes,
-                                       store_options if kernel_store is not None else common)
+                                       x_sub, x_test, yes, ex, kernel)
                 top[i]["test_accuracy"] = gp.test_accuracy(
                     K[i], y_sub, Kt, y_test, top[i]["noise_variance"], n_classes
                 )
@@ -752,6 +784,7 @@ def run_sweep(
             "kernel": kernel,
             "kernel_store": None if kernel_store is None else str(kernel_store),
             "archive": None if archive is None else str(archive),
+            "execution": ex.as_dict(),
         }
         out = {
             "config": config,

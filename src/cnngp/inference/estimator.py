@@ -148,15 +148,19 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         return self._images(X), y_enc.astype(np.int64)
 
+    def _execution(self):
+        """The :class:`cnngp.Execution` of the estimator's kernel computations, from its
+        sklearn-style parameters."""
+        from cnngp.engine.execution import Execution
+
+        return Execution(dtype=self.dtype, device=self.device, engine=getattr(self, "engine", "auto"),
+                         batch_size=self.batch_size, memory_budget=self.memory_budget,
+                         progress=bool(self.verbose))
+
     def _kernel(self, network, x1, x2=None) -> np.ndarray:
         from cnngp.engine.gram import kernel
 
-        K = kernel(
-            network, x1, x2, dtype=self.dtype, device=self.device,
-            batch_size=self.batch_size, memory_budget=self.memory_budget,
-            progress=bool(self.verbose),
-        )
-        return K.double().numpy()
+        return kernel(network, x1, x2, execution=self._execution()).double().numpy()
 
     def _set_fit(self, images, network, K, y_enc, noise):
         # dual coefficients (K + σ² I)⁻¹ Y: the posterior mean at the training inputs'
@@ -232,14 +236,11 @@ class CNNGPClassifier(_CNNGPBase):
         Shape ``(*spatial, channels)`` of one sample when X is 2-D; default: each row
         is a 1-D signal with one channel; ``"channels"``: one position with
         ``n_features`` channels (see the module notes).
-    dtype : {"float64", "float32"}, default "float64"
-        Kernel precision; the solve is float64.
-    device : str, default "cpu"
-        Torch device of the kernel computation.
-    batch_size, memory_budget : optional
-        Passed to :func:`cnngp.kernel`.
+    dtype, device, batch_size, memory_budget, engine
+        The execution options of the kernel computations (:class:`cnngp.Execution`, README
+        "Execution options"); the solve is always float64.
     verbose : bool, default False
-        Progress bars over kernel computations.
+        Progress bars over kernel computations (the execution option ``progress``).
 
     Attributes
     ----------
@@ -273,6 +274,7 @@ class CNNGPClassifier(_CNNGPBase):
         batch_size=None,
         memory_budget=None,
         verbose=False,
+        engine="auto",
     ):
         self.arch = arch
         self.correlation = correlation
@@ -284,6 +286,7 @@ class CNNGPClassifier(_CNNGPBase):
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.verbose = verbose
+        self.engine = engine
 
     def fit(self, X, y):
         """Compute the training kernel and solve for the dual coefficients.
@@ -345,7 +348,7 @@ class CNNGPClassifierCV(_CNNGPBase):
     objective : {"mll", "loo"}, default "mll"
         With ``search="gradient"``: the GP log marginal likelihood or the leave-one-out log
         predictive density.
-    image_shape, dtype, device, batch_size, memory_budget, verbose
+    image_shape, dtype, device, batch_size, memory_budget, verbose, engine
         As for :class:`CNNGPClassifier`.
 
     Attributes
@@ -390,6 +393,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         batch_size=None,
         memory_budget=None,
         verbose=False,
+        engine="auto",
     ):
         self.arch = arch
         self.correlation = correlation
@@ -405,6 +409,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.verbose = verbose
+        self.engine = engine
 
     def _candidate_lengthscales(self) -> list[float]:
         from cnngp.kernels.correlations import PAPER_LENGTHSCALES
@@ -492,11 +497,7 @@ class CNNGPClassifierCV(_CNNGPBase):
             template.with_correlation(correlation_family(family, v))
             for v in lams
         ]
-        Ks = readout_sweep(
-            body, readouts, images, dtype=self.dtype, device=self.device,
-            batch_size=self.batch_size, memory_budget=self.memory_budget,
-            progress=bool(self.verbose),
-        ).double().numpy()
+        Ks = readout_sweep(body, readouts, images, execution=self._execution()).double().numpy()
 
         with gp.small_problem_threads(len(y_enc)):
             results, noise = self._cross_validate(Ks, y_enc, folds, noise, n_classes)
@@ -561,8 +562,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         if not grid:
             raise CNNGPError(f"arch: its last hidden layer has no spatial grid, so {type(self).__name__} "
                              "has no readout λ to learn")
-        S = offset_sums(body, images, dtype=self.dtype, device=self.device, batch_size=self.batch_size,
-                        memory_budget=self.memory_budget, progress=bool(self.verbose)).double()
+        S = offset_sums(body, images, execution=self._execution()).double()
         readout = OffsetReadout(S, grid, family, template.bias_var)
         with gp.small_problem_threads(len(y_enc)):
             result = learn_readout(readout, y_enc, objective=self.objective, n_classes=n_classes, starts=starts)

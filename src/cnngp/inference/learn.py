@@ -429,19 +429,25 @@ def learn_network(
     objective: str = "mll",
     n_classes: int | None = None,
     max_iter: int = 50,
-    dtype="float64",
     progress=None,
     tile: int = 8,
+    execution=None,
+    **options,
 ) -> LearnResult:
     """Maximise ``objective`` over the network's parameters ``names`` (default
     :func:`default_learnable`) and σ², by L-BFGS-B in log space from the model's own values.
 
     Each step: K = kernel(model) by the fast path (no graph), the objective and G = ∂obj/∂K
     from one factorisation, then Σ G ∂K/∂θ by :func:`kernel_vjp`. Cost per step: two kernel
-    passes (N(N+1)/2 pairs each, the second with autograd and its backward)."""
+    passes (N(N+1)/2 pairs each, the second with autograd and its backward). ``progress(entry)``
+    is called on every step; ``tile`` is :func:`kernel_vjp`'s; ``execution`` and the execution
+    options (:class:`cnngp.Execution`) compute the fast-path kernels."""
     from scipy.optimize import minimize
 
+    from cnngp.engine.execution import COMPUTE, Execution
     from cnngp.engine.gram import kernel
+
+    ex = Execution.build(execution, options, where="learn_network", accepted=COMPUTE)
 
     if objective not in OBJECTIVES:
         raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -457,7 +463,7 @@ def learn_network(
     n = len(y)
     evaluations = [0]
     with torch.no_grad():
-        scale = float(torch.diagonal(kernel(model, x, dtype=dtype)).double().mean())
+        scale = float(torch.diagonal(kernel(model, x, execution=ex)).double().mean())
     evaluations[0] += 1
     bounds = [PARAMETER_BOUNDS[nm.split(".")[1]] for nm in names] + [
         (BOUNDS["noise_variance"][0] * scale, BOUNDS["noise_variance"][1] * scale)]
@@ -468,7 +474,7 @@ def learn_network(
     def f(theta):
         vals = np.exp(theta)
         net = with_parameters(model, dict(zip(names, vals[:-1].tolist())))
-        K = kernel(net, x, dtype=dtype).to(torch.float64).requires_grad_(True)
+        K = kernel(net, x, execution=ex).to(torch.float64).requires_grad_(True)
         noise = torch.tensor(vals[-1], dtype=torch.float64, requires_grad=True)
         value = objective_value(objective, K, Y, noise)
         value.backward()
