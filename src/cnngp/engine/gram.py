@@ -408,6 +408,7 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     if getattr(plan, "engine", "fused") == "triton":  # supported conv(+act) on the Triton kernels
         from cnngp.engine import gpu
 
+        gpu.require(x1b.device)  # also where resolve_engine did not check
         step = gpu.step_hook(layers, plan.pair_flags, variances)
     state, _ = fused.run_layers(layers, state, plan.pair_flags, variances, fast=False, step=step)
     if plan.offsets:
