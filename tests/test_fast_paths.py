@@ -479,3 +479,27 @@ def test_ntk_1d_and_readout_sweep_match_torch_path(torch_path):
     heads = [Readout(correlation=Matern(1.5, ls)) for ls in (0.5, 2.0)] + [Readout(correlation=Constant())]
     ref = torch_path(cnngp.readout_sweep, body, heads, x, get="both")
     assert rel_err(cnngp.readout_sweep(body, heads, x, get="both"), ref) < 1e-12
+
+
+@pytest.mark.parametrize("arch", ["myrtle5", "myrtle10"])
+def test_self_pass_runs_full_and_fused_where_it_would_carry_bands(arch):
+    """Under pools the self pass needs bands, which only the torch path computes; on the fused
+    engine it runs on the full tensor instead (GramPlan._prefer_fused_self_pass). Its records
+    — each image's variances at every nonlinearity — equal the torch engine's band records."""
+    from cnngp.engine.gram import GramPlan
+    from cnngp.kernels.state import Band
+
+    x = np.random.default_rng(3).uniform(size=(3, 16, 16, 3))
+    net = architectures.get(arch)
+    torch_plan = GramPlan(net, x.shape[1:], engine="torch")
+    fused_plan = GramPlan(net, x.shape[1:], engine="fused")
+    assert any(isinstance(f, Band) for f in torch_plan.plan.self_flags)
+    assert not any(isinstance(f, Band) for f in fused_plan.plan.self_flags)
+    a = torch_plan.self_records(torch_plan.images(x))
+    b = fused_plan.self_records(fused_plan.images(x))
+    assert a.variances.keys() == b.variances.keys()
+    for i in a.variances:
+        assert rel_err(b.variances[i], a.variances[i]) < 1e-12, i
+    ka = torch_plan.block(torch_plan.images(x), a)
+    kb = fused_plan.block(fused_plan.images(x), b)
+    assert rel_err(kb, ka) < 1e-12
