@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import cnngp
+from cnngp.engine import timing
 from cnngp.cli.main import main
 from cnngp.engine.distributed import choose_tile, dask_client, store_kernel
 from cnngp.engine.gram import GramPlan, tile_plan
@@ -285,8 +286,12 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
     assert "plan: 6 tiles of 5 to compute, 3 on the diagonal; 78 image pairs, 12 images" in text
     plan = json.loads(text[text.index("{"):])
     assert (plan["tiles"], plan["pairs"], plan["workers"]) == (6, 78, 3)
-    assert plan["seconds_per_pair"] > 0 and plan["estimated_seconds"] * 3 == pytest.approx(
-        plan["estimated_seconds_one_worker"])
+    assert plan["seconds_per_pair"] > 0 and plan["estimated_seconds_one_worker"] == pytest.approx(
+        78 * plan["seconds_per_pair"] + 12 * plan["seconds_per_image_self"])
+    # on 3 cold workers: the start of the cluster and of the workers, then the busiest worker
+    assert plan["estimated_seconds"] >= timing.CLUSTER_START_SECONDS + plan["start_seconds"] + (
+        plan["estimated_seconds_one_worker"] / 3) * 0.999
+    assert "on 3 worker(s)" in plan["estimate"] and "start: cluster and workers" in plan["estimate"]
     assert not out.exists()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5", "--quiet") == 0
     capsys.readouterr()

@@ -58,8 +58,14 @@ def _row(res, n, readout, lam):
 
 def test_results_schema(sweep):
     res, _ = sweep
-    assert set(res) == {"config", "versions", "results", "best"}
+    assert set(res) == {"config", "versions", "results", "best", "timing"}
     json.dumps(res, allow_nan=False)  # strict JSON: inf is written as the string "inf"
+    # the plan timed before the kernels: its stages' pairs are the sweep's, its rates positive
+    plan = res["timing"]["estimate"]
+    n = max(NS)
+    assert plan["stages"][0]["pairs"] == n * (n + 1) // 2 and plan["stages"][0]["images"] == n
+    assert plan["seconds"] > 0 and plan["rates"]["seconds_per_pair"] > 0
+    assert res["timing"]["kernel_seconds"] > 0
     cfg = res["config"]
     assert cfg["ns"] == list(NS) and cfg["folds"] == 4 and cfg["family"] == "matern32"
     assert cfg["readout_grid"] == [8, 8] and cfg["seed"] == 0
@@ -237,7 +243,9 @@ def test_cli_writes_results_and_figure_reproducibly(tmp_path, capsys):
     assert res["config"]["command"].startswith("cnngp sweep --arch cnngp1")
     assert (out1 / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert main(CLI + ["--out", str(out2)]) == 0
-    assert (out1 / "results.json").read_text() == (out2 / "results.json").read_text()
+    first, second = (json.loads((o / "results.json").read_text()) for o in (out1, out2))
+    assert first.pop("timing")["estimate"]["stages"] == second.pop("timing")["estimate"]["stages"]
+    assert first == second  # everything but the run's timing is reproduced exactly
 
 
 def _bad_truncated(tmp_path):

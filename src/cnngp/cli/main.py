@@ -329,8 +329,10 @@ def cmd_kernel(args) -> int:
     ex = execution_from_args(args)
     if is_store_path(args.out):
         return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex)
-    check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
-               readouts=readouts, disk_path=args.out, yes=args.yes, execution=ex)
+    est = check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
+                     readouts=readouts, disk_path=args.out, yes=args.yes, images=x1, execution=ex)
+    if est is not None and ex.progress:  # a long job: its timed estimate before it starts
+        print(est.describe(), file=sys.stderr)
     checkpoint = ex.checkpoint
     start = time.perf_counter()
     if readouts is not None:

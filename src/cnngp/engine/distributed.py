@@ -231,9 +231,13 @@ def _tiles_to_compute(out, identity: dict, tiles: list) -> list:
     return state["missing"] + state["bad"]
 
 
-def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path) -> dict:
-    """Plan, sizes and a time estimate from timing a sample of pairs here."""
-    _set_threads(threads)
+def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, on_cluster=False,
+             cold_workers=True) -> dict:
+    """Plan, sizes and a time estimate (:mod:`cnngp.engine.timing`): a few pairs of this plan
+    timed here at the workers' thread count, the tiles scheduled on the workers, the start of a
+    local cluster and its workers included."""
+    from cnngp.engine import timing
+
     n_pairs = sum(t.pairs for t in tiles)
     n_images = xa.shape[0] + (0 if xb is None else xb.shape[0])
     item = plan.dtype.itemsize
@@ -241,19 +245,13 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path) -
     n2 = n1 if xb is None else xb.shape[0]
     store_bytes = (L * n1 * n2 + n_images * (math.prod(plan.image_shape)
                                               + _record_bytes_per_image(plan, grids) // item)) * item
-    k = max(2, min(8, n1))
-    xs = torch.as_tensor(np.resize(xa, (k, *xa.shape[1:])), device=plan.device)
-    plan.block(xs[:2], plan.self_records(xs[:2]))  # warm up (numba compiles once per process)
-    t0 = time.perf_counter()
-    rec = plan.self_records(xs)
-    t_self = (time.perf_counter() - t0) / k
-    xs2 = xs.flip(0)
-    rec2 = plan.self_records(xs2)
-    t0 = time.perf_counter()
-    plan.block(xs, rec, xs2, rec2)
-    t_pair = max((time.perf_counter() - t0) / (k * k), 1e-9)
-    serial = n_pairs * t_pair + n_images * t_self
+    rates = timing.measure(plan, plan.images(xa[:timing.MAX_SIDE]), threads=threads)
     w = max(1, workers)
+    # the tiles still to do are priced (a resumed store), the self pass of every image
+    est = timing.estimate(rates, [timing.Stage("kernel", n1, None if xb is None else n2)],
+                          workers=w if on_cluster else None, tile_pairs=[[t.pairs for t in tiles]],
+                          images_per_task=tile, cold_workers=cold_workers)
+    serial = n_pairs * rates.seconds_per_pair + n_images * rates.seconds_per_image
     return {
         "tiles": len(tiles),
         "diagonal_tiles": sum(t.diagonal for t in tiles),
@@ -264,11 +262,15 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path) -
         "memory_per_worker_bytes": int(budget + tile_bytes(plan, tile, grids)),
         "workers": w,
         "threads_per_worker": threads,
-        "timed_pairs": k * k,
-        "seconds_per_pair": t_pair,
-        "seconds_per_image_self": t_self,
+        "timed_pairs": rates.pairs_timed,
+        "seconds_per_pair": rates.seconds_per_pair,
+        "seconds_per_image_self": rates.seconds_per_image,
+        "warmup_seconds": rates.warmup_seconds,
+        "start_seconds": rates.start_seconds,
+        "load_average": rates.load_average,
         "estimated_seconds_one_worker": serial,
-        "estimated_seconds": serial / w,
+        "estimated_seconds": est.seconds,
+        "estimate": est.describe(),
         "path": str(path),
     }
 
@@ -283,10 +285,7 @@ def describe_dry_run(d: dict) -> str:
         f"store: {d['path']} about {human_bytes(d['store_bytes'])}",
         f"per worker: about {human_bytes(d['memory_per_worker_bytes'])} "
         f"({d['threads_per_worker'] or 'all'} threads); {d['workers']} worker(s)",
-        f"timed here: {d['timed_pairs']} pairs at {d['seconds_per_pair'] * 1e3:.3g} ms per pair, "
-        f"{d['seconds_per_image_self'] * 1e3:.3g} ms per image (self pass)",
-        f"estimate: {human_seconds(d['estimated_seconds_one_worker'])} on one worker, "
-        f"about {human_seconds(d['estimated_seconds'])} on {d['workers']} worker(s) of this speed",
+        d["estimate"],
     ])
 
 
@@ -370,7 +369,8 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
                       str(plan.device))
     if dry_run:
         d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles), grids, tile, n_workers,
-                     threads_per_worker, budget, out)
+                     threads_per_worker, budget, out, on_cluster=bool(workers or client or scheduler),
+                     cold_workers=client is None and scheduler is None)
         d["tiles_total"] = len(tiles)
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)

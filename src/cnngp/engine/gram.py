@@ -274,18 +274,35 @@ def gram_needs(model, image_shape, n1: int, n2: int | None = None, *, readouts=N
     return float(memory), float(cost.seconds), float(8 * entries)
 
 
+#: a job the operation count prices above this (seconds) is timed on this machine before it
+#: starts (cnngp.engine.timing); below, the count's estimate stands and nothing is timed
+MEASURE_ABOVE_SECONDS = env_number("CNNGP_MEASURE_ABOVE_SECONDS", 10.0, 0)
+
+
 def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
-               disk_path=None, yes: bool = False, execution=None, **options) -> None:
-    """:func:`check_job` for one Gram computation (time is gated on the CPU only); ``dtype``,
-    ``device`` and ``memory_budget`` from the execution options (:class:`Execution`)."""
-    ex = Execution.build(execution, options, where="check_gram",
-                         accepted=("dtype", "device", "memory_budget"))
+               disk_path=None, yes: bool = False, images=None, execution=None, **options):
+    """:func:`check_job` for one Gram computation (time is gated on the CPU only); the
+    execution options (:class:`Execution`) say how it runs. With ``images`` (the first images of
+    ``x1``), a job the operation count prices over :data:`MEASURE_ABOVE_SECONDS` is timed here
+    first (:func:`cnngp.engine.timing.measure`) and gated on that; returns the
+    :class:`~cnngp.engine.timing.Estimate` (None when nothing was timed)."""
+    ex = Execution.build(execution, options, where="check_gram")
     dtype, device = ex.dtype, ex.device
     memory, seconds, result = gram_needs(model, image_shape, n1, n2, readouts=readouts,
                                          dtype=dtype, memory_budget=ex.memory_budget)
     pairs = n1 * (n1 + 1) // 2 if n2 is None else n1 * n2
+    label = f"{what} ({n1}{'' if n2 is None else f' x {n2}'} images, {pairs} pairs)"
+    check_job(label, memory_bytes=memory, yes=True)  # what cannot fit is refused before timing
+    est = None
+    if images is not None and seconds > MEASURE_ABOVE_SECONDS:
+        from cnngp.engine import timing
+
+        plan = GramPlan(model, image_shape, readouts=readouts, execution=ex.replace(progress=False))
+        rates = timing.measure(plan, plan.images(np.asarray(images[:timing.MAX_SIDE]), "x1"))
+        est = timing.estimate(rates, [timing.Stage("kernel", n1, n2)])
+        seconds = est.seconds
     check_job(
-        f"{what} ({n1}{'' if n2 is None else f' x {n2}'} images, {pairs} pairs)",
+        label,
         memory_bytes=memory,
         seconds=seconds if str(device).startswith("cpu") else None,
         disk_bytes=2 * result if disk_path is not None else 0,  # the output and its checkpoint
@@ -293,6 +310,7 @@ def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *,
         yes=yes,
         remedy="use fewer images or readouts, or split the work (--x2 takes row blocks)",
     )
+    return est
 
 
 def input_state(x1: torch.Tensor, x2: torch.Tensor, full) -> KernelState:

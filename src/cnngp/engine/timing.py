@@ -29,10 +29,17 @@ import torch
 
 __all__ = ["Rates", "measure", "Stage", "Estimate", "estimate", "schedule_seconds", "load_average"]
 
-#: seconds of pairs the timing aims for (it takes at least 4 and at most 64 pairs)
+#: seconds of pairs the timing aims for (it takes at least 4 and at most MAX_SIDE² pairs)
 TARGET_SECONDS = 1.0
+#: the timed block's largest side: enough pairs per call that a cheap network's per-call
+#: overhead is priced as in a real run's batches
+MAX_SIDE = 48
 #: a local Dask cluster: the scheduler and the nanny processes before workers import anything
 CLUSTER_START_SECONDS = 1.5
+#: a fresh process's start (interpreter, torch, cnngp) where this one cannot tell (2-core VM: 2-3 s)
+TYPICAL_START_SECONDS = 3.0
+#: this process is taken as freshly started (a command) when younger than this (seconds)
+START_AGE_LIMIT = 20.0
 
 
 def load_average() -> float | None:
@@ -80,12 +87,13 @@ class Rates:
 
 def measure(plan, images, threads: int | None = None) -> Rates:
     """Time ``plan`` (a :class:`~cnngp.engine.gram.GramPlan`) on a few of ``images`` (validated,
-    ``plan.images(...)``, at least one): a warm-up block, the self pass of 8 images and a
-    rectangular block of k × k pairs, k chosen so the block takes about a second (4 ≤ k² ≤ 64).
+    ``plan.images(...)``, at least one; repeated where fewer than needed): a warm-up block, the
+    self pass of 8 images and a rectangular block of k × k pairs, k chosen so the block takes
+    about a second (2 ≤ k ≤ MAX_SIDE).
     ``threads``: torch threads for the timing (the caller's are restored)."""
     x = torch.as_tensor(images)
-    reps = int(math.ceil(8 / max(1, x.shape[0])))
-    x = torch.cat([x] * reps)[:8] if x.shape[0] < 8 else x[:8]  # 8 images, repeating a short set
+    reps = int(math.ceil(MAX_SIDE / max(1, x.shape[0])))
+    x = torch.cat([x] * reps)[:MAX_SIDE]  # MAX_SIDE images, repeating a short set
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -96,15 +104,16 @@ def measure(plan, images, threads: int | None = None) -> Rates:
         plan.block(x[:1], rec.take(slice(0, 1)), x[1:2], rec.take(slice(1, 2)))
         warmup = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rec = plan.self_records(x)
-        per_image = (time.perf_counter() - t0) / x.shape[0]
+        rec = plan.self_records(x[:8])
+        per_image = (time.perf_counter() - t0) / 8
         k = 2
         t0 = time.perf_counter()
         plan.block(x[:k], rec.take(slice(0, k)), x[k : 2 * k], rec.take(slice(k, 2 * k)))
         per_pair = (time.perf_counter() - t0) / (k * k)
-        k = max(2, min(8, int(math.sqrt(TARGET_SECONDS / max(per_pair, 1e-6)))))
+        k = max(2, min(MAX_SIDE, int(math.sqrt(TARGET_SECONDS / max(per_pair, 1e-6)))))
         if k > 2:  # a bigger block: less of the per-call overhead in the rate
-            flipped = x.flip(0)
+            rec = plan.self_records(x[:k])
+            flipped = x[:k].flip(0)
             rec2 = plan.self_records(flipped)
             t0 = time.perf_counter()
             plan.block(x[:k], rec.take(slice(0, k)), flipped[:k], rec2.take(slice(0, k)))
@@ -113,7 +122,9 @@ def measure(plan, images, threads: int | None = None) -> Rates:
             seconds_per_pair=per_pair,
             seconds_per_image=per_image,
             warmup_seconds=warmup,
-            start_seconds=3.0 if start is None else min(start, 30.0),
+            # a process older than START_AGE_LIMIT (pytest, a notebook) says nothing about
+            # a fresh one: then the typical start
+            start_seconds=TYPICAL_START_SECONDS if start is None or start > START_AGE_LIMIT else start,
             threads=torch.get_num_threads(),
             pairs_timed=k * k,
             load_average=load_average(),
@@ -163,23 +174,24 @@ def schedule_seconds(task_seconds, workers: int, start_seconds=0.0) -> float:
 
 
 def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=None,
-             images_per_task: int = 64) -> Estimate:
+             images_per_task: int = 64, cold_workers: bool = True) -> Estimate:
     """The time of ``stages`` (a list of :class:`Stage`) at ``rates``: in this process
     (``workers`` None), or on a local Dask cluster of ``workers`` single-task processes whose
     tiles (``tile_pairs``: the pairs of each tile of every stage, in order; default one task
-    per stage) and self-pass blocks of ``images_per_task`` are scheduled as they would run."""
+    per stage) and self-pass blocks of ``images_per_task`` are scheduled as they would run;
+    ``cold_workers``: a cluster started for the job (False: running workers, warm)."""
     # the command's own start (interpreter, imports, the first call's warm-up): what `time cnngp
     # ...` measures besides the work
     lines, total = [], rates.start_seconds + rates.warmup_seconds
+    tiles = list(tile_pairs) if tile_pairs is not None else [[st.pairs] for st in stages]
     if not workers:
-        for st in stages:
-            s = st.pairs * rates.seconds_per_pair + st.images * rates.seconds_per_image
+        for st, pairs in zip(stages, tiles):
+            s = sum(pairs) * rates.seconds_per_pair + st.images * rates.seconds_per_image
             total += s
-            lines.append(f"  {st.name}: {st.pairs:,} pairs, {st.images:,} images: about {_human(s)}")
+            lines.append(f"  {st.name}: {sum(pairs):,} pairs, {st.images:,} images: about {_human(s)}")
         lines.append(f"estimate: about {_human(total)} with this command's start ({rates.describe()})")
         return Estimate(total, tuple(lines))
-    start = CLUSTER_START_SECONDS + rates.start_seconds + rates.warmup_seconds
-    tiles = list(tile_pairs) if tile_pairs is not None else [[st.pairs] for st in stages]
+    start = CLUSTER_START_SECONDS + rates.start_seconds + rates.warmup_seconds if cold_workers else 0.0
     for st, pairs in zip(stages, tiles):
         blocks = [min(images_per_task, st.images - i) * rates.seconds_per_image
                   for i in range(0, st.images, images_per_task)]
@@ -187,7 +199,7 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
         tile_end = schedule_seconds([p * rates.seconds_per_pair for p in pairs], workers)
         s = self_end + tile_end
         total += s
-        lines.append(f"  {st.name}: {st.pairs:,} pairs in {len(pairs)} tile(s), {st.images:,} images, "
+        lines.append(f"  {st.name}: {sum(pairs):,} pairs in {len(pairs)} tile(s), {st.images:,} images, "
                      f"on {workers} worker(s): about {_human(s)}")
     total += start
     lines.append(f"  start: cluster and workers about {_human(start)}")

@@ -25,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -70,6 +72,66 @@ _BEST_KEYS = (
 # --------------------------------------------------------------------------------------
 # Networks and readouts
 # --------------------------------------------------------------------------------------
+
+
+def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, get) -> dict | None:
+    """The sweep's plan before any kernel is computed: pairs of every stage (the train kernel of
+    every readout; the test kernel of every readout, or with ``--test best`` of the one chosen
+    after the cross-validation), memory, and a time estimate from timing a few pairs of this
+    network here (:mod:`cnngp.engine.timing`; a store's stages from its dry run, so a resumed
+    store prices only its missing tiles). Printed when ``ex.progress``; without ``yes`` a job
+    estimated at over an hour is refused. Returns the plan (recorded in the results), or None
+    when the kernels come from ``kernel_cache``."""
+    from cnngp.engine import timing
+    from cnngp.engine.gram import GramPlan, gram_needs
+    from cnngp.engine.resources import check_job, human_bytes, human_seconds
+
+    if kernel_cache is not None and Path(kernel_cache).is_file():
+        return None  # read (or refused) from the cache: nothing to compute, or its own message
+    n = len(x_sub)
+    stages = [timing.Stage(f"train kernel ({len(readouts)} readouts)", n)]
+    if test_mode is not None:
+        per = f"{len(readouts)} readouts" if test_mode == "all" else "the chosen readout"
+        stages.append(timing.Stage(f"test kernel ({per})", len(x_test), n))
+    memory, _, _ = gram_needs(body, x_sub.shape[1:], n, readouts=readouts, dtype=ex.dtype,
+                              memory_budget=ex.memory_budget)
+    if test_mode == "all":
+        memory += gram_needs(body, x_sub.shape[1:], len(x_test), n, readouts=readouts, dtype=ex.dtype,
+                             memory_budget=ex.memory_budget)[0]
+    if ex.store is None:
+        check_job(f"--n {n} with {len(readouts)} readouts", memory_bytes=memory, yes=True,
+                  remedy="use a smaller --n, fewer --lengthscales or --n-test (or --store K.zarr)")
+        plan = GramPlan(body, x_sub.shape[1:], readouts=readouts, get=get,
+                        execution=_in_memory(ex).replace(progress=False))
+        rates = timing.measure(plan, plan.images(x_sub[:timing.MAX_SIDE]))
+        est = timing.estimate(rates, stages)
+        seconds, text, rates_d = est.seconds, est.describe(), rates.as_dict()
+    else:
+        from cnngp.engine.distributed import store_kernel
+
+        runs = [store_kernel(body, x_sub, readouts=readouts, dry_run=True, get=get,
+                             execution=ex.replace(archive=None, progress=False))]
+        if test_mode is not None:
+            heads = readouts if test_mode == "all" else readouts[:1]
+            runs.append(store_kernel(body, x_test, x_sub, readouts=heads, dry_run=True, get=get,
+                                     execution=ex.replace(store=test_store_path(ex.store), archive=None,
+                                                          progress=False)))
+        seconds = sum(r.dry_run["estimated_seconds"] for r in runs)
+        text = "\n".join(f"{st.name}:\n" + r.dry_run["estimate"] for st, r in zip(stages, runs))
+        text += f"\nestimate in all: about {human_seconds(seconds)}"
+        rates_d = {k: runs[0].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
+                                                    "load_average", "timed_pairs")}
+    lines = ["plan: " + "; ".join(f"{st.name}: {st.pairs:,} pairs" for st in stages)
+             + f"; memory about {human_bytes(memory)}", text]
+    if ex.progress:
+        print("\n".join(lines), file=sys.stderr)
+    check_job(f"--n {n} with {len(readouts)} readouts" + ("" if test_mode is None else f" and --test {test_mode}"),
+              seconds=seconds if str(ex.device).startswith("cpu") else None, yes=yes,
+              remedy="use a smaller --n, fewer --lengthscales or --n-test, or --store K.zarr with "
+              "--workers (a finished store is reused, so the work can be spread over several runs)")
+    return {"seconds": seconds, "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images}
+                                           for st in stages], "memory_bytes": int(memory),
+            "rates": rates_d, "text": "\n".join(lines)}
 
 
 def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, ex, get):
@@ -709,12 +771,17 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                     limit = None if ex.memory_budget is None else int(ex.memory_budget) + 2 * 1024**3
                     client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
                 ex = ex.replace(workers=None, scheduler=client)
-            K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, yes, ex, kernel)
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel)
+            kernels_start = time.perf_counter()
+            K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel)
         else:
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, kernel)
+            kernels_start = time.perf_counter()
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test_now is None else ds.y_test[test_order])
-            K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, yes,
+            K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, True,
                                            ex, kernel)
+        kernel_seconds = time.perf_counter() - kernels_start
 
         # -- cross-validation on every block of every size ----------------------------------
         results, best = _cross_validate_all(
@@ -735,8 +802,10 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                         Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
                     )
             else:
+                test_start = time.perf_counter()
                 Kt = _best_test_kernel(body, readouts[i], f"{labels[i][0]}:{_lengthscale_json(labels[i][1])}",
-                                       x_sub, x_test, yes, ex, kernel)
+                                       x_sub, x_test, True, ex, kernel)
+                kernel_seconds += time.perf_counter() - test_start
                 top[i]["test_accuracy"] = gp.test_accuracy(
                     K[i], y_sub, Kt, y_test, top[i]["noise_variance"], n_classes
                 )
@@ -791,6 +860,9 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "versions": versions(),
             "results": results,
             "best": best,
+            # the plan printed before the kernels (None: read from the cache), and what the
+            # kernels took (train + test), to hold the estimate to account
+            "timing": {"estimate": job_plan, "kernel_seconds": kernel_seconds},
         }
         if test_summary is not None:
             out["test"] = test_summary
