@@ -968,3 +968,71 @@ def test_overflowing_kernel_is_never_written(every, overflowing, tmp_path, monke
         assert stdout == "" and len(err) == 1, (attempt, err)
         assert err[0].startswith(PREFIX) and "overflowed" in err[0], (attempt, err)
         assert _snapshot(tmp_path) == before, (attempt, sorted(_snapshot(tmp_path)))
+
+
+def _after_checkpoint_opens(monkeypatch, interrupt_at=None) -> dict:
+    """Count the pairs of the kernel's own pass (after its checkpoint is opened; the sweep's
+    timing beforehand computes pairs too) and Ctrl-C at its ``interrupt_at``-th batch."""
+    state = {"on": False, "calls": 0, "pairs": 0}
+    real_init, real_values = storage.Checkpoint.__init__, gram._pair_values
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        state["on"] = True
+
+    def values(plan, x1b, *args, **kwargs):
+        if state["on"]:
+            state["calls"] += 1
+            if interrupt_at is not None and state["calls"] >= interrupt_at:
+                raise KeyboardInterrupt
+            state["pairs"] += x1b.shape[0]
+        return real_values(plan, x1b, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Checkpoint, "__init__", init)
+    monkeypatch.setattr(gram, "_pair_values", values)
+    return state
+
+
+def test_a_sweep_without_store_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
+    """``cnngp sweep`` without --store or --kernel-cache saves its kernels' progress beside
+    --out; Ctrl-C exits 130 naming the checkpoint, the same command resumes from it (no pair is
+    computed twice), the results equal an uninterrupted sweep's, and the checkpoint is gone."""
+    argv = ["sweep", "--arch", "cnngp2", "--n", "40", "--lengthscales", "1", "--batch-size", "50",
+            "--quiet"]
+    whole = tmp_path / "whole"
+    assert main(argv + ["--out", str(whole)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "sw"
+    ckpt = Path(f"{out}.checkpoint.train.npz")
+    with monkeypatch.context() as m:
+        _force_checkpoints(m, 0.0)
+        _after_checkpoint_opens(m, interrupt_at=10)  # 820 pairs in batches of 50: the 10th
+        code, _, err = _run(argv + ["--out", str(out)], capsys)
+    assert code == 130, err
+    assert err[-1] == f"cnngp: interrupted; progress saved to {ckpt}: rerun the same command to resume", err
+    assert int(_load_checkpoint(ckpt)["pairs_done"]) == 9 * 50 and not out.exists()
+    with monkeypatch.context() as m:
+        state = _after_checkpoint_opens(m)
+        assert main(argv + ["--out", str(out)]) == 0
+    assert state["pairs"] == 820 - 450 + 10  # the rest, not all 820 (+ the float64 spot check's 10)
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, out))
+    a.pop("timing"), b.pop("timing")
+    assert a == b
+    assert not ckpt.exists()
+
+
+def test_a_sweep_replaces_a_checkpoint_of_other_settings(tmp_path, monkeypatch, capsys):
+    """A checkpoint left beside --out by a sweep on other settings is replaced (one warning
+    line), not refused: the prefix belongs to the sweep's output."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "--arch", "cnngp2", "--n", "40", "--lengthscales", "1", "--batch-size", "50",
+            "--quiet", "--out", str(out)]
+    with monkeypatch.context() as m:
+        _force_checkpoints(m, 0.0)
+        _after_checkpoint_opens(m, interrupt_at=3)
+        assert _run(argv, capsys)[0] == 130
+    assert Path(f"{out}.checkpoint.train.npz").exists()
+    code, _, err = _run([a if a != "cnngp2" else "cnngp1" for a in argv], capsys)
+    assert code == 0, err
+    assert any(e.startswith("cnngp: warning: ") and "starting over" in e for e in err), err
+    assert not Path(f"{out}.checkpoint.train.npz").exists()

@@ -137,19 +137,35 @@ def cmd_sweep(args) -> int:
         raise CNNGPError(f"--data: {' '.join(str(e).split())}") from None
 
     from cnngp.cli.main import execution_from_args
-    from cnngp.experiments.sweep import SweepProtocol
+    from cnngp.experiments.sweep import SweepProtocol, checkpoint_files
+
+    # without a store or a kernel cache the in-memory kernels save their progress beside --out
+    # (OUT.checkpoint.train.npz, ...): Ctrl-C, then the same command resumes
+    prefix = None
+    if args.store is None and args.kernel_cache is None and not args.no_checkpoint:
+        from cnngp.engine.storage import check_output_file
+
+        prefix = f"{out}.checkpoint"
+        out.parent.mkdir(parents=True, exist_ok=True)  # --out's folder is made anyway, at the end
+        for path in checkpoint_files(prefix):
+            check_output_file(path, "--out (its checkpoint)")
+        args.checkpoint_path = str(checkpoint_files(prefix)[0])
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
                              test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
                         data_label=str(args.data), yes=args.yes,
-                        execution=execution_from_args(args, batch_size=batch_size))
+                        execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,
+                                                      keep_checkpoint=prefix is not None))
     results["config"]["command"] = "cnngp sweep " + " ".join(_argv_for_record(args))
 
     figure = io.BytesIO()
     sweep_figure(results, figure, format="png")
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
     _write_outputs(out, {"sweep.png": figure.getvalue(), "results.json": text.encode()})
+    if prefix is not None:  # only now that the results are in place
+        for path in checkpoint_files(prefix):
+            path.unlink(missing_ok=True)
 
     seconds = time.perf_counter() - start
     print(summary_table(results))
@@ -220,8 +236,9 @@ def register(subparsers) -> None:
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32",
                    help="correlation family of the swept readout (default matern32)")
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
-                   help="kernel precision (GP inference is always float64)")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float32",
+                   help="kernel precision (default float32: each sweep checks a few kernel entries "
+                   "against float64 and warns above 1e-5 relative; GP inference is always float64)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     add_engine_argument(p)
     p.add_argument("--batch-size", help="image pairs per kernel batch (default: from the budget)")
@@ -229,6 +246,9 @@ def register(subparsers) -> None:
     p.add_argument("--kernel-cache",
                    help="FILE.npz: reuse the kernel stack stored there by an identical "
                    "sweep, or store it there")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="do not save the kernels' progress to OUT.checkpoint.*.npz (by default an "
+                   "interrupted sweep resumes from there when the same command is run again)")
     p.add_argument("--kernel", choices=["nngp", "ntk"], default="nngp",
                    help="classify with the NNGP (default) or the neural tangent kernel")
     p.add_argument("--store",

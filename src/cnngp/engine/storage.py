@@ -194,6 +194,10 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+class CheckpointMismatchError(CNNGPError):
+    """A checkpoint file of another computation (network, inputs or settings changed)."""
+
+
 class Checkpoint:
     """A resumable partial Gram matrix at ``path`` (an ``.npz``).
 
@@ -236,7 +240,7 @@ class Checkpoint:
                 "delete it to start over"
             ) from None
         if key.shape != () or key.dtype.kind != "U" or str(key) != self.key:
-            raise CNNGPError(
+            raise CheckpointMismatchError(
                 f"checkpoint: {str(self.path)!r} belongs to a different computation (network, "
                 "inputs or settings changed); delete it or choose another checkpoint path"
             )

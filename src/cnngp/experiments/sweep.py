@@ -123,15 +123,55 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
                                                     "load_average", "timed_pairs")}
     lines = ["plan: " + "; ".join(f"{st.name}: {st.pairs:,} pairs" for st in stages)
              + f"; memory about {human_bytes(memory)}", text]
-    if ex.progress:
-        print("\n".join(lines), file=sys.stderr)
     check_job(f"--n {n} with {len(readouts)} readouts" + ("" if test_mode is None else f" and --test {test_mode}"),
               seconds=seconds if str(ex.device).startswith("cpu") else None, yes=yes,
               remedy="use a smaller --n, fewer --lengthscales or --n-test, or --store K.zarr with "
               "--workers (a finished store is reused, so the work can be spread over several runs)")
+    if ex.progress:  # (a refused job says why in one line, without the plan)
+        print("\n".join(lines), file=sys.stderr)
     return {"seconds": seconds, "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images}
                                            for st in stages], "memory_bytes": int(memory),
             "rates": rates_d, "text": "\n".join(lines)}
+
+
+#: a float32 sweep's kernels are checked against float64 on this many images (k(k+1)/2 pairs)
+SPOT_CHECK_IMAGES = 4
+#: the float32 error (relative to each readout's largest checked entry) a sweep warns above
+SPOT_CHECK_TOLERANCE = 1e-5
+
+
+def _float64_spot_check(body, readouts, x_sub, K, ex, get, seed) -> dict | None:
+    """A float32 sweep's kernels against float64 on a few random training images (all their
+    pairs, every readout): the largest error relative to each readout's largest checked entry.
+    Float32 is the sweep's default because this stays under :data:`SPOT_CHECK_TOLERANCE` (7.5e-7
+    for CNNGP-14 on CIFAR-10 over 300 entries, results/paper-scale); a larger one is warned
+    about and recorded. None for a float64 sweep."""
+    import warnings
+
+    from cnngp.engine.gram import readout_sweep
+
+    if ex.dtype != "float32":
+        return None
+    n = len(x_sub)
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(SPOT_CHECK_IMAGES, n), replace=False))
+    ref = readout_sweep(body, readouts, x_sub[idx], get=get,
+                        execution=_in_memory(ex).replace(dtype="float64", progress=False)).numpy()
+    worst = 0.0
+    store = getattr(K, "store", None)  # a store's readouts: read only the checked entries
+    for l in range(len(readouts)):
+        if store is not None:
+            got = np.stack([store.readout(l, int(i), slice(None))[idx] for i in idx])
+        else:
+            got = np.asarray(K[l])[np.ix_(idx, idx)]
+        scale = np.abs(ref[l]).max()
+        if scale > 0:
+            worst = max(worst, float(np.abs(got - ref[l]).max() / scale))
+    if worst > SPOT_CHECK_TOLERANCE:
+        warnings.warn(f"dtype: the float32 kernels differ from float64 by {worst:.2g} (relative) on "
+                      f"{len(idx)} checked images, over {SPOT_CHECK_TOLERANCE:g}; rerun with --dtype float64",
+                      RuntimeWarning, stacklevel=2)
+    return {"images": [int(i) for i in idx], "pairs": len(idx) * (len(idx) + 1) // 2,
+            "readouts": len(readouts), "max_relative_error": worst, "tolerance": SPOT_CHECK_TOLERANCE}
 
 
 def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, ex, get):
@@ -186,7 +226,7 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         if K.shape != (len(readouts), n_max, n_max):
             raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
     else:
-        K = readout_sweep(body, readouts, x_sub, get=get, execution=_in_memory(ex, _checkpoint(cache_path, "train")))
+        K = _resumable(lambda e: readout_sweep(body, readouts, x_sub, get=get, execution=e), ex, cache_path, "train")
         K = K.to(torch.float64).numpy()
         save(K)
     K_test = None
@@ -194,8 +234,8 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         if cached is not None and "test_kernels" in cached:
             K_test = cached["test_kernels"]
         else:
-            K_test = readout_sweep(body, readouts, x_test, x_sub, get=get,
-                                   execution=_in_memory(ex, _checkpoint(cache_path, "test")))
+            K_test = _resumable(lambda e: readout_sweep(body, readouts, x_test, x_sub, get=get, execution=e),
+                                ex, cache_path, "test")
             K_test = K_test.to(torch.float64).numpy()
             save(K, K_test)
     if not np.all(np.isfinite(K)):
@@ -279,8 +319,8 @@ def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get):
     if ex.store is None:
         from cnngp.engine.gram import readout_sweep
 
-        return readout_sweep(body, [readout], x_test, x_train, get=get,
-                             execution=_in_memory(ex))[0].double().numpy()
+        return _resumable(lambda e: readout_sweep(body, [readout], x_test, x_train, get=get, execution=e),
+                          ex, None, "test-best")[0].double().numpy()
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore, StoredReadouts
 
@@ -399,9 +439,43 @@ def _write_npz_atomic(path: Path, arrays: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays), what="kernel_cache")
 
 
-def _checkpoint(cache_path, part):
-    """Where a long kernel computation of a cached sweep saves its progress (resumable)."""
-    return None if cache_path is None else cache_path.with_name(f"{cache_path.name}.{part}.checkpoint.npz")
+def _checkpoint(cache_path, part, prefix=None):
+    """Where a kernel computation of the sweep saves its progress (resumable): beside the
+    kernel cache, else at ``PREFIX.part.npz`` for the execution's ``checkpoint`` prefix."""
+    if cache_path is not None:
+        return cache_path.with_name(f"{cache_path.name}.{part}.checkpoint.npz")
+    return None if prefix is None else Path(f"{prefix}.{part}.npz")
+
+
+def checkpoint_files(prefix) -> list[Path]:
+    """The checkpoint files a sweep with checkpoint prefix ``prefix`` may leave (see
+    :func:`run_sweep`): remove them once its results are safely written."""
+    return [Path(f"{prefix}.{part}.npz") for part in ("train", "test", "test-best")]
+
+
+def _resumable(compute, ex, cache_path, part):
+    """``compute(execution)`` with the progress of the in-memory kernel saved to its checkpoint.
+
+    A sweep's own checkpoint (the execution's ``checkpoint`` prefix, no kernel cache) is kept
+    after the kernel is complete, so that an interruption in the cross-validation that follows
+    costs no kernel pairs; one left by a different computation (another ``--n``, network or
+    data) is replaced with a warning, not refused — the prefix belongs to the sweep's output."""
+    import warnings
+
+    from cnngp.engine.storage import CheckpointMismatchError
+
+    own = cache_path is None and ex.checkpoint is not None
+    path = _checkpoint(cache_path, part, ex.checkpoint if own else None)
+    run = _in_memory(ex, path).replace(keep_checkpoint=own)
+    try:
+        return compute(run)
+    except CheckpointMismatchError:
+        if not own:
+            raise
+        warnings.warn(f"{str(path)!r} holds an earlier sweep's progress on other settings; starting over",
+                      RuntimeWarning, stacklevel=2)
+        path.unlink(missing_ok=True)
+        return compute(run)
 
 
 def _read_cache(path: Path, key: dict) -> dict | None:
@@ -687,7 +761,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         protocol = protocol.replace(**protocol_options)
     try:
         ex = Execution.build(execution, options, where="run_sweep", accepted=COMPUTE + STORE,
-                             defaults={"progress": True})
+                             defaults={"progress": True, "dtype": "float32"})
     except CNNGPError as e:
         if options and not set(options) <= set(Execution.names()):
             raise CNNGPError(f"{e}; and the SweepProtocol settings: {', '.join(SweepProtocol.names())}") from None
@@ -782,6 +856,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, True,
                                            ex, kernel)
         kernel_seconds = time.perf_counter() - kernels_start
+        # kernels read from a cache were checked when they were computed
+        float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel, seed)
 
         # -- cross-validation on every block of every size ----------------------------------
         results, best = _cross_validate_all(
@@ -853,7 +929,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "kernel": kernel,
             "kernel_store": None if kernel_store is None else str(kernel_store),
             "archive": None if archive is None else str(archive),
-            "execution": ex.as_dict(),
+            "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")},
         }
         out = {
             "config": config,
@@ -863,6 +939,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             # the plan printed before the kernels (None: read from the cache), and what the
             # kernels took (train + test), to hold the estimate to account
             "timing": {"estimate": job_plan, "kernel_seconds": kernel_seconds},
+            "float64_check": float64_check,
         }
         if test_summary is not None:
             out["test"] = test_summary
