@@ -22,8 +22,11 @@ rows of zeros pad each phase. Zero entries outside the grid are the conv's zero 
 with x_k(q, p) = s_k·q + h_k·p − pad_k. Only non-zero entries of A_m and B_m are visited: an
 independent 3×3 conv (Σ = I/9 = I/3 ⊗ I/3) adds 3 slabs and 3 shifted copies per output, a 2×2
 average pool 4 and 4, a stationary correlated filter at most one term per distinct row of its
-tap-offset profile. The nonlinearity that follows is applied to each output row while it is in
-cache, and the row is written straight into the layout the next conv reads.
+tap-offset profile. The nonlinearity that follows is applied in the pass that does stage 2's
+last shifted adds, over the whole flattened slab while it is in cache (passes of ~10³ entries:
+row-by-row loops of Q1 = 32 spent as much on loop set-up as on the work), and written straight
+into the layout the next conv reads where that layout has the slab's row pitch (else scattered
+row by row from a buffer).
 """
 
 from __future__ import annotations
@@ -33,10 +36,32 @@ import math
 import numba
 import numpy as np
 from numba import njit
-from numba.extending import overload
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, overload
 
 _FLAGS = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz", "arcp"})
 _INV_PI = 1.0 / math.pi
+
+
+@intrinsic
+def _prefetch_write(typingctx, arr, idx):
+    """Hint that arr[idx] (a 1-D C array, idx in range) is about to be written: its cache line
+    is fetched while the caller computes (llvm.prefetch, write, high locality)."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 # The balanced-ReLU expectation (docs/maths.md §2) without arccos: with ρ = Σxy/sqrt(ΣxΣy),
 #   V = max(Σxy, 0) + sqrt(ΣxΣy)·g(|ρ|)/π,   g(a) = sqrt(1 − a²) − a·arccos(a)
@@ -119,6 +144,109 @@ def _make_relu_value(dtype, poly):
 
 _relu_value32 = _make_relu_value(np.float32, _poly32)
 _relu_value64 = _make_relu_value(np.float64, _poly64)
+
+
+def _in_a(coefs):
+    """G(1 − 2a) as a polynomial in a, ascending, from G's coefficients (highest first): one
+    operation fewer per entry than forming x = 2t − 1 (conditioning Σ|c_k| a^k / |G| ≤ 1.18 on
+    [0, 1], so the dtype's rounding is kept: 3.9e-8 in float32, 1.2e-16 in float64)."""
+    pp = np.polynomial.polynomial
+    out = np.zeros(1)
+    for cj in coefs:  # Horner composition G(1 − 2a), highest degree first
+        out = pp.polyadd(pp.polymul(out, [1.0, -2.0]), [cj])
+    return out
+
+
+_A64 = tuple(np.float64(x) for x in _in_a(_G64))
+_A32 = tuple(np.float32(x) for x in _in_a(_G32))
+
+
+@njit(inline="always")
+def _poly_a64(a):
+    """G(1 − 2a) in float64, Horner (the loops around it keep enough entries in flight)."""
+    c = _A64
+    p = c[16]
+    p = p * a + c[15]
+    p = p * a + c[14]
+    p = p * a + c[13]
+    p = p * a + c[12]
+    p = p * a + c[11]
+    p = p * a + c[10]
+    p = p * a + c[9]
+    p = p * a + c[8]
+    p = p * a + c[7]
+    p = p * a + c[6]
+    p = p * a + c[5]
+    p = p * a + c[4]
+    p = p * a + c[3]
+    p = p * a + c[2]
+    p = p * a + c[1]
+    return p * a + c[0]
+
+
+@njit(inline="always")
+def _poly_a32(a):
+    """G(1 − 2a) in float32, Horner."""
+    c = _A32
+    p = c[7]
+    p = p * a + c[6]
+    p = p * a + c[5]
+    p = p * a + c[4]
+    p = p * a + c[3]
+    p = p * a + c[2]
+    p = p * a + c[1]
+    return p * a + c[0]
+
+
+def _make_relu_scaled(dtype, poly):
+    """relu_value with c_relu/π folded into n by the caller, and G(1 − 2a) a polynomial in a:
+    fewer multiplications per entry for the fused passes (those run at the FMA units' rate)."""
+    one = dtype(1.0)
+    zero = dtype(0.0)
+
+    @njit(inline="always")
+    def relu_scaled(k, ns, inv_n, c_lin, c_relu):
+        a = min(abs(k * inv_n), one)
+        t = one - a
+        g = t * math.sqrt(t) * poly(a)  # g(a) = t^(3/2)·G(2t − 1)
+        return (c_lin * k + c_relu * max(k, zero)) + ns * g
+
+    @njit(inline="always")
+    def relu_balanced(k, ns, inv_n):
+        a = min(abs(k * inv_n), one)
+        t = one - a
+        g = t * math.sqrt(t) * poly(a)
+        return max(k, zero) + ns * g
+
+    return relu_scaled, relu_balanced
+
+
+_relu_scaled32, _relu_balanced32 = _make_relu_scaled(np.float32, _poly_a32)
+_relu_scaled64, _relu_balanced64 = _make_relu_scaled(np.float64, _poly_a64)
+
+
+def relu_scaled(k, ns, inv_n, c_lin, c_relu):
+    """relu_value(k, n, inv_n, c_lin, c_relu) given ns = c_relu·n/π instead of n."""
+    return relu_value(k, ns * math.pi / c_relu if c_relu else 0.0, inv_n, c_lin, c_relu)
+
+
+@overload(relu_scaled, inline="always")
+def _relu_scaled_impl(k, ns, inv_n, c_lin, c_relu):
+    if k == numba.types.float32:
+        return lambda k, ns, inv_n, c_lin, c_relu: _relu_scaled32(k, ns, inv_n, c_lin, c_relu)
+    return lambda k, ns, inv_n, c_lin, c_relu: _relu_scaled64(k, ns, inv_n, c_lin, c_relu)
+
+
+def relu_balanced(k, ns, inv_n):
+    """relu_scaled with c_lin = 0, c_relu = 1 (the balanced ReLU: no multiplications there)."""
+    return relu_scaled(k, ns, inv_n, 0.0, 1.0)
+
+
+@overload(relu_balanced, inline="always")
+def _relu_balanced_impl(k, ns, inv_n):
+    if k == numba.types.float32:
+        return lambda k, ns, inv_n: _relu_balanced32(k, ns, inv_n)
+    return lambda k, ns, inv_n: _relu_balanced64(k, ns, inv_n)
 
 
 def relu_value(k, n, inv_n, c_lin, c_relu):
@@ -251,16 +379,476 @@ def _relu_derivative_impl(k, inv_n, c_lin, c_relu):
     return lambda k, inv_n, c_lin, c_relu: _relu_derivative64(k, inv_n, c_lin, c_relu)
 
 
+_B64 = tuple(np.float64(x) for x in _in_a(_H64) / math.pi)  # H(1 − 2a)/π, ascending
+_B32 = tuple(np.float32(x) for x in _in_a(_H32) / math.pi)
+
+
 @njit(inline="always")
-def _filter_slab(v, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, acc, n_acc):
-    """acc = the (q0, q0') output slab of Σ * v before the affine part (stages 1 and 2 of the
-    module docstring), rows of length hh, for one input buffer v in the conv's layout."""
+def _acos_a64(a):
+    """arccos(a)/(π·sqrt(1 − a)) = H(1 − 2a)/π in float64, Horner."""
+    c = _B64
+    p = c[18]
+    p = p * a + c[17]
+    p = p * a + c[16]
+    p = p * a + c[15]
+    p = p * a + c[14]
+    p = p * a + c[13]
+    p = p * a + c[12]
+    p = p * a + c[11]
+    p = p * a + c[10]
+    p = p * a + c[9]
+    p = p * a + c[8]
+    p = p * a + c[7]
+    p = p * a + c[6]
+    p = p * a + c[5]
+    p = p * a + c[4]
+    p = p * a + c[3]
+    p = p * a + c[2]
+    p = p * a + c[1]
+    return p * a + c[0]
+
+
+@njit(inline="always")
+def _acos_a32(a):
+    """H(1 − 2a)/π in float32, Horner."""
+    c = _B32
+    p = c[7]
+    p = p * a + c[6]
+    p = p * a + c[5]
+    p = p * a + c[4]
+    p = p * a + c[3]
+    p = p * a + c[2]
+    p = p * a + c[1]
+    return p * a + c[0]
+
+
+def _make_relu_both(dtype, poly_g, poly_h):
+    one = dtype(1.0)
+    zero = dtype(0.0)
+    half = dtype(0.5)
+    snap = dtype(8.0) * np.finfo(dtype).eps
+
+    @njit(inline="always")
+    def relu_both(k, ns, inv_n, c_lin, c_relu):
+        r = k * inv_n
+        a = min(abs(r), one)
+        t = one - a
+        sq = math.sqrt(t)
+        value = (c_lin * k + c_relu * max(k, zero)) + ns * (t * sq * poly_g(a))
+        # θ/π = arccos(|ρ|)/π = sqrt(t)·H(1 − 2a)/π, 0 within rounding of |ρ| = 1
+        th = (sq * dtype(t >= snap)) * poly_h(a)
+        # 1 − θ/π for ρ ≥ 0; ρ < 0: θ → π − θ leaves θ'/π (no branches: they vectorise worse)
+        return value, c_lin + c_relu * (half + math.copysign(half - th, r))
+
+    return relu_both
+
+
+_relu_both32 = _make_relu_both(np.float32, _poly_a32, _acos_a32)
+_relu_both64 = _make_relu_both(np.float64, _poly_a64, _acos_a64)
+
+
+def relu_both(k, ns, inv_n, c_lin, c_relu):
+    """(relu_scaled(k, ns, …), relu_derivative(k, inv_n, …)) sharing |ρ|, t and sqrt(t)."""
+    n = ns * math.pi / c_relu if c_relu else 0.0
+    return relu_value(k, n, inv_n, c_lin, c_relu), relu_derivative(k, inv_n, c_lin, c_relu)
+
+
+@overload(relu_both, inline="always")
+def _relu_both_impl(k, ns, inv_n, c_lin, c_relu):
+    if k == numba.types.float32:
+        return lambda k, ns, inv_n, c_lin, c_relu: _relu_both32(k, ns, inv_n, c_lin, c_relu)
+    return lambda k, ns, inv_n, c_lin, c_relu: _relu_both64(k, ns, inv_n, c_lin, c_relu)
+
+
+
+@njit(nogil=True, **_FLAGS)
+def kron_conv(
+    v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
+    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, row_lo, row_hi,
+):
+    """Full → full conv (docs/maths.md §2 (*)) by Kronecker terms, then an optional ReLU-family act.
+
+    v (B, N0, N0, s1, s1, H, H) in the layout of this conv (see the module docstring) → out
+    (B, Q0, Q0, so, so, Ho, Ho) in the layout of the next one (so, Ho from its shape, leading
+    padding out_pad). geom_k = (n_in, n_out, stride, dilation, pad_before, taps) of axis k.
+    Axis 0's factors: groups g of tap pairs (p0, p0') = a_taps[a_ptr[g]:a_ptr[g + 1]] with
+    A_m[p0, p0'] = a_coef[g, m] for all of them; axis 1: tap pairs b_taps[e] with
+    B_m[p1, p1'] = b_coef[e, m]. K = wv·(Σ …) + bv; act = 1 then writes
+    c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'], 1/n = ix[b,q]·iy[b,q']
+    (relu_value).
+    symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
+    computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
+    the contiguous rows row_lo … row_hi − 1 (neighbouring rows share input slabs in the cache).
+
+    Every pass runs over a whole flattened slab (rows of hh, the last hh − Q1 entries of each
+    row junk), never row by row: with Q1 = 32 the per-row loop set-up cost as much as the work.
+    Stage 1 of a rank-one Σ sums up to four slabs per pass; stage 2's last three shifted reads
+    are summed inside the nonlinearity's pass (no store and reload of K); the nonlinearity
+    reads its variances from per-row and per-column arrays tiled to the slab's shape. Where
+    the next conv's rows have this conv's pitch (stride 1, Ho = hh) that pass writes straight
+    into the output slab and the junk lands on its zero padding, which is then restored;
+    otherwise it goes to a buffer that is scattered row by row.
+    """
+    nb = v.shape[0]
+    dtype = v.dtype
+    zero = dtype.type(0.0)
+    n_in0, q_0, s0, h0, pad0 = geom0[0], geom0[1], geom0[2], geom0[3], geom0[4]
+    q_1, s1, h1 = geom1[1], geom1[2], geom1[3]
+    hh = v.shape[5]
+    so = out.shape[3]
+    ho = out.shape[5]
+    slab_len = s1 * s1 * hh * hh
+    out_len = so * so * ho * ho
+    line = max(1, 64 // out.itemsize)  # entries per cache line
+    vf = v.reshape((nb, v.shape[1], v.shape[2], slab_len))
+    outf = out.reshape((nb, out.shape[1], out.shape[2], out_len))
+    n_terms = a_coef.shape[1]
+    ac = a_coef.astype(dtype)
+    w = dtype.type(wv)  # wv, bv in the array dtype (no silent float64 promotion)
+    bias = dtype.type(bv)
+    t = np.zeros((n_terms, slab_len), dtype)
+    dbuf = np.empty(slab_len, dtype)
+    n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
+    acc = np.zeros(n_acc, dtype)
+    val = np.zeros(n_acc, dtype)
+    # stage 2's reads, every (tap pair e, term m) one source: term, offset in the flattened
+    # phase block, coefficient (times wv); the last three go into the final pass (padded with
+    # zero coefficients), the others are summed into acc before it
+    n_b = b_taps.shape[0]
+    n_src = n_b * n_terms
+    n_fin = max(n_src, 3)
+    s_term = np.zeros(n_fin, np.int64)
+    s_off = np.zeros(n_fin, np.int64)
+    s_coef = np.zeros(n_fin, dtype)
+    for e in range(n_b):
+        r = h1 * b_taps[e, 0]
+        c = h1 * b_taps[e, 1]
+        off = ((r % s1) * s1 + c % s1) * hh * hh + (r // s1) * hh + c // s1
+        for m in range(n_terms):
+            s_term[e * n_terms + m] = m
+            s_off[e * n_terms + m] = off
+            s_coef[e * n_terms + m] = w * dtype.type(b_coef[e, m])
+    n_pre = n_fin - 3
+    # stage 1 of a rank-one Σ: the valid taps' slabs and coefficients (up to four per pass)
+    n_a = a_taps.shape[0]
+    tap_x = np.zeros(n_a, np.int64)
+    tap_xb = np.zeros(n_a, np.int64)
+    tap_c = np.zeros(n_a, dtype)
+    # the nonlinearity's variances tiled to the slab: per output row (b, q0), per column (b, q0')
+    rxf = np.zeros(n_acc, dtype)
+    ixf = np.zeros(n_acc, dtype)
+    ryt = np.zeros((q_0, n_acc), dtype)
+    iyt = np.zeros((q_0, n_acc), dtype)
+    tiled_b = -1
+    ns_scale = c_relu * dtype.type(_INV_PI)  # relu_scaled's n·c_relu/π
+    balanced = c_lin == 0 and c_relu == 1  # the plain ReLU: relu_balanced
+    # straight into the output slab: its flattened rows have this slab's pitch
+    direct = so == 1 and ho == hh
+    base = out_pad * ho + out_pad
+    # where output position i goes in the next layout (no integer division in the loops):
+    # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
+    o_ph = np.empty(q_1, np.int64)
+    o_ix = np.empty(q_1, np.int64)
+    for i in range(q_1):
+        o_ph[i] = (out_pad + i) % so
+        o_ix[i] = (out_pad + i) // so
+    ph_i0 = np.empty(so, np.int64)
+    ph_k0 = np.empty(so, np.int64)
+    ph_n = np.empty(so, np.int64)
+    for pc in range(so):
+        i0 = (pc - out_pad) % so
+        ph_i0[pc] = i0
+        ph_k0[pc] = (out_pad + i0) // so
+        ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
+    pairs = so == 2 and ph_i0[0] == 0  # stride 2, even padding: outputs 2k, 2k + 1 → phases 0, 1
+    n_pair = ph_n[1] if so == 2 else 0
+    pair_off = np.empty(q_1, np.int64)  # where row q1's phase 0 starts in the flattened slab
+    for i in range(q_1):
+        pair_off[i] = (o_ph[i] * so * ho + o_ix[i]) * ho + ph_k0[0]
+    for bq in range(row_lo, min(row_hi, nb * q_0)):
+        b = bq // q_0
+        q0 = bq % q_0
+        if act == 1:
+            if b != tiled_b:
+                for q0b in range(q_0):
+                    for q1 in range(q_1):
+                        dy = ryt[q0b, q1 * hh : q1 * hh + q_1]
+                        di = iyt[q0b, q1 * hh : q1 * hh + q_1]
+                        for i in range(q_1):
+                            dy[i] = ry[b, q0b, i]
+                            di[i] = iy[b, q0b, i]
+                tiled_b = b
+            for q1 in range(q_1):
+                for i in range(q_1):
+                    rxf[q1 * hh + i] = rx[b, q0, q1] * ns_scale
+                    ixf[q1 * hh + i] = ix[b, q0, q1]
+        start = q0 if symmetric else 0
+        for q0b in range(start, q_0):
+            if not direct:  # the output slab's lines arrive while stages 1 and 2 run (the
+                # scatter below stalls on them otherwise; the direct pass's stores overlap its
+                # arithmetic, and prefetching made it slower)
+                oslab = outf[b, q0, q0b]
+                for i in range(0, out_len, line):
+                    _prefetch_write(oslab, i)
+            # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0'))
+            if n_terms == 1:
+                ns = 0
+                for g in range(a_ptr.shape[0] - 1):
+                    for e in range(a_ptr[g], a_ptr[g + 1]):
+                        x = s0 * q0 + h0 * a_taps[e, 0] - pad0
+                        xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
+                        if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
+                            continue  # zero padding
+                        tap_x[ns] = x
+                        tap_xb[ns] = xb
+                        tap_c[ns] = ac[g, 0]
+                        ns += 1
+                tm = t[0]
+                if ns == 0:
+                    tm[:] = 0
+                j = 0
+                while j < ns:
+                    left = ns - j
+                    nk = left if left <= 4 else 3  # sources in this pass
+                    a0 = vf[b, tap_x[j], tap_xb[j]]
+                    c0 = tap_c[j]
+                    if nk == 1:
+                        if j == 0:
+                            for i in range(slab_len):
+                                tm[i] = c0 * a0[i]
+                        else:
+                            for i in range(slab_len):
+                                tm[i] += c0 * a0[i]
+                    elif nk == 2:
+                        a1 = vf[b, tap_x[j + 1], tap_xb[j + 1]]
+                        c1 = tap_c[j + 1]
+                        if j == 0:
+                            for i in range(slab_len):
+                                tm[i] = c0 * a0[i] + c1 * a1[i]
+                        else:
+                            for i in range(slab_len):
+                                tm[i] += c0 * a0[i] + c1 * a1[i]
+                    elif nk == 3:
+                        a1 = vf[b, tap_x[j + 1], tap_xb[j + 1]]
+                        a2 = vf[b, tap_x[j + 2], tap_xb[j + 2]]
+                        c1 = tap_c[j + 1]
+                        c2 = tap_c[j + 2]
+                        if j == 0:
+                            for i in range(slab_len):
+                                tm[i] = c0 * a0[i] + c1 * a1[i] + c2 * a2[i]
+                        else:
+                            for i in range(slab_len):
+                                tm[i] += c0 * a0[i] + c1 * a1[i] + c2 * a2[i]
+                    else:
+                        a1 = vf[b, tap_x[j + 1], tap_xb[j + 1]]
+                        a2 = vf[b, tap_x[j + 2], tap_xb[j + 2]]
+                        a3 = vf[b, tap_x[j + 3], tap_xb[j + 3]]
+                        c1 = tap_c[j + 1]
+                        c2 = tap_c[j + 2]
+                        c3 = tap_c[j + 3]
+                        if j == 0:
+                            for i in range(slab_len):
+                                tm[i] = (c0 * a0[i] + c1 * a1[i]) + (c2 * a2[i] + c3 * a3[i])
+                        else:
+                            for i in range(slab_len):
+                                tm[i] += (c0 * a0[i] + c1 * a1[i]) + (c2 * a2[i] + c3 * a3[i])
+                    j += nk
+            else:
+                # the taps in groups sharing their coefficients (one tap each, or the diagonals
+                # p0 − p0' = δ of a Toeplitz A_m): each group's slabs are summed into D, then
+                # T_m += coef·D
+                t_init = False
+                for g in range(a_ptr.shape[0] - 1):
+                    nd = 0
+                    for e in range(a_ptr[g], a_ptr[g + 1]):
+                        x = s0 * q0 + h0 * a_taps[e, 0] - pad0
+                        xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
+                        if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
+                            continue  # zero padding
+                        src = vf[b, x, xb]
+                        if a_ptr[g + 1] - a_ptr[g] == 1:
+                            dsum = src  # a single tap: no copy
+                        elif nd == 0:
+                            dsum = dbuf
+                            for i in range(slab_len):
+                                dsum[i] = src[i]
+                        else:
+                            for i in range(slab_len):
+                                dsum[i] += src[i]
+                        nd += 1
+                    if nd == 0:
+                        continue
+                    for m in range(n_terms):
+                        coef = ac[g, m]
+                        tm = t[m]
+                        if not t_init:
+                            for i in range(slab_len):
+                                tm[i] = coef * dsum[i]
+                        else:
+                            for i in range(slab_len):
+                                tm[i] += coef * dsum[i]
+                    t_init = True
+                if not t_init:
+                    t[:] = 0
+            # stage 2, all but the last three shifted reads: acc = Σ coef·T_m[off + ·]
+            for e in range(n_pre):
+                coef = s_coef[e]
+                src = t[s_term[e], s_off[e] : s_off[e] + n_acc]
+                if e == 0:
+                    for i in range(n_acc):
+                        acc[i] = coef * src[i]
+                else:
+                    for i in range(n_acc):
+                        acc[i] += coef * src[i]
+            # the last three and the nonlinearity in one pass over the slab
+            u0 = t[s_term[n_pre], s_off[n_pre] : s_off[n_pre] + n_acc]
+            u1 = t[s_term[n_pre + 1], s_off[n_pre + 1] : s_off[n_pre + 1] + n_acc]
+            u2 = t[s_term[n_pre + 2], s_off[n_pre + 2] : s_off[n_pre + 2] + n_acc]
+            d0 = s_coef[n_pre]
+            d1 = s_coef[n_pre + 1]
+            d2 = s_coef[n_pre + 2]
+            if direct:
+                dst = outf[b, q0, q0b, base : base + n_acc]
+            else:
+                dst = val
+            if act == 1:
+                syt = ryt[q0b]
+                iyr = iyt[q0b]
+                if balanced and n_pre == 0:
+                    for i in range(n_acc):
+                        kv = ((bias + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        dst[i] = relu_balanced(kv, rxf[i] * syt[i], ixf[i] * iyr[i])
+                elif n_pre == 0:
+                    for i in range(n_acc):
+                        kv = ((bias + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        dst[i] = relu_scaled(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+                else:
+                    for i in range(n_acc):
+                        kv = (((bias + acc[i]) + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        dst[i] = relu_scaled(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+            else:
+                if n_pre > 0:
+                    for i in range(n_acc):
+                        dst[i] = (((bias + acc[i]) + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                else:
+                    for i in range(n_acc):
+                        dst[i] = ((bias + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+            if direct:  # the junk of each row fell on the zero padding: restore it
+                for q1 in range(q_1 - 1):
+                    for i in range(q_1, hh):
+                        dst[q1 * hh + i] = zero
+            # rows into the next conv's layout (unless written already), mirrors
+            if direct and not (symmetric and q0b != q0):
+                continue
+            for q1 in range(q_1):
+                row = dst[q1 * hh : q1 * hh + q_1]
+                if not direct:
+                    if so == 1:
+                        drow = out[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
+                        for i in range(q_1):
+                            drow[i] = row[i]
+                    elif pairs:  # both phases in one loop: interleaved reads vectorise
+                        slab = outf[b, q0, q0b]
+                        p0 = pair_off[q1]
+                        p1 = p0 + ho * ho + ph_k0[1] - ph_k0[0]
+                        dp0 = slab[p0 : p0 + n_pair]
+                        dp1 = slab[p1 : p1 + n_pair]
+                        for k in range(n_pair):
+                            dp0[k] = row[2 * k]
+                            dp1[k] = row[2 * k + 1]
+                        if ph_n[0] > n_pair:
+                            slab[p0 + n_pair] = row[2 * n_pair]
+                    else:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
+                        for pc in range(so):
+                            drow = out[b, q0, q0b, o_ph[q1], pc, o_ix[q1], ph_k0[pc] :]
+                            src = row[ph_i0[pc] :]
+                            if so == 2:  # a constant stride vectorises
+                                for k in range(ph_n[pc]):
+                                    drow[k] = src[2 * k]
+                            else:
+                                for k in range(ph_n[pc]):
+                                    drow[k] = src[so * k]
+                if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
+                    for pr in range(so):
+                        dcol = out[b, q0b, q0, pr, o_ph[q1], ph_k0[pr] :, o_ix[q1]]
+                        src = row[ph_i0[pr] :]
+                        for k in range(ph_n[pr]):
+                            dcol[k] = src[so * k]
+
+
+@njit(inline="always")
+def _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, tap_c):
+    """Stage 1 of :func:`kron_conv` for one slab (q0, q0'): T_m = Σ A_m[p0, p0'] slab(x0(q0, p0),
+    x0(q0', p0')) into t (M, slab_len), from vf (B, N0, N0, slab_len). A rank-one Σ sums up to
+    four slabs per pass (tap_* are scratch); otherwise the taps go in groups sharing their
+    coefficients (one tap each, or the diagonals p0 − p0' = δ of a Toeplitz A_m): each
+    group's slabs are summed into dbuf, then T_m += coef·D."""
     n_in0, s0, h0, pad0 = geom0[0], geom0[2], geom0[3], geom0[4]
     slab_len = t.shape[1]
     n_terms = ac.shape[1]
-    # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0')), the taps in groups
-    # sharing their coefficients (one tap each, or the diagonals p0 − p0' = δ of a
-    # Toeplitz A_m): each group's slabs are summed into D, then T_m += coef·D
+    if n_terms == 1:
+        ns = 0
+        for g in range(a_ptr.shape[0] - 1):
+            for e in range(a_ptr[g], a_ptr[g + 1]):
+                x = s0 * q0 + h0 * a_taps[e, 0] - pad0
+                xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
+                if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
+                    continue  # zero padding
+                tap_x[ns] = x
+                tap_xb[ns] = xb
+                tap_c[ns] = ac[g, 0]
+                ns += 1
+        tm = t[0]
+        if ns == 0:
+            tm[:] = 0
+        j = 0
+        while j < ns:
+            left = ns - j
+            nk = left if left <= 4 else 3  # sources in this pass
+            a0 = vf[b, tap_x[j], tap_xb[j]]
+            c0 = tap_c[j]
+            if nk == 1:
+                if j == 0:
+                    for i in range(slab_len):
+                        tm[i] = c0 * a0[i]
+                else:
+                    for i in range(slab_len):
+                        tm[i] += c0 * a0[i]
+            elif nk == 2:
+                a1 = vf[b, tap_x[j + 1], tap_xb[j + 1]]
+                c1 = tap_c[j + 1]
+                if j == 0:
+                    for i in range(slab_len):
+                        tm[i] = c0 * a0[i] + c1 * a1[i]
+                else:
+                    for i in range(slab_len):
+                        tm[i] += c0 * a0[i] + c1 * a1[i]
+            elif nk == 3:
+                a1 = vf[b, tap_x[j + 1], tap_xb[j + 1]]
+                a2 = vf[b, tap_x[j + 2], tap_xb[j + 2]]
+                c1 = tap_c[j + 1]
+                c2 = tap_c[j + 2]
+                if j == 0:
+                    for i in range(slab_len):
+                        tm[i] = c0 * a0[i] + c1 * a1[i] + c2 * a2[i]
+                else:
+                    for i in range(slab_len):
+                        tm[i] += c0 * a0[i] + c1 * a1[i] + c2 * a2[i]
+            else:
+                a1 = vf[b, tap_x[j + 1], tap_xb[j + 1]]
+                a2 = vf[b, tap_x[j + 2], tap_xb[j + 2]]
+                a3 = vf[b, tap_x[j + 3], tap_xb[j + 3]]
+                c1 = tap_c[j + 1]
+                c2 = tap_c[j + 2]
+                c3 = tap_c[j + 3]
+                if j == 0:
+                    for i in range(slab_len):
+                        tm[i] = (c0 * a0[i] + c1 * a1[i]) + (c2 * a2[i] + c3 * a3[i])
+                else:
+                    for i in range(slab_len):
+                        tm[i] += (c0 * a0[i] + c1 * a1[i]) + (c2 * a2[i] + c3 * a3[i])
+            j += nk
+        return
     t_init = False
     for g in range(a_ptr.shape[0] - 1):
         nd = 0
@@ -269,7 +857,7 @@ def _filter_slab(v, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, ac
             xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
             if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
                 continue  # zero padding
-            src = v[b, x, xb].reshape(slab_len)
+            src = vf[b, x, xb]
             if a_ptr[g + 1] - a_ptr[g] == 1:
                 dsum = src  # a single tap: no copy
             elif nd == 0:
@@ -294,187 +882,37 @@ def _filter_slab(v, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, ac
         t_init = True
     if not t_init:
         t[:] = 0
-    # stage 2: every tap pair is one shifted add over the flattened phase block
-    for e in range(b_off.shape[0]):
-        off = b_off[e]
-        for m in range(n_terms):
-            coef = bc[e, m]
-            src = t[m, off : off + n_acc]
-            if e == 0 and m == 0:
-                for i in range(n_acc):
-                    acc[i] = coef * src[i]
-            else:
-                for i in range(n_acc):
-                    acc[i] += coef * src[i]
 
 
-@njit(nogil=True, **_FLAGS)
-def _put_row(out, b, q0, q0b, q1, row, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, symmetric):
-    """Write output row q1 of slab (q0, q0') (``row``, length Q1) into the next conv's layout
-    (for stride 1 the caller wrote it in place already), and its mirror when symmetric."""
+@njit(inline="always")
+def _scatter_row(out, outf, b, q0, q0b, q1, row, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, pair_off):
+    """Row q1 (``row``, length Q1) of slab (q0, q0') into the next conv's layout when the pass
+    did not write it there."""
     so = out.shape[3]
-    if so != 1:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
+    ho = out.shape[5]
+    q_1 = row.shape[0]
+    if so == 1:
+        drow = out[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
+        for i in range(q_1):
+            drow[i] = row[i]
+    elif so == 2 and ph_i0[0] == 0:  # both phases in one loop: interleaved reads vectorise
+        n_pair = ph_n[1]
+        slab = outf[b, q0, q0b]
+        p0 = pair_off[q1]
+        p1 = p0 + ho * ho + ph_k0[1] - ph_k0[0]
+        dp0 = slab[p0 : p0 + n_pair]
+        dp1 = slab[p1 : p1 + n_pair]
+        for k in range(n_pair):
+            dp0[k] = row[2 * k]
+            dp1[k] = row[2 * k + 1]
+        if ph_n[0] > n_pair:
+            slab[p0 + n_pair] = row[2 * n_pair]
+    else:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
         for pc in range(so):
             drow = out[b, q0, q0b, o_ph[q1], pc, o_ix[q1], ph_k0[pc] :]
             src = row[ph_i0[pc] :]
-            if so == 2:  # a constant stride vectorises
-                for k in range(ph_n[pc]):
-                    drow[k] = src[2 * k]
-            else:
-                for k in range(ph_n[pc]):
-                    drow[k] = src[so * k]
-    if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
-        for pr in range(so):
-            dcol = out[b, q0b, q0, pr, o_ph[q1], ph_k0[pr] :, o_ix[q1]]
-            src = row[ph_i0[pr] :]
-            for k in range(ph_n[pr]):
-                dcol[k] = src[so * k]
-
-
-@njit(nogil=True, **_FLAGS)
-def kron_conv(
-    v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
-    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, row_lo, row_hi,
-):
-    """Full → full conv (docs/maths.md §2 (*)) by Kronecker terms, then an optional ReLU-family act.
-
-    v (B, N0, N0, s1, s1, H, H) in the layout of this conv (see the module docstring) → out
-    (B, Q0, Q0, so, so, Ho, Ho) in the layout of the next one (so, Ho from its shape, leading
-    padding out_pad). geom_k = (n_in, n_out, stride, dilation, pad_before, taps) of axis k.
-    Axis 0's factors: groups g of tap pairs (p0, p0') = a_taps[a_ptr[g]:a_ptr[g + 1]] with
-    A_m[p0, p0'] = a_coef[g, m] for all of them; axis 1: tap pairs b_taps[e] with
-    B_m[p1, p1'] = b_coef[e, m]. K = wv·(Σ …) + bv; act = 1 then writes
-    c_lin·K + c_relu·(max(K, 0) + n·g(|ρ|)/π) with n = rx[b,q]·ry[b,q'], 1/n = ix[b,q]·iy[b,q']
-    (relu_value).
-    symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
-    computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
-    the contiguous rows row_lo … row_hi − 1 (neighbouring rows share input slabs in the cache).
-    """
-    nb = v.shape[0]
-    dtype = v.dtype
-    n_in0, q_0, s0, h0, pad0 = geom0[0], geom0[1], geom0[2], geom0[3], geom0[4]
-    q_1, s1, h1 = geom1[1], geom1[2], geom1[3]
-    hh = v.shape[5]
-    so = out.shape[3]
-    slab_len = s1 * s1 * hh * hh
-    n_terms = a_coef.shape[1]
-    ac = a_coef.astype(dtype)
-    bc = b_coef.astype(dtype)
-    w = v.dtype.type(wv)  # wv, bv in the array dtype (no silent float64 promotion)
-    bias = v.dtype.type(bv)
-    t = np.zeros((n_terms, slab_len), dtype)
-    dbuf = np.empty(slab_len, dtype)
-    # stage 2 reads, per tap pair: the phase block and the shift inside it
-    n_b = b_taps.shape[0]
-    b_off = np.empty(n_b, np.int64)
-    for e in range(n_b):
-        r = h1 * b_taps[e, 0]
-        c = h1 * b_taps[e, 1]
-        b_off[e] = ((r % s1) * s1 + c % s1) * hh * hh + (r // s1) * hh + c // s1
-    n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
-    acc = np.empty(q_1 * hh, dtype)
-    val = np.empty(q_1, dtype)
-    # where output position i goes in the next layout (no integer division in the loops):
-    # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
-    o_ph = np.empty(q_1, np.int64)
-    o_ix = np.empty(q_1, np.int64)
-    for i in range(q_1):
-        o_ph[i] = (out_pad + i) % so
-        o_ix[i] = (out_pad + i) // so
-    ph_i0 = np.empty(so, np.int64)
-    ph_k0 = np.empty(so, np.int64)
-    ph_n = np.empty(so, np.int64)
-    for pc in range(so):
-        i0 = (pc - out_pad) % so
-        ph_i0[pc] = i0
-        ph_k0[pc] = (out_pad + i0) // so
-        ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
-    for bq in range(row_lo, min(row_hi, nb * q_0)):
-        b = bq // q_0
-        q0 = bq % q_0
-        start = q0 if symmetric else 0
-        for q0b in range(start, q_0):
-            # stage 1: T_m = Σ A_m[p0, p0'] slab(x0(q0, p0), x0(q0', p0')), the taps in groups
-            # sharing their coefficients (one tap each, or the diagonals p0 − p0' = δ of a
-            # Toeplitz A_m): each group's slabs are summed into D, then T_m += coef·D
-            t_init = False
-            for g in range(a_ptr.shape[0] - 1):
-                nd = 0
-                for e in range(a_ptr[g], a_ptr[g + 1]):
-                    x = s0 * q0 + h0 * a_taps[e, 0] - pad0
-                    xb = s0 * q0b + h0 * a_taps[e, 1] - pad0
-                    if x < 0 or x >= n_in0 or xb < 0 or xb >= n_in0:
-                        continue  # zero padding
-                    src = v[b, x, xb].reshape(slab_len)
-                    if a_ptr[g + 1] - a_ptr[g] == 1:
-                        dsum = src  # a single tap: no copy
-                    elif nd == 0:
-                        dsum = dbuf
-                        for i in range(slab_len):
-                            dsum[i] = src[i]
-                    else:
-                        for i in range(slab_len):
-                            dsum[i] += src[i]
-                    nd += 1
-                if nd == 0:
-                    continue
-                for m in range(n_terms):
-                    coef = ac[g, m]
-                    tm = t[m]
-                    if not t_init:
-                        for i in range(slab_len):
-                            tm[i] = coef * dsum[i]
-                    else:
-                        for i in range(slab_len):
-                            tm[i] += coef * dsum[i]
-                t_init = True
-            if not t_init:
-                t[:] = 0
-            # stage 2: every tap pair is one shifted add over the flattened phase block
-            for e in range(n_b):
-                off = b_off[e]
-                for m in range(n_terms):
-                    coef = bc[e, m]
-                    src = t[m, off : off + n_acc]
-                    if e == 0 and m == 0:
-                        for i in range(n_acc):
-                            acc[i] = coef * src[i]
-                    else:
-                        for i in range(n_acc):
-                            acc[i] += coef * src[i]
-            # the nonlinearity, row by row, written into the next conv's layout
-            for q1 in range(q_1):
-                row = acc[q1 * hh : q1 * hh + q_1]
-                if so == 1:
-                    dst = out[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
-                else:
-                    dst = val
-                if act == 1:
-                    sx = rx[b, q0, q1]
-                    isx = ix[b, q0, q1]
-                    syr = ry[b, q0b]
-                    isy = iy[b, q0b]
-                    for i in range(q_1):
-                        dst[i] = relu_value(w * row[i] + bias, sx * syr[i], isx * isy[i], c_lin, c_relu)
-                else:
-                    for i in range(q_1):
-                        dst[i] = w * row[i] + bias
-                if so != 1:  # column phase pc holds the outputs i = ph_i0[pc] + so·k
-                    for pc in range(so):
-                        drow = out[b, q0, q0b, o_ph[q1], pc, o_ix[q1], ph_k0[pc] :]
-                        src = dst[ph_i0[pc] :]
-                        if so == 2:  # a constant stride vectorises
-                            for k in range(ph_n[pc]):
-                                drow[k] = src[2 * k]
-                        else:
-                            for k in range(ph_n[pc]):
-                                drow[k] = src[so * k]
-                if symmetric and q0b != q0:  # slab (q0', q0) holds the transpose: a column
-                    for pr in range(so):
-                        dcol = out[b, q0b, q0, pr, o_ph[q1], ph_k0[pr] :, o_ix[q1]]
-                        src = dst[ph_i0[pr] :]
-                        for k in range(ph_n[pr]):
-                            dcol[k] = src[so * k]
+            for k in range(ph_n[pc]):
+                drow[k] = src[so * k]
 
 
 @njit(nogil=True, **_FLAGS)
@@ -487,40 +925,66 @@ def kron_conv_ntk(
     layer's own parameters' term: (wv, bv), i.e. K, in the NTK parameterisation, (fan_in, 1)
     in the standard one, (0, 0) for a pool — times V̇ = relu_derivative(K, …) when act = 1.
     Θ_in is tin (v's layout), or 0 where tin is None (numba compiles that case apart and
-    prunes the branch). A separate kernel from :func:`kron_conv`, whose loops it shares
-    through :func:`_filter_slab` and :func:`_put_row`: with those helpers or a mode flag the
-    NNGP-only conv ran ~30% slower (CNNGP-14, float32).
+    prunes the branch). The passes are :func:`kron_conv`'s (whole flattened slabs; V and V̇
+    share |ρ|, t and sqrt(t) in :func:`relu_both`). A separate kernel from :func:`kron_conv`:
+    with a mode flag there the NNGP-only conv ran ~30% slower (CNNGP-14, float32).
     """
     nb = v.shape[0]
     dtype = v.dtype
+    zero = dtype.type(0.0)
     q_0 = geom0[1]
     q_1, s1, h1 = geom1[1], geom1[2], geom1[3]
     hh = v.shape[5]
     so = out.shape[3]
+    ho = out.shape[5]
     slab_len = s1 * s1 * hh * hh
+    out_len = so * so * ho * ho
+    line = max(1, 64 // out.itemsize)  # entries per cache line
+    vf = v.reshape((nb, v.shape[1], v.shape[2], slab_len))
+    outf = out.reshape((nb, out.shape[1], out.shape[2], out_len))
+    toutf = tout.reshape((nb, out.shape[1], out.shape[2], out_len))
     n_terms = a_coef.shape[1]
     ac = a_coef.astype(dtype)
-    bc = b_coef.astype(dtype)
-    w = v.dtype.type(wv)  # wv, bv in the array dtype (no silent float64 promotion)
-    bias = v.dtype.type(bv)
+    w = dtype.type(wv)  # wv, bv in the array dtype (no silent float64 promotion)
+    bias = dtype.type(bv)
+    oa = dtype.type(own_a)  # the layer's own parameters' term oa·(Σ * V) + ob
+    ob = dtype.type(own_b)
     t = np.zeros((n_terms, slab_len), dtype)
+    tt = np.zeros((n_terms, slab_len), dtype)
     dbuf = np.empty(slab_len, dtype)
-    # stage 2 reads, per tap pair: the phase block and the shift inside it
+    n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
+    acc = np.zeros(n_acc, dtype)
+    acc_t = np.zeros(n_acc, dtype)
+    val = np.zeros(n_acc, dtype)
+    val_t = np.zeros(n_acc, dtype)
+    # stage 2's reads as in kron_conv (coefficients without wv here)
     n_b = b_taps.shape[0]
-    b_off = np.empty(n_b, np.int64)
+    n_src = n_b * n_terms
+    n_fin = max(n_src, 3)
+    s_term = np.zeros(n_fin, np.int64)
+    s_off = np.zeros(n_fin, np.int64)
+    s_coef = np.zeros(n_fin, dtype)
     for e in range(n_b):
         r = h1 * b_taps[e, 0]
         c = h1 * b_taps[e, 1]
-        b_off[e] = ((r % s1) * s1 + c % s1) * hh * hh + (r // s1) * hh + c // s1
-    n_acc = (q_1 - 1) * hh + q_1  # rows of hh, the last one only q_1 long
-    acc = np.empty(q_1 * hh, dtype)
-    acc_t = np.zeros(q_1 * hh, dtype)
-    val = np.empty(q_1, dtype)
-    val_t = np.empty(q_1, dtype)
-    oa = v.dtype.type(own_a)  # the layer's own parameters' term oa·(Σ * V) + ob
-    ob = v.dtype.type(own_b)
-    # where output position i goes in the next layout (no integer division in the loops):
-    # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
+        off = ((r % s1) * s1 + c % s1) * hh * hh + (r // s1) * hh + c // s1
+        for m in range(n_terms):
+            s_term[e * n_terms + m] = m
+            s_off[e * n_terms + m] = off
+            s_coef[e * n_terms + m] = dtype.type(b_coef[e, m])
+    n_pre = n_fin - 3
+    n_a = a_taps.shape[0]
+    tap_x = np.zeros(n_a, np.int64)
+    tap_xb = np.zeros(n_a, np.int64)
+    tap_c = np.zeros(n_a, dtype)
+    rxf = np.zeros(n_acc, dtype)
+    ixf = np.zeros(n_acc, dtype)
+    ryt = np.zeros((q_0, n_acc), dtype)
+    iyt = np.zeros((q_0, n_acc), dtype)
+    tiled_b = -1
+    ns_scale = c_relu * dtype.type(_INV_PI)  # relu_both's n·c_relu/π
+    direct = so == 1 and ho == hh
+    base = out_pad * ho + out_pad
     o_ph = np.empty(q_1, np.int64)
     o_ix = np.empty(q_1, np.int64)
     for i in range(q_1):
@@ -534,43 +998,132 @@ def kron_conv_ntk(
         ph_i0[pc] = i0
         ph_k0[pc] = (out_pad + i0) // so
         ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
+    pairs = so == 2 and ph_i0[0] == 0
+    n_pair = ph_n[1] if so == 2 else 0
+    pair_off = np.empty(q_1, np.int64)
+    for i in range(q_1):
+        pair_off[i] = (o_ph[i] * so * ho + o_ix[i]) * ho + ph_k0[0]
     for bq in range(row_lo, min(row_hi, nb * q_0)):
         b = bq // q_0
         q0 = bq % q_0
-        for q0b in range(q_0):
-            _filter_slab(v, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, acc, n_acc)
-            if tin is not None:
-                _filter_slab(tin, b, q0, q0b, geom0, a_ptr, a_taps, ac, bc, b_off, t, dbuf, acc_t, n_acc)
-            # the nonlinearity, row by row, written into the next conv's layout
+        if act == 1:
+            if b != tiled_b:
+                for q0b in range(q_0):
+                    for q1 in range(q_1):
+                        dy = ryt[q0b, q1 * hh : q1 * hh + q_1]
+                        di = iyt[q0b, q1 * hh : q1 * hh + q_1]
+                        for i in range(q_1):
+                            dy[i] = ry[b, q0b, i]
+                            di[i] = iy[b, q0b, i]
+                tiled_b = b
             for q1 in range(q_1):
-                row = acc[q1 * hh : q1 * hh + q_1]
-                if so == 1:
-                    dst = out[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
+                for i in range(q_1):
+                    rxf[q1 * hh + i] = rx[b, q0, q1] * ns_scale
+                    ixf[q1 * hh + i] = ix[b, q0, q1]
+        for q0b in range(q_0):
+            if not direct:  # see kron_conv
+                oslab = outf[b, q0, q0b]
+                tslab = toutf[b, q0, q0b]
+                for i in range(0, out_len, line):
+                    _prefetch_write(oslab, i)
+                    _prefetch_write(tslab, i)
+            _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, tap_c)
+            if tin is not None:
+                tinf = tin.reshape((nb, v.shape[1], v.shape[2], slab_len))
+                _stage1(tinf, b, q0, q0b, geom0, a_ptr, a_taps, ac, tt, dbuf, tap_x, tap_xb, tap_c)
+            for e in range(n_pre):
+                coef = s_coef[e]
+                src = t[s_term[e], s_off[e] : s_off[e] + n_acc]
+                src_t = tt[s_term[e], s_off[e] : s_off[e] + n_acc]
+                if e == 0:
+                    for i in range(n_acc):
+                        acc[i] = coef * src[i]
+                        acc_t[i] = coef * src_t[i]
                 else:
-                    dst = val
-                row_t = acc_t[q1 * hh : q1 * hh + q_1]
-                if so == 1:
-                    dst_t = tout[b, q0, q0b, 0, 0, out_pad + q1, out_pad : out_pad + q_1]
+                    for i in range(n_acc):
+                        acc[i] += coef * src[i]
+                        acc_t[i] += coef * src_t[i]
+            o0 = s_off[n_pre]
+            o1 = s_off[n_pre + 1]
+            o2 = s_off[n_pre + 2]
+            u0 = t[s_term[n_pre], o0 : o0 + n_acc]
+            u1 = t[s_term[n_pre + 1], o1 : o1 + n_acc]
+            u2 = t[s_term[n_pre + 2], o2 : o2 + n_acc]
+            w0 = tt[s_term[n_pre], o0 : o0 + n_acc]
+            w1 = tt[s_term[n_pre + 1], o1 : o1 + n_acc]
+            w2 = tt[s_term[n_pre + 2], o2 : o2 + n_acc]
+            d0 = s_coef[n_pre]
+            d1 = s_coef[n_pre + 1]
+            d2 = s_coef[n_pre + 2]
+            if direct:
+                dst = outf[b, q0, q0b, base : base + n_acc]
+                dst_t = toutf[b, q0, q0b, base : base + n_acc]
+            else:
+                dst = val
+                dst_t = val_t
+            if act == 1:
+                syt = ryt[q0b]
+                iyr = iyt[q0b]
+                if tin is not None:
+                    for i in range(n_acc):
+                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        st = ((acc_t[i] + d0 * w0[i]) + d1 * w1[i]) + d2 * w2[i]
+                        kv = w * sv + bias
+                        vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+                        dst[i] = vv
+                        dst_t[i] = ((w * st + oa * sv) + ob) * dv
                 else:
-                    dst_t = val_t
-                if act == 1:
-                    sx = rx[b, q0, q1]
-                    isx = ix[b, q0, q1]
-                    syr = ry[b, q0b]
-                    isy = iy[b, q0b]
-                    for i in range(q_1):
-                        k = w * row[i] + bias
-                        n = sx * syr[i]
-                        inv_n = isx * isy[i]
-                        dst[i] = relu_value(k, n, inv_n, c_lin, c_relu)
-                        dst_t[i] = (w * row_t[i] + oa * row[i] + ob) * relu_derivative(k, inv_n, c_lin, c_relu)
+                    for i in range(n_acc):
+                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        kv = w * sv + bias
+                        vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+                        dst[i] = vv
+                        dst_t[i] = (oa * sv + ob) * dv
+            else:
+                if tin is not None:
+                    for i in range(n_acc):
+                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        st = ((acc_t[i] + d0 * w0[i]) + d1 * w1[i]) + d2 * w2[i]
+                        dst[i] = w * sv + bias
+                        dst_t[i] = (w * st + oa * sv) + ob
                 else:
-                    for i in range(q_1):
-                        k = w * row[i] + bias
-                        dst[i] = k
-                        dst_t[i] = w * row_t[i] + oa * row[i] + ob
-                _put_row(tout, b, q0, q0b, q1, dst_t, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, False)
-                _put_row(out, b, q0, q0b, q1, dst, out_pad, o_ph, o_ix, ph_i0, ph_k0, ph_n, False)
+                    for i in range(n_acc):
+                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        dst[i] = w * sv + bias
+                        dst_t[i] = oa * sv + ob
+            if direct:  # the junk of each row fell on the zero padding: restore it
+                for q1 in range(q_1 - 1):
+                    for i in range(q_1, hh):
+                        dst[q1 * hh + i] = zero
+                        dst_t[q1 * hh + i] = zero
+                continue
+            if pairs:  # stride 2, even padding (see kron_conv)
+                oslab = outf[b, q0, q0b]
+                tslab = toutf[b, q0, q0b]
+                for q1 in range(q_1):
+                    row = dst[q1 * hh : q1 * hh + q_1]
+                    row_t = dst_t[q1 * hh : q1 * hh + q_1]
+                    p0 = pair_off[q1]
+                    p1 = p0 + ho * ho + ph_k0[1] - ph_k0[0]
+                    dp0 = oslab[p0 : p0 + n_pair]
+                    dp1 = oslab[p1 : p1 + n_pair]
+                    for k in range(n_pair):
+                        dp0[k] = row[2 * k]
+                        dp1[k] = row[2 * k + 1]
+                    dp0 = tslab[p0 : p0 + n_pair]
+                    dp1 = tslab[p1 : p1 + n_pair]
+                    for k in range(n_pair):
+                        dp0[k] = row_t[2 * k]
+                        dp1[k] = row_t[2 * k + 1]
+                    if ph_n[0] > n_pair:
+                        oslab[p0 + n_pair] = row[2 * n_pair]
+                        tslab[p0 + n_pair] = row_t[2 * n_pair]
+                continue
+            for q1 in range(q_1):
+                _scatter_row(out, outf, b, q0, q0b, q1, dst[q1 * hh : q1 * hh + q_1], out_pad,
+                             o_ph, o_ix, ph_i0, ph_k0, ph_n, pair_off)
+                _scatter_row(tout, toutf, b, q0, q0b, q1, dst_t[q1 * hh : q1 * hh + q_1], out_pad,
+                             o_ph, o_ix, ph_i0, ph_k0, ph_n, pair_off)
 
 
 @njit(nogil=True, **_FLAGS)
