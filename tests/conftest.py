@@ -4,9 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference"
-DATA = SHARED / "data"
+HERE = Path(__file__).resolve().parent
+# neural-tangents reference kernels, committed (tests/reference/README.md: what and whence)
+REFERENCE = HERE / "reference"
+# small real-image slices committed for the examples and the tests (examples/README.md)
+EXAMPLES = HERE.parent / "examples"
+CIFAR_SMALL = EXAMPLES / "cifar10-small.npz"
 
 
 def rel_err(a, b) -> float:
@@ -31,16 +34,9 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="need
 
 @pytest.fixture(scope="session")
 def reference_dir():
-    if not REFERENCE.is_dir():
-        pytest.skip(f"neural-tangents reference kernels not found at {REFERENCE}")
+    """The committed neural-tangents reference kernels (never skipped: they are in the repo)."""
+    assert REFERENCE.is_dir(), f"{REFERENCE} is missing from this checkout"
     return REFERENCE
-
-
-@pytest.fixture(scope="session")
-def data_dir():
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    return DATA
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The networks of shared/reference/cases.json written as cnngp JSON specs (without readout).
+"""The networks of tests/reference/cases.json written as cnngp JSON specs (without readout).
 
 neural-tangents' NTK parameterisation: ``weight_var = W_std²``, ``bias_var = b_std²``.
 """

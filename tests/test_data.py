@@ -22,9 +22,6 @@ from cnngp.io.data import (
     load_digits,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
 # --------------------------------------------------------------------------------------
 # Writers of the official file formats (independent of the loader)
 # --------------------------------------------------------------------------------------
@@ -444,22 +441,28 @@ def test_blocks_disjoint_cover_balanced():
 
 
 # --------------------------------------------------------------------------------------
-# The shared real-data file
+# The committed real-data slice (examples/cifar10-small.npz, examples/README.md)
 # --------------------------------------------------------------------------------------
 
 
-def test_shared_cifar10_subset():
-    path = SHARED / "data" / "cifar10_subset.npz"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+def test_example_cifar10_slice():
+    path = Path(__file__).resolve().parents[1] / "examples" / "cifar10-small.npz"
     ds = load_dataset(path)
-    assert ds.x_train.shape == (5120, 32, 32, 3) and ds.x_test.shape == (1000, 32, 32, 3)
+    assert ds.x_train.shape == (320, 32, 32, 3) and ds.x_test.shape == (100, 32, 32, 3)
     assert ds.class_names == CIFAR10_CLASSES
-    assert np.all(np.bincount(ds.y_train) == 512) and np.all(np.bincount(ds.y_test) == 100)
+    assert np.all(np.bincount(ds.y_train) == 32) and np.all(np.bincount(ds.y_test) == 10)
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
-    # Per-channel means documented in shared/data/README.md.
+    raw = np.load(path)
+    assert raw["x_train"].dtype == np.uint8
+    # rows in official order, from the official splits
+    assert np.all(np.diff(raw["train_idx"]) > 0) and np.all(np.diff(raw["test_idx"]) > 0)
+    assert raw["train_idx"].max() < 50000 and raw["test_idx"].max() < 10000
+    # per-channel means of the slice (0-255), a fingerprint of its pixels
     np.testing.assert_allclose(
-        ds.x_train.mean(axis=(0, 1, 2)) * 255, [124.871, 122.748, 113.371], atol=5e-3
+        raw["x_train"].mean(axis=(0, 1, 2)), [122.82890015, 120.89560242, 110.69584961], atol=1e-6
     )
-    idx = balanced_subset(ds.y_train, 5120, seed=0)
+    # its first images are the inputs of the neural-tangents reference kernels
+    ref = np.load(Path(__file__).resolve().parent / "reference" / "cnngp4.npz")["x"]
+    np.testing.assert_array_equal(ds.x_train[: len(ref)], ref)
+    idx = balanced_subset(ds.y_train, 320, seed=0)
     np.testing.assert_array_equal(ds.y_train[idx][:20], np.tile(np.arange(10), 2))

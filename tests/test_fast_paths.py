@@ -284,8 +284,8 @@ def test_zero_variance_1d_against_neural_tangents(reference_dir):
     assert rel_err(k, r["kernel_gap"][:5, :5]) < 1e-10
 
 
-def test_myrtle10_correlated_fast_path_matches_torch(torch_path, data_dir):
-    x = np.load(data_dir / "cifar10_subset.npz")["x_train"][:2, 8:24, 8:24] / 255.0  # 16×16 crops
+def test_myrtle10_correlated_fast_path_matches_torch(torch_path, cifar32):
+    x = cifar32[:2, 8:24, 8:24]  # 16×16 crops of two real CIFAR-10 images
     net = architectures.get("myrtle10-correlated")
     ref = torch_path(cnngp.kernel, net, x)
     assert rel_err(cnngp.kernel(net, x), ref) < 1e-12

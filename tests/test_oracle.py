@@ -17,12 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oracle import brute_force_hidden, brute_force_kernel, correlation_matrix  # noqa: E402
 from reference_cases import BODIES  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference"
+REFERENCE = Path(__file__).resolve().parent / "reference"  # committed (tests/reference/README.md)
 
 RELU = {"type": "relu"}
 
-# The networks of shared/reference/cases.json (tests/reference_cases.py), with how many images
+# The networks of tests/reference/cases.json (tests/reference_cases.py), with how many images
 # the loops can afford.
 REFERENCE_BODIES = {name: (n, BODIES[name]) for name, n in
                     (("conv1d_digits", 5), ("conv3d_random", 2), ("mixed_mnist", 2))}
@@ -42,8 +41,6 @@ def _reference_cases():
 @pytest.mark.parametrize("case, key, index", _reference_cases())
 def test_against_neural_tangents(case, key, index):
     path = REFERENCE / f"{case}.npz"
-    if not path.exists():
-        pytest.skip(f"reference kernels not found at {path} (shared/ must sit next to the repo)")
     n, body = REFERENCE_BODIES[case]
     data = np.load(path)
     x = data["x"][:n]
@@ -67,8 +64,6 @@ def test_against_neural_tangents(case, key, index):
 
 def test_reference_specs_match_cases_json():
     path = REFERENCE / "cases.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared/ must sit next to the repo)")
     names = {c["case"] for c in json.loads(path.read_text())}
     assert set(REFERENCE_BODIES) <= names
 

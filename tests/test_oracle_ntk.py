@@ -19,8 +19,7 @@ from oracle import brute_force_hidden, brute_force_kernel, brute_force_ntk  # no
 from reference_cases import BODIES  # noqa: E402
 from test_oracle import _gaussian_expectation, _inputs_with_covariance  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-NTK_REFERENCE = SHARED / "reference" / "ntk"
+NTK_REFERENCE = Path(__file__).resolve().parent / "reference" / "ntk"  # committed
 
 RELU = {"type": "relu"}
 
@@ -32,13 +31,11 @@ def _rel(got, expected) -> float:
 
 def _load(case):
     path = NTK_REFERENCE / f"{case}.npz"
-    if not path.exists():
-        pytest.skip(f"reference NTKs not found at {path} (shared/ must sit next to the repo)")
     return np.load(path)
 
 
 # --------------------------------------------------------------------------------------------
-# neural-tangents reference NTKs (shared/reference/ntk). The 32x32 cases (ntk_cnngp4,
+# neural-tangents reference NTKs (tests/reference/ntk). The 32x32 cases (ntk_cnngp4,
 # ntk_myrtle10_paper) are out of reach of the loops; mixed_mnist runs on 2 of its images.
 # --------------------------------------------------------------------------------------------
 
@@ -86,8 +83,6 @@ def test_ntk_against_neural_tangents(case, key, index):
 
 def test_ntk_reference_files_match_cases_json():
     path = NTK_REFERENCE / "cases.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared/ must sit next to the repo)")
     names = {c["case"] for c in json.loads(path.read_text())}
     assert set(NTK_BODIES) <= names
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,14 @@ from cnngp.engine import resources
 from cnngp.cli.main import main
 from cnngp.engine.gram import estimate_cost
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset.npz"
+
+def _cifar_shaped(path):
+    """5120 CIFAR-shaped training images (512 per class): what the estimate sees is the plan's
+    shapes and counts, and the timing of a few pairs, which random pixels cost the same."""
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, size=(5120, 32, 32, 3), dtype=np.uint8),
+             y_train=np.tile(np.arange(10, dtype=np.uint8), 512))
+    return path
 
 
 def test_estimate_counts_pairs_and_bytes_exactly():
@@ -55,12 +60,12 @@ def test_kernel_command_refuses_what_does_not_fit_before_any_work(tmp_path, monk
     assert "available" in err[0] and not out.exists()
 
 
-@pytest.mark.skipif(not CIFAR.exists(), reason="needs ../shared/data/cifar10_subset.npz")
 def test_sweep_refuses_a_days_long_job_without_yes_and_an_oversized_one(tmp_path, capsys):
     """The two hostile-probe cases: a 5120-image CNNGP-14 sweep (days on 2 cores) started
     without a word, and 200 lengthscales asking for 41 GiB after 17 s of work."""
     out = tmp_path / "sweep"
-    base = ["sweep", "--arch", "cnngp14", "--data", str(CIFAR), "--n", "5120", "--out", str(out)]
+    data = _cifar_shaped(tmp_path / "cifar.npz")
+    base = ["sweep", "--arch", "cnngp14", "--data", str(data), "--n", "5120", "--out", str(out)]
     assert main(base) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
