@@ -163,7 +163,7 @@ def test_cli_archive_round_trip_and_its_errors(tmp_path, capsys):
     assert "0 tile(s) computed" in capsys.readouterr().err
     assert _stored(tmp_path / "b.zarr").tobytes() == _stored(tmp_path / "a.zarr").tobytes()
     (tmp_path / "arch" / "tile-1-2.json").unlink()
-    assert main(["info", str(tmp_path / "arch")]) == 0
+    assert main(["info", str(tmp_path / "arch"), "--json"]) == 0
     captured = capsys.readouterr()
     info = json.loads(captured.out)
     assert (info["tiles_total"], info["tiles_archived"], info["pairs_total"]) == (6, 5, 55)

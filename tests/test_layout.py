@@ -74,3 +74,37 @@ def test_kernel_maths_imports_no_engine_even_at_run_time():
             "m.startswith(('cnngp.kernels', 'cnngp.errors', 'cnngp.settings', 'cnngp._lazy'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _module_map() -> set[tuple[str, str]]:
+    """(package, module file) pairs named in docs/layout.md's module map (its first code block):
+    ``  pkg/`` lines open a package, indented ``name.py`` entries belong to it, other lines at the
+    first indent are top-level modules."""
+    import re
+
+    text = (SRC.parents[1] / "docs" / "layout.md").read_text()
+    block = text.split("```", 2)[1]
+    listed, package = set(), ""
+    for line in block.splitlines():
+        m = re.match(r"^  (\w+)/", line)
+        if m:
+            package = m.group(1)
+            continue
+        if re.match(r"^  \S", line):
+            package = ""
+        listed |= {(package, name) for name in re.findall(r"\b(\w+\.py)\b", line)}
+    return listed
+
+
+def test_module_map_lists_every_module():
+    """docs/layout.md's module map names every module where it lives, and nothing that is gone."""
+    actual = {(p.parent.name if p.parent != SRC else "", p.name) for p in SRC.rglob("*.py")
+              if p.name not in ("__init__.py", "__main__.py")}
+    listed = _module_map()
+    assert not actual - listed, f"modules missing from docs/layout.md's map: {sorted(actual - listed)}"
+    assert not listed - actual, f"docs/layout.md's map lists modules that do not exist: {sorted(listed - actual)}"
+
+
+def test_layout_doc_points_only_at_paths_users_have():
+    text = (SRC.parents[1] / "docs" / "layout.md").read_text()
+    assert "../shared" not in text

@@ -207,13 +207,14 @@ def test_gradcheck_every_lengthscale_and_variance():
     x2 = np.concatenate([x1[:1], rng.uniform(0, 1, (1, 5, 5, 1))])
     net = _autograd_net()
     params = kernel_parameters(net)
-    assert set(params) == {f"{i}.{a}" for i in (0, 2, 4) for a in ("weight_var", "bias_var", "lengthscale")}
+    assert set(params) == {f"{layer}.{a}" for layer in ("conv0", "conv2", "readout")
+                           for a in ("weight_var", "bias_var", "lengthscale")}
     for name, value in params.items():
         t = torch.tensor(value if value > 0 else 0.05, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda v: differentiable_kernel(with_parameters(net, {name: v}), x1, x2),
                                         (t,)), name
     # at bias_var = 0 (a zero-variance region) every other gradient is finite
-    ts = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items() if k != "0.bias_var"}
+    ts = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items() if k != "conv0.bias_var"}
     differentiable_kernel(with_parameters(net, ts), x1, x2).sum().backward()
     assert all(torch.isfinite(t.grad) for t in ts.values())
 
@@ -229,7 +230,7 @@ def test_whole_network_objective_gradient_matches_finite_differences():
     net = Serial(Conv(3, correlation=Matern(1.5, 1.0)), ReLU(), Conv(3, correlation=RBF(2.0)), ReLU(),
                  Readout(correlation=Matern(1.5, 3.0)))
     names = default_learnable(net)
-    assert names == ["0.lengthscale", "2.lengthscale", "4.lengthscale", "4.weight_var"]
+    assert names == ["conv0.lengthscale", "conv2.lengthscale", "readout.lengthscale", "readout.weight_var"]
     Y = torch.tensor(centered_one_hot(y, 2), dtype=torch.float64)
     vals = np.array([1.0, 2.0, 3.0, 1.5])
 
@@ -249,8 +250,7 @@ def test_cnngp_learn_all_parameters_runs(tmp_path):
                  "--out", str(out), "--quiet"]) == 0
     r = json.loads((out / "learned.json").read_text())
     assert r["config"]["params"] == "all"
-    last = len(cnngp.from_spec(r["config"]["spec"]).layers)  # the readout's index, after the body
-    assert {f"{last}.lengthscale", f"{last}.weight_var", "noise_variance", "lengthscale"} <= set(r["learned"])
+    assert {"readout.lengthscale", "readout.weight_var", "noise_variance", "lengthscale"} <= set(r["learned"])
     assert r["kernel_evaluations"] > 0 and len(r["trace"]) >= 1
 
 

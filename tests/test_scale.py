@@ -215,7 +215,7 @@ def test_cli_store_info_corruption_and_repair(tmp_path, images_npz, capsys):
     ref = cnngp.kernel(NET, np.load(images_npz)["x"]).numpy()
     assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), ref)
     capsys.readouterr()
-    assert _cli("info", out) == 0
+    assert _cli("info", out, "--json") == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["shape"], info["tiles_total"], info["tiles_done"], info["tiles_bad"]) == ([1, 12, 12], 6, 6, [])
     assert info["pairs_total"] == info["pairs_done"] == 78 and info["complete"]
@@ -225,7 +225,7 @@ def test_cli_store_info_corruption_and_repair(tmp_path, images_npz, capsys):
     data = bytearray(chunk.read_bytes())
     data[37] ^= 0xFF  # flip the bits of one byte of one stored float
     chunk.write_bytes(bytes(data))
-    assert _cli("info", out) == 0
+    assert _cli("info", out, "--json") == 0
     captured = capsys.readouterr()
     info = json.loads(captured.out)
     assert info["tiles_bad"] == ["tile-1-2"] and info["tiles_done"] == 5 and not info["complete"]

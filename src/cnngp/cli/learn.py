@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from cnngp.cli.main import add_engine_argument, int_at_least
+from cnngp.cli.main import add_engine_argument, command_line, int_at_least
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_learn"]
@@ -60,7 +60,7 @@ def cmd_learn(args) -> int:
     )
     result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
                        execution=execution_from_args(args))
-    result["config"]["command"] = "cnngp " + " ".join(sys.argv[1:])
+    result["config"]["command"] = command_line(args)
     png = io.BytesIO()
     learned_figure(result, png)
     _write_outputs(out, {"learned.json": json.dumps(result, indent=2).encode(), "learned.png": png.getvalue()})

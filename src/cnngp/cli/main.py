@@ -30,6 +30,7 @@ from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
+           "add_layout_argument", "load_images", "command_line",
            "Terminated"]
 
 
@@ -133,11 +134,14 @@ def _load_network(arch: str, readout: str | None):
     return net
 
 
-def load_images(flag: str, path_spec: str):
+def load_images(flag: str, path_spec: str, layout: str | None = None, echo: bool = False):
     """Images from ``FILE.npz``, ``FILE.npz:ARRAY`` or ``digits[:N]``, under the package's
-    image-array policy (:func:`cnngp.validation.as_images`), errors naming ``flag``."""
+    image-array policy (:func:`cnngp.validation.as_images`: the one place that decides an
+    array's layout; ``layout`` is ``--layout`` when given), errors naming ``flag``. With
+    ``echo``, one stderr line says how the array was read
+    (``--x1: 100 images of 32×32, 3 channels (N, H, W, C)``)."""
     from cnngp.io.data import load_array, load_digits
-    from cnngp.validation import as_images
+    from cnngp.validation import as_images, describe_images
 
     name, _, count = str(path_spec).partition(":")
     if name == "digits" and not Path(name).exists():  # the embedded default data set
@@ -146,16 +150,41 @@ def load_images(flag: str, path_spec: str):
             if not count.isdigit() or not 1 <= int(count) <= len(images):
                 raise CNNGPError(f"{flag}: digits:N needs 1 <= N <= {len(images)}, got {count!r}")
             images = images[: int(count)]
-        return as_images(images, flag)
-    try:
-        arr = load_array(path_spec, name=flag)
-    except OSError as e:
-        raise CNNGPError(f"{flag}: cannot read {str(path_spec)!r} ({e.strerror or e})") from None
-    except CNNGPError as e:
-        if str(e).startswith(flag):
-            raise
-        raise CNNGPError(f"{flag}: {e}") from None
-    return as_images(arr, flag)
+        # the bundled digits are channels-last by construction; a --layout is for files
+        x = as_images(images, flag)
+    else:
+        try:
+            arr = load_array(path_spec, name=flag)
+        except OSError as e:
+            raise CNNGPError(f"{flag}: cannot read {str(path_spec)!r} ({e.strerror or e})") from None
+        except CNNGPError as e:
+            if str(e).startswith(flag):
+                raise
+            raise CNNGPError(f"{flag}: {e}") from None
+        x = as_images(arr, flag, layout=None if layout is None else _layout_of(layout))
+    if echo:
+        print(describe_images(x, flag), file=sys.stderr)
+    return x
+
+
+def _layout_of(text: str) -> str:
+    from cnngp.validation import LAYOUTS
+
+    key = str(text).upper()
+    if key not in LAYOUTS:
+        raise CNNGPError(f"--layout: expected one of {', '.join(k.lower() for k in LAYOUTS)}, got {text!r}")
+    return key
+
+
+def add_layout_argument(parser) -> None:
+    """``--layout``, the same on every command that reads image arrays."""
+    parser.add_argument(
+        "--layout", type=str.lower,
+        choices=["nhwc", "nlc", "ndhwc", "nchw", "ncl", "ncdhw", "nhw", "nl", "ndhw"],
+        help="the layout of the image arrays, when it is not channels-last (N, *spatial, C): nchw "
+             "(channels first, converted), nhw (grey images, a channel axis added), ...; also nhwc/nlc "
+             "to accept a channels-last array whose shape looks channels-first or grey "
+             "(README, \"Image arrays\")")
 
 
 def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
@@ -204,6 +233,36 @@ def execution_from_args(args, **changes):
     values = {k: v for k, v in values.items() if v is not None}
     values.update(changes)
     return Execution(**values)
+
+
+#: parsed options that do not change a command's numbers (where and how fast it runs, what it
+#: prints, where it writes): left out of the recorded command; every other option is recorded
+NOT_RECORDED = frozenset({
+    "out", "quiet", "device", "engine", "batch_size", "memory_budget", "yes", "no_checkpoint",
+    "workers", "scheduler", "tile", "threads_per_worker", "archive", "dry_run", "store", "kernel_cache",
+})
+#: argparse bookkeeping set by set_defaults or preflight, not options
+_INTERNAL = frozenset({"command", "func", "out_kind", "out_files", "checkpointed", "store_ok", "checkpoint_path"})
+
+
+def command_line(args) -> str:
+    """The command as recorded in an output's provenance (``config["command"]``), written from
+    the *parsed* arguments in one place: ``cnngp <command>`` and every option that changes the
+    numbers, defaults included and normalised (``--kernel ntk``, ``--dtype float32``), so that
+    replaying it recomputes the same numbers; options in :data:`NOT_RECORDED` are left out. A
+    new option is recorded without anyone remembering to."""
+    import shlex
+
+    parts = ["cnngp", str(getattr(args, "command", "") or "")]
+    for key, value in vars(args).items():
+        if key in NOT_RECORDED or key in _INTERNAL or key.startswith("_") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(p for p in parts if p)
 
 
 def _check_store_flags(args, out_kind: str) -> None:
@@ -300,8 +359,8 @@ def cmd_kernel(args) -> int:
         )
     net = load_network(args.arch, args.readout)
     net = parameterized(net, args.parameterization, args.width)
-    x1 = load_images("--x1", args.x1)
-    x2 = None if args.x2 is None else load_images("--x2", args.x2)
+    x1 = load_images("--x1", args.x1, args.layout, echo=not args.quiet)
+    x2 = None if args.x2 is None else load_images("--x2", args.x2, args.layout, echo=not args.quiet)
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise CNNGPError(
             f"--x2: images of shape {x2.shape[1:]} do not match --x1's {x1.shape[1:]}; both "
@@ -341,7 +400,8 @@ def cmd_kernel(args) -> int:
         k = kernel(net, x1, x2, get=get, execution=ex)
     seconds = time.perf_counter() - start
     names = ("nngp", "ntk") if args.get == "both" else (args.get,)
-    kernels = {name: v.to(torch.float64).numpy() for name, v in zip(names, k if isinstance(k, tuple) else (k,))}
+    # saved in the dtype computed (float32 stays float32), recorded as "saved_dtype"
+    kernels = {name: v.cpu().numpy() for name, v in zip(names, k if isinstance(k, tuple) else (k,))}
     k = kernels[names[0]]
     config = {
         "command": "kernel",
@@ -353,13 +413,17 @@ def cmd_kernel(args) -> int:
         "x1": str(args.x1),
         "x2": None if args.x2 is None else str(args.x2),
         "get": args.get,
+        "saved_dtype": str(k.dtype),
+        "command_line": command_line(args),
         "engine": ex.resolved_engine,
         "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")},
         "seconds": seconds,
     }
+    # --get nngp / ntk: the one kernel as `kernel` (config "get" says which); --get both: `nngp`
+    # and `ntk`, and `kernel` = the NNGP (what a reader of `kernel` expects)
     arrays = {
         "kernel": k,
-        **kernels,
+        **(kernels if args.get == "both" else {}),
         "spec": np.array(json.dumps(net.to_spec())),
         "config": np.array(json.dumps(config)),
         "versions": np.array(json.dumps(versions())),
@@ -433,16 +497,25 @@ def cmd_info(args) -> int:
 
         if is_archive(args.store):
             info = archive_info(args.store)
-            print(json.dumps(info, indent=2))
-            print(f"{args.store}: {info['tiles_archived']}/{info['tiles_total']} tiles archived "
-                  f"({info['bytes'] / 2**20:.1f} MiB)", file=sys.stderr)
+            line = (f"{args.store}: {info['tiles_archived']}/{info['tiles_total']} tiles archived "
+                    f"({info['bytes'] / 2**20:.1f} MiB)")
+            if args.json:
+                print(json.dumps(info, indent=2))
+                print(line, file=sys.stderr)
+            else:
+                shape = "×".join(str(v) for v in info.get("shape") or [])
+                print(f"{line}\n  shape {shape} {info.get('dtype')}\n  (full record: --json)")
             return 0
 
         store = KernelStore.open(args.store, what="store")
         info = store.info()
-        print(json.dumps(info, indent=2))
+        info["readout_specs"] = _stored_readouts(store.attrs, info.get("spec"))
         tail = f", {len(info['tiles_bad'])} bad: {', '.join(info['tiles_bad'])}" if info["tiles_bad"] else ""
-        print(f"{args.store}: {info['tiles_done']}/{info['tiles_total']} tiles done{tail}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            print(f"{args.store}: {info['tiles_done']}/{info['tiles_total']} tiles done{tail}", file=sys.stderr)
+        else:
+            print(store_summary(args.store, info))
         return 0
     import torch
 
@@ -469,6 +542,95 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _stored_readouts(attrs, spec) -> list:
+    """The readout layer specs a store records: one per readout of a sweep (attrs
+    ``readouts``), else the network's own readout when its spec ends with one."""
+    readouts = attrs.get("readouts")
+    if readouts:
+        return list(readouts)
+    layers = (spec or {}).get("layers") or []
+    if layers and isinstance(layers[-1], dict) and layers[-1].get("type") == "readout":
+        return [layers[-1]]
+    return []
+
+
+def _correlation_text(corr) -> str:
+    """A correlation spec in a few characters: ``independent``, ``constant``, ``matern ν=1.5 λ=2``."""
+    if not isinstance(corr, dict):
+        return "independent" if corr is None else str(corr)
+    kind = str(corr.get("type", "?"))
+    extra = []
+    if "nu" in corr:
+        extra.append(f"ν={corr['nu']:g}" if isinstance(corr["nu"], (int, float)) else f"ν={corr['nu']}")
+    if "lengthscale" in corr:
+        lam = corr["lengthscale"]
+        extra.append(f"λ={lam:g}" if isinstance(lam, (int, float)) else f"λ={lam}")
+    return " ".join([kind, *extra])
+
+
+def _network_text(spec) -> str:
+    """The layers of a spec in one line: ``conv 3×3 → relu → … → readout``."""
+    def one(layer):
+        if not isinstance(layer, dict):
+            return str(layer)
+        kind = str(layer.get("type", "?"))
+        if kind == "serial":
+            return " → ".join(one(v) for v in layer.get("layers") or [])
+        size = layer.get("filter", layer.get("window"))
+        if isinstance(size, (list, tuple)):
+            size = "×".join(str(v) for v in size)
+        corr = layer.get("correlation")
+        text = kind if size is None else f"{kind} {size}"
+        if isinstance(corr, dict) and corr.get("type") not in (None, "independent"):
+            text += f" ({_correlation_text(corr)})"
+        return text
+
+    return one(spec) if spec else "(not recorded)"
+
+
+def store_summary(path, info: dict) -> str:
+    """What ``cnngp info K.zarr`` prints: a few lines a person reads (the full record is
+    ``--json``): shape and dtype, tiles done/total, every readout with its correlation, the
+    network."""
+    shape = info.get("shape") or []
+    state = "complete" if info.get("complete") else "incomplete"
+    bad = info.get("tiles_bad") or []
+    lines = [
+        f"{path}: {info.get('tiles_done')}/{info.get('tiles_total')} tiles done ({state}"
+        + (f"; {len(bad)} bad: {', '.join(bad)}" if bad else "") + ")",
+        f"  shape    {' × '.join(str(v) for v in shape)} ({'readouts × ' if len(shape) == 3 else ''}N1 × N2), "
+        f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}",
+        f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done",
+    ]
+    labels = info.get("labels") or []
+    specs = info.get("readout_specs") or []
+    count = max(len(labels), len(specs), int(info.get("readouts") or 0))
+    lines.append(f"  readouts {count}:")
+    for i in range(count):
+        label = labels[i] if i < len(labels) else f"readout {i}"
+        corr = _correlation_text(specs[i].get("correlation")) if i < len(specs) and isinstance(specs[i], dict) else None
+        lines.append(f"    {i:>3}  {label}" + (f"  (correlation: {corr})" if corr else ""))
+    net = _network_text(info.get("spec"))
+    if specs and not net.endswith("readout"):
+        net += " → readout (above)"
+    lines.append(f"  network  {net}")
+    if info.get("created"):
+        lines.append(f"  created  {info['created']}")
+    lines.append("  (full record: --json)")
+    return "\n".join(lines)
+
+
+def _print_version() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("cnngp")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        text = "unknown (not installed)"
+    print(f"cnngp {text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cnngp.kernels.correlations import FAMILIES
 
@@ -476,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cnngp",
         description="NNGP kernels of infinitely wide CNNs with spatially correlated weight priors.",
     )
+    p.add_argument("--version", action="store_true", help="print the package version and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     k = sub.add_parser("kernel", help="compute a kernel (Gram) matrix")
@@ -483,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--x1", required=True, help="FILE.npz or FILE.npz:ARRAY (default array x, then x_train), or digits[:N]")
     k.add_argument("--x2", help="second set of images (default: x1, symmetric Gram matrix)")
     k.add_argument("--out", required=True, help="output .npz, or K.zarr: a resumable tiled kernel store")
+    add_layout_argument(k)
     k.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add_engine_argument(k)
@@ -526,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--arch", help="show the layers and grids of this architecture")
     i.add_argument("--shape", help="input spatial shape, e.g. 32x32 (default)")
     i.add_argument("--readout", help="readout correlation, as for `cnngp kernel`")
+    i.add_argument("--json", action="store_true",
+                   help="with a store or archive: the full record as JSON (default: a short summary)")
     i.set_defaults(func=cmd_info)
 
     for register in _EXTRA_COMMANDS:
@@ -655,6 +821,8 @@ def _main(argv=None) -> int:
         previous = None
     try:
         _register_optional_commands()
+        if list(sys.argv[1:] if argv is None else argv)[:1] == ["--version"]:
+            return _print_version()
         args = build_parser().parse_args(argv)
         preflight(args)
         return int(args.func(args) or 0)

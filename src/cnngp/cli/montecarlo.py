@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from cnngp.cli.main import (
-    add_engine_argument, execution_from_args, finite_float, int_at_least, load_network, parameterized,
+    add_engine_argument, add_layout_argument, execution_from_args, finite_float, int_at_least, load_network, parameterized,
 )
 from cnngp.provenance import versions
 from cnngp.engine.storage import atomic_write
@@ -26,11 +26,15 @@ from cnngp.errors import CNNGPError
 __all__ = ["register", "cmd_montecarlo", "cmd_correlation_figure", "montecarlo_report"]
 
 
-def _load_images(spec: str, flag: str, limit: int | None):
+def _load_images(spec: str, flag: str, limit: int | None, args=None):
     from cnngp.cli.main import load_images
+    from cnngp.validation import describe_images
 
-    x = load_images(flag, spec)
-    return x if limit is None else x[:limit]
+    x = load_images(flag, spec, getattr(args, "layout", None))
+    x = x if limit is None else x[:limit]
+    if args is not None and not getattr(args, "quiet", False):
+        print(describe_images(x, flag), file=sys.stderr)
+    return x
 
 
 def _frobenius(a: np.ndarray) -> float:
@@ -78,8 +82,8 @@ def cmd_montecarlo(args) -> int:
             f"--arch: the network must end with a readout layer (the finite networks' output), "
             f"but its last layer is {type(last).__name__}; add {{\"type\": \"readout\"}} to the spec"
         )
-    x1 = _load_images(args.x1, "--x1", args.n1)
-    x2 = None if args.x2 is None else _load_images(args.x2, "--x2", args.n2)
+    x1 = _load_images(args.x1, "--x1", args.n1, args)
+    x2 = None if args.x2 is None else _load_images(args.x2, "--x2", args.n2, args)
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise CNNGPError(
             f"--x2: images of shape {x2.shape[1:]} do not match --x1's {x1.shape[1:]}; both must "
@@ -180,7 +184,7 @@ def cmd_correlation_figure(args) -> int:
     if len(pos) != 4:
         raise CNNGPError(f"--positions: expected four integers r1,c1,r2,c2, got {args.positions!r}")
     mc_lengthscales = parse_lengthscales(args.mc_lengthscales, "--mc-lengthscales")
-    x = _load_images(args.x, "--x", None)
+    x = _load_images(args.x, "--x", None, args)
     if not 0 <= args.index < x.shape[0] or not 0 <= args.other < x.shape[0]:
         raise CNNGPError(f"--index/--other: expected image indices in 0..{x.shape[0] - 1}")
     if x.ndim != 4:
@@ -239,6 +243,7 @@ def register(subparsers) -> None:
     )
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add_engine_argument(m)
+    add_layout_argument(m)
     m.add_argument("--batch", type=int_at_least(1), help="networks evaluated together (default: from the memory budget)")
     m.add_argument("--memory-budget", help="memory for one batch of networks, e.g. 512M (default 256M)")
     m.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
@@ -273,5 +278,6 @@ def register(subparsers) -> None:
     f.add_argument("--seed", type=int_at_least(0), default=0)
     f.add_argument("--device", default="cpu")
     add_engine_argument(f)
+    add_layout_argument(f)
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_correlation_figure)

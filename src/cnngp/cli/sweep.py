@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnngp.cli.main import add_engine_argument, int_at_least
+from cnngp.cli.main import add_engine_argument, command_line, int_at_least
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_sweep", "DEFAULT_ARCH", "DEFAULT_NS", "DEFAULT_OUT"]
@@ -157,7 +157,7 @@ def cmd_sweep(args) -> int:
                         data_label=str(args.data), yes=args.yes,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,
                                                       keep_checkpoint=prefix is not None))
-    results["config"]["command"] = "cnngp sweep " + " ".join(_argv_for_record(args))
+    results["config"]["command"] = command_line(args)
 
     figure = io.BytesIO()
     sweep_figure(results, figure, format="png")
@@ -174,27 +174,6 @@ def cmd_sweep(args) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _argv_for_record(args) -> list[str]:
-    """The options that determine the numbers, normalised (not --out, --quiet, --device)."""
-    parts = [
-        f"--arch {args.arch}",
-        f"--data {args.data}",
-        f"--n {args.n}",
-        f"--folds {args.folds}",
-        f"--seed {args.seed}",
-        f"--family {args.family}",
-        f"--fold-scheme {args.fold_scheme}",
-        f"--dtype {args.dtype}",
-    ]
-    if args.lengthscales is not None:
-        parts.append(f"--lengthscales {args.lengthscales}")
-    if args.test:
-        parts.append("--test" if args.test == "all" else f"--test {args.test}")
-        if args.n_test is not None:
-            parts.append(f"--n-test {args.n_test}")
-    return parts
 
 
 def register(subparsers) -> None:

@@ -819,9 +819,9 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
         from tqdm.auto import tqdm
 
         total_images = n1 + (0 if symmetric else n2) if gp.plan.self_depth else 0
-        bar = tqdm(
+        bar = tqdm(  # resumed: from what the interrupted run had shown (its self pass and pairs)
             total=n_pairs + total_images,
-            initial=done,
+            initial=done + (total_images if done else 0),
             unit="pair",
             desc=f"kernel (batch {gp.pair_batch}{', resumed' if done else ''})",
             disable=progress is None,
@@ -847,8 +847,9 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
                 ckpt.postpone()
 
     try:
-        rec1 = gp.self_records(t1, bar)
-        rec2 = rec1 if symmetric else gp.self_records(t2, bar)
+        self_bar = None if done else bar  # a resumed bar already counts the self pass
+        rec1 = gp.self_records(t1, self_bar)
+        rec2 = rec1 if symmetric else gp.self_records(t2, self_bar)
         try:
             gp.block(t1, rec1, None if symmetric else t2, None if symmetric else rec2,
                      out=out, start=done, on_batch=on_batch, progress=bar)

@@ -370,13 +370,13 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     else:  # every lengthscale and the readout amplitude, by autograd through the network
         net = Serial(*body.layers, template.with_correlation(correlation_family(family, float(starts[0]))))
         result = learn_network(net, x, y, objective=objective, n_classes=k_cls, max_iter=max_iter,
-                               progress=progress, execution=_in_memory(ex).replace(dtype="float64"))
+                               progress=progress, execution=_in_memory(ex).replace(dtype="float64"),
+                               starts=starts)  # every start, the best kept (as params="readout")
         learned = result.learned
         learn_evals = result.kernel_evaluations
         fitted = with_parameters(net, {k: v for k, v in learned.items() if k != "noise_variance"})
         K = kernel(fitted, x, execution=_in_memory(ex).replace(dtype="float64")).numpy()
-        last = str(len(net.layers) - 1)
-        learned = {**learned, "lengthscale": learned[f"{last}.lengthscale"]}
+        learned = {**learned, "lengthscale": learned["readout.lengthscale"]}
     cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
     fold_acc = cv.fold_accuracies[:, 0]
     held = {"cv_accuracy": float(fold_acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(fold_acc)[1]),

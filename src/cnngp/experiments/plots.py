@@ -45,18 +45,35 @@ __all__ = [
 # -- readout sweep figure ----------------------------------------------------------------------
 
 
+def binomial_se(row: dict) -> bool:
+    """Whether :func:`accuracy_2se` of a sweep row is the binomial one: one data set (its
+    spread over blocks is undefined), or several whose accuracies agree exactly (a spread of
+    0 is degenerate, not a certainty: two blocks of 40 easily agree)."""
+    if int(row.get("n_datasets", 1)) <= 1:
+        return True
+    blocks = row.get("block_cv_accuracies")
+    if blocks:
+        return len(set(float(a) for a in blocks)) == 1
+    return float(row.get("cv_accuracy_2se", 0.0)) == 0.0
+
+
 def accuracy_2se(row: dict) -> float:
-    """±2 SE of a sweep row's CV accuracy: over its disjoint data sets when there are several,
-    else (one data set, whose spread over blocks is undefined and stored as 0) the binomial
-    2·sqrt(p(1 − p)/N) of its N held-out predictions.
+    """±2 SE of a sweep row's CV accuracy: over its disjoint data sets when there are several
+    that differ, else (one data set, whose spread over blocks is undefined and stored as 0, or
+    blocks that all agree) the binomial 2·sqrt(p(1 − p)/M) of its M = N × sets held-out
+    predictions (:func:`binomial_se` says which).
 
     >>> round(accuracy_2se({"n": 640, "cv_accuracy": 0.5, "cv_accuracy_2se": 0.0, "n_datasets": 1}), 6)
     0.039528
+    >>> round(accuracy_2se({"n": 320, "cv_accuracy": 0.5, "cv_accuracy_2se": 0.0, "n_datasets": 2,
+    ...                     "block_cv_accuracies": [0.5, 0.5]}), 6)
+    0.039528
     """
-    if int(row.get("n_datasets", 1)) > 1:
+    if not binomial_se(row):
         return float(row["cv_accuracy_2se"])
     p = float(row["cv_accuracy"])
-    return 2.0 * math.sqrt(p * (1.0 - p) / int(row["n"]))
+    m = int(row["n"]) * max(1, int(row.get("n_datasets", 1)))
+    return 2.0 * math.sqrt(p * (1.0 - p) / m)
 
 
 def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None,
@@ -128,7 +145,9 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
         at_n = [r for r in rows if int(r["n"]) == n]
         curve = sorted((r for r in at_n if swept(r)), key=lam)
         sets = at_n[0]["n_datasets"] if at_n else 0
-        label = f"N = {n}" + (f" ({sets} sets)" if sets > 1 else " (1 set: binomial SE)")
+        degenerate = sets > 1 and any(binomial_se(r) for r in at_n)
+        label = f"N = {n}" + (f" ({sets} sets{', binomial SE where they agree' if degenerate else ''})"
+                              if sets > 1 else " (1 set: binomial SE)")
         if curve:
             x = np.array([math.log10(lam(r)) for r in curve])
             y = 100 * np.array([r["cv_accuracy"] for r in curve])
@@ -154,6 +173,13 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
                 marker="*", ms=15, color=color, markeredgecolor="black", linestyle="none",
                 zorder=5,
             )
+        tested = [r for r in at_n if r.get("test_accuracy") is not None]
+        if tested:  # --test: the models trained on this N, scored on the test split
+            tx = [xpos(r) + (dodge if xpos(r) in (x_ind, x_const) else 0.0) for r in tested]
+            order = np.argsort(tx)
+            ax.plot(np.array(tx)[order], 100 * np.array([r["test_accuracy"] for r in tested])[order],
+                    "--" if len(tested) > 1 else "", marker="^", ms=7, mfc="none", color=color,
+                    label=f"N = {n}: test accuracy", zorder=4)
         ref = (reference or {}).get(n)
         if ref is not None:  # the published values: hollow markers of the same colour
             lam_best = ref.get("best_lengthscale")
@@ -176,10 +202,12 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     ax.set_xticklabels(["indep.\n(λ=0)", *[str(t) for t in ticks], "mean pool\n(λ=∞)"])
     family = cfg.get("family", "matern32")
     ax.set_xlabel(f"log10 λ of the {family} readout (index units of its grid)")
-    ax.set_ylabel(f"{cfg.get('folds', 4)}-fold CV accuracy (%), ±2 SE")
+    any_test = any(r.get("test_accuracy") is not None for r in rows)
+    ax.set_ylabel(f"{cfg.get('folds', 4)}-fold CV accuracy (%), ±2 SE" + ("; test (▵)" if any_test else ""))
     if title is None:
+        kind = "NTK" if cfg.get("kernel") == "ntk" else "NNGP"
         arch, data = cfg.get("arch"), cfg.get("dataset", cfg.get("data"))
-        title = f"{arch} on {data}" if arch and data else "readout lengthscale sweep"
+        title = f"{arch} {kind} on {data}" if arch and data else f"readout lengthscale sweep ({kind})"
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")

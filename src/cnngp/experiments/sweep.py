@@ -962,20 +962,25 @@ def summary_table(results: dict) -> str:
     """A plain-text table like the paper's results table: per N, independent, mean pool, best λ, best.
 
     Accuracies in percent, ``± 2 SE`` over the disjoint blocks; where an N has one block
-    (its spread over blocks is undefined), the binomial ±2 SE of its predictions, marked ``b``
-    (:func:`cnngp.experiments.plots.accuracy_2se`).
+    (its spread over blocks is undefined), or whose blocks all agree (a degenerate spread), the
+    binomial ±2 SE of its predictions, marked ``b`` (:func:`cnngp.experiments.plots.accuracy_2se`).
+    The header names the kernel (NNGP or NTK).
     """
-    from cnngp.experiments.plots import accuracy_2se
+    from cnngp.experiments.plots import accuracy_2se, binomial_se
 
     rows = results["results"]
+    kind = "NTK" if results.get("config", {}).get("kernel") == "ntk" else "NNGP"
     head = (
         f"{'N':>6} {'sets':>4}  {'independent':>13}  {'mean pool':>13}  "
-        f"{'best readout':>18}  {'best':>13}"
+        f"{'best readout':>18}  {'best':>13}  ({kind}: CV accuracy %)"
     )
     lines = [head, "-" * len(head)]
+    marked = []
 
     def pct(r):
-        mark = "b" if int(r.get("n_datasets", 1)) == 1 else " "
+        mark = "b" if binomial_se(r) else " "
+        if mark == "b":
+            marked.append(r)
         return f"{100 * r['cv_accuracy']:5.1f} ± {100 * accuracy_2se(r):4.1f}{mark}"
 
     for b in results["best"]:
@@ -991,8 +996,11 @@ def summary_table(results: dict) -> str:
             f"{n:>6} {b['n_datasets']:>4}  {pct(ind):>13}  {pct(const):>13}  "
             f"{which:>18}  {pct(b):>13}"
         )
-    if any(int(b["n_datasets"]) == 1 for b in results["best"]):
-        lines.append("b: one data set at this N, binomial ±2 SE over its held-out predictions")
+    if any(int(r.get("n_datasets", 1)) == 1 for r in marked):
+        lines.append("b: one data set at this N, binomial ±2 SE over its held-out predictions"
+                     + ("; or data sets that all agree" if any(int(r.get("n_datasets", 1)) > 1 for r in marked) else ""))
+    elif marked:
+        lines.append("b: the data sets at this N all agree (no spread), binomial ±2 SE over their held-out predictions")
     if "test" in results:
         t = results["test"]
         lam = _fmt_lam(t["lengthscale"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,16 @@ class OffsetReadout:
         return amplitude * torch.tensordot(self.weights(lengthscale), self.S, 1) + self.bias_var
 
 
+def _warn_at_limit(res, max_iter: int, what: str) -> None:
+    """A warning when L-BFGS-B stopped because it ran out of iterations, not because it
+    converged: the values it returns are where it stopped, not an optimum."""
+    if not bool(res.success) and int(res.nit) >= int(max_iter):
+        warnings.warn(
+            f"max_iter: {what} stopped at its iteration limit ({int(max_iter)}) before converging "
+            f"({' '.join(str(res.message).split())}); the values learned are where it stopped: raise "
+            "max_iter (--max-iter)", RuntimeWarning, stacklevel=3)
+
+
 @dataclass
 class LearnResult:
     learned: dict
@@ -198,6 +209,7 @@ def learn_readout(
         record(x0)
         res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)),
                        callback=record, options={"maxiter": int(max_iter)})
+        _warn_at_limit(res, max_iter, f"the readout's L-BFGS-B from λ = {float(lam0):g}")
         lam, amp, noise = unpack(res.x).tolist()
         results.append({"start_lengthscale": float(lam0), "lengthscale": lam, "amplitude": amp,
                         "noise_variance": noise, "objective": -float(res.fun), "converged": bool(res.success),
@@ -324,6 +336,7 @@ def learn_spectral_mixture(
         record(x0)
         res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=record,
                        options={"maxiter": int(max_iter)})
+        _warn_at_limit(res, max_iter, f"the spectral mixture's L-BFGS-B from envelope {ell0:g}")
         w, mu, ell, amp, noise = unpack(res.x)
         results.append({"start_lengthscale": ell0, "start_amplitude": amp0, "start_noise_variance": noise0,
                         "warm": warm is not None and k == len(inits) - 1, "objective": -float(res.fun),
@@ -339,22 +352,39 @@ def learn_spectral_mixture(
 # -- every parameter of a network, by autograd (docs/maths.md §8) -----------------------------
 
 
+def _layer_names(net) -> dict:
+    """Layer index → the name its parameters carry: ``conv<i>`` for the conv at index i of
+    the flattened Serial, ``readout`` for the readout (``readout<i>`` if there are several)."""
+    from cnngp.kernels.layers import AvgPool, Conv, Readout
+
+    readouts = [i for i, layer in enumerate(net.layers) if isinstance(layer, Readout)]
+    out = {}
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Readout):
+            out[i] = "readout" if len(readouts) == 1 else f"readout{i}"
+        elif isinstance(layer, Conv) and not isinstance(layer, AvgPool):
+            out[i] = f"conv{i}"
+    return out
+
+
 def kernel_parameters(model) -> dict:
-    """The positive parameters of ``model``'s kernel, by name: ``"<i>.weight_var"``,
-    ``"<i>.bias_var"`` of every conv and readout (layer index i in the flattened Serial) and
-    ``"<i>.lengthscale"`` of every stationary correlation with 0 < λ < ∞ (the ends are exact
-    special cases, not points of a continuum). Values are floats."""
-    from cnngp.kernels.layers import AvgPool, Conv, Readout, Serial
+    """The positive parameters of ``model``'s kernel, by name: ``"<layer>.weight_var"``,
+    ``"<layer>.bias_var"`` of every conv and readout and ``"<layer>.lengthscale"`` of every
+    stationary correlation with 0 < λ < ∞ (the ends are exact special cases, not points of a
+    continuum); ``<layer>`` says which layer: ``conv<i>`` (i its index in the flattened
+    Serial, e.g. ``conv2.lengthscale``) or ``readout`` (``readout.lengthscale``). Values are
+    floats."""
+    from cnngp.kernels.layers import Serial
 
     net = model if isinstance(model, Serial) else Serial(model)
     out = {}
-    for i, layer in enumerate(net.layers):
-        if isinstance(layer, (Conv, Readout)) and not isinstance(layer, AvgPool):
-            out[f"{i}.weight_var"] = float(layer.weight_var)
-            out[f"{i}.bias_var"] = float(layer.bias_var)
-            lam = getattr(layer.correlation, "lengthscale", None)
-            if lam is not None and 0 < float(lam) < math.inf:
-                out[f"{i}.lengthscale"] = float(lam)
+    for i, name in _layer_names(net).items():
+        layer = net.layers[i]
+        out[f"{name}.weight_var"] = float(layer.weight_var)
+        out[f"{name}.bias_var"] = float(layer.bias_var)
+        lam = getattr(layer.correlation, "lengthscale", None)
+        if lam is not None and 0 < float(lam) < math.inf:
+            out[f"{name}.lengthscale"] = float(lam)
     return out
 
 
@@ -368,11 +398,12 @@ def with_parameters(model, values: dict):
 
     net = copy.deepcopy(model if isinstance(model, Serial) else Serial(model))
     known = kernel_parameters(net)
+    index = {name: i for i, name in _layer_names(net).items()}
     for name, v in values.items():
         if name not in known:
             raise CNNGPError(f"parameter {name!r}: not a parameter of this network; expected one of {sorted(known)}")
-        i, attr = name.split(".")
-        layer = net.layers[int(i)]
+        layer_name, attr = name.split(".")
+        layer = net.layers[index[layer_name]]
         if attr == "lengthscale":
             layer.correlation.lengthscale = v
         else:
@@ -396,7 +427,7 @@ def default_learnable(model) -> list[str]:
     names = [n for n in kernel_parameters(net) if n.endswith(".lengthscale")]
     last = len(net.layers) - 1
     if isinstance(net.layers[last], Readout):
-        names.append(f"{last}.weight_var")
+        names.append(f"{_layer_names(net)[last]}.weight_var")
     return names
 
 
@@ -432,10 +463,14 @@ def learn_network(
     progress=None,
     tile: int = 8,
     execution=None,
+    starts=None,
     **options,
 ) -> LearnResult:
     """Maximise ``objective`` over the network's parameters ``names`` (default
-    :func:`default_learnable`) and σ², by L-BFGS-B in log space from the model's own values.
+    :func:`default_learnable`) and σ², by L-BFGS-B in log space from the model's own values,
+    or, with ``starts`` (readout lengthscales), once from each with the readout's λ set to it
+    (the best is kept; ``LearnResult.starts`` has one entry per start, ``trace`` entries carry
+    ``start``). A run that stops at ``max_iter`` without converging warns.
 
     Each step: K = kernel(model) by the fast path (no graph), the objective and G = ∂obj/∂K
     from one factorisation, then Σ G ∂K/∂θ by :func:`kernel_vjp`. Cost per step: two kernel
@@ -468,8 +503,14 @@ def learn_network(
     bounds = [PARAMETER_BOUNDS[nm.split(".")[1]] for nm in names] + [
         (BOUNDS["noise_variance"][0] * scale, BOUNDS["noise_variance"][1] * scale)]
     lo, hi = np.log([b[0] for b in bounds]), np.log([b[1] for b in bounds])
-    x0 = np.clip(np.log([start[nm] for nm in names] + [1e-2 * scale]), lo, hi)
+    readout_lam = next((nm for nm in names if nm.startswith("readout") and nm.endswith(".lengthscale")), None)
+    if starts is not None and readout_lam is None:
+        raise CNNGPError("starts: the network's readout has no learned lengthscale to start from")
+    start_values = [None] if starts is None else [float(v) for v in starts]
+    if not start_values:
+        raise CNNGPError("starts: expected at least one starting lengthscale")
     trace, seen, t0 = [], {}, time.perf_counter()
+    current = [0]
 
     def f(theta):
         vals = np.exp(theta)
@@ -484,20 +525,35 @@ def learn_network(
         seen[tuple(theta)] = float(value.detach())
         return -float(value.detach()), -grad
 
+    step = [0]
+
     def record(theta):
         vals = np.exp(theta)
-        entry = {"step": len(trace), "objective": seen.get(tuple(theta)),
+        step[0] += 1
+        entry = {"start": current[0], "step": step[0], "objective": seen.get(tuple(theta)),
                  **dict(zip(names, vals[:-1].tolist())), "noise_variance": float(vals[-1])}
         trace.append(entry)
         if progress is not None:
             progress(entry)
 
-    record(x0)
-    res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)), callback=record,
-                   options={"maxiter": int(max_iter)})
-    vals = np.exp(res.x)
-    learned = dict(zip(names, vals[:-1].tolist()))
-    learned["noise_variance"] = float(vals[-1])
-    info = [{"converged": bool(res.success), "iterations": int(res.nit), "message": str(res.message)}]
-    return LearnResult(learned, -float(res.fun), trace, evaluations[0] * (n * (n + 1) // 2), info,
+    info, best = [], None
+    for k, lam0 in enumerate(start_values):
+        current[0], step[0] = k, 0
+        first = dict(start)
+        if lam0 is not None:
+            first[readout_lam] = lam0
+        x0 = np.clip(np.log([first[nm] for nm in names] + [1e-2 * scale]), lo, hi)
+        record(x0)
+        res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)), callback=record,
+                       options={"maxiter": int(max_iter)})
+        _warn_at_limit(res, max_iter, "the network's L-BFGS-B" + ("" if lam0 is None else f" from λ = {lam0:g}"))
+        vals = np.exp(res.x)
+        learned = dict(zip(names, vals[:-1].tolist()))
+        learned["noise_variance"] = float(vals[-1])
+        info.append({**({} if lam0 is None else {"start_lengthscale": lam0}), **learned,
+                     "objective": -float(res.fun), "converged": bool(res.success), "iterations": int(res.nit),
+                     "message": str(res.message)})
+        if best is None or info[-1]["objective"] > best[1]:
+            best = (learned, info[-1]["objective"])
+    return LearnResult(best[0], best[1], trace, evaluations[0] * (n * (n + 1) // 2), info,
                        time.perf_counter() - t0)
