@@ -16,7 +16,7 @@ the numbers; the Dask run is timed whole, cluster start included, and also by it
 * ``ntk``        ``cnngp.kernel(net, x, get="ntk")``
 
 Images: the first N CIFAR-10 training images of ../shared/data/cifar10_subset.npz when it is
-there, else uniform random 32×32×3 images (the cost does not depend on the pixel values).
+there, else of the repository's examples/cifar10-small.npz (N ≤ 320), else uniform random 32×32×3 images (the cost does not depend on the pixel values).
 The floor is that of benchmarks/README.md ("Physical limits"), for any network: every fused
 conv + ReLU writes its output position pairs once, each costing one ReLU expectation at the
 polynomial's rate on all cores (benchmarks/machine_limits.json) and one pass through the L3
@@ -49,14 +49,17 @@ from cnngp.kernels.layers import Conv  # noqa: E402
 from cnngp.provenance import versions  # noqa: E402
 
 CIFAR = HERE.parent.parent / "shared" / "data" / "cifar10_subset.npz"
+CIFAR_SMALL = HERE.parent / "examples" / "cifar10-small.npz"  # committed, 320 training images
 #: the paper's 27 readouts: independent, Matérn-3/2 at 25 lengthscales, mean pooling
 LENGTHSCALES = [0.0] + list(np.logspace(-1, 4.5, 25)) + [math.inf]
 
 
 def images(n: int) -> tuple[np.ndarray, str]:
-    if CIFAR.is_file():
-        with np.load(CIFAR) as d:
-            return d["x_train"][:n].astype(np.float32) / 255.0, f"{CIFAR.name} x_train[:{n}]"
+    for path in (CIFAR, CIFAR_SMALL):
+        if path.is_file():
+            with np.load(path) as d:
+                if len(d["x_train"]) >= n:
+                    return d["x_train"][:n].astype(np.float32) / 255.0, f"{path.name} x_train[:{n}]"
     rng = np.random.default_rng(0)
     return rng.uniform(size=(n, 32, 32, 3)).astype(np.float32), f"uniform random ({n}, 32, 32, 3)"
 
