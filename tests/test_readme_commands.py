@@ -101,10 +101,9 @@ VARIANTS: dict[str, tuple[list[str], int, tuple]] = {
         (pytest.mark.slow,)),
     f"cnngp kernel --arch myrtle10 --x1 {X} --out K.zarr --scheduler tcp://head:8786": (
         [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --scheduler {{scheduler}} --quiet"], 0,
-        (pytest.mark.slow, pytest.mark.xfail(strict=True, reason=(
-            "a relative store path reaches the workers of an existing cluster unresolved: they "
-            "run in another folder and fail with MissingFileError (cnngp.engine.distributed "
-            "run_self_task); --out must be made absolute before the tasks are sent")))),
+        # the workers of the cluster run in another folder: a relative --out reaches them
+        # as an absolute path (it once failed there with MissingFileError)
+        (pytest.mark.slow,)),
     f"cnngp kernel --arch myrtle10 --x1 {X} --out K.zarr": (
         [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --quiet"], 0, ()),
     "cnngp info K.zarr": (

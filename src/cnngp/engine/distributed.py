@@ -452,7 +452,9 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
                           f"{c.scheduler.address}" + (f", dashboard {report.dashboard}" if report.dashboard else ""),
                           file=sys.stderr)
                 start_progress()
-                _run_on_dask(c, str(out), key, recipe, blocks, todo, threads_per_worker, store.symmetric,
+                # workers of a cluster may run in another folder: they get the store's absolute
+                # path (os.path.abspath: symlinks are not followed)
+                _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker, store.symmetric,
                              report, tile_finished)
     finally:
         if bar is not None:
