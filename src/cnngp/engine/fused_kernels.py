@@ -830,12 +830,14 @@ def kron_conv(
 
 
 @njit(inline="always")
-def _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, tap_c):
+def _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, tap_c, may_fuse):
     """Stage 1 of :func:`kron_conv` for one slab (q0, q0'): T_m = Σ A_m[p0, p0'] slab(x0(q0, p0),
     x0(q0', p0')) into t (M, slab_len), from vf (B, N0, N0, slab_len). A rank-one Σ sums up to
-    four slabs per pass (tap_* are scratch); otherwise the taps go in groups sharing their
-    coefficients (one tap each, or the diagonals p0 − p0' = δ of a Toeplitz A_m): each
-    group's slabs are summed into dbuf, then T_m += coef·D."""
+    four slabs per pass (its valid taps left in tap_*); otherwise the taps go in groups sharing
+    their coefficients (one tap each, or the diagonals p0 − p0' = δ of a Toeplitz A_m): each
+    group's slabs are summed into dbuf, then T_m += coef·D. Returns True, summing nothing,
+    when may_fuse and the taps are three with one coefficient (the caller's final pass reads
+    the slabs)."""
     n_in0, s0, h0, pad0 = geom0[0], geom0[2], geom0[3], geom0[4]
     slab_len = t.shape[1]
     n_terms = ac.shape[1]
@@ -851,6 +853,8 @@ def _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, ta
                 tap_xb[ns] = xb
                 tap_c[ns] = ac[g, 0]
                 ns += 1
+        if may_fuse and ns == 3 and tap_c[0] == tap_c[1] and tap_c[1] == tap_c[2]:
+            return True
         tm = t[0]
         if ns == 0:
             tm[:] = 0
@@ -901,7 +905,7 @@ def _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, ta
                     for i in range(slab_len):
                         tm[i] += (c0 * a0[i] + c1 * a1[i]) + (c2 * a2[i] + c3 * a3[i])
             j += nk
-        return
+        return False
     t_init = False
     for g in range(a_ptr.shape[0] - 1):
         nd = 0
@@ -935,6 +939,7 @@ def _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, ta
         t_init = True
     if not t_init:
         t[:] = 0
+    return False
 
 
 @njit(inline="always")
@@ -1053,6 +1058,8 @@ def kron_conv_ntk(
         ph_n[pc] = max(0, (q_1 - i0 + so - 1) // so)
     pairs = so == 2 and ph_i0[0] == 0
     n_pair = ph_n[1] if so == 2 else 0
+    uniform_b = n_terms == 1 and n_src == 3 and s_coef[0] == s_coef[1] and s_coef[1] == s_coef[2]
+    tinf = vf if tin is None else tin.reshape((nb, v.shape[1], v.shape[2], slab_len))
     pair_off = np.empty(q_1, np.int64)
     for i in range(q_1):
         pair_off[i] = (o_ph[i] * so * ho + o_ix[i]) * ho + ph_k0[0]
@@ -1080,70 +1087,134 @@ def kron_conv_ntk(
                 for i in range(0, out_len, line):
                     _prefetch_write(oslab, i)
                     _prefetch_write(tslab, i)
-            _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, tap_c)
-            if tin is not None:
-                tinf = tin.reshape((nb, v.shape[1], v.shape[2], slab_len))
-                _stage1(tinf, b, q0, q0b, geom0, a_ptr, a_taps, ac, tt, dbuf, tap_x, tap_xb, tap_c)
-            for e in range(n_pre):
-                coef = s_coef[e]
-                src = t[s_term[e], s_off[e] : s_off[e] + n_acc]
-                src_t = tt[s_term[e], s_off[e] : s_off[e] + n_acc]
-                if e == 0:
-                    for i in range(n_acc):
-                        acc[i] = coef * src[i]
-                        acc_t[i] = coef * src_t[i]
+            fuse = _stage1(vf, b, q0, q0b, geom0, a_ptr, a_taps, ac, t, dbuf, tap_x, tap_xb, tap_c, uniform_b)
+            if tin is not None and not fuse:
+                _stage1(tinf, b, q0, q0b, geom0, a_ptr, a_taps, ac, tt, dbuf, tap_x, tap_xb, tap_c, False)
+            if fuse:  # stage 1 inside the final pass, as in kron_conv
+                cc = tap_c[0] * s_coef[0]
+                if direct:
+                    dst = outf[b, q0, q0b, base : base + n_acc]
+                    dst_t = toutf[b, q0, q0b, base : base + n_acc]
                 else:
-                    for i in range(n_acc):
-                        acc[i] += coef * src[i]
-                        acc_t[i] += coef * src_t[i]
-            o0 = s_off[n_pre]
-            o1 = s_off[n_pre + 1]
-            o2 = s_off[n_pre + 2]
-            u0 = t[s_term[n_pre], o0 : o0 + n_acc]
-            u1 = t[s_term[n_pre + 1], o1 : o1 + n_acc]
-            u2 = t[s_term[n_pre + 2], o2 : o2 + n_acc]
-            w0 = tt[s_term[n_pre], o0 : o0 + n_acc]
-            w1 = tt[s_term[n_pre + 1], o1 : o1 + n_acc]
-            w2 = tt[s_term[n_pre + 2], o2 : o2 + n_acc]
-            d0 = s_coef[n_pre]
-            d1 = s_coef[n_pre + 1]
-            d2 = s_coef[n_pre + 2]
-            if direct:
-                dst = outf[b, q0, q0b, base : base + n_acc]
-                dst_t = toutf[b, q0, q0b, base : base + n_acc]
-            else:
-                dst = val
-                dst_t = val_t
-            if act == 1:
+                    dst = val
+                    dst_t = val_t
+                o0 = s_off[0]
+                o1 = s_off[1]
+                o2 = s_off[2]
+                f0 = vf[b, tap_x[0], tap_xb[0]]
+                f1 = vf[b, tap_x[1], tap_xb[1]]
+                f2 = vf[b, tap_x[2], tap_xb[2]]
+                x00 = f0[o0 : o0 + n_acc]
+                x10 = f1[o0 : o0 + n_acc]
+                x20 = f2[o0 : o0 + n_acc]
+                x01 = f0[o1 : o1 + n_acc]
+                x11 = f1[o1 : o1 + n_acc]
+                x21 = f2[o1 : o1 + n_acc]
+                x02 = f0[o2 : o2 + n_acc]
+                x12 = f1[o2 : o2 + n_acc]
+                x22 = f2[o2 : o2 + n_acc]
                 syt = ryt[q0b]
                 iyr = iyt[q0b]
                 if tin is not None:
+                    g0 = tinf[b, tap_x[0], tap_xb[0]]
+                    g1 = tinf[b, tap_x[1], tap_xb[1]]
+                    g2 = tinf[b, tap_x[2], tap_xb[2]]
+                    y00 = g0[o0 : o0 + n_acc]
+                    y10 = g1[o0 : o0 + n_acc]
+                    y20 = g2[o0 : o0 + n_acc]
+                    y01 = g0[o1 : o1 + n_acc]
+                    y11 = g1[o1 : o1 + n_acc]
+                    y21 = g2[o1 : o1 + n_acc]
+                    y02 = g0[o2 : o2 + n_acc]
+                    y12 = g1[o2 : o2 + n_acc]
+                    y22 = g2[o2 : o2 + n_acc]
+                    if act == 1:
+                        for i in range(n_acc):
+                            sv = cc * (((x00[i] + x10[i]) + x20[i]) + ((x01[i] + x11[i]) + x21[i]) + ((x02[i] + x12[i]) + x22[i]))
+                            st = cc * (((y00[i] + y10[i]) + y20[i]) + ((y01[i] + y11[i]) + y21[i]) + ((y02[i] + y12[i]) + y22[i]))
+                            kv = w * sv + bias
+                            vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+                            dst[i] = vv
+                            dst_t[i] = ((w * st + oa * sv) + ob) * dv
+                    else:
+                        for i in range(n_acc):
+                            sv = cc * (((x00[i] + x10[i]) + x20[i]) + ((x01[i] + x11[i]) + x21[i]) + ((x02[i] + x12[i]) + x22[i]))
+                            st = cc * (((y00[i] + y10[i]) + y20[i]) + ((y01[i] + y11[i]) + y21[i]) + ((y02[i] + y12[i]) + y22[i]))
+                            dst[i] = w * sv + bias
+                            dst_t[i] = (w * st + oa * sv) + ob
+                elif act == 1:
                     for i in range(n_acc):
-                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
-                        st = ((acc_t[i] + d0 * w0[i]) + d1 * w1[i]) + d2 * w2[i]
-                        kv = w * sv + bias
-                        vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
-                        dst[i] = vv
-                        dst_t[i] = ((w * st + oa * sv) + ob) * dv
-                else:
-                    for i in range(n_acc):
-                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        sv = cc * (((x00[i] + x10[i]) + x20[i]) + ((x01[i] + x11[i]) + x21[i]) + ((x02[i] + x12[i]) + x22[i]))
                         kv = w * sv + bias
                         vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
                         dst[i] = vv
                         dst_t[i] = (oa * sv + ob) * dv
-            else:
-                if tin is not None:
-                    for i in range(n_acc):
-                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
-                        st = ((acc_t[i] + d0 * w0[i]) + d1 * w1[i]) + d2 * w2[i]
-                        dst[i] = w * sv + bias
-                        dst_t[i] = (w * st + oa * sv) + ob
                 else:
                     for i in range(n_acc):
-                        sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                        sv = cc * (((x00[i] + x10[i]) + x20[i]) + ((x01[i] + x11[i]) + x21[i]) + ((x02[i] + x12[i]) + x22[i]))
                         dst[i] = w * sv + bias
                         dst_t[i] = oa * sv + ob
+            if not fuse:
+                for e in range(n_pre):
+                    coef = s_coef[e]
+                    src = t[s_term[e], s_off[e] : s_off[e] + n_acc]
+                    src_t = tt[s_term[e], s_off[e] : s_off[e] + n_acc]
+                    if e == 0:
+                        for i in range(n_acc):
+                            acc[i] = coef * src[i]
+                            acc_t[i] = coef * src_t[i]
+                    else:
+                        for i in range(n_acc):
+                            acc[i] += coef * src[i]
+                            acc_t[i] += coef * src_t[i]
+                o0 = s_off[n_pre]
+                o1 = s_off[n_pre + 1]
+                o2 = s_off[n_pre + 2]
+                u0 = t[s_term[n_pre], o0 : o0 + n_acc]
+                u1 = t[s_term[n_pre + 1], o1 : o1 + n_acc]
+                u2 = t[s_term[n_pre + 2], o2 : o2 + n_acc]
+                w0 = tt[s_term[n_pre], o0 : o0 + n_acc]
+                w1 = tt[s_term[n_pre + 1], o1 : o1 + n_acc]
+                w2 = tt[s_term[n_pre + 2], o2 : o2 + n_acc]
+                d0 = s_coef[n_pre]
+                d1 = s_coef[n_pre + 1]
+                d2 = s_coef[n_pre + 2]
+                if direct:
+                    dst = outf[b, q0, q0b, base : base + n_acc]
+                    dst_t = toutf[b, q0, q0b, base : base + n_acc]
+                else:
+                    dst = val
+                    dst_t = val_t
+                if act == 1:
+                    syt = ryt[q0b]
+                    iyr = iyt[q0b]
+                    if tin is not None:
+                        for i in range(n_acc):
+                            sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                            st = ((acc_t[i] + d0 * w0[i]) + d1 * w1[i]) + d2 * w2[i]
+                            kv = w * sv + bias
+                            vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+                            dst[i] = vv
+                            dst_t[i] = ((w * st + oa * sv) + ob) * dv
+                    else:
+                        for i in range(n_acc):
+                            sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                            kv = w * sv + bias
+                            vv, dv = relu_both(kv, rxf[i] * syt[i], ixf[i] * iyr[i], c_lin, c_relu)
+                            dst[i] = vv
+                            dst_t[i] = (oa * sv + ob) * dv
+                else:
+                    if tin is not None:
+                        for i in range(n_acc):
+                            sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                            st = ((acc_t[i] + d0 * w0[i]) + d1 * w1[i]) + d2 * w2[i]
+                            dst[i] = w * sv + bias
+                            dst_t[i] = (w * st + oa * sv) + ob
+                    else:
+                        for i in range(n_acc):
+                            sv = ((acc[i] + d0 * u0[i]) + d1 * u1[i]) + d2 * u2[i]
+                            dst[i] = w * sv + bias
+                            dst_t[i] = oa * sv + ob
             if direct:  # the junk of each row fell on the zero padding: restore it
                 for q1 in range(q_1 - 1):
                     for i in range(q_1, hh):
