@@ -86,3 +86,45 @@ def test_sweep_refuses_a_days_long_job_without_yes_and_an_oversized_one(tmp_path
                    "this machine has 16 GiB available; use a smaller --n, fewer --lengthscales "
                    "or --n-test (or --store K.zarr)"], err
     assert not out.exists()
+
+
+def test_local_cluster_counts_every_worker_process_and_caps_threads(tmp_path, monkeypatch, capsys):
+    """Issue 28: ``--workers 1000 --memory-budget 1M`` started 177 processes (each ~260 MB
+    resident that the check did not count) before the machine went down."""
+    from cnngp.engine import distributed
+
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(3, 4, 4, 1)))
+    base = ["kernel", "--arch", "cnngp1", "--x1", str(tmp_path / "x.npz"), "--out", str(tmp_path / "k.zarr"),
+            "--quiet", "--dry-run"]
+    monkeypatch.setattr(resources, "available_memory", lambda: 24 * 1024**3)
+    assert main(base + ["--workers", "1000", "--memory-budget", "1M"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --workers 1000 (260 MiB per worker process"), err
+    assert "available" in err[0] and "fewer --workers" in err[0]
+    cores = __import__("os").cpu_count()
+    assert main(base + ["--threads-per-worker", str(cores + 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cnngp: error: --threads-per-worker {cores + 1}: this machine has {cores} cores; "
+                   f"use at most {cores}"], err
+    # what fits passes the gate (checked alone: no cluster is started here)
+    distributed.check_local_cluster(2, cores, 64 * 1024**2)
+    with pytest.raises(cnngp.CNNGPError, match=r"^--workers 80 "):
+        distributed.check_local_cluster(80, None, 64 * 1024**2)  # 80 × 324 MiB > 90% of 24 GiB
+
+
+def test_a_tile_plan_of_millions_of_tiles_is_refused_before_it_is_listed(tmp_path, capsys):
+    """Issue 28: ``--tile 1 --dry-run`` on 5,120 images planned 13 M tiles for minutes."""
+    from cnngp.engine import distributed
+    from cnngp.engine.gram import tile_plan
+
+    assert distributed.count_tiles(7, None, 2) == len(tile_plan(7, None, 2))
+    assert distributed.count_tiles(7, 5, 2) == len(tile_plan(7, 5, 2))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(1500, 3, 3, 1)))
+    out = tmp_path / "k.zarr"
+    argv = ["kernel", "--arch", "cnngp1", "--x1", str(tmp_path / "x.npz"), "--out", str(out), "--quiet",
+            "--dry-run", "--tile", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("cnngp: error: --tile 1: plans 1,125,750 tiles for 1500 images, over the "
+                       "1,000,000 accepted; use --tile 2 or more"), err
+    assert not out.exists()

@@ -44,6 +44,39 @@ __all__ = ["store_kernel", "StoreReport", "choose_tile", "dask_client", "TILE_SI
 
 #: tile sides :func:`choose_tile` picks from (largest first)
 TILE_SIZES = (1024, 512, 256, 128, 64, 32, 16)
+#: resident memory of one local Dask worker process with torch and cnngp imported (measured
+#: here: about 260 MB each), on top of the worker's --memory-budget
+WORKER_PROCESS_BYTES = 260 * 1024**2
+#: the most tiles a store's plan may hold (a smaller --tile plans more, and takes longer to list)
+MAX_TILES = 1_000_000
+
+
+def count_tiles(n1: int, n2: int | None, tile: int) -> int:
+    """len(tile_plan(n1, n2, tile)), without building the list."""
+    rows = -(-int(n1) // int(tile))
+    if n2 is None:
+        return rows * (rows + 1) // 2
+    return rows * -(-int(n2) // int(tile))
+
+
+def check_local_cluster(workers: int, threads: int | None, budget: int) -> None:
+    """Refuse, before any process starts, a local cluster this machine cannot hold: every worker
+    process costs :data:`WORKER_PROCESS_BYTES` plus its memory budget, and a worker's threads
+    are at most this machine's cores."""
+    from cnngp.engine.resources import check_job
+
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        raise CNNGPError(f"--threads-per-worker {threads}: this machine has {cores} cores; "
+                         f"use at most {cores}")
+    if not workers:
+        return
+    check_job(
+        f"--workers {workers} ({human_bytes(WORKER_PROCESS_BYTES)} per worker process plus its "
+        f"--memory-budget {human_bytes(budget)})",
+        memory_bytes=workers * (WORKER_PROCESS_BYTES + budget),
+        remedy="use fewer --workers or a smaller --memory-budget",
+    )
 
 
 @dataclass
@@ -343,8 +376,16 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     if threads_per_worker is None:
         threads_per_worker = max(1, (os.cpu_count() or 1) // n_workers) if (workers or client or scheduler) else None
+    if client is None and scheduler is None:  # this machine's processes: before any starts
+        check_local_cluster(workers or 0, ex.threads, budget)
     if tile is None:  # a store being resumed keeps its tile, whatever the workers now
         tile = KernelStore.stored_tile(out) or choose_tile(plan, n1, n2, grids, budget, n_workers)
+    n_tiles = count_tiles(n1, n2, tile)
+    if n_tiles > MAX_TILES:
+        n = max(n1, n2 or n1)
+        least = next(t for t in range(int(tile), n + 1) if count_tiles(n1, n2, t) <= MAX_TILES)
+        raise CNNGPError(f"--tile {tile}: plans {n_tiles:,} tiles for {n1}" + ("" if n2 is None else f"×{n2}")
+                         + f" images, over the {MAX_TILES:,} accepted; use --tile {least} or more")
     tiles = tile_plan(n1, n2, tile)
     # what a task needs to rebuild the plan: plain values (the engine included), no client
     recipe = (plan.body, plan.image_shape, dict(readouts=readouts, get=plan.kernels, offsets=bool(offsets),
@@ -377,6 +418,10 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
     provenance = {"versions": versions(), "labels": list(labels or []),
                   "self_grids": {str(k): list(v) for k, v in grids.items()},
                   "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")}}
+    if archive is not None:  # before the store is made: an archive inside it would overwrite it
+        from cnngp.engine.archive import check_archive_apart
+
+        check_archive_apart(archive, out, "--archive")
     store = KernelStore.create(out, identity, xa, xb, grids, provenance, what=what)
 
     start = time.perf_counter()
