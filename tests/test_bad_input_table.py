@@ -241,6 +241,8 @@ CASES: list[Case] = [
     Case("sweep-n-test-without-test", s("--n-test", "2"), need("--n-test", "--test")),
     Case("sweep-data-missing", s(data="missing.npz"), need("--data", *NOT_FOUND)),
     Case("sweep-data-without-y-train", s(data="no_labels.npz"), need("--data", "y_train")),
+    Case("sweep-data-labels-not-class-indices", s(data="sparse_labels.npz"),
+         need("--data", "class indices"), quick=True),
     Case("sweep-kernel-cache-folder", s("--kernel-cache", "adir"), need("--kernel-cache", *FOLDER)),
     Case("sweep-arch-unknown", s(arch="resnet50"), need("--arch", "unknown")),
     Case("sweep-out-inside-regular-file", s(out="x.npz/sw"), need("--out", *NOT_A_FOLDER)),
@@ -337,6 +339,9 @@ def make_inputs(folder: Path) -> None:
     # a tiny classification data set: 2 classes, 12 training and 4 test images
     np.savez(folder / "data.npz", x_train=rng.uniform(size=(12, 4, 4, 1)), y_train=np.arange(12) % 2,
              x_test=rng.uniform(size=(4, 4, 4, 1)), y_test=np.arange(4) % 2)
+    # labels that are not class indices: 0, 1e15, ..., 9e15 (once: 9e15 + 1 classes)
+    np.savez(folder / "sparse_labels.npz", x_train=rng.uniform(size=(20, 4, 4, 1)),
+             y_train=np.tile(np.arange(10, dtype=np.int64) * 10**15, 2))
     np.savez(folder / "no_labels.npz", x_train=rng.uniform(size=(12, 4, 4, 1)))
     # architecture files
     (folder / "specdir.json").mkdir()

@@ -284,6 +284,16 @@ def _load_npz_dataset(path: Path) -> Dataset:
         top = int(y_train.max(initial=-1))
         if y_test is not None:
             top = max(top, int(y_test.max(initial=-1)))
+        # labels are class indices: 0, 1e15, ... would make 1e15 classes (and one-hot rows);
+        # some classes may go unused, but never more classes than labelled images
+        n_labels = len(y_train) + (0 if y_test is None else len(y_test))
+        if top + 1 > max(n_labels, 2):
+            used = len(np.unique(y_train if y_test is None else np.concatenate([y_train, y_test])))
+            raise CNNGPError(
+                f"y_train in {path}: labels must be class indices 0..k-1 (accepted: k at most "
+                f"{max(n_labels, 2)}, the number of labels), but the largest is {top} for {used} "
+                f"distinct labels; remap them (e.g. np.unique(y, return_inverse=True)) or give class_names"
+            )
         class_names = tuple(str(i) for i in range(top + 1))
     return Dataset(x_train, y_train, x_test, y_test, path.stem, class_names)
 
