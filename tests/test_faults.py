@@ -559,7 +559,8 @@ def test_sigkill_never_leaves_a_torn_checkpoint(long_job, tmp_path, procs):
         assert proc.finish() == -signal.SIGKILL
         assert not out.exists()
         ck = _load_checkpoint(ckpt)
-        assert sorted(ck) == ["key", "pairs_done", "values"]
+        assert sorted(ck) == ["key", "pairs_done", "values", "values_sha256"]
+        assert str(ck["values_sha256"]) == storage.Checkpoint.checksum(ck["values"])
         done = _check_done_values(ck, reference, LONG_N)
         assert before + 3 <= done < LONG_PAIRS, (round_, before, done)
         # a save cut short by the kill may leave its temporary file, never a file under a
@@ -581,6 +582,9 @@ def _rewrite(ckpt: Path, **changes):
             arrays.pop(name)
         else:
             arrays[name] = value(arrays) if callable(value) else value
+    if "values" in changes and "values" in arrays and arrays["values"].dtype != object:
+        # a writer that checksummed what it wrote: these cases test the checks after the checksum
+        arrays["values_sha256"] = np.array(storage.Checkpoint.checksum(arrays["values"]))
     ckpt.unlink()
     with open(ckpt, "wb") as f:
         np.savez(f, **arrays)
@@ -654,6 +658,43 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(
     with np.load(out) as z:
         assert np.array_equal(z["kernel"], small_reference)
     assert not ckpt.exists()
+
+
+def _altered_done_value(ckpt: Path, change) -> None:
+    """Alter one done value in the file as it is, its checksum left as it was written."""
+    arrays = _load_checkpoint(ckpt)
+    r, c = _pairs_order(SMALL_N)
+    arrays["values"][0, r[1], c[1]] = change(arrays["values"][0, r[1], c[1]])
+    ckpt.unlink()
+    with open(ckpt, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("case", ["plus-1e300", "minus-5", "no-checksum"])
+def test_finite_altered_checkpoint_values_are_refused_by_their_checksum(
+    case, small_inputs, small_reference, tmp_path, monkeypatch, capsys
+):
+    """Issue 28: finite values altered in a checkpoint (+1e300, -5) passed every check and went
+    into the kernel with exit 0; a checkpoint without a checksum of its values is refused too."""
+    x1, _ = small_inputs
+    out = tmp_path / "k.npz"
+    ckpt = _interrupted_checkpoint(monkeypatch, capsys, x1, out)
+    if case == "no-checksum":
+        _rewrite(ckpt, values_sha256=None)
+        pattern = r"no checksum of its values"
+    else:
+        _altered_done_value(ckpt, (lambda v: v + 1e300) if case == "plus-1e300" else (lambda v: -5.0))
+        pattern = r"do not match their checksum"
+    before = _snapshot(tmp_path)
+    code, stdout, err = _run(_small_argv(x1, out), capsys)
+    assert code == 2 and stdout == "" and len(err) == 1, err
+    assert err[0].startswith(f"{PREFIX}checkpoint: {str(ckpt)!r} "), err[0]
+    assert re.search(pattern, err[0]) and "delete it to start over" in err[0], err[0]
+    assert _snapshot(tmp_path) == before and not out.exists()
+    ckpt.unlink()
+    assert main(_small_argv(x1, out)) == 0
+    with np.load(out) as z:
+        assert np.array_equal(z["kernel"], small_reference)
 
 
 def test_checkpoint_claiming_every_pair_done_is_used_as_is(

@@ -222,8 +222,10 @@ class Checkpoint:
     def load(self, shape, dtype, n_pairs: int) -> tuple[torch.Tensor, int] | None:
         """(matrix so far, pairs done), or None when there is nothing to resume.
 
-        Everything read is checked: the key, a pairs counter in ``0..n_pairs``, the shape
-        and a floating dtype. A file that fails is refused with a message naming it."""
+        Everything read is checked: the key, a pairs counter in ``0..n_pairs``, the shape,
+        a floating dtype and the sha256 of the values (:meth:`checksum`, saved with them: a
+        value altered in the file, finite or not, is refused). A file that fails is refused
+        with a message naming it."""
         if not self.path.exists():
             return None
         kind = _kind_of(self.path)
@@ -234,6 +236,7 @@ class Checkpoint:
                 key = z["key"]
                 done = z["pairs_done"]
                 values = z["values"]
+                checksum = z["values_sha256"] if "values_sha256" in z.files else None
         except Exception as e:
             raise CNNGPError(
                 f"checkpoint: {str(self.path)!r} is unreadable ({' '.join(str(e).split())}); "
@@ -254,16 +257,33 @@ class Checkpoint:
                 f"checkpoint: {str(self.path)!r} is corrupt (values {values.dtype} "
                 f"{values.shape}, expected float {tuple(shape)}); delete it to start over"
             )
+        if checksum is None:
+            raise CNNGPError(
+                f"checkpoint: {str(self.path)!r} has no checksum of its values (written by an older "
+                "cnngp, or altered); delete it to start over"
+            )
+        if checksum.shape != () or checksum.dtype.kind != "U" or str(checksum) != self.checksum(values):
+            raise CNNGPError(
+                f"checkpoint: {str(self.path)!r} is corrupt (its values do not match their checksum "
+                "values_sha256); delete it to start over"
+            )
         return torch.as_tensor(values, dtype=dtype), int(done)
+
+    @staticmethod
+    def checksum(values) -> str:
+        """sha256 of the values array (its shape, dtype and bytes), saved as ``values_sha256``."""
+        return fingerprint(np.asarray(values))
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every
 
     def save(self, values: torch.Tensor, pairs_done: int) -> None:
+        numbers = values.cpu().numpy()
         arrays = {
             "key": np.array(self.key),
             "pairs_done": np.array(pairs_done),
-            "values": values.cpu().numpy(),
+            "values": numbers,
+            "values_sha256": np.array(self.checksum(numbers)),
         }
         atomic_write(self.path, lambda f: np.savez(f, **arrays), what="checkpoint")
         self._last = time.monotonic()
