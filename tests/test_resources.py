@@ -128,3 +128,18 @@ def test_a_tile_plan_of_millions_of_tiles_is_refused_before_it_is_listed(tmp_pat
     assert err[-1] == ("cnngp: error: --tile 1: plans 1,125,750 tiles for 1500 images, over the "
                        "1,000,000 accepted; use --tile 2 or more"), err
     assert not out.exists()
+
+
+def test_learn_refuses_an_absurd_spectral_mixture_before_it_allocates(tmp_path, capsys):
+    """Issue 28: ``cnngp learn --spectral-mixture 1000000000`` started allocating."""
+    from cnngp.inference.learn import MAX_SPECTRAL_COMPONENTS, learn_spectral_mixture
+
+    out = tmp_path / "learn"
+    assert main(["learn", "--n", "40", "--spectral-mixture", "1000000000", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cnngp: error: --spectral-mixture: spectral_mixture: 1000000000 spectral-mixture components "
+                   f"is too many (accepted: 1..{MAX_SPECTRAL_COMPONENTS}; each adds parameters and a weight "
+                   "table to every step)"], err
+    assert not out.exists()
+    with pytest.raises(cnngp.CNNGPError, match=r"^components: 1000000000 .* too many"):
+        learn_spectral_mixture(np.zeros((1, 2, 2)), (1,), [0, 1], components=10**9)

@@ -731,6 +731,7 @@ _FLAGS = {
     "batch_size": "--batch-size", "memory_budget": "--memory-budget",
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
+    "spectral_mixture": "--spectral-mixture",
 }
 
 

@@ -251,6 +251,10 @@ class LearnProtocol:
             raise CNNGPError(f"params: expected 'readout', 'all' or 'internal', got {params!r}")
         if isinstance(spectral_mixture, bool) or not isinstance(spectral_mixture, (int, np.integer)) or spectral_mixture < 0:
             raise CNNGPError(f"spectral_mixture: expected a number of components >= 0, got {spectral_mixture!r}")
+        if spectral_mixture:
+            from cnngp.inference.learn import check_components
+
+            check_components(spectral_mixture, "spectral_mixture")
         if spectral_mixture and params != "readout":
             raise CNNGPError(f"spectral_mixture: only with params='readout' (--params readout), got params={params!r}")
         if self.family not in FAMILIES:

@@ -228,6 +228,20 @@ def learn_readout(
 #: amplitude carries the scale), frequencies in cycles per grid step (0 to Nyquist; cos is
 #: even, so the sign is immaterial), envelope lengthscales in grid steps
 SPECTRAL_BOUNDS = {"weight": (1e-4, 1e4), "mean": (0.0, 0.5), "lengthscale": (0.1, 1e4)}
+#: the most components a spectral mixture may have: each adds 2d + 1 parameters to L-BFGS-B and
+#: a (|offsets|,) weight table to every evaluation (memory and time grow with Q), and far fewer
+#: already describe any stationary readout of a CNN's grid
+MAX_SPECTRAL_COMPONENTS = 64
+
+
+def check_components(components, what: str = "components") -> int:
+    """``components`` as an int in 1..MAX_SPECTRAL_COMPONENTS, else a one-line CNNGPError."""
+    if isinstance(components, bool) or not isinstance(components, (int, np.integer)) or components < 1:
+        raise CNNGPError(f"{what}: expected an integer >= 1, got {components!r}")
+    if components > MAX_SPECTRAL_COMPONENTS:
+        raise CNNGPError(f"{what}: {components} spectral-mixture components is too many (accepted: 1.."
+                         f"{MAX_SPECTRAL_COMPONENTS}; each adds parameters and a weight table to every step)")
+    return int(components)
 
 
 def learn_spectral_mixture(
@@ -260,8 +274,7 @@ def learn_spectral_mixture(
 
     if objective not in OBJECTIVES:
         raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
-    if isinstance(components, bool) or not isinstance(components, (int, np.integer)) or components < 1:
-        raise CNNGPError(f"components: expected an integer >= 1, got {components!r}")
+    check_components(components)
     S = torch.as_tensor(S, dtype=torch.float64)
     grid = tuple(int(g) for g in grid)
     if S.dim() != 3 or S.shape[0] != math.prod(2 * g - 1 for g in grid) or S.shape[1] != S.shape[2]:
