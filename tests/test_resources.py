@@ -143,3 +143,27 @@ def test_learn_refuses_an_absurd_spectral_mixture_before_it_allocates(tmp_path, 
     assert not out.exists()
     with pytest.raises(cnngp.CNNGPError, match=r"^components: 1000000000 .* too many"):
         learn_spectral_mixture(np.zeros((1, 2, 2)), (1,), [0, 1], components=10**9)
+
+
+def test_a_gzip_bomb_in_mnist_is_refused_from_its_header_before_it_is_decompressed(tmp_path):
+    """Issue 28: a 3 MB MNIST ``.gz`` expanded to 6 GiB before the refusal. Here 60,000 blank
+    images (47 MB, 46 KB compressed): the header's declared size is checked against the file's
+    compressed size before the body is decompressed."""
+    import gzip
+    import struct
+
+    from cnngp.io.data import load_dataset
+
+    def write(name, shape):
+        with gzip.open(tmp_path / (name + ".gz"), "wb") as fh:
+            fh.write(struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape))
+            fh.write(bytes(int(np.prod(shape))))
+
+    write("train-images-idx3-ubyte", (60000, 28, 28))
+    write("train-labels-idx1-ubyte", (60000,))
+    write("t10k-images-idx3-ubyte", (10, 28, 28))
+    write("t10k-labels-idx1-ubyte", (10,))
+    with pytest.raises(cnngp.CNNGPError, match=r"train-images-idx3-ubyte\.gz: the IDX header declares shape "
+                                               r"\(60000, 28, 28\) \(47,040,000 bytes of data\), over the .* "
+                                               r"accepted for a .*-byte gzip file \(at most 200x; a decompression bomb\?\)"):
+        load_dataset(str(tmp_path))

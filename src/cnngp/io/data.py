@@ -521,41 +521,60 @@ def _load_cifar(folder: Path, train: Sequence[str], test: str, reader) -> Datase
 # --------------------------------------------------------------------------------------
 
 
+#: the largest IDX body read (MNIST's training images are 47 MB)
+MAX_IDX_BYTES = 2 * 1024**3
+#: the most a gzip'd IDX file may expand (MNIST: about 5x; a decompression bomb: 1000x)
+MAX_GZIP_RATIO = 200
+
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an IDX file (optionally gzip) holding a uint8 array of `ndim` dimensions."""
+    """Read an IDX file (optionally gzip) holding a uint8 array of `ndim` dimensions.
+
+    The header is read first and its declared size checked (at most :data:`MAX_IDX_BYTES`,
+    and for gzip at most :data:`MAX_GZIP_RATIO` times the compressed file) before the body is
+    decompressed, and then only as many bytes as it declares (plus one, to detect extra data)."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                raw = fh.read()
-        else:
-            raw = path.read_bytes()
+        compressed = path.stat().st_size
+        fh = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        with fh:
+            raw = fh.read(4)
+            if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+                raise CNNGPError(
+                    f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'} "
+                    "(expected 0x0000 followed by type and rank bytes)"
+                )
+            dtype_code, rank = raw[2], raw[3]
+            if dtype_code != 0x08:
+                raise CNNGPError(
+                    f"{path}: IDX element type 0x{dtype_code:02x} is not supported (accepted: "
+                    "0x08, unsigned bytes, as in MNIST)"
+                )
+            if rank != ndim:
+                raise CNNGPError(f"{path}: IDX rank is {rank}, expected {ndim}")
+            head = fh.read(4 * rank)
+            if len(head) < 4 * rank:
+                raise CNNGPError(f"{path} is truncated: the IDX header is incomplete")
+            dims = struct.unpack(f">{rank}I", head)
+            expected = int(np.prod(dims, dtype=np.int64))
+            limit = MAX_IDX_BYTES
+            if path.suffix == ".gz":
+                limit = min(limit, MAX_GZIP_RATIO * max(compressed, 1))
+            if expected > limit:
+                raise CNNGPError(
+                    f"{path}: the IDX header declares shape {dims} ({expected:,} bytes of data), over "
+                    f"the {limit:,} accepted" + (f" for a {compressed:,}-byte gzip file (at most "
+                    f"{MAX_GZIP_RATIO}x; a decompression bomb?)" if path.suffix == ".gz" else "")
+                )
+            body = fh.read(expected + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise CNNGPError(f"cannot read {path} (corrupt or truncated gzip?): {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise CNNGPError(
-            f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'} "
-            "(expected 0x0000 followed by type and rank bytes)"
-        )
-    dtype_code, rank = raw[2], raw[3]
-    if dtype_code != 0x08:
-        raise CNNGPError(
-            f"{path}: IDX element type 0x{dtype_code:02x} is not supported (accepted: "
-            "0x08, unsigned bytes, as in MNIST)"
-        )
-    if rank != ndim:
-        raise CNNGPError(f"{path}: IDX rank is {rank}, expected {ndim}")
-    header = 4 + 4 * rank
-    if len(raw) < header:
-        raise CNNGPError(f"{path} is truncated: the IDX header is incomplete")
-    dims = struct.unpack(f">{rank}I", raw[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
-    body = len(raw) - header
-    if body != expected:
+    if len(body) != expected:
+        held = f"{len(body)}" if len(body) <= expected else "more"
         raise CNNGPError(
             f"{path} is truncated or corrupt: the header announces shape {dims} "
-            f"({expected} bytes of data) but the file holds {body} bytes of data"
+            f"({expected} bytes of data) but the file holds {held} bytes of data"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def _find_mnist_file(folder: Path, stems: Sequence[str]) -> Path | None:
