@@ -265,3 +265,90 @@ def test_tiles_finished_on_dask_workers_are_archived(tmp_path):
                          archive=tmp_path / "arch", progress=False)
     assert (again.tiles_restored, again.tiles_computed) == (6, 0)
     assert np.array_equal(_stored(tmp_path / "b.zarr"), whole)
+
+
+# -- issue 28: everything read back is checked against what the store recorded ------------------
+
+
+def _store_with_missing_tiles(tmp_path, n=9, tile=3, **kwargs):
+    x = _images(n)
+    out = tmp_path / "a.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=out, tile=tile, progress=False, **kwargs)
+    for record in sorted((out / "records").glob("tile-*.json"))[:2]:
+        record.unlink()
+    return x, out
+
+
+def test_a_store_whose_stored_images_were_altered_is_refused_on_resume(tmp_path):
+    import zarr
+
+    x, out = _store_with_missing_tiles(tmp_path)
+    images = zarr.open_group(str(out), mode="r+")["images"]["x1"]
+    images[0] = images[0] + 0.5  # the attributes still hold the sha256 of the true images
+    records = sorted(p.name for p in (out / "records").iterdir())
+    with pytest.raises(CNNGPError, match=r"^--out: .*a\.zarr'.*images/x1 do not match .*x1_sha256"):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
+    assert sorted(p.name for p in (out / "records").iterdir()) == records  # nothing computed
+
+
+def test_swapped_archive_tiles_are_recomputed_not_restored_in_each_others_place(tmp_path, capsys):
+    x = _images(9)
+    whole = cnngp.readout_sweep(BODY, READOUTS, x).numpy()
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, archive=tmp_path / "arch",
+                 progress=False)
+    arch = tmp_path / "arch"
+    for ext in ("bin", "json"):  # two off-diagonal tiles of the same shape, each in the other's files
+        (arch / f"tile-0-1.{ext}").rename(arch / f"swap.{ext}")
+        (arch / f"tile-0-2.{ext}").rename(arch / f"tile-0-1.{ext}")
+        (arch / f"swap.{ext}").rename(arch / f"tile-0-2.{ext}")
+    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", tile=3, archive=arch,
+                          progress=False)
+    assert (report.tiles_restored, report.tiles_computed) == (4, 2)
+    err = capsys.readouterr().err
+    assert "tile tile-0-1" in err and "tile tile-0-2" in err and "rows" in err
+    assert np.array_equal(_stored(tmp_path / "b.zarr"), whole)
+
+
+@pytest.mark.parametrize("where", ["records", "./records", "store-in-archive"])
+def test_an_archive_inside_the_store_or_holding_it_is_refused(tmp_path, where):
+    x = _images(6)
+    if where == "store-in-archive":
+        archive, out = tmp_path / "arch", tmp_path / "arch" / "a.zarr"
+    else:
+        out = tmp_path / "a.zarr"
+        archive = f"{out}/{where}"
+    with pytest.raises(CNNGPError, match=r"^--archive: .*(inside the kernel store|holds the kernel store)"):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, archive=archive, progress=False)
+    assert not out.exists()  # refused before the store was made
+
+
+def test_an_existing_store_refuses_its_own_records_folder_as_archive(tmp_path):
+    x, out = _store_with_missing_tiles(tmp_path, n=6)
+    records = {p.name: p.read_bytes() for p in (out / "records").iterdir()}
+    with pytest.raises(CNNGPError, match=r"inside the kernel store"):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, archive=out / "." / "records", progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "records").iterdir()} == records
+
+
+def test_a_store_whose_recorded_dtype_differs_from_its_array_is_refused(tmp_path):
+    x, out = _store_with_missing_tiles(tmp_path)
+    meta = out / "kernel" / "zarr.json"
+    text = meta.read_text()
+    assert '"float64"' in text
+    meta.write_text(text.replace('"float64"', '"float32"'))
+    with pytest.raises(CNNGPError, match=r"a\.zarr'.*array kernel is float32.*records dtype float64"):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
+    with pytest.raises(CNNGPError, match=r"array kernel is float32"):
+        KernelStore.open(out)
+
+
+@pytest.mark.parametrize("linked", ["records", "images", "kernel/c"])
+def test_a_store_with_a_symlinked_subfolder_is_refused_and_nothing_is_written_outside(tmp_path, linked):
+    x, out = _store_with_missing_tiles(tmp_path)
+    outside = tmp_path / "outside"
+    shutil.move(str(out / linked), str(outside))
+    (out / linked).symlink_to(outside, target_is_directory=True)
+    before = sorted((p.relative_to(outside), p.stat().st_mtime_ns) for p in outside.rglob("*"))
+    with pytest.raises(CNNGPError, match=r"symbolic link"):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
+    assert sorted((p.relative_to(outside), p.stat().st_mtime_ns) for p in outside.rglob("*")) == before

@@ -40,6 +40,7 @@ from cnngp.engine.store import (
 from cnngp.errors import CNNGPError
 
 __all__ = ["TileArchive", "ARCHIVE_FORMAT", "archive_info", "is_archive", "check_archive_folder",
+           "check_archive_apart",
            "encode_tile", "decode_tile"]
 
 #: version tag of the archive layout
@@ -133,6 +134,28 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _inside(a: str, b: str) -> bool:
+    """``a`` is ``b`` or a path inside it."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def check_archive_apart(archive: Path, store: Path, what: str) -> None:
+    """Refuse an archive folder inside the store (``K.zarr/records`` would overwrite its
+    records) or a store inside the archive. Paths are compared as written, made absolute and
+    normalised (``K.zarr/./records``), and also with their links resolved."""
+    pairs = [(os.path.abspath(archive), os.path.abspath(store))]
+    try:
+        pairs.append((os.path.realpath(archive), os.path.realpath(store)))
+    except OSError:
+        pass
+    for a, s in pairs:
+        if _inside(a, s) or _inside(s, a):
+            where = "the kernel store itself" if a == s else (
+                "inside the kernel store" if _inside(a, s) else "a folder that holds the kernel store")
+            raise CNNGPError(f"{what}: {str(archive)!r} is {where} {str(store)!r}; give a tile archive "
+                             "folder outside the store (nothing was written)")
+
+
 class TileArchive:
     """The archive folder ``path`` of the store ``store`` (created if absent).
 
@@ -153,6 +176,7 @@ class TileArchive:
         self.what = what
         identity = {key: store.attrs.get(key) for key in IDENTITY_KEYS}
         header = self.path / "archive.json"
+        check_archive_apart(self.path, store.path, what)
         check_archive_folder(self.path, what)
         if header.is_file():
             try:
@@ -224,6 +248,12 @@ class TileArchive:
         try:
             if tuple(record.get("shape") or ()) != expected or record.get("codec") != CODEC:
                 raise ValueError(f"its record describes shape {record.get('shape')} / codec {record.get('codec')!r}")
+            rows, cols = [tile.rows.start, tile.rows.stop], [tile.cols.start, tile.cols.stop]
+            if record.get("rows") != rows or record.get("cols") != cols:
+                raise ValueError(f"its record is of rows {record.get('rows')} and columns {record.get('cols')}, "
+                                 f"not the tile's rows {rows} and columns {cols}")
+            if record.get("dtype") != str(np.dtype(self.store.kernel.dtype)):
+                raise ValueError(f"its record describes dtype {record.get('dtype')!r}")
             with open(self.path / f"{tile.name}.bin", "rb") as f:
                 block = decode_tile(f.read(), expected, self.store.kernel.dtype)
             if _checksum(block) != record.get("sha256"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -104,6 +105,31 @@ _WHAT = {
 }
 
 
+def _links_in(path: Path, deep: bool) -> str | None:
+    """The first symbolic link (or non-file, non-folder) inside the store folder ``path``, as
+    a path relative to it, or None. ``deep`` walks every folder (every chunk); otherwise the
+    store's own entries and their folders' entries (``records/``, ``images/x1``, ``kernel/c``
+    ...), which is what a task about to write checks. Nothing is followed (``lstat``)."""
+    stack = [(path, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue
+            if stat.S_ISDIR(mode):
+                if deep or depth < 2:
+                    stack.append((Path(entry.path), depth + 1))
+            elif not stat.S_ISREG(mode):
+                return os.path.relpath(entry.path, path)
+    return None
+
+
 class KernelStore:
     """A Gram matrix being computed, or computed, in a Zarr group at ``path``.
 
@@ -147,6 +173,7 @@ class KernelStore:
                     )
                 if not store.attrs.get("complete_layout"):
                     raise CNNGPError(f"{what}: {str(path)!r} was left half-created; delete it and run again")
+                store.check_for_work()
                 return store
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +231,59 @@ class KernelStore:
         if group.attrs.get("format") != STORE_FORMAT:
             raise CNNGPError(f"{what}: {str(path)!r} is not a {STORE_FORMAT} store "
                              f"(format {group.attrs.get('format')!r})")
-        return cls(path, group, what)
+        store = cls(path, group, what)
+        store._check_links(deep=False)
+        store._check_dtypes()
+        return store
+
+    # -- integrity: what is read back must be what the store recorded ---------------------
+    def _check_links(self, deep: bool) -> None:
+        link = _links_in(self.path, deep)
+        if link is not None:
+            raise CNNGPError(f"{self.what}: {str(self.path)!r} holds {link!r}, a symbolic link (or not a "
+                             "file or folder); cnngp writes only inside its own store and will not use it")
+
+    def _check_dtypes(self) -> None:
+        """The arrays' dtypes (in their zarr.json) are the store's recorded dtype."""
+        try:
+            recorded = np.dtype(self.attrs.get("dtype"))
+        except TypeError:
+            raise CNNGPError(f"{self.what}: {str(self.path)!r} records no valid dtype "
+                             f"({self.attrs.get('dtype')!r}); it was altered") from None
+        arrays = [("kernel", lambda: self.group["kernel"])]
+        for which in ("x1", "x2"):
+            for layer in self.attrs.get("self_layers") or []:
+                if which == "x1" or not self.symmetric:
+                    arrays.append((f"self/{which}/{layer}",
+                                   lambda w=which, l=layer: self.group["self"][w][str(l)]))
+        for name, get in arrays:
+            try:
+                actual = np.dtype(get().dtype)
+            except Exception as e:
+                raise CNNGPError(f"{self.what}: {str(self.path)!r} has no readable array {name} "
+                                 f"({' '.join(str(e).split()) or type(e).__name__}); it was altered") from None
+            if actual != recorded:
+                raise CNNGPError(f"{self.what}: {str(self.path)!r}: its array {name} is {actual}, but the store "
+                                 f"records dtype {recorded}; it was altered (delete it and run again)")
+
+    def check_for_work(self) -> None:
+        """Before computing into this store (a resume): no symbolic link anywhere inside it, and
+        its stored images hash to the sha256 it recorded of the inputs (the images every task
+        reads back), so that no tile is computed from altered images."""
+        self._check_links(deep=True)
+        for which in ("x1", "x2"):
+            recorded = self.attrs.get(f"{which}_sha256")
+            if recorded is None:
+                continue
+            try:
+                stored = np.asarray(self.group["images"][which][...])
+                same = fingerprint(stored) == recorded
+            except Exception:
+                same = False
+            if not same:
+                raise CNNGPError(f"{self.what}: {str(self.path)!r}: its stored images images/{which} do not "
+                                 f"match the sha256 it recorded of --{which} ({which}_sha256); the store was "
+                                 "altered, delete it and run again")
 
     # -- shape of the work ----------------------------------------------------------------
     @property
