@@ -259,6 +259,8 @@ CASES: list[Case] = [
     Case("montecarlo-width-absurd", m(width="100000000"),
          need("--width", "memory", "bytes", "GB", "GiB", "TB", "TiB"), quick=True),
     Case("montecarlo-samples-1", m(samples="1"), need("--samples", *INTEGER)),
+    Case("montecarlo-samples-days-without-yes", m(samples="1000000000"),
+         need("--samples", "pass --yes"), quick=True),
     Case("montecarlo-n2-without-x2", m("--n2", "1"), need("--n2", "only meaningful", "--x2")),
     Case("montecarlo-outputs-0", m("--outputs", "0"), need("--outputs", *INTEGER)),
     Case("montecarlo-seed-negative", m("--seed=-1"), need("--seed", *INTEGER, ">= ?0")),

@@ -167,3 +167,29 @@ def test_a_gzip_bomb_in_mnist_is_refused_from_its_header_before_it_is_decompress
                                                r"\(60000, 28, 28\) \(47,040,000 bytes of data\), over the .* "
                                                r"accepted for a .*-byte gzip file \(at most 200x; a decompression bomb\?\)"):
         load_dataset(str(tmp_path))
+
+
+def test_learn_and_montecarlo_have_the_one_hour_gate(tmp_path, monkeypatch, capsys):
+    """Issue 28: ``learn`` (ETA 15 h) and ``montecarlo --samples`` (53,000 h) started silently;
+    like the other commands they now need --yes past CNNGP_LONG_JOB_SECONDS."""
+    from cnngp.finite import network_seconds
+
+    net = cnngp.io.architectures.get("cnngp3")
+    one = network_seconds(net, (32, 32, 3), 1024, 100, 1, 16)
+    assert network_seconds(net, (32, 32, 3), 1024, 100, 20_000, 16) == pytest.approx(20_000 * one)
+    assert network_seconds(net, (32, 32, 3), 1024, 100, 20_000, 16) > 3600
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(3, 4, 4, 1)))
+    mc = ["montecarlo", "--arch", "cnngp1", "--x1", str(tmp_path / "x.npz"), "--width", "4",
+          "--samples", "1000000000", "--out", str(tmp_path / "mc.json"), "--quiet"]
+    assert main(mc) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --samples 1000000000 networks of --width 4 on "
+                                               "3 images: would take about"), err
+    assert "pass --yes" in err[0]
+    monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 1e-6)  # any learn is "long" now
+    out = tmp_path / "learn"
+    learn = ["learn", "--arch", "cnngp2", "--n", "40", "--out", str(out), "--quiet"]
+    assert main(learn) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --n (40 images, 820 pairs): would take about"), err
+    assert "pass --yes" in err[0] and not out.exists()

@@ -860,6 +860,50 @@ def network_memory(model, image_shape, width: int, n_outputs: int = 1, dtype="fl
     return int(w + act)
 
 
+#: floating-point operations per second assumed for one CPU core's share of a finite network
+#: (measured once per process by :func:`_flops_per_second`)
+_RATE: list = []
+
+
+def _flops_per_second() -> float:
+    """A quick measure of this machine's matmul rate (float32, a few ms), kept for the process."""
+    if not _RATE:
+        import time
+
+        a = torch.ones(256, 256)
+        torch.mm(a, a)  # warm up
+        start, reps = time.perf_counter(), 8
+        for _ in range(reps):
+            torch.mm(a, a)
+        elapsed = max(time.perf_counter() - start, 1e-6)
+        _RATE.append(max(1e8, 2 * 256**3 * reps / elapsed))
+    return _RATE[0]
+
+
+def network_seconds(model, image_shape, width: int, n_images: int, n_samples: int, n_outputs: int = 1, *,
+                    get="nngp") -> float:
+    """Seconds, roughly, that ``n_samples`` finite networks of ``width`` take on ``n_images``
+    images of ``image_shape`` (``(*spatial, C)``): each sample draws its weights and runs every
+    image forward (2 flops per weight per output position; the empirical NTK also runs backward,
+    once per output), at this machine's measured matmul rate. Nothing is allocated."""
+    layers = _flatten_layers(model)
+    spatial = tuple(int(s) for s in image_shape[:-1])
+    grids = Serial(*layers).grids(spatial)
+    shape = (int(image_shape[-1]),) + spatial
+    params = flops = 0
+    for i, layer in enumerate(layers):
+        rule = _sizes_of(layer)
+        channels_out = int(n_outputs) if i == len(layers) - 1 else int(width)
+        p, out = (0, shape) if rule is None else rule(layer, shape, tuple(grids[i + 1]), channels_out)
+        params += p
+        flops += 2 * p * math.prod(out[1:]) + math.prod(out)
+        shape = out
+    if "ntk" in parse_get(get):
+        flops *= 1 + 2 * int(n_outputs)
+    total = float(n_samples) * (float(flops) * float(n_images) + 20.0 * params)
+    return total / _flops_per_second()
+
+
 def _sizes_of(layer):
     """The size rule registered for ``layer``'s class (through its MRO), or None."""
     for cls in type(layer).__mro__:

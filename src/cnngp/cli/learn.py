@@ -59,7 +59,7 @@ def cmd_learn(args) -> int:
         spectral_mixture=args.spectral_mixture,
     )
     result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
-                       execution=execution_from_args(args))
+                       execution=execution_from_args(args), yes=args.yes)
     result["config"]["command"] = command_line(args)
     png = io.BytesIO()
     learned_figure(result, png)
@@ -126,4 +126,5 @@ def register(subparsers) -> None:
     p.add_argument("--max-iter", type=int_at_least(1), default=100, help="L-BFGS-B iterations per start (default 100)")
     p.add_argument("--out", default="cnngp-learn", help="output directory (default cnngp-learn)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
     p.set_defaults(func=cmd_learn, out_kind="dir", out_files=("learned.json", "learned.png"))

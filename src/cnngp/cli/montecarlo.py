@@ -98,6 +98,15 @@ def cmd_montecarlo(args) -> int:
         memory_bytes=network_memory(net, x1.shape[1:], width, outputs, args.dtype, get=get),
         remedy="one finite network of this width on one image does not fit; use a smaller --width",
     )
+    from cnngp.finite import network_seconds
+
+    n_images = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    check_job(
+        f"--samples {samples} networks of --width {width} on {n_images} images",
+        seconds=network_seconds(net, x1.shape[1:], width, n_images, samples, outputs, get=get),
+        yes=args.yes,
+        remedy="use fewer --samples, a smaller --width or fewer images (--n1)",
+    )
     ex = execution_from_args(args)  # the finite networks' (--dtype, --memory-budget per batch of networks)
     analytic_ex = ex.replace(dtype="float64", memory_budget=None, progress=False)  # the kernel's
     check_gram("--x1", net, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],

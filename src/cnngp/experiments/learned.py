@@ -275,7 +275,8 @@ class LearnProtocol:
 
 
 def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol | None = None, *,
-              on_step=None, data_label: str | None = None, execution=None, **options) -> dict:
+              on_step=None, data_label: str | None = None, execution=None, yes: bool = True,
+              **options) -> dict:
     """Learn the readout λ of ``network`` on ``n`` class-balanced training images and compare
     it with the grid search; returns the JSON-ready ``learned.json`` dictionary (see the
     module docstring and README "Learning the correlation").
@@ -286,7 +287,9 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     README "Execution options") computes the body pass; with its ``store`` (``S.zarr``) the
     offset sums go into that resumable tiled store (and ``S-test.zarr`` with ``test``) or are
     reused from it, so that another objective on the same data costs no body pass. ``options``:
-    settings of either by name (``run_learn(net, "digits", 40, params="internal", dtype="float32")``)."""
+    settings of either by name (``run_learn(net, "digits", 40, params="internal", dtype="float32")``).
+    ``yes=False`` (the ``learn`` command without ``--yes``) refuses a body pass estimated over
+    an hour (:func:`cnngp.engine.resources.check_job`) before it starts."""
     protocol_options = {k: options.pop(k) for k in list(options) if k in LearnProtocol.names()}
     if protocol is None:
         protocol = LearnProtocol(**protocol_options)
@@ -336,6 +339,15 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     grid = body.grids(tuple(x.shape[1:-1]))[-1]
     if not grid:
         raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
+    if not yes:  # the body pass priced (and timed when long) before it starts: the one-hour gate
+        from cnngp.engine.gram import check_gram
+        from cnngp.kernels.layers import Readout
+
+        priced = Serial(*body.layers, Readout())
+        check_ex = _in_memory(ex).replace(progress=False)
+        check_gram("--n", priced, x.shape[1:], n, yes=False, images=x, execution=check_ex)
+        if test:
+            check_gram("--test", priced, x.shape[1:], len(x_test), n, yes=False, images=x_test, execution=check_ex)
     t0 = time.perf_counter()
     S = _offset_sums(body, x, None, ex)
     S_test = None
