@@ -60,7 +60,11 @@ def test_dask_estimate_schedules_the_tiles():
     assert tiles == [136, 256, 136]
     r = _rates(pair=0.01, image=0.0, warm=0.0, start=0.0)
     est = timing.estimate(r, [timing.Stage("kernel", 32)], workers=2, tile_pairs=[tiles])
-    assert est.seconds == pytest.approx(timing.CLUSTER_START_SECONDS + 2.72)
+    # + the cluster's start and stop and a cold worker's start (at least the typical one)
+    start = timing.CLUSTER_START_SECONDS + timing.TYPICAL_START_SECONDS + timing.CLUSTER_STOP_SECONDS
+    assert est.seconds == pytest.approx(start + 2.72)
+    warm = timing.estimate(r, [timing.Stage("kernel", 32)], workers=2, tile_pairs=[tiles], cold_workers=False)
+    assert warm.seconds == pytest.approx(2.72)  # running workers: the schedule alone
 
 
 def test_measure_times_the_real_plan():

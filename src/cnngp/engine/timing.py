@@ -36,6 +36,8 @@ TARGET_SECONDS = 1.0
 MAX_SIDE = 48
 #: a local Dask cluster: the scheduler and the nanny processes before workers import anything
 CLUSTER_START_SECONDS = 1.5
+#: closing a local cluster (its workers and scheduler) at the end
+CLUSTER_STOP_SECONDS = 1.0
 #: a fresh process's start (interpreter, torch, cnngp) where this one cannot tell (2-core VM: 2-3 s)
 TYPICAL_START_SECONDS = 3.0
 #: this process is taken as freshly started (a command) when younger than this (seconds)
@@ -191,7 +193,10 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
             lines.append(f"  {st.name}: {sum(pairs):,} pairs, {st.images:,} images: about {_human(s)}")
         lines.append(f"estimate: about {_human(total)} with this command's start ({rates.describe()})")
         return Estimate(total, tuple(lines))
-    start = CLUSTER_START_SECONDS + rates.start_seconds + rates.warmup_seconds if cold_workers else 0.0
+    # a cold worker imports more than this command had when it was timed (distributed, the
+    # task modules): at least the typical start, then numba loads the kernels on its first call
+    worker = max(rates.start_seconds, TYPICAL_START_SECONDS) + rates.warmup_seconds
+    start = CLUSTER_START_SECONDS + worker + CLUSTER_STOP_SECONDS if cold_workers else 0.0
     for st, pairs in zip(stages, tiles):
         blocks = [min(images_per_task, st.images - i) * rates.seconds_per_image
                   for i in range(0, st.images, images_per_task)]
@@ -202,7 +207,7 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
         lines.append(f"  {st.name}: {sum(pairs):,} pairs in {len(pairs)} tile(s), {st.images:,} images, "
                      f"on {workers} worker(s): about {_human(s)}")
     total += start
-    lines.append(f"  start: cluster and workers about {_human(start)}")
+    lines.append(f"  start: this command, the cluster and its workers about {_human(start + rates.start_seconds)}")
     lines.append(f"estimate: about {_human(total)} on {workers} worker(s) ({rates.describe()})")
     return Estimate(total, tuple(lines))
 
