@@ -193,3 +193,40 @@ def test_learn_and_montecarlo_have_the_one_hour_gate(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnngp: error: --n (40 images, 820 pairs): would take about"), err
     assert "pass --yes" in err[0] and not out.exists()
+
+
+def test_a_dense_readout_is_counted_and_not_built_to_plan(tmp_path, monkeypatch, capsys):
+    """Issue 28: a Matérn readout on a large grid built |P|×|P| matrices inside the check
+    (``cnngp info ... --shape 200x200``: 17.5 GiB) and was not counted by it (a run peaked at
+    7.1 GiB against the 4.5 it estimated)."""
+    import tracemalloc
+
+    from cnngp.engine.gram import READOUT_MATRICES
+
+    net = cnngp.io.architectures.get("cnngp1", readout=cnngp.Matern(1.5, 2.0))
+    p = 70 * 70
+    per_pair = estimate_cost(cnngp.io.architectures.get("cnngp1", readout=cnngp.Constant()), (70, 70, 1), 3,
+                             memory_budget=1024**2).working_bytes
+    cost = estimate_cost(net, (70, 70, 1), 3, memory_budget=1024**2)
+    # Σ's |P|² float64 arrays, counted once on top of a pair's working set
+    assert cost.working_bytes >= per_pair + READOUT_MATRICES * p * p * 8
+    independent = cnngp.io.architectures.get("cnngp1")
+    assert estimate_cost(independent, (70, 70, 1), 3).working_bytes < p * p * 8
+    # planning (info's representation, the cost check) reads Σ's support from its offset table
+    tracemalloc.start()
+    try:
+        assert main(["info", "--arch", "cnngp2", "--readout", "matern32:2", "--shape", "70x70"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024**2, peak  # one 4900² float64 matrix alone is 183 MiB
+    capsys.readouterr()
+    # and a run whose Σ does not fit is refused before it is built
+    monkeypatch.setattr(resources, "available_memory", lambda: 1536 * 1024**2)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(3, 70, 70, 1)))
+    out = tmp_path / "k.npz"
+    assert main(["kernel", "--arch", "cnngp1", "--readout", "matern32:2", "--x1", str(tmp_path / "x.npz"),
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cnngp: error: --x1 (3 images, 6 pairs): needs about") and "available" in err[-1], err
+    assert not out.exists()

@@ -165,6 +165,23 @@ def _bytes_per_item(plan: _Plan, flags, depth, itemsize) -> int:
     return peak * itemsize
 
 
+#: float64 |P|×|P| arrays a dense readout Σ holds while it is built and used (the cached
+#: distances, the profile's temporaries, Σ itself and its band or flattened copy)
+READOUT_MATRICES = 6
+
+
+def readout_matrix_bytes(heads, last) -> int:
+    """Memory the readouts' dense Σ (|P|×|P| over the last grid ``last``) take, built once per
+    computation before any pair: 0 for the independent and constant ends (no matrix)."""
+    size = math.prod(last) if last else 1
+    total = 0
+    for h in heads:
+        kind = h.correlation_kind(last) if last and hasattr(h, "correlation_kind") else "independent"
+        if kind not in ("independent", "constant"):
+            total += READOUT_MATRICES * size * size * 8
+    return total
+
+
 def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
@@ -256,7 +273,8 @@ def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readout
         pairs=pairs,
         seconds=seconds,
         output_bytes=n_out * n1 * (n1 if symmetric else n2) * itemsize,
-        working_bytes=int(min(max(per, budget), per * max(1, pairs))),
+        working_bytes=int(min(max(per, budget), per * max(1, pairs)))
+        + readout_matrix_bytes(plan.heads, plan.grids[-1]),
     )
 
 

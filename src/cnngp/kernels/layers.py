@@ -548,9 +548,18 @@ class Readout(Layer):
         if kind == "constant":
             return True
         # a Σ with compact support (exact zeros far from its diagonal) reads only a band
+        d = len(spatial)
+        if hasattr(self.correlation, "offset_weights"):
+            # stationary: the support read from the offset table, O(|P|), not the |P|×|P| Σ
+            from cnngp.kernels.correlations import offsets
+
+            delta, _ = offsets(tuple(spatial))
+            w = self.correlation.offset_weights(tuple(spatial)).detach().numpy()
+            support = np.abs(delta[w != 0])
+            radius = tuple(int(support[:, k].max()) if support.size else 0 for k in range(d))
+            return band_or_full(radius, spatial)
         m = self.correlation.matrix(spatial).reshape(tuple(spatial) * 2).detach().numpy()
         coords = np.nonzero(m)
-        d = len(spatial)
         radius = tuple(
             int(np.abs(coords[k] - coords[d + k]).max()) if coords[0].size else 0 for k in range(d)
         )
