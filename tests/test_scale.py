@@ -291,7 +291,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
     # on 3 cold workers: the start of the cluster and of the workers, then the busiest worker
     assert plan["estimated_seconds"] >= timing.CLUSTER_START_SECONDS + plan["start_seconds"] + (
         plan["estimated_seconds_one_worker"] / 3) * 0.999
-    assert "on 3 worker(s)" in plan["estimate"] and "start: cluster and workers" in plan["estimate"]
+    assert "on 3 worker(s)" in plan["estimate"] and "start: this command, the cluster and its workers" in plan["estimate"]
     assert not out.exists()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5", "--quiet") == 0
     capsys.readouterr()
