@@ -81,8 +81,9 @@ def test_sweep_refuses_a_days_long_job_without_yes_and_an_oversized_one(tmp_path
     finally:
         resources.available_memory = real
     err = capsys.readouterr().err.strip().splitlines()
-    # float32 (the sweep's default) kernels and their float64 copy: 200 × 5120² × 12 B + 2 GiB
-    assert err == ["cnngp: error: --n 5120 with 200 readouts: needs about 60.6 GiB of memory but "
+    # float32 (the sweep's default) kernels and their float64 copy: 200 × 5120² × 12 B + 2 GiB,
+    # and the dense readouts' Σ over the 32×32 grid (198 kept + 5 temporaries) × 1024² × 8 B
+    assert err == ["cnngp: error: --n 5120 with 200 readouts: needs about 62.2 GiB of memory but "
                    "this machine has 16 GiB available; use a smaller --n, fewer --lengthscales "
                    "or --n-test (or --store K.zarr)"], err
     assert not out.exists()

@@ -860,6 +860,8 @@ def network_memory(model, image_shape, width: int, n_outputs: int = 1, dtype="fl
     return int(w + act)
 
 
+#: seconds of fixed cost per sampled network and layer (seeding, drawing, launching)
+SECONDS_PER_SAMPLE_LAYER = 5e-5
 #: floating-point operations per second assumed for one CPU core's share of a finite network
 #: (measured once per process by :func:`_flops_per_second`)
 _RATE: list = []
@@ -901,7 +903,9 @@ def network_seconds(model, image_shape, width: int, n_images: int, n_samples: in
     if "ntk" in parse_get(get):
         flops *= 1 + 2 * int(n_outputs)
     total = float(n_samples) * (float(flops) * float(n_images) + 20.0 * params)
-    return total / _flops_per_second()
+    # plus each sample's fixed cost per layer (seeding, drawing, launching), which dominates
+    # small networks whatever the matmul rate
+    return total / _flops_per_second() + float(n_samples) * len(layers) * SECONDS_PER_SAMPLE_LAYER
 
 
 def _sizes_of(layer):

@@ -172,14 +172,15 @@ READOUT_MATRICES = 6
 
 def readout_matrix_bytes(heads, last) -> int:
     """Memory the readouts' dense Σ (|P|×|P| over the last grid ``last``) take, built once per
-    computation before any pair: 0 for the independent and constant ends (no matrix)."""
+    computation before any pair: 0 for the independent and constant ends (no matrix). With
+    one dense readout, :data:`READOUT_MATRICES` arrays."""
     size = math.prod(last) if last else 1
-    total = 0
-    for h in heads:
-        kind = h.correlation_kind(last) if last and hasattr(h, "correlation_kind") else "independent"
-        if kind not in ("independent", "constant"):
-            total += READOUT_MATRICES * size * size * 8
-    return total
+    dense = sum(1 for h in heads if last and hasattr(h, "correlation_kind")
+                and h.correlation_kind(last) not in ("independent", "constant"))
+    if not dense:
+        return 0
+    # the temporaries once (readouts are built one at a time), and each readout's Σ kept
+    return (READOUT_MATRICES - 1 + dense) * size * size * 8
 
 
 def _batch_size(plan, flags, depth, itemsize, budget, requested) -> int:
