@@ -474,7 +474,6 @@ def learn_network(
     n_classes: int | None = None,
     max_iter: int = 50,
     progress=None,
-    tile: int = 8,
     execution=None,
     starts=None,
     **options,
@@ -488,14 +487,15 @@ def learn_network(
     Each step: K = kernel(model) by the fast path (no graph), the objective and G = ∂obj/∂K
     from one factorisation, then Σ G ∂K/∂θ by :func:`kernel_vjp`. Cost per step: two kernel
     passes (N(N+1)/2 pairs each, the second with autograd and its backward). ``progress(entry)``
-    is called on every step; ``tile`` is :func:`kernel_vjp`'s; ``execution`` and the execution
-    options (:class:`cnngp.Execution`) compute the fast-path kernels."""
+    is called on every step; ``execution`` and the execution options (:class:`cnngp.Execution`)
+    compute the fast-path kernels, and their ``tile`` (default 8) is :func:`kernel_vjp`'s."""
     from scipy.optimize import minimize
 
     from cnngp.engine.execution import COMPUTE, Execution
     from cnngp.engine.gram import kernel
 
-    ex = Execution.build(execution, options, where="learn_network", accepted=COMPUTE)
+    ex = Execution.build(execution, options, where="learn_network", accepted=COMPUTE + ("tile",))
+    tile = ex.tile or 8
 
     if objective not in OBJECTIVES:
         raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
