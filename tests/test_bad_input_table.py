@@ -158,6 +158,9 @@ CASES: list[Case] = [
          need("--arch", "depth", "too deep", "too many", "large", "at most"), quick=True),
     # -- kernel: --arch spec files
     Case("kernel-spec-missing", k(arch="missing.json"), need("--arch", *NOT_FOUND)),
+    Case("kernel-spec-weight-var-string", k(arch="string_weight_var.json"),
+         need("--arch", "weight_var.*must be a number.*layer 0|layer 0.*weight_var.*must be a number")),
+    Case("kernel-width-without-standard", k("--width", "8"), need("--width", "--parameterization standard")),
     Case("kernel-spec-folder", k(arch="specdir.json"), need("--arch", *FOLDER)),
     Case("kernel-spec-invalid-json", k(arch="invalid.json"), need("--arch", "JSON")),
     Case("kernel-spec-json-list", k(arch="list.json"), need("--arch", "object", "list")),
@@ -240,6 +243,7 @@ CASES: list[Case] = [
     Case("sweep-seed-negative", s("--seed=-1"), need("--seed", *INTEGER, ">= ?0")),
     Case("sweep-n-test-without-test", s("--n-test", "2"), need("--n-test", "--test")),
     Case("sweep-data-missing", s(data="missing.npz"), need("--data", *NOT_FOUND)),
+    Case("sweep-data-one-class", s(data="one_class.npz"), need("--data", "only 1 class", "at least 2 classes")),
     Case("sweep-data-without-y-train", s(data="no_labels.npz"), need("--data", "y_train")),
     Case("sweep-data-labels-not-class-indices", s(data="sparse_labels.npz"),
          need("--data", "class indices"), quick=True),
@@ -270,6 +274,8 @@ CASES: list[Case] = [
     Case("montecarlo-out-existing-folder", m(out="adir"), need("--out", *OUT_FOLDER)),
     Case("montecarlo-device-nonsense", m("--device", "nonsense"), need("--device", "device", "nonsense")),
     Case("montecarlo-memory-budget-0", m("--memory-budget", "0"), need("--memory-budget", *SIZE)),
+    Case("montecarlo-n1-beyond-images", m("--n1", "5"), need("--n1", "more than", "images")),
+    Case("montecarlo-n2-beyond-images", m("--x2", "x.npz", "--n2", "9"), need("--n2", "more than", "images")),
     # -- info
     Case("info-arch-unknown", i(arch="resnet50"), need("--arch", "unknown")),
     Case("info-arch-absurd-depth", i(arch="cnngp100000000"),
@@ -344,6 +350,8 @@ def make_inputs(folder: Path) -> None:
     # labels that are not class indices: 0, 1e15, ..., 9e15 (once: 9e15 + 1 classes)
     np.savez(folder / "sparse_labels.npz", x_train=rng.uniform(size=(20, 4, 4, 1)),
              y_train=np.tile(np.arange(10, dtype=np.int64) * 10**15, 2))
+    np.savez(folder / "one_class.npz", x_train=rng.uniform(size=(12, 4, 4, 1)), y_train=np.zeros(12, dtype=np.int64),
+             x_test=rng.uniform(size=(4, 4, 4, 1)), y_test=np.zeros(4, dtype=np.int64))
     np.savez(folder / "no_labels.npz", x_train=rng.uniform(size=(12, 4, 4, 1)))
     # architecture files
     (folder / "specdir.json").mkdir()
@@ -355,6 +363,8 @@ def make_inputs(folder: Path) -> None:
     (folder / "neg_lengthscale.json").write_text(json.dumps({"layers": [
         {"type": "conv", "correlation": {"type": "matern", "nu": 1.5, "lengthscale": -1}},
         {"type": "relu"}, {"type": "readout"}]}))
+    (folder / "string_weight_var.json").write_text(json.dumps({"layers": [
+        {"type": "conv", "weight_var": "1"}, {"type": "relu"}, {"type": "readout"}]}))
     (folder / "no_readout.json").write_text(json.dumps({"layers": [{"type": "conv"}, {"type": "relu"}]}))
     # outputs that are not regular files
     os.mkfifo(folder / "fifo")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,22 @@ def test_bad_images(x, match):
         return
     with pytest.raises(CNNGPError, match=match):
         cnngp.kernel(NET, x)
+
+
+def test_meta_tensor_images_are_refused_naming_the_argument():
+    meta = torch.empty(2, 5, 5, 3, device="meta")
+    with pytest.raises(CNNGPError, match=r"^x1: got a tensor on the 'meta' device"):
+        cnngp.kernel(NET, meta)
+    with pytest.raises(CNNGPError, match=r"^x2: got a tensor on the 'meta' device"):
+        cnngp.kernel(NET, GOOD, meta)
+
+
+def test_api_refuses_bfloat16_and_accepts_a_memory_budget_string():
+    for dtype in (torch.bfloat16, "bfloat16"):
+        with pytest.raises(CNNGPError, match=r"dtype: expected 'float64' or 'float32'"):
+            cnngp.kernel(NET, GOOD, dtype=dtype)
+    k = cnngp.kernel(NET, GOOD, memory_budget="2G")
+    assert torch.allclose(k, cnngp.kernel(NET, GOOD))
 
 
 def test_any_strides_and_read_only_inputs():
@@ -314,3 +331,114 @@ def test_montecarlo_never_writes_an_overflowed_estimate(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "overflowed" in err[0] and err[0].startswith("cnngp: error: --dtype")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("lam", [1e-300, 1e-4, 0.001, 0.002])
+def test_a_matern_readout_whose_off_diagonal_underflows_is_the_independent_kernel(lam, tmp_path, capsys):
+    """exp(-√3/λ) is 0 in float64 for λ <= 0.0023: Σ is exactly I/|P|, the λ = 0 kernel
+    (it raised 'needs the full position-pair covariance' for every 0 < λ <= 0.002)."""
+    x = GOOD
+    base = cnngp.kernel(Serial(Conv(3), ReLU(), Readout(correlation=Matern(1.5, 0.0))), x)
+    tiny = cnngp.kernel(Serial(Conv(3), ReLU(), Readout(correlation=Matern(1.5, lam))), x)
+    assert torch.equal(tiny, base)
+    np.savez(tmp_path / "x.npz", x)
+    out = {}
+    for ls in ("0", repr(lam)):
+        argv = ["kernel", "--arch", "cnngp1", "--x1", str(tmp_path / "x.npz"), "--quiet",
+                "--out", str(tmp_path / f"k{ls}.npz"), "--readout", f"matern32:{ls}"]
+        assert main(argv) == 0, capsys.readouterr().err
+        out[ls] = np.load(tmp_path / f"k{ls}.npz")["kernel"]
+    assert np.array_equal(out["0"], out[repr(lam)])
+
+
+# -- options that would be ignored or misread: refused, naming the flag (issue 28) ----------------
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--refine", "3"], r"^cnngp: error: --refine: only meaningful with --params internal"),
+        (["--params", "readout", "--refine", "0"], r"^cnngp: error: --refine: only meaningful with --params internal"),
+        (["--store", "{tmp}/S.npz"], r"^cnngp: error: --store .*S\.npz: .*must end in \.zarr"),
+    ],
+)
+def test_learn_refuses_ignored_or_misnamed_options(tmp_path, capsys, extra, match):
+    out = tmp_path / "learn-out"
+    argv = ["learn", "--n", "4", "--out", str(out), "--quiet"] + [a.format(tmp=tmp_path) for a in extra]
+    code, err = _run_cli(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err.strip()), err
+    assert not out.exists() and not (tmp_path / "S.npz").exists()
+
+
+def test_spec_refuses_a_number_given_as_a_string():
+    layers = [{"type": "conv", "weight_var": "1"}, {"type": "relu"}, {"type": "readout"}]
+    with pytest.raises(CNNGPError, match=r"layer 0 of type 'conv': 'weight_var' must be a number.*'1'"):
+        from_spec({"layers": layers})
+    layers = [{"type": "conv"}, {"type": "relu"}, {"type": "readout", "bias_var": "0.5"}]
+    with pytest.raises(CNNGPError, match=r"layer 2 of type 'readout': 'bias_var' must be a number"):
+        from_spec({"layers": layers})
+    layers = [{"type": "conv", "correlation": {"type": "matern", "lengthscale": "2"}}, {"type": "relu"},
+              {"type": "readout"}]
+    with pytest.raises(CNNGPError, match=r"layer 0 .*'lengthscale' must be a number"):
+        from_spec({"layers": layers})
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 8 GiB")])
+def test_out_of_memory_names_the_jobs_size_not_only_images(tmp_path, images, monkeypatch, capsys, error):
+    import cnngp.cli.main as cli_main
+
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(cli_main, "load_network", boom)
+    code, err = _run_cli(capsys, "kernel", "--arch", "cnngp1", "--x1", images, "--out", tmp_path / "k.npz", "--quiet")
+    assert code == 2
+    line = err.strip()
+    assert len(line.splitlines()) == 1, err
+    assert line.startswith("cnngp: error: out of memory (the job's size: images, grid, readouts, --memory-budget")
+    assert "grid" in line and "--memory-budget" in line
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_overflow_message_gives_the_pixel_maximum_over_all_images(pair):
+    # only the last image is large: the message must say 1e+07, not the first image's 0.5
+    net = Serial(Conv(3, weight_var=1e6), ReLU(), Conv(3, weight_var=1e6), ReLU(), Readout())
+    x = np.full((3, 4, 4, 1), 0.5)
+    x[2] = 1e7
+    args = (x[:1], x) if pair else (x,)
+    with pytest.raises(CNNGPError, match=r"overflowed .*\(pixels up to 1e\+07,"):
+        cnngp.kernel(net, *args, execution=cnngp.Execution(dtype="float32"))
+
+
+@pytest.mark.parametrize("n_test, match", [
+    ("3", r"^cnngp: error: --n-test: n_test=3 must be a positive multiple of the number of classes"),
+    ("6", r"^cnngp: error: --n-test: n_test=6 needs 3 images per class .*largest balanced n_test is 4"),
+])
+def test_learn_n_test_errors_name_n_test_not_n(tmp_path, capsys, n_test, match):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.uniform(size=(12, 4, 4, 1)), y_train=np.arange(12) % 2,
+             x_test=rng.uniform(size=(4, 4, 4, 1)), y_test=np.arange(4) % 2)
+    code, err = _run_cli(capsys, "learn", "--arch", "cnngp1", "--data", data, "--n", "4", "--folds", "2",
+                         "--out", tmp_path / "lo", "--quiet", "--test", "--n-test", n_test)
+    assert code == 2
+    assert re.search(match, err.strip()), err
+
+
+def test_sweep_refuses_single_class_data_before_any_kernel(monkeypatch):
+    from cnngp.experiments import sweep as sweep_mod
+    from cnngp.io.data import Dataset
+
+    rng = np.random.default_rng(0)
+    ds = Dataset(name="one", x_train=rng.uniform(size=(8, 4, 4, 1)), y_train=np.zeros(8, dtype=np.int64),
+                 x_test=None, y_test=None, class_names=("zero",))
+
+    def no_kernel(*a, **k):
+        raise AssertionError("a kernel was computed before the single-class data was refused")
+
+    monkeypatch.setattr(sweep_mod, "split_network", no_kernel)
+    protocol = sweep_mod.SweepProtocol(ns=(4,), folds=2, lengthscales=(1.0,))
+    with pytest.raises(CNNGPError, match=r"^dataset .*only 1 class; classification needs at least 2"):
+        sweep_mod.run_sweep("cnngp1", ds, protocol)

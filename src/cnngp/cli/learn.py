@@ -32,6 +32,15 @@ def cmd_learn(args) -> int:
     from cnngp.cli.sweep import _write_outputs
     from cnngp.experiments.learned import learned_figure, run_learn
 
+    if args.refine is not None and args.params != "internal":
+        raise CNNGPError("--refine: only meaningful with --params internal (the Brent steps after "
+                         "the internal λ grid)")
+    if args.store is not None:
+        from cnngp.engine.store import is_store_path
+
+        if not is_store_path(args.store):
+            raise CNNGPError(f"--store {args.store}: a store is a Zarr folder and its name must end "
+                             "in .zarr, e.g. S.zarr")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
@@ -55,7 +64,7 @@ def cmd_learn(args) -> int:
     protocol = LearnProtocol(
         objective=args.objective, params=args.params, family=args.family, folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
-        starts=_starts(args.starts), max_iter=args.max_iter, refine=args.refine,
+        starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
         spectral_mixture=args.spectral_mixture,
     )
     result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
@@ -104,7 +113,7 @@ def register(subparsers) -> None:
                         "the readout amplitude and σ², by autograd (two kernel passes per step: small N); "
                         "internal: one tied λ of the intermediate correlated convs, profiled (one fast "
                         "body pass per value) with the readout learned exactly at each")
-    p.add_argument("--refine", type=int_at_least(0), default=5,
+    p.add_argument("--refine", type=int_at_least(0), default=None,
                    help="with --params internal: Brent steps in log λ after the internal grid (default 5)")
     p.add_argument("--spectral-mixture", type=int_at_least(0), default=0, metavar="Q",
                    help="with --params readout: also learn a Q-component spectral-mixture readout "

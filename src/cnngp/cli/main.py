@@ -357,6 +357,9 @@ def cmd_kernel(args) -> int:
             "--lengthscales: cannot be combined with --readout (the sweep sets the readout "
             "correlation itself: choose its family with --family)"
         )
+    if args.width is not None and args.parameterization != "standard":
+        raise CNNGPError("--width: only meaningful with --parameterization standard (the NTK "
+                         "parameterisation's kernels do not depend on the width)")
     net = load_network(args.arch, args.readout)
     net = parameterized(net, args.parameterization, args.width)
     x1 = load_images("--x1", args.x1, args.layout, echo=not args.quiet)
@@ -731,7 +734,7 @@ _FLAGS = {
     "batch_size": "--batch-size", "memory_budget": "--memory-budget",
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
-    "spectral_mixture": "--spectral-mixture",
+    "spectral_mixture": "--spectral-mixture", "dataset": "--data",
 }
 
 
@@ -842,7 +845,8 @@ def _main(argv=None) -> int:
             pass
         return 141
     except MemoryError:
-        print("cnngp: error: out of memory; use fewer images, a smaller --memory-budget or "
+        print("cnngp: error: out of memory (the job's size: images, grid, readouts, --memory-budget); "
+              "use fewer images, a smaller grid, fewer readouts, a smaller --memory-budget or "
               "--batch-size", file=sys.stderr)
         return 2
     except OSError as e:  # the file system or the machine, not cnngp: name what failed
@@ -856,7 +860,8 @@ def _main(argv=None) -> int:
             return _interrupted(args, code, "terminated (SIGTERM)" if code == 143 else "interrupted", stop)
         text = _one_line(e)
         if isinstance(e, RuntimeError) and ("allocate" in text or "out of memory" in text):
-            print(f"cnngp: error: out of memory ({text[:200]}); use fewer images, a smaller "
+            print(f"cnngp: error: out of memory (the job's size: images, grid, readouts, --memory-budget: "
+                  f"{text[:200]}); use fewer images, a smaller grid, fewer readouts, a smaller "
                   "--memory-budget or --batch-size", file=sys.stderr)
             return 2
         if os.environ.get("CNNGP_DEBUG"):

@@ -31,6 +31,10 @@ def _load_images(spec: str, flag: str, limit: int | None, args=None):
     from cnngp.validation import describe_images
 
     x = load_images(flag, spec, getattr(args, "layout", None))
+    if limit is not None and limit > x.shape[0]:
+        n_flag = {"--x1": "--n1", "--x2": "--n2"}.get(flag, flag)
+        raise CNNGPError(f"{n_flag} {limit}: more than the {x.shape[0]} images in {flag} {spec}; "
+                         f"give {n_flag} <= {x.shape[0]}")
     x = x if limit is None else x[:limit]
     if args is not None and not getattr(args, "quiet", False):
         print(describe_images(x, flag), file=sys.stderr)

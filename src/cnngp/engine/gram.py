@@ -708,7 +708,7 @@ class GramPlan:
                 values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
                                       rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
                 if not bool(torch.isfinite(values).all()):
-                    _check_finite(values, self.body, self.heads, x_rows[:1].cpu().numpy(), self.dtype)
+                    _check_finite(values, self.body, self.heads, (x_rows, x_cols), self.dtype)
                 out[:, r, c] = values
                 if symmetric:
                     out[:, c, r] = self.mirrored(values)
@@ -889,7 +889,7 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
     finally:
         if bar is not None:
             bar.close()  # before any message about why it stopped
-    _check_finite(out, body, heads, a1 if symmetric else np.concatenate([a1[:1], a2[:1]]), dtype)
+    _check_finite(out, body, heads, (a1,) if symmetric else (a1, a2), dtype)
     if ckpt is not None:
         if not keep_checkpoint:
             ckpt.remove()
@@ -904,12 +904,14 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
 
 
 def _check_finite(out: torch.Tensor, body, heads, images, dtype) -> None:
-    """Refuse to return a kernel with NaN or infinite entries (an overflow)."""
+    """Refuse to return a kernel with NaN or infinite entries (an overflow). ``images``: every
+    input the kernel was computed from (a sequence of arrays or tensors), so the message's pixel
+    maximum is the maximum over all of them."""
     finite = torch.isfinite(out)
     if bool(finite.all()):
         return
     bad = int(out.numel() - finite.sum())
-    peak = float(np.max(np.abs(images)))
+    peak = max(float(torch.as_tensor(x).abs().max()) if x.shape[0] else 0.0 for x in images)
     raise CNNGPError(
         f"kernel: {bad} of {out.numel()} entries overflowed to NaN or infinity in "
         f"{str(dtype).removeprefix('torch.')} "

@@ -326,7 +326,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         if ds.x_test is None or ds.y_test is None or len(ds.y_test) == 0:
             raise CNNGPError(f"test: the data set {ds.name!r} has no test split; drop --test")
         t_order = np.arange(len(ds.y_test)) if n_test is None else balanced_subset(
-            ds.y_test, int(n_test), seed=seed, n_classes=k_cls)
+            ds.y_test, int(n_test), seed=seed, n_classes=k_cls, name="n_test")
         x_test, y_test = ds.x_test[t_order], ds.y_test[t_order]
     elif n_test is not None:
         raise CNNGPError("n_test: only meaningful together with test=True (--test)")

@@ -781,6 +781,9 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         source = data_label or os.fspath(dataset)
         ds = load_dataset(dataset)
     n_classes = ds.n_classes
+    if n_classes < 2:  # refused before any kernel is computed (the GP classifier needs two)
+        raise CNNGPError(f"dataset {source}: the training labels hold only {n_classes} class; "
+                         "classification needs at least 2 classes")
     counts = _check_labels(ds.y_train, n_classes, "training labels", folds)
     ns = _check_ns(ns, folds, n_classes, counts)
     n_max = ns[-1]

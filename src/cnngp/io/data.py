@@ -726,7 +726,7 @@ def _class_count(y: np.ndarray, n_classes: int | None, what: str = "y") -> int:
 
 
 def balanced_subset(
-    y: np.ndarray, n: int, seed: int | None = 0, n_classes: int | None = None
+    y: np.ndarray, n: int, seed: int | None = 0, n_classes: int | None = None, name: str = "n"
 ) -> np.ndarray:
     """Indices of a class-balanced random subset, in class-interleaved order.
 
@@ -746,6 +746,8 @@ def balanced_subset(
         Seed of the NumPy generator.
     n_classes : int, optional
         Number of classes; default ``max(y) + 1``. Every class must occur in `y`.
+    name : str, default "n"
+        What the messages call `n` (e.g. ``"n_test"`` for a test subset).
 
     Returns
     -------
@@ -764,15 +766,15 @@ def balanced_subset(
     n = int(n)
     if n <= 0 or n % k:
         raise CNNGPError(
-            f"n={n} must be a positive multiple of the number of classes ({k})"
+            f"{name}={n} must be a positive multiple of the number of classes ({k})"
         )
     per_class = n // k
     counts = np.bincount(y, minlength=k)
     if per_class > counts.min():
         c = int(np.argmin(counts))
         raise CNNGPError(
-            f"n={n} needs {per_class} images per class but class {c} has only "
-            f"{counts[c]} (largest balanced n is {k * counts.min()})"
+            f"{name}={n} needs {per_class} images per class but class {c} has only "
+            f"{counts[c]} (largest balanced {name} is {k * counts.min()})"
         )
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(k)]

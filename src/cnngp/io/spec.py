@@ -80,6 +80,10 @@ _LAYERS = {
 }
 
 
+#: keys whose values must be JSON numbers (a string such as "1" is refused, not converted)
+_NUMBERS = frozenset({"weight_var", "bias_var", "nu", "lengthscale", "a", "b", "c"})
+
+
 def _build(table, d, what):
     if not isinstance(d, dict):
         raise CNNGPError(f"{what}: expected an object like {{\"type\": ...}}, got {d!r}")
@@ -93,6 +97,11 @@ def _build(table, d, what):
             f"{what} of type {kind!r}: unknown key(s) {sorted(unknown)}; accepted keys are "
             f"{sorted(keys | {'type'})}"
         )
+    for key in sorted(_NUMBERS & set(d)):
+        value = d[key]
+        if isinstance(value, (str, bool)):  # "1" or true would be coerced silently
+            raise CNNGPError(f"{what} of type {kind!r}: {key!r} must be a number (like 1.0, "
+                             f"not in quotes), got {value!r}")
     try:
         return factory(d)
     except CNNGPError as e:
@@ -142,13 +151,29 @@ def from_spec(spec: dict, name: str | None = None) -> Network:
     return Network(*built, input_channels=channels, name=name or spec.get("name"))
 
 
+class _HugeInt(Exception):
+    """An integer literal of a spec file beyond any sensible field value."""
+
+
+def _spec_int(text: str) -> int:
+    """JSON integers up to 18 digits (no field of a spec needs more): a 10**400 would otherwise
+    reach float() as an OverflowError, and 5000 digits Python's int-parsing limit."""
+    digits = text.lstrip("-")
+    if len(digits) > 18:
+        raise _HugeInt(f"{text[:12]}... ({len(digits)} digits)")
+    return int(text)
+
+
 def load_spec(path) -> Network:
     """Read a JSON architecture file."""
     p = Path(path)
     if not p.is_file():
         raise CNNGPError(f"spec file: {str(path)!r} does not exist or is not a file")
     try:
-        spec = json.loads(p.read_text())
+        spec = json.loads(p.read_text(), parse_int=_spec_int)
+    except _HugeInt as e:
+        raise CNNGPError(f"spec file: {str(path)!r} holds the integer {e}, too large for any "
+                         "field of a network spec") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CNNGPError(f"spec file: {str(path)!r} is not valid JSON ({e})") from None
     except RecursionError:
