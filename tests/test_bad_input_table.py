@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -176,6 +178,9 @@ CASES: list[Case] = [
     Case("kernel-x1-npz-array-missing", k(x1="x.npz:nope"), need("--x1", "nope")),
     Case("kernel-x1-object-array", k(x1="object.npz"), need("--x1", "object", "pickle", "dtype")),
     Case("kernel-x1-complex", k(x1="complex.npz"), need("--x1", "complex", "dtype")),
+    Case("kernel-x1-member-cut-short", k(x1="member_cut.npz"), need("--x1", "truncated or damaged")),
+    Case("kernel-x1-member-without-header", k(x1="member_headless.npz"), need("--x1", "truncated or damaged")),
+    Case("sweep-data-member-cut-short", s(data="data_cut.npz"), need("--data", "truncated or damaged")),
     # int16 is not bad input: integers other than uint8 are taken as the numbers they hold,
     # the same in the CLI, API, sweep and estimators (tests/test_data.py checks that)
     Case("kernel-x1-beyond-pixel-bound", k(x1="above-bound.npz"), need("--x1", "pixel values", "1e\\+08")),
@@ -342,6 +347,17 @@ def make_inputs(folder: Path) -> None:
     np.savez(folder / "two_d.npz", x=np.zeros((4, 4)))
     np.savez(folder / "six_d.npz", x=np.zeros((1, 2, 2, 2, 2, 1)))
     (folder / "not_npz.npz").write_text("this is not a zip archive\n")
+    # a zip whose .npy member was cut short (an interrupted copy): numpy says "pickled" or EOF
+    member = io.BytesIO()
+    np.save(member, x)
+    member = member.getvalue()
+    with zipfile.ZipFile(folder / "member_cut.npz", "w") as z:
+        z.writestr("x.npy", member[: len(member) // 2])
+    with zipfile.ZipFile(folder / "member_headless.npz", "w") as z:
+        z.writestr("x.npy", member[:4])
+    with zipfile.ZipFile(folder / "data_cut.npz", "w") as z:
+        z.writestr("x_train.npy", member[: len(member) // 2])
+        z.writestr("y_train.npy", member[:4])
     (folder / "adir").mkdir()
     (folder / "adir" / "keep.txt").write_text("a file in a folder\n")
     # a tiny classification data set: 2 classes, 12 training and 4 test images

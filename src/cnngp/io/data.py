@@ -227,15 +227,26 @@ def _open_npz(path: Path, what: str):
 
 
 def _npz_get(archive, key: str, path: Path) -> np.ndarray:
+    def damaged(detail: str) -> CNNGPError:
+        return CNNGPError(f"array {key!r} in {path} is truncated or damaged ({detail}); was it cut "
+                          "short by an interrupted write, copy or download? write the file again")
+
     try:
-        return archive[key]
-    except ValueError as exc:  # object arrays need pickle, which we refuse
-        raise CNNGPError(
-            f"array {key!r} in {path} cannot be read without pickle (object dtype?); "
-            f"store it as a plain numeric or string array: {exc}"
-        ) from None
+        value = archive[key]
+    except ValueError as exc:
+        if "Object arrays" in str(exc):  # object arrays need pickle, which we refuse
+            raise CNNGPError(
+                f"array {key!r} in {path} cannot be read without pickle (object dtype); "
+                f"store it as a plain numeric or string array: {exc}"
+            ) from None
+        # numpy's "EOF: reading array data" or, for a member too short to hold the .npy
+        # header, "Cannot load file containing pickled data": the member is cut short
+        raise damaged(" ".join(str(exc).split())) from None
     except Exception as exc:
         raise CNNGPError(f"array {key!r} in {path} is corrupt: {exc}") from None
+    if not isinstance(value, np.ndarray):  # numpy hands back a member without a .npy header as bytes
+        raise damaged("no .npy header")
+    return value
 
 
 def _load_npz_dataset(path: Path) -> Dataset:
