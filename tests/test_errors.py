@@ -442,3 +442,23 @@ def test_sweep_refuses_single_class_data_before_any_kernel(monkeypatch):
     protocol = sweep_mod.SweepProtocol(ns=(4,), folds=2, lengthscales=(1.0,))
     with pytest.raises(CNNGPError, match=r"^dataset .*only 1 class; classification needs at least 2"):
         sweep_mod.run_sweep("cnngp1", ds, protocol)
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("big_int.json", '{"layers": [{"type": "conv", "weight_var": %d}, {"type": "relu"}, {"type": "readout"}]}'
+     % 10**400, r"big_int\.json.*integer.*too large"),
+    ("big_filter.json", '{"layers": [{"type": "conv", "filter": %s}, {"type": "relu"}, {"type": "readout"}]}'
+     % ("1" + "0" * 5000), r"big_filter\.json.*integer.*too large"),
+    ("ragged.json", json.dumps({"layers": [{"type": "conv", "filter": 2, "correlation": {
+        "type": "user", "matrix": [[1, 0, 0, 0], [0, 1], [0, 0, 1, 0], [0, 0, 0, 1]]}},
+        {"type": "relu"}, {"type": "readout"}]}), r"correlation matrix: expected a square"),
+])
+def test_cli_spec_with_a_huge_integer_or_a_ragged_matrix_is_one_line(tmp_path, capsys, name, text, match):
+    (tmp_path / name).write_text(text)
+    np.savez(tmp_path / "x.npz", GOOD)
+    code = main(["kernel", "--arch", str(tmp_path / name), "--x1", str(tmp_path / "x.npz"),
+                 "--out", str(tmp_path / "k.npz"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("cnngp: error: --arch: ") and re.search(match, err[0]), err[0]
+    assert not (tmp_path / "k.npz").exists()

@@ -148,6 +148,9 @@ def as_images(x, name: str = "x1", channels: int | None = None, layout: str | No
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise CNNGPError(f"{name}: got a complex tensor ({x.dtype}); {IMAGE_POLICY}")
+        if x.is_meta:
+            raise CNNGPError(f"{name}: got a tensor on the 'meta' device (shape {tuple(x.shape)}), "
+                             "which holds no values; pass images with data (a CPU or CUDA tensor)")
         x = x.detach().cpu().numpy()
     try:
         arr = np.asarray(x)

@@ -167,6 +167,15 @@ class Constant(Correlation):
         return "Constant()"
 
 
+def _underflows(corr, lam: float) -> bool:
+    """Whether ``corr``'s profile at distance 1 (the nearest other position) is exactly 0 in
+    float64 for lengthscale ``lam`` (e.g. Matérn-3/2 at λ <= 0.0023): then so is every
+    off-diagonal weight (the profiles decrease with distance)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        w = float(corr._profile(np.float64(1.0) / np.float64(lam)))
+    return not w > 0.0  # 0 (underflow) or NaN (inf·0 when 1/λ overflows)
+
+
 class _Stationary(Correlation):
     """A stationary correlation k(r/λ) with exact limits at λ = 0 and λ = ∞."""
 
@@ -180,6 +189,10 @@ class _Stationary(Correlation):
             return "independent"
         if math.isinf(lam):
             return "constant"
+        if not isinstance(self.lengthscale, torch.Tensor) and _underflows(self, lam):
+            # every off-diagonal weight (distance >= 1) is exactly 0 in float64: Σ = I/|P|
+            # exactly, the independent end (not a dense Σ whose band has radius 0)
+            return "independent"
         return None
 
     def _unnormalised(self, shape):
@@ -197,7 +210,7 @@ class _Stationary(Correlation):
         lam = self.lengthscale if lengthscale is None else lengthscale
         if not isinstance(lam, torch.Tensor):
             lam = float(lam)
-            if lam == 0:  # the independent end: w = 1{δ = 0}/|P|
+            if lam == 0 or _underflows(self, lam):  # the independent end: w = 1{δ = 0}/|P|
                 return torch.as_tensor((np.abs(delta).sum(1) == 0) / counts.max(), dtype=dtype)
             if math.isinf(lam):
                 return torch.full((len(counts),), 1.0 / counts.sum(), dtype=dtype)
@@ -364,7 +377,11 @@ class UserCorrelation(Correlation):
     """
 
     def __init__(self, matrix, normalise: bool = True):
-        m = np.asarray(matrix, dtype=np.float64)
+        try:
+            m = np.asarray(matrix, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError) as e:  # ragged rows, strings, huge ints
+            raise CNNGPError("correlation matrix: expected a square (|P|, |P|) matrix of numbers "
+                             f"({' '.join(str(e).split())[:120]})") from None
         if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
             raise CNNGPError(
                 f"correlation matrix: expected a square (|P|, |P|) matrix, got shape {m.shape}"
