@@ -515,3 +515,66 @@ def test_rectangular_tile_plan_finishes_rows_of_x1_first(n1, n2, tile):
         for t in row:
             covered[t.cols] += 1
         assert (covered == 1).all()
+
+
+# -- bad scheduler addresses and edited stores: one line, exit 2 (issue 28) -------------------
+
+
+def test_cli_scheduler_junk_address_is_one_line(tmp_path, images_npz, capsys):
+    code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz,
+                             "--out", tmp_path / "K.zarr", "--scheduler", "junk", "--quiet")
+    assert code == 2 and line.startswith("cnngp: error: --scheduler: not a scheduler address 'junk'"), line
+
+
+def test_cli_scheduler_that_accepts_and_never_answers_times_out(tmp_path, images_npz, capsys, monkeypatch):
+    import socket
+
+    from cnngp.engine import distributed
+
+    monkeypatch.setattr(distributed, "SCHEDULER_TIMEOUT_S", 1.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out",
+                                 tmp_path / "K.zarr", "--quiet", "--scheduler",
+                                 f"tcp://127.0.0.1:{listener.getsockname()[1]}")
+        assert time.monotonic() - start < 30
+    finally:
+        stop.set()
+        thread.join()
+        for c in accepted:
+            c.close()
+        listener.close()
+    assert code == 2 and re.search(r"^cnngp: error: --scheduler: .*(did not answer|cannot reach)", line), line
+
+
+@pytest.mark.parametrize("key, value", [("tile", "junk"), ("shape", "junk"), ("readouts", 7),
+                                        ("spec", "junk"), ("x1_sha256", 3), (None, "junk")])
+def test_cli_edited_store_metadata_is_one_line(tmp_path, images_npz, capsys, key, value):
+    out = tmp_path / "K.zarr"
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "6", "--quiet") == 0
+    meta = json.loads((out / "zarr.json").read_text())
+    if key is None:
+        meta["attributes"] = value
+    else:
+        meta["attributes"][key] = value
+    (out / "zarr.json").write_text(json.dumps(meta))
+    code, line = _error_line(capsys, "info", out)
+    assert code == 2 and "K.zarr" in line and re.search("altered|cannot be opened", line), line
+    code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out,
+                             "--tile", "6", "--quiet")
+    assert code == 2 and line.startswith("cnngp: error: --out: ") and re.search("altered|cannot be opened", line), line

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ TILE_SIZES = (1024, 512, 256, 128, 64, 32, 16)
 WORKER_PROCESS_BYTES = 260 * 1024**2
 #: the most tiles a store's plan may hold (a smaller --tile plans more, and takes longer to list)
 MAX_TILES = 1_000_000
+#: seconds to connect to ``--scheduler`` (a listener that accepts and never answers included)
+SCHEDULER_TIMEOUT_S = 20.0
 
 
 def count_tiles(n1: int, n2: int | None, tile: int) -> int:
@@ -210,10 +213,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
     except ImportError:  # pragma: no cover - a declared dependency
         raise CNNGPError("--workers/--scheduler need dask.distributed (pip install 'dask[distributed]')") from None
     if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as e:
-            raise CNNGPError(f"--scheduler: cannot reach {scheduler!r} ({e})") from None
+        client = _connect(Client, scheduler)
         try:
             yield client
         finally:
@@ -232,6 +232,36 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
             client.close()
     finally:
         cluster.close()
+
+
+def _connect(Client, scheduler: str):
+    """``Client(scheduler)`` within :data:`SCHEDULER_TIMEOUT_S`: Dask's own timeout covers the
+    TCP connection but not the handshake, which waits forever on a listener that never answers;
+    the connection runs in a thread that is given up on (a daemon) past the deadline."""
+    timeout = float(SCHEDULER_TIMEOUT_S)
+    result: dict = {}
+
+    def connect():
+        try:
+            result["client"] = Client(scheduler, timeout=f"{timeout}s")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=connect, name="cnngp-scheduler-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 5.0)
+    if thread.is_alive():
+        raise CNNGPError(f"--scheduler: {scheduler!r} did not answer within {timeout:g} s "
+                         "(is a Dask scheduler listening there?)")
+    error = result.get("error")
+    if isinstance(error, ValueError):  # 'junk': no protocol or port
+        raise CNNGPError(f"--scheduler: not a scheduler address {scheduler!r} ({error}); "
+                         "expected e.g. tcp://HOST:8786") from None
+    if isinstance(error, (OSError, TimeoutError)):
+        raise CNNGPError(f"--scheduler: cannot reach {scheduler!r} ({error})") from None
+    if error is not None:
+        raise error
+    return result["client"]
 
 
 # -- the driver ------------------------------------------------------------------------------

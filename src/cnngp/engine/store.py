@@ -210,7 +210,9 @@ class KernelStore:
         try:
             with open(Path(path) / "zarr.json") as f:
                 attrs = json.load(f).get("attributes", {})
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: not a JSON object
+            return None
+        if not isinstance(attrs, dict):  # edited: open() says so with its --out
             return None
         tile = attrs.get("tile") if attrs.get("format") == STORE_FORMAT else None
         return int(tile) if isinstance(tile, int) and not isinstance(tile, bool) else None
@@ -232,6 +234,7 @@ class KernelStore:
             raise CNNGPError(f"{what}: {str(path)!r} is not a {STORE_FORMAT} store "
                              f"(format {group.attrs.get('format')!r})")
         store = cls(path, group, what)
+        store._check_attrs()
         store._check_links(deep=False)
         store._check_dtypes()
         return store
@@ -242,6 +245,32 @@ class KernelStore:
         if link is not None:
             raise CNNGPError(f"{self.what}: {str(self.path)!r} holds {link!r}, a symbolic link (or not a "
                              "file or folder); cnngp writes only inside its own store and will not use it")
+
+    def _check_attrs(self) -> None:
+        """The recorded attributes have the types cnngp writes (an edited zarr.json is refused
+        with one line, not a crash where a value is used)."""
+        a = self.attrs
+
+        def count(v, low=0):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        checks = {
+            "tile": lambda v: count(v, 1),
+            "shape": lambda v: isinstance(v, list) and len(v) == 3 and all(count(n) for n in v),
+            "readouts": lambda v: v is None or isinstance(v, list) and all(isinstance(r, dict) for r in v),
+            "spec": lambda v: isinstance(v, dict),
+            "self_layers": lambda v: v is None or (isinstance(v, list) and all(count(n) for n in v)),
+            "x1_sha256": lambda v: isinstance(v, str),
+            "x2_sha256": lambda v: v is None or isinstance(v, str),
+            "labels": lambda v: v is None or isinstance(v, list),
+        }
+        for key, ok in checks.items():
+            value = a.get(key)
+            if not ok(value):
+                shown = repr(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise CNNGPError(f"{self.what}: {str(self.path)!r} records no valid {key} ({shown}) "
+                                 "in its zarr.json; it was altered")
 
     def _check_dtypes(self) -> None:
         """The arrays' dtypes (in their zarr.json) are the store's recorded dtype."""
