@@ -462,3 +462,30 @@ def test_cli_spec_with_a_huge_integer_or_a_ragged_matrix_is_one_line(tmp_path, c
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("cnngp: error: --arch: ") and re.search(match, err[0]), err[0]
     assert not (tmp_path / "k.npz").exists()
+
+
+def test_full_disk_under_sweep_outputs_names_out_and_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from cnngp.cli import sweep as cli_sweep
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, payload):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli_sweep.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    out = tmp_path / "sw"
+    with pytest.raises(CNNGPError, match=r"^--out: writing '.*sw/sweep\.png' failed \(No space left on device\)"):
+        cli_sweep._write_outputs(out, {"sweep.png": b"png", "results.json": b"{}"})
+    assert not out.exists()

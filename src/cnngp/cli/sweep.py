@@ -52,11 +52,13 @@ def _umask() -> int:
 
 
 def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
-    """Write every file atomically; on failure leave DIR as it was (or absent)."""
+    """Write every file atomically; on failure leave DIR as it was (or absent). A failed write
+    (a full disk, say) is a :class:`CNNGPError` naming ``--out`` and the file."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     temps: dict[str, str] = {}
     placed: list[Path] = []
+    name = None
     try:
         for name, payload in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=out)
@@ -67,7 +69,7 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
         for name, tmp in temps.items():  # results.json last: its presence means complete
             os.replace(tmp, out / name)
             placed.append(out / name)
-    except BaseException:
+    except BaseException as e:
         for tmp in temps.values():
             try:
                 os.unlink(tmp)
@@ -84,6 +86,10 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
                 out.rmdir()
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            target = out / name if name is not None else out
+            raise CNNGPError(f"--out: writing {str(target)!r} failed ({e.strerror or e}); "
+                             f"nothing was written to {str(out)!r}") from None
         raise
 
 
