@@ -578,3 +578,33 @@ def test_cli_edited_store_metadata_is_one_line(tmp_path, images_npz, capsys, key
     code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out,
                              "--tile", "6", "--quiet")
     assert code == 2 and line.startswith("cnngp: error: --out: ") and re.search("altered|cannot be opened", line), line
+
+
+def test_all_workers_lost_is_one_line_and_the_rerun_resumes(client, tmp_path, monkeypatch, capsys):
+    """Every worker gone: Dask cancels the futures (FutureCancelledError); the run ends with
+    exit 2 and one line, the tiles already finished stay in the store and a rerun finishes it."""
+    import distributed
+    from distributed.client import FutureCancelledError
+
+    x = _images(6, seed=2)
+    np.savez(tmp_path / "x.npz", x=x)
+    out = tmp_path / "K.zarr"
+    real = distributed.as_completed
+
+    def losing(futures, *args, **kwargs):
+        it = real(futures, *args, **kwargs)
+        yield next(it)  # one tile finishes, then every worker is gone
+
+        class Lost:
+            def result(self):
+                raise FutureCancelledError("cnngp-tile", "lost")
+
+        yield Lost()
+
+    monkeypatch.setattr(distributed, "as_completed", losing)
+    with pytest.raises(CNNGPError, match=r"^dask: all workers were lost .*finished tiles are in .*K\.zarr: rerun to resume"):
+        store_kernel(NET, x, out=out, tile=2, scheduler=client, progress=False)
+    monkeypatch.setattr(distributed, "as_completed", real)
+    report = store_kernel(NET, x, out=out, tile=2, scheduler=client, progress=False)
+    assert report.tiles_computed < report.tiles_total  # the finished tile(s) were kept
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[...]), cnngp.kernel(NET, x).numpy()[None])

@@ -529,8 +529,15 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
                 start_progress()
                 # workers of a cluster may run in another folder: they get the store's absolute
                 # path (os.path.abspath: symlinks are not followed)
-                _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker, store.symmetric,
-                             report, tile_finished)
+                try:
+                    _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker,
+                                 store.symmetric, report, tile_finished)
+                except Exception as e:
+                    if not _workers_lost(e):
+                        raise
+                    raise CNNGPError(
+                        f"dask: all workers were lost ({type(e).__name__}); the finished tiles are "
+                        f"in {str(out)}: rerun to resume") from None
     finally:
         if bar is not None:
             bar.close()
@@ -575,6 +582,18 @@ def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, re
     except BaseException:
         client.cancel(tile_futures + list(self_futures.values()), force=True)
         raise
+
+
+def _workers_lost(error: BaseException) -> bool:
+    """Whether ``error`` is how Dask reports a run whose workers died: its futures cancelled
+    (every worker gone) or a task given up after killing workers (``KilledWorker``)."""
+    import concurrent.futures
+
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover - a declared dependency
+        KilledWorker = ()
+    return isinstance(error, (concurrent.futures.CancelledError, KilledWorker))
 
 
 def _dashboard(client) -> str | None:
