@@ -608,3 +608,26 @@ def test_all_workers_lost_is_one_line_and_the_rerun_resumes(client, tmp_path, mo
     report = store_kernel(NET, x, out=out, tile=2, scheduler=client, progress=False)
     assert report.tiles_computed < report.tiles_total  # the finished tile(s) were kept
     assert np.array_equal(np.asarray(KernelStore.open(out).kernel[...]), cnngp.kernel(NET, x).numpy()[None])
+
+
+def test_local_cluster_scratch_is_a_cnngp_temp_folder_removed_on_exit(tmp_path, monkeypatch):
+    """The workers' scratch space lives in a cnngp-dask-PID-* temp folder that is removed when
+    the cluster closes; one left by a killed run (its PID gone) is removed by the next run."""
+    import tempfile
+
+    from cnngp.engine import distributed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{distributed.SCRATCH_PREFIX}{dead.pid}-x"
+    (stale / "dask-scratch-space").mkdir(parents=True)
+    live = tmp_path / f"{distributed.SCRATCH_PREFIX}{os.getpid()}-y"
+    live.mkdir()
+    with dask_client(workers=1) as c:
+        c.wait_for_workers(1, timeout=60)
+        ours = [p for p in tmp_path.iterdir() if p.name.startswith(f"{distributed.SCRATCH_PREFIX}{os.getpid()}-")
+                and p != live]
+        assert len(ours) == 1 and (ours[0] / "dask-scratch-space").is_dir()
+        assert not stale.exists() and live.exists()
+    assert not ours[0].exists() and live.exists()

@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -219,19 +221,57 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
         finally:
             client.close()
         return
-    cluster = LocalCluster(  # every listening socket, the dashboard's included, on 127.0.0.1
-        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address="127.0.0.1:0", memory_limit=memory_limit or "auto",
-        silence_logs=logging.ERROR,
-    )
+    scratch = _scratch_folder()
     try:
-        client = Client(cluster)
+        cluster = LocalCluster(  # every listening socket, the dashboard's included, on 127.0.0.1
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address="127.0.0.1:0", memory_limit=memory_limit or "auto",
+            silence_logs=logging.ERROR, local_directory=scratch,
+        )
         try:
-            yield client
+            client = Client(cluster)
+            try:
+                yield client
+            finally:
+                client.close()
         finally:
-            client.close()
+            cluster.close()
     finally:
-        cluster.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: the prefix of the workers' scratch folders in the temp folder: ``cnngp-dask-PID-…``
+SCRATCH_PREFIX = "cnngp-dask-"
+
+
+def _scratch_folder() -> str:
+    """A fresh temp folder for the local workers' scratch space (removed when the cluster
+    closes), after removing those left by runs that were killed (their process is gone)."""
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        names = []
+    for name in names:
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        try:
+            mine = os.stat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _connect(Client, scheduler: str):
