@@ -631,3 +631,26 @@ def test_local_cluster_scratch_is_a_cnngp_temp_folder_removed_on_exit(tmp_path, 
         assert len(ours) == 1 and (ours[0] / "dask-scratch-space").is_dir()
         assert not stale.exists() and live.exists()
     assert not ours[0].exists() and live.exists()
+
+
+def test_ctrl_c_of_a_run_on_local_workers_prints_one_line(tmp_path):
+    """Ctrl-C signals the whole process group: the workers ignore it (the main process closes
+    the cluster), so stderr holds only cnngp's line, no worker traceback (it did in some tries)."""
+    x = tmp_path / "x.npz"
+    np.savez(x, x=_images(40, shape=(8, 8, 3)).astype(np.float32))
+    for trial in range(2):
+        out = tmp_path / f"K{trial}.zarr"
+        argv = [sys.executable, "-m", "cnngp.cli", "kernel", "--arch", "cnngp4", "--x1", str(x),
+                "--out", str(out), "--tile", "2", "--quiet", "--workers", "2"]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _wait_for_records(out, 2, proc)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            assert proc.wait(60) == 130
+            lines = proc.stderr.read().strip().splitlines()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(60)
+            proc.stderr.close()
+        assert len(lines) == 1 and "the finished tiles are in" in lines[0], lines

@@ -227,6 +227,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
             dashboard_address="127.0.0.1:0", memory_limit=memory_limit or "auto",
             silence_logs=logging.ERROR, local_directory=scratch,
+            preload=["cnngp.engine._dask_worker"],  # workers ignore Ctrl-C: this process handles it
         )
         try:
             client = Client(cluster)
