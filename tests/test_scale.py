@@ -524,6 +524,7 @@ def test_cli_scheduler_junk_address_is_one_line(tmp_path, images_npz, capsys):
     code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz,
                              "--out", tmp_path / "K.zarr", "--scheduler", "junk", "--quiet")
     assert code == 2 and line.startswith("cnngp: error: --scheduler: not a scheduler address 'junk'"), line
+    assert not (tmp_path / "K.zarr").exists()  # refused before the store was created
 
 
 def test_cli_scheduler_that_accepts_and_never_answers_times_out(tmp_path, images_npz, capsys, monkeypatch):

@@ -275,6 +275,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _check_address(scheduler: str) -> None:
+    """Refuse an address Dask cannot parse ('junk', a missing port) with one line."""
+    try:
+        from distributed.comm import parse_address
+        from distributed.comm.addressing import parse_host_port
+    except ImportError:  # pragma: no cover - a declared dependency
+        return
+    try:
+        protocol, location = parse_address(scheduler)
+        if protocol in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as e:
+        raise CNNGPError(f"--scheduler: not a scheduler address {scheduler!r} ({e}); "
+                         "expected e.g. tcp://HOST:8786") from None
+
+
 def _connect(Client, scheduler: str):
     """``Client(scheduler)`` within :data:`SCHEDULER_TIMEOUT_S`: Dask's own timeout covers the
     TCP connection but not the handshake, which waits forever on a listener that never answers;
@@ -433,6 +449,8 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
     tile, workers, progress, archive, threads_per_worker = ex.tile, ex.workers, ex.progress, ex.archive, ex.threads
     client = ex.scheduler if ex.scheduler is not None and not isinstance(ex.scheduler, str) else None
     scheduler = ex.scheduler if isinstance(ex.scheduler, str) else None
+    if scheduler is not None:
+        _check_address(scheduler)  # before the store is created: a typo leaves nothing behind
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
     plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, get=get, offsets=offsets, execution=ex)
     xa = plan.images(x1, "x1").cpu().numpy()
