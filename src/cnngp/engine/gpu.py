@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import torch
 
+from cnngp.engine import fused
 from cnngp.errors import CNNGPError
 from cnngp.kernels.layers import TANGENT
 from cnngp.kernels.state import Band, KernelState
@@ -109,20 +110,14 @@ def require(device) -> None:
 
 
 def supports(layer, spatial) -> bool:
-    """Whether the Triton conv handles ``layer`` on an input grid ``spatial``: the same
-    layers as the CPU fused path (:func:`cnngp.engine.fused._supported`): an affine filter
+    """Whether the Triton conv handles ``layer`` on an input grid ``spatial``: exactly the
+    layers of the CPU fused path (:func:`cnngp.engine.fused._supported`): an affine filter
     (:meth:`cnngp.kernels.layers.Conv.affine_filter`) on a 1-D or 2-D grid, not circular."""
-    declare = getattr(layer, "affine_filter", None)
-    if declare is None or not declare():
-        return False
-    if len(spatial) not in (1, 2):
-        return False
-    return layer.padding != "circular"
+    return fused._supported(layer, spatial)
 
 
 def _relu_like(layer) -> bool:
-    declare = getattr(layer, "relu_coefficients", None)
-    return declare is not None and declare() is not None
+    return fused._relu_like(layer)
 
 
 def _act_coefficients(act) -> tuple[float, float]:
