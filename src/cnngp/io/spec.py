@@ -99,6 +99,8 @@ def _build(table, d, what):
         )
     for key in sorted(_NUMBERS & set(d)):
         value = d[key]
+        if key == "lengthscale" and isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):
+            continue  # the spec's own spelling of λ = ∞ (JSON has no infinity)
         if isinstance(value, (str, bool)):  # "1" or true would be coerced silently
             raise CNNGPError(f"{what} of type {kind!r}: {key!r} must be a number (like 1.0, "
                              f"not in quotes), got {value!r}")
