@@ -149,15 +149,7 @@ class GpuConvPlan:
         self.pad = (geoms[0].pad_before, geoms[1].pad_before)
         taps = (geoms[0].taps, geoms[1].taps)
         kind = conv.correlation_kind(spatial)
-        p = math.prod(taps)
-        if kind == "independent":  # also every single-tap filter, whatever its correlation
-            sigma = np.eye(p) / p
-        elif kind == "constant":
-            sigma = np.full((p, p), 1.0 / p**2)
-        else:
-            true_taps = tuple(g.taps for g in conv.geometries(spatial))
-            sigma = conv.correlation.matrix(true_taps, torch.float64).numpy()
-        sigma = sigma.reshape(taps + taps)
+        sigma = fused._sigma(conv, kind, taps)  # Σ over the taps, as the CPU engine builds it
         nz = np.argwhere(sigma != 0)
         if len(nz) == 0:  # Σ = 0: one tap pair with coefficient 0 keeps the kernel's loop simple
             nz = np.zeros((1, 4), np.int64)
