@@ -1,4 +1,6 @@
-"""Tuning knobs read from the environment (documented in README.md and benchmarks/README.md).
+"""Tuning knobs read from the environment (documented in README.md and benchmarks/README.md),
+and :class:`Settings`, what the frozen dataclasses of settings (a sweep's or learn's protocol)
+share.
 
 A value that is not a number in range does not stop an import half-way: it is reported with a
 warning that names the variable, and the default is used.
@@ -6,11 +8,32 @@ warning that names the variable, and the default is used.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
 
-__all__ = ["env_number"]
+__all__ = ["env_number", "Settings"]
+
+
+class Settings:
+    """For a frozen dataclass of settings: :meth:`names` and a :meth:`replace` that refuses
+    unknown names (``KIND`` says what a name is not, in that message)."""
+
+    KIND = "setting"
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (validated as on construction)."""
+        unknown = [k for k in changes if k not in self.names()]
+        if unknown:
+            from cnngp.errors import CNNGPError
+
+            raise CNNGPError(f"{', '.join(unknown)}: not a {self.KIND}; accepted: {', '.join(self.names())}")
+        return dataclasses.replace(self, **changes)
 
 
 def env_number(name: str, default: float, minimum: float = 0.0, integer: bool = False):

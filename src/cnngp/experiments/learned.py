@@ -17,11 +17,10 @@ pass they share is counted separately in ``body_pair_evaluations``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import kernel, offset_sums
 from cnngp.experiments.sweep import _folds_for, _in_memory, test_store_path
 from cnngp.errors import CNNGPError
+from cnngp.settings import Settings
 from cnngp.inference import gp
 from cnngp.inference.learn import (
     OBJECTIVES,
@@ -194,7 +194,7 @@ def _offset_sums(body, x1, x2, ex) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LearnProtocol:
+class LearnProtocol(Settings):
     """What :func:`run_learn` learns and how it scores it (validated on construction;
     :meth:`replace` makes a changed copy). How the body pass is computed is the separate
     :class:`cnngp.Execution`.
@@ -229,6 +229,8 @@ class LearnProtocol:
         ``"spectral_mixture"``.
     """
 
+    KIND = "learn setting"
+
     objective: str = "mll"
     params: str = "readout"
     family: str = "matern32"
@@ -262,16 +264,6 @@ class LearnProtocol:
         if self.fold_scheme not in ("paper", "stratified"):
             raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {self.fold_scheme!r}")
 
-    @classmethod
-    def names(cls) -> tuple:
-        return tuple(f.name for f in fields(cls))
-
-    def replace(self, **changes) -> "LearnProtocol":
-        """A copy with ``changes`` (validated)."""
-        unknown = [k for k in changes if k not in self.names()]
-        if unknown:
-            raise CNNGPError(f"{', '.join(unknown)}: not a learn setting; accepted: {', '.join(self.names())}")
-        return dataclasses.replace(self, **changes)
 
 
 def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol | None = None, *,

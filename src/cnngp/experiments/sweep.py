@@ -21,13 +21,12 @@ on the test split.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +39,7 @@ from cnngp.kernels.correlations import (
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
 from cnngp.errors import CNNGPError
+from cnngp.settings import Settings
 from cnngp.kernels.layers import Readout
 from cnngp.io.architectures import split_network
 from cnngp.provenance import array_sha256, versions
@@ -603,7 +603,7 @@ def _cross_validate_all(K, y_sub, labels, ns, n_classes, protocol, progress, cli
 
 
 @dataclass(frozen=True)
-class SweepProtocol:
+class SweepProtocol(Settings):
     """What a sweep measures: sizes, readouts and the cross-validation (validated on
     construction; :meth:`replace` makes a changed copy). How the kernels are computed is the
     separate :class:`cnngp.Execution`.
@@ -638,6 +638,8 @@ class SweepProtocol:
         Number of σ² values (the paper's log-spaced grid).
     """
 
+    KIND = "sweep protocol setting"
+
     ns: Sequence[int] = (40, 80, 160)
     folds: int = 4
     lengthscales: Sequence[float] = PAPER_LENGTHSCALES
@@ -665,16 +667,6 @@ class SweepProtocol:
         object.__setattr__(self, "folds", int(folds))
         object.__setattr__(self, "seed", int(seed))
 
-    @classmethod
-    def names(cls) -> tuple:
-        return tuple(f.name for f in fields(cls))
-
-    def replace(self, **changes) -> "SweepProtocol":
-        """A copy with ``changes`` (validated)."""
-        unknown = [k for k in changes if k not in self.names()]
-        if unknown:
-            raise CNNGPError(f"{', '.join(unknown)}: not a sweep protocol setting; accepted: {', '.join(self.names())}")
-        return dataclasses.replace(self, **changes)
 
 
 def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel: str = "nngp",
