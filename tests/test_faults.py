@@ -1077,3 +1077,69 @@ def test_a_sweep_replaces_a_checkpoint_of_other_settings(tmp_path, monkeypatch, 
     assert code == 0, err
     assert any(e.startswith("cnngp: warning: ") and "starting over" in e for e in err), err
     assert not Path(f"{out}.checkpoint.train.npz").exists()
+
+
+# -- a full disk under a kernel store (issue 28) -------------------------------------------------
+
+
+def _full_disk_after(monkeypatch, chunks: int, prefix: str = "kernel/") -> list:
+    """Zarr's local store accepts ``chunks`` chunk writes under ``prefix``, then fails each
+    like a full disk (``Store.set`` is zarr's public store interface)."""
+    import zarr.storage
+
+    real = zarr.storage.LocalStore.set
+    seen = []
+
+    async def set(self, key, value):
+        if key.startswith(prefix) and "/c/" in key:  # chunks, not metadata
+            seen.append(key)
+            if len(seen) > chunks:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set)
+    return seen
+
+
+@pytest.mark.parametrize("where", ["tile", "self"])
+def test_disk_full_under_a_store_names_the_flag_keeps_the_tiles_and_a_rerun_finishes(
+    where, small_inputs, small_reference, tmp_path, monkeypatch, capsys
+):
+    """A full disk while a tile (or an image block's self records) is written: one line naming
+    --out, the store, the item and the finished tiles kept; no torn record or temporary file;
+    the same command, rerun with room, finishes the kernel bit for bit."""
+    x1, _ = small_inputs
+    out = tmp_path / "K.zarr"
+    argv = ["kernel", "--arch", "cnngp2", "--x1", str(x1), "--out", str(out), "--tile", "2", "--quiet"]
+    with monkeypatch.context() as m:
+        _full_disk_after(m, 2 if where == "tile" else 1, "kernel/" if where == "tile" else "self/")
+        code, stdout, err = _run(argv, capsys)
+    assert code == 2 and stdout == "" and len(err) == 1, err
+    item = r"tile tile-\d+-\d+" if where == "tile" else r"the self records of x1 block \d+"
+    assert re.fullmatch(
+        rf"cnngp: error: --out: writing {item} of {re.escape(repr(str(out)))} failed \(No space left on "
+        r"device\); its \d+ finished tile\(s\) are kept: free space \(or fix the folder\) and rerun "
+        r"the same command to resume", err[0]), err[0]
+    records = sorted(p.name for p in (out / "records").iterdir())
+    assert all(name.endswith(".json") and not name.startswith(".") for name in records), records
+    kept = len([n for n in records if n.startswith("tile-")])
+    assert f"its {kept} finished tile(s)" in err[0]
+    assert (kept >= 1) == (where == "tile")  # the 2 chunks written are the first tile and its mirror
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    k = cnngp.engine.store.KernelStore.open(out).readout(0)
+    np.testing.assert_array_equal(k, small_reference)
+
+
+def test_a_store_write_error_crosses_process_boundaries_and_takes_the_callers_flag():
+    """Tasks on Dask workers raise it with the store's path only; it pickles whole, and the
+    driver names its own flag (--out for `kernel`, --store for a sweep)."""
+    import pickle
+
+    from cnngp.engine.store import StoreWriteError
+
+    e = StoreWriteError("store", "tile tile-0-1", "/x/K.zarr", "No space left on device", 3)
+    back = pickle.loads(pickle.dumps(e))
+    assert str(back) == str(e) and isinstance(back, cnngp.CNNGPError)
+    assert str(back.named("--store")).startswith(
+        "--store: writing tile tile-0-1 of '/x/K.zarr' failed (No space left on device); its 3 finished")

@@ -563,6 +563,32 @@ def test_cli_scheduler_that_accepts_and_never_answers_times_out(tmp_path, images
     assert code == 2 and re.search(r"^cnngp: error: --scheduler: .*(did not answer|cannot reach)", line), line
 
 
+@pytest.mark.parametrize("timeout", [False, True])
+def test_cli_scheduler_that_cannot_be_reached_leaves_no_store(tmp_path, images_npz, capsys, monkeypatch, timeout):
+    """A well-formed address where nothing listens (refused), or where a listener never
+    answers (timed out): one line naming --scheduler, and no K.zarr left behind (the store
+    is created only once the cluster has answered)."""
+    import socket
+
+    from cnngp.engine import distributed
+
+    monkeypatch.setattr(distributed, "SCHEDULER_TIMEOUT_S", 1.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if timeout:
+        listener.listen(8)  # accepts into its backlog and never answers
+    else:
+        listener.close()  # nothing listens there: connection refused
+    try:
+        code, line = _error_line(capsys, "kernel", "--arch", "cnngp2", "--x1", images_npz, "--out",
+                                 tmp_path / "K.zarr", "--quiet", "--scheduler", f"tcp://127.0.0.1:{port}")
+    finally:
+        listener.close()
+    assert code == 2 and re.search(r"^cnngp: error: --scheduler: .*(did not answer|cannot reach)", line), line
+    assert not (tmp_path / "K.zarr").exists()
+
+
 @pytest.mark.parametrize("key, value", [("tile", "junk"), ("shape", "junk"), ("readouts", 7),
                                         ("spec", "junk"), ("x1_sha256", 3), (None, "junk")])
 def test_cli_edited_store_metadata_is_one_line(tmp_path, images_npz, capsys, key, value):
@@ -655,3 +681,22 @@ def test_ctrl_c_of_a_run_on_local_workers_prints_one_line(tmp_path):
                 proc.wait(60)
             proc.stderr.close()
         assert len(lines) == 1 and "the finished tiles are in" in lines[0], lines
+
+
+def test_disk_check_counts_file_blocks_and_only_what_a_resumed_store_still_writes(tmp_path):
+    """The disk a store needs: every chunk and record file takes whole file-system blocks (with
+    tiny tiles the blocks, not the numbers, fill a disk), and a resumed store needs room only
+    for the tiles it still lacks — a finished store reruns on a nearly full disk."""
+    from cnngp.engine.distributed import FILE_BLOCK
+
+    x = _images(8)
+    out = tmp_path / "K.zarr"
+    new = store_kernel(NET, x, out=out, tile=2, dry_run=True, progress=False).dry_run
+    tiles = 4 * 5 // 2  # 4 blocks of 2 images: 10 tiles, 6 of them mirrored
+    assert new["disk_bytes"] >= new["store_bytes"] + (10 + 6 + 10) * FILE_BLOCK
+    store_kernel(NET, x, out=out, tile=2, progress=False)
+    (out / "records" / "tile-0-1.json").unlink()  # one tile lost: only it is still to write
+    resumed = store_kernel(NET, x, out=out, tile=2, dry_run=True, progress=False).dry_run
+    assert resumed["tiles"] == 1 and resumed["tiles_total"] == tiles
+    chunk = -(-1 * 2 * 2 * 8 // FILE_BLOCK) * FILE_BLOCK + FILE_BLOCK
+    assert resumed["disk_bytes"] == 2 * chunk + FILE_BLOCK  # the tile, its mirror, its record

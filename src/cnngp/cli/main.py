@@ -465,7 +465,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex) -
         f"--x1 ({x1.shape[0]} images)",
         memory_bytes=plan["memory_per_worker_bytes"] * (args.workers or 1) if here else 0,
         seconds=plan["estimated_seconds"] if here and str(args.device).startswith("cpu") else None,
-        disk_bytes=plan["store_bytes"], disk_path=args.out, yes=args.yes,
+        disk_bytes=plan["disk_bytes"], disk_path=args.out, yes=args.yes,
         remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
     )
     report = store_kernel(model, x1, x2, **options)

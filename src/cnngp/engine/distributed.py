@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,7 @@ from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords
 from cnngp.engine.resources import human_bytes, human_seconds
 from cnngp.engine.storage import fingerprint
-from cnngp.engine.store import KernelStore, Tile, tile_plan
+from cnngp.engine.store import KernelStore, StoreWriteError, Tile, tile_plan
 from cnngp.errors import CNNGPError
 from cnngp.provenance import versions
 
@@ -351,6 +352,10 @@ def _tiles_to_compute(out, identity: dict, tiles: list) -> list:
     return state["missing"] + state["bad"]
 
 
+#: bytes of a file system block: each chunk and record file takes whole ones
+FILE_BLOCK = 4096
+
+
 def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, on_cluster=False,
              cold_workers=True) -> dict:
     """Plan, sizes and a time estimate (:mod:`cnngp.engine.timing`): a few pairs of this plan
@@ -365,6 +370,19 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
     n2 = n1 if xb is None else xb.shape[0]
     store_bytes = (L * n1 * n2 + n_images * (math.prod(plan.image_shape)
                                               + _record_bytes_per_image(plan, grids) // item)) * item
+    # what is still to be written: a resumed store has its images and self records and needs
+    # only the chunks and records of the tiles still to compute (mirrors included). Every
+    # chunk is a file in folders of its own (Zarr's c/i/j/k keys) and takes whole blocks of
+    # the file system: with small tiles the blocks, not the numbers, fill a disk
+    def on_disk(nbytes: int) -> int:
+        return -(-nbytes // FILE_BLOCK) * FILE_BLOCK + FILE_BLOCK
+
+    disk_bytes = sum(on_disk(L * item * (t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start))
+                     * (2 if t.mirror else 1) + FILE_BLOCK for t in tiles)
+    if not (Path(path) / "zarr.json").is_file():
+        per_image = math.prod(plan.image_shape) * item + _record_bytes_per_image(plan, grids)
+        chunks = math.ceil(n1 / tile) + (0 if xb is None else math.ceil(n2 / tile))
+        disk_bytes += n_images * per_image + chunks * (1 + len(grids)) * 2 * FILE_BLOCK
     rates = timing.measure(plan, plan.images(xa[:timing.MAX_SIDE]), threads=threads)
     w = max(1, workers)
     # the tiles still to do are priced (a resumed store), the self pass of every image
@@ -379,6 +397,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         "pairs": n_pairs,
         "images": n_images,
         "store_bytes": int(store_bytes),
+        "disk_bytes": int(disk_bytes),
         "memory_per_worker_bytes": int(budget + tile_bytes(plan, tile, grids)),
         "workers": w,
         "threads_per_worker": threads,
@@ -511,97 +530,103 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
         from cnngp.engine.archive import check_archive_apart
 
         check_archive_apart(archive, out, "--archive")
-    store = KernelStore.create(out, identity, xa, xb, grids, provenance, what=what)
+    with contextlib.ExitStack() as session:
+        if scheduler is not None:  # connect first: a cluster that cannot be reached leaves no store
+            client = session.enter_context(dask_client(None, scheduler))
+            scheduler = None
+        store = KernelStore.create(out, identity, xa, xb, grids, provenance, what=what)
 
-    start = time.perf_counter()
-    state = store.verify()
-    for t in state["bad"]:
-        store.forget(t)
-    pending = {t.name for t in state["missing"] + state["bad"]}
-    todo = [t for t in tiles if t.name in pending]  # the plan's nested order: leading blocks first
-    saver = None
-    restored = []
-    if archive is not None:
-        from cnngp.engine.archive import TileArchive
+        start = time.perf_counter()
+        state = store.verify()
+        for t in state["bad"]:
+            store.forget(t)
+        pending = {t.name for t in state["missing"] + state["bad"]}
+        todo = [t for t in tiles if t.name in pending]  # the plan's nested order: leading blocks first
+        saver = None
+        restored = []
+        if archive is not None:
+            from cnngp.engine.archive import TileArchive
 
-        saver = TileArchive(archive, store)
-        restored = saver.restore(todo)
-        todo = [t for t in todo if t not in restored]
-        state["done"] += restored
-        for t in state["done"]:  # tiles the archive lacks, or holds damaged, from the store
-            if t not in restored and not saver.intact(t):
-                saver.save(t)
-    blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
-    report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
-                         len(state["bad"]), 0, 0, 0, 0.0, n_workers, tiles_restored=len(restored),
-                         archive=None if archive is None else str(archive))
-    if progress and (state["done"] or state["bad"]):
-        print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done"
-              + (f" ({len(restored)} restored from {archive})" if restored else "")
-              + f", {len(todo)} to compute"
-              + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
-    if not todo:  # self records are needed only by tiles still to compute
+            saver = TileArchive(archive, store)
+            restored = saver.restore(todo)
+            todo = [t for t in todo if t not in restored]
+            state["done"] += restored
+            for t in state["done"]:  # tiles the archive lacks, or holds damaged, from the store
+                if t not in restored and not saver.intact(t):
+                    saver.save(t)
+        blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
+        report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
+                             len(state["bad"]), 0, 0, 0, 0.0, n_workers, tiles_restored=len(restored),
+                             archive=None if archive is None else str(archive))
+        if progress and (state["done"] or state["bad"]):
+            print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done"
+                  + (f" ({len(restored)} restored from {archive})" if restored else "")
+                  + f", {len(todo)} to compute"
+                  + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
+        if not todo:  # self records are needed only by tiles still to compute
+            report.seconds = time.perf_counter() - start
+            return report
+        bar = None
+        done_tiles = len(state["done"])
+        by_name = {t.name: t for t in todo}
+
+        def start_progress():
+            nonlocal bar
+            bar = _progress_bar(sum(t.pairs for t in todo), len(tiles), done_tiles, progress)
+
+        def tile_finished(name, pairs, shown=0):
+            nonlocal done_tiles
+            done_tiles += 1
+            report.tiles_computed += 1
+            report.pairs_computed += pairs
+            if saver is not None:
+                saver.save(by_name[name])
+            if bar is not None:
+                bar.update(pairs - shown)  # ``shown``: pairs the bar already counted batch by batch
+                bar.set_postfix_str(f"{done_tiles}/{len(tiles)} tiles")
+
+        try:
+            if client is None and not workers:
+                _PLANS.clear()
+                _PLANS[key] = plan
+                for w, b, sl in blocks:
+                    run_self_task(str(out), key, recipe, w, b, sl, threads_per_worker)
+                    report.self_blocks_computed += 1
+                start_progress()
+                for t in todo:
+                    batches = _BatchProgress(bar)
+                    name, pairs, _ = run_tile_task(str(out), key, recipe, t, threads_per_worker,
+                                                   progress=batches if bar is not None else None)
+                    tile_finished(name, pairs, batches.shown)
+            else:
+                memory_limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
+                ctx = contextlib.nullcontext(client) if client is not None else dask_client(
+                    workers, scheduler, memory_limit)
+                with ctx as c:
+                    report.dashboard = _dashboard(c)
+                    if progress:
+                        print(f"dask: {len(c.scheduler_info().get('workers', {}))} worker(s) at "
+                              f"{c.scheduler.address}" + (f", dashboard {report.dashboard}" if report.dashboard else ""),
+                              file=sys.stderr)
+                    start_progress()
+                    # workers of a cluster may run in another folder: they get the store's absolute
+                    # path (os.path.abspath: symlinks are not followed)
+                    try:
+                        _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker,
+                                     store.symmetric, report, tile_finished)
+                    except Exception as e:
+                        if not _workers_lost(e):
+                            raise
+                        raise CNNGPError(
+                            f"dask: all workers were lost ({type(e).__name__}); the finished tiles are "
+                            f"in {str(out)}: rerun to resume") from None
+        except StoreWriteError as e:  # a task knows the store's path; this call knows its flag
+            raise e.named(what) from None
+        finally:
+            if bar is not None:
+                bar.close()
         report.seconds = time.perf_counter() - start
         return report
-    bar = None
-    done_tiles = len(state["done"])
-    by_name = {t.name: t for t in todo}
-
-    def start_progress():
-        nonlocal bar
-        bar = _progress_bar(sum(t.pairs for t in todo), len(tiles), done_tiles, progress)
-
-    def tile_finished(name, pairs, shown=0):
-        nonlocal done_tiles
-        done_tiles += 1
-        report.tiles_computed += 1
-        report.pairs_computed += pairs
-        if saver is not None:
-            saver.save(by_name[name])
-        if bar is not None:
-            bar.update(pairs - shown)  # ``shown``: pairs the bar already counted batch by batch
-            bar.set_postfix_str(f"{done_tiles}/{len(tiles)} tiles")
-
-    try:
-        if client is None and scheduler is None and not workers:
-            _PLANS.clear()
-            _PLANS[key] = plan
-            for w, b, sl in blocks:
-                run_self_task(str(out), key, recipe, w, b, sl, threads_per_worker)
-                report.self_blocks_computed += 1
-            start_progress()
-            for t in todo:
-                batches = _BatchProgress(bar)
-                name, pairs, _ = run_tile_task(str(out), key, recipe, t, threads_per_worker,
-                                               progress=batches if bar is not None else None)
-                tile_finished(name, pairs, batches.shown)
-        else:
-            memory_limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
-            ctx = contextlib.nullcontext(client) if client is not None else dask_client(
-                workers, scheduler, memory_limit)
-            with ctx as c:
-                report.dashboard = _dashboard(c)
-                if progress:
-                    print(f"dask: {len(c.scheduler_info().get('workers', {}))} worker(s) at "
-                          f"{c.scheduler.address}" + (f", dashboard {report.dashboard}" if report.dashboard else ""),
-                          file=sys.stderr)
-                start_progress()
-                # workers of a cluster may run in another folder: they get the store's absolute
-                # path (os.path.abspath: symlinks are not followed)
-                try:
-                    _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker,
-                                 store.symmetric, report, tile_finished)
-                except Exception as e:
-                    if not _workers_lost(e):
-                        raise
-                    raise CNNGPError(
-                        f"dask: all workers were lost ({type(e).__name__}); the finished tiles are "
-                        f"in {str(out)}: rerun to resume") from None
-    finally:
-        if bar is not None:
-            bar.close()
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 class _BatchProgress:

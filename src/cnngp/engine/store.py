@@ -25,6 +25,7 @@ is what Dask needs: it may run a task twice or rerun the tasks of a lost worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -59,6 +60,24 @@ def check_output_store(path, what: str = "--out") -> Path:
                             foreign_hint="nothing was overwritten", parents_made=False)
 
 
+class StoreWriteError(CNNGPError):
+    """Writing into a store failed (the file system's reason: a full disk, say). Its message
+    names the flag that chose the store (:meth:`named` sets it where the flag is known: a task
+    on a worker knows only the path), what was being written, and how to resume."""
+
+    def __init__(self, flag: str, item: str, path: str, reason: str, done: int):
+        super().__init__(flag, item, path, reason, done)  # the args: picklable across workers
+        self.flag, self.item, self.path, self.reason, self.done = flag, item, path, reason, done
+
+    def named(self, flag: str) -> "StoreWriteError":
+        return StoreWriteError(flag, self.item, self.path, self.reason, self.done)
+
+    def __str__(self) -> str:
+        return (f"{self.flag}: writing {self.item} of {self.path!r} failed ({self.reason}); its "
+                f"{self.done} finished tile(s) are kept: free space (or fix the folder) and rerun "
+                "the same command to resume")
+
+
 def _zarr():
     try:
         import zarr
@@ -74,11 +93,16 @@ def _checksum(*arrays) -> str:
 
 def _atomic_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk leaves no torn temporary behind
+            os.unlink(tmp)
+        raise
 
 
 def _read_json(path: Path) -> dict | None:
@@ -345,8 +369,23 @@ class KernelStore:
     def images(self, which: str, sl: slice) -> np.ndarray:
         return self.group["images"][which][sl]
 
+    @contextlib.contextmanager
+    def _writing(self, item: str):
+        """A failure of the file system while writing ``item`` (a full disk, a read-only or
+        vanished folder) becomes a :class:`StoreWriteError`. The item's record is written
+        last, so a torn chunk has no record and is recomputed on resume."""
+        try:
+            yield
+        except OSError as e:
+            done = sum(1 for _ in self.records_dir.glob("tile-*.json")) if self.records_dir.is_dir() else 0
+            raise StoreWriteError(self.what, item, str(self.path), e.strerror or str(e), done) from None
+
     # -- stage 1: self records ----------------------------------------------------------
     def write_self(self, which: str, block: int, sl: slice, variances: dict) -> None:
+        with self._writing(f"the self records of {which} block {block}"):
+            self._write_self(which, block, sl, variances)
+
+    def _write_self(self, which: str, block: int, sl: slice, variances: dict) -> None:
         arrays = []
         for layer in self.attrs["self_layers"]:
             data = np.asarray(variances[layer], dtype=self.kernel.dtype)
@@ -371,6 +410,10 @@ class KernelStore:
     # -- stage 2: tiles -----------------------------------------------------------------
     def write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None = None) -> None:
         """Write a tile's block ``(L, R, C)`` (and its mirror), then its record."""
+        with self._writing(f"tile {tile.name}"):
+            self._write_tile(tile, block, seconds)
+
+    def _write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None) -> None:
         data = np.ascontiguousarray(np.asarray(block, dtype=self.kernel.dtype))
         self.kernel[:, tile.rows, tile.cols] = data
         record = {"sha256": _checksum(data), "rows": [tile.rows.start, tile.rows.stop],
@@ -427,6 +470,16 @@ class KernelStore:
     def labels(self) -> list:
         return list(self.attrs.get("labels") or [])
 
+    def annotate(self, **values) -> None:
+        """Record provenance beside the identity, e.g. ``preprocessing`` (how the images were
+        transformed before the kernel: the store holds and hashes the transformed ones).
+        The identity's keys cannot be changed this way."""
+        clash = [k for k in values if k in IDENTITY_KEYS or k in ("complete_layout", "self_layers")]
+        if clash:
+            raise CNNGPError(f"{self.what}: {', '.join(clash)} is part of the store's identity; not annotated")
+        self.group.attrs.update(values)
+        self.attrs.update(values)
+
     def info(self) -> dict:
         """What ``cnngp info K.zarr`` prints: shape, dtype, tiles done/total, bad tiles, provenance."""
         state = self.verify()
@@ -451,6 +504,7 @@ class KernelStore:
             "x1_sha256": self.attrs.get("x1_sha256"),
             "x2_sha256": self.attrs.get("x2_sha256"),
             "spec": self.attrs.get("spec"),
+            "preprocessing": self.attrs.get("preprocessing"),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
             "seconds_recorded": sum((self._record(t.name) or {}).get("seconds") or 0.0 for t in state["done"]),
