@@ -503,3 +503,38 @@ def test_self_pass_runs_full_and_fused_where_it_would_carry_bands(arch):
     ka = torch_plan.block(torch_plan.images(x), a)
     kb = fused_plan.block(fused_plan.images(x), b)
     assert rel_err(kb, ka) < 1e-12
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_chunks_of_pairs_on_several_threads_give_the_single_thread_kernel_bit_for_bit(monkeypatch, get):
+    """fused.map_chunks runs whole chunks of pairs on each thread (each chunk's kernels on that
+    thread alone): the Gram matrix is the one-thread matrix to the bit, for chunks of one pair
+    and of several, and every chunk's kernels really ran off the caller's thread. The NTK's
+    readout sums depend on the chunk's size in the last bit (also on one thread), so it is held
+    to 1e-15."""
+    net = Serial(Conv(3), ReLU(), AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0)))
+    x = torch.as_tensor(np.random.default_rng(3).uniform(size=(7, 8, 8, 3)))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cnngp.kernel(net, x, get=get)
+        seen = []
+        real = fused.map_chunks
+
+        def spy(fn, items, n_threads):
+            seen.append((len(items), n_threads))
+            return real(fn, items, n_threads)
+
+        monkeypatch.setattr(fused, "map_chunks", spy)
+        torch.set_num_threads(2)
+        for cache in (1, 4 * 1024**2):  # chunks of one pair; of several
+            monkeypatch.setattr(fused, "CACHE_BYTES", cache)
+            seen.clear()
+            many = cnngp.kernel(net, x, get=get)
+            if get == "nngp":
+                assert torch.equal(many, one)
+            else:
+                assert rel_err(many, one) < 1e-15
+            assert any(n > 1 and t == 2 for n, t in seen), seen
+    finally:
+        torch.set_num_threads(old)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -59,8 +60,42 @@ _POOL: ThreadPoolExecutor | None = None
 SHARES_PER_THREAD = 2
 
 
+#: per-thread setting: a thread that runs whole chunks of pairs (:func:`map_chunks`) runs its
+#: kernels on itself alone
+_LOCAL = threading.local()
+
+
 def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    return getattr(_LOCAL, "threads", None) or max(1, torch.get_num_threads())
+
+
+def threads() -> int:
+    """Threads the fused kernels of this thread use (torch.get_num_threads(), or 1 inside
+    :func:`map_chunks`)."""
+    return _threads()
+
+
+_CHUNK_POOL: ThreadPoolExecutor | None = None
+
+
+def _single_threaded():
+    _LOCAL.threads = 1
+
+
+def map_chunks(fn, items: list, n_threads: int) -> list:
+    """``[fn(item) for item in items]`` on ``n_threads`` threads, each running its kernels on
+    itself alone: parallel over pairs instead of over the rows of one call. On small grids
+    (Myrtle10's 16×16 and 8×8 layers) and between kernels (layouts, variances, readouts) a
+    call's rows are too little work to split, while whole chunks of pairs are independent
+    (each pair's values come from the same arithmetic either way: the result is the same to
+    the bit). The pool is this module's own, so ``fn`` may use :func:`_run_shares`."""
+    global _CHUNK_POOL
+    if n_threads <= 1 or len(items) <= 1 or getattr(_LOCAL, "threads", None) == 1:
+        return [fn(item) for item in items]
+    if _CHUNK_POOL is None or _CHUNK_POOL._max_workers != n_threads:
+        _CHUNK_POOL = ThreadPoolExecutor(n_threads, thread_name_prefix="cnngp-pairs",
+                                         initializer=_single_threaded)
+    return [f.result() for f in [_CHUNK_POOL.submit(fn, item) for item in items]]
 
 
 def _run_shares(kernel, args, shares):
