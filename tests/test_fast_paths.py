@@ -538,3 +538,26 @@ def test_chunks_of_pairs_on_several_threads_give_the_single_thread_kernel_bit_fo
             assert any(n > 1 and t == 2 for n, t in seen), seen
     finally:
         torch.set_num_threads(old)
+
+
+def test_self_pass_batches_on_several_threads_give_the_single_thread_records_bit_for_bit():
+    """The self pass runs whole batches of images on each thread (fused.map_chunks): every
+    image's records are the one-thread records to the bit (a store's per-block passes rely on
+    an image's records not depending on where it was computed)."""
+    from cnngp.engine.gram import GramPlan
+
+    net = Serial(Conv(3), ReLU(), AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0)))
+    x = np.random.default_rng(4).uniform(size=(19, 8, 8, 3))  # 3 batches of 8, the last ragged
+    plan = GramPlan(net, x.shape[1:])
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = plan.self_records(plan.images(x)).variances
+        torch.set_num_threads(2)
+        many = plan.self_records(plan.images(x)).variances
+        part = plan.self_records(plan.images(x[5:12])).variances  # other neighbours, other batches
+    finally:
+        torch.set_num_threads(old)
+    assert one.keys() == many.keys() and one
+    for i in one:
+        assert torch.equal(one[i], many[i]) and torch.equal(one[i][5:12], part[i])

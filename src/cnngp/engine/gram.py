@@ -402,7 +402,8 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
         return {}
     layers = list(plan.body.layers)[: plan.self_depth]
     chunk = _fast_chunk(plan, plan.self_flags, plan.self_depth, x)
-    for start in range(0, x.shape[0], batch):
+
+    def one_batch(start):
         xb = x[start : start + batch]
         real = xb.shape[0]
         if real < batch:  # the same shapes in every call (see SELF_BATCH)
