@@ -275,3 +275,119 @@ def test_mean_and_2se():
     np.testing.assert_allclose(e, 2 * np.std(v, axis=0, ddof=1) / np.sqrt(2))
     with pytest.raises(ValueError, match="at least one value"):
         mean_and_2se([])
+
+
+# -- posterior variance ----------------------------------------------------------------------
+
+
+def _joint_problem(n=30, m=7, d=3, seed=3):
+    """An RBF kernel of n training and m test points, as one joint (n + m) matrix."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + m, d))
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    return np.exp(-sq / (2 * 1.3**2)), n
+
+
+def test_posterior_variance_equals_the_schur_complement():
+    J, n = _joint_problem()
+    K, Ks, Kss = J[:n, :n], J[n:, :n], J[n:, n:]
+    s2 = 0.05
+    # the closed form by an independent computation: the conditional covariance of the joint
+    # Gaussian (f_test, y_train) is the Schur complement of its training block, by a plain solve
+    cov = Kss - Ks @ np.linalg.solve(K + s2 * np.eye(n), Ks.T)
+    full = gp.posterior_variance(K, Ks, Kss, s2, full_covariance=True)
+    np.testing.assert_allclose(full, cov, rtol=0, atol=1e-10)
+    diag = gp.posterior_variance(K, Ks, np.diagonal(Kss), s2)
+    np.testing.assert_allclose(diag, np.diagonal(cov), rtol=0, atol=1e-10)
+    # the full matrix's diagonal, and a strict reduction below the prior
+    np.testing.assert_allclose(gp.posterior_variance(K, Ks, Kss, s2), diag, rtol=0, atol=1e-14)
+    assert np.all(diag < np.diagonal(Kss) - 1e-3) and np.all(diag > 0)
+
+
+def test_posterior_variance_is_the_error_variance_of_the_posterior_mean():
+    """Brute force: draw (f_train, f_test) from the GP prior, observe y = f_train + noise, and
+    the spread of f_test minus its posterior mean over many draws is the posterior variance."""
+    J, n = _joint_problem(n=12, m=3, seed=5)
+    s2 = 0.1
+    rng = np.random.default_rng(0)
+    draws = 40000
+    L = np.linalg.cholesky(J + 1e-12 * np.eye(len(J)))
+    f = rng.normal(size=(draws, len(J))) @ L.T
+    y = f[:, :n] + np.sqrt(s2) * rng.normal(size=(draws, n))
+    weights = np.linalg.solve(J[:n, :n] + s2 * np.eye(n), J[:n, n:])  # (n, m)
+    err = f[:, n:] - y @ weights
+    var = gp.posterior_variance(J[:n, :n], J[n:, :n], np.diagonal(J[n:, n:]), s2)
+    se = var * np.sqrt(2.0 / draws)  # sampling SE of a Gaussian variance estimate
+    np.testing.assert_array_less(np.abs(err.var(axis=0) - var), 5 * se)
+
+
+def test_posterior_variance_through_eigh_and_indefinite_kernels(monkeypatch):
+    J, n = _joint_problem(n=10, m=2)
+    K, Ks, kss = J[:n, :n], J[n:, :n], np.diagonal(J[n:, n:])
+    want = gp.posterior_variance(K, Ks, kss, 0.01)
+
+    def no_cholesky(*a, **k):
+        raise np.linalg.LinAlgError("forced")
+
+    with monkeypatch.context() as m:  # the eigendecomposition path gives the same numbers
+        m.setattr(scipy.linalg, "cho_factor", no_cholesky)
+        np.testing.assert_allclose(gp.posterior_variance(K, Ks, kss, 0.01), want, rtol=0, atol=1e-12)
+    # an indefinite kernel (rounding of a PSD one) whose K + sigma^2 I is not positive definite:
+    # its negative eigenvalues are taken as 0, with a warning
+    s, U = np.linalg.eigh(K)
+    s_bad = s.copy()
+    s_bad[0] = -1e-3
+    K_bad = (U * s_bad) @ U.T
+    K_bad = 0.5 * (K_bad + K_bad.T)
+    with pytest.warns(RuntimeWarning) as caught:  # (and the variances this makes negative)
+        got = gp.posterior_variance(K_bad, Ks, kss, 1e-4)
+    assert any("negative eigenvalues (down to -0.001" in str(w.message) for w in caught)
+    s_psd = np.maximum(s_bad, 0) + 1e-4
+    oracle = kss - np.einsum("mj,j,mj->m", Ks @ U, 1 / s_psd, Ks @ U)
+    np.testing.assert_allclose(got, np.maximum(oracle, 0), rtol=0, atol=1e-10)
+
+
+def test_held_out_predictions_equal_explicit_refits():
+    K, y = _problem(n=24, n_classes=3, seed=2)
+    s2 = 0.05
+    mean, var = gp.held_out_predictions(K, y, s2, None, 3)
+    for i in range(len(y)):
+        rest = np.delete(np.arange(len(y)), i)
+        m_i = posterior_mean(K[np.ix_(rest, rest)], y[rest], K[[i]][:, rest], s2, 3)
+        v_i = gp.posterior_variance(K[np.ix_(rest, rest)], K[[i]][:, rest], K[[i], [i]], s2)
+        np.testing.assert_allclose(mean[i], m_i[0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(var[i], v_i[0], rtol=1e-8, atol=1e-12)
+    folds = paper_folds(len(y), 3)
+    mean_f, var_f = gp.held_out_predictions(K, y, s2, folds, 3)
+    for tr, va in folds:
+        np.testing.assert_allclose(mean_f[va], posterior_mean(K[np.ix_(tr, tr)], y[tr], K[np.ix_(va, tr)], s2, 3),
+                                   rtol=1e-10, atol=1e-12)
+        v = np.diagonal(K)[va] - np.diagonal(K[np.ix_(va, tr)] @ np.linalg.solve(
+            K[np.ix_(tr, tr)] + s2 * np.eye(len(tr)), K[np.ix_(tr, va)]))
+        np.testing.assert_allclose(var_f[va], v, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(test_prior=np.ones(3)), r"test_prior must be the \(2,\)"),
+    (dict(test_prior=np.array([1.0, -0.5])), "test_prior: prior variances must be >= 0"),
+    (dict(test_prior=np.array([1.0, np.nan])), "test_prior contains NaN"),
+    (dict(test_prior=np.ones(2), full_covariance=True), r"full_covariance=True needs the \(2, 2\)"),
+    (dict(K_test_train=np.ones((2, 4))), r"K_test_train must have shape \(M, 3\)"),
+    (dict(K_test_train=np.full((2, 3), np.nan)), "K_test_train contains NaN"),
+    (dict(noise_variance=-1.0), "noise_variance must be finite and >= 0"),
+    (dict(K_train=np.ones((3, 2))), "K_train must be a square"),
+])
+def test_posterior_variance_bad_input(change, match):
+    from cnngp.errors import CNNGPError
+
+    args = dict(K_train=np.eye(3), K_test_train=np.zeros((2, 3)), test_prior=np.ones(2),
+                noise_variance=0.1)
+    args.update(change)
+    with pytest.raises(CNNGPError, match=match):
+        gp.posterior_variance(**args)
+
+
+def test_posterior_variance_negative_beyond_rounding_is_reported():
+    with pytest.warns(RuntimeWarning, match="negative beyond rounding"):
+        v = gp.posterior_variance(np.eye(2), np.array([[1.0, 0.0]]), np.array([0.1]), 1e-6)
+    assert v.tolist() == [0.0]

@@ -268,3 +268,32 @@ def test_float32_correlated_readout_on_32x32(reference_dir, monkeypatch, fast):
     err = rel_err(k32, k64)
     print(f"CNNGP_FAST={fast}: float32 vs float64 max relative error {err:.2e}")
     assert err <= 1e-5
+
+
+# -- the diagonal alone (the test points' prior variances of a GP posterior) ---------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_diagonal_matches_brute_force_oracle(seed):
+    spec, x1, _ = _random_case(seed)
+    expected = np.diagonal(brute_force_kernel(spec, x1))
+    got = cnngp.engine.gram.kernel_diagonal(from_spec(spec), x1).numpy()
+    assert got.shape == (len(x1),) and rel_err(got, expected) <= 1e-9, spec
+
+
+def test_kernel_diagonal_of_many_readouts_and_the_ntk(cifar_images):
+    from cnngp.engine.gram import kernel_diagonal
+    from cnngp.io.architectures import split_network
+
+    body, _, _ = split_network("myrtle5")  # pools: the self pass carries full tensors
+    readouts = [Readout(), Readout(correlation=Constant()), Readout(correlation=Matern(1.5, 2.0))]
+    x = cifar_images[:5]
+    nngp, ntk = kernel_diagonal(body, x, readouts=readouts, get="both", batch_size=2)
+    K, T = cnngp.readout_sweep(body, readouts, x, get="both")
+    assert nngp.shape == (3, 5)
+    np.testing.assert_allclose(nngp.numpy(), torch.diagonal(K, dim1=1, dim2=2).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ntk.numpy(), torch.diagonal(T, dim1=1, dim2=2).numpy(), rtol=1e-12)
+    single = kernel_diagonal(body, x[:1], readouts=readouts[2:])  # one image: the lone-pair path
+    np.testing.assert_allclose(single.numpy(), nngp[2:, :1].numpy(), rtol=1e-12)
+    with pytest.raises(cnngp.CNNGPError, match="readouts: expected a non-empty list"):
+        kernel_diagonal(body, x, readouts=[])

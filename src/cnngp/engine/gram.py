@@ -15,7 +15,6 @@ Pairs are processed in batches whose size is chosen from a memory budget.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -36,7 +35,7 @@ from cnngp.engine.storage import Checkpoint, fingerprint
 from cnngp.validation import as_images, resolve_device, resolve_dtype
 
 __all__ = [
-    "kernel", "readout_sweep", "offset_sums", "differentiable_kernel", "Execution", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
+    "kernel", "readout_sweep", "kernel_diagonal", "offset_sums", "differentiable_kernel", "Execution", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
     "GramCost", "gram_needs", "check_gram", "input_state", "Tile", "tile_plan",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
@@ -381,11 +380,9 @@ def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) ->
 
 
 def _workspace(plan: _Plan) -> "fused.Workspace":
-    """The calling thread's buffers for this plan (threads running chunks of pairs at once
-    each have their own)."""
-    if getattr(plan, "workspaces", None) is None:
-        plan.workspaces = {}
-    return plan.workspaces.setdefault(threading.get_ident(), fused.Workspace())
+    if getattr(plan, "workspace", None) is None:
+        plan.workspace = fused.Workspace()
+    return plan.workspace
 
 
 #: images per call of the self pass: every call has exactly this many (the last is padded with
@@ -402,8 +399,7 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
         return {}
     layers = list(plan.body.layers)[: plan.self_depth]
     chunk = _fast_chunk(plan, plan.self_flags, plan.self_depth, x)
-
-    def one_batch(start):
+    for start in range(0, x.shape[0], batch):
         xb = x[start : start + batch]
         real = xb.shape[0]
         if real < batch:  # the same shapes in every call (see SELF_BATCH)
@@ -425,29 +421,21 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
     return {i: torch.cat(v) for i, v in records.items()}
 
 
-#: run whole chunks of pairs on each thread (fused.map_chunks) rather than splitting each call's
-#: rows over the threads; CNNGP_PAIR_PARALLEL=0 turns it off
-PAIR_PARALLEL = env_number("CNNGP_PAIR_PARALLEL", 1, 0, integer=True) > 0
-
-
 def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     """Kernel values (n_kernels × (n_heads or 1), B) for a batch of pairs."""
     ntk = TANGENT in plan.kernels  # Θ travels through the fused kernels too (docs/maths.md §7)
     chunk = _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b, 2 if ntk else 1)
     if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
+        ws = _workspace(plan)
         layers = list(plan.body.layers)
         np1 = {i: r.numpy() for i, r in rec1.items()}  # views: numpy indexing is cheaper
         np2 = {i: r.numpy() for i, r in rec2.items()}
         i1, i2 = idx1.cpu().numpy(), idx2.cpu().numpy()
-        n_threads = fused.threads()
-        if PAIR_PARALLEL and n_threads > 1:  # whole chunks on each thread (fused.map_chunks)
-            chunk = max(1, min(chunk, -(-x1b.shape[0] // n_threads)))
-
-        def chunk_values(s):
+        values = []
+        for s in range(0, x1b.shape[0], chunk):
             sl = slice(s, s + chunk)
-            ws = _workspace(plan)
 
-            def variances(i, as_roots):
+            def variances(i, as_roots, sl=sl):
                 if as_roots:  # sqrt and 1/sqrt, what the fused ReLU reads
                     return fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
                 return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
@@ -456,14 +444,13 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
                                       ntk=ntk)
             state, fused_out = fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
             if plan.offsets:
-                return _offset_values(state, fused_out)
+                values.append(_offset_values(state, fused_out))
+                continue
             if not plan.heads:
-                return _kernel_parts(plan, state).clone()
+                values.append(_kernel_parts(plan, state).clone())
+                continue
             heads = fused.apply_heads(plan.heads, fused_out, plan.kernels)
-            return heads if heads is not None else _apply_heads(plan, state)
-
-        starts = list(range(0, x1b.shape[0], chunk))
-        values = fused.map_chunks(chunk_values, starts, n_threads if PAIR_PARALLEL else 1)
+            values.append(heads if heads is not None else _apply_heads(plan, state))
         return torch.cat(values, dim=1)
     state = input_state(x1b, x2b, plan.pair_flags[0])
     if ntk:
@@ -730,6 +717,31 @@ class GramPlan:
                     progress.update(r.numel())
                 if on_batch is not None:
                     on_batch(out, done)
+        return out
+
+    def diagonal(self, x, rec: SelfRecords, progress=None) -> torch.Tensor:
+        """The kernels of each image with itself, k(x_i, x_i): (n_outputs, N).
+
+        The pair pass on the pairs (i, i) alone, reading the self pass's records ``rec``: N
+        pairs, not the N(N + 1)/2 of a Gram matrix. (The self pass records the variances at
+        the nonlinearities only; a readout that correlates positions needs the last hidden
+        layer's full covariance of the image with itself, which only the pair pass carries.)
+        """
+        n = int(x.shape[0])
+        out = torch.empty((self.n_outputs, n), dtype=self.dtype)
+        with torch.no_grad():
+            for begin in range(0, n, self.pair_batch):
+                idx = torch.arange(begin, min(n, begin + self.pair_batch))
+                d = idx.to(self.device)
+                if idx.numel() == 1:  # a lone pair runs as two, as in block()
+                    d = d.repeat(2)
+                values = _pair_values(self.plan, x[d], x[d], rec.variances, rec.variances,
+                                      d, d).cpu()[:, : idx.numel()]
+                if not bool(torch.isfinite(values).all()):
+                    _check_finite(values, self.body, self.heads, (x,), self.dtype)
+                out[:, idx] = values
+                if progress is not None:
+                    progress.update(idx.numel())
         return out
 
     def tiles(self, n_rows: int, n_cols: int | None = None, tile: int = 512):
@@ -999,6 +1011,68 @@ def readout_sweep(body, readouts: Sequence[Readout], x1, x2=None, *, get="nngp",
         return out
     L = len(readouts)
     return tuple(out[k * L:(k + 1) * L] for k in range(len(kernels)))
+
+
+def kernel_diagonal(model, x, *, readouts=None, get="nngp", execution=None, **options) -> torch.Tensor:
+    """Each image's kernel with itself, k(x_i, x_i): the diagonal of ``kernel(model, x)`` (or of
+    ``readout_sweep(model, readouts, x)``) at the cost of N pairs, e.g. the prior variances of
+    test points that a GP's posterior variance starts from (docs/maths.md §5).
+
+    Parameters
+    ----------
+    model : Layer or Serial
+        As for :func:`kernel`; with ``readouts``, the body (as for :func:`readout_sweep`).
+    x : array (N, *spatial, C)
+    readouts : sequence of Readout, optional
+        Many readouts from one pass.
+    get, execution, **options
+        As for :func:`kernel` (``dtype``, ``device``, ``engine``, ``batch_size``,
+        ``memory_budget``, ``progress``).
+
+    Returns
+    -------
+    torch.Tensor on the CPU: (N,) for a model and one kernel; (L, N) with ``readouts``; a tuple
+    of them, in the order asked, for several kernels.
+
+    Examples
+    --------
+    >>> import cnngp
+    >>> net = cnngp.Serial(cnngp.Conv(filter=3), cnngp.ReLU(), cnngp.Readout())
+    >>> x = np.random.default_rng(0).random((3, 5, 5, 1))
+    >>> bool(torch.allclose(kernel_diagonal(net, x), cnngp.kernel(net, x).diagonal()))
+    True
+    """
+    ex = Execution.build(execution, options, where="kernel_diagonal", accepted=COMPUTE)
+    if readouts is None:
+        body, heads = _split_model(model)
+    else:
+        body, tail = _split_model(model)
+        heads = list(readouts)
+        if tail:
+            raise CNNGPError("model: must not end with a readout when readouts are given")
+        if not heads or not all(isinstance(r, Readout) for r in heads):
+            raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
+    kernels = parse_get(get)
+    a = as_images(x, "x", getattr(body, "input_channels", None))
+    plan = GramPlan(body, a.shape[1:], readouts=heads or None, get=kernels,
+                    execution=ex.replace(progress=False))
+    t = torch.as_tensor(a, dtype=plan.dtype, device=plan.device)
+    bar = None
+    if ex.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.shape[0] * (2 if plan.plan.self_depth else 1), unit="image",
+                   desc="kernel diagonal")
+    try:
+        out = plan.diagonal(t, plan.self_records(t, bar), bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    per = max(1, len(heads)) if readouts is not None else 1
+    parts = tuple(out[k * per:(k + 1) * per] for k in range(len(kernels)))
+    if readouts is None:
+        parts = tuple(p[0] for p in parts)
+    return parts[0] if isinstance(get, str) and get != "both" else parts
 
 
 def offset_sums(body, x1, x2=None, *, execution=None, **options) -> torch.Tensor:

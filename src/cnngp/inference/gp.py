@@ -32,6 +32,9 @@ __all__ = [
     "cross_validate",
     "leave_one_out",
     "posterior_mean",
+    "posterior_variance",
+    "PosteriorFactor",
+    "held_out_predictions",
     "fit_predict",
     "test_accuracy",
     "mean_and_2se",
@@ -734,6 +737,265 @@ def posterior_mean(
         )
         alpha = U @ ((U.T @ Y) / d[:, None])
     return Ks @ alpha
+
+
+class PosteriorFactor:
+    """``K_train + sigma^2 I`` factorised once, for the posterior variances of many test points.
+
+    Cholesky when it is positive definite. Otherwise (sigma^2 chosen on fold kernels can lie
+    below the full kernel's floor, and a float32 kernel has eigenvalues of order -1e-7 x its
+    largest) an eigendecomposition in which K's negative eigenvalues, rounding of a positive
+    semi-definite kernel, are set to 0 (the nearest positive semi-definite matrix), with a
+    ``RuntimeWarning``; directions where ``s + sigma^2`` is still 0 (sigma^2 = 0 on a singular
+    kernel) are left out (a pseudo-inverse).
+
+    Parameters
+    ----------
+    K_train : numpy.ndarray, shape (N, N)
+        Symmetric training kernel.
+    noise_variance : float
+        sigma^2 >= 0.
+
+    Examples
+    --------
+    >>> f = PosteriorFactor(np.eye(2), 1.0)
+    >>> f.explained(np.array([[1.0, 0.0]])).round(12).tolist()   # k_*^T (K + I)^-1 k_* = 1/2
+    [0.5]
+    """
+
+    def __init__(self, K_train, noise_variance):
+        K = _check_square(K_train, "K_train")
+        _check_symmetric(K, "K_train")
+        self.n = K.shape[0]
+        self.noise_variance = float(_check_noise(noise_variance, "noise_variance")[0])
+        try:
+            self._cho = scipy.linalg.cho_factor(K + self.noise_variance * np.eye(self.n), lower=True,
+                                                check_finite=False)
+            self._eig = None
+        except np.linalg.LinAlgError:
+            s, U = _eigh(K)
+            self._cho, self._eig = None, (_psd_shifted(s, self.noise_variance, "K_train"), U)
+
+    def _check_cross(self, K_test_train) -> np.ndarray:
+        Ks = np.asarray(K_test_train, dtype=np.float64)
+        if Ks.ndim != 2 or Ks.shape[1] != self.n:
+            raise CNNGPError(
+                f"K_test_train must have shape (M, {self.n}) to match K_train; got {Ks.shape}"
+            )
+        if not np.all(np.isfinite(Ks)):
+            raise CNNGPError("K_test_train contains NaN or infinite values")
+        return Ks
+
+    def solve(self, B: np.ndarray) -> np.ndarray:
+        """``(K + sigma^2 I)^-1 B`` for B of shape (N, ...)."""
+        if self._eig is None:
+            return scipy.linalg.cho_solve(self._cho, B, check_finite=False)
+        d, U = self._eig
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        return U @ ((U.T @ B) * inv.reshape((-1,) + (1,) * (np.ndim(B) - 1)))
+
+    def _whitened(self, Ks: np.ndarray) -> np.ndarray:
+        """W (N, M) with ``W^T W = K_* (K + sigma^2 I)^-1 K_*^T``: ``L^-1 K_*^T`` (Cholesky
+        L L^T) or ``diag(d^-1/2) U^T K_*^T`` (eigendecomposition)."""
+        if self._eig is None:
+            return scipy.linalg.solve_triangular(self._cho[0], Ks.T, lower=True, check_finite=False)
+        d, U = self._eig
+        root = np.divide(1.0, np.sqrt(d), out=np.zeros_like(d), where=d > 0)
+        return (U.T @ Ks.T) * root[:, None]
+
+    def explained(self, K_test_train, full: bool = False) -> np.ndarray:
+        """The variance the training data explain: the diagonal (M,), or with ``full`` the
+        matrix (M, M), of ``K_* (K + sigma^2 I)^-1 K_*^T``."""
+        W = self._whitened(self._check_cross(K_test_train))
+        return W.T @ W if full else np.einsum("nm,nm->m", W, W)
+
+
+def _psd_shifted(s: np.ndarray, s2: float, what: str) -> np.ndarray:
+    """``max(s, 0) + sigma^2`` for the eigenvalues s of a kernel whose ``K + sigma^2 I`` is not
+    positive definite, with a warning naming the negative eigenvalues set to 0."""
+    if s[0] < 0:
+        warnings.warn(
+            f"{what} has negative eigenvalues (down to {s[0]:.3g}, largest {s[-1]:.3g}) that "
+            f"noise_variance={s2:.3g} does not cover; for the posterior variance they are taken "
+            "as 0 (rounding of a positive semi-definite kernel)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return np.maximum(s, 0.0) + s2
+
+
+def _check_prior(test_prior, m: int, full: bool) -> np.ndarray:
+    """``test_prior``: the (M,) prior variances k(x*, x*), or the (M, M) matrix K_test_test."""
+    P = np.asarray(test_prior, dtype=np.float64)
+    if P.ndim == 2 and P.shape == (m, m):
+        if not np.all(np.isfinite(P)):
+            raise CNNGPError("test_prior contains NaN or infinite values")
+        _check_symmetric(P, "test_prior")
+        diag = np.diagonal(P)
+    elif P.ndim == 1 and P.shape == (m,):
+        if full:
+            raise CNNGPError(
+                f"test_prior: full_covariance=True needs the ({m}, {m}) matrix K_test_test, "
+                f"got the shape {P.shape} of its diagonal"
+            )
+        diag = P
+    else:
+        raise CNNGPError(
+            f"test_prior must be the ({m},) prior variances k(x*, x*) of the test points or their "
+            f"({m}, {m}) kernel matrix, to match K_test_train's {m} rows; got shape {P.shape}"
+        )
+    if not np.all(np.isfinite(diag)):
+        raise CNNGPError("test_prior contains NaN or infinite values")
+    if np.any(diag < 0):
+        i = int(np.argmin(diag))
+        raise CNNGPError(
+            f"test_prior: prior variances must be >= 0; test point {i} has {diag[i]:.3g} (pass "
+            "k(x*, x*), e.g. cnngp.engine.gram.kernel_diagonal)"
+        )
+    return P
+
+
+#: posterior variances more negative than this, relative to the prior variance, are reported
+#: (smaller negative values are float rounding and are set to 0)
+VARIANCE_RTOL = 1e-6
+
+
+def posterior_variance(
+    K_train: np.ndarray,
+    K_test_train: np.ndarray,
+    test_prior: np.ndarray,
+    noise_variance: float,
+    full_covariance: bool = False,
+) -> np.ndarray:
+    """GP posterior variance of the latent function at test points (docs/maths.md §5.1).
+
+    ``s^2(x*) = k(x*, x*) - k_*^T (K + sigma^2 I)^-1 k_*``: the variance of each class score
+    f_c(x*) given the training targets, the same for every class (the classes are independent
+    GPs with one kernel). With ``full_covariance``, the (M, M) posterior covariance
+    ``K_** - K_*X (K + sigma^2 I)^-1 K_X*``. It is the variance of the noise-free score, not of
+    a noisy observation (add ``noise_variance`` for that).
+
+    Parameters
+    ----------
+    K_train : numpy.ndarray, shape (N, N)
+        Training kernel.
+    K_test_train : numpy.ndarray, shape (M, N)
+        Kernel between test and training points.
+    test_prior : numpy.ndarray, shape (M,) or (M, M)
+        The test points' prior variances k(x*, x*) (the diagonal of K_test_test, e.g. from
+        :func:`cnngp.engine.gram.kernel_diagonal`), or the whole K_test_test.
+    noise_variance : float
+        sigma^2 >= 0.
+    full_covariance : bool, default False
+        Return the (M, M) covariance (needs the (M, M) ``test_prior``).
+
+    Returns
+    -------
+    numpy.ndarray, shape (M,) or (M, M), float64
+        Variances >= 0: negative values within float rounding
+        (``VARIANCE_RTOL`` of the prior variance) are set to 0; larger ones (a ``test_prior``
+        that is not the kernel of these points) raise a ``RuntimeWarning`` and are set to 0 too.
+
+    Examples
+    --------
+    >>> K = np.array([[1.0, 0.5], [0.5, 1.0]])
+    >>> posterior_variance(K, np.array([[1.0, 0.5]]), np.array([1.0]), 0.0).round(12).tolist()
+    [0.0]
+    """
+    factor = PosteriorFactor(K_train, noise_variance)
+    Ks = factor._check_cross(K_test_train)
+    P = _check_prior(test_prior, Ks.shape[0], bool(full_covariance))
+    explained = factor.explained(Ks, full=bool(full_covariance))
+    if full_covariance:
+        cov = P - explained
+        return 0.5 * (cov + cov.T)
+    prior = np.diagonal(P) if P.ndim == 2 else P
+    return _clip_variances(prior - explained, prior, "test_prior")
+
+
+def _clip_variances(v: np.ndarray, prior: np.ndarray, what: str) -> np.ndarray:
+    """Set rounding-negative variances to 0; warn when they are negative beyond rounding."""
+    bad = v < -VARIANCE_RTOL * np.maximum(np.abs(prior), np.finfo(float).tiny)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        warnings.warn(
+            f"{what}: {int(bad.sum())} posterior variance(s) are negative beyond rounding (point {i}: "
+            f"{v[i]:.3g} with prior variance {prior[i]:.3g}); is {what} the kernel of these points, "
+            "from the same network and precision? Set to 0",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return np.maximum(v, 0.0)
+
+
+def held_out_predictions(
+    K: np.ndarray,
+    y: np.ndarray,
+    noise_variance: float,
+    folds: Sequence[Fold] | int | None = None,
+    n_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every training point's posterior mean and variance from the model that did not see it.
+
+    With ``folds``, each point is predicted by the GP fitted to the other folds (the folds of
+    :func:`cross_validate`); with ``folds=None`` by exact leave-one-out: with
+    ``G = (K + sigma^2 I)^-1``, the mean is ``Y_i - (G Y)_i / G_ii`` and the latent variance
+    ``1 / G_ii - sigma^2`` (Rasmussen & Williams §5.4.2), identical to refitting without point i.
+
+    Parameters
+    ----------
+    K : numpy.ndarray, shape (N, N)
+        Symmetric kernel of the training set.
+    y : numpy.ndarray, shape (N,), int
+        Labels.
+    noise_variance : float
+        sigma^2 >= 0.
+    folds : sequence of (train_idx, val_idx), int or None, default None
+        As for :func:`cross_validate` (an int k: ``paper_folds(N, k)``); None: leave-one-out.
+        A point in no validation set gets NaN.
+    n_classes : int, optional
+        Number of classes; default ``max(y) + 1``.
+
+    Returns
+    -------
+    mean : numpy.ndarray, shape (N, n_classes)
+    variance : numpy.ndarray, shape (N,)
+        Latent posterior variances (>= 0, as :func:`posterior_variance`).
+    """
+    K = _check_square(K, "K")
+    n = K.shape[0]
+    _check_symmetric(K, "K")
+    y = _check_labels(y, n)
+    k_cls = _resolve_n_classes(y, n_classes)
+    s2 = float(_check_noise(noise_variance, "noise_variance")[0])
+    Y = centered_one_hot(y, k_cls)
+    prior = np.diagonal(K).copy()
+    if folds is None:
+        if n < 2:
+            raise CNNGPError("leave-one-out needs at least 2 points")
+        s, U = _eigh(K)
+        if s[0] + s2 <= 0:
+            s = _psd_shifted(s, s2, "K") - s2
+        d = s + s2
+        if np.any(d <= 0):
+            raise CNNGPError(
+                f"K + noise_variance*I is singular at noise_variance={s2:g}, so leave-one-out "
+                "predictions are undefined; use a noise_variance > 0"
+            )
+        mean = _loo_means(s, U, Y, np.array([s2]))[:, :, 0].T
+        g_ii = (U * U) @ (1.0 / d)
+        return mean, _clip_variances(1.0 / g_ii - s2, prior, "K")
+    if isinstance(folds, (int, np.integer)):
+        folds = paper_folds(n, int(folds))
+    folds = _check_folds(folds, y, n)
+    mean = np.full((n, k_cls), np.nan)
+    var = np.full(n, np.nan)
+    for tr, va in folds:
+        factor = PosteriorFactor(K[np.ix_(tr, tr)], s2)
+        Kvt = K[np.ix_(va, tr)]
+        mean[va] = Kvt @ factor.solve(Y[tr])
+        var[va] = _clip_variances(prior[va] - factor.explained(Kvt), prior[va], "K")
+    return mean, var
 
 
 def fit_predict(
