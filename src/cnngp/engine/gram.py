@@ -15,6 +15,7 @@ Pairs are processed in batches whose size is chosen from a memory budget.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -380,9 +381,11 @@ def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) ->
 
 
 def _workspace(plan: _Plan) -> "fused.Workspace":
-    if getattr(plan, "workspace", None) is None:
-        plan.workspace = fused.Workspace()
-    return plan.workspace
+    """The calling thread's buffers for this plan (threads running chunks of pairs at once
+    each have their own)."""
+    if getattr(plan, "workspaces", None) is None:
+        plan.workspaces = {}
+    return plan.workspaces.setdefault(threading.get_ident(), fused.Workspace())
 
 
 #: images per call of the self pass: every call has exactly this many (the last is padded with
@@ -399,7 +402,8 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
         return {}
     layers = list(plan.body.layers)[: plan.self_depth]
     chunk = _fast_chunk(plan, plan.self_flags, plan.self_depth, x)
-    for start in range(0, x.shape[0], batch):
+
+    def one_batch(start):
         xb = x[start : start + batch]
         real = xb.shape[0]
         if real < batch:  # the same shapes in every call (see SELF_BATCH)
@@ -421,21 +425,29 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
     return {i: torch.cat(v) for i, v in records.items()}
 
 
+#: run whole chunks of pairs on each thread (fused.map_chunks) rather than splitting each call's
+#: rows over the threads; CNNGP_PAIR_PARALLEL=0 turns it off
+PAIR_PARALLEL = env_number("CNNGP_PAIR_PARALLEL", 1, 0, integer=True) > 0
+
+
 def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
     """Kernel values (n_kernels × (n_heads or 1), B) for a batch of pairs."""
     ntk = TANGENT in plan.kernels  # Θ travels through the fused kernels too (docs/maths.md §7)
     chunk = _fast_chunk(plan, plan.pair_flags, len(plan.body), x1b, 2 if ntk else 1)
     if chunk:  # fused path, a few pairs at a time so each layer's tensors stay in cache
-        ws = _workspace(plan)
         layers = list(plan.body.layers)
         np1 = {i: r.numpy() for i, r in rec1.items()}  # views: numpy indexing is cheaper
         np2 = {i: r.numpy() for i, r in rec2.items()}
         i1, i2 = idx1.cpu().numpy(), idx2.cpu().numpy()
-        values = []
-        for s in range(0, x1b.shape[0], chunk):
-            sl = slice(s, s + chunk)
+        n_threads = fused.threads()
+        if PAIR_PARALLEL and n_threads > 1:  # whole chunks on each thread (fused.map_chunks)
+            chunk = max(1, min(chunk, -(-x1b.shape[0] // n_threads)))
 
-            def variances(i, as_roots, sl=sl):
+        def chunk_values(s):
+            sl = slice(s, s + chunk)
+            ws = _workspace(plan)
+
+            def variances(i, as_roots):
                 if as_roots:  # sqrt and 1/sqrt, what the fused ReLU reads
                     return fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
                 return rec1[i][idx1[sl]], rec2[i][idx2[sl]]
@@ -444,13 +456,14 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
                                       ntk=ntk)
             state, fused_out = fused.run_layers(layers, state, plan.pair_flags, variances, ws=ws)
             if plan.offsets:
-                values.append(_offset_values(state, fused_out))
-                continue
+                return _offset_values(state, fused_out)
             if not plan.heads:
-                values.append(_kernel_parts(plan, state).clone())
-                continue
+                return _kernel_parts(plan, state).clone()
             heads = fused.apply_heads(plan.heads, fused_out, plan.kernels)
-            values.append(heads if heads is not None else _apply_heads(plan, state))
+            return heads if heads is not None else _apply_heads(plan, state)
+
+        starts = list(range(0, x1b.shape[0], chunk))
+        values = fused.map_chunks(chunk_values, starts, n_threads if PAIR_PARALLEL else 1)
         return torch.cat(values, dim=1)
     state = input_state(x1b, x2b, plan.pair_flags[0])
     if ntk:
