@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from cnngp.cli.main import add_engine_argument, command_line, int_at_least
+from cnngp.cli.main import add_engine_argument, add_zca_argument, command_line, int_at_least, parse_zca
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_learn"]
@@ -32,6 +32,7 @@ def cmd_learn(args) -> int:
     from cnngp.cli.sweep import _write_outputs
     from cnngp.experiments.learned import learned_figure, run_learn
 
+    args.zca = parse_zca(args.zca)
     if args.refine is not None and args.params != "internal":
         raise CNNGPError("--refine: only meaningful with --params internal (the Brent steps after "
                          "the internal λ grid)")
@@ -65,7 +66,7 @@ def cmd_learn(args) -> int:
         objective=args.objective, params=args.params, family=args.family, folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
-        spectral_mixture=args.spectral_mixture,
+        spectral_mixture=args.spectral_mixture, zca=args.zca,
     )
     result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
                        execution=execution_from_args(args), yes=args.yes)
@@ -125,6 +126,7 @@ def register(subparsers) -> None:
     p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subset (default 0)")
+    add_zca_argument(p, "the --n training images (never the test images)")
     p.add_argument("--test", action="store_true", help="score on the test split instead of k-fold CV")
     p.add_argument("--n-test", type=int_at_least(1), help="with --test: a class-balanced test subset of this size")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",

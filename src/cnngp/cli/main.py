@@ -30,7 +30,7 @@ from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
-           "add_layout_argument", "load_images", "command_line",
+           "add_layout_argument", "add_zca_argument", "parse_zca", "load_images", "command_line",
            "Terminated"]
 
 
@@ -185,6 +185,31 @@ def add_layout_argument(parser) -> None:
              "(channels first, converted), nhw (grey images, a channel axis added), ...; also nhwc/nlc "
              "to accept a channels-last array whose shape looks channels-first or grey "
              "(README, \"Image arrays\")")
+
+
+def add_zca_argument(parser, fitted_on: str) -> None:
+    """``--zca EPS``: regularised ZCA whitening (:mod:`cnngp.io.preprocess`), fitted on
+    ``fitted_on`` only."""
+    parser.add_argument("--zca", metavar="EPS",
+                        help="whiten the images by regularised ZCA of strength EPS >= 0 (a fraction of the "
+                        f"mean eigenvalue of the training covariance, e.g. 0.1), fitted on {fitted_on} only "
+                        "and applied to every image the kernel sees (default: no whitening)")
+
+
+def parse_zca(text, flag: str = "--zca"):
+    """The value of ``--zca`` as a float (None when not given); messages name ``flag``."""
+    if text is None:
+        return None
+    import math
+
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise CNNGPError(f"{flag}: expected a number >= 0, the regulariser as a fraction of the mean "
+                         f"eigenvalue (e.g. 0.1), got {text!r}")
+    return value
 
 
 def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
@@ -360,6 +385,7 @@ def cmd_kernel(args) -> int:
     if args.width is not None and args.parameterization != "standard":
         raise CNNGPError("--width: only meaningful with --parameterization standard (the NTK "
                          "parameterisation's kernels do not depend on the width)")
+    args.zca = parse_zca(args.zca)
     net = load_network(args.arch, args.readout)
     net = parameterized(net, args.parameterization, args.width)
     x1 = load_images("--x1", args.x1, args.layout, echo=not args.quiet)
@@ -374,6 +400,17 @@ def cmd_kernel(args) -> int:
         raise CNNGPError(
             f"--x1: has {x1.shape[-1]} channels (last axis) but --arch expects {channels}"
         )
+    def hashes():  # of the images as read (before any whitening)
+        return {"x1_sha256": array_sha256(x1), **({} if x2 is None else {"x2_sha256": array_sha256(x2)})}
+
+    whitening, read = None, None
+    if args.zca is not None:  # regularised ZCA fitted on --x1 alone, applied to --x1 and --x2
+        from cnngp.io.preprocess import fit_zca
+
+        read = hashes()
+        whitening = fit_zca(x1, args.zca, name="--x1")
+        x1 = whitening.transform(x1, "--x1")
+        x2 = None if x2 is None else whitening.transform(x2, "--x2")
     lengthscales, readouts, body = None, None, net
     get = {"nngp": "nngp", "ntk": "ntk", "both": ("nngp", "ntk")}[args.get]
     if args.lengthscales is not None:
@@ -390,7 +427,7 @@ def cmd_kernel(args) -> int:
 
     ex = execution_from_args(args)
     if is_store_path(args.out):
-        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex)
+        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening)
     est = check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
                      readouts=readouts, disk_path=args.out, yes=args.yes, images=x1, execution=ex)
     if est is not None and ex.progress:  # a long job: its timed estimate before it starts
@@ -416,6 +453,8 @@ def cmd_kernel(args) -> int:
         "x1": str(args.x1),
         "x2": None if args.x2 is None else str(args.x2),
         "get": args.get,
+        "zca": args.zca,
+        "zca_fit": None if whitening is None else {**whitening.provenance(), "fitted_on_images": "--x1"},
         "saved_dtype": str(k.dtype),
         "command_line": command_line(args),
         "engine": ex.resolved_engine,
@@ -430,10 +469,8 @@ def cmd_kernel(args) -> int:
         "spec": np.array(json.dumps(net.to_spec())),
         "config": np.array(json.dumps(config)),
         "versions": np.array(json.dumps(versions())),
-        "x1_sha256": np.array(array_sha256(x1)),
+        **{name: np.array(value) for name, value in (read or hashes()).items()},  # of the images as read
     }
-    if x2 is not None:
-        arrays["x2_sha256"] = np.array(array_sha256(x2))
     if lengthscales is not None:
         arrays["lengthscales"] = np.array(lengthscales, dtype=np.float64)
     atomic_write(args.out, lambda f: np.savez(f, **arrays))
@@ -444,8 +481,10 @@ def cmd_kernel(args) -> int:
     return 0
 
 
-def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex) -> int:
-    """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask."""
+def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening=None) -> int:
+    """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask. With
+    ``--zca`` the store holds the whitened images (its identity hashes them) and records
+    the whitening as ``preprocessing`` once complete."""
     from cnngp.engine.distributed import describe_dry_run, store_kernel
     from cnngp.engine.resources import check_job
 
@@ -468,7 +507,15 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex) -
         disk_bytes=plan["disk_bytes"], disk_path=args.out, yes=args.yes,
         remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
     )
+    preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--x1"}}
+    from cnngp.experiments.sweep import check_store_zca
+
+    check_store_zca(args.out, args.zca)
     report = store_kernel(model, x1, x2, **options)
+    if preprocessing is not None:
+        from cnngp.engine.store import KernelStore
+
+        KernelStore.open(args.out, what="--out").annotate(preprocessing=preprocessing)
     if not args.quiet:
         print(f"wrote {args.out}: kernel {tuple(report.shape)}, {report.tiles_computed} tile(s) computed, "
               f"{report.tiles_done_before} already done ({report.tiles_bad} bad, recomputed"
@@ -662,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--width", type=int_at_least(1),
                    help="with --parameterization standard: channels of every hidden layer")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
+    add_zca_argument(k, "--x1")
     k.add_argument("--family", choices=sorted(FAMILIES), help="family of a --lengthscales sweep (default matern32)")
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
@@ -734,7 +782,7 @@ _FLAGS = {
     "batch_size": "--batch-size", "memory_budget": "--memory-budget",
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
-    "spectral_mixture": "--spectral-mixture", "dataset": "--data",
+    "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca",
 }
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnngp.cli.main import add_engine_argument, command_line, int_at_least
+from cnngp.cli.main import add_engine_argument, add_zca_argument, command_line, int_at_least, parse_zca
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_sweep", "DEFAULT_ARCH", "DEFAULT_NS", "DEFAULT_OUT"]
@@ -105,6 +105,7 @@ def cmd_sweep(args) -> int:
     folds = _int("--folds", args.folds, 2)
     seed = _int("--seed", args.seed, 0)
     n_test = None if args.n_test is None else _int("--n-test", args.n_test, 1)
+    args.zca = parse_zca(args.zca)
     if n_test is not None and not args.test:
         raise CNNGPError("--n-test: only meaningful together with --test")
     batch_size = None if args.batch_size is None else _int("--batch-size", args.batch_size, 1)
@@ -158,7 +159,8 @@ def cmd_sweep(args) -> int:
         args.checkpoint_path = str(checkpoint_files(prefix)[0])
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
-                             test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme)
+                             test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme,
+                             zca=args.zca)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
                         data_label=str(args.data), yes=args.yes,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,
@@ -221,6 +223,7 @@ def register(subparsers) -> None:
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32",
                    help="correlation family of the swept readout (default matern32)")
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
+    add_zca_argument(p, "the training subset of the largest --n (never the test images)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                    help="kernel precision (default float32: each sweep checks a few kernel entries "
                    "against float64 and warns above 1e-5 relative; GP inference is always float64)")

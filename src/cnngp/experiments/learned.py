@@ -45,6 +45,7 @@ from cnngp.inference.learn import (
 from cnngp.io.architectures import split_network
 from cnngp.io.spec import correlation_from_spec as from_correlation_spec
 from cnngp.io.data import Dataset, balanced_subset, load_dataset
+from cnngp.io.preprocess import check_zca_strength, fit_zca
 from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
 from cnngp.kernels.layers import Serial
 from cnngp.provenance import array_sha256, versions
@@ -227,6 +228,10 @@ class LearnProtocol(Settings):
         Q > 0 (with ``"readout"``): also learn a Q-component spectral-mixture readout from the
         same S (:func:`cnngp.inference.learn.learn_spectral_mixture`), reported under
         ``"spectral_mixture"``.
+    zca : float, optional
+        Regularised ZCA whitening (:mod:`cnngp.io.preprocess`) of strength ε (a fraction of the
+        mean eigenvalue), fitted on the ``n`` training images only (shared by the folds; no
+        test image enters it) and applied to them and the test images. Default: none.
     """
 
     KIND = "learn setting"
@@ -244,8 +249,11 @@ class LearnProtocol(Settings):
     lengthscales: tuple = PAPER_LENGTHSCALES
     refine: int = 5
     spectral_mixture: int = 0
+    zca: float | None = None
 
     def __post_init__(self):
+        if self.zca is not None:
+            object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
         objective, params, spectral_mixture = self.objective, self.params, self.spectral_mixture
         if objective not in OBJECTIVES:
             raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -322,6 +330,11 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         x_test, y_test = ds.x_test[t_order], ds.y_test[t_order]
     elif n_test is not None:
         raise CNNGPError("n_test: only meaningful together with test=True (--test)")
+    train_sha256, whitening = array_sha256(x), None
+    if protocol.zca is not None:  # fitted on the n training images alone, applied to train and test
+        whitening = fit_zca(x, protocol.zca, name="the training images")
+        x = whitening.transform(x, "the training images")
+        x_test = None if x_test is None else whitening.transform(x_test, "the test images")
 
     body, template, net_name = split_network(network)
     indices = internal_convs(body) if params == "internal" else []
@@ -492,7 +505,10 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             "seed": int(seed),
             "test": bool(test),
             "n_test": None if x_test is None else int(len(x_test)),
-            "train_sha256": array_sha256(x),
+            "train_sha256": train_sha256,
+            "zca": protocol.zca,
+            "zca_fit": None if whitening is None else {**whitening.provenance(),
+                                                       "fitted_on_images": "the n training images"},
             "targets": "one-hot minus 1/n_classes",
         },
         "versions": versions(),

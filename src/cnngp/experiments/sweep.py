@@ -38,6 +38,7 @@ from cnngp.kernels.correlations import (
 )
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
+from cnngp.io.preprocess import check_zca_strength, fit_zca
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.kernels.layers import Readout
@@ -248,6 +249,40 @@ def test_store_path(kernel_store) -> Path:
     path = Path(kernel_store)
     return path.with_name(path.name[: -len(".zarr")] + "-test.zarr" if path.name.lower().endswith(".zarr")
                           else path.name + "-test.zarr")
+
+
+def check_store_zca(path, zca, flag: str = "--zca") -> None:
+    """Refuse, before any work, to resume or reuse the store at ``path`` if it records a ZCA
+    whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none).
+    A store of whitened images also hashes them, so any other mismatch is refused by the
+    store's own identity check."""
+    from cnngp.engine.store import KernelStore
+
+    if path is None or not (Path(path) / "zarr.json").is_file():
+        return
+    try:
+        attrs = KernelStore.open(path).attrs
+    except CNNGPError:
+        return  # a damaged store: the computation refuses it with its own message
+    if "preprocessing" not in attrs:
+        return
+    recorded = ((attrs.get("preprocessing") or {}).get("zca") or {}).get("strength")
+    if recorded != zca:
+        def what(strength):
+            return "unwhitened images" if strength is None else f"images whitened by ZCA of strength {strength:g}"
+
+        raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of {what(recorded)}, not of {what(zca)}; "
+                         "resume only with the same whitening, or give another store (nothing was overwritten)")
+
+
+def _note_zca(paths, whitening) -> None:
+    """Record the whitening in each complete store of ``paths`` (``preprocessing``)."""
+    from cnngp.engine.store import KernelStore
+
+    info = {"zca": {**whitening.provenance(), "fitted_on_images": "the N_max training subset"}}
+    for path in paths:
+        if (Path(path) / "zarr.json").is_file():
+            KernelStore.open(path).annotate(preprocessing=info)
 
 
 def _in_memory(ex, checkpoint=None):
@@ -493,7 +528,7 @@ def _read_cache(path: Path, key: dict) -> dict | None:
             f"kernel_cache: {str(path)!r} is not a readable cnngp sweep kernel file ({e}); "
             "delete it or choose another path"
         ) from None
-    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype")
+    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype", "zca")
     diff = [f for f in train_fields if stored.get(f) != key.get(f)]
     if diff:
         raise CNNGPError(
@@ -636,6 +671,12 @@ class SweepProtocol(Settings):
         (:func:`cnngp.inference.gp.paper_folds`); ``"stratified"``: shuffled stratified folds.
     n_grid : int, default 1000
         Number of σ² values (the paper's log-spaced grid).
+    zca : float, optional
+        Regularised ZCA whitening of the images (:mod:`cnngp.io.preprocess`) with this
+        strength ε (a fraction of the mean eigenvalue). It is fitted on the ``N_max`` training
+        subset only — the union of the blocks, so every block and fold shares one whitening
+        (unlabelled statistics of training images; no test image enters it) — and applied to
+        the training and test images before any kernel. Default: no whitening.
     """
 
     KIND = "sweep protocol setting"
@@ -649,8 +690,11 @@ class SweepProtocol(Settings):
     seed: int = 0
     fold_scheme: str = "paper"
     n_grid: int = 1000
+    zca: float | None = None
 
     def __post_init__(self):
+        if self.zca is not None:
+            object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
         if self.family not in FAMILIES:
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in _FOLD_SCHEMES:
@@ -826,6 +870,16 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "dtype": str(dtype),
             "test_sha256": None if x_test_now is None else array_sha256(x_test_now),
         }
+        whitening = None
+        if protocol.zca is not None:
+            # regularised ZCA fitted on the N_max training subset alone, applied to train and
+            # test; the cache key keeps the raw images' hashes and adds the strength
+            key["zca"] = protocol.zca
+            whitening = fit_zca(x_sub, protocol.zca, name="the training subset")
+            x_sub = whitening.transform(x_sub, "the training subset")
+            if x_test is not None:
+                x_test = whitening.transform(x_test, "the test images")
+                x_test_now = x_test if test_mode == "all" else None
         if kernel != "nngp":  # NNGP caches keep the key they always had
             key["kernel"] = kernel
         client = None
@@ -840,6 +894,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                     limit = None if ex.memory_budget is None else int(ex.memory_budget) + 2 * 1024**3
                     client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
                 ex = ex.replace(workers=None, scheduler=client)
+            for path in (kernel_store,) + (() if test_mode is None else (test_store_path(kernel_store),)):
+                check_store_zca(path, protocol.zca, "zca")
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel)
             kernels_start = time.perf_counter()
             K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel)
@@ -851,6 +907,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, True,
                                            ex, kernel)
         kernel_seconds = time.perf_counter() - kernels_start
+        if whitening is not None and kernel_store is not None:
+            _note_zca([kernel_store], whitening)
         # kernels read from a cache were checked when they were computed
         float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel, seed)
 
@@ -880,6 +938,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 top[i]["test_accuracy"] = gp.test_accuracy(
                     K[i], y_sub, Kt, y_test, top[i]["noise_variance"], n_classes
                 )
+            if whitening is not None and kernel_store is not None:
+                _note_zca([test_store_path(kernel_store)], whitening)
             test_summary = {
                 "n_train": int(n_max),
                 "n_test": int(len(y_test)),
@@ -921,6 +981,9 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "test_readouts": test_mode,
             "n_test": None if test_order is None else int(len(test_order)),
             "train_sha256": key["train_sha256"],
+            "zca": protocol.zca,
+            "zca_fit": None if whitening is None else {**whitening.provenance(),
+                                                       "fitted_on_images": "the N_max training subset"},
             "kernel": kernel,
             "kernel_store": None if kernel_store is None else str(kernel_store),
             "archive": None if archive is None else str(archive),

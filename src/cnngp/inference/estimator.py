@@ -19,7 +19,9 @@ flattened images pass their shape, e.g. ``image_shape=(8, 8, 1)`` for ``load_dig
 ``(n_samples, 1, n_features)``: with 1×1 convolutions this is the NNGP of a fully connected
 network, usable for tabular data of any width (the 3-tap convolutions of the named
 architectures need signals of at least 3 positions). Pixel values are used as given (the
-paper scales pixels to [0, 1]).
+paper scales pixels to [0, 1]). ``zca=ε`` whitens them first by regularised ZCA
+(:mod:`cnngp.io.preprocess`), fitted in ``fit`` on the training X only (``zca_``) and applied
+to every X that ``predict`` and ``decision_function`` see.
 
 Notes
 -----
@@ -162,6 +164,16 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
 
         return kernel(network, x1, x2, execution=self._execution()).double().numpy()
 
+    def _whiten_fit(self, images: np.ndarray) -> np.ndarray:
+        """Fit the ZCA whitening (``zca``) on the training images; ``zca_`` (None without)."""
+        from cnngp.io.preprocess import check_zca_strength, fit_zca
+
+        if self.zca is None:
+            self.zca_ = None
+            return images
+        self.zca_ = fit_zca(images, check_zca_strength(self.zca, "zca"), name="X")
+        return self.zca_.transform(images, "X")
+
     def _set_fit(self, images, network, K, y_enc, noise):
         # dual coefficients (K + σ² I)⁻¹ Y: the posterior mean at the training inputs'
         # unit vectors, so the solve (Cholesky, or eigh fallback) is the one of gp.posterior_mean
@@ -175,6 +187,8 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "dual_coef_")
         X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
         images = self._images(X)
+        if getattr(self, "zca_", None) is not None:  # the training images' whitening
+            images = self.zca_.transform(images, "X")
         Ks = self._kernel(self.network_, images, self.X_fit_)
         return Ks @ self.dual_coef_
 
@@ -241,12 +255,18 @@ class CNNGPClassifier(_CNNGPBase):
         "Execution options"); the solve is always float64.
     verbose : bool, default False
         Progress bars over kernel computations (the execution option ``progress``).
+    zca : float, optional
+        Regularised ZCA whitening of strength ε >= 0 (a fraction of the mean eigenvalue,
+        :mod:`cnngp.io.preprocess`), fitted on the training X in ``fit`` and applied to the X
+        of ``predict``/``decision_function``. Default None: no whitening.
 
     Attributes
     ----------
     classes_ : numpy.ndarray, shape (n_classes,)
     X_fit_ : numpy.ndarray, shape (n_samples, *spatial, channels)
-        The training images.
+        The training images (whitened with ``zca``).
+    zca_ : cnngp.io.preprocess.ZCAWhitening or None
+        The whitening fitted on the training X (None without ``zca``).
     dual_coef_ : numpy.ndarray, shape (n_samples, n_classes)
         ``(K + σ² I)⁻¹ Y`` for the centred one-hot targets Y.
     network_ : cnngp.Serial
@@ -275,6 +295,7 @@ class CNNGPClassifier(_CNNGPBase):
         memory_budget=None,
         verbose=False,
         engine="auto",
+        zca=None,
     ):
         self.arch = arch
         self.correlation = correlation
@@ -287,6 +308,7 @@ class CNNGPClassifier(_CNNGPBase):
         self.memory_budget = memory_budget
         self.verbose = verbose
         self.engine = engine
+        self.zca = zca
 
     def fit(self, X, y):
         """Compute the training kernel and solve for the dual coefficients.
@@ -302,6 +324,7 @@ class CNNGPClassifier(_CNNGPBase):
         """
         noise = _check_noise(self.noise_variance, "noise_variance")
         images, y_enc = self._validate_fit(X, y)
+        images = self._whiten_fit(images)
         body, template = _split(self.arch)
         corr = _correlation(self.correlation, self.lengthscale, template)
         network = Serial(body, template.with_correlation(corr))
@@ -350,6 +373,9 @@ class CNNGPClassifierCV(_CNNGPBase):
         predictive density.
     image_shape, dtype, device, batch_size, memory_budget, verbose, engine
         As for :class:`CNNGPClassifier`.
+    zca : float, optional
+        As for :class:`CNNGPClassifier`: fitted on all of the training X before the
+        cross-validation (every fold shares it; unlabelled statistics of training images).
 
     Attributes
     ----------
@@ -373,7 +399,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         The σ² grid.
     cv_scores_ : numpy.ndarray, shape (n_lengthscales, n_noise)
         Mean cross-validated accuracy of every (λ, σ²).
-    classes_, X_fit_, dual_coef_, network_, n_features_in_
+    classes_, X_fit_, zca_, dual_coef_, network_, n_features_in_
         As for :class:`CNNGPClassifier`.
     """
 
@@ -394,6 +420,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         memory_budget=None,
         verbose=False,
         engine="auto",
+        zca=None,
     ):
         self.arch = arch
         self.correlation = correlation
@@ -410,6 +437,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.memory_budget = memory_budget
         self.verbose = verbose
         self.engine = engine
+        self.zca = zca
 
     def _candidate_lengthscales(self) -> list[float]:
         from cnngp.kernels.correlations import PAPER_LENGTHSCALES
@@ -489,6 +517,7 @@ class CNNGPClassifierCV(_CNNGPBase):
                     f"got {self.noise_variances!r}"
                 )
         images, y_enc = self._validate_fit(X, y)
+        images = self._whiten_fit(images)
         n_classes = len(self.classes_)
         folds = self._folds(images, y_enc)
 
@@ -556,6 +585,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         if not starts:
             raise CNNGPError("lengthscales: search='gradient' needs starting values with 0 < λ < inf")
         images, y_enc = self._validate_fit(X, y)
+        images = self._whiten_fit(images)
         n_classes = len(self.classes_)
         body, template = _split(self.arch)
         grid = body.grids(tuple(images.shape[1:-1]))[-1]

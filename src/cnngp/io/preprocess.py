@@ -1,0 +1,265 @@
+"""Preprocessing of images before the kernel: regularised ZCA whitening.
+
+What :func:`fit_zca` computes (the "regularised ZCA" of Shankar et al. 2020, "Neural Kernels
+Without Tangents", and Lee et al. 2020, "Finite versus infinite neural networks", §ZCA), on
+training images ``x`` of shape ``(N, *spatial, C)``, each flattened to a row of
+``D = prod(*spatial, C)`` features (all positions and channels together, so the whitening
+mixes pixels across the image):
+
+1. **Centring**: subtract the per-feature mean of the *training* images,
+   ``μ = (1/N) Σ_n x_n`` (a ``D``-vector). Images are **not** normalised one by one first
+   (Lee et al.'s code also divides each image by its own norm after removing its own mean;
+   cnngp keeps the pixels' scale and leaves that to the user).
+2. **Covariance** of the centred training images over all ``D`` features,
+   ``C = (1/N) X_cᵀ X_c = U Λ Uᵀ`` (eigendecomposition, ``Λ = diag(λ_1 … λ_D) >= 0``).
+3. **Regulariser**: ``δ = ε · mean(Λ)``, ``mean(Λ) = tr C / D`` (the mean of all ``D``
+   eigenvalues, zeros included: the mean variance of a feature). The strength ``ε`` is
+   therefore unit-free, a fraction of the mean eigenvalue, comparable across data sets.
+4. **Whitening matrix** ``W = U (Λ + δ I)^{-1/2} Uᵀ`` (symmetric: ZCA, the whitening closest
+   to the identity, so whitened images stay images on the same grid), applied as
+   ``z = (x − μ) W`` to training *and* test images, with the training ``μ`` and ``W``.
+
+The whitened training images have covariance ``W C W = U Λ (Λ + δ I)^{-1} Uᵀ``: the identity
+along directions whose variance is well above δ, shrunk by ``λ / (λ + δ)`` below it (no
+direction of tiny variance is blown up). ``ε → ∞`` approaches ``(x − μ) / √δ``: centred,
+uniformly scaled images. Lee et al. find that the best ε grows as N shrinks.
+
+``ε = 0`` (exact whitening) is accepted only where the training covariance is full rank,
+which needs ``N > D`` (the centred images span at most ``N − 1`` directions); otherwise it is
+refused, as is a strength that is negative, NaN, infinite or not a number. With ``N <= D``
+(40 CIFAR-10 images, ``D = 3072``) any ``ε > 0`` makes ``W`` well defined: the
+``D − rank`` directions the images do not span get the factor ``δ^{-1/2}``.
+
+Computation: never a ``D × D`` eigendecomposition when ``N <= D``. The nonzero eigenvalues of
+``C`` are those of the ``N × N`` Gram matrix ``G = (1/N) X_c X_cᵀ = V Λ_r Vᵀ``, with
+eigenvectors ``U_r = X_cᵀ V Λ_r^{-1/2} / √N``, so (``P = I − U_r U_rᵀ`` projects on the
+unspanned directions)
+
+    W = U_r (Λ_r + δ)^{-1/2} U_rᵀ + δ^{-1/2} P
+    z = δ^{-1/2} x_c + (x_c U_r) [(Λ_r + δ)^{-1/2} − δ^{-1/2}] U_rᵀ,
+
+``O(N² D + N³)`` to fit and ``O(M D r)`` to apply to M images. With ``N > D`` the ``D × D``
+covariance is decomposed instead (``O(N D² + D³)``). Both in float64.
+
+>>> import numpy as np
+>>> x = np.random.default_rng(0).random((40, 8, 8, 1))
+>>> zca = fit_zca(x, 0.1)
+>>> zca.method, zca.rank, zca.transform(x).shape
+('gram', 39, (40, 8, 8, 1))
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnngp.errors import CNNGPError
+from cnngp.validation import as_images
+
+__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "ZCA_METHODS"]
+
+#: how :func:`fit_zca` eigendecomposes: "auto" (the Gram matrix when N <= D, else the
+#: covariance), or either one by name
+ZCA_METHODS = ("auto", "gram", "covariance")
+
+_STRENGTH = "a number >= 0, the regulariser as a fraction of the mean eigenvalue (e.g. 0.1)"
+
+
+def check_zca_strength(value, name: str = "zca") -> float:
+    """The ZCA strength ε as a float: a real number, finite and >= 0 (messages name ``name``).
+
+    >>> check_zca_strength(0.1)
+    0.1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CNNGPError(f"{name}: expected {_STRENGTH}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise CNNGPError(f"{name}: expected {_STRENGTH}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True, eq=False)
+class ZCAWhitening:
+    """A fitted regularised ZCA whitening (module docstring); make one with :func:`fit_zca`.
+
+    Attributes
+    ----------
+    strength : float
+        ε, the regulariser as a fraction of the mean eigenvalue.
+    regulariser : float
+        δ = ε · mean(Λ), added to every eigenvalue.
+    mean_eigenvalue : float
+        mean(Λ) = tr C / D over all D eigenvalues.
+    mean : numpy.ndarray, shape (D,)
+        μ, the training images' per-feature mean.
+    basis : numpy.ndarray, shape (D, r)
+        Orthonormal eigenvectors U_r of C (all D with the covariance method).
+    eigenvalues : numpy.ndarray, shape (r,)
+        Their eigenvalues λ (descending).
+    image_shape : tuple
+        ``(*spatial, C)`` of the images it was fitted on (and accepts).
+    n_fit : int
+        N, the number of training images.
+    method : {"gram", "covariance"}
+    """
+
+    strength: float
+    regulariser: float
+    mean_eigenvalue: float
+    mean: np.ndarray
+    basis: np.ndarray
+    eigenvalues: np.ndarray
+    image_shape: tuple
+    n_fit: int
+    method: str
+
+    @property
+    def features(self) -> int:
+        """D, the features of one image."""
+        return int(self.mean.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """r, the directions kept in ``basis`` (nonzero eigenvalues; D with the covariance method)."""
+        return int(self.eigenvalues.shape[0])
+
+    def _scales(self) -> tuple[np.ndarray, float]:
+        """(Λ_r + δ)^{-1/2} and δ^{-1/2}, the factor of the unspanned directions (0 when the
+        basis is complete: there are none)."""
+        with np.errstate(divide="ignore"):
+            spanned = 1.0 / np.sqrt(self.eigenvalues + self.regulariser)
+        rest = 0.0 if self.rank == self.features else 1.0 / math.sqrt(self.regulariser)
+        return spanned, rest
+
+    def transform(self, x, name: str = "x") -> np.ndarray:
+        """Whiten images with the training statistics: ``z = (x − μ) W``.
+
+        Parameters
+        ----------
+        x : array-like, shape (M, *spatial, C)
+            Images of the fitted ``image_shape`` (the package's image-array policy,
+            :func:`cnngp.validation.as_images`; messages name ``name``).
+
+        Returns
+        -------
+        numpy.ndarray, float64, shape (M, *spatial, C)
+        """
+        if getattr(x, "shape", None) is None:  # a list: read (and checked) as an array first
+            x = as_images(x, name)
+        shape = tuple(int(s) for s in x.shape[1:])
+        if shape != tuple(self.image_shape):
+            raise CNNGPError(f"zca: {name} has images of shape {shape}, but the whitening was fitted on "
+                             f"images of shape {tuple(self.image_shape)}; whiten images of the training "
+                             "images' shape (N, *spatial, C)")
+        # the image-array policy; the fitted channel count settles a layout that looks ambiguous
+        images = as_images(x, name, channels=int(self.image_shape[-1]))
+        xc = images.reshape(len(images), -1) - self.mean
+        spanned, rest = self._scales()
+        # z = δ^{-1/2} x_c + (x_c U_r) [(Λ_r + δ)^{-1/2} − δ^{-1/2}] U_rᵀ   (module docstring)
+        z = ((xc @ self.basis) * (spanned - rest)) @ self.basis.T
+        if rest:
+            z += rest * xc
+        return np.ascontiguousarray(z.reshape(images.shape))
+
+    def matrix(self) -> np.ndarray:
+        """The whitening matrix ``W`` (D, D), written out (for checks on small images)."""
+        spanned, rest = self._scales()
+        return rest * np.eye(self.features) + (self.basis * (spanned - rest)) @ self.basis.T
+
+    def whitened_covariance(self) -> np.ndarray:
+        """``W C W = U Λ (Λ + δ I)^{-1} Uᵀ`` (D, D): the covariance of the whitened training
+        images in closed form."""
+        return (self.basis * (self.eigenvalues / (self.eigenvalues + self.regulariser))) @ self.basis.T
+
+    def provenance(self) -> dict:
+        """What a result records about the whitening (JSON-ready)."""
+        return {
+            "strength": self.strength,
+            "strength_units": "fraction of the mean eigenvalue of the training covariance",
+            "regulariser": self.regulariser,
+            "mean_eigenvalue": self.mean_eigenvalue,
+            "fitted_on": int(self.n_fit),
+            "features": self.features,
+            "rank": self.rank,
+            "method": self.method,
+            "centring": "per-feature mean of the training images",
+            "per_image_normalisation": None,
+        }
+
+
+def _rank_tolerance(eigenvalues: np.ndarray, n: int, d: int) -> float:
+    """Eigenvalues at or below this are rounding noise (the usual matrix-rank tolerance)."""
+    top = float(eigenvalues.max()) if eigenvalues.size else 0.0
+    return max(n, d) * np.finfo(np.float64).eps * top
+
+
+def fit_zca(x, strength, name: str = "x_train", method: str = "auto") -> ZCAWhitening:
+    """Fit regularised ZCA whitening on training images (module docstring).
+
+    Parameters
+    ----------
+    x : array-like, shape (N, *spatial, C)
+        The training images only (never test images): the package's image-array policy
+        (:func:`cnngp.validation.as_images`), messages naming ``name``.
+    strength : float
+        ε >= 0, the regulariser as a fraction of the mean eigenvalue (``0`` only when the
+        training covariance is full rank, i.e. N > D and no direction without variance).
+    method : {"auto", "gram", "covariance"}, default "auto"
+        Eigendecompose the N × N Gram matrix (``"auto"`` when N <= D) or the D × D
+        covariance (``"auto"`` when N > D); both give the same whitening.
+
+    Returns
+    -------
+    ZCAWhitening
+        ``.transform(images)`` whitens training or test images.
+
+    Raises
+    ------
+    CNNGPError
+        A strength that is not a finite number >= 0 (naming ``zca``), ``0`` for a covariance
+        that is not full rank, fewer than 2 images, identical images (no variance), bad images.
+    """
+    eps = check_zca_strength(strength, "zca")
+    if method not in ZCA_METHODS:
+        raise CNNGPError(f"zca: method must be one of {', '.join(ZCA_METHODS)}, got {method!r}")
+    images = as_images(x, name)
+    n, shape = int(images.shape[0]), tuple(int(s) for s in images.shape[1:])
+    d = math.prod(shape)
+    if n < 2:
+        raise CNNGPError(f"zca: {name} holds {n} image; whitening is fitted on at least 2 training images")
+    X = images.reshape(n, d)
+    mu = X.mean(axis=0)
+    Xc = X - mu  # centring with the training mean (step 1)
+    mean_eig = float(np.einsum("ij,ij->", Xc, Xc)) / (n * d)  # tr C / D (step 3)
+    if not mean_eig > 0:
+        raise CNNGPError(f"zca: the {n} images of {name} are all identical (zero covariance); "
+                         "there is nothing to whiten")
+    if method == "auto":
+        method = "gram" if n <= d else "covariance"
+    if method == "gram":
+        # the nonzero spectrum of C from G = X_c X_cᵀ / N = V Λ_r Vᵀ; U_r = X_cᵀ V Λ_r^{-1/2} / √N
+        lam, V = np.linalg.eigh(Xc @ Xc.T / n)
+        keep = lam > _rank_tolerance(lam, n, d)
+        lam, V = lam[keep][::-1], V[:, keep][:, ::-1]
+        U = (Xc.T @ V) / np.sqrt(n * lam)
+    else:
+        # C = X_cᵀ X_c / N = U Λ Uᵀ over all D features (step 2)
+        lam, U = np.linalg.eigh(Xc.T @ Xc / n)
+        lam, U = np.clip(lam[::-1], 0.0, None), np.ascontiguousarray(U[:, ::-1])
+    delta = eps * mean_eig
+    if eps == 0:
+        full = lam.size == d and lam.min() > _rank_tolerance(lam, n, d)
+        if not full:
+            rank = int(np.count_nonzero(lam > _rank_tolerance(lam, n, d)))
+            raise CNNGPError(
+                f"zca: 0 (no regulariser) needs a full-rank training covariance, but the {n} images of "
+                f"{name} span {rank} of their {d} features' directions"
+                + (f" (with N <= D = {d} at most N - 1)" if n <= d else "")
+                + "; give a positive strength such as 0.1 (a fraction of the mean eigenvalue)")
+    return ZCAWhitening(strength=eps, regulariser=float(delta), mean_eigenvalue=mean_eig, mean=mu,
+                        basis=np.ascontiguousarray(U), eigenvalues=np.ascontiguousarray(lam),
+                        image_shape=shape, n_fit=n, method=method)

@@ -1,0 +1,328 @@
+"""Regularised ZCA whitening (cnngp.io.preprocess) and where it enters: the kernel command, the
+sweep, learn and the estimators. The oracle is a direct D × D eigendecomposition written here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cnngp.cli.main import main
+from cnngp.errors import CNNGPError
+from cnngp.io.data import Dataset, load_digits
+from cnngp.io.preprocess import fit_zca
+
+
+def _direct(x_train, eps):
+    """(μ, W, closed-form whitened covariance) from the D × D covariance, as the definition
+    reads: C = X_cᵀX_c/N = U Λ Uᵀ, δ = ε·tr(C)/D, W = U (Λ + δ)^{-1/2} Uᵀ."""
+    X = x_train.reshape(len(x_train), -1)
+    mu = X.mean(axis=0)
+    Xc = X - mu
+    C = Xc.T @ Xc / len(X)
+    lam, U = np.linalg.eigh(C)
+    lam = np.clip(lam, 0, None)
+    delta = eps * np.trace(C) / C.shape[0]
+    W = U @ np.diag((lam + delta) ** -0.5) @ U.T
+    return mu, W, U @ np.diag(lam / (lam + delta)) @ U.T
+
+
+def _whiten(x, mu, W):
+    return ((x.reshape(len(x), -1) - mu) @ W).reshape(x.shape)
+
+
+RNG = np.random.default_rng(7)
+# N < D (30 images of 48 features) and N > D (200 images of 18 features); correlated pixels
+SMALL_N = RNG.random((30, 4, 4, 3)) @ np.diag([1.0, 0.5, 0.2]) + 0.3 * RNG.random((30, 1, 1, 1))
+LARGE_N = RNG.random((200, 3, 3, 2)) + 0.5 * RNG.random((200, 1, 1, 2))
+
+
+@pytest.mark.parametrize("x, eps, method", [
+    (SMALL_N, 0.1, "gram"), (SMALL_N, 1.0, "gram"), (LARGE_N, 0.1, "covariance"), (LARGE_N, 0.0, "covariance"),
+])
+def test_whitened_training_covariance_is_the_closed_form(x, eps, method):
+    zca = fit_zca(x, eps)
+    assert zca.method == method  # the N × N Gram route exactly when N <= D
+    z = zca.transform(x).reshape(len(x), -1)
+    mu, W, closed = _direct(x, eps)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-12)
+    cov = z.T @ z / len(z)
+    np.testing.assert_allclose(cov, closed, atol=1e-10)
+    np.testing.assert_allclose(zca.whitened_covariance(), closed, atol=1e-10)
+    # identity within the regulariser's effect: every eigenvalue is λ/(λ+δ) <= 1, and exactly 1
+    # without a regulariser (the full-rank N > D case)
+    ev = np.linalg.eigvalsh(cov)
+    assert ev.max() <= 1 + 1e-10
+    if eps == 0:
+        np.testing.assert_allclose(cov, np.eye(cov.shape[0]), atol=1e-10)
+
+
+@pytest.mark.parametrize("x", [SMALL_N, LARGE_N], ids=["N<D", "N>D"])
+@pytest.mark.parametrize("method", ["auto", "gram", "covariance"])
+def test_both_routes_equal_the_direct_dxd_whitening(x, method):
+    test = RNG.random((7, *x.shape[1:]))
+    zca = fit_zca(x, 0.3, method=method)
+    mu, W, _ = _direct(x, 0.3)
+    np.testing.assert_allclose(zca.matrix(), W, atol=1e-10)
+    np.testing.assert_allclose(zca.transform(x), _whiten(x, mu, W), atol=1e-10)
+    np.testing.assert_allclose(zca.transform(test), _whiten(test, mu, W), atol=1e-10)
+    assert zca.transform(test).shape == test.shape
+
+
+def test_cifar_sized_few_images_use_the_gram_route():
+    """40 CIFAR-sized images (D = 3072): well defined for ε > 0, rank N − 1, against the direct form
+    on the directions the images span and the δ^{-1/2} scaling elsewhere."""
+    x = np.random.default_rng(1).random((40, 32, 32, 3))
+    zca = fit_zca(x, 0.1)
+    assert (zca.method, zca.rank, zca.features) == ("gram", 39, 3072)
+    z = zca.transform(x).reshape(40, -1)
+    # along the spanned directions U_r, the whitened covariance is λ/(λ+δ)
+    proj = z @ zca.basis
+    np.testing.assert_allclose(proj.T @ proj / 40,
+                               np.diag(zca.eigenvalues / (zca.eigenvalues + zca.regulariser)), atol=1e-10)
+    v = np.random.default_rng(2).standard_normal(3072)  # an unspanned direction: scaled by δ^{-1/2}
+    v -= zca.basis @ (zca.basis.T @ v)
+    out = zca.transform((zca.mean + v).reshape(1, 32, 32, 3)).ravel()
+    np.testing.assert_allclose(out, v / math.sqrt(zca.regulariser), rtol=1e-9, atol=1e-9)
+
+
+def test_test_images_change_nothing_fitted():
+    """Whitening statistics come from the training images alone; a test image's whitened value
+    depends on that image only."""
+    a, b = RNG.random((5, 4, 4, 3)), RNG.random((9, 4, 4, 3))
+    zca = fit_zca(SMALL_N, 0.2)
+    before = {k: np.copy(getattr(zca, k)) for k in ("mean", "basis", "eigenvalues")}
+    za = zca.transform(a)
+    np.testing.assert_array_equal(zca.transform(np.concatenate([a, b]))[:5], za)
+    zca.transform(b * 100)
+    for k, v in before.items():
+        np.testing.assert_array_equal(getattr(zca, k), v)
+    assert zca.provenance()["fitted_on"] == 30
+
+
+@pytest.mark.parametrize("strength", [-0.1, math.nan, math.inf, "0.1", True, None, [0.1]])
+def test_bad_strength_is_refused_naming_zca(strength):
+    with pytest.raises(CNNGPError, match=r"^zca: expected a number >= 0"):
+        fit_zca(SMALL_N, strength)
+
+
+def test_bad_images_and_zero_strength_are_refused():
+    zca = fit_zca(SMALL_N, 0.1)
+    with pytest.raises(CNNGPError, match=r"^zca: x has images of shape \(4, 4, 2\), but the whitening was "
+                                         r"fitted on images of shape \(4, 4, 3\)"):
+        zca.transform(RNG.random((2, 4, 4, 2)))
+    with pytest.raises(CNNGPError, match=r"^zca: x_test has images of shape \(\)"):
+        zca.transform(np.zeros(3), "x_test")
+    with pytest.raises(CNNGPError, match=r"^x: contains 1 NaN"):
+        bad = RNG.random((2, 4, 4, 3))
+        bad[0, 0, 0, 0] = np.nan
+        zca.transform(bad)
+    with pytest.raises(CNNGPError, match=r"^zca: 0 \(no regulariser\) needs a full-rank training covariance, "
+                                         r"but the 30 images of x_train span 29 of their 48"):
+        fit_zca(SMALL_N, 0)
+    with pytest.raises(CNNGPError, match=r"^zca: the 4 images of x_train are all identical"):
+        fit_zca(np.ones((4, 2, 2, 1)), 0.1)
+    with pytest.raises(CNNGPError, match=r"^zca: x_train holds 1 image"):
+        fit_zca(SMALL_N[:1], 0.1)
+    with pytest.raises(CNNGPError, match=r"^zca: method must be one of auto, gram, covariance"):
+        fit_zca(SMALL_N, 0.1, method="svd")
+
+
+# -- the kernel command ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zca")
+    x, _ = load_digits()
+    np.savez(d / "a.npz", x=x[:24])
+    np.savez(d / "b.npz", x=x[100:106])
+    return d, x[:24], x[100:106]
+
+
+def test_kernel_command_whitens_with_the_x1_statistics(digits_files, capsys):
+    """--zca reaches the kernel: the result differs from the unwhitened kernel and equals the
+    kernel of images whitened here by the direct D × D formula, fitted on --x1 only."""
+    import cnngp
+    from cnngp.cli.main import load_network
+
+    d, x1, x2 = digits_files
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--x2", str(d / "b.npz"),
+                 "--out", str(d / "plain.npz"), "--quiet"]) == 0
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--x2", str(d / "b.npz"),
+                 "--out", str(d / "zca.npz"), "--zca", "0.1", "--quiet"]) == 0
+    plain, white = np.load(d / "plain.npz"), np.load(d / "zca.npz")
+    mu, W, _ = _direct(x1, 0.1)
+    want = cnngp.kernel(load_network("cnngp1"), _whiten(x1, mu, W), _whiten(x2, mu, W)).numpy()
+    np.testing.assert_allclose(white["kernel"], want, rtol=1e-9, atol=1e-12)
+    assert np.abs(white["kernel"] - plain["kernel"]).max() > 1e-2 * np.abs(plain["kernel"]).max()
+    config = json.loads(str(white["config"]))
+    assert config["zca"] == 0.1 and config["zca_fit"]["fitted_on"] == 24
+    assert config["zca_fit"]["fitted_on_images"] == "--x1" and "--zca 0.1" in config["command_line"]
+    assert json.loads(str(plain["config"]))["zca"] is None
+    assert str(white["x1_sha256"]) == str(plain["x1_sha256"])  # the images as read
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc", ""])
+def test_kernel_command_refuses_a_bad_zca(digits_files, capsys, value):
+    d, _, _ = digits_files
+    out = d / f"bad{abs(hash(value))}.npz"
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(out),
+                 "--zca", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cnngp: error: --zca: expected a number >= 0, the regulariser as a fraction of the "
+                   f"mean eigenvalue (e.g. 0.1), got {value!r}"]
+    assert not out.exists()
+
+
+def test_store_of_whitened_images_is_kept_apart(digits_files, capsys):
+    """A store records its whitening; resuming it with another --zca, or a store of unwhitened
+    images with --zca, is refused naming the flag."""
+    d, _, _ = digits_files
+    store = d / "K.zarr"
+    args = ["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(store), "--quiet"]
+    assert main(args + ["--zca", "0.1"]) == 0
+    from cnngp.engine.store import KernelStore
+
+    info = KernelStore.open(store).info()
+    assert info["preprocessing"]["zca"]["strength"] == 0.1
+    capsys.readouterr()
+    assert main(args + ["--zca", "0.2"]) == 2
+    assert capsys.readouterr().err == (
+        f"cnngp: error: --zca: {str(store)!r} holds kernels of images whitened by ZCA of strength 0.1, not of "
+        "images whitened by ZCA of strength 0.2; resume only with the same whitening, or give another store "
+        "(nothing was overwritten)\n")
+    assert main(args) == 2
+    assert "holds kernels of images whitened by ZCA of strength 0.1, not of unwhitened images" in capsys.readouterr().err
+    assert main(args + ["--zca", "0.1"]) == 0  # the same whitening: reused
+    plain = d / "P.zarr"
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(plain), "--quiet"]) == 0
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(plain), "--quiet",
+                 "--zca", "0.1"]) == 2  # the store's identity: other images
+    assert "different images" in capsys.readouterr().err
+
+
+# -- the sweep, learn and the estimators ----------------------------------------------------
+
+
+def _dataset(test_offset: int) -> Dataset:
+    x, y = load_digits()
+    test = slice(1000 + test_offset, 1040 + test_offset)
+    return Dataset(x[:200], y[:200], x[test], y[test], "digits", tuple(str(i) for i in range(10)))
+
+
+SWEEP = dict(ns=(20,), folds=2, lengthscales=[1.0], n_grid=20, test=True, progress=False, dtype="float64")
+
+
+def test_sweep_fits_on_the_training_subset_only(tmp_path):
+    """Other test images: the same whitening and the same cross-validation; the kernels are those
+    of the training subset whitened by its own statistics, and of the test images whitened by them."""
+    import cnngp
+    from cnngp.experiments.sweep import split_network, sweep_readouts
+
+    ds = _dataset(0)
+    a = run_sweep_zca(ds, kernel_cache=tmp_path / "a.npz")
+    b = run_sweep_zca(_dataset(300))
+    with np.load(tmp_path / "a.npz") as z:
+        x_sub, x_test = ds.x_train[z["train_index"]], ds.x_test[z["test_index"]]
+        K, K_test = z["kernels"], z["test_kernels"]
+    mu, W, _ = _direct(x_sub, 0.25)
+    body, template, _ = split_network("cnngp1")
+    net = cnngp.Serial(body, sweep_readouts(template, [1.0])[0][0])  # the independent readout
+    np.testing.assert_allclose(K[0], cnngp.kernel(net, _whiten(x_sub, mu, W)).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(K_test[0], cnngp.kernel(net, _whiten(x_test, mu, W), _whiten(x_sub, mu, W)).numpy(),
+                               rtol=1e-9, atol=1e-12)
+    assert a["config"]["zca"] == 0.25 and a["config"]["zca_fit"]["fitted_on"] == 20
+    assert a["config"]["zca_fit"] == b["config"]["zca_fit"]
+    assert [r["cv_accuracy"] for r in a["results"]] == [r["cv_accuracy"] for r in b["results"]]
+    assert [r["noise_variance"] for r in a["results"]] == [r["noise_variance"] for r in b["results"]]
+    plain = run_sweep_zca(_dataset(0), zca=None)
+    assert plain["config"]["zca"] is None and plain["config"]["zca_fit"] is None
+    assert plain["config"]["train_sha256"] == a["config"]["train_sha256"]  # the images as read
+
+
+def run_sweep_zca(ds, zca=0.25, **kw):
+    from cnngp.experiments.sweep import run_sweep
+
+    return run_sweep("cnngp1", ds, **{**SWEEP, "zca": zca, **kw})
+
+
+def test_sweep_kernel_cache_of_unwhitened_images_is_not_reused(tmp_path):
+    cache = tmp_path / "k.npz"
+    run_sweep_zca(_dataset(0), zca=None, kernel_cache=cache, test=False)
+    with pytest.raises(CNNGPError, match=r"differs in zca"):
+        run_sweep_zca(_dataset(0), kernel_cache=cache, test=False)
+
+
+def test_protocols_and_estimators_refuse_a_bad_zca():
+    from cnngp.experiments.learned import LearnProtocol
+    from cnngp.experiments.sweep import SweepProtocol
+    from cnngp.inference.estimator import CNNGPClassifier, CNNGPClassifierCV
+
+    for bad in (-1, math.nan, "0.1"):
+        with pytest.raises(CNNGPError, match=r"^zca: expected a number >= 0"):
+            SweepProtocol(zca=bad)
+        with pytest.raises(CNNGPError, match=r"^zca: expected a number >= 0"):
+            LearnProtocol(zca=bad)
+        with pytest.raises(CNNGPError, match=r"^zca: expected a number >= 0"):
+            SweepProtocol().replace(zca=bad)
+        x, y = load_digits()
+        for est in (CNNGPClassifier("cnngp1", zca=bad), CNNGPClassifierCV("cnngp1", zca=bad)):
+            with pytest.raises(CNNGPError, match=r"^zca: expected a number >= 0"):
+                est.fit(x[:20], y[:20])
+    assert SweepProtocol(zca=0).zca == 0.0 and LearnProtocol(zca=1).zca == 1.0
+
+
+def test_estimator_fits_the_whitening_on_training_x_only():
+    import cnngp
+    from cnngp.inference.estimator import CNNGPClassifier
+
+    x, y = load_digits()
+    xtr, ytr, a, b = x[:40], y[:40], x[500:510], x[600:620]
+    clf = CNNGPClassifier("cnngp1", correlation="matern32", lengthscale=2.0, noise_variance=1e-2, zca=0.2)
+    clf.fit(xtr, ytr)
+    mu, W, _ = _direct(xtr, 0.2)
+    np.testing.assert_allclose(clf.X_fit_, _whiten(xtr, mu, W), atol=1e-10)
+    np.testing.assert_allclose(clf.zca_.mean, xtr.reshape(40, -1).mean(axis=0))
+    da = clf.decision_function(a)
+    clf.decision_function(b)  # predicting other images changes nothing fitted
+    np.testing.assert_array_equal(clf.decision_function(a), da)
+    np.testing.assert_allclose(clf.zca_.mean, xtr.reshape(40, -1).mean(axis=0))
+    want = cnngp.kernel(clf.network_, _whiten(a, mu, W), _whiten(xtr, mu, W)).numpy() @ clf.dual_coef_
+    np.testing.assert_allclose(da, want, rtol=1e-8, atol=1e-12)
+    assert CNNGPClassifier("cnngp1").fit(xtr, ytr).zca_ is None
+
+
+def test_estimator_cv_whitens_before_selection():
+    from cnngp.inference.estimator import CNNGPClassifierCV
+
+    x, y = load_digits()
+    cv = CNNGPClassifierCV("cnngp1", lengthscales=[1.0, "inf"], noise_variances=[1e-2, 1e-1], zca=0.5)
+    cv.fit(x[:30], y[:30])
+    mu, W, _ = _direct(x[:30], 0.5)
+    np.testing.assert_allclose(cv.X_fit_, _whiten(x[:30], mu, W), atol=1e-10)
+    assert cv.predict(x[200:205]).shape == (5,)
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_records_and_applies_the_whitening():
+    from cnngp.experiments.learned import run_learn
+
+    common = dict(starts=(3.0,), max_iter=3, lengthscales=(1.0,), folds=2, progress=False)
+    res = run_learn("cnngp1", _dataset(0), 20, zca=0.3, **common)
+    plain = run_learn("cnngp1", _dataset(0), 20, **common)
+    assert res["config"]["zca"] == 0.3 and res["config"]["zca_fit"]["fitted_on"] == 20
+    assert plain["config"]["zca"] is None
+    assert res["config"]["train_sha256"] == plain["config"]["train_sha256"]
+    assert res["grid"][0]["objective"] != plain["grid"][0]["objective"]
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["learn"]])
+def test_sweep_and_learn_commands_refuse_a_bad_zca(tmp_path, capsys, command):
+    assert main(command + ["--out", str(tmp_path / "o"), "--zca", "-0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cnngp: error: --zca: expected a number >= 0, the regulariser as a fraction of the "
+                   "mean eigenvalue (e.g. 0.1), got '-0.5'"]
+    assert not (tmp_path / "o").exists()
