@@ -326,3 +326,26 @@ def test_sweep_and_learn_commands_refuse_a_bad_zca(tmp_path, capsys, command):
     assert err == ["cnngp: error: --zca: expected a number >= 0, the regulariser as a fraction of the "
                    "mean eigenvalue (e.g. 0.1), got '-0.5'"]
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_store_records_its_whitening(tmp_path):
+    store = tmp_path / "K.zarr"
+    res = run_sweep_zca(_dataset(0), store=store, test=False)
+    from cnngp.engine.store import KernelStore
+
+    assert KernelStore.open(store).info()["preprocessing"]["zca"] == {**res["config"]["zca_fit"]}
+    with pytest.raises(CNNGPError, match=r"^zca: .*K\.zarr' holds kernels of images whitened by ZCA of strength "
+                                         r"0\.25, not of unwhitened images"):
+        run_sweep_zca(_dataset(0), zca=None, store=store, test=False)
+    again = run_sweep_zca(_dataset(0), store=store, test=False)  # the same whitening: reused
+    assert again["results"] == res["results"]
+
+
+def test_sweep_command_records_zca(tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--lengthscales", "1",
+                 "--zca", "0.5", "--out", str(out), "--quiet", "--no-checkpoint"]) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["zca"] == 0.5 and config["zca_fit"]["fitted_on"] == 20
+    assert config["zca_fit"]["fitted_on_images"] == "the N_max training subset"
+    assert "--zca 0.5" in config["command"]
