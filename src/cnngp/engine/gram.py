@@ -418,10 +418,19 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
         else:  # the same runner, every layer on its own torch propagate
             state = input_state(xb, xb, plan.self_flags[0])
             fused.run_layers(layers, state, plan.self_flags, None, records=part, fast=False)
-        for i, v in part.items():
-            records[i].append(torch.cat(v)[:real])
-        if progress is not None:
-            progress.update(real)
+        return {i: torch.cat(v)[:real] for i, v in part.items()}, real
+
+    # fused: whole batches of images on each thread (fused.map_chunks), a few rounds at a time
+    # so that the progress bar moves
+    n_threads = fused.threads() if chunk and PAIR_PARALLEL else 1
+    starts = list(range(0, x.shape[0], batch))
+    step = 4 * n_threads
+    for group in range(0, len(starts), step):
+        for part, real in fused.map_chunks(one_batch, starts[group : group + step], n_threads):
+            for i, v in part.items():
+                records[i].append(v)
+            if progress is not None:
+                progress.update(real)
     return {i: torch.cat(v) for i, v in records.items()}
 
 
