@@ -687,16 +687,16 @@ def test_disk_check_counts_file_blocks_and_only_what_a_resumed_store_still_write
     """The disk a store needs: every chunk and record file takes whole file-system blocks (with
     tiny tiles the blocks, not the numbers, fill a disk), and a resumed store needs room only
     for the tiles it still lacks — a finished store reruns on a nearly full disk."""
-    from cnngp.engine.distributed import FILE_BLOCK
+    from cnngp.engine.distributed import FILE_BLOCK, store_dry_run
 
     x = _images(8)
     out = tmp_path / "K.zarr"
-    new = store_kernel(NET, x, out=out, tile=2, dry_run=True, progress=False).dry_run
+    new = store_dry_run(NET, x, out=out, tile=2, progress=False).dry_run
     tiles = 4 * 5 // 2  # 4 blocks of 2 images: 10 tiles, 6 of them mirrored
     assert new["disk_bytes"] >= new["store_bytes"] + (10 + 6 + 10) * FILE_BLOCK
     store_kernel(NET, x, out=out, tile=2, progress=False)
     (out / "records" / "tile-0-1.json").unlink()  # one tile lost: only it is still to write
-    resumed = store_kernel(NET, x, out=out, tile=2, dry_run=True, progress=False).dry_run
+    resumed = store_dry_run(NET, x, out=out, tile=2, progress=False).dry_run
     assert resumed["tiles"] == 1 and resumed["tiles_total"] == tiles
     chunk = -(-1 * 2 * 2 * 8 // FILE_BLOCK) * FILE_BLOCK + FILE_BLOCK
     assert resumed["disk_bytes"] == 2 * chunk + FILE_BLOCK  # the tile, its mirror, its record

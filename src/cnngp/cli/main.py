@@ -428,16 +428,22 @@ def cmd_kernel(args) -> int:
     ex = execution_from_args(args)
     if is_store_path(args.out):
         return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening)
-    est = check_gram("--x1", body, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
-                     readouts=readouts, disk_path=args.out, yes=args.yes, images=x1, execution=ex)
+    priced = body  # with --flip, the flip plan: refused here if not flip-symmetric, priced twice per pair
+    if args.flip:
+        from cnngp.engine.gram import GramPlan
+
+        priced = GramPlan(body, x1.shape[1:], readouts=readouts, flip=True, execution=ex.replace(progress=False))
+    est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
+                     readouts=None if args.flip else readouts, disk_path=args.out, yes=args.yes, images=x1,
+                     execution=ex)
     if est is not None and ex.progress:  # a long job: its timed estimate before it starts
         print(est.describe(), file=sys.stderr)
     checkpoint = ex.checkpoint
     start = time.perf_counter()
     if readouts is not None:
-        k = readout_sweep(body, readouts, x1, x2, get=get, execution=ex)
+        k = readout_sweep(body, readouts, x1, x2, get=get, flip=args.flip, execution=ex)
     else:
-        k = kernel(net, x1, x2, get=get, execution=ex)
+        k = kernel(net, x1, x2, get=get, flip=args.flip, execution=ex)
     seconds = time.perf_counter() - start
     names = ("nngp", "ntk") if args.get == "both" else (args.get,)
     # saved in the dtype computed (float32 stays float32), recorded as "saved_dtype"
@@ -453,6 +459,7 @@ def cmd_kernel(args) -> int:
         "x1": str(args.x1),
         "x2": None if args.x2 is None else str(args.x2),
         "get": args.get,
+        "flip": args.flip,
         "zca": args.zca,
         "zca_fit": None if whitening is None else {**whitening.provenance(), "fitted_on_images": "--x1"},
         "saved_dtype": str(k.dtype),
@@ -485,16 +492,16 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask. With
     ``--zca`` the store holds the whitened images (its identity hashes them) and records
     the whitening as ``preprocessing`` once complete."""
-    from cnngp.engine.distributed import describe_dry_run, store_kernel
+    from cnngp.engine.distributed import describe_dry_run, store_dry_run, store_kernel
     from cnngp.engine.resources import check_job
 
     labels = ["kernel"] if lengthscales is None else [
         f"{args.family}:{'inf' if lam == float('inf') else lam}" for lam in lengthscales]
     kinds = ("nngp", "ntk") if args.get == "both" else (args.get,)
     labels = [f"{kind} {label}" for kind in kinds for label in labels]  # the leading axis, in order
-    options = dict(out=args.out, readouts=readouts, labels=labels, get=get, execution=ex)
+    options = dict(out=args.out, readouts=readouts, get=get, flip=args.flip, execution=ex)
     model = body if readouts is not None else net
-    plan = store_kernel(model, x1, x2, dry_run=True, **options).dry_run
+    plan = store_dry_run(model, x1, x2, **options).dry_run
     if args.dry_run:
         print(describe_dry_run(plan))
         print(json.dumps(plan, indent=2))
@@ -511,7 +518,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     from cnngp.experiments.sweep import check_store_zca
 
     check_store_zca(args.out, args.zca)
-    report = store_kernel(model, x1, x2, **options)
+    report = store_kernel(model, x1, x2, labels=labels, **options)
     if preprocessing is not None:
         from cnngp.engine.store import KernelStore
 
@@ -649,7 +656,8 @@ def store_summary(path, info: dict) -> str:
         f"{path}: {info.get('tiles_done')}/{info.get('tiles_total')} tiles done ({state}"
         + (f"; {len(bad)} bad: {', '.join(bad)}" if bad else "") + ")",
         f"  shape    {' × '.join(str(v) for v in shape)} ({'readouts × ' if len(shape) == 3 else ''}N1 × N2), "
-        f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}",
+        f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}"
+        + (", flip-averaged" if info.get("flip") else ""),
         f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done",
     ]
     labels = info.get("labels") or []
@@ -703,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--readout", help="readout correlation: independent, constant, matern32:λ, rbf:λ, ...")
     k.add_argument("--get", choices=["nngp", "ntk", "both"], default="nngp",
                    help="the NNGP (default), the neural tangent kernel, or both from one pass")
+    k.add_argument("--flip", action="store_true",
+                   help="the flip-averaged kernel ½[K(x1, x2) + K(x1, mirrored x2)] (horizontal flips; "
+                        "refused for a network that is not flip-symmetric; about twice the pair work)")
     k.add_argument("--parameterization", choices=["ntk", "standard"], default="ntk",
                    help="where σ_w/√fan_in sits (neural-tangents' parameterization; only the NTK "
                         "depends on it): ntk (default) or standard (needs --width)")
@@ -783,6 +794,7 @@ _FLAGS = {
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
     "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca",
+    "flip": "--flip",
 }
 
 

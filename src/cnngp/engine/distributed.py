@@ -44,7 +44,7 @@ from cnngp.engine.store import KernelStore, StoreWriteError, Tile, tile_plan
 from cnngp.errors import CNNGPError
 from cnngp.provenance import versions
 
-__all__ = ["store_kernel", "StoreReport", "choose_tile", "dask_client", "TILE_SIZES"]
+__all__ = ["store_kernel", "store_dry_run", "StoreReport", "choose_tile", "dask_client", "TILE_SIZES"]
 
 #: tile sides :func:`choose_tile` picks from (largest first)
 TILE_SIZES = (1024, 512, 256, 128, 64, 32, 16)
@@ -386,7 +386,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
     rates = timing.measure(plan, plan.images(xa[:timing.MAX_SIDE]), threads=threads)
     w = max(1, workers)
     # the tiles still to do are priced (a resumed store), the self pass of every image
-    est = timing.estimate(rates, [timing.Stage("kernel", n1, None if xb is None else n2)],
+    est = timing.estimate(rates, [timing.Stage("kernel", n1, None if xb is None else n2, flip=plan.flip)],
                           workers=w if on_cluster else None, tile_pairs=[[t.pairs for t in tiles]],
                           images_per_task=tile, cold_workers=cold_workers)
     serial = n_pairs * rates.seconds_per_pair + n_images * rates.seconds_per_image
@@ -395,6 +395,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         "diagonal_tiles": sum(t.diagonal for t in tiles),
         "tile": tile,
         "pairs": n_pairs,
+        "flip": plan.flip,  # each pair twice: K(x, x') and K(x, flip x'), in seconds_per_pair
         "images": n_images,
         "store_bytes": int(store_bytes),
         "disk_bytes": int(disk_bytes),
@@ -419,8 +420,9 @@ def describe_dry_run(d: dict) -> str:
     return "\n".join([
         f"plan: {d['tiles']} tiles of {d['tile']} to compute"
         + (f" (of {d['tiles_total']}; the rest are in the store)" if d.get("tiles_total", d["tiles"]) != d["tiles"] else "")
-        + f", {d['diagonal_tiles']} on the diagonal; {d['pairs']:,} image pairs, "
-        f"{d['images']:,} images in the self pass",
+        + f", {d['diagonal_tiles']} on the diagonal; {d['pairs']:,} image pairs"
+        + (" × 2 (flip-averaged: each also against the mirrored image)" if d.get("flip") else "")
+        + f", {d['images']:,} images in the self pass",
         f"store: {d['path']} about {human_bytes(d['store_bytes'])}",
         f"per worker: about {human_bytes(d['memory_per_worker_bytes'])} "
         f"({d['threads_per_worker'] or 'all'} threads); {d['workers']} worker(s)",
@@ -429,7 +431,7 @@ def describe_dry_run(d: dict) -> str:
 
 
 def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, get="nngp",
-                 offsets: bool = False, dry_run: bool = False, execution=None, **options) -> StoreReport:
+                 offsets: bool = False, flip: bool = False, execution=None, **options) -> StoreReport:
     """Compute the Gram matrix of ``model`` (or of ``model`` under each of ``readouts``) on
     images ``x1`` × ``x2`` (``x2=None``: x1 × x1) into the kernel store at ``out``.
 
@@ -449,17 +451,39 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
     offsets : bool
         Store the offset sums S (M, N1, N2) of ``model``'s last hidden layer instead of
         kernels (:func:`cnngp.offset_sums`; ``model`` is then a body and ``readouts`` None).
-    dry_run : bool
-        Plan, size and time a sample of pairs; compute and write nothing.
+    flip : bool
+        Store the flip-averaged kernels ½[K(x1, x2) + K(x1, flip x2)] (:func:`cnngp.kernel`'s
+        ``flip``; docs/maths.md §9): every tile computes both terms for its pairs. Part of the
+        store's identity: a store of the other setting is refused, never resumed.
     execution, **options
         How to compute (:class:`cnngp.Execution`, README "Execution options"): ``dtype``,
         ``device``, ``engine``, ``batch_size``, ``memory_budget`` (per worker; it also decides
         the tile size), ``progress`` (default on), and the store's ``archive``, ``workers``,
         ``scheduler`` (an address or a ``distributed.Client``), ``tile`` (part of the store's
         identity) and ``threads`` (per task; default this machine's cores / workers).
+
+    :func:`store_dry_run` plans, sizes and times the same call without computing anything.
     """
     ex = Execution.build(execution, options, where="store_kernel", accepted=COMPUTE + STORE,
                          defaults={"progress": True})
+    return _store(model, x1, x2, out, readouts, labels, (get, offsets, flip), False, ex)
+
+
+def store_dry_run(model, x1, x2=None, *, out=None, readouts=None, get="nngp", offsets: bool = False,
+                  flip: bool = False, execution=None, **options) -> StoreReport:
+    """What :func:`store_kernel` with the same arguments would do, computing and writing
+    nothing: the tile plan (of a store being resumed, only the tiles it lacks), sizes, and a
+    time estimate from a few pairs timed here (:mod:`cnngp.engine.timing`), in the returned
+    report's ``dry_run`` dict (``describe_dry_run`` prints it; ``cnngp kernel --dry-run``)."""
+    ex = Execution.build(execution, options, where="store_dry_run", accepted=COMPUTE + STORE,
+                         defaults={"progress": True})
+    return _store(model, x1, x2, out, readouts, None, (get, offsets, flip), True, ex)
+
+
+def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execution) -> StoreReport:
+    """:func:`store_kernel` (or with ``dry_run`` :func:`store_dry_run`); ``kind`` is
+    (get, offsets, flip): what is computed."""
+    get, offsets, flip = kind
     what = "--out" if out is not None else "--store"
     out = ex.store if out is None else out
     if out is None:
@@ -471,7 +495,8 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
     if scheduler is not None:
         _check_address(scheduler)  # before the store is created: a typo leaves nothing behind
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
-    plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, get=get, offsets=offsets, execution=ex)
+    plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, get=get, offsets=offsets, flip=flip,
+                    execution=ex)
     xa = plan.images(x1, "x1").cpu().numpy()
     xb = None if x2 is None else plan.images(x2, "x2").cpu().numpy()
     n1 = xa.shape[0]
@@ -497,7 +522,7 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
     tiles = tile_plan(n1, n2, tile)
     # what a task needs to rebuild the plan: plain values (the engine included), no client
     recipe = (plan.body, plan.image_shape, dict(readouts=readouts, get=plan.kernels, offsets=bool(offsets),
-                                                **ex.gram_options()))
+                                                flip=plan.flip, **ex.gram_options()))
     if readouts is None:
         recipe = (model, plan.image_shape, {k: v for k, v in recipe[2].items() if k != "readouts"})
     identity = {
@@ -513,6 +538,8 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
         identity["kernels"] = list(plan.kernels)
     if offsets:
         identity["offsets"] = True
+    if plan.flip:  # flip-averaged kernels (docs/maths.md §9): never resumed as plain ones, nor back
+        identity["flip"] = True
     # the tasks' key: the computation and how it runs (a worker's cached plan is one engine's)
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))

@@ -2,7 +2,7 @@
 
 :class:`Execution` holds what decides *how* a kernel is computed — precision, device, engine,
 batching, memory, progress, checkpoints and, for the tiled store, workers, scheduler, tile and
-archive — and never *what* is computed (the network, the images, ``get``, readouts). The
+archive — and never *what* is computed (the network, the images, ``get``, ``flip``, readouts). The
 command line builds one per command (:func:`cnngp.cli.main.execution_from_args`); the library
 functions take ``execution=`` and/or the same names as keywords::
 

@@ -38,6 +38,7 @@ from cnngp.validation import as_images, resolve_device, resolve_dtype
 __all__ = [
     "kernel", "readout_sweep", "kernel_diagonal", "offset_sums", "differentiable_kernel", "Execution", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
     "GramCost", "gram_needs", "check_gram", "input_state", "Tile", "tile_plan",
+    "flip_images", "check_flip_symmetric",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -213,7 +214,8 @@ class GramCost:
     Attributes
     ----------
     pairs : int
-        Image pairs the pair pass computes (upper triangle only when x2 is x1).
+        Image pairs the pair pass computes (upper triangle only when x2 is x1); each twice
+        (also against the mirrored image) for a flip-averaged kernel.
     seconds : float
         Estimated CPU time, from the cost model (``SECONDS_PER_OP``).
     output_bytes : int
@@ -249,10 +251,11 @@ def _ops_per_item(plan: _Plan, flags, depth) -> float:
 
 
 def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
-                  dtype="float64", memory_budget: int | None = None) -> GramCost:
+                  dtype="float64", memory_budget: int | None = None, flip: bool = False) -> GramCost:
     """The :class:`GramCost` of ``kernel(model, x1, x2)`` (or of ``readout_sweep(model,
     readouts, ...)``) for ``n1`` (and ``n2``) images of shape ``image_shape = (*spatial, C)``,
-    computed from the network's plan alone: nothing is allocated."""
+    computed from the network's plan alone: nothing is allocated. ``flip``: the flip-averaged
+    kernel, whose pair pass runs every pair twice (docs/maths.md §9)."""
     if readouts is None:
         body, heads = _split_model(model)
     else:
@@ -263,11 +266,12 @@ def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readout
     symmetric = n2 is None
     pairs = n1 * (n1 + 1) // 2 if symmetric else n1 * n2
     images = n1 + (0 if symmetric else n2)
+    evaluations = pairs * (2 if flip else 1)  # flip: K(x, x') and K(x, flip x') per pair
     per_op = SECONDS_PER_OP * (0.7 if itemsize == 4 else 1.0)
     seconds = per_op * (
-        pairs * _ops_per_item(plan, plan.pair_flags, len(plan.body))
+        evaluations * _ops_per_item(plan, plan.pair_flags, len(plan.body))
         + (images * _ops_per_item(plan, plan.self_flags, plan.self_depth) if plan.self_depth else 0)
-    ) + SECONDS_PER_LAYER_PAIR * (len(plan.body) + 1) * (pairs + images)
+    ) + SECONDS_PER_LAYER_PAIR * (len(plan.body) + 1) * (evaluations + images)
     n_out = max(1, len(heads))
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     per = _bytes_per_item(plan, plan.pair_flags, len(plan.body), itemsize)
@@ -281,13 +285,14 @@ def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readout
 
 
 def gram_needs(model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
-               dtype="float64", memory_budget: int | None = None) -> tuple[float, float, float]:
+               dtype="float64", memory_budget: int | None = None,
+               flip: bool = False) -> tuple[float, float, float]:
     """(memory bytes, CPU seconds, float64 result bytes) of one Gram computation, from
     :func:`cnngp.engine.gram.estimate_cost`: the result in its dtype, its float64 copy when that
     is float32 (what is written and analysed), and a batch's working memory. Checkpoints
-    are saved from the result's own memory."""
+    are saved from the result's own memory. ``flip`` as for :func:`estimate_cost`."""
     cost = estimate_cost(model, image_shape, n1, n2, readouts=readouts, dtype=dtype,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, flip=flip)
     single = str(dtype).endswith("32")
     entries = cost.output_bytes / (4 if single else 8)
     memory = cost.output_bytes + (8 * entries if single else 0) + cost.working_bytes
@@ -305,21 +310,31 @@ def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *,
     execution options (:class:`Execution`) say how it runs. With ``images`` (the first images of
     ``x1``), a job the operation count prices over :data:`MEASURE_ABOVE_SECONDS` is timed here
     first (:func:`cnngp.engine.timing.measure`) and gated on that; returns the
-    :class:`~cnngp.engine.timing.Estimate` (None when nothing was timed)."""
+    :class:`~cnngp.engine.timing.Estimate` (None when nothing was timed).
+
+    ``model`` may be a :class:`GramPlan` (then ``readouts`` is None): what it computes is
+    priced, a flip-averaged kernel's pairs twice (``GramPlan(..., flip=True)``)."""
     ex = Execution.build(execution, options, where="check_gram")
     dtype, device = ex.dtype, ex.device
+    given, flip = None, False
+    if isinstance(model, GramPlan):  # the plan says what is computed: its readouts and flip
+        if readouts is not None:
+            raise CNNGPError("readouts: not with a GramPlan, which holds its own")
+        given, flip = model, model.flip
+        model, readouts = model.body, (model.heads or None)
     memory, seconds, result = gram_needs(model, image_shape, n1, n2, readouts=readouts,
-                                         dtype=dtype, memory_budget=ex.memory_budget)
+                                         dtype=dtype, memory_budget=ex.memory_budget, flip=flip)
     pairs = n1 * (n1 + 1) // 2 if n2 is None else n1 * n2
-    label = f"{what} ({n1}{'' if n2 is None else f' x {n2}'} images, {pairs} pairs)"
+    label = (f"{what} ({n1}{'' if n2 is None else f' x {n2}'} images, {pairs} pairs"
+             f"{', each twice: flip-averaged' if flip else ''})")
     check_job(label, memory_bytes=memory, yes=True)  # what cannot fit is refused before timing
     est = None
     if images is not None and seconds > MEASURE_ABOVE_SECONDS:
         from cnngp.engine import timing
 
-        plan = GramPlan(model, image_shape, readouts=readouts, execution=ex.replace(progress=False))
+        plan = given or GramPlan(model, image_shape, readouts=readouts, execution=ex.replace(progress=False))
         rates = timing.measure(plan, plan.images(np.asarray(images[:timing.MAX_SIDE]), "x1"))
-        est = timing.estimate(rates, [timing.Stage("kernel", n1, n2)])
+        est = timing.estimate(rates, [timing.Stage("kernel", n1, n2, flip=flip)])
         seconds = est.seconds
     check_job(
         label,
@@ -598,6 +613,13 @@ class SelfRecords:
             n = int(index.numel())
         return SelfRecords({i: v[index] for i, v in self.variances.items()}, n)
 
+    def flipped(self) -> "SelfRecords":
+        """The records of the mirrored images (:func:`flip_images`): each layer's grid reversed
+        along its last axis. True for a flip-symmetric network only, whose every layer maps
+        the mirrored grid onto itself (what :func:`check_flip_symmetric` verifies, these
+        records included); a grid-less layer's record is one number per image, unchanged."""
+        return SelfRecords({i: v.flip(-1) if v.ndim > 1 else v for i, v in self.variances.items()}, self.n)
+
 
 class GramPlan:
     """The plan of a Gram computation for images of one shape: the unit of work that any
@@ -614,13 +636,18 @@ class GramPlan:
     get : as for :func:`kernel`.
     offsets : bool
         Outputs are the offset sums of the body's last hidden layer (:func:`offset_sums`).
+    flip : bool
+        The flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9): every
+        :meth:`block` computes both terms for the same pairs and returns their average. A
+        network or readout that is not flip-symmetric is refused here
+        (:func:`check_flip_symmetric`).
     execution, **options
         The execution options (:class:`Execution`) ``dtype``, ``device``, ``engine``,
         ``batch_size`` and ``memory_budget``.
     """
 
-    def __init__(self, model, image_shape, *, readouts=None, get="nngp", offsets=False, execution=None,
-                 **options):
+    def __init__(self, model, image_shape, *, readouts=None, get="nngp", offsets=False, flip=False,
+                 execution=None, **options):
         ex = Execution.build(execution, options, where="GramPlan",
                              accepted=("dtype", "device", "engine", "batch_size", "memory_budget"))
         self.execution = ex
@@ -646,6 +673,7 @@ class GramPlan:
         self.device = resolve_device(device)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.kernels = parse_get(get)
+        self.flip = _check_flip_flag(flip, offsets)
         self.plan = _make_plan(body, heads, self.image_shape[:-1])
         self.plan.kernels = self.kernels
         self.plan.offsets = bool(offsets)
@@ -661,6 +689,8 @@ class GramPlan:
         p = self.plan
         self.self_batch = min(SELF_BATCH, _batch_size(p, p.self_flags, p.self_depth, itemsize, budget, None))
         self.pair_batch = _batch_size(p, p.pair_flags, len(p.body), itemsize, budget, batch_size)
+        if self.flip:  # refused before any work when the flip-averaged kernel is not valid
+            check_flip_symmetric(body, self.image_shape, readouts=heads or None, get=self.kernels)
 
     @property
     def n_outputs(self) -> int:
@@ -709,6 +739,11 @@ class GramPlan:
         i <= j are computed, then mirrored. ``out`` (NaN where not yet computed) and
         ``start`` resume a block after its first ``start`` pairs (:meth:`pairs` order);
         ``on_batch(out, pairs_done)`` is called after every batch (checkpoints use it).
+
+        With ``flip``, each pair's value is ½[K(x, x') + K(x, flip x')]: the second term from
+        the mirrored column images and their mirrored records, in the same batch of pairs. A
+        diagonal block still computes only i <= j: B_ij = K(x_i, flip x_j) is symmetric for
+        a flip-symmetric network (docs/maths.md §9).
         """
         symmetric = x_cols is None
         if symmetric:
@@ -718,6 +753,8 @@ class GramPlan:
         if out is None:
             out = torch.full((self.n_outputs, n_r, n_c), math.nan, dtype=self.dtype)
         done = start
+        if self.flip:  # the columns mirrored, and their records with them (SelfRecords.flipped)
+            x_flip, rec_flip = flip_images(x_cols), rec_cols.flipped()
         with torch.no_grad():
             for begin in range(start, rows.numel(), self.pair_batch):
                 r = rows[begin : begin + self.pair_batch]
@@ -729,6 +766,10 @@ class GramPlan:
                     rd, cd = rd.repeat(2), cd.repeat(2)
                 values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
                                       rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
+                if self.flip:  # K_flip(x, x') = ½[K(x, x') + K(x, flip x')] (docs/maths.md §9)
+                    mirrored = _pair_values(self.plan, x_rows[rd], x_flip[cd], rec_rows.variances,
+                                            rec_flip.variances, rd, cd).cpu()[:, : r.numel()]
+                    values = (values + mirrored) * 0.5
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x_rows, x_cols), self.dtype)
                 out[:, r, c] = values
@@ -839,7 +880,115 @@ def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> No
         out[:, cols, rows] = np.swapaxes(data, 1, 2)
 
 
-def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
+# -- flip-averaged kernels (docs/maths.md §9) ---------------------------------------------------
+
+#: the flip-symmetry check's tolerance: K(flip a, flip b) and K(a, b) (and the mirrored
+#: variances) may differ by this much relative to each output's largest entry (float64)
+FLIP_TOLERANCE = 1e-9
+#: seed of the check's two random images
+FLIP_CHECK_SEED = 29
+#: networks already checked in this process: fingerprint → None (symmetric) or the refusal
+_FLIP_CHECKED: dict = {}
+
+
+def flip_images(x):
+    """Images ``(N, *spatial, C)`` mirrored along their width, the last spatial axis."""
+    return x.flip(-2) if isinstance(x, torch.Tensor) else np.flip(np.asarray(x), -2)
+
+
+def _check_flip_flag(flip, offsets) -> bool:
+    if not isinstance(flip, (bool, np.bool_)):
+        raise CNNGPError(f"flip: expected True or False, got {flip!r}")
+    if flip and offsets:
+        raise CNNGPError("flip: not for offset sums (offsets=True); flip-average the kernels themselves "
+                         "(kernel, readout_sweep or store_kernel with flip=True)")
+    return bool(flip)
+
+
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return float((a - b).abs().max()) / scale if scale > 0 else float((a - b).abs().max())
+
+
+def check_flip_symmetric(model, image_shape, *, readouts=None, get="nngp") -> None:
+    """Refuse, with a :class:`CNNGPError` naming ``flip``, a network (or readout) whose kernel is
+    not flip-symmetric on images of ``image_shape`` = ``(*spatial, C)``: the flip-averaged
+    kernel ½[K(x, x') + K(x, flip x')] is a symmetric, positive semi-definite kernel only when
+    K(flip x, flip x') = K(x, x') (docs/maths.md §9).
+
+    A numerical check at the actual grid, not a rule per layer: two random images a, b (seeded)
+    and their mirror images go through the network in float64, and every entry of the 2×2
+    Gram matrices of (a, b) and (flip a, flip b) — every readout, every kernel type of ``get``
+    — must agree, as must each image's variances at every nonlinearity with the mirrored
+    variances of its mirror image (what :meth:`SelfRecords.flipped` relies on), to
+    :data:`FLIP_TOLERANCE` relative. It sees every cause alike (a weight correlation that is not
+    mirror-symmetric in a conv or readout, asymmetric padding, a stride whose windows do not
+    cover the grid symmetrically, a layer of one's own) and only at the grid that is computed.
+
+    It cannot pass a network that is not flip-symmetric: the difference K(flip a, flip b) −
+    K(a, b) is an analytic function of the pixels wherever the variances are positive and the
+    correlations inside (−1, 1) (the layers' expectations are analytic there), so unless it is
+    zero everywhere — the network is then flip-symmetric — its zeros have measure zero, and two
+    images drawn from a continuous distribution miss them with probability one. What it can let
+    through is an asymmetry below the tolerance, which moves the averaged kernel by as little.
+    A network that passes is remembered for the rest of the process.
+    """
+    body, heads = (_split_model(model) if readouts is None else (model, list(readouts)))
+    kernels = parse_get(get)
+    shape = tuple(int(s) for s in image_shape)
+    try:
+        key = fingerprint(body.to_spec(), [h.to_spec() for h in heads], list(shape), list(kernels))
+    except NotImplementedError:  # a layer of one's own without a spec: checked every time
+        key = None
+    if key is not None and key in _FLIP_CHECKED:
+        if _FLIP_CHECKED[key] is not None:
+            raise CNNGPError(_FLIP_CHECKED[key])
+        return
+    refusal = _flip_asymmetry(body, heads, shape, kernels)
+    if key is not None:
+        _FLIP_CHECKED[key] = refusal
+    if refusal is not None:
+        raise CNNGPError(refusal)
+
+
+def _short(layer) -> str:
+    """A layer's repr for a message, cut short (a user correlation's matrix is long)."""
+    text = repr(layer)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _flip_asymmetry(body, heads, shape, kernels) -> str | None:
+    """The refusal of :func:`check_flip_symmetric`, or None for a flip-symmetric network."""
+    ref = GramPlan(body, shape, readouts=heads or None, get=kernels, dtype="float64", device="cpu",
+                   engine="auto")
+    x = ref.images(np.random.default_rng(FLIP_CHECK_SEED).uniform(size=(2,) + shape), "x")
+    fx = flip_images(x)
+    rec, frec = ref.self_records(x), ref.self_records(fx)
+    where = f"on {'×'.join(map(str, shape[:-1])) or 'grid-less'} images"
+    remedy = ("the flip-averaged kernel ½[K(x, x') + K(x, flip x')] needs K(flip x, flip x') = K(x, x'): "
+              "weight correlations mirror-symmetric along the width in every conv and readout, "
+              "symmetric padding (valid, or same with an odd filter extent) and strides whose windows "
+              "cover the width symmetrically; drop flip or change the network")
+    for i in sorted(rec.variances):
+        gap = _relative_gap(rec.flipped().variances[i], frec.variances[i])
+        if not gap <= FLIP_TOLERANCE:  # NaN fails too
+            return (f"flip: the network is not flip-symmetric {where}: the variances at the input of "
+                    f"layer {i} ({_short(body.layers[i])}) of a mirrored random image are not the mirrored "
+                    f"variances (relative difference {gap:.2g}), so a layer before it breaks the "
+                    f"symmetry; {remedy}")
+    k, fk = ref.block(x, rec), ref.block(fx, frec)
+    per = max(1, len(heads))
+    for o in range(k.shape[0]):
+        gap = _relative_gap(k[o], fk[o])
+        if not gap <= FLIP_TOLERANCE:
+            what = f"readout {o % per} ({_short(heads[o % per])})" if heads else "the network"
+            return (f"flip: {what} is not flip-symmetric {where}: its {kernels[o // per].upper()} of two "
+                    f"mirrored random images differs from that of the images (relative difference "
+                    f"{gap:.2g}); {remedy}")
+    return None
+
+
+def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False, flip=False):
     """One call: the whole matrix as one block, with checkpoints between batches."""
     progress, checkpoint, keep_checkpoint = ex.progress, ex.checkpoint, ex.keep_checkpoint
     channels = getattr(body, "input_channels", None)
@@ -851,7 +1000,8 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
             f"x2: images of shape {a2.shape[1:]} do not match x1's {a1.shape[1:]}; both "
             "must be (N, *spatial, C) with the same spatial size and channels"
         )
-    gp = GramPlan(body, a1.shape[1:], readouts=heads or None, get=get, offsets=offsets, execution=ex)
+    gp = GramPlan(body, a1.shape[1:], readouts=heads or None, get=get, offsets=offsets, flip=flip,
+                  execution=ex)
     dtype = gp.dtype
     t1 = torch.as_tensor(a1, dtype=dtype, device=gp.device)
     t2 = t1 if symmetric else torch.as_tensor(a2, dtype=dtype, device=gp.device)
@@ -865,7 +1015,7 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False):
         key = fingerprint(
             "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1,
             None if symmetric else a2, str(dtype), *(() if gp.kernels == ("nngp",) else (gp.kernels,)),
-            *(("offsets",) if offsets else ()),
+            *(("offsets",) if offsets else ()), *(("flip",) if gp.flip else ()),
         )
         ckpt = Checkpoint(checkpoint, key)
         resumed = ckpt.load((n_out, n1, n2), dtype, n_pairs)
@@ -972,7 +1122,7 @@ def _check_finite(out: torch.Tensor, body, heads, images, dtype) -> None:
 _IN_MEMORY = COMPUTE + RESUME
 
 
-def kernel(model, x1, x2=None, *, get="nngp", execution=None, **options):
+def kernel(model, x1, x2=None, *, get="nngp", flip=False, execution=None, **options):
     """The NNGP kernel matrix k(x1, x2) of ``model`` (ending in a readout, flatten or pool),
     or its neural tangent kernel.
 
@@ -986,6 +1136,13 @@ def kernel(model, x1, x2=None, *, get="nngp", execution=None, **options):
     get : "nngp" (default), "ntk", "both" or a tuple such as ("nngp", "ntk")
         Which kernel: the NNGP, the neural tangent kernel of the same network in the NTK
         parameterisation (docs/maths.md §7), or both from one pass.
+    flip : bool, default False
+        The flip-averaged kernel ½[K(x1, x2) + K(x1, flip x2)], flip = mirror the width
+        (docs/maths.md §9): each pair also against the mirrored image, in the same pass (about
+        twice the pair work; the self pass is not repeated). Refused for a network or readout
+        that is not flip-symmetric (:func:`check_flip_symmetric`). Like ``get`` it says which
+        kernel is computed, not how: an argument of every kernel path and part of every
+        checkpoint's and store's identity, not an execution option.
     execution : Execution, optional
         How to compute (:class:`cnngp.Execution`, README "Execution options"): ``dtype``,
         ``device``, ``engine``, ``batch_size``, ``memory_budget``, ``progress``,
@@ -1007,18 +1164,18 @@ def kernel(model, x1, x2=None, *, get="nngp", execution=None, **options):
     ex = Execution.build(execution, options, where="kernel", accepted=_IN_MEMORY)
     body, heads = _split_model(model)
     kernels = parse_get(get)
-    out = _compute(body, heads, x1, x2, ex, get=kernels)
+    out = _compute(body, heads, x1, x2, ex, get=kernels, flip=flip)
     return out[0] if isinstance(get, str) and get != "both" else tuple(out)
 
 
-def readout_sweep(body, readouts: Sequence[Readout], x1, x2=None, *, get="nngp", execution=None,
-                  **options):
+def readout_sweep(body, readouts: Sequence[Readout], x1, x2=None, *, get="nngp", flip=False,
+                  execution=None, **options):
     """Kernels for many readouts from one pass to the last hidden layer: (L, N1, N2).
 
     This is how a λ sweep costs one kernel computation (docs/maths.md §2, readout): every readout is a
-    weighted sum of the same last-hidden-layer covariance. ``get``, ``execution`` and the
-    execution options as for :func:`kernel`: with several kernels, a tuple of (L, N1, N2)
-    tensors in the order asked.
+    weighted sum of the same last-hidden-layer covariance. ``get``, ``flip`` (every readout
+    flip-averaged), ``execution`` and the execution options as for :func:`kernel`: with several
+    kernels, a tuple of (L, N1, N2) tensors in the order asked.
     """
     ex = Execution.build(execution, options, where="readout_sweep", accepted=_IN_MEMORY)
     body, tail = _split_model(body)
@@ -1028,7 +1185,7 @@ def readout_sweep(body, readouts: Sequence[Readout], x1, x2=None, *, get="nngp",
     if not readouts or not all(isinstance(r, Readout) for r in readouts):
         raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
     kernels = parse_get(get)
-    out = _compute(body, readouts, x1, x2, ex, get=kernels)
+    out = _compute(body, readouts, x1, x2, ex, get=kernels, flip=flip)
     if isinstance(get, str) and get != "both":
         return out
     L = len(readouts)

@@ -44,7 +44,7 @@ __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT",
 STORE_FORMAT = "cnngp-kernel-store/1"
 
 #: identity keys that must agree for a resume, in the order a mismatch is reported
-IDENTITY_KEYS = ("format", "spec", "readouts", "kernels", "offsets", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
+IDENTITY_KEYS = ("format", "spec", "readouts", "kernels", "offsets", "flip", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
 
 
 def is_store_path(path) -> bool:
@@ -124,6 +124,7 @@ def _first_difference(stored: dict, wanted: dict) -> str | None:
 _WHAT = {
     "format": "store format", "spec": "network spec", "readouts": "readouts", "kernels": "kernel type (--get)",
     "offsets": "contents (offset sums, not kernels)",
+    "flip": "flip averaging (--flip)",
     "x1_sha256": "images (--x1)", "x2_sha256": "images (--x2)", "dtype": "dtype",
     "tile": "tile size", "shape": "shape",
 }
@@ -504,6 +505,7 @@ class KernelStore:
             "x1_sha256": self.attrs.get("x1_sha256"),
             "x2_sha256": self.attrs.get("x2_sha256"),
             "spec": self.attrs.get("spec"),
+            "flip": bool(self.attrs.get("flip")),  # flip-averaged kernels (docs/maths.md §9)
             "preprocessing": self.attrs.get("preprocessing"),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),

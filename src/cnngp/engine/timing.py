@@ -7,7 +7,8 @@ module times the real thing instead — a few pairs of the same network, dtype, 
 thread count on this machine, under its present load — and prices the job from it:
 
 * a Gram stage of P pairs and I images costs ``P · seconds_per_pair + I · seconds_per_image``
-  (the self pass, :class:`~cnngp.engine.gram.GramPlan`'s stage 1);
+  (the self pass, :class:`~cnngp.engine.gram.GramPlan`'s stage 1); a flip-averaged plan's pair
+  is two kernel evaluations (K(x, x') and K(x, flip x')), and its timed rate holds both;
 * a run on W Dask workers adds the start of the cluster and of each worker (importing torch and
   cnngp, numba loading its compiled kernels: :attr:`Rates.warmup_seconds`) and lasts as long as
   the busiest worker, found by handing the tiles out in the store's order to whichever worker
@@ -138,11 +139,14 @@ def measure(plan, images, threads: int | None = None) -> Rates:
 @dataclass(frozen=True)
 class Stage:
     """One Gram computation of a job: ``n1`` images against ``n2`` (None: a symmetric
-    ``n1`` × ``n1`` matrix, whose upper triangle is computed)."""
+    ``n1`` × ``n1`` matrix, whose upper triangle is computed); ``flip``: flip-averaged, every
+    pair also against the mirrored image (docs/maths.md §9), so twice the kernel evaluations
+    (priced by the timed rate of the flip plan, whose pairs hold both)."""
 
     name: str
     n1: int
     n2: int | None = None
+    flip: bool = False
 
     @property
     def pairs(self) -> int:
@@ -151,6 +155,16 @@ class Stage:
     @property
     def images(self) -> int:
         return self.n1 + (self.n2 or 0)
+
+    @property
+    def evaluations(self) -> int:
+        """Kernel evaluations of the pair pass: the pairs, twice with ``flip``."""
+        return self.pairs * (2 if self.flip else 1)
+
+    def describe_pairs(self, pairs: int | None = None) -> str:
+        """``"1,234 pairs"``, with ``flip`` ``"1,234 pairs × 2 (flip-averaged)"``."""
+        pairs = self.pairs if pairs is None else pairs
+        return f"{pairs:,} pairs" + (" × 2 (flip-averaged)" if self.flip else "")
 
 
 @dataclass(frozen=True)
@@ -190,7 +204,7 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
         for st, pairs in zip(stages, tiles):
             s = sum(pairs) * rates.seconds_per_pair + st.images * rates.seconds_per_image
             total += s
-            lines.append(f"  {st.name}: {sum(pairs):,} pairs, {st.images:,} images: about {_human(s)}")
+            lines.append(f"  {st.name}: {st.describe_pairs(sum(pairs))}, {st.images:,} images: about {_human(s)}")
         lines.append(f"estimate: about {_human(total)} with this command's start ({rates.describe()})")
         return Estimate(total, tuple(lines))
     # a cold worker imports more than this command had when it was timed (distributed, the
@@ -204,7 +218,7 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
         tile_end = schedule_seconds([p * rates.seconds_per_pair for p in pairs], workers)
         s = self_end + tile_end
         total += s
-        lines.append(f"  {st.name}: {sum(pairs):,} pairs in {len(pairs)} tile(s), {st.images:,} images, "
+        lines.append(f"  {st.name}: {st.describe_pairs(sum(pairs))} in {len(pairs)} tile(s), {st.images:,} images, "
                      f"on {workers} worker(s): about {_human(s)}")
     total += start
     lines.append(f"  start: this command, the cluster and its workers about {_human(start + rates.start_seconds)}")

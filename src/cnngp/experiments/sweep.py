@@ -75,14 +75,16 @@ _BEST_KEYS = (
 # --------------------------------------------------------------------------------------
 
 
-def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, get) -> dict | None:
+def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, get,
+                   flip=False) -> dict | None:
     """The sweep's plan before any kernel is computed: pairs of every stage (the train kernel of
     every readout; the test kernel of every readout, or with ``--test best`` of the one chosen
     after the cross-validation), memory, and a time estimate from timing a few pairs of this
     network here (:mod:`cnngp.engine.timing`; a store's stages from its dry run, so a resumed
     store prices only its missing tiles). Printed when ``ex.progress``; without ``yes`` a job
     estimated at over an hour is refused. Returns the plan (recorded in the results), or None
-    when the kernels come from ``kernel_cache``."""
+    when the kernels come from ``kernel_cache``. With ``flip`` every pair counts twice (the
+    flip plan is the one timed: docs/maths.md §9)."""
     from cnngp.engine import timing
     from cnngp.engine.gram import GramPlan, gram_needs
     from cnngp.engine.resources import check_job, human_bytes, human_seconds
@@ -90,39 +92,39 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
     if kernel_cache is not None and Path(kernel_cache).is_file():
         return None  # read (or refused) from the cache: nothing to compute, or its own message
     n = len(x_sub)
-    stages = [timing.Stage(f"train kernel ({len(readouts)} readouts)", n)]
+    stages = [timing.Stage(f"train kernel ({len(readouts)} readouts)", n, flip=flip)]
     if test_mode is not None:
         per = f"{len(readouts)} readouts" if test_mode == "all" else "the chosen readout"
-        stages.append(timing.Stage(f"test kernel ({per})", len(x_test), n))
+        stages.append(timing.Stage(f"test kernel ({per})", len(x_test), n, flip=flip))
     memory, _, _ = gram_needs(body, x_sub.shape[1:], n, readouts=readouts, dtype=ex.dtype,
-                              memory_budget=ex.memory_budget)
+                              memory_budget=ex.memory_budget, flip=flip)
     if test_mode == "all":
         memory += gram_needs(body, x_sub.shape[1:], len(x_test), n, readouts=readouts, dtype=ex.dtype,
-                             memory_budget=ex.memory_budget)[0]
+                             memory_budget=ex.memory_budget, flip=flip)[0]
     if ex.store is None:
         check_job(f"--n {n} with {len(readouts)} readouts", memory_bytes=memory, yes=True,
                   remedy="use a smaller --n, fewer --lengthscales or --n-test (or --store K.zarr)")
-        plan = GramPlan(body, x_sub.shape[1:], readouts=readouts, get=get,
+        plan = GramPlan(body, x_sub.shape[1:], readouts=readouts, get=get, flip=flip,
                         execution=_in_memory(ex).replace(progress=False))
         rates = timing.measure(plan, plan.images(x_sub[:timing.MAX_SIDE]))
         est = timing.estimate(rates, stages)
         seconds, text, rates_d = est.seconds, est.describe(), rates.as_dict()
     else:
-        from cnngp.engine.distributed import store_kernel
+        from cnngp.engine.distributed import store_dry_run
 
-        runs = [store_kernel(body, x_sub, readouts=readouts, dry_run=True, get=get,
-                             execution=ex.replace(archive=None, progress=False))]
+        runs = [store_dry_run(body, x_sub, readouts=readouts, get=get, flip=flip,
+                              execution=ex.replace(archive=None, progress=False))]
         if test_mode is not None:
             heads = readouts if test_mode == "all" else readouts[:1]
-            runs.append(store_kernel(body, x_test, x_sub, readouts=heads, dry_run=True, get=get,
-                                     execution=ex.replace(store=test_store_path(ex.store), archive=None,
-                                                          progress=False)))
+            runs.append(store_dry_run(body, x_test, x_sub, readouts=heads, get=get, flip=flip,
+                                      execution=ex.replace(store=test_store_path(ex.store), archive=None,
+                                                           progress=False)))
         seconds = sum(r.dry_run["estimated_seconds"] for r in runs)
         text = "\n".join(f"{st.name}:\n" + r.dry_run["estimate"] for st, r in zip(stages, runs))
         text += f"\nestimate in all: about {human_seconds(seconds)}"
         rates_d = {k: runs[0].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                     "load_average", "timed_pairs")}
-    lines = ["plan: " + "; ".join(f"{st.name}: {st.pairs:,} pairs" for st in stages)
+    lines = ["plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages)
              + f"; memory about {human_bytes(memory)}", text]
     check_job(f"--n {n} with {len(readouts)} readouts" + ("" if test_mode is None else f" and --test {test_mode}"),
               seconds=seconds if str(ex.device).startswith("cpu") else None, yes=yes,
@@ -130,8 +132,9 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
               "--workers (a finished store is reused, so the work can be spread over several runs)")
     if ex.progress:  # (a refused job says why in one line, without the plan)
         print("\n".join(lines), file=sys.stderr)
-    return {"seconds": seconds, "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images}
-                                           for st in stages], "memory_bytes": int(memory),
+    return {"seconds": seconds, "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images,
+                                            "kernel_evaluations": st.evaluations} for st in stages],
+            "memory_bytes": int(memory),
             "rates": rates_d, "text": "\n".join(lines)}
 
 
@@ -141,7 +144,7 @@ SPOT_CHECK_IMAGES = 4
 SPOT_CHECK_TOLERANCE = 1e-5
 
 
-def _float64_spot_check(body, readouts, x_sub, K, ex, get, seed) -> dict | None:
+def _float64_spot_check(body, readouts, x_sub, K, ex, get, seed, flip=False) -> dict | None:
     """A float32 sweep's kernels against float64 on a few random training images (all their
     pairs, every readout): the largest error relative to each readout's largest checked entry.
     Float32 is the sweep's default because this stays under :data:`SPOT_CHECK_TOLERANCE` (7.5e-7
@@ -155,7 +158,7 @@ def _float64_spot_check(body, readouts, x_sub, K, ex, get, seed) -> dict | None:
         return None
     n = len(x_sub)
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(SPOT_CHECK_IMAGES, n), replace=False))
-    ref = readout_sweep(body, readouts, x_sub[idx], get=get,
+    ref = readout_sweep(body, readouts, x_sub[idx], get=get, flip=flip,
                         execution=_in_memory(ex).replace(dtype="float64", progress=False)).numpy()
     worst = 0.0
     store = getattr(K, "store", None)  # a store's readouts: read only the checked entries
@@ -175,7 +178,7 @@ def _float64_spot_check(body, readouts, x_sub, K, ex, get, seed) -> dict | None:
             "readouts": len(readouts), "max_relative_error": worst, "tolerance": SPOT_CHECK_TOLERANCE}
 
 
-def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, ex, get):
+def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, yes, ex, get, flip=False):
     """The whole (L, N, N) stack in memory, read from or written to an ``.npz`` kernel cache."""
     import torch
 
@@ -191,10 +194,10 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
 
         shape = x_sub.shape[1:]
         memory, seconds, _ = gram_needs(body, shape, n_max, readouts=readouts, dtype=dtype,
-                                        memory_budget=memory_budget)
+                                        memory_budget=memory_budget, flip=flip)
         if x_test is not None:
             m2, s2, _ = gram_needs(body, shape, len(x_test), n_max, readouts=readouts,
-                                   dtype=dtype, memory_budget=memory_budget)
+                                   dtype=dtype, memory_budget=memory_budget, flip=flip)
             memory, seconds = memory + m2, seconds + s2
         check_job(
             f"--n {n_max} with {len(readouts)} readouts",
@@ -227,7 +230,8 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         if K.shape != (len(readouts), n_max, n_max):
             raise CNNGPError(f"kernel_cache: {str(cache_path)!r} holds kernels of shape {K.shape}")
     else:
-        K = _resumable(lambda e: readout_sweep(body, readouts, x_sub, get=get, execution=e), ex, cache_path, "train")
+        K = _resumable(lambda e: readout_sweep(body, readouts, x_sub, get=get, flip=flip, execution=e), ex,
+                       cache_path, "train")
         K = K.to(torch.float64).numpy()
         save(K)
     K_test = None
@@ -235,8 +239,8 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         if cached is not None and "test_kernels" in cached:
             K_test = cached["test_kernels"]
         else:
-            K_test = _resumable(lambda e: readout_sweep(body, readouts, x_test, x_sub, get=get, execution=e),
-                                ex, cache_path, "test")
+            K_test = _resumable(lambda e: readout_sweep(body, readouts, x_test, x_sub, get=get, flip=flip,
+                                                        execution=e), ex, cache_path, "test")
             K_test = K_test.to(torch.float64).numpy()
             save(K, K_test)
     if not np.all(np.isfinite(K)):
@@ -318,12 +322,12 @@ def check_sweep_archive(archive, test: bool, what: str = "--archive") -> Path:
     return path
 
 
-def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get):
+def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=False):
     """Train (and test) kernels computed into the stores ``ex.store`` (and its test store);
     returned as lazy per-readout sequences. Without ``yes``, a job estimated (from timing a few
     pairs here) at over an hour is refused. ``ex.archive``: a folder whose ``train`` and
     ``test`` subfolders are the stores' tile archives."""
-    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.distributed import store_dry_run, store_kernel
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
@@ -333,39 +337,39 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get):
     train = ex.replace(archive=None if archive is None else Path(archive) / "train")
     test = ex.replace(store=test_store_path(ex.store), archive=None if archive is None else Path(archive) / "test")
     if not yes and not ex.on_cluster:
-        seconds = store_kernel(body, x_train, readouts=readouts, dry_run=True, get=get,
-                               execution=train).dry_run["estimated_seconds"]
+        seconds = store_dry_run(body, x_train, readouts=readouts, get=get, flip=flip,
+                                execution=train).dry_run["estimated_seconds"]
         if x_test is not None:
-            seconds += store_kernel(body, x_test, x_train, readouts=readouts, dry_run=True, get=get,
-                                    execution=train).dry_run["estimated_seconds"]
+            seconds += store_dry_run(body, x_test, x_train, readouts=readouts, get=get, flip=flip,
+                                     execution=train).dry_run["estimated_seconds"]
         _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
-    store_kernel(body, x_train, readouts=readouts, labels=names, get=get, execution=train)
+    store_kernel(body, x_train, readouts=readouts, labels=names, get=get, flip=flip, execution=train)
     K = StoredReadouts(KernelStore.open(ex.store))
     K_test = None
     if x_test is not None:
-        store_kernel(body, x_test, x_train, readouts=readouts, labels=names, get=get, execution=test)
+        store_kernel(body, x_test, x_train, readouts=readouts, labels=names, get=get, flip=flip, execution=test)
         K_test = StoredReadouts(KernelStore.open(test.store))
     return K, K_test
 
 
-def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get):
+def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get, flip=False):
     """The test × train kernel (float64) of the one readout the cross-validation chose: in
     memory, or into the test store ``K-test.zarr`` (and ``archive/test``) beside ``ex.store``."""
     if ex.store is None:
         from cnngp.engine.gram import readout_sweep
 
-        return _resumable(lambda e: readout_sweep(body, [readout], x_test, x_train, get=get, execution=e),
-                          ex, None, "test-best")[0].double().numpy()
-    from cnngp.engine.distributed import store_kernel
+        return _resumable(lambda e: readout_sweep(body, [readout], x_test, x_train, get=get, flip=flip,
+                                                  execution=e), ex, None, "test-best")[0].double().numpy()
+    from cnngp.engine.distributed import store_dry_run, store_kernel
     from cnngp.engine.store import KernelStore, StoredReadouts
 
     test = ex.replace(store=test_store_path(ex.store),
                       archive=None if ex.archive is None else Path(ex.archive) / "test")
     if not yes and not ex.on_cluster:
-        seconds = store_kernel(body, x_test, x_train, readouts=[readout], dry_run=True, get=get,
-                               execution=test).dry_run["estimated_seconds"]
+        seconds = store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=flip,
+                                execution=test).dry_run["estimated_seconds"]
         _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, ex)
-    store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, execution=test)
+    store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, flip=flip, execution=test)
     return StoredReadouts(KernelStore.open(test.store))[0]
 
 
@@ -528,7 +532,7 @@ def _read_cache(path: Path, key: dict) -> dict | None:
             f"kernel_cache: {str(path)!r} is not a readable cnngp sweep kernel file ({e}); "
             "delete it or choose another path"
         ) from None
-    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype", "zca")
+    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype", "zca", "kernel", "flip")
     diff = [f for f in train_fields if stored.get(f) != key.get(f)]
     if diff:
         raise CNNGPError(
@@ -671,6 +675,10 @@ class SweepProtocol(Settings):
         (:func:`cnngp.inference.gp.paper_folds`); ``"stratified"``: shuffled stratified folds.
     n_grid : int, default 1000
         Number of σ² values (the paper's log-spaced grid).
+    flip : bool, default False
+        Flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9) for the training
+        and the test kernels alike: horizontal-flip invariance at about twice the pair work.
+        Refused, before any kernel, for a network that is not flip-symmetric.
     zca : float, optional
         Regularised ZCA whitening of the images (:mod:`cnngp.io.preprocess`) with this
         strength ε (a fraction of the mean eigenvalue). It is fitted on the ``N_max`` training
@@ -691,6 +699,7 @@ class SweepProtocol(Settings):
     fold_scheme: str = "paper"
     n_grid: int = 1000
     zca: float | None = None
+    flip: bool = False
 
     def __post_init__(self):
         if self.zca is not None:
@@ -708,6 +717,9 @@ class SweepProtocol(Settings):
             raise CNNGPError(f"test: expected False, True ('all') or 'best', got {self.test!r}")
         if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, (int, np.integer)) or self.n_grid < 1:
             raise CNNGPError(f"n_grid: expected an integer >= 1, got {self.n_grid!r}")
+        if not isinstance(self.flip, (bool, np.bool_)):
+            raise CNNGPError(f"flip: expected True or False, got {self.flip!r}")
+        object.__setattr__(self, "flip", bool(self.flip))
         object.__setattr__(self, "folds", int(folds))
         object.__setattr__(self, "seed", int(seed))
 
@@ -882,6 +894,9 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 x_test_now = x_test if test_mode == "all" else None
         if kernel != "nngp":  # NNGP caches keep the key they always had
             key["kernel"] = kernel
+        flip = protocol.flip
+        if flip:  # as do caches of kernels that are not flip-averaged
+            key["flip"] = True
         client = None
         if kernel_store is not None:
             if kernel_cache is not None:
@@ -896,21 +911,23 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 ex = ex.replace(workers=None, scheduler=client)
             for path in (kernel_store,) + (() if test_mode is None else (test_store_path(kernel_store),)):
                 check_store_zca(path, protocol.zca, "zca")
-            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel)
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip)
             kernels_start = time.perf_counter()
-            K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel)
+            K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel, flip)
         else:
-            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, kernel)
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, kernel,
+                                      flip)
             kernels_start = time.perf_counter()
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test_now is None else ds.y_test[test_order])
             K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, True,
-                                           ex, kernel)
+                                           ex, kernel, flip)
         kernel_seconds = time.perf_counter() - kernels_start
         if whitening is not None and kernel_store is not None:
             _note_zca([kernel_store], whitening)
         # kernels read from a cache were checked when they were computed
-        float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel, seed)
+        float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel,
+                                                                          seed, flip)
 
         # -- cross-validation on every block of every size ----------------------------------
         results, best = _cross_validate_all(
@@ -933,7 +950,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             else:
                 test_start = time.perf_counter()
                 Kt = _best_test_kernel(body, readouts[i], f"{labels[i][0]}:{_lengthscale_json(labels[i][1])}",
-                                       x_sub, x_test, True, ex, kernel)
+                                       x_sub, x_test, True, ex, kernel, flip)
                 kernel_seconds += time.perf_counter() - test_start
                 top[i]["test_accuracy"] = gp.test_accuracy(
                     K[i], y_sub, Kt, y_test, top[i]["noise_variance"], n_classes
@@ -985,6 +1002,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "zca_fit": None if whitening is None else {**whitening.provenance(),
                                                        "fitted_on_images": "the N_max training subset"},
             "kernel": kernel,
+            "flip": flip,
             "kernel_store": None if kernel_store is None else str(kernel_store),
             "archive": None if archive is None else str(archive),
             "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")},
@@ -1028,6 +1046,8 @@ def summary_table(results: dict) -> str:
 
     rows = results["results"]
     kind = "NTK" if results.get("config", {}).get("kernel") == "ntk" else "NNGP"
+    if results.get("config", {}).get("flip"):
+        kind += ", flip-averaged"
     head = (
         f"{'N':>6} {'sets':>4}  {'independent':>13}  {'mean pool':>13}  "
         f"{'best readout':>18}  {'best':>13}  ({kind}: CV accuracy %)"

@@ -162,7 +162,13 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
     def _kernel(self, network, x1, x2=None) -> np.ndarray:
         from cnngp.engine.gram import kernel
 
-        return kernel(network, x1, x2, execution=self._execution()).double().numpy()
+        return kernel(network, x1, x2, flip=self._flip(), execution=self._execution()).double().numpy()
+
+    def _flip(self) -> bool:
+        """The ``flip`` parameter, checked: the flip-averaged kernel (docs/maths.md §9)."""
+        if not isinstance(self.flip, (bool, np.bool_)):
+            raise CNNGPError(f"flip must be True or False; got {self.flip!r}")
+        return bool(self.flip)
 
     def _whiten_fit(self, images: np.ndarray) -> np.ndarray:
         """Fit the ZCA whitening (``zca``) on the training images; ``zca_`` (None without)."""
@@ -259,6 +265,10 @@ class CNNGPClassifier(_CNNGPBase):
         Regularised ZCA whitening of strength ε >= 0 (a fraction of the mean eigenvalue,
         :mod:`cnngp.io.preprocess`), fitted on the training X in ``fit`` and applied to the X
         of ``predict``/``decision_function``. Default None: no whitening.
+    flip : bool, default False
+        Use the flip-averaged kernel ½[K(x, x') + K(x, flip x')] (horizontal flips,
+        docs/maths.md §9) for training and prediction alike; refused in ``fit`` for a network or
+        readout that is not flip-symmetric. About twice the kernel work.
 
     Attributes
     ----------
@@ -296,6 +306,7 @@ class CNNGPClassifier(_CNNGPBase):
         verbose=False,
         engine="auto",
         zca=None,
+        flip=False,
     ):
         self.arch = arch
         self.correlation = correlation
@@ -309,6 +320,7 @@ class CNNGPClassifier(_CNNGPBase):
         self.verbose = verbose
         self.engine = engine
         self.zca = zca
+        self.flip = flip
 
     def fit(self, X, y):
         """Compute the training kernel and solve for the dual coefficients.
@@ -376,6 +388,9 @@ class CNNGPClassifierCV(_CNNGPBase):
     zca : float, optional
         As for :class:`CNNGPClassifier`: fitted on all of the training X before the
         cross-validation (every fold shares it; unlabelled statistics of training images).
+    flip : bool, default False
+        As for :class:`CNNGPClassifier`: every λ's kernel flip-averaged (``search="grid"``
+        only; the offset sums of ``"gradient"`` are not flip-averaged, so it is refused there).
 
     Attributes
     ----------
@@ -421,6 +436,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         verbose=False,
         engine="auto",
         zca=None,
+        flip=False,
     ):
         self.arch = arch
         self.correlation = correlation
@@ -438,6 +454,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.verbose = verbose
         self.engine = engine
         self.zca = zca
+        self.flip = flip
 
     def _candidate_lengthscales(self) -> list[float]:
         from cnngp.kernels.correlations import PAPER_LENGTHSCALES
@@ -526,7 +543,7 @@ class CNNGPClassifierCV(_CNNGPBase):
             template.with_correlation(correlation_family(family, v))
             for v in lams
         ]
-        Ks = readout_sweep(body, readouts, images, execution=self._execution()).double().numpy()
+        Ks = readout_sweep(body, readouts, images, flip=self._flip(), execution=self._execution()).double().numpy()
 
         with gp.small_problem_threads(len(y_enc)):
             results, noise = self._cross_validate(Ks, y_enc, folds, noise, n_classes)
@@ -580,6 +597,9 @@ class CNNGPClassifierCV(_CNNGPBase):
 
         if self.objective not in OBJECTIVES:
             raise CNNGPError(f"objective must be one of {OBJECTIVES}; got {self.objective!r}")
+        if self._flip():
+            raise CNNGPError("flip=True needs search='grid': search='gradient' learns from the offset sums "
+                             "of the last hidden layer, which are not flip-averaged")
         starts = (0.3, 3.0, 30.0) if self.lengthscales is None else [
             v for v in self._candidate_lengthscales() if 0 < v < math.inf]
         if not starts:

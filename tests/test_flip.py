@@ -1,0 +1,321 @@
+"""Flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9): through the same
+engine (fused and torch, NNGP and NTK, readout sweeps, the tiled store and its resume), checked
+against the average of the two kernels computed separately, symmetric and PSD, refused for
+networks that are not flip-symmetric, and part of every identity (store, checkpoint, cache)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cnngp
+from cnngp.cli.main import main
+from cnngp.engine import timing
+from cnngp.engine.gram import (
+    FLIP_TOLERANCE, GramPlan, check_flip_symmetric, estimate_cost, flip_images, readout_sweep,
+)
+from cnngp.engine.storage import CheckpointMismatchError
+from cnngp.errors import CNNGPError
+from cnngp.kernels.correlations import UserCorrelation
+
+# a correlated conv, a pool, a correlated readout: every part of the recursion that mirroring touches
+NET = cnngp.Serial(cnngp.Conv(3, correlation=cnngp.Matern(1.5, 1.0)), cnngp.ReLU(), cnngp.AvgPool(2),
+                   cnngp.Conv(3, bias_var=0.1), cnngp.ReLU(), cnngp.Readout(correlation=cnngp.Matern(1.5, 2.0)))
+BODY = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+READOUTS = [cnngp.Readout(correlation=c) for c in (cnngp.Independent(), cnngp.RBF(1.5), cnngp.Constant())]
+
+
+def _images(n, shape=(6, 6, 2), seed=0):
+    return np.random.default_rng(seed).uniform(size=(n,) + shape)
+
+
+def _mirror_permutation(h, w):
+    """Row-major positions of an h×w grid → the position mirrored along the width."""
+    return np.arange(h * w).reshape(h, w)[:, ::-1].reshape(-1)
+
+
+def _asymmetric_matrix(h, w, seed=1):
+    """A PSD correlation over an h×w grid that is not mirror-symmetric (and its symmetrised twin)."""
+    v = np.random.default_rng(seed).normal(size=(h * w, 3))
+    m = v @ v.T + np.eye(h * w)
+    p = _mirror_permutation(h, w)
+    return m, (m + m[np.ix_(p, p)]) / 2
+
+
+# -- the kernel equals the average of the two kernels computed separately ----------------------
+
+
+@pytest.mark.parametrize("engine", ["fused", "torch"])
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_flip_kernel_is_the_average_of_the_two_kernels(engine, get):
+    x = _images(7)
+    flipped = cnngp.kernel(NET, x, get=get, flip=True, engine=engine).numpy()
+    plain = cnngp.kernel(NET, x, get=get, engine=engine).numpy()
+    cross = cnngp.kernel(NET, x, flip_images(x), get=get, engine=engine).numpy()  # every pair, no mirroring
+    np.testing.assert_allclose(flipped, (plain + cross) / 2, rtol=1e-12, atol=0)
+    # the cross block is symmetric (what lets a Gram pass compute only i <= j), the result exactly so
+    np.testing.assert_allclose(cross, cross.T, rtol=1e-12, atol=0)
+    assert np.array_equal(flipped, flipped.T)
+    eig = np.linalg.eigvalsh(flipped)
+    assert eig.min() > -1e-12 * eig.max()
+    # invariant to mirroring either argument
+    again = cnngp.kernel(NET, x, flip_images(x), get=get, flip=True, engine=engine).numpy()
+    np.testing.assert_allclose(again, flipped, rtol=1e-12, atol=0)
+
+
+def test_rectangular_and_both_kernels():
+    x1, x2 = _images(5, seed=1), _images(4, seed=2)
+    nngp, ntk = cnngp.kernel(NET, x1, x2, get="both", flip=True)
+    for got, get in ((nngp, "nngp"), (ntk, "ntk")):
+        want = (cnngp.kernel(NET, x1, x2, get=get) + cnngp.kernel(NET, x1, flip_images(x2), get=get)) / 2
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=0)
+    # a test × train block of a flip Gram matrix is that Gram matrix's block
+    whole = cnngp.kernel(NET, np.concatenate([x1, x2]), flip=True).numpy()
+    np.testing.assert_allclose(nngp.numpy(), whole[:5, 5:], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_readout_sweep_flip_is_the_average_of_each_readouts_kernels(get):
+    x = _images(6, seed=3)
+    got = readout_sweep(BODY, READOUTS, x, get=get, flip=True).numpy()
+    want = (readout_sweep(BODY, READOUTS, x, get=get).numpy()
+            + readout_sweep(BODY, READOUTS, x, flip_images(x), get=get).numpy()) / 2
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    for k in got:
+        assert np.array_equal(k, k.T) and np.linalg.eigvalsh(k).min() > -1e-12 * np.abs(k).max()
+
+
+def test_float32_flip_kernel_agrees_with_float64():
+    x = _images(5, seed=4)
+    k32 = cnngp.kernel(NET, x, flip=True, dtype="float32").double()
+    k64 = cnngp.kernel(NET, x, flip=True)
+    assert float((k32 - k64).abs().max() / k64.abs().max()) < 1e-5
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+def _refused(model, x, match, **kwargs):
+    with pytest.raises(CNNGPError, match=match) as info:
+        cnngp.kernel(model, x, flip=True, **kwargs)
+    assert str(info.value).startswith("flip: ")
+    return str(info.value)
+
+
+def test_a_network_that_is_not_flip_symmetric_is_refused():
+    x = _images(3)
+    cases = {  # each breaks the mirror symmetry one way; the message names the layer it shows at
+        "even filter, same padding": cnngp.Serial(cnngp.Conv(2), cnngp.ReLU(), cnngp.Readout()),
+        "stride leaving a ragged edge": cnngp.Serial(cnngp.Conv(3, stride=2, padding="valid"), cnngp.ReLU(),
+                                                     cnngp.Readout()),
+        "asymmetric conv correlation": cnngp.Serial(
+            cnngp.Conv(3, correlation=UserCorrelation(_asymmetric_matrix(3, 3)[0])), cnngp.ReLU(), cnngp.Readout()),
+    }
+    for name, net in cases.items():
+        message = _refused(net, x, r"not flip-symmetric on 6×6 images.*layer 1 \(ReLU\(\)\)")
+        assert "mirror-symmetric" in message, name
+    # after the last nonlinearity only the outputs show it: the readout is named, every kernel type
+    bad, good = _asymmetric_matrix(6, 6)
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout(correlation=UserCorrelation(bad)))
+    _refused(net, x, r"flip: readout 0 .* NNGP of two mirrored random images")
+    _refused(net, x, r"flip: readout 0 .* NTK of two mirrored random images", get="ntk")
+    # a sweep names the one bad readout among symmetric ones
+    readouts = READOUTS + [cnngp.Readout(correlation=UserCorrelation(bad))]
+    with pytest.raises(CNNGPError, match=r"flip: readout 3 "):
+        readout_sweep(BODY, readouts, x, flip=True)
+    # the same matrix symmetrised passes, and so do circular padding and even pools on even grids
+    for ok in (cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout(correlation=UserCorrelation(good))),
+               cnngp.Serial(cnngp.Conv(3, padding="circular"), cnngp.ReLU(), cnngp.AvgPool(2),
+                            cnngp.Readout(correlation=cnngp.Constant()))):
+        check_flip_symmetric(ok, (6, 6, 2))
+    # ... but not an odd grid under a 2×2 valid pool (its windows leave the last column out)
+    pooled = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.AvgPool(2), cnngp.Conv(3), cnngp.ReLU(),
+                          cnngp.Readout())
+    check_flip_symmetric(pooled, (6, 6, 2))
+    with pytest.raises(CNNGPError, match="layer 4"):
+        check_flip_symmetric(pooled, (7, 7, 2))
+
+
+def test_the_check_cannot_pass_a_small_asymmetry():
+    """An asymmetry far below what a classifier would notice is still refused: the check compares
+    at 1e-9 relative, and the readout's asymmetry here moves the kernel by about 1e-6."""
+    m, sym = _asymmetric_matrix(6, 6)
+    barely = sym + 1e-6 * (m - sym)
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout(correlation=UserCorrelation(barely)))
+    message = _refused(net, _images(2), "readout 0")
+    gap = float(message.split("relative difference ")[1].split(")")[0])
+    assert FLIP_TOLERANCE < gap < 1e-4
+
+
+def test_bad_flip_values_and_offsets_are_refused():
+    x = _images(3)
+    for bad in ("yes", 1, None):
+        with pytest.raises(CNNGPError, match="flip: expected True or False"):
+            cnngp.kernel(NET, x, flip=bad)
+    with pytest.raises(CNNGPError, match="flip: not for offset sums"):
+        GramPlan(BODY, (6, 6, 2), offsets=True, flip=True)
+
+
+# -- cost, checkpoints ----------------------------------------------------------------------
+
+
+def test_estimates_count_every_pair_twice():
+    plain = estimate_cost(NET, (6, 6, 2), 2000)
+    flipped = estimate_cost(NET, (6, 6, 2), 2000, flip=True)
+    assert flipped.pairs == plain.pairs  # image pairs; each is two kernel evaluations
+    assert 1.95 < flipped.seconds / plain.seconds < 2.0  # the self pass is not repeated
+    stage = timing.Stage("kernel", 10, flip=True)
+    assert (stage.pairs, stage.evaluations) == (55, 110)
+    assert stage.describe_pairs() == "55 pairs × 2 (flip-averaged)"
+    # a timed flip plan's pair holds both terms
+    plan = GramPlan(NET, (6, 6, 2), flip=True)
+    assert plan.flip and GramPlan(NET, (6, 6, 2)).flip is False
+
+
+def test_a_checkpoint_of_the_plain_kernel_is_not_resumed_as_a_flip_one(tmp_path, monkeypatch):
+    from cnngp.engine.storage import Checkpoint
+
+    monkeypatch.setattr(Checkpoint, "EVERY", 0.0)  # saved after every batch
+    x = _images(5)
+    path = tmp_path / "k.checkpoint.npz"
+    cnngp.kernel(NET, x, checkpoint=path, keep_checkpoint=True, batch_size=4)
+    assert path.exists()
+    with pytest.raises(CheckpointMismatchError):
+        cnngp.kernel(NET, x, flip=True, checkpoint=path)
+    path.unlink()
+    got = cnngp.kernel(NET, x, flip=True, checkpoint=path, keep_checkpoint=True, batch_size=4)
+    assert path.exists()
+    assert torch.equal(got, cnngp.kernel(NET, x, flip=True, checkpoint=path))  # resumed: the same bits
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+def test_store_with_several_tiles_resumed_and_refused_without_flip(tmp_path):
+    pytest.importorskip("zarr")
+    from cnngp.engine.distributed import store_dry_run, store_kernel
+    from cnngp.engine.store import KernelStore
+
+    x = _images(9)
+    out = tmp_path / "k.zarr"
+    want = cnngp.kernel(NET, x, flip=True).numpy()
+    report = store_kernel(NET, x, out=out, tile=3, flip=True, progress=False)
+    assert report.tiles_computed == 6
+    store = KernelStore.open(out)
+    assert store.attrs["flip"] is True and store.info()["flip"] is True
+    assert np.array_equal(np.asarray(store.kernel[0]), want)  # the same blocks, bit for bit
+    # interrupted: two tiles lost (records gone); the resumed run computes those, flip-averaged
+    for name in ("tile-0-2", "tile-2-2"):
+        (out / "records" / f"{name}.json").unlink()
+    store.kernel[:, 6:9, 6:9] = 0.0  # what the lost run left behind is recomputed, not trusted
+    report = store_kernel(NET, x, out=out, tile=3, flip=True, progress=False)
+    assert (report.tiles_done_before, report.tiles_computed) == (4, 2)
+    assert np.array_equal(np.asarray(KernelStore.open(out).kernel[0]), want)
+    # a flip store is refused when resumed without flip, and nothing in it is overwritten
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CNNGPError, match=r"different flip averaging \(--flip\)"):
+        store_kernel(NET, x, out=out, tile=3, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # and a plain store is refused when resumed with flip
+    plain = tmp_path / "plain.zarr"
+    store_kernel(NET, x, out=plain, tile=3, progress=False)
+    assert "flip" not in KernelStore.open(plain).attrs  # plain stores keep their old identity
+    with pytest.raises(CNNGPError, match="flip averaging"):
+        store_kernel(NET, x, out=plain, tile=3, flip=True, progress=False)
+    dry = store_dry_run(NET, x, out=tmp_path / "new.zarr", tile=3, flip=True, progress=False).dry_run
+    assert dry["flip"] is True and "pairs × 2 (flip-averaged)" in dry["estimate"]
+
+
+def test_store_readout_sweep_rectangular_ntk(tmp_path):
+    pytest.importorskip("zarr")
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore
+
+    x1, x2 = _images(5, seed=5), _images(7, seed=6)
+    store_kernel(BODY, x1, x2, readouts=READOUTS, get="both", out=tmp_path / "k.zarr", tile=2, flip=True,
+                 progress=False)
+    got = np.asarray(KernelStore.open(tmp_path / "k.zarr").kernel[...])
+    nngp, ntk = readout_sweep(BODY, READOUTS, x1, x2, get="both", flip=True)
+    assert np.array_equal(got, np.concatenate([nngp.numpy(), ntk.numpy()]))
+
+
+# -- the sweep, the command line and the estimators ------------------------------------------
+
+
+def test_sweep_flip_kernels_cache_and_plan(tmp_path):
+    from cnngp.experiments.sweep import SweepProtocol, run_sweep
+
+    cache = tmp_path / "k.npz"
+    protocol = SweepProtocol(ns=(40,), lengthscales=[2.0], flip=True, n_grid=20)
+    res = run_sweep("cnngp1", "digits", protocol, kernel_cache=cache, dtype="float64", progress=False)
+    assert res["config"]["flip"] is True
+    stage = res["timing"]["estimate"]["stages"][0]
+    assert stage["kernel_evaluations"] == 2 * stage["pairs"] == 40 * 41
+    assert "× 2 (flip-averaged)" in res["timing"]["estimate"]["text"]
+    with np.load(cache) as z:
+        K, index = z["kernels"], z["train_index"]
+    from cnngp.io.architectures import split_network
+    from cnngp.io.data import load_dataset
+    from cnngp.experiments.sweep import sweep_readouts
+
+    body, template, _ = split_network("cnngp1")
+    readouts, _ = sweep_readouts(template, [2.0])
+    x = load_dataset("digits").x_train[index]
+    want = (readout_sweep(body, readouts, x).numpy() + readout_sweep(body, readouts, x, flip_images(x)).numpy()) / 2
+    np.testing.assert_allclose(K, want, rtol=1e-12, atol=0)
+    with pytest.raises(CNNGPError, match="differs in flip"):  # the cache of flip kernels is not plain kernels
+        run_sweep("cnngp1", "digits", protocol.replace(flip=False), kernel_cache=cache, dtype="float64",
+                  progress=False)
+    with pytest.raises(CNNGPError, match="flip: expected True or False"):
+        SweepProtocol(flip="no")
+
+
+def _spec(tmp_path, filter_size):
+    spec = {"input_channels": 1, "layers": [{"type": "conv", "filter": filter_size}, {"type": "relu"},
+                                            {"type": "readout"}]}
+    path = tmp_path / f"net{filter_size}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_cli_kernel_flip_and_its_refusal(tmp_path, capsys):
+    out = tmp_path / "k.npz"
+    assert main(["kernel", "--arch", str(_spec(tmp_path, 3)), "--x1", "digits:6", "--out", str(out),
+                 "--flip", "--quiet"]) == 0
+    with np.load(out) as z:
+        config = json.loads(str(z["config"]))
+        K = z["kernel"]
+    assert config["flip"] is True and "--flip" in config["command_line"]
+    from cnngp.io.data import load_digits
+
+    x = load_digits()[0][:6]
+    net = cnngp.io.spec.load_spec(_spec(tmp_path, 3))
+    np.testing.assert_allclose(K, cnngp.kernel(net, x, flip=True).numpy(), rtol=1e-12, atol=0)
+    capsys.readouterr()
+    bad = tmp_path / "bad.npz"
+    assert main(["kernel", "--arch", str(_spec(tmp_path, 2)), "--x1", "digits:6", "--out", str(bad),
+                 "--flip", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --flip: flip: the network is not flip-symmetric")
+    assert not bad.exists()
+
+
+@pytest.mark.parametrize("cls", ["CNNGPClassifier", "CNNGPClassifierCV"])
+def test_estimators_with_flip_predict_the_same_for_mirrored_images(cls):
+    from cnngp.inference import estimator
+    from cnngp.io.data import load_digits
+
+    x, y = load_digits()
+    options = dict(correlation="matern32", lengthscale=2.0) if cls == "CNNGPClassifier" else dict(
+        lengthscales=[0.0, 2.0])
+    clf = getattr(estimator, cls)("cnngp1", flip=True, **options).fit(x[:60], y[:60])
+    scores = clf.decision_function(x[60:80])
+    np.testing.assert_allclose(clf.decision_function(flip_images(x[60:80])), scores, rtol=1e-9, atol=1e-12)
+    plain = getattr(estimator, cls)("cnngp1", **options).fit(x[:60], y[:60])
+    assert not np.allclose(plain.decision_function(flip_images(x[60:80])), plain.decision_function(x[60:80]))
+    if cls == "CNNGPClassifierCV":
+        with pytest.raises(CNNGPError, match="search='grid'"):
+            getattr(estimator, cls)("cnngp1", flip=True, search="gradient").fit(x[:40], y[:40])
