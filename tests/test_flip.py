@@ -88,6 +88,19 @@ def test_readout_sweep_flip_is_the_average_of_each_readouts_kernels(get):
         assert np.array_equal(k, k.T) and np.linalg.eigvalsh(k).min() > -1e-12 * np.abs(k).max()
 
 
+def test_kernel_diagonal_of_the_flip_kernel():
+    from cnngp.engine.gram import kernel_diagonal
+
+    x = _images(5, seed=7)
+    for get in ("nngp", "ntk"):
+        want = np.diagonal(cnngp.kernel(NET, x, get=get, flip=True).numpy())
+        got = kernel_diagonal(NET, x, get=get, flip=True, batch_size=2).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    got = kernel_diagonal(BODY, x, readouts=READOUTS, flip=True).numpy()
+    want = np.diagonal(readout_sweep(BODY, READOUTS, x, flip=True).numpy(), axis1=1, axis2=2)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
 def test_float32_flip_kernel_agrees_with_float64():
     x = _images(5, seed=4)
     k32 = cnngp.kernel(NET, x, flip=True, dtype="float32").double()

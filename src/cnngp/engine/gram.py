@@ -789,9 +789,13 @@ class GramPlan:
         pairs, not the N(N + 1)/2 of a Gram matrix. (The self pass records the variances at
         the nonlinearities only; a readout that correlates positions needs the last hidden
         layer's full covariance of the image with itself, which only the pair pass carries.)
+        With ``flip``, ½[k(x_i, x_i) + k(x_i, flip x_i)], the diagonal of the flip-averaged
+        Gram matrix (docs/maths.md §9): 2N pairs.
         """
         n = int(x.shape[0])
         out = torch.empty((self.n_outputs, n), dtype=self.dtype)
+        if self.flip:
+            x_flip, rec_flip = flip_images(x), rec.flipped()
         with torch.no_grad():
             for begin in range(0, n, self.pair_batch):
                 idx = torch.arange(begin, min(n, begin + self.pair_batch))
@@ -800,6 +804,10 @@ class GramPlan:
                     d = d.repeat(2)
                 values = _pair_values(self.plan, x[d], x[d], rec.variances, rec.variances,
                                       d, d).cpu()[:, : idx.numel()]
+                if self.flip:  # as in block()
+                    mirrored = _pair_values(self.plan, x[d], x_flip[d], rec.variances, rec_flip.variances,
+                                            d, d).cpu()[:, : idx.numel()]
+                    values = (values + mirrored) * 0.5
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x,), self.dtype)
                 out[:, idx] = values
@@ -1192,7 +1200,8 @@ def readout_sweep(body, readouts: Sequence[Readout], x1, x2=None, *, get="nngp",
     return tuple(out[k * L:(k + 1) * L] for k in range(len(kernels)))
 
 
-def kernel_diagonal(model, x, *, readouts=None, get="nngp", execution=None, **options) -> torch.Tensor:
+def kernel_diagonal(model, x, *, readouts=None, get="nngp", flip=False, execution=None,
+                    **options) -> torch.Tensor:
     """Each image's kernel with itself, k(x_i, x_i): the diagonal of ``kernel(model, x)`` (or of
     ``readout_sweep(model, readouts, x)``) at the cost of N pairs, e.g. the prior variances of
     test points that a GP's posterior variance starts from (docs/maths.md §5).
@@ -1204,9 +1213,9 @@ def kernel_diagonal(model, x, *, readouts=None, get="nngp", execution=None, **op
     x : array (N, *spatial, C)
     readouts : sequence of Readout, optional
         Many readouts from one pass.
-    get, execution, **options
+    get, flip, execution, **options
         As for :func:`kernel` (``dtype``, ``device``, ``engine``, ``batch_size``,
-        ``memory_budget``, ``progress``).
+        ``memory_budget``, ``progress``); with ``flip``, the diagonal of the flip-averaged kernel.
 
     Returns
     -------
@@ -1233,7 +1242,7 @@ def kernel_diagonal(model, x, *, readouts=None, get="nngp", execution=None, **op
             raise CNNGPError("readouts: expected a non-empty list of cnngp.Readout layers")
     kernels = parse_get(get)
     a = as_images(x, "x", getattr(body, "input_channels", None))
-    plan = GramPlan(body, a.shape[1:], readouts=heads or None, get=kernels,
+    plan = GramPlan(body, a.shape[1:], readouts=heads or None, get=kernels, flip=flip,
                     execution=ex.replace(progress=False))
     t = torch.as_tensor(a, dtype=plan.dtype, device=plan.device)
     bar = None
