@@ -27,12 +27,20 @@ TINY = {
 }
 
 
+def _expected_failed_checks(estimator):
+    # predict_proba weighs each point's own posterior variance, decision_function is the
+    # posterior mean: for two classes they rank test points differently (module notes)
+    return {"check_decision_proba_consistency": "predict_proba uses each point's posterior variance; "
+            "decision_function is the posterior mean"}
+
+
 @parametrize_with_checks(
     [
         CNNGPClassifier(arch=TINY, image_shape="channels"),
         CNNGPClassifierCV(arch=TINY, lengthscales=(0.0, 1.0, "inf")),
         CNNGPClassifierCV(arch=TINY, search="gradient", lengthscales=(1.0,), cv=3),
-    ]
+    ],
+    expected_failed_checks=_expected_failed_checks,
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
@@ -160,3 +168,64 @@ def test_gradient_search_on_digits(digits_split, objective):
     assert np.allclose(mean, ref, rtol=1e-6, atol=1e-9)
     assert clf.score(xte, yte) > 0.85  # 100 training images
     assert clf.cv_results_["objective"][0] == clf.learn_result_.objective
+
+
+def test_predict_proba_and_return_std_equal_the_gp_computed_by_hand(digits_split):
+    from cnngp.engine.gram import kernel_diagonal
+    from cnngp.inference import calibration
+
+    xtr, ytr, xte, yte = digits_split
+    xtr, ytr, xte, yte = xtr[:60], ytr[:60], xte[:40], yte[:40]
+    names = np.array(list("abcdefghij"))[::-1]  # classes_ sorted: column c is label names-order
+    clf = CNNGPClassifier("cnngp1", correlation="matern32", lengthscale=2.0, noise_variance=1e-2)
+    clf.fit(xtr, names[ytr])
+    y_enc = np.searchsorted(clf.classes_, names[ytr])
+    net = clf.network_
+    K = kernel(net, xtr).double().numpy()
+    Ks = kernel(net, xte, xtr).double().numpy()
+    prior = np.diagonal(kernel(net, xte).double().numpy())
+    np.testing.assert_allclose(kernel_diagonal(net, xte).numpy(), prior, rtol=1e-12)
+    var = gp.posterior_variance(K, Ks, prior, 1e-2)
+    labels, std = clf.predict(xte, return_std=True)
+    assert std.shape == (40,) and np.all(std > 0)
+    np.testing.assert_allclose(std, np.sqrt(var), rtol=1e-8)
+    assert np.array_equal(labels, clf.predict(xte))
+    # τ from exact leave-one-out on the training set alone
+    tau, nll = calibration.calibrate(K, y_enc, 1e-2, None, 10)
+    assert clf.calibration_scale_ == pytest.approx(tau, rel=1e-9)
+    assert clf.calibration_nll_ == pytest.approx(nll, rel=1e-9)
+    proba = clf.predict_proba(xte)
+    assert proba.shape == (40, 10)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
+    mean = gp.posterior_mean(K, y_enc, Ks, 1e-2, 10)
+    np.testing.assert_allclose(proba, calibration.class_probabilities(mean, var, tau), rtol=1e-7, atol=1e-12)
+    assert np.array_equal(clf.classes_[proba.argmax(axis=1)], labels)
+    assert np.mean(labels == names[yte]) >= 0.75  # 80 % at the time of writing
+    # a given scale is kept: 1.0 is the GP's own posterior
+    own = CNNGPClassifier("cnngp1", correlation="matern32", lengthscale=2.0, noise_variance=1e-2,
+                          calibration_scale=1.0).fit(xtr, names[ytr])
+    assert own.calibration_scale_ == 1.0 and own.calibration_nll_ is None
+    np.testing.assert_allclose(own.predict_proba(xte), calibration.class_probabilities(mean, var, 1.0),
+                               rtol=1e-7, atol=1e-12)
+
+
+def test_cv_calibration_uses_the_cv_folds(digits_split):
+    from cnngp.inference import calibration
+
+    xtr, ytr = digits_split[0][:80], digits_split[1][:80]
+    clf = CNNGPClassifierCV("cnngp1", lengthscales=(0.0,), cv=4, random_state=3).fit(xtr, ytr)
+    K = kernel(clf.network_, xtr).double().numpy()
+    folds = gp.stratified_folds(ytr, 4, 3)
+    tau, _ = calibration.calibrate(K, ytr, clf.noise_variance_, folds, 10)
+    assert clf.calibration_scale_ == pytest.approx(tau, rel=1e-9)
+    proba = clf.predict_proba(digits_split[2][:30])
+    assert proba.shape == (30, 10) and np.array_equal(proba.argmax(1), clf.predict(digits_split[2][:30]))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "big", True])
+def test_bad_calibration_scale(digits_split, value):
+    from cnngp.errors import CNNGPError
+
+    xtr, ytr = digits_split[0][:20], digits_split[1][:20]
+    with pytest.raises(CNNGPError, match="calibration_scale must be None or a finite number > 0"):
+        CNNGPClassifier("cnngp1", calibration_scale=value).fit(xtr, ytr)

@@ -26,9 +26,17 @@ to every X that ``predict`` and ``decision_function`` see.
 Notes
 -----
 The estimators pass ``sklearn.utils.estimator_checks`` (see ``tests/test_estimator.py``).
-``predict_proba`` is not offered: the GP posterior mean of one-hot targets is not a
-probability. ``decision_function`` returns the posterior means (for two classes, the
-difference ``mean[:, 1] - mean[:, 0]``, positive for ``classes_[1]``).
+``decision_function`` returns the posterior means (for two classes, the difference
+``mean[:, 1] - mean[:, 0]``, positive for ``classes_[1]``). ``predict_proba`` gives class
+probabilities that use the GP posterior variance s² of each test point (docs/maths.md §5.1,
+:mod:`cnngp.inference.calibration`): independent Gaussian class scores
+``f_c ~ N(mean_c, τ s²)``, ``P(c) = P(f_c is the largest)`` by quadrature, where the calibration
+scale τ (``calibration_scale_``) minimises the negative log likelihood of the training set's
+held-out predictions (leave-one-out, or the folds of ``cv``) at the fitted σ². Their most probable
+class is ``predict``'s. ``predict(X, return_std=True)`` also returns the posterior standard
+deviation s of the class scores (the GP's own, without τ). Because s differs between test points,
+``predict_proba`` does not rank points as ``decision_function`` does (scikit-learn's
+``check_decision_proba_consistency`` is an expected failure).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from cnngp.inference import gp
+from cnngp.inference.calibration import calibrate, class_probabilities
 from cnngp.kernels.correlations import ENDS, FAMILIES, Correlation, parse_lengthscale
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.errors import CNNGPError
@@ -94,6 +103,13 @@ def _check_noise(value, name: str) -> float:
     if not math.isfinite(v) or v < 0:
         raise CNNGPError(f"{name} must be a finite number >= 0; got {value!r}")
     return v
+
+
+def _check_scale(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(float(value)) and float(value) > 0):
+        raise CNNGPError(f"calibration_scale must be None or a finite number > 0; got {value!r}")
+    return float(value)
 
 
 class _CNNGPBase(ClassifierMixin, BaseEstimator):
@@ -180,23 +196,42 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         self.zca_ = fit_zca(images, check_zca_strength(self.zca, "zca"), name="X")
         return self.zca_.transform(images, "X")
 
-    def _set_fit(self, images, network, K, y_enc, noise):
+    def _set_fit(self, images, network, K, y_enc, noise, folds=None):
         # dual coefficients (K + σ² I)⁻¹ Y: the posterior mean at the training inputs'
         # unit vectors, so the solve (Cholesky, or eigh fallback) is the one of gp.posterior_mean
         n = K.shape[0]
         self.dual_coef_ = gp.posterior_mean(K, y_enc, np.eye(n), noise, len(self.classes_))
         self.X_fit_ = images
         self.network_ = network
+        # the posterior variance's factor, and the calibration scale τ from held-out predictions
+        # of the training set alone (folds=None: leave-one-out), docs/maths.md §5.1
+        with gp.small_problem_threads(n):
+            self._posterior = gp.PosteriorFactor(K, noise)
+            if self.calibration_scale is None:
+                tau, nll = calibrate(K, y_enc, noise, folds, len(self.classes_))
+                self.calibration_scale_, self.calibration_nll_ = float(tau), float(nll)
+            else:
+                self.calibration_scale_ = _check_scale(self.calibration_scale)
+                self.calibration_nll_ = None
+
+    def _prior_variances(self, network, images) -> np.ndarray:
+        """k(x, x) of every image: the test points' prior variances (N pairs, not N²)."""
+        from cnngp.engine.gram import kernel_diagonal
+
+        return kernel_diagonal(network, images, execution=self._execution()).double().numpy()
 
     # -- prediction -----------------------------------------------------------------
-    def _posterior_mean(self, X) -> np.ndarray:
+    def _posterior_mean(self, X, variance: bool = False):
         check_is_fitted(self, "dual_coef_")
         X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
         images = self._images(X)
         if getattr(self, "zca_", None) is not None:  # the training images' whitening
             images = self.zca_.transform(images, "X")
         Ks = self._kernel(self.network_, images, self.X_fit_)
-        return Ks @ self.dual_coef_
+        if not variance:
+            return Ks @ self.dual_coef_
+        prior = self._prior_variances(self.network_, images)
+        return Ks @ self.dual_coef_, self._posterior.variance(Ks, prior)
 
     def decision_function(self, X) -> np.ndarray:
         """GP posterior means of the centred one-hot targets.
@@ -215,8 +250,36 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
             return mean[:, 1] - mean[:, 0]
         return mean
 
-    def predict(self, X) -> np.ndarray:
-        """Class of the largest posterior mean.
+    def predict(self, X, return_std: bool = False):
+        """Class of the largest posterior mean (also the most probable class of
+        :meth:`predict_proba`).
+
+        Parameters
+        ----------
+        X : array, shape (n_samples, *spatial, channels) or (n_samples, n_features)
+        return_std : bool, default False
+            Also return the GP posterior standard deviation of the class scores at each point,
+            ``sqrt(k(x, x) - k_x^T (K + σ² I)⁻¹ k_x)`` (shared by every class; without the
+            calibration scale, which :meth:`predict_proba` multiplies the variance by).
+
+        Returns
+        -------
+        labels : numpy.ndarray, shape (n_samples,)
+        std : numpy.ndarray, shape (n_samples,)
+            Only with ``return_std``.
+        """
+        if not return_std:
+            mean = self._posterior_mean(X)
+            return self.classes_[np.argmax(mean, axis=1)]
+        mean, var = self._posterior_mean(X, variance=True)
+        return self.classes_[np.argmax(mean, axis=1)], np.sqrt(var)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities from the GP posterior (module notes, docs/maths.md §5.1).
+
+        ``P(c) = P(f_c = max_k f_k)`` for independent scores ``f_k ~ N(mean_k, τ s²)``: the
+        posterior means, the posterior variance s² of the point, and the calibration scale
+        τ = ``calibration_scale_`` fitted on the training set.
 
         Parameters
         ----------
@@ -224,10 +287,11 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
 
         Returns
         -------
-        numpy.ndarray, shape (n_samples,)
+        numpy.ndarray, shape (n_samples, n_classes)
+            Columns in the order of ``classes_``; rows sum to 1.
         """
-        mean = self._posterior_mean(X)
-        return self.classes_[np.argmax(mean, axis=1)]
+        mean, var = self._posterior_mean(X, variance=True)
+        return class_probabilities(mean, var, self.calibration_scale_)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -269,6 +333,11 @@ class CNNGPClassifier(_CNNGPBase):
         Use the flip-averaged kernel ½[K(x, x') + K(x, flip x')] (horizontal flips,
         docs/maths.md §9) for training and prediction alike; refused in ``fit`` for a network or
         readout that is not flip-symmetric. About twice the kernel work.
+    calibration_scale : float, optional
+        The scale τ of the posterior variance in :meth:`predict_proba`. Default None: chosen in
+        ``fit`` by minimising the negative log likelihood of the training set's held-out
+        predictions (exact leave-one-out; the folds of ``cv`` for :class:`CNNGPClassifierCV`);
+        ``1.0`` is the GP's own posterior.
 
     Attributes
     ----------
@@ -281,6 +350,10 @@ class CNNGPClassifier(_CNNGPBase):
         ``(K + σ² I)⁻¹ Y`` for the centred one-hot targets Y.
     network_ : cnngp.Serial
         The network with the chosen readout.
+    calibration_scale_ : float
+        τ of :meth:`predict_proba` (``calibration_scale``, or fitted).
+    calibration_nll_ : float or None
+        The held-out negative log likelihood at the fitted τ (None when τ was given).
     n_features_in_ : int
 
     Examples
@@ -307,8 +380,10 @@ class CNNGPClassifier(_CNNGPBase):
         engine="auto",
         zca=None,
         flip=False,
+        calibration_scale=None,
     ):
         self.arch = arch
+        self.calibration_scale = calibration_scale
         self.correlation = correlation
         self.lengthscale = lengthscale
         self.noise_variance = noise_variance
@@ -391,6 +466,9 @@ class CNNGPClassifierCV(_CNNGPBase):
     flip : bool, default False
         As for :class:`CNNGPClassifier`: every λ's kernel flip-averaged (``search="grid"``
         only; the offset sums of ``"gradient"`` are not flip-averaged, so it is refused there).
+    calibration_scale : float, optional
+        As for :class:`CNNGPClassifier`; fitted on the folds of ``cv`` (leave-one-out by default)
+        at the selected λ and σ².
 
     Attributes
     ----------
@@ -414,6 +492,8 @@ class CNNGPClassifierCV(_CNNGPBase):
         The σ² grid.
     cv_scores_ : numpy.ndarray, shape (n_lengthscales, n_noise)
         Mean cross-validated accuracy of every (λ, σ²).
+    calibration_scale_, calibration_nll_
+        As for :class:`CNNGPClassifier`, on the folds of ``cv``.
     classes_, X_fit_, zca_, dual_coef_, network_, n_features_in_
         As for :class:`CNNGPClassifier`.
     """
@@ -437,8 +517,10 @@ class CNNGPClassifierCV(_CNNGPBase):
         engine="auto",
         zca=None,
         flip=False,
+        calibration_scale=None,
     ):
         self.arch = arch
+        self.calibration_scale = calibration_scale
         self.correlation = correlation
         self.lengthscales = lengthscales
         self.noise_variances = noise_variances
@@ -587,7 +669,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.noise_variance_ = float(noise[j])
         self.amplitude_ = float(template.weight_var)
         network = Serial(body, readouts[i])
-        self._set_fit(images, network, Ks[i], y_enc, self.noise_variance_)
+        self._set_fit(images, network, Ks[i], y_enc, self.noise_variance_, folds)
         return self
 
     def _fit_gradient(self, X, y, family):
@@ -636,5 +718,5 @@ class CNNGPClassifierCV(_CNNGPBase):
             self.cv_results_[f"split{s_}_test_score"] = np.array([acc])
         self.learn_result_ = result
         readout_layer = Readout(amp, template.bias_var, correlation_family(family, lam), template.parameterization)
-        self._set_fit(images, Serial(body, readout_layer), K, y_enc, noise)
+        self._set_fit(images, Serial(body, readout_layer), K, y_enc, noise, folds)
         return self

@@ -809,6 +809,17 @@ class PosteriorFactor:
         W = self._whitened(self._check_cross(K_test_train))
         return W.T @ W if full else np.einsum("nm,nm->m", W, W)
 
+    def variance(self, K_test_train, test_prior, full_covariance: bool = False) -> np.ndarray:
+        """The posterior variances (M,), or covariance (M, M): :func:`posterior_variance`."""
+        Ks = self._check_cross(K_test_train)
+        P = _check_prior(test_prior, Ks.shape[0], bool(full_covariance))
+        explained = self.explained(Ks, full=bool(full_covariance))
+        if full_covariance:
+            cov = P - explained
+            return 0.5 * (cov + cov.T)
+        prior = np.diagonal(P) if P.ndim == 2 else P
+        return _clip_variances(prior - explained, prior, "test_prior")
+
 
 def _psd_shifted(s: np.ndarray, s2: float, what: str) -> np.ndarray:
     """``max(s, 0) + sigma^2`` for the eigenvalues s of a kernel whose ``K + sigma^2 I`` is not
@@ -902,15 +913,7 @@ def posterior_variance(
     >>> posterior_variance(K, np.array([[1.0, 0.5]]), np.array([1.0]), 0.0).round(12).tolist()
     [0.0]
     """
-    factor = PosteriorFactor(K_train, noise_variance)
-    Ks = factor._check_cross(K_test_train)
-    P = _check_prior(test_prior, Ks.shape[0], bool(full_covariance))
-    explained = factor.explained(Ks, full=bool(full_covariance))
-    if full_covariance:
-        cov = P - explained
-        return 0.5 * (cov + cov.T)
-    prior = np.diagonal(P) if P.ndim == 2 else P
-    return _clip_variances(prior - explained, prior, "test_prior")
+    return PosteriorFactor(K_train, noise_variance).variance(K_test_train, test_prior, full_covariance)
 
 
 def _clip_variances(v: np.ndarray, prior: np.ndarray, what: str) -> np.ndarray:
@@ -923,7 +926,7 @@ def _clip_variances(v: np.ndarray, prior: np.ndarray, what: str) -> np.ndarray:
             f"{v[i]:.3g} with prior variance {prior[i]:.3g}); is {what} the kernel of these points, "
             "from the same network and precision? Set to 0",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return np.maximum(v, 0.0)
 
