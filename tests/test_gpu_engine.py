@@ -278,3 +278,19 @@ def test_supports_mirrors_the_cpu_fused_path():
     for layer, spatial in [(C(3), (8, 8)), (C(3), (8,)), (C(3), (4, 4, 4)), (C(3, padding="circular"), (8, 8)),
                            (cnngp.AvgPool(2), (8, 8)), (R(), (8, 8)), (cnngp.Readout(), (8, 8))]:
         assert gpu.supports(layer, spatial) == fused._supported(layer, spatial), (layer, spatial)
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_flip_averaged_kernel_on_the_triton_kernels(interpreted, calls, get):
+    """flip=True (docs/maths.md §9) on the Triton engine: the average of the two kernels the
+    torch path computes separately, the mirrored term through the same Triton kernels."""
+    from cnngp.engine.gram import flip_images
+
+    x = _images(4, (6, 6, 2), seed=3)
+    net = S(C(3), R(), C(3, correlation=cnngp.Matern(1.5, 1.0)), R(), cnngp.Readout(correlation=cnngp.Matern(1.5, 2.0)))
+    gp = GramPlan(net, x.shape[1:], get=get, flip=True, engine="triton")
+    t = gp.images(x)
+    got = gp.block(t, gp.self_records(t)).numpy()
+    assert calls and all(t for _, t in calls) == (get == "ntk")
+    want = (gram(net, x, "torch", get=get) + gram(net, x, "torch", get=get, x2=flip_images(x))) / 2
+    assert rel_err(got, want) < 1e-12, rel_err(got, want)
