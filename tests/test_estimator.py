@@ -229,3 +229,17 @@ def test_bad_calibration_scale(digits_split, value):
     xtr, ytr = digits_split[0][:20], digits_split[1][:20]
     with pytest.raises(CNNGPError, match="calibration_scale must be None or a finite number > 0"):
         CNNGPClassifier("cnngp1", calibration_scale=value).fit(xtr, ytr)
+
+
+def test_return_std_of_a_flip_averaged_kernel(digits_split):
+    """flip=True: the prior variances are the flip-averaged k(x, x) too, so the posterior
+    variance is the one of the flip-averaged GP computed by hand."""
+    xtr, ytr, xte = digits_split[0][:40], digits_split[1][:40], digits_split[2][:10]
+    clf = CNNGPClassifier("cnngp1", noise_variance=1e-2, flip=True).fit(xtr, ytr)
+    net = clf.network_
+    K = kernel(net, xtr, flip=True).double().numpy()
+    Ks = kernel(net, xte, xtr, flip=True).double().numpy()
+    prior = np.diagonal(kernel(net, xte, flip=True).double().numpy())
+    assert not np.allclose(prior, np.diagonal(kernel(net, xte).double().numpy()))
+    _, std = clf.predict(xte, return_std=True)
+    np.testing.assert_allclose(std, np.sqrt(gp.posterior_variance(K, Ks, prior, 1e-2)), rtol=1e-8)

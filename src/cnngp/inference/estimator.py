@@ -218,7 +218,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         """k(x, x) of every image: the test points' prior variances (N pairs, not N²)."""
         from cnngp.engine.gram import kernel_diagonal
 
-        return kernel_diagonal(network, images, execution=self._execution()).double().numpy()
+        return kernel_diagonal(network, images, flip=self._flip(), execution=self._execution()).double().numpy()
 
     # -- prediction -----------------------------------------------------------------
     def _posterior_mean(self, X, variance: bool = False):
