@@ -219,6 +219,44 @@ def test_ntk_against_neural_tangents(interpreted, calls, reference_dir, case, dt
     assert rel_err(ntk, want) < tol, rel_err(ntk, want)
 
 
+# The 32×32 CIFAR references (what the CPU engine's tests check too): a pair of 32×32 images
+# costs tens of seconds per network under the interpreter, so two images each, behind `slow`
+# (`pytest -m slow tests/test_gpu_engine.py`).
+CIFAR_CASES = [("cnngp4", "float64", 1e-9), ("cnngp4", "float32", 1e-6), ("cnngp14", "float64", 1e-9),
+               ("myrtle10", "float64", 1e-9), ("myrtle10_paper", "float32", 1e-6)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, dtype, tol", CIFAR_CASES)
+def test_cifar_nngp_against_neural_tangents(interpreted, calls, reference_dir, case, dtype, tol):
+    d = np.load(reference_dir / f"{case}.npz")
+    x = d["x"][:2]
+    heads = [cnngp.Readout(correlation=cnngp.Independent()), GAP]
+    want = [d["kernel_flatten"][:2, :2], d["kernel_gap"][:2, :2]]
+    if "lengthscales" in d:
+        heads += [cnngp.Readout(correlation=cnngp.Matern(1.5, float(lam))) for lam in d["lengthscales"][:2]]
+        want += list(d["kernel_matern32"][:2, :2, :2])
+    got = gram(_body(case), x, "triton", dtype, readouts=heads)
+    assert calls
+    assert rel_err(got, np.stack(want)) < tol, rel_err(got, np.stack(want))
+
+
+#: float32 NTKs: V̇ = 1 − θ/π is √ε-sensitive where an image meets itself (ρ → 1); the fused
+#: CPU engine is 1.2e-6 from this reference on the same two images (the torch path 1.4e-7), the
+#: Triton kernels 1.5e-6
+@pytest.mark.slow
+@pytest.mark.parametrize("case, dtype, tol", [("cnngp4", "float64", 1e-9), ("myrtle10_paper", "float32", 2e-6)])
+def test_cifar_ntk_against_neural_tangents(interpreted, calls, reference_dir, case, dtype, tol):
+    d = np.load(reference_dir / "ntk" / f"ntk_{case}.npz")
+    x = d["x"][:2]
+    heads = [GAP, cnngp.Readout(correlation=cnngp.Matern(1.5, float(d["lengthscales"][0])))]
+    nngp, ntk = np.split(gram(_body(case), x, "triton", dtype, "both", readouts=heads), 2)
+    assert calls and all(t for _, t in calls)
+    assert rel_err(nngp[0], d["nngp_gap"][:2, :2]) < tol
+    want = np.stack([d["ntk_gap"][:2, :2], d["ntk_matern32"][0, :2, :2]])
+    assert rel_err(ntk, want) < tol, rel_err(ntk, want)
+
+
 # -- errors and imports -----------------------------------------------------------------------
 
 
