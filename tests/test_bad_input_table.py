@@ -221,6 +221,10 @@ CASES: list[Case] = [
     Case("kernel-zca-0-rank-deficient", k("--zca", "0"), need("--zca", "full-rank")),
     Case("sweep-zca-inf", s("--zca", "inf"), need("--zca", "number >= 0")),
     Case("sweep-zca-0-rank-deficient", s("--zca", "0"), need("--zca", "full-rank")),
+    Case("kernel-flip-asymmetric-net", k("--flip", arch="even_filter.json"), need("--flip", "not flip-symmetric")),
+    Case("kernel-flip-asymmetric-store", k("--flip", arch="even_filter.json", out="k.zarr"),
+         need("--flip", "not flip-symmetric")),
+    Case("sweep-flip-asymmetric-net", s("--flip", arch="even_filter.json"), need("--flip", "not flip-symmetric")),
     Case("kernel-batch-size-0", k("--batch-size", "0"), need("--batch-size", *INTEGER)),
     Case("kernel-batch-size-negative", k("--batch-size=-3"), need("--batch-size", *INTEGER)),
     Case("kernel-batch-size-x", k("--batch-size", "x"), need("--batch-size", *INTEGER)),
@@ -388,6 +392,8 @@ def make_inputs(folder: Path) -> None:
     (folder / "string_weight_var.json").write_text(json.dumps({"layers": [
         {"type": "conv", "weight_var": "1"}, {"type": "relu"}, {"type": "readout"}]}))
     (folder / "no_readout.json").write_text(json.dumps({"layers": [{"type": "conv"}, {"type": "relu"}]}))
+    (folder / "even_filter.json").write_text(json.dumps({"layers": [  # same padding, one pixel after
+        {"type": "conv", "filter": 2}, {"type": "relu"}, {"type": "readout"}]}))
     # outputs that are not regular files
     os.mkfifo(folder / "fifo")
     (folder / "target.txt").write_text("the symlink's target: must stay as it is\n")
@@ -704,6 +710,11 @@ def _api_cases():
         ("api-spec-unknown-key", call(cnngp.from_spec, {"layers": [{"type": "conv", "size": 3}]}), r"unknown key"),
         ("api-arch-depth", call(cnngp.io.architectures.get, "cnngp100000000"), r"arch: cnngp<depth> needs 1 <= depth"),
         ("api-readouts-empty", call(cnngp.readout_sweep, net[:-1], [], x), r"readouts: expected a non-empty list"),
+        ("api-flip-not-bool", call(cnngp.kernel, net, x, flip="yes"), r"flip: expected True or False"),
+        ("api-flip-asymmetric", call(cnngp.kernel, cnngp.Serial(cnngp.Conv(2), cnngp.ReLU(), cnngp.Readout()), x,
+                                     flip=True), r"flip: the network is not flip-symmetric on 4×4 images"),
+        ("api-flip-offsets", call(cnngp.engine.gram.GramPlan, net[:-1], (4, 4, 2), offsets=True, flip=True),
+         r"flip: not for offset sums"),
         ("api-gp-not-square", call(gp.cross_validate, np.ones((3, 4)), y), r"K must be a square"),
         ("api-gp-not-symmetric", call(gp.cross_validate, np.triu(np.ones((4, 4))), y), r"K is not symmetric"),
         ("api-gp-labels", call(gp.cross_validate, K, np.array([0, 1, 2])), r"y has 3 labels but the kernel has 4"),
