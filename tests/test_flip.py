@@ -332,3 +332,48 @@ def test_estimators_with_flip_predict_the_same_for_mirrored_images(cls):
     if cls == "CNNGPClassifierCV":
         with pytest.raises(CNNGPError, match="search='grid'"):
             getattr(estimator, cls)("cnngp1", flip=True, search="gradient").fit(x[:40], y[:40])
+
+
+def test_sweep_into_a_store_equals_the_in_memory_flip_sweep(tmp_path, monkeypatch):
+    pytest.importorskip("zarr")
+    from cnngp.engine import gram
+    from cnngp.engine.store import KernelStore
+    from cnngp.experiments.sweep import SweepProtocol, run_sweep, test_store_path
+
+    from cnngp.io.data import load_digits
+
+    x, y = load_digits()
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x[:300], y_train=y[:300], x_test=x[300:400], y_test=y[300:400])
+    protocol = SweepProtocol(ns=(40,), lengthscales=[2.0], flip=True, n_grid=20, test="best", n_test=20)
+    options = dict(dtype="float64", progress=False)
+    computed, compute = [], gram._compute
+
+    def spy(*args, **kwargs):  # every in-memory kernel of the sweep: train, then the chosen test kernel
+        computed.append(kwargs.get("flip"))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(gram, "_compute", spy)
+    memory = run_sweep("cnngp1", data, protocol, **options)
+    assert computed == [True, True]
+    store = tmp_path / "K.zarr"
+    stored = run_sweep("cnngp1", data, protocol, store=store, tile=16, **options)
+    assert [r["cv_accuracy"] for r in stored["results"]] == [r["cv_accuracy"] for r in memory["results"]]
+    assert stored["test"] == memory["test"]
+    assert KernelStore.open(store).attrs["flip"] is True
+    assert KernelStore.open(test_store_path(store)).attrs["flip"] is True  # the test kernel too
+    with pytest.raises(CNNGPError, match="flip averaging"):  # the plain sweep does not reuse them
+        run_sweep("cnngp1", data, protocol.replace(flip=False), store=store, tile=16, **options)
+
+
+def test_check_gram_prices_a_flip_plan(monkeypatch):
+    from cnngp.engine import gram
+
+    plan = GramPlan(NET, (6, 6, 2), flip=True)
+    monkeypatch.setattr(gram, "MEASURE_ABOVE_SECONDS", 0.0)  # time it, however small
+    est = gram.check_gram("--x1", plan, (6, 6, 2), 10, images=_images(4), yes=True)
+    assert "55 pairs × 2 (flip-averaged)" in est.describe()
+    memory, seconds, _ = gram.gram_needs(NET, (6, 6, 2), 500, flip=True)
+    assert seconds > 1.9 * gram.gram_needs(NET, (6, 6, 2), 500)[1]
+    with pytest.raises(CNNGPError, match="readouts: not with a GramPlan"):
+        gram.check_gram("--x1", plan, (6, 6, 2), 10, readouts=READOUTS)
