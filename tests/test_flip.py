@@ -327,6 +327,16 @@ def test_estimators_with_flip_predict_the_same_for_mirrored_images(cls):
     clf = getattr(estimator, cls)("cnngp1", flip=True, **options).fit(x[:60], y[:60])
     scores = clf.decision_function(x[60:80])
     np.testing.assert_allclose(clf.decision_function(flip_images(x[60:80])), scores, rtol=1e-9, atol=1e-12)
+    _, std = clf.predict(x[60:80], return_std=True)
+    np.testing.assert_allclose(clf.predict(flip_images(x[60:80]), return_std=True)[1], std, rtol=1e-8)
+    if cls == "CNNGPClassifier":  # the flip GP's posterior standard deviation, by a Cholesky solve
+        net = clf.network_
+        K = cnngp.kernel(net, x[:60], flip=True).numpy() + clf.noise_variance * np.eye(60)
+        Ks = cnngp.kernel(net, x[60:80], x[:60], flip=True).numpy()
+        prior = np.diagonal(cnngp.kernel(net, x[60:80], flip=True).numpy())
+        L = np.linalg.cholesky(K)
+        v = np.linalg.solve(L, Ks.T)
+        np.testing.assert_allclose(std, np.sqrt(prior - (v * v).sum(0)), rtol=1e-6)
     plain = getattr(estimator, cls)("cnngp1", **options).fit(x[:60], y[:60])
     assert not np.allclose(plain.decision_function(flip_images(x[60:80])), plain.decision_function(x[60:80]))
     if cls == "CNNGPClassifierCV":
