@@ -228,8 +228,17 @@ def test_test_best_scores_the_cross_validated_choice_with_one_readouts_kernels(t
     best_in_memory = run_sweep(net, ds, test="best", **common)
     best_stored = run_sweep(net, ds, test="best", store=tmp_path / "K.zarr", tile=4,
                             archive=tmp_path / "arch", **common)
+    # the probabilities' scores are continuous: one readout's float32 kernels (test="best") can
+    # differ in the last bit from the same readout's among several (its representation follows
+    # the others'), so they agree to rounding; everything discrete agrees exactly
+    fuzzy = ("test_nll", "test_ece", "calibration_scale", "calibration_nll", "mean_posterior_variance")
     for r in (best_in_memory, best_stored):
-        assert r["test"] == every["test"] and r["best"] == every["best"]
+        exact = {k: v for k, v in r["test"].items() if k not in fuzzy + ("reliability",)}
+        assert exact == {k: v for k, v in every["test"].items() if k not in fuzzy + ("reliability",)}
+        for k in fuzzy:
+            assert r["test"][k] == pytest.approx(every["test"][k], rel=1e-4), k
+        assert r["test"]["reliability"]["count"] == every["test"]["reliability"]["count"]
+        assert r["best"] == every["best"]
         assert r["config"]["test_readouts"] == "best"
         scored = [x for x in r["results"] if "test_accuracy" in x]
         assert len(scored) == 1 and scored[0]["readout"] == every["test"]["readout"]

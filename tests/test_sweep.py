@@ -418,3 +418,86 @@ def test_figure3_draws_every_variant_and_the_papers_numbers(tmp_path):
     half = [round(float(seg[1][1] - seg[0][1]) / 2, 6) for seg in pooled.lines[2][0].get_segments()]
     p = 0.35 + 0.05 + 0.064
     assert half[:2] == [2.0, 2.0] and half[2] == pytest.approx(200 * np.sqrt(p * (1 - p) / 640), abs=1e-6)
+
+
+# -- predictive uncertainty on the test split --------------------------------------------------------
+
+
+def test_test_nll_ece_and_calibration_scale_of_the_sweep(tmp_path):
+    """The sweep's test NLL, ECE and τ are those of cnngp.inference.calibration on its own kernels
+    (read back from the cache), with prior variances from an independent full test Gram matrix;
+    τ is chosen on the N_max training folds, so test labels change nothing fitted."""
+    import cnngp
+    from cnngp.inference import calibration
+    from cnngp.experiments.sweep import split_network, sweep_readouts
+    from cnngp.io.data import load_dataset
+
+    src = _digits_npz(tmp_path / "d.npz")
+    res = run_sweep(ARCH, src, ns=(40,), lengthscales=[2.0], test=True, progress=False,
+                    kernel_cache=tmp_path / "k.npz")  # all 297 test images
+    t = res["test"]
+    for key in ("test_nll", "test_ece", "calibration_scale", "calibration_nll", "reliability"):
+        assert key in t
+    assert all({"test_nll", "test_ece", "calibration_scale"} <= set(r) for r in res["results"])
+    assert res["config"]["test_probabilities"]["ece_bins"] == 15
+    with np.load(tmp_path / "k.npz") as z:
+        K, Kt, y, yt = z["kernels"], z["test_kernels"], z["y_train"], z["y_test"]
+        names = z["readout_names"].tolist()
+    k = names.index(t["readout"]) if t["readout"] != "matern32" else 1
+    ds = load_dataset(src)
+    x_test = ds.x_test
+    body, template, _ = split_network(ARCH)
+    readouts, _ = sweep_readouts(template, [2.0])
+    prior = np.diagonal(cnngp.readout_sweep(body, [readouts[k]], x_test, dtype="float64")[0].numpy())
+    expect = calibration.test_scores(K[k], y, Kt[k], prior, yt, t["noise_variance"],
+                                     gp.paper_folds(40, 4), 10)
+    assert t["calibration_scale"] == pytest.approx(expect["calibration_scale"], rel=1e-3)
+    assert t["test_nll"] == pytest.approx(expect["nll"], rel=1e-3)
+    assert t["test_ece"] == pytest.approx(expect["ece"], abs=1e-3)
+    assert t["test_accuracy"] == expect["accuracy"]
+    assert "NLL" in summary_table(res) and "ECE" in summary_table(res)
+
+    # the same sweep with the test labels shuffled (--test best; the same test images, since all
+    # are used): nothing fitted moves
+    with np.load(src) as z:
+        arrays = dict(z)
+    arrays["y_test"] = np.roll(arrays["y_test"], 7)
+    np.savez(tmp_path / "shuffled.npz", **arrays)
+    other = run_sweep(ARCH, tmp_path / "shuffled.npz", ns=(40,), lengthscales=[2.0], test="best",
+                      progress=False)
+    o = other["test"]
+    for key in ("readout", "lengthscale", "noise_variance", "calibration_scale", "calibration_nll",
+                "mean_posterior_variance"):
+        assert o[key] == t[key], key
+    assert o["test_accuracy"] != t["test_accuracy"]
+
+
+def test_reliability_figure(sweep, tmp_path):
+    from cnngp.experiments.plots import reliability_figure
+    from cnngp.inference.calibration import reliability
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    res = {"config": {"arch": ARCH, "dataset": "digits"},
+           "test": {"readout": "independent", "lengthscale": 0.0, "test_accuracy": 2 / 3,
+                    "test_nll": 0.5, "test_ece": 0.1, "calibration_scale": 2.0, "n_train": 40,
+                    "reliability": reliability(probs, np.array([0, 1, 1]))}}
+    fig = reliability_figure(res, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ECE 10.0 %" in fig.axes[0].get_title()
+    with pytest.raises(CNNGPError, match="no test reliability data"):
+        reliability_figure(sweep[0], tmp_path / "none.png")
+
+
+def test_cli_test_writes_the_reliability_diagram(tmp_path, capsys):
+    src = _digits_npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    args = ["sweep", "--arch", ARCH, "--data", str(src), "--n", "40", "--lengthscales", "1",
+            "--quiet", "--out", str(out)]
+    assert main(args + ["--test", "best", "--n-test", "20"]) == 0
+    assert sorted(os.listdir(out)) == ["reliability.png", "results.json", "sweep.png"]
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    res = json.loads((out / "results.json").read_text())
+    assert 0 <= res["test"]["test_ece"] <= 1 and res["test"]["test_nll"] > 0
+    assert "ECE" in capsys.readouterr().out
+    assert main(args) == 0  # no --test: the earlier figure, which these results do not back, goes
+    assert sorted(os.listdir(out)) == ["results.json", "sweep.png"]

@@ -2,7 +2,8 @@
 
 ``cnngp sweep`` with no arguments runs a small network on scikit-learn's bundled digits
 (the README's "main job"); ``cnngp sweep --arch cnngp14 --data cifar10_subset.npz --n
-80,160,320`` is the paper's experiment. Writes ``DIR/results.json`` and ``DIR/sweep.png``
+80,160,320`` is the paper's experiment. Writes ``DIR/results.json`` and ``DIR/sweep.png`` (and
+with ``--test`` ``DIR/reliability.png``, the reliability diagram of the test predictions)
 only once everything has been computed, through temporary files renamed into place, so an
 error or Ctrl-C leaves nothing half-written in ``DIR``.
 """
@@ -96,7 +97,7 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
 def cmd_sweep(args) -> int:
     from cnngp.cli.main import parse_lengthscales
     from cnngp.io.data import load_dataset
-    from cnngp.experiments.plots import sweep_figure
+    from cnngp.experiments.plots import reliability_figure, sweep_figure
     from cnngp.experiments.sweep import PAPER_LENGTHSCALES, run_sweep, summary_table
 
     start = time.perf_counter()
@@ -169,8 +170,16 @@ def cmd_sweep(args) -> int:
 
     figure = io.BytesIO()
     sweep_figure(results, figure, format="png")
+    files = {"sweep.png": figure.getvalue()}
+    if "test" in results:  # the reliability diagram of the test predictions
+        reliability = io.BytesIO()
+        reliability_figure(results, reliability, format="png")
+        files["reliability.png"] = reliability.getvalue()
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    _write_outputs(out, {"sweep.png": figure.getvalue(), "results.json": text.encode()})
+    _write_outputs(out, {**files, "results.json": text.encode()})  # results.json last
+    stale = out / "reliability.png"
+    if "test" not in results and stale.is_file() and not stale.is_symlink():
+        stale.unlink()  # an earlier --test run's figure, which these results do not back
     if prefix is not None:  # only now that the results are in place
         for path in checkpoint_files(prefix):
             path.unlink(missing_ok=True)
@@ -178,7 +187,7 @@ def cmd_sweep(args) -> int:
     seconds = time.perf_counter() - start
     print(summary_table(results))
     print(
-        f"wrote {out / 'results.json'} and {out / 'sweep.png'} in {seconds:.1f} s",
+        f"wrote {out / 'results.json'}, {' and '.join(str(out / f) for f in files)} in {seconds:.1f} s",
         file=sys.stderr,
     )
     return 0
@@ -195,7 +204,8 @@ def register(subparsers) -> None:
             "Compute one kernel stack (independent readout, a Matérn/RBF readout at every "
             "lengthscale, mean pooling) over a class-balanced subset of the largest N, "
             "cross-validate GP classification on disjoint blocks for every N, and write "
-            "DIR/results.json and DIR/sweep.png. With no arguments: a small network on the "
+            "DIR/results.json and DIR/sweep.png (with --test also DIR/reliability.png, and test "
+            "NLL and ECE of probabilities from the GP posterior variance). With no arguments: a small network on the "
             "bundled 8x8 digits, about half a minute on 2 CPU cores."
         ),
     )
@@ -256,4 +266,4 @@ def register(subparsers) -> None:
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_sweep, out_kind="dir", out_files=("sweep.png", "results.json"))
+    p.set_defaults(func=cmd_sweep, out_kind="dir", out_files=("sweep.png", "reliability.png", "results.json"))

@@ -1,6 +1,7 @@
 """Figures. Matplotlib's object-oriented API on the Agg canvas (no display needed).
 
-:func:`sweep_figure` draws the readout-lengthscale sweep of ``cnngp sweep``.
+:func:`sweep_figure` draws the readout-lengthscale sweep of ``cnngp sweep``, and
+:func:`reliability_figure` the reliability diagram of its test predictions (with ``--test``).
 
 :func:`correlation_figure_data` computes, and :func:`plot_correlation_figure` draws, a
 two-panel figure on a real image (docs/maths.md §1–2):
@@ -32,6 +33,7 @@ from cnngp.errors import CNNGPError
 
 __all__ = [
     "sweep_figure",
+    "reliability_figure",
     "accuracy_2se",
     "correlation_figure_data",
     "CorrelationFigure",
@@ -211,6 +213,82 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    if format is None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+        format = "png"
+    fig.savefig(path, dpi=120, format=format)
+    return fig
+
+
+def reliability_figure(results: dict, path, title: str | None = None, format: str | None = None):
+    """Reliability diagram of the sweep's test predictions (the CV-selected model at N_max).
+
+    Top: for each equal-width bin of the top-label confidence, the fraction of its test images
+    whose most probable class is right (bars), against the bin's mean confidence (red ticks)
+    and the diagonal of perfect calibration; bottom: how many images fall in each bin. The
+    title line gives test accuracy, NLL, ECE and the calibration scale τ
+    (:mod:`cnngp.inference.calibration`; ``results["config"]["test_probabilities"]``).
+
+    Parameters
+    ----------
+    results : dict
+        The output of :func:`cnngp.experiments.sweep.run_sweep` with ``test`` (or a loaded
+        ``results.json``): ``results["test"]["reliability"]``.
+    path : str, path-like or binary file object
+        Where to save the figure.
+    title : str, optional
+        Default: ``"<arch> on <data>: <readout>, test"``.
+    format : str, optional
+        Image format; default from the file name, ``"png"`` for file objects.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    test = results.get("test") or {}
+    rel = test.get("reliability")
+    if not rel:
+        raise CNNGPError("results: no test reliability data (run the sweep with test, --test, in a "
+                         "version that scores probabilities)")
+    edges = np.asarray(rel["edges"], dtype=float)
+    centres, width = 0.5 * (edges[:-1] + edges[1:]), np.diff(edges)
+    full = [k > 0 for k in rel["count"]]
+    acc = np.array([a if f else np.nan for a, f in zip(rel["accuracy"], full)], dtype=float)
+    conf = np.array([c if f else np.nan for c, f in zip(rel["confidence"], full)], dtype=float)
+    fig = Figure(figsize=(5.6, 6.2))
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centres, np.nan_to_num(acc), width=width, color="tab:blue", alpha=0.75,
+            edgecolor="white", label="accuracy in the bin")
+    top.plot(conf, conf, linestyle="none", marker="_", ms=14, mew=2, color="tab:red",
+             label="mean confidence in the bin")
+    for x, a, c in zip(centres, acc, conf):
+        if np.isfinite(a):  # the gap |accuracy - confidence| the ECE weighs by the bin's share
+            top.plot([x, x], [a, c], color="tab:red", lw=1, alpha=0.6)
+    top.plot([0, 1], [0, 1], color="0.4", linestyle="--", lw=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize="small")
+    top.grid(True, alpha=0.3)
+    bottom.bar(centres, rel["count"], width=width, color="0.5", edgecolor="white")
+    bottom.set_xlabel(f"confidence: largest class probability ({rel['n_bins']} equal-width bins)")
+    bottom.set_ylabel("test images")
+    bottom.grid(True, alpha=0.3)
+    cfg = results.get("config", {})
+    if title is None:
+        arch, data = cfg.get("arch"), cfg.get("dataset", cfg.get("data"))
+        readout = test.get("readout", "")
+        if readout not in ("independent", "constant", ""):
+            readout = f"{readout} λ={test.get('lengthscale')}"
+        title = f"{arch} on {data}: {readout}, test" if arch and data else "reliability (test)"
+    line = (f"accuracy {100 * test['test_accuracy']:.1f} %, NLL {test['test_nll']:.3f}, "
+            f"ECE {100 * test['test_ece']:.1f} %, τ = {test['calibration_scale']:.3g} "
+            f"(N={test.get('n_train')}, {rel['n']} test images)")
+    top.set_title(f"{title}\n{line}", fontsize="small")
     fig.tight_layout()
     if format is None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
         format = "png"

@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from cnngp.inference import gp
+from cnngp.inference import calibration
 from cnngp.kernels.correlations import (
     FAMILIES, PAPER_LENGTHSCALES, Constant, Independent, parse_lengthscale,
 )
@@ -371,6 +372,30 @@ def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get, flip=F
         _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, ex)
     store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, flip=flip, execution=test)
     return StoredReadouts(KernelStore.open(test.store))[0]
+
+
+def _test_prior_variances(body, heads, x_test, ex, get, flip=False) -> np.ndarray:
+    """k(x*, x*) of every test image under each readout, (L, M) float64: the prior variances the
+    GP posterior variance at the test points starts from (docs/maths.md §5.1). The pair pass on
+    the M pairs (x*, x*) alone (:func:`cnngp.engine.gram.kernel_diagonal`, flip-averaged with
+    ``flip``), in memory for a store sweep too: M pairs beside the M × N of the test kernel."""
+    from cnngp.engine.gram import kernel_diagonal
+
+    prior = kernel_diagonal(body, x_test, readouts=heads, get=get, flip=flip,
+                            execution=_in_memory(ex).replace(progress=False))
+    return prior.double().numpy()
+
+
+def _score_test(row, K, y_sub, Kt, prior, y_test, folds, n_classes) -> dict:
+    """Test accuracy, NLL and ECE of one readout's model at its cross-validated σ², its
+    probabilities calibrated on the training folds ``folds`` alone; recorded in ``row``."""
+    K = np.asarray(K, dtype=np.float64)
+    Kt = np.asarray(Kt, dtype=np.float64)
+    row["test_accuracy"] = gp.test_accuracy(K, y_sub, Kt, y_test, row["noise_variance"], n_classes)
+    with gp.small_problem_threads(len(y_sub)):
+        scores = calibration.test_scores(K, y_sub, Kt, prior, y_test, row["noise_variance"], folds, n_classes)
+    row.update(test_nll=scores["nll"], test_ece=scores["ece"], calibration_scale=scores["calibration_scale"])
+    return scores
 
 
 def _lengthscale_json(value: float):
@@ -783,12 +808,19 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             ``cv_accuracy`` (mean over blocks of each block's best CV accuracy),
             ``cv_accuracy_2se``, ``n_datasets`` (blocks), ``noise_variance`` (median of
             the blocks' CV-chosen σ²), ``block_cv_accuracies``, ``block_noise_variances``
-            and, with ``test``, ``test_accuracy`` on the ``N_max`` entries;
+            and, with ``test``, on the scored ``N_max`` entries: ``test_accuracy``,
+            ``test_nll`` (mean negative log likelihood of the test labels), ``test_ece``
+            (expected calibration error, 15 top-label bins) and ``calibration_scale`` (τ of
+            :mod:`cnngp.inference.calibration`, fitted on the training folds alone);
         ``best``
             per n, the entry with the highest ``cv_accuracy`` (first among ties);
         ``test``
             (with ``test``) the CV-selected model at ``N_max``: ``readout``,
-            ``lengthscale``, ``noise_variance``, ``test_accuracy``, ``n_train``, ``n_test``.
+            ``lengthscale``, ``noise_variance``, ``test_accuracy``, ``test_nll``, ``test_ece``,
+            ``calibration_scale``, ``calibration_nll`` (held-out, training folds),
+            ``mean_posterior_variance``, ``reliability`` (the reliability diagram's bins,
+            :func:`cnngp.inference.calibration.reliability`), ``n_train``, ``n_test``;
+            ``config["test_probabilities"]`` says how the probabilities were made.
 
     Raises
     ------
@@ -942,19 +974,23 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             chosen = best[-1]
             i = next(j for j, r in enumerate(top) if r["readout"] == chosen["readout"]
                      and r["lengthscale"] == chosen["lengthscale"])
+            # probabilities calibrated on the folds that chose σ² on the N_max block (never
+            # on the test labels); the test points' prior variances k(x*, x*) from the engine
+            cal_folds = _folds_for(fold_scheme, n_max, y_sub, folds, seed)
+            test_start = time.perf_counter()
             if test_mode == "all":
-                for r, Kl, Kt in zip(top, K, K_test):
-                    r["test_accuracy"] = gp.test_accuracy(
-                        Kl, y_sub, Kt, y_test, r["noise_variance"], n_classes
-                    )
+                prior = _test_prior_variances(body, readouts, x_test, ex, kernel, flip)
+                kernel_seconds += time.perf_counter() - test_start
+                for l, (r, Kl, Kt) in enumerate(zip(top, K, K_test)):
+                    scores = _score_test(r, Kl, y_sub, Kt, prior[l], y_test, cal_folds, n_classes)
+                    if l == i:
+                        chosen_scores = scores
             else:
-                test_start = time.perf_counter()
                 Kt = _best_test_kernel(body, readouts[i], f"{labels[i][0]}:{_lengthscale_json(labels[i][1])}",
                                        x_sub, x_test, True, ex, kernel, flip)
+                prior = _test_prior_variances(body, [readouts[i]], x_test, ex, kernel, flip)
                 kernel_seconds += time.perf_counter() - test_start
-                top[i]["test_accuracy"] = gp.test_accuracy(
-                    K[i], y_sub, Kt, y_test, top[i]["noise_variance"], n_classes
-                )
+                chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
                 _note_zca([test_store_path(kernel_store)], whitening)
             test_summary = {
@@ -965,6 +1001,12 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 "noise_variance": top[i]["noise_variance"],
                 "cv_accuracy": top[i]["cv_accuracy"],
                 "test_accuracy": top[i]["test_accuracy"],
+                "test_nll": chosen_scores["nll"],
+                "test_ece": chosen_scores["ece"],
+                "calibration_scale": chosen_scores["calibration_scale"],
+                "calibration_nll": chosen_scores["calibration_nll"],
+                "mean_posterior_variance": chosen_scores["mean_posterior_variance"],
+                "reliability": chosen_scores["reliability"],
             }
 
         config = {
@@ -1006,6 +1048,16 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "kernel_store": None if kernel_store is None else str(kernel_store),
             "archive": None if archive is None else str(archive),
             "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")},
+            "test_probabilities": None if test_mode is None else {
+                "method": calibration.PROBABILITY_METHOD,
+                "kernel": "the NNGP" if kernel == "nngp" else "the NTK taken as the GP's covariance",
+                "calibration_folds": f"the {folds} cross-validation folds of the N_max block ({fold_scheme})",
+                "quadrature_nodes": calibration.QUADRATURE_NODES,
+                "ece_bins": calibration.ECE_BINS,
+                "ece_binning": "top-label confidence, equal-width bins (b/B, (b+1)/B]",
+                "nll_floor": calibration.LOG_FLOOR,
+                "prior_variances": "k(x*, x*) by cnngp.engine.gram.kernel_diagonal",
+            },
         }
         out = {
             "config": config,
@@ -1087,4 +1139,7 @@ def summary_table(results: dict) -> str:
             f"(trained on N={t['n_train']}, {t['readout']} λ={lam}, "
             f"σ²={t['noise_variance']:.3g})"
         )
+        if "test_nll" in t:  # results written before the probabilities have no NLL/ECE
+            lines.append(f"      NLL {t['test_nll']:.3f}, ECE {100 * t['test_ece']:.1f} % "
+                         f"(calibration scale τ = {t['calibration_scale']:.3g}, chosen on the training folds)")
     return "\n".join(lines)
