@@ -165,11 +165,15 @@ def test_every_computing_command_documents_engine(command, capsys):
 def _public_functions():
     from cnngp.engine import distributed, gram
     from cnngp.experiments import learned, plots, sweep
-    from cnngp.inference import learn
+    from cnngp.inference import calibration, gp, learn
     from cnngp import finite
 
     return {
         "kernel": gram.kernel, "readout_sweep": gram.readout_sweep, "offset_sums": gram.offset_sums,
+        "kernel_diagonal": gram.kernel_diagonal,
+        "posterior_variance": gp.posterior_variance, "held_out_predictions": gp.held_out_predictions,
+        "test_scores": calibration.test_scores, "class_probabilities": calibration.class_probabilities,
+        "reliability_figure": plots.reliability_figure,
         "differentiable_kernel": gram.differentiable_kernel, "GramPlan": gram.GramPlan,
         "check_gram": gram.check_gram, "store_kernel": distributed.store_kernel,
         "run_sweep": sweep.run_sweep, "cv_stored_readout": sweep.cv_stored_readout,
@@ -188,7 +192,7 @@ def test_no_public_function_takes_more_than_ten_parameters(name, function):
     assert len(params) <= 10, f"{name} takes {len(params)} parameters: {[p.name for p in params]}"
 
 
-@pytest.mark.parametrize("name", ["kernel", "readout_sweep", "offset_sums", "store_kernel", "run_sweep",
+@pytest.mark.parametrize("name", ["kernel", "readout_sweep", "kernel_diagonal", "offset_sums", "store_kernel", "run_sweep",
                                   "run_learn", "monte_carlo_kernel", "differentiable_kernel", "GramPlan"])
 def test_every_path_takes_an_execution(name):
     assert "execution" in inspect.signature(_public_functions()[name]).parameters

@@ -19,6 +19,7 @@ _EXPORTS = {
     "SpectralMixture": "kernels.correlations",
     "CNNGPError": "errors",
     "kernel": "engine.gram", "readout_sweep": "engine.gram", "offset_sums": "engine.gram",
+    "kernel_diagonal": "engine.gram",
     "Execution": "engine.execution",
     **{name: "kernels.layers" for name in (
         "ABReLU", "AvgPool", "Conv", "Erf", "Flatten", "GlobalAvgPool", "Identity", "Layer",
