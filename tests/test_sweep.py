@@ -222,12 +222,15 @@ def test_summary_table(sweep):
     text = summary_table(res)
     assert "independent" in text and "mean pool" in text
     lines = text.splitlines()
-    assert len(lines) == 2 + len(NS) + 1  # N = 80 is one block: the binomial footnote
-    assert lines[-1].startswith("b: one data set")
+    # N = 80 is one block: the binomial footnote; then the nested column's footnote
+    assert len(lines) == 2 + len(NS) + 2
+    assert lines[-2].startswith("b: one data set") and lines[-1].startswith("nested: ")
     ind = _row(res, 80, "independent", 0.0)
     p = ind["cv_accuracy"]
     binomial = f"{100 * p:5.1f} ± {200 * math.sqrt(p * (1 - p) / 80):4.1f}b"
-    assert binomial in lines[-2], (binomial, lines[-2])
+    assert binomial in lines[-3], (binomial, lines[-3])
+    nested = res["best"][-1]["nested"]
+    assert f"{100 * nested['cv_accuracy']:5.1f} ± {100 * nested['cv_accuracy_2se']:4.1f}" in lines[-3]
     assert "b" not in lines[2].split("±", 1)[1].split()[0]  # N = 40: two blocks, their spread
 
 
@@ -418,6 +421,37 @@ def test_figure3_draws_every_variant_and_the_papers_numbers(tmp_path):
     half = [round(float(seg[1][1] - seg[0][1]) / 2, 6) for seg in pooled.lines[2][0].get_segments()]
     p = 0.35 + 0.05 + 0.064
     assert half[:2] == [2.0, 2.0] and half[2] == pytest.approx(200 * np.sqrt(p * (1 - p) / 640), abs=1e-6)
+
+
+def test_nested_estimate_and_ties_recomputed_from_the_cached_kernels(sweep):
+    """Every N's best entry names all readouts tied with it (first in the sweep's order taken)
+    and carries the nested CV estimate, recomputed here from the cached kernels with
+    cnngp.inference.selection by a loop over blocks, readouts and outer folds."""
+    from cnngp.inference.selection import nested_choice, nested_fold_scores
+
+    res, cache = sweep
+    with np.load(cache) as z:
+        K, y = z["kernels"], z["y_train"]
+    for b in res["best"]:
+        n = b["n"]
+        at_n = [r for r in res["results"] if r["n"] == n]
+        top = max(r["cv_accuracy"] for r in at_n)
+        tied = [{"readout": r["readout"], "lengthscale": r["lengthscale"]} for r in at_n
+                if r["cv_accuracy"] >= top - 1e-12]
+        assert b["tied"] == tied and (b["readout"], b["lengthscale"]) == (tied[0]["readout"], tied[0]["lengthscale"])
+        accs = []
+        for blk in blocks(80, n, 10):
+            yb = y[blk]
+            scores = [nested_fold_scores(Kl[np.ix_(blk, blk)], yb, gp.paper_folds(n, 4),
+                                         lambda tr, y_tr: gp.paper_folds(len(tr), 4), 10) for Kl in K]
+            accs.append(nested_choice(scores).accuracy)
+        assert b["nested"]["block_accuracies"] == pytest.approx(accs, abs=1e-12)
+        assert b["nested"]["cv_accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
+        labels = {(r["readout"], r["lengthscale"]) for r in at_n}
+        assert all((c["readout"], c["lengthscale"]) in labels for fold in b["nested"]["chosen"] for c in fold)
+    assert all("_nested" not in r for r in res["results"])
+    quick = run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache, nested=False)
+    assert all("nested" not in b for b in quick["best"]) and quick["best"][0]["tied"] == res["best"][0]["tied"]
 
 
 # -- predictive uncertainty on the test split --------------------------------------------------------

@@ -161,7 +161,7 @@ def cmd_sweep(args) -> int:
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
                              test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme,
-                             zca=args.zca, flip=args.flip)
+                             zca=args.zca, flip=args.flip, nested=not args.no_nested)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
                         data_label=str(args.data), yes=args.yes,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,
@@ -249,6 +249,9 @@ def register(subparsers) -> None:
                    "interrupted sweep resumes from there when the same command is run again)")
     p.add_argument("--kernel", choices=["nngp", "ntk"], default="nngp",
                    help="classify with the NNGP (default) or the neural tangent kernel")
+    p.add_argument("--no-nested", action="store_true",
+                   help="skip the nested CV estimate (λ and σ² chosen by an inner CV inside each outer "
+                        "fold; by default reported beside the best CV accuracy, which is optimistic)")
     p.add_argument("--flip", action="store_true",
                    help="flip-averaged train and test kernels ½[K(x, x') + K(x, mirrored x')] (horizontal "
                         "flips; refused for a network that is not flip-symmetric; about twice the pair work)")

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cnngp.inference import gp
+from cnngp.inference import gp, selection
 from cnngp.inference import calibration
 from cnngp.kernels.correlations import (
     FAMILIES, PAPER_LENGTHSCALES, Constant, Independent, parse_lengthscale,
@@ -588,7 +588,7 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
     out = []
     for n in ns:
         block_list = blocks(n_max, n, n_classes)
-        accs, noises = [], []
+        accs, noises, nested, nested_reason = [], [], [], None
         for b in block_list:
             yb = y_sub[b]
             whole = len(b) == len(Kl) and np.array_equal(b, np.arange(len(Kl)))
@@ -601,6 +601,16 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
             )
             accs.append(cv.best_accuracy)
             noises.append(cv.best_noise_variance)
+            if protocol.nested and nested is not None:  # σ² chosen inside each outer fold
+                Kb = Kl if whole else Kl[np.ix_(b, b)]
+                try:
+                    nested.append(selection.nested_fold_scores(
+                        Kb, yb, _folds_for(fold_scheme, n, yb, folds, seed),
+                        lambda tr, y_tr: _folds_for(fold_scheme, len(tr), y_tr, folds, seed),
+                        n_classes, n_grid))
+                except CNNGPError as e:  # too few images per class for folds inside folds
+                    nested = None
+                    nested_reason = f"not possible at N={n}: {e}"
             if bar is not None:
                 bar.update(1)
         mean, two_se = gp.mean_and_2se(accs)
@@ -614,6 +624,8 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
             "noise_variance": float(np.median(noises)),
             "block_cv_accuracies": [float(a) for a in accs],
             "block_noise_variances": [float(s) for s in noises],
+            # combined over readouts, then dropped (None: not possible at this N, and why)
+            **({"_nested": nested if nested is not None else nested_reason} if protocol.nested else {}),
         })
     return out
 
@@ -660,10 +672,36 @@ def _cross_validate_all(K, y_sub, labels, ns, n_classes, protocol, progress, cli
     results, best = [], []
     for k, n in enumerate(ns):
         rows = [r[k] for r in per_readout]
-        i_best = int(np.argmax([r["cv_accuracy"] for r in rows]))
-        best.append({key: rows[i_best][key] for key in _BEST_KEYS})
+        # exact ties (accuracies are counts): the first in the sweep's order — independent, λ
+        # ascending, mean pool — and every tied readout named (cnngp.inference.selection)
+        i_best, tied = selection.first_best([r["cv_accuracy"] for r in rows])
+        entry = {key: rows[i_best][key] for key in _BEST_KEYS}
+        entry["tied"] = [{"readout": rows[i]["readout"], "lengthscale": rows[i]["lengthscale"]} for i in tied]
+        if "_nested" in rows[0]:
+            unavailable = [r["_nested"] for r in rows if isinstance(r["_nested"], str)]
+            entry["nested"] = {"unavailable": unavailable[0]} if unavailable else _nested_entry(rows, n)
+        best.append(entry)
+        for r in rows:
+            r.pop("_nested", None)
         results.extend(rows)
     return results, best
+
+
+def _nested_entry(rows, n: int) -> dict:
+    """The nested CV estimate at one N (cnngp.inference.selection): in each outer fold of each
+    block, the readout and σ² chosen by an inner CV on that fold's training images alone."""
+    accs, chosen = [], []
+    for j in range(len(rows[0]["_nested"])):
+        res = selection.nested_choice([r["_nested"][j] for r in rows])
+        accs.append(res.accuracy)
+        chosen.append([{"readout": rows[i]["readout"], "lengthscale": rows[i]["lengthscale"],
+                        "noise_variance": s, "tied": len(t)}
+                       for i, s, t in zip(res.chosen, res.noise_variances, res.tied)])
+    mean, two_se = gp.mean_and_2se(accs)
+    if len(accs) == 1:  # one data set: binomial over its n held-out predictions
+        two_se = 2.0 * math.sqrt(max(mean * (1.0 - mean), 0.0) / n)
+    return {"cv_accuracy": float(mean), "cv_accuracy_2se": float(two_se),
+            "block_accuracies": [float(a) for a in accs], "chosen": chosen}
 
 
 @dataclass(frozen=True)
@@ -725,6 +763,7 @@ class SweepProtocol(Settings):
     n_grid: int = 1000
     zca: float | None = None
     flip: bool = False
+    nested: bool = True
 
     def __post_init__(self):
         if self.zca is not None:
@@ -744,6 +783,9 @@ class SweepProtocol(Settings):
             raise CNNGPError(f"n_grid: expected an integer >= 1, got {self.n_grid!r}")
         if not isinstance(self.flip, (bool, np.bool_)):
             raise CNNGPError(f"flip: expected True or False, got {self.flip!r}")
+        if not isinstance(self.nested, (bool, np.bool_)):
+            raise CNNGPError(f"nested: expected True or False, got {self.nested!r}")
+        object.__setattr__(self, "nested", bool(self.nested))
         object.__setattr__(self, "flip", bool(self.flip))
         object.__setattr__(self, "folds", int(folds))
         object.__setattr__(self, "seed", int(seed))
@@ -1100,9 +1142,11 @@ def summary_table(results: dict) -> str:
     kind = "NTK" if results.get("config", {}).get("kernel") == "ntk" else "NNGP"
     if results.get("config", {}).get("flip"):
         kind += ", flip-averaged"
+    nested = any("cv_accuracy" in b.get("nested", {}) for b in results["best"])
     head = (
         f"{'N':>6} {'sets':>4}  {'independent':>13}  {'mean pool':>13}  "
-        f"{'best readout':>18}  {'best':>13}  ({kind}: CV accuracy %)"
+        f"{'best readout':>24}  {'best':>13}" + (f"  {'nested':>13}" if nested else "")
+        + f"  ({kind}: CV accuracy %)"
     )
     lines = [head, "-" * len(head)]
     marked = []
@@ -1122,15 +1166,24 @@ def summary_table(results: dict) -> str:
             which = "mean pool" if b["readout"] == "constant" else "independent"
         else:
             which = f"{b['readout']} λ={_fmt_lam(b['lengthscale'])}"
+        if len(b.get("tied", ())) > 1:  # the first in the sweep's order, and how many tie
+            which += f" (+{len(b['tied']) - 1} tied)"
+        nest = ""
+        if nested and "cv_accuracy" in b.get("nested", {}):
+            nb = b["nested"]
+            nest = f"  {100 * nb['cv_accuracy']:5.1f} ± {100 * nb['cv_accuracy_2se']:4.1f} "
         lines.append(
             f"{n:>6} {b['n_datasets']:>4}  {pct(ind):>13}  {pct(const):>13}  "
-            f"{which:>18}  {pct(b):>13}"
+            f"{which:>24}  {pct(b):>13}{nest}"
         )
     if any(int(r.get("n_datasets", 1)) == 1 for r in marked):
         lines.append("b: one data set at this N, binomial ±2 SE over its held-out predictions"
                      + ("; or data sets that all agree" if any(int(r.get("n_datasets", 1)) > 1 for r in marked) else ""))
     elif marked:
         lines.append("b: the data sets at this N all agree (no spread), binomial ±2 SE over their held-out predictions")
+    if nested:
+        lines.append("nested: λ and σ² chosen by an inner CV inside each outer fold, scored on that fold "
+                     "(the best column chooses and scores on the same folds: optimistic)")
     if "test" in results:
         t = results["test"]
         lam = _fmt_lam(t["lengthscale"])
