@@ -277,13 +277,15 @@ def reliability_figure(results: dict, path, title: str | None = None, format: st
     bottom.bar(centres, rel["count"], width=width, color="0.5", edgecolor="white")
     bottom.set_xlabel(f"confidence: largest class probability ({rel['n_bins']} equal-width bins)")
     bottom.set_ylabel("test images")
+    bottom.set_yscale("symlog", linthresh=1)  # the few images of low confidence stay visible
     bottom.grid(True, alpha=0.3)
     cfg = results.get("config", {})
     if title is None:
         arch, data = cfg.get("arch"), cfg.get("dataset", cfg.get("data"))
         readout = test.get("readout", "")
         if readout not in ("independent", "constant", ""):
-            readout = f"{readout} λ={test.get('lengthscale')}"
+            lam = test.get("lengthscale")
+            readout = f"{readout} λ={lam}" if isinstance(lam, str) else f"{readout} λ={float(lam):.3g}"
         title = f"{arch} on {data}: {readout}, test" if arch and data else "reliability (test)"
     line = (f"accuracy {100 * test['test_accuracy']:.1f} %, NLL {test['test_nll']:.3f}, "
             f"ECE {100 * test['test_ece']:.1f} %, τ = {test['calibration_scale']:.3g} "
