@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+import cnngp
+
 from cnngp.inference import gp
 from cnngp.cli.main import main
 from cnngp.io.data import Dataset, blocks, load_digits
@@ -535,3 +537,31 @@ def test_cli_test_writes_the_reliability_diagram(tmp_path, capsys):
     assert "ECE" in capsys.readouterr().out
     assert main(args) == 0  # no --test: the earlier figure, which these results do not back, goes
     assert sorted(os.listdir(out)) == ["results.json", "sweep.png"]
+
+
+def test_a_resumed_in_memory_sweep_prices_only_the_pairs_its_checkpoint_lacks(tmp_path, monkeypatch):
+    """The plan of a sweep whose train kernel is in its checkpoint (kept by the sweep after the
+    kernel is complete) says so and prices none of its pairs; a checkpoint of another
+    computation prices nothing as done (checkpoint_pairs_done checks the key)."""
+    from cnngp.engine.gram import checkpoint_pairs_done
+    from cnngp.experiments.sweep import split_network
+
+    from cnngp.engine import storage
+
+    monkeypatch.setattr(storage.Checkpoint, "EVERY", 0.0)  # a save after every batch, as a long run's
+    prefix = tmp_path / "ck"
+    ex = cnngp.Execution(checkpoint=str(prefix), keep_checkpoint=True, progress=False, batch_size=64)
+    first = run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, execution=ex)
+    ckpt = tmp_path / "ck.train.npz"
+    assert ckpt.is_file()
+    pairs = 80 * 81 // 2
+    again = run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, execution=ex)
+    assert f"resuming, {pairs:,} of {pairs:,} pairs already done" in again["timing"]["estimate"]["text"]
+    assert f"train kernel ({len(LAMS) + 2} readouts): 0 pairs, 80 images" in again["timing"]["estimate"]["text"]
+    assert f"train kernel ({len(LAMS) + 2} readouts): {pairs:,} pairs, 80 images" in first["timing"]["estimate"]["text"]
+    assert again["results"] == first["results"]
+    body = split_network(ARCH)[0]
+    readouts = [cnngp.Readout(correlation=cnngp.Independent())]
+    x = np.random.default_rng(0).uniform(size=(5, 8, 8, 1))
+    assert checkpoint_pairs_done(ckpt, body, x, readouts=readouts) == 0  # another computation
+    assert checkpoint_pairs_done(tmp_path / "missing.npz", body, x, readouts=readouts) == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -996,6 +997,41 @@ def _flip_asymmetry(body, heads, shape, kernels) -> str | None:
     return None
 
 
+def _checkpoint_key(body, heads, a1, a2, dtype, kernels, offsets, flip) -> str:
+    """What a checkpoint of one in-memory Gram computation is keyed on."""
+    return fingerprint(
+        "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1, a2, str(dtype),
+        *(() if tuple(kernels) == ("nngp",) else (tuple(kernels),)),
+        *(("offsets",) if offsets else ()), *(("flip",) if flip else ()),
+    )
+
+
+def checkpoint_pairs_done(path, model, x1, x2=None, *, readouts=None, get="nngp", flip=False,
+                          dtype="float64") -> int:
+    """Pairs already done by the checkpoint at ``path`` of this very computation (``kernel`` /
+    ``readout_sweep`` with ``checkpoint=path``), 0 when there is none or it belongs to another
+    one: what a resumed run still has to compute, for its time estimate. Only the key and the
+    counter are read; the values are checked when the run loads them."""
+    from cnngp.engine.storage import read_npz
+
+    path = Path(path) if path is not None else None
+    if path is None or not path.is_file():
+        return 0
+    body, heads = _split_model(model) if readouts is None else (model, list(readouts))
+    channels = getattr(body, "input_channels", None)
+    a1 = as_images(x1, "x1", channels)
+    a2 = None if x2 is None else as_images(x2, "x2", channels)
+    kernels = parse_get(get)
+    key = _checkpoint_key(body, heads, a1, a2, resolve_dtype(dtype), kernels, False, flip)
+    try:
+        with read_npz(path) as z:
+            if str(z["key"]) != key:
+                return 0
+            return max(0, int(z["pairs_done"]))
+    except Exception:  # unreadable: the run itself says so
+        return 0
+
+
 def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False, flip=False):
     """One call: the whole matrix as one block, with checkpoints between batches."""
     progress, checkpoint, keep_checkpoint = ex.progress, ex.checkpoint, ex.keep_checkpoint
@@ -1020,11 +1056,7 @@ def _compute(body, heads, x1, x2, ex: Execution, get="nngp", offsets=False, flip
     # NaN until computed: an entry that is never written cannot pass the final check
     out, done, ckpt = torch.full((n_out, n1, n2), math.nan, dtype=dtype), 0, None
     if checkpoint is not None:
-        key = fingerprint(
-            "cnngp-gram-1", body.to_spec(), [h.to_spec() for h in heads], a1,
-            None if symmetric else a2, str(dtype), *(() if gp.kernels == ("nngp",) else (gp.kernels,)),
-            *(("offsets",) if offsets else ()), *(("flip",) if gp.flip else ()),
-        )
+        key = _checkpoint_key(body, heads, a1, None if symmetric else a2, dtype, gp.kernels, offsets, gp.flip)
         ckpt = Checkpoint(checkpoint, key)
         resumed = ckpt.load((n_out, n1, n2), dtype, n_pairs)
         if resumed is not None:

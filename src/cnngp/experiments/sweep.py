@@ -87,9 +87,10 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
     when the kernels come from ``kernel_cache``. With ``flip`` every pair counts twice (the
     flip plan is the one timed: docs/maths.md §9)."""
     from cnngp.engine import timing
-    from cnngp.engine.gram import GramPlan, gram_needs
+    from cnngp.engine.gram import GramPlan, checkpoint_pairs_done, gram_needs
     from cnngp.engine.resources import check_job, human_bytes, human_seconds
 
+    lines_resumed = []
     if kernel_cache is not None and Path(kernel_cache).is_file():
         return None  # read (or refused) from the cache: nothing to compute, or its own message
     n = len(x_sub)
@@ -108,7 +109,20 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         plan = GramPlan(body, x_sub.shape[1:], readouts=readouts, get=get, flip=flip,
                         execution=_in_memory(ex).replace(progress=False))
         rates = timing.measure(plan, plan.images(x_sub[:timing.MAX_SIDE]))
-        est = timing.estimate(rates, stages)
+        # a resumed sweep prices only the pairs its checkpoints still lack
+        cache = None if kernel_cache is None else Path(kernel_cache)
+        left = []
+        for st, part, x1, x2, heads in (
+            (stages[0], "train", x_sub, None, readouts),
+            *(((stages[1], "test", x_test, x_sub, readouts),) if test_mode == "all" else ()),
+        ):
+            done = checkpoint_pairs_done(_checkpoint(cache, part, ex.checkpoint), body, x1, x2,
+                                         readouts=heads, get=get, flip=flip, dtype=ex.dtype)
+            left.append([st.pairs - done])
+            if done:
+                lines_resumed.append(f"{st.name}: resuming, {done:,} of {st.pairs:,} pairs already done")
+        left += [[st.pairs] for st in stages[len(left):]]
+        est = timing.estimate(rates, stages, tile_pairs=left)
         seconds, text, rates_d = est.seconds, est.describe(), rates.as_dict()
     else:
         from cnngp.engine.distributed import store_dry_run
@@ -126,7 +140,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         rates_d = {k: runs[0].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                     "load_average", "timed_pairs")}
     lines = ["plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages)
-             + f"; memory about {human_bytes(memory)}", text]
+             + f"; memory about {human_bytes(memory)}", *lines_resumed, text]
     check_job(f"--n {n} with {len(readouts)} readouts" + ("" if test_mode is None else f" and --test {test_mode}"),
               seconds=seconds if str(ex.device).startswith("cpu") else None, yes=yes,
               remedy="use a smaller --n, fewer --lengthscales or --n-test, or --store K.zarr with "
