@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -565,3 +566,20 @@ def test_a_resumed_in_memory_sweep_prices_only_the_pairs_its_checkpoint_lacks(tm
     x = np.random.default_rng(0).uniform(size=(5, 8, 8, 1))
     assert checkpoint_pairs_done(ckpt, body, x, readouts=readouts) == 0  # another computation
     assert checkpoint_pairs_done(tmp_path / "missing.npz", body, x, readouts=readouts) == 0
+
+
+def test_a_store_sweep_on_a_disk_without_room_is_refused_naming_store_before_writing(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """The stores' size (chunks in whole file-system blocks) is checked against the free space
+    before anything is computed: one line naming --store and the path, exit 2, no store made."""
+    from cnngp.engine import resources
+
+    store = tmp_path / "K.zarr"
+    monkeypatch.setattr(resources, "free_disk", lambda path: 64 * 1024)
+    code = main(["sweep", "--arch", ARCH, "--n", "40,80", "--lengthscales", "0.5,5", "--quiet",
+                 "--store", str(store), "--out", str(tmp_path / "sw")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert re.fullmatch(rf"cnngp: error: --store: writes about .* but {re.escape(repr(str(store)))} has "
+                        r"64 KiB free; free space there, or give a --store on a larger disk", err[0]), err[0]
+    assert not store.exists() and not (tmp_path / "sw").exists()

@@ -90,7 +90,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
     from cnngp.engine.gram import GramPlan, checkpoint_pairs_done, gram_needs
     from cnngp.engine.resources import check_job, human_bytes, human_seconds
 
-    lines_resumed = []
+    lines_resumed, disk_bytes = [], 0
     if kernel_cache is not None and Path(kernel_cache).is_file():
         return None  # read (or refused) from the cache: nothing to compute, or its own message
     n = len(x_sub)
@@ -135,10 +135,14 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
                                       execution=ex.replace(store=test_store_path(ex.store), archive=None,
                                                            progress=False)))
         seconds = sum(r.dry_run["estimated_seconds"] for r in runs)
+        disk_bytes = sum(r.dry_run["disk_bytes"] for r in runs)  # what the stores still write
         text = "\n".join(f"{st.name}:\n" + r.dry_run["estimate"] for st, r in zip(stages, runs))
         text += f"\nestimate in all: about {human_seconds(seconds)}"
         rates_d = {k: runs[0].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                     "load_average", "timed_pairs")}
+    if disk_bytes:  # the stores' chunks and records (a resumed store: only what it lacks)
+        check_job("--store", disk_bytes=disk_bytes, disk_path=ex.store, yes=True,
+                  remedy="free space there, or give a --store on a larger disk")
     lines = ["plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages)
              + f"; memory about {human_bytes(memory)}", *lines_resumed, text]
     check_job(f"--n {n} with {len(readouts)} readouts" + ("" if test_mode is None else f" and --test {test_mode}"),
