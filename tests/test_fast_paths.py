@@ -561,3 +561,28 @@ def test_self_pass_batches_on_several_threads_give_the_single_thread_records_bit
     assert one.keys() == many.keys() and one
     for i in one:
         assert torch.equal(one[i], many[i]) and torch.equal(one[i][5:12], part[i])
+
+
+def test_a_task_thread_runs_its_kernels_on_the_threads_it_was_given(monkeypatch):
+    """A Dask worker's task sets its thread count (distributed._set_threads) on whichever
+    thread the worker's pool gives it; what torch reads back there is not always that (2 on a
+    2-core machine, seen on LocalCluster workers: each worker then ran its chunks on a pool of
+    its own, 4 threads on 2 cores, tiles up to 2× slower). The fused kernels follow the count
+    the task set, for that thread only."""
+    import threading
+
+    from cnngp.engine import distributed
+
+    seen = {}
+
+    def task():
+        distributed._set_threads(1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what a worker thread read back
+        seen["task"] = fused.threads()
+        seen["chunks"] = fused.map_chunks(lambda i: threading.get_ident(), [0, 1, 2], fused.threads())
+
+    t = threading.Thread(target=task)
+    t.start()
+    t.join()
+    assert seen["task"] == 1 and set(seen["chunks"]) == {t.ident}  # inline, on the task's thread
+    assert fused.threads() == 2  # this thread: torch's count (patched), untouched by the task's

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
+from cnngp.engine import fused
 from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords
 from cnngp.engine.resources import human_bytes, human_seconds
 from cnngp.engine.storage import fingerprint
@@ -144,6 +145,7 @@ _PLANS: dict = {}
 def _set_threads(threads: int | None) -> None:
     if not threads:
         return
+    fused.use_threads(threads)  # for this task's thread, whatever torch reads back there
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if "numba" in sys.modules:

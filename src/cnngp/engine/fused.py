@@ -70,9 +70,16 @@ def _threads() -> int:
 
 
 def threads() -> int:
-    """Threads the fused kernels of this thread use (torch.get_num_threads(), or 1 inside
-    :func:`map_chunks`)."""
+    """Threads the fused kernels of this thread use (torch.get_num_threads(), or what
+    :func:`use_threads` set for this thread, or 1 inside :func:`map_chunks`)."""
     return _threads()
+
+
+def use_threads(n: int | None) -> None:
+    """Run this thread's fused kernels on ``n`` threads (None: torch.get_num_threads()). A
+    task on a Dask worker's thread says so here: torch's thread count, set from such a thread,
+    is not always what that thread reads back."""
+    _LOCAL.threads = None if n is None else max(1, int(n))
 
 
 _CHUNK_POOL: ThreadPoolExecutor | None = None

@@ -14,8 +14,8 @@ Pairs are processed in batches whose size is chosen from a memory budget.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import threading
 from pathlib import Path
 import warnings
 from dataclasses import dataclass, field
@@ -396,12 +396,22 @@ def _fast_chunk(plan: _Plan, flags, depth, x: torch.Tensor, tensors: int = 1) ->
     return fused.chunk_size(largest, x.element_size(), tensors)
 
 
-def _workspace(plan: _Plan) -> "fused.Workspace":
-    """The calling thread's buffers for this plan (threads running chunks of pairs at once
-    each have their own)."""
+@contextlib.contextmanager
+def _workspace(plan: _Plan):
+    """Buffers for one chunk of this plan, borrowed and given back: threads running chunks at
+    once each hold their own, and a thread that comes later (a Dask worker runs its tasks on
+    whichever thread its pool has) reuses a free one instead of allocating (and page-faulting)
+    new buffers — never more sets than chunks ever ran at once."""
     if getattr(plan, "workspaces", None) is None:
-        plan.workspaces = {}
-    return plan.workspaces.setdefault(threading.get_ident(), fused.Workspace())
+        plan.workspaces = []
+    try:
+        ws = plan.workspaces.pop()  # atomic under the GIL
+    except IndexError:
+        ws = fused.Workspace()
+    try:
+        yield ws
+    finally:
+        plan.workspaces.append(ws)
 
 
 #: images per call of the self pass: every call has exactly this many (the last is padded with
@@ -426,11 +436,11 @@ def _self_pass(plan: _Plan, x: torch.Tensor, batch: int, progress) -> dict:
             xb = torch.cat([xb, xb[-1:].expand((batch - real,) + tuple(xb.shape[1:]))])
         part = {i: [] for i in plan.var_layers}
         if chunk:  # fused path: chunks of images, symmetric (self-covariance) kernels
-            ws = _workspace(plan)
-            for s in range(0, xb.shape[0], chunk):
-                xc = xb[s : s + chunk]
-                state = fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
-                fused.run_layers(layers, state, plan.self_flags, None, records=part, ws=ws)
+            with _workspace(plan) as ws:
+                for s in range(0, xb.shape[0], chunk):
+                    xc = xb[s : s + chunk]
+                    state = fused.input_state(xc, xc, plan.self_flags[0], ws, layers, plan.self_flags)
+                    fused.run_layers(layers, state, plan.self_flags, None, records=part, ws=ws)
         else:  # the same runner, every layer on its own torch propagate
             state = input_state(xb, xb, plan.self_flags[0])
             fused.run_layers(layers, state, plan.self_flags, None, records=part, fast=False)
@@ -469,9 +479,10 @@ def _pair_values(plan: _Plan, x1b, x2b, rec1, rec2, idx1, idx2) -> torch.Tensor:
             chunk = max(1, min(chunk, -(-x1b.shape[0] // n_threads)))
 
         def chunk_values(s):
-            sl = slice(s, s + chunk)
-            ws = _workspace(plan)
+            with _workspace(plan) as ws:
+                return one_chunk(slice(s, s + chunk), ws)
 
+        def one_chunk(sl, ws):
             def variances(i, as_roots):
                 if as_roots:  # sqrt and 1/sqrt, what the fused ReLU reads
                     return fused.roots(np1[i][i1[sl]], np2[i][i2[sl]])
