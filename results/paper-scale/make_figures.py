@@ -46,8 +46,20 @@ def table(results):
             row["independent"] = pct
         elif r["readout"] == "constant":
             row["mean_pool"] = pct
-        if "best" not in row or r["cv_accuracy"] > row["best"]["cv_accuracy"] / 100:
-            row["best"] = pct
+    # the best readout: the sweep's own choice (the first in its order among exact ties;
+    # comparing rounded percentages here once picked another member of a tie at N = 320)
+    from cnngp.inference.selection import first_best
+
+    for n, row in out.items():
+        rows = [r for r in results["results"] if str(r["n"]) == n]
+        i, tied = first_best([r["cv_accuracy"] for r in rows])
+        r = rows[i]
+        row["best"] = {"cv_accuracy": round(100 * r["cv_accuracy"], 2),
+                       "cv_accuracy_2se": round(100 * r["cv_accuracy_2se"], 2),
+                       "lengthscale": r["lengthscale"], "n_datasets": r["n_datasets"],
+                       "tied_lengthscales": [rows[j]["lengthscale"] for j in tied]}
+        if "test_accuracy" in r:
+            row["best"]["test_accuracy"] = round(100 * r["test_accuracy"], 2)
     return out
 
 
