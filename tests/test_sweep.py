@@ -531,7 +531,7 @@ def test_cli_test_writes_the_reliability_diagram(tmp_path, capsys):
     args = ["sweep", "--arch", ARCH, "--data", str(src), "--n", "40", "--lengthscales", "1",
             "--quiet", "--out", str(out)]
     assert main(args + ["--test", "best", "--n-test", "20"]) == 0
-    assert sorted(os.listdir(out)) == ["reliability.png", "results.json", "sweep.png"]
+    assert sorted(os.listdir(out)) == ["reliability.png", "results.json", "sweep.png", "test_predictions.npz"]
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     res = json.loads((out / "results.json").read_text())
     assert 0 <= res["test"]["test_ece"] <= 1 and res["test"]["test_nll"] > 0
@@ -583,3 +583,26 @@ def test_a_store_sweep_on_a_disk_without_room_is_refused_naming_store_before_wri
     assert re.fullmatch(rf"cnngp: error: --store: writes about .* but {re.escape(repr(str(store)))} has "
                         r"64 KiB free; free space there, or give a --store on a larger disk", err[0]), err[0]
     assert not store.exists() and not (tmp_path / "sw").exists()
+
+
+def test_cli_writes_per_image_test_predictions_that_reproduce_the_reported_scores(tmp_path, capsys):
+    """--test all: DIR/test_predictions.npz holds, per scored readout and test image, the
+    predicted class and the log probability of the label (paired comparisons between runs);
+    their means are the reported test accuracy and NLL. A later run without --test removes it."""
+    data = _digits_npz(tmp_path / "d.npz")
+    out = tmp_path / "sw"
+    argv = ["sweep", "--arch", ARCH, "--data", str(data), "--n", "40,80", "--lengthscales", "0.5,5",
+            "--quiet", "--out", str(out)]
+    assert main(argv + ["--test", "all", "--n-test", "60"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    top = [r for r in res["results"] if r["n"] == 80]
+    with np.load(out / "test_predictions.npz") as z:
+        assert z["predicted"].shape == z["log_prob_true"].shape == (len(top), 60)
+        assert list(z["readouts"]) == [f"{r['readout']}:{r['lengthscale']}" for r in top]
+        np.testing.assert_allclose((z["predicted"] == z["y_test"][None]).mean(1),
+                                   [r["test_accuracy"] for r in top], atol=1e-12)
+        np.testing.assert_allclose(-z["log_prob_true"].mean(1), [r["test_nll"] for r in top], rtol=1e-9)
+        assert np.all(z["log_prob_true"] <= 0)
+    assert "test_predictions" not in res
+    assert main(argv) == 0
+    assert not (out / "test_predictions.npz").exists()

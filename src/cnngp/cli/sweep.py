@@ -95,6 +95,8 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
 
 
 def cmd_sweep(args) -> int:
+    import numpy as np
+
     from cnngp.cli.main import parse_lengthscales
     from cnngp.io.data import load_dataset
     from cnngp.experiments.plots import reliability_figure, sweep_figure
@@ -175,11 +177,19 @@ def cmd_sweep(args) -> int:
         reliability = io.BytesIO()
         reliability_figure(results, reliability, format="png")
         files["reliability.png"] = reliability.getvalue()
+    predictions = results.pop("test_predictions", None)
+    if predictions is not None:  # per test point: paired comparisons between runs
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in predictions.items()})
+        files["test_predictions.npz"] = buf.getvalue()
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
     _write_outputs(out, {**files, "results.json": text.encode()})  # results.json last
     stale = out / "reliability.png"
     if "test" not in results and stale.is_file() and not stale.is_symlink():
         stale.unlink()  # an earlier --test run's figure, which these results do not back
+    stale = out / "test_predictions.npz"
+    if predictions is None and stale.is_file() and not stale.is_symlink():
+        stale.unlink()
     if prefix is not None:  # only now that the results are in place
         for path in checkpoint_files(prefix):
             path.unlink(missing_ok=True)
@@ -269,4 +279,4 @@ def register(subparsers) -> None:
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_sweep, out_kind="dir", out_files=("sweep.png", "reliability.png", "results.json"))
+    p.set_defaults(func=cmd_sweep, out_kind="dir", out_files=("sweep.png", "reliability.png", "test_predictions.npz", "results.json"))

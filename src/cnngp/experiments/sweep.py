@@ -413,6 +413,7 @@ def _score_test(row, K, y_sub, Kt, prior, y_test, folds, n_classes) -> dict:
     with gp.small_problem_threads(len(y_sub)):
         scores = calibration.test_scores(K, y_sub, Kt, prior, y_test, row["noise_variance"], folds, n_classes)
     row.update(test_nll=scores["nll"], test_ece=scores["ece"], calibration_scale=scores["calibration_scale"])
+    row["_per_image"] = (scores["predicted"], scores["log_prob_true"])  # moved to test_predictions
     return scores
 
 
@@ -881,6 +882,11 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             ``mean_posterior_variance``, ``reliability`` (the reliability diagram's bins,
             :func:`cnngp.inference.calibration.reliability`), ``n_train``, ``n_test``;
             ``config["test_probabilities"]`` says how the probabilities were made.
+        ``test_predictions`` (with ``test``; numpy arrays, which ``cnngp sweep`` writes to
+        ``DIR/test_predictions.npz``)
+            per test point and scored readout, for paired comparisons of configurations on the
+            same images: ``test_index``, ``y_test`` (M,), ``readouts`` (L names), ``predicted``
+            (L, M) and ``log_prob_true`` (L, M).
 
     Raises
     ------
@@ -1053,6 +1059,13 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
                 _note_zca([test_store_path(kernel_store)], whitening)
+            scored = [r for r in top if "_per_image" in r]
+            test_predictions = {  # per test point and scored readout: paired comparisons
+                "test_index": np.asarray(test_order), "y_test": np.asarray(y_test),
+                "readouts": [f"{r['readout']}:{r['lengthscale']}" for r in scored],
+                "predicted": np.stack([r["_per_image"][0] for r in scored]).astype(np.int16),
+                "log_prob_true": np.stack([r.pop("_per_image")[1] for r in scored]),
+            }
             test_summary = {
                 "n_train": int(n_max),
                 "n_test": int(len(y_test)),
@@ -1131,6 +1144,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         }
         if test_summary is not None:
             out["test"] = test_summary
+            out["test_predictions"] = test_predictions  # arrays: the CLI writes them to an .npz
         return out
 
 

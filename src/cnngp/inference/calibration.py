@@ -397,7 +397,9 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
     -------
     dict
         :func:`classification_metrics` plus ``calibration_scale``, ``calibration_nll`` (the
-        held-out NLL on the training set at that scale) and ``mean_posterior_variance``.
+        held-out NLL on the training set at that scale) and ``mean_posterior_variance``; and per
+        test point (arrays, for paired comparisons): ``predicted`` (M,) the most probable class
+        and ``log_prob_true`` (M,) the log probability of its label.
     """
     K_train = np.asarray(K_train, dtype=np.float64)
     y_train = np.asarray(y_train)
@@ -408,9 +410,12 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
     labels = np.asarray(y_test)
     if labels.shape != (mean.shape[0],):
         raise CNNGPError(f"y_test has shape {labels.shape} but K_test_train has {mean.shape[0]} rows")
-    out = classification_metrics(class_probabilities(mean, var, tau), labels)
+    log_p = log_class_probabilities(mean, var, tau)
+    out = classification_metrics(np.exp(log_p), labels)
     out.update(calibration_scale=float(tau), calibration_nll=float(cal_nll),
-               mean_posterior_variance=float(np.mean(var)))
+               mean_posterior_variance=float(np.mean(var)),
+               # per test point, for paired comparisons of models on the same points
+               predicted=np.argmax(mean, axis=1), log_prob_true=log_p[np.arange(len(labels)), labels])
     return out
 
 
