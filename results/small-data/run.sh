@@ -9,7 +9,7 @@
 # Kernels in float32 through resumable stores in ../../stores (git-ignored, beside the
 # checkout): run this script again — any session — and each sweep computes only the tiles its
 # stores lack; finished sweeps (results.json present) are skipped. Wall and CPU time of every
-# attempt go to run.log (/usr/bin/time -v).
+# attempt go to run.log (/usr/bin/time -v). summarize.py tabulates what is finished (summary.md).
 set -u
 cd "$(dirname "$0")"
 . ../../.venv/bin/activate
@@ -19,7 +19,9 @@ export TQDM_MININTERVAL=60  # progress in the log once a minute
 DATA=../../../shared/data/cifar10_subset.npz
 run() {  # run NAME ARCH [flags...]
     local name=$1 arch=$2; shift 2
-    [ -f "$name/results.json" ] && return 0
+    # done: results and per-image predictions (a run of an older cnngp lacks the latter; rerun,
+    # its complete stores make that the cross-validation and the test scores only)
+    [ -f "$name/results.json" ] && [ -f "$name/test_predictions.npz" ] && return 0
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n 160,320,640 --test all \
         --dtype float32 --store "$STORES/$name.zarr" --tile 160 --yes --out "$name" "$@"; \
@@ -35,3 +37,4 @@ done
 # flip-symmetric (an even filter under SAME padding), so plain and ZCA only
 run myrtle10-correlated-plain myrtle10-correlated || exit $?
 run myrtle10-correlated-zca myrtle10-correlated --zca 0.1 || exit $?
+python summarize.py > /dev/null

@@ -1,0 +1,109 @@
+"""Issue 29's study table: every finished configuration of run.sh, on the same 1,000 CIFAR-10 test
+images, with paired differences.
+
+    .venv/bin/python results/small-data/summarize.py      # -> summary.json, summary.md here
+
+For each configuration (plain, ZCA, flips, ZCA + flips; each network) and readout (independent,
+mean pool, and the λ the 4-fold CV chose on the 640 training images), the test accuracy, NLL
+and ECE of the model trained on the 640 (±2 SE: binomial for accuracy, over images for NLL), the
+CV accuracy and the nested CV estimate at N = 640. Paired differences use the same test images:
+per image, correct(a) − correct(b) and log p_a − log p_b, their mean ± 2 SE over the images
+(test_predictions.npz of each run); every configuration is compared with the plain one of its
+network and readout, and the CV-chosen readout with mean pooling within a configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ["plain", "zca", "flip", "zca-flip"]
+NETWORKS = ["myrtle10", "cnngp14", "myrtle10-correlated"]
+
+
+def _runs():
+    for net in NETWORKS:
+        for cfg in CONFIGS:
+            d = HERE / f"{net}-{cfg}"
+            if (d / "results.json").is_file() and (d / "test_predictions.npz").is_file():
+                with np.load(d / "test_predictions.npz") as z:
+                    yield net, cfg, json.loads((d / "results.json").read_text()), {k: z[k] for k in z.files}
+
+
+def _mean_2se(x):
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()), float(2 * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def _per_image(pred, readout):
+    names = [str(n) for n in pred["readouts"]]
+    i = names.index(readout)
+    correct = (pred["predicted"][i] == pred["y_test"]).astype(np.float64)
+    return correct, pred["log_prob_true"][i]
+
+
+def _label(r):
+    return f"{r['readout']}:{r['lengthscale']}"
+
+
+def main():
+    table, per_image = [], {}
+    for net, cfg, res, pred in _runs():
+        n_max = max(b["n"] for b in res["best"])
+        best = next(b for b in res["best"] if b["n"] == n_max)
+        top = {_label(r): r for r in res["results"] if r["n"] == n_max}
+        chosen = f"{res['test']['readout']}:{res['test']['lengthscale']}"
+        for role, label in (("independent", "independent:0.0"), ("mean pool", "constant:inf"), ("CV-chosen λ", chosen)):
+            if label not in top or label not in [str(n) for n in pred["readouts"]]:
+                continue
+            r = top[label]
+            correct, logp = _per_image(pred, label)
+            acc, acc2 = _mean_2se(correct)
+            nll, nll2 = _mean_2se(-logp)
+            per_image[(net, cfg, role)] = (correct, logp)
+            table.append({
+                "network": net, "config": cfg, "readout": role, "lengthscale": r["lengthscale"],
+                "test_accuracy": acc, "test_accuracy_2se": acc2, "test_nll": nll, "test_nll_2se": nll2,
+                "test_ece": r["test_ece"], "cv_accuracy": r["cv_accuracy"],
+                "nested_cv_accuracy": best.get("nested", {}).get("cv_accuracy") if role == "CV-chosen λ" else None,
+                "n_test": int(len(correct)), "n_train": int(n_max),
+            })
+    paired = []
+    for (net, cfg, role), (c, lp) in per_image.items():
+        refs = []
+        if cfg != "plain" and (net, "plain", role) in per_image:
+            refs.append(((net, "plain", role), "vs plain"))
+        if role == "CV-chosen λ" and (net, cfg, "mean pool") in per_image:
+            refs.append(((net, cfg, "mean pool"), "vs mean pool"))
+        for ref, what in refs:
+            c0, lp0 = per_image[ref]
+            d_acc, d_acc2 = _mean_2se(c - c0)
+            d_nll, d_nll2 = _mean_2se(lp0 - lp)  # NLL(a) − NLL(ref)
+            paired.append({"network": net, "config": cfg, "readout": role, "against": what,
+                           "accuracy_difference": d_acc, "accuracy_difference_2se": d_acc2,
+                           "nll_difference": d_nll, "nll_difference_2se": d_nll2})
+    (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired}, indent=1) + "\n")
+    lines = ["| network | config | readout | test acc % | NLL | ECE % | CV acc % (N=640) | nested CV % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        nested = "" if t["nested_cv_accuracy"] is None else f"{100 * t['nested_cv_accuracy']:.1f}"
+        lam = "" if t["readout"] != "CV-chosen λ" else f" ({t['lengthscale']})"
+        lines.append(f"| {t['network']} | {t['config']} | {t['readout']}{lam} | "
+                     f"{100 * t['test_accuracy']:.1f} ± {100 * t['test_accuracy_2se']:.1f} | "
+                     f"{t['test_nll']:.3f} ± {t['test_nll_2se']:.3f} | {100 * t['test_ece']:.1f} | "
+                     f"{100 * t['cv_accuracy']:.1f} | {nested} |")
+    lines += ["", "| network | config | readout | against | Δ accuracy (points) | Δ NLL |", "|---|---|---|---|---|---|"]
+    for p in paired:
+        lines.append(f"| {p['network']} | {p['config']} | {p['readout']} | {p['against']} | "
+                     f"{100 * p['accuracy_difference']:+.1f} ± {100 * p['accuracy_difference_2se']:.1f} | "
+                     f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} |")
+    (HERE / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
