@@ -33,8 +33,11 @@ for arch in myrtle10 cnngp14; do
     run "$arch-flip" "$arch" --flip || exit $?
     run "$arch-zca-flip" "$arch" --zca 0.1 --flip || exit $?
 done
-# correlated intermediate layers (6×6 stride-2 Matérn convs in place of the pools): not
-# flip-symmetric (an even filter under SAME padding), so plain and ZCA only
+# correlated intermediate layers (6×6 stride-2 SAME Matérn convs in place of the pools; on
+# 32×32 their padding is 2 before and 2 after, so the network is flip-symmetric: the sweep's
+# numerical check passes)
 run myrtle10-correlated-plain myrtle10-correlated || exit $?
 run myrtle10-correlated-zca myrtle10-correlated --zca 0.1 || exit $?
+run myrtle10-correlated-flip myrtle10-correlated --flip || exit $?
+run myrtle10-correlated-zca-flip myrtle10-correlated --zca 0.1 --flip || exit $?
 python summarize.py > /dev/null
