@@ -515,20 +515,21 @@ def test_chunks_of_pairs_on_several_threads_give_the_single_thread_kernel_bit_fo
     net = Serial(Conv(3), ReLU(), AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0)))
     x = torch.as_tensor(np.random.default_rng(3).uniform(size=(7, 8, 8, 3)))
     old = torch.get_num_threads()
+    seen = []
+    real = fused.map_chunks
+
+    def spy(fn, items, n_threads):
+        seen.append((len(items), n_threads))
+        return real(fn, items, n_threads)
+
+    monkeypatch.setattr(fused, "map_chunks", spy)
     try:
-        torch.set_num_threads(1)
-        one = cnngp.kernel(net, x, get=get)
-        seen = []
-        real = fused.map_chunks
-
-        def spy(fn, items, n_threads):
-            seen.append((len(items), n_threads))
-            return real(fn, items, n_threads)
-
-        monkeypatch.setattr(fused, "map_chunks", spy)
-        torch.set_num_threads(2)
-        for cache in (1, 4 * 1024**2):  # chunks of one pair; of several
+        for cache in (1, 4 * 1024**2):  # chunks of one pair; of several (the same on both sides:
+            # the self pass's records at deeper layers follow its chunking in the last bit)
             monkeypatch.setattr(fused, "CACHE_BYTES", cache)
+            torch.set_num_threads(1)
+            one = cnngp.kernel(net, x, get=get)
+            torch.set_num_threads(2)
             seen.clear()
             many = cnngp.kernel(net, x, get=get)
             if get == "nngp":
@@ -586,3 +587,35 @@ def test_a_task_thread_runs_its_kernels_on_the_threads_it_was_given(monkeypatch)
     t.join()
     assert seen["task"] == 1 and set(seen["chunks"]) == {t.ident}  # inline, on the task's thread
     assert fused.threads() == 2  # this thread: torch's count (patched), untouched by the task's
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-13), ("float32", 2e-6)])
+def test_a_pool_after_a_conv_is_summed_in_the_convs_pass(monkeypatch, torch_path, dtype, tol):
+    """conv + ReLU + 2×2 stride-2 average pool run as one pass (fused.pool_after: the pool's
+    windows summed into its output, no scatter and no pool pass) where the grid's sides are
+    even, and give the torch path's kernel and the unfused one's; an odd grid, a pool after a
+    conv without a nonlinearity, and the NTK are left to the separate pool."""
+    net = Serial(Conv(3, bias_var=0.1), ReLU(), AvgPool(2), Conv(3), ABReLU(0.1, 1.2), AvgPool(2),
+                 Readout(correlation=Matern(1.5, 1.0)))
+    x = np.random.default_rng(9).uniform(size=(4, 8, 8, 2))
+    pools = []
+    real = fused.conv_fused
+
+    def spy(*args, **kwargs):
+        pools.append(args[11] if len(args) > 11 else kwargs.get("pool"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "conv_fused", spy)
+    got = cnngp.kernel(net, x, dtype=dtype)
+    assert sum(p is not None for p in pools) >= 2  # both pools fused in the pair pass
+    monkeypatch.setattr(fused, "POOL_FUSION", False)
+    unfused = cnngp.kernel(net, x, dtype=dtype)
+    assert rel_err(got, unfused) < tol
+    assert rel_err(got, torch_path(cnngp.kernel, net, x, dtype=dtype)) < tol
+    monkeypatch.setattr(fused, "POOL_FUSION", True)
+    pools.clear()
+    odd = np.random.default_rng(9).uniform(size=(3, 7, 7, 2))
+    cnngp.kernel(Serial(Conv(3), ReLU(), AvgPool(2), Readout(correlation=Matern(1.5, 1.0))), odd)
+    cnngp.kernel(Serial(Conv(3), AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0))), x)
+    cnngp.kernel(net, x, get="ntk")
+    assert all(p is None for p in pools)

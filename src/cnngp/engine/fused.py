@@ -127,15 +127,16 @@ def _parallel(kernel, *args):
     _run_shares(kernel, args, [(k, n) for k in range(n)])
 
 
-def _parallel_blocks(kernel, weights, *args):
+def _parallel_blocks(kernel, weights, *args, align: int = 1):
     """Run ``kernel(*args, row_lo, row_hi)`` over contiguous blocks of rows of about equal
-    total ``weights`` (the work of each row, one entry per row)."""
+    total ``weights`` (the work of each row, one entry per row), every boundary a multiple of
+    ``align``."""
     rows = len(weights)
     threads = _threads()
     n = 1 if threads == 1 else min(rows, threads * SHARES_PER_THREAD)
     cum = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
     edges = np.searchsorted(cum, np.linspace(0.0, cum[-1], n + 1)[1:-1])
-    bounds = sorted(set([0, rows] + [int(e) for e in edges]))
+    bounds = sorted(set([0, rows] + [int(e) // align * align for e in edges]))
     _run_shares(kernel, args, list(zip(bounds[:-1], bounds[1:])))
 
 
@@ -479,6 +480,7 @@ def conv_fused(
     bias_var: float = 0.0,
     own: tuple = (1.0, 0.0),
     channels: int | None = None,
+    pool: tuple | None = None,
 ) -> Fused:
     """Conv (docs/maths.md §2 (*)) of a full tensor in its layout, then ``act`` if given, in one pass,
     written in ``out_layout`` (that of the next conv).
@@ -487,6 +489,8 @@ def conv_fused(
     that the nonlinearity needs. ``symmetric``: x is a self-covariance (var_roots of x with x).
     ``own``: (a, b) of the layer's own NTK term a·(Σ * V) + b
     (:meth:`cnngp.kernels.layers.Layer.tangent_coefficients`); ``channels``: the output's.
+    ``pool``: (w, b) of a 2 × 2 stride-2 average pool that follows (:func:`pool_after`): its
+    output is written instead, in ``out_layout`` (that of the conv after the pool).
     """
     assert x.layout == plan.layout
     k = _kernels()
@@ -523,14 +527,15 @@ def conv_fused(
         args += (float(own[0]), float(own[1]), None if t_in is None else t_in.numpy(), t_out.numpy())
     else:
         kernel = k.kron_conv
-        args += (bool(symmetric),)
+        args += (bool(symmetric), np.asarray(pool if pool is not None else (), dtype=np.float64))
     # contiguous rows per share: consecutive q0 rows read overlapping input slabs, which then
     # come from the cache, not memory, once a call's pairs outgrow the L3 cache. A symmetric
     # row q0 computes only the q0' >= q0 slabs: blocks of equal work.
     q0 = int(plan.geom0[1])
     weights = np.tile(np.arange(q0, 0, -1) if symmetric else np.ones(q0), b)
-    _parallel_blocks(kernel, weights, *args)
-    return Fused(out, out_layout, plan.spatial_out, tangent=t_out if ntk else None, ntk=bool(ntk),
+    _parallel_blocks(kernel, weights, *args, align=2 if pool is not None else 1)
+    spatial = plan.spatial_out if pool is None else tuple(n // 2 for n in plan.spatial_out)
+    return Fused(out, out_layout, spatial, tangent=t_out if ntk else None, ntk=bool(ntk),
                  channels=channels)
 
 
@@ -716,6 +721,28 @@ def _fused_plan(layers, i, flags, spatial, fast):
     return conv_plan(layers[i], spatial)
 
 
+#: sum a 2 × 2 average pool into the pass of the conv before it (CNNGP_POOL_FUSION=0: off)
+POOL_FUSION = env_number("CNNGP_POOL_FUSION", 1, 0, integer=True) > 0
+
+
+def pool_after(plan: ConvPlan, pool_plan: "ConvPlan | None", pool) -> tuple | None:
+    """(w, b) when ``pool`` (the layer after a conv + nonlinearity) is a 2 × 2 stride-2 average
+    over a grid of even sides — a filter of 2 × 2 taps, stride 2, no padding, one weight w for
+    all 16 pairs of its window (Σ constant) — so that the conv's pass can sum into its output
+    (:func:`kron_conv`'s ``pool``); else None."""
+    if pool_plan is None or any(n % 2 for n in plan.spatial_out):
+        return None
+    for g in (pool_plan.geom0, pool_plan.geom1):  # (n_in, n_out, stride, dilation, pad, taps)
+        if int(g[2]) != 2 or int(g[3]) != 1 or int(g[4]) != 0 or int(g[5]) != 2 or 2 * int(g[1]) != int(g[0]):
+            return None
+    a, bt = pool_plan.a_coef, pool_plan.b_coef
+    if a.shape[1] != 1 or len(pool_plan.a_taps) != 4 or len(pool_plan.b_taps) != 4:
+        return None
+    if np.ptp(a) != 0 or np.ptp(bt) != 0:
+        return None
+    return float(pool.weight_var) * float(a[0, 0]) * float(bt[0, 0]), float(pool.bias_var)
+
+
 def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None, step=None):
     """Propagate ``state`` (a KernelState or a Fused) through ``layers`` (flags[i]: full input
     of layer i; flags[-1]: output): the one layer runner of the engine. Layers the fused
@@ -767,11 +794,20 @@ def run_layers(layers, state, flags, variances, records=None, ws=None, fast=None
                     var_roots = variances(i + 1, True)
             nxt = i + (2 if act is not None else 1)
             nplan = _fused_plan(layers, nxt, flags, plan.spatial_out, fast)
-            out_layout = nplan.layout if nplan is not None else plan.out_standard
+            pool = None
+            if act is not None and nplan is not None and not symmetric and not cur.ntk and POOL_FUSION:
+                pool = pool_after(plan, nplan, layers[nxt])
+            if pool is not None:  # conv + act + 2 × 2 average pool in one pass
+                nxt += 1
+                nplan = _fused_plan(layers, nxt, flags, tuple(n // 2 for n in plan.spatial_out), fast)
+                out_layout = nplan.layout if nplan is not None else Layout(*[n // 2 for n in plan.spatial_out], 0, 1,
+                                                                           plan.spatial_out[1] // 2)
+            else:
+                out_layout = nplan.layout if nplan is not None else plan.out_standard
             own = layer.tangent_coefficients(cur.channels, spatial) if cur.ntk else (0.0, 0.0)
             cur = conv_fused(
                 cur, plan, out_layout, act, var_roots, symmetric, ws, layer.weight_var, layer.bias_var,
-                own, layer.output_channels(cur.channels),
+                own, layer.output_channels(cur.channels), pool,
             )
             i = nxt
             continue

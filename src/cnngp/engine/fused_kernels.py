@@ -464,7 +464,7 @@ def _relu_both_impl(k, ns, inv_n, c_lin, c_relu):
 @njit(nogil=True, **_FLAGS)
 def kron_conv(
     v, out, geom0, geom1, out_pad, a_ptr, a_taps, a_coef, b_taps, b_coef,
-    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, row_lo, row_hi,
+    wv, bv, act, c_lin, c_relu, rx, ix, ry, iy, symmetric, pool, row_lo, row_hi,
 ):
     """Full → full conv (docs/maths.md §2 (*)) by Kronecker terms, then an optional ReLU-family act.
 
@@ -479,6 +479,13 @@ def kron_conv(
     symmetric: v is a self-covariance (V[x, x'] = V[x', x], rx = ry): only slabs q0 ≤ q0' are
     computed, the others mirrored. Threads share the work by output rows (b, q0): this call does
     the contiguous rows row_lo … row_hi − 1 (neighbouring rows share input slabs in the cache).
+
+    pool = (w, b) (empty: none): a 2 × 2 stride-2 average pool follows, K_pool[P, P'] =
+    b + w·Σ K[2P + a, 2P' + a'] over the 16 pairs of its windows (w = its weight_var·Σ entry):
+    out is then the pool's output in the layout of the conv after it (Q0/2 × Q1/2 positions),
+    each slab (q0, q0') adding its 2 × 2 blocks into output slab (q0/2, q0'/2) — no scatter of
+    this conv's output, no pass of the pool. Output slab (P, P') is complete after rows
+    q0 = 2P, 2P + 1 (so row_lo, row_hi are even) and all q0'; not with ``symmetric``.
 
     Every pass runs over a whole flattened slab (rows of hh, the last hh − Q1 entries of each
     row junk), never row by row: with Q1 = 32 the per-row loop set-up cost as much as the work.
@@ -547,7 +554,10 @@ def kron_conv(
     # time in cache, 20% in float64)
     uniform_b = n_terms == 1 and n_src == 3 and s_coef[0] == s_coef[1] and s_coef[1] == s_coef[2]
     # straight into the output slab: its flattened rows have this slab's pitch
-    direct = so == 1 and ho == hh
+    pooled = pool.shape[0] > 0
+    direct = so == 1 and ho == hh and not pooled
+    pool_w = dtype.type(pool[0]) if pooled else zero
+    pool_b = dtype.type(pool[1]) if pooled else zero
     base = out_pad * ho + out_pad
     # where output position i goes in the next layout (no integer division in the loops):
     # phase and index o_ph[i], o_ix[i]; phase pc holds i = ph_i0[pc] + so·k at index ph_k0[pc] + k
@@ -588,7 +598,7 @@ def kron_conv(
                     ixf[q1 * hh + i] = ix[b, q0, q1]
         start = q0 if symmetric else 0
         for q0b in range(start, q_0):
-            if not direct:  # the output slab's lines arrive while stages 1 and 2 run (the
+            if not direct and not pooled:  # the output slab's lines arrive while stages 1 and 2 run (the
                 # scatter below stalls on them otherwise; the direct pass's stores overlap its
                 # arithmetic, and prefetching made it slower)
                 oslab = outf[b, q0, q0b]
@@ -792,6 +802,33 @@ def kron_conv(
                         mrow[c] = col[c * hh]
                 continue
             if direct:
+                continue
+            if pooled:  # the 2 × 2 windows of this slab into output slab (q0/2, q0'/2)
+                # plain sums of the 16 entries of each window (no product in the loops: FMA
+                # contraction, which fastmath allows, then cannot differ between a loop's
+                # vector body and its remainder, i.e. with the buffer's address), then one
+                # scaling pass after the last of the four slabs
+                oslab = outf[b, q0 // 2, q0b // 2]
+                first = q0 % 2 == 0 and q0b % 2 == 0
+                for r in range(q_1 // 2):
+                    o = (out_pad + r) * ho + out_pad
+                    u = dst[2 * r * hh : 2 * r * hh + q_1]
+                    d = dst[(2 * r + 1) * hh : (2 * r + 1) * hh + q_1]
+                    orow = oslab[o : o + q_1 // 2]
+                    if first:
+                        for k in range(q_1 // 2):
+                            orow[k] = (u[2 * k] + u[2 * k + 1]) + (d[2 * k] + d[2 * k + 1])
+                    else:
+                        for k in range(q_1 // 2):
+                            orow[k] += (u[2 * k] + u[2 * k + 1]) + (d[2 * k] + d[2 * k + 1])
+                if q0 % 2 == 1 and q0b % 2 == 1:  # complete: K = b + w·Σ
+                    for r in range(q_1 // 2):
+                        o = (out_pad + r) * ho + out_pad
+                        orow = oslab[o : o + q_1 // 2]
+                        for k in range(q_1 // 2):
+                            orow[k] *= pool_w
+                        for k in range(q_1 // 2):
+                            orow[k] += pool_b
                 continue
             for q1 in range(q_1):
                 row = dst[q1 * hh : q1 * hh + q_1]
