@@ -723,7 +723,7 @@ def _api_cases():
         ("api-width", call(cnngp.monte_carlo_kernel, net, x, width=10**8, n_samples=2),
          r"width=100000000: needs about .* of memory"),
         ("api-estimator-noise", call(CNNGPClassifier("cnngp1", noise_variance=-1.0).fit, x, np.array([0, 1, 0])),
-         r"noise_variance must be a finite number >= 0"),
+         r"noise_variance: expected a finite number >= 0"),
         ("api-load-missing", call(__import__("cnngp.io.data").io.data.load_dataset, "/nonexistent.npz"), r"does not exist"),
     ]
 

@@ -134,7 +134,7 @@ def test_scale_is_chosen_without_the_test_labels():
 @pytest.mark.parametrize("call, match", [
     (lambda: cal.class_probabilities(np.ones(3), np.ones(3)), r"mean must be a 2-D array"),
     (lambda: cal.class_probabilities(np.ones((3, 2)), np.ones(2)), r"variance must have shape \(3,\)"),
-    (lambda: cal.class_probabilities(np.ones((2, 2)), np.array([1.0, -1.0])), "variance must be >= 0"),
+    (lambda: cal.class_probabilities(np.ones((2, 2)), np.array([1.0, -1.0])), "variance: variances must be >= 0; row 1 has -1"),
     (lambda: cal.class_probabilities(np.ones((2, 2)), np.array([1.0, np.nan])), "variance contains NaN"),
     (lambda: cal.class_probabilities(np.full((2, 2), np.nan), np.ones(2)), "mean contains NaN"),
     (lambda: cal.class_probabilities(np.ones((2, 2)), np.ones(2), 0.0), "scale must be a finite number > 0"),

@@ -369,7 +369,7 @@ def test_held_out_predictions_equal_explicit_refits():
 
 @pytest.mark.parametrize("change, match", [
     (dict(test_prior=np.ones(3)), r"test_prior must be the \(2,\)"),
-    (dict(test_prior=np.array([1.0, -0.5])), "test_prior: prior variances must be >= 0"),
+    (dict(test_prior=np.array([1.0, -0.5])), "test_prior: variances must be >= 0; test point 1 has -0.5"),
     (dict(test_prior=np.array([1.0, np.nan])), "test_prior contains NaN"),
     (dict(test_prior=np.ones(2), full_covariance=True), r"full_covariance=True needs the \(2, 2\)"),
     (dict(K_test_train=np.ones((2, 4))), r"K_test_train must have shape \(M, 3\)"),

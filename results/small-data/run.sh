@@ -27,24 +27,18 @@ run() {  # run NAME ARCH [flags...]
         --dtype float32 --store "$STORES/$name.zarr" --tile 160 --yes --out "$name" "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
 }
-for arch in myrtle10; do
-    run "$arch-plain" "$arch" || exit $?
-    run "$arch-zca" "$arch" --zca 0.1 || exit $?
-    run "$arch-flip" "$arch" --flip || exit $?
-    run "$arch-zca-flip" "$arch" --zca 0.1 --flip || exit $?
-done
+configs() {  # configs NAME-PREFIX ARCH: plain, ZCA, flips, ZCA + flips
+    local prefix=$1 arch=$2
+    run "$prefix-plain" "$arch" || return $?
+    run "$prefix-zca" "$arch" --zca 0.1 || return $?
+    run "$prefix-flip" "$arch" --flip || return $?
+    run "$prefix-zca-flip" "$arch" --zca 0.1 --flip || return $?
+}
+configs myrtle10 myrtle10 || exit $?
 # correlated intermediate layers (6×6 stride-2 SAME Matérn convs in place of the pools; on
 # 32×32 their padding is 2 before and 2 after, so the network is flip-symmetric: the sweep's
 # numerical check passes)
-run myrtle10-correlated-plain myrtle10-correlated || exit $?
-run myrtle10-correlated-zca myrtle10-correlated --zca 0.1 || exit $?
-run myrtle10-correlated-flip myrtle10-correlated --flip || exit $?
-run myrtle10-correlated-zca-flip myrtle10-correlated --zca 0.1 --flip || exit $?
+configs myrtle10-correlated myrtle10-correlated || exit $?
 # CNNGP-14 last: 3.5× Myrtle10's cost per pair
-for arch in cnngp14; do
-    run "$arch-plain" "$arch" || exit $?
-    run "$arch-zca" "$arch" --zca 0.1 || exit $?
-    run "$arch-flip" "$arch" --flip || exit $?
-    run "$arch-zca-flip" "$arch" --zca 0.1 --flip || exit $?
-done
+configs cnngp14 cnngp14 || exit $?
 python summarize.py > /dev/null

@@ -32,7 +32,7 @@ import torch
 
 from cnngp.errors import CNNGPError
 
-__all__ = ["as_images", "describe_images", "layout_problem", "LAYOUTS", "resolve_dtype", "resolve_device", "parse_bytes", "MAX_ABS_PIXEL", "IMAGE_POLICY"]
+__all__ = ["as_images", "describe_images", "layout_problem", "LAYOUTS", "resolve_dtype", "resolve_device", "parse_bytes", "non_negative_real", "MAX_ABS_PIXEL", "IMAGE_POLICY"]
 
 #: largest accepted absolute pixel value (see the module docstring)
 MAX_ABS_PIXEL = 1e8
@@ -42,6 +42,27 @@ IMAGE_POLICY = (
     "accepted are uint8 (pixels 0..255, scaled to [0, 1]), bool (0/1), other integer or "
     "floating types (taken as they are)"
 )
+
+
+def non_negative_real(value, name: str, accepted: str = "a finite number >= 0") -> float:
+    """``value`` as a float: a real number (not a bool or a string), finite and >= 0.
+
+    The one check behind every variance, noise level and regulariser strength an API takes;
+    the message is ``"{name}: expected {accepted}, got {value!r}"``.
+
+    >>> non_negative_real(0.1, "zca")
+    0.1
+    """
+    bad = CNNGPError(f"{name}: expected {accepted}, got {value!r}")
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise bad
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not np.isfinite(v) or v < 0:
+        raise bad
+    return v
 
 
 def _pixel_values(arr: np.ndarray, name: str) -> np.ndarray:

@@ -87,10 +87,7 @@ def _check_mean_variance(mean, variance) -> tuple[np.ndarray, np.ndarray]:
             f"variance must have shape ({mu.shape[0]},), one posterior variance per row of mean; "
             f"got {v.shape}"
         )
-    if not np.all(np.isfinite(v)):
-        raise CNNGPError("variance contains NaN or infinite values")
-    if np.any(v < 0):
-        raise CNNGPError(f"variance must be >= 0; got {float(v.min()):.3g}")
+    gp._check_variances(v, "variance", "row")
     return mu, v
 
 

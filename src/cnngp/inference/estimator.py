@@ -55,7 +55,7 @@ from cnngp.kernels.correlations import ENDS, FAMILIES, Correlation, parse_length
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.errors import CNNGPError
 from cnngp.kernels.layers import Readout, Serial
-from cnngp.validation import as_images
+from cnngp.validation import as_images, non_negative_real
 
 __all__ = ["CNNGPClassifier", "CNNGPClassifierCV"]
 
@@ -94,15 +94,6 @@ def _split(arch) -> tuple[Serial, Readout]:
 
     body, template, _ = split_network(arch)
     return body, template
-
-
-def _check_noise(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise CNNGPError(f"{name} must be a finite number >= 0; got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise CNNGPError(f"{name} must be a finite number >= 0; got {value!r}")
-    return v
 
 
 def _check_scale(value) -> float:
@@ -409,7 +400,7 @@ class CNNGPClassifier(_CNNGPBase):
         -------
         self
         """
-        noise = _check_noise(self.noise_variance, "noise_variance")
+        noise = non_negative_real(self.noise_variance, "noise_variance")
         images, y_enc = self._validate_fit(X, y)
         images = self._whiten_fit(images)
         body, template = _split(self.arch)

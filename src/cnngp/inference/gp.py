@@ -855,15 +855,18 @@ def _check_prior(test_prior, m: int, full: bool) -> np.ndarray:
             f"test_prior must be the ({m},) prior variances k(x*, x*) of the test points or their "
             f"({m}, {m}) kernel matrix, to match K_test_train's {m} rows; got shape {P.shape}"
         )
-    if not np.all(np.isfinite(diag)):
-        raise CNNGPError("test_prior contains NaN or infinite values")
-    if np.any(diag < 0):
-        i = int(np.argmin(diag))
-        raise CNNGPError(
-            f"test_prior: prior variances must be >= 0; test point {i} has {diag[i]:.3g} (pass "
-            "k(x*, x*), e.g. cnngp.engine.gram.kernel_diagonal)"
-        )
+    _check_variances(diag, "test_prior", "test point",
+                     " (pass k(x*, x*), e.g. cnngp.engine.gram.kernel_diagonal)")
     return P
+
+
+def _check_variances(v: np.ndarray, name: str, item: str, hint: str = "") -> None:
+    """Refuse variances (a 1-D array ``name``) that are NaN, infinite or negative."""
+    if not np.all(np.isfinite(v)):
+        raise CNNGPError(f"{name} contains NaN or infinite values")
+    if np.any(v < 0):
+        i = int(np.argmin(v))
+        raise CNNGPError(f"{name}: variances must be >= 0; {item} {i} has {v[i]:.3g}{hint}")
 
 
 #: posterior variances more negative than this, relative to the prior variance, are reported

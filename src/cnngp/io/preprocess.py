@@ -51,13 +51,12 @@ covariance is decomposed instead (``O(N D² + D³)``). Both in float64.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from cnngp.errors import CNNGPError
-from cnngp.validation import as_images
+from cnngp.validation import as_images, non_negative_real
 
 __all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "ZCA_METHODS"]
 
@@ -74,12 +73,7 @@ def check_zca_strength(value, name: str = "zca") -> float:
     >>> check_zca_strength(0.1)
     0.1
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise CNNGPError(f"{name}: expected {_STRENGTH}, got {value!r} ({type(value).__name__})")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise CNNGPError(f"{name}: expected {_STRENGTH}, got {value!r}")
-    return v
+    return non_negative_real(value, name, _STRENGTH)
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,6 +21,7 @@ from cnngp.kernels.correlations import Constant, Correlation, Independent
 from cnngp.errors import CNNGPError
 from cnngp.settings import env_number
 from cnngp.kernels.state import Band, KernelState
+from cnngp.validation import non_negative_real
 
 #: the name of the NTK's Θ among a kernel state's extra tensors (docs/maths.md §7)
 TANGENT = "ntk"
@@ -42,16 +43,6 @@ __all__ = [
     "Identity",
     "Serial",
 ]
-
-
-def _check_variance(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise CNNGPError(f"{name}: expected a finite number >= 0, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
-        raise CNNGPError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return v
 
 
 def _check_ints(value, name, minimum=1):
@@ -258,8 +249,8 @@ class Conv(Layer):
         if padding not in ops.PADDINGS:
             raise CNNGPError(f"padding: expected one of {ops.PADDINGS}, got {padding!r}")
         self.padding = padding
-        self.weight_var = _check_variance(weight_var, "weight_var")
-        self.bias_var = _check_variance(bias_var, "bias_var")
+        self.weight_var = non_negative_real(weight_var, "weight_var")
+        self.bias_var = non_negative_real(bias_var, "bias_var")
         self.correlation = _check_correlation(correlation)
 
     # -- geometry ---------------------------------------------------------------------------
@@ -513,8 +504,8 @@ class Readout(Layer):
                  parameterization: str = "ntk"):
         super().__init__()
         self.parameterization = _check_parameterization(parameterization)
-        self.weight_var = _check_variance(weight_var, "weight_var")
-        self.bias_var = _check_variance(bias_var, "bias_var")
+        self.weight_var = non_negative_real(weight_var, "weight_var")
+        self.bias_var = non_negative_real(bias_var, "bias_var")
         self.correlation = _check_correlation(correlation)
 
     def output_spatial(self, spatial):
