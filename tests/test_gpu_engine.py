@@ -241,18 +241,19 @@ def test_cifar_nngp_against_neural_tangents(interpreted, calls, reference_dir, c
     assert rel_err(got, np.stack(want)) < tol, rel_err(got, np.stack(want))
 
 
-#: float32 NTKs: V̇ = 1 − θ/π is √ε-sensitive where an image meets itself (ρ → 1); the fused
-#: CPU engine is 1.2e-6 from this reference on the same two images (the torch path 1.4e-7), the
-#: Triton kernels 1.5e-6
+#: float32 NTKs to 1e-6 (the CPU engines' bound, tests/test_ntk.py): the Triton kernels take their
+#: variances from the torch self pass, so its scales must round as unbiased as theirs
+#: (ops.scaled: fl(1/9) once, as the Triton tables; × fl(1/3) twice put it 1.5e-6 from the reference)
 @pytest.mark.slow
-@pytest.mark.parametrize("case, dtype, tol", [("cnngp4", "float64", 1e-9), ("myrtle10_paper", "float32", 2e-6)])
+@pytest.mark.parametrize("case, dtype, tol", [("cnngp4", "float64", 1e-9), ("cnngp4", "float32", 1e-6),
+                                              ("myrtle10_paper", "float32", 1e-6)])
 def test_cifar_ntk_against_neural_tangents(interpreted, calls, reference_dir, case, dtype, tol):
     d = np.load(reference_dir / "ntk" / f"ntk_{case}.npz")
     x = d["x"][:2]
     heads = [GAP, cnngp.Readout(correlation=cnngp.Matern(1.5, float(d["lengthscales"][0])))]
     nngp, ntk = np.split(gram(_body(case), x, "triton", dtype, "both", readouts=heads), 2)
     assert calls and all(t for _, t in calls)
-    assert rel_err(nngp[0], d["nngp_gap"][:2, :2]) < tol
+    assert rel_err(nngp[0], d["nngp_gap"][:2, :2]) < tol, rel_err(nngp[0], d["nngp_gap"][:2, :2])
     want = np.stack([d["ntk_gap"][:2, :2], d["ntk_matern32"][0, :2, :2]])
     assert rel_err(ntk, want) < tol, rel_err(ntk, want)
 

@@ -226,10 +226,14 @@ def _sigma(conv: Conv, kind, taps: tuple) -> np.ndarray:
 def _kron_terms(sigma: np.ndarray, kind):
     """Factors (A_m over axis 0, B_m over axis 1) with Σ = Σ_m A_m ⊗ B_m, Σ as (P0, P1, P0, P1)."""
     p0, p1 = sigma.shape[:2]
-    if kind == "independent":  # I/|P| = I/P0 ⊗ I/P1
-        return [np.eye(p0) / p0], [np.eye(p1) / p1]
-    if kind == "constant":  # 11ᵀ/|P|² = 11ᵀ/P0² ⊗ 11ᵀ/P1²
-        return [np.full((p0, p0), 1.0 / p0**2)], [np.full((p1, p1), 1.0 / p1**2)]
+    # The whole scale on B: A = I (or 11ᵀ) is exact in every dtype, so the pair pass rounds the
+    # scale once, as conv_diagonal does. Split as I/P0 ⊗ I/P1, a 3×3 conv's float32 pair pass
+    # ran (1/3)·(1/3) ≈ (1 + 7e-8)/9 against the variances' 1/9: ρ biased upwards at every
+    # layer, which the NTK's V̇ (θ ≈ √(2(1 − ρ)) near ρ = 1) turns into a bias of ~3e-7 a layer.
+    if kind == "independent":  # I/|P| = I ⊗ I/|P|
+        return [np.eye(p0)], [np.eye(p1) / (p0 * p1)]
+    if kind == "constant":  # 11ᵀ/|P|² = 11ᵀ ⊗ 11ᵀ/|P|²
+        return [np.ones((p0, p0))], [np.full((p1, p1), 1.0 / (p0 * p1) ** 2)]
     # Van Loan–Pitsianis: R[(p0,p0'), (p1,p1')] = Σ[(p0,p1), (p0',p1')] = U S Wᵀ, keep the terms
     # above rounding. A Σ stationary along axis 0 (R depends on p0 − p0' only) is split as
     # R = E F, E[(p0,p0'), δ] = [p0 − p0' = δ], and F = U S Wᵀ instead: its A_m are then exactly
@@ -374,6 +378,7 @@ class ConvPlan:
         self.geom1 = _axis_geometry(geoms[1])
         kind = conv.correlation_kind(spatial)
         self.sigma = _sigma(conv, kind, (geoms[0].taps, geoms[1].taps))
+        self._sigma_as = {}
         a, b = _kron_terms(self.sigma, kind)
         self.a_ptr, self.a_taps, self.a_coef = _grouped_factors(a)
         self.b_taps, self.b_coef = _sparse_factors(b)
@@ -383,6 +388,15 @@ class ConvPlan:
         span = max(g1.pad_before + n1, g1.stride * (q1 - 1) + g1.dilation * (g1.taps - 1) + 1)
         self.layout = Layout(n0, n1, g1.pad_before, g1.stride, -(-span // g1.stride))
         self.out_standard = Layout(q0, q1, 0, 1, q1)
+
+
+    def sigma_as(self, dtype: torch.dtype) -> np.ndarray:
+        """Σ rounded to ``dtype`` (held as float64): the variances (:func:`conv_diagonal`, summed
+        in float64) then scale as the pair pass does, by fl(1/|P|) (ops.scaled)."""
+        if dtype not in self._sigma_as:
+            np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+            self._sigma_as[dtype] = self.sigma.astype(np_dtype).astype(np.float64)
+        return self._sigma_as[dtype]
 
 
 def conv_plan(conv: Conv, spatial) -> ConvPlan | None:
@@ -430,6 +444,10 @@ def relu_pointwise(act, cross: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor)
         and available(cross.dtype)
     ):
         return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (cross, vx, vy)):
+        return None  # being differentiated (docs/maths.md §8): torch's autograd form
+    if _products_underflow(vx, vy):
+        return None  # the torch path's √vx·√vy form (its _relu_expectation_values)
     b = cross.shape[0]
     if vx.dim() == cross.dim():  # diagonal: one row per pair
         shape2 = (b, -1)
@@ -448,6 +466,15 @@ def relu_pointwise(act, cross: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor)
         npd(c_lin), npd(c_relu),
     )
     return out.reshape(cross.shape)
+
+
+def _products_underflow(vx: torch.Tensor, vy: torch.Tensor) -> bool:
+    """Whether two positive variances (values ~1e-160 in float64, ~1e-20 in float32) can
+    multiply below the dtype's smallest normal number, where the kernel's √(vx·vy) would
+    read as a zero variance."""
+    tiny = torch.finfo(vx.dtype).tiny
+    lo = [float(torch.where(v > 0, v, torch.inf).min()) if v.numel() else math.inf for v in (vx, vy)]
+    return lo[0] * lo[1] < tiny
 
 
 def _roots(var):
@@ -544,7 +571,7 @@ def conv_diagonal(x: Fused, plan: ConvPlan, weight_var: float = 1.0, bias_var: f
     q = (plan.geom0[1], plan.geom1[1])
     out = np.empty((x.batch,) + q)
     _parallel(
-        _kernels().conv_diagonal, x.buf.numpy(), out, plan.geom0, plan.geom1, plan.sigma,
+        _kernels().conv_diagonal, x.buf.numpy(), out, plan.geom0, plan.geom1, plan.sigma_as(x.buf.dtype),
         float(weight_var), float(bias_var),
     )
     return torch.as_tensor(out, dtype=x.buf.dtype).reshape((x.batch,) + plan.spatial_out)
@@ -701,14 +728,14 @@ def _input_state(x1, x2, full, ws, layers, flags):
     if plan is not None:
         n0, n1 = _spatial2(spatial)
         out = ws.get(plan.layout, b, x1.dtype)
-        a = (x1 * (1.0 / c)).reshape(b, n0, n1, c).contiguous().numpy()
+        a = (x1 / c).reshape(b, n0, n1, c).contiguous().numpy()
         bt = x2.reshape(b, n0, n1, c).transpose(2, 3).contiguous().numpy()
         _parallel(_kernels().input_layout, a, bt, out.numpy(), plan.layout.pad)
         return Fused(out, plan.layout, spatial, channels=c)
     n = math.prod(spatial)
     out = ws.get((b, n, n), b, x1.dtype)
     torch.bmm(x1.reshape(b, n, c), x2.reshape(b, n, c).transpose(1, 2), out=out)
-    out *= 1.0 / c
+    out /= c  # / C, not × fl(1/C) (fl(1/3) > 1/3): as gram.input_state, so ρ is unbiased
     return KernelState(out.reshape((b,) + spatial + spatial), spatial, True, channels=c)
 
 

@@ -336,24 +336,25 @@ class Conv(Layer):
         """Σ * t (docs/maths.md §2 (*)) for ``t``, one of ``state``'s tensors, before the
         variances: (result, its representation)."""
         d = len(geoms)
+        n = math.prod(g.taps for g in geoms)  # Σ = I/|P| or 11ᵀ/|P|²: sums, then one scale
         if kind == "independent":
             if state.full and full_out:  # one diagonal sum per axis pair (d, D + d)
                 x = t
                 for k, g in enumerate(geoms):
-                    x = ops.shift_sum(x, (1 + k, 1 + d + k), g)
-                return x, full_out
+                    x = ops.shift_sum(x, (1 + k, 1 + d + k), g, scale=False)
+                return ops.scaled(x, n), full_out
             x = state.diagonal(t)  # the spatial diagonal is an ordinary strided/dilated average
             for k, g in enumerate(geoms):
-                x = ops.shift_sum(x, (1 + k,), g)
-            return x, False
+                x = ops.shift_sum(x, (1 + k,), g, scale=False)
+            return ops.scaled(x, n), False
         if not state.full:
             raise CNNGPError(f"{self!r}: a correlated filter needs the full position-pair covariance")
         if kind == "constant" and full_out:  # box sums, each side and axis separately
             x = t
             for k, g in enumerate(geoms):
-                x = ops.shift_sum(x, (1 + k,), g)
-                x = ops.shift_sum(x, (1 + d + k,), g)
-            return x, full_out
+                x = ops.shift_sum(x, (1 + k,), g, scale=False)
+                x = ops.shift_sum(x, (1 + d + k,), g, scale=False)
+            return ops.scaled(x, n * n), full_out
         sigma = self.correlation.matrix(tuple(g.taps for g in geoms), t.dtype, t.device)
         if full_out:
             return ops.correlated_conv_full(t, sigma, geoms), full_out
@@ -786,9 +787,13 @@ def _angle(c, vx, vy):
     return torch.where(n > 0, torch.atan2(s, c), torch.full_like(s, math.pi / 2))
 
 
-#: fewest entries of a diagonal or band state for which ReLU-family layers use the fused
-#: arccos-free CPU kernel; below it torch's elementwise ops cost less than importing numba
-POINTWISE_MIN = env_number("CNNGP_POINTWISE_MIN", 2**20, integer=True)
+#: fewest entries of a diagonal or band state for which ReLU-family layers use a registered
+#: engine's kernel (the fused CPU engine's arccos-free one). Default 0, always: that kernel
+#: gives each entry the same bits wherever it sits in its batch, whereas torch's vectorised
+#: atan2 rounds its SIMD body and its scalar tail differently, so a pair's kernel would depend
+#: in the last bit on the batch it was computed in (a tile against the whole matrix). It is
+#: also faster from ~10³ entries.
+POINTWISE_MIN = env_number("CNNGP_POINTWISE_MIN", 0, integer=True)
 
 #: engines offering a faster pointwise expectation: ``engine(layer, cross, vx, vy)`` returns
 #: the tensor, or None to decline (a layer it does not handle, a device it does not run on)

@@ -103,8 +103,9 @@ def _resize(shape, axes, n):
     return shape
 
 
-def shift_sum(v: torch.Tensor, axes: tuple, geom: AxisGeometry) -> torch.Tensor:
-    """Σ_a v[..., i(q, a) on every axis in ``axes`` simultaneously, ...] / taps.
+def shift_sum(v: torch.Tensor, axes: tuple, geom: AxisGeometry, scale: bool = True) -> torch.Tensor:
+    """Σ_a v[..., i(q, a) on every axis in ``axes`` simultaneously, ...] / taps (``scale=False``:
+    without the / taps, for callers that scale once for all axes, see :func:`scaled`).
 
     With one axis this is a box sum (average pooling of one side); with the two axes (d, D+d)
     of a position-pair tensor it is the diagonal sum of an independent convolution.
@@ -123,8 +124,20 @@ def shift_sum(v: torch.Tensor, axes: tuple, geom: AxisGeometry) -> torch.Tensor:
             continue
         qs, is_ = sl
         out[_sl(v.dim(), {a: qs for a in axes})] += v[_sl(v.dim(), {a: is_ for a in axes})]
-    out *= 1.0 / geom.taps
+    if scale:
+        out *= 1.0 / geom.taps
     return out
+
+
+def scaled(x: torch.Tensor, count: int) -> torch.Tensor:
+    """x / count as every engine rounds it: x times fl(1/count), one constant rounded once.
+
+    A float32 3×3 conv scaled per axis, × fl(1/3) twice, is (1 + 6e-8)/9 on average; an engine
+    that scales by fl(1/9) then meets variances 6e-8 off its cross terms, and the NTK's V̇ (dV̇/dρ
+    ≈ 20 at the ρ ≈ 0.9999 of neighbouring positions) turns that into ~1e-7 of the Gram per
+    layer. The fused engines scale by the same fl(1/9) (fused._kron_terms, the Triton tables).
+    """
+    return x * (1.0 / count)
 
 
 def gather_patches(v: torch.Tensor, axis: int, geom: AxisGeometry) -> torch.Tensor:
@@ -289,11 +302,11 @@ def band_products(x1: torch.Tensor, x2: torch.Tensor, spatial, radius) -> torch.
     if d == 2:
         patches = _unfold2d(x2.permute(0, 3, 1, 2), radius)  # (B, C, W, |F|)
         x1c = x1.reshape(b, -1, c).transpose(1, 2)[:, :, None, :]  # (B, C, 1, |F|)
-        out = (x1c * patches).sum(1) * (1.0 / c)  # (B, W, |F|)
+        out = (x1c * patches).sum(1) / c  # (B, W, |F|); / C as every input state (gram.input_state)
         return out.transpose(1, 2).reshape((b,) + tuple(spatial) + widths)
     shifted = band_shift(x2, spatial, radius)  # (B, *F, *W, C)
     x1b = x1.reshape((b,) + tuple(spatial) + (1,) * d + (c,))
-    return (x1b * shifted).sum(-1) * (1.0 / c)
+    return (x1b * shifted).sum(-1) / c
 
 
 def band_shift(v: torch.Tensor, spatial, radius) -> torch.Tensor:
@@ -375,8 +388,8 @@ def banded_conv(v: torch.Tensor, sigma: torch.Tensor | None, geoms, r_in, r_out)
             if g.stride > 1:
                 x = x[(slice(None),) * (1 + d + k) + (slice(None, None, g.stride),)]
         for k, g in enumerate(geoms):
-            x = shift_sum(x, (1 + k,), g)
-        return x
+            x = shift_sum(x, (1 + k,), g, scale=False)
+        return scaled(x, math.prod(g.taps for g in geoms))
     taps = tuple(g.taps for g in geoms)
     filters, us = _offset_filters(sigma, taps)
     n_u = filters.shape[0]
