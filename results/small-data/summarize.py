@@ -91,7 +91,7 @@ def main():
              "|---|---|---|---|---|---|---|---|"]
     for t in table:
         nested = "" if t["nested_cv_accuracy"] is None else f"{100 * t['nested_cv_accuracy']:.1f}"
-        lam = "" if t["readout"] != "CV-chosen λ" else f" ({t['lengthscale']})"
+        lam = "" if t["readout"] != "CV-chosen λ" else f" (λ = {float(t['lengthscale']):.3g})"
         lines.append(f"| {t['network']} | {t['config']} | {t['readout']}{lam} | "
                      f"{100 * t['test_accuracy']:.1f} ± {100 * t['test_accuracy_2se']:.1f} | "
                      f"{t['test_nll']:.3f} ± {t['test_nll_2se']:.3f} | {100 * t['test_ece']:.1f} | "
