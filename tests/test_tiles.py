@@ -94,3 +94,21 @@ def test_plan_errors():
         plan.tiles(4, tile=0)
     with pytest.raises(cnngp.CNNGPError, match=r"readouts: expected a non-empty list"):
         GramPlan(net[:-1], (6, 6, 2), readouts=[])
+
+
+@pytest.mark.parametrize("name", ["pooled-band", "flatten-diagonal", "matern-readout"])
+def test_a_pairs_kernel_does_not_depend_on_the_batch_it_is_computed_in(name):
+    """Every pair gets the same bits whether its batch holds 1, 3 or all 28 pairs (float32,
+    where a last-bit difference is visible): what makes tiles, resumes and workers agree with
+    the whole matrix. Torch's vectorised atan2 rounds its SIMD body and its scalar tail
+    differently, so the diagonal/band ReLUs run on the fused kernel at every size
+    (layers.POINTWISE_MIN = 0)."""
+    net = NETS[name]
+    for seed in range(3):
+        x = _images(7, seed=seed)
+        blocks = []
+        for batch in (1, 3, 28):
+            plan = GramPlan(net, x.shape[1:], dtype="float32", batch_size=batch)
+            xt = plan.images(x)
+            blocks.append(plan.block(xt, plan.self_records(xt)).numpy())
+        assert all(np.array_equal(b, blocks[0]) for b in blocks[1:]), (name, seed)
