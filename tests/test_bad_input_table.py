@@ -710,7 +710,7 @@ def _api_cases():
         ("api-spec-unknown-key", call(cnngp.from_spec, {"layers": [{"type": "conv", "size": 3}]}), r"unknown key"),
         ("api-arch-depth", call(cnngp.io.architectures.get, "cnngp100000000"), r"arch: cnngp<depth> needs 1 <= depth"),
         ("api-readouts-empty", call(cnngp.readout_sweep, net[:-1], [], x), r"readouts: expected a non-empty list"),
-        ("api-flip-not-bool", call(cnngp.kernel, net, x, flip="yes"), r"flip: expected True or False"),
+        ("api-flip-not-bool", call(cnngp.kernel, net, x, flip="yes"), r"flip: expected True, False or 'mirror'"),
         ("api-flip-asymmetric", call(cnngp.kernel, cnngp.Serial(cnngp.Conv(2), cnngp.ReLU(), cnngp.Readout()), x,
                                      flip=True), r"flip: the network is not flip-symmetric on 4×4 images"),
         ("api-flip-offsets", call(cnngp.engine.gram.GramPlan, net[:-1], (4, 4, 2), offsets=True, flip=True),

@@ -15,7 +15,7 @@ import cnngp
 from cnngp.cli.main import main
 from cnngp.engine import timing
 from cnngp.engine.gram import (
-    FLIP_TOLERANCE, GramPlan, check_flip_symmetric, estimate_cost, flip_images, readout_sweep,
+    FLIP_TOLERANCE, MIRROR, GramPlan, check_flip_symmetric, estimate_cost, flip_images, readout_sweep,
 )
 from cnngp.engine.storage import CheckpointMismatchError
 from cnngp.errors import CNNGPError
@@ -163,10 +163,63 @@ def test_the_check_cannot_pass_a_small_asymmetry():
     assert FLIP_TOLERANCE < gap < 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("get", ["nngp", "both"])
+def test_the_mirror_term_completes_a_plain_kernel_into_the_flip_kernel_to_the_bit(dtype, get):
+    """flip="mirror" computes K(x, flip x') alone (a store of the plain kernel then needs only
+    it): ½[K + K_mirror] is the flip-averaged block, bit for bit, on diagonal and off-diagonal
+    blocks and on the diagonal pass; the mirror block equals the plain kernel against the
+    mirrored images, and is symmetric."""
+    x, y = _images(5), _images(4, seed=3)
+    plans = {f: GramPlan(NET, (6, 6, 2), get=get, flip=f, dtype=dtype, batch_size=4) for f in (False, True, MIRROR)}
+    assert plans[MIRROR].flip == MIRROR
+    blocks = {}
+    for f, plan in plans.items():
+        tx, ty = plan.images(x), plan.images(y, "x2")
+        rx, ry = plan.self_records(tx), plan.self_records(ty)
+        blocks[f] = (plan.block(tx, rx), plan.block(tx, rx, ty, ry), plan.diagonal(tx, rx))
+    for plain, mirror, both in zip(*(blocks[f] for f in (False, MIRROR, True))):
+        assert torch.equal((plain + mirror) * 0.5, both)
+    square = blocks[MIRROR][0].numpy()
+    assert np.array_equal(square, np.swapaxes(square, 1, 2))
+    cross = cnngp.readout_sweep(BODY, READOUTS, x, flip_images(x)).numpy() if get == "nngp" else None
+    if cross is not None:  # the same through the public API, against the plain kernel of mirrored images
+        mirror = cnngp.readout_sweep(BODY, READOUTS, x, flip=MIRROR).numpy()
+        np.testing.assert_allclose(mirror, cross, rtol=1e-12 if dtype == "float64" else 1e-5, atol=0)
+
+
+def test_a_mirror_store_is_priced_once_and_never_resumed_as_a_flip_or_plain_store(tmp_path):
+    pytest.importorskip("zarr")
+    from cnngp.engine.distributed import store_dry_run, store_kernel
+    from cnngp.engine.store import KernelStore
+
+    x = _images(6)
+    plain, mirror = tmp_path / "k.zarr", tmp_path / "k-mirror.zarr"
+    store_kernel(NET, x, out=plain, tile=3, progress=False)
+    dry = store_dry_run(NET, x, out=mirror, tile=3, flip=MIRROR, progress=False).dry_run
+    assert dry["flip"] == MIRROR and "× 2" not in dry["estimate"] and "(the mirror term" in describe(dry)
+    assert estimate_cost(NET, (6, 6, 2), 100, flip=MIRROR).seconds == estimate_cost(NET, (6, 6, 2), 100).seconds
+    store_kernel(NET, x, out=mirror, tile=3, flip=MIRROR, progress=False)
+    assert KernelStore.open(mirror).info()["flip"] == MIRROR
+    averaged = (np.asarray(KernelStore.open(plain).kernel) + np.asarray(KernelStore.open(mirror).kernel)) * 0.5
+    assert np.array_equal(averaged, cnngp.kernel(NET, x, flip=True).numpy()[None])
+    for f in (True, False):
+        with pytest.raises(CNNGPError, match="flip averaging"):
+            store_kernel(NET, x, out=mirror, tile=3, flip=f, progress=False)
+    with pytest.raises(CNNGPError, match="flip averaging"):
+        store_kernel(NET, x, out=plain, tile=3, flip=MIRROR, progress=False)
+
+
+def describe(dry):
+    from cnngp.engine.distributed import describe_dry_run
+
+    return describe_dry_run(dry)
+
+
 def test_bad_flip_values_and_offsets_are_refused():
     x = _images(3)
     for bad in ("yes", 1, None):
-        with pytest.raises(CNNGPError, match="flip: expected True or False"):
+        with pytest.raises(CNNGPError, match="flip: expected True, False or 'mirror'"):
             cnngp.kernel(NET, x, flip=bad)
     with pytest.raises(CNNGPError, match="flip: not for offset sums"):
         GramPlan(BODY, (6, 6, 2), offsets=True, flip=True)
@@ -348,7 +401,8 @@ def test_sweep_into_a_store_equals_the_in_memory_flip_sweep(tmp_path, monkeypatc
     pytest.importorskip("zarr")
     from cnngp.engine import gram
     from cnngp.engine.store import KernelStore
-    from cnngp.experiments.sweep import SweepProtocol, run_sweep, test_store_path
+    from cnngp.engine import distributed
+    from cnngp.experiments.sweep import SweepProtocol, mirror_store_path, run_sweep, test_store_path
 
     from cnngp.io.data import load_digits
 
@@ -366,14 +420,49 @@ def test_sweep_into_a_store_equals_the_in_memory_flip_sweep(tmp_path, monkeypatc
     monkeypatch.setattr(gram, "_compute", spy)
     memory = run_sweep("cnngp1", data, protocol, **options)
     assert computed == [True, True]
+    # a flip sweep into a store: the plain kernels in K.zarr (and K-test.zarr), their mirror
+    # terms beside them, averaged when read; the same results as in memory, to the bit
     store = tmp_path / "K.zarr"
     stored = run_sweep("cnngp1", data, protocol, store=store, tile=16, **options)
     assert [r["cv_accuracy"] for r in stored["results"]] == [r["cv_accuracy"] for r in memory["results"]]
     assert stored["test"] == memory["test"]
-    assert KernelStore.open(store).attrs["flip"] is True
-    assert KernelStore.open(test_store_path(store)).attrs["flip"] is True  # the test kernel too
-    with pytest.raises(CNNGPError, match="flip averaging"):  # the plain sweep does not reuse them
-        run_sweep("cnngp1", data, protocol.replace(flip=False), store=store, tile=16, **options)
+    mirror = mirror_store_path(store)
+    assert mirror.name == "K-mirror.zarr"
+    for path, term in ((store, None), (test_store_path(store), None), (mirror, "mirror"),
+                       (test_store_path(mirror), "mirror")):
+        assert KernelStore.open(path).attrs.get("flip") == term, path
+    # with --test all (every readout's test kernel: the same stores whichever λ is chosen) a
+    # plain sweep and a flip sweep share the plain stores: a flip sweep after a plain one
+    # computes the mirror terms alone, a plain one after a flip one nothing
+    every = protocol.replace(test="all")
+    real = distributed.store_kernel
+    written = []
+    monkeypatch.setattr(distributed, "store_kernel",
+                        lambda *a, **k: written.append((k.get("flip"), real(*a, **k).tiles_computed)) or None)
+    second = tmp_path / "K2.zarr"
+    plain = run_sweep("cnngp1", data, every.replace(flip=False), store=second, tile=16, **options)
+    assert [f for f, _ in written] == [False, False] and all(n > 0 for _, n in written)
+    written.clear()
+    again = run_sweep("cnngp1", data, every, store=second, tile=16, **options)
+    assert [f for f, _ in written] == [False, "mirror", False, "mirror"]
+    assert [n for _, n in written][0::2] == [0, 0] and all(n > 0 for _, n in written[1::2])
+    written.clear()
+    assert run_sweep("cnngp1", data, every.replace(flip=False), store=second, tile=16, **options)["test"] == plain["test"]
+    assert [n for _, n in written] == [0, 0]
+    assert again["test"] == run_sweep("cnngp1", data, every, **options)["test"]  # as in memory
+
+
+def test_a_mirror_store_of_other_readouts_is_refused(tmp_path):
+    pytest.importorskip("zarr")
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import FlipAveragedReadouts, KernelStore, StoredReadouts
+
+    x = _images(4)
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    store_kernel(BODY, x, out=a, readouts=READOUTS, progress=False)
+    store_kernel(BODY, x, out=b, readouts=READOUTS[:2], flip="mirror", progress=False)
+    with pytest.raises(CNNGPError, match="is not the mirror term of"):
+        FlipAveragedReadouts(StoredReadouts(KernelStore.open(a)), StoredReadouts(KernelStore.open(b)))
 
 
 def test_check_gram_prices_a_flip_plan(monkeypatch):

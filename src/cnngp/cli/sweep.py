@@ -123,19 +123,20 @@ def cmd_sweep(args) -> int:
         check_output_file(args.kernel_cache, "--kernel-cache")
     if args.store is not None:
         from cnngp.engine.store import check_output_store, is_store_path
-        from cnngp.experiments.sweep import test_store_path
+        from cnngp.experiments.sweep import sweep_store_paths
 
         if args.kernel_cache is not None:
             raise CNNGPError("--store: cannot be combined with --kernel-cache (choose one)")
         if not is_store_path(args.store):
             raise CNNGPError(f"--store: expected a kernel store path ending in .zarr, got {args.store!r}")
-        check_output_store(args.store, "--store")
-        if args.test:
-            check_output_store(test_store_path(args.store), "--store (its test store)")
+        for path in sweep_store_paths(args.store, bool(args.test), bool(args.flip)):
+            check_output_store(path, "--store" + ("" if path == Path(args.store) else
+                                                  f" (its {'test ' if path.name.endswith('-test.zarr') else ''}"
+                                                  f"{'mirror-term ' if '-mirror' in path.name else ''}store)"))
         if args.archive is not None:
             from cnngp.experiments.sweep import check_sweep_archive
 
-            check_sweep_archive(args.archive, args.test)
+            check_sweep_archive(args.archive, args.test, flip=bool(args.flip))
     else:
         for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive"):
             if getattr(args, flag) is not None:

@@ -423,7 +423,8 @@ def describe_dry_run(d: dict) -> str:
         f"plan: {d['tiles']} tiles of {d['tile']} to compute"
         + (f" (of {d['tiles_total']}; the rest are in the store)" if d.get("tiles_total", d["tiles"]) != d["tiles"] else "")
         + f", {d['diagonal_tiles']} on the diagonal; {d['pairs']:,} image pairs"
-        + (" × 2 (flip-averaged: each also against the mirrored image)" if d.get("flip") else "")
+        + (" × 2 (flip-averaged: each also against the mirrored image)" if d.get("flip") is True
+           else " (the mirror term: each against the mirrored image)" if d.get("flip") else "")
         + f", {d['images']:,} images in the self pass",
         f"store: {d['path']} about {human_bytes(d['store_bytes'])}",
         f"per worker: about {human_bytes(d['memory_per_worker_bytes'])} "
@@ -453,10 +454,12 @@ def store_kernel(model, x1, x2=None, *, out=None, readouts=None, labels=None, ge
     offsets : bool
         Store the offset sums S (M, N1, N2) of ``model``'s last hidden layer instead of
         kernels (:func:`cnngp.offset_sums`; ``model`` is then a body and ``readouts`` None).
-    flip : bool
+    flip : bool or "mirror"
         Store the flip-averaged kernels ½[K(x1, x2) + K(x1, flip x2)] (:func:`cnngp.kernel`'s
-        ``flip``; docs/maths.md §9): every tile computes both terms for its pairs. Part of the
-        store's identity: a store of the other setting is refused, never resumed.
+        ``flip``; docs/maths.md §9): every tile computes both terms for its pairs. ``"mirror"``:
+        the second term alone, to be averaged with a plain store of the same pairs (the
+        sweep's stores, ``cnngp.experiments.sweep.mirror_store_path``). Part of the store's
+        identity: a store of another setting is refused, never resumed.
     execution, **options
         How to compute (:class:`cnngp.Execution`, README "Execution options"): ``dtype``,
         ``device``, ``engine``, ``batch_size``, ``memory_budget`` (per worker; it also decides
@@ -540,8 +543,8 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         identity["kernels"] = list(plan.kernels)
     if offsets:
         identity["offsets"] = True
-    if plan.flip:  # flip-averaged kernels (docs/maths.md §9): never resumed as plain ones, nor back
-        identity["flip"] = True
+    if plan.flip:  # flip-averaged kernels or their mirror term (docs/maths.md §9): never resumed
+        identity["flip"] = plan.flip  # as plain ones, nor as each other
     # the tasks' key: the computation and how it runs (a worker's cached plan is one engine's)
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))

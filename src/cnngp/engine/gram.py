@@ -267,7 +267,7 @@ def estimate_cost(model, image_shape, n1: int, n2: int | None = None, *, readout
     symmetric = n2 is None
     pairs = n1 * (n1 + 1) // 2 if symmetric else n1 * n2
     images = n1 + (0 if symmetric else n2)
-    evaluations = pairs * (2 if flip else 1)  # flip: K(x, x') and K(x, flip x') per pair
+    evaluations = pairs * flip_evaluations(flip)  # flip: K(x, x') and K(x, flip x') per pair
     per_op = SECONDS_PER_OP * (0.7 if itemsize == 4 else 1.0)
     seconds = per_op * (
         evaluations * _ops_per_item(plan, plan.pair_flags, len(plan.body))
@@ -648,11 +648,13 @@ class GramPlan:
     get : as for :func:`kernel`.
     offsets : bool
         Outputs are the offset sums of the body's last hidden layer (:func:`offset_sums`).
-    flip : bool
+    flip : bool or "mirror"
         The flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9): every
-        :meth:`block` computes both terms for the same pairs and returns their average. A
-        network or readout that is not flip-symmetric is refused here
-        (:func:`check_flip_symmetric`).
+        :meth:`block` computes both terms for the same pairs and returns their average.
+        ``"mirror"``: the mirror term K(x, flip x') alone (:data:`MIRROR`), so that a plain
+        kernel already computed (a store) need not be computed again: ½[K + K_mirror] is the
+        flip-averaged kernel, to the bit. Either is refused here for a network or readout
+        that is not flip-symmetric (:func:`check_flip_symmetric`).
     execution, **options
         The execution options (:class:`Execution`) ``dtype``, ``device``, ``engine``,
         ``batch_size`` and ``memory_budget``.
@@ -753,9 +755,9 @@ class GramPlan:
         ``on_batch(out, pairs_done)`` is called after every batch (checkpoints use it).
 
         With ``flip``, each pair's value is ½[K(x, x') + K(x, flip x')]: the second term from
-        the mirrored column images and their mirrored records, in the same batch of pairs. A
-        diagonal block still computes only i <= j: B_ij = K(x_i, flip x_j) is symmetric for
-        a flip-symmetric network (docs/maths.md §9).
+        the mirrored column images and their mirrored records, in the same batch of pairs
+        (``flip="mirror"``: that term alone). A diagonal block still computes only i <= j:
+        B_ij = K(x_i, flip x_j) is symmetric for a flip-symmetric network (docs/maths.md §9).
         """
         symmetric = x_cols is None
         if symmetric:
@@ -776,12 +778,13 @@ class GramPlan:
                     # a lone pair runs as two: BLAS takes another path (GEMV) for one row,
                     # which differs in the last bit from the batched one
                     rd, cd = rd.repeat(2), cd.repeat(2)
-                values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
-                                      rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
+                if self.flip != MIRROR:
+                    values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
+                                          rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
                 if self.flip:  # K_flip(x, x') = ½[K(x, x') + K(x, flip x')] (docs/maths.md §9)
                     mirrored = _pair_values(self.plan, x_rows[rd], x_flip[cd], rec_rows.variances,
                                             rec_flip.variances, rd, cd).cpu()[:, : r.numel()]
-                    values = (values + mirrored) * 0.5
+                    values = mirrored if self.flip == MIRROR else (values + mirrored) * 0.5
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x_rows, x_cols), self.dtype)
                 out[:, r, c] = values
@@ -814,12 +817,13 @@ class GramPlan:
                 d = idx.to(self.device)
                 if idx.numel() == 1:  # a lone pair runs as two, as in block()
                     d = d.repeat(2)
-                values = _pair_values(self.plan, x[d], x[d], rec.variances, rec.variances,
-                                      d, d).cpu()[:, : idx.numel()]
+                if self.flip != MIRROR:
+                    values = _pair_values(self.plan, x[d], x[d], rec.variances, rec.variances,
+                                          d, d).cpu()[:, : idx.numel()]
                 if self.flip:  # as in block()
                     mirrored = _pair_values(self.plan, x[d], x_flip[d], rec.variances, rec_flip.variances,
                                             d, d).cpu()[:, : idx.numel()]
-                    values = (values + mirrored) * 0.5
+                    values = mirrored if self.flip == MIRROR else (values + mirrored) * 0.5
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x,), self.dtype)
                 out[:, idx] = values
@@ -916,13 +920,26 @@ def flip_images(x):
     return x.flip(-2) if isinstance(x, torch.Tensor) else np.flip(np.asarray(x), -2)
 
 
-def _check_flip_flag(flip, offsets) -> bool:
-    if not isinstance(flip, (bool, np.bool_)):
-        raise CNNGPError(f"flip: expected True or False, got {flip!r}")
+#: ``flip=MIRROR``: the mirror term K(x, flip x') alone, the half of a flip-averaged kernel that
+#: the plain one lacks (docs/maths.md §9): ½[K + K_mirror] is the flip-averaged kernel to the bit
+MIRROR = "mirror"
+
+
+def _check_flip_flag(flip, offsets) -> bool | str:
+    if isinstance(flip, str) and flip == MIRROR:
+        pass
+    elif not isinstance(flip, (bool, np.bool_)):
+        raise CNNGPError(f"flip: expected True, False or {MIRROR!r}, got {flip!r}")
     if flip and offsets:
         raise CNNGPError("flip: not for offset sums (offsets=True); flip-average the kernels themselves "
                          "(kernel, readout_sweep or store_kernel with flip=True)")
-    return bool(flip)
+    return flip if isinstance(flip, str) else bool(flip)
+
+
+def flip_evaluations(flip) -> int:
+    """Kernel evaluations per pair: 2 for the flip-averaged kernel (K and its mirror term), 1
+    for a plain kernel or the mirror term alone."""
+    return 2 if flip is True else 1
 
 
 def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -1187,10 +1204,12 @@ def kernel(model, x1, x2=None, *, get="nngp", flip=False, execution=None, **opti
     get : "nngp" (default), "ntk", "both" or a tuple such as ("nngp", "ntk")
         Which kernel: the NNGP, the neural tangent kernel of the same network in the NTK
         parameterisation (docs/maths.md §7), or both from one pass.
-    flip : bool, default False
+    flip : bool or "mirror", default False
         The flip-averaged kernel ½[K(x1, x2) + K(x1, flip x2)], flip = mirror the width
         (docs/maths.md §9): each pair also against the mirrored image, in the same pass (about
-        twice the pair work; the self pass is not repeated). Refused for a network or readout
+        twice the pair work; the self pass is not repeated). ``"mirror"``: the second term
+        K(x1, flip x2) alone (averaged with the plain kernel, the flip-averaged one to the
+        bit). Refused for a network or readout
         that is not flip-symmetric (:func:`check_flip_symmetric`). Like ``get`` it says which
         kernel is computed, not how: an argument of every kernel path and part of every
         checkpoint's and store's identity, not an execution option.

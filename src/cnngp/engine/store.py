@@ -505,7 +505,7 @@ class KernelStore:
             "x1_sha256": self.attrs.get("x1_sha256"),
             "x2_sha256": self.attrs.get("x2_sha256"),
             "spec": self.attrs.get("spec"),
-            "flip": bool(self.attrs.get("flip")),  # flip-averaged kernels (docs/maths.md §9)
+            "flip": self.attrs.get("flip") or False,  # True: flip-averaged, "mirror": the mirror term
             "preprocessing": self.attrs.get("preprocessing"),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
@@ -537,6 +537,41 @@ class StoredReadouts:
         matrix = self.store.readout(index % len(self))
         if not np.all(np.isfinite(matrix)):
             raise CNNGPError(f"kernel: readout {index} in {str(self.store.path)!r} has NaN or infinite entries")
+        return matrix
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]
+
+
+class FlipAveragedReadouts:
+    """The flip-averaged kernels ½[K + K_mirror] (docs/maths.md §9) of two complete stores,
+    the plain kernel and its mirror term (``flip="mirror"``), as a sequence of (N1, N2)
+    float64 matrices read one at a time. The average is taken in the stores' dtype, as the
+    engine takes it in a flip plan's pass, so that the result is that of a flip-averaged
+    store to the bit."""
+
+    def __init__(self, plain: StoredReadouts, mirror: StoredReadouts):
+        if plain.shape != mirror.shape or plain.store.attrs.get("labels") != mirror.store.attrs.get("labels"):
+            raise CNNGPError(
+                f"kernel: {str(mirror.store.path)!r} is not the mirror term of {str(plain.store.path)!r} "
+                f"(shapes {tuple(mirror.shape)} and {tuple(plain.shape)}, or other readouts)"
+            )
+        self.plain, self.mirror, self.shape = plain, mirror, plain.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        i = index % len(self)
+        a = np.asarray(self.plain.store.kernel[i])
+        b = np.asarray(self.mirror.store.kernel[i])
+        matrix = ((a + b) * a.dtype.type(0.5)).astype(np.float64)
+        if not np.all(np.isfinite(matrix)):
+            raise CNNGPError(f"kernel: readout {index} of {str(self.plain.store.path)!r} and its mirror "
+                             "term has NaN or infinite entries")
         return matrix
 
     def __iter__(self):

@@ -159,12 +159,13 @@ class Stage:
     @property
     def evaluations(self) -> int:
         """Kernel evaluations of the pair pass: the pairs, twice with ``flip``."""
-        return self.pairs * (2 if self.flip else 1)
+        return self.pairs * (2 if self.flip is True else 1)
 
     def describe_pairs(self, pairs: int | None = None) -> str:
         """``"1,234 pairs"``, with ``flip`` ``"1,234 pairs × 2 (flip-averaged)"``."""
         pairs = self.pairs if pairs is None else pairs
-        return f"{pairs:,} pairs" + (" × 2 (flip-averaged)" if self.flip else "")
+        return f"{pairs:,} pairs" + (" × 2 (flip-averaged)" if self.flip is True
+                                     else " (mirror term)" if self.flip else "")
 
 
 @dataclass(frozen=True)

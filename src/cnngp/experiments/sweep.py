@@ -127,18 +127,23 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
     else:
         from cnngp.engine.distributed import store_dry_run
 
-        runs = [store_dry_run(body, x_sub, readouts=readouts, get=get, flip=flip,
-                              execution=ex.replace(archive=None, progress=False))]
+        # one dry run per store: with flip the plain kernel's and its mirror term's (a store that
+        # is already complete, e.g. the plain kernel of an earlier sweep, prices nothing)
+        runs = [(f"{stages[0].name}{' (mirror term)' if term else ''}",
+                 store_dry_run(body, x_sub, readouts=readouts, get=get, flip=term,
+                               execution=e.replace(archive=None, progress=False)))
+                for term, e in _store_parts(ex, "train", flip)]
         if test_mode is not None:
             heads = readouts if test_mode == "all" else readouts[:1]
-            runs.append(store_dry_run(body, x_test, x_sub, readouts=heads, get=get, flip=flip,
-                                      execution=ex.replace(store=test_store_path(ex.store), archive=None,
-                                                           progress=False)))
-        seconds = sum(r.dry_run["estimated_seconds"] for r in runs)
-        disk_bytes = sum(r.dry_run["disk_bytes"] for r in runs)  # what the stores still write
-        text = "\n".join(f"{st.name}:\n" + r.dry_run["estimate"] for st, r in zip(stages, runs))
+            runs += [(f"{stages[1].name}{' (mirror term)' if term else ''}",
+                      store_dry_run(body, x_test, x_sub, readouts=heads, get=get, flip=term,
+                                    execution=e.replace(archive=None, progress=False)))
+                     for term, e in _store_parts(ex, "test", flip)]
+        seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
+        disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
+        text = "\n".join(f"{name}:\n" + r.dry_run["estimate"] for name, r in runs)
         text += f"\nestimate in all: about {human_seconds(seconds)}"
-        rates_d = {k: runs[0].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
+        rates_d = {k: runs[0][1].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                     "load_average", "timed_pairs")}
     if disk_bytes:  # the stores' chunks and records (a resumed store: only what it lacks)
         check_job("--store", disk_bytes=disk_bytes, disk_path=ex.store, yes=True,
@@ -274,6 +279,23 @@ def test_store_path(kernel_store) -> Path:
                           else path.name + "-test.zarr")
 
 
+def mirror_store_path(kernel_store) -> Path:
+    """Where a flip sweep keeps the mirror term K(x, flip x') of the store ``K.zarr``:
+    ``K-mirror.zarr`` (and its test store ``K-mirror-test.zarr``). The store ``K.zarr`` itself
+    holds the plain kernel, the same as a sweep without ``--flip`` writes: a flip sweep reuses
+    it, and a plain sweep reuses a flip sweep's; the flip-averaged kernel is ½[K + K_mirror]
+    (docs/maths.md §9), read from the two."""
+    path = Path(kernel_store)
+    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+    return path.with_name(stem + "-mirror.zarr")
+
+
+def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
+    """Every store a sweep with ``--store kernel_store`` writes (train, test, the mirror terms)."""
+    bases = [Path(kernel_store)] + ([mirror_store_path(kernel_store)] if flip else [])
+    return [p for b in bases for p in ([b, test_store_path(b)] if test else [b])]
+
+
 def check_store_zca(path, zca, flag: str = "--zca") -> None:
     """Refuse, before any work, to resume or reuse the store at ``path`` if it records a ZCA
     whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none).
@@ -323,21 +345,27 @@ def _refuse_long_store_job(what: str, seconds: float, ex) -> None:
               "several runs, --workers or a --scheduler")
 
 
-def check_sweep_archive(archive, test: bool, what: str = "--archive") -> Path:
+#: the tile archives of a sweep's stores, in its ``--archive`` folder
+ARCHIVE_PARTS = ("train", "test", "train-mirror", "test-mirror")
+
+
+def check_sweep_archive(archive, test: bool, what: str = "--archive", flip: bool = False) -> Path:
     """Refuse, before any work, a sweep archive folder cnngp must not write: it holds the
-    tile archives ``train/`` (and ``test/``) and nothing else."""
+    tile archives ``train/`` (and ``test/``; with ``flip`` also ``train-mirror/`` and
+    ``test-mirror/``) and nothing else."""
     from cnngp.engine.archive import check_archive_folder
 
     path = Path(archive)
     if not str(archive).strip() or not path.is_dir() or path.is_symlink():
         check_archive_folder(archive, what)  # a new folder, or refused
     else:
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in ("train", "test"))
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ARCHIVE_PARTS)
         if foreign:
             raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a sweep's tile archive "
                              f"(it holds {foreign[0]!r}; a sweep's holds train/ and test/); give a new or empty folder")
     for part in ("train",) + (("test",) if test else ()):
-        check_archive_folder(path / part, what)
+        for suffix in ("",) + (("-mirror",) if flip else ()):
+            check_archive_folder(path / (part + suffix), what)
     return path
 
 
@@ -345,51 +373,75 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
     """Train (and test) kernels computed into the stores ``ex.store`` (and its test store);
     returned as lazy per-readout sequences. Without ``yes``, a job estimated (from timing a few
     pairs here) at over an hour is refused. ``ex.archive``: a folder whose ``train`` and
-    ``test`` subfolders are the stores' tile archives."""
+    ``test`` subfolders are the stores' tile archives. With ``flip`` the stores hold the plain
+    kernels and the mirror stores (:func:`mirror_store_path`) their mirror terms; the
+    sequences are the flip-averaged kernels ½[K + K_mirror]."""
     from cnngp.engine.distributed import store_dry_run, store_kernel
-    from cnngp.engine.store import KernelStore, StoredReadouts
 
     names = [f"{name}:{_lengthscale_json(lam)}" for name, lam in labels]
     archive = ex.archive
     if archive is not None:
-        check_sweep_archive(archive, x_test is not None)
-    train = ex.replace(archive=None if archive is None else Path(archive) / "train")
-    test = ex.replace(store=test_store_path(ex.store), archive=None if archive is None else Path(archive) / "test")
-    if not yes and not ex.on_cluster:
-        seconds = store_dry_run(body, x_train, readouts=readouts, get=get, flip=flip,
-                                execution=train).dry_run["estimated_seconds"]
-        if x_test is not None:
-            seconds += store_dry_run(body, x_test, x_train, readouts=readouts, get=get, flip=flip,
-                                     execution=train).dry_run["estimated_seconds"]
-        _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
-    store_kernel(body, x_train, readouts=readouts, labels=names, get=get, flip=flip, execution=train)
-    K = StoredReadouts(KernelStore.open(ex.store))
-    K_test = None
+        check_sweep_archive(archive, x_test is not None, flip=flip)
+    jobs = [(x_train, None, part) for part in _store_parts(ex, "train", flip)]
     if x_test is not None:
-        store_kernel(body, x_test, x_train, readouts=readouts, labels=names, get=get, flip=flip, execution=test)
-        K_test = StoredReadouts(KernelStore.open(test.store))
+        jobs += [(x_test, x_train, part) for part in _store_parts(ex, "test", flip)]
+    if not yes and not ex.on_cluster:
+        seconds = sum(store_dry_run(body, x1, x2, readouts=readouts, get=get, flip=term,
+                                    execution=e.replace(archive=None)).dry_run["estimated_seconds"]
+                      for x1, x2, (term, e) in jobs)
+        _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
+    for x1, x2, (term, e) in jobs:
+        store_kernel(body, x1, x2, readouts=readouts, labels=names, get=get, flip=term, execution=e)
+    n_parts = 2 if flip else 1
+    K = _stored_readouts([e for _, _, (_, e) in jobs[:n_parts]])
+    K_test = None if x_test is None else _stored_readouts([e for _, _, (_, e) in jobs[n_parts:]])
     return K, K_test
+
+
+def _store_parts(ex, part: str, flip) -> list:
+    """[(flip term, execution)] of the stores of one part ("train" or "test") of a sweep: the
+    plain kernel, and with ``flip`` its mirror term (``flip="mirror"``), each with its store
+    and tile archive."""
+    from cnngp.engine.gram import MIRROR
+
+    terms = [(False, Path(ex.store))] + ([(MIRROR, mirror_store_path(ex.store))] if flip else [])
+    out = []
+    for term, store in terms:
+        suffix = "-mirror" if term else ""
+        out.append((term, ex.replace(
+            store=store if part == "train" else test_store_path(store),
+            archive=None if ex.archive is None else Path(ex.archive) / (part + suffix))))
+    return out
+
+
+def _stored_readouts(executions):
+    """The complete stores of ``executions`` as one lazy sequence of readouts: the one store's,
+    or two (a plain kernel and its mirror term) averaged (:class:`FlipAveragedReadouts`)."""
+    from cnngp.engine.store import FlipAveragedReadouts, KernelStore, StoredReadouts
+
+    parts = [StoredReadouts(KernelStore.open(e.store)) for e in executions]
+    return parts[0] if len(parts) == 1 else FlipAveragedReadouts(*parts)
 
 
 def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get, flip=False):
     """The test × train kernel (float64) of the one readout the cross-validation chose: in
-    memory, or into the test store ``K-test.zarr`` (and ``archive/test``) beside ``ex.store``."""
+    memory, or into the test store ``K-test.zarr`` (and ``archive/test``) beside ``ex.store``
+    (with ``flip`` also the mirror term's, ``K-mirror-test.zarr``)."""
     if ex.store is None:
         from cnngp.engine.gram import readout_sweep
 
         return _resumable(lambda e: readout_sweep(body, [readout], x_test, x_train, get=get, flip=flip,
                                                   execution=e), ex, None, "test-best")[0].double().numpy()
     from cnngp.engine.distributed import store_dry_run, store_kernel
-    from cnngp.engine.store import KernelStore, StoredReadouts
 
-    test = ex.replace(store=test_store_path(ex.store),
-                      archive=None if ex.archive is None else Path(ex.archive) / "test")
+    parts = _store_parts(ex, "test", flip)
     if not yes and not ex.on_cluster:
-        seconds = store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=flip,
-                                execution=test).dry_run["estimated_seconds"]
+        seconds = sum(store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=term,
+                                    execution=e).dry_run["estimated_seconds"] for term, e in parts)
         _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, ex)
-    store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, flip=flip, execution=test)
-    return StoredReadouts(KernelStore.open(test.store))[0]
+    for term, e in parts:
+        store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, flip=term, execution=e)
+    return _stored_readouts([e for _, e in parts])[0]
 
 
 def _test_prior_variances(body, heads, x_test, ex, get, flip=False) -> np.ndarray:
@@ -1007,7 +1059,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                     limit = None if ex.memory_budget is None else int(ex.memory_budget) + 2 * 1024**3
                     client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
                 ex = ex.replace(workers=None, scheduler=client)
-            for path in (kernel_store,) + (() if test_mode is None else (test_store_path(kernel_store),)):
+            for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
                 check_store_zca(path, protocol.zca, "zca")
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip)
             kernels_start = time.perf_counter()
@@ -1022,7 +1074,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                                            ex, kernel, flip)
         kernel_seconds = time.perf_counter() - kernels_start
         if whitening is not None and kernel_store is not None:
-            _note_zca([kernel_store], whitening)
+            _note_zca(sweep_store_paths(kernel_store, False, flip), whitening)
         # kernels read from a cache were checked when they were computed
         float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel,
                                                                           seed, flip)
@@ -1058,7 +1110,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 kernel_seconds += time.perf_counter() - test_start
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
-                _note_zca([test_store_path(kernel_store)], whitening)
+                _note_zca([p for p in sweep_store_paths(kernel_store, True, flip)
+                           if p.name.endswith("-test.zarr")], whitening)
             scored = [r for r in top if "_per_image" in r]
             test_predictions = {  # per test point and scored readout: paired comparisons
                 "test_index": np.asarray(test_order), "y_test": np.asarray(y_test),
