@@ -17,14 +17,14 @@ STORES=../../stores/small-data
 mkdir -p "$STORES"
 export TQDM_MININTERVAL=60  # progress in the log once a minute
 DATA=../../../shared/data/cifar10_subset.npz
-run() {  # run NAME ARCH [flags...]
-    local name=$1 arch=$2; shift 2
+run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (shared, see below)
+    local name=$1 arch=$2 store=${STORE:-$1}; shift 2
     # done: results and per-image predictions (a run of an older cnngp lacks the latter; rerun,
     # its complete stores make that the cross-validation and the test scores only)
     [ -f "$name/results.json" ] && [ -f "$name/test_predictions.npz" ] && return 0
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n 160,320,640 --test all \
-        --dtype float32 --store "$STORES/$name.zarr" --tile 160 --yes --out "$name" "$@"; \
+        --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
 }
 configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca-flip asked for
@@ -33,14 +33,15 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
         case $cfg in
             plain) run "$prefix-plain" "$arch" ;;
             zca) run "$prefix-zca" "$arch" --zca 0.1 ;;
-            flip) run "$prefix-flip" "$arch" --flip ;;
-            zca-flip) run "$prefix-zca-flip" "$arch" --zca 0.1 --flip ;;
+            # a flip sweep keeps the plain kernels in its --store and their mirror terms beside
+            # (K-mirror.zarr): given the plain configuration's store it computes only those
+            flip) STORE="$prefix-plain" run "$prefix-flip" "$arch" --flip ;;
+            zca-flip) STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" --zca 0.1 --flip ;;
         esac || return $?
     done
 }
-# the configurations without flips first, for every network: the flip-averaged ones (twice the
-# pairs) come last, so that they can reuse the plain kernels' stores once that is built
-# (issue 29's note)
+# the configurations without flips first, for every network, then the flip-averaged ones, each
+# reusing its plain configuration's stores (so a flip configuration costs what a plain one does)
 for cfgs in "plain zca" "flip zca-flip"; do
     # shellcheck disable=SC2086
     configs myrtle10 myrtle10 $cfgs || exit $?
