@@ -476,3 +476,33 @@ def test_check_gram_prices_a_flip_plan(monkeypatch):
     assert seconds > 1.9 * gram.gram_needs(NET, (6, 6, 2), 500)[1]
     with pytest.raises(CNNGPError, match="readouts: not with a GramPlan"):
         gram.check_gram("--x1", plan, (6, 6, 2), 10, readouts=READOUTS)
+
+
+def test_a_flip_sweep_on_dask_workers_reuses_the_plain_stores_and_matches_in_process(tmp_path):
+    """The sweep's mirror stores on a 2-process LocalCluster (the tile tasks rebuild the plan
+    from its recipe, flip="mirror" included): after a plain sweep into the same store, the flip
+    sweep computes the mirror terms alone, and its results are those of the in-process flip sweep."""
+    pytest.importorskip("zarr")
+    pytest.importorskip("distributed")
+    from cnngp.engine.store import KernelStore
+    from cnngp.experiments.sweep import SweepProtocol, mirror_store_path, run_sweep
+    from cnngp.io.data import Dataset
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(24, 6, 6, 2))
+    xt = rng.uniform(size=(8, 6, 6, 2))
+    ds = Dataset(x, np.repeat(np.arange(2), 12), xt, np.repeat(np.arange(2), 4), "toy", ("a", "b"))
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    protocol = SweepProtocol(ns=(12, 24), folds=2, lengthscales=[1.0, 3.0], test="all")
+    here = run_sweep(net, ds, protocol.replace(flip=True), store=tmp_path / "A.zarr", tile=8, progress=False)
+    run_sweep(net, ds, protocol, store=tmp_path / "B.zarr", tile=8, progress=False)
+    plain = np.asarray(KernelStore.open(tmp_path / "B.zarr").kernel[...])
+    records = {p: p.stat().st_mtime_ns for p in (tmp_path / "B.zarr" / "records").iterdir()}
+    there = run_sweep(net, ds, protocol.replace(flip=True), store=tmp_path / "B.zarr", tile=8, workers=2,
+                      progress=False)
+    assert np.array_equal(np.asarray(KernelStore.open(tmp_path / "B.zarr").kernel[...]), plain)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "B.zarr" / "records").iterdir()} == records  # not rewritten
+    assert KernelStore.open(mirror_store_path(tmp_path / "B.zarr")).attrs["flip"] == "mirror"
+    assert np.array_equal(np.asarray(KernelStore.open(mirror_store_path(tmp_path / "B.zarr")).kernel[...]),
+                          np.asarray(KernelStore.open(mirror_store_path(tmp_path / "A.zarr")).kernel[...]))
+    assert there["results"] == here["results"] and there["test"] == here["test"]
