@@ -514,19 +514,12 @@ class KernelStore:
 
 
 
-class StoredReadouts:
-    """The readouts of a complete store as a sequence of (N1, N2) float64 matrices, read one
-    at a time (what the sweep iterates over, so that one readout is in memory at once)."""
+class _ReadoutSequence:
+    """A sequence of (N1, N2) float64 readout matrices read one at a time from complete stores
+    (what the sweep iterates over, so that one readout is in memory at once): bounds and
+    finiteness checked here, the reading by :meth:`_matrix`."""
 
-    def __init__(self, store: KernelStore):
-        state = store.verify()
-        if state["missing"] or state["bad"]:
-            raise CNNGPError(
-                f"{store.what}: {str(store.path)!r} is not complete ({len(state['missing'])} "
-                f"missing and {len(state['bad'])} bad tiles); run the same command again to finish it"
-            )
-        self.store = store
-        self.shape = store.shape
+    shape: tuple
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -534,22 +527,51 @@ class StoredReadouts:
     def __getitem__(self, index: int) -> np.ndarray:
         if not -len(self) <= index < len(self):
             raise IndexError(index)
-        matrix = self.store.readout(index % len(self))
+        matrix = self._matrix(index % len(self))
         if not np.all(np.isfinite(matrix)):
-            raise CNNGPError(f"kernel: readout {index} in {str(self.store.path)!r} has NaN or infinite entries")
+            raise CNNGPError(f"kernel: readout {index} {self._where()} has NaN or infinite entries")
         return matrix
 
     def __iter__(self):
         for index in range(len(self)):
             yield self[index]
 
+    def _matrix(self, index: int) -> np.ndarray:
+        raise NotImplementedError
 
-class FlipAveragedReadouts:
+    def _where(self) -> str:
+        raise NotImplementedError
+
+
+def _complete(store: KernelStore) -> KernelStore:
+    state = store.verify()
+    if state["missing"] or state["bad"]:
+        raise CNNGPError(
+            f"{store.what}: {str(store.path)!r} is not complete ({len(state['missing'])} "
+            f"missing and {len(state['bad'])} bad tiles); run the same command again to finish it"
+        )
+    return store
+
+
+class StoredReadouts(_ReadoutSequence):
+    """The readouts of a complete store as a sequence of (N1, N2) float64 matrices."""
+
+    def __init__(self, store: KernelStore):
+        self.store = _complete(store)
+        self.shape = store.shape
+
+    def _matrix(self, index: int) -> np.ndarray:
+        return self.store.readout(index)
+
+    def _where(self) -> str:
+        return f"in {str(self.store.path)!r}"
+
+
+class FlipAveragedReadouts(_ReadoutSequence):
     """The flip-averaged kernels ½[K + K_mirror] (docs/maths.md §9) of two complete stores,
     the plain kernel and its mirror term (``flip="mirror"``), as a sequence of (N1, N2)
-    float64 matrices read one at a time. The average is taken in the stores' dtype, as the
-    engine takes it in a flip plan's pass, so that the result is that of a flip-averaged
-    store to the bit."""
+    float64 matrices. The average is taken in the stores' dtype, as the engine takes it in a
+    flip plan's pass, so that the result is that of a flip-averaged store to the bit."""
 
     def __init__(self, plain: StoredReadouts, mirror: StoredReadouts):
         if plain.shape != mirror.shape or plain.store.attrs.get("labels") != mirror.store.attrs.get("labels"):
@@ -559,21 +581,10 @@ class FlipAveragedReadouts:
             )
         self.plain, self.mirror, self.shape = plain, mirror, plain.shape
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    def _matrix(self, index: int) -> np.ndarray:
+        a = np.asarray(self.plain.store.kernel[index])
+        b = np.asarray(self.mirror.store.kernel[index])
+        return ((a + b) * a.dtype.type(0.5)).astype(np.float64)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        i = index % len(self)
-        a = np.asarray(self.plain.store.kernel[i])
-        b = np.asarray(self.mirror.store.kernel[i])
-        matrix = ((a + b) * a.dtype.type(0.5)).astype(np.float64)
-        if not np.all(np.isfinite(matrix)):
-            raise CNNGPError(f"kernel: readout {index} of {str(self.plain.store.path)!r} and its mirror "
-                             "term has NaN or infinite entries")
-        return matrix
-
-    def __iter__(self):
-        for index in range(len(self)):
-            yield self[index]
+    def _where(self) -> str:
+        return f"of {str(self.plain.store.path)!r} and its mirror term"

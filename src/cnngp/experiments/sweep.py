@@ -290,10 +290,18 @@ def mirror_store_path(kernel_store) -> Path:
     return path.with_name(stem + "-mirror.zarr")
 
 
+def _store_terms(kernel_store, flip: bool) -> list[tuple]:
+    """[(flip term, train store)] of a sweep with ``--store kernel_store``: the plain kernel's
+    store, and with ``flip`` its mirror term's (``flip="mirror"``, :func:`mirror_store_path`);
+    each has its test store beside it (:func:`test_store_path`)."""
+    from cnngp.engine.gram import MIRROR
+
+    return [(False, Path(kernel_store))] + ([(MIRROR, mirror_store_path(kernel_store))] if flip else [])
+
+
 def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
     """Every store a sweep with ``--store kernel_store`` writes (train, test, the mirror terms)."""
-    bases = [Path(kernel_store)] + ([mirror_store_path(kernel_store)] if flip else [])
-    return [p for b in bases for p in ([b, test_store_path(b)] if test else [b])]
+    return [p for _, b in _store_terms(kernel_store, flip) for p in ([b, test_store_path(b)] if test else [b])]
 
 
 def check_store_zca(path, zca, flag: str = "--zca") -> None:
@@ -402,11 +410,8 @@ def _store_parts(ex, part: str, flip) -> list:
     """[(flip term, execution)] of the stores of one part ("train" or "test") of a sweep: the
     plain kernel, and with ``flip`` its mirror term (``flip="mirror"``), each with its store
     and tile archive."""
-    from cnngp.engine.gram import MIRROR
-
-    terms = [(False, Path(ex.store))] + ([(MIRROR, mirror_store_path(ex.store))] if flip else [])
     out = []
-    for term, store in terms:
+    for term, store in _store_terms(ex.store, flip):
         suffix = "-mirror" if term else ""
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
