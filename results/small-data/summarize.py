@@ -1,7 +1,8 @@
 """Issue 29's study table: every finished configuration of run.sh, on the same 1,000 CIFAR-10 test
 images, with paired differences.
 
-    .venv/bin/python results/small-data/summarize.py      # -> summary.json, summary.md here
+    .venv/bin/python results/small-data/summarize.py          # -> summary.json, summary.md here
+    .venv/bin/python results/small-data/summarize.py --best   # the configuration for N = 1,280
 
 For each configuration (plain, ZCA, flips, ZCA + flips; each network) and readout (independent,
 mean pool, and the λ the 4-fold CV chose on the 640 training images), the test accuracy, NLL
@@ -25,13 +26,38 @@ CONFIGS = ["plain", "zca", "flip", "zca-flip"]
 NETWORKS = ["myrtle10", "cnngp14", "myrtle10-correlated"]
 
 
+#: the folder suffix of the runs at N = 1,280 (the configuration chosen by :func:`best`)
+N1280 = "-n1280"
+
+
 def _runs():
-    for net in NETWORKS:
-        for cfg in CONFIGS:
-            d = HERE / f"{net}-{cfg}"
-            if (d / "results.json").is_file() and (d / "test_predictions.npz").is_file():
-                with np.load(d / "test_predictions.npz") as z:
-                    yield net, cfg, json.loads((d / "results.json").read_text()), {k: z[k] for k in z.files}
+    for suffix in ("", N1280):
+        for net in NETWORKS:
+            for cfg in CONFIGS:
+                d = HERE / f"{net}-{cfg}{suffix}"
+                if (d / "results.json").is_file() and (d / "test_predictions.npz").is_file():
+                    with np.load(d / "test_predictions.npz") as z:
+                        yield net, cfg + suffix, json.loads((d / "results.json").read_text()), \
+                            {k: z[k] for k in z.files}
+
+
+def best() -> tuple[str, str]:
+    """The configuration run again at N = 1,280: of the 12 at N = 640, the one whose CV-chosen
+    readout has the highest nested CV estimate at N = 640 (λ and σ² chosen inside each outer
+    fold: never a test score); an exact tie goes to the first in (network, config) order of
+    NETWORKS and CONFIGS. Refused until all 12 are finished."""
+    done = {(net, cfg): res for net, cfg, res, _ in _runs() if not cfg.endswith(N1280)}
+    missing = [f"{n}-{c}" for n in NETWORKS for c in CONFIGS if (n, c) not in done]
+    if missing:
+        raise SystemExit(f"summarize.py --best: {len(missing)} configuration(s) at N = 640 not finished: "
+                         + ", ".join(missing))
+
+    def nested(res):
+        top = max(b["n"] for b in res["best"])
+        return next(b for b in res["best"] if b["n"] == top)["nested"]["cv_accuracy"]
+
+    scores = {key: nested(res) for key, res in done.items()}
+    return max(scores, key=lambda k: (scores[k], -list(done).index(k)))
 
 
 def _mean_2se(x):
@@ -53,7 +79,7 @@ def _label(r):
 def main():
     table, per_image = [], {}
     for net, cfg, res, pred in _runs():
-        n_max = max(b["n"] for b in res["best"])
+        n_max = max(b["n"] for b in res["best"])  # 640, or 1,280 for the run of best()
         best = next(b for b in res["best"] if b["n"] == n_max)
         top = {_label(r): r for r in res["results"] if r["n"] == n_max}
         chosen = f"{res['test']['readout']}:{res['test']['lengthscale']}"
@@ -75,8 +101,11 @@ def main():
     paired = []
     for (net, cfg, role), (c, lp) in per_image.items():
         refs = []
-        if cfg != "plain" and (net, "plain", role) in per_image:
-            refs.append(((net, "plain", role), "vs plain"))
+        suffix = N1280 if cfg.endswith(N1280) else ""
+        if cfg != "plain" + suffix and (net, "plain" + suffix, role) in per_image:
+            refs.append(((net, "plain" + suffix, role), "vs plain"))
+        if suffix and (net, cfg.removesuffix(suffix), role) in per_image:  # the same test images
+            refs.append(((net, cfg.removesuffix(suffix), role), "vs N = 640"))
         if role == "CV-chosen λ" and (net, cfg, "mean pool") in per_image:
             refs.append(((net, cfg, "mean pool"), "vs mean pool"))
         for ref, what in refs:
@@ -87,12 +116,12 @@ def main():
                            "accuracy_difference": d_acc, "accuracy_difference_2se": d_acc2,
                            "nll_difference": d_nll, "nll_difference_2se": d_nll2})
     (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired}, indent=1) + "\n")
-    lines = ["| network | config | readout | test acc % | NLL | ECE % | CV acc % (N=640) | nested CV % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | config | N | readout | test acc % | NLL | ECE % | CV acc % (at N) | nested CV % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         nested = "" if t["nested_cv_accuracy"] is None else f"{100 * t['nested_cv_accuracy']:.1f}"
         lam = "" if t["readout"] != "CV-chosen λ" else f" (λ = {float(t['lengthscale']):.3g})"
-        lines.append(f"| {t['network']} | {t['config']} | {t['readout']}{lam} | "
+        lines.append(f"| {t['network']} | {t['config']} | {t['n_train']} | {t['readout']}{lam} | "
                      f"{100 * t['test_accuracy']:.1f} ± {100 * t['test_accuracy_2se']:.1f} | "
                      f"{t['test_nll']:.3f} ± {t['test_nll_2se']:.3f} | {100 * t['test_ece']:.1f} | "
                      f"{100 * t['cv_accuracy']:.1f} | {nested} |")
@@ -106,4 +135,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--best"]:  # run.sh's choice for N = 1,280: "NETWORK CONFIG"
+        print(*best())
+    else:
+        main()
