@@ -1,7 +1,7 @@
 """Issue 29's study table: every finished configuration of run.sh, on the same 1,000 CIFAR-10 test
 images, with paired differences.
 
-    .venv/bin/python results/small-data/summarize.py          # -> summary.json, summary.md here
+    .venv/bin/python results/small-data/summarize.py          # -> summary.json, .md, .png here
     .venv/bin/python results/small-data/summarize.py --best   # the configuration for N = 1,280
 
 For each configuration (plain, ZCA, flips, ZCA + flips; each network) and readout (independent,
@@ -131,7 +131,52 @@ def main():
                      f"{100 * p['accuracy_difference']:+.1f} ± {100 * p['accuracy_difference_2se']:.1f} | "
                      f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} |")
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
+    figure(table, HERE / "summary.png")
     print("\n".join(lines))
+
+
+#: the issue's small-data anchors on CIFAR-10 (test accuracy, %, at the same N): {N: [(label, %)]}
+ANCHORS = {640: [("Arora et al. CNTK-14", 42.6)],
+           1280: [("Arora et al. CNTK-14", 48.9), ("FABR", 51.1), ("cnngp CNNGP-14, paper-scale", 53.0)]}
+ROLES = ["independent", "mean pool", "CV-chosen λ"]
+
+
+def figure(table: list, path: Path) -> None:
+    """Test accuracy ± 2 SE of every finished configuration and readout, one panel per N, the
+    configurations grouped by network, with the small-data anchors of that N as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted({t["n_train"] for t in table})
+    if not ns:
+        return
+    fig, axes = plt.subplots(1, len(ns), figsize=(4 + 5 * len(ns), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(1, len({(t["network"], t["config"]) for t in table
+                                                                       if t["n_train"] == n})) for n in ns]})
+    colours = {"independent": "#999999", "mean pool": "#4477aa", "CV-chosen λ": "#cc6677"}
+    for ax, n in zip(axes[0], ns):
+        rows = [t for t in table if t["n_train"] == n]
+        groups = list(dict.fromkeys((t["network"], t["config"]) for t in rows))
+        for g, key in enumerate(groups):
+            for k, role in enumerate(ROLES):
+                t = next((t for t in rows if (t["network"], t["config"]) == key and t["readout"] == role), None)
+                if t is not None:
+                    ax.errorbar(g + (k - 1) * 0.25, 100 * t["test_accuracy"], yerr=100 * t["test_accuracy_2se"],
+                                fmt="o", color=colours[role], capsize=2, label=role if g == 0 else None)
+        for (label, value), style in zip(ANCHORS.get(n, []), ("--", ":", "-.")):
+            ax.axhline(value, color="k", lw=0.8, ls=style, label=f"{label}: {value}")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{net}\n{cfg.removesuffix(N1280)}" for net, cfg in groups], fontsize=7, rotation=30)
+        ax.set_title(f"N = {n:,} training images, 1,000 test images")
+        ax.set_ylabel("test accuracy % (± 2 SE)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("CIFAR-10 subset: weight correlation with ZCA and flips (results/small-data)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
