@@ -48,6 +48,7 @@ import numpy as np
 import pytest
 
 from cnngp.cli.main import main
+from cnngp.engine.distributed import store_kernel
 
 #: seconds after which an in-process case is interrupted (it started real work)
 GUARD_S = 60.0
@@ -713,8 +714,10 @@ def _api_cases():
         ("api-flip-not-bool", call(cnngp.kernel, net, x, flip="yes"), r"flip: expected True, False or 'mirror'"),
         ("api-flip-asymmetric", call(cnngp.kernel, cnngp.Serial(cnngp.Conv(2), cnngp.ReLU(), cnngp.Readout()), x,
                                      flip=True), r"flip: the network is not flip-symmetric on 4×4 images"),
-        ("api-flip-offsets", call(cnngp.engine.gram.GramPlan, net[:-1], (4, 4, 2), offsets=True, flip=True),
-         r"flip: not for offset sums"),
+        ("api-flip-offsets-asymmetric", call(cnngp.offset_sums, cnngp.Serial(cnngp.Conv(2), cnngp.ReLU()), x,
+                                             flip=True), r"flip: the network is not flip-symmetric on 4×4 images"),
+        ("api-flip-offsets-store", call(store_kernel, net[:-1], x, out="never-made.zarr", offsets=True, flip=True),
+         r"flip: flip-averaged offset sums are not stored as one"),
         ("api-gp-not-square", call(gp.cross_validate, np.ones((3, 4)), y), r"K must be a square"),
         ("api-gp-not-symmetric", call(gp.cross_validate, np.triu(np.ones((4, 4))), y), r"K is not symmetric"),
         ("api-gp-labels", call(gp.cross_validate, K, np.array([0, 1, 2])), r"y has 3 labels but the kernel has 4"),

@@ -221,8 +221,6 @@ def test_bad_flip_values_and_offsets_are_refused():
     for bad in ("yes", 1, None):
         with pytest.raises(CNNGPError, match="flip: expected True, False or 'mirror'"):
             cnngp.kernel(NET, x, flip=bad)
-    with pytest.raises(CNNGPError, match="flip: not for offset sums"):
-        GramPlan(BODY, (6, 6, 2), offsets=True, flip=True)
 
 
 # -- cost, checkpoints ----------------------------------------------------------------------
@@ -392,9 +390,16 @@ def test_estimators_with_flip_predict_the_same_for_mirrored_images(cls):
         np.testing.assert_allclose(std, np.sqrt(prior - (v * v).sum(0)), rtol=1e-6)
     plain = getattr(estimator, cls)("cnngp1", **options).fit(x[:60], y[:60])
     assert not np.allclose(plain.decision_function(flip_images(x[60:80])), plain.decision_function(x[60:80]))
-    if cls == "CNNGPClassifierCV":
-        with pytest.raises(CNNGPError, match="search='grid'"):
-            getattr(estimator, cls)("cnngp1", flip=True, search="gradient").fit(x[:40], y[:40])
+    if cls == "CNNGPClassifierCV":  # λ learned by gradients from the flip-averaged offset sums
+        from cnngp.inference.gp import centered_one_hot
+
+        g = estimator.CNNGPClassifierCV("cnngp1", flip=True, search="gradient").fit(x[:40], y[:40])
+        np.testing.assert_allclose(g.decision_function(flip_images(x[60:80])), g.decision_function(x[60:80]),
+                                   rtol=1e-9, atol=1e-12)
+        # its fit's kernel is the flip kernel of the learned network: (K + σ²I) α = Y
+        K = cnngp.kernel(g.network_, x[:40], flip=True).numpy() + g.noise_variance_ * np.eye(40)
+        Y = centered_one_hot(np.searchsorted(g.classes_, y[:40]), len(g.classes_))
+        np.testing.assert_allclose(K @ g.dual_coef_, Y, atol=1e-7)
 
 
 def test_sweep_into_a_store_equals_the_in_memory_flip_sweep(tmp_path, monkeypatch):
@@ -506,3 +511,122 @@ def test_a_flip_sweep_on_dask_workers_reuses_the_plain_stores_and_matches_in_pro
     assert np.array_equal(np.asarray(KernelStore.open(mirror_store_path(tmp_path / "B.zarr")).kernel[...]),
                           np.asarray(KernelStore.open(mirror_store_path(tmp_path / "A.zarr")).kernel[...]))
     assert there["results"] == here["results"] and there["test"] == here["test"]
+
+
+# -- flip-averaged offset sums (the readouts' λ learned with flips: cnngp learn --flip) --------
+
+
+@pytest.mark.parametrize("spatial", [(6, 5), (7,)], ids=["2d", "1d"])
+def test_flip_averaged_offset_sums_read_out_the_flip_kernel(spatial):
+    """½[S_xx' + S_x,flip x'] read out by a mirror-symmetric readout is that readout's
+    flip-averaged kernel, Gram and rectangular; the mirror term of a Gram matrix (pairs i <= j
+    computed, the others by GramPlan.mirrored) is the rectangular pass against the mirrored
+    images, entry for entry."""
+    x, x2 = _images(5, spatial + (2,)), _images(3, spatial + (2,), seed=1)
+    S, S2 = cnngp.offset_sums(BODY, x, flip=True), cnngp.offset_sums(BODY, x2, x, flip=True)
+    rect = cnngp.offset_sums(BODY, x, flip_images(x))
+    gap = float((cnngp.offset_sums(BODY, x, flip=MIRROR) - rect).abs().max())
+    assert gap <= 1e-13 * float(rect.abs().max())
+    assert float((S - 0.5 * (cnngp.offset_sums(BODY, x) + rect)).abs().max()) <= 1e-13 * float(rect.abs().max())
+    from cnngp.kernels.correlations import family
+
+    for corr in (family("matern32", 0.0), family("matern32", 2.0), family("rbf", 0.7), family("matern52", np.inf)):
+        w = corr.offset_weights(spatial)
+        for s, args in ((S, (x,)), (S2, (x2, x))):
+            direct = cnngp.kernel(cnngp.Serial(*BODY.layers, cnngp.Readout(weight_var=1.3, bias_var=0.2,
+                                                                           correlation=corr)), *args, flip=True)
+            via = 1.3 * torch.tensordot(w, s, 1) + 0.2
+            assert float((via - direct).abs().max()) <= 1e-12 * float(direct.abs().max()), corr
+
+
+def test_the_mirror_term_of_offset_sums_through_a_store(tmp_path):
+    """A store of the mirror term writes each off-diagonal tile's transpose by the mirror
+    term's rule (offsets reversed but along the width); flip-averaged sums are refused."""
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore
+
+    x = _images(7, (6, 5, 2))
+    store_kernel(BODY, x, offsets=True, flip=MIRROR, out=tmp_path / "S-mirror.zarr", tile=3, progress=False)
+    got = np.asarray(KernelStore.open(tmp_path / "S-mirror.zarr").kernel[...])
+    want = cnngp.offset_sums(BODY, x, flip_images(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-13 * np.abs(want).max()
+    with pytest.raises(CNNGPError, match="flip-averaged offset sums are not stored as one"):
+        store_kernel(BODY, x, offsets=True, flip=True, out=tmp_path / "T.zarr", tile=3, progress=False)
+    assert not (tmp_path / "T.zarr").exists()
+
+
+def test_offset_sums_of_a_body_that_is_not_flip_symmetric_are_refused():
+    x = _images(3)
+    with pytest.raises(CNNGPError, match=r"not flip-symmetric on 6×6 images.*layer 1"):
+        cnngp.offset_sums(cnngp.Serial(cnngp.Conv(2), cnngp.ReLU()), x, flip=True)
+    # the asymmetry after the last nonlinearity shows in the offset sums alone
+    last = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3, correlation=UserCorrelation(_asymmetric_matrix(3, 3)[0])))
+    with pytest.raises(CNNGPError, match="offset sums of its last hidden layer .* are not the mirrored ones"):
+        cnngp.offset_sums(last, x, flip=MIRROR)
+    cnngp.offset_sums(last, x)  # without flips nothing is asked of it
+
+
+def test_learn_with_flips_in_memory_and_through_stores(tmp_path, monkeypatch):
+    import cnngp.engine.distributed as distributed
+    from cnngp.experiments.learned import run_learn
+
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(),
+                       cnngp.Readout(correlation=cnngp.Matern(1.5, 1.0)))
+    from cnngp.io.data import Dataset, load_dataset
+
+    digits = load_dataset("digits")  # its last 200 images as the test split
+    ds = Dataset(digits.x_train[:-200], digits.y_train[:-200], digits.x_train[-200:], digits.y_train[-200:],
+                 "digits-split", digits.class_names)
+    kw = dict(n=40, starts=(2.0,), max_iter=15, lengthscales=(1.0, 10.0), test=True, n_test=20)
+    memory = run_learn(net, ds, flip=True, **kw)
+    stored = run_learn(net, ds, flip=True, store=tmp_path / "S.zarr", **kw)
+    for k, v in memory["learned"].items():
+        assert stored["learned"][k] == pytest.approx(v, rel=1e-8)
+    assert stored["heldout_accuracy"] == memory["heldout_accuracy"]
+    assert memory["config"]["flip"] is True and memory["body_pair_evaluations"] == 2 * (40 * 41 // 2 + 20 * 40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S-mirror-test.zarr", "S-mirror.zarr", "S-test.zarr", "S.zarr"]
+    plain = run_learn(net, ds, **kw)
+    assert plain["config"]["flip"] is False and plain["learned"] != memory["learned"]
+
+    def no_body_pass(*a, **k):
+        raise AssertionError("the plain stores are complete: no tile may be computed again")
+
+    monkeypatch.setattr(distributed, "run_tile_task", no_body_pass)
+    again = run_learn(net, ds, store=tmp_path / "S.zarr", **kw)  # the flip run's plain stores
+    assert again["learned"] == pytest.approx(plain["learned"], rel=1e-8)
+    with pytest.raises(CNNGPError, match="flip: not with spectral_mixture"):
+        run_learn(net, ds, flip=True, spectral_mixture=2, **kw)
+
+
+def test_whole_network_gradient_of_the_flip_kernel_matches_finite_differences():
+    from cnngp.inference.gp import centered_one_hot
+    from cnngp.inference.learn import default_learnable, kernel_vjp, objective_value, with_parameters
+
+    x = _images(7, (6, 6, 1), seed=6)
+    net = cnngp.Serial(cnngp.Conv(3, correlation=cnngp.Matern(1.5, 1.0)), cnngp.ReLU(),
+                       cnngp.Readout(correlation=cnngp.Matern(1.5, 3.0)))
+    names = default_learnable(net)
+    Y = torch.tensor(centered_one_hot(np.arange(7) % 2, 2), dtype=torch.float64)
+    vals = np.array([1.0, 3.0, 1.5])
+
+    def obj(v):
+        K = cnngp.kernel(with_parameters(net, dict(zip(names, v))), x, flip=True)
+        return float(objective_value("loo", K, Y, 0.05))
+
+    K = cnngp.kernel(with_parameters(net, dict(zip(names, vals))), x, flip=True).requires_grad_(True)
+    objective_value("loo", K, Y, 0.05).backward()
+    g = kernel_vjp(net, names, vals, x, K.grad, tile=3, flip=True)  # ragged tiles: 3 + 3 + 1
+    fd = [(obj(vals + e) - obj(vals - e)) / 2e-5 for e in np.eye(3) * 1e-5]
+    assert np.allclose(g, fd, rtol=1e-5, atol=1e-9), (g, fd)
+    plain = kernel_vjp(net, names, vals, x, K.grad, tile=3)
+    assert not np.allclose(plain, g, rtol=1e-3)  # the mirror term counts
+
+
+def test_cli_learn_flip(tmp_path, capsys):
+    assert main(["learn", "--arch", "cnngp2", "--n", "40", "--flip", "--quiet", "--starts", "3",
+                 "--max-iter", "5", "--out", str(tmp_path / "L")]) == 0
+    result = json.loads((tmp_path / "L" / "learned.json").read_text())
+    assert result["config"]["flip"] is True and "--flip" in result["config"]["command"]
+    assert main(["learn", "--arch", "cnngp2", "--n", "40", "--flip", "--spectral-mixture", "2",
+                 "--out", str(tmp_path / "M")]) != 0
+    assert "flip: not with spectral_mixture" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def cmd_learn(args) -> int:
         objective=args.objective, params=args.params, family=args.family, folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
-        spectral_mixture=args.spectral_mixture, zca=args.zca,
+        spectral_mixture=args.spectral_mixture, zca=args.zca, flip=args.flip,
     )
     result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
                        execution=execution_from_args(args), yes=args.yes)
@@ -127,6 +127,9 @@ def register(subparsers) -> None:
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subset (default 0)")
     add_zca_argument(p, "the --n training images (never the test images)")
+    p.add_argument("--flip", action="store_true",
+                   help="flip-averaged kernels ½[K(x, x') + K(x, mirrored x')] (horizontal flips), train "
+                        "and test; with --store the mirror terms go in S-mirror.zarr (and S-mirror-test.zarr)")
     p.add_argument("--test", action="store_true", help="score on the test split instead of k-fold CV")
     p.add_argument("--n-test", type=int_at_least(1), help="with --test: a class-balanced test subset of this size")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",

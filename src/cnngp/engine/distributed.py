@@ -499,6 +499,10 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     scheduler = ex.scheduler if isinstance(ex.scheduler, str) else None
     if scheduler is not None:
         _check_address(scheduler)  # before the store is created: a typo leaves nothing behind
+    if offsets and flip is True:  # a tile's transpose needs its two terms apart (GramPlan.mirrored)
+        raise CNNGPError("flip: flip-averaged offset sums are not stored as one; store the plain sums "
+                         "and, in a second store, their mirror term (flip='mirror'), and average the two "
+                         "(as cnngp learn --flip --store does)")
     x1 = np.asarray(x1) if not isinstance(x1, torch.Tensor) else x1
     plan = GramPlan(model, tuple(x1.shape[1:]), readouts=readouts, get=get, offsets=offsets, flip=flip,
                     execution=ex)
@@ -556,6 +560,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)
     provenance = {"versions": versions(), "labels": list(labels or []),
+                  **({"offset_shape": list(plan.offset_shape)} if offsets else {}),
                   "self_grids": {str(k): list(v) for k, v in grids.items()},
                   "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")}}
     if archive is not None:  # before the store is made: an archive inside it would overwrite it

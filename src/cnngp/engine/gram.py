@@ -39,7 +39,7 @@ from cnngp.validation import as_images, resolve_device, resolve_dtype
 __all__ = [
     "kernel", "readout_sweep", "kernel_diagonal", "offset_sums", "differentiable_kernel", "Execution", "GramPlan", "SelfRecords", "write_tile", "estimate_cost",
     "GramCost", "gram_needs", "check_gram", "input_state", "Tile", "tile_plan",
-    "flip_images", "check_flip_symmetric",
+    "flip_images", "check_flip_symmetric", "mirrored_offsets",
     "as_images", "resolve_dtype",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -703,7 +703,9 @@ class GramPlan:
         p = self.plan
         self.self_batch = min(SELF_BATCH, _batch_size(p, p.self_flags, p.self_depth, itemsize, budget, None))
         self.pair_batch = _batch_size(p, p.pair_flags, len(p.body), itemsize, budget, batch_size)
-        if self.flip:  # refused before any work when the flip-averaged kernel is not valid
+        if self.flip and offsets:  # the body's last hidden layer itself must be flip-symmetric
+            check_flip_symmetric(body, self.image_shape, offsets=True)
+        elif self.flip:  # refused before any work when the flip-averaged kernel is not valid
             check_flip_symmetric(body, self.image_shape, readouts=heads or None, get=self.kernels)
 
     @property
@@ -715,12 +717,16 @@ class GramPlan:
             return math.prod(self.offset_shape)
         return max(1, len(self.heads)) * len(self.kernels)
 
-    def mirrored(self, values):
+    def mirrored(self, values, term=False):
         """The outputs of pair (x', x) from those of (x, x') along the leading axis: the same
         kernels, or with ``offsets`` the offsets reversed, S_x'x[δ] = S_xx'[−δ] (the offsets
         of :func:`cnngp.kernels.correlations.offsets` are in C order over a grid symmetric
-        about 0, so −δ sits at M − 1 − the index of δ)."""
-        return values.flip(0) if self.plan.offsets else values
+        about 0, so −δ sits at M − 1 − the index of δ).
+
+        ``term=MIRROR``: those of the mirror term, S_x',flip x[δ] = S_x,flip x'[−Fδ] with F
+        mirroring the width (a flip-symmetric body: V_a,b[q, q'] = V_flip a,flip b[Fq, Fq']),
+        −Fδ = δ reversed along every offset axis but the width's (docs/maths.md §9)."""
+        return mirrored_offsets(values, self.offset_shape, term) if self.plan.offsets else values
 
     def images(self, x, name: str = "x1") -> torch.Tensor:
         """Validated images (the package's image-array policy) on the plan's device and dtype."""
@@ -779,17 +785,20 @@ class GramPlan:
                     # which differs in the last bit from the batched one
                     rd, cd = rd.repeat(2), cd.repeat(2)
                 if self.flip != MIRROR:
-                    values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
-                                          rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
+                    plain = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
+                                         rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
                 if self.flip:  # K_flip(x, x') = ½[K(x, x') + K(x, flip x')] (docs/maths.md §9)
-                    mirrored = _pair_values(self.plan, x_rows[rd], x_flip[cd], rec_rows.variances,
-                                            rec_flip.variances, rd, cd).cpu()[:, : r.numel()]
-                    values = mirrored if self.flip == MIRROR else (values + mirrored) * 0.5
+                    mirror = _pair_values(self.plan, x_rows[rd], x_flip[cd], rec_rows.variances,
+                                          rec_flip.variances, rd, cd).cpu()[:, : r.numel()]
+                values = plain if not self.flip else mirror if self.flip == MIRROR else (plain + mirror) * 0.5
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x_rows, x_cols), self.dtype)
                 out[:, r, c] = values
-                if symmetric:
-                    out[:, c, r] = self.mirrored(values)
+                if symmetric and self.flip is True and self.plan.offsets:  # pair (x', x): the
+                    # offset sums of the two terms transpose differently (mirrored)
+                    out[:, c, r] = (self.mirrored(plain) + self.mirrored(mirror, MIRROR)) * 0.5
+                elif symmetric:
+                    out[:, c, r] = self.mirrored(values, self.flip)
                 done = begin + r.numel()
                 if progress is not None:
                     progress.update(r.numel())
@@ -930,10 +939,21 @@ def _check_flip_flag(flip, offsets) -> bool | str:
         pass
     elif not isinstance(flip, (bool, np.bool_)):
         raise CNNGPError(f"flip: expected True, False or {MIRROR!r}, got {flip!r}")
-    if flip and offsets:
-        raise CNNGPError("flip: not for offset sums (offsets=True); flip-average the kernels themselves "
-                         "(kernel, readout_sweep or store_kernel with flip=True)")
     return flip if isinstance(flip, str) else bool(flip)
+
+
+def mirrored_offsets(values, offset_shape: tuple, term=False):
+    """Offset sums (M, ...) of pairs (x, x') (NumPy or torch) as those of the pairs (x', x):
+    reversed along the M = ∏ offset_shape offsets, S_x'x[δ] = S_xx'[−δ]; for the mirror term
+    (``term=MIRROR``) reversed along every offset axis but the width's, S_x',flip x[δ] =
+    S_x,flip x'[−Fδ] (:meth:`GramPlan.mirrored`)."""
+    axes = tuple(range(len(offset_shape) - (1 if term == MIRROR else 0)))
+    if not axes:
+        return values
+    shape = tuple(values.shape)
+    grid = values.reshape(tuple(offset_shape) + shape[1:])
+    flipped = grid.flip(axes) if isinstance(grid, torch.Tensor) else np.flip(grid, axes)
+    return flipped.reshape(shape)
 
 
 def flip_evaluations(flip) -> int:
@@ -947,7 +967,7 @@ def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / scale if scale > 0 else float((a - b).abs().max())
 
 
-def check_flip_symmetric(model, image_shape, *, readouts=None, get="nngp") -> None:
+def check_flip_symmetric(model, image_shape, *, readouts=None, get="nngp", offsets: bool = False) -> None:
     """Refuse, with a :class:`CNNGPError` naming ``flip``, a network (or readout) whose kernel is
     not flip-symmetric on images of ``image_shape`` = ``(*spatial, C)``: the flip-averaged
     kernel ½[K(x, x') + K(x, flip x')] is a symmetric, positive semi-definite kernel only when
@@ -969,19 +989,25 @@ def check_flip_symmetric(model, image_shape, *, readouts=None, get="nngp") -> No
     images drawn from a continuous distribution miss them with probability one. What it can let
     through is an asymmetry below the tolerance, which moves the averaged kernel by as little.
     A network that passes is remembered for the rest of the process.
+
+    ``offsets=True``: ``model`` is a body whose offset sums (:func:`offset_sums`) are to be
+    flip-averaged, for any readout mirror-symmetric along the width; then the last hidden
+    layer's whole covariance must be flip-symmetric, and the check compares the offset sums,
+    S_flip a,flip b[δ] = S_a,b[Fδ] (F mirrors δ's width component), instead of readouts.
     """
-    body, heads = (_split_model(model) if readouts is None else (model, list(readouts)))
+    body, heads = (model, []) if offsets else (_split_model(model) if readouts is None else (model, list(readouts)))
     kernels = parse_get(get)
     shape = tuple(int(s) for s in image_shape)
     try:
-        key = fingerprint(body.to_spec(), [h.to_spec() for h in heads], list(shape), list(kernels))
+        key = fingerprint(body.to_spec(), [h.to_spec() for h in heads], list(shape), list(kernels),
+                          *(("offsets",) if offsets else ()))
     except NotImplementedError:  # a layer of one's own without a spec: checked every time
         key = None
     if key is not None and key in _FLIP_CHECKED:
         if _FLIP_CHECKED[key] is not None:
             raise CNNGPError(_FLIP_CHECKED[key])
         return
-    refusal = _flip_asymmetry(body, heads, shape, kernels)
+    refusal = _flip_asymmetry(body, heads, shape, kernels, offsets)
     if key is not None:
         _FLIP_CHECKED[key] = refusal
     if refusal is not None:
@@ -994,10 +1020,10 @@ def _short(layer) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def _flip_asymmetry(body, heads, shape, kernels) -> str | None:
+def _flip_asymmetry(body, heads, shape, kernels, offsets=False) -> str | None:
     """The refusal of :func:`check_flip_symmetric`, or None for a flip-symmetric network."""
-    ref = GramPlan(body, shape, readouts=heads or None, get=kernels, dtype="float64", device="cpu",
-                   engine="auto")
+    ref = GramPlan(body, shape, readouts=heads or None, get=kernels, offsets=offsets, dtype="float64",
+                   device="cpu", engine="auto")
     x = ref.images(np.random.default_rng(FLIP_CHECK_SEED).uniform(size=(2,) + shape), "x")
     fx = flip_images(x)
     rec, frec = ref.self_records(x), ref.self_records(fx)
@@ -1014,6 +1040,14 @@ def _flip_asymmetry(body, heads, shape, kernels) -> str | None:
                     f"variances (relative difference {gap:.2g}), so a layer before it breaks the "
                     f"symmetry; {remedy}")
     k, fk = ref.block(x, rec), ref.block(fx, frec)
+    if offsets:  # S_flip a,flip b[δ] = S_a,b[Fδ]: the offsets' width axis reversed
+        k = k.reshape(ref.offset_shape + (2, 2)).flip(len(ref.offset_shape) - 1).reshape(k.shape)
+        gap = _relative_gap(k, fk)
+        if not gap <= FLIP_TOLERANCE:
+            return (f"flip: the network is not flip-symmetric {where}: the offset sums of its last hidden "
+                    f"layer for two mirrored random images are not the mirrored ones (relative difference "
+                    f"{gap:.2g}); {remedy}")
+        return None
     per = max(1, len(heads))
     for o in range(k.shape[0]):
         gap = _relative_gap(k[o], fk[o])
@@ -1325,7 +1359,7 @@ def kernel_diagonal(model, x, *, readouts=None, get="nngp", flip=False, executio
     return parts[0] if isinstance(get, str) and get != "both" else parts
 
 
-def offset_sums(body, x1, x2=None, *, execution=None, **options) -> torch.Tensor:
+def offset_sums(body, x1, x2=None, *, flip=False, execution=None, **options) -> torch.Tensor:
     """The offset sums S_xx'[δ] = Σ_q V_xx'[q, q + δ] of the body's last hidden layer, for
     every image pair: (M, N1, N2), M = ∏_k (2N_k − 1) offsets of the last grid in the order of
     :func:`cnngp.kernels.correlations.offsets` (docs/maths.md §8).
@@ -1334,12 +1368,17 @@ def offset_sums(body, x1, x2=None, *, execution=None, **options) -> torch.Tensor
     (any family, any λ, or a freely learned w) is ``weight_var · Σ_δ w[δ] S[δ] + bias_var``:
     ``torch.tensordot(corr.offset_weights(grid), S, 1)``, exactly, and differentiably in w.
     ``execution`` and the execution options as for :func:`kernel`.
+
+    ``flip=True``: the flip-averaged sums ½[S_xx' + S_x,flip x'] (docs/maths.md §9), whose
+    readouts are the flip-averaged kernels for every readout w mirror-symmetric along the width
+    (w[δ] = w[Fδ]: the stationary isotropic families); refused for a body whose last hidden
+    layer is not flip-symmetric. ``"mirror"``: the second term alone.
     """
     ex = Execution.build(execution, options, where="offset_sums", accepted=_IN_MEMORY)
     body, tail = _split_model(body)
     if tail:
         raise CNNGPError("body: must not end with a readout; the offset sums replace it")
-    return _compute(body, [], x1, x2, ex, offsets=True)
+    return _compute(body, [], x1, x2, ex, offsets=True, flip=flip)
 
 
 def differentiable_kernel(model, x1, x2=None, *, execution=None, **options):

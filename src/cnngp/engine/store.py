@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnngp.engine.gram import Tile, tile_plan
+from cnngp.engine.gram import Tile, mirrored_offsets, tile_plan
 from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 
@@ -422,7 +422,13 @@ class KernelStore:
                   "seconds": seconds, "host": os.uname().nodename, "pid": os.getpid()}
         if tile.mirror:
             # pair (x', x); a store of offset sums reverses its offsets: S_x'x[δ] = S_xx'[−δ]
-            mirror = np.ascontiguousarray(np.swapaxes(data[::-1] if self.attrs.get("offsets") else data, 1, 2))
+            # (the mirror term's, flip="mirror", all but the width's: gram.mirrored_offsets)
+            if self.attrs.get("offsets"):
+                data_t = mirrored_offsets(data, self.attrs.get("offset_shape") or [len(data)],
+                                          self.attrs.get("flip"))
+            else:
+                data_t = data
+            mirror = np.ascontiguousarray(np.swapaxes(data_t, 1, 2))
             self.kernel[:, tile.cols, tile.rows] = mirror
             record["mirror_sha256"] = _checksum(mirror)
         _atomic_json(self.records_dir / f"{tile.name}.json", record)

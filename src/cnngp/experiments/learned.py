@@ -28,7 +28,7 @@ import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import kernel, offset_sums
-from cnngp.experiments.sweep import _folds_for, _in_memory, test_store_path
+from cnngp.experiments.sweep import _folds_for, _in_memory, _store_terms, test_store_path
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.inference import gp
@@ -133,7 +133,7 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls,
         else:
             S = _offset_sums(with_internal(body, indices, key), x, None,
                              ex.replace(store=None if store is None else internal_store_path(store, key),
-                                        progress=ex.progress and store is not None))
+                                        progress=ex.progress and store is not None), protocol.flip)
         ro = OffsetReadout(S, grid, family, bias_var)
         res = learn_readout(ro, y, objective=objective, n_classes=k_cls, starts=starts, max_iter=max_iter)
         fit = res.learned
@@ -177,21 +177,30 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls,
     return rows, kept["S"]
 
 
-def _offset_sums(body, x1, x2, ex) -> torch.Tensor:
+def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> torch.Tensor:
     """S (M, N1, N2) in float64: in memory, or through the resumable tiled store ``ex.store``
-    (computed or finished there first, then read whole)."""
+    (``S.zarr``; with ``test``, its test store ``S-test.zarr``), computed or finished there
+    first, then read whole. ``flip``: the flip-averaged sums ½[S_xx' + S_x,flip x']
+    (:func:`cnngp.offset_sums`); through a store, the plain sums there and their mirror term
+    in ``S-mirror.zarr`` (``S-mirror-test.zarr``), the sweep's layout (:func:`_store_terms`),
+    averaged in their dtype as the in-memory pass averages them."""
     store = ex.store
     if store is None:
-        return offset_sums(body, x1, x2, execution=ex).to(torch.float64)
+        return offset_sums(body, x1, x2, flip=flip, execution=ex).to(torch.float64)
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore
 
-    store_kernel(body, x1, x2, offsets=True, execution=ex)
-    opened = KernelStore.open(store)
-    state = opened.verify()
-    if state["missing"] or state["bad"]:  # store_kernel finished it: a bug if not
-        raise CNNGPError(f"--store: {str(store)!r} is not complete after computing it")
-    return torch.as_tensor(np.asarray(opened.kernel[:], dtype=np.float64))
+    parts = []
+    for term, base in _store_terms(store, flip):
+        path = test_store_path(base) if test else base
+        store_kernel(body, x1, x2, offsets=True, flip=term, execution=ex.replace(store=path))
+        opened = KernelStore.open(path)
+        state = opened.verify()
+        if state["missing"] or state["bad"]:  # store_kernel finished it: a bug if not
+            raise CNNGPError(f"--store: {str(path)!r} is not complete after computing it")
+        parts.append(np.asarray(opened.kernel[:]))
+    values = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) * parts[0].dtype.type(0.5)
+    return torch.as_tensor(values.astype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -232,6 +241,12 @@ class LearnProtocol(Settings):
         Regularised ZCA whitening (:mod:`cnngp.io.preprocess`) of strength ε (a fraction of the
         mean eigenvalue), fitted on the ``n`` training images only (shared by the folds; no
         test image enters it) and applied to them and the test images. Default: none.
+    flip : bool, default False
+        The flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9), train and
+        test: from the flip-averaged offset sums (the readout families are mirror-symmetric),
+        or with ``params="all"`` by autograd through both terms. Refused for a network whose
+        last hidden layer is not flip-symmetric, and with ``spectral_mixture`` (its readouts
+        need not be mirror-symmetric).
     """
 
     KIND = "learn setting"
@@ -250,8 +265,10 @@ class LearnProtocol(Settings):
     refine: int = 5
     spectral_mixture: int = 0
     zca: float | None = None
+    flip: bool = False
 
     def __post_init__(self):
+
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
         objective, params, spectral_mixture = self.objective, self.params, self.spectral_mixture
@@ -271,6 +288,11 @@ class LearnProtocol(Settings):
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in ("paper", "stratified"):
             raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {self.fold_scheme!r}")
+        if not isinstance(self.flip, (bool, np.bool_)):
+            raise CNNGPError(f"flip: expected True or False, got {self.flip!r}")
+        if self.flip and spectral_mixture:
+            raise CNNGPError("flip: not with spectral_mixture (--spectral-mixture): a spectral-mixture "
+                             "readout need not be mirror-symmetric, and the flip-averaged kernel needs one")
 
 
 
@@ -302,6 +324,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     fold_scheme, seed, test, n_test = protocol.fold_scheme, protocol.seed, protocol.test, protocol.n_test
     starts, max_iter, lengthscales = protocol.starts, protocol.max_iter, protocol.lengthscales
     refine, spectral_mixture, dtype, store = protocol.refine, protocol.spectral_mixture, ex.dtype, ex.store
+    flip = protocol.flip
     progress = on_step
     if store is not None and params == "all":
         raise CNNGPError("store: not with params='all' (its kernels are recomputed by autograd at every "
@@ -313,6 +336,10 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
 
         store = check_output_store(store, "--store")
         ex = ex.replace(store=store)
+        from cnngp.experiments.sweep import sweep_store_paths
+
+        for path in sweep_store_paths(store, bool(test), flip)[1:]:  # the test and mirror-term stores
+            check_output_store(path, f"--store (its {path.name})")
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
     k_cls = ds.n_classes
@@ -354,10 +381,10 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         if test:
             check_gram("--test", priced, x.shape[1:], len(x_test), n, yes=False, images=x_test, execution=check_ex)
     t0 = time.perf_counter()
-    S = _offset_sums(body, x, None, ex)
+    S = _offset_sums(body, x, None, ex, flip)
     S_test = None
     if test:
-        S_test = _offset_sums(body, x_test, x, ex.replace(store=None if store is None else test_store_path(store)))
+        S_test = _offset_sums(body, x_test, x, ex, flip, test=True)
     body_seconds = time.perf_counter() - t0
     pairs = n * (n + 1) // 2
     test_pairs = 0 if x_test is None else len(x_test) * n
@@ -392,11 +419,11 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         net = Serial(*body.layers, template.with_correlation(correlation_family(family, float(starts[0]))))
         result = learn_network(net, x, y, objective=objective, n_classes=k_cls, max_iter=max_iter,
                                progress=progress, execution=_in_memory(ex).replace(dtype="float64"),
-                               starts=starts)  # every start, the best kept (as params="readout")
+                               starts=starts, flip=flip)  # every start, the best kept (as params="readout")
         learned = result.learned
         learn_evals = result.kernel_evaluations
         fitted = with_parameters(net, {k: v for k, v in learned.items() if k != "noise_variance"})
-        K = kernel(fitted, x, execution=_in_memory(ex).replace(dtype="float64")).numpy()
+        K = kernel(fitted, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
         learned = {**learned, "lengthscale": learned["readout.lengthscale"]}
     cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
     fold_acc = cv.fold_accuracies[:, 0]
@@ -404,13 +431,14 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             "fold_accuracies": fold_acc.tolist()}
     if test and params == "internal":
         fitted_body = with_internal(body, indices, learned["internal_lengthscale"])
-        S_t = offset_sums(fitted_body, x_test, x, execution=_in_memory(ex).replace(progress=False)).to(torch.float64)
+        S_t = offset_sums(fitted_body, x_test, x, flip=flip,
+                          execution=_in_memory(ex).replace(progress=False)).to(torch.float64)
         K_test = (learned["amplitude"] * torch.tensordot(best_readout.weights(learned["lengthscale"]), S_t, 1)
                   + template.bias_var).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
         held["n_test"] = int(len(y_test))
     elif test and params == "all":
-        K_test = kernel(fitted, x_test, x, execution=_in_memory(ex).replace(dtype="float64")).numpy()
+        K_test = kernel(fitted, x_test, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
         held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
         held["n_test"] = int(len(y_test))
     elif test:
@@ -507,6 +535,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             "n_test": None if x_test is None else int(len(x_test)),
             "train_sha256": train_sha256,
             "zca": protocol.zca,
+            "flip": bool(protocol.flip),
             "zca_fit": None if whitening is None else {**whitening.provenance(),
                                                        "fitted_on_images": "the n training images"},
             "targets": "one-hot minus 1/n_classes",
@@ -517,8 +546,9 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         "trace": result.trace,
         "starts": result.starts,
         "kernel_evaluations": int(learn_evals + (test_pairs if test else 0)),
-        "body_pair_evaluations": int(pairs * (1 + sum(r["body_pass"] for r in internal_rows or []))
-                                     + test_pairs * (2 if params == "internal" and test else 1)),
+        "body_pair_evaluations": int((pairs * (1 + sum(r["body_pass"] for r in internal_rows or []))
+                                      + test_pairs * (2 if params == "internal" and test else 1))
+                                     * (2 if flip else 1)),  # flip: each pair and its mirror term
         "heldout_accuracy": heldout,
         "heldout": held,
         "grid_best": grid_best,

@@ -455,8 +455,8 @@ class CNNGPClassifierCV(_CNNGPBase):
         As for :class:`CNNGPClassifier`: fitted on all of the training X before the
         cross-validation (every fold shares it; unlabelled statistics of training images).
     flip : bool, default False
-        As for :class:`CNNGPClassifier`: every λ's kernel flip-averaged (``search="grid"``
-        only; the offset sums of ``"gradient"`` are not flip-averaged, so it is refused there).
+        As for :class:`CNNGPClassifier`: every λ's kernel flip-averaged (with
+        ``search="gradient"``, learned from the flip-averaged offset sums).
     calibration_scale : float, optional
         As for :class:`CNNGPClassifier`; fitted on the folds of ``cv`` (leave-one-out by default)
         at the selected λ and σ².
@@ -670,9 +670,6 @@ class CNNGPClassifierCV(_CNNGPBase):
 
         if self.objective not in OBJECTIVES:
             raise CNNGPError(f"objective must be one of {OBJECTIVES}; got {self.objective!r}")
-        if self._flip():
-            raise CNNGPError("flip=True needs search='grid': search='gradient' learns from the offset sums "
-                             "of the last hidden layer, which are not flip-averaged")
         starts = (0.3, 3.0, 30.0) if self.lengthscales is None else [
             v for v in self._candidate_lengthscales() if 0 < v < math.inf]
         if not starts:
@@ -685,7 +682,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         if not grid:
             raise CNNGPError(f"arch: its last hidden layer has no spatial grid, so {type(self).__name__} "
                              "has no readout λ to learn")
-        S = offset_sums(body, images, execution=self._execution()).double()
+        S = offset_sums(body, images, flip=self._flip(), execution=self._execution()).double()
         readout = OffsetReadout(S, grid, family, template.bias_var)
         with gp.small_problem_threads(len(y_enc)):
             result = learn_readout(readout, y_enc, objective=self.objective, n_classes=n_classes, starts=starts)

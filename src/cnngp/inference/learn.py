@@ -444,12 +444,14 @@ def default_learnable(model) -> list[str]:
     return names
 
 
-def kernel_vjp(model, names, values, x, G, *, tile: int = 8) -> np.ndarray:
+def kernel_vjp(model, names, values, x, G, *, tile: int = 8, flip: bool = False) -> np.ndarray:
     """Σ_ij G_ij ∂K_ij/∂θ for the parameters ``names`` at ``values`` (K = kernel(model, x),
     G symmetric), by recomputing K tile by tile with autograd
     (:func:`cnngp.engine.gram.differentiable_kernel`): memory of one tile's graph, whatever N;
-    off-diagonal tiles count twice (K and G are symmetric)."""
-    from cnngp.engine.gram import differentiable_kernel
+    off-diagonal tiles count twice (K and G are symmetric). ``flip``: K is the flip-averaged
+    kernel ½[K(x, x') + K(x, flip x')] (docs/maths.md §9; symmetric for a flip-symmetric
+    network, which ``kernel(model, x, flip=True)`` has checked)."""
+    from cnngp.engine.gram import differentiable_kernel, flip_images
 
     ts = {n: torch.tensor(float(v), dtype=torch.float64, requires_grad=True) for n, v in zip(names, values)}
     net = with_parameters(model, ts)
@@ -459,6 +461,8 @@ def kernel_vjp(model, names, values, x, G, *, tile: int = 8) -> np.ndarray:
         for j0 in range(i0, n, tile):
             rows, cols = slice(i0, i0 + tile), slice(j0, j0 + tile)
             k = differentiable_kernel(net, x[rows], None if i0 == j0 else x[cols])
+            if flip:
+                k = 0.5 * (k + differentiable_kernel(net, x[rows], flip_images(x[cols])))
             w = 1.0 if i0 == j0 else 2.0
             (w * (k * G[rows, cols]).sum()).backward()
     return np.array([float(ts[n].grad) if ts[n].grad is not None else 0.0 for n in names])
@@ -488,12 +492,17 @@ def learn_network(
     from one factorisation, then Σ G ∂K/∂θ by :func:`kernel_vjp`. Cost per step: two kernel
     passes (N(N+1)/2 pairs each, the second with autograd and its backward). ``progress(entry)``
     is called on every step; ``execution`` and the execution options (:class:`cnngp.Execution`)
-    compute the fast-path kernels, and their ``tile`` (default 8) is :func:`kernel_vjp`'s."""
+    compute the fast-path kernels, and their ``tile`` (default 8) is :func:`kernel_vjp`'s.
+    Among ``options``, beside the execution options, ``flip=True``: the flip-averaged kernel
+    ½[K(x, x') + K(x, flip x')] (docs/maths.md §9) throughout, gradients included."""
     from scipy.optimize import minimize
 
     from cnngp.engine.execution import COMPUTE, Execution
     from cnngp.engine.gram import kernel
 
+    flip = options.pop("flip", False)
+    if not isinstance(flip, (bool, np.bool_)):
+        raise CNNGPError(f"flip: expected True or False, got {flip!r}")
     ex = Execution.build(execution, options, where="learn_network", accepted=COMPUTE + ("tile",))
     tile = ex.tile or 8
 
@@ -511,7 +520,7 @@ def learn_network(
     n = len(y)
     evaluations = [0]
     with torch.no_grad():
-        scale = float(torch.diagonal(kernel(model, x, execution=ex)).double().mean())
+        scale = float(torch.diagonal(kernel(model, x, flip=flip, execution=ex)).double().mean())
     evaluations[0] += 1
     bounds = [PARAMETER_BOUNDS[nm.split(".")[1]] for nm in names] + [
         (BOUNDS["noise_variance"][0] * scale, BOUNDS["noise_variance"][1] * scale)]
@@ -528,11 +537,11 @@ def learn_network(
     def f(theta):
         vals = np.exp(theta)
         net = with_parameters(model, dict(zip(names, vals[:-1].tolist())))
-        K = kernel(net, x, execution=ex).to(torch.float64).requires_grad_(True)
+        K = kernel(net, x, flip=flip, execution=ex).to(torch.float64).requires_grad_(True)
         noise = torch.tensor(vals[-1], dtype=torch.float64, requires_grad=True)
         value = objective_value(objective, K, Y, noise)
         value.backward()
-        g = kernel_vjp(model, names, vals[:-1], x, K.grad, tile=tile)
+        g = kernel_vjp(model, names, vals[:-1], x, K.grad, tile=tile, flip=flip)
         evaluations[0] += 2
         grad = np.concatenate([g, [float(noise.grad)]]) * vals  # d/dlog θ
         seen[tuple(theta)] = float(value.detach())
@@ -568,5 +577,6 @@ def learn_network(
                      "message": str(res.message)})
         if best is None or info[-1]["objective"] > best[1]:
             best = (learned, info[-1]["objective"])
-    return LearnResult(best[0], best[1], trace, evaluations[0] * (n * (n + 1) // 2), info,
+    per_pass = (n * (n + 1) // 2) * (2 if flip else 1)  # flip: K and its mirror term per pair
+    return LearnResult(best[0], best[1], trace, evaluations[0] * per_pass, info,
                        time.perf_counter() - t0)
