@@ -49,6 +49,29 @@ def test_symmetric_gram_from_shuffled_tiles_is_bit_identical(name, dtype):
     assert np.array_equal(out[0], whole)
 
 
+@pytest.mark.parametrize("flip", [False, "mirror"])
+def test_offset_sums_from_tiles_with_their_plan(flip):
+    """A plan of offset sums (and of their mirror term) transposes its off-diagonal tiles by
+    reversing offsets (GramPlan.mirrored), which write_tile does when given the plan."""
+    body = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+    x = _images(7)
+    whole = cnngp.offset_sums(body, x, flip=flip).numpy()
+    plan = GramPlan(body, x.shape[1:], offsets=True, flip=flip)
+    xt = plan.images(x)
+    records = plan.self_records(xt)
+    out = np.full((plan.n_outputs, 7, 7), np.nan)
+    for rows, cols, diagonal in plan.tiles(7, tile=3):
+        if diagonal:
+            write_tile(out, rows, cols, plan.block(xt[rows], records.take(rows)))
+        else:
+            block = plan.block(xt[rows], records.take(rows), xt[cols], records.take(cols))
+            write_tile(out, rows, cols, block, mirror=True, plan=plan)
+            off_diagonal = rows, cols, block
+    assert np.abs(out - whole).max() <= 1e-13 * np.abs(whole).max()
+    with pytest.raises(cnngp.CNNGPError, match="two terms apart"):
+        write_tile(out, *off_diagonal, mirror=True, plan=GramPlan(body, x.shape[1:], offsets=True, flip=True))
+
+
 def test_rectangular_gram_and_readout_sweep_from_tiles():
     body = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
     readouts = [cnngp.Readout(correlation=cnngp.Matern(1.5, lam)) for lam in (0.0, 1.0, float("inf"))]

@@ -903,13 +903,21 @@ def tile_plan(n_rows: int, n_cols: int | None, tile: int) -> list[Tile]:
     return sorted(out, key=lambda t: (max(t.i, t.j), t.j, t.i))
 
 
-def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False) -> None:
+def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False, plan: "GramPlan | None" = None) -> None:
     """Put ``block`` (n_outputs, R, C) at ``out[:, rows, cols]`` (and its transpose at
     ``out[:, cols, rows]`` when ``mirror``, for an off-diagonal tile of a symmetric matrix).
-    ``out`` is anything that takes slice assignment of a NumPy array."""
+    ``out`` is anything that takes slice assignment of a NumPy array. The transpose of a plan
+    of offset sums reverses its offsets (:meth:`GramPlan.mirrored`): give the ``plan`` then
+    (a flip-averaged one is refused: its two terms transpose differently, so compute the
+    plain sums and the mirror term, ``flip="mirror"``, as two matrices)."""
     data = block.numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
     out[:, rows, cols] = data
     if mirror:
+        if plan is not None and plan.plan.offsets:
+            if plan.flip is True:
+                raise CNNGPError("plan: the transposed tile of flip-averaged offset sums needs its two "
+                                 "terms apart; tile the plain sums and their mirror term (flip='mirror') apart")
+            data = mirrored_offsets(data, plan.offset_shape, plan.flip)
         out[:, cols, rows] = np.swapaxes(data, 1, 2)
 
 
