@@ -630,3 +630,34 @@ def test_cli_learn_flip(tmp_path, capsys):
     assert main(["learn", "--arch", "cnngp2", "--n", "40", "--flip", "--spectral-mixture", "2",
                  "--out", str(tmp_path / "M")]) != 0
     assert "flip: not with spectral_mixture" in capsys.readouterr().err
+
+
+def test_learn_internal_lengthscale_with_flips(tmp_path):
+    """params="internal" with flips: each internal λ's flip-averaged offset sums (in memory, and
+    through a plain and a mirror-term store per λ) give the rows whose objective is that of the
+    flip kernel computed directly."""
+    from cnngp.experiments.learned import internal_store_path, run_learn
+    from cnngp.experiments.sweep import mirror_store_path
+    from cnngp.inference.gp import centered_one_hot
+    from cnngp.inference.learn import objective_value
+    from cnngp.io.data import balanced_subset, load_dataset
+
+    def net(corr=cnngp.Matern(1.5, 3.0), readout=cnngp.Constant(), amplitude=1.0):
+        # 4 taps, stride 2, same padding on 8 pixels: one pixel of padding each side, symmetric
+        return cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(4, stride=2, padding="same", correlation=corr),
+                            cnngp.ReLU(), cnngp.Readout(weight_var=amplitude, correlation=readout))
+
+    kw = dict(params="internal", starts=(2.0,), max_iter=10, refine=0, lengthscales=(1.0,), flip=True)
+    memory = run_learn(net(), "digits", 40, **kw)
+    stored = run_learn(net(), "digits", 40, store=tmp_path / "S.zarr", **kw)
+    assert [r["objective"] for r in stored["trace"]] == pytest.approx([r["objective"] for r in memory["trace"]],
+                                                                        rel=1e-9)
+    lam = memory["trace"][-1]["internal_lengthscale"]
+    assert mirror_store_path(internal_store_path(tmp_path / "S.zarr", lam)).exists()
+    ds = load_dataset("digits")
+    order = balanced_subset(ds.y_train, 40, seed=0, n_classes=10)
+    x, Y = ds.x_train[order], torch.tensor(centered_one_hot(ds.y_train[order], 10), dtype=torch.float64)
+    for row in (memory["trace"][0], memory["trace"][-1]):
+        corr = cnngp.Independent() if row["internal_lengthscale"] == 0 else cnngp.Matern(1.5, row["internal_lengthscale"])
+        K = cnngp.kernel(net(corr, cnngp.Matern(1.5, row["readout_lengthscale"]), row["amplitude"]), x, flip=True)
+        assert float(objective_value("mll", K, Y, row["noise_variance"])) == pytest.approx(row["objective"], rel=1e-9)
