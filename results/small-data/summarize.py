@@ -10,7 +10,9 @@ and ECE of the model trained on the 640 (±2 SE: binomial for accuracy, over ima
 CV accuracy and the nested CV estimate at N = 640. Paired differences use the same test images:
 per image, correct(a) − correct(b) and log p_a − log p_b, their mean ± 2 SE over the images
 (test_predictions.npz of each run); every configuration is compared with the plain one of its
-network and readout, and the CV-chosen readout with mean pooling within a configuration.
+network and readout, the CV-chosen readout with mean pooling within a configuration, and
+Myrtle10-correlated (correlated intermediate layers) with Myrtle10 (pools) at the same
+configuration and readout.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def main():
             refs.append(((net, "plain" + suffix, role), "vs plain"))
         if suffix and (net, cfg.removesuffix(suffix), role) in per_image:  # the same test images
             refs.append(((net, cfg.removesuffix(suffix), role), "vs N = 640"))
+        if net == "myrtle10-correlated" and ("myrtle10", cfg, role) in per_image:  # its pools correlated
+            refs.append((("myrtle10", cfg, role), "vs myrtle10 (pools)"))
         if role == "CV-chosen λ" and (net, cfg, "mean pool") in per_image:
             refs.append(((net, cfg, "mean pool"), "vs mean pool"))
         for ref, what in refs:
