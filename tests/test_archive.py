@@ -88,6 +88,11 @@ def test_a_store_rebuilt_from_its_archive_equals_the_original(tmp_path, capsys):
     assert "6 of 6 tiles already done (6 restored from" in capsys.readouterr().err
     assert _stored(tmp_path / "b.zarr").tobytes() == _stored(tmp_path / "a.zarr").tobytes()
     assert KernelStore.open(tmp_path / "b.zarr").complete()  # records written for restored tiles
+    # with what each tile took where it was computed
+    a, b = KernelStore.open(tmp_path / "a.zarr"), KernelStore.open(tmp_path / "b.zarr")
+    for t in a.tiles():
+        ra, rb = a._record(t.name), b._record(t.name)
+        assert (rb["seconds"], rb["cpu_seconds"]) == (ra["seconds"], ra["cpu_seconds"]) and ra["cpu_seconds"] > 0
 
 
 def test_a_partial_archive_resumes_and_a_damaged_tile_is_recomputed(tmp_path, capsys):

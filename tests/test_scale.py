@@ -220,6 +220,13 @@ def test_cli_store_info_corruption_and_repair(tmp_path, images_npz, capsys):
     assert (info["shape"], info["tiles_total"], info["tiles_done"], info["tiles_bad"]) == ([1, 12, 12], 6, 6, [])
     assert info["pairs_total"] == info["pairs_done"] == 78 and info["complete"]
     assert info["versions"]["zarr"] and info["spec"] == NET.split_readout()[0].to_spec()
+    # each tile's record holds its wall and CPU time; info sums them (a cost that survives stops)
+    records = [json.loads(p.read_text()) for p in (out / "records").glob("tile-*.json")]
+    assert len(records) == 6 and all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in records)
+    assert info["cpu_seconds_recorded"] == pytest.approx(sum(r["cpu_seconds"] for r in records))
+    assert info["seconds_recorded"] == pytest.approx(sum(r["seconds"] for r in records))
+    assert _cli("info", out) == 0
+    assert "s CPU (the finished tiles, every attempt)" in capsys.readouterr().out
 
     chunk = out / "kernel" / "c" / "0" / "1" / "2"
     data = bytearray(chunk.read_bytes())

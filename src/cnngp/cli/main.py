@@ -659,6 +659,8 @@ def store_summary(path, info: dict) -> str:
         f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}"
         + (", flip-averaged" if info.get("flip") else ""),
         f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done",
+        f"  time     {info.get('seconds_recorded') or 0:,.1f} s wall, {info.get('cpu_seconds_recorded') or 0:,.1f} s CPU "
+        "(the finished tiles, every attempt)",
     ]
     labels = info.get("labels") or []
     specs = info.get("readout_specs") or []

@@ -223,7 +223,7 @@ class TileArchive:
             _atomic_json(self.path / f"{tile.name}.json", {
                 "sha256": sha, "shape": list(block.shape), "dtype": str(block.dtype), "codec": CODEC,
                 "rows": [tile.rows.start, tile.rows.stop], "cols": [tile.cols.start, tile.cols.stop],
-                "seconds": stored.get("seconds"), "host": stored.get("host"),
+                "seconds": stored.get("seconds"), "cpu_seconds": stored.get("cpu_seconds"), "host": stored.get("host"),
             })
         except OSError as e:
             raise CNNGPError(f"{self.what}: writing tile {tile.name} to {str(self.path)!r} failed "
@@ -270,6 +270,6 @@ class TileArchive:
             loaded = self.load(tile)
             if loaded is not None:
                 block, record = loaded
-                self.store.write_tile(tile, block, record.get("seconds"))
+                self.store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"))
                 restored.append(tile)
         return restored

@@ -189,7 +189,7 @@ def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int |
     """Stage 2 on one tile: its block of the matrix, into the store, then its record.
     ``progress.update(pairs)`` is called after every batch of pairs (in-process runs)."""
     _set_threads(threads)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     store = KernelStore.open(path)
     plan = _plan(key, recipe)
     x_rows = torch.as_tensor(store.images("x1", tile.rows), device=plan.device)
@@ -201,7 +201,7 @@ def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int |
         x_cols = torch.as_tensor(store.images(which, tile.cols), device=plan.device)
         block = plan.block(x_rows, rec_rows, x_cols, _records(store, plan, which, tile.cols), progress=progress)
     seconds = time.perf_counter() - start
-    store.write_tile(tile, block.numpy(), seconds)
+    store.write_tile(tile, block.numpy(), seconds, time.process_time() - cpu_start)
     return tile.name, tile.pairs, seconds
 
 

@@ -409,17 +409,20 @@ class KernelStore:
         return record.get("sha256") == _checksum(*arrays)
 
     # -- stage 2: tiles -----------------------------------------------------------------
-    def write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None = None) -> None:
-        """Write a tile's block ``(L, R, C)`` (and its mirror), then its record."""
+    def write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None = None,
+                   cpu_seconds: float | None = None) -> None:
+        """Write a tile's block ``(L, R, C)`` (and its mirror), then its record, with what the
+        tile took: ``seconds`` of wall time and ``cpu_seconds`` of its process's CPU time
+        (every thread's), so that a computation's cost survives pauses and interruptions."""
         with self._writing(f"tile {tile.name}"):
-            self._write_tile(tile, block, seconds)
+            self._write_tile(tile, block, seconds, cpu_seconds)
 
-    def _write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None) -> None:
+    def _write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None, cpu_seconds: float | None) -> None:
         data = np.ascontiguousarray(np.asarray(block, dtype=self.kernel.dtype))
         self.kernel[:, tile.rows, tile.cols] = data
         record = {"sha256": _checksum(data), "rows": [tile.rows.start, tile.rows.stop],
                   "cols": [tile.cols.start, tile.cols.stop], "pairs": tile.pairs,
-                  "seconds": seconds, "host": os.uname().nodename, "pid": os.getpid()}
+                  "seconds": seconds, "cpu_seconds": cpu_seconds, "host": os.uname().nodename, "pid": os.getpid()}
         if tile.mirror:
             # pair (x', x); a store of offset sums reverses its offsets: S_x'x[δ] = S_xx'[−δ]
             # (the mirror term's, flip="mirror", all but the width's: gram.mirrored_offsets)
@@ -435,6 +438,10 @@ class KernelStore:
 
     def _record(self, name: str) -> dict | None:
         return _read_json(self.records_dir / f"{name}.json")
+
+    def _recorded(self, key: str, tiles) -> float:
+        """The sum of ``key`` (``seconds``, ``cpu_seconds``) over the records of ``tiles``."""
+        return sum((self._record(t.name) or {}).get(key) or 0.0 for t in tiles)
 
     def tile_state(self, tile: Tile) -> str:
         """'done', 'missing' (no record) or 'bad' (a record the bytes do not match)."""
@@ -515,7 +522,8 @@ class KernelStore:
             "preprocessing": self.attrs.get("preprocessing"),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
-            "seconds_recorded": sum((self._record(t.name) or {}).get("seconds") or 0.0 for t in state["done"]),
+            "seconds_recorded": self._recorded("seconds", state["done"]),
+            "cpu_seconds_recorded": self._recorded("cpu_seconds", state["done"]),
         }
 
 
