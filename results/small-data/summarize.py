@@ -62,6 +62,34 @@ def best() -> tuple[str, str]:
     return max(scores, key=lambda k: (scores[k], -list(done).index(k)))
 
 
+STORES = HERE.parent.parent / "stores" / "small-data"  # run.sh's, git-ignored
+
+
+def _tile_seconds(net: str, cfg: str) -> dict | None:
+    """What the tiles of a configuration's own stores took, summed over every attempt (each
+    tile's record holds its seconds; a session's end stops a sweep before /usr/bin/time can
+    report it): the plain and test stores, or for a flip configuration the mirror-term stores
+    it computed (its plain stores are its plain configuration's). None without the stores."""
+    flip = "flip" in cfg
+    base = f"{net}-{cfg.replace('zca-flip', 'zca').replace('flip', 'plain')}"
+    names = [f"{base}-mirror", f"{base}-mirror-test"] if flip else [base, f"{base}-test"]
+    seconds, cpu, pairs, tiles, timed = 0.0, 0.0, 0, 0, 0
+    for name in names:
+        records = STORES / f"{name}.zarr" / "records"
+        if not records.is_dir():
+            return None
+        for path in records.glob("tile-*.json"):
+            record = json.loads(path.read_text())
+            seconds += record.get("seconds") or 0.0
+            pairs += record.get("pairs") or 0
+            tiles += 1
+            if record.get("cpu_seconds") is not None:  # recorded since 2026-12-05 08:45 UTC
+                cpu += record["cpu_seconds"]
+                timed += 1
+    return {"tile_seconds": seconds, "cpu_seconds": cpu, "tiles_with_cpu_seconds": timed, "pairs": pairs,
+            "tiles": tiles, "stores": names}
+
+
 def _mean_2se(x):
     x = np.asarray(x, dtype=np.float64)
     return float(x.mean()), float(2 * x.std(ddof=1) / math.sqrt(len(x)))
@@ -119,7 +147,12 @@ def main():
             paired.append({"network": net, "config": cfg, "readout": role, "against": what,
                            "accuracy_difference": d_acc, "accuracy_difference_2se": d_acc2,
                            "nll_difference": d_nll, "nll_difference_2se": d_nll2})
-    (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired}, indent=1) + "\n")
+    previous = json.loads((HERE / "summary.json").read_text()).get("cost", {}) if (HERE / "summary.json").is_file() else {}
+    cost = {}
+    for net, cfg, _, _ in _runs():
+        key = f"{net}-{cfg}"
+        cost[key] = _tile_seconds(net, cfg) or previous.get(key)  # the stores may be gone later
+    (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired, "cost": cost}, indent=1) + "\n")
     lines = ["| network | config | N | readout | test acc % | NLL | ECE % | CV acc % (at N) | nested CV % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
@@ -134,6 +167,15 @@ def main():
         lines.append(f"| {p['network']} | {p['config']} | {p['readout']} | {p['against']} | "
                      f"{100 * p['accuracy_difference']:+.1f} ± {100 * p['accuracy_difference_2se']:.1f} | "
                      f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} |")
+    lines += ["", "Kernel time of every attempt, from the stores' tile records (wall: a tile's seconds, which "
+              "include any pause of the sweep and other work on the 2 cores; CPU: its process's CPU "
+              "seconds, recorded by tiles computed since 2026-12-05 08:45 UTC):", "",
+              "| run | wall, Σ tiles | CPU, Σ tiles (tiles) | pairs |", "|---|---|---|---|"]
+    for key, c in cost.items():
+        if c:
+            cpu = (f"{c['cpu_seconds']:,.0f} s ({c['tiles_with_cpu_seconds']} of {c['tiles']})"
+                   if c.get("tiles_with_cpu_seconds") else "not recorded")
+            lines.append(f"| {key} | {c['tile_seconds'] / 60:.0f} min | {cpu} | {c['pairs']:,} |")
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
     figure(table, HERE / "summary.png")
     print("\n".join(lines))
