@@ -28,6 +28,7 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
         --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
+    return "$rc"  # a sweep that failed stops the queue (its reason is in run.log)
 }
 configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca-flip asked for
     local prefix=$1 arch=$2 cfg; shift 2
