@@ -28,7 +28,7 @@ import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import kernel, offset_sums
-from cnngp.experiments.sweep import _folds_for, _in_memory, _store_terms, test_store_path
+from cnngp.experiments.sweep import _folds_for, _in_memory, store_terms, test_store_path
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.inference import gp
@@ -182,7 +182,7 @@ def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> to
     (``S.zarr``; with ``test``, its test store ``S-test.zarr``), computed or finished there
     first, then read whole. ``flip``: the flip-averaged sums ½[S_xx' + S_x,flip x']
     (:func:`cnngp.offset_sums`); through a store, the plain sums there and their mirror term
-    in ``S-mirror.zarr`` (``S-mirror-test.zarr``), the sweep's layout (:func:`_store_terms`),
+    in ``S-mirror.zarr`` (``S-mirror-test.zarr``), the sweep's layout (:func:`store_terms`),
     averaged in their dtype as the in-memory pass averages them."""
     store = ex.store
     if store is None:
@@ -191,7 +191,7 @@ def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> to
     from cnngp.engine.store import KernelStore
 
     parts = []
-    for term, base in _store_terms(store, flip):
+    for term, base in store_terms(store, flip):
         path = test_store_path(base) if test else base
         store_kernel(body, x1, x2, offsets=True, flip=term, execution=ex.replace(store=path))
         opened = KernelStore.open(path)

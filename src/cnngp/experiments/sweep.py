@@ -290,7 +290,7 @@ def mirror_store_path(kernel_store) -> Path:
     return path.with_name(stem + "-mirror.zarr")
 
 
-def _store_terms(kernel_store, flip: bool) -> list[tuple]:
+def store_terms(kernel_store, flip: bool) -> list[tuple]:
     """[(flip term, train store)] of a sweep with ``--store kernel_store``: the plain kernel's
     store, and with ``flip`` its mirror term's (``flip="mirror"``, :func:`mirror_store_path`);
     each has its test store beside it (:func:`test_store_path`)."""
@@ -301,7 +301,7 @@ def _store_terms(kernel_store, flip: bool) -> list[tuple]:
 
 def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
     """Every store a sweep with ``--store kernel_store`` writes (train, test, the mirror terms)."""
-    return [p for _, b in _store_terms(kernel_store, flip) for p in ([b, test_store_path(b)] if test else [b])]
+    return [p for _, b in store_terms(kernel_store, flip) for p in ([b, test_store_path(b)] if test else [b])]
 
 
 def check_store_zca(path, zca, flag: str = "--zca") -> None:
@@ -411,7 +411,7 @@ def _store_parts(ex, part: str, flip) -> list:
     plain kernel, and with ``flip`` its mirror term (``flip="mirror"``), each with its store
     and tile archive."""
     out = []
-    for term, store in _store_terms(ex.store, flip):
+    for term, store in store_terms(ex.store, flip):
         suffix = "-mirror" if term else ""
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
