@@ -70,6 +70,8 @@ def test_offset_sums_from_tiles_with_their_plan(flip):
     assert np.abs(out - whole).max() <= 1e-13 * np.abs(whole).max()
     with pytest.raises(cnngp.CNNGPError, match="two terms apart"):
         write_tile(out, *off_diagonal, mirror=True, plan=GramPlan(body, x.shape[1:], offsets=True, flip=True))
+    with pytest.raises(cnngp.CNNGPError, match="plan: expected a cnngp.engine.gram.GramPlan or None, got dict"):
+        write_tile(out, *off_diagonal, mirror=True, plan={"offsets": True})
 
 
 def test_rectangular_gram_and_readout_sweep_from_tiles():

@@ -790,13 +790,13 @@ class GramPlan:
                 if self.flip:  # K_flip(x, x') = ½[K(x, x') + K(x, flip x')] (docs/maths.md §9)
                     mirror = _pair_values(self.plan, x_rows[rd], x_flip[cd], rec_rows.variances,
                                           rec_flip.variances, rd, cd).cpu()[:, : r.numel()]
-                values = plain if not self.flip else mirror if self.flip == MIRROR else (plain + mirror) * 0.5
+                values = plain if not self.flip else mirror if self.flip == MIRROR else flip_average(plain, mirror)
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x_rows, x_cols), self.dtype)
                 out[:, r, c] = values
                 if symmetric and self.flip is True and self.plan.offsets:  # pair (x', x): the
                     # offset sums of the two terms transpose differently (mirrored)
-                    out[:, c, r] = (self.mirrored(plain) + self.mirrored(mirror, MIRROR)) * 0.5
+                    out[:, c, r] = flip_average(self.mirrored(plain), self.mirrored(mirror, MIRROR))
                 elif symmetric:
                     out[:, c, r] = self.mirrored(values, self.flip)
                 done = begin + r.numel()
@@ -832,7 +832,7 @@ class GramPlan:
                 if self.flip:  # as in block()
                     mirrored = _pair_values(self.plan, x[d], x_flip[d], rec.variances, rec_flip.variances,
                                             d, d).cpu()[:, : idx.numel()]
-                    values = mirrored if self.flip == MIRROR else (values + mirrored) * 0.5
+                    values = mirrored if self.flip == MIRROR else flip_average(values, mirrored)
                 if not bool(torch.isfinite(values).all()):
                     _check_finite(values, self.body, self.heads, (x,), self.dtype)
                 out[:, idx] = values
@@ -912,6 +912,8 @@ def write_tile(out, rows: slice, cols: slice, block, mirror: bool = False, plan:
     plain sums and the mirror term, ``flip="mirror"``, as two matrices)."""
     data = block.numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
     out[:, rows, cols] = data
+    if plan is not None and not isinstance(plan, GramPlan):
+        raise CNNGPError(f"plan: expected a cnngp.engine.gram.GramPlan or None, got {type(plan).__name__}")
     if mirror:
         if plan is not None and plan.plan.offsets:
             if plan.flip is True:
@@ -948,6 +950,14 @@ def _check_flip_flag(flip, offsets) -> bool | str:
     elif not isinstance(flip, (bool, np.bool_)):
         raise CNNGPError(f"flip: expected True, False or {MIRROR!r}, got {flip!r}")
     return flip if isinstance(flip, str) else bool(flip)
+
+
+def flip_average(plain, mirror):
+    """The flip average ½[plain + mirror] of a term and its mirror term (docs/maths.md §9),
+    NumPy arrays or tensors, taken in their dtype: the one rounding rule of a flip plan's
+    pass, of a flip-averaged store and of two stores read together, so that all three agree
+    to the bit."""
+    return (plain + mirror) * 0.5
 
 
 def mirrored_offsets(values, offset_shape: tuple, term=False):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnngp.engine.gram import Tile, mirrored_offsets, tile_plan
+from cnngp.engine.gram import Tile, flip_average, mirrored_offsets, tile_plan
 from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 
@@ -598,7 +598,7 @@ class FlipAveragedReadouts(_ReadoutSequence):
     def _matrix(self, index: int) -> np.ndarray:
         a = np.asarray(self.plain.store.kernel[index])
         b = np.asarray(self.mirror.store.kernel[index])
-        return ((a + b) * a.dtype.type(0.5)).astype(np.float64)
+        return flip_average(a, b).astype(np.float64)
 
     def _where(self) -> str:
         return f"of {str(self.plain.store.path)!r} and its mirror term"

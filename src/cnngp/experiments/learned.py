@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
-from cnngp.engine.gram import kernel, offset_sums
+from cnngp.engine.gram import flip_average, kernel, offset_sums
 from cnngp.experiments.sweep import _folds_for, _in_memory, store_terms, test_store_path
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
@@ -199,7 +199,7 @@ def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> to
         if state["missing"] or state["bad"]:  # store_kernel finished it: a bug if not
             raise CNNGPError(f"--store: {str(path)!r} is not complete after computing it")
         parts.append(np.asarray(opened.kernel[:]))
-    values = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) * parts[0].dtype.type(0.5)
+    values = parts[0] if len(parts) == 1 else flip_average(parts[0], parts[1])
     return torch.as_tensor(values.astype(np.float64))
 
 
