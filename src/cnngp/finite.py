@@ -262,17 +262,14 @@ class _FiniteLayer(nn.Module):
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(in_shape)
 
-
-class _FiniteConv(_FiniteLayer):
-    """Correlated-weight convolution for G networks at once (one grouped conv call)."""
-
-    def __init__(self, layer: Conv, in_shape, width, seeds, index, device, dtype):
-        super().__init__(in_shape)
-        c_in, spatial = in_shape[0], tuple(in_shape[1:])
+    def _window(self, layer, taps_name: str, channels_out: int) -> None:
+        """The geometry of a layer that slides a window (a conv's filter, a pool's window) over
+        the input grid: taps, stride, dilation, padding, the pads per axis and the out shape."""
+        spatial = self.in_shape[1:]
         d = len(spatial)
         if d == 0:
             raise CNNGPError(f"{layer!r}: needs a spatial grid, but its input has none")
-        self.taps = _per_dim(layer.filter, d, "filter")
+        self.taps = _per_dim(layer.filter, d, taps_name)
         self.stride = _per_dim(layer.stride, d, "stride")
         self.dilation = _per_dim(layer.dilation, d, "dilation")
         self.padding = layer.padding
@@ -281,7 +278,16 @@ class _FiniteConv(_FiniteLayer):
             for n, p, s, h in zip(spatial, self.taps, self.stride, self.dilation)
         ]
         self.pads = [(b, a) for _, b, a in geoms]
-        self.out_shape = (width,) + tuple(n for n, _, _ in geoms)
+        self.out_shape = (channels_out,) + tuple(n for n, _, _ in geoms)
+
+
+class _FiniteConv(_FiniteLayer):
+    """Correlated-weight convolution for G networks at once (one grouped conv call)."""
+
+    def __init__(self, layer: Conv, in_shape, width, seeds, index, device, dtype):
+        super().__init__(in_shape)
+        c_in = in_shape[0]
+        self._window(layer, "filter", width)
         factor = _factor(layer.correlation, self.taps)
         scale = math.sqrt(layer.weight_var / c_in)
         w, b = _sample_filters(seeds, index, width, c_in, factor, scale, layer.bias_var, device, dtype)
@@ -346,20 +352,7 @@ class _FiniteAvgPool(_FiniteLayer):
 
     def __init__(self, layer: AvgPool, in_shape):
         super().__init__(in_shape)
-        spatial = tuple(in_shape[1:])
-        d = len(spatial)
-        if d == 0:
-            raise CNNGPError(f"{layer!r}: needs a spatial grid, but its input has none")
-        self.taps = _per_dim(layer.filter, d, "window")
-        self.stride = _per_dim(layer.stride, d, "stride")
-        self.dilation = _per_dim(layer.dilation, d, "dilation")
-        self.padding = layer.padding
-        geoms = [
-            _axis_geometry(n, p, s, h, layer.padding)
-            for n, p, s, h in zip(spatial, self.taps, self.stride, self.dilation)
-        ]
-        self.pads = [(b, a) for _, b, a in geoms]
-        self.out_shape = (in_shape[0],) + tuple(n for n, _, _ in geoms)
+        self._window(layer, "window", in_shape[0])
 
     def forward(self, x):
         lead = x.shape[:3]
