@@ -148,7 +148,7 @@ def test_an_archive_of_another_computation_is_refused(tmp_path):
     store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, archive=tmp_path / "arch",
                  progress=False)
     before = sorted(p.name for p in (tmp_path / "arch").iterdir())
-    for kwargs, what in [(dict(x1=_images(6, seed=5)), r"images \(--x1\)"),
+    for kwargs, what in [(dict(x1=_images(6, seed=5)), r"images \(its rows\)"),
                          (dict(dtype="float32"), "dtype"),
                          (dict(readouts=READOUTS[:2]), "readouts")]:
         args = dict(x1=x, dtype="float64", readouts=READOUTS) | kwargs

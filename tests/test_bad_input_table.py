@@ -169,6 +169,14 @@ CASES: list[Case] = [
     Case("kernel-spec-json-list", k(arch="list.json"), need("--arch", "object", "list")),
     Case("kernel-spec-unknown-key", k(arch="unknown_key.json"), need("--arch", "unknown key")),
     Case("kernel-spec-deeply-nested", k(arch="deep.json"), need("--arch", "nest", "deep", "JSON")),
+    Case("kernel-spec-user-without-matrix", k(arch="user_no_matrix.json"), need("--arch", "missing key")),
+    Case("kernel-spec-mixture-strings", k(arch="mixture_strings.json"), need("--arch", "expected numbers")),
+    Case("kernel-spec-erf-huge", k(arch="erf_huge.json"), need("--arch", "magnitude at most")),
+    Case("kernel-spec-sin-huge", k(arch="sin_huge.json"), need("--arch", "magnitude at most")),
+    Case("sweep-spec-no-grid", s(arch="no_grid.json"), need("--arch", "no spatial grid")),
+    Case("sweep-out-empty", s(out=""), need("--out", "is empty")),
+    Case("sweep-out-is-a-store", s(out="made.zarr"), need("--out", "Zarr folder")),
+    Case("sweep-all-zero-images", s(data="zeros.npz"), need("--data", "zero on the diagonal")),
     Case("kernel-spec-negative-lengthscale", k(arch="neg_lengthscale.json"),
          need("--arch", "lengthscale")),
     # -- kernel: --x1 / --x2 images
@@ -221,6 +229,14 @@ CASES: list[Case] = [
     Case("kernel-zca-abc", k("--zca", "abc"), need("--zca", "number >= 0")),
     Case("kernel-zca-0-rank-deficient", k("--zca", "0"), need("--zca", "full-rank")),
     Case("sweep-zca-inf", s("--zca", "inf"), need("--zca", "number >= 0")),
+    Case("kernel-zca-huge", k("--zca", "1e50"), need("--zca", "above 1e\\+06")),
+    Case("kernel-zca-tiny", k("--zca", "1e-300"), need("--zca", "below 1e-12")),
+    Case("sweep-zca-huge", s("--zca", "1e300"), need("--zca", "above 1e\\+06")),
+    # -- an output that is an input file: refused before it is overwritten
+    Case("kernel-out-is-x1", k(out="x.npz"), need("--out", "input file of --x1")),
+    Case("kernel-out-is-x2", k("--x2", "two.npz:a", out="./two.npz"), need("--out", "input file of --x2")),
+    Case("montecarlo-out-is-x1", m(out="x.npz"), need("--out", "input file of --x1")),
+    Case("figure-out-is-x", f(out="x.npz"), need("--out", "input file of --x")),
     Case("sweep-zca-0-rank-deficient", s("--zca", "0"), need("--zca", "full-rank")),
     Case("kernel-flip-asymmetric-net", k("--flip", arch="even_filter.json"), need("--flip", "not flip-symmetric")),
     Case("kernel-flip-asymmetric-store", k("--flip", arch="even_filter.json", out="k.zarr"),
@@ -392,6 +408,18 @@ def make_inputs(folder: Path) -> None:
         {"type": "relu"}, {"type": "readout"}]}))
     (folder / "string_weight_var.json").write_text(json.dumps({"layers": [
         {"type": "conv", "weight_var": "1"}, {"type": "relu"}, {"type": "readout"}]}))
+    layers = lambda *middle: json.dumps({"layers": [{"type": "conv"}, *middle, {"type": "readout"}]})  # noqa: E731
+    (folder / "user_no_matrix.json").write_text(json.dumps({"layers": [
+        {"type": "conv"}, {"type": "relu"}, {"type": "readout", "correlation": {"type": "user"}}]}))
+    (folder / "mixture_strings.json").write_text(json.dumps({"layers": [
+        {"type": "conv"}, {"type": "relu"}, {"type": "readout", "correlation": {
+            "type": "spectral_mixture", "weights": "a", "means": [[0, 0]], "lengthscales": [[1, 1]]}}]}))
+    (folder / "erf_huge.json").write_text(layers({"type": "erf", "a": 1e200}))
+    (folder / "sin_huge.json").write_text(layers({"type": "sin", "b": 1e200}))
+    (folder / "no_grid.json").write_text(layers({"type": "relu"}, {"type": "flatten"}))
+    np.savez(folder / "zeros.npz", x_train=np.zeros((12, 4, 4, 1)), y_train=np.arange(12) % 2)
+    (folder / "made.zarr").mkdir()  # a Zarr folder's marker: results must not go in it
+    (folder / "made.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
     (folder / "no_readout.json").write_text(json.dumps({"layers": [{"type": "conv"}, {"type": "relu"}]}))
     (folder / "even_filter.json").write_text(json.dumps({"layers": [  # same padding, one pixel after
         {"type": "conv", "filter": 2}, {"type": "relu"}, {"type": "readout"}]}))

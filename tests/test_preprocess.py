@@ -108,6 +108,23 @@ def test_bad_strength_is_refused_naming_zca(strength):
         fit_zca(SMALL_N, strength)
 
 
+@pytest.mark.parametrize("strength, words", [(1e-13, "below 1e-12"), (1e-300, "below 1e-12"),
+                                              (2e6, "above 1e\\+06"), (1e300, "above 1e\\+06")])
+def test_strength_outside_its_range_is_refused(strength, words):
+    """Below 1e-12 the unspanned directions' factor δ^(-1/2) blows rounding noise up; above 1e6
+    the whitening is only a shrinking scale. The ends of the range are accepted, and there
+    W is the closed form."""
+    with pytest.raises(CNNGPError, match=rf"^zca: .*{words}"):
+        fit_zca(SMALL_N, strength)
+    for eps in (1e-12, 1e6):
+        zca = fit_zca(SMALL_N, eps)
+        xc = (SMALL_N - SMALL_N.mean(axis=0)).reshape(len(SMALL_N), -1)
+        lam, U = np.linalg.eigh(xc.T @ xc / len(xc))
+        W = (U / np.sqrt(np.clip(lam, 0, None) + eps * lam.sum() / lam.size)) @ U.T
+        z = zca.transform(SMALL_N).reshape(len(xc), -1)
+        assert np.abs(z - xc @ W).max() <= 1e-6 * np.abs(xc @ W).max()
+
+
 def test_bad_images_and_zero_strength_are_refused():
     zca = fit_zca(SMALL_N, 0.1)
     with pytest.raises(CNNGPError, match=r"^zca: x has images of shape \(4, 4, 2\), but the whitening was "

@@ -141,7 +141,7 @@ def test_learn_refuses_an_absurd_spectral_mixture_before_it_allocates(tmp_path, 
     out = tmp_path / "learn"
     assert main(["learn", "--n", "40", "--spectral-mixture", "1000000000", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"cnngp: error: --spectral-mixture: spectral_mixture: 1000000000 spectral-mixture components "
+    assert err == [f"cnngp: error: --spectral-mixture: 1000000000 spectral-mixture components "
                    f"is too many (accepted: 1..{MAX_SPECTRAL_COMPONENTS}; each adds parameters and a weight "
                    "table to every step)"], err
     assert not out.exists()

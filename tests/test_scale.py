@@ -171,10 +171,10 @@ def test_a_different_computation_is_refused_and_nothing_overwritten(tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     cases = [
         (dict(model=cnngp.io.architectures.get("cnngp3")), "network spec"),
-        (dict(x1=_images(6, seed=5)), r"images \(--x1\)"),
+        (dict(x1=_images(6, seed=5)), r"images \(its rows\)"),
         (dict(dtype="float32"), "dtype"),
         (dict(tile=2), "tile size"),
-        (dict(x1=_images(7)), r"images \(--x1\)"),
+        (dict(x1=_images(7)), r"images \(its rows\)"),
     ]
     for change, what in cases:
         args = dict(model=NET, x1=x, out=out, tile=3, progress=False) | change
@@ -259,7 +259,7 @@ def test_cli_refuses_a_different_computation_with_one_line(tmp_path, images_npz,
     np.savez(other, x=_images(12, seed=9).astype(np.float32))
     for argv, what in [
         (("--arch", "cnngp3", "--x1", images_npz), "network spec"),
-        (("--arch", "cnngp2", "--x1", other), r"images \(--x1\)"),
+        (("--arch", "cnngp2", "--x1", other), r"images \(its rows\)"),
         (("--arch", "cnngp2", "--x1", images_npz, "--dtype", "float32"), "dtype"),
         (("--arch", "cnngp2", "--x1", images_npz, "--tile", "4"), "tile size"),
     ]:
@@ -304,6 +304,12 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
     capsys.readouterr()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--dry-run") == 0
     assert "plan: 0 tiles of 5 to compute (of 6; the rest are in the store)" in capsys.readouterr().out
+    # a store of another computation: the dry run refuses it as the run does, in the same words
+    for change in (("--tile", "4"), ("--dtype", "float32")):
+        argv = ("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, *change, "--quiet")
+        code, dry = _error_line(capsys, *argv, "--dry-run")
+        assert code == 2 and _error_line(capsys, *argv) == (2, dry)
+        assert "holds a kernel of different" in dry and "give another --out" in dry
 
 
 def test_sweep_into_a_store_refuses_a_long_job_without_yes(tmp_path, monkeypatch):

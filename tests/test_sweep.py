@@ -153,6 +153,24 @@ def test_mismatched_cache_is_an_error(sweep):
         run_sweep("cnngp2", "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=cache)
 
 
+@pytest.mark.parametrize("change", ["negated", "one entry"])
+def test_altered_cache_is_refused_by_its_checksum(sweep, tmp_path, change):
+    """A cache whose kernels were edited after they were written (a negated stack: every
+    readout with a negative diagonal; or one entry nudged, which no other check could see)
+    fails the sha256 recorded beside them, naming the file."""
+    _, cache = sweep
+    with np.load(cache) as z:
+        arrays = dict(z)
+    if change == "negated":
+        arrays["kernels"] = -arrays["kernels"]
+    else:
+        arrays["kernels"][0, 0, 1] *= 1 + 1e-12
+    bad = tmp_path / "altered.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(CNNGPError, match=r"kernel_cache: .*altered.npz.*: its kernels do not match the sha256"):
+        run_sweep(ARCH, "digits", ns=NS, lengthscales=LAMS, progress=False, kernel_cache=bad)
+
+
 @needs_proc
 def test_truncated_cache_is_refused_with_its_file_closed(sweep, tmp_path):
     _, cache = sweep
@@ -208,6 +226,21 @@ def test_missing_class_and_too_few_per_class(tmp_path):
     ds = Dataset(x[:30], np.arange(10).repeat(3), None, None, "t", tuple("0123456789"))
     with pytest.raises(CNNGPError, match="fewer than the 4 folds"):
         run_sweep(ARCH, ds, ns=(40,), lengthscales=[1.0], progress=False)
+
+
+def test_test_labels_above_every_training_label_are_refused_by_sweep_and_learn():
+    """Test labels 10..11 against training labels 0..9 (a mislabelled or mismatched test split):
+    refused before any kernel, naming the data set and the classes, not blamed on the training
+    labels (which the inflated class count would have said lack classes 10 and 11)."""
+    from cnngp.experiments.learned import run_learn
+
+    x, y = load_digits()
+    ds = Dataset(x[:100], y[:100], x[100:110], np.r_[y[100:108], 10, 11], "odd", tuple("0123456789ab"))
+    for run in (lambda: run_sweep(ARCH, ds, ns=(40,), lengthscales=[1.0], progress=False),
+                lambda: run_learn(ARCH, ds, 40)):
+        with pytest.raises(CNNGPError, match=r"^dataset: odd: the test labels hold 2 class\(es\) \(10, 11\) that "
+                                             "no training image has"):
+            run()
 
 
 def test_sweep_figure_writes_png(sweep, tmp_path):

@@ -12,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from cnngp.cli.main import add_engine_argument, add_zca_argument, command_line, int_at_least, parse_zca
+from cnngp.cli.main import (
+    add_engine_argument, add_layout_argument, add_zca_argument, command_line, int_at_least, load_data, parse_zca,
+)
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_learn"]
@@ -68,8 +70,8 @@ def cmd_learn(args) -> int:
         starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
         spectral_mixture=args.spectral_mixture, zca=args.zca, flip=args.flip,
     )
-    result = run_learn(args.arch, args.data, args.n, protocol, on_step=None if args.quiet else progress,
-                       execution=execution_from_args(args), yes=args.yes)
+    result = run_learn(args.arch, load_data(args), args.n, protocol, on_step=None if args.quiet else progress,
+                       data_label=str(args.data), execution=execution_from_args(args), yes=args.yes)
     result["config"]["command"] = command_line(args)
     png = io.BytesIO()
     learned_figure(result, png)
@@ -127,6 +129,7 @@ def register(subparsers) -> None:
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subset (default 0)")
     add_zca_argument(p, "the --n training images (never the test images)")
+    add_layout_argument(p)
     p.add_argument("--flip", action="store_true",
                    help="flip-averaged kernels ½[K(x, x') + K(x, mirrored x')] (horizontal flips), train "
                         "and test; with --store the mirror terms go in S-mirror.zarr (and S-mirror-test.zarr)")

@@ -30,7 +30,7 @@ from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
-           "add_layout_argument", "add_zca_argument", "parse_zca", "load_images", "command_line",
+           "add_layout_argument", "add_zca_argument", "load_data", "parse_zca", "load_images", "command_line",
            "Terminated"]
 
 
@@ -176,6 +176,19 @@ def _layout_of(text: str) -> str:
     return key
 
 
+def load_data(args):
+    """The data set of ``--data`` (with ``--layout``, for a .npz's arrays), every error naming
+    the flag: :func:`cnngp.io.data.load_dataset` for ``sweep`` and ``learn``."""
+    from cnngp.io.data import load_dataset
+
+    layout = getattr(args, "layout", None)
+    try:
+        return load_dataset(args.data, layout=None if layout is None else _layout_of(layout))
+    except (ValueError, OSError) as e:  # CNNGPError included
+        text = " ".join(str(e).split())
+        raise CNNGPError(_name_flag(text) if text.startswith("layout:") else f"--data: {text}") from None
+
+
 def add_layout_argument(parser) -> None:
     """``--layout``, the same on every command that reads image arrays."""
     parser.add_argument(
@@ -202,14 +215,16 @@ def parse_zca(text, flag: str = "--zca"):
         return None
     import math
 
+    from cnngp.io.preprocess import check_zca_strength
+
     try:
         value = float(str(text).strip())
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(value) and value >= 0):  # the text as typed, not its float
         raise CNNGPError(f"{flag}: expected a number >= 0, the regulariser as a fraction of the mean "
                          f"eigenvalue (e.g. 0.1), got {text!r}")
-    return value
+    return check_zca_strength(value, flag)  # and within its range
 
 
 def parse_bytes(text: str, flag: str = "--memory-budget") -> int:
@@ -335,20 +350,40 @@ def preflight(args) -> None:
         else:
             from cnngp.engine.storage import check_output_dir
 
-            check_output_dir(Path(args.out), getattr(args, "out_files", ()))
+            check_output_dir(args.out, getattr(args, "out_files", ()))
     if getattr(args, "memory_budget", None) is not None:
         args.memory_budget = parse_bytes(args.memory_budget)
     if getattr(args, "device", None) is not None:
         from cnngp.validation import resolve_device
 
         args.device = str(resolve_device(args.device, "--device"))
+    inputs = {}
     for flag in ("x1", "x2", "x"):
         spec = getattr(args, flag, None)
         if spec is not None and not str(spec).startswith("digits"):
-            _check_input_path(f"--{flag}", str(spec))
+            inputs[f"--{flag}"] = _check_input_path(f"--{flag}", str(spec))
+    if out_kind == "file" and hasattr(args, "out"):
+        _check_out_apart(args, inputs)
 
 
-def _check_input_path(flag: str, spec: str) -> None:
+def _check_out_apart(args, inputs: dict) -> None:
+    """Refuse a file output (``--out``, its checkpoint, a figure's sidecar) that is one of
+    the input files: writing it would destroy the images before (or while) they are read."""
+    outputs = {"--out": Path(args.out)}
+    if getattr(args, "checkpoint_path", None):
+        outputs["--out (its checkpoint)"] = Path(args.checkpoint_path)
+    if getattr(args, "sidecar", False):
+        from cnngp.experiments.plots import sidecar_path
+
+        outputs["--out (its sidecar .json)"] = sidecar_path(args.out)
+    for out_flag, out in outputs.items():
+        for in_flag, name in inputs.items():
+            if out.exists() and os.path.samefile(out, name) or out.resolve() == name.resolve():
+                raise CNNGPError(f"{out_flag}: {str(out)!r} is the input file of {in_flag}; "
+                                 "writing it would destroy the images, give another --out")
+
+
+def _check_input_path(flag: str, spec: str) -> Path:
     from cnngp.io.data import split_array_path
 
     name, _ = split_array_path(spec)
@@ -359,6 +394,7 @@ def _check_input_path(flag: str, spec: str) -> None:
         raise CNNGPError(f"{flag}: file not found: {name}")
     if not p.is_file():
         raise CNNGPError(f"{flag}: {name!r} is not a regular file; give FILE.npz or FILE.npz:ARRAY")
+    return p
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -501,6 +537,9 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     labels = [f"{kind} {label}" for kind in kinds for label in labels]  # the leading axis, in order
     options = dict(out=args.out, readouts=readouts, get=get, flip=args.flip, execution=ex)
     model = body if readouts is not None else net
+    from cnngp.experiments.sweep import check_store_zca
+
+    check_store_zca(args.out, args.zca)  # first: a whitening that differs is the reason to say
     plan = store_dry_run(model, x1, x2, **options).dry_run
     if args.dry_run:
         print(describe_dry_run(plan))
@@ -515,9 +554,6 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
         remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
     )
     preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--x1"}}
-    from cnngp.experiments.sweep import check_store_zca
-
-    check_store_zca(args.out, args.zca)
     report = store_kernel(model, x1, x2, labels=labels, **options)
     if preprocessing is not None:
         from cnngp.engine.store import KernelStore
@@ -796,7 +832,8 @@ _FLAGS = {
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
     "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca",
-    "flip": "--flip",
+    "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params",
+    "store": "--store", "scheduler": "--scheduler",
 }
 
 
@@ -809,7 +846,10 @@ def _name_flag(text: str) -> str:
         return text
     m = re.match(r"(\w+)(?=[:= ]|$)", text)
     if m and m.group(1) in _FLAGS:
-        return f"{_FLAGS[m.group(1)]}: {text}"
+        flag = _FLAGS[m.group(1)]
+        if text[m.end():].startswith(":"):  # "zca: ..." → "--zca: ...", not "--zca: zca: ..."
+            return flag + text[m.end():]
+        return f"{flag}: {text}"
     return text
 
 

@@ -293,4 +293,4 @@ def register(subparsers) -> None:
     add_engine_argument(f)
     add_layout_argument(f)
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    f.set_defaults(func=cmd_correlation_figure)
+    f.set_defaults(func=cmd_correlation_figure, sidecar=True)

@@ -18,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnngp.cli.main import add_engine_argument, add_zca_argument, command_line, int_at_least, parse_zca
+from cnngp.cli.main import (
+    add_engine_argument, add_layout_argument, add_zca_argument, command_line, int_at_least, load_data, parse_zca,
+)
 from cnngp.errors import CNNGPError
 
 __all__ = ["register", "cmd_sweep", "DEFAULT_ARCH", "DEFAULT_NS", "DEFAULT_OUT"]
@@ -98,7 +100,6 @@ def cmd_sweep(args) -> int:
     import numpy as np
 
     from cnngp.cli.main import parse_lengthscales
-    from cnngp.io.data import load_dataset
     from cnngp.experiments.plots import reliability_figure, sweep_figure
     from cnngp.experiments.sweep import PAPER_LENGTHSCALES, run_sweep, summary_table
 
@@ -142,10 +143,7 @@ def cmd_sweep(args) -> int:
             if getattr(args, flag) is not None:
                 raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
 
-    try:
-        dataset = load_dataset(args.data)
-    except (ValueError, OSError) as e:
-        raise CNNGPError(f"--data: {' '.join(str(e).split())}") from None
+    dataset = load_data(args)
 
     from cnngp.cli.main import execution_from_args
     from cnngp.experiments.sweep import SweepProtocol, checkpoint_files
@@ -245,6 +243,7 @@ def register(subparsers) -> None:
                    help="correlation family of the swept readout (default matern32)")
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
     add_zca_argument(p, "the training subset of the largest --n (never the test images)")
+    add_layout_argument(p)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                    help="kernel precision (default float32: each sweep checks a few kernel entries "
                    "against float64 and warns above 1e-5 relative; GP inference is always float64)")

@@ -338,9 +338,10 @@ def _progress_bar(total_pairs: int, tiles_total: int, tiles_done: int, enabled: 
     return bar
 
 
-def _tiles_to_compute(out, identity: dict, tiles: list) -> list:
-    """The tiles a run would compute: all of them, or what a store of this computation lacks."""
-    from cnngp.engine.store import STORE_FORMAT, _first_difference
+def _tiles_to_compute(out, identity: dict, tiles: list, what: str) -> list:
+    """The tiles a run would compute: all of them, or what a store of this computation lacks;
+    a store of another computation is refused here, as the run would refuse it."""
+    from cnngp.engine.store import STORE_FORMAT, refuse_other_computation
 
     if KernelStore.stored_tile(out) is None:
         return tiles
@@ -348,8 +349,7 @@ def _tiles_to_compute(out, identity: dict, tiles: list) -> list:
         store = KernelStore.open(out)
     except CNNGPError:
         return tiles
-    if _first_difference(store.attrs, {"format": STORE_FORMAT, **identity}) is not None:
-        return tiles  # the real run will refuse it, with the reason
+    refuse_other_computation(out, store.attrs, {"format": STORE_FORMAT, **identity}, what)
     state = store.verify()
     return state["missing"] + state["bad"]
 
@@ -553,7 +553,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))
     if dry_run:
-        d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles), grids, tile, n_workers,
+        d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles, what), grids, tile, n_workers,
                      threads_per_worker, budget, out, on_cluster=bool(workers or client or scheduler),
                      cold_workers=client is None and scheduler is None)
         d["tiles_total"] = len(tiles)

@@ -81,11 +81,15 @@ def check_output_file(path, what: str = "--out") -> Path:
     return path
 
 
-def check_output_dir(out: Path, files=(), what: str = "--out") -> None:
-    """Fail before any computation if DIR cannot be created or written, or if a file cnngp
-    would place there is not a regular file (a link, a device, a folder)."""
-    if not str(out).strip():
+def check_output_dir(out, files=(), what: str = "--out") -> None:
+    """Fail before any computation if DIR cannot be created or written, is a kernel store, or
+    if a file cnngp would place there is not a regular file (a link, a device, a folder)."""
+    if not str(out).strip():  # before Path(""), which is "."
         raise CNNGPError(f"{what}: is empty; give a folder such as cnngp-sweep")
+    out = Path(out)
+    if (out / "zarr.json").is_file():
+        raise CNNGPError(f"{what}: {str(out)!r} is a Zarr folder (a kernel store?); results go in a folder "
+                         "of their own, give another")
     if out.is_symlink() and not out.is_dir():
         raise CNNGPError(f"{what}: {str(out)!r} is a symbolic link that does not lead to a folder")
     if out.exists() and not out.is_dir():

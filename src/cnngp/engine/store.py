@@ -122,12 +122,24 @@ def _first_difference(stored: dict, wanted: dict) -> str | None:
 
 
 _WHAT = {
-    "format": "store format", "spec": "network spec", "readouts": "readouts", "kernels": "kernel type (--get)",
+    "format": "store format", "spec": "network spec", "readouts": "readouts", "kernels": "kernel type (NNGP, NTK)",
     "offsets": "contents (offset sums, not kernels)",
-    "flip": "flip averaging (--flip)",
-    "x1_sha256": "images (--x1)", "x2_sha256": "images (--x2)", "dtype": "dtype",
+    "flip": "flip averaging",
+    "x1_sha256": "images (its rows)", "x2_sha256": "images (its columns)", "dtype": "dtype",
     "tile": "tile size", "shape": "shape",
 }
+
+
+def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> None:
+    """Refuse the store at ``path`` (its ``attrs``) unless it was made for the computation
+    ``identity`` (:data:`IDENTITY_KEYS`, the format included): resumed only by the same one."""
+    key = _first_difference(attrs, identity)
+    if key is not None:
+        raise CNNGPError(
+            f"{what}: {str(path)!r} holds a kernel of different {_WHAT[key]}; resume only with the same "
+            f"computation (images, network, readouts, dtype, tile), or give another {what} "
+            "(nothing was overwritten)"
+        )
 
 
 def _links_in(path: Path, deep: bool) -> str | None:
@@ -190,12 +202,7 @@ class KernelStore:
                                      "nothing was overwritten")
             else:
                 store = cls.open(path, what=what)
-                key = _first_difference(store.attrs, identity)
-                if key is not None:
-                    raise CNNGPError(
-                        f"{what}: {str(path)!r} holds a kernel of different {_WHAT[key]}; "
-                        "resume only with the same command, or give another --out (nothing was overwritten)"
-                    )
+                refuse_other_computation(path, store.attrs, identity, what)
                 if not store.attrs.get("complete_layout"):
                     raise CNNGPError(f"{what}: {str(path)!r} was left half-created; delete it and run again")
                 store.check_for_work()

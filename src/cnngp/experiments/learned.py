@@ -341,6 +341,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         for path in sweep_store_paths(store, bool(test), flip)[1:]:  # the test and mirror-term stores
             check_output_store(path, f"--store (its {path.name})")
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    ds.check_test_classes()
     source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
     k_cls = ds.n_classes
     if n % k_cls or n // k_cls < folds:

@@ -535,6 +535,10 @@ def correlation_figure_data(images, figure: CorrelationFigure | None = None, *, 
             raise CNNGPError(f"positions: {tuple(pos)} is outside the {h}x{w} grid")
     mean = x.mean(axis=(0, 1, 2)) if centre else np.zeros(x.shape[-1])
     x = x - mean
+    for name, i in (("index", index), ("other", other)):
+        if not np.any(x[i]):  # every feature's variance would be 0: correlations 0/0
+            raise CNNGPError(f"{name}: image {i} is all zeros{' after centring' if centre else ''}, so its "
+                             "features have no variance to correlate; pick another image")
     image = x[index : index + 1]
     p, q = (tuple(int(v) for v in pos) for pos in positions)
     priors = {

@@ -237,6 +237,7 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         stored_key = {**key, "test_sha256": None if K_test is None else key["test_sha256"]}
         arrays = {
             "kernels": K,
+            "kernels_sha256": np.array(array_sha256(K)),
             "key": np.array(json.dumps(stored_key)),
             "train_index": saved["order"],
             "y_train": saved["y_sub"],
@@ -245,6 +246,7 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
         }
         if K_test is not None:
             arrays["test_kernels"] = K_test
+            arrays["test_kernels_sha256"] = np.array(array_sha256(K_test))
             arrays["test_index"] = saved["test_order"]
             arrays["y_test"] = saved["y_test"]
         _write_npz_atomic(cache_path, arrays)
@@ -268,8 +270,25 @@ def _kernels_in_memory(body, readouts, x_sub, x_test, key, kernel_cache, saved, 
             K_test = K_test.to(torch.float64).numpy()
             save(K, K_test)
     if not np.all(np.isfinite(K)):
-        raise CNNGPError("kernel: the computed kernel has NaN or infinite entries")
+        where = f"kernel_cache: {str(cache_path)!r} holds kernels that" if cached is not None else "kernel: the kernels"
+        raise CNNGPError(f"{where} have NaN or infinite entries")
     return K, K_test
+
+
+def _check_diagonal(Kl: np.ndarray, name: str, lam) -> None:
+    """Refuse a training kernel (N, N) no GP can learn from: a negative diagonal entry (a
+    variance: no kernel has one), or zero on the whole diagonal (so, being PSD, zero
+    everywhere: the network sees nothing in the images)."""
+    d = np.diagonal(Kl)
+    readout = name if lam is None else f"{name} (λ = {lam:g})"
+    if (d < 0).any():
+        raise CNNGPError(f"kernel: readout {readout} has a negative variance {float(d.min()):.3g} on its "
+                         "diagonal; it is not a kernel matrix")
+    if not (d > 0).any():
+        raise CNNGPError(
+            f"dataset: the kernel of readout {readout} is zero on the diagonal for all {d.size} training "
+            "images: the network sees nothing in them (all-zero images in a network without biases, or "
+            "pixels that underflow in the kernel's dtype); check --data, --zca and --arch")
 
 
 def test_store_path(kernel_store) -> Path:
@@ -622,17 +641,29 @@ def _read_cache(path: Path, key: dict) -> dict | None:
     """Arrays of a matching cache file, None if absent; an error if it does not match."""
     if not path.exists():
         return None
+    damaged = []
     try:
         with read_npz(path) as z:
             stored = json.loads(str(z["key"]))
-            out = {"kernels": np.asarray(z["kernels"], dtype=np.float64)}
-            if "test_kernels" in z.files:
-                out["test_kernels"] = np.asarray(z["test_kernels"], dtype=np.float64)
+            out = {}
+            for name in ("kernels", "test_kernels"):
+                if name not in z.files:
+                    continue
+                values = np.asarray(z[name])
+                recorded = str(z[f"{name}_sha256"]) if f"{name}_sha256" in z.files else None
+                if recorded is not None and recorded != array_sha256(values):  # older caches have none
+                    damaged.append(name)
+                out[name] = values.astype(np.float64)
     except Exception as e:
         raise CNNGPError(
             f"kernel_cache: {str(path)!r} is not a readable cnngp sweep kernel file ({e}); "
             "delete it or choose another path"
         ) from None
+    if damaged:
+        raise CNNGPError(
+            f"kernel_cache: {str(path)!r}: its {' and '.join(damaged)} do not match the sha256 recorded "
+            "when they were written (the file was altered or damaged); delete it or choose another path"
+        )
     train_fields = ("format", "spec", "readouts", "train_sha256", "dtype", "zca", "kernel", "flip")
     diff = [f for f in train_fields if stored.get(f) != key.get(f)]
     if diff:
@@ -660,6 +691,7 @@ def _folds_for(scheme: str, n: int, y: np.ndarray, k: int, seed: int):
 def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
     """One readout's CV accuracy on every block of every size: a row per n in ``ns``."""
     folds, fold_scheme, seed, n_grid = protocol.folds, protocol.fold_scheme, protocol.seed, protocol.n_grid
+    _check_diagonal(Kl, name, lam)
     n_max = ns[-1]
     out = []
     for n in ns:
@@ -983,6 +1015,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
     else:
         source = data_label or os.fspath(dataset)
         ds = load_dataset(dataset)
+    ds.check_test_classes()
     n_classes = ds.n_classes
     if n_classes < 2:  # refused before any kernel is computed (the GP classifier needs two)
         raise CNNGPError(f"dataset {source}: the training labels hold only {n_classes} class; "
@@ -1024,6 +1057,10 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
     body, template, net_name = split_network(network)
     readouts, labels = sweep_readouts(template, lengthscales, family)
     grid = body.grids(tuple(x_sub.shape[1:-1]))[-1]
+    if not grid:
+        raise CNNGPError("network: its last hidden layer has no spatial grid, so every readout the sweep "
+                         "compares is the same kernel (λ correlates positions); end the body on a grid, or "
+                         "compute the one kernel with `cnngp kernel` / cnngp.CNNGPClassifier")
 
     with contextlib.ExitStack() as cleanup:  # a Dask cluster, when one is started
         # -- kernels (one pass for every readout) -----------------------------------------

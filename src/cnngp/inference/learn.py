@@ -169,7 +169,9 @@ def learn_readout(
     with torch.no_grad():
         scale = float(torch.diagonal(readout.kernel(1.0)).mean())
     if not (scale > 0 and math.isfinite(scale)):
-        raise CNNGPError(f"learn_readout: the kernel's mean diagonal is {scale!r}; expected a positive number")
+        raise CNNGPError(f"learn_readout: the kernel's mean diagonal is {scale!r}; expected a positive number "
+                         "(at 0 the network sees nothing in the images: all-zero images in a network "
+                         "without biases, or pixels that underflow)")
     lo = np.log([BOUNDS["lengthscale"][0], BOUNDS["amplitude"][0], BOUNDS["noise_variance"][0] * scale])
     hi = np.log([BOUNDS["lengthscale"][1], BOUNDS["amplitude"][1], BOUNDS["noise_variance"][1] * scale])
     t0 = time.perf_counter()
@@ -283,7 +285,9 @@ def learn_spectral_mixture(
     Y = torch.as_tensor(centered_one_hot(np.asarray(y), n_classes), dtype=torch.float64)
     scale = float(torch.diagonal(S[len(S) // 2]).mean()) / math.prod(grid)  # ≈ the independent readout's
     if not (scale > 0 and math.isfinite(scale)):
-        raise CNNGPError(f"learn_spectral_mixture: the kernel's mean diagonal is {scale!r}; expected a positive number")
+        raise CNNGPError(f"learn_spectral_mixture: the kernel's mean diagonal is {scale!r}; expected a positive number "
+                         "(at 0 the network sees nothing in the images: all-zero images in a network "
+                         "without biases, or pixels that underflow)")
     sb = SPECTRAL_BOUNDS
 
     def unpack(theta):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from cnngp.kernels.correlations import Constant, Correlation, Independent, Matern
@@ -161,6 +162,10 @@ def split_network(network) -> tuple[Serial, Readout, str]:
     body, template = net.split_readout()
     if template is None:
         template = Readout(1.0, 0.0)
+    elif not isinstance(template.correlation, (Independent, Constant)):
+        warnings.warn(f"network: its readout's correlation {template.correlation!r} is not used: each "
+                      "swept or learned readout replaces it (the readout's variances are kept)",
+                      UserWarning, stacklevel=2)
     if not len(body):
         raise CNNGPError("network: has no layers before its readout")
     return body, template, str(name)

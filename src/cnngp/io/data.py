@@ -121,6 +121,19 @@ class Dataset:
         """Number of classes, ``len(class_names)``."""
         return len(self.class_names)
 
+    def check_test_classes(self) -> None:
+        """Refuse test labels above every training label (naming ``dataset``): a classifier
+        trained here could never predict them, and they would make the class count count
+        classes no training image has. (A class missing from the training labels below their
+        largest is the training labels' own fault, said where they are checked.)"""
+        if self.y_test is None or not len(self.y_test) or not len(self.y_train):
+            return
+        unseen = np.unique(self.y_test[self.y_test > self.y_train.max()])
+        if unseen.size:
+            shown = ", ".join(str(int(c)) for c in unseen[:10]) + (", …" if unseen.size > 10 else "")
+            raise CNNGPError(f"dataset: {self.name}: the test labels hold {unseen.size} class(es) ({shown}) "
+                             "that no training image has; the classifier can only predict training classes")
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """Shape ``(H, W, C)`` of one image."""
@@ -132,9 +145,9 @@ class Dataset:
 # --------------------------------------------------------------------------------------
 
 
-def _as_images(x: np.ndarray, what: str) -> np.ndarray:
+def _as_images(x: np.ndarray, what: str, layout: str | None = None) -> np.ndarray:
     """The package's image-array policy (:func:`cnngp.validation.as_images`)."""
-    return as_images(x, what)
+    return as_images(x, what, layout=layout)
 
 
 def _as_labels(y: np.ndarray, what: str, n_classes: int | None) -> np.ndarray:
@@ -249,7 +262,7 @@ def _npz_get(archive, key: str, path: Path) -> np.ndarray:
     return value
 
 
-def _load_npz_dataset(path: Path) -> Dataset:
+def _load_npz_dataset(path: Path, layout: str | None = None) -> Dataset:
     with _open_npz(path, "source") as archive:
         names = list(archive.files)
         missing = [k for k in ("x_train", "y_train") if k not in names]
@@ -272,11 +285,11 @@ def _load_npz_dataset(path: Path) -> Dataset:
                     f"class_names in {path} must be 1-D; got shape {cn.shape}"
                 )
             class_names = tuple(str(c) for c in cn.tolist())
-        x_train = _as_images(_npz_get(archive, "x_train", path), f"x_train in {path}")
+        x_train = _as_images(_npz_get(archive, "x_train", path), f"x_train in {path}", layout)
         y_train_raw = _npz_get(archive, "y_train", path)
         x_test = y_test_raw = None
         if has_test:
-            x_test = _as_images(_npz_get(archive, "x_test", path), f"x_test in {path}")
+            x_test = _as_images(_npz_get(archive, "x_test", path), f"x_test in {path}", layout)
             y_test_raw = _npz_get(archive, "y_test", path)
 
     n_classes = None if class_names is None else len(class_names)
@@ -658,7 +671,7 @@ def _load_folder(folder: Path) -> Dataset:
     )
 
 
-def load_dataset(source: str | os.PathLike) -> Dataset:
+def load_dataset(source: str | os.PathLike, layout: str | None = None) -> Dataset:
     """Load a data set from local files (never downloads).
 
     Parameters
@@ -671,6 +684,10 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
         batches or the four MNIST IDX files (plain or ``.gz``). For CIFAR-10 the
         sub-folders ``cifar-10-batches-bin/`` and ``cifar-10-batches-py/`` created by
         extracting the official archives are also searched.
+    layout : str, optional
+        For a ``.npz`` archive: the layout of its image arrays when they are not channels-last
+        (``"NCHW"``, ``"NHW"``, … as :func:`cnngp.validation.as_images` takes it). The bundled
+        digits and the CIFAR-10 / MNIST files have a layout of their own; it is refused there.
 
     Returns
     -------
@@ -692,6 +709,10 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
     >>> ds.x_train.shape, ds.n_classes, ds.x_test is None
     ((1797, 8, 8, 1), 10, True)
     """
+    if layout is not None and not (Path(source).expanduser().is_file()
+                                   and not (isinstance(source, str) and source.lower() == "digits")):
+        raise CNNGPError(f"layout: applies to the arrays of a .npz data set; {os.fspath(source)!r} "
+                         "(the bundled digits, or CIFAR-10 / MNIST files) has a layout of its own")
     if isinstance(source, str) and source.lower() == "digits":
         x, y = load_digits()
         return Dataset(x, y, None, None, "digits", _DIGIT_CLASSES)
@@ -704,7 +725,7 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
                 f"source {path} is a file but not a .npz archive; accepted sources: "
                 "'digits', a .npz file, or a folder with CIFAR-10 or MNIST files"
             )
-        return _load_npz_dataset(path)
+        return _load_npz_dataset(path, layout)
     raise MissingFileError(
         f"source {os.fspath(source)!r} does not exist; accepted sources: 'digits', a "
         ".npz file, or a folder with the CIFAR-10 (binary or python) or MNIST IDX files"

@@ -24,7 +24,10 @@ along directions whose variance is well above δ, shrunk by ``λ / (λ + δ)`` b
 direction of tiny variance is blown up). ``ε → ∞`` approaches ``(x − μ) / √δ``: centred,
 uniformly scaled images. Lee et al. find that the best ε grows as N shrinks.
 
-``ε = 0`` (exact whitening) is accepted only where the training covariance is full rank,
+Positive strengths are accepted in ``[1e-12, 1e6]`` (:data:`ZCA_STRENGTH_RANGE`): below, the
+factor ``δ^{-1/2}`` of the directions the images do not span turns their rounding noise into
+pixels; above, ``W`` is ``(x − μ)/√δ`` to rounding and a larger ε only shrinks the images
+towards underflow. ``ε = 0`` (exact whitening) is accepted only where the training covariance is full rank,
 which needs ``N > D`` (the centred images span at most ``N − 1`` directions); otherwise it is
 refused, as is a strength that is negative, NaN, infinite or not a number. With ``N <= D``
 (40 CIFAR-10 images, ``D = 3072``) any ``ε > 0`` makes ``W`` well defined: the
@@ -58,13 +61,18 @@ import numpy as np
 from cnngp.errors import CNNGPError
 from cnngp.validation import as_images, non_negative_real
 
-__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "ZCA_METHODS"]
+__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "ZCA_METHODS", "ZCA_STRENGTH_RANGE"]
 
 #: how :func:`fit_zca` eigendecomposes: "auto" (the Gram matrix when N <= D, else the
 #: covariance), or either one by name
 ZCA_METHODS = ("auto", "gram", "covariance")
 
 _STRENGTH = "a number >= 0, the regulariser as a fraction of the mean eigenvalue (e.g. 0.1)"
+
+#: the accepted positive strengths ε (0 is accepted too): below, the unspanned directions'
+#: factor δ^(-1/2) turns rounding noise into pixels; above, W is (x − μ)/√δ to rounding
+#: (its departure from it is about λ_max / (2 δ), λ_max / mean(Λ) <= D) and ε only scales
+ZCA_STRENGTH_RANGE = (1e-12, 1e6)
 
 
 def check_zca_strength(value, name: str = "zca") -> float:
@@ -73,7 +81,19 @@ def check_zca_strength(value, name: str = "zca") -> float:
     >>> check_zca_strength(0.1)
     0.1
     """
-    return non_negative_real(value, name, _STRENGTH)
+    eps = non_negative_real(value, name, _STRENGTH)
+    if 0 < eps < ZCA_STRENGTH_RANGE[0]:
+        raise CNNGPError(
+            f"{name}: {eps:g} is below {ZCA_STRENGTH_RANGE[0]:g}: the directions the training images do not span "
+            f"would be scaled by δ^(-1/2), enough to blow their rounding noise up into the images; give 0 "
+            f"(exact whitening, full-rank training covariance) or a strength in "
+            f"[{ZCA_STRENGTH_RANGE[0]:g}, {ZCA_STRENGTH_RANGE[1]:g}] (e.g. 0.1)")
+    if eps > ZCA_STRENGTH_RANGE[1]:
+        raise CNNGPError(
+            f"{name}: {eps:g} is above {ZCA_STRENGTH_RANGE[1]:g}: beyond that the whitening is, to rounding, the "
+            f"uniform scaling (x - mean)/√δ, which only shrinks the images towards underflow; give a strength in "
+            f"[{ZCA_STRENGTH_RANGE[0]:g}, {ZCA_STRENGTH_RANGE[1]:g}] (e.g. 0.1), or leave ZCA out")
+    return eps
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,6 +40,9 @@ _CORRELATIONS = {
                          {"weights", "means", "lengthscales"}),
 }
 
+#: keys a spec entry of that type must give (the others have defaults)
+_REQUIRED = {"user": {"matrix"}, "spectral_mixture": {"weights", "means", "lengthscales"}}
+
 _LAYERS = {
     "conv": (
         lambda d: Conv(
@@ -97,6 +100,9 @@ def _build(table, d, what):
             f"{what} of type {kind!r}: unknown key(s) {sorted(unknown)}; accepted keys are "
             f"{sorted(keys | {'type'})}"
         )
+    missing = sorted(_REQUIRED.get(kind, set()) - set(d))
+    if missing:
+        raise CNNGPError(f"{what} of type {kind!r}: missing key(s) {missing}")
     for key in sorted(_NUMBERS & set(d)):
         value = d[key]
         if key == "lengthscale" and isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):

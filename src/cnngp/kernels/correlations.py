@@ -272,6 +272,16 @@ class RBF(_Stationary):
         return f"RBF(lengthscale={self._lengthscale_spec()!r})"
 
 
+def _float_array(value, what: str) -> np.ndarray:
+    """``value`` as a float64 array, or an error naming ``what`` (not numpy's own)."""
+    if isinstance(value, (str, bytes)):
+        raise CNNGPError(f"{what}: expected numbers, got {value!r}")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CNNGPError(f"{what}: expected numbers (a list, or a list of lists), got {value!r}") from None
+
+
 class SpectralMixture(Correlation):
     """A spectral-mixture stationary correlation over the grid (Wilson & Adams' kernel, per
     axis): Σ[p, p′] ∝ k(p′ − p) with
@@ -291,9 +301,8 @@ class SpectralMixture(Correlation):
     """
 
     def __init__(self, weights, means, lengthscales):
-        w = np.asarray(weights, dtype=np.float64)
-        mu = np.asarray(means, dtype=np.float64)
-        ell = np.asarray(lengthscales, dtype=np.float64)
+        w, mu, ell = (_float_array(v, f"spectral_mixture {name}") for v, name in
+                      ((weights, "weights"), (means, "means"), (lengthscales, "lengthscales")))
         if w.ndim != 1 or w.size == 0:
             raise CNNGPError(f"spectral_mixture weights: expected a non-empty list of Q numbers, got shape {w.shape}")
         q = w.size

@@ -807,6 +807,22 @@ def register_pointwise(engine) -> None:
         _POINTWISE_ENGINES.append(engine)
 
 
+#: the largest |a|, |b|, |c| a nonlinearity takes: their squares and products enter the
+#: kernel in float64 (1e50² = 1e100), and far beyond it erf(b·x) is a step (Sign) anyway
+NONLINEARITY_PARAMETER_BOUND = 1e50
+
+
+def _finite_numbers(names_values):
+    """A nonlinearity's parameters as floats: real numbers, finite, of magnitude at most
+    :data:`NONLINEARITY_PARAMETER_BOUND`."""
+    for name, v in names_values:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or abs(v) > NONLINEARITY_PARAMETER_BOUND):
+            raise CNNGPError(f"{name}: expected a finite number of magnitude at most "
+                             f"{NONLINEARITY_PARAMETER_BOUND:g}, got {v!r}")
+    return [float(v) for _, v in names_values]
+
+
 class ABReLU(Nonlinearity):
     """φ(x) = a·min(x, 0) + b·max(x, 0) (leaky ReLU for a = slope, b = 1).
 
@@ -815,10 +831,7 @@ class ABReLU(Nonlinearity):
 
     def __init__(self, a: float = 0.0, b: float = 1.0):
         super().__init__()
-        for name, v in (("a", a), ("b", b)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
-        self.a, self.b = float(a), float(b)
+        self.a, self.b = _finite_numbers((("a", a), ("b", b)))
 
     def relu_coefficients(self):
         # only while the expectation is still ABReLU's (or ReLU's) own: a subclass that
@@ -876,10 +889,7 @@ class Erf(Nonlinearity):
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
         super().__init__()
-        for name, v in (("a", a), ("b", b), ("c", c)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
-        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.a, self.b, self.c = _finite_numbers((("a", a), ("b", b), ("c", c)))
 
     def expectation(self, c, vx, vy):
         t = 2.0 * self.b**2
@@ -902,11 +912,6 @@ class Erf(Nonlinearity):
         return {"type": "erf", "a": self.a, "b": self.b, "c": self.c}
 
 
-def _finite_numbers(names_values):
-    for name, v in names_values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise CNNGPError(f"{name}: expected a finite number, got {v!r}")
-    return [float(v) for _, v in names_values]
 
 
 class Sin(Nonlinearity):
