@@ -356,6 +356,22 @@ def test_a_store_whose_recorded_dtype_differs_from_its_array_is_refused(tmp_path
         KernelStore.open(out)
 
 
+def test_a_store_whose_kernel_array_was_given_another_shape_is_refused(tmp_path):
+    """An edited kernel/zarr.json (a larger shape: the new cells read as NaN fill) is refused
+    on opening, before verify() could call the recorded tiles complete."""
+    x, out = _store_with_missing_tiles(tmp_path)
+    meta = out / "kernel" / "zarr.json"
+    spec = json.loads(meta.read_text())
+    recorded = list(spec["shape"])
+    spec["shape"] = [recorded[0], 100, 100]
+    meta.write_text(json.dumps(spec))
+    want = rf"a\.zarr'.*kernel array has shape \({recorded[0]}, 100, 100\), but the store records shape"
+    with pytest.raises(CNNGPError, match=want):
+        KernelStore.open(out)
+    with pytest.raises(CNNGPError, match=want):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
+
+
 @pytest.mark.parametrize("linked", ["records", "images", "kernel/c"])
 def test_a_store_with_a_symlinked_subfolder_is_refused_and_nothing_is_written_outside(tmp_path, linked):
     x, out = _store_with_missing_tiles(tmp_path)

@@ -120,6 +120,9 @@ def test_user_correlation_checks():
         UserCorrelation(np.ones((2, 3)))
     with pytest.raises(CNNGPError, match=r"NaN"):
         UserCorrelation(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+    for flag in ("yes", 1, None):  # a JSON spec's "normalise" is true or false, never coerced
+        with pytest.raises(CNNGPError, match=rf"^normalise: expected true or false, got {flag!r}"):
+            UserCorrelation(np.eye(2), normalise=flag)
     net = Serial(Conv(3, correlation=UserCorrelation(np.eye(4))), ReLU(), Readout())
     with pytest.raises(CNNGPError, match=r"layer 0 .*has shape \(4, 4\) but the grid \(3, 3\) has 9 positions"):
         cnngp.kernel(net, GOOD)
@@ -489,3 +492,15 @@ def test_full_disk_under_sweep_outputs_names_out_and_the_file(tmp_path, monkeypa
     with pytest.raises(CNNGPError, match=r"^--out: writing '.*sw/sweep\.png' failed \(No space left on device\)"):
         cli_sweep._write_outputs(out, {"sweep.png": b"png", "results.json": b"{}"})
     assert not out.exists()
+
+
+def test_a_layer_in_a_message_shows_its_user_matrix_by_size_not_entries():
+    """Layers appear in one-line messages by their repr; a 64×64 user matrix there would be
+    4,096 numbers. The repr shows a correlation by its own (short) repr instead."""
+    net = Serial(Conv(3), ReLU(), Readout(correlation=UserCorrelation(np.eye(9))))
+    with pytest.raises(CNNGPError) as info:
+        net.grids((8, 8))
+    text = str(info.value)
+    assert "Readout(weight_var=1.0, bias_var=0.0, correlation=UserCorrelation(<9x9>))" in text
+    assert "has shape (9, 9) but the grid (8, 8) has 64 positions" in text and len(text) < 300
+    assert repr(Conv(3, correlation=Matern(1.5, 2.0))).endswith("correlation=Matern(nu=1.5, lengthscale=2.0))")

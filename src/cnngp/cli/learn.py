@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from cnngp.cli.main import (
-    add_engine_argument, add_layout_argument, add_zca_argument, command_line, int_at_least, load_data, parse_zca,
+    add_engine_argument, add_layout_argument, add_zca_argument, comma_items, command_line, int_at_least, load_data,
+    parse_zca,
 )
 from cnngp.errors import CNNGPError
 
@@ -22,8 +23,8 @@ __all__ = ["register", "cmd_learn"]
 
 def _starts(text: str) -> list[float]:
     try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
+        values = [float(t) for t in comma_items(text, "--starts", "0.3,3,30")]
+    except ValueError:  # CNNGPError (an empty item) included
         values = []
     if not values or not all(v > 0 and v == v and v != float("inf") for v in values):
         raise CNNGPError(f"--starts: expected positive lengthscales like 0.3,3,30, got {text!r}")

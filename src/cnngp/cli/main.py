@@ -30,7 +30,7 @@ from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
-           "add_layout_argument", "add_zca_argument", "load_data", "parse_zca", "load_images", "command_line",
+           "add_layout_argument", "add_zca_argument", "load_data", "comma_items", "parse_zca", "load_images", "command_line",
            "Terminated"]
 
 
@@ -78,13 +78,20 @@ def finite_float(text: str) -> float:
 # -- shared helpers (also used by the other commands) -----------------------------------------
 
 
+def comma_items(text, flag: str, example: str) -> list[str]:
+    """The items of a comma-separated flag value, stripped; an empty value or an empty item
+    (``1,,2``, ``1,2,``: a typo, never dropped silently) is refused naming ``flag``."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items) or not all(items):
+        what = "nothing" if not any(items) else "an empty item"
+        raise CNNGPError(f"{flag}: expected a comma-separated list like {example}, got {str(text)!r} ({what})")
+    return items
+
+
 def parse_lengthscales(text: str, flag: str = "--lengthscales") -> list[float]:
     from cnngp.kernels.correlations import parse_lengthscale
 
-    items = [t for t in text.split(",") if t.strip()]
-    if not items:
-        raise CNNGPError(f"{flag}: expected a comma-separated list like 0,0.5,2,inf")
-    return [parse_lengthscale(t, flag) for t in items]
+    return [parse_lengthscale(t, flag) for t in comma_items(text, flag, "0,0.5,2,inf")]
 
 
 def correlation_from_text(text: str, lengthscale=None, what: str = "--readout"):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from cnngp.cli.main import (
-    add_engine_argument, add_layout_argument, execution_from_args, finite_float, int_at_least, load_network, parameterized,
+    add_engine_argument, add_layout_argument, comma_items, execution_from_args, finite_float, int_at_least, load_network, parameterized,
 )
 from cnngp.provenance import versions
 from cnngp.engine.storage import atomic_write
@@ -179,8 +179,8 @@ def cmd_montecarlo(args) -> int:
 
 def _int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
     try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
+        values = [int(t) for t in comma_items(text, flag, "1,2")]
+    except ValueError:  # CNNGPError (an empty item) included
         values = []
     if not values or any(v < minimum for v in values):
         raise CNNGPError(f"{flag}: expected a comma-separated list of integers >= {minimum}, got {text!r}")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from cnngp.cli.main import (
-    add_engine_argument, add_layout_argument, add_zca_argument, command_line, int_at_least, load_data, parse_zca,
+    add_engine_argument, add_layout_argument, add_zca_argument, comma_items, command_line, int_at_least, load_data,
+    parse_zca,
 )
 from cnngp.errors import CNNGPError
 
@@ -42,10 +43,7 @@ def _int(flag: str, text: str, minimum: int) -> int:
 
 
 def _int_list(flag: str, text: str) -> list[int]:
-    items = [t for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise CNNGPError(f"{flag}: expected a comma-separated list of sizes like 40,80,160")
-    return [_int(flag, t, 1) for t in items]
+    return [_int(flag, t, 1) for t in comma_items(text, flag, "40,80,160")]
 
 
 def _umask() -> int:

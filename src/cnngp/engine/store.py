@@ -305,7 +305,8 @@ class KernelStore:
                                  "in its zarr.json; it was altered")
 
     def _check_dtypes(self) -> None:
-        """The arrays' dtypes (in their zarr.json) are the store's recorded dtype."""
+        """The arrays' dtypes (in their zarr.json) are the store's recorded dtype, and the
+        kernel array has the recorded shape."""
         try:
             recorded = np.dtype(self.attrs.get("dtype"))
         except TypeError:
@@ -326,6 +327,10 @@ class KernelStore:
             if actual != recorded:
                 raise CNNGPError(f"{self.what}: {str(self.path)!r}: its array {name} is {actual}, but the store "
                                  f"records dtype {recorded}; it was altered (delete it and run again)")
+        shape = tuple(self.group["kernel"].shape)
+        if shape != tuple(self.attrs["shape"]):
+            raise CNNGPError(f"{self.what}: {str(self.path)!r}: its kernel array has shape {shape}, but the store "
+                             f"records shape {tuple(self.attrs['shape'])}; it was altered (delete it and run again)")
 
     def check_for_work(self) -> None:
         """Before computing into this store (a resume): no symbolic link anywhere inside it, and

@@ -405,6 +405,8 @@ class UserCorrelation(Correlation):
                 "correlation matrix: must be positive semi-definite, smallest eigenvalue "
                 f"is {eig.min():.3g}"
             )
+        if not isinstance(normalise, (bool, np.bool_)):  # "yes" or 0 would be coerced silently
+            raise CNNGPError(f"normalise: expected true or false, got {normalise!r}")
         self._m = m
         self.normalise = bool(normalise)
 

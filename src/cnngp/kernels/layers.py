@@ -202,7 +202,11 @@ class Layer(nn.Module):
     def extra_repr(self):
         spec = self.to_spec()
         spec.pop("type")
-        return ", ".join(f"{k}={v!r}" for k, v in spec.items())
+        # a correlation by its own short repr (a user matrix as <P×P>, not its entries: this
+        # repr is in one-line error messages)
+        shown = {k: getattr(self, k) if isinstance(getattr(self, k, None), Correlation) else v
+                 for k, v in spec.items()}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
 class Conv(Layer):
