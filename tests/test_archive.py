@@ -158,6 +158,24 @@ def test_an_archive_of_another_computation_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == before  # nothing overwritten
 
 
+def test_cli_info_on_a_sweeps_archive_folder_describes_each_part(tmp_path, capsys):
+    """A sweep's --archive DIR holds one archive per part (train/, test/, …): info describes
+    each, with --json a record per part."""
+    for part, n in (("train", 6), ("test", 4)):
+        x = tmp_path / f"{part}.npz"
+        np.savez(x, x=_images(n, seed=n).astype(np.float32))
+        assert main(["kernel", "--arch", "cnngp2", "--x1", str(x), "--tile", "4", "--dtype", "float32", "--quiet",
+                     "--out", str(tmp_path / f"{part}.zarr"), "--archive", str(tmp_path / "sw" / part)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "sw")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'sw' / 'train'}: 3/3 tiles archived" in out and "shape 1×6×6 float32" in out
+    assert f"{tmp_path / 'sw' / 'test'}: 1/1 tiles archived" in out and "shape 1×4×4 float32" in out
+    assert main(["info", str(tmp_path / "sw"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert sorted(info) == ["test", "train"] and info["train"]["shape"] == [1, 6, 6]
+
+
 def test_cli_archive_round_trip_and_its_errors(tmp_path, capsys):
     x = tmp_path / "x.npz"
     np.savez(x, x=_images(10).astype(np.float32))
@@ -173,6 +191,12 @@ def test_cli_archive_round_trip_and_its_errors(tmp_path, capsys):
     info = json.loads(captured.out)
     assert (info["tiles_total"], info["tiles_archived"], info["pairs_total"]) == (6, 5, 55)
     assert info["shape"] == [1, 10, 10] and info["dtype"] == "float32" and "5/6 tiles archived" in captured.err
+    assert info["tiles_damaged"] == ["tile-1-2"]  # its data without its record
+    # a record that is not JSON, and a lone data file: listed as damaged, not counted
+    (tmp_path / "arch" / "tile-0-1.json").write_text("{")
+    (tmp_path / "arch" / "tile-1-1.json").unlink()
+    assert main(["info", str(tmp_path / "arch")]) == 0
+    assert "3/6 tiles archived (0.0 MiB), 3 damaged: tile-0-1, tile-1-1, tile-1-2" in capsys.readouterr().out
     ref = cnngp.kernel(cnngp.io.architectures.get("cnngp2"), np.load(x)["x"], dtype=np.float32).numpy()
     np.testing.assert_allclose(_stored(tmp_path / "b.zarr")[0], ref, rtol=1e-5)
 

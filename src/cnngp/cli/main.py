@@ -595,16 +595,25 @@ def cmd_info(args) -> int:
         from cnngp.engine.archive import archive_info, is_archive
         from cnngp.engine.store import KernelStore
 
-        if is_archive(args.store):
-            info = archive_info(args.store)
-            line = (f"{args.store}: {info['tiles_archived']}/{info['tiles_total']} tiles archived "
-                    f"({info['bytes'] / 2**20:.1f} MiB)")
+        from cnngp.experiments.sweep import ARCHIVE_PARTS
+
+        # a tile archive, or a sweep's --archive DIR: one archive per part (train/, test/, …)
+        parts = [Path(args.store)] if is_archive(args.store) else [
+            Path(args.store) / part for part in ARCHIVE_PARTS if is_archive(Path(args.store) / part)]
+        if parts:
+            infos = [archive_info(p) for p in parts]
+            lines = [f"{p}: {i['tiles_archived']}/{i['tiles_total']} tiles archived ({i['bytes'] / 2**20:.1f} MiB)"
+                     + (f", {len(i['tiles_damaged'])} damaged: {', '.join(i['tiles_damaged'])}"
+                        if i["tiles_damaged"] else "") for p, i in zip(parts, infos)]
             if args.json:
-                print(json.dumps(info, indent=2))
-                print(line, file=sys.stderr)
+                print(json.dumps(infos[0] if is_archive(args.store) else
+                                 {p.name: i for p, i in zip(parts, infos)}, indent=2))
+                print("\n".join(lines), file=sys.stderr)
             else:
-                shape = "×".join(str(v) for v in info.get("shape") or [])
-                print(f"{line}\n  shape {shape} {info.get('dtype')}\n  (full record: --json)")
+                for line, i in zip(lines, infos):
+                    shape = "×".join(str(v) for v in i.get("shape") or [])
+                    print(f"{line}\n  shape {shape} {i.get('dtype')}")
+                print("  (full record: --json)")
             return 0
 
         store = KernelStore.open(args.store, what="store")

@@ -101,7 +101,10 @@ def is_archive(path) -> bool:
 
 def archive_info(path) -> dict:
     """What ``cnngp info DIR`` prints for a tile archive: its computation, tiles archived of
-    the plan's total, bytes on disk (tiles are not decoded: :meth:`TileArchive.load` checks them)."""
+    the plan's total, bytes on disk. A tile counts as archived when its data file is there and
+    its record reads as the record of that tile; one with a half (a lone file), an unreadable
+    record or an empty data file is listed in ``tiles_damaged``. The data are not decoded
+    here: :meth:`TileArchive.load` checks them against the record's checksum on restore."""
     path = Path(path)
     try:
         with open(path / "archive.json") as f:
@@ -113,11 +116,21 @@ def archive_info(path) -> dict:
     identity = header.get("identity") or {}
     _, n1, n2 = identity["shape"]
     plan = tile_plan(n1, None if identity.get("x2_sha256") is None else n2, int(identity["tile"]))
-    archived = [t for t in plan if (path / f"{t.name}.json").is_file() and (path / f"{t.name}.bin").is_file()]
+    archived, damaged = [], []
+    for t in plan:
+        present = [(path / f"{t.name}.{ext}").is_file() for ext in ("json", "bin")]
+        if not any(present):
+            continue
+        record = _read_json(path / f"{t.name}.json") if present[0] else None
+        ok = (all(present) and isinstance(record, dict) and (path / f"{t.name}.bin").stat().st_size > 0
+              and record.get("rows") == [t.rows.start, t.rows.stop]
+              and record.get("cols") == [t.cols.start, t.cols.stop])
+        (archived if ok else damaged).append(t)
     return {
         "path": str(path), "format": header["format"], "codec": header.get("codec"),
         "shape": identity["shape"], "dtype": identity.get("dtype"), "tile": identity["tile"],
         "tiles_total": len(plan), "tiles_archived": len(archived),
+        "tiles_damaged": [t.name for t in damaged],
         "pairs_total": sum(t.pairs for t in plan), "pairs_archived": sum(t.pairs for t in archived),
         "bytes": sum(p.stat().st_size for p in path.glob("tile-*.bin")),
         "labels": header.get("labels"), "spec": identity.get("spec"), "created": header.get("created"),
