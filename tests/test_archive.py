@@ -317,6 +317,19 @@ def _store_with_missing_tiles(tmp_path, n=9, tile=3, **kwargs):
     return x, out
 
 
+def test_a_store_whose_records_folder_was_deleted_is_recomputed_in_full(tmp_path):
+    """Without records no tile is trusted: the folder is made again, every tile recomputed,
+    and the kernel is the one of a fresh store to the bit."""
+    import shutil
+
+    x, out = _store_with_missing_tiles(tmp_path)
+    want = _stored(out).copy()
+    shutil.rmtree(out / "records")
+    report = store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
+    assert (report.tiles_done_before, report.tiles_computed) == (0, 6)
+    assert _stored(out).tobytes() == want.tobytes()
+
+
 def test_a_store_whose_stored_images_were_altered_is_refused_on_resume(tmp_path):
     import zarr
 

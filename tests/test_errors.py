@@ -504,3 +504,19 @@ def test_a_layer_in_a_message_shows_its_user_matrix_by_size_not_entries():
     assert "Readout(weight_var=1.0, bias_var=0.0, correlation=UserCorrelation(<9x9>))" in text
     assert "has shape (9, 9) but the grid (8, 8) has 64 positions" in text and len(text) < 300
     assert repr(Conv(3, correlation=Matern(1.5, 2.0))).endswith("correlation=Matern(nu=1.5, lengthscale=2.0))")
+
+
+def test_kernel_on_a_disk_without_room_names_out(tmp_path, capsys, monkeypatch):
+    """The output's disk is --out's problem, not --x1's: one line naming --out and its path."""
+    from cnngp.engine import resources
+
+    monkeypatch.setattr(resources, "free_disk", lambda path: 1024)
+    x = tmp_path / "x.npz"
+    np.savez(x, x=np.random.default_rng(0).random((10, 8, 8, 1)))
+    out = tmp_path / "k.npz"
+    code, err = _run_cli(capsys, "kernel", "--arch", "cnngp2", "--x1", x, "--out", out, "--quiet")
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert re.fullmatch(rf"cnngp: error: --out: {re.escape(repr(str(out)))} has 1 KiB free, but --x1 .*writes "
+                        r"about .* there; .*", err[0]), err[0]
+    assert not out.exists()

@@ -477,7 +477,7 @@ def cmd_kernel(args) -> int:
 
         priced = GramPlan(body, x1.shape[1:], readouts=readouts, flip=True, execution=ex.replace(progress=False))
     est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
-                     readouts=None if args.flip else readouts, disk_path=args.out, yes=args.yes, images=x1,
+                     readouts=None if args.flip else readouts, disk_path=args.out, disk_what="--out", yes=args.yes, images=x1,
                      execution=ex)
     if est is not None and ex.progress:  # a long job: its timed estimate before it starts
         print(est.describe(), file=sys.stderr)
@@ -557,7 +557,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
         f"--x1 ({x1.shape[0]} images)",
         memory_bytes=plan["memory_per_worker_bytes"] * (args.workers or 1) if here else 0,
         seconds=plan["estimated_seconds"] if here and str(args.device).startswith("cpu") else None,
-        disk_bytes=plan["disk_bytes"], disk_path=args.out, yes=args.yes,
+        disk_bytes=plan["disk_bytes"], disk_path=args.out, disk_what="--out", yes=args.yes,
         remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
     )
     preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--x1"}}

@@ -335,8 +335,16 @@ class KernelStore:
     def check_for_work(self) -> None:
         """Before computing into this store (a resume): no symbolic link anywhere inside it, and
         its stored images hash to the sha256 it recorded of the inputs (the images every task
-        reads back), so that no tile is computed from altered images."""
+        reads back), so that no tile is computed from altered images. A records folder that
+        was deleted is made again: the tiles it recorded count as missing and are recomputed
+        (a tile is trusted only with its record)."""
         self._check_links(deep=True)
+        if not self.records_dir.is_dir() and not self.records_dir.exists():
+            try:
+                self.records_dir.mkdir()
+            except OSError as e:
+                raise CNNGPError(f"{self.what}: {str(self.path)!r} lacks its records folder and it cannot be "
+                                 f"made again ({e.strerror or e})") from None
         for which in ("x1", "x2"):
             recorded = self.attrs.get(f"{which}_sha256")
             if recorded is None:
@@ -348,7 +356,7 @@ class KernelStore:
                 same = False
             if not same:
                 raise CNNGPError(f"{self.what}: {str(self.path)!r}: its stored images images/{which} do not "
-                                 f"match the sha256 it recorded of --{which} ({which}_sha256); the store was "
+                                 f"match the sha256 it recorded of them ({which}_sha256); the store was "
                                  "altered, delete it and run again")
 
     # -- shape of the work ----------------------------------------------------------------
