@@ -175,9 +175,13 @@ CASES: list[Case] = [
     Case("kernel-spec-sin-huge", k(arch="sin_huge.json"), need("--arch", "magnitude at most")),
     Case("sweep-spec-no-grid", s(arch="no_grid.json"), need("--arch", "no spatial grid")),
     Case("sweep-out-empty", s(out=""), need("--out", "is empty")),
+    Case("sweep-data-empty", s(data=""), need("--data", "is empty")),
+    Case("info-store-empty", ["info", ""], "info STORE: is empty"),
     Case("sweep-lengthscales-empty-item", s(lengthscales="1,,2"), need("--lengthscales", "an empty item")),
     Case("sweep-n-trailing-comma", s(n="4,"), need("--n", "an empty item")),
     Case("figure-widths-empty-item", f(widths="2,,4"), need("--widths", "integers")),
+    Case("figure-shift-beyond-width", f(shift="4"), need("--shift", "width")),
+    Case("figure-sidecar-is-someone-elses", f(out="notes.png"), need("--out", "not a cnngp figure")),
     Case("sweep-out-is-a-store", s(out="made.zarr"), need("--out", "Zarr folder")),
     Case("sweep-all-zero-images", s(data="zeros.npz"), need("--data", "zero on the diagonal")),
     Case("kernel-spec-negative-lengthscale", k(arch="neg_lengthscale.json"),
@@ -421,6 +425,7 @@ def make_inputs(folder: Path) -> None:
     (folder / "sin_huge.json").write_text(layers({"type": "sin", "b": 1e200}))
     (folder / "no_grid.json").write_text(layers({"type": "relu"}, {"type": "flatten"}))
     np.savez(folder / "zeros.npz", x_train=np.zeros((12, 4, 4, 1)), y_train=np.arange(12) % 2)
+    (folder / "notes.json").write_text('{"mine": "not a figure sidecar"}')
     (folder / "made.zarr").mkdir()  # a Zarr folder's marker: results must not go in it
     (folder / "made.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
     (folder / "no_readout.json").write_text(json.dumps({"layers": [{"type": "conv"}, {"type": "relu"}]}))

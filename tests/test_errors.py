@@ -411,8 +411,16 @@ def test_overflow_message_gives_the_pixel_maximum_over_all_images(pair):
     x = np.full((3, 4, 4, 1), 0.5)
     x[2] = 1e7
     args = (x[:1], x) if pair else (x,)
-    with pytest.raises(CNNGPError, match=r"overflowed .*\(pixels up to 1e\+07,"):
+    with pytest.raises(CNNGPError, match=r"overflowed .*\(pixels up to 1e\+07,.*; use dtype float64, "):
         cnngp.kernel(net, *args, execution=cnngp.Execution(dtype="float32"))
+
+
+def test_overflow_in_float64_does_not_advise_float64():
+    net = Serial(Conv(3, weight_var=1e150), ReLU(), Conv(3, weight_var=1e150), ReLU(), Conv(3, weight_var=1e150),
+                 ReLU(), Readout())
+    with pytest.raises(CNNGPError, match=r"overflowed to NaN or infinity in float64") as info:
+        cnngp.kernel(net, np.full((2, 4, 4, 1), 0.5))
+    assert "use dtype float64" not in str(info.value) and "smaller weight_var" in str(info.value)
 
 
 @pytest.mark.parametrize("n_test, match", [

@@ -380,9 +380,9 @@ def _check_out_apart(args, inputs: dict) -> None:
     if getattr(args, "checkpoint_path", None):
         outputs["--out (its checkpoint)"] = Path(args.checkpoint_path)
     if getattr(args, "sidecar", False):
-        from cnngp.experiments.plots import sidecar_path
+        from cnngp.experiments.plots import check_sidecar
 
-        outputs["--out (its sidecar .json)"] = sidecar_path(args.out)
+        outputs["--out (its sidecar .json)"] = check_sidecar(args.out)
     for out_flag, out in outputs.items():
         for in_flag, name in inputs.items():
             if out.exists() and os.path.samefile(out, name) or out.resolve() == name.resolve():
@@ -592,6 +592,8 @@ def cmd_info(args) -> int:
     if args.store is not None:
         if args.arch is not None:
             raise CNNGPError("--arch: give either a kernel store or --arch, not both")
+        if not str(args.store).strip():  # Path("") would be the current folder
+            raise CNNGPError("info STORE: is empty; give a kernel store K.zarr or a tile archive folder")
         from cnngp.engine.archive import archive_info, is_archive
         from cnngp.engine.store import KernelStore
 
@@ -848,7 +850,7 @@ _FLAGS = {
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
     "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca",
-    "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params",
+    "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params", "shift": "--shift",
     "store": "--store", "scheduler": "--scheduler",
 }
 

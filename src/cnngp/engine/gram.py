@@ -1230,12 +1230,13 @@ def _check_finite(out: torch.Tensor, body, heads, images, dtype) -> None:
         return
     bad = int(out.numel() - finite.sum())
     peak = max(float(torch.as_tensor(x).abs().max()) if x.shape[0] else 0.0 for x in images)
+    remedies = ("" if dtype == torch.float64 else "use dtype float64, ") + "images scaled to about [0, 1], or smaller weight_var"
     raise CNNGPError(
         f"kernel: {bad} of {out.numel()} entries overflowed to NaN or infinity in "
         f"{str(dtype).removeprefix('torch.')} "
         f"(pixels up to {peak:.3g}, {len(body)} layers): the kernel grows with the pixel "
-        "scale squared and the weight variances layer by layer; use dtype float64, images "
-        "scaled to about [0, 1], or smaller weight_var"
+        f"scale squared and the weight variances (and nonlinearities' scales) layer by layer; {remedies} "
+        "(the network: --arch)"
     )
 
 

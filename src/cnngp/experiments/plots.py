@@ -40,6 +40,7 @@ __all__ = [
     "plot_correlation_figure",
     "save_correlation_figure",
     "sidecar_path",
+    "check_sidecar",
     "summary",
 ]
 
@@ -535,6 +536,8 @@ def correlation_figure_data(images, figure: CorrelationFigure | None = None, *, 
             raise CNNGPError(f"positions: {tuple(pos)} is outside the {h}x{w} grid")
     mean = x.mean(axis=(0, 1, 2)) if centre else np.zeros(x.shape[-1])
     x = x - mean
+    if not 0 <= shift < w:  # np.roll wraps: a shift of w or more would be another, unlabelled one
+        raise CNNGPError(f"shift: expected 0 <= shift < {w} (the images' width), got {shift}")
     for name, i in (("index", index), ("other", other)):
         if not np.any(x[i]):  # every feature's variance would be 0: correlations 0/0
             raise CNNGPError(f"{name}: image {i} is all zeros{' after centring' if centre else ''}, so its "
@@ -679,6 +682,24 @@ def plot_correlation_figure(data: dict):
 def sidecar_path(out) -> Path:
     """The JSON file written next to a figure: ``fig.png`` → ``fig.json``."""
     return Path(out).with_suffix(".json")
+
+
+def check_sidecar(out, what: str = "--out") -> Path:
+    """Refuse, before any work, a figure whose sidecar path holds a file that is not a cnngp
+    figure's numbers (a JSON object with ``config`` and ``versions``): it is never overwritten."""
+    from cnngp.engine.storage import check_output_file
+    from cnngp.errors import CNNGPError
+
+    path = check_output_file(sidecar_path(out), f"{what} (its sidecar .json)")
+    if path.exists():
+        try:
+            ours = set(json.loads(path.read_text())) >= {"config", "versions"}
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise CNNGPError(f"{what}: its sidecar {str(path)!r} exists and is not a cnngp figure's numbers; "
+                             "it is not overwritten (move it, or give another --out)")
+    return path
 
 
 def save_correlation_figure(data: dict, out) -> None:

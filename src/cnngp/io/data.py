@@ -709,6 +709,9 @@ def load_dataset(source: str | os.PathLike, layout: str | None = None) -> Datase
     >>> ds.x_train.shape, ds.n_classes, ds.x_test is None
     ((1797, 8, 8, 1), 10, True)
     """
+    if isinstance(source, (str, os.PathLike)) and not os.fspath(source).strip():  # Path("") is "."
+        raise CNNGPError("source: is empty; accepted sources: 'digits', a .npz file, or a folder with "
+                         "CIFAR-10 or MNIST files")
     if layout is not None and not (Path(source).expanduser().is_file()
                                    and not (isinstance(source, str) and source.lower() == "digits")):
         raise CNNGPError(f"layout: applies to the arrays of a .npz data set; {os.fspath(source)!r} "
