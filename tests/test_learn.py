@@ -170,6 +170,10 @@ def test_cnngp_learn_writes_results_and_figure(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["learn", "--n", "40", "--starts", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "--starts" in capsys.readouterr().err
+    for starts in ("3,1e300", "1e-300", "1,,3"):  # outside the optimiser's bounds: never clipped silently
+        assert main(["learn", "--n", "40", "--starts", starts, "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err.startswith("cnngp: error: --starts: expected ")
+    assert not (tmp_path / "x").exists()
 
 
 # -- every parameter by autograd -------------------------------------------------------------

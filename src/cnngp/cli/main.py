@@ -393,7 +393,10 @@ def _check_out_apart(args, inputs: dict) -> None:
 def _check_input_path(flag: str, spec: str) -> Path:
     from cnngp.io.data import split_array_path
 
-    name, _ = split_array_path(spec)
+    try:
+        name, _ = split_array_path(spec)
+    except CNNGPError as e:
+        raise CNNGPError(f"{flag}: {e}") from None
     p = Path(name)
     if not name.strip():
         raise CNNGPError(f"{flag}: is empty; give FILE.npz or FILE.npz:ARRAY")
@@ -850,7 +853,7 @@ _FLAGS = {
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
     "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca",
-    "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params", "shift": "--shift",
+    "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params", "shift": "--shift", "starts": "--starts",
     "store": "--store", "scheduler": "--scheduler",
 }
 

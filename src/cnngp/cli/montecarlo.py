@@ -197,6 +197,9 @@ def cmd_correlation_figure(args) -> int:
     if len(pos) != 4:
         raise CNNGPError(f"--positions: expected four integers r1,c1,r2,c2, got {args.positions!r}")
     mc_lengthscales = parse_lengthscales(args.mc_lengthscales, "--mc-lengthscales")
+    from cnngp.kernels.correlations import parse_lengthscale
+
+    parse_lengthscale(args.conv_lengthscale, "--conv-lengthscale")
     x = _load_images(args.x, "--x", None, args)
     if not 0 <= args.index < x.shape[0] or not 0 <= args.other < x.shape[0]:
         raise CNNGPError(f"--index/--other: expected image indices in 0..{x.shape[0] - 1}")

@@ -18,6 +18,7 @@ pass they share is counted separately in ``body_pair_evaluations``).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.inference import gp
 from cnngp.inference.learn import (
+    BOUNDS,
     OBJECTIVES,
     LearnResult,
     OffsetReadout,
@@ -293,6 +295,13 @@ class LearnProtocol(Settings):
         if self.flip and spectral_mixture:
             raise CNNGPError("flip: not with spectral_mixture (--spectral-mixture): a spectral-mixture "
                              "readout need not be mirror-symmetric, and the flip-averaged kernel needs one")
+        low, high = BOUNDS["lengthscale"]
+        starts = list(self.starts) if isinstance(self.starts, (list, tuple, np.ndarray)) else None
+        if not starts or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
+                             or not low <= float(v) <= high for v in starts):
+            # outside its bounds the optimiser would clip a start silently
+            raise CNNGPError(f"starts: expected a list of starting lengthscales in [{low:g}, {high:g}] (the "
+                             f"optimiser's bounds), got {self.starts!r}")
 
 
 

@@ -332,6 +332,8 @@ def split_array_path(path_spec: str | os.PathLike) -> tuple[str, str | None]:
     match = _NPZ_SPEC.match(spec)
     if match and not Path(spec).exists():
         return match.group("file"), match.group("key")
+    if spec.lower().endswith(".npz:") and not Path(spec).exists():
+        raise CNNGPError(f"{spec!r}: names no array after the colon; give FILE.npz or FILE.npz:ARRAY")
     return spec, None
 
 

@@ -962,7 +962,8 @@ class Sign(Nonlinearity):
         return torch.where(n > 0, torch.asin(rho) * (2.0 / math.pi), torch.zeros_like(rho))
 
     def derivative_expectation(self, c, vx, vy):
-        raise CNNGPError(f"{self!r}: φ′ is a Dirac delta (2δ(x)), so the NTK of a sign layer is infinite")
+        raise CNNGPError(f"{self!r}: φ′ is a Dirac delta (2δ(x)), so the NTK of a sign layer is infinite; "
+                         "compute its NNGP (--get nngp), or give a network without sign layers (--arch)")
 
     def function(self, x):
         return torch.sign(x)
