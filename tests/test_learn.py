@@ -324,6 +324,20 @@ def test_learn_through_a_store_matches_and_reuses_it(tmp_path, monkeypatch):
         run_learn(net, "digits", store=tmp_path / "S.zarr", params="all", **kw)
 
 
+
+def test_info_describes_a_store_of_offset_sums_as_such(tmp_path, capsys):
+    """`cnngp info` on learn's store: offsets over the last grid, not a list of readouts."""
+    from cnngp.cli.main import main
+
+    assert main(["learn", "--n", "40", "--starts", "2", "--max-iter", "3", "--store", str(tmp_path / "S.zarr"),
+                 "--out", str(tmp_path / "learn"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "S.zarr")]) == 0
+    text = capsys.readouterr().out
+    assert "225 × 40 × 40 (offsets × N1 × N2)" in text  # cnngp2 on 8×8 digits: 15×15 offsets
+    assert "offset sums S[δ] of the last hidden layer over 15×15 offsets" in text and "readouts" not in text
+
+
 # -- the intermediate λ, profiled ------------------------------------------------------------
 
 

@@ -721,12 +721,19 @@ def store_summary(path, info: dict) -> str:
     ]
     labels = info.get("labels") or []
     specs = info.get("readout_specs") or []
-    count = max(len(labels), len(specs), int(info.get("readouts") or 0))
-    lines.append(f"  readouts {count}:")
-    for i in range(count):
-        label = labels[i] if i < len(labels) else f"readout {i}"
-        corr = _correlation_text(specs[i].get("correlation")) if i < len(specs) and isinstance(specs[i], dict) else None
-        lines.append(f"    {i:>3}  {label}" + (f"  (correlation: {corr})" if corr else ""))
+    if info.get("offsets"):  # the last hidden layer's offset sums, what `cnngp learn` reads out
+        grid = "×".join(str(v) for v in info.get("offset_shape") or []) or "?"
+        lines[1] = lines[1].replace("(readouts × ", "(offsets × ")
+        lines.append(f"  contents offset sums S[δ] of the last hidden layer over {grid} offsets "
+                     "(docs/maths.md §9; read out by cnngp learn)")
+        specs = []
+    else:
+        count = max(len(labels), len(specs), int(info.get("readouts") or 0))
+        lines.append(f"  readouts {count}:")
+        for i in range(count):
+            label = labels[i] if i < len(labels) else f"readout {i}"
+            corr = _correlation_text(specs[i].get("correlation")) if i < len(specs) and isinstance(specs[i], dict) else None
+            lines.append(f"    {i:>3}  {label}" + (f"  (correlation: {corr})" if corr else ""))
     net = _network_text(info.get("spec"))
     if specs and not net.endswith("readout"):
         net += " → readout (above)"

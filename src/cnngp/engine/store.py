@@ -539,6 +539,8 @@ class KernelStore:
             "x2_sha256": self.attrs.get("x2_sha256"),
             "spec": self.attrs.get("spec"),
             "flip": self.attrs.get("flip") or False,  # True: flip-averaged, "mirror": the mirror term
+            "offsets": bool(self.attrs.get("offsets")),  # offset sums S[δ] (cnngp learn), not readouts
+            "offset_shape": self.attrs.get("offset_shape"),
             "preprocessing": self.attrs.get("preprocessing"),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
