@@ -479,9 +479,16 @@ def cmd_kernel(args) -> int:
         from cnngp.engine.gram import GramPlan
 
         priced = GramPlan(body, x1.shape[1:], readouts=readouts, flip=True, execution=ex.replace(progress=False))
-    est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
-                     readouts=None if args.flip else readouts, disk_path=args.out, disk_what="--out", yes=args.yes, images=x1,
-                     execution=ex)
+    from cnngp.engine.gram import gram_needs
+    from cnngp.engine.resources import check_job
+
+    n2 = None if x2 is None else x2.shape[0]
+    _, _, result = gram_needs(body, x1.shape[1:], x1.shape[0], n2, readouts=readouts, dtype=ex.dtype,
+                              memory_budget=ex.memory_budget, flip=bool(args.flip))
+    # the disk is --out's: the result and its checkpoint (float64) beside it
+    check_job("--out", disk_bytes=2 * result, disk_path=args.out, yes=True, remedy=_DISK_REMEDY)
+    est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], n2, readouts=None if args.flip else readouts,
+                     yes=args.yes, images=x1, execution=ex)
     if est is not None and ex.progress:  # a long job: its timed estimate before it starts
         print(est.describe(), file=sys.stderr)
     checkpoint = ex.checkpoint
@@ -534,6 +541,10 @@ def cmd_kernel(args) -> int:
     return 0
 
 
+#: what a disk without room for --out asks of the user
+_DISK_REMEDY = "free space there, or give an --out on a larger disk"
+
+
 def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening=None) -> int:
     """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask. With
     ``--zca`` the store holds the whitened images (its identity hashes them) and records
@@ -556,11 +567,12 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
         print(json.dumps(plan, indent=2))
         return 0
     here = args.scheduler is None  # a remote cluster's memory and speed are not this machine's
+    check_job("--out", disk_bytes=plan["disk_bytes"], disk_path=args.out, yes=True, remedy=_DISK_REMEDY)
     check_job(
         f"--x1 ({x1.shape[0]} images)",
         memory_bytes=plan["memory_per_worker_bytes"] * (args.workers or 1) if here else 0,
         seconds=plan["estimated_seconds"] if here and str(args.device).startswith("cpu") else None,
-        disk_bytes=plan["disk_bytes"], disk_path=args.out, disk_what="--out", yes=args.yes,
+        yes=args.yes,
         remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
     )
     preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--x1"}}

@@ -306,7 +306,7 @@ MEASURE_ABOVE_SECONDS = env_number("CNNGP_MEASURE_ABOVE_SECONDS", 10.0, 0)
 
 
 def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *, readouts=None,
-               disk_path=None, yes: bool = False, images=None, execution=None, disk_what=None, **options):
+               disk_path=None, yes: bool = False, images=None, execution=None, **options):
     """:func:`check_job` for one Gram computation (time is gated on the CPU only); the
     execution options (:class:`Execution`) say how it runs. With ``images`` (the first images of
     ``x1``), a job the operation count prices over :data:`MEASURE_ABOVE_SECONDS` is timed here
@@ -343,7 +343,6 @@ def check_gram(what: str, model, image_shape, n1: int, n2: int | None = None, *,
         seconds=seconds if str(device).startswith("cpu") else None,
         disk_bytes=2 * result if disk_path is not None else 0,  # the output and its checkpoint
         disk_path=disk_path,
-        disk_what=disk_what,
         yes=yes,
         remedy="use fewer images or readouts, or split the work (--x2 takes row blocks)",
     )

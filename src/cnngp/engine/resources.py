@@ -96,7 +96,6 @@ def check_job(
     disk_path=None,
     yes: bool = False,
     remedy: str = "",
-    disk_what: str | None = None,
 ) -> None:
     """Refuse, with the numbers, a job this machine cannot hold, or a long one without --yes.
 
@@ -110,9 +109,6 @@ def check_job(
         Estimated run time; over :data:`LONG_JOB_SECONDS` needs ``yes``.
     remedy : str
         What to change, appended to the message.
-    disk_what : str, optional
-        The argument that names ``disk_path`` (e.g. ``"--out"``), when it is not ``what``:
-        a disk without room is that argument's problem.
     """
     tail = f"; {remedy}" if remedy else ""
     avail = available_memory()
@@ -124,9 +120,6 @@ def check_job(
     if disk_bytes and disk_path is not None:
         free = free_disk(disk_path)
         if free is not None and disk_bytes > free:
-            if disk_what is not None and disk_what != what:
-                raise CNNGPError(f"{disk_what}: {str(disk_path)!r} has {human_bytes(free)} free, but {what} "
-                                 f"writes about {human_bytes(disk_bytes)} there{tail}")
             raise CNNGPError(
                 f"{what}: writes about {human_bytes(disk_bytes)} but {str(disk_path)!r} has "
                 f"{human_bytes(free)} free{tail}"
