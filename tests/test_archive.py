@@ -330,7 +330,7 @@ def test_a_store_whose_records_folder_was_deleted_is_recomputed_in_full(tmp_path
     assert _stored(out).tobytes() == want.tobytes()
 
 
-def test_a_store_whose_stored_images_were_altered_is_refused_on_resume(tmp_path):
+def test_a_store_whose_stored_images_were_altered_is_refused_on_resume(tmp_path, capsys):
     import zarr
 
     x, out = _store_with_missing_tiles(tmp_path)
@@ -340,6 +340,10 @@ def test_a_store_whose_stored_images_were_altered_is_refused_on_resume(tmp_path)
     with pytest.raises(CNNGPError, match=r"^--out: .*a\.zarr'.*images/x1 do not match .*x1_sha256"):
         store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
     assert sorted(p.name for p in (out / "records").iterdir()) == records  # nothing computed
+    # and `cnngp info` says so, beside the tiles (intact) it counts
+    assert KernelStore.open(out).info()["images_damaged"] == ["x1"]
+    assert main(["info", str(out)]) == 0
+    assert "DAMAGED  stored images images/x1 do not match" in capsys.readouterr().out
 
 
 def test_swapped_archive_tiles_are_recomputed_not_restored_in_each_others_place(tmp_path, capsys):

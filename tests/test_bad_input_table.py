@@ -227,6 +227,7 @@ CASES: list[Case] = [
     Case("kernel-dtype-float16", k("--dtype", "float16"), need("--dtype", "float16", "choice")),
     Case("kernel-device-meta", k("--device", "meta"), need("--device", "meta")),
     Case("kernel-device-nonsense", k("--device", "nonsense"), need("--device", "device", "nonsense")),
+    Case("kernel-device-cpu-index", k("--device", "cpu:5"), need("--device", "cpu:5", "one device", "give 'cpu'")),
     Case("kernel-device-cuda-absent", k("--device", "cuda"), need("--device", "CUDA", "cuda")),
     Case("kernel-memory-budget-inf", k("--memory-budget", "inf"), need("--memory-budget", *SIZE)),
     Case("kernel-memory-budget-negative", k("--memory-budget=-1"), need("--memory-budget", *SIZE)),

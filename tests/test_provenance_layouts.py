@@ -132,7 +132,7 @@ def test_info_prints_a_summary_with_readout_correlations_and_json_on_request(tmp
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0].startswith(f"{store}: 1/1 tiles done") and len(lines) < 20
-    assert "λ=2" in text and "float64" in text and "network" in text
+    assert "λ=2" in text and "float64" in text and "network" in text and "DAMAGED" not in text
     assert main(["info", str(store), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["readout_specs"][1]["correlation"]["lengthscale"] == 2.0

@@ -232,6 +232,9 @@ def resolve_device(device, name: str = "device") -> torch.device:
         raise CNNGPError(
             f"{name}: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}"
         )
+    if dev.type == "cpu" and dev.index not in (None, 0):  # torch would ignore it: one CPU device
+        raise CNNGPError(f"{name}: {device!r}: the CPU is one device (torch runs its cores as threads, "
+                         "not as devices); give 'cpu'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise CNNGPError(f"{name}: {device!r} was requested but torch finds no CUDA device here")

@@ -731,6 +731,10 @@ def store_summary(path, info: dict) -> str:
         f"  time     {info.get('seconds_recorded') or 0:,.1f} s wall, {info.get('cpu_seconds_recorded') or 0:,.1f} s CPU "
         "(the finished tiles, every attempt)",
     ]
+    damaged = info.get("images_damaged") or []
+    if damaged:  # the tiles may be intact, but no resume or sweep trusts this store
+        lines.insert(1, f"  DAMAGED  stored images {', '.join('images/' + w for w in damaged)} do not match the "
+                        "sha256 recorded of them: a resume refuses this store (delete it and run again)")
     labels = info.get("labels") or []
     specs = info.get("readout_specs") or []
     if info.get("offsets"):  # the last hidden layer's offset sums, what `cnngp learn` reads out

@@ -345,6 +345,15 @@ class KernelStore:
             except OSError as e:
                 raise CNNGPError(f"{self.what}: {str(self.path)!r} lacks its records folder and it cannot be "
                                  f"made again ({e.strerror or e})") from None
+        for which in self.damaged_images()[:1]:
+            raise CNNGPError(f"{self.what}: {str(self.path)!r}: its stored images images/{which} do not "
+                             f"match the sha256 it recorded of them ({which}_sha256); the store was "
+                             "altered, delete it and run again")
+
+    def damaged_images(self) -> list[str]:
+        """The stored image arrays (``"x1"``, ``"x2"``) that are unreadable or do not hash to
+        the sha256 the store recorded of its inputs: a resume refuses the store then."""
+        damaged = []
         for which in ("x1", "x2"):
             recorded = self.attrs.get(f"{which}_sha256")
             if recorded is None:
@@ -355,9 +364,8 @@ class KernelStore:
             except Exception:
                 same = False
             if not same:
-                raise CNNGPError(f"{self.what}: {str(self.path)!r}: its stored images images/{which} do not "
-                                 f"match the sha256 it recorded of them ({which}_sha256); the store was "
-                                 "altered, delete it and run again")
+                damaged.append(which)
+        return damaged
 
     # -- shape of the work ----------------------------------------------------------------
     @property
@@ -515,7 +523,8 @@ class KernelStore:
         self.attrs.update(values)
 
     def info(self) -> dict:
-        """What ``cnngp info K.zarr`` prints: shape, dtype, tiles done/total, bad tiles, provenance."""
+        """What ``cnngp info K.zarr`` prints: shape, dtype, tiles done/total, bad tiles, stored
+        images that no longer match their recorded sha256, provenance."""
         state = self.verify()
         tiles = self.tiles()
         done_pairs = sum(t.pairs for t in state["done"])
@@ -532,7 +541,8 @@ class KernelStore:
             "tiles_bad": [t.name for t in state["bad"]],
             "pairs_total": sum(t.pairs for t in tiles),
             "pairs_done": done_pairs,
-            "complete": not state["missing"] and not state["bad"],
+            "complete": not state["missing"] and not state["bad"],  # its kernel tiles
+            "images_damaged": self.damaged_images(),  # a resume refuses the store then
             "readouts": len(self.attrs.get("readouts") or [None]),
             "labels": self.labels(),
             "x1_sha256": self.attrs.get("x1_sha256"),

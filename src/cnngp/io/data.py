@@ -714,11 +714,11 @@ def load_dataset(source: str | os.PathLike, layout: str | None = None) -> Datase
     if isinstance(source, (str, os.PathLike)) and not os.fspath(source).strip():  # Path("") is "."
         raise CNNGPError("source: is empty; accepted sources: 'digits', a .npz file, or a folder with "
                          "CIFAR-10 or MNIST files")
-    if layout is not None and not (Path(source).expanduser().is_file()
-                                   and not (isinstance(source, str) and source.lower() == "digits")):
+    is_digits = isinstance(source, str) and source.lower() == "digits"
+    if layout is not None and (is_digits or not Path(source).expanduser().is_file()):
         raise CNNGPError(f"layout: applies to the arrays of a .npz data set; {os.fspath(source)!r} "
                          "(the bundled digits, or CIFAR-10 / MNIST files) has a layout of its own")
-    if isinstance(source, str) and source.lower() == "digits":
+    if is_digits:
         x, y = load_digits()
         return Dataset(x, y, None, None, "digits", _DIGIT_CLASSES)
     path = Path(source).expanduser()
