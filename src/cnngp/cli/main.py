@@ -257,7 +257,7 @@ def execution_from_args(args, **changes):
     """The command's :class:`cnngp.Execution`, built once from its parsed flags (after
     :func:`preflight`): ``--dtype``, ``--device``, ``--engine``, ``--batch-size``,
     ``--memory-budget``, ``--quiet`` (progress), the checkpoint beside ``--out``, and the store
-    flags ``--store`` (or ``--out K.zarr``), ``--archive``, ``--workers``, ``--scheduler``,
+    flags ``--store`` (or ``--out K.zarr``), ``--archive``, ``--reuse``, ``--workers``, ``--scheduler``,
     ``--tile``, ``--threads-per-worker``. ``changes`` override them."""
     from cnngp.engine.execution import Execution
 
@@ -273,7 +273,8 @@ def execution_from_args(args, **changes):
         engine=getattr(args, "engine", None), batch_size=getattr(args, "batch_size", None),
         memory_budget=getattr(args, "memory_budget", None), progress=not getattr(args, "quiet", False),
         checkpoint=checkpoint, keep_checkpoint=checkpoint is not None, store=store,
-        archive=getattr(args, "archive", None), workers=getattr(args, "workers", None),
+        archive=getattr(args, "archive", None), reuse=getattr(args, "reuse", None),
+        workers=getattr(args, "workers", None),
         scheduler=getattr(args, "scheduler", None), tile=getattr(args, "tile", None),
         threads=getattr(args, "threads_per_worker", None),
     )
@@ -286,7 +287,7 @@ def execution_from_args(args, **changes):
 #: prints, where it writes): left out of the recorded command; every other option is recorded
 NOT_RECORDED = frozenset({
     "out", "quiet", "device", "engine", "batch_size", "memory_budget", "yes", "no_checkpoint",
-    "workers", "scheduler", "tile", "threads_per_worker", "archive", "dry_run", "store", "kernel_cache",
+    "workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse", "dry_run", "store", "kernel_cache",
 })
 #: argparse bookkeeping set by set_defaults or preflight, not options
 _INTERNAL = frozenset({"command", "func", "out_kind", "out_files", "checkpointed", "store_ok", "checkpoint_path"})
@@ -313,14 +314,30 @@ def command_line(args) -> str:
 
 
 def _check_store_flags(args, out_kind: str) -> None:
-    """--workers, --scheduler, --tile, --threads-per-worker, --archive and --dry-run need a store."""
-    given = [f for f in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "dry_run")
+    """--workers, --scheduler, --tile, --threads-per-worker, --archive, --reuse and --dry-run
+    need a store."""
+    given = [f for f in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse", "dry_run")
              if getattr(args, f, None) not in (None, False)]
     if given and out_kind != "store":
         flag = "--" + given[0].replace("_", "-")
         raise CNNGPError(f"{flag}: needs --out K.zarr (a kernel store); an .npz is computed in this process")
+    if getattr(args, "reuse", None) is not None:
+        check_reuse_store(args.reuse, args.out, "--out")
     if getattr(args, "workers", None) is not None and getattr(args, "scheduler", None) is not None:
         raise CNNGPError("--workers: cannot be combined with --scheduler (that cluster has its own workers)")
+
+
+def check_reuse_store(reuse, out, out_flag: str) -> None:
+    """``--reuse`` before any work: a kernel store that opens, and not the store being
+    computed (``out``, named ``out_flag``); what it lends is decided by the run."""
+    from cnngp.engine.store import KernelStore
+
+    if not str(reuse).strip():
+        raise CNNGPError("--reuse: is empty; give the kernel store K.zarr of fewer images to copy tiles from")
+    if Path(reuse).resolve() == Path(out).resolve():
+        raise CNNGPError(f"--reuse: {str(reuse)!r} is the store of {out_flag}; give the store of fewer images "
+                         "(the same store is resumed without --reuse)")
+    KernelStore.open(reuse, what="--reuse")
 
 
 def preflight(args) -> None:
@@ -585,6 +602,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
         print(f"wrote {args.out}: kernel {tuple(report.shape)}, {report.tiles_computed} tile(s) computed, "
               f"{report.tiles_done_before} already done ({report.tiles_bad} bad, recomputed"
               + (f"; {report.tiles_restored} restored from {args.archive}" if report.tiles_restored else "")
+              + (f"; {report.tiles_reused} reused from {args.reuse}" if report.tiles_reused else "")
               + "), "
               f"{report.pairs_computed:,} pairs in {report.seconds:.1f} s", file=sys.stderr)
     return 0
@@ -824,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --out K.zarr: keep a compressed, portable copy of every finished tile in "
                         "DIR and restore from it what the store lacks (copy or commit DIR to finish "
                         "a run on another machine)")
+    k.add_argument("--reuse", metavar="OLD.zarr",
+                   help="with --out K.zarr: copy the finished tiles of OLD.zarr, a store of the same "
+                        "network, readouts, dtype and tile on fewer images (the first images of --x1, "
+                        "--x2), and compute only the pairs with a new image")
     k.add_argument("--dry-run", action="store_true",
                    help="with --out K.zarr: print the plan, sizes and a time estimate; compute nothing")
     k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)

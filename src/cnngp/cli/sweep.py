@@ -136,8 +136,12 @@ def cmd_sweep(args) -> int:
             from cnngp.experiments.sweep import check_sweep_archive
 
             check_sweep_archive(args.archive, args.test, flip=bool(args.flip))
+        if args.reuse is not None:
+            from cnngp.cli.main import check_reuse_store
+
+            check_reuse_store(args.reuse, args.store, "--store")
     else:
-        for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive"):
+        for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse"):
             if getattr(args, flag) is not None:
                 raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
 
@@ -274,6 +278,11 @@ def register(subparsers) -> None:
                    help="with --store: keep a compressed, portable copy of every finished tile in "
                         "DIR/train (and DIR/test) and restore from it what the stores lack (copy or "
                         "commit DIR to finish a run on another machine)")
+    p.add_argument("--reuse", metavar="OLD.zarr",
+                   help="with --store: copy the finished tiles of an earlier sweep's store OLD.zarr (and "
+                        "of its -test and -mirror stores, where they exist) of the same network, dtype and "
+                        "tile on fewer training images, the first of these (a smaller --n, same seed); "
+                        "compute only the pairs with a new image")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

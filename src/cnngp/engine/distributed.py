@@ -105,6 +105,8 @@ class StoreReport:
     dry_run: dict | None = field(default=None)
     tiles_restored: int = 0
     archive: str | None = None
+    tiles_reused: int = 0  # copied from the store ``reuse`` (of fewer images)
+    reuse: str | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, shape=list(self.shape))
@@ -338,20 +340,25 @@ def _progress_bar(total_pairs: int, tiles_total: int, tiles_done: int, enabled: 
     return bar
 
 
-def _tiles_to_compute(out, identity: dict, tiles: list, what: str) -> list:
-    """The tiles a run would compute: all of them, or what a store of this computation lacks;
-    a store of another computation is refused here, as the run would refuse it."""
-    from cnngp.engine.store import STORE_FORMAT, refuse_other_computation
+def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, images=()) -> list:
+    """The tiles a run would compute: all of them, or what a store of this computation lacks,
+    less those the store ``reuse`` would lend (``images``: the run's x1 and x2); a store of
+    another computation is refused here, as the run would refuse it."""
+    from cnngp.engine.store import STORE_FORMAT, lendable_tiles, refuse_other_computation
 
-    if KernelStore.stored_tile(out) is None:
-        return tiles
-    try:
-        store = KernelStore.open(out)
-    except CNNGPError:
-        return tiles
-    refuse_other_computation(out, store.attrs, {"format": STORE_FORMAT, **identity}, what)
-    state = store.verify()
-    return state["missing"] + state["bad"]
+    if KernelStore.stored_tile(out) is not None:
+        try:
+            store = KernelStore.open(out)
+        except CNNGPError:
+            store = None
+        if store is not None:
+            refuse_other_computation(out, store.attrs, {"format": STORE_FORMAT, **identity}, what)
+            state = store.verify()
+            tiles = [t for t in tiles if t in state["missing"] + state["bad"]]
+    if reuse is not None:
+        _, lent = lendable_tiles(reuse, identity, *images, tiles)
+        tiles = [t for t in tiles if t not in lent]
+    return tiles
 
 
 #: bytes of a file system block: each chunk and record file takes whole ones
@@ -553,7 +560,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))
     if dry_run:
-        d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles, what), grids, tile, n_workers,
+        d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles, what, ex.reuse, (xa, xb)), grids, tile, n_workers,
                      threads_per_worker, budget, out, on_cluster=bool(workers or client or scheduler),
                      cold_workers=client is None and scheduler is None)
         d["tiles_total"] = len(tiles)
@@ -580,24 +587,32 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         pending = {t.name for t in state["missing"] + state["bad"]}
         todo = [t for t in tiles if t.name in pending]  # the plan's nested order: leading blocks first
         saver = None
-        restored = []
+        restored = lent = []
         if archive is not None:
             from cnngp.engine.archive import TileArchive
 
             saver = TileArchive(archive, store)
             restored = saver.restore(todo)
             todo = [t for t in todo if t not in restored]
-            state["done"] += restored
+        if ex.reuse is not None and todo:  # a store of fewer images lends what it holds of these
+            from cnngp.engine.store import reuse_tiles
+
+            lent = reuse_tiles(store, ex.reuse, todo)
+            todo = [t for t in todo if t not in lent]
+        state["done"] += restored + lent
+        if saver is not None:
             for t in state["done"]:  # tiles the archive lacks, or holds damaged, from the store
                 if t not in restored and not saver.intact(t):
                     saver.save(t)
         blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
         report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
                              len(state["bad"]), 0, 0, 0, 0.0, n_workers, tiles_restored=len(restored),
-                             archive=None if archive is None else str(archive))
+                             archive=None if archive is None else str(archive), tiles_reused=len(lent),
+                             reuse=None if ex.reuse is None else str(ex.reuse))
         if progress and (state["done"] or state["bad"]):
             print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done"
                   + (f" ({len(restored)} restored from {archive})" if restored else "")
+                  + (f" ({len(lent)} reused from {ex.reuse})" if lent else "")
                   + f", {len(todo)} to compute"
                   + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
         if not todo:  # self records are needed only by tiles still to compute

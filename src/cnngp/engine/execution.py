@@ -1,8 +1,8 @@
 """How to compute: the one set of execution options every kernel path takes.
 
 :class:`Execution` holds what decides *how* a kernel is computed — precision, device, engine,
-batching, memory, progress, checkpoints and, for the tiled store, workers, scheduler, tile and
-archive — and never *what* is computed (the network, the images, ``get``, ``flip``, readouts). The
+batching, memory, progress, checkpoints and, for the tiled store, workers, scheduler, tile,
+archive and the store it reuses — and never *what* is computed (the network, the images, ``get``, ``flip``, readouts). The
 command line builds one per command (:func:`cnngp.cli.main.execution_from_args`); the library
 functions take ``execution=`` and/or the same names as keywords::
 
@@ -32,7 +32,7 @@ COMPUTE = ("dtype", "device", "engine", "batch_size", "memory_budget", "progress
 #: options of an in-memory computation that saves its progress (kernel, readout_sweep, offset_sums)
 RESUME = ("checkpoint", "keep_checkpoint")
 #: options of the tiled kernel store (store_kernel, the sweep's and learn's stores)
-STORE = ("store", "archive", "workers", "scheduler", "tile", "threads")
+STORE = ("store", "archive", "reuse", "workers", "scheduler", "tile", "threads")
 
 
 def resolve_engine(engine, device, dtype=None) -> str:
@@ -119,6 +119,11 @@ class Execution:
     archive : path, optional
         With a store: a folder of compressed, portable copies of the finished tiles, restored
         from before computing.
+    reuse : path, optional
+        With a store: another store of the same computation (network, readouts, dtype, tile)
+        on fewer images, the first rows of these (and columns: x2's first images): its finished
+        tiles are copied, not computed, so that growing a Gram matrix from N to N' images
+        computes only the pairs with a new image (:func:`cnngp.engine.store.lendable_tiles`).
     workers : int, optional
         With a store: a local Dask cluster of this many worker processes (127.0.0.1 only).
     scheduler : str or distributed.Client, optional
@@ -142,6 +147,7 @@ class Execution:
     keep_checkpoint: bool = False
     store: str | os.PathLike | None = None
     archive: str | os.PathLike | None = None
+    reuse: str | os.PathLike | None = None
     workers: int | None = None
     scheduler: object = None
     tile: int | None = None
@@ -162,7 +168,7 @@ class Execution:
         for name in ("progress", "keep_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise CNNGPError(f"{name}: expected True or False, got {getattr(self, name)!r}")
-        for name in ("checkpoint", "store", "archive"):
+        for name in ("checkpoint", "store", "archive", "reuse"):
             put(name, _path(name, getattr(self, name)))
         for name in ("workers", "tile", "threads"):
             put(name, _positive_int(name, getattr(self, name)))

@@ -38,7 +38,8 @@ from cnngp.engine.gram import Tile, flip_average, mirrored_offsets, tile_plan
 from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 
-__all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store"]
+__all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
+           "lendable_tiles", "reuse_tiles", "LENDING_KEYS"]
 
 #: version tag of the store layout
 STORE_FORMAT = "cnngp-kernel-store/1"
@@ -140,6 +141,64 @@ def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> No
             f"computation (images, network, readouts, dtype, tile), or give another {what} "
             "(nothing was overwritten)"
         )
+
+
+#: what a store lends its tiles by: its identity but for its images and their number
+LENDING_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("x1_sha256", "x2_sha256", "shape"))
+
+
+def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None, tiles: list,
+                   what: str = "--reuse") -> tuple:
+    """``(store, tiles)``: the kernel store at ``source`` and those of ``tiles`` it can lend to
+    the computation ``identity`` on images ``x1`` (and ``x2``; None: x1 × x1), as stored
+    (the plan's dtype). The source must be a store of the same computation
+    (:data:`LENDING_KEYS`: network, readouts, kernels, flip, dtype, tile) whose images are the
+    first rows of ``x1`` (and of ``x2``), compared by the sha256 it recorded of its inputs;
+    anything else is refused, naming ``what``. A tile is lent when it lies within the
+    source's images (so it is the same tile there, by the same tile size) and is done there,
+    checked against its record. Nothing is written."""
+    source = Path(source)
+    other = KernelStore.open(source, what=what)
+    wanted = {"format": STORE_FORMAT, **identity}
+    for key in LENDING_KEYS:
+        if json.dumps(other.attrs.get(key), sort_keys=True) != json.dumps(wanted.get(key), sort_keys=True):
+            raise CNNGPError(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}; only a store of "
+                             "the same computation (network, readouts, dtype, tile) on fewer images lends its "
+                             "tiles")
+    if other.symmetric != (x2 is None):
+        kinds = ("x1 × x1", "x1 × x2")
+        raise CNNGPError(f"{what}: {str(source)!r} holds a {kinds[not other.symmetric]} kernel; this one is "
+                         f"{kinds[x2 is not None]}")
+    _, n1, n2 = other.shape
+    for which, n, x in (("x1", n1, x1), ("x2", n2, x2)):
+        if which == "x2" and x2 is None:
+            break
+        if n > x.shape[0] or fingerprint(np.ascontiguousarray(x[:n])) != other.attrs.get(f"{which}_sha256"):
+            raise CNNGPError(f"{what}: {str(source)!r} was computed on {n} images ({which}) that are not the "
+                             f"first {n} of this computation's {x.shape[0]}; it lends tiles only to a kernel that "
+                             "extends its images (the same images first, in the same order and preprocessing)")
+    lent = [t for t in tiles if t.rows.stop <= n1 and t.cols.stop <= n2 and other.tile_state(t) == "done"
+            and (other._record(t.name) or {}).get("rows") == [t.rows.start, t.rows.stop]
+            and (other._record(t.name) or {}).get("cols") == [t.cols.start, t.cols.stop]]
+    return other, lent
+
+
+def reuse_tiles(store: "KernelStore", source, tiles: list, what: str = "--reuse") -> list:
+    """Copy into ``store`` the tiles of ``tiles`` that the store at ``source`` lends
+    (:func:`lendable_tiles`): each block with its mirror and a record that keeps the source's
+    time and names it (``reused_from``). Returns the tiles copied. Growing a Gram matrix from
+    N to N' > N images this way computes only the pairs with a new image."""
+    if Path(source).resolve() == store.path.resolve():
+        raise CNNGPError(f"{what}: {str(source)!r} is the store being computed; give the store of fewer images")
+    identity = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
+    x2 = None if store.symmetric else store.group["images"]["x2"]
+    other, lent = lendable_tiles(source, identity, store.group["images"]["x1"], x2, tiles, what)
+    for tile in lent:
+        record = other._record(tile.name) or {}
+        block = np.asarray(other.kernel[:, tile.rows, tile.cols])
+        store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"),
+                         origin=str(source))
+    return lent
 
 
 def _links_in(path: Path, deep: bool) -> str | None:
@@ -438,19 +497,23 @@ class KernelStore:
 
     # -- stage 2: tiles -----------------------------------------------------------------
     def write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None = None,
-                   cpu_seconds: float | None = None) -> None:
+                   cpu_seconds: float | None = None, origin: str | None = None) -> None:
         """Write a tile's block ``(L, R, C)`` (and its mirror), then its record, with what the
         tile took: ``seconds`` of wall time and ``cpu_seconds`` of its process's CPU time
-        (every thread's), so that a computation's cost survives pauses and interruptions."""
+        (every thread's), so that a computation's cost survives pauses and interruptions.
+        ``origin``: the store it was copied from (:func:`reuse_tiles`), recorded as such."""
         with self._writing(f"tile {tile.name}"):
-            self._write_tile(tile, block, seconds, cpu_seconds)
+            self._write_tile(tile, block, seconds, cpu_seconds, origin)
 
-    def _write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None, cpu_seconds: float | None) -> None:
+    def _write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None, cpu_seconds: float | None,
+                    origin: str | None = None) -> None:
         data = np.ascontiguousarray(np.asarray(block, dtype=self.kernel.dtype))
         self.kernel[:, tile.rows, tile.cols] = data
         record = {"sha256": _checksum(data), "rows": [tile.rows.start, tile.rows.stop],
                   "cols": [tile.cols.start, tile.cols.stop], "pairs": tile.pairs,
                   "seconds": seconds, "cpu_seconds": cpu_seconds, "host": os.uname().nodename, "pid": os.getpid()}
+        if origin is not None:
+            record["reused_from"] = origin
         if tile.mirror:
             # pair (x', x); a store of offset sums reverses its offsets: S_x'x[δ] = S_xx'[−δ]
             # (the mirror term's, flip="mirror", all but the width's: gram.mirrored_offsets)

@@ -138,7 +138,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
             runs += [(f"{stages[1].name}{' (mirror term)' if term else ''}",
                       store_dry_run(body, x_test, x_sub, readouts=heads, get=get, flip=term,
                                     execution=e.replace(archive=None, progress=False)))
-                     for term, e in _store_parts(ex, "test", flip)]
+                     for term, e in _store_parts(ex, "test", flip, lend=test_mode == "all")]
         seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
         text = "\n".join(f"{name}:\n" + r.dry_run["estimate"] for name, r in runs)
@@ -359,7 +359,7 @@ def _note_zca(paths, whitening) -> None:
 
 def _in_memory(ex, checkpoint=None):
     """The execution of an in-memory kernel of the sweep: no store options, its own checkpoint."""
-    return ex.replace(store=None, archive=None, workers=None, scheduler=None, tile=None, threads=None,
+    return ex.replace(store=None, archive=None, reuse=None, workers=None, scheduler=None, tile=None, threads=None,
                       checkpoint=checkpoint)
 
 
@@ -425,16 +425,24 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
     return K, K_test
 
 
-def _store_parts(ex, part: str, flip) -> list:
+def _store_parts(ex, part: str, flip, lend: bool = True) -> list:
     """[(flip term, execution)] of the stores of one part ("train" or "test") of a sweep: the
-    plain kernel, and with ``flip`` its mirror term (``flip="mirror"``), each with its store
-    and tile archive."""
+    plain kernel, and with ``flip`` its mirror term (``flip="mirror"``), each with its store,
+    tile archive and the store that lends it tiles (``ex.reuse``'s counterpart, where it exists;
+    none without ``lend``: the test store of the one best readout, which an earlier sweep's
+    test store of another readout set cannot lend to)."""
     out = []
-    for term, store in store_terms(ex.store, flip):
+    lenders = ([None] * (2 if flip else 1) if ex.reuse is None or not lend
+               else [b for _, b in store_terms(ex.reuse, flip)])
+    for (term, store), lender in zip(store_terms(ex.store, flip), lenders):
         suffix = "-mirror" if term else ""
+        if lender is not None and part == "test":
+            lender = test_store_path(lender)
+        if lender is not None and (term or part == "test") and not (lender / "zarr.json").is_file():
+            lender = None  # an earlier sweep without --test or --flip lends its train kernels alone
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
-            archive=None if ex.archive is None else Path(ex.archive) / (part + suffix))))
+            archive=None if ex.archive is None else Path(ex.archive) / (part + suffix), reuse=lender)))
     return out
 
 
@@ -458,7 +466,7 @@ def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get, flip=F
                                                   execution=e), ex, None, "test-best")[0].double().numpy()
     from cnngp.engine.distributed import store_dry_run, store_kernel
 
-    parts = _store_parts(ex, "test", flip)
+    parts = _store_parts(ex, "test", flip, lend=False)
     if not yes and not ex.on_cluster:
         seconds = sum(store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=term,
                                     execution=e).dry_run["estimated_seconds"] for term, e in parts)

@@ -1,0 +1,177 @@
+"""Growing a Gram matrix: a store of N images lends its finished tiles to the store of N' > N
+images that begin with the same N (``reuse=`` / ``--reuse``), which computes only the pairs
+with a new image. Oracles: the kernel computed in memory from scratch, the source store's
+bytes, and a sweep run from scratch."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import cnngp
+from cnngp.cli.main import main
+from cnngp.engine.distributed import store_dry_run, store_kernel
+from cnngp.engine.store import KernelStore
+from cnngp.errors import CNNGPError
+
+pytest.importorskip("zarr")
+
+BODY = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+READOUTS = [cnngp.Readout(correlation=cnngp.Matern(1.5, lam)) for lam in (0.0, 2.0, float("inf"))]
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).uniform(size=(n, 6, 6, 2))
+
+
+def _records(path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in (path / "records").glob("tile-*.json")}
+
+
+def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_scratch(tmp_path):
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False)
+    # tiles of side 3 over 9 images: 6 on and above the diagonal, 3 of them within the first 6
+    assert (report.tiles_total, report.tiles_reused, report.tiles_computed) == (6, 3, 3)
+    assert report.reuse == str(old)
+    K = np.asarray(KernelStore.open(new).kernel[...])
+    want = cnngp.readout_sweep(BODY, READOUTS, x).numpy()
+    np.testing.assert_allclose(K, want, rtol=1e-12, atol=0)
+    # the lent block is the old store's, to the bit, and its records say where it came from
+    assert K[:, :6, :6].tobytes() == np.asarray(KernelStore.open(old).kernel[...]).tobytes()
+    records = _records(new)
+    lent = {name for name, r in records.items() if r.get("reused_from") == str(old)}
+    assert lent == {"tile-0-0", "tile-0-1", "tile-1-1"}
+    assert all(records[name]["seconds"] == _records(old)[name]["seconds"] for name in lent)
+    assert KernelStore.open(new).complete()
+
+
+def test_a_grown_rectangular_store_lends_along_both_image_sets(tmp_path):
+    """x1 (rows) and x2 (columns) each begin with the source's images: the tiles within both
+    prefixes are lent, the ragged last row block included when it is the same block."""
+    x1, x2 = _images(4, seed=1), _images(9, seed=2)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x1, x2[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    report = store_kernel(BODY, x1, x2, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False)
+    assert (report.tiles_total, report.tiles_reused, report.tiles_computed) == (6, 4, 2)
+    want = cnngp.readout_sweep(BODY, READOUTS, x1, x2).numpy()
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]), want, rtol=1e-12, atol=0)
+
+
+def test_only_finished_intact_tiles_are_lent_and_the_dry_run_counts_them(tmp_path):
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    (old / "records" / "tile-0-1.json").unlink()  # as if stopped before that tile was recorded
+    plan = store_dry_run(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False).dry_run
+    assert (plan["tiles"], plan["tiles_total"]) == (4, 6) and not new.exists()
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False)
+    assert (report.tiles_reused, report.tiles_computed) == (2, 4)
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(body=cnngp.Serial(cnngp.Conv(3), cnngp.ReLU())), "different network spec"),
+    (dict(readouts=READOUTS[:2]), "different readouts"),
+    (dict(dtype="float32"), "different dtype"),
+    (dict(tile=2), "different tile size"),
+    (dict(flip="mirror"), "different flip averaging"),
+    (dict(images=lambda x: x[::-1]), r"computed on 6 images \(x1\) that are not the first 6 of this "
+                                     r"computation's 9"),
+    (dict(images=lambda x: x[:5]), r"computed on 6 images \(x1\) that are not the first 6 of this "
+                                   r"computation's 5"),
+    (dict(x2=True), r"holds a x1 × x1 kernel; this one is x1 × x2"),
+])
+def test_a_store_of_another_computation_lends_nothing_and_is_refused_naming_reuse(tmp_path, change, message):
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    images = change.get("images", lambda v: v)(x)
+    x2 = _images(3, seed=5) if change.get("x2") else None
+    with pytest.raises(CNNGPError, match=rf"^--reuse: .*old\.zarr'.*{message}"):
+        store_kernel(change.get("body", BODY), images, x2, readouts=change.get("readouts", READOUTS), out=new,
+                     tile=change.get("tile", 3), dtype=change.get("dtype", "float64"),
+                     flip=change.get("flip", False), reuse=old, progress=False)
+    # the old store is untouched
+    assert KernelStore.open(old).complete() and len(_records(old)) == 3
+
+
+def test_reuse_refuses_the_store_being_computed(tmp_path):
+    x = _images(6)
+    out = tmp_path / "k.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
+    (out / "records" / "tile-0-1.json").unlink()
+    with pytest.raises(CNNGPError, match=r"^--reuse: .*k\.zarr'.* is the store being computed"):
+        store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, reuse=out, progress=False)
+
+
+def test_cli_kernel_reuse_grows_a_store_and_refuses_misuse_in_one_line(tmp_path, capsys):
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    common = ["kernel", "--arch", "cnngp2", "--lengthscales", "0,2", "--quiet", "--tile", "3"]
+    assert main(common + ["--x1", "digits:6", "--out", str(old)]) == 0
+    capsys.readouterr()
+    assert main([a for a in common if a != "--quiet"] + ["--x1", "digits:9", "--out", str(new), "--reuse", str(old)]) == 0
+    assert f"3 reused from {old}" in capsys.readouterr().err
+    fresh = tmp_path / "fresh.zarr"
+    assert main(common + ["--x1", "digits:9", "--out", str(fresh)]) == 0
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
+                               np.asarray(KernelStore.open(fresh).kernel[...]), rtol=1e-12, atol=0)
+    capsys.readouterr()
+    for extra, pattern in [
+        (["--out", str(tmp_path / "k.npz"), "--reuse", str(old)], r"--reuse: needs --out K\.zarr"),
+        (["--out", str(new), "--reuse", str(new)], r"--reuse: .*new\.zarr' is the store of --out"),
+        (["--out", str(tmp_path / "b.zarr"), "--reuse", str(tmp_path / "none.zarr")],
+         r"--reuse: kernel store .*none\.zarr' does not exist"),
+    ]:
+        assert main(common[:-2] + ["--x1", "digits:9"] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+def _digits_npz(path):
+    x, y = load_digits(return_X_y=True)
+    x8 = np.round(x * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
+    np.savez(path, x_train=x8[:600], y_train=y[:600].astype(np.uint8), x_test=x8[1500:],
+             y_test=y[1500:].astype(np.uint8))
+    return path
+
+
+def test_sweep_reuse_at_a_larger_n_reproduces_a_sweep_from_scratch(tmp_path, capsys):
+    """An earlier sweep's stores (--n 40, train and test) lend to one at --n 40,80: the
+    balanced training subset of 80 begins with that of 40, so its results are those of a
+    sweep from scratch, and a quarter of the train tiles and half the test tiles are lent."""
+    data = _digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--test", "all",
+            "--n-test", "30", "--tile", "20", "--quiet", "--yes"]
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
+                        "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
+    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
+    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]  # of 10
+    assert lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]  # of 8
+    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+    scored = 0
+    for a, b in zip(grown["results"], fresh["results"], strict=True):
+        assert a.keys() == b.keys()
+        for key in ("cv_accuracy", "noise_variance", "test_accuracy", "test_nll", "test_ece"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+                scored += key == "test_accuracy"
+    assert scored == 4  # independent, the two λ, mean pool: each trained on the 80, scored
+    assert "--reuse" not in grown["config"]["command"]  # how, not what: the numbers are a fresh sweep's
+    capsys.readouterr()
+    # refused before any work: without --store, or with a store that is not there
+    untiled = [a for a in argv if a not in ("--tile", "20")]
+    assert main(untiled + ["--n", "40", "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "d")]) == 2
+    assert "--reuse: needs --store K.zarr" in capsys.readouterr().err
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s4.zarr"), "--reuse", str(tmp_path / "no.zarr"),
+                        "--out", str(tmp_path / "e")]) == 2
+    assert "--reuse: kernel store" in capsys.readouterr().err and not (tmp_path / "s4.zarr").exists()
