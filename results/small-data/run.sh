@@ -20,13 +20,16 @@ DATA=../../../shared/data/cifar10_subset.npz
 NS=160,320,640   # the training set sizes of the CV (the last: the test kernels' training set)
 SUFFIX=          # of the names (folders, stores) of the runs at another N_max (see the end)
 run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (shared, see below)
-    local name=$1$SUFFIX arch=$2 store=${STORE:-$1}$SUFFIX; shift 2
+    local name=$1$SUFFIX arch=$2 store=${STORE:-$1}$SUFFIX lender=${STORE:-$1} reuse=(); shift 2
+    # at another N_max, a configuration without ZCA grows its N = 640 stores (--reuse: the
+    # balanced 1,280 begin with the 640, so their tiles are lent); ZCA refits, nothing to lend
+    [ -n "$SUFFIX" ] && [ "${REUSE:-}" = 1 ] && reuse=(--reuse "$STORES/$lender.zarr")
     # done: results and per-image predictions (a run of an older cnngp lacks the latter; rerun,
     # its complete stores make that the cross-validation and the test scores only)
     [ -f "$name/results.json" ] && [ -f "$name/test_predictions.npz" ] && return 0
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
-        --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" "$@"; \
+        --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" "${reuse[@]}" "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
     return "$rc"  # a sweep that failed stops the queue (its reason is in run.log)
 }
@@ -34,11 +37,11 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
     local prefix=$1 arch=$2 cfg; shift 2
     for cfg in "$@"; do
         case $cfg in
-            plain) run "$prefix-plain" "$arch" ;;
+            plain) REUSE=1 run "$prefix-plain" "$arch" ;;
             zca) run "$prefix-zca" "$arch" --zca 0.1 ;;
             # a flip sweep keeps the plain kernels in its --store and their mirror terms beside
             # (K-mirror.zarr): given the plain configuration's store it computes only those
-            flip) STORE="$prefix-plain" run "$prefix-flip" "$arch" --flip ;;
+            flip) REUSE=1 STORE="$prefix-plain" run "$prefix-flip" "$arch" --flip ;;
             zca-flip) STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" --zca 0.1 --flip ;;
         esac || return $?
     done
@@ -58,7 +61,8 @@ done
 # the best configuration again at N = 1,280 (CV at 160 ... 1,280, test kernels against all
 # 1,280): the one whose CV-chosen readout has the highest nested CV estimate at N = 640, never a
 # test score (summarize.py --best, which refuses until all 12 above are finished). ZCA is refitted
-# on the 1,280, so its kernels are new ones: nothing of the N = 640 stores is reused.
+# on the 1,280, so its kernels are new ones; without ZCA the N = 640 stores lend their tiles
+# (run: --reuse), about 40 % of the pairs.
 best=$(python summarize.py --best) || exit $?
 read -r net cfg <<< "$best"
 NS=160,320,640,1280 SUFFIX=-n1280 configs "$net" "$net" "$cfg" || exit $?
