@@ -165,7 +165,7 @@ def test_sweep_reuse_at_a_larger_n_reproduces_a_sweep_from_scratch(tmp_path, cap
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
                 scored += key == "test_accuracy"
-    assert scored == 4  # independent, the two λ, mean pool: each trained on the 80, scored
+    assert scored == 8  # independent, the two λ, mean pool: trained on the 80, and on each block of 40
     assert "--reuse" not in grown["config"]["command"]  # how, not what: the numbers are a fresh sweep's
     capsys.readouterr()
     # refused before any work: without --store, or with a store that is not there

@@ -201,6 +201,35 @@ def test_test_accuracy_of_cv_selected_model(tmp_path):
     assert "test:" in summary_table(res)
 
 
+def test_test_all_scores_every_smaller_blocks_model_on_the_test_set(tmp_path):
+    """The test learning curve: at N = 40 < N_max = 80 each of the two disjoint blocks' models
+    (at the σ² its own CV chose) is scored on the test images; the accuracies equal a
+    brute-force GP posterior mean (a dense solve), and the row reports their mean ± 2 SE."""
+    src = _digits_npz(tmp_path / "d.npz")
+    res = run_sweep(ARCH, src, ns=(40, 80), lengthscales=[2.0], test=True, n_test=30,
+                    progress=False, kernel_cache=tmp_path / "k.npz")
+    with np.load(tmp_path / "k.npz") as z:
+        K, Kt, y, yt = z["kernels"], z["test_kernels"], z["y_train"], z["y_test"]
+    targets = np.eye(10)[y] - 0.1
+    small = [r for r in res["results"] if r["n"] == 40]
+    assert len(small) == 3
+    for k, row in enumerate(small):  # the sweep's readout order: independent, λ = 2, mean pool
+        want = []
+        for b, noise in zip((np.arange(40), np.arange(40, 80)), row["block_noise_variances"], strict=True):
+            mean = Kt[k][:, b] @ np.linalg.solve(K[k][np.ix_(b, b)] + noise * np.eye(40), targets[b])
+            want.append(np.mean(mean.argmax(1) == yt))
+        np.testing.assert_allclose(row["block_test_accuracies"], want, atol=1e-12)
+        assert row["test_accuracy"] == pytest.approx(np.mean(want), abs=1e-12)
+        assert row["test_accuracy_2se"] == pytest.approx(2 * np.std(want, ddof=1) / np.sqrt(2), abs=1e-12)
+        assert row["test_nll"] == pytest.approx(np.mean(row["block_test_nlls"]), abs=1e-12)
+        assert all(v > 0 for v in row["block_test_nlls"]) and all(0 <= v <= 1 for v in row["block_test_eces"])
+    assert "block_test_accuracies" not in _row(res, 80, "independent", 0.0)  # N_max: the one model
+    chosen = next(r for r in small if (r["readout"], r["lengthscale"]) == (res["best"][0]["readout"],
+                                                                         res["best"][0]["lengthscale"]))
+    assert f"at smaller N (the CV-chosen readout; mean ± 2 SE over the disjoint training sets): N=40 " \
+           f"{100 * chosen['test_accuracy']:.1f}" in summary_table(res)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

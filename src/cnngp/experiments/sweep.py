@@ -501,6 +501,33 @@ def _score_test(row, K, y_sub, Kt, prior, y_test, folds, n_classes) -> dict:
     return scores
 
 
+def _score_test_below_n_max(rows, K, y_sub, Kt, prior, y_test, n_classes, protocol) -> None:
+    """``--test all`` at each N below N_max: the model of every disjoint block of N images
+    (the blocks the CV scores, each at the σ² its own CV chose, its probabilities calibrated on
+    its own folds) scored on the test images, as at N_max (:func:`_score_test`). Recorded in
+    each of one readout's ``rows`` (those with ``n`` < N_max): the blocks' scores
+    (``block_test_accuracies``, ``block_test_nlls``, ``block_test_eces``) and their means
+    (``test_accuracy``, ``test_nll``, ``test_ece``) with ``test_accuracy_2se`` (±2 SE over the
+    blocks): the test learning curve, a mean over training sets of each size."""
+    n_max = len(y_sub)
+    for row in rows:
+        n = int(row["n"])
+        if n >= n_max:
+            continue
+        scores = []
+        for b, noise in zip(blocks(n_max, n, n_classes), row["block_noise_variances"], strict=True):
+            yb = y_sub[b]
+            block_row = {"noise_variance": noise}
+            folds = _folds_for(protocol.fold_scheme, n, yb, protocol.folds, protocol.seed)
+            _score_test(block_row, K[np.ix_(b, b)], yb, Kt[:, b], prior, y_test, folds, n_classes)
+            scores.append((block_row["test_accuracy"], block_row["test_nll"], block_row["test_ece"]))
+        accs, nlls, eces = (np.array(v, dtype=np.float64) for v in zip(*scores))
+        mean, two_se = gp.mean_and_2se(accs)
+        row.update(test_accuracy=float(mean), test_accuracy_2se=float(two_se), test_nll=float(nlls.mean()),
+                   test_ece=float(eces.mean()), block_test_accuracies=accs.tolist(),
+                   block_test_nlls=nlls.tolist(), block_test_eces=eces.tolist())
+
+
 def _lengthscale_json(value: float):
     return "inf" if math.isinf(value) else float(value)
 
@@ -969,7 +996,11 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             and, with ``test``, on the scored ``N_max`` entries: ``test_accuracy``,
             ``test_nll`` (mean negative log likelihood of the test labels), ``test_ece``
             (expected calibration error, 15 top-label bins) and ``calibration_scale`` (τ of
-            :mod:`cnngp.inference.calibration`, fitted on the training folds alone);
+            :mod:`cnngp.inference.calibration`, fitted on the training folds alone); with
+            ``test="all"`` also on every smaller N's entries, each block's model scored on the
+            test images: ``block_test_accuracies`` (``_nlls``, ``_eces``) and their means
+            ``test_accuracy`` (± ``test_accuracy_2se`` over the blocks), ``test_nll``,
+            ``test_ece`` (the test learning curve);
         ``best``
             per n, the entry with the highest ``cv_accuracy`` (first among ties);
         ``test``
@@ -1153,6 +1184,10 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                     scores = _score_test(r, Kl, y_sub, Kt, prior[l], y_test, cal_folds, n_classes)
                     if l == i:
                         chosen_scores = scores
+                    # and the same readout at every smaller N: its blocks' models, on the test set
+                    same = [x for x in results if (x["readout"], x["lengthscale"]) == (r["readout"], r["lengthscale"])]
+                    _score_test_below_n_max(same, np.asarray(Kl, dtype=np.float64), y_sub,
+                                            np.asarray(Kt, dtype=np.float64), prior[l], y_test, n_classes, protocol)
             else:
                 Kt = _best_test_kernel(body, readouts[i], f"{labels[i][0]}:{_lengthscale_json(labels[i][1])}",
                                        x_sub, x_test, True, ex, kernel, flip)
@@ -1233,6 +1268,9 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 "ece_binning": "top-label confidence, equal-width bins (b/B, (b+1)/B]",
                 "nll_floor": calibration.LOG_FLOOR,
                 "prior_variances": "k(x*, x*) by cnngp.engine.gram.kernel_diagonal",
+                "below_n_max": None if test_mode != "all" else (
+                    "at each smaller N, every disjoint block's model (its own CV's σ², calibrated on its "
+                    "own folds) scored on the test images; mean and ±2 SE over the blocks"),
             },
         }
         out = {
@@ -1330,4 +1368,14 @@ def summary_table(results: dict) -> str:
         if "test_nll" in t:  # results written before the probabilities have no NLL/ECE
             lines.append(f"      NLL {t['test_nll']:.3f}, ECE {100 * t['test_ece']:.1f} % "
                          f"(calibration scale τ = {t['calibration_scale']:.3g}, chosen on the training folds)")
+        curve = []  # --test all: the CV-chosen readout of each smaller N, its blocks' models on the test set
+        for b in results["best"]:
+            row = next((r for r in rows if r["n"] == b["n"] and r["readout"] == b["readout"]
+                        and r["lengthscale"] == b["lengthscale"] and "block_test_accuracies" in r), None)
+            if row is not None:
+                curve.append(f"N={b['n']} {100 * row['test_accuracy']:.1f} ± {100 * row['test_accuracy_2se']:.1f} "
+                             f"({len(row['block_test_accuracies'])} sets)")
+        if curve:
+            lines.append("      at smaller N (the CV-chosen readout; mean ± 2 SE over the disjoint training "
+                         "sets): " + ", ".join(curve))
     return "\n".join(lines)
