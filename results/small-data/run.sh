@@ -26,7 +26,9 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
     [ -n "$SUFFIX" ] && [ "${REUSE:-}" = 1 ] && reuse=(--reuse "$STORES/$lender.zarr")
     # done: results and per-image predictions (a run of an older cnngp lacks the latter; rerun,
     # its complete stores make that the cross-validation and the test scores only)
-    [ -f "$name/results.json" ] && [ -f "$name/test_predictions.npz" ] && return 0
+    # (and test scores at every N, which a run of cnngp before 2026-12-05 14:15 UTC lacks: rerun)
+    [ -f "$name/results.json" ] && [ -f "$name/test_predictions.npz" ] \
+        && grep -q block_test_accuracies "$name/results.json" && return 0
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
         --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" "${reuse[@]}" "$@"; \

@@ -152,7 +152,9 @@ def main():
     for net, cfg, _, _ in _runs():
         key = f"{net}-{cfg}"
         cost[key] = _tile_seconds(net, cfg) or previous.get(key)  # the stores may be gone later
-    (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired, "cost": cost}, indent=1) + "\n")
+    curve = learning_curve()
+    (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired, "cost": cost,
+                                                   "learning_curve": curve}, indent=1) + "\n")
     lines = ["| network | config | N | readout | test acc % | NLL | ECE % | CV acc % (at N) | nested CV % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
@@ -167,6 +169,19 @@ def main():
         lines.append(f"| {p['network']} | {p['config']} | {p['readout']} | {p['against']} | "
                      f"{100 * p['accuracy_difference']:+.1f} ± {100 * p['accuracy_difference_2se']:.1f} | "
                      f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} |")
+    if curve:
+        ns = sorted({int(n) for c in curve for n in c["test_accuracy"]})
+        lines += ["", "Test learning curve (the 1,000 test images; at each N below the largest, the mean ± 2 SE "
+                  "over the disjoint training sets of that size the CV used, each model at its own CV's σ²; at "
+                  "the largest N the one model, ± 2 SE binomial). The CV-chosen readout is chosen at each N "
+                  "by that N's CV. Arora et al.'s CNTK-14 at the same N: "
+                  + ", ".join(f"{n}: {ARORA_CNTK14[n]}" for n in ns if n in ARORA_CNTK14) + " %.", "",
+                  "| network | config | readout | " + " | ".join(f"N = {n:,}" for n in ns) + " |",
+                  "|---|---|---|" + "---|" * len(ns)]
+        for c in curve:
+            cells = [f"{100 * c['test_accuracy'][str(n)]:.1f} ± {100 * c['test_accuracy_2se'][str(n)]:.1f}"
+                     if str(n) in c["test_accuracy"] else "" for n in ns]
+            lines.append(f"| {c['network']} | {c['config']} | {c['readout']} | " + " | ".join(cells) + " |")
     lines += ["", "Kernel time of every attempt, from the stores' tile records (wall: a tile's seconds, which "
               "include any pause of the sweep and other work on the 2 cores; CPU: its process's CPU "
               "seconds, recorded by tiles computed since 2026-12-05 08:45 UTC):", "",
@@ -177,8 +192,46 @@ def main():
                    if c.get("tiles_with_cpu_seconds") else "not recorded")
             lines.append(f"| {key} | {c['tile_seconds'] / 60:.0f} min | {cpu} | {c['pairs']:,} |")
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
-    figure(table, HERE / "summary.png")
+    figure(table, HERE / "summary.png", curve)
     print("\n".join(lines))
+
+
+#: Arora et al. 2020's 14-layer CNTK on CIFAR-10 (test accuracy, %), by training set size
+ARORA_CNTK14 = {10: 15.3, 40: 21.3, 160: 30.5, 320: 36.6, 640: 42.6, 1280: 48.9}
+
+
+def learning_curve() -> list:
+    """Per finished run and readout (independent, mean pool, the CV-chosen one at each N), test
+    accuracy ± 2 SE at every N of its CV: below the largest N the sweep's ``block_test_*``
+    (each disjoint block's model on the test images; runs from before cnngp scored them
+    have none and are left out), at the largest the one model (binomial ±2 SE)."""
+    out = []
+    for net, cfg, res, _ in _runs():
+        rows = res["results"]
+        if not any("block_test_accuracies" in r for r in rows):
+            continue
+        by_role = {}
+        for b in res["best"]:
+            n = int(b["n"])
+            at_n = [r for r in rows if r["n"] == n]
+            picks = {"independent": ("independent", 0.0), "mean pool": ("constant", "inf"),
+                     "CV-chosen λ": (b["readout"], b["lengthscale"])}
+            for role, key in picks.items():
+                r = next((r for r in at_n if (r["readout"], r["lengthscale"]) == key), None)
+                if r is None or "test_accuracy" not in r:
+                    continue
+                if "test_accuracy_2se" in r:
+                    acc, two_se = r["test_accuracy"], r["test_accuracy_2se"]
+                else:  # the largest N: one model on the test images
+                    acc = r["test_accuracy"]
+                    two_se = 2 * math.sqrt(acc * (1 - acc) / res["test"]["n_test"])
+                entry = by_role.setdefault(role, {"network": net, "config": cfg, "readout": role,
+                                                  "test_accuracy": {}, "test_accuracy_2se": {}, "lengthscale": {}})
+                entry["test_accuracy"][str(n)] = acc
+                entry["test_accuracy_2se"][str(n)] = two_se
+                entry["lengthscale"][str(n)] = r["lengthscale"]
+        out += list(by_role.values())
+    return out
 
 
 #: the issue's small-data anchors on CIFAR-10 (test accuracy, %, at the same N): {N: [(label, %)]}
@@ -187,9 +240,11 @@ ANCHORS = {640: [("Arora et al. CNTK-14", 42.6)],
 ROLES = ["independent", "mean pool", "CV-chosen λ"]
 
 
-def figure(table: list, path: Path) -> None:
+def figure(table: list, path: Path, curve: list = ()) -> None:
     """Test accuracy ± 2 SE of every finished configuration and readout, one panel per N, the
-    configurations grouped by network, with the small-data anchors of that N as lines."""
+    configurations grouped by network, with the small-data anchors of that N as lines; and a
+    last panel, the test learning curve of each run's CV-chosen readout (:func:`learning_curve`)
+    beside Arora et al.'s CNTK-14."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,9 +253,10 @@ def figure(table: list, path: Path) -> None:
     ns = sorted({t["n_train"] for t in table})
     if not ns:
         return
-    fig, axes = plt.subplots(1, len(ns), figsize=(4 + 5 * len(ns), 4.2), squeeze=False,
-                             gridspec_kw={"width_ratios": [max(1, len({(t["network"], t["config"]) for t in table
-                                                                       if t["n_train"] == n})) for n in ns]})
+    chosen = [c for c in curve if c["readout"] == "CV-chosen λ"]
+    widths = [max(1, len({(t["network"], t["config"]) for t in table if t["n_train"] == n})) for n in ns]
+    fig, axes = plt.subplots(1, len(ns) + bool(chosen), figsize=(4 + 5 * len(ns) + 5 * bool(chosen), 4.2),
+                             squeeze=False, gridspec_kw={"width_ratios": widths + [4] * bool(chosen)})
     colours = {"independent": "#999999", "mean pool": "#4477aa", "CV-chosen λ": "#cc6677"}
     for ax, n in zip(axes[0], ns):
         rows = [t for t in table if t["n_train"] == n]
@@ -219,6 +275,24 @@ def figure(table: list, path: Path) -> None:
         ax.set_ylabel("test accuracy % (± 2 SE)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+    if chosen:  # the learning curves
+        ax = axes[0][-1]
+        for c in chosen:
+            n_c = sorted(int(n) for n in c["test_accuracy"])
+            ax.errorbar(n_c, [100 * c["test_accuracy"][str(n)] for n in n_c],
+                        yerr=[100 * c["test_accuracy_2se"][str(n)] for n in n_c], marker="o", ms=4, capsize=2,
+                        lw=1, label=f"{c['network']} {c['config']}")
+        n_a = sorted(n for n in ARORA_CNTK14 if n >= 100)
+        ax.plot(n_a, [ARORA_CNTK14[n] for n in n_a], "k--", marker="s", mfc="none", label="Arora et al. CNTK-14")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(n_a)
+        ax.set_xticklabels([str(n) for n in n_a])
+        ax.set_xlabel("N training images")
+        ax.set_ylabel("test accuracy % (CV-chosen readout; ± 2 SE)")
+        ax.set_title("test learning curve (disjoint training sets below the largest N)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
     fig.suptitle("CIFAR-10 subset: weight correlation with ZCA and flips (results/small-data)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
