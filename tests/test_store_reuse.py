@@ -175,3 +175,15 @@ def test_sweep_reuse_at_a_larger_n_reproduces_a_sweep_from_scratch(tmp_path, cap
     assert main(argv + ["--n", "40", "--store", str(tmp_path / "s4.zarr"), "--reuse", str(tmp_path / "no.zarr"),
                         "--out", str(tmp_path / "e")]) == 2
     assert "--reuse: kernel store" in capsys.readouterr().err and not (tmp_path / "s4.zarr").exists()
+
+
+def test_a_flip_averaged_store_grows_the_same_way(tmp_path):
+    """Flip-averaged kernels (their identity's flip setting the same) are lent like plain ones;
+    the grown kernel is the flip average computed from scratch."""
+    x = _images(9, seed=3)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, flip=True, progress=False)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, flip=True, reuse=old, progress=False)
+    assert (report.tiles_reused, report.tiles_computed) == (3, 3)
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x, flip=True).numpy(), rtol=1e-12, atol=0)
