@@ -50,6 +50,7 @@ def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_s
     assert lent == {"tile-0-0", "tile-0-1", "tile-1-1"}
     assert all(records[name]["seconds"] == _records(old)[name]["seconds"] for name in lent)
     assert KernelStore.open(new).complete()
+    assert KernelStore.open(new).info()["tiles_reused_from"] == {str(old): 3}
 
 
 def test_a_grown_rectangular_store_lends_along_both_image_sets(tmp_path):
@@ -119,6 +120,8 @@ def test_cli_kernel_reuse_grows_a_store_and_refuses_misuse_in_one_line(tmp_path,
     capsys.readouterr()
     assert main([a for a in common if a != "--quiet"] + ["--x1", "digits:9", "--out", str(new), "--reuse", str(old)]) == 0
     assert f"3 reused from {old}" in capsys.readouterr().err
+    assert main(["info", str(new)]) == 0
+    assert f"; 3 tile(s) copied from {old} (--reuse)" in capsys.readouterr().out
     fresh = tmp_path / "fresh.zarr"
     assert main(common + ["--x1", "digits:9", "--out", str(fresh)]) == 0
     np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),

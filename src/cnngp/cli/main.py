@@ -745,7 +745,8 @@ def store_summary(path, info: dict) -> str:
         f"  shape    {' × '.join(str(v) for v in shape)} ({'readouts × ' if len(shape) == 3 else ''}N1 × N2), "
         f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}"
         + (", flip-averaged" if info.get("flip") else ""),
-        f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done",
+        f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done"
+        + "".join(f"; {k} tile(s) copied from {src} (--reuse)" for src, k in (info.get("tiles_reused_from") or {}).items()),
         f"  time     {info.get('seconds_recorded') or 0:,.1f} s wall, {info.get('cpu_seconds_recorded') or 0:,.1f} s CPU "
         "(the finished tiles, every attempt)",
     ]

@@ -534,6 +534,15 @@ class KernelStore:
         """The sum of ``key`` (``seconds``, ``cpu_seconds``) over the records of ``tiles``."""
         return sum((self._record(t.name) or {}).get(key) or 0.0 for t in tiles)
 
+    def _lenders(self, tiles) -> dict:
+        """{store: number of ``tiles`` copied from it} (their records' ``reused_from``)."""
+        out = {}
+        for t in tiles:
+            source = (self._record(t.name) or {}).get("reused_from")
+            if source is not None:
+                out[source] = out.get(source, 0) + 1
+        return out
+
     def tile_state(self, tile: Tile) -> str:
         """'done', 'missing' (no record) or 'bad' (a record the bytes do not match)."""
         record = self._record(tile.name)
@@ -617,6 +626,7 @@ class KernelStore:
             "preprocessing": self.attrs.get("preprocessing"),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
+            "tiles_reused_from": self._lenders(state["done"]),  # --reuse: {source store: tiles}
             "seconds_recorded": self._recorded("seconds", state["done"]),
             "cpu_seconds_recorded": self._recorded("cpu_seconds", state["done"]),
         }
