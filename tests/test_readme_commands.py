@@ -106,6 +106,10 @@ VARIANTS: dict[str, tuple[list[str], int, tuple]] = {
         (pytest.mark.slow,)),
     f"cnngp kernel --arch myrtle10 --x1 {X} --out K.zarr": (
         [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --quiet"], 0, ()),
+    "cnngp kernel --arch myrtle10 --x1 big.npz --out K2.zarr --reuse K1.zarr": (  # growing a Gram matrix
+        ["cnngp kernel --arch myrtle10 --x1 x4.npz --out K1.zarr --tile 2 --quiet",
+         "cnngp kernel --arch myrtle10 --x1 x6.npz --out K2.zarr --tile 2 --reuse K1.zarr --quiet",
+         "cnngp info K2.zarr"], 0, ()),
     "cnngp info K.zarr": (
         [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --quiet", "cnngp info K.zarr"], 0, ()),
 }
@@ -160,6 +164,7 @@ def clone(tmp_path):
     d = np.load(CIFAR_SMALL)
     _write_cifar_python(tmp_path / "cifar-10-batches-py", d)
     np.savez(tmp_path / "x4.npz", x=d["x_test"][:4])
+    np.savez(tmp_path / "x6.npz", x=d["x_test"][:6])  # the same 4 first: a store of x4 lends to it
     return tmp_path
 
 
