@@ -847,6 +847,30 @@ def test_a_real_import_error_without_a_signal_is_still_a_bug(tmp_path):
     assert _lines(proc.stderr)[0].startswith("cnngp: internal error"), proc.stderr[-1500:]
 
 
+def test_a_ctrl_c_while_torch_initialises_waits_for_it_then_interrupts():
+    """torch's start-up calls back into Python from C++, where a KeyboardInterrupt aborts the
+    process (SIGABRT, "terminate called after throwing ... pybind11::error_already_set"; seen
+    once in the start-up test above). ``main`` imports torch inside
+    ``deferred_interrupts``: a real SIGINT there runs no Python exception inside the block,
+    is recorded, and is raised as KeyboardInterrupt when the block ends."""
+    from cnngp.cli import signals as received
+
+    before = signal.getsignal(signal.SIGINT)
+    del received.SIGNALS_SEEN[:]
+    reached_the_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with received.deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes, here
+                sum(range(100))
+            reached_the_end = True
+    assert reached_the_end and received.interrupted() == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+    with received.deferred_interrupts():  # no signal: nothing raised
+        pass
+    del received.SIGNALS_SEEN[:]
+
+
 # -- 6. the output never harms other files -----------------------------------------------------
 
 

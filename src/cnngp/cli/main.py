@@ -997,6 +997,8 @@ def _main(argv=None) -> int:
         if list(sys.argv[1:] if argv is None else argv)[:1] == ["--version"]:
             return _print_version()
         args = build_parser().parse_args(argv)
+        with received.deferred_interrupts():  # torch initialises in C++: a Ctrl-C waits for it
+            import torch  # noqa: F401
         preflight(args)
         return int(args.func(args) or 0)
     except Terminated as e:
