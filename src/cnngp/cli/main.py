@@ -993,12 +993,15 @@ def _main(argv=None) -> int:
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        _register_optional_commands()
+        # the commands' modules import torch, which initialises in C++ and calls back into
+        # Python, where a KeyboardInterrupt would abort the process: a Ctrl-C waits for it
+        with received.deferred_interrupts():
+            import torch  # noqa: F401
+
+            _register_optional_commands()
         if list(sys.argv[1:] if argv is None else argv)[:1] == ["--version"]:
             return _print_version()
         args = build_parser().parse_args(argv)
-        with received.deferred_interrupts():  # torch initialises in C++: a Ctrl-C waits for it
-            import torch  # noqa: F401
         preflight(args)
         return int(args.func(args) or 0)
     except Terminated as e:
