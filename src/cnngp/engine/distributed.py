@@ -354,10 +354,12 @@ def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, i
         if store is not None:
             refuse_other_computation(out, store.attrs, {"format": STORE_FORMAT, **identity}, what)
             state = store.verify()
-            tiles = [t for t in tiles if t in state["missing"] + state["bad"]]
+            left = {t.name for t in state["missing"] + state["bad"]}
+            tiles = [t for t in tiles if t.name in left]
     if reuse is not None:
         _, lent = lendable_tiles(reuse, identity, *images, tiles)
-        tiles = [t for t in tiles if t not in lent]
+        lent_names = {t.name for t in lent}
+        tiles = [t for t in tiles if t.name not in lent_names]
     return tiles
 
 
@@ -593,16 +595,18 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
 
             saver = TileArchive(archive, store)
             restored = saver.restore(todo)
-            todo = [t for t in todo if t not in restored]
-        if ex.reuse is not None and todo:  # a store of fewer images lends what it holds of these
+        if ex.reuse is not None and todo:  # a store of fewer images lends what it holds of the rest
             from cnngp.engine.store import reuse_tiles
 
-            lent = reuse_tiles(store, ex.reuse, todo)
-            todo = [t for t in todo if t not in lent]
+            restored_names = {t.name for t in restored}
+            lent = reuse_tiles(store, ex.reuse, [t for t in todo if t.name not in restored_names])
+        filled = {t.name for t in restored + lent}  # names: plans reach a million tiles
+        todo = [t for t in todo if t.name not in filled]
         state["done"] += restored + lent
         if saver is not None:
+            restored_names = {t.name for t in restored}
             for t in state["done"]:  # tiles the archive lacks, or holds damaged, from the store
-                if t not in restored and not saver.intact(t):
+                if t.name not in restored_names and not saver.intact(t):
                     saver.save(t)
         blocks = [(w, b, sl) for w, b, sl in store.image_blocks() if not store.self_done(w, b, sl)]
         report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),

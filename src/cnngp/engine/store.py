@@ -178,9 +178,14 @@ def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None
                              f"first {n} of this computation's {x.shape[0]}; it lends tiles only to a kernel that "
                              "extends its images (the same images first, in the same order and preprocessing)")
     lent = [t for t in tiles if t.rows.stop <= n1 and t.cols.stop <= n2 and other.tile_state(t) == "done"
-            and (other._record(t.name) or {}).get("rows") == [t.rows.start, t.rows.stop]
-            and (other._record(t.name) or {}).get("cols") == [t.cols.start, t.cols.stop]]
+            and _records_place(other._record(t.name), t)]
     return other, lent
+
+
+def _records_place(record: dict | None, tile: Tile) -> bool:
+    """Whether a tile record is that of ``tile``'s rows and columns."""
+    return (record or {}).get("rows") == [tile.rows.start, tile.rows.stop] and \
+        (record or {}).get("cols") == [tile.cols.start, tile.cols.stop]
 
 
 def reuse_tiles(store: "KernelStore", source, tiles: list, what: str = "--reuse") -> list:
@@ -404,9 +409,10 @@ class KernelStore:
             except OSError as e:
                 raise CNNGPError(f"{self.what}: {str(self.path)!r} lacks its records folder and it cannot be "
                                  f"made again ({e.strerror or e})") from None
-        for which in self.damaged_images()[:1]:
-            raise CNNGPError(f"{self.what}: {str(self.path)!r}: its stored images images/{which} do not "
-                             f"match the sha256 it recorded of them ({which}_sha256); the store was "
+        damaged = self.damaged_images()
+        if damaged:
+            raise CNNGPError(f"{self.what}: {str(self.path)!r}: its stored images images/{damaged[0]} do not "
+                             f"match the sha256 it recorded of them ({damaged[0]}_sha256); the store was "
                              "altered, delete it and run again")
 
     def damaged_images(self) -> list[str]:
