@@ -190,3 +190,27 @@ def test_a_flip_averaged_store_grows_the_same_way(tmp_path):
     assert (report.tiles_reused, report.tiles_computed) == (3, 3)
     np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
                                cnngp.readout_sweep(BODY, READOUTS, x, flip=True).numpy(), rtol=1e-12, atol=0)
+
+
+def test_sweep_reuse_of_a_test_best_sweep_lends_its_train_kernels_alone(tmp_path):
+    """An earlier sweep with --test best keeps one readout's test kernels: they cannot lend to
+    a --test all sweep's 4 readouts, so only its train kernels are lent (no refusal), and a
+    --test best sweep that chooses the same readout is lent its test kernels too."""
+    data = _digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--n-test", "30",
+            "--tile", "20", "--quiet", "--yes"]
+    assert main(argv + ["--test", "best", "--n", "40", "--store", str(tmp_path / "s1.zarr"),
+                        "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--test", "all", "--n", "40,80", "--store", str(tmp_path / "s2.zarr"),
+                        "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "b")]) == 0
+    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
+    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert lent(tmp_path / "s2-test.zarr") == []
+    first = json.loads((tmp_path / "a" / "results.json").read_text())["test"]
+    # the same N and readouts again with --test best: the same readout is chosen, its test kernels lent
+    assert main(argv + ["--test", "best", "--n", "40", "--store", str(tmp_path / "s3.zarr"),
+                        "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "c")]) == 0
+    again = json.loads((tmp_path / "c" / "results.json").read_text())["test"]
+    assert (again["readout"], again["lengthscale"]) == (first["readout"], first["lengthscale"])
+    assert lent(tmp_path / "s3-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
+    assert again["test_accuracy"] == first["test_accuracy"]

@@ -132,13 +132,13 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         runs = [(f"{stages[0].name}{' (mirror term)' if term else ''}",
                  store_dry_run(body, x_sub, readouts=readouts, get=get, flip=term,
                                execution=e.replace(archive=None, progress=False)))
-                for term, e in _store_parts(ex, "train", flip)]
+                for term, e in _store_parts(ex, "train", flip, readouts)]
         if test_mode is not None:
             heads = readouts if test_mode == "all" else readouts[:1]
             runs += [(f"{stages[1].name}{' (mirror term)' if term else ''}",
                       store_dry_run(body, x_test, x_sub, readouts=heads, get=get, flip=term,
                                     execution=e.replace(archive=None, progress=False)))
-                     for term, e in _store_parts(ex, "test", flip, lend=test_mode == "all")]
+                     for term, e in _store_parts(ex, "test", flip, heads)]
         seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
         text = "\n".join(f"{name}:\n" + r.dry_run["estimate"] for name, r in runs)
@@ -409,9 +409,9 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
     archive = ex.archive
     if archive is not None:
         check_sweep_archive(archive, x_test is not None, flip=flip)
-    jobs = [(x_train, None, part) for part in _store_parts(ex, "train", flip)]
+    jobs = [(x_train, None, part) for part in _store_parts(ex, "train", flip, readouts)]
     if x_test is not None:
-        jobs += [(x_test, x_train, part) for part in _store_parts(ex, "test", flip)]
+        jobs += [(x_test, x_train, part) for part in _store_parts(ex, "test", flip, readouts)]
     if not yes and not ex.on_cluster:
         seconds = sum(store_dry_run(body, x1, x2, readouts=readouts, get=get, flip=term,
                                     execution=e.replace(archive=None)).dry_run["estimated_seconds"]
@@ -425,25 +425,36 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
     return K, K_test
 
 
-def _store_parts(ex, part: str, flip, lend: bool = True) -> list:
+def _store_parts(ex, part: str, flip, heads) -> list:
     """[(flip term, execution)] of the stores of one part ("train" or "test") of a sweep: the
     plain kernel, and with ``flip`` its mirror term (``flip="mirror"``), each with its store,
-    tile archive and the store that lends it tiles (``ex.reuse``'s counterpart, where it exists;
-    none without ``lend``: the test store of the one best readout, which an earlier sweep's
-    test store of another readout set cannot lend to)."""
+    tile archive and the store that lends it tiles: ``ex.reuse`` itself for the train kernel
+    (refused by the run if it cannot lend), and its test and mirror-term counterparts only
+    where they exist and hold the readouts ``heads`` this part computes (an earlier sweep
+    without ``--test`` or ``--flip``, or with ``--test best``, lends its train kernels alone)."""
     out = []
-    lenders = ([None] * (2 if flip else 1) if ex.reuse is None or not lend
+    lenders = ([None] * (2 if flip else 1) if ex.reuse is None
                else [b for _, b in store_terms(ex.reuse, flip)])
     for (term, store), lender in zip(store_terms(ex.store, flip), lenders):
         suffix = "-mirror" if term else ""
         if lender is not None and part == "test":
             lender = test_store_path(lender)
-        if lender is not None and (term or part == "test") and not (lender / "zarr.json").is_file():
-            lender = None  # an earlier sweep without --test or --flip lends its train kernels alone
+        if lender is not None and (term or part == "test") and not _holds_readouts(lender, heads):
+            lender = None
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
             archive=None if ex.archive is None else Path(ex.archive) / (part + suffix), reuse=lender)))
     return out
+
+
+def _holds_readouts(path, heads) -> bool:
+    """Whether the kernel store at ``path`` exists and holds the readouts ``heads``."""
+    from cnngp.engine.store import KernelStore
+
+    if not (Path(path) / "zarr.json").is_file():
+        return False
+    held = KernelStore.open(path, what="--reuse").attrs.get("readouts")
+    return json.dumps(held, sort_keys=True) == json.dumps([h.to_spec() for h in heads], sort_keys=True)
 
 
 def _stored_readouts(executions):
@@ -466,7 +477,7 @@ def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get, flip=F
                                                   execution=e), ex, None, "test-best")[0].double().numpy()
     from cnngp.engine.distributed import store_dry_run, store_kernel
 
-    parts = _store_parts(ex, "test", flip, lend=False)
+    parts = _store_parts(ex, "test", flip, [readout])
     if not yes and not ex.on_cluster:
         seconds = sum(store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=term,
                                     execution=e).dry_run["estimated_seconds"] for term, e in parts)
