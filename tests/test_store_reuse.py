@@ -78,6 +78,25 @@ def test_only_finished_intact_tiles_are_lent_and_the_dry_run_counts_them(tmp_pat
                                cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
 
 
+def test_a_lent_tile_whose_bytes_no_longer_match_its_record_is_computed_not_copied(tmp_path):
+    """Tiles are chosen by their records (the dry run reads no kernel bytes); each block is
+    checked against its record's sha256 as it is copied, and one that fails is computed."""
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    damaged = KernelStore.open(old)
+    damaged.kernel[0, 0, 4] = damaged.kernel[0, 0, 4] + 1.0  # tile-0-1's block, its record kept
+    plan = store_dry_run(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False).dry_run
+    assert plan["tiles"] == 3  # priced as lent: only a copy reads the bytes
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False)
+    assert (report.tiles_reused, report.tiles_computed) == (2, 4)
+    records = _records(new)
+    assert "reused_from" not in records["tile-0-1"]
+    assert {n for n, r in records.items() if "reused_from" in r} == {"tile-0-0", "tile-1-1"}
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(body=cnngp.Serial(cnngp.Conv(3), cnngp.ReLU())), "different network spec"),
     (dict(readouts=READOUTS[:2]), "different readouts"),
@@ -100,8 +119,9 @@ def test_a_store_of_another_computation_lends_nothing_and_is_refused_naming_reus
         store_kernel(change.get("body", BODY), images, x2, readouts=change.get("readouts", READOUTS), out=new,
                      tile=change.get("tile", 3), dtype=change.get("dtype", "float64"),
                      flip=change.get("flip", False), reuse=old, progress=False)
-    # the old store is untouched
+    # the old store is untouched, and the refused run made no store
     assert KernelStore.open(old).complete() and len(_records(old)) == 3
+    assert not new.exists()
 
 
 def test_reuse_refuses_the_store_being_computed(tmp_path):

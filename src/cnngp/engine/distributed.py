@@ -572,6 +572,11 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                   **({"offset_shape": list(plan.offset_shape)} if offsets else {}),
                   "self_grids": {str(k): list(v) for k, v in grids.items()},
                   "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")}}
+    if ex.reuse is not None:  # before the store is made: a refused lender leaves no store behind
+        from cnngp.engine.store import open_lender, refuse_lending_to_itself
+
+        refuse_lending_to_itself(ex.reuse, out)
+        open_lender(ex.reuse, identity, xa, xb)
     if archive is not None:  # before the store is made: an archive inside it would overwrite it
         from cnngp.engine.archive import check_archive_apart
 

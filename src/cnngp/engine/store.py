@@ -39,7 +39,8 @@ from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 
 __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
-           "lendable_tiles", "reuse_tiles", "LENDING_KEYS"]
+           "lendable_tiles", "open_lender", "reuse_tiles", "same_spec",
+           "LENDING_KEYS"]
 
 #: version tag of the store layout
 STORE_FORMAT = "cnngp-kernel-store/1"
@@ -115,11 +116,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _first_difference(stored: dict, wanted: dict) -> str | None:
-    for key in IDENTITY_KEYS:
-        if json.dumps(stored.get(key), sort_keys=True) != json.dumps(wanted.get(key), sort_keys=True):
-            return key
-    return None
+def same_spec(a, b) -> bool:
+    """Whether two JSON-like values (specs, identities' entries) are equal as stored: compared
+    in their canonical JSON, so that key order and tuple-against-list do not count."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _first_difference(stored: dict, wanted: dict, keys=IDENTITY_KEYS) -> str | None:
+    """The first of ``keys`` on which two identities differ, or None."""
+    return next((key for key in keys if not same_spec(stored.get(key), wanted.get(key))), None)
 
 
 _WHAT = {
@@ -147,24 +152,18 @@ def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> No
 LENDING_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("x1_sha256", "x2_sha256", "shape"))
 
 
-def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None, tiles: list,
-                   what: str = "--reuse") -> tuple:
-    """``(store, tiles)``: the kernel store at ``source`` and those of ``tiles`` it can lend to
-    the computation ``identity`` on images ``x1`` (and ``x2``; None: x1 × x1), as stored
-    (the plan's dtype). The source must be a store of the same computation
-    (:data:`LENDING_KEYS`: network, readouts, kernels, flip, dtype, tile) whose images are the
-    first rows of ``x1`` (and of ``x2``), compared by the sha256 it recorded of its inputs;
-    anything else is refused, naming ``what``. A tile is lent when it lies within the
-    source's images (so it is the same tile there, by the same tile size) and is done there,
-    checked against its record. Nothing is written."""
+def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> "KernelStore":
+    """The kernel store at ``source``, checked as a lender to the computation ``identity`` on
+    images ``x1`` (and ``x2``; None: x1 × x1), as stored (the plan's dtype): a store of the same
+    computation (:data:`LENDING_KEYS`: network, readouts, kernels, flip, dtype, tile) whose
+    images are the first rows of ``x1`` (and of ``x2``), compared by the sha256 it recorded of
+    its inputs. Anything else is refused, naming ``what``. Nothing is written."""
     source = Path(source)
     other = KernelStore.open(source, what=what)
-    wanted = {"format": STORE_FORMAT, **identity}
-    for key in LENDING_KEYS:
-        if json.dumps(other.attrs.get(key), sort_keys=True) != json.dumps(wanted.get(key), sort_keys=True):
-            raise CNNGPError(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}; only a store of "
-                             "the same computation (network, readouts, dtype, tile) on fewer images lends its "
-                             "tiles")
+    key = _first_difference(other.attrs, {"format": STORE_FORMAT, **identity}, LENDING_KEYS)
+    if key is not None:
+        raise CNNGPError(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}; only a store of "
+                         "the same computation (network, readouts, dtype, tile) on fewer images lends its tiles")
     if other.symmetric != (x2 is None):
         kinds = ("x1 × x1", "x1 × x2")
         raise CNNGPError(f"{what}: {str(source)!r} holds a {kinds[not other.symmetric]} kernel; this one is "
@@ -177,8 +176,26 @@ def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None
             raise CNNGPError(f"{what}: {str(source)!r} was computed on {n} images ({which}) that are not the "
                              f"first {n} of this computation's {x.shape[0]}; it lends tiles only to a kernel that "
                              "extends its images (the same images first, in the same order and preprocessing)")
-    lent = [t for t in tiles if t.rows.stop <= n1 and t.cols.stop <= n2 and other.tile_state(t) == "done"
-            and _records_place(other._record(t.name), t)]
+    return other
+
+
+def refuse_lending_to_itself(source, path, what: str = "--reuse") -> None:
+    """Refuse ``source`` as the lender of the store at ``path`` when it is that store."""
+    if Path(source).resolve() == Path(path).resolve():
+        raise CNNGPError(f"{what}: {str(source)!r} is the store being computed; give the store of fewer images")
+
+
+def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None, tiles: list,
+                   what: str = "--reuse") -> tuple:
+    """``(store, tiles)``: the lender at ``source`` (:func:`open_lender`, which refuses any
+    other store) and those of ``tiles`` it would lend: those within its images (so the same
+    tile there, by the same tile size) that it has recorded as done, at that place. Their
+    bytes are read only when copied (:func:`reuse_tiles`, which checks them then): a tile
+    whose bytes no longer match its record is computed after all, not lent. Nothing is read
+    but records, nothing is written."""
+    other = open_lender(source, identity, x1, x2, what)
+    _, n1, n2 = other.shape
+    lent = [t for t in tiles if t.rows.stop <= n1 and t.cols.stop <= n2 and _records_place(other._record(t.name), t)]
     return other, lent
 
 
@@ -190,19 +207,26 @@ def _records_place(record: dict | None, tile: Tile) -> bool:
 
 def reuse_tiles(store: "KernelStore", source, tiles: list, what: str = "--reuse") -> list:
     """Copy into ``store`` the tiles of ``tiles`` that the store at ``source`` lends
-    (:func:`lendable_tiles`): each block with its mirror and a record that keeps the source's
-    time and names it (``reused_from``). Returns the tiles copied. Growing a Gram matrix from
-    N to N' > N images this way computes only the pairs with a new image."""
-    if Path(source).resolve() == store.path.resolve():
-        raise CNNGPError(f"{what}: {str(source)!r} is the store being computed; give the store of fewer images")
+    (:func:`lendable_tiles`): each block, read once and checked against the sha256 of its
+    record (a block that does not match, or cannot be read, is not lent), written with its
+    mirror and a record that keeps the source's time and names it (``reused_from``). Returns
+    the tiles copied. Growing a Gram matrix from N to N' > N images this way computes only
+    the pairs with a new image."""
+    refuse_lending_to_itself(source, store.path, what)
     identity = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
     x2 = None if store.symmetric else store.group["images"]["x2"]
-    other, lent = lendable_tiles(source, identity, store.group["images"]["x1"], x2, tiles, what)
-    for tile in lent:
+    other, candidates = lendable_tiles(source, identity, store.group["images"]["x1"], x2, tiles, what)
+    lent = []
+    for tile in candidates:
         record = other._record(tile.name) or {}
-        block = np.asarray(other.kernel[:, tile.rows, tile.cols])
-        store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"),
-                         origin=str(source))
+        try:
+            block = np.asarray(other.kernel[:, tile.rows, tile.cols])
+        except Exception:  # an unreadable chunk: computed here instead
+            continue
+        if record.get("sha256") != _checksum(block):
+            continue
+        store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"), origin=str(source))
+        lent.append(tile)
     return lent
 
 

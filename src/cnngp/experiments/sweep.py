@@ -449,12 +449,11 @@ def _store_parts(ex, part: str, flip, heads) -> list:
 
 def _holds_readouts(path, heads) -> bool:
     """Whether the kernel store at ``path`` exists and holds the readouts ``heads``."""
-    from cnngp.engine.store import KernelStore
+    from cnngp.engine.store import KernelStore, same_spec
 
     if not (Path(path) / "zarr.json").is_file():
         return False
-    held = KernelStore.open(path, what="--reuse").attrs.get("readouts")
-    return json.dumps(held, sort_keys=True) == json.dumps([h.to_spec() for h in heads], sort_keys=True)
+    return same_spec(KernelStore.open(path, what="--reuse").attrs.get("readouts"), [h.to_spec() for h in heads])
 
 
 def _stored_readouts(executions):
