@@ -400,6 +400,27 @@ def test_dask_matches_the_single_process_kernel(client, tmp_path):
         assert np.array_equal(np.asarray(KernelStore.open(out).kernel[...]), ref)
 
 
+def test_on_a_cluster_the_workers_copy_the_lent_tiles_and_compute_a_damaged_one(client, tmp_path):
+    """``reuse=`` on a cluster: each lent tile is copied by a worker (its record's pid is not
+    this process's), checked against the lender's record as it is read; a tile whose bytes no
+    longer match is computed instead. Oracle: the kernel computed in memory from scratch."""
+    x = _images(9, seed=3)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    damaged = KernelStore.open(old)
+    damaged.kernel[1, 4, 5] = damaged.kernel[1, 4, 5] * 2.0  # tile-1-1's block, its record kept
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, scheduler=client, reuse=old, progress=False)
+    assert (report.tiles_total, report.tiles_reused, report.tiles_computed) == (6, 2, 4)
+    assert report.tiles_done_before == 2
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
+    records = {p.stem: json.loads(p.read_text()) for p in (new / "records").glob("tile-*.json")}
+    lent = {n for n, r in records.items() if r.get("reused_from") == str(old)}
+    assert lent == {"tile-0-0", "tile-0-1"}
+    assert all(records[n]["pid"] != os.getpid() for n in lent)
+    assert KernelStore.open(new).info()["tiles_reused_from"] == {str(old): 2}
+
+
 def test_killing_a_worker_mid_run_still_gives_the_identical_matrix(client, tmp_path):
     net = cnngp.io.architectures.get("cnngp4")
     x = _images(30, shape=(8, 8, 3), seed=6)

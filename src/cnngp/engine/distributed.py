@@ -207,6 +207,15 @@ def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int |
     return tile.name, tile.pairs, seconds
 
 
+def run_lend_task(path: str, source: str, origin: str, tile: Tile) -> bool:
+    """Stage 2 on one tile lent by the store at ``source`` (``--reuse``, named ``origin`` in the
+    record): copied into the store at ``path`` by :func:`cnngp.engine.store.lend_tile`. False
+    when its bytes no longer match the lender's record (nothing written: compute it)."""
+    from cnngp.engine.store import lend_tile
+
+    return lend_tile(KernelStore.open(path), KernelStore.open(source, what="--reuse"), tile, origin)
+
+
 # -- clusters -------------------------------------------------------------------------------
 
 
@@ -594,18 +603,23 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         pending = {t.name for t in state["missing"] + state["bad"]}
         todo = [t for t in tiles if t.name in pending]  # the plan's nested order: leading blocks first
         saver = None
-        restored = lent = []
+        restored = lent = lend = []
         if archive is not None:
             from cnngp.engine.archive import TileArchive
 
             saver = TileArchive(archive, store)
             restored = saver.restore(todo)
+        on_cluster = client is not None or bool(workers)
         if ex.reuse is not None and todo:  # a store of fewer images lends what it holds of the rest
-            from cnngp.engine.store import reuse_tiles
+            from cnngp.engine.store import lendable_tiles, reuse_tiles
 
             restored_names = {t.name for t in restored}
-            lent = reuse_tiles(store, ex.reuse, [t for t in todo if t.name not in restored_names])
-        filled = {t.name for t in restored + lent}  # names: plans reach a million tiles
+            rest = [t for t in todo if t.name not in restored_names]
+            if on_cluster:  # the workers copy them, tile by tile, beside the tiles they compute
+                lend = lendable_tiles(ex.reuse, identity, xa, xb, rest)[1]
+            else:
+                lent = reuse_tiles(store, ex.reuse, rest)
+        filled = {t.name for t in restored + lent + lend}  # names: plans reach a million tiles
         todo = [t for t in todo if t.name not in filled]
         state["done"] += restored + lent
         if saver is not None:
@@ -618,47 +632,30 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                              len(state["bad"]), 0, 0, 0, 0.0, n_workers, tiles_restored=len(restored),
                              archive=None if archive is None else str(archive), tiles_reused=len(lent),
                              reuse=None if ex.reuse is None else str(ex.reuse))
-        if progress and (state["done"] or state["bad"]):
+        if progress and (state["done"] or state["bad"] or lend):
             print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done"
                   + (f" ({len(restored)} restored from {archive})" if restored else "")
                   + (f" ({len(lent)} reused from {ex.reuse})" if lent else "")
+                  + (f", {len(lend)} to copy from {ex.reuse} on the workers" if lend else "")
                   + f", {len(todo)} to compute"
                   + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
-        if not todo:  # self records are needed only by tiles still to compute
+        if not todo and not lend:  # self records are needed only by tiles still to compute
             report.seconds = time.perf_counter() - start
             return report
-        bar = None
-        done_tiles = len(state["done"])
-        by_name = {t.name: t for t in todo}
-
-        def start_progress():
-            nonlocal bar
-            bar = _progress_bar(sum(t.pairs for t in todo), len(tiles), done_tiles, progress)
-
-        def tile_finished(name, pairs, shown=0):
-            nonlocal done_tiles
-            done_tiles += 1
-            report.tiles_computed += 1
-            report.pairs_computed += pairs
-            if saver is not None:
-                saver.save(by_name[name])
-            if bar is not None:
-                bar.update(pairs - shown)  # ``shown``: pairs the bar already counted batch by batch
-                bar.set_postfix_str(f"{done_tiles}/{len(tiles)} tiles")
-
+        book = _TileBook(report, saver, todo + lend, len(tiles))
         try:
-            if client is None and not workers:
+            if not on_cluster:
                 _PLANS.clear()
                 _PLANS[key] = plan
                 for w, b, sl in blocks:
                     run_self_task(str(out), key, recipe, w, b, sl, threads_per_worker)
                     report.self_blocks_computed += 1
-                start_progress()
+                book.start_progress(todo, progress)
                 for t in todo:
-                    batches = _BatchProgress(bar)
+                    batches = _BatchProgress(book.bar)
                     name, pairs, _ = run_tile_task(str(out), key, recipe, t, threads_per_worker,
-                                                   progress=batches if bar is not None else None)
-                    tile_finished(name, pairs, batches.shown)
+                                                   progress=batches if book.bar is not None else None)
+                    book.computed(name, pairs, batches.shown)
             else:
                 memory_limit = None if memory_budget is None else int(memory_budget) + 2 * 1024**3
                 ctx = contextlib.nullcontext(client) if client is not None else dask_client(
@@ -669,12 +666,13 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                         print(f"dask: {len(c.scheduler_info().get('workers', {}))} worker(s) at "
                               f"{c.scheduler.address}" + (f", dashboard {report.dashboard}" if report.dashboard else ""),
                               file=sys.stderr)
-                    start_progress()
-                    # workers of a cluster may run in another folder: they get the store's absolute
-                    # path (os.path.abspath: symlinks are not followed)
+                    book.start_progress(todo, progress)
+                    # workers of a cluster may run in another folder: they get the stores' absolute
+                    # paths (os.path.abspath: symlinks are not followed)
+                    lending = None if not lend else (os.path.abspath(ex.reuse), str(ex.reuse), lend)
                     try:
                         _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker,
-                                     store.symmetric, report, tile_finished)
+                                     store.symmetric, book, lending)
                     except Exception as e:
                         if not _workers_lost(e):
                             raise
@@ -684,10 +682,54 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         except StoreWriteError as e:  # a task knows the store's path; this call knows its flag
             raise e.named(what) from None
         finally:
-            if bar is not None:
-                bar.close()
+            book.close()
         report.seconds = time.perf_counter() - start
         return report
+
+
+class _TileBook:
+    """What a run's tiles come to, counted as each ends: the report, the tile archive (each
+    tile saved there once written) and the progress bar (pairs to compute; tiles of the plan)."""
+
+    def __init__(self, report: StoreReport, saver, tiles: list, n_tiles: int):
+        self.report, self.saver, self.n_tiles = report, saver, n_tiles
+        self.by_name = {t.name: t for t in tiles}
+        self.done = report.tiles_done_before
+        self.bar = None
+
+    def start_progress(self, todo: list, progress: bool) -> None:
+        self.bar = _progress_bar(sum(t.pairs for t in todo), self.n_tiles, self.done, progress)
+
+    def _ended(self, name: str) -> None:
+        self.done += 1
+        if self.saver is not None:
+            self.saver.save(self.by_name[name])
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.done}/{self.n_tiles} tiles")
+
+    def computed(self, name: str, pairs: int, shown: int = 0) -> None:
+        """A tile computed (``shown``: pairs the bar already counted batch by batch)."""
+        self.report.tiles_computed += 1
+        self.report.pairs_computed += pairs
+        if self.bar is not None:
+            self.bar.update(pairs - shown)
+        self._ended(name)
+
+    def lent(self, name: str) -> None:
+        """A tile copied from the lending store (``--reuse``) by a worker."""
+        self.report.tiles_reused += 1
+        self.report.tiles_done_before += 1  # as a copy before the run counts it
+        self._ended(name)
+
+    def lend_refused(self, tile: Tile) -> None:
+        """A tile whose copy its bytes refused: computed instead, so its pairs join the bar's."""
+        if self.bar is not None:
+            self.bar.total += tile.pairs
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _BatchProgress:
@@ -703,8 +745,10 @@ class _BatchProgress:
             self.shown += pairs
 
 
-def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, report,
-                 tile_finished) -> None:
+def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, book, lending=None) -> None:
+    """The self blocks and the tiles ``todo`` as tasks on ``client``'s workers, each counted in
+    ``book`` as it ends; ``lending``: (the lender's absolute path, its name as given, the tiles
+    it lends), each copied by a worker (:func:`run_lend_task`), or computed if its copy fails."""
     from distributed import as_completed
 
     # the recipe travels as pickled bytes: Dask would otherwise look inside its containers
@@ -713,19 +757,35 @@ def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, re
     for w, b, sl in blocks:
         self_futures[(w, b)] = client.submit(run_self_task, path, key, recipe_f, w, b, sl, threads,
                                              key=f"cnngp-self-{key[:12]}-{w}-{b}", pure=False)
-    tile_futures = []
-    for t in todo:  # a tile waits for the self records it reads
+
+    def compute(t):  # a tile waits for the self records it reads
         needs = {("x1", t.i), ("x1" if symmetric else "x2", t.j)}
         deps = [self_futures[n] for n in needs if n in self_futures]
-        tile_futures.append(client.submit(_after, run_tile_task, deps, path, key, recipe_f, t, threads,
-                                          key=f"cnngp-{t.name}-{key[:12]}", pure=False))
+        return client.submit(_after, run_tile_task, deps, path, key, recipe_f, t, threads,
+                             key=f"cnngp-{t.name}-{key[:12]}", pure=False)
+
+    source, origin, lend = lending or (None, None, [])
+    # copies first: they wait for nothing, and are I/O where the tiles computed are arithmetic
+    lend_futures = {client.submit(run_lend_task, path, source, origin, t, key=f"cnngp-lend-{t.name}-{key[:12]}",
+                                  pure=False): t for t in lend}
+    futures = list(lend_futures) + [compute(t) for t in todo]
+    running = as_completed(futures)
     try:
-        for future in as_completed(tile_futures):
+        for future in running:
+            if future in lend_futures:
+                tile = lend_futures[future]
+                if future.result():
+                    book.lent(tile.name)
+                else:
+                    book.lend_refused(tile)
+                    futures.append(compute(tile))
+                    running.add(futures[-1])
+                continue
             name, pairs, _ = future.result()
-            tile_finished(name, pairs)
-        report.self_blocks_computed = len(self_futures)
+            book.computed(name, pairs)
+        book.report.self_blocks_computed = len(self_futures)
     except BaseException:
-        client.cancel(tile_futures + list(self_futures.values()), force=True)
+        client.cancel(futures + list(self_futures.values()), force=True)
         raise
 
 

@@ -39,7 +39,7 @@ from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 
 __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
-           "lendable_tiles", "open_lender", "reuse_tiles", "same_spec",
+           "lendable_tiles", "lend_tile", "open_lender", "reuse_tiles", "same_spec",
            "LENDING_KEYS"]
 
 #: version tag of the store layout
@@ -205,29 +205,33 @@ def _records_place(record: dict | None, tile: Tile) -> bool:
         (record or {}).get("cols") == [tile.cols.start, tile.cols.stop]
 
 
+def lend_tile(store: "KernelStore", lender: "KernelStore", tile: Tile, origin: str) -> bool:
+    """Copy ``tile`` from ``lender`` (a store :func:`lendable_tiles` chose) into ``store``: its
+    block, read once and checked against the sha256 of the lender's record, written with its
+    mirror and a record that keeps the lender's time and names it (``reused_from``: ``origin``).
+    Returns False, writing nothing, for a block that does not match its record or cannot be
+    read: the tile is then computed, not lent."""
+    record = lender._record(tile.name) or {}
+    try:
+        block = np.asarray(lender.kernel[:, tile.rows, tile.cols])
+    except Exception:  # an unreadable chunk
+        return False
+    if record.get("sha256") != _checksum(block):
+        return False
+    store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"), origin=origin)
+    return True
+
+
 def reuse_tiles(store: "KernelStore", source, tiles: list, what: str = "--reuse") -> list:
-    """Copy into ``store`` the tiles of ``tiles`` that the store at ``source`` lends
-    (:func:`lendable_tiles`): each block, read once and checked against the sha256 of its
-    record (a block that does not match, or cannot be read, is not lent), written with its
-    mirror and a record that keeps the source's time and names it (``reused_from``). Returns
-    the tiles copied. Growing a Gram matrix from N to N' > N images this way computes only
-    the pairs with a new image."""
+    """Copy into ``store``, one after the other, the tiles of ``tiles`` that the store at
+    ``source`` lends (:func:`lendable_tiles`, :func:`lend_tile`). Returns the tiles copied.
+    Growing a Gram matrix from N to N' > N images this way computes only the pairs with a
+    new image. (A run on a cluster has its workers copy them instead, tile by tile.)"""
     refuse_lending_to_itself(source, store.path, what)
     identity = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
     x2 = None if store.symmetric else store.group["images"]["x2"]
     other, candidates = lendable_tiles(source, identity, store.group["images"]["x1"], x2, tiles, what)
-    lent = []
-    for tile in candidates:
-        record = other._record(tile.name) or {}
-        try:
-            block = np.asarray(other.kernel[:, tile.rows, tile.cols])
-        except Exception:  # an unreadable chunk: computed here instead
-            continue
-        if record.get("sha256") != _checksum(block):
-            continue
-        store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"), origin=str(source))
-        lent.append(tile)
-    return lent
+    return [tile for tile in candidates if lend_tile(store, other, tile, str(source))]
 
 
 def _links_in(path: Path, deep: bool) -> str | None:
