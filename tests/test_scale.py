@@ -150,6 +150,9 @@ def test_rerun_computes_only_missing_and_bad_tiles(tmp_path):
     state = KernelStore.open(out).verify()
     assert [t.name for t in state["missing"]] == [tiles[1].name]
     assert [t.name for t in state["bad"]] == ["tile-2-3"]
+    # the check reads tiles on several threads at once (VERIFY_THREADS); one thread finds the same
+    serial = KernelStore.open(out).verify(threads=1)
+    assert {k: [t.name for t in v] for k, v in serial.items()} == {k: [t.name for t in v] for k, v in state.items()}
     report = store_kernel(NET, x, out=out, tile=3, progress=False)
     assert (report.tiles_done_before, report.tiles_bad, report.tiles_computed) == (8, 1, 2)
     assert report.self_blocks_computed == 0  # the self records were all there

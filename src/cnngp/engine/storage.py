@@ -192,7 +192,7 @@ def fingerprint(*parts) -> str:
         if isinstance(part, (np.ndarray, torch.Tensor)):
             a = np.ascontiguousarray(part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else part)
             h.update(str((a.shape, a.dtype.str)).encode())
-            h.update(a.tobytes())
+            h.update(a.reshape(-1).view(np.uint8))  # its bytes, without a copy of them
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()

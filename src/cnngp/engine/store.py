@@ -25,6 +25,7 @@ is what Dask needs: it may run a task twice or rerun the tasks of a lost worker.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -37,10 +38,16 @@ import numpy as np
 from cnngp.engine.gram import Tile, flip_average, mirrored_offsets, tile_plan
 from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
+from cnngp.settings import env_number
 
 __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
            "lendable_tiles", "lend_tile", "open_lender", "reuse_tiles", "same_spec",
            "LENDING_KEYS"]
+
+#: tiles a store's check (:meth:`KernelStore.verify`) reads and hashes at once: I/O-bound
+#: work, so more than this machine's cores where it has few; each holds a tile and its mirror
+#: in memory (``CNNGP_VERIFY_THREADS``)
+VERIFY_THREADS = env_number("CNNGP_VERIFY_THREADS", min(8, max(4, os.cpu_count() or 1)), 1, integer=True)
 
 #: version tag of the store layout
 STORE_FORMAT = "cnngp-kernel-store/1"
@@ -591,12 +598,24 @@ class KernelStore:
             return "bad"
         return "done"
 
-    def verify(self) -> dict:
+    def verify(self, threads: int | None = None) -> dict:
         """Check every tile against its record: ``{"done": [...], "missing": [...], "bad": [...]}``
-        (lists of :class:`Tile`). Reads the whole matrix once."""
+        (lists of :class:`Tile`, in the plan's order). Reads the whole matrix once, ``threads``
+        tiles at a time (default :data:`VERIFY_THREADS`): reading chunks and hashing them
+        release the GIL, so a store on a parallel file system is checked at its bandwidth."""
+        tiles = self.tiles()
+        threads = min(len(tiles), VERIFY_THREADS if threads is None else int(threads))
+        if threads <= 1:
+            states = [self.tile_state(t) for t in tiles]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cnngp-verify") as pool:
+                states = list(pool.map(self.tile_state, tiles))
+            # a tile found bad is checked again alone before it is recomputed: rare, and so a
+            # read that failed for being concurrent never costs a tile
+            states = [self.tile_state(t) if s == "bad" else s for t, s in zip(tiles, states)]
         out = {"done": [], "missing": [], "bad": []}
-        for tile in self.tiles():
-            out[self.tile_state(tile)].append(tile)
+        for tile, state in zip(tiles, states):
+            out[state].append(tile)
         return out
 
     def forget(self, tile: Tile) -> None:
