@@ -873,6 +873,61 @@ def test_a_ctrl_c_while_torch_initialises_waits_for_it_then_interrupts():
     del received.SIGNALS_SEEN[:]
 
 
+def test_a_sigterm_while_torch_initialises_waits_for_it_then_terminates():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) from ``main``'s handler: inside
+    ``deferred_interrupts`` it is recorded too, and delivered to that handler at the end."""
+    from cnngp.cli import signals as received
+    from cnngp.cli.main import Terminated, _on_sigterm
+
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        del received.SIGNALS_SEEN[:]
+        reached_the_end = False
+        with pytest.raises(Terminated):
+            with received.deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    sum(range(100))
+                reached_the_end = True
+        assert reached_the_end and received.interrupted() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        del received.SIGNALS_SEEN[:]
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_torch_initialises():
+    """A background job of a shell script starts with SIGINT ignored (SIG_IGN); the deferral
+    must not turn that Ctrl-C into an interrupt."""
+    from cnngp.cli import signals as received
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        del received.SIGNALS_SEEN[:]
+        with received.deferred_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                sum(range(100))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and received.interrupted() is None
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_background_cnngp_ignores_ctrl_c_during_start_up(tmp_path):
+    """The real command, started with SIGINT ignored (``cmd &`` in a script) and sent one
+    while it starts: it finishes, exit 0."""
+    script = ("import signal, subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-m', 'cnngp.cli', 'info', '--arch', 'cnngp1'],\n"
+              "                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),\n"
+              "                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+              "time.sleep(0.3); p.send_signal(signal.SIGINT)\n"
+              "_, err = p.communicate(timeout=120); print(p.returncode); sys.stderr.write(err.decode())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(Path(cnngp.__file__).parents[1])})
+    assert done.stdout.strip() == "0", done.stdout + done.stderr
+
+
 # -- 6. the output never harms other files -----------------------------------------------------
 
 

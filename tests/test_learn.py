@@ -322,6 +322,12 @@ def test_learn_through_a_store_matches_and_reuses_it(tmp_path, monkeypatch):
     assert again["config"]["objective"] == "loo" and again["learned"]["lengthscale"] > 0
     with pytest.raises(cnngp.CNNGPError, match="not with params='all'"):
         run_learn(net, "digits", store=tmp_path / "S.zarr", params="all", **kw)
+    # learn's stores are not grown from smaller ones: ``reuse`` is refused before any work,
+    # as a keyword and inside an Execution
+    for given in (dict(reuse=tmp_path / "S.zarr"), dict(execution=cnngp.Execution(reuse=tmp_path / "S.zarr"))):
+        with pytest.raises(cnngp.CNNGPError, match="^reuse: not an execution option of run_learn"):
+            run_learn(net, "digits", store=tmp_path / "S2.zarr", **given, **kw)
+    assert not (tmp_path / "S2.zarr").exists()
 
 
 

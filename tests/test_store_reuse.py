@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 import cnngp
 from cnngp.cli.main import main
-from cnngp.engine.distributed import store_dry_run, store_kernel
+from cnngp.engine.distributed import describe_dry_run, store_dry_run, store_kernel
 from cnngp.engine.store import KernelStore
 from cnngp.errors import CNNGPError
 
@@ -53,6 +53,16 @@ def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_s
     assert KernelStore.open(new).info()["tiles_reused_from"] == {str(old): 3}
 
 
+def test_a_grown_store_without_a_tile_takes_the_lenders(tmp_path):
+    """The default tile grows with N; a store grown from a smaller one takes that store's tile
+    (a tile is lent whole, at its place), as a resumed store keeps its own."""
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, reuse=old, progress=False)  # no tile
+    assert (report.tile, report.tiles_reused, report.tiles_computed) == (3, 3, 3)
+
+
 def test_a_grown_rectangular_store_lends_along_both_image_sets(tmp_path):
     """x1 (rows) and x2 (columns) each begin with the source's images: the tiles within both
     prefixes are lent, the ragged last row block included when it is the same block."""
@@ -71,7 +81,11 @@ def test_only_finished_intact_tiles_are_lent_and_the_dry_run_counts_them(tmp_pat
     store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
     (old / "records" / "tile-0-1.json").unlink()  # as if stopped before that tile was recorded
     plan = store_dry_run(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False).dry_run
-    assert (plan["tiles"], plan["tiles_total"]) == (4, 6) and not new.exists()
+    assert (plan["tiles"], plan["tiles_lent"], plan["tiles_total"]) == (4, 2, 6) and not new.exists()
+    # the copies are written too: the disk the run needs is that of the whole store
+    whole = store_dry_run(BODY, x, readouts=READOUTS, out=new, tile=3, progress=False).dry_run
+    assert plan["disk_bytes"] == whole["disk_bytes"] and whole["tiles_lent"] == 0
+    assert f"plan: 4 tiles of 3 to compute (of 6; 2 copied from {old} (--reuse))" in describe_dry_run(plan)
     report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, progress=False)
     assert (report.tiles_reused, report.tiles_computed) == (2, 4)
     np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
@@ -101,12 +115,11 @@ def test_a_lent_tile_whose_bytes_no_longer_match_its_record_is_computed_not_copi
     (dict(body=cnngp.Serial(cnngp.Conv(3), cnngp.ReLU())), "different network spec"),
     (dict(readouts=READOUTS[:2]), "different readouts"),
     (dict(dtype="float32"), "different dtype"),
-    (dict(tile=2), "different tile size"),
+    (dict(tile=2), r"different tile size \(3; this computation: 2\); give --tile 3"),
     (dict(flip="mirror"), "different flip averaging"),
     (dict(images=lambda x: x[::-1]), r"computed on 6 images \(x1\) that are not the first 6 of this "
                                      r"computation's 9"),
-    (dict(images=lambda x: x[:5]), r"computed on 6 images \(x1\) that are not the first 6 of this "
-                                   r"computation's 5"),
+    (dict(images=lambda x: x[:5]), r"computed on more images \(x1: 6\) than this computation has \(5\)"),
     (dict(x2=True), r"holds a x1 × x1 kernel; this one is x1 × x2"),
 ])
 def test_a_store_of_another_computation_lends_nothing_and_is_refused_naming_reuse(tmp_path, change, message):
@@ -234,3 +247,27 @@ def test_sweep_reuse_of_a_test_best_sweep_lends_its_train_kernels_alone(tmp_path
     assert (again["readout"], again["lengthscale"]) == (first["readout"], first["lengthscale"])
     assert lent(tmp_path / "s3-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
     assert again["test_accuracy"] == first["test_accuracy"]
+
+
+def test_sweep_reuse_with_other_test_images_lends_the_train_kernel_and_warns(tmp_path, capsys):
+    """A sweep on other test images (a smaller --n-test: not a prefix of the old ones) than the
+    sweep it grows: the old test store cannot lend, so the test kernel is computed in full with
+    a one-line warning, and the train kernel is still lent. Oracle: the same sweep from scratch."""
+    data = _digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--tile", "20",
+            "--test", "all", "--quiet", "--yes"]
+    assert main(argv + ["--n-test", "30", "--n", "40", "--store", str(tmp_path / "s1.zarr"),
+                        "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s2.zarr"),
+                        "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"--reuse: .*s1-test\.zarr' was computed on more images \(x1: 30\) than this computation "
+                     r"has \(20\).*s2-test\.zarr' is computed in full", err), err
+    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
+    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert lent(tmp_path / "s2-test.zarr") == []
+    assert main(argv + ["--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s3.zarr"),
+                        "--out", str(tmp_path / "c")]) == 0
+    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+    assert grown["test"]["test_accuracy"] == fresh["test"]["test_accuracy"]

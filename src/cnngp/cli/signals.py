@@ -27,26 +27,33 @@ def interrupted() -> int | None:
 
 
 @contextlib.contextmanager
-def deferred_interrupts():
-    """A Ctrl-C inside the block is recorded, not raised, and raised as KeyboardInterrupt when
-    the block ends. For imports of extensions that initialise in C++ and call back into Python:
-    a KeyboardInterrupt surfacing in such a callback aborts the whole process (torch's start-up:
-    ``terminate called after throwing an instance of 'pybind11::error_already_set'``, exit by
-    SIGABRT, no message of ours). Outside the main thread signals cannot be handled: no change."""
+def deferred_interrupts(signals=(signal.SIGINT, signal.SIGTERM)):
+    """A Ctrl-C (or SIGTERM) inside the block is recorded, not handled, and delivered again
+    when the block ends, to the handler that was there before (which raises KeyboardInterrupt,
+    or ``Terminated``). For imports of extensions that initialise in C++ and call back into
+    Python: an exception surfacing in such a callback aborts the whole process (torch's
+    start-up: ``terminate called after throwing an instance of 'pybind11::error_already_set'``,
+    exit by SIGABRT, no message of ours). A signal being ignored (``SIG_IGN``: a background
+    job of a shell script) stays ignored. Outside the main thread signals cannot be handled:
+    no change."""
     pending = []
 
     def record(signum, frame):
         SIGNALS_SEEN.append(signum)
         pending.append(signum)
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, record)
+        for signum in signals:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # None: a handler set in C
+                previous[signum] = signal.signal(signum, record)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if pending:  # as if it arrived now: its own handler (or default action) takes it
+        signal.raise_signal(pending[0])

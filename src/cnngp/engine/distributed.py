@@ -213,7 +213,12 @@ def run_lend_task(path: str, source: str, origin: str, tile: Tile) -> bool:
     when its bytes no longer match the lender's record (nothing written: compute it)."""
     from cnngp.engine.store import lend_tile
 
-    return lend_tile(KernelStore.open(path), KernelStore.open(source, what="--reuse"), tile, origin)
+    store = KernelStore.open(path)
+    try:
+        lender = KernelStore.open(source, what="--reuse")
+    except (CNNGPError, OSError):  # gone since the run began, or not on this worker's file system
+        return False
+    return lend_tile(store, lender, tile, origin)
 
 
 # -- clusters -------------------------------------------------------------------------------
@@ -349,10 +354,11 @@ def _progress_bar(total_pairs: int, tiles_total: int, tiles_done: int, enabled: 
     return bar
 
 
-def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, images=()) -> list:
-    """The tiles a run would compute: all of them, or what a store of this computation lacks,
-    less those the store ``reuse`` would lend (``images``: the run's x1 and x2); a store of
-    another computation is refused here, as the run would refuse it."""
+def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, images=()) -> tuple:
+    """``(to compute, lent)``: the tiles a run would compute (all of them, or what a store of
+    this computation lacks, less those the store ``reuse`` would lend; ``images``: the run's x1
+    and x2) and those it would copy from ``reuse``; a store of another computation is refused
+    here, as the run would refuse it."""
     from cnngp.engine.store import STORE_FORMAT, lendable_tiles, refuse_other_computation
 
     if KernelStore.stored_tile(out) is not None:
@@ -365,11 +371,12 @@ def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, i
             state = store.verify()
             left = {t.name for t in state["missing"] + state["bad"]}
             tiles = [t for t in tiles if t.name in left]
+    lent = []
     if reuse is not None:
         _, lent = lendable_tiles(reuse, identity, *images, tiles)
         lent_names = {t.name for t in lent}
         tiles = [t for t in tiles if t.name not in lent_names]
-    return tiles
+    return tiles, lent
 
 
 #: bytes of a file system block: each chunk and record file takes whole ones
@@ -377,10 +384,11 @@ FILE_BLOCK = 4096
 
 
 def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, on_cluster=False,
-             cold_workers=True) -> dict:
+             cold_workers=True, lent=()) -> dict:
     """Plan, sizes and a time estimate (:mod:`cnngp.engine.timing`): a few pairs of this plan
     timed here at the workers' thread count, the tiles scheduled on the workers, the start of a
-    local cluster and its workers included."""
+    local cluster and its workers included. ``lent``: tiles copied from another store, written
+    but not computed."""
     from cnngp.engine import timing
 
     n_pairs = sum(t.pairs for t in tiles)
@@ -398,7 +406,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         return -(-nbytes // FILE_BLOCK) * FILE_BLOCK + FILE_BLOCK
 
     disk_bytes = sum(on_disk(L * item * (t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start))
-                     * (2 if t.mirror else 1) + FILE_BLOCK for t in tiles)
+                     * (2 if t.mirror else 1) + FILE_BLOCK for t in [*tiles, *lent])
     if not (Path(path) / "zarr.json").is_file():
         per_image = math.prod(plan.image_shape) * item + _record_bytes_per_image(plan, grids)
         chunks = math.ceil(n1 / tile) + (0 if xb is None else math.ceil(n2 / tile))
@@ -412,6 +420,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
     serial = n_pairs * rates.seconds_per_pair + n_images * rates.seconds_per_image
     return {
         "tiles": len(tiles),
+        "tiles_lent": len(lent),
         "diagonal_tiles": sum(t.diagonal for t in tiles),
         "tile": tile,
         "pairs": n_pairs,
@@ -435,11 +444,20 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
     }
 
 
+def _tiles_elsewhere(d: dict) -> str:
+    """" (of 10; 3 copied from K1.zarr, the rest in the store)": where the plan's other tiles come from."""
+    total, lent = d.get("tiles_total", d["tiles"]), d.get("tiles_lent", 0)
+    rest = total - d["tiles"] - lent
+    parts = ([f"{lent} copied from {d['reuse']} (--reuse)"] if lent else []) \
+        + (["the rest in the store" if lent else "the rest are in the store"] if rest else [])
+    return f" (of {total}; {', '.join(parts)})" if parts else ""
+
+
 def describe_dry_run(d: dict) -> str:
     """The dry run as the lines ``cnngp kernel --dry-run`` prints."""
     return "\n".join([
         f"plan: {d['tiles']} tiles of {d['tile']} to compute"
-        + (f" (of {d['tiles_total']}; the rest are in the store)" if d.get("tiles_total", d["tiles"]) != d["tiles"] else "")
+        + _tiles_elsewhere(d)
         + f", {d['diagonal_tiles']} on the diagonal; {d['pairs']:,} image pairs"
         + (" × 2 (flip-averaged: each also against the mirrored image)" if d.get("flip") is True
            else " (the mirror term: each against the mirrored image)" if d.get("flip") else "")
@@ -539,7 +557,9 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     if client is None and scheduler is None:  # this machine's processes: before any starts
         check_local_cluster(workers or 0, ex.threads, budget)
     if tile is None:  # a store being resumed keeps its tile, whatever the workers now
-        tile = KernelStore.stored_tile(out) or choose_tile(plan, n1, n2, grids, budget, n_workers)
+        # (a store grown from a smaller one takes its tile: a tile is lent whole, at its place)
+        tile = (KernelStore.stored_tile(out) or (ex.reuse is not None and KernelStore.stored_tile(ex.reuse))
+                or choose_tile(plan, n1, n2, grids, budget, n_workers))
     n_tiles = count_tiles(n1, n2, tile)
     if n_tiles > MAX_TILES:
         n = max(n1, n2 or n1)
@@ -571,10 +591,12 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))
     if dry_run:
-        d = _dry_run(plan, xa, xb, _tiles_to_compute(out, identity, tiles, what, ex.reuse, (xa, xb)), grids, tile, n_workers,
+        to_compute, lent = _tiles_to_compute(out, identity, tiles, what, ex.reuse, (xa, xb))
+        d = _dry_run(plan, xa, xb, to_compute, grids, tile, n_workers,
                      threads_per_worker, budget, out, on_cluster=bool(workers or client or scheduler),
-                     cold_workers=client is None and scheduler is None)
+                     cold_workers=client is None and scheduler is None, lent=lent)
         d["tiles_total"] = len(tiles)
+        d["reuse"] = None if ex.reuse is None else str(ex.reuse)
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)
     provenance = {"versions": versions(), "labels": list(labels or []),

@@ -41,7 +41,7 @@ from cnngp.errors import CNNGPError, MissingFileError
 from cnngp.settings import env_number
 
 __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
-           "lendable_tiles", "lend_tile", "open_lender", "reuse_tiles", "same_spec",
+           "lendable_tiles", "lend_tile", "LenderRefused", "open_lender", "reuse_tiles", "same_spec",
            "LENDING_KEYS"]
 
 #: tiles a store's check (:meth:`KernelStore.verify`) reads and hashes at once: I/O-bound
@@ -67,6 +67,11 @@ def check_output_store(path, what: str = "--out") -> Path:
     return check_own_folder(path, what, marker="zarr.json", kind="a kernel store",
                             empty_hint="give a store path such as K.zarr",
                             foreign_hint="nothing was overwritten", parents_made=False)
+
+
+class LenderRefused(CNNGPError):
+    """A store named to lend tiles (``--reuse``) that cannot lend to this computation: another
+    computation, or images that this one's do not begin with (:func:`open_lender`)."""
 
 
 class StoreWriteError(CNNGPError):
@@ -167,20 +172,30 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> "Kerne
     its inputs. Anything else is refused, naming ``what``. Nothing is written."""
     source = Path(source)
     other = KernelStore.open(source, what=what)
-    key = _first_difference(other.attrs, {"format": STORE_FORMAT, **identity}, LENDING_KEYS)
+    wanted = {"format": STORE_FORMAT, **identity}
+    key = _first_difference(other.attrs, wanted, LENDING_KEYS)
     if key is not None:
-        raise CNNGPError(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}; only a store of "
-                         "the same computation (network, readouts, dtype, tile) on fewer images lends its tiles")
+        values = ""
+        if key in ("tile", "dtype", "flip"):  # short values: say both
+            values = f" ({other.attrs.get(key)}; this computation: {wanted.get(key)})"
+        remedy = f"; give --tile {other.attrs.get('tile')}" if key == "tile" else ""
+        raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}{values}{remedy}; only "
+                         "a store of the same computation (network, readouts, dtype, tile) on fewer images lends "
+                         "its tiles")
     if other.symmetric != (x2 is None):
         kinds = ("x1 × x1", "x1 × x2")
-        raise CNNGPError(f"{what}: {str(source)!r} holds a {kinds[not other.symmetric]} kernel; this one is "
+        raise LenderRefused(f"{what}: {str(source)!r} holds a {kinds[not other.symmetric]} kernel; this one is "
                          f"{kinds[x2 is not None]}")
     _, n1, n2 = other.shape
     for which, n, x in (("x1", n1, x1), ("x2", n2, x2)):
         if which == "x2" and x2 is None:
             break
-        if n > x.shape[0] or fingerprint(np.ascontiguousarray(x[:n])) != other.attrs.get(f"{which}_sha256"):
-            raise CNNGPError(f"{what}: {str(source)!r} was computed on {n} images ({which}) that are not the "
+        if n > x.shape[0]:
+            raise LenderRefused(f"{what}: {str(source)!r} was computed on more images ({which}: {n}) than this "
+                             f"computation has ({x.shape[0]}); it lends tiles only to a kernel that extends its "
+                             "images (the same images first, in the same order and preprocessing)")
+        if fingerprint(np.ascontiguousarray(x[:n])) != other.attrs.get(f"{which}_sha256"):
+            raise LenderRefused(f"{what}: {str(source)!r} was computed on {n} images ({which}) that are not the "
                              f"first {n} of this computation's {x.shape[0]}; it lends tiles only to a kernel that "
                              "extends its images (the same images first, in the same order and preprocessing)")
     return other

@@ -328,7 +328,12 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         raise CNNGPError(f"protocol: expected a LearnProtocol or None, got {type(protocol).__name__}")
     elif protocol_options:
         protocol = protocol.replace(**protocol_options)
-    ex = Execution.build(execution, options, where="run_learn", accepted=COMPUTE + STORE)
+    # no ``reuse``: learn's stores of offset sums are not grown from smaller ones (not built)
+    ex = Execution.build(execution, options, where="run_learn",
+                         accepted=COMPUTE + tuple(k for k in STORE if k != "reuse"))
+    if ex.reuse is not None:
+        raise CNNGPError("reuse: not an execution option of run_learn (its stores are not grown from "
+                         "smaller ones); leave it None")
     objective, params, family, folds = protocol.objective, protocol.params, protocol.family, protocol.folds
     fold_scheme, seed, test, n_test = protocol.fold_scheme, protocol.seed, protocol.test, protocol.n_test
     starts, max_iter, lengthscales = protocol.starts, protocol.max_iter, protocol.lengthscales

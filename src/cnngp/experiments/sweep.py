@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -130,14 +131,16 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         # one dry run per store: with flip the plain kernel's and its mirror term's (a store that
         # is already complete, e.g. the plain kernel of an earlier sweep, prices nothing)
         runs = [(f"{stages[0].name}{' (mirror term)' if term else ''}",
-                 store_dry_run(body, x_sub, readouts=readouts, get=get, flip=term,
-                               execution=e.replace(archive=None, progress=False)))
+                 _lent_or_in_full(lambda e, term=term: store_dry_run(
+                     body, x_sub, readouts=readouts, get=get, flip=term,
+                     execution=e.replace(archive=None, progress=False)), e, ex))
                 for term, e in _store_parts(ex, "train", flip, readouts)]
         if test_mode is not None:
             heads = readouts if test_mode == "all" else readouts[:1]
             runs += [(f"{stages[1].name}{' (mirror term)' if term else ''}",
-                      store_dry_run(body, x_test, x_sub, readouts=heads, get=get, flip=term,
-                                    execution=e.replace(archive=None, progress=False)))
+                      _lent_or_in_full(lambda e, term=term: store_dry_run(
+                          body, x_test, x_sub, readouts=heads, get=get, flip=term,
+                          execution=e.replace(archive=None, progress=False)), e, ex))
                      for term, e in _store_parts(ex, "test", flip, heads)]
         seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
@@ -413,12 +416,13 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
     if x_test is not None:
         jobs += [(x_test, x_train, part) for part in _store_parts(ex, "test", flip, readouts)]
     if not yes and not ex.on_cluster:
-        seconds = sum(store_dry_run(body, x1, x2, readouts=readouts, get=get, flip=term,
-                                    execution=e.replace(archive=None)).dry_run["estimated_seconds"]
-                      for x1, x2, (term, e) in jobs)
+        seconds = sum(_lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_dry_run(
+            body, x1, x2, readouts=readouts, get=get, flip=term, execution=e.replace(archive=None)),
+            e, ex).dry_run["estimated_seconds"] for x1, x2, (term, e) in jobs)
         _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
     for x1, x2, (term, e) in jobs:
-        store_kernel(body, x1, x2, readouts=readouts, labels=names, get=get, flip=term, execution=e)
+        _lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_kernel(
+            body, x1, x2, readouts=readouts, labels=names, get=get, flip=term, execution=e), e, ex)
     n_parts = 2 if flip else 1
     K = _stored_readouts([e for _, _, (_, e) in jobs[:n_parts]])
     K_test = None if x_test is None else _stored_readouts([e for _, _, (_, e) in jobs[n_parts:]])
@@ -445,6 +449,28 @@ def _store_parts(ex, part: str, flip, heads) -> list:
             store=store if part == "train" else test_store_path(store),
             archive=None if ex.archive is None else Path(ex.archive) / (part + suffix), reuse=lender)))
     return out
+
+
+def _lent_or_in_full(call, e, ex):
+    """``call(e)`` for one store of a sweep. Where its lender is one the sweep found beside
+    ``--reuse`` (a test or mirror-term store, not ``ex.reuse`` itself) and refuses to lend (other
+    test images, say), that store is computed in full instead, with a warning; a refusal by the
+    store named by ``--reuse`` stops the sweep. The refusal comes before any store is made."""
+    from cnngp.engine.store import LenderRefused
+
+    try:
+        return call(e)
+    except LenderRefused as refusal:
+        if e.reuse is None or ex.reuse is None or Path(e.reuse) == Path(ex.reuse):
+            raise
+        if (str(e.reuse), str(e.store)) not in _LENDERS_REFUSED:  # once, not again after the dry run
+            _LENDERS_REFUSED.add((str(e.reuse), str(e.store)))
+            warnings.warn(f"{refusal} (so {str(e.store)!r} is computed in full)", RuntimeWarning, stacklevel=2)
+        return call(e.replace(reuse=None))
+
+
+#: (lender, store) pairs whose refusal :func:`_lent_or_in_full` has warned of in this sweep
+_LENDERS_REFUSED: set = set()
 
 
 def _holds_readouts(path, heads) -> bool:
@@ -1036,6 +1062,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
     ValueError, FileNotFoundError
         From :func:`cnngp.io.data.load_dataset` for unreadable or missing data.
     """
+    _LENDERS_REFUSED.clear()  # this sweep's warnings (_lent_or_in_full)
     protocol_options = {k: options.pop(k) for k in list(options) if k in SweepProtocol.names()}
     if protocol is None:
         protocol = SweepProtocol(**protocol_options)
