@@ -5,7 +5,10 @@
 # the nested estimate (λ and σ² chosen inside each outer fold), and `--test all`: every readout
 # trained on the 640 and scored on the subset's 1,000 test images (accuracy, NLL, ECE).
 #   plain | --zca 0.1 | --flip | --zca 0.1 --flip    (ZCA strength: a fraction of the mean
-#   eigenvalue, fitted on the 640 training images only)
+#   eigenvalue; --zca-fit rest: fitted on the subset's other training images, never on the N_max
+#   the CV validates on nor on a test image, so that validation and test images are whitened
+#   alike, out of sample. Runs whitened on the N_max itself (in-sample for the CV's validation
+#   folds, the first protocol) are kept in zca-in-sample/ for the record.)
 # Kernels in float32 through resumable stores in ../../stores (git-ignored, beside the
 # checkout): run this script again — any session — and each sweep computes only the tiles its
 # stores lack; finished sweeps (results.json present) are skipped. Wall and CPU time of every
@@ -40,17 +43,18 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
     for cfg in "$@"; do
         case $cfg in
             plain) REUSE=1 run "$prefix-plain" "$arch" ;;
-            zca) run "$prefix-zca" "$arch" --zca 0.1 ;;
+            zca) run "$prefix-zca" "$arch" --zca 0.1 --zca-fit rest ;;
             # a flip sweep keeps the plain kernels in its --store and their mirror terms beside
             # (K-mirror.zarr): given the plain configuration's store it computes only those
             flip) REUSE=1 STORE="$prefix-plain" run "$prefix-flip" "$arch" --flip ;;
-            zca-flip) STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" --zca 0.1 --flip ;;
+            zca-flip) STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" --zca 0.1 --zca-fit rest --flip ;;
         esac || return $?
     done
 }
-# the configurations without flips first, for every network, then the flip-averaged ones, each
-# reusing its plain configuration's stores (so a flip configuration costs what a plain one does)
-for cfgs in "plain zca" "flip zca-flip"; do
+# the configurations without ZCA first, for every network (the flip-averaged ones reusing their
+# plain configuration's stores, so a flip configuration costs what a plain one does), then the
+# ZCA ones (their whitening fitted apart from the N_max: --zca-fit rest)
+for cfgs in "plain flip" "zca zca-flip"; do
     # shellcheck disable=SC2086
     configs myrtle10 myrtle10 $cfgs || exit $?
     # correlated intermediate layers (6×6 stride-2 SAME Matérn convs in place of the pools; on
@@ -63,8 +67,8 @@ done
 # the best configuration again at N = 1,280 (CV at 160 ... 1,280, test kernels against all
 # 1,280): the one whose CV-chosen readout has the highest nested CV estimate at N = 640, never a
 # test score (summarize.py --best, which refuses until all 12 above are finished). ZCA is refitted
-# on the 1,280, so its kernels are new ones; without ZCA the N = 640 stores lend their tiles
-# (run: --reuse), about 40 % of the pairs.
+# on the training images outside the 1,280, so its kernels are new ones; without ZCA the N = 640
+# stores lend their tiles (run: --reuse), about 40 % of the pairs.
 best=$(python summarize.py --best) || exit $?
 read -r net cfg <<< "$best"
 NS=160,320,640,1280 SUFFIX=-n1280 configs "$net" "$net" "$cfg" || exit $?
