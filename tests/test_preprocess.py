@@ -260,6 +260,60 @@ def test_sweep_fits_on_the_training_subset_only(tmp_path):
     assert plain["config"]["train_sha256"] == a["config"]["train_sha256"]  # the images as read
 
 
+def test_sweep_zca_fit_rest_whitens_with_the_other_training_images_only(tmp_path):
+    """``zca_fit="rest"``: the whitening is fitted on the training images outside the N_max
+    subset. Oracle: the direct whitening of those images, applied to the subset and the test
+    images alike. Changing the subset's own pixels or the test images changes nothing fitted;
+    changing an image of the rest does."""
+    import cnngp
+    from cnngp.experiments.sweep import split_network, sweep_readouts
+
+    ds = _dataset(0)
+    a = run_sweep_zca(ds, zca_fit="rest", kernel_cache=tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz") as z:
+        order, x_test = z["train_index"], ds.x_test[z["test_index"]]
+        K, K_test = z["kernels"], z["test_kernels"]
+    rest = np.setdiff1d(np.arange(len(ds.x_train)), order)
+    assert len(rest) == 180 and not set(rest) & set(order)
+    mu, W, _ = _direct(ds.x_train[rest], 0.25)
+    x_sub = ds.x_train[order]
+    body, template, _ = split_network("cnngp1")
+    net = cnngp.Serial(body, sweep_readouts(template, [1.0])[0][0])
+    np.testing.assert_allclose(K[0], cnngp.kernel(net, _whiten(x_sub, mu, W)).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(K_test[0], cnngp.kernel(net, _whiten(x_test, mu, W), _whiten(x_sub, mu, W)).numpy(),
+                               rtol=1e-9, atol=1e-12)
+    fit = a["config"]["zca_fit"]
+    assert (fit["fit"], fit["fitted_on"]) == ("rest", 180)
+    assert fit["fitted_on_images"] == "the training images outside the N_max subset (unlabelled)"
+
+    def changed(where):  # the data set with one image's pixels changed (its label kept)
+        x = ds.x_train.copy()
+        x[where] = x[where][::-1]
+        return Dataset(x, ds.y_train, ds.x_test, ds.y_test, ds.name, ds.class_names)
+
+    assert run_sweep_zca(_dataset(300), zca_fit="rest")["config"]["zca_fit"] == fit  # other test images
+    in_subset = run_sweep_zca(changed(order[0]), zca_fit="rest")["config"]["zca_fit"]
+    assert in_subset == fit  # the subset's own pixels: not fitted on
+    assert run_sweep_zca(changed(rest[0]), zca_fit="rest")["config"]["zca_fit"]["mean_eigenvalue"] \
+        != fit["mean_eigenvalue"]
+
+
+def test_sweep_zca_fit_is_checked_and_kept_apart_in_stores(tmp_path):
+    with pytest.raises(CNNGPError, match=r"^zca_fit: expected one of train, rest, got 'test'"):
+        run_sweep_zca(_dataset(0), zca_fit="test")
+    with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' says where to fit a ZCA whitening, but no strength"):
+        run_sweep_zca(_dataset(0), zca=None, zca_fit="rest")
+    x, y = load_digits()
+    every = Dataset(x[:20], y[:20], None, None, "twenty", tuple(str(i) for i in range(10)))
+    with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' .* outside the N_max = 20 subset, and 'twenty' has 0"):
+        run_sweep_zca(every, zca_fit="rest", test=False)
+    store = tmp_path / "K.zarr"
+    run_sweep_zca(_dataset(0), store=store, test=False)
+    with pytest.raises(CNNGPError, match=r"^zca: .*K\.zarr' holds kernels of images whitened by ZCA fitted on the "
+                                         r"N_max training subset, not on the training images outside"):
+        run_sweep_zca(_dataset(0), store=store, test=False, zca_fit="rest")
+
+
 def run_sweep_zca(ds, zca=0.25, **kw):
     from cnngp.experiments.sweep import run_sweep
 
@@ -366,3 +420,8 @@ def test_sweep_command_records_zca(tmp_path, capsys):
     assert config["zca"] == 0.5 and config["zca_fit"]["fitted_on"] == 20
     assert config["zca_fit"]["fitted_on_images"] == "the N_max training subset"
     assert "--zca 0.5" in config["command"]
+    assert main(["sweep", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--lengthscales", "1", "--zca", "0.5",
+                 "--zca-fit", "rest", "--out", str(out), "--quiet", "--no-checkpoint"]) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["zca_fit"]["fit"], config["zca_fit"]["fitted_on"]) == ("rest", 1797 - 20)  # all of digits but 20
+    assert "--zca-fit rest" in config["command"]

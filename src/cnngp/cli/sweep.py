@@ -164,7 +164,7 @@ def cmd_sweep(args) -> int:
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
                              test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme,
-                             zca=args.zca, flip=args.flip, nested=not args.no_nested)
+                             zca=args.zca, zca_fit=args.zca_fit, flip=args.flip, nested=not args.no_nested)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
                         data_label=str(args.data), yes=args.yes,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,
@@ -244,7 +244,13 @@ def register(subparsers) -> None:
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32",
                    help="correlation family of the swept readout (default matern32)")
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
-    add_zca_argument(p, "the training subset of the largest --n (never the test images)")
+    add_zca_argument(p, "the training subset of the largest --n, or with --zca-fit rest the other training "
+                        "images (never the test images)")
+    p.add_argument("--zca-fit", choices=["train", "rest"], default="train",
+                   help="with --zca: fit the whitening on the training subset of the largest --n (train, "
+                        "default; the CV's validation folds are then whitened in sample, the test images "
+                        "out of sample) or on the data's other training images, unlabelled (rest: "
+                        "validation and test images alike, out of sample)")
     add_layout_argument(p)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                    help="kernel precision (default float32: each sweep checks a few kernel entries "

@@ -326,11 +326,11 @@ def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
     return [p for _, b in store_terms(kernel_store, flip) for p in ([b, test_store_path(b)] if test else [b])]
 
 
-def check_store_zca(path, zca, flag: str = "--zca") -> None:
+def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train") -> None:
     """Refuse, before any work, to resume or reuse the store at ``path`` if it records a ZCA
-    whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none).
-    A store of whitened images also hashes them, so any other mismatch is refused by the
-    store's own identity check."""
+    whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none)
+    fitted on other images (``fit``: :data:`ZCA_FITS`). A store of whitened images also hashes
+    them, so any other mismatch is refused by the store's own identity check."""
     from cnngp.engine.store import KernelStore
 
     if path is None or not (Path(path) / "zarr.json").is_file():
@@ -348,13 +348,20 @@ def check_store_zca(path, zca, flag: str = "--zca") -> None:
 
         raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of {what(recorded)}, not of {what(zca)}; "
                          "resume only with the same whitening, or give another store (nothing was overwritten)")
+    recorded_fit = ((attrs.get("preprocessing") or {}).get("zca") or {}).get("fit", "train")
+    if zca is not None and recorded_fit != fit:
+        raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of images whitened by ZCA fitted on "
+                         f"{ZCA_FITS.get(recorded_fit, recorded_fit)}, not on {ZCA_FITS[fit]} (--zca-fit "
+                         f"{fit}); resume only with the same whitening, or give another store (nothing was "
+                         "overwritten)")
 
 
-def _note_zca(paths, whitening) -> None:
-    """Record the whitening in each complete store of ``paths`` (``preprocessing``)."""
+def _note_zca(paths, whitening, fit: str = "train") -> None:
+    """Record the whitening (fitted on ``fit``: :data:`ZCA_FITS`) in each complete store of
+    ``paths`` (``preprocessing``)."""
     from cnngp.engine.store import KernelStore
 
-    info = {"zca": {**whitening.provenance(), "fitted_on_images": "the N_max training subset"}}
+    info = {"zca": {**whitening.provenance(), "fit": fit, "fitted_on_images": ZCA_FITS[fit]}}
     for path in paths:
         if (Path(path) / "zarr.json").is_file():
             KernelStore.open(path).annotate(preprocessing=info)
@@ -883,6 +890,13 @@ def _nested_entry(rows, n: int) -> dict:
             "block_accuracies": [float(a) for a in accs], "chosen": chosen}
 
 
+#: where a sweep's ZCA whitening is fitted (:attr:`SweepProtocol.zca_fit`): what each records
+ZCA_FITS = {
+    "train": "the N_max training subset",
+    "rest": "the training images outside the N_max subset (unlabelled)",
+}
+
+
 @dataclass(frozen=True)
 class SweepProtocol(Settings):
     """What a sweep measures: sizes, readouts and the cross-validation (validated on
@@ -927,6 +941,13 @@ class SweepProtocol(Settings):
         subset only — the union of the blocks, so every block and fold shares one whitening
         (unlabelled statistics of training images; no test image enters it) — and applied to
         the training and test images before any kernel. Default: no whitening.
+    zca_fit : {"train", "rest"}, default "train"
+        Which training images the whitening is fitted on. ``"train"``: the ``N_max`` subset
+        (as above; the cross-validation's validation folds are then whitened in sample,
+        while the test images are not). ``"rest"``: the data's other training images, those
+        outside the ``N_max`` subset, unlabelled — never an image the cross-validation
+        validates on nor a test image, so that validation and test images are whitened
+        alike, out of sample, and the whitening does not change with the blocks.
     """
 
     KIND = "sweep protocol setting"
@@ -943,10 +964,16 @@ class SweepProtocol(Settings):
     zca: float | None = None
     flip: bool = False
     nested: bool = True
+    zca_fit: str = "train"
 
     def __post_init__(self):
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
+        if self.zca_fit not in ZCA_FITS:
+            raise CNNGPError(f"zca_fit: expected one of {', '.join(ZCA_FITS)}, got {self.zca_fit!r}")
+        if self.zca_fit != "train" and self.zca is None:
+            raise CNNGPError(f"zca_fit: {self.zca_fit!r} says where to fit a ZCA whitening, but no strength is given; "
+                             "add zca (--zca EPS)")
         if self.family not in FAMILIES:
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in _FOLD_SCHEMES:
@@ -1152,10 +1179,19 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         }
         whitening = None
         if protocol.zca is not None:
-            # regularised ZCA fitted on the N_max training subset alone, applied to train and
-            # test; the cache key keeps the raw images' hashes and adds the strength
+            # regularised ZCA fitted on training images alone (the N_max subset, or the others:
+            # zca_fit), applied to train and test; the cache key keeps the raw images' hashes
+            # and adds the strength (and the images it was fitted on, when not the subset)
             key["zca"] = protocol.zca
-            whitening = fit_zca(x_sub, protocol.zca, name="the training subset")
+            x_fit = x_sub
+            if protocol.zca_fit == "rest":
+                x_fit = ds.x_train[np.setdiff1d(np.arange(len(ds.x_train)), order)]
+                if len(x_fit) < 2:
+                    raise CNNGPError(f"zca_fit: 'rest' fits the whitening on the training images outside the "
+                                     f"N_max = {n_max} subset, and {ds.name!r} has {len(x_fit)}; use a smaller "
+                                     "--n or zca_fit 'train'")
+                key["zca_fit_sha256"] = array_sha256(x_fit)
+            whitening = fit_zca(x_fit, protocol.zca, name=ZCA_FITS[protocol.zca_fit])
             x_sub = whitening.transform(x_sub, "the training subset")
             if x_test is not None:
                 x_test = whitening.transform(x_test, "the test images")
@@ -1178,7 +1214,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                     client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
                 ex = ex.replace(workers=None, scheduler=client)
             for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
-                check_store_zca(path, protocol.zca, "zca")
+                check_store_zca(path, protocol.zca, "zca", protocol.zca_fit)
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip)
             kernels_start = time.perf_counter()
             K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel, flip)
@@ -1192,7 +1228,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                                            ex, kernel, flip)
         kernel_seconds = time.perf_counter() - kernels_start
         if whitening is not None and kernel_store is not None:
-            _note_zca(sweep_store_paths(kernel_store, False, flip), whitening)
+            _note_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit)
         # kernels read from a cache were checked when they were computed
         float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel,
                                                                           seed, flip)
@@ -1233,7 +1269,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
                 _note_zca([p for p in sweep_store_paths(kernel_store, True, flip)
-                           if p.name.endswith("-test.zarr")], whitening)
+                           if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit)
             scored = [r for r in top if "_per_image" in r]
             test_predictions = {  # per test point and scored readout: paired comparisons
                 "test_index": np.asarray(test_order), "y_test": np.asarray(y_test),
@@ -1289,8 +1325,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "n_test": None if test_order is None else int(len(test_order)),
             "train_sha256": key["train_sha256"],
             "zca": protocol.zca,
-            "zca_fit": None if whitening is None else {**whitening.provenance(),
-                                                       "fitted_on_images": "the N_max training subset"},
+            "zca_fit": None if whitening is None else {**whitening.provenance(), "fit": protocol.zca_fit,
+                                                       "fitted_on_images": ZCA_FITS[protocol.zca_fit]},
             "kernel": kernel,
             "flip": flip,
             "kernel_store": None if kernel_store is None else str(kernel_store),
