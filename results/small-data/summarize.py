@@ -12,7 +12,10 @@ per image, correct(a) − correct(b) and log p_a − log p_b, their mean ± 2 SE
 (test_predictions.npz of each run); every configuration is compared with the plain one of its
 network and readout, the CV-chosen readout with mean pooling within a configuration, and
 Myrtle10-correlated (correlated intermediate layers) with Myrtle10 (pools) at the same
-configuration and readout.
+configuration and readout. These SEs are the test images' noise for the one training set; the
+variation over training sets is not in them. Where the CV tied several readouts (the sweep keeps
+the first, smallest λ), the table says so, and a row "CV-tied (mean of k)" scores the tied
+readouts' mean per image, so that no conclusion rests on the tie-break alone.
 """
 
 from __future__ import annotations
@@ -95,6 +98,19 @@ def _mean_2se(x):
     return float(x.mean()), float(2 * x.std(ddof=1) / math.sqrt(len(x)))
 
 
+def _binomial_2se(p: float, m: int) -> float:
+    """±2 SE of an accuracy p on m test images."""
+    return 2 * math.sqrt(p * (1 - p) / m)
+
+
+def _tied(res, n: int) -> list:
+    """The labels of the readouts the CV at N = n tied with the chosen one (the sweep's
+    ``best[...]["tied"]``), the chosen one excluded."""
+    b = next(b for b in res["best"] if b["n"] == n)
+    return [f"{t['readout']}:{t['lengthscale']}" for t in b.get("tied") or []
+            if (t["readout"], t["lengthscale"]) != (b["readout"], b["lengthscale"])]
+
+
 def _per_image(pred, readout):
     names = [str(n) for n in pred["readouts"]]
     i = names.index(readout)
@@ -113,32 +129,53 @@ def main():
         best = next(b for b in res["best"] if b["n"] == n_max)
         top = {_label(r): r for r in res["results"] if r["n"] == n_max}
         chosen = f"{res['test']['readout']}:{res['test']['lengthscale']}"
+        scored = [str(n) for n in pred["readouts"]]
+        tied = [t for t in _tied(res, n_max) if t in scored]
         for role, label in (("independent", "independent:0.0"), ("mean pool", "constant:inf"), ("CV-chosen λ", chosen)):
-            if label not in top or label not in [str(n) for n in pred["readouts"]]:
+            if label not in top or label not in scored:
                 continue
             r = top[label]
             correct, logp = _per_image(pred, label)
-            acc, acc2 = _mean_2se(correct)
+            acc = float(correct.mean())
             nll, nll2 = _mean_2se(-logp)
             per_image[(net, cfg, role)] = (correct, logp)
             table.append({
                 "network": net, "config": cfg, "readout": role, "lengthscale": r["lengthscale"],
-                "test_accuracy": acc, "test_accuracy_2se": acc2, "test_nll": nll, "test_nll_2se": nll2,
+                "test_accuracy": acc, "test_accuracy_2se": _binomial_2se(acc, len(correct)),
+                "test_nll": nll, "test_nll_2se": nll2,
                 "test_ece": r["test_ece"], "cv_accuracy": r["cv_accuracy"],
                 "nested_cv_accuracy": best.get("nested", {}).get("cv_accuracy") if role == "CV-chosen λ" else None,
                 "n_test": int(len(correct)), "n_train": int(n_max),
+                **({"tied_with": [float(t.split(":")[1]) for t in tied]} if role == "CV-chosen λ" else {}),
+            })
+        if tied and chosen in scored:  # every readout the CV tied, their per-image mean
+            both = [_per_image(pred, label) for label in [chosen, *tied]]
+            correct = np.mean([c for c, _ in both], axis=0)
+            logp = np.mean([lp for _, lp in both], axis=0)
+            acc = float(correct.mean())
+            nll, nll2 = _mean_2se(-logp)
+            role = f"CV-tied (mean of {len(both)})"
+            per_image[(net, cfg, role)] = (correct, logp)
+            table.append({
+                "network": net, "config": cfg, "readout": role, "lengthscale": None,
+                "test_accuracy": acc, "test_accuracy_2se": _binomial_2se(acc, len(correct)),
+                "test_nll": nll, "test_nll_2se": nll2, "test_ece": None, "cv_accuracy": top[chosen]["cv_accuracy"],
+                "nested_cv_accuracy": None, "n_test": int(len(correct)), "n_train": int(n_max),
+                "tied": [chosen, *tied],
             })
     paired = []
     for (net, cfg, role), (c, lp) in per_image.items():
         refs = []
         suffix = N1280 if cfg.endswith(N1280) else ""
-        if cfg != "plain" + suffix and (net, "plain" + suffix, role) in per_image:
+        if role.startswith("CV-tied"):
+            pass  # compared with mean pooling alone (below)
+        elif cfg != "plain" + suffix and (net, "plain" + suffix, role) in per_image:
             refs.append(((net, "plain" + suffix, role), "vs plain"))
-        if suffix and (net, cfg.removesuffix(suffix), role) in per_image:  # the same test images
+        if suffix and not role.startswith("CV-tied") and (net, cfg.removesuffix(suffix), role) in per_image:
             refs.append(((net, cfg.removesuffix(suffix), role), "vs N = 640"))
-        if net == "myrtle10-correlated" and ("myrtle10", cfg, role) in per_image:  # its pools correlated
+        if net == "myrtle10-correlated" and not role.startswith("CV-tied") and ("myrtle10", cfg, role) in per_image:
             refs.append((("myrtle10", cfg, role), "vs myrtle10 (pools)"))
-        if role == "CV-chosen λ" and (net, cfg, "mean pool") in per_image:
+        if (role == "CV-chosen λ" or role.startswith("CV-tied")) and (net, cfg, "mean pool") in per_image:
             refs.append(((net, cfg, "mean pool"), "vs mean pool"))
         for ref, what in refs:
             c0, lp0 = per_image[ref]
@@ -154,16 +191,24 @@ def main():
         cost[key] = _tile_seconds(net, cfg) or previous.get(key)  # the stores may be gone later
     curve = learning_curve()
     (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired, "cost": cost,
-                                                   "learning_curve": curve}, indent=1) + "\n")
+                                                   "learning_curve": curve, "cv_test_gaps": cv_test_gaps()},
+                                                  indent=1) + "\n")
     lines = ["| network | config | N | readout | test acc % | NLL | ECE % | CV acc % (at N) | nested CV % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         nested = "" if t["nested_cv_accuracy"] is None else f"{100 * t['nested_cv_accuracy']:.1f}"
-        lam = "" if t["readout"] != "CV-chosen λ" else f" (λ = {float(t['lengthscale']):.3g})"
+        lam = ""
+        if t["readout"] == "CV-chosen λ":
+            lam = f" (λ = {float(t['lengthscale']):.3g}" + (
+                "; CV tied with λ = " + ", ".join(f"{v:.3g}" for v in t["tied_with"]) if t.get("tied_with") else "") + ")"
+        ece = "" if t["test_ece"] is None else f"{100 * t['test_ece']:.1f}"
         lines.append(f"| {t['network']} | {t['config']} | {t['n_train']} | {t['readout']}{lam} | "
                      f"{100 * t['test_accuracy']:.1f} ± {100 * t['test_accuracy_2se']:.1f} | "
-                     f"{t['test_nll']:.3f} ± {t['test_nll_2se']:.3f} | {100 * t['test_ece']:.1f} | "
+                     f"{t['test_nll']:.3f} ± {t['test_nll_2se']:.3f} | {ece} | "
                      f"{100 * t['cv_accuracy']:.1f} | {nested} |")
+    lines += ["", "±2 SE: binomial over the test images for accuracy, over the images for NLL; the nested CV "
+              "estimate at N = 640 rests on 640 held-out predictions (±3.9 points at p = 0.5), so configurations "
+              "within that of each other are not told apart by it (summarize.py --best still picks one)."]
     lines += ["", "| network | config | readout | against | Δ accuracy (points) | Δ NLL |", "|---|---|---|---|---|---|"]
     for p in paired:
         lines.append(f"| {p['network']} | {p['config']} | {p['readout']} | {p['against']} | "
@@ -171,10 +216,14 @@ def main():
                      f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} |")
     if curve:
         ns = sorted({int(n) for c in curve for n in c["test_accuracy"]})
-        lines += ["", "Test learning curve (the 1,000 test images; at each N below the largest, the mean ± 2 SE "
-                  "over the disjoint training sets of that size the CV used, each model at its own CV's σ²; at "
-                  "the largest N the one model, ± 2 SE binomial). The CV-chosen readout is chosen at each N "
-                  "by that N's CV. Arora et al.'s CNTK-14 at the same N: "
+        blocks = {n: max((c["blocks"].get(str(n), 1) for c in curve), default=1) for n in ns}
+        lines += ["", "Test learning curve (the 1,000 test images; at each N below the largest, the mean over "
+                  "the disjoint training sets of that size the CV used ("
+                  + ", ".join(f"{blocks[n]} at {n:,}" for n in ns) + "), each model at its own CV's σ², "
+                  "± 2·sqrt(s²/B + p(1 − p)/M): their spread and the binomial noise of the test images they "
+                  "share; at the largest N the one model, ± 2 SE binomial). The CV-chosen readout is chosen "
+                  "at each N by that N's CV, which pools the CV accuracies of all its blocks: each block's "
+                  "λ is chosen with the other blocks' labels too. Arora et al.'s CNTK-14 at the same N: "
                   + ", ".join(f"{n}: {ARORA_CNTK14[n]}" for n in ns if n in ARORA_CNTK14) + " %.", "",
                   "| network | config | readout | " + " | ".join(f"N = {n:,}" for n in ns) + " |",
                   "|---|---|---|" + "---|" * len(ns)]
@@ -182,6 +231,18 @@ def main():
             cells = [f"{100 * c['test_accuracy'][str(n)]:.1f} ± {100 * c['test_accuracy_2se'][str(n)]:.1f}"
                      if str(n) in c["test_accuracy"] else "" for n in ns]
             lines.append(f"| {c['network']} | {c['config']} | {c['readout']} | " + " | ".join(cells) + " |")
+    gaps = cv_test_gaps()
+    if gaps:
+        lines += ["", "CV against test at the largest N (points; the CV is the estimate the readout and σ² are "
+                  "chosen by). Beside the runs, the first ZCA runs (zca-in-sample/: ZCA fitted on the N_max "
+                  "the CV validates on, its validation folds whitened in sample and the test images out of "
+                  "sample), kept for this comparison; the ZCA runs now fit it apart (--zca-fit rest):", "",
+                  "| network | config | N | CV − test, mean over the readouts | CV-chosen: CV | nested CV | test |",
+                  "|---|---|---|---|---|---|---|"]
+        for g in gaps:
+            nested = "" if g["chosen_nested"] is None else f"{100 * g['chosen_nested']:.1f}"
+            lines.append(f"| {g['network']} | {g['config']} | {g['n']} | {100 * g['mean_cv_minus_test']:+.1f} | "
+                         f"{100 * g['chosen_cv']:.1f} | {nested} | {100 * g['chosen_test']:.1f} |")
     lines += ["", "Kernel time of every attempt, from the stores' tile records (wall: a tile's seconds, which "
               "include any pause of the sweep and other work on the 2 cores; CPU: its process's CPU "
               "seconds, recorded by tiles computed since 2026-12-05 08:45 UTC):", "",
@@ -194,6 +255,30 @@ def main():
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
     figure(table, HERE / "summary.png", curve)
     print("\n".join(lines))
+
+
+def cv_test_gaps() -> list:
+    """How far the CV accuracy at N_max is from the test accuracy, per finished run: its mean
+    over every readout (CV − test, points) and the CV-chosen readout's CV, nested CV and test
+    accuracy; beside the runs of zca-in-sample/ (ZCA fitted on the N_max itself, which whitens
+    the CV's validation folds in sample and the test images out of sample: the first protocol,
+    superseded by --zca-fit rest)."""
+    out = []
+    runs = [(net, cfg, res) for net, cfg, res, _ in _runs()]
+    for d in sorted((HERE / "zca-in-sample").glob("*/results.json")):
+        name = d.parent.name
+        net = next(n for n in sorted(NETWORKS, key=len, reverse=True) if name.startswith(n + "-"))
+        runs.append((net, name.removeprefix(net + "-") + " (in-sample ZCA)", json.loads(d.read_text())))
+    for net, cfg, res in runs:
+        n_max = max(b["n"] for b in res["best"])
+        rows = [r for r in res["results"] if r["n"] == n_max and "test_accuracy" in r]
+        best = next(b for b in res["best"] if b["n"] == n_max)
+        chosen = next(r for r in rows if (r["readout"], r["lengthscale"]) == (best["readout"], best["lengthscale"]))
+        out.append({"network": net, "config": cfg, "n": n_max,
+                    "mean_cv_minus_test": float(np.mean([r["cv_accuracy"] - r["test_accuracy"] for r in rows])),
+                    "chosen_cv": chosen["cv_accuracy"], "chosen_nested": (best.get("nested") or {}).get("cv_accuracy"),
+                    "chosen_test": chosen["test_accuracy"]})
+    return out
 
 
 #: Arora et al. 2020's 14-layer CNTK on CIFAR-10 (test accuracy, %), by training set size
@@ -220,16 +305,21 @@ def learning_curve() -> list:
                 r = next((r for r in at_n if (r["readout"], r["lengthscale"]) == key), None)
                 if r is None or "test_accuracy" not in r:
                     continue
-                if "test_accuracy_2se" in r:
-                    acc, two_se = r["test_accuracy"], r["test_accuracy_2se"]
-                else:  # the largest N: one model on the test images
-                    acc = r["test_accuracy"]
-                    two_se = 2 * math.sqrt(acc * (1 - acc) / res["test"]["n_test"])
+                m = res["test"]["n_test"]
+                accs = r.get("block_test_accuracies") or [r["test_accuracy"]]  # the largest N: one model
+                acc = float(np.mean(accs))
+                # the spread over the blocks and the binomial noise of the m shared test images
+                # (cnngp.experiments.sweep.learning_curve_2se; recomputed: runs before it stored
+                # the spread alone)
+                between = float(np.var(accs, ddof=1)) / len(accs) if len(accs) > 1 else 0.0
+                two_se = 2 * math.sqrt(between + acc * (1 - acc) / m)
                 entry = by_role.setdefault(role, {"network": net, "config": cfg, "readout": role,
-                                                  "test_accuracy": {}, "test_accuracy_2se": {}, "lengthscale": {}})
+                                                  "test_accuracy": {}, "test_accuracy_2se": {}, "lengthscale": {},
+                                                  "blocks": {}})
                 entry["test_accuracy"][str(n)] = acc
                 entry["test_accuracy_2se"][str(n)] = two_se
                 entry["lengthscale"][str(n)] = r["lengthscale"]
+                entry["blocks"][str(n)] = len(accs)
         out += list(by_role.values())
     return out
 
