@@ -305,7 +305,7 @@ def test_sweep_zca_fit_is_checked_and_kept_apart_in_stores(tmp_path):
         run_sweep_zca(_dataset(0), zca=None, zca_fit="rest")
     x, y = load_digits()
     every = Dataset(x[:20], y[:20], None, None, "twenty", tuple(str(i) for i in range(10)))
-    with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' .* outside the N_max = 20 subset, and 'twenty' has 0"):
+    with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' .* outside the N_max = 20 subset, and there are 0"):
         run_sweep_zca(every, zca_fit="rest", test=False)
     store = tmp_path / "K.zarr"
     run_sweep_zca(_dataset(0), store=store, test=False)
@@ -388,6 +388,20 @@ def test_learn_records_and_applies_the_whitening():
     assert plain["config"]["zca"] is None
     assert res["config"]["train_sha256"] == plain["config"]["train_sha256"]
     assert res["grid"][0]["objective"] != plain["grid"][0]["objective"]
+    # zca_fit="rest": fitted on the other 180 training images; the n's own pixels do not enter it
+    rest = run_learn("cnngp1", _dataset(0), 20, zca=0.3, zca_fit="rest", **common)["config"]["zca_fit"]
+    assert (rest["fit"], rest["fitted_on"]) == ("rest", 180)
+    assert rest["fitted_on_images"] == "the training images outside the n (unlabelled)"
+    from cnngp.io.data import balanced_subset
+
+    ds = _dataset(0)
+    x = ds.x_train.copy()  # (a copy: the digits loader's arrays are shared)
+    first = balanced_subset(ds.y_train, 20, seed=0, n_classes=10)[0]
+    x[first] = x[first][::-1]
+    changed = Dataset(x, ds.y_train, ds.x_test, ds.y_test, ds.name, ds.class_names)
+    assert run_learn("cnngp1", changed, 20, zca=0.3, zca_fit="rest", **common)["config"]["zca_fit"] == rest
+    with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' says where to fit a ZCA whitening"):
+        run_learn("cnngp1", _dataset(0), 20, zca_fit="rest", **common)
 
 
 @pytest.mark.parametrize("command", [["sweep"], ["learn"]])

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from cnngp.cli.main import (
-    add_engine_argument, add_layout_argument, add_zca_argument, comma_items, command_line, int_at_least, load_data,
+    add_engine_argument, add_layout_argument, add_zca_argument, add_zca_fit_argument, comma_items, command_line,
+    int_at_least, load_data,
     parse_zca,
 )
 from cnngp.errors import CNNGPError
@@ -69,7 +70,7 @@ def cmd_learn(args) -> int:
         objective=args.objective, params=args.params, family=args.family, folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
-        spectral_mixture=args.spectral_mixture, zca=args.zca, flip=args.flip,
+        spectral_mixture=args.spectral_mixture, zca=args.zca, zca_fit=args.zca_fit, flip=args.flip,
     )
     result = run_learn(args.arch, load_data(args), args.n, protocol, on_step=None if args.quiet else progress,
                        data_label=str(args.data), execution=execution_from_args(args), yes=args.yes)
@@ -129,7 +130,9 @@ def register(subparsers) -> None:
     p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subset (default 0)")
-    add_zca_argument(p, "the --n training images (never the test images)")
+    add_zca_argument(p, "the --n training images, or with --zca-fit rest the other training images (never the "
+                        "test images)")
+    add_zca_fit_argument(p, "the --n training images")
     add_layout_argument(p)
     p.add_argument("--flip", action="store_true",
                    help="flip-averaged kernels ½[K(x, x') + K(x, mirrored x')] (horizontal flips), train "

@@ -30,7 +30,7 @@ from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
-           "add_layout_argument", "add_zca_argument", "load_data", "comma_items", "parse_zca", "load_images", "command_line",
+           "add_layout_argument", "add_zca_argument", "add_zca_fit_argument", "load_data", "comma_items", "parse_zca", "load_images", "command_line",
            "Terminated"]
 
 
@@ -214,6 +214,15 @@ def add_zca_argument(parser, fitted_on: str) -> None:
                         help="whiten the images by regularised ZCA of strength EPS >= 0 (a fraction of the "
                         f"mean eigenvalue of the training covariance, e.g. 0.1), fitted on {fitted_on} only "
                         "and applied to every image the kernel sees (default: no whitening)")
+
+
+def add_zca_fit_argument(parser, subset: str) -> None:
+    """``--zca-fit train|rest``: where ``--zca`` is fitted (:data:`cnngp.io.preprocess.ZCA_FITS`)."""
+    parser.add_argument("--zca-fit", choices=["train", "rest"], default="train",
+                        help=f"with --zca: fit the whitening on {subset} (train, default; the CV's held-out "
+                             "folds are then whitened in sample, the test images out of sample) or on the data's "
+                             "other training images, unlabelled (rest: held-out folds and test images alike, out "
+                             "of sample)")
 
 
 def parse_zca(text, flag: str = "--zca"):

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from cnngp.cli.main import (
-    add_engine_argument, add_layout_argument, add_zca_argument, comma_items, command_line, int_at_least, load_data,
+    add_engine_argument, add_layout_argument, add_zca_argument, add_zca_fit_argument, comma_items, command_line,
+    int_at_least, load_data,
     parse_zca,
 )
 from cnngp.errors import CNNGPError
@@ -246,11 +247,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
     add_zca_argument(p, "the training subset of the largest --n, or with --zca-fit rest the other training "
                         "images (never the test images)")
-    p.add_argument("--zca-fit", choices=["train", "rest"], default="train",
-                   help="with --zca: fit the whitening on the training subset of the largest --n (train, "
-                        "default; the CV's validation folds are then whitened in sample, the test images "
-                        "out of sample) or on the data's other training images, unlabelled (rest: "
-                        "validation and test images alike, out of sample)")
+    add_zca_fit_argument(p, "the training subset of the largest --n")
     add_layout_argument(p)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                    help="kernel precision (default float32: each sweep checks a few kernel entries "

@@ -47,7 +47,7 @@ from cnngp.inference.learn import (
 from cnngp.io.architectures import split_network
 from cnngp.io.spec import correlation_from_spec as from_correlation_spec
 from cnngp.io.data import Dataset, balanced_subset, load_dataset
-from cnngp.io.preprocess import check_zca_strength, fit_zca
+from cnngp.io.preprocess import check_zca_fit, check_zca_strength, fit_zca, zca_fit_images
 from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
 from cnngp.kernels.layers import Serial
 from cnngp.provenance import array_sha256, versions
@@ -205,6 +205,11 @@ def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> to
     return torch.as_tensor(values.astype(np.float64))
 
 
+#: what a learn result records of where its whitening was fitted (:attr:`LearnProtocol.zca_fit`)
+LEARN_ZCA_FITS = {"train": "the n training images",
+                  "rest": "the training images outside the n (unlabelled)"}
+
+
 @dataclass(frozen=True)
 class LearnProtocol(Settings):
     """What :func:`run_learn` learns and how it scores it (validated on construction;
@@ -243,6 +248,11 @@ class LearnProtocol(Settings):
         Regularised ZCA whitening (:mod:`cnngp.io.preprocess`) of strength ε (a fraction of the
         mean eigenvalue), fitted on the ``n`` training images only (shared by the folds; no
         test image enters it) and applied to them and the test images. Default: none.
+    zca_fit : {"train", "rest"}, default "train"
+        Which training images the whitening is fitted on: the ``n`` (``"train"``; the CV's
+        held-out folds are then whitened in sample, the test images out of sample) or the data
+        set's other training images, unlabelled (``"rest"``: held-out folds and test images
+        alike, out of sample). As :attr:`cnngp.experiments.sweep.SweepProtocol.zca_fit`.
     flip : bool, default False
         The flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9), train and
         test: from the flip-averaged offset sums (the readout families are mirror-symmetric),
@@ -268,11 +278,13 @@ class LearnProtocol(Settings):
     spectral_mixture: int = 0
     zca: float | None = None
     flip: bool = False
+    zca_fit: str = "train"
 
     def __post_init__(self):
 
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
+        check_zca_fit(self.zca_fit, self.zca)
         objective, params, spectral_mixture = self.objective, self.params, self.spectral_mixture
         if objective not in OBJECTIVES:
             raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -373,8 +385,9 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     elif n_test is not None:
         raise CNNGPError("n_test: only meaningful together with test=True (--test)")
     train_sha256, whitening = array_sha256(x), None
-    if protocol.zca is not None:  # fitted on the n training images alone, applied to train and test
-        whitening = fit_zca(x, protocol.zca, name="the training images")
+    if protocol.zca is not None:  # fitted on training images alone (zca_fit), applied to train and test
+        x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit, f"the n = {n} training images")
+        whitening = fit_zca(x_fit, protocol.zca, name=LEARN_ZCA_FITS[protocol.zca_fit])
         x = whitening.transform(x, "the training images")
         x_test = None if x_test is None else whitening.transform(x_test, "the test images")
 
@@ -551,8 +564,8 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             "train_sha256": train_sha256,
             "zca": protocol.zca,
             "flip": bool(protocol.flip),
-            "zca_fit": None if whitening is None else {**whitening.provenance(),
-                                                       "fitted_on_images": "the n training images"},
+            "zca_fit": None if whitening is None else {**whitening.provenance(), "fit": protocol.zca_fit,
+                                                       "fitted_on_images": LEARN_ZCA_FITS[protocol.zca_fit]},
             "targets": "one-hot minus 1/n_classes",
         },
         "versions": versions(),

@@ -40,7 +40,7 @@ from cnngp.kernels.correlations import (
 )
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
-from cnngp.io.preprocess import check_zca_strength, fit_zca
+from cnngp.io.preprocess import check_zca_fit, check_zca_strength, fit_zca, zca_fit_images
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.kernels.layers import Readout
@@ -908,7 +908,8 @@ def _nested_entry(rows, n: int) -> dict:
             "block_accuracies": [float(a) for a in accs], "chosen": chosen}
 
 
-#: where a sweep's ZCA whitening is fitted (:attr:`SweepProtocol.zca_fit`): what each records
+#: where a sweep's ZCA whitening is fitted (:attr:`SweepProtocol.zca_fit`,
+#: :data:`cnngp.io.preprocess.ZCA_FITS`): what each records
 ZCA_FITS = {
     "train": "the N_max training subset",
     "rest": "the training images outside the N_max subset (unlabelled)",
@@ -987,11 +988,7 @@ class SweepProtocol(Settings):
     def __post_init__(self):
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
-        if self.zca_fit not in ZCA_FITS:
-            raise CNNGPError(f"zca_fit: expected one of {', '.join(ZCA_FITS)}, got {self.zca_fit!r}")
-        if self.zca_fit != "train" and self.zca is None:
-            raise CNNGPError(f"zca_fit: {self.zca_fit!r} says where to fit a ZCA whitening, but no strength is given; "
-                             "add zca (--zca EPS)")
+        check_zca_fit(self.zca_fit, self.zca)
         if self.family not in FAMILIES:
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in _FOLD_SCHEMES:
@@ -1201,13 +1198,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             # zca_fit), applied to train and test; the cache key keeps the raw images' hashes
             # and adds the strength (and the images it was fitted on, when not the subset)
             key["zca"] = protocol.zca
-            x_fit = x_sub
-            if protocol.zca_fit == "rest":
-                x_fit = ds.x_train[np.setdiff1d(np.arange(len(ds.x_train)), order)]
-                if len(x_fit) < 2:
-                    raise CNNGPError(f"zca_fit: 'rest' fits the whitening on the training images outside the "
-                                     f"N_max = {n_max} subset, and {ds.name!r} has {len(x_fit)}; use a smaller "
-                                     "--n or zca_fit 'train'")
+            x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit, f"the N_max = {n_max} subset")
+            if protocol.zca_fit != "train":
                 key["zca_fit_sha256"] = array_sha256(x_fit)
             whitening = fit_zca(x_fit, protocol.zca, name=ZCA_FITS[protocol.zca_fit])
             x_sub = whitening.transform(x_sub, "the training subset")

@@ -61,7 +61,8 @@ import numpy as np
 from cnngp.errors import CNNGPError
 from cnngp.validation import as_images, non_negative_real
 
-__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "ZCA_METHODS", "ZCA_STRENGTH_RANGE"]
+__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "check_zca_fit", "zca_fit_images", "ZCA_FITS",
+           "ZCA_METHODS", "ZCA_STRENGTH_RANGE"]
 
 #: how :func:`fit_zca` eigendecomposes: "auto" (the Gram matrix when N <= D, else the
 #: covariance), or either one by name
@@ -203,6 +204,37 @@ class ZCAWhitening:
             "centring": "per-feature mean of the training images",
             "per_image_normalisation": None,
         }
+
+
+#: where a protocol's ZCA whitening is fitted (``zca_fit``; ``--zca-fit``), of its data set's
+#: training split: the training subset itself, or the rest of the split (unlabelled)
+ZCA_FITS = ("train", "rest")
+
+
+def check_zca_fit(fit, zca) -> str:
+    """``fit`` checked as a ``zca_fit`` (:data:`ZCA_FITS`; other than ``"train"`` only with a
+    strength ``zca``)."""
+    if fit not in ZCA_FITS:
+        raise CNNGPError(f"zca_fit: expected one of {', '.join(ZCA_FITS)}, got {fit!r}")
+    if fit != "train" and zca is None:
+        raise CNNGPError(f"zca_fit: {fit!r} says where to fit a ZCA whitening, but no strength is given; "
+                         "add zca (--zca EPS)")
+    return fit
+
+
+def zca_fit_images(x_train, subset, fit: str, what: str = "the training subset") -> np.ndarray:
+    """The images a protocol fits its whitening on: ``x_train[subset]`` (``fit="train"``), or
+    every other image of the training split (``"rest"``, used unlabelled): then the images the
+    subset's cross-validation validates on, and the test images, are whitened alike, out of
+    sample. ``what`` names the subset in the refusal of a split with nothing left."""
+    subset = np.asarray(subset)
+    if fit == "train":
+        return x_train[subset]
+    rest = np.setdiff1d(np.arange(len(x_train)), subset)
+    if len(rest) < 2:
+        raise CNNGPError(f"zca_fit: 'rest' fits the whitening on the training images outside {what}, and "
+                         f"there are {len(rest)}; use a smaller training set or zca_fit 'train'")
+    return x_train[rest]
 
 
 def _rank_tolerance(eigenvalues: np.ndarray, n: int, d: int) -> float:
