@@ -453,7 +453,12 @@ class CNNGPClassifierCV(_CNNGPBase):
         As for :class:`CNNGPClassifier`.
     zca : float, optional
         As for :class:`CNNGPClassifier`: fitted on all of the training X before the
-        cross-validation (every fold shares it; unlabelled statistics of training images).
+        cross-validation (every fold shares it; unlabelled statistics of training images). Its
+        held-out folds are thus whitened in sample and new images out of sample, which for
+        fewer images than pixels differ (README, "Regularised ZCA whitening"): to select on
+        images whitened as new ones are, fit :func:`cnngp.io.preprocess.fit_zca` on other,
+        unlabelled images and pass the whitened arrays (``zca=None``), as the sweep's
+        ``zca_fit="rest"`` does.
     flip : bool, default False
         As for :class:`CNNGPClassifier`: every λ's kernel flip-averaged (with
         ``search="gradient"``, learned from the flip-averaged offset sums).
