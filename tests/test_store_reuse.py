@@ -50,7 +50,9 @@ def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_s
     assert lent == {"tile-0-0", "tile-0-1", "tile-1-1"}
     assert all(records[name]["seconds"] == _records(old)[name]["seconds"] for name in lent)
     assert KernelStore.open(new).complete()
-    assert KernelStore.open(new).info()["tiles_reused_from"] == {str(old): 3}
+    info = KernelStore.open(new).info()
+    assert info["tiles_reused_from"] == {str(old): 3}
+    assert info["seconds_recorded_reused"] == pytest.approx(sum(_records(old)[n]["seconds"] for n in lent))
 
 
 def test_a_grown_store_without_a_tile_takes_the_lenders(tmp_path):
@@ -154,7 +156,9 @@ def test_cli_kernel_reuse_grows_a_store_and_refuses_misuse_in_one_line(tmp_path,
     assert main([a for a in common if a != "--quiet"] + ["--x1", "digits:9", "--out", str(new), "--reuse", str(old)]) == 0
     assert f"3 reused from {old}" in capsys.readouterr().err
     assert main(["info", str(new)]) == 0
-    assert f"; 3 tile(s) copied from {old} (--reuse)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"; 3 tile(s) copied from {old} (--reuse)" in out
+    assert "s wall of it spent in the store the copied tiles came from)" in out
     fresh = tmp_path / "fresh.zarr"
     assert main(common + ["--x1", "digits:9", "--out", str(fresh)]) == 0
     np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),

@@ -757,7 +757,9 @@ def store_summary(path, info: dict) -> str:
         f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done"
         + "".join(f"; {k} tile(s) copied from {src} (--reuse)" for src, k in (info.get("tiles_reused_from") or {}).items()),
         f"  time     {info.get('seconds_recorded') or 0:,.1f} s wall, {info.get('cpu_seconds_recorded') or 0:,.1f} s CPU "
-        "(the finished tiles, every attempt)",
+        "(the finished tiles, every attempt"
+        + (f"; {info['seconds_recorded_reused']:,.1f} s wall of it spent in the store the copied tiles came from"
+           if info.get("seconds_recorded_reused") else "") + ")",
     ]
     damaged = info.get("images_damaged") or []
     if damaged:  # the tiles may be intact, but no resume or sweep trusts this store

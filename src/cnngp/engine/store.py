@@ -697,7 +697,13 @@ class KernelStore:
             "tiles_reused_from": self._lenders(state["done"]),  # --reuse: {source store: tiles}
             "seconds_recorded": self._recorded("seconds", state["done"]),
             "cpu_seconds_recorded": self._recorded("cpu_seconds", state["done"]),
+            # of which in tiles copied from another store: their time was spent there
+            "seconds_recorded_reused": self._recorded("seconds", self._copied(state["done"])),
         }
+
+    def _copied(self, tiles) -> list:
+        """Those of ``tiles`` whose records say they were copied from another store (``--reuse``)."""
+        return [t for t in tiles if (self._record(t.name) or {}).get("reused_from") is not None]
 
 
 
