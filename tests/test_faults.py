@@ -714,6 +714,21 @@ def test_checkpoint_claiming_every_pair_done_is_used_as_is(
     assert not ckpt.exists()
 
 
+def test_a_rerun_says_it_resumes_and_how_much_is_left(small_inputs, small_reference, tmp_path, monkeypatch,
+                                                       capsys):
+    """The rerun of an interrupted `cnngp kernel` says it resumes and from how many pairs (its
+    time gate prices the pairs left), and finishes exactly."""
+    x1, _ = small_inputs
+    out = tmp_path / "k.npz"
+    ckpt = _interrupted_checkpoint(monkeypatch, capsys, x1, out)
+    argv = [a for a in _small_argv(x1, out) if a != "--quiet"]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    assert f"--out: resuming from {ckpt}: 2 of {SMALL_PAIRS:,} pairs already done" in err, err
+    with np.load(out) as z:
+        assert np.array_equal(z["kernel"], small_reference)
+
+
 # -- 5. Ctrl-C during start-up -----------------------------------------------------------------
 
 

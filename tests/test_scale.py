@@ -288,7 +288,8 @@ def test_cli_store_flags_need_a_store(tmp_path, images_npz, capsys):
     assert code == 2 and "--workers: needs --store K.zarr" in line
 
 
-def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, capsys):
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, capsys, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)  # room for 3 workers at once, whatever this machine
     out = tmp_path / "K.zarr"
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5",
                 "--dry-run", "--workers", "3") == 0
@@ -303,6 +304,15 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
         plan["estimated_seconds_one_worker"] / 3) * 0.999
     assert "on 3 worker(s)" in plan["estimate"] and "start: this command, the cluster and its workers" in plan["estimate"]
     assert not out.exists()
+    # more single-thread local workers than cores: priced as many at a time as the cores hold
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5",
+                "--dry-run", "--workers", "3") == 0
+    text = capsys.readouterr().out
+    plan = json.loads(text[text.index("{"):])
+    assert (plan["workers"], plan["workers_at_once"], plan["threads_per_worker"]) == (3, 2, 1)
+    assert "3 worker(s), 2 at a time on this machine's 2 cores (priced so)" in text
+    assert "on 2 worker(s)" in plan["estimate"] and not out.exists()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5", "--quiet") == 0
     capsys.readouterr()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--dry-run") == 0

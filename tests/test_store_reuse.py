@@ -118,7 +118,7 @@ def test_a_lent_tile_whose_bytes_no_longer_match_its_record_is_computed_not_copi
     (dict(readouts=READOUTS[:2]), "different readouts"),
     (dict(dtype="float32"), "different dtype"),
     (dict(tile=2), r"different tile size \(3; this computation: 2\); give --tile 3"),
-    (dict(flip="mirror"), "different flip averaging"),
+    (dict(flip="mirror"), r"different flip averaging \(no flip; this computation: the mirror term\)"),
     (dict(images=lambda x: x[::-1]), r"computed on 6 images \(x1\) that are not the first 6 of this "
                                      r"computation's 9"),
     (dict(images=lambda x: x[:5]), r"computed on more images \(x1: 6\) than this computation has \(5\)"),
@@ -275,3 +275,20 @@ def test_sweep_reuse_with_other_test_images_lends_the_train_kernel_and_warns(tmp
                         "--out", str(tmp_path / "c")]) == 0
     grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
     assert grown["test"]["test_accuracy"] == fresh["test"]["test_accuracy"]
+
+
+def test_sweep_reuse_across_a_refitted_whitening_is_refused_saying_why(tmp_path, capsys):
+    """With --zca the whitening is fitted on the N_max training images: a larger N refits it, so
+    its images are not the old store's, and the refusal says it is the whitening."""
+    data = _digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5", "--tile", "20", "--quiet",
+            "--yes", "--zca", "0.1"]
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
+                        "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^cnngp: error: --reuse: .*s1\.zarr' was computed on 40 images \(x1\) that are not the first "
+                     r"40 of this computation's 80; .*; its images were whitened by ZCA of strength 0\.1 fitted on "
+                     r"the N_max training subset", err), err
+    assert not (tmp_path / "s2.zarr").exists()

@@ -115,7 +115,7 @@ def register(subparsers) -> None:
     p.add_argument("--params", choices=["readout", "all", "internal"], default="readout",
                    help="readout (default): the readout's λ, amplitude and σ², exactly from the offset "
                         "sums; all: every lengthscale in the network (intermediate correlated convs too), "
-                        "the readout amplitude and σ², by autograd (two kernel passes per step: small N); "
+                        "the readout amplitude and σ², by autograd (about three kernel passes per step: small N); "
                         "internal: one tied λ of the intermediate correlated convs, profiled (one fast "
                         "body pass per value) with the readout learned exactly at each")
     p.add_argument("--refine", type=int_at_least(0), default=None,

@@ -513,11 +513,29 @@ def cmd_kernel(args) -> int:
                               memory_budget=ex.memory_budget, flip=bool(args.flip))
     # the disk is --out's: the result and its checkpoint (float64) beside it
     check_job("--out", disk_bytes=2 * result, disk_path=args.out, yes=True, remedy=_DISK_REMEDY)
-    est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], n2, readouts=None if args.flip else readouts,
-                     yes=args.yes, images=x1, execution=ex)
-    if est is not None and ex.progress:  # a long job: its timed estimate before it starts
-        print(est.describe(), file=sys.stderr)
     checkpoint = ex.checkpoint
+    # a rerun after an interruption resumes from the checkpoint: it says so, and is gated on
+    # what is left, not the whole job
+    from cnngp.engine.gram import checkpoint_pairs_done
+
+    done = checkpoint_pairs_done(checkpoint, body if readouts is not None else net, x1, x2, readouts=readouts,
+                                 get=get, flip=args.flip, dtype=ex.dtype)
+    est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], n2, readouts=None if args.flip else readouts,
+                     yes=args.yes or bool(done), images=x1, execution=ex)
+    if done:
+        pairs = x1.shape[0] * (x1.shape[0] + 1) // 2 if n2 is None else x1.shape[0] * n2
+        if ex.progress:
+            print(f"--out: resuming from {checkpoint}: {done:,} of {pairs:,} pairs already done", file=sys.stderr)
+        if est is not None:
+            left = est.seconds * (pairs - done) / pairs
+            check_job(f"--x1 (the {pairs - done:,} pairs left of {pairs:,})", seconds=left, yes=args.yes,
+                      remedy="use fewer images or readouts, or split the work (--x2 takes row blocks)")
+            if ex.progress:
+                from cnngp.engine.resources import human_seconds
+
+                print(f"estimate: about {human_seconds(left)} for the pairs left", file=sys.stderr)
+    elif est is not None and ex.progress:  # a long job: its timed estimate before it starts
+        print(est.describe(), file=sys.stderr)
     start = time.perf_counter()
     if readouts is not None:
         k = readout_sweep(body, readouts, x1, x2, get=get, flip=args.flip, execution=ex)

@@ -233,8 +233,9 @@ def register(subparsers) -> None:
                    help="paper: contiguous folds of the class-interleaved order (default); "
                    "stratified: shuffled stratified folds")
     p.add_argument("--test", nargs="?", const="all", choices=["all", "best"],
-                   help="also report test accuracy of the models trained on the largest N: every "
-                        "readout (--test, --test all), or only the one cross-validation chose "
+                   help="also report test accuracy, NLL and ECE of the models trained on the largest N: "
+                        "every readout (--test, --test all; also each disjoint training set of every "
+                        "smaller N: the test learning curve), or only the one cross-validation chose "
                         "(--test best: its test kernels are computed after the cross-validation, "
                         "for that readout alone)")
     p.add_argument("--n-test", help="use a class-balanced subset of this many test images")

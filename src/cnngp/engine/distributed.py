@@ -413,9 +413,14 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         disk_bytes += n_images * per_image + chunks * (1 + len(grids)) * 2 * FILE_BLOCK
     rates = timing.measure(plan, plan.images(xa[:timing.MAX_SIDE]), threads=threads)
     w = max(1, workers)
+    # a local cluster runs at most as many tasks at once as this machine's cores hold threads
+    # of theirs (8 single-thread workers on 2 cores are 2 at a time, each at its timed rate)
+    at_once = w
+    if on_cluster and cold_workers:
+        at_once = max(1, min(w, (os.cpu_count() or 1) // max(1, threads or 1)))
     # the tiles still to do are priced (a resumed store), the self pass of every image
     est = timing.estimate(rates, [timing.Stage("kernel", n1, None if xb is None else n2, flip=plan.flip)],
-                          workers=w if on_cluster else None, tile_pairs=[[t.pairs for t in tiles]],
+                          workers=at_once if on_cluster else None, tile_pairs=[[t.pairs for t in tiles]],
                           images_per_task=tile, cold_workers=cold_workers)
     serial = n_pairs * rates.seconds_per_pair + n_images * rates.seconds_per_image
     return {
@@ -430,6 +435,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         "disk_bytes": int(disk_bytes),
         "memory_per_worker_bytes": int(budget + tile_bytes(plan, tile, grids)),
         "workers": w,
+        "workers_at_once": at_once,  # a local cluster: as many as this machine's cores hold
         "threads_per_worker": threads,
         "timed_pairs": rates.pairs_timed,
         "seconds_per_pair": rates.seconds_per_pair,
@@ -464,7 +470,9 @@ def describe_dry_run(d: dict) -> str:
         + f", {d['images']:,} images in the self pass",
         f"store: {d['path']} about {human_bytes(d['store_bytes'])}",
         f"per worker: about {human_bytes(d['memory_per_worker_bytes'])} "
-        f"({d['threads_per_worker'] or 'all'} threads); {d['workers']} worker(s)",
+        f"({d['threads_per_worker'] or 'all'} threads); {d['workers']} worker(s)"
+        + (f", {d['workers_at_once']} at a time on this machine's {os.cpu_count()} cores (priced so)"
+           if d.get("workers_at_once", d["workers"]) < d["workers"] else ""),
         d["estimate"],
     ])
 

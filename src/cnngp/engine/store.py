@@ -177,7 +177,8 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> "Kerne
     if key is not None:
         values = ""
         if key in ("tile", "dtype", "flip"):  # short values: say both
-            values = f" ({other.attrs.get(key)}; this computation: {wanted.get(key)})"
+            show = (lambda v: _FLIP_WORDS.get(v, v)) if key == "flip" else str
+            values = f" ({show(other.attrs.get(key))}; this computation: {show(wanted.get(key))})"
         remedy = f"; give --tile {other.attrs.get('tile')}" if key == "tile" else ""
         raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}{values}{remedy}; only "
                          "a store of the same computation (network, readouts, dtype, tile) on fewer images lends "
@@ -195,10 +196,20 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> "Kerne
                              f"computation has ({x.shape[0]}); it lends tiles only to a kernel that extends its "
                              "images (the same images first, in the same order and preprocessing)")
         if fingerprint(np.ascontiguousarray(x[:n])) != other.attrs.get(f"{which}_sha256"):
+            zca = ((other.attrs.get("preprocessing") or {}).get("zca") or {})
+            whitened = "" if not zca else (
+                f"; its images were whitened by ZCA of strength {zca.get('strength')} fitted on "
+                f"{zca.get('fitted_on_images') or 'its training images'}, and a whitening fitted on other "
+                "images makes other images")
             raise LenderRefused(f"{what}: {str(source)!r} was computed on {n} images ({which}) that are not the "
-                             f"first {n} of this computation's {x.shape[0]}; it lends tiles only to a kernel that "
-                             "extends its images (the same images first, in the same order and preprocessing)")
+                                f"first {n} of this computation's {x.shape[0]}; it lends tiles only to a kernel "
+                                "that extends its images (the same images first, in the same order and "
+                                f"preprocessing){whitened}")
     return other
+
+
+#: a store's ``flip`` as words
+_FLIP_WORDS = {None: "no flip", False: "no flip", True: "flip-averaged", "mirror": "the mirror term"}
 
 
 def refuse_lending_to_itself(source, path, what: str = "--reuse") -> None:
