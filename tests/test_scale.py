@@ -434,6 +434,29 @@ def test_on_a_cluster_the_workers_copy_the_lent_tiles_and_compute_a_damaged_one(
     assert KernelStore.open(new).info()["tiles_reused_from"] == {str(old): 2}
 
 
+def test_on_a_cluster_a_store_lent_every_tile_computes_no_self_block(client, tmp_path):
+    """Self blocks are submitted with the first computed tile that reads them: a copy of a
+    whole store (the same images) runs no self task, and a self block only rows of lent tiles
+    read is not computed."""
+    x = _images(9, seed=5)
+    old, same, grown = tmp_path / "old.zarr", tmp_path / "same.zarr", tmp_path / "grown.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    report = store_kernel(BODY, x[:6], readouts=READOUTS, out=same, tile=3, scheduler=client, reuse=old,
+                          progress=False)
+    assert (report.tiles_reused, report.tiles_computed, report.self_blocks_computed) == (3, 0, 0)
+    assert np.array_equal(np.asarray(KernelStore.open(same).kernel[...]), np.asarray(KernelStore.open(old).kernel[...]))
+    # x1 (6 rows) × x2 grown from 6 to 9 columns: the new tiles 0-2 and 1-2 read x1's blocks 0
+    # and 1 and x2's block 2; x2's blocks 0 and 1 are read by lent tiles alone (3 of 5 blocks)
+    x2 = _images(9, seed=6)
+    old2 = tmp_path / "old2.zarr"
+    store_kernel(BODY, x[:6], x2[:6], readouts=READOUTS, out=old2, tile=3, progress=False)
+    report = store_kernel(BODY, x[:6], x2, readouts=READOUTS, out=grown, tile=3, scheduler=client, reuse=old2,
+                          progress=False)
+    assert (report.tiles_reused, report.tiles_computed, report.self_blocks_computed) == (4, 2, 3)
+    np.testing.assert_allclose(np.asarray(KernelStore.open(grown).kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x[:6], x2).numpy(), rtol=1e-12, atol=0)
+
+
 def test_killing_a_worker_mid_run_still_gives_the_identical_matrix(client, tmp_path):
     net = cnngp.io.architectures.get("cnngp4")
     x = _images(30, shape=(8, 8, 3), seed=6)

@@ -776,20 +776,24 @@ class _BatchProgress:
 
 
 def _run_on_dask(client, path, key, recipe, blocks, todo, threads, symmetric, book, lending=None) -> None:
-    """The self blocks and the tiles ``todo`` as tasks on ``client``'s workers, each counted in
-    ``book`` as it ends; ``lending``: (the lender's absolute path, its name as given, the tiles
-    it lends), each copied by a worker (:func:`run_lend_task`), or computed if its copy fails."""
+    """The tiles ``todo`` as tasks on ``client``'s workers, each counted in ``book`` as it ends,
+    after the self blocks (of ``blocks``, those not yet recorded) that they read; ``lending``:
+    (the lender's absolute path, its name as given, the tiles it lends), each copied by a worker
+    (:func:`run_lend_task`), or computed if its copy fails. A self block is submitted with the
+    first tile that reads it: tiles that are all lent need none."""
     from distributed import as_completed
 
     # the recipe travels as pickled bytes: Dask would otherwise look inside its containers
     recipe_f = client.scatter([pickle.dumps(recipe)], broadcast=True)[0]
+    missing = {(w, b): sl for w, b, sl in blocks}
     self_futures = {}
-    for w, b, sl in blocks:
-        self_futures[(w, b)] = client.submit(run_self_task, path, key, recipe_f, w, b, sl, threads,
-                                             key=f"cnngp-self-{key[:12]}-{w}-{b}", pure=False)
 
     def compute(t):  # a tile waits for the self records it reads
-        needs = {("x1", t.i), ("x1" if symmetric else "x2", t.j)}
+        needs = sorted({("x1", t.i), ("x1" if symmetric else "x2", t.j)})
+        for w, b in needs:
+            if (w, b) in missing and (w, b) not in self_futures:
+                self_futures[(w, b)] = client.submit(run_self_task, path, key, recipe_f, w, b, missing[(w, b)],
+                                                     threads, key=f"cnngp-self-{key[:12]}-{w}-{b}", pure=False)
         deps = [self_futures[n] for n in needs if n in self_futures]
         return client.submit(_after, run_tile_task, deps, path, key, recipe_f, t, threads,
                              key=f"cnngp-{t.name}-{key[:12]}", pure=False)
