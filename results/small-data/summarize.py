@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnngp.experiments.sweep import learning_curve_2se
 from cnngp.inference.selection import TIE_ATOL
 
 HERE = Path(__file__).resolve().parent
@@ -315,8 +316,7 @@ def learning_curve() -> list:
                 # the spread over the blocks and the binomial noise of the m shared test images
                 # (cnngp.experiments.sweep.learning_curve_2se; recomputed: runs before it stored
                 # the spread alone)
-                between = float(np.var(accs, ddof=1)) / len(accs) if len(accs) > 1 else 0.0
-                two_se = 2 * math.sqrt(between + acc * (1 - acc) / m)
+                two_se = learning_curve_2se(accs, m)
                 entry = by_role.setdefault(role, {"network": net, "config": cfg, "readout": role,
                                                   "test_accuracy": {}, "test_accuracy_2se": {}, "lengthscale": {},
                                                   "blocks": {}})
@@ -334,12 +334,11 @@ def learning_curve() -> list:
             # ties as the sweep's (cnngp.inference.selection.first_best: within TIE_ATOL)
             accs = [float(test[cv[:, b] >= cv[:, b].max() - TIE_ATOL, b].mean()) for b in range(cv.shape[1])]
             acc = float(np.mean(accs))
-            between = float(np.var(accs, ddof=1)) / len(accs) if len(accs) > 1 else 0.0
             entry = by_role.setdefault("per-block CV", {"network": net, "config": cfg, "readout": "per-block CV",
                                                          "test_accuracy": {}, "test_accuracy_2se": {},
                                                          "lengthscale": {}, "blocks": {}})
             entry["test_accuracy"][str(n)] = acc
-            entry["test_accuracy_2se"][str(n)] = 2 * math.sqrt(between + acc * (1 - acc) / res["test"]["n_test"])
+            entry["test_accuracy_2se"][str(n)] = learning_curve_2se(accs, res["test"]["n_test"])
             entry["blocks"][str(n)] = len(accs)
         out += list(by_role.values())
     return out
