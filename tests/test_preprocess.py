@@ -439,3 +439,87 @@ def test_sweep_command_records_zca(tmp_path, capsys):
     config = json.loads((out / "results.json").read_text())["config"]
     assert (config["zca_fit"]["fit"], config["zca_fit"]["fitted_on"]) == ("rest", 1797 - 20)  # all of digits but 20
     assert "--zca-fit rest" in config["command"]
+
+
+def test_zca_fit_outside_fits_outside_a_larger_balanced_subset_that_begins_with_the_n_max(tmp_path):
+    """``zca_fit_outside=M``: the whitening is fitted on the training images outside the balanced
+    M (which begins with the N_max subset). Oracle: the direct whitening of those images. Sweeps
+    at N_max = 20 and 40 with M = 40 then share the fit, and the N = 20 kernels are the top-left
+    block of the N = 40 ones; changing an image among the M changes nothing fitted."""
+    from cnngp.io.data import balanced_subset
+
+    ds = _dataset(0)
+    a = run_sweep_zca(ds, zca_fit="rest", zca_fit_outside=40, kernel_cache=tmp_path / "a.npz", test=False)
+    b = run_sweep_zca(ds, ns=(20, 40), zca_fit="rest", zca_fit_outside=40, kernel_cache=tmp_path / "b.npz",
+                      test=False)
+    held = balanced_subset(ds.y_train, 40, seed=0, n_classes=10)
+    with np.load(tmp_path / "a.npz") as za, np.load(tmp_path / "b.npz") as zb:
+        assert np.array_equal(zb["train_index"], held) and np.array_equal(za["train_index"], held[:20])
+        np.testing.assert_array_equal(za["kernels"], zb["kernels"][:, :20, :20])
+        K = za["kernels"]
+    rest = np.setdiff1d(np.arange(len(ds.x_train)), held)
+    mu, W, _ = _direct(ds.x_train[rest], 0.25)
+    import cnngp
+    from cnngp.experiments.sweep import split_network, sweep_readouts
+
+    body, template, _ = split_network("cnngp1")
+    net = cnngp.Serial(body, sweep_readouts(template, [1.0])[0][0])
+    np.testing.assert_allclose(K[0], cnngp.kernel(net, _whiten(ds.x_train[held[:20]], mu, W)).numpy(),
+                               rtol=1e-9, atol=1e-12)
+    fit = a["config"]["zca_fit"]
+    assert fit == b["config"]["zca_fit"]
+    assert (fit["fit"], fit["fit_outside"], fit["fitted_on"]) == ("rest", 40, 160)
+    assert fit["fitted_on_images"] == "the training images outside the balanced 40 (unlabelled)"
+    x = ds.x_train.copy()
+    x[held[-1]] = x[held[-1]][::-1]  # among the 40, not among the 20 the sweep trains on
+    changed = Dataset(x, ds.y_train, ds.x_test, ds.y_test, ds.name, ds.class_names)
+    assert run_sweep_zca(changed, zca_fit="rest", zca_fit_outside=40, test=False)["config"]["zca_fit"] == fit
+
+
+def test_zca_fit_outside_is_checked():
+    with pytest.raises(CNNGPError, match=r"^zca_fit_outside: 10 images is fewer than the N_max = 20 subset \(20\); "
+                                         r"the whitening would be fitted on images it trains and validates on"):
+        run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=10, test=False)
+    with pytest.raises(CNNGPError, match=r"^zca_fit_outside: says which training images a zca_fit 'rest' whitening "
+                                         r"leaves out, but zca_fit is 'train'"):
+        run_sweep_zca(_dataset(0), zca_fit_outside=40, test=False)
+    for bad in (0, -40, 2.5, "40", True):
+        with pytest.raises(CNNGPError, match=r"^zca_fit_outside: expected a positive number of training images"):
+            run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=bad, test=False)
+    with pytest.raises(CNNGPError, match=r"^zca_fit_outside=400 needs 40 images per class but class \d has only"):
+        run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=400, test=False)
+    x, y = load_digits()
+    every = Dataset(x[:20], y[:20], None, None, "twenty", tuple(str(i) for i in range(10)))
+    with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' fits the whitening on the training images outside the "
+                                         r"balanced N = 20 subset, and there are 0"):
+        run_sweep_zca(every, zca_fit="rest", zca_fit_outside=20, test=False)
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_zca_fit_outside_records_and_fits_outside_the_larger_subset():
+    from cnngp.experiments.learned import run_learn
+
+    common = dict(starts=(3.0,), max_iter=3, lengthscales=(1.0,), folds=2, progress=False, zca=0.3,
+                  zca_fit="rest")
+    fit = run_learn("cnngp1", _dataset(0), 20, zca_fit_outside=40, **common)["config"]["zca_fit"]
+    assert (fit["fit"], fit["fit_outside"], fit["fitted_on"]) == ("rest", 40, 160)
+    assert fit == run_learn("cnngp1", _dataset(0), 40, zca_fit_outside=40, **common)["config"]["zca_fit"]
+    with pytest.raises(CNNGPError, match=r"^zca_fit_outside: 10 images is fewer than the n = 20 training images"):
+        run_learn("cnngp1", _dataset(0), 20, zca_fit_outside=10, **common)
+
+
+@pytest.mark.parametrize("command", [["sweep", "--n", "20", "--folds", "2"], ["learn", "--n", "20", "--folds", "2"]])
+def test_zca_fit_outside_flag_is_refused_in_one_line_without_zca_fit_rest(tmp_path, capsys, command):
+    out = tmp_path / "o"
+    for extra, message in [
+        (["--zca", "0.1", "--zca-fit-outside", "40"], "cnngp: error: --zca-fit-outside: says which training images "
+                                                      "a --zca-fit rest whitening leaves out; add --zca-fit rest"),
+        (["--zca", "0.1", "--zca-fit", "rest", "--zca-fit-outside", "x"],
+         "cnngp: error: --zca-fit-outside: expected a positive number of training images, got 'x'"),
+        (["--zca", "0.1", "--zca-fit", "rest", "--zca-fit-outside", "10"],
+         "cnngp: error: --zca-fit-outside: 10 images is fewer than"),
+    ]:
+        assert main(command + ["--arch", "cnngp1", "--out", str(out), "--quiet"] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
+        assert not out.exists()

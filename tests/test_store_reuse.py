@@ -292,3 +292,36 @@ def test_sweep_reuse_across_a_refitted_whitening_is_refused_saying_why(tmp_path,
                      r"40 of this computation's 80; .*; its images were whitened by ZCA of strength 0\.1 fitted on "
                      r"the N_max training subset", err), err
     assert not (tmp_path / "s2.zarr").exists()
+
+
+def test_sweep_reuse_with_a_whitening_fitted_outside_the_larger_n_lends_and_reproduces(tmp_path, capsys):
+    """--zca-fit rest --zca-fit-outside 80: the sweeps at N_max = 40 and 80 whiten with one fit
+    (on the images outside the balanced 80), so the N = 40 stores lend their tiles as without
+    whitening, and the grown sweep's numbers are those of the same sweep from scratch."""
+    data = _digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5", "--test", "all",
+            "--n-test", "30", "--tile", "20", "--quiet", "--yes", "--zca", "0.1", "--zca-fit", "rest",
+            "--zca-fit-outside", "80"]
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
+                        "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
+    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
+    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
+    small, grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b", "c"))
+    assert small["config"]["zca_fit"] == grown["config"]["zca_fit"]  # one whitening for both N_max
+    assert small["config"]["zca_fit"]["fit_outside"] == 80
+    assert small["config"]["zca_fit"]["fitted_on"] == 600 - 80  # the 600 training images of d.npz but the 80
+    for a, b in zip(grown["results"], fresh["results"], strict=True):
+        for key in ("cv_accuracy", "noise_variance", "test_accuracy", "test_nll"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+    # the stores keep what they were whitened with: another --zca-fit-outside is refused naming both
+    capsys.readouterr()
+    other = [a if a != "80" else "120" for a in argv]
+    assert main(other + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"cnngp: error: --zca: .*s1\.zarr' holds kernels of images whitened by ZCA fitted on the "
+                        r"training images outside the balanced 80 \(unlabelled\), not on the training images outside "
+                        r"the balanced 120 \(unlabelled\) \(--zca-fit rest --zca-fit-outside 120\); .*", err), err

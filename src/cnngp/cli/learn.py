@@ -15,7 +15,7 @@ from pathlib import Path
 from cnngp.cli.main import (
     add_engine_argument, add_layout_argument, add_zca_argument, add_zca_fit_argument, comma_items, command_line,
     int_at_least, load_data,
-    parse_zca,
+    parse_zca, parse_zca_fit_outside,
 )
 from cnngp.errors import CNNGPError
 
@@ -70,7 +70,8 @@ def cmd_learn(args) -> int:
         objective=args.objective, params=args.params, family=args.family, folds=args.folds,
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
-        spectral_mixture=args.spectral_mixture, zca=args.zca, zca_fit=args.zca_fit, flip=args.flip,
+        spectral_mixture=args.spectral_mixture, zca=args.zca, zca_fit=args.zca_fit,
+        zca_fit_outside=parse_zca_fit_outside(args), flip=args.flip,
     )
     result = run_learn(args.arch, load_data(args), args.n, protocol, on_step=None if args.quiet else progress,
                        data_label=str(args.data), execution=execution_from_args(args), yes=args.yes)

@@ -30,7 +30,7 @@ from cnngp.cli import signals as received
 from cnngp.errors import CNNGPError
 
 __all__ = ["main", "entry", "build_parser", "preflight", "execution_from_args", "add_engine_argument",
-           "add_layout_argument", "add_zca_argument", "add_zca_fit_argument", "load_data", "comma_items", "parse_zca", "load_images", "command_line",
+           "add_layout_argument", "add_zca_argument", "add_zca_fit_argument", "parse_zca_fit_outside", "load_data", "comma_items", "parse_zca", "load_images", "command_line",
            "Terminated"]
 
 
@@ -217,12 +217,35 @@ def add_zca_argument(parser, fitted_on: str) -> None:
 
 
 def add_zca_fit_argument(parser, subset: str) -> None:
-    """``--zca-fit train|rest``: where ``--zca`` is fitted (:data:`cnngp.io.preprocess.ZCA_FITS`)."""
+    """``--zca-fit train|rest`` and ``--zca-fit-outside N``: where ``--zca`` is fitted
+    (:data:`cnngp.io.preprocess.ZCA_FITS`, :func:`cnngp.io.preprocess.zca_held_out`)."""
     parser.add_argument("--zca-fit", choices=["train", "rest"], default="train",
                         help=f"with --zca: fit the whitening on {subset} (train, default; the CV's held-out "
                              "folds are then whitened in sample, the test images out of sample) or on the data's "
                              "other training images, unlabelled (rest: held-out folds and test images alike, out "
                              "of sample)")
+    parser.add_argument("--zca-fit-outside", metavar="N",
+                        help="with --zca-fit rest: fit on the training images outside the class-balanced N "
+                             f"(at least {subset.removeprefix('the ')}; the same seed, so they begin with it) "
+                             "instead: runs of one learning curve share one whitening, and a larger run's "
+                             "--reuse lends the smaller one's tiles")
+
+
+def parse_zca_fit_outside(args) -> int | None:
+    """``--zca-fit-outside`` as an int (None when not given), refused without ``--zca-fit rest``."""
+    text = args.zca_fit_outside
+    if text is None:
+        return None
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CNNGPError(f"--zca-fit-outside: expected a positive number of training images, got {text!r}")
+    if args.zca_fit != "rest":
+        raise CNNGPError("--zca-fit-outside: says which training images a --zca-fit rest whitening leaves out; "
+                         "add --zca-fit rest")
+    return value
 
 
 def parse_zca(text, flag: str = "--zca"):
@@ -927,7 +950,8 @@ _FLAGS = {
     "batch_size": "--batch-size", "memory_budget": "--memory-budget",
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
-    "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca",
+    "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca", "zca_fit": "--zca-fit",
+    "zca_fit_outside": "--zca-fit-outside",
     "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params", "shift": "--shift", "starts": "--starts",
     "store": "--store", "scheduler": "--scheduler",
 }

@@ -21,7 +21,7 @@ from pathlib import Path
 from cnngp.cli.main import (
     add_engine_argument, add_layout_argument, add_zca_argument, add_zca_fit_argument, comma_items, command_line,
     int_at_least, load_data,
-    parse_zca,
+    parse_zca, parse_zca_fit_outside,
 )
 from cnngp.errors import CNNGPError
 
@@ -165,7 +165,8 @@ def cmd_sweep(args) -> int:
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
                              test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme,
-                             zca=args.zca, zca_fit=args.zca_fit, flip=args.flip, nested=not args.no_nested)
+                             zca=args.zca, zca_fit=args.zca_fit, zca_fit_outside=parse_zca_fit_outside(args),
+                             flip=args.flip, nested=not args.no_nested)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
                         data_label=str(args.data), yes=args.yes,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,

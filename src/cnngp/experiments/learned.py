@@ -47,7 +47,9 @@ from cnngp.inference.learn import (
 from cnngp.io.architectures import split_network
 from cnngp.io.spec import correlation_from_spec as from_correlation_spec
 from cnngp.io.data import Dataset, balanced_subset, load_dataset
-from cnngp.io.preprocess import check_zca_fit, check_zca_strength, fit_zca, zca_fit_images
+from cnngp.io.preprocess import (
+    check_zca_fit, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
+)
 from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
 from cnngp.kernels.layers import Serial
 from cnngp.provenance import array_sha256, versions
@@ -253,6 +255,10 @@ class LearnProtocol(Settings):
         held-out folds are then whitened in sample, the test images out of sample) or the data
         set's other training images, unlabelled (``"rest"``: held-out folds and test images
         alike, out of sample). As :attr:`cnngp.experiments.sweep.SweepProtocol.zca_fit`.
+    zca_fit_outside : int, optional
+        With ``zca_fit="rest"``: fit on the training images outside the class-balanced subset
+        of this many (>= ``n``; it begins with the ``n``), so that runs at several ``n`` share
+        one whitening. As :attr:`cnngp.experiments.sweep.SweepProtocol.zca_fit_outside`.
     flip : bool, default False
         The flip-averaged kernels ½[K(x, x') + K(x, flip x')] (docs/maths.md §9), train and
         test: from the flip-averaged offset sums (the readout families are mirror-symmetric),
@@ -279,12 +285,13 @@ class LearnProtocol(Settings):
     zca: float | None = None
     flip: bool = False
     zca_fit: str = "train"
+    zca_fit_outside: int | None = None
 
     def __post_init__(self):
 
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
-        check_zca_fit(self.zca_fit, self.zca)
+        check_zca_fit(self.zca_fit, self.zca, self.zca_fit_outside)
         objective, params, spectral_mixture = self.objective, self.params, self.spectral_mixture
         if objective not in OBJECTIVES:
             raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -386,8 +393,11 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         raise CNNGPError("n_test: only meaningful together with test=True (--test)")
     train_sha256, whitening = array_sha256(x), None
     if protocol.zca is not None:  # fitted on training images alone (zca_fit), applied to train and test
-        x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit, f"the n = {n} training images")
-        whitening = fit_zca(x_fit, protocol.zca, name=LEARN_ZCA_FITS[protocol.zca_fit])
+        what, outside = f"the n = {n} training images", protocol.zca_fit_outside
+        held_out = zca_held_out(ds.y_train, order, outside, seed=seed, n_classes=k_cls, what=what)
+        x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit,
+                               what if outside is None else f"the balanced {outside} training images", held_out)
+        whitening = fit_zca(x_fit, protocol.zca, name=zca_fit_words(protocol.zca_fit, outside, LEARN_ZCA_FITS))
         x = whitening.transform(x, "the training images")
         x_test = None if x_test is None else whitening.transform(x_test, "the test images")
 
@@ -564,8 +574,8 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             "train_sha256": train_sha256,
             "zca": protocol.zca,
             "flip": bool(protocol.flip),
-            "zca_fit": None if whitening is None else {**whitening.provenance(), "fit": protocol.zca_fit,
-                                                       "fitted_on_images": LEARN_ZCA_FITS[protocol.zca_fit]},
+            "zca_fit": None if whitening is None else zca_fit_record(whitening, protocol.zca_fit,
+                                                                     protocol.zca_fit_outside, LEARN_ZCA_FITS),
             "targets": "one-hot minus 1/n_classes",
         },
         "versions": versions(),

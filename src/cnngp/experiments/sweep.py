@@ -40,7 +40,9 @@ from cnngp.kernels.correlations import (
 )
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
-from cnngp.io.preprocess import check_zca_fit, check_zca_strength, fit_zca, zca_fit_images
+from cnngp.io.preprocess import (
+    check_zca_fit, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
+)
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.kernels.layers import Readout
@@ -326,11 +328,12 @@ def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
     return [p for _, b in store_terms(kernel_store, flip) for p in ([b, test_store_path(b)] if test else [b])]
 
 
-def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train") -> None:
+def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside: int | None = None) -> None:
     """Refuse, before any work, to resume or reuse the store at ``path`` if it records a ZCA
     whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none)
-    fitted on other images (``fit``: :data:`ZCA_FITS`). A store of whitened images also hashes
-    them, so any other mismatch is refused by the store's own identity check."""
+    fitted on other images (``fit``: :data:`ZCA_FITS`; ``outside``:
+    :attr:`SweepProtocol.zca_fit_outside`). A store of whitened images also hashes them, so any
+    other mismatch is refused by the store's own identity check."""
     from cnngp.engine.store import KernelStore
 
     if path is None or not (Path(path) / "zarr.json").is_file():
@@ -348,20 +351,23 @@ def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train") -> None:
 
         raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of {what(recorded)}, not of {what(zca)}; "
                          "resume only with the same whitening, or give another store (nothing was overwritten)")
-    recorded_fit = ((attrs.get("preprocessing") or {}).get("zca") or {}).get("fit", "train")
-    if zca is not None and recorded_fit != fit:
+    recorded = (attrs.get("preprocessing") or {}).get("zca") or {}
+    recorded_fit, recorded_outside = recorded.get("fit", "train"), recorded.get("fit_outside")
+    if zca is not None and (recorded_fit, recorded_outside) != (fit, outside):
+        flags = f"--zca-fit {fit}" + ("" if outside is None else f" --zca-fit-outside {outside}")
         raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of images whitened by ZCA fitted on "
-                         f"{ZCA_FITS.get(recorded_fit, recorded_fit)}, not on {ZCA_FITS[fit]} (--zca-fit "
-                         f"{fit}); resume only with the same whitening, or give another store (nothing was "
+                         f"{zca_fit_words(recorded_fit, recorded_outside, ZCA_FITS)}, not on "
+                         f"{zca_fit_words(fit, outside, ZCA_FITS)} "
+                         f"({flags}); resume only with the same whitening, or give another store (nothing was "
                          "overwritten)")
 
 
-def _note_zca(paths, whitening, fit: str = "train") -> None:
-    """Record the whitening (fitted on ``fit``: :data:`ZCA_FITS`) in each complete store of
-    ``paths`` (``preprocessing``)."""
+def _note_zca(paths, whitening, fit: str = "train", outside: int | None = None) -> None:
+    """Record the whitening (fitted on ``fit``: :data:`ZCA_FITS`, outside ``outside``) in each
+    complete store of ``paths`` (``preprocessing``)."""
     from cnngp.engine.store import KernelStore
 
-    info = {"zca": {**whitening.provenance(), "fit": fit, "fitted_on_images": ZCA_FITS[fit]}}
+    info = {"zca": zca_fit_record(whitening, fit, outside, ZCA_FITS)}
     for path in paths:
         if (Path(path) / "zarr.json").is_file():
             KernelStore.open(path).annotate(preprocessing=info)
@@ -967,6 +973,13 @@ class SweepProtocol(Settings):
         outside the ``N_max`` subset, unlabelled — never an image the cross-validation
         validates on nor a test image, so that validation and test images are whitened
         alike, out of sample, and the whitening does not change with the blocks.
+    zca_fit_outside : int, optional
+        With ``zca_fit="rest"``: fit on the training images outside the class-balanced subset
+        of this many (>= ``N_max``, drawn with the same ``seed``, so it begins with the
+        ``N_max`` subset) instead of outside the ``N_max`` subset. Sweeps of one learning curve
+        at several ``N_max`` (640, then 1,280) then share one whitening: the larger sweep's
+        kernels begin with the smaller one's, and a store of the smaller lends its tiles to
+        the larger (``reuse``).
     """
 
     KIND = "sweep protocol setting"
@@ -984,11 +997,12 @@ class SweepProtocol(Settings):
     flip: bool = False
     nested: bool = True
     zca_fit: str = "train"
+    zca_fit_outside: int | None = None
 
     def __post_init__(self):
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
-        check_zca_fit(self.zca_fit, self.zca)
+        check_zca_fit(self.zca_fit, self.zca, self.zca_fit_outside)
         if self.family not in FAMILIES:
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in _FOLD_SCHEMES:
@@ -1198,10 +1212,13 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             # zca_fit), applied to train and test; the cache key keeps the raw images' hashes
             # and adds the strength (and the images it was fitted on, when not the subset)
             key["zca"] = protocol.zca
-            x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit, f"the N_max = {n_max} subset")
+            what, outside = f"the N_max = {n_max} subset", protocol.zca_fit_outside
+            held_out = zca_held_out(ds.y_train, order, outside, seed=seed, n_classes=n_classes, what=what)
+            x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit,
+                                   what if outside is None else f"the balanced N = {outside} subset", held_out)
             if protocol.zca_fit != "train":
                 key["zca_fit_sha256"] = array_sha256(x_fit)
-            whitening = fit_zca(x_fit, protocol.zca, name=ZCA_FITS[protocol.zca_fit])
+            whitening = fit_zca(x_fit, protocol.zca, name=zca_fit_words(protocol.zca_fit, outside, ZCA_FITS))
             x_sub = whitening.transform(x_sub, "the training subset")
             if x_test is not None:
                 x_test = whitening.transform(x_test, "the test images")
@@ -1224,7 +1241,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                     client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
                 ex = ex.replace(workers=None, scheduler=client)
             for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
-                check_store_zca(path, protocol.zca, "zca", protocol.zca_fit)
+                check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside)
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip)
             kernels_start = time.perf_counter()
             K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel, flip)
@@ -1238,7 +1255,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                                            ex, kernel, flip)
         kernel_seconds = time.perf_counter() - kernels_start
         if whitening is not None and kernel_store is not None:
-            _note_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit)
+            _note_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit,
+                      protocol.zca_fit_outside)
         # kernels read from a cache were checked when they were computed
         float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel,
                                                                           seed, flip)
@@ -1279,7 +1297,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
                 _note_zca([p for p in sweep_store_paths(kernel_store, True, flip)
-                           if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit)
+                           if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit,
+                          protocol.zca_fit_outside)
             scored = [r for r in top if "_per_image" in r]
             test_predictions = {  # per test point and scored readout: paired comparisons
                 "test_index": np.asarray(test_order), "y_test": np.asarray(y_test),
@@ -1335,8 +1354,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "n_test": None if test_order is None else int(len(test_order)),
             "train_sha256": key["train_sha256"],
             "zca": protocol.zca,
-            "zca_fit": None if whitening is None else {**whitening.provenance(), "fit": protocol.zca_fit,
-                                                       "fitted_on_images": ZCA_FITS[protocol.zca_fit]},
+            "zca_fit": None if whitening is None else zca_fit_record(whitening, protocol.zca_fit,
+                                                                     protocol.zca_fit_outside, ZCA_FITS),
             "kernel": kernel,
             "flip": flip,
             "kernel_store": None if kernel_store is None else str(kernel_store),

@@ -61,7 +61,8 @@ import numpy as np
 from cnngp.errors import CNNGPError
 from cnngp.validation import as_images, non_negative_real
 
-__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "check_zca_fit", "zca_fit_images", "ZCA_FITS",
+__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "check_zca_fit", "zca_fit_images", "zca_held_out", "zca_fit_words",
+           "zca_fit_record", "ZCA_FITS",
            "ZCA_METHODS", "ZCA_STRENGTH_RANGE"]
 
 #: how :func:`fit_zca` eigendecomposes: "auto" (the Gram matrix when N <= D, else the
@@ -211,26 +212,77 @@ class ZCAWhitening:
 ZCA_FITS = ("train", "rest")
 
 
-def check_zca_fit(fit, zca) -> str:
+def check_zca_fit(fit, zca, outside=None) -> str:
     """``fit`` checked as a ``zca_fit`` (:data:`ZCA_FITS`; other than ``"train"`` only with a
-    strength ``zca``)."""
+    strength ``zca``), and ``outside`` as a ``zca_fit_outside`` (None, or a positive integer
+    with ``fit="rest"``: :func:`zca_held_out`)."""
     if fit not in ZCA_FITS:
         raise CNNGPError(f"zca_fit: expected one of {', '.join(ZCA_FITS)}, got {fit!r}")
     if fit != "train" and zca is None:
         raise CNNGPError(f"zca_fit: {fit!r} says where to fit a ZCA whitening, but no strength is given; "
                          "add zca (--zca EPS)")
+    if outside is not None:
+        if isinstance(outside, bool) or not isinstance(outside, (int, np.integer)) or outside <= 0:
+            raise CNNGPError(f"zca_fit_outside: expected a positive number of training images, got {outside!r}")
+        if fit != "rest":
+            raise CNNGPError(f"zca_fit_outside: says which training images a zca_fit 'rest' whitening leaves "
+                             f"out, but zca_fit is {fit!r}; add zca_fit 'rest' (--zca-fit rest)")
     return fit
 
 
-def zca_fit_images(x_train, subset, fit: str, what: str = "the training subset") -> np.ndarray:
+def zca_fit_words(fit: str, outside: int | None, words: dict) -> str:
+    """Which training images a whitening is fitted on, in words: ``words[fit]`` (a protocol's
+    names for ``"train"`` and ``"rest"``), or the images outside the balanced ``outside``."""
+    if outside is None:
+        return words.get(fit, fit)
+    return f"the training images outside the balanced {int(outside):,} (unlabelled)"
+
+
+def zca_fit_record(whitening, fit: str, outside: int | None, words: dict) -> dict:
+    """What a result and a kernel store record of a protocol's whitening: its provenance,
+    ``fit``, ``fit_outside`` (only when given) and ``fitted_on_images`` (:func:`zca_fit_words`)."""
+    record = {**whitening.provenance(), "fit": fit}
+    if outside is not None:
+        record["fit_outside"] = int(outside)
+    return {**record, "fitted_on_images": zca_fit_words(fit, outside, words)}
+
+
+def zca_held_out(y_train, subset, outside, *, seed, n_classes, what: str = "the training subset") -> np.ndarray:
+    """The training images a ``zca_fit="rest"`` whitening leaves out (indices): ``subset``
+    itself (``outside`` None), or the class-balanced subset of ``outside`` images drawn as the
+    subset was (:func:`cnngp.io.data.balanced_subset`, the same ``seed``), which begins with
+    it — so that every training set of a learning curve up to ``outside`` images is whitened
+    by one and the same fit, and the kernels of the smaller ones are those of the larger.
+
+    Refused: fewer than ``len(subset)`` (the fit would see images the subset validates on),
+    more than the balanced split holds, or a subset it does not contain (named ``what``).
+    """
+    subset = np.asarray(subset)
+    if outside is None:
+        return subset
+    outside = int(outside)
+    if outside < len(subset):
+        raise CNNGPError(f"zca_fit_outside: {outside} images is fewer than {what} ({len(subset)}); the whitening "
+                         f"would be fitted on images it trains and validates on; give at least {len(subset)}")
+    from cnngp.io.data import balanced_subset
+
+    held = balanced_subset(y_train, outside, seed=seed, n_classes=n_classes, name="zca_fit_outside")
+    if not np.isin(subset, held).all():  # balanced_subset draws nested subsets: a bug if not
+        raise CNNGPError(f"zca_fit_outside: the balanced {outside} training images do not contain {what}")
+    return held
+
+
+def zca_fit_images(x_train, subset, fit: str, what: str = "the training subset", held_out=None) -> np.ndarray:
     """The images a protocol fits its whitening on: ``x_train[subset]`` (``fit="train"``), or
     every other image of the training split (``"rest"``, used unlabelled): then the images the
     subset's cross-validation validates on, and the test images, are whitened alike, out of
-    sample. ``what`` names the subset in the refusal of a split with nothing left."""
+    sample. ``held_out`` (with ``"rest"``; default ``subset``): the images left out, a superset
+    of the subset (:func:`zca_held_out`). ``what`` names them in the refusal of a split with
+    nothing left."""
     subset = np.asarray(subset)
     if fit == "train":
         return x_train[subset]
-    rest = np.setdiff1d(np.arange(len(x_train)), subset)
+    rest = np.setdiff1d(np.arange(len(x_train)), subset if held_out is None else np.asarray(held_out))
     if len(rest) < 2:
         raise CNNGPError(f"zca_fit: 'rest' fits the whitening on the training images outside {what}, and "
                          f"there are {len(rest)}; use a smaller training set or zca_fit 'train'")
