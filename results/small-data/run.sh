@@ -5,9 +5,11 @@
 # the nested estimate (λ and σ² chosen inside each outer fold), and `--test all`: every readout
 # trained on the 640 and scored on the subset's 1,000 test images (accuracy, NLL, ECE).
 #   plain | --zca 0.1 | --flip | --zca 0.1 --flip    (ZCA strength: a fraction of the mean
-#   eigenvalue; --zca-fit rest: fitted on the subset's other training images, never on the N_max
-#   the CV validates on nor on a test image, so that validation and test images are whitened
-#   alike, out of sample. Runs whitened on the N_max itself (in-sample for the CV's validation
+#   eigenvalue; --zca-fit rest --zca-fit-outside 1280: fitted on the subset's training images
+#   outside the balanced 1,280 (which begins with the 640), never on an image the CV validates on
+#   nor on a test image, so that validation and test images are whitened alike, out of sample,
+#   and the N = 640 and N = 1,280 runs share one whitening (the 1,280 run then grows the 640
+#   stores, --reuse). Runs whitened on the N_max itself (in-sample for the CV's validation
 #   folds, the first protocol) are kept in zca-in-sample/ for the record.)
 # Kernels in float32 through resumable stores in ../../stores (git-ignored, beside the
 # checkout): run this script again — any session — and each sweep computes only the tiles its
@@ -22,10 +24,11 @@ export TQDM_MININTERVAL=60  # progress in the log once a minute
 DATA=../../../shared/data/cifar10_subset.npz
 NS=160,320,640   # the training set sizes of the CV (the last: the test kernels' training set)
 SUFFIX=          # of the names (folders, stores) of the runs at another N_max (see the end)
+ZCA=(--zca 0.1 --zca-fit rest --zca-fit-outside 1280)  # the whitening, the same at N_max 640 and 1,280
 run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (shared, see below)
     local name=$1$SUFFIX arch=$2 store=${STORE:-$1}$SUFFIX lender=${STORE:-$1} reuse=(); shift 2
-    # at another N_max, a configuration without ZCA grows its N = 640 stores (--reuse: the
-    # balanced 1,280 begin with the 640, so their tiles are lent); ZCA refits, nothing to lend
+    # at another N_max, a configuration grows its N = 640 stores (--reuse: the balanced 1,280
+    # begin with the 640, so their tiles are lent; ZCA is fitted outside the 1,280 at both N)
     [ -n "$SUFFIX" ] && [ "${REUSE:-}" = 1 ] && reuse=(--reuse "$STORES/$lender.zarr")
     # done: results and per-image predictions (a run of an older cnngp lacks the latter; rerun,
     # its complete stores make that the cross-validation and the test scores only)
@@ -43,11 +46,11 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
     for cfg in "$@"; do
         case $cfg in
             plain) REUSE=1 run "$prefix-plain" "$arch" ;;
-            zca) run "$prefix-zca" "$arch" --zca 0.1 --zca-fit rest ;;
+            zca) REUSE=1 run "$prefix-zca" "$arch" "${ZCA[@]}" ;;
             # a flip sweep keeps the plain kernels in its --store and their mirror terms beside
             # (K-mirror.zarr): given the plain configuration's store it computes only those
             flip) REUSE=1 STORE="$prefix-plain" run "$prefix-flip" "$arch" --flip ;;
-            zca-flip) STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" --zca 0.1 --zca-fit rest --flip ;;
+            zca-flip) REUSE=1 STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" "${ZCA[@]}" --flip ;;
         esac || return $?
     done
 }
@@ -66,9 +69,9 @@ for cfgs in "plain flip" "zca zca-flip"; do
 done
 # the best configuration again at N = 1,280 (CV at 160 ... 1,280, test kernels against all
 # 1,280): the one whose CV-chosen readout has the highest nested CV estimate at N = 640, never a
-# test score (summarize.py --best, which refuses until all 12 above are finished). ZCA is refitted
-# on the training images outside the 1,280, so its kernels are new ones; without ZCA the N = 640
-# stores lend their tiles (run: --reuse), about 40 % of the pairs.
+# test score (summarize.py --best, which refuses until all 12 above are finished). The N = 640
+# stores lend their tiles (run: --reuse), about 40 % of the pairs; a ZCA configuration's too, its
+# whitening fitted outside the 1,280 at both N (--zca-fit-outside 1280).
 best=$(python summarize.py --best) || exit $?
 read -r net cfg <<< "$best"
 NS=160,320,640,1280 SUFFIX=-n1280 configs "$net" "$net" "$cfg" || exit $?
