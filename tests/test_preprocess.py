@@ -484,7 +484,8 @@ def test_zca_fit_outside_is_checked():
                                          r"leaves out, but zca_fit is 'train'"):
         run_sweep_zca(_dataset(0), zca_fit_outside=40, test=False)
     for bad in (0, -40, 2.5, "40", True):
-        with pytest.raises(CNNGPError, match=r"^zca_fit_outside: expected a positive number of training images"):
+        with pytest.raises(CNNGPError, match=r"^zca_fit_outside: expected a positive integer \(a number of training "
+                                             r"images\)"):
             run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=bad, test=False)
     with pytest.raises(CNNGPError, match=r"^zca_fit_outside=400 needs 40 images per class but class \d has only"):
         run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=400, test=False)
@@ -493,6 +494,25 @@ def test_zca_fit_outside_is_checked():
     with pytest.raises(CNNGPError, match=r"^zca_fit: 'rest' fits the whitening on the training images outside the "
                                          r"balanced N = 20 subset, and there are 0"):
         run_sweep_zca(every, zca_fit="rest", zca_fit_outside=20, test=False)
+    three = np.concatenate([np.flatnonzero(y == c)[:3] for c in range(10)])  # 3 images of each class
+    thirty = Dataset(x[three], y[three], None, None, "thirty", tuple(str(i) for i in range(10)))
+    with pytest.raises(CNNGPError, match=r"^zca_fit_outside: 'rest' fits the whitening on the training images outside "
+                                         r"the balanced N = 30 subset, and there are 0; give a smaller "
+                                         r"zca_fit_outside \(at least 20\)"):
+        run_sweep_zca(thirty, zca_fit="rest", zca_fit_outside=30, test=False)
+
+
+def test_a_kernel_cache_is_not_reused_for_a_whitening_fitted_on_other_images(tmp_path):
+    """The cache is keyed on the images a whitening was fitted on: caches of another
+    zca_fit_outside, or of zca_fit="train", are refused, not read as this whitening's kernels."""
+    cache = tmp_path / "k.npz"
+    run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=40, kernel_cache=cache, test=False)
+    for other in (dict(zca_fit="rest", zca_fit_outside=60), dict(zca_fit="rest"), dict()):
+        with pytest.raises(CNNGPError, match=r"^kernel_cache: .*holds kernels of a different sweep \(differs in "
+                                             r"zca_fit_sha256\)"):
+            run_sweep_zca(_dataset(0), kernel_cache=cache, test=False, **other)
+    again = run_sweep_zca(_dataset(0), zca_fit="rest", zca_fit_outside=40, kernel_cache=cache, test=False)
+    assert again["config"]["zca_fit"]["fit_outside"] == 40
 
 
 @pytest.mark.filterwarnings("ignore:max_iter")
@@ -506,6 +526,12 @@ def test_learn_zca_fit_outside_records_and_fits_outside_the_larger_subset():
     assert fit == run_learn("cnngp1", _dataset(0), 40, zca_fit_outside=40, **common)["config"]["zca_fit"]
     with pytest.raises(CNNGPError, match=r"^zca_fit_outside: 10 images is fewer than the n = 20 training images"):
         run_learn("cnngp1", _dataset(0), 20, zca_fit_outside=10, **common)
+    # the seed and folds that draw the subsets are checked first, as the sweep's are
+    for bad, message in [(dict(seed=None), r"^seed: expected an integer >= 0, got None"),
+                         (dict(seed=-1), r"^seed: expected an integer >= 0, got -1"),
+                         (dict(folds=1), r"^folds: expected an integer >= 2, got 1")]:
+        with pytest.raises(CNNGPError, match=message):
+            run_learn("cnngp1", _dataset(0), 20, zca_fit_outside=40, **{**common, **bad})
 
 
 @pytest.mark.parametrize("command", [["sweep", "--n", "20", "--folds", "2"], ["learn", "--n", "20", "--folds", "2"]])
@@ -515,7 +541,7 @@ def test_zca_fit_outside_flag_is_refused_in_one_line_without_zca_fit_rest(tmp_pa
         (["--zca", "0.1", "--zca-fit-outside", "40"], "cnngp: error: --zca-fit-outside: says which training images "
                                                       "a --zca-fit rest whitening leaves out; add --zca-fit rest"),
         (["--zca", "0.1", "--zca-fit", "rest", "--zca-fit-outside", "x"],
-         "cnngp: error: --zca-fit-outside: expected a positive number of training images, got 'x'"),
+         "cnngp: error: --zca-fit-outside: expected a positive integer (a number of training images), got 'x'"),
         (["--zca", "0.1", "--zca-fit", "rest", "--zca-fit-outside", "10"],
          "cnngp: error: --zca-fit-outside: 10 images is fewer than"),
     ]:

@@ -216,7 +216,7 @@ def add_zca_argument(parser, fitted_on: str) -> None:
                         "and applied to every image the kernel sees (default: no whitening)")
 
 
-def add_zca_fit_argument(parser, subset: str) -> None:
+def add_zca_fit_argument(parser, subset: str, reuse: bool = False) -> None:
     """``--zca-fit train|rest`` and ``--zca-fit-outside N``: where ``--zca`` is fitted
     (:data:`cnngp.io.preprocess.ZCA_FITS`, :func:`cnngp.io.preprocess.zca_held_out`)."""
     parser.add_argument("--zca-fit", choices=["train", "rest"], default="train",
@@ -227,8 +227,8 @@ def add_zca_fit_argument(parser, subset: str) -> None:
     parser.add_argument("--zca-fit-outside", metavar="N",
                         help="with --zca-fit rest: fit on the training images outside the class-balanced N "
                              f"(at least {subset.removeprefix('the ')}; the same seed, so they begin with it) "
-                             "instead: runs of one learning curve share one whitening, and a larger run's "
-                             "--reuse lends the smaller one's tiles")
+                             "instead: runs of one learning curve share one whitening"
+                             + (", and a larger run's --reuse lends the smaller one's tiles" if reuse else ""))
 
 
 def parse_zca_fit_outside(args) -> int | None:
@@ -241,7 +241,8 @@ def parse_zca_fit_outside(args) -> int | None:
     except ValueError:
         value = 0
     if value <= 0:
-        raise CNNGPError(f"--zca-fit-outside: expected a positive number of training images, got {text!r}")
+        raise CNNGPError(f"--zca-fit-outside: expected a positive integer (a number of training images), "
+                         f"got {text!r}")
     if args.zca_fit != "rest":
         raise CNNGPError("--zca-fit-outside: says which training images a --zca-fit rest whitening leaves out; "
                          "add --zca-fit rest")

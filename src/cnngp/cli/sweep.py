@@ -249,7 +249,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
     add_zca_argument(p, "the training subset of the largest --n, or with --zca-fit rest the other training "
                         "images (never the test images)")
-    add_zca_fit_argument(p, "the training subset of the largest --n")
+    add_zca_fit_argument(p, "the training subset of the largest --n", reuse=True)
     add_layout_argument(p)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                    help="kernel precision (default float32: each sweep checks a few kernel entries "

@@ -29,7 +29,7 @@ import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import flip_average, kernel, offset_sums
-from cnngp.experiments.sweep import _folds_for, _in_memory, store_terms, test_store_path
+from cnngp.experiments.sweep import _folds_for, _in_memory, check_folds_and_seed, store_terms, test_store_path
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.inference import gp
@@ -309,6 +309,7 @@ class LearnProtocol(Settings):
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in ("paper", "stratified"):
             raise CNNGPError(f"fold_scheme: expected 'paper' or 'stratified', got {self.fold_scheme!r}")
+        check_folds_and_seed(self.folds, self.seed)
         if not isinstance(self.flip, (bool, np.bool_)):
             raise CNNGPError(f"flip: expected True or False, got {self.flip!r}")
         if self.flip and spectral_mixture:

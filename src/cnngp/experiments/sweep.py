@@ -766,7 +766,8 @@ def _read_cache(path: Path, key: dict) -> dict | None:
             f"kernel_cache: {str(path)!r}: its {' and '.join(damaged)} do not match the sha256 recorded "
             "when they were written (the file was altered or damaged); delete it or choose another path"
         )
-    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype", "zca", "kernel", "flip")
+    # zca_fit_sha256: the images a whitening fitted elsewhere than the subset was fitted on
+    train_fields = ("format", "spec", "readouts", "train_sha256", "dtype", "zca", "zca_fit_sha256", "kernel", "flip")
     diff = [f for f in train_fields if stored.get(f) != key.get(f)]
     if diff:
         raise CNNGPError(
@@ -782,6 +783,14 @@ def _read_cache(path: Path, key: dict) -> dict | None:
 # --------------------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------------------
+
+
+def check_folds_and_seed(folds, seed) -> None:
+    """A protocol's ``folds`` (an integer >= 2) and ``seed`` (an integer >= 0), checked."""
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise CNNGPError(f"folds: expected an integer >= 2, got {folds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise CNNGPError(f"seed: expected an integer >= 0, got {seed!r}")
 
 
 def _folds_for(scheme: str, n: int, y: np.ndarray, k: int, seed: int):
@@ -1007,11 +1016,7 @@ class SweepProtocol(Settings):
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in _FOLD_SCHEMES:
             raise CNNGPError(f"fold_scheme: expected one of {list(_FOLD_SCHEMES)}, got {self.fold_scheme!r}")
-        folds, seed = self.folds, self.seed
-        if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-            raise CNNGPError(f"folds: expected an integer >= 2, got {folds!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise CNNGPError(f"seed: expected an integer >= 0, got {seed!r}")
+        check_folds_and_seed(self.folds, self.seed)
         if self.test not in (False, True, "all", "best"):
             raise CNNGPError(f"test: expected False, True ('all') or 'best', got {self.test!r}")
         if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, (int, np.integer)) or self.n_grid < 1:
@@ -1022,8 +1027,8 @@ class SweepProtocol(Settings):
             raise CNNGPError(f"nested: expected True or False, got {self.nested!r}")
         object.__setattr__(self, "nested", bool(self.nested))
         object.__setattr__(self, "flip", bool(self.flip))
-        object.__setattr__(self, "folds", int(folds))
-        object.__setattr__(self, "seed", int(seed))
+        object.__setattr__(self, "folds", int(self.folds))
+        object.__setattr__(self, "seed", int(self.seed))
 
 
 

@@ -223,7 +223,8 @@ def check_zca_fit(fit, zca, outside=None) -> str:
                          "add zca (--zca EPS)")
     if outside is not None:
         if isinstance(outside, bool) or not isinstance(outside, (int, np.integer)) or outside <= 0:
-            raise CNNGPError(f"zca_fit_outside: expected a positive number of training images, got {outside!r}")
+            raise CNNGPError(f"zca_fit_outside: expected a positive integer (a number of training images), "
+                             f"got {outside!r}")
         if fit != "rest":
             raise CNNGPError(f"zca_fit_outside: says which training images a zca_fit 'rest' whitening leaves "
                              f"out, but zca_fit is {fit!r}; add zca_fit 'rest' (--zca-fit rest)")
@@ -284,6 +285,9 @@ def zca_fit_images(x_train, subset, fit: str, what: str = "the training subset",
         return x_train[subset]
     rest = np.setdiff1d(np.arange(len(x_train)), subset if held_out is None else np.asarray(held_out))
     if len(rest) < 2:
+        if held_out is not None and len(held_out) > len(subset):
+            raise CNNGPError(f"zca_fit_outside: 'rest' fits the whitening on the training images outside {what}, "
+                             f"and there are {len(rest)}; give a smaller zca_fit_outside (at least {len(subset)})")
         raise CNNGPError(f"zca_fit: 'rest' fits the whitening on the training images outside {what}, and "
                          f"there are {len(rest)}; use a smaller training set or zca_fit 'train'")
     return x_train[rest]
