@@ -174,6 +174,11 @@ def main():
             pass  # compared with mean pooling alone (below)
         elif cfg != "plain" + suffix and (net, "plain" + suffix, role) in per_image:
             refs.append(((net, "plain" + suffix, role), "vs plain"))
+        if cfg.removesuffix(suffix) == "zca-flip" and not role.startswith("CV-tied"):
+            # what each adds on top of the other: flips to whitened kernels, whitening to flipped ones
+            for part in ("zca", "flip"):
+                if (net, part + suffix, role) in per_image:
+                    refs.append(((net, part + suffix, role), f"vs {part}"))
         if suffix and not role.startswith("CV-tied") and (net, cfg.removesuffix(suffix), role) in per_image:
             refs.append(((net, cfg.removesuffix(suffix), role), "vs N = 640"))
         if net == "myrtle10-correlated" and not role.startswith("CV-tied") and ("myrtle10", cfg, role) in per_image:
