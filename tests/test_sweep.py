@@ -303,6 +303,41 @@ def test_summary_table(sweep):
     assert "b" not in lines[2].split("±", 1)[1].split()[0]  # N = 40: two blocks, their spread
 
 
+def test_summary_table_says_how_the_images_were_seen_and_where_no_nested_estimate_is(sweep, tmp_path):
+    """The header names flips and the whitening (and where it was fitted), the figures' titles
+    too; an N without a nested estimate shows a dash and a line saying why; a whitening fitted
+    on the N_max the CV validates on is flagged."""
+    import copy
+
+    from cnngp.experiments.plots import input_words
+
+    res = copy.deepcopy(sweep[0])
+    res["config"].update(flip=True, zca=0.1, zca_fit={"fit": "train"})
+    res["best"][0]["nested"] = {"unavailable": "not possible at N=40: too few images per class"}
+    lines = summary_table(res).splitlines()
+    assert lines[0].endswith("(NNGP, flip-averaged, ZCA ε=0.1 (fitted on the N_max): CV accuracy %)")
+    assert lines[2].rstrip().endswith("—")  # N = 40's nested column
+    assert "no nested estimate (the best column alone, optimistic): not possible at N=40: too few images " \
+           "per class" in lines
+    assert any(line.startswith("zca: fitted on the N_max images the CV validates on") for line in lines)
+    res["config"]["zca_fit"] = {"fit": "rest", "fit_outside": 1280}
+    assert not any(line.startswith("zca:") for line in summary_table(res).splitlines())
+    assert input_words(res["config"]) == ", flip-averaged, ZCA ε=0.1 (fitted outside the balanced 1280)"
+    assert input_words({"zca": 0.5, "zca_fit": {"fit": "rest"}}) == ", ZCA ε=0.5 (fitted outside the N_max)"
+    assert input_words({"flip": False, "zca": None}) == ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from cnngp.experiments.plots import sweep_figure
+
+    res["config"].update(arch="cnngp1", dataset="d.npz")
+    fig = sweep_figure(res, tmp_path / "s.png")
+    assert fig.axes[0].get_title() == "cnngp1 NNGP, flip-averaged, ZCA ε=0.1 (fitted outside the balanced 1280) on d.npz"
+    plt.close(fig)
+
+
 # -- command line ---------------------------------------------------------------------------
 
 CLI = ["sweep", "--arch", ARCH, "--n", "40,80", "--lengthscales", "0.5,5", "--quiet"]
@@ -669,6 +704,13 @@ def test_cli_writes_per_image_test_predictions_that_reproduce_the_reported_score
                                    [r["test_accuracy"] for r in top], atol=1e-12)
         np.testing.assert_allclose(-z["log_prob_true"].mean(1), [r["test_nll"] for r in top], rtol=1e-9)
         assert np.all(z["log_prob_true"] <= 0)
+        # what the file is, on its own: the run's configuration and versions, and the test images' hash
+        provenance = json.loads(str(z["provenance"]))
+        assert provenance == {"config": res["config"], "versions": res["versions"]}
+        from cnngp.io.data import load_dataset
+        from cnngp.provenance import array_sha256
+
+        assert str(z["test_sha256"]) == array_sha256(load_dataset(data).x_test[z["test_index"]])  # as read
     assert "test_predictions" not in res
     assert main(argv) == 0
     assert not (out / "test_predictions.npz").exists()

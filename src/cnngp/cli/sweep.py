@@ -183,7 +183,11 @@ def cmd_sweep(args) -> int:
     predictions = results.pop("test_predictions", None)
     if predictions is not None:  # per test point: paired comparisons between runs
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in predictions.items()})
+        # with the configuration and versions of the run that made them (results.json's), so a
+        # file compared with another says what it is on its own
+        provenance = json.dumps({"config": results["config"], "versions": results.get("versions")},
+                                allow_nan=False)
+        np.savez(buf, **{k: np.asarray(v) for k, v in predictions.items()}, provenance=np.asarray(provenance))
         files["test_predictions.npz"] = buf.getvalue()
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
     _write_outputs(out, {**files, "results.json": text.encode()})  # results.json last

@@ -79,6 +79,20 @@ def accuracy_2se(row: dict) -> float:
     return 2.0 * math.sqrt(p * (1.0 - p) / m)
 
 
+def input_words(config: dict) -> str:
+    """How a sweep's kernels saw the images, for titles and headers: ``""``, or ``", flip-averaged"``
+    and ``", ZCA ε=0.1 (fitted on …)"`` from its ``config`` (``flip``, ``zca``, ``zca_fit``)."""
+    words = ", flip-averaged" if config.get("flip") else ""
+    if config.get("zca") is not None:
+        fit = config.get("zca_fit") or {}
+        where = {"train": "the N_max", "rest": "outside the N_max"}.get(fit.get("fit", "train"), "")
+        if fit.get("fit_outside") is not None:
+            where = f"outside the balanced {fit['fit_outside']}"
+        words += f", ZCA ε={config['zca']:g}" + (f" (fitted on {where})" if where.startswith("the") else
+                                                   f" (fitted {where})" if where else "")
+    return words
+
+
 def sweep_figure(results: dict, path, title: str | None = None, format: str | None = None,
                  reference: dict | None = None, reference_label: str = "paper"):
     """Cross-validated accuracy against log10 λ, one curve per N (the paper's Figure 2).
@@ -210,6 +224,7 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     if title is None:
         kind = "NTK" if cfg.get("kernel") == "ntk" else "NNGP"
         arch, data = cfg.get("arch"), cfg.get("dataset", cfg.get("data"))
+        kind += input_words(cfg)
         title = f"{arch} {kind} on {data}" if arch and data else f"readout lengthscale sweep ({kind})"
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -287,7 +302,8 @@ def reliability_figure(results: dict, path, title: str | None = None, format: st
         if readout not in ("independent", "constant", ""):
             lam = test.get("lengthscale")
             readout = f"{readout} λ={lam}" if isinstance(lam, str) else f"{readout} λ={float(lam):.3g}"
-        title = f"{arch} on {data}: {readout}, test" if arch and data else "reliability (test)"
+        title = (f"{arch}{input_words(cfg)} on {data}: {readout}, test" if arch and data
+                 else "reliability (test)")
     line = (f"accuracy {100 * test['test_accuracy']:.1f} %, NLL {test['test_nll']:.3f}, "
             f"ECE {100 * test['test_ece']:.1f} %, τ = {test['calibration_scale']:.3g} "
             f"(N={test.get('n_train')}, {rel['n']} test images)")

@@ -1307,6 +1307,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             scored = [r for r in top if "_per_image" in r]
             test_predictions = {  # per test point and scored readout: paired comparisons
                 "test_index": np.asarray(test_order), "y_test": np.asarray(y_test),
+                # the test images as read (before any whitening): runs paired on the same images
+                "test_sha256": array_sha256(ds.x_test[test_order]),
                 "readouts": [f"{r['readout']}:{r['lengthscale']}" for r in scored],
                 "predicted": np.stack([r["_per_image"][0] for r in scored]).astype(np.int16),
                 "log_prob_true": np.stack([r.pop("_per_image")[1] for r in scored]),
@@ -1416,12 +1418,10 @@ def summary_table(results: dict) -> str:
     binomial ±2 SE of its predictions, marked ``b`` (:func:`cnngp.experiments.plots.accuracy_2se`).
     The header names the kernel (NNGP or NTK).
     """
-    from cnngp.experiments.plots import accuracy_2se, binomial_se
+    from cnngp.experiments.plots import accuracy_2se, binomial_se, input_words
 
-    rows = results["results"]
-    kind = "NTK" if results.get("config", {}).get("kernel") == "ntk" else "NNGP"
-    if results.get("config", {}).get("flip"):
-        kind += ", flip-averaged"
+    rows, config = results["results"], results.get("config", {})
+    kind = ("NTK" if config.get("kernel") == "ntk" else "NNGP") + input_words(config)
     nested = any("cv_accuracy" in b.get("nested", {}) for b in results["best"])
     head = (
         f"{'N':>6} {'sets':>4}  {'independent':>13}  {'mean pool':>13}  "
@@ -1448,7 +1448,7 @@ def summary_table(results: dict) -> str:
             which = f"{b['readout']} λ={_fmt_lam(b['lengthscale'])}"
         if len(b.get("tied", ())) > 1:  # the first in the sweep's order, and how many tie
             which += f" (+{len(b['tied']) - 1} tied)"
-        nest = ""
+        nest = f"  {'—':>13}" if nested else ""  # an N without one: said below
         if nested and "cv_accuracy" in b.get("nested", {}):
             nb = b["nested"]
             nest = f"  {100 * nb['cv_accuracy']:5.1f} ± {100 * nb['cv_accuracy_2se']:4.1f} "
@@ -1464,6 +1464,14 @@ def summary_table(results: dict) -> str:
     if nested:
         lines.append("nested: λ and σ² chosen by an inner CV inside each outer fold, scored on that fold "
                      "(the best column chooses and scores on the same folds: optimistic)")
+    without = [b for b in results["best"] if "unavailable" in b.get("nested", {})]
+    if without:  # the optimistic best alone at these N: say so, and why
+        lines.append("no nested estimate (the best column alone, optimistic): "
+                     + "; ".join(str(b["nested"]["unavailable"]) for b in without))
+    fit = (config.get("zca_fit") or {}).get("fit")
+    if config.get("zca") is not None and fit == "train":
+        lines.append("zca: fitted on the N_max images the CV validates on, so its held-out folds are whitened in "
+                     "sample and the test images out of sample; --zca-fit rest fits it on other training images")
     if "test" in results:
         t = results["test"]
         lam = _fmt_lam(t["lengthscale"])
