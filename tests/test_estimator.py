@@ -110,6 +110,10 @@ def test_cv_selection_matches_gp_leave_one_out_and_kfold(digits_split):
     assert np.array_equal(fixed.predict(xte[:50]), cv.predict(xte[:50]))
     assert cv.score(xte[:60], yte[:60]) > 0.85
 
+    assert cv.tied_lengthscales_[0] == cv.lengthscale_
+    assert list(cv.tied_lengthscales_) == [lam for lam, m in zip(lams, res["mean_test_score"])
+                                           if m >= res["mean_test_score"].max() - 1e-12]
+
     kf = CNNGPClassifierCV("cnngp1", lengthscales=(0.0,), cv=4, random_state=3).fit(xtr, ytr)
     folds = gp.stratified_folds(ytr, 4, 3)
     ref = gp.cross_validate(K0, ytr, folds, kf.noise_variances_, 10)
@@ -243,3 +247,30 @@ def test_return_std_of_a_flip_averaged_kernel(digits_split):
     assert not np.allclose(prior, np.diagonal(kernel(net, xte).double().numpy()))
     _, std = clf.predict(xte, return_std=True)
     np.testing.assert_allclose(std, np.sqrt(gp.posterior_variance(K, Ks, prior, 1e-2)), rtol=1e-8)
+
+
+def test_cv_ties_within_rounding_break_as_the_sweeps_do(digits_split, monkeypatch):
+    """Scores that differ only by rounding (4e-17, as two λ at the paper-scale N = 320) are a
+    tie: the first λ wins, as in the sweep (cnngp.inference.selection.first_best), both are
+    listed in tied_lengthscales_, and they share rank 1; a real difference is not a tie."""
+    xtr, ytr, _, _ = digits_split
+    xtr, ytr = xtr[:40], ytr[:40]
+    real = CNNGPClassifierCV._cross_validate
+
+    def nudged(bump):
+        def cross_validate(Ks, y_enc, folds, noise, n_classes):
+            results, noise = real(Ks, y_enc, folds, noise, n_classes)
+            for r in results:
+                r.accuracy[:] = 0.5
+            results[1].accuracy[7] = 0.5 + bump  # λ = 2 a hair (or truly) above λ = 1
+            return results, noise
+        return staticmethod(cross_validate)
+
+    monkeypatch.setattr(CNNGPClassifierCV, "_cross_validate", nudged(4e-17))
+    cv = CNNGPClassifierCV("cnngp1", lengthscales=(1.0, 2.0), cv=2).fit(xtr, ytr)
+    assert (cv.lengthscale_, list(cv.tied_lengthscales_)) == (1.0, [1.0, 2.0])
+    assert list(cv.cv_results_["rank_test_score"]) == [1, 1]
+    monkeypatch.setattr(CNNGPClassifierCV, "_cross_validate", nudged(1e-3))
+    cv = CNNGPClassifierCV("cnngp1", lengthscales=(1.0, 2.0), cv=2).fit(xtr, ytr)
+    assert (cv.lengthscale_, list(cv.tied_lengthscales_)) == (2.0, [2.0])
+    assert list(cv.cv_results_["rank_test_score"]) == [2, 1]

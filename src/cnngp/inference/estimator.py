@@ -51,6 +51,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from cnngp.inference import gp
 from cnngp.inference.calibration import calibrate, class_probabilities
+from cnngp.inference.selection import TIE_ATOL, first_best
 from cnngp.kernels.correlations import ENDS, FAMILIES, Correlation, parse_lengthscale
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.errors import CNNGPError
@@ -416,9 +417,10 @@ class CNNGPClassifierCV(_CNNGPBase):
 
     Every λ's kernel comes from one pass of the kernel engine to the last hidden layer
     (:func:`cnngp.readout_sweep`); every σ² from one eigendecomposition per kernel (and
-    fold). The selected (λ, σ²) maximises the cross-validated accuracy; among ties the
-    first λ of ``lengthscales`` wins and, for it, the largest tied σ² (the best-conditioned
-    solve). The final model is refitted on all data.
+    fold). The selected (λ, σ²) maximises the cross-validated accuracy; among ties (scores
+    within :data:`cnngp.inference.selection.TIE_ATOL`, as the sweep's) the first λ of
+    ``lengthscales`` wins, the others listed in ``tied_lengthscales_``, and, for it, the
+    largest tied σ² (the best-conditioned solve). The final model is refitted on all data.
 
     Parameters
     ----------
@@ -479,6 +481,9 @@ class CNNGPClassifierCV(_CNNGPBase):
         Cross-validated accuracy of the selection.
     best_index_ : int
         Index of ``lengthscale_`` in ``cv_results_["lengthscale"]``.
+    tied_lengthscales_ : numpy.ndarray
+        Every λ whose score ties the best (``lengthscale_`` first): how much the choice
+        rests on the tie-break.
     cv_results_ : dict of numpy arrays, one entry per candidate λ
         ``"lengthscale"``, ``"mean_test_score"`` (best over σ²), ``"std_test_score"``
         (over folds), ``"split{i}_test_score"``, ``"noise_variance"`` (the largest σ²
@@ -629,9 +634,9 @@ class CNNGPClassifierCV(_CNNGPBase):
         # the first λ reaching the best score, with the largest σ² that reaches it there:
         # ties are common (accuracy is discrete) and the largest tied σ² is the best
         # conditioned, so predictions do not hinge on rounding in the kernel
-        best_j = [int(np.flatnonzero(row == row.max())[-1]) for row in scores]
+        best_j = [int(np.flatnonzero(row >= row.max() - TIE_ATOL)[-1]) for row in scores]
         mean = scores.max(axis=1)
-        i = int(np.argmax(mean))
+        i, tied = first_best(mean)  # the first λ among ties, as the sweep chooses
         j = best_j[i]
 
         cv_results = {
@@ -652,7 +657,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         rank[order] = np.arange(1, len(lams) + 1)
         # equal scores share the better rank, as in GridSearchCV
         for a in range(1, len(order)):
-            if mean[order[a]] == mean[order[a - 1]]:
+            if mean[order[a]] >= mean[order[a - 1]] - TIE_ATOL:
                 rank[order[a]] = rank[order[a - 1]]
         cv_results["rank_test_score"] = rank
 
@@ -660,6 +665,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.cv_scores_ = scores
         self.noise_variances_ = np.asarray(noise)
         self.best_index_ = int(i)
+        self.tied_lengthscales_ = np.array([lams[k] for k in tied], dtype=np.float64)
         self.best_score_ = float(scores[i, j])
         self.lengthscale_ = float(lams[i])
         self.noise_variance_ = float(noise[j])
@@ -700,6 +706,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.lengthscale_, self.amplitude_, self.noise_variance_ = float(lam), float(amp), float(noise)
         self.best_score_ = float(score.accuracy[0])
         self.best_index_ = 0
+        self.tied_lengthscales_ = np.array([float(lam)])  # one learned candidate
         self.noise_variances_ = np.array([noise])
         self.cv_scores_ = score.accuracy[None, :]
         self.cv_results_ = {"lengthscale": np.array([lam]), "noise_variance": np.array([noise]),
