@@ -72,11 +72,15 @@ def main():
         summary["cnngp14"] = {"ours": table(c14), "paper": {str(k): v for k, v in paper.CNNGP14.items()}}
         tested = load("cnngp14-n1280-test")  # the same sweep with --test best
         if tested is not None:
-            # the --test run adds test_accuracy to its N_max entries; everything else must match
+            # the same kernels cross-validated: every readout's CV accuracy equal and its σ² equal to
+            # rounding (cnngp14-n1280 was rerun from its tile archive by a later cnngp, which adds
+            # keys such as the nested estimate and can differ in the last bits of σ²)
             def cv_only(results):
-                return [{k: v for k, v in r.items() if k != "test_accuracy"} for r in results]
+                return [(r["n"], r["readout"], str(r["lengthscale"]), r["cv_accuracy"]) for r in results]
             assert cv_only(tested["results"]) == cv_only(c14["results"]), \
                 "the --test best run cross-validated other kernels"
+            assert all(abs(a["noise_variance"] - b["noise_variance"]) <= 1e-12 * b["noise_variance"]
+                       for a, b in zip(tested["results"], c14["results"])), "σ² differ beyond rounding"
             summary["cnngp14"]["test"] = tested["test"]
     variants = {label: load(name) for label, name in FIG3.items()}
     done = {label: res for label, res in variants.items() if res is not None}
