@@ -549,3 +549,29 @@ def test_zca_fit_outside_flag_is_refused_in_one_line_without_zca_fit_rest(tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), err
         assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+@pytest.mark.parametrize("fit", ["train", "rest"])
+def test_learn_with_zca_is_learn_on_images_whitened_beforehand(fit):
+    """Oracle for learn's whitening: the same run without ``zca`` on a data set whose images were
+    whitened beforehand by the direct formula (fitted on the n training images, or on the other
+    training images), test images included: the grid of objectives and the learned values agree."""
+    from cnngp.experiments.learned import run_learn
+    from cnngp.io.data import balanced_subset
+
+    ds = _dataset(0)
+    common = dict(starts=(3.0,), max_iter=3, lengthscales=(1.0, 10.0), folds=2, progress=False, test=True)
+    whitened = run_learn("cnngp1", ds, 20, zca=0.3, zca_fit=fit, **common)
+    order = balanced_subset(ds.y_train, 20, seed=0, n_classes=10)
+    fit_on = order if fit == "train" else np.setdiff1d(np.arange(len(ds.x_train)), order)
+    mu, W, _ = _direct(ds.x_train[fit_on], 0.3)
+    before = Dataset(_whiten(ds.x_train, mu, W), ds.y_train, _whiten(ds.x_test, mu, W), ds.y_test, ds.name,
+                     ds.class_names)
+    plain = run_learn("cnngp1", before, 20, **common)
+    np.testing.assert_allclose([g["objective"] for g in whitened["grid"]], [g["objective"] for g in plain["grid"]],
+                               rtol=1e-7)
+    for key in ("lengthscale", "amplitude", "noise_variance"):
+        assert whitened["learned"][key] == pytest.approx(plain["learned"][key], rel=1e-5), key
+    assert whitened["heldout_accuracy"] == plain["heldout_accuracy"]  # the test images whitened alike
+    assert whitened["grid"][0]["objective"] != run_learn("cnngp1", ds, 20, **common)["grid"][0]["objective"]
