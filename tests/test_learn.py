@@ -157,7 +157,11 @@ def test_cnngp_learn_writes_results_and_figure(tmp_path, capsys):
     r = json.loads((out / "learned.json").read_text())
     for key in ("learned", "trace", "kernel_evaluations", "heldout_accuracy", "grid_best", "config", "versions"):
         assert key in r
-    assert set(r["grid_best"]) >= {"lengthscale", "heldout_accuracy", "kernel_evaluations"}
+    assert set(r["grid_best"]) >= {"lengthscale", "heldout_accuracy", "kernel_evaluations", "tied_lengthscales"}
+    # the grid's best: the first λ among those within rounding of the top CV accuracy, all of them listed
+    top = max(g["cv_accuracy"] for g in r["grid"])
+    tied = [g["lengthscale"] for g in r["grid"] if g["cv_accuracy"] >= top - 1e-12]
+    assert r["grid_best"]["tied_lengthscales"] == tied and r["grid_best"]["lengthscale"] == tied[0]
     assert r["config"]["seed"] == 0 and r["config"]["objective"] == "mll"
     assert 0 <= r["heldout_accuracy"] <= 1 and r["learned"]["lengthscale"] > 0
     assert (out / "learned.png").stat().st_size > 1000

@@ -33,6 +33,7 @@ from cnngp.experiments.sweep import _folds_for, _in_memory, check_folds_and_seed
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.inference import gp
+from cnngp.inference.selection import first_best
 from cnngp.inference.learn import (
     BOUNDS,
     OBJECTIVES,
@@ -523,9 +524,11 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
                           "cv_accuracy_2se": float(gp.mean_and_2se(cv_l.best_fold_accuracies)[1]),
                           "noise_variance": float(cv_l.best_noise_variance)})
     grid_evals = readout.evaluations
-    best = max(grid_rows, key=lambda r: r["cv_accuracy"])
+    i_best, tied = first_best([r["cv_accuracy"] for r in grid_rows])  # ties as the sweep breaks them
+    best = grid_rows[i_best]
     grid_best = {"lengthscale": best["lengthscale"], "noise_variance": best["noise_variance"],
-                 "cv_accuracy": best["cv_accuracy"], "cv_accuracy_2se": best["cv_accuracy_2se"]}
+                 "cv_accuracy": best["cv_accuracy"], "cv_accuracy_2se": best["cv_accuracy_2se"],
+                 "tied_lengthscales": [grid_rows[i]["lengthscale"] for i in tied]}
     if test:
         with torch.no_grad():
             K_b = readout.kernel(best["lengthscale"]).numpy()
