@@ -714,3 +714,27 @@ def test_cli_writes_per_image_test_predictions_that_reproduce_the_reported_score
     assert "test_predictions" not in res
     assert main(argv) == 0
     assert not (out / "test_predictions.npz").exists()
+
+
+def test_sweep_figure_has_a_test_nll_and_ece_panel_for_test_all_results(tmp_path):
+    """--test all results: a lower panel draws each N_max readout's test NLL (±2 SE band) and
+    ECE (%) at the upper panel's λ positions; results without per-readout test scores keep the
+    one panel."""
+    from cnngp.experiments.plots import sweep_figure
+
+    readouts = (("independent", 0.0), ("matern32", 1.0), ("matern32", 10.0), ("constant", "inf"))
+    rows = [{"n": n, "readout": r, "lengthscale": lam, "cv_accuracy": 0.5, "cv_accuracy_2se": 0.02,
+             "n_datasets": 80 // n} for n in (40, 80) for r, lam in readouts]
+    nll, ece = [0.9, 0.7, 0.6, 0.65], [0.05, 0.03, 0.02, 0.04]
+    for row, a, b in zip(rows[4:], nll, ece):
+        row.update(test_accuracy=0.6, test_nll=a, test_nll_2se=0.1, test_ece=b)
+    fig = sweep_figure({"config": {}, "results": rows}, tmp_path / "s.png")
+    top, low, twin = fig.axes
+    (line,) = [ln for ln in low.lines if ln.get_label() == "test NLL"]
+    assert list(line.get_ydata()) == nll  # independent, λ = 1, 10, mean pool: left to right
+    assert list(line.get_xdata()) == sorted(line.get_xdata())
+    assert [round(v, 9) for v in twin.lines[0].get_ydata()] == [100 * v for v in ece]
+    assert "N = 80" in low.get_title() and low.get_xlabel().startswith("log10 λ")
+    for row in rows:
+        row.pop("test_nll", None)
+    assert len(sweep_figure({"config": {}, "results": rows}, tmp_path / "t.png").axes) == 1

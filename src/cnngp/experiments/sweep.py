@@ -546,6 +546,8 @@ def _score_test(row, K, y_sub, Kt, prior, y_test, folds, n_classes) -> dict:
     with gp.small_problem_threads(len(y_sub)):
         scores = calibration.test_scores(K, y_sub, Kt, prior, y_test, row["noise_variance"], folds, n_classes)
     row.update(test_nll=scores["nll"], test_ece=scores["ece"], calibration_scale=scores["calibration_scale"])
+    losses = -np.asarray(scores["log_prob_true"], dtype=np.float64)  # ±2 SE over the test images
+    row["test_nll_2se"] = float(2.0 * losses.std(ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
     row["_per_image"] = (scores["predicted"], scores["log_prob_true"])  # moved to test_predictions
     return scores
 
