@@ -522,3 +522,38 @@ def test_internal_through_stores_resumes_without_a_body_pass(tmp_path, monkeypat
     again = run_learn(_internal_net(), "digits", 40, **kw)
     assert [r["objective"] for r in again["trace"]] == [r["objective"] for r in first["trace"]]
     assert again["learned"] == first["learned"]
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+@pytest.mark.parametrize("params", ["readout", "all"])
+def test_learn_test_split_reports_nll_and_ece_of_the_learned_model(params):
+    """--test: the learned model's test accuracy, NLL and ECE. Oracle: the network with the
+    learned readout (λ, amplitude) built by hand, its kernels by cnngp.kernel, scored by
+    cnngp.inference.calibration.test_scores on the same folds and σ²."""
+    import cnngp
+    from cnngp.experiments.learned import run_learn
+    from cnngp.experiments.sweep import _folds_for, split_network
+    from cnngp.inference import calibration, gp
+    from cnngp.io.data import Dataset, balanced_subset, load_digits
+
+    xd, yd = load_digits()
+    data = Dataset(xd[:200], yd[:200], xd[1000:1050], yd[1000:1050], "digits", tuple(str(i) for i in range(10)))
+    res = run_learn("cnngp1", data, 40, params=params, starts=(3.0,), max_iter=4, lengthscales=(1.0,),
+                    folds=2, progress=False, test=True)
+    held, learned = res["heldout"], res["learned"]
+    order = balanced_subset(data.y_train, 40, seed=0, n_classes=10)
+    x, y, xt, yt = data.x_train[order], data.y_train[order], data.x_test, data.y_test
+    body, template, _ = split_network("cnngp1")
+    lam = learned["lengthscale"] if params == "readout" else learned["readout.lengthscale"]
+    amp = learned["amplitude"] if params == "readout" else learned["readout.weight_var"]
+    net = cnngp.Serial(body, cnngp.Readout(amp, template.bias_var, cnngp.Matern(1.5, lam), template.parameterization))
+    K = cnngp.kernel(net, x).double().numpy()
+    Kt = cnngp.kernel(net, xt, x).double().numpy()
+    prior = np.diag(cnngp.kernel(net, xt).double().numpy())
+    folds = _folds_for("paper", 40, y, 2, 0)
+    ref = calibration.test_scores(K, y, Kt, prior, yt, learned["noise_variance"], folds, 10)
+    assert held["n_test"] == 50
+    assert held["test_accuracy"] == gp.test_accuracy(K, y, Kt, yt, learned["noise_variance"], 10)
+    assert held["test_nll"] == pytest.approx(ref["nll"], rel=1e-6)
+    assert held["test_ece"] == pytest.approx(ref["ece"], rel=1e-6, abs=1e-9)
+    assert held["calibration_scale"] == pytest.approx(ref["calibration_scale"], rel=1e-6)

@@ -83,8 +83,11 @@ def cmd_learn(args) -> int:
     what = "test" if args.test else f"{args.folds}-fold CV"
     if "internal_lengthscale" in result["learned"]:
         print(f"learned internal λ = {result['learned']['internal_lengthscale']:.4g}")
+    held = result["heldout"]
+    probabilities = (f" (NLL {held['test_nll']:.3f}, ECE {100 * held['test_ece']:.1f}%, calibrated on the training "
+                     "folds)" if "test_nll" in held else "")
     print(f"learned λ = {result['learned']['lengthscale']:.4g} ({args.objective}): {what} accuracy "
-          f"{100 * result['heldout_accuracy']:.1f}%, {result['kernel_evaluations']:,} kernel evaluations")
+          f"{100 * result['heldout_accuracy']:.1f}%{probabilities}, {result['kernel_evaluations']:,} kernel evaluations")
     print(f"grid best λ = {gb['lengthscale']:.4g}: {what} accuracy {100 * gb['heldout_accuracy']:.1f}%, "
           f"{gb['kernel_evaluations']:,} kernel evaluations")
     if "spectral_mixture" in result:

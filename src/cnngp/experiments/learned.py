@@ -52,7 +52,7 @@ from cnngp.io.preprocess import (
     check_zca_fit, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
 )
 from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
-from cnngp.kernels.layers import Serial
+from cnngp.kernels.layers import Readout, Serial
 from cnngp.provenance import array_sha256, versions
 
 LEARNED_FORMAT = "cnngp-learned/1"
@@ -206,6 +206,23 @@ def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> to
         parts.append(np.asarray(opened.kernel[:]))
     values = parts[0] if len(parts) == 1 else flip_average(parts[0], parts[1])
     return torch.as_tensor(values.astype(np.float64))
+
+
+def _test_scores(network, K, y, K_test, x_test, y_test, noise, folds, k_cls, flip, ex) -> dict:
+    """The learned model on the test split, as the sweep scores it
+    (:func:`cnngp.inference.calibration.test_scores`): accuracy, NLL and ECE, the calibration
+    scale chosen on the training folds alone, the prior variances k(x*, x*) of ``network`` (the
+    fitted one: its readout at the learned λ and amplitude) from the M pairs (x*, x*)."""
+    from cnngp.engine.gram import kernel_diagonal
+    from cnngp.inference import calibration
+
+    prior = kernel_diagonal(network, x_test, flip=flip,
+                            execution=_in_memory(ex).replace(dtype="float64", progress=False)).double().numpy()
+    with gp.small_problem_threads(len(y)):
+        scores = calibration.test_scores(K, y, K_test, prior, y_test, noise, folds, k_cls)
+    return {"test_accuracy": gp.test_accuracy(K, y, K_test, y_test, noise, k_cls), "n_test": int(len(y_test)),
+            "test_nll": float(scores["nll"]), "test_ece": float(scores["ece"]),
+            "calibration_scale": float(scores["calibration_scale"])}
 
 
 #: what a learn result records of where its whitening was fitted (:attr:`LearnProtocol.zca_fit`)
@@ -413,7 +430,6 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
     if not yes:  # the body pass priced (and timed when long) before it starts: the one-hour gate
         from cnngp.engine.gram import check_gram
-        from cnngp.kernels.layers import Readout
 
         priced = Serial(*body.layers, Readout())
         check_ex = _in_memory(ex).replace(progress=False)
@@ -475,17 +491,18 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
                           execution=_in_memory(ex).replace(progress=False)).to(torch.float64)
         K_test = (learned["amplitude"] * torch.tensordot(best_readout.weights(learned["lengthscale"]), S_t, 1)
                   + template.bias_var).numpy()
-        held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
-        held["n_test"] = int(len(y_test))
     elif test and params == "all":
         K_test = kernel(fitted, x_test, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
-        held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
-        held["n_test"] = int(len(y_test))
     elif test:
         K_test = (learned["amplitude"] * torch.tensordot(readout.weights(learned["lengthscale"]), S_test, 1)
                   + readout.bias_var).numpy()
-        held["test_accuracy"] = gp.test_accuracy(K, y, K_test, y_test, learned["noise_variance"], k_cls)
-        held["n_test"] = int(len(y_test))
+    if test:  # accuracy, and NLL and ECE of probabilities calibrated on the training folds alone
+        final = fitted if params == "all" else Serial(
+            *(fitted_body if params == "internal" else body).layers,
+            Readout(learned["amplitude"], template.bias_var, correlation_family(family, learned["lengthscale"]),
+                    template.parameterization))
+        held.update(_test_scores(final, K, y, K_test, x_test, y_test, learned["noise_variance"], fold_list, k_cls,
+                                 flip, ex))
     sm_result = None
     if spectral_mixture:
         sm = learn_spectral_mixture(S, grid, y, components=int(spectral_mixture), objective=objective,
