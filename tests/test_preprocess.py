@@ -377,6 +377,39 @@ def test_estimator_cv_whitens_before_selection():
     assert cv.predict(x[200:205]).shape == (5,)
 
 
+def test_estimators_apply_a_whitening_fitted_beforehand_as_it_is():
+    """``zca=fit_zca(other images, ε)``: the estimator applies that whitening to training and new
+    X alike (nothing refitted on X). Oracle: the same estimator without zca on the arrays
+    whitened by the direct formula of the other images; CV selections and scores equal."""
+    from sklearn.base import clone
+
+    from cnngp.inference.estimator import CNNGPClassifier, CNNGPClassifierCV
+    from cnngp.io.preprocess import fit_zca
+
+    x, y = load_digits()
+    other = x[1000:1300]  # unlabelled images outside the training and test sets
+    zca = fit_zca(other, 0.3)
+    mu, W, _ = _direct(other, 0.3)
+    xtr, ytr, xte = x[:40], y[:40], x[600:630]
+    options = dict(lengthscales=[1.0, 4.0, "inf"], noise_variances=[1e-3, 1e-2, 1e-1], cv=2)
+    cv = CNNGPClassifierCV("cnngp1", zca=zca, **options).fit(xtr, ytr)
+    ref = CNNGPClassifierCV("cnngp1", **options).fit(_whiten(xtr, mu, W), ytr)
+    assert cv.zca_ is zca
+    np.testing.assert_allclose(cv.X_fit_, _whiten(xtr, mu, W), atol=1e-10)
+    np.testing.assert_array_equal(cv.cv_scores_, ref.cv_scores_)
+    assert (cv.lengthscale_, cv.noise_variance_) == (ref.lengthscale_, ref.noise_variance_)
+    np.testing.assert_allclose(cv.decision_function(xte), ref.decision_function(_whiten(xte, mu, W)),
+                               rtol=1e-8, atol=1e-12)
+    one = CNNGPClassifier("cnngp1", correlation="matern32", lengthscale=2.0, zca=zca).fit(xtr, ytr)
+    np.testing.assert_allclose(one.predict_proba(xte), CNNGPClassifier(
+        "cnngp1", correlation="matern32", lengthscale=2.0).fit(_whiten(xtr, mu, W), ytr).predict_proba(
+        _whiten(xte, mu, W)), rtol=1e-7, atol=1e-12)
+    assert repr(zca) == "ZCAWhitening(strength=0.3, n_fit=300, image_shape=(8, 8, 1), method='covariance')"
+    assert "ZCAWhitening(strength=0.3" in repr(cv) and clone(cv).zca is not None
+    with pytest.raises(CNNGPError, match=r"image"):  # a whitening of other images' shape
+        CNNGPClassifier("cnngp1", zca=fit_zca(np.random.default_rng(0).random((20, 4, 4, 1)), 0.3)).fit(xtr, ytr)
+
+
 @pytest.mark.filterwarnings("ignore:max_iter")
 def test_learn_records_and_applies_the_whitening():
     from cnngp.experiments.learned import run_learn

@@ -21,7 +21,9 @@ network, usable for tabular data of any width (the 3-tap convolutions of the nam
 architectures need signals of at least 3 positions). Pixel values are used as given (the
 paper scales pixels to [0, 1]). ``zca=ε`` whitens them first by regularised ZCA
 (:mod:`cnngp.io.preprocess`), fitted in ``fit`` on the training X only (``zca_``) and applied
-to every X that ``predict`` and ``decision_function`` see.
+to every X that ``predict`` and ``decision_function`` see; ``zca=`` a whitening fitted
+beforehand (:func:`cnngp.io.preprocess.fit_zca`, e.g. on other, unlabelled images) is applied
+as it is, to training and new X alike.
 
 Notes
 -----
@@ -179,13 +181,17 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         return bool(self.flip)
 
     def _whiten_fit(self, images: np.ndarray) -> np.ndarray:
-        """Fit the ZCA whitening (``zca``) on the training images; ``zca_`` (None without)."""
-        from cnngp.io.preprocess import check_zca_strength, fit_zca
+        """Fit the ZCA whitening (``zca``) on the training images, or take the one given;
+        ``zca_`` (None without)."""
+        from cnngp.io.preprocess import ZCAWhitening, check_zca_strength, fit_zca
 
         if self.zca is None:
             self.zca_ = None
             return images
-        self.zca_ = fit_zca(images, check_zca_strength(self.zca, "zca"), name="X")
+        if isinstance(self.zca, ZCAWhitening):  # fitted beforehand (other images): applied as it is
+            self.zca_ = self.zca
+        else:
+            self.zca_ = fit_zca(images, check_zca_strength(self.zca, "zca"), name="X")
         return self.zca_.transform(images, "X")
 
     def _set_fit(self, images, network, K, y_enc, noise, folds=None):
@@ -317,10 +323,12 @@ class CNNGPClassifier(_CNNGPBase):
         "Execution options"); the solve is always float64.
     verbose : bool, default False
         Progress bars over kernel computations (the execution option ``progress``).
-    zca : float, optional
+    zca : float or cnngp.io.preprocess.ZCAWhitening, optional
         Regularised ZCA whitening of strength ε >= 0 (a fraction of the mean eigenvalue,
         :mod:`cnngp.io.preprocess`), fitted on the training X in ``fit`` and applied to the X
-        of ``predict``/``decision_function``. Default None: no whitening.
+        of ``predict``/``decision_function``; or a whitening fitted beforehand
+        (:func:`cnngp.io.preprocess.fit_zca` on other images), applied as it is. Default None:
+        no whitening.
     flip : bool, default False
         Use the flip-averaged kernel ½[K(x, x') + K(x, flip x')] (horizontal flips,
         docs/maths.md §9) for training and prediction alike; refused in ``fit`` for a network or
@@ -453,14 +461,14 @@ class CNNGPClassifierCV(_CNNGPBase):
         predictive density.
     image_shape, dtype, device, batch_size, memory_budget, verbose, engine
         As for :class:`CNNGPClassifier`.
-    zca : float, optional
-        As for :class:`CNNGPClassifier`: fitted on all of the training X before the
-        cross-validation (every fold shares it; unlabelled statistics of training images). Its
-        held-out folds are thus whitened in sample and new images out of sample, which for
+    zca : float or cnngp.io.preprocess.ZCAWhitening, optional
+        As for :class:`CNNGPClassifier`. A strength is fitted on all of the training X before
+        the cross-validation (every fold shares it; unlabelled statistics of training images).
+        Its held-out folds are thus whitened in sample and new images out of sample, which for
         fewer images than pixels differ (README, "Regularised ZCA whitening"): to select on
-        images whitened as new ones are, fit :func:`cnngp.io.preprocess.fit_zca` on other,
-        unlabelled images and pass the whitened arrays (``zca=None``), as the sweep's
-        ``zca_fit="rest"`` does.
+        images whitened as new ones are, pass a whitening fitted on other, unlabelled images,
+        ``zca=fit_zca(other_images, 0.1)`` (:func:`cnngp.io.preprocess.fit_zca`), as the
+        sweep's ``zca_fit="rest"`` does.
     flip : bool, default False
         As for :class:`CNNGPClassifier`: every λ's kernel flip-averaged (with
         ``search="gradient"``, learned from the flip-averaged offset sums).

@@ -98,7 +98,7 @@ def check_zca_strength(value, name: str = "zca") -> float:
     return eps
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ZCAWhitening:
     """A fitted regularised ZCA whitening (module docstring); make one with :func:`fit_zca`.
 
@@ -190,6 +190,10 @@ class ZCAWhitening:
         """``W C W = U Λ (Λ + δ I)^{-1} Uᵀ`` (D, D): the covariance of the whitened training
         images in closed form."""
         return (self.basis * (self.eigenvalues / (self.eigenvalues + self.regulariser))) @ self.basis.T
+
+    def __repr__(self) -> str:  # short: it is also an estimator parameter (zca=), shown in its repr
+        return (f"ZCAWhitening(strength={self.strength:g}, n_fit={int(self.n_fit)}, "
+                f"image_shape={tuple(self.image_shape)}, method={self.method!r})")
 
     def provenance(self) -> dict:
         """What a result records about the whitening (JSON-ready)."""
