@@ -926,7 +926,7 @@ _EXTRA_COMMANDS: list = []
 def _register_optional_commands():
     import importlib
 
-    for mod in ("cnngp.cli.sweep", "cnngp.cli.montecarlo", "cnngp.cli.learn"):
+    for mod in ("cnngp.cli.sweep", "cnngp.cli.montecarlo", "cnngp.cli.learn", "cnngp.cli.compare"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -1,0 +1,113 @@
+"""``cnngp compare`` / :mod:`cnngp.experiments.compare`: paired comparisons of two sweeps'
+models on the same test images. Oracles: the runs' own reported test scores, the per-image
+differences recomputed by a loop, and the exact McNemar p-value summed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from cnngp.cli.main import main
+from cnngp.errors import CNNGPError
+from cnngp.experiments.compare import load_predictions, paired_comparison
+
+
+def _digits_npz(path):
+    x, y = load_digits(return_X_y=True)
+    x8 = np.round(x * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
+    np.savez(path, x_train=x8[:600], y_train=y[:600].astype(np.uint8), x_test=x8[1500:],
+             y_test=y[1500:].astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two sweeps on the same 60 test images (plain and flip-averaged), and one on 30 others."""
+    tmp = tmp_path_factory.mktemp("compare")
+    data = _digits_npz(tmp / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--n", "40", "--folds", "2", "--lengthscales",
+            "0.5,5", "--test", "all", "--quiet"]
+    assert main(argv + ["--n-test", "60", "--out", str(tmp / "plain")]) == 0
+    assert main(argv + ["--n-test", "60", "--flip", "--out", str(tmp / "flip")]) == 0
+    assert main(argv + ["--n-test", "30", "--out", str(tmp / "other")]) == 0
+    return tmp
+
+
+def _mcnemar_by_hand(k: int, n: int) -> float:
+    """Two-sided exact binomial test of k successes in n at p = 1/2: twice the smaller tail."""
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def test_paired_differences_are_the_per_image_differences_of_the_reported_scores(runs):
+    a, b = load_predictions(runs / "flip"), load_predictions(runs / "plain")
+    res = paired_comparison(a, "chosen", b, "chosen")
+    reported = {name: json.loads((runs / name / "results.json").read_text())["test"] for name in ("flip", "plain")}
+    assert res["a"]["accuracy"] == pytest.approx(reported["flip"]["test_accuracy"], abs=1e-12)
+    assert res["b"]["accuracy"] == pytest.approx(reported["plain"]["test_accuracy"], abs=1e-12)
+    assert res["a"]["nll"] == pytest.approx(reported["flip"]["test_nll"], rel=1e-9)
+    assert res["accuracy_difference"] == pytest.approx(res["a"]["accuracy"] - res["b"]["accuracy"], abs=1e-12)
+    # the paired SE by a loop over the images
+    i, j = a.select("chosen"), b.select("chosen")
+    d = [float(a.predicted[i][m] == a.y_test[m]) - float(b.predicted[j][m] == b.y_test[m]) for m in range(60)]
+    mean = sum(d) / 60
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / 59)
+    assert res["accuracy_difference_2se"] == pytest.approx(2 * sd / math.sqrt(60), rel=1e-12)
+    only_a, only_b = sum(v > 0 for v in d), sum(v < 0 for v in d)
+    assert (res["only_a_right"], res["only_b_right"]) == (only_a, only_b)
+    assert res["mcnemar_p"] == pytest.approx(_mcnemar_by_hand(only_a, only_a + only_b), rel=1e-9)
+    nll_d = [-a.log_prob_true[i][m] + b.log_prob_true[j][m] for m in range(60)]
+    assert res["nll_difference"] == pytest.approx(sum(nll_d) / 60, rel=1e-9, abs=1e-12)
+
+
+def test_readouts_are_named_as_the_sweep_names_them(runs):
+    p = load_predictions(runs / "plain")
+    assert p.readouts == ["independent:0.0", "matern32:0.5", "matern32:5.0", "constant:inf"]
+    assert (p.select("independent"), p.select("mean-pool"), p.select("matern32:5")) == (0, 3, 2)
+    assert p.select("chosen") == p.readouts.index(p.chosen)
+    with pytest.raises(CNNGPError, match=r"^readout: 'matern32:2' is not among the readouts .* chosen, "
+                                         r"independent, mean-pool, or one of matern32:0\.5, matern32:5$"):
+        p.select("matern32:2")
+    same = paired_comparison(p, "independent", p, "independent")
+    assert same["accuracy_difference"] == 0 and same["mcnemar_p"] == 1.0
+
+
+def test_different_test_images_are_refused(runs):
+    import dataclasses
+
+    a, other = load_predictions(runs / "plain"), load_predictions(runs / "other")
+    with pytest.raises(CNNGPError, match=r"were scored on different test images \(their sha256 differ\)"):
+        paired_comparison(a, "chosen", other, "chosen")
+    with pytest.raises(CNNGPError, match=r"different test images \(their sha256 differ\)"):
+        paired_comparison(a, "chosen", dataclasses.replace(a, test_sha256="0" * 64), "chosen")
+    # runs written before the hash: told apart by their test indices and labels
+    old = [dataclasses.replace(p, test_sha256=None) for p in (a, other)]
+    with pytest.raises(CNNGPError, match=r"were scored on different test images \(60 and 30, or other indices"):
+        paired_comparison(old[0], "chosen", old[1], "chosen")
+    assert paired_comparison(old[0], "chosen", a, "independent")["n_test"] == 60
+
+
+def test_cli_prints_the_comparison_and_writes_json_and_refuses_in_one_line(runs, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert main(["compare", str(runs / "flip"), str(runs / "plain"), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert "60 test images, the same in both" in text
+    assert f"A − B: accuracy {100 * res['accuracy_difference']:+.1f} ± {100 * res['accuracy_difference_2se']:.1f}" in text
+    assert res["command"].startswith(f"cnngp compare {runs / 'flip'} {runs / 'plain'} --readout-a ")
+    assert res["versions"]["cnngp"]
+    assert main(["compare", str(runs / "plain"), "--readout-b", "mean-pool"]) == 0
+    assert "mean pool" in capsys.readouterr().out
+    for argv, message in [
+        (["compare", str(runs / "plain")], "cnngp: error: --readout-b: the same readout of the same run as A"),
+        (["compare", str(runs / "plain"), str(runs / "other")], "cnngp: error: "),
+        (["compare", str(tmp_path / "none")], "cnngp: error: "),
+        (["compare", str(runs / "plain"), "--readout-b", "rbf:3"], "cnngp: error: readout: 'rbf:3' is not among"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
