@@ -69,9 +69,21 @@ def test_readouts_are_named_as_the_sweep_names_them(runs):
     assert p.readouts == ["independent:0.0", "matern32:0.5", "matern32:5.0", "constant:inf"]
     assert (p.select("independent"), p.select("mean-pool"), p.select("matern32:5")) == (0, 3, 2)
     assert p.select("chosen") == p.readouts.index(p.chosen)
-    with pytest.raises(CNNGPError, match=r"^readout: 'matern32:2' is not among the readouts .* chosen, "
-                                         r"independent, mean-pool, or one of matern32:0\.5, matern32:5$"):
+    with pytest.raises(CNNGPError, match=r"^readout: 'matern32:2' is not among the readouts .* scored on its test "
+                                         r"images: chosen, independent, matern32:0\.5, matern32:5, mean-pool$"):
         p.select("matern32:2")
+    import dataclasses
+
+    # λ as printed to 3 significant digits is accepted wherever the rounding falls
+    odd = dataclasses.replace(p, readouts=["matern32:10.049", "matern32:1.005", "matern32:1.0149", "constant:inf"])
+    assert [odd.select(v) for v in ("matern32:10", "matern32:1", "matern32:1.01", "mean-pool")] == [0, 1, 2, 3]
+    twins = dataclasses.replace(p, readouts=["matern32:1.0001", "matern32:1.0002"], chosen=None)
+    with pytest.raises(CNNGPError, match=r"matches 2 readouts .*: matern32:1\.0001, matern32:1\.0002; give one"):
+        twins.select("matern32:1")
+    assert twins.select("matern32:1.0002") == 1
+    with pytest.raises(CNNGPError, match=r"^readout: .* records no CV-chosen readout \(a sweep without --test\); "
+                                         r"name one of matern32:1\.0001, matern32:1\.0002$"):
+        twins.select("chosen")
     same = paired_comparison(p, "independent", p, "independent")
     assert same["accuracy_difference"] == 0 and same["mcnemar_p"] == 1.0
 
@@ -111,3 +123,39 @@ def test_cli_prints_the_comparison_and_writes_json_and_refuses_in_one_line(runs,
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_one_test_image_damaged_files_and_the_same_run_twice(runs, tmp_path, capsys):
+    """A single test image: differences without a standard error (JSON null, no "± nan");
+    damaged or foreign files: one line, exit 2; the same folder twice with one readout: refused."""
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(runs / "plain", one)
+    with np.load(one / "test_predictions.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    for k in ("predicted", "log_prob_true"):
+        arrays[k] = arrays[k][:, :1]
+    for k in ("y_test", "test_index"):
+        arrays[k] = arrays[k][:1]
+    arrays.pop("test_sha256")
+    np.savez(one / "test_predictions.npz", **arrays)
+    out = tmp_path / "one.json"
+    assert main(["compare", str(one), "--readout-b", "mean-pool", "--json", str(out)]) == 0
+    assert "(one test image: no standard error)" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["n_test"] == 1 and res["accuracy_difference_2se"] is None
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "plain", broken)
+    (broken / "test_predictions.npz").write_bytes(b"PK\x03\x04 not a zip")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(runs / "plain", foreign)
+    (foreign / "results.json").write_text("[1, 2]")
+    for argv, message in [
+        (["compare", str(broken), str(runs / "plain")], "cannot be read"),
+        (["compare", str(foreign), str(runs / "plain")], "results.json holds no sweep's results"),
+        (["compare", str(runs / "plain"), str(runs / "plain") + "/"], "the same readout of the same run"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cnngp: error: ") and message in err[0], err

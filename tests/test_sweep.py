@@ -730,10 +730,13 @@ def test_sweep_figure_has_a_test_nll_and_ece_panel_for_test_all_results(tmp_path
         row.update(test_accuracy=0.6, test_nll=a, test_nll_2se=0.1, test_ece=b)
     fig = sweep_figure({"config": {}, "results": rows}, tmp_path / "s.png")
     top, low, twin = fig.axes
-    (line,) = [ln for ln in low.lines if ln.get_label() == "test NLL"]
-    assert list(line.get_ydata()) == nll  # independent, λ = 1, 10, mean pool: left to right
-    assert list(line.get_xdata()) == sorted(line.get_xdata())
-    assert [round(v, 9) for v in twin.lines[0].get_ydata()] == [100 * v for v in ece]
+    # independent, λ = 1 and 10 (a line), mean pool: left to right, the ends apart
+    points = [ln for ln in low.lines if ln.get_marker() == "o"]  # not the error bars' caps
+    drawn = sorted(((float(x), float(y)) for ln in points for x, y in zip(ln.get_xdata(), ln.get_ydata())))
+    assert [y for _, y in drawn] == nll
+    assert sorted(len(ln.get_xdata()) for ln in points) == [1, 1, 2]
+    eces = sorted((float(x), round(float(y), 9)) for ln in twin.lines for x, y in zip(ln.get_xdata(), ln.get_ydata()))
+    assert [y for _, y in eces] == [100 * v for v in ece]
     assert "N = 80" in low.get_title() and low.get_xlabel().startswith("log10 λ")
     for row in rows:
         row.pop("test_nll", None)

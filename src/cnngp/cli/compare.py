@@ -35,7 +35,8 @@ def cmd_compare(args) -> int:
     a = load_predictions(args.run_a)
     b = a if args.run_b is None else load_predictions(args.run_b)
     res = paired_comparison(a, args.readout_a or args.readout, b, args.readout_b or args.readout)
-    if b is a and res["a"]["readout"] == res["b"]["readout"]:
+    same_run = b is a or Path(args.run_a).resolve() == Path(args.run_b).resolve()
+    if same_run and res["a"]["readout"] == res["b"]["readout"]:
         raise CNNGPError("--readout-b: the same readout of the same run as A; name another readout (--readout-b) "
                          "or another run (RUN_B)")
     pa, pb = res["a"], res["b"]
@@ -44,9 +45,13 @@ def cmd_compare(args) -> int:
     for name, p in (("A", pa), ("B", pb)):
         print(f"{name}: {p['path']:<{width}}  {_label(p['readout']):<20} accuracy {100 * p['accuracy']:5.1f} %, "
               f"NLL {p['nll']:.3f}")
-    print(f"A − B: accuracy {100 * res['accuracy_difference']:+.1f} ± {100 * res['accuracy_difference_2se']:.1f} "
-          f"points, NLL {res['nll_difference']:+.3f} ± {res['nll_difference_2se']:.3f} (±2 SE of the per-image "
-          "differences)")
+    if res["accuracy_difference_2se"] is None:  # one test image: no spread
+        print(f"A − B: accuracy {100 * res['accuracy_difference']:+.1f} points, NLL {res['nll_difference']:+.3f} "
+              "(one test image: no standard error)")
+    else:
+        print(f"A − B: accuracy {100 * res['accuracy_difference']:+.1f} ± {100 * res['accuracy_difference_2se']:.1f} "
+              f"points, NLL {res['nll_difference']:+.3f} ± {res['nll_difference_2se']:.3f} (±2 SE of the per-image "
+              "differences)")
     print(f"       images only A gets right: {res['only_a_right']}, only B: {res['only_b_right']} "
           f"(exact McNemar p = {res['mcnemar_p']:.3g})")
     if args.json is not None:

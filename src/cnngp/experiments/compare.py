@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,16 +78,35 @@ class SweepPredictions:
             value = float(lam)
         except ValueError:
             value = None
+        close = []
         if value is not None and value > 0 and math.isfinite(value):
+            # λ as the tables print it: equal to 3 significant digits (or given more exactly)
             close = [i for i, r in enumerate(self.readouts) if r.partition(":")[0] == family
-                     and _lam(r) is not None and _lam(r) > 0 and math.isfinite(_lam(r))
-                     and abs(math.log10(_lam(r)) - math.log10(value)) < 0.002]  # 3 significant digits
+                     and _finite(_lam(r)) and (f"{_lam(r):.3g}" == f"{value:.3g}"
+                                               or abs(_lam(r) - value) <= 1e-9 * value)]
             if len(close) == 1:
                 return close[0]
-        swept = [f"{r.partition(':')[0]}:{_lam(r):.3g}" for r in self.readouts
-                 if _lam(r) is not None and 0 < _lam(r) < math.inf]
+        names = ([] if self.chosen is None else ["chosen"]) + [_short(r) for r in self.readouts]
+        if len(close) > 1:
+            raise CNNGPError(f"readout: {name!r} matches {len(close)} readouts of {self.path!r}: "
+                             f"{', '.join(self.readouts[i] for i in close)}; give one of these in full")
         raise CNNGPError(f"readout: {name!r} is not among the readouts {self.path!r} scored on its test images: "
-                         f"chosen, independent, mean-pool, or one of {', '.join(swept)}")
+                         f"{', '.join(names)}")
+
+
+def _finite(v) -> bool:
+    return v is not None and 0 < v < math.inf
+
+
+def _short(label: str) -> str:
+    """How :meth:`SweepPredictions.select` accepts a label: ``independent``, ``mean-pool``,
+    ``FAMILY:λ`` to 3 significant digits."""
+    family, lam = label.partition(":")[0], _lam(label)
+    if family == "independent":
+        return "independent"
+    if family == "constant":
+        return "mean-pool"
+    return f"{family}:{lam:.3g}" if _finite(lam) else label
 
 
 def _lam(label: str) -> float | None:
@@ -108,8 +128,12 @@ def load_predictions(path) -> SweepPredictions:
         results = json.loads(results_file.read_text())
         with np.load(npz_file, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise CNNGPError(f"{str(folder)!r}: its results.json or test_predictions.npz cannot be read ({e})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise CNNGPError(f"{str(folder)!r}: its results.json or test_predictions.npz cannot be read "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(results, dict):
+        raise CNNGPError(f"{str(folder)!r}: results.json holds no sweep's results (a JSON object); "
+                         "it is not a cnngp sweep's")
     missing = {"readouts", "predicted", "log_prob_true", "y_test", "test_index"} - set(arrays)
     if missing:
         raise CNNGPError(f"{str(folder)!r}: test_predictions.npz lacks {', '.join(sorted(missing))}; "
@@ -126,10 +150,11 @@ def load_predictions(path) -> SweepPredictions:
         chosen=chosen, config=results.get("config") or {})
 
 
-def _mean_2se(x: np.ndarray) -> tuple[float, float]:
+def _mean_2se(x: np.ndarray) -> tuple[float, float | None]:
+    """The mean and ±2 SE of paired differences (None for a single image: no spread to measure)."""
     x = np.asarray(x, dtype=np.float64)
     if len(x) < 2:
-        return float(x.mean()), math.nan
+        return float(x.mean()), None
     return float(x.mean()), float(2.0 * x.std(ddof=1) / math.sqrt(len(x)))
 
 
@@ -141,7 +166,7 @@ def paired_comparison(a: SweepPredictions, readout_a: str, b: SweepPredictions, 
     dict
         ``n_test``; for each model its ``readout``, ``accuracy`` and ``nll``;
         ``accuracy_difference`` (a − b) and ``nll_difference`` (a − b) with their paired ±2 SE
-        (``*_2se``); ``only_a_right``, ``only_b_right`` and the exact two-sided McNemar
+        (``*_2se``; None for a single test image); ``only_a_right``, ``only_b_right`` and the exact two-sided McNemar
         ``mcnemar_p``.
 
     Raises

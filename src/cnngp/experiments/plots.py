@@ -257,14 +257,23 @@ def _probability_panel(ax, scored: list, xpos, n: int, dividers) -> None:
     """The sweep figure's lower panel: test NLL (left axis, ±2 SE over the test images) and ECE
     (right axis) of every readout trained on the ``n`` images, at the upper panel's positions."""
     rows = sorted(scored, key=xpos)
-    x = np.array([xpos(r) for r in rows])
-    nll = np.array([r["test_nll"] for r in rows])
-    err = np.array([r.get("test_nll_2se", 0.0) or 0.0 for r in rows])
-    ax.plot(x, nll, "-", marker="o", ms=3, color="C3", label="test NLL")
-    ax.fill_between(x, nll - err, nll + err, color="C3", alpha=0.18, linewidth=0)
-    ax.set_ylabel("test NLL", color="C3")
+    lo, hi = dividers
+    # the swept λ as lines, the two ends (independent, mean pool) as markers apart, as above
+    parts = [[r for r in rows if xpos(r) < lo], [r for r in rows if lo <= xpos(r) <= hi],
+             [r for r in rows if xpos(r) > hi]]
     ece = ax.twinx()
-    ece.plot(x, [100 * r["test_ece"] for r in rows], "--", marker="s", ms=3, color="C0", label="ECE")
+    for k, part in enumerate(p for p in parts if p):
+        x = np.array([xpos(r) for r in part])
+        nll = np.array([r["test_nll"] for r in part])
+        err = np.array([r.get("test_nll_2se", 0.0) or 0.0 for r in part])
+        style = "-" if len(part) > 1 else ""
+        ax.errorbar(x, nll, yerr=err if len(part) == 1 else None, fmt=style, marker="o", ms=3, color="C3",
+                    capsize=3, label="test NLL" if k == 0 else None)
+        if len(part) > 1:
+            ax.fill_between(x, nll - err, nll + err, color="C3", alpha=0.18, linewidth=0)
+        ece.plot(x, [100 * r["test_ece"] for r in part], "--" if len(part) > 1 else "", marker="s", ms=3,
+                 color="C0", label="ECE" if k == 0 else None)
+    ax.set_ylabel("test NLL", color="C3")
     ece.set_ylabel("ECE (%)", color="C0")
     for xv in dividers:
         ax.axvline(xv, color="0.8", lw=0.8, ls=":")

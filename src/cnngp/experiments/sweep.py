@@ -1470,7 +1470,7 @@ def summary_table(results: dict) -> str:
     if without:  # the optimistic best alone at these N: say so, and why
         lines.append("no nested estimate (the best column alone, optimistic): "
                      + "; ".join(str(b["nested"]["unavailable"]) for b in without))
-    fit = (config.get("zca_fit") or {}).get("fit")
+    fit = (config.get("zca_fit") or {}).get("fit", "train")  # results before zca_fit: fitted on the N_max
     if config.get("zca") is not None and fit == "train":
         lines.append("zca: fitted on the N_max images the CV validates on, so its held-out folds are whitened in "
                      "sample and the test images out of sample; --zca-fit rest fits it on other training images")
