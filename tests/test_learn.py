@@ -525,8 +525,8 @@ def test_internal_through_stores_resumes_without_a_body_pass(tmp_path, monkeypat
 
 
 @pytest.mark.filterwarnings("ignore:max_iter")
-@pytest.mark.parametrize("params", ["readout", "all"])
-def test_learn_test_split_reports_nll_and_ece_of_the_learned_model(params):
+@pytest.mark.parametrize("params, flip", [("readout", False), ("all", False), ("readout", True)])
+def test_learn_test_split_reports_nll_and_ece_of_the_learned_model(params, flip):
     """--test: the learned model's test accuracy, NLL and ECE. Oracle: the network with the
     learned readout (λ, amplitude) built by hand, its kernels by cnngp.kernel, scored by
     cnngp.inference.calibration.test_scores on the same folds and σ²."""
@@ -539,7 +539,7 @@ def test_learn_test_split_reports_nll_and_ece_of_the_learned_model(params):
     xd, yd = load_digits()
     data = Dataset(xd[:200], yd[:200], xd[1000:1050], yd[1000:1050], "digits", tuple(str(i) for i in range(10)))
     res = run_learn("cnngp1", data, 40, params=params, starts=(3.0,), max_iter=4, lengthscales=(1.0,),
-                    folds=2, progress=False, test=True)
+                    folds=2, progress=False, test=True, flip=flip)
     held, learned = res["heldout"], res["learned"]
     order = balanced_subset(data.y_train, 40, seed=0, n_classes=10)
     x, y, xt, yt = data.x_train[order], data.y_train[order], data.x_test, data.y_test
@@ -547,9 +547,9 @@ def test_learn_test_split_reports_nll_and_ece_of_the_learned_model(params):
     lam = learned["lengthscale"] if params == "readout" else learned["readout.lengthscale"]
     amp = learned["amplitude"] if params == "readout" else learned["readout.weight_var"]
     net = cnngp.Serial(body, cnngp.Readout(amp, template.bias_var, cnngp.Matern(1.5, lam), template.parameterization))
-    K = cnngp.kernel(net, x).double().numpy()
-    Kt = cnngp.kernel(net, xt, x).double().numpy()
-    prior = np.diag(cnngp.kernel(net, xt).double().numpy())
+    K = cnngp.kernel(net, x, flip=flip).double().numpy()
+    Kt = cnngp.kernel(net, xt, x, flip=flip).double().numpy()
+    prior = np.diag(cnngp.kernel(net, xt, flip=flip).double().numpy())
     folds = _folds_for("paper", 40, y, 2, 0)
     ref = calibration.test_scores(K, y, Kt, prior, yt, learned["noise_variance"], folds, 10)
     assert held["n_test"] == 50
