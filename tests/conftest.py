@@ -29,6 +29,18 @@ def open_handles(path) -> int:
     return count
 
 
+def digits_npz(path):
+    """A small .npz data set in the file format users give ``--data``: the first 600 scikit-learn
+    digits as uint8 8×8×1 training images, the last 297 as test images."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x8 = np.round(x * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
+    np.savez(path, x_train=x8[:600], y_train=y[:600].astype(np.uint8), x_test=x8[1500:],
+             y_test=y[1500:].astype(np.uint8))
+    return path
+
+
 needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
 
 

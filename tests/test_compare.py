@@ -9,26 +9,18 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
+from conftest import digits_npz
 
 from cnngp.cli.main import main
 from cnngp.errors import CNNGPError
 from cnngp.experiments.compare import load_predictions, paired_comparison
 
 
-def _digits_npz(path):
-    x, y = load_digits(return_X_y=True)
-    x8 = np.round(x * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
-    np.savez(path, x_train=x8[:600], y_train=y[:600].astype(np.uint8), x_test=x8[1500:],
-             y_test=y[1500:].astype(np.uint8))
-    return path
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two sweeps on the same 60 test images (plain and flip-averaged), and one on 30 others."""
     tmp = tmp_path_factory.mktemp("compare")
-    data = _digits_npz(tmp / "d.npz")
+    data = digits_npz(tmp / "d.npz")
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--n", "40", "--folds", "2", "--lengthscales",
             "0.5,5", "--test", "all", "--quiet"]
     assert main(argv + ["--n-test", "60", "--out", str(tmp / "plain")]) == 0

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
+from conftest import digits_npz
 
 import cnngp
 from cnngp.cli.main import main
@@ -175,19 +175,11 @@ def test_cli_kernel_reuse_grows_a_store_and_refuses_misuse_in_one_line(tmp_path,
         assert len(err) == 1 and re.search(pattern, err[0]), err
 
 
-def _digits_npz(path):
-    x, y = load_digits(return_X_y=True)
-    x8 = np.round(x * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
-    np.savez(path, x_train=x8[:600], y_train=y[:600].astype(np.uint8), x_test=x8[1500:],
-             y_test=y[1500:].astype(np.uint8))
-    return path
-
-
 def test_sweep_reuse_at_a_larger_n_reproduces_a_sweep_from_scratch(tmp_path, capsys):
     """An earlier sweep's stores (--n 40, train and test) lend to one at --n 40,80: the
     balanced training subset of 80 begins with that of 40, so its results are those of a
     sweep from scratch, and a quarter of the train tiles and half the test tiles are lent."""
-    data = _digits_npz(tmp_path / "d.npz")
+    data = digits_npz(tmp_path / "d.npz")
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--test", "all",
             "--n-test", "30", "--tile", "20", "--quiet", "--yes"]
     assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
@@ -233,7 +225,7 @@ def test_sweep_reuse_of_a_test_best_sweep_lends_its_train_kernels_alone(tmp_path
     """An earlier sweep with --test best keeps one readout's test kernels: they cannot lend to
     a --test all sweep's 4 readouts, so only its train kernels are lent (no refusal), and a
     --test best sweep that chooses the same readout is lent its test kernels too."""
-    data = _digits_npz(tmp_path / "d.npz")
+    data = digits_npz(tmp_path / "d.npz")
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--n-test", "30",
             "--tile", "20", "--quiet", "--yes"]
     assert main(argv + ["--test", "best", "--n", "40", "--store", str(tmp_path / "s1.zarr"),
@@ -257,7 +249,7 @@ def test_sweep_reuse_with_other_test_images_lends_the_train_kernel_and_warns(tmp
     """A sweep on other test images (a smaller --n-test: not a prefix of the old ones) than the
     sweep it grows: the old test store cannot lend, so the test kernel is computed in full with
     a one-line warning, and the train kernel is still lent. Oracle: the same sweep from scratch."""
-    data = _digits_npz(tmp_path / "d.npz")
+    data = digits_npz(tmp_path / "d.npz")
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--tile", "20",
             "--test", "all", "--quiet", "--yes"]
     assert main(argv + ["--n-test", "30", "--n", "40", "--store", str(tmp_path / "s1.zarr"),
@@ -280,7 +272,7 @@ def test_sweep_reuse_with_other_test_images_lends_the_train_kernel_and_warns(tmp
 def test_sweep_reuse_across_a_refitted_whitening_is_refused_saying_why(tmp_path, capsys):
     """With --zca the whitening is fitted on the N_max training images: a larger N refits it, so
     its images are not the old store's, and the refusal says it is the whitening."""
-    data = _digits_npz(tmp_path / "d.npz")
+    data = digits_npz(tmp_path / "d.npz")
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5", "--tile", "20", "--quiet",
             "--yes", "--zca", "0.1"]
     assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
@@ -298,7 +290,7 @@ def test_sweep_reuse_with_a_whitening_fitted_outside_the_larger_n_lends_and_repr
     """--zca-fit rest --zca-fit-outside 80: the sweeps at N_max = 40 and 80 whiten with one fit
     (on the images outside the balanced 80), so the N = 40 stores lend their tiles as without
     whitening, and the grown sweep's numbers are those of the same sweep from scratch."""
-    data = _digits_npz(tmp_path / "d.npz")
+    data = digits_npz(tmp_path / "d.npz")
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5", "--test", "all",
             "--n-test", "30", "--tile", "20", "--quiet", "--yes", "--zca", "0.1", "--zca-fit", "rest",
             "--zca-fit-outside", "80"]
