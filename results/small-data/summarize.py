@@ -101,6 +101,19 @@ def _mean_2se(x):
     return float(x.mean()), float(2 * x.std(ddof=1) / math.sqrt(len(x)))
 
 
+def _mcnemar(right, right_ref) -> dict:
+    """The images only one of two models gets right, and the exact two-sided McNemar p-value
+    (None where a side is a mean over tied readouts, not one model's right/wrong)."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(right, dtype=np.float64), np.asarray(right_ref, dtype=np.float64)
+    if not (np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()):
+        return {"only_right": None, "only_ref_right": None, "mcnemar_p": None}
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((b == 1) & (a == 0)).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"only_right": only_a, "only_ref_right": only_b, "mcnemar_p": p}
+
+
 def _binomial_2se(p: float, m: int) -> float:
     """±2 SE of an accuracy p on m test images."""
     return 2 * math.sqrt(p * (1 - p) / m)
@@ -191,7 +204,7 @@ def main():
             d_nll, d_nll2 = _mean_2se(lp0 - lp)  # NLL(a) − NLL(ref)
             paired.append({"network": net, "config": cfg, "readout": role, "against": what,
                            "accuracy_difference": d_acc, "accuracy_difference_2se": d_acc2,
-                           "nll_difference": d_nll, "nll_difference_2se": d_nll2})
+                           "nll_difference": d_nll, "nll_difference_2se": d_nll2, **_mcnemar(c, c0)})
     previous = json.loads((HERE / "summary.json").read_text()).get("cost", {}) if (HERE / "summary.json").is_file() else {}
     cost = {}
     for net, cfg, _, _ in _runs():
@@ -217,11 +230,18 @@ def main():
     lines += ["", "±2 SE: binomial over the test images for accuracy, over the images for NLL; the nested CV "
               "estimate at N = 640 rests on 640 held-out predictions (±3.9 points at p = 0.5), so configurations "
               "within that of each other are not told apart by it (summarize.py --best still picks one)."]
-    lines += ["", "| network | config | readout | against | Δ accuracy (points) | Δ NLL |", "|---|---|---|---|---|---|"]
+    lines += ["", "Paired on the same 1,000 test images: Δ ± 2 SE of the per-image differences; the images only "
+              "one of the two gets right (this one / the other) and the exact McNemar p-value (— for a mean over "
+              "tied readouts; each p is for its own comparison, not corrected for the many in this table). "
+              "`cnngp compare RUN_A RUN_B` gives any such pair.", "",
+              "| network | config | readout | against | Δ accuracy (points) | Δ NLL | only right | McNemar p |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in paired:
+        only = "—" if p["only_right"] is None else f"{p['only_right']} / {p['only_ref_right']}"
+        mcnemar = "—" if p["mcnemar_p"] is None else f"{p['mcnemar_p']:.2g}"
         lines.append(f"| {p['network']} | {p['config']} | {p['readout']} | {p['against']} | "
                      f"{100 * p['accuracy_difference']:+.1f} ± {100 * p['accuracy_difference_2se']:.1f} | "
-                     f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} |")
+                     f"{p['nll_difference']:+.3f} ± {p['nll_difference_2se']:.3f} | {only} | {mcnemar} |")
     if curve:
         ns = sorted({int(n) for c in curve for n in c["test_accuracy"]})
         blocks = {n: max((c["blocks"].get(str(n), 1) for c in curve), default=1) for n in ns}
