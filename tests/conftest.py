@@ -45,6 +45,18 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="need
 
 
 @pytest.fixture(scope="session")
+def dask_cluster():
+    """One 2-process Dask LocalCluster (loopback only) for every test that runs tiles on real
+    workers: started once, as a user's cluster is, rather than once per test (seconds each)."""
+    pytest.importorskip("distributed")
+    from cnngp.engine.distributed import dask_client
+
+    with dask_client(workers=2) as c:
+        c.wait_for_workers(2, timeout=60)
+        yield c
+
+
+@pytest.fixture(scope="session")
 def reference_dir():
     """The committed neural-tangents reference kernels (never skipped: they are in the repo)."""
     assert REFERENCE.is_dir(), f"{REFERENCE} is missing from this checkout"

@@ -292,11 +292,10 @@ def test_archives_of_offset_sum_and_ntk_stores_restore_bit_for_bit(tmp_path):
         assert _stored(tmp_path / f"{name}-b.zarr").tobytes() == _stored(first).tobytes()
 
 
-def test_tiles_finished_on_dask_workers_are_archived(tmp_path):
-    pytest.importorskip("distributed")
+def test_tiles_finished_on_dask_workers_are_archived(tmp_path, dask_cluster):
     x = _images(9)
     whole = cnngp.readout_sweep(BODY, READOUTS, x).numpy()
-    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, workers=2,
+    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, scheduler=dask_cluster,
                           archive=tmp_path / "arch", progress=False)
     assert report.tiles_computed == 6
     again = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", tile=3,

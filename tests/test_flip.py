@@ -483,7 +483,7 @@ def test_check_gram_prices_a_flip_plan(monkeypatch):
         gram.check_gram("--x1", plan, (6, 6, 2), 10, readouts=READOUTS)
 
 
-def test_a_flip_sweep_on_dask_workers_reuses_the_plain_stores_and_matches_in_process(tmp_path):
+def test_a_flip_sweep_on_dask_workers_reuses_the_plain_stores_and_matches_in_process(tmp_path, dask_cluster):
     """The sweep's mirror stores on a 2-process LocalCluster (the tile tasks rebuild the plan
     from its recipe, flip="mirror" included): after a plain sweep into the same store, the flip
     sweep computes the mirror terms alone, and its results are those of the in-process flip sweep."""
@@ -503,8 +503,8 @@ def test_a_flip_sweep_on_dask_workers_reuses_the_plain_stores_and_matches_in_pro
     run_sweep(net, ds, protocol, store=tmp_path / "B.zarr", tile=8, progress=False)
     plain = np.asarray(KernelStore.open(tmp_path / "B.zarr").kernel[...])
     records = {p: p.stat().st_mtime_ns for p in (tmp_path / "B.zarr" / "records").iterdir()}
-    there = run_sweep(net, ds, protocol.replace(flip=True), store=tmp_path / "B.zarr", tile=8, workers=2,
-                      progress=False)
+    there = run_sweep(net, ds, protocol.replace(flip=True), store=tmp_path / "B.zarr", tile=8,
+                      scheduler=dask_cluster, progress=False)
     assert np.array_equal(np.asarray(KernelStore.open(tmp_path / "B.zarr").kernel[...]), plain)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "B.zarr" / "records").iterdir()} == records  # not rewritten
     assert KernelStore.open(mirror_store_path(tmp_path / "B.zarr")).attrs["flip"] == "mirror"

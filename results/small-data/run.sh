@@ -12,8 +12,11 @@
 #   stores, --reuse). Runs whitened on the N_max itself (in-sample for the CV's validation
 #   folds, the first protocol) are kept in zca-in-sample/ for the record.)
 # Kernels in float32 through resumable stores in ../../stores (git-ignored, beside the
-# checkout): run this script again — any session — and each sweep computes only the tiles its
-# stores lack; finished sweeps (results.json present) are skipped. Wall and CPU time of every
+# checkout), every finished tile also kept in a tile archive, archive/STORE-NAME (--archive: about
+# 36 bytes a pair, committed while a configuration or one that reuses its kernels is unfinished,
+# removed once they are all done), because a session may start on a new machine, with no stores:
+# run this script again — any session, any machine — and each sweep restores what its archive
+# holds and computes only the tiles both lack; finished sweeps (results.json present) are skipped. Wall and CPU time of every
 # attempt go to run.log (/usr/bin/time -v). summarize.py tabulates what is finished (summary.md).
 set -u
 cd "$(dirname "$0")"
@@ -37,7 +40,8 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
         && grep -q block_test_accuracies "$name/results.json" && return 0
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
-        --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" "${reuse[@]}" "$@"; \
+        --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" \
+        --archive "archive/$store" "${reuse[@]}" "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
     return "$rc"  # a sweep that failed stops the queue (its reason is in run.log)
 }
@@ -56,17 +60,18 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
 }
 # the configurations without ZCA first, for every network (the flip-averaged ones reusing their
 # plain configuration's stores, so a flip configuration costs what a plain one does), then the
-# ZCA ones (their whitening fitted apart from the N_max: --zca-fit rest)
-for cfgs in "plain flip" "zca zca-flip"; do
-    # shellcheck disable=SC2086
-    configs myrtle10 myrtle10 $cfgs || exit $?
-    # correlated intermediate layers (6×6 stride-2 SAME Matérn convs in place of the pools; on
-    # 32×32 their padding is 2 before and 2 after, so the network is flip-symmetric: the sweep's
-    # numerical check passes)
-    configs myrtle10-correlated myrtle10-correlated $cfgs || exit $?
-    # CNNGP-14 after the Myrtle networks: 3.5× Myrtle10's cost per pair
-    configs cnngp14 cnngp14 $cfgs || exit $?
+# ZCA ones (their whitening fitted apart from the N_max: --zca-fit rest). Since 2026-12-05 23:00
+# UTC (a session on a new machine, the stores lost), the Myrtle networks' ZCA configurations go
+# before CNNGP-14's unfinished ones: each of them fits in a session or two, CNNGP-14's (about
+# 5 h a flip configuration when its plain kernels are lost) span several through the archives.
+for net in myrtle10 myrtle10-correlated cnngp14; do
+    configs "$net" "$net" plain flip || exit $?
+    [ "$net" = cnngp14 ] || configs "$net" "$net" zca zca-flip || exit $?
 done
+# correlated intermediate layers in myrtle10-correlated: 6×6 stride-2 SAME Matérn convs in place
+# of the pools; on 32×32 their padding is 2 before and 2 after, so the network is flip-symmetric
+# (the sweep's numerical check passes). CNNGP-14 costs 3.5× Myrtle10's per pair.
+configs cnngp14 cnngp14 zca zca-flip || exit $?
 # the best configuration again at N = 1,280 (CV at 160 ... 1,280, test kernels against all
 # 1,280): the one whose CV-chosen readout has the highest nested CV estimate at N = 640, never a
 # test score (summarize.py --best, which refuses until all 12 above are finished). The N = 640
