@@ -13,7 +13,7 @@ from conftest import digits_npz
 
 from cnngp.cli.main import main
 from cnngp.errors import CNNGPError
-from cnngp.experiments.compare import load_predictions, paired_comparison
+from cnngp.experiments.compare import load_predictions, paired_comparison, paired_differences
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,29 @@ def test_paired_differences_are_the_per_image_differences_of_the_reported_scores
     assert res["mcnemar_p"] == pytest.approx(_mcnemar_by_hand(only_a, only_a + only_b), rel=1e-9)
     nll_d = [-a.log_prob_true[i][m] + b.log_prob_true[j][m] for m in range(60)]
     assert res["nll_difference"] == pytest.approx(sum(nll_d) / 60, rel=1e-9, abs=1e-12)
+
+
+def test_paired_differences_of_hand_made_results_and_of_an_average_over_tied_models():
+    """Five images by hand: a right on 1, 2, 4; b on 2, 3. Differences +1, 0, −1, +1, 0: mean
+    0.2, sd √0.7; only a right twice, only b once: McNemar p = P(|X − 1.5| ≥ 0.5), X ~ Bin(3, ½),
+    which is 1. An average of tied models (fractions, not 0/1) has no McNemar test."""
+    a, b = np.array([1, 1, 0, 1, 0]), np.array([0, 1, 1, 0, 0])
+    la, lb = np.log([0.9, 0.6, 0.2, 0.7, 0.1]), np.log([0.3, 0.8, 0.5, 0.4, 0.1])
+    d = paired_differences(a, b, la, lb)
+    assert d["accuracy_difference"] == pytest.approx(0.2, abs=1e-15)
+    assert d["accuracy_difference_2se"] == pytest.approx(2 * math.sqrt(0.7 / 5), abs=1e-15)
+    per_image = lb - la  # NLL(a) − NLL(b), image by image
+    assert d["nll_difference"] == pytest.approx(per_image.mean(), abs=1e-15)
+    assert d["nll_difference_2se"] == pytest.approx(2 * per_image.std(ddof=1) / math.sqrt(5), abs=1e-15)
+    assert (d["only_a_right"], d["only_b_right"], d["mcnemar_p"]) == (2, 1, pytest.approx(1.0))
+    lopsided = paired_differences(np.ones(6), np.zeros(6), np.zeros(6), np.zeros(6))
+    assert lopsided["mcnemar_p"] == pytest.approx(2 * 0.5 ** 6, abs=1e-15)  # both tails of Bin(6, ½)
+    tied = paired_differences(np.array([0.5, 1.0, 0.0]), np.array([1, 0, 0]), np.zeros(3), np.zeros(3))
+    assert tied["accuracy_difference"] == pytest.approx(1 / 6, abs=1e-15)
+    assert (tied["only_a_right"], tied["only_b_right"], tied["mcnemar_p"]) == (None, None, None)
+    one = paired_differences([1], [0], [0.0], [-1.0])
+    assert (one["accuracy_difference"], one["accuracy_difference_2se"]) == (1.0, None)
+    assert (one["nll_difference"], one["nll_difference_2se"]) == (-1.0, None)
 
 
 def test_readouts_are_named_as_the_sweep_names_them(runs):

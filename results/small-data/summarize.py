@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnngp.experiments.compare import paired_differences
 from cnngp.experiments.sweep import learning_curve_2se
 from cnngp.inference.selection import TIE_ATOL
 
@@ -97,21 +98,10 @@ def _tile_seconds(net: str, cfg: str) -> dict | None:
 
 
 def _mean_2se(x):
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.mean()), float(2 * x.std(ddof=1) / math.sqrt(len(x)))
+    from cnngp.inference.gp import mean_and_2se
 
-
-def _mcnemar(right, right_ref) -> dict:
-    """The images only one of two models gets right, and the exact two-sided McNemar p-value
-    (None where a side is a mean over tied readouts, not one model's right/wrong)."""
-    from scipy.stats import binomtest
-
-    a, b = np.asarray(right, dtype=np.float64), np.asarray(right_ref, dtype=np.float64)
-    if not (np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()):
-        return {"only_right": None, "only_ref_right": None, "mcnemar_p": None}
-    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((b == 1) & (a == 0)).sum())
-    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-    return {"only_right": only_a, "only_ref_right": only_b, "mcnemar_p": p}
+    mean, two_se = mean_and_2se(np.asarray(x, dtype=np.float64))
+    return float(mean), float(two_se)
 
 
 def _binomial_2se(p: float, m: int) -> float:
@@ -200,11 +190,9 @@ def main():
             refs.append(((net, cfg, "mean pool"), "vs mean pool"))
         for ref, what in refs:
             c0, lp0 = per_image[ref]
-            d_acc, d_acc2 = _mean_2se(c - c0)
-            d_nll, d_nll2 = _mean_2se(lp0 - lp)  # NLL(a) − NLL(ref)
-            paired.append({"network": net, "config": cfg, "readout": role, "against": what,
-                           "accuracy_difference": d_acc, "accuracy_difference_2se": d_acc2,
-                           "nll_difference": d_nll, "nll_difference_2se": d_nll2, **_mcnemar(c, c0)})
+            d = paired_differences(c, c0, lp, lp0)  # cnngp compare's numbers (its library function)
+            d["only_right"], d["only_ref_right"] = d.pop("only_a_right"), d.pop("only_b_right")
+            paired.append({"network": net, "config": cfg, "readout": role, "against": what, **d})
     previous = json.loads((HERE / "summary.json").read_text()).get("cost", {}) if (HERE / "summary.json").is_file() else {}
     cost = {}
     for net, cfg, _, _ in _runs():

@@ -28,7 +28,7 @@ import numpy as np
 
 from cnngp.errors import CNNGPError, MissingFileError
 
-__all__ = ["SweepPredictions", "load_predictions", "paired_comparison"]
+__all__ = ["SweepPredictions", "load_predictions", "paired_comparison", "paired_differences"]
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,47 @@ def load_predictions(path) -> SweepPredictions:
 
 
 def _mean_2se(x: np.ndarray) -> tuple[float, float | None]:
-    """The mean and ±2 SE of paired differences (None for a single image: no spread to measure)."""
+    """The mean and ±2 SE of paired differences (:func:`cnngp.inference.gp.mean_and_2se`; None
+    for a single image, where it gives 0: there is no spread to measure)."""
+    from cnngp.inference.gp import mean_and_2se
+
     x = np.asarray(x, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), None
-    return float(x.mean()), float(2.0 * x.std(ddof=1) / math.sqrt(len(x)))
+    mean, two_se = mean_and_2se(x)
+    return float(mean), (float(two_se) if len(x) > 1 else None)
+
+
+def paired_differences(right_a, right_b, log_prob_a, log_prob_b) -> dict:
+    """Model a against model b from their per-image results on the same test images.
+
+    Parameters
+    ----------
+    right_a, right_b : array_like, shape (M,)
+        1 where the model classifies image m correctly, else 0 (or, for an average over several
+        tied models, the fraction of them that do).
+    log_prob_a, log_prob_b : array_like, shape (M,)
+        The log probability each gives image m's true class.
+
+    Returns
+    -------
+    dict
+        ``accuracy_difference`` (a − b) and ``nll_difference`` (a − b), each with the ±2 SE
+        of its per-image differences (``*_2se``; None for a single image), ``only_a_right``,
+        ``only_b_right`` and the exact two-sided McNemar ``mcnemar_p`` (the three None where
+        either side is not 0/1: an average of models has no right/wrong per image).
+    """
+    from scipy.stats import binomtest
+
+    ra, rb = (np.asarray(r, dtype=np.float64) for r in (right_a, right_b))
+    d_acc, d_acc_2se = _mean_2se(ra - rb)
+    d_nll, d_nll_2se = _mean_2se(np.asarray(log_prob_b, dtype=np.float64) - log_prob_a)  # NLL(a) − NLL(b)
+    out = {"accuracy_difference": d_acc, "accuracy_difference_2se": d_acc_2se,
+           "nll_difference": d_nll, "nll_difference_2se": d_nll_2se,
+           "only_a_right": None, "only_b_right": None, "mcnemar_p": None}
+    if np.isin(ra, (0.0, 1.0)).all() and np.isin(rb, (0.0, 1.0)).all():
+        only_a, only_b = int(np.sum((ra == 1) & (rb == 0))), int(np.sum((rb == 1) & (ra == 0)))
+        p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+        out.update(only_a_right=only_a, only_b_right=only_b, mcnemar_p=p)
+    return out
 
 
 def paired_comparison(a: SweepPredictions, readout_a: str, b: SweepPredictions, readout_b: str) -> dict:
@@ -175,8 +211,6 @@ def paired_comparison(a: SweepPredictions, readout_a: str, b: SweepPredictions, 
         Different test images (their hashes, or their indices and labels where a run predates
         the hash), or a readout that is not there.
     """
-    from scipy.stats import binomtest
-
     if a.test_sha256 is not None and b.test_sha256 is not None and a.test_sha256 != b.test_sha256:
         raise CNNGPError(f"{a.path!r} and {b.path!r} were scored on different test images (their sha256 differ); "
                          "a paired comparison needs the same images")
@@ -186,17 +220,11 @@ def paired_comparison(a: SweepPredictions, readout_a: str, b: SweepPredictions, 
     i, j = a.select(readout_a), b.select(readout_b)
     right_a = a.predicted[i] == a.y_test
     right_b = b.predicted[j] == b.y_test
-    d_acc, d_acc_2se = _mean_2se(right_a.astype(np.float64) - right_b)
-    d_nll, d_nll_2se = _mean_2se(b.log_prob_true[j] - a.log_prob_true[i])  # NLL(a) − NLL(b)
-    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
-    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
     return {
         "n_test": int(len(a.y_test)),
         "a": {"path": a.path, "readout": a.readouts[i], "accuracy": float(right_a.mean()),
               "nll": float(-a.log_prob_true[i].mean())},
         "b": {"path": b.path, "readout": b.readouts[j], "accuracy": float(right_b.mean()),
               "nll": float(-b.log_prob_true[j].mean())},
-        "accuracy_difference": d_acc, "accuracy_difference_2se": d_acc_2se,
-        "nll_difference": d_nll, "nll_difference_2se": d_nll_2se,
-        "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": p,
+        **paired_differences(right_a, right_b, a.log_prob_true[i], b.log_prob_true[j]),
     }
