@@ -17,6 +17,7 @@ pass they share is counted separately in ``body_pair_evaluations``).
 
 from __future__ import annotations
 
+import glob
 import math
 import numbers
 import os
@@ -29,7 +30,10 @@ import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import flip_average, kernel, offset_sums
-from cnngp.experiments.sweep import _folds_for, _in_memory, check_folds_and_seed, store_terms, test_store_path
+from cnngp.experiments.sweep import (
+    _folds_for, _in_memory, check_folds_and_seed, check_store_zca, note_store_zca, store_terms, sweep_store_paths,
+    test_store_path,
+)
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
 from cnngp.inference import gp
@@ -108,6 +112,18 @@ def internal_store_path(store, lengthscale: float) -> Path:
     path = Path(store)
     stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
     return path.with_name(f"{stem}-internal-{lengthscale:.10g}.zarr")
+
+
+def learn_store_paths(store, test: bool, flip: bool) -> list[Path]:
+    """Every store of offset sums a learn run with ``store`` (``S.zarr``) has written or may
+    write: the sweep's layout (train, test, mirror terms) and, of ``params="internal"``, the
+    stores at each internal λ already there (:func:`internal_store_path`) with their mirror terms."""
+    path = Path(store)
+    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+    internal = sorted(path.parent.glob(f"{glob.escape(stem)}-internal-*.zarr"))
+    return sweep_store_paths(path, test, flip) + [
+        p for base in internal if not base.name.endswith(("-mirror.zarr", "-test.zarr"))
+        for p in sweep_store_paths(base, False, flip)]
 
 
 def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls, fold_list, protocol,
@@ -388,10 +404,10 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
 
         store = check_output_store(store, "--store")
         ex = ex.replace(store=store)
-        from cnngp.experiments.sweep import sweep_store_paths
-
         for path in sweep_store_paths(store, bool(test), flip)[1:]:  # the test and mirror-term stores
             check_output_store(path, f"--store (its {path.name})")
+        for path in learn_store_paths(store, bool(test), flip):  # a resume with another whitening, said so
+            check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside, LEARN_ZCA_FITS)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     ds.check_test_classes()
     source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
@@ -563,6 +579,9 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         value, (amp, noise) = _profile(readout, Y, objective, row["lengthscale"], start)
         row.update({"objective": value, "objective_amplitude": amp, "objective_noise_variance": noise})
 
+    if whitening is not None and store is not None:  # every store complete: say how its images were seen
+        note_store_zca(learn_store_paths(store, bool(test), flip), whitening, protocol.zca_fit,
+                       protocol.zca_fit_outside, LEARN_ZCA_FITS)
     heldout = held.get("test_accuracy", held["cv_accuracy"])
     return {
         "config": {

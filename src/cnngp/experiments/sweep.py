@@ -328,12 +328,14 @@ def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
     return [p for _, b in store_terms(kernel_store, flip) for p in ([b, test_store_path(b)] if test else [b])]
 
 
-def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside: int | None = None) -> None:
+def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside: int | None = None,
+                    words: dict | None = None) -> None:
     """Refuse, before any work, to resume or reuse the store at ``path`` if it records a ZCA
     whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none)
-    fitted on other images (``fit``: :data:`ZCA_FITS`; ``outside``:
-    :attr:`SweepProtocol.zca_fit_outside`). A store of whitened images also hashes them, so any
-    other mismatch is refused by the store's own identity check."""
+    fitted on other images (``fit``: :data:`ZCA_FITS`, or ``words`` where another command
+    names its fits otherwise; ``outside``: :attr:`SweepProtocol.zca_fit_outside`). A store of
+    whitened images also hashes them, so any other mismatch is refused by the store's own
+    identity check."""
     from cnngp.engine.store import KernelStore
 
     if path is None or not (Path(path) / "zarr.json").is_file():
@@ -356,18 +358,20 @@ def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside:
     if zca is not None and (recorded_fit, recorded_outside) != (fit, outside):
         flags = f"--zca-fit {fit}" + ("" if outside is None else f" --zca-fit-outside {outside}")
         raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of images whitened by ZCA fitted on "
-                         f"{zca_fit_words(recorded_fit, recorded_outside, ZCA_FITS)}, not on "
-                         f"{zca_fit_words(fit, outside, ZCA_FITS)} "
+                         f"{zca_fit_words(recorded_fit, recorded_outside, words or ZCA_FITS)}, not on "
+                         f"{zca_fit_words(fit, outside, words or ZCA_FITS)} "
                          f"({flags}); resume only with the same whitening, or give another store (nothing was "
                          "overwritten)")
 
 
-def _note_zca(paths, whitening, fit: str = "train", outside: int | None = None) -> None:
-    """Record the whitening (fitted on ``fit``: :data:`ZCA_FITS`, outside ``outside``) in each
-    complete store of ``paths`` (``preprocessing``)."""
+def note_store_zca(paths, whitening, fit: str = "train", outside: int | None = None,
+                   words: dict | None = None) -> None:
+    """Record the whitening (fitted on ``fit``: :data:`ZCA_FITS` or ``words``, outside
+    ``outside``) in each complete store of ``paths`` (``preprocessing``), for
+    :func:`check_store_zca`."""
     from cnngp.engine.store import KernelStore
 
-    info = {"zca": zca_fit_record(whitening, fit, outside, ZCA_FITS)}
+    info = {"zca": zca_fit_record(whitening, fit, outside, words or ZCA_FITS)}
     for path in paths:
         if (Path(path) / "zarr.json").is_file():
             KernelStore.open(path).annotate(preprocessing=info)
@@ -1262,7 +1266,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                                            ex, kernel, flip)
         kernel_seconds = time.perf_counter() - kernels_start
         if whitening is not None and kernel_store is not None:
-            _note_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit,
+            note_store_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit,
                       protocol.zca_fit_outside)
         # kernels read from a cache were checked when they were computed
         float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel,
@@ -1303,7 +1307,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 kernel_seconds += time.perf_counter() - test_start
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
-                _note_zca([p for p in sweep_store_paths(kernel_store, True, flip)
+                note_store_zca([p for p in sweep_store_paths(kernel_store, True, flip)
                            if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit,
                           protocol.zca_fit_outside)
             scored = [r for r in top if "_per_image" in r]

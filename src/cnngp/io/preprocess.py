@@ -133,6 +133,16 @@ class ZCAWhitening:
     n_fit: int
     method: str
 
+    def __post_init__(self):
+        for array in (self.mean, self.basis, self.eigenvalues):
+            array.setflags(write=False)  # a fitted transform never changes (so copies may share it)
+
+    def __deepcopy__(self, memo):
+        """The object itself: it is immutable (frozen, its arrays read-only), and scikit-learn's
+        ``clone`` deep-copies an estimator's ``zca=`` for every candidate of a grid search,
+        which would copy a D × D basis (75 MB for CIFAR-10) each time."""
+        return self
+
     @property
     def features(self) -> int:
         """D, the features of one image."""
