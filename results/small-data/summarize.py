@@ -72,21 +72,49 @@ def best() -> tuple[str, str]:
 STORES = HERE.parent.parent / "stores" / "small-data"  # run.sh's, git-ignored
 
 
+ARCHIVE = HERE / "archive"  # run.sh's tile archives (--archive), kept while a configuration is unfinished
+
+
+def _records(name: str) -> list | None:
+    """The tile records of the store ``name`` (run.sh's naming: ``cnngp14-plain-mirror-test``),
+    from the store itself or, where a new machine has none, from its tile archive (each
+    archived tile keeps its record's seconds and CPU seconds). None where neither is there."""
+    records = STORES / f"{name}.zarr" / "records"
+    if records.is_dir():
+        return [json.loads(p.read_text()) for p in records.glob("tile-*.json")]
+    base, part = name, "train"
+    for suffix, what in (("-mirror-test", "test-mirror"), ("-mirror", "train-mirror"), ("-test", "test")):
+        if name.endswith(suffix):
+            base, part = name.removesuffix(suffix), what
+            break
+    folder = ARCHIVE / base / part
+    if not folder.is_dir():
+        return None
+    out = []
+    for path in folder.glob("tile-*.json"):
+        record = json.loads(path.read_text())
+        (r0, r1), (c0, c1) = record["rows"], record["cols"]
+        square = part.startswith("train") and (r0, r1) == (c0, c1)  # a diagonal tile of x1 × x1: i ≤ j only
+        record["pairs"] = (r1 - r0) * (r1 - r0 + 1) // 2 if square else (r1 - r0) * (c1 - c0)
+        out.append(record)
+    return out
+
+
 def _tile_seconds(net: str, cfg: str) -> dict | None:
     """What the tiles of a configuration's own stores took, summed over every attempt (each
     tile's record holds its seconds; a session's end stops a sweep before /usr/bin/time can
     report it): the plain and test stores, or for a flip configuration the mirror-term stores
-    it computed (its plain stores are its plain configuration's). None without the stores."""
+    it computed (its plain stores are its plain configuration's). None without the stores or
+    their archives."""
     flip = "flip" in cfg
     base = f"{net}-{cfg.replace('zca-flip', 'zca').replace('flip', 'plain')}"
     names = [f"{base}-mirror", f"{base}-mirror-test"] if flip else [base, f"{base}-test"]
     seconds, cpu, pairs, tiles, timed = 0.0, 0.0, 0, 0, 0
     for name in names:
-        records = STORES / f"{name}.zarr" / "records"
-        if not records.is_dir():
+        records = _records(name)
+        if records is None:
             return None
-        for path in records.glob("tile-*.json"):
-            record = json.loads(path.read_text())
+        for record in records:
             seconds += record.get("seconds") or 0.0
             pairs += record.get("pairs") or 0
             tiles += 1
