@@ -293,9 +293,10 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
     out = tmp_path / "K.zarr"
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5",
                 "--dry-run", "--workers", "3") == 0
-    text = capsys.readouterr().out
+    printed = capsys.readouterr()
+    text = printed.err  # the plan for a person on stderr, the JSON alone on stdout
     assert "plan: 6 tiles of 5 to compute, 3 on the diagonal; 78 image pairs, 12 images" in text
-    plan = json.loads(text[text.index("{"):])
+    plan = json.loads(printed.out)
     assert (plan["tiles"], plan["pairs"], plan["workers"]) == (6, 78, 3)
     assert plan["seconds_per_pair"] > 0 and plan["estimated_seconds_one_worker"] == pytest.approx(
         78 * plan["seconds_per_pair"] + 12 * plan["seconds_per_image_self"])
@@ -308,15 +309,19 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images_npz, ca
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5",
                 "--dry-run", "--workers", "3") == 0
-    text = capsys.readouterr().out
-    plan = json.loads(text[text.index("{"):])
+    printed = capsys.readouterr()
+    text, plan = printed.err, json.loads(printed.out)
     assert (plan["workers"], plan["workers_at_once"], plan["threads_per_worker"]) == (3, 2, 1)
     assert "3 worker(s), 2 at a time on this machine's 2 cores (priced so)" in text
     assert "on 2 worker(s)" in plan["estimate"] and not out.exists()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--tile", "5", "--quiet") == 0
     capsys.readouterr()
     assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--dry-run") == 0
-    assert "plan: 0 tiles of 5 to compute (of 6; the rest are in the store)" in capsys.readouterr().out
+    assert "plan: 0 tiles of 5 to compute (of 6; the rest are in the store)" in capsys.readouterr().err
+    # --quiet: the JSON alone
+    assert _cli("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, "--dry-run", "--quiet") == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and json.loads(printed.out)["tiles"] == 0
     # a store of another computation: the dry run refuses it as the run does, in the same words
     for change in (("--tile", "4"), ("--dtype", "float32")):
         argv = ("kernel", "--arch", "cnngp2", "--x1", images_npz, "--out", out, *change, "--quiet")

@@ -630,8 +630,9 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
 
     check_store_zca(args.out, args.zca)  # first: a whitening that differs is the reason to say
     plan = store_dry_run(model, x1, x2, **options).dry_run
-    if args.dry_run:
-        print(describe_dry_run(plan))
+    if args.dry_run:  # the lines for a person on stderr, the JSON alone on stdout (`> plan.json`)
+        if not args.quiet:
+            print(describe_dry_run(plan), file=sys.stderr)
         print(json.dumps(plan, indent=2))
         return 0
     here = args.scheduler is None  # a remote cluster's memory and speed are not this machine's
