@@ -132,6 +132,37 @@ def test_npz_round_trip_uint8_and_float(tmp_path):
     assert ds.y_train.dtype == np.int64 and ds.y_train.tolist() == [0, 1, 2, 0, 1, 2]
     assert ds.class_names == ("a", "b", "c") and ds.name == "toy"
     assert ds.image_shape == (4, 5, 3)
+    # one line of what was read: the 8-bit training images scaled into [0, 1]
+    lo, hi = xtr.min() / 255, xtr.max() / 255
+    assert ds.describe() == (f"6 training images of 4×5, 3 channels, values in [{lo:.3g}, {hi:.3g}], 3 classes; "
+                             "3 test images")
+
+
+def test_describe_says_what_a_data_set_holds_as_read(tmp_path):
+    """The sweep's first line: digits (no test split, 1 channel), signals, and raw values a
+    file left unscaled (0 … 255 as float), which the line makes visible."""
+    assert load_dataset("digits").describe() == ("1,797 training images of 8×8, 1 channel, values in [0, 1], "
+                                                "10 classes; no test split")
+    np.savez(tmp_path / "raw.npz", x_train=np.linspace(0, 255, 2 * 7 * 2).reshape(2, 7, 2),
+             y_train=np.array([0, 1]))
+    assert load_dataset(tmp_path / "raw.npz").describe() == (
+        "2 training images of length 7, 2 channels, values in [0, 255], 2 classes; no test split")
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_sweep_and_learn_print_the_data_line_first(tmp_path, capsys):
+    from cnngp.cli.main import main
+
+    digits = "data: digits: 1,797 training images of 8×8, 1 channel, values in [0, 1], 10 classes; no test split"
+    assert main(["sweep", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--lengthscales", "1",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == digits + "; class-balanced training subsets of N = 20 (seed 0)"
+    assert main(["learn", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--max-iter", "2",
+                 "--seed", "3", "--out", str(tmp_path / "l")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == digits + "; a class-balanced training subset of n = 20 (seed 3)"
+    assert main(["sweep", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--lengthscales", "1", "--quiet",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert "data:" not in capsys.readouterr().err
 
 
 def test_npz_three_axes_are_signals_and_default_names(tmp_path):

@@ -21,6 +21,7 @@ import glob
 import math
 import numbers
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,6 +453,9 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         check_gram("--n", priced, x.shape[1:], n, yes=False, images=x, execution=check_ex)
         if test:
             check_gram("--test", priced, x.shape[1:], len(x_test), n, yes=False, images=x_test, execution=check_ex)
+    if ex.progress:  # every check passed: say what was read before the long part
+        print(f"data: {source}: {ds.describe()}; a class-balanced training subset of n = {n:,} (seed {seed})"
+              + ("" if x_test is None else f", {len(x_test):,} test images"), file=sys.stderr)
     t0 = time.perf_counter()
     S = _offset_sums(body, x, None, ex, flip)
     S_test = None

@@ -80,7 +80,7 @@ _BEST_KEYS = (
 
 
 def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, get,
-                   flip=False) -> dict | None:
+                   flip=False, data_line: str | None = None) -> dict | None:
     """The sweep's plan before any kernel is computed: pairs of every stage (the train kernel of
     every readout; the test kernel of every readout, or with ``--test best`` of the one chosen
     after the cross-validation), memory, and a time estimate from timing a few pairs of this
@@ -88,13 +88,16 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
     store prices only its missing tiles). Printed when ``ex.progress``; without ``yes`` a job
     estimated at over an hour is refused. Returns the plan (recorded in the results), or None
     when the kernels come from ``kernel_cache``. With ``flip`` every pair counts twice (the
-    flip plan is the one timed: docs/maths.md §9)."""
+    flip plan is the one timed: docs/maths.md §9). ``data_line`` (how the data were read) goes
+    first."""
     from cnngp.engine import timing
     from cnngp.engine.gram import GramPlan, checkpoint_pairs_done, gram_needs
     from cnngp.engine.resources import check_job, human_bytes, human_seconds
 
     lines_resumed, disk_bytes = [], 0
     if kernel_cache is not None and Path(kernel_cache).is_file():
+        if ex.progress and data_line:
+            print(data_line, file=sys.stderr)
         return None  # read (or refused) from the cache: nothing to compute, or its own message
     n = len(x_sub)
     stages = [timing.Stage(f"train kernel ({len(readouts)} readouts)", n, flip=flip)]
@@ -153,7 +156,8 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
     if disk_bytes:  # the stores' chunks and records (a resumed store: only what it lacks)
         check_job("--store", disk_bytes=disk_bytes, disk_path=ex.store, yes=True,
                   remedy="free space there, or give a --store on a larger disk")
-    lines = ["plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages)
+    lines = [*([data_line] if data_line else []),
+             "plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages)
              + f"; memory about {human_bytes(memory)}", *lines_resumed, text]
     check_job(f"--n {n} with {len(readouts)} readouts" + ("" if test_mode is None else f" and --test {test_mode}"),
               seconds=seconds if str(ex.device).startswith("cpu") else None, yes=yes,
@@ -1196,6 +1200,10 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
     elif n_test is not None:
         raise CNNGPError("n_test: only meaningful together with test=True (--test)")
 
+    data_line = (f"data: {source}: {ds.describe()}; class-balanced training subsets of N = "
+                 f"{', '.join(f'{n:,}' for n in ns)} (seed {seed})"
+                 + ("" if test_order is None else f", {len(test_order):,} test images"))
+
     # -- network and readouts --------------------------------------------------------
     body, template, net_name = split_network(network)
     readouts, labels = sweep_readouts(template, lengthscales, family)
@@ -1253,12 +1261,13 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 ex = ex.replace(workers=None, scheduler=client)
             for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
                 check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside)
-            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip)
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip,
+                                      data_line)
             kernels_start = time.perf_counter()
             K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel, flip)
         else:
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, kernel,
-                                      flip)
+                                      flip, data_line)
             kernels_start = time.perf_counter()
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test_now is None else ds.y_test[test_order])

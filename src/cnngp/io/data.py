@@ -121,6 +121,18 @@ class Dataset:
         """Number of classes, ``len(class_names)``."""
         return len(self.class_names)
 
+    def describe(self) -> str:
+        """One line saying what the data set holds as it was read (channels last, values as
+        scaled): ``5,000 training images of 32×32, 3 channels, values in [0, 1], 10 classes;
+        1,000 test images``. A data set read with the wrong scale or layout shows it here."""
+        x = self.x_train
+        spatial, c = tuple(int(s) for s in x.shape[1:-1]), int(x.shape[-1])
+        size = f"length {spatial[0]}" if len(spatial) == 1 else "×".join(str(s) for s in spatial)
+        values = "" if not x.size else f", values in [{float(np.min(x)):.3g}, {float(np.max(x)):.3g}]"
+        test = "no test split" if self.x_test is None else f"{len(self.x_test):,} test images"
+        return (f"{len(x):,} training images of {size}, {c} channel{'s' if c != 1 else ''}{values}, "
+                f"{self.n_classes} classes; {test}")
+
     def check_test_classes(self) -> None:
         """Refuse test labels above every training label (naming ``dataset``): a classifier
         trained here could never predict them, and they would make the class count count
