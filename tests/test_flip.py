@@ -661,3 +661,17 @@ def test_learn_internal_lengthscale_with_flips(tmp_path):
         corr = cnngp.Independent() if row["internal_lengthscale"] == 0 else cnngp.Matern(1.5, row["internal_lengthscale"])
         K = cnngp.kernel(net(corr, cnngp.Matern(1.5, row["readout_lengthscale"]), row["amplitude"]), x, flip=True)
         assert float(objective_value("mll", K, Y, row["noise_variance"])) == pytest.approx(row["objective"], rel=1e-9)
+
+
+def test_learn_network_takes_flip_as_a_named_argument_and_refuses_a_non_bool():
+    """``flip`` is a parameter of :func:`learn_network` (not hidden among the execution options):
+    a value other than True/False is refused by name, before any kernel is computed."""
+    import inspect
+
+    from cnngp.inference.learn import learn_network
+
+    assert inspect.signature(learn_network).parameters["flip"].default is False
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout(correlation=cnngp.Matern(1.5, 1.0)))
+    x, y = np.random.default_rng(0).random((6, 5, 5, 1)), np.arange(6) % 2
+    with pytest.raises(CNNGPError, match=r"^flip: expected True or False, got 'yes'"):
+        learn_network(net, x, y, flip="yes")
