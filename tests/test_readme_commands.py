@@ -95,7 +95,9 @@ VARIANTS: dict[str, tuple[list[str], int, tuple]] = {
         [f"cnngp correlation-figure --x {X} --out fig.png --widths 4,8 --draws 2 --samples 4 "
          "--mc-width 8 --quiet"], 0, ()),
     f"cnngp kernel --arch myrtle10 --x1 {X} --out K.zarr --dry-run --workers 8": (
-        [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --dry-run --workers 8"], 0, ()),
+        # (a budget of 1 GiB a worker: 8 at the default 2 GiB need 18 GiB free, which a busy
+        # machine may not have; the memory gate itself is tests/test_resources.py's)
+        [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --dry-run --workers 8 --memory-budget 1G"], 0, ()),
     f"cnngp kernel --arch myrtle10 --x1 {X} --out K.zarr --workers 8": (
         [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --workers 2 --quiet"], 0,
         (pytest.mark.slow,)),

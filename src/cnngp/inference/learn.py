@@ -484,7 +484,6 @@ def learn_network(
     progress=None,
     execution=None,
     starts=None,
-    flip: bool = False,
     **options,
 ) -> LearnResult:
     """Maximise ``objective`` over the network's parameters ``names`` (default
@@ -498,13 +497,14 @@ def learn_network(
     passes (N(N+1)/2 pairs each, the second with autograd and its backward). ``progress(entry)``
     is called on every step; ``execution`` and the execution options (:class:`cnngp.Execution`)
     compute the fast-path kernels, and their ``tile`` (default 8) is :func:`kernel_vjp`'s.
-    ``flip=True``: the flip-averaged kernel ½[K(x, x') + K(x, flip x')] (docs/maths.md §9)
-    throughout, gradients included."""
+    Among ``options``, beside the execution options, ``flip=True``: the flip-averaged kernel
+    ½[K(x, x') + K(x, flip x')] (docs/maths.md §9) throughout, gradients included."""
     from scipy.optimize import minimize
 
     from cnngp.engine.execution import COMPUTE, Execution
     from cnngp.engine.gram import kernel
 
+    flip = options.pop("flip", False)
     if not isinstance(flip, (bool, np.bool_)):
         raise CNNGPError(f"flip: expected True or False, got {flip!r}")
     ex = Execution.build(execution, options, where="learn_network", accepted=COMPUTE + ("tile",))
