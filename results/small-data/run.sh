@@ -43,6 +43,8 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
         --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" \
         --archive "archive/$store" "${reuse[@]}" "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
+    # the summary after each finished run, while its stores (their tile times) are on this machine
+    [ "$rc" = 0 ] && { python summarize.py > /dev/null 2>> run.log || true; }
     return "$rc"  # a sweep that failed stops the queue (its reason is in run.log)
 }
 configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca-flip asked for
