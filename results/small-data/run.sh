@@ -30,14 +30,25 @@ SUFFIX=          # of the names (folders, stores) of the runs at another N_max (
 ZCA=(--zca 0.1 --zca-fit rest --zca-fit-outside 1280)  # the whitening, the same at N_max 640 and 1,280
 run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (shared, see below)
     local name=$1$SUFFIX arch=$2 store=${STORE:-$1}$SUFFIX lender=${STORE:-$1} reuse=(); shift 2
-    # at another N_max, a configuration grows its N = 640 stores (--reuse: the balanced 1,280
-    # begin with the 640, so their tiles are lent; ZCA is fitted outside the 1,280 at both N)
-    [ -n "$SUFFIX" ] && [ "${REUSE:-}" = 1 ] && reuse=(--reuse "$STORES/$lender.zarr")
     # done: results and per-image predictions (a run of an older cnngp lacks the latter; rerun,
     # its complete stores make that the cross-validation and the test scores only)
     # (and test scores at every N, which a run of cnngp before 2026-12-05 14:15 UTC lacks: rerun)
     [ -f "$name/results.json" ] && [ -f "$name/test_predictions.npz" ] \
         && grep -q block_test_accuracies "$name/results.json" && return 0
+    # at another N_max, a configuration grows its N = 640 stores (--reuse: the balanced 1,280
+    # begin with the 640, so their tiles are lent; ZCA is fitted outside the 1,280 at both N)
+    if [ -n "$SUFFIX" ] && [ "${REUSE:-}" = 1 ]; then
+        if [ ! -f "$STORES/$lender.zarr/zarr.json" ] && [ -d "archive/$lender" ]; then
+            # a new machine: the N = 640 stores rebuilt from their archive first (the same sweep
+            # at N_max 640 again: every tile restored, none computed), so that they can lend
+            { date -u +%FT%TZ; echo "# restoring $STORES/$lender.zarr from archive/$lender"; \
+              cnngp sweep --arch "$arch" --data "$DATA" --n 160,320,640 --test all --dtype float32 \
+                --store "$STORES/$lender.zarr" --tile 160 --yes --quiet --out "$STORES/restored-$lender" \
+                --archive "archive/$lender" "$@"; echo "exit status $?"; } >> run.log 2>&1
+        fi
+        # without the N = 640 stores (nor their archive) the run computes every pair
+        [ -f "$STORES/$lender.zarr/zarr.json" ] && reuse=(--reuse "$STORES/$lender.zarr")
+    fi
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
         --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" \
