@@ -24,8 +24,9 @@ cd "$(dirname "$0")"
 STORES=../../stores/small-data
 mkdir -p "$STORES"
 export TQDM_MININTERVAL=60  # progress in the log once a minute
-DATA=../../../shared/data/cifar10_subset.npz
-NS=160,320,640   # the training set sizes of the CV (the last: the test kernels' training set)
+DATA=${DATA:-../../../shared/data/cifar10_subset.npz}
+NS=${NS:-160,320,640}   # the training set sizes of the CV (the last: the test kernels' training set)
+NS_640=$NS        # those of the 12 configurations (the N = 1,280 run's lender stores)
 SUFFIX=          # of the names (folders, stores) of the runs at another N_max (see the end)
 ZCA=(--zca 0.1 --zca-fit rest --zca-fit-outside 1280)  # the whitening, the same at N_max 640 and 1,280
 run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (shared, see below)
@@ -42,7 +43,7 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
             # a new machine: the N = 640 stores rebuilt from their archive first (the same sweep
             # at N_max 640 again: every tile restored, none computed), so that they can lend
             { date -u +%FT%TZ; echo "# restoring $STORES/$lender.zarr from archive/$lender"; \
-              cnngp sweep --arch "$arch" --data "$DATA" --n 160,320,640 --test all --dtype float32 \
+              cnngp sweep --arch "$arch" --data "$DATA" --n "$NS_640" --test all --dtype float32 \
                 --store "$STORES/$lender.zarr" --tile 160 --yes --quiet --out "$STORES/restored-$lender" \
                 --archive "archive/$lender" "$@"; echo "exit status $?"; } >> run.log 2>&1
         fi
@@ -92,5 +93,5 @@ configs cnngp14 cnngp14 zca zca-flip || exit $?
 # whitening fitted outside the 1,280 at both N (--zca-fit-outside 1280).
 best=$(python summarize.py --best) || exit $?
 read -r net cfg <<< "$best"
-NS=160,320,640,1280 SUFFIX=-n1280 configs "$net" "$net" "$cfg" || exit $?
+NS=${NS_1280:-160,320,640,1280} SUFFIX=-n1280 configs "$net" "$net" "$cfg" || exit $?
 python summarize.py > /dev/null
