@@ -74,6 +74,11 @@ def test_paired_differences_of_hand_made_results_and_of_an_average_over_tied_mod
     tied = paired_differences(np.array([0.5, 1.0, 0.0]), np.array([1, 0, 0]), np.zeros(3), np.zeros(3))
     assert tied["accuracy_difference"] == pytest.approx(1 / 6, abs=1e-15)
     assert (tied["only_a_right"], tied["only_b_right"], tied["mcnemar_p"]) == (None, None, None)
+    for bad, words in [(([1, 0], [1], [0, 0], [0, 0]), r"got lengths \[2, 1, 2, 2\]"),
+                       (([], [], [], []), r"^right_a: expected one value per test image"),
+                       (([[1]], [1], [0], [0]), r"^right_a: .*got shape \(1, 1\)")]:
+        with pytest.raises(CNNGPError, match=words):
+            paired_differences(*bad)
     one = paired_differences([1], [0], [0.0], [-1.0])
     assert (one["accuracy_difference"], one["accuracy_difference_2se"]) == (1.0, None)
     assert (one["nll_difference"], one["nll_difference_2se"]) == (-1.0, None)

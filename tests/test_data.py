@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -497,3 +498,27 @@ def test_example_cifar10_slice():
     np.testing.assert_array_equal(ds.x_train[: len(ref)], ref)
     idx = balanced_subset(ds.y_train, 320, seed=0)
     np.testing.assert_array_equal(ds.y_train[idx][:20], np.tile(np.arange(10), 2))
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_the_data_line_never_precedes_a_refusal(tmp_path, capsys):
+    """A refused kernel cache (sweep) or a refused resumed store (learn) is said in one line:
+    the data line comes only once the checks have passed."""
+    from cnngp.cli.main import main
+
+    sweep = ["sweep", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--out", str(tmp_path / "o"),
+             "--kernel-cache", str(tmp_path / "c.npz")]
+    assert main(sweep + ["--lengthscales", "1"]) == 0
+    assert main(sweep + ["--lengthscales", "1"]) == 0  # read from the cache: the line, after reading it
+    assert capsys.readouterr().err.count("data: digits:") == 2
+    assert main(sweep + ["--lengthscales", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --kernel-cache:"), err
+    learn = ["learn", "--arch", "cnngp1", "--n", "20", "--folds", "2", "--max-iter", "2", "--params", "readout",
+             "--store", str(tmp_path / "L.zarr"), "--out", str(tmp_path / "l")]
+    assert main(learn) == 0
+    capsys.readouterr()
+    assert main(learn + ["--seed", "1"]) == 2  # other training images: the store is refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"^cnngp: error: --store: .*L\.zarr' holds a kernel of different images",
+                                       err[0]), err

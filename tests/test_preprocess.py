@@ -650,3 +650,26 @@ def test_learn_with_zca_is_learn_on_images_whitened_beforehand(fit):
         assert whitened["learned"][key] == pytest.approx(plain["learned"][key], rel=1e-5), key
     assert whitened["heldout_accuracy"] == plain["heldout_accuracy"]  # the test images whitened alike
     assert whitened["grid"][0]["objective"] != run_learn("cnngp1", ds, 20, **common)["grid"][0]["objective"]
+
+
+def test_a_fitted_whitening_is_immutable_keeps_its_own_arrays_and_survives_pickling():
+    """ZCAWhitening keeps read-only copies: the arrays it was built from stay the caller's (and
+    writeable), a change to them changes nothing fitted, and a pickled copy (a joblib worker's)
+    is read-only again and whitens to the bit as the original."""
+    import dataclasses
+    import pickle
+
+    from cnngp.io.preprocess import ZCAWhitening, fit_zca
+
+    zca = fit_zca(SMALL_N, 0.2)
+    x = RNG.random((4, 4, 4, 3))
+    want = zca.transform(x)
+    mine = {f.name: getattr(zca, f.name) for f in dataclasses.fields(zca)}
+    mine.update(mean=np.array(zca.mean), basis=zca.basis.tolist())  # a writeable array, a list
+    built = ZCAWhitening(**mine)
+    assert mine["mean"].flags.writeable and not built.mean.flags.writeable and not built.basis.flags.writeable
+    mine["mean"][:] = 0.0  # the caller's array changes; the fitted one does not
+    np.testing.assert_array_equal(built.transform(x), want)
+    again = pickle.loads(pickle.dumps(zca))
+    assert not again.basis.flags.writeable and repr(again) == repr(zca)
+    np.testing.assert_array_equal(again.transform(x), want)

@@ -880,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
     k.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
-    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.add_argument("--quiet", action="store_true", help="no progress bar (with --dry-run: the JSON alone)")
     k.add_argument(
         "--no-checkpoint",
         action="store_true",

@@ -181,9 +181,20 @@ def paired_differences(right_a, right_b, log_prob_a, log_prob_b) -> dict:
     """
     from scipy.stats import binomtest
 
-    ra, rb = (np.asarray(r, dtype=np.float64) for r in (right_a, right_b))
+    arrays = {}
+    for name, v in (("right_a", right_a), ("right_b", right_b), ("log_prob_a", log_prob_a),
+                    ("log_prob_b", log_prob_b)):
+        arrays[name] = np.asarray(v, dtype=np.float64)
+        if arrays[name].ndim != 1 or not len(arrays[name]):
+            raise CNNGPError(f"{name}: expected one value per test image (a 1-D array of at least one), "
+                             f"got shape {arrays[name].shape}")
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+        raise CNNGPError("right_a, right_b, log_prob_a, log_prob_b: expected one value per test image each, "
+                         f"the same images, got lengths {[len(v) for v in arrays.values()]}")
+    ra, rb, la, lb = arrays.values()
     d_acc, d_acc_2se = _mean_2se(ra - rb)
-    d_nll, d_nll_2se = _mean_2se(np.asarray(log_prob_b, dtype=np.float64) - log_prob_a)  # NLL(a) − NLL(b)
+    d_nll, d_nll_2se = _mean_2se(lb - la)  # NLL(a) − NLL(b)
     out = {"accuracy_difference": d_acc, "accuracy_difference_2se": d_acc_2se,
            "nll_difference": d_nll, "nll_difference_2se": d_nll_2se,
            "only_a_right": None, "only_b_right": None, "mcnemar_p": None}

@@ -115,6 +115,19 @@ def internal_store_path(store, lengthscale: float) -> Path:
     return path.with_name(f"{stem}-internal-{lengthscale:.10g}.zarr")
 
 
+def _check_resumed_stores(body, x, x_test, ex, flip) -> None:
+    """Refuse, before anything is printed or computed, a store of ``ex.store``'s layout (train,
+    test, mirror terms) that exists but holds another computation (other images, network,
+    dtype, tile): the dry run of each (:func:`cnngp.engine.distributed.store_dry_run`) refuses it
+    in the words the run would use."""
+    from cnngp.engine.distributed import store_dry_run
+
+    for term, base in store_terms(ex.store, flip):
+        for path, x1, x2 in ((base, x, None), (test_store_path(base), x_test, x)):
+            if x1 is not None and (Path(path) / "zarr.json").is_file():
+                store_dry_run(body, x1, x2, offsets=True, flip=term, execution=ex.replace(store=path, progress=False))
+
+
 def learn_store_paths(store, test: bool, flip: bool) -> list[Path]:
     """Every store of offset sums a learn run with ``store`` (``S.zarr``) has written or may
     write: the sweep's layout (train, test, mirror terms) and, of ``params="internal"``, the
@@ -453,6 +466,8 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         check_gram("--n", priced, x.shape[1:], n, yes=False, images=x, execution=check_ex)
         if test:
             check_gram("--test", priced, x.shape[1:], len(x_test), n, yes=False, images=x_test, execution=check_ex)
+    if store is not None:  # a store being resumed is checked before the data line (as the sweep's plan does)
+        _check_resumed_stores(body, x, x_test, ex, flip)
     if ex.progress:  # every check passed: say what was read before the long part
         print(f"data: {source}: {ds.describe()}; a class-balanced training subset of n = {n:,} (seed {seed})"
               + ("" if x_test is None else f", {len(x_test):,} test images"), file=sys.stderr)

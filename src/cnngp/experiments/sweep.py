@@ -96,8 +96,6 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
 
     lines_resumed, disk_bytes = [], 0
     if kernel_cache is not None and Path(kernel_cache).is_file():
-        if ex.progress and data_line:
-            print(data_line, file=sys.stderr)
         return None  # read (or refused) from the cache: nothing to compute, or its own message
     n = len(x_sub)
     stages = [timing.Stage(f"train kernel ({len(readouts)} readouts)", n, flip=flip)]
@@ -1273,10 +1271,12 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                          y_test=None if x_test_now is None else ds.y_test[test_order])
             K, K_test = _kernels_in_memory(body, readouts, x_sub, x_test_now, key, kernel_cache, saved, True,
                                            ex, kernel, flip)
+            if job_plan is None and progress:  # read from the cache: its checks passed, say what was read
+                print(data_line, file=sys.stderr)
         kernel_seconds = time.perf_counter() - kernels_start
         if whitening is not None and kernel_store is not None:
             note_store_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit,
-                      protocol.zca_fit_outside)
+                           protocol.zca_fit_outside)
         # kernels read from a cache were checked when they were computed
         float64_check = None if job_plan is None else _float64_spot_check(body, readouts, x_sub, K, ex, kernel,
                                                                           seed, flip)
@@ -1317,8 +1317,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
             if whitening is not None and kernel_store is not None:
                 note_store_zca([p for p in sweep_store_paths(kernel_store, True, flip)
-                           if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit,
-                          protocol.zca_fit_outside)
+                                if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit,
+                               protocol.zca_fit_outside)
             scored = [r for r in top if "_per_image" in r]
             test_predictions = {  # per test point and scored readout: paired comparisons
                 "test_index": np.asarray(test_order), "y_test": np.asarray(y_test),

@@ -54,7 +54,7 @@ covariance is decomposed instead (``O(N D² + D³)``). Both in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -101,6 +101,7 @@ def check_zca_strength(value, name: str = "zca") -> float:
 @dataclass(frozen=True, eq=False, repr=False)
 class ZCAWhitening:
     """A fitted regularised ZCA whitening (module docstring); make one with :func:`fit_zca`.
+    Immutable: its arrays are read-only copies (``torch.tensor(z.basis)`` for a tensor).
 
     Attributes
     ----------
@@ -134,14 +135,20 @@ class ZCAWhitening:
     method: str
 
     def __post_init__(self):
-        for array in (self.mean, self.basis, self.eigenvalues):
-            array.setflags(write=False)  # a fitted transform never changes (so copies may share it)
+        for name in ("mean", "basis", "eigenvalues"):  # its own read-only copies: a fitted
+            array = np.array(getattr(self, name), dtype=np.float64)  # transform never changes,
+            array.setflags(write=False)  # so copies of it may share them (__deepcopy__)
+            object.__setattr__(self, name, array)
 
     def __deepcopy__(self, memo):
-        """The object itself: it is immutable (frozen, its arrays read-only), and scikit-learn's
-        ``clone`` deep-copies an estimator's ``zca=`` for every candidate of a grid search,
-        which would copy a D × D basis (75 MB for CIFAR-10) each time."""
+        """The object itself: it is immutable (frozen, its arrays read-only copies), and
+        scikit-learn's ``clone`` deep-copies an estimator's ``zca=`` for every candidate of a
+        grid search, which would copy a D × D basis (75 MB for CIFAR-10) each time."""
         return self
+
+    def __reduce__(self):
+        # unpickled through __init__ (and so __post_init__): read-only again in a joblib worker
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
 
     @property
     def features(self) -> int:
