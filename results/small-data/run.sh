@@ -53,7 +53,7 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
         --dtype float32 --store "$STORES/$store.zarr" --tile 160 --yes --out "$name" \
-        --archive "archive/$store" "${reuse[@]}" "$@"; \
+        --archive "archive/$store" ${reuse[@]+"${reuse[@]}"} "$@"; \
       local rc=$?; echo "exit status $rc"; date -u +%FT%TZ; } >> run.log 2>&1
     # the summary after each finished run, while its stores (their tile times) are on this machine
     [ "$rc" = 0 ] && { python summarize.py > /dev/null 2>> run.log || true; }
@@ -72,19 +72,21 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
         esac || return $?
     done
 }
-# the configurations without ZCA first, for every network (the flip-averaged ones reusing their
-# plain configuration's stores, so a flip configuration costs what a plain one does), then the
-# ZCA ones (their whitening fitted apart from the N_max: --zca-fit rest). Since 2026-12-05 23:00
-# UTC (a session on a new machine, the stores lost), the Myrtle networks' ZCA configurations go
-# before CNNGP-14's unfinished ones: each of them fits in a session or two, CNNGP-14's (about
-# 5 h a flip configuration when its plain kernels are lost) span several through the archives.
+# the queue, network by network: plain and flips (a flip configuration reuses its plain one's
+# stores and computes only the mirror terms, so it costs what a plain one does), then ZCA and ZCA
+# + flips (their whitening fitted apart from the N_max: --zca-fit rest), for the Myrtle networks;
+# CNNGP-14's ZCA configurations last. (Until 2026-12-05 23:00 UTC the queue ran every network
+# without ZCA first; a session on a new machine lost the stores then, and the Myrtle networks'
+# ZCA configurations, each of which fits in a session or two, went before CNNGP-14's unfinished
+# ones, which span several sessions through their archives: about 5 h for CNNGP-14 + flips, its
+# plain kernels lost too.) myrtle10-correlated has correlated intermediate layers: 6×6 stride-2
+# SAME Matérn convs in place of the pools; on 32×32 their padding is 2 before and 2 after, so the
+# network is flip-symmetric (the sweep's numerical check passes). CNNGP-14 costs 3.5× Myrtle10's
+# per pair.
 for net in myrtle10 myrtle10-correlated cnngp14; do
     configs "$net" "$net" plain flip || exit $?
     [ "$net" = cnngp14 ] || configs "$net" "$net" zca zca-flip || exit $?
 done
-# correlated intermediate layers in myrtle10-correlated: 6×6 stride-2 SAME Matérn convs in place
-# of the pools; on 32×32 their padding is 2 before and 2 after, so the network is flip-symmetric
-# (the sweep's numerical check passes). CNNGP-14 costs 3.5× Myrtle10's per pair.
 configs cnngp14 cnngp14 zca zca-flip || exit $?
 # the best configuration again at N = 1,280 (CV at 160 ... 1,280, test kernels against all
 # 1,280): the one whose CV-chosen readout has the highest nested CV estimate at N = 640, never a

@@ -219,8 +219,11 @@ def main():
         for ref, what in refs:
             c0, lp0 = per_image[ref]
             d = paired_differences(c, c0, lp, lp0)  # cnngp compare's numbers (its library function)
-            d["only_right"], d["only_ref_right"] = d.pop("only_a_right"), d.pop("only_b_right")
-            paired.append({"network": net, "config": cfg, "readout": role, "against": what, **d})
+            paired.append({"network": net, "config": cfg, "readout": role, "against": what,
+                           **{k: d[k] for k in ("accuracy_difference", "accuracy_difference_2se",
+                                                "nll_difference", "nll_difference_2se")},
+                           "only_right": d["only_a_right"], "only_ref_right": d["only_b_right"],
+                           "mcnemar_p": d["mcnemar_p"]})
     previous = json.loads((HERE / "summary.json").read_text()).get("cost", {}) if (HERE / "summary.json").is_file() else {}
     cost = {}
     for net, cfg, _, _ in _runs():
