@@ -107,12 +107,18 @@ def with_internal(body, indices, lengthscale: float):
     return Serial(*net.layers)
 
 
+def _internal_stores_prefix(store) -> Path:
+    """``S-internal-`` beside ``S.zarr``: the name every internal-λ store begins with."""
+    path = Path(store)
+    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+    return path.with_name(f"{stem}-internal-")
+
+
 def internal_store_path(store, lengthscale: float) -> Path:
     """Where ``params="internal"`` keeps the offset sums at one internal λ beside the store
     ``S.zarr`` of the network as given: ``S-internal-<λ>.zarr``."""
-    path = Path(store)
-    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
-    return path.with_name(f"{stem}-internal-{lengthscale:.10g}.zarr")
+    prefix = _internal_stores_prefix(store)
+    return prefix.with_name(f"{prefix.name}{lengthscale:.10g}.zarr")
 
 
 def _check_resumed_stores(body, x, x_test, ex, flip) -> None:
@@ -132,10 +138,9 @@ def learn_store_paths(store, test: bool, flip: bool) -> list[Path]:
     """Every store of offset sums a learn run with ``store`` (``S.zarr``) has written or may
     write: the sweep's layout (train, test, mirror terms) and, of ``params="internal"``, the
     stores at each internal λ already there (:func:`internal_store_path`) with their mirror terms."""
-    path = Path(store)
-    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
-    internal = sorted(path.parent.glob(f"{glob.escape(stem)}-internal-*.zarr"))
-    return sweep_store_paths(path, test, flip) + [
+    prefix = _internal_stores_prefix(store)
+    internal = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}*.zarr"))
+    return sweep_store_paths(Path(store), test, flip) + [
         p for base in internal if not base.name.endswith(("-mirror.zarr", "-test.zarr"))
         for p in sweep_store_paths(base, False, flip)]
 
