@@ -15,7 +15,7 @@ from conftest import digits_npz
 import cnngp
 from cnngp.cli.main import main
 from cnngp.engine.distributed import describe_dry_run, store_dry_run, store_kernel
-from cnngp.engine.store import KernelStore
+from cnngp.engine.store import KernelStore, tile_plan
 from cnngp.errors import CNNGPError
 
 pytest.importorskip("zarr")
@@ -63,6 +63,98 @@ def test_a_grown_store_without_a_tile_takes_the_lenders(tmp_path):
     store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
     report = store_kernel(BODY, x, readouts=READOUTS, out=new, reuse=old, progress=False)  # no tile
     assert (report.tile, report.tiles_reused, report.tiles_computed) == (3, 3, 3)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 5])
+def test_a_store_of_another_tile_size_lends_the_blocks_its_tiles_hold(tmp_path, tile):
+    """Tiles of another size: a new tile is cut from one old tile or assembled out of up to
+    four, mirror chunks of the old symmetric store included (below its diagonal). Oracles: the
+    old store's bytes (the lent block, to the bit), the kernel from scratch (the rest), and the
+    old records' times, in proportion to the entries taken from each."""
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=tile, reuse=old, progress=False)
+    # the new tiles within the first 6 images: blocks of `tile` that end by image 6
+    inside = [t for t in KernelStore.open(new).tiles() if t.cols.stop <= 6]
+    assert report.tiles_reused == len(inside) > 0
+    assert report.tiles_computed == report.tiles_total - len(inside)
+    K = np.asarray(KernelStore.open(new).kernel[...])
+    np.testing.assert_allclose(K, cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
+    reach = max(t.cols.stop for t in inside)
+    assert K[:, :reach, :reach].tobytes() == np.asarray(KernelStore.open(old).kernel[:, :reach, :reach]).tobytes()
+    assert KernelStore.open(new).complete()
+    # times: each new tile takes from each old tile its share of that tile's entries
+    old_seconds = {name: r["seconds"] for name, r in _records(old).items()}
+    records = _records(new)
+    for t in inside:
+        want = 0.0
+        for i in range(2):  # the old store's 6 images: blocks 0 and 1
+            for j in range(2):
+                rows = range(max(t.rows.start, 3 * i), min(t.rows.stop, 3 * i + 3))
+                cols = range(max(t.cols.start, 3 * j), min(t.cols.stop, 3 * j + 3))
+                want += len(rows) * len(cols) / 9 * old_seconds[f"tile-{min(i, j)}-{max(i, j)}"]
+        assert records[t.name]["seconds"] == pytest.approx(want, rel=1e-12)
+        assert records[t.name]["reused_from"] == str(old)
+
+
+@pytest.mark.parametrize("n, tile", [(6, 3), (5, 2), (4, 4)])
+def test_a_store_of_more_images_lends_its_leading_block_whole(tmp_path, n, tile):
+    """A kernel on the first n images of a larger store's: every tile is lent, none computed,
+    and the matrix is the larger store's leading block to the bit (the images it keeps are
+    the check that they are its first)."""
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=old, tile=3, progress=False)
+    plan = store_dry_run(BODY, x[:n], readouts=READOUTS, out=new, tile=tile, reuse=old, progress=False).dry_run
+    assert plan["tiles"] == 0 and plan["tiles_lent"] == plan["tiles_total"]
+    report = store_kernel(BODY, x[:n], readouts=READOUTS, out=new, tile=tile, reuse=old, progress=False)
+    assert (report.tiles_reused, report.tiles_computed) == (report.tiles_total, 0)
+    K = np.asarray(KernelStore.open(new).kernel[...])
+    assert K.tobytes() == np.asarray(KernelStore.open(old).kernel[:, :n, :n]).tobytes()
+    assert KernelStore.open(new).complete()
+
+
+def test_a_rectangular_store_lends_where_both_image_sets_overlap(tmp_path):
+    """x1 × x2 with more rows and fewer columns than the old store (and another tile size):
+    the blocks within the old rows and the new columns are lent, the rest computed."""
+    x1, x2 = _images(9, seed=1), _images(9, seed=2)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x1[:6], x2, readouts=READOUTS, out=old, tile=3, progress=False)
+    report = store_kernel(BODY, x1, x2[:5], readouts=READOUTS, out=new, tile=2, reuse=old, progress=False)
+    # row blocks of 2 over 9 rows (3 end by row 6) × column blocks over 5 columns (3)
+    assert (report.tiles_total, report.tiles_reused, report.tiles_computed) == (15, 9, 6)
+    K = np.asarray(KernelStore.open(new).kernel[...])
+    np.testing.assert_allclose(K, cnngp.readout_sweep(BODY, READOUTS, x1, x2[:5]).numpy(), rtol=1e-12, atol=0)
+    assert K[:, :6].tobytes() == np.asarray(KernelStore.open(old).kernel[:, :6, :5]).tobytes()
+
+
+def test_a_new_tile_is_lent_only_if_every_old_tile_it_takes_from_is_intact(tmp_path):
+    """An old tile without a record lends none of its entries (the dry run, from records), and
+    one whose mirror chunk no longer matches its record's mirror hash is computed after all
+    (the copy, which reads the bytes): both are checked per old tile, mirror parts included."""
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=old, tile=3, progress=False)
+    (old / "records" / "tile-2-2.json").unlink()
+    damaged = KernelStore.open(old)
+    damaged.kernel[1, 4, 1] = damaged.kernel[1, 4, 1] + 1.0  # tile-0-1's mirror chunk (rows 3-5, cols 0-2)
+    plan = store_dry_run(BODY, x, readouts=READOUTS, out=new, tile=2, reuse=old, progress=False).dry_run
+    # new tiles of 2 that meet images 6-8 in both rows and columns take entries from tile-2-2
+    needs_2_2 = lambda t: t.rows.stop > 6 and t.cols.stop > 6  # noqa: E731
+    expected_lent = {t.name for t in tile_plan(9, None, 2) if not needs_2_2(t)}
+    assert plan["tiles_lent"] == len(expected_lent) and not new.exists()
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=2, reuse=old, progress=False)
+    records = _records(new)
+    lent = {n for n, r in records.items() if "reused_from" in r}
+    # of the new tiles, only tile-1-1 (images 2-3 × 2-3) takes an entry from rows 3-5 × cols
+    # 0-2, the damaged mirror chunk (its entry (3, 2)): it alone is computed after all, while
+    # tile-0-1 (images 0-1 × 2-3) takes tile-0-1's intact upper chunk
+    assert "tile-1-1" not in lent and "tile-1-1" in records
+    assert lent == expected_lent - {"tile-1-1"}
+    assert report.tiles_reused == len(lent)
+    np.testing.assert_allclose(np.asarray(KernelStore.open(new).kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
 
 
 def test_a_grown_rectangular_store_lends_along_both_image_sets(tmp_path):
@@ -117,11 +209,10 @@ def test_a_lent_tile_whose_bytes_no_longer_match_its_record_is_computed_not_copi
     (dict(body=cnngp.Serial(cnngp.Conv(3), cnngp.ReLU())), "different network spec"),
     (dict(readouts=READOUTS[:2]), "different readouts"),
     (dict(dtype="float32"), "different dtype"),
-    (dict(tile=2), r"different tile size \(3; this computation: 2\); give --tile 3"),
     (dict(flip="mirror"), r"different flip averaging \(no flip; this computation: the mirror term\)"),
     (dict(images=lambda x: x[::-1]), r"computed on 6 images \(x1\) that are not the first 6 of this "
                                      r"computation's 9"),
-    (dict(images=lambda x: x[:5]), r"computed on more images \(x1: 6\) than this computation has \(5\)"),
+    (dict(images=lambda x: x[1:6]), r"computed on 6 images \(x1\) whose first 5 are not this computation's 5"),
     (dict(x2=True), r"holds a x1 × x1 kernel; this one is x1 × x2"),
 ])
 def test_a_store_of_another_computation_lends_nothing_and_is_refused_naming_reuse(tmp_path, change, message):
@@ -246,27 +337,54 @@ def test_sweep_reuse_of_a_test_best_sweep_lends_its_train_kernels_alone(tmp_path
 
 
 def test_sweep_reuse_with_other_test_images_lends_the_train_kernel_and_warns(tmp_path, capsys):
-    """A sweep on other test images (a smaller --n-test: not a prefix of the old ones) than the
-    sweep it grows: the old test store cannot lend, so the test kernel is computed in full with
-    a one-line warning, and the train kernel is still lent. Oracle: the same sweep from scratch."""
+    """A sweep on other test images (the same file's test images in reverse: not those the old
+    sweep's begin with) than the sweep it grows: the old test store cannot lend, so the test
+    kernel is computed in full with a one-line warning, and the train kernel is still lent.
+    Oracle: the same sweep from scratch."""
     data = digits_npz(tmp_path / "d.npz")
-    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--tile", "20",
+    other = tmp_path / "reversed-test.npz"
+    with np.load(data) as f:
+        np.savez(other, **{k: f[k][::-1] if k.endswith("_test") else f[k] for k in f.files})
+    argv = ["sweep", "--arch", "cnngp1", "--lengthscales", "0.5,5", "--tile", "20",
             "--test", "all", "--quiet", "--yes"]
-    assert main(argv + ["--n-test", "30", "--n", "40", "--store", str(tmp_path / "s1.zarr"),
+    assert main(argv + ["--data", str(data), "--n-test", "30", "--n", "40", "--store", str(tmp_path / "s1.zarr"),
                         "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
-    assert main(argv + ["--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s2.zarr"),
+    assert main(argv + ["--data", str(other), "--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s2.zarr"),
                         "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"--reuse: .*s1-test\.zarr' was computed on more images \(x1: 30\) than this computation "
-                     r"has \(20\).*s2-test\.zarr' is computed in full", err), err
+    assert re.search(r"--reuse: .*s1-test\.zarr' was computed on 30 images \(x1\) whose first 20 are not this "
+                     r"computation's 20.*s2-test\.zarr' is computed in full", err), err
     lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
     assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
     assert lent(tmp_path / "s2-test.zarr") == []
-    assert main(argv + ["--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s3.zarr"),
+    assert main(argv + ["--data", str(other), "--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s3.zarr"),
                         "--out", str(tmp_path / "c")]) == 0
     grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
     assert grown["test"]["test_accuracy"] == fresh["test"]["test_accuracy"]
+
+
+def test_a_sweep_at_a_smaller_n_takes_every_tile_from_a_larger_sweeps_stores(tmp_path, capsys):
+    """A sweep at --n 40 on the first 20 test images, given the stores of one at --n 40,80 on
+    30 (another tile size): its training subset and test images are the first of those, so
+    every train and test tile is lent and none computed. Oracle: the same sweep from scratch."""
+    data = digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--test", "all",
+            "--quiet", "--yes"]
+    assert main(argv + ["--n", "40,80", "--n-test", "30", "--tile", "20", "--store", str(tmp_path / "big.zarr"),
+                        "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--n", "40", "--n-test", "20", "--tile", "16", "--store", str(tmp_path / "small.zarr"),
+                        "--reuse", str(tmp_path / "big.zarr"), "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--n", "40", "--n-test", "20", "--tile", "16", "--store", str(tmp_path / "fresh.zarr"),
+                        "--out", str(tmp_path / "c")]) == 0
+    for name in ("small.zarr", "small-test.zarr"):
+        records = _records(tmp_path / name)
+        assert records and all(r.get("reused_from") for r in records.values()), name
+    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+    for a, b in zip(grown["results"], fresh["results"], strict=True):
+        for key in ("cv_accuracy", "noise_variance", "test_accuracy", "test_nll"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
 
 
 def test_sweep_reuse_across_a_refitted_whitening_is_refused_saying_why(tmp_path, capsys):
@@ -317,3 +435,19 @@ def test_sweep_reuse_with_a_whitening_fitted_outside_the_larger_n_lends_and_repr
     assert re.fullmatch(r"cnngp: error: --zca: .*s1\.zarr' holds kernels of images whitened by ZCA fitted on the "
                         r"training images outside the balanced 80 \(unlabelled\), not on the training images outside "
                         r"the balanced 120 \(unlabelled\) \(--zca-fit rest --zca-fit-outside 120\); .*", err), err
+
+
+def test_dask_workers_assemble_lent_tiles_of_another_size(tmp_path, dask_cluster):
+    """On a cluster each lent tile is a worker's task (cut from, or assembled out of, the old
+    tiles): the same tiles lent, and the same matrix, as in one process."""
+    x = _images(9)
+    old = tmp_path / "old.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    alone = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "alone.zarr", tile=2, reuse=old, progress=False)
+    spread = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "spread.zarr", tile=2, reuse=old,
+                          scheduler=dask_cluster, progress=False)
+    assert spread.tiles_reused == alone.tiles_reused == 6  # blocks of 2 within the first 6: 3 × 4 / 2
+    lent = lambda p: {n for n, r in _records(p).items() if "reused_from" in r}  # noqa: E731
+    assert lent(tmp_path / "spread.zarr") == lent(tmp_path / "alone.zarr")
+    assert np.asarray(KernelStore.open(tmp_path / "spread.zarr").kernel[...]).tobytes() == \
+        np.asarray(KernelStore.open(tmp_path / "alone.zarr").kernel[...]).tobytes()

@@ -366,10 +366,10 @@ def check_reuse_store(reuse, out, out_flag: str) -> None:
     from cnngp.engine.store import KernelStore
 
     if not str(reuse).strip():
-        raise CNNGPError("--reuse: is empty; give the kernel store K.zarr of fewer images to copy tiles from")
+        raise CNNGPError("--reuse: is empty; give the kernel store K.zarr of the same computation to copy tiles from")
     if Path(reuse).resolve() == Path(out).resolve():
-        raise CNNGPError(f"--reuse: {str(reuse)!r} is the store of {out_flag}; give the store of fewer images "
-                         "(the same store is resumed without --reuse)")
+        raise CNNGPError(f"--reuse: {str(reuse)!r} is the store of {out_flag}; give another store of the same "
+                         "computation (the same store is resumed without --reuse)")
     KernelStore.open(reuse, what="--reuse")
 
 
@@ -898,9 +898,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR and restore from it what the store lacks (copy or commit DIR to finish "
                         "a run on another machine)")
     k.add_argument("--reuse", metavar="OLD.zarr",
-                   help="with --out K.zarr: copy the finished tiles of OLD.zarr, a store of the same "
-                        "network, readouts, dtype and tile on fewer images (the first images of --x1, "
-                        "--x2), and compute only the pairs with a new image")
+                   help="with --out K.zarr: copy from OLD.zarr, a store of the same network, readouts and "
+                        "dtype (any tile size) on images that begin as --x1 (and --x2) do (fewer: the "
+                        "first of these; more: these first), the finished part of the pairs both "
+                        "have; compute only the rest")
     k.add_argument("--dry-run", action="store_true",
                    help="with --out K.zarr: print the plan, sizes and a time estimate; compute nothing")
     k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)

@@ -289,9 +289,9 @@ def register(subparsers) -> None:
                         "commit DIR to finish a run on another machine)")
     p.add_argument("--reuse", metavar="OLD.zarr",
                    help="with --store: copy the finished tiles of an earlier sweep's store OLD.zarr (and "
-                        "of its -test and -mirror stores, where they exist) of the same network, dtype and "
-                        "tile on fewer training images, the first of these (a smaller --n, same seed); "
-                        "compute only the pairs with a new image")
+                        "of its -test and -mirror stores, where they exist) of the same network and dtype "
+                        "(any tile size) on training images that begin as these do (a smaller or "
+                        "larger --n, same seed); compute only the pairs it lacks")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

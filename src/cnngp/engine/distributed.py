@@ -105,7 +105,7 @@ class StoreReport:
     dry_run: dict | None = field(default=None)
     tiles_restored: int = 0
     archive: str | None = None
-    tiles_reused: int = 0  # copied from the store ``reuse`` (of fewer images)
+    tiles_reused: int = 0  # copied from the store ``reuse``
     reuse: str | None = None
 
     def as_dict(self) -> dict:
@@ -565,7 +565,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     if client is None and scheduler is None:  # this machine's processes: before any starts
         check_local_cluster(workers or 0, ex.threads, budget)
     if tile is None:  # a store being resumed keeps its tile, whatever the workers now
-        # (a store grown from a smaller one takes its tile: a tile is lent whole, at its place)
+        # (a store grown from another takes its tile: each of its tiles is then lent whole)
         tile = (KernelStore.stored_tile(out) or (ex.reuse is not None and KernelStore.stored_tile(ex.reuse))
                 or choose_tile(plan, n1, n2, grids, budget, n_workers))
     n_tiles = count_tiles(n1, n2, tile)
@@ -640,7 +640,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
             saver = TileArchive(archive, store)
             restored = saver.restore(todo)
         on_cluster = client is not None or bool(workers)
-        if ex.reuse is not None and todo:  # a store of fewer images lends what it holds of the rest
+        if ex.reuse is not None and todo:  # another store lends what it holds of the rest
             from cnngp.engine.store import lendable_tiles, reuse_tiles
 
             restored_names = {t.name for t in restored}

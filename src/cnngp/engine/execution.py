@@ -120,10 +120,11 @@ class Execution:
         With a store: a folder of compressed, portable copies of the finished tiles, restored
         from before computing.
     reuse : path, optional
-        With a store: another store of the same computation (network, readouts, dtype, tile)
-        on fewer images, the first rows of these (and columns: x2's first images): its finished
-        tiles are copied, not computed, so that growing a Gram matrix from N to N' images
-        computes only the pairs with a new image (:func:`cnngp.engine.store.lendable_tiles`).
+        With a store: another store of the same computation (network, readouts, dtype; any
+        tile size) on images that begin as these do (rows: x1, columns: x2; fewer images, the
+        first of these, or more, these first): the finished part of the pairs both have is
+        copied, not computed, so that growing a Gram matrix from N to N' images computes only
+        the pairs with a new image (:func:`cnngp.engine.store.lendable_tiles`).
     workers : int, optional
         With a store: a local Dask cluster of this many worker processes (127.0.0.1 only).
     scheduler : str or distributed.Client, optional
