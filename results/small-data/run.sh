@@ -49,6 +49,8 @@ run() {  # run NAME ARCH [flags...]; STORE=NAME2 run ...: the stores of NAME2 (s
         fi
         # without the N = 640 stores (nor their archive) the run computes every pair
         [ -f "$STORES/$lender.zarr/zarr.json" ] && reuse=(--reuse "$STORES/$lender.zarr")
+    elif [ -z "$SUFFIX" ] && [ -n "${LENDER:-}" ] && [ -f "$LENDER/zarr.json" ]; then
+        reuse=(--reuse "$LENDER")  # another store of these kernels (CNNGP14_LENDER below)
     fi
     { date -u +%FT%TZ; echo "# $name: cnngp sweep --arch $arch $*"; \
       /usr/bin/time -v cnngp sweep --arch "$arch" --data "$DATA" --n "$NS" --test all \
@@ -83,11 +85,26 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
 # SAME Matérn convs in place of the pools; on 32×32 their padding is 2 before and 2 after, so the
 # network is flip-symmetric (the sweep's numerical check passes). CNNGP-14 costs 3.5× Myrtle10's
 # per pair.
-for net in myrtle10 myrtle10-correlated cnngp14; do
-    configs "$net" "$net" plain flip || exit $?
-    [ "$net" = cnngp14 ] || configs "$net" "$net" zca zca-flip || exit $?
+# (2026-12-06 02:40 UTC: CNNGP-14's ZCA configurations before its flips, whose plain train
+# kernels results/paper-scale's store lends: CNNGP14_LENDER below.)
+for net in myrtle10 myrtle10-correlated; do
+    configs "$net" "$net" plain flip zca zca-flip || exit $?
 done
-configs cnngp14 cnngp14 zca zca-flip || exit $?
+configs cnngp14 cnngp14 plain zca zca-flip || exit $?
+# CNNGP-14's plain train kernel at N = 640 (lost with the stores, 2026-12-05) is the leading
+# 640 × 640 block of results/paper-scale's at N = 1,280: the same network, 27 readouts, dtype and
+# data, and its balanced 1,280 begin with these 640. Its committed tile archive (tile 128) is
+# restored into a store that lends that block (--reuse: any tile size, a lender of more images,
+# checked against the images it keeps), so CNNGP-14 + flips computes its train mirror terms and
+# its test kernels only (its test kernels: paper-scale's hold one readout, so lend nothing).
+CNNGP14_LENDER=$STORES/paper-scale-cnngp14-n1280.zarr
+if [ "$DATA" = ../../../shared/data/cifar10_subset.npz ] && [ ! -f "$CNNGP14_LENDER/zarr.json" ]; then
+    { date -u +%FT%TZ; echo "# restoring $CNNGP14_LENDER from ../paper-scale/archive-cnngp14-n1280"; \
+      cnngp sweep --arch cnngp14 --data "$DATA" --n 1280 --dtype float32 --store "$CNNGP14_LENDER" \
+        --tile 128 --yes --quiet --out "$STORES/restored-paper-scale-cnngp14" \
+        --archive ../paper-scale/archive-cnngp14-n1280; echo "exit status $?"; } >> run.log 2>&1
+fi
+LENDER=$CNNGP14_LENDER configs cnngp14 cnngp14 flip || exit $?
 # the best configuration again at N = 1,280 (CV at 160 ... 1,280, test kernels against all
 # 1,280): the one whose CV-chosen readout has the highest nested CV estimate at N = 640, never a
 # test score (summarize.py --best, which refuses until all 12 above are finished). The N = 640
