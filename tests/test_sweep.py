@@ -741,3 +741,61 @@ def test_sweep_figure_has_a_test_nll_and_ece_panel_for_test_all_results(tmp_path
     for row in rows:
         row.pop("test_nll", None)
     assert len(sweep_figure({"config": {}, "results": rows}, tmp_path / "t.png").axes) == 1
+
+
+def test_sweep_dry_run_plans_every_kernel_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """``cnngp sweep --dry-run``: the plan as JSON on stdout (its lines on stderr; none with
+    --quiet), nothing written — no --out folder, checkpoint or store — and not refused as
+    too long (a run of the same command without --yes is). Oracles: the pair counts' closed
+    forms, the tiles a store lends, and the real run of the same command, whose stores compute
+    exactly the tiles the plan says."""
+    from cnngp.engine import resources
+
+    data = _digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", ARCH, "--data", str(data), "--lengthscales", "0.5,5", "--test", "all",
+            "--n-test", "30"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 1e-6)  # every sweep is "long" now
+    assert main(argv + ["--n", "40,80", "--out", str(tmp_path / "a"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
+    # train: 80·81/2 pairs; test: 30 × 80 (4 readouts: independent, the two λ, mean pool)
+    assert [(s["name"], s["pairs"]) for s in plan["stages"]] == [
+        ("train kernel (4 readouts)", 80 * 81 // 2), ("test kernel (4 readouts)", 30 * 80)]
+    assert plan["seconds"] > 0 and plan["memory_bytes"] > 0
+    assert err.startswith("data: ") and "plan: train kernel (4 readouts): 3,240 pairs" in err
+    assert err.rstrip().endswith(plan["text"].splitlines()[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out, no checkpoint
+    assert main(argv + ["--n", "40,80", "--out", str(tmp_path / "a")]) == 2  # refused: over the limit
+    assert "pass --yes" in capsys.readouterr().err
+    monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 3600.0)
+
+    # stores: an earlier sweep's (--n 40, tile 20) lends to --n 40,80 at tile 16 (3 of 15 train
+    # tiles; of the test store's 2 × 5, the 2 × 2 whose columns end by the 40th image)
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--tile", "20", "--quiet",
+                        "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    stored = argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--tile", "16",
+                     "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "c")]
+    assert main(stored + ["--dry-run", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    plan = json.loads(out)
+    assert f"12 tiles of 16 to compute (of 15; 3 copied from {tmp_path / 's1.zarr'} (--reuse))" in plan["text"]
+    assert "6 tiles of 16 to compute (of 10; 4 copied from" in plan["text"]
+    assert not (tmp_path / "s2.zarr").exists() and not (tmp_path / "s2-test.zarr").exists()
+    assert not (tmp_path / "c").exists()
+    assert main(stored + ["--quiet"]) == 0
+    for name, computed in (("s2.zarr", 12), ("s2-test.zarr", 6)):
+        records = [json.loads(p.read_text()) for p in (tmp_path / name / "records").glob("tile-*.json")]
+        assert sum("reused_from" not in r for r in records) == computed, name
+
+    # kernels from a cache: nothing to compute; a cache of another sweep is refused as a run would be
+    cache = ["--n", "40", "--kernel-cache", str(tmp_path / "k.npz"), "--quiet"]
+    assert main(argv + cache + ["--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    assert main(argv + cache + ["--out", str(tmp_path / "e"), "--dry-run"]) == 0
+    assert "the kernels are read from" in json.loads(capsys.readouterr().out)["text"]
+    assert main(argv[:6] + ["0.5", *argv[7:]] + cache + ["--out", str(tmp_path / "e"), "--dry-run"]) == 2
+    assert "holds kernels of a different sweep" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -158,19 +158,23 @@ def cmd_sweep(args) -> int:
         from cnngp.engine.storage import check_output_file
 
         prefix = f"{out}.checkpoint"
-        out.parent.mkdir(parents=True, exist_ok=True)  # --out's folder is made anyway, at the end
-        for path in checkpoint_files(prefix):
-            check_output_file(path, "--out (its checkpoint)")
-        args.checkpoint_path = str(checkpoint_files(prefix)[0])
+        if not args.dry_run:  # (a dry run reads the checkpoints, to price what they lack)
+            out.parent.mkdir(parents=True, exist_ok=True)  # --out's folder is made anyway, at the end
+            for path in checkpoint_files(prefix):
+                check_output_file(path, "--out (its checkpoint)")
+            args.checkpoint_path = str(checkpoint_files(prefix)[0])
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
                              test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme,
                              zca=args.zca, zca_fit=args.zca_fit, zca_fit_outside=parse_zca_fit_outside(args),
                              flip=args.flip, nested=not args.no_nested)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
-                        data_label=str(args.data), yes=args.yes,
+                        data_label=str(args.data), yes=args.yes, dry_run=args.dry_run,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,
                                                       keep_checkpoint=prefix is not None))
+    if args.dry_run:  # the plan's lines for a person went to stderr; its JSON alone to stdout
+        print(json.dumps(results["dry_run"], indent=2, allow_nan=False))
+        return 0
     results["config"]["command"] = command_line(args)
 
     figure = io.BytesIO()
@@ -294,5 +298,9 @@ def register(subparsers) -> None:
                         "larger --n, same seed); compute only the pairs it lacks")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan: pairs, memory, disk and a time estimate "
+                        "(with --store: only the tiles the stores lack, less those --reuse lends), as "
+                        "JSON on stdout; compute nothing, write nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (with --dry-run: the JSON alone)")
     p.set_defaults(func=cmd_sweep, out_kind="dir", out_files=("sweep.png", "reliability.png", "test_predictions.npz", "results.json"))

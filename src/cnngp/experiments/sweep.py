@@ -129,7 +129,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         est = timing.estimate(rates, stages, tile_pairs=left)
         seconds, text, rates_d = est.seconds, est.describe(), rates.as_dict()
     else:
-        from cnngp.engine.distributed import store_dry_run
+        from cnngp.engine.distributed import describe_dry_run, store_dry_run
 
         # one dry run per store: with flip the plain kernel's and its mirror term's (a store that
         # is already complete, e.g. the plain kernel of an earlier sweep, prices nothing)
@@ -147,7 +147,8 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
                      for term, e in _store_parts(ex, "test", flip, heads)]
         seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
-        text = "\n".join(f"{name}:\n" + r.dry_run["estimate"] for name, r in runs)
+        # each store's dry run: its tiles to compute (less those lent or restored), disk, memory
+        text = "\n".join(f"{name}:\n" + describe_dry_run(r.dry_run) for name, r in runs)
         text += f"\nestimate in all: about {human_seconds(seconds)}"
         rates_d = {k: runs[0][1].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                     "load_average", "timed_pairs")}
@@ -1042,7 +1043,7 @@ class SweepProtocol(Settings):
 
 def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel: str = "nngp",
               kernel_cache: str | os.PathLike | None = None, data_label: str | None = None,
-              yes: bool = True, execution=None, **options) -> dict:
+              yes: bool = True, execution=None, dry_run: bool = False, **options) -> dict:
     """Run the paper's readout sweep and return a results dictionary.
 
     Parameters
@@ -1079,6 +1080,12 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         cross-validated: at most one N×N float64 matrix (and its eigendecomposition) is in
         memory; ``archive`` then keeps ``archive/train`` and ``archive/test``, and
         ``workers``/``scheduler`` also run the cross-validation.
+    dry_run : bool, default False
+        Check everything and plan the kernels (their pairs, memory, disk, and a time estimate
+        from timing a few pairs here; a store's from its dry run: only the tiles it still
+        lacks, less those ``reuse`` lends), then return ``{"dry_run": plan}`` without computing
+        a kernel or writing anything (no store, no cluster started). The plan of kernels read
+        from ``kernel_cache`` says so. A job too long for ``yes`` is planned, not refused.
     **options
         Settings of :class:`SweepProtocol` and execution options by name, overriding
         ``protocol`` and ``execution``: ``run_sweep("cnngp1", "digits", ns=(40, 80), progress=False)``.
@@ -1249,7 +1256,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         if kernel_store is not None:
             if kernel_cache is not None:
                 raise CNNGPError("store: cannot be combined with kernel_cache (choose one)")
-            if ex.on_cluster:  # one cluster for the kernels and the cross-validation
+            if ex.on_cluster and not dry_run:  # one cluster for the kernels and the cross-validation
                 client = ex.scheduler if not (ex.scheduler is None or isinstance(ex.scheduler, str)) else None
                 if client is None:
                     from cnngp.engine.distributed import dask_client
@@ -1259,13 +1266,24 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 ex = ex.replace(workers=None, scheduler=client)
             for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
                 check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside)
-            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes, ex, kernel, flip,
-                                      data_line)
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes or dry_run, ex, kernel,
+                                      flip, data_line)
+            if dry_run:
+                return {"dry_run": job_plan}
             kernels_start = time.perf_counter()
             K, K_test = _stored_kernels(body, readouts, labels, x_sub, x_test_now, True, ex, kernel, flip)
         else:
-            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, ex, kernel,
-                                      flip, data_line)
+            job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes or dry_run, ex,
+                                      kernel, flip, data_line)
+            if dry_run:
+                if job_plan is None:  # the cache's checks come with reading it: do them now
+                    _read_cache(Path(kernel_cache), key)
+                    job_plan = {"seconds": 0.0, "stages": [],
+                                "text": f"{data_line}\nplan: the kernels are read from {kernel_cache}; nothing "
+                                        "to compute"}
+                    if progress:
+                        print(job_plan["text"], file=sys.stderr)
+                return {"dry_run": job_plan}
             kernels_start = time.perf_counter()
             saved = dict(order=order, y_sub=y_sub, labels=labels, test_order=test_order,
                          y_test=None if x_test_now is None else ds.y_test[test_order])
