@@ -451,3 +451,81 @@ def test_dask_workers_assemble_lent_tiles_of_another_size(tmp_path, dask_cluster
     assert lent(tmp_path / "spread.zarr") == lent(tmp_path / "alone.zarr")
     assert np.asarray(KernelStore.open(tmp_path / "spread.zarr").kernel[...]).tobytes() == \
         np.asarray(KernelStore.open(tmp_path / "alone.zarr").kernel[...]).tobytes()
+
+
+def test_a_tile_archive_lends_as_its_store_would(tmp_path):
+    """The store gone, its tile archive lends (another tile size: parts of its tiles, mirror
+    parts as transposes of the archived tiles): the same tiles lent, the same bytes, as the store
+    itself lends. A damaged archived tile lends nothing: the tiles that need it are computed."""
+    import shutil
+
+    x = _images(9)
+    old, archive = tmp_path / "old.zarr", tmp_path / "old-archive"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, archive=archive, progress=False)
+    by_store = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=2, reuse=old, progress=False)
+    old_kernel = np.asarray(KernelStore.open(old).kernel[...])
+    shutil.rmtree(old)
+    by_archive = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", tile=2, reuse=archive,
+                              progress=False)
+    assert by_archive.tiles_reused == by_store.tiles_reused == 6
+    K = np.asarray(KernelStore.open(tmp_path / "b.zarr").kernel[...])
+    assert K.tobytes() == np.asarray(KernelStore.open(tmp_path / "a.zarr").kernel[...]).tobytes()
+    assert K[:, :6, :6].tobytes() == old_kernel.tobytes()
+    lent = {n: r for n, r in _records(tmp_path / "b.zarr").items() if "reused_from" in r}
+    assert {r["reused_from"] for r in lent.values()} == {str(archive)} and len(lent) == 6
+    # tile-0-1 of the archive (images 0-2 × 3-5) damaged: every new tile that takes from it, or
+    # from its transpose, is computed; tile-0-0 (images 0-1) and tile-2-2 (images 4-5) are not
+    data = (archive / "tile-0-1.bin").read_bytes()
+    (archive / "tile-0-1.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "c.zarr", tile=2, reuse=archive,
+                          progress=False)
+    lent = {n for n, r in _records(tmp_path / "c.zarr").items() if "reused_from" in r}
+    assert lent == {"tile-0-0", "tile-2-2"} and report.tiles_reused == 2
+    np.testing.assert_allclose(np.asarray(KernelStore.open(tmp_path / "c.zarr").kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
+
+
+def test_a_tile_archive_of_more_images_is_refused_saying_to_restore_it(tmp_path):
+    """An archive keeps no images, so a kernel on fewer cannot check that they are its first:
+    refused in one line naming --reuse and the remedy, before any store is made."""
+    x = _images(9)
+    archive = tmp_path / "archive"
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "old.zarr", tile=3, archive=archive, progress=False)
+    with pytest.raises(CNNGPError, match=r"^--reuse: .*archive' is a tile archive of a kernel on more images "
+                                         r"\(x1: 9\) than this computation has \(6\).*restore it into a store first"):
+        store_kernel(BODY, x[:6], readouts=READOUTS, out=tmp_path / "new.zarr", tile=3, reuse=archive,
+                     progress=False)
+    assert not (tmp_path / "new.zarr").exists()
+
+
+def test_sweep_reuse_of_an_earlier_sweeps_archive_folder_reproduces_a_sweep_from_scratch(tmp_path, capsys):
+    """A new machine with only an earlier sweep's --archive folder (train/, test/) grows it
+    directly: --reuse DIR lends from its train and test archives as the stores would. Oracle:
+    the same sweep from scratch."""
+    import shutil
+
+    data = digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--test", "all",
+            "--n-test", "30", "--tile", "20", "--quiet", "--yes"]
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--archive", str(tmp_path / "arch"),
+                        "--out", str(tmp_path / "a")]) == 0
+    for name in ("s1.zarr", "s1-test.zarr"):
+        shutil.rmtree(tmp_path / name)
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "arch"),
+                        "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
+    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
+    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
+    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+    for a, b in zip(grown["results"], fresh["results"], strict=True):
+        for key in ("cv_accuracy", "noise_variance", "test_accuracy", "test_nll"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+    capsys.readouterr()
+    # a folder that is neither a store nor an archive: one line, before any work
+    (tmp_path / "empty").mkdir()
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s4.zarr"), "--reuse", str(tmp_path / "empty"),
+                        "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnngp: error: --reuse: ") and err.count("\n") == 1 and not (tmp_path / "s4.zarr").exists()

@@ -360,17 +360,24 @@ def _check_store_flags(args, out_kind: str) -> None:
         raise CNNGPError("--workers: cannot be combined with --scheduler (that cluster has its own workers)")
 
 
-def check_reuse_store(reuse, out, out_flag: str) -> None:
-    """``--reuse`` before any work: a kernel store that opens, and not the store being
-    computed (``out``, named ``out_flag``); what it lends is decided by the run."""
-    from cnngp.engine.store import KernelStore
+def check_reuse_store(reuse, out, out_flag: str, sweep: bool = False) -> None:
+    """``--reuse`` before any work: a kernel store or tile archive that opens (for a sweep also
+    a sweep's archive folder, ``--archive DIR``), and not the store being computed (``out``,
+    named ``out_flag``); what it lends is decided by the run."""
+    from cnngp.engine.lending import open_source
 
     if not str(reuse).strip():
-        raise CNNGPError("--reuse: is empty; give the kernel store K.zarr of the same computation to copy tiles from")
+        raise CNNGPError("--reuse: is empty; give the kernel store K.zarr (or its tile archive) of the same "
+                         "computation to copy tiles from")
     if Path(reuse).resolve() == Path(out).resolve():
         raise CNNGPError(f"--reuse: {str(reuse)!r} is the store of {out_flag}; give another store of the same "
                          "computation (the same store is resumed without --reuse)")
-    KernelStore.open(reuse, what="--reuse")
+    if sweep:
+        from cnngp.experiments.sweep import is_sweep_archive
+
+        if is_sweep_archive(reuse):
+            reuse = Path(reuse) / "train"
+    open_source(reuse, what="--reuse")
 
 
 def preflight(args) -> None:
@@ -898,10 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR and restore from it what the store lacks (copy or commit DIR to finish "
                         "a run on another machine)")
     k.add_argument("--reuse", metavar="OLD.zarr",
-                   help="with --out K.zarr: copy from OLD.zarr, a store of the same network, readouts and "
-                        "dtype (any tile size) on images that begin as --x1 (and --x2) do (fewer: the "
-                        "first of these; more: these first), the finished part of the pairs both "
-                        "have; compute only the rest")
+                   help="with --out K.zarr: copy from OLD.zarr, a store (or tile archive DIR) of the same "
+                        "network, readouts and dtype (any tile size) on images that begin as --x1 (and "
+                        "--x2) do (fewer: the first of these; more, a store only: these first), the "
+                        "finished part of the pairs both have; compute only the rest")
     k.add_argument("--dry-run", action="store_true",
                    help="with --out K.zarr: print the plan, sizes and a time estimate; compute nothing")
     k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)

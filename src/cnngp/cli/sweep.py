@@ -140,7 +140,7 @@ def cmd_sweep(args) -> int:
         if args.reuse is not None:
             from cnngp.cli.main import check_reuse_store
 
-            check_reuse_store(args.reuse, args.store, "--store")
+            check_reuse_store(args.reuse, args.store, "--store", sweep=True)
     else:
         for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse"):
             if getattr(args, flag) is not None:
@@ -293,9 +293,10 @@ def register(subparsers) -> None:
                         "commit DIR to finish a run on another machine)")
     p.add_argument("--reuse", metavar="OLD.zarr",
                    help="with --store: copy the finished tiles of an earlier sweep's store OLD.zarr (and "
-                        "of its -test and -mirror stores, where they exist) of the same network and dtype "
-                        "(any tile size) on training images that begin as these do (a smaller or "
-                        "larger --n, same seed); compute only the pairs it lacks")
+                        "of its -test and -mirror stores, where they exist), or of its --archive folder, "
+                        "of the same network and dtype (any tile size) on training images that begin as "
+                        "these do (a smaller or, from a store, larger --n, same seed); compute only the "
+                        "pairs it lacks")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--dry-run", action="store_true",

@@ -40,7 +40,7 @@ from cnngp.engine.store import (
 from cnngp.errors import CNNGPError
 
 __all__ = ["TileArchive", "ARCHIVE_FORMAT", "archive_info", "is_archive", "check_archive_folder",
-           "check_archive_apart",
+           "check_archive_apart", "read_archived_tile", "read_archive_header",
            "encode_tile", "decode_tile"]
 
 #: version tag of the archive layout
@@ -106,13 +106,7 @@ def archive_info(path) -> dict:
     record or an empty data file is listed in ``tiles_damaged``. The data are not decoded
     here: :meth:`TileArchive.load` checks them against the record's checksum on restore."""
     path = Path(path)
-    try:
-        with open(path / "archive.json") as f:
-            header = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CNNGPError(f"archive: {str(path)!r} has no readable archive.json ({e})") from None
-    if header.get("format") != ARCHIVE_FORMAT:
-        raise CNNGPError(f"archive: {str(path)!r} is not a {ARCHIVE_FORMAT} folder (format {header.get('format')!r})")
+    header = read_archive_header(path)
     identity = header.get("identity") or {}
     _, n1, n2 = identity["shape"]
     plan = tile_plan(n1, None if identity.get("x2_sha256") is None else n2, int(identity["tile"]))
@@ -167,6 +161,47 @@ def check_archive_apart(archive: Path, store: Path, what: str) -> None:
                 "inside the kernel store" if _inside(a, s) else "a folder that holds the kernel store")
             raise CNNGPError(f"{what}: {str(archive)!r} is {where} {str(store)!r}; give a tile archive "
                              "folder outside the store (nothing was written)")
+
+
+def read_archived_tile(folder, tile: Tile, n_readouts: int, dtype) -> tuple[np.ndarray, dict] | str | None:
+    """``(block, record)`` of ``tile`` in the archive ``folder`` (``n_readouts`` readouts of
+    ``dtype``), None when it is not archived, or why the archived tile is not intact: a record
+    of another shape, codec, place or dtype, or bytes that do not decode to its checksum."""
+    folder = Path(folder)
+    record = _read_json(folder / f"{tile.name}.json")
+    if record is None:
+        return None
+    expected = (int(n_readouts), tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start)
+    try:
+        if tuple(record.get("shape") or ()) != expected or record.get("codec") != CODEC:
+            raise ValueError(f"its record describes shape {record.get('shape')} / codec {record.get('codec')!r}")
+        rows, cols = [tile.rows.start, tile.rows.stop], [tile.cols.start, tile.cols.stop]
+        if record.get("rows") != rows or record.get("cols") != cols:
+            raise ValueError(f"its record is of rows {record.get('rows')} and columns {record.get('cols')}, "
+                             f"not the tile's rows {rows} and columns {cols}")
+        if record.get("dtype") != str(np.dtype(dtype)):
+            raise ValueError(f"its record describes dtype {record.get('dtype')!r}")
+        with open(folder / f"{tile.name}.bin", "rb") as f:
+            block = decode_tile(f.read(), expected, dtype)
+        if _checksum(block) != record.get("sha256"):
+            raise ValueError("its bytes do not match its checksum")
+    except Exception as e:  # a torn, truncated or foreign file: never trusted
+        return str(e) or type(e).__name__
+    return block, record
+
+
+def read_archive_header(path, what: str = "archive") -> dict:
+    """The header (``archive.json``) of the tile archive at ``path``: its format checked."""
+    path = Path(path)
+    try:
+        with open(path / "archive.json") as f:
+            header = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CNNGPError(f"{what}: {str(path)!r} has no readable archive.json ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != ARCHIVE_FORMAT:
+        fmt = header.get("format") if isinstance(header, dict) else None
+        raise CNNGPError(f"{what}: {str(path)!r} is not a {ARCHIVE_FORMAT} folder (format {fmt!r})")
+    return header
 
 
 class TileArchive:
@@ -254,26 +289,7 @@ class TileArchive:
 
     def _read(self, tile: Tile) -> tuple[np.ndarray, dict] | str | None:
         """``(block, record)``, None (not archived) or why the archived tile is not intact."""
-        record = self._record(tile)
-        if record is None:
-            return None
-        expected = (self.store.shape[0], tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start)
-        try:
-            if tuple(record.get("shape") or ()) != expected or record.get("codec") != CODEC:
-                raise ValueError(f"its record describes shape {record.get('shape')} / codec {record.get('codec')!r}")
-            rows, cols = [tile.rows.start, tile.rows.stop], [tile.cols.start, tile.cols.stop]
-            if record.get("rows") != rows or record.get("cols") != cols:
-                raise ValueError(f"its record is of rows {record.get('rows')} and columns {record.get('cols')}, "
-                                 f"not the tile's rows {rows} and columns {cols}")
-            if record.get("dtype") != str(np.dtype(self.store.kernel.dtype)):
-                raise ValueError(f"its record describes dtype {record.get('dtype')!r}")
-            with open(self.path / f"{tile.name}.bin", "rb") as f:
-                block = decode_tile(f.read(), expected, self.store.kernel.dtype)
-            if _checksum(block) != record.get("sha256"):
-                raise ValueError("its bytes do not match its checksum")
-        except Exception as e:  # a torn, truncated or foreign file: never trusted
-            return str(e) or type(e).__name__
-        return block, record
+        return read_archived_tile(self.path, tile, self.store.shape[0], self.store.kernel.dtype)
 
     def restore(self, tiles: list[Tile]) -> list[Tile]:
         """Write every tile of ``tiles`` the archive holds intact into the store (with its

@@ -208,14 +208,15 @@ def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int |
 
 
 def run_lend_task(path: str, source: str, origin: str, tile: Tile) -> bool:
-    """Stage 2 on one tile lent by the store at ``source`` (``--reuse``, named ``origin`` in the
-    record): copied into the store at ``path`` by :func:`cnngp.engine.store.lend_tile`. False
-    when its bytes no longer match the lender's record (nothing written: compute it)."""
-    from cnngp.engine.store import lend_tile
+    """Stage 2 on one tile lent by the store or tile archive at ``source`` (``--reuse``, named
+    ``origin`` in the record): copied into the store at ``path`` by
+    :func:`cnngp.engine.lending.lend_tile`. False when its bytes no longer match the lender's
+    record (nothing written: compute it)."""
+    from cnngp.engine.lending import lend_tile, open_source
 
     store = KernelStore.open(path)
     try:
-        lender = KernelStore.open(source, what="--reuse")
+        lender = open_source(source)
     except (CNNGPError, OSError):  # gone since the run began, or not on this worker's file system
         return False
     return lend_tile(store, lender, tile, origin)
@@ -359,7 +360,8 @@ def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, i
     this computation lacks, less those the store ``reuse`` would lend; ``images``: the run's x1
     and x2) and those it would copy from ``reuse``; a store of another computation is refused
     here, as the run would refuse it."""
-    from cnngp.engine.store import STORE_FORMAT, lendable_tiles, refuse_other_computation
+    from cnngp.engine.lending import lendable_tiles
+    from cnngp.engine.store import STORE_FORMAT, refuse_other_computation
 
     if KernelStore.stored_tile(out) is not None:
         try:
@@ -565,8 +567,10 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     if client is None and scheduler is None:  # this machine's processes: before any starts
         check_local_cluster(workers or 0, ex.threads, budget)
     if tile is None:  # a store being resumed keeps its tile, whatever the workers now
+        from cnngp.engine.lending import source_tile
+
         # (a store grown from another takes its tile: each of its tiles is then lent whole)
-        tile = (KernelStore.stored_tile(out) or (ex.reuse is not None and KernelStore.stored_tile(ex.reuse))
+        tile = (KernelStore.stored_tile(out) or (ex.reuse is not None and source_tile(ex.reuse))
                 or choose_tile(plan, n1, n2, grids, budget, n_workers))
     n_tiles = count_tiles(n1, n2, tile)
     if n_tiles > MAX_TILES:
@@ -612,7 +616,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                   "self_grids": {str(k): list(v) for k, v in grids.items()},
                   "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")}}
     if ex.reuse is not None:  # before the store is made: a refused lender leaves no store behind
-        from cnngp.engine.store import open_lender, refuse_lending_to_itself
+        from cnngp.engine.lending import open_lender, refuse_lending_to_itself
 
         refuse_lending_to_itself(ex.reuse, out)
         open_lender(ex.reuse, identity, xa, xb)
@@ -641,7 +645,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
             restored = saver.restore(todo)
         on_cluster = client is not None or bool(workers)
         if ex.reuse is not None and todo:  # another store lends what it holds of the rest
-            from cnngp.engine.store import lendable_tiles, reuse_tiles
+            from cnngp.engine.lending import lendable_tiles, reuse_tiles
 
             restored_names = {t.name for t in restored}
             rest = [t for t in todo if t.name not in restored_names]

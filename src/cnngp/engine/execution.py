@@ -124,7 +124,8 @@ class Execution:
         tile size) on images that begin as these do (rows: x1, columns: x2; fewer images, the
         first of these, or more, these first): the finished part of the pairs both have is
         copied, not computed, so that growing a Gram matrix from N to N' images computes only
-        the pairs with a new image (:func:`cnngp.engine.store.lendable_tiles`).
+        the pairs with a new image (:func:`cnngp.engine.lending.lendable_tiles`). A tile
+        archive (``archive.json``) lends the same way to a kernel on at least its images.
     workers : int, optional
         With a store: a local Dask cluster of this many worker processes (127.0.0.1 only).
     scheduler : str or distributed.Client, optional

@@ -41,8 +41,7 @@ from cnngp.errors import CNNGPError, MissingFileError
 from cnngp.settings import env_number
 
 __all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
-           "lendable_tiles", "lend_tile", "LenderRefused", "open_lender", "reuse_tiles", "same_spec",
-           "LENDING_KEYS"]
+           "same_spec"]
 
 #: tiles a store's check (:meth:`KernelStore.verify`) reads and hashes at once: I/O-bound
 #: work, so more than this machine's cores where it has few; each holds a tile and its mirror
@@ -67,11 +66,6 @@ def check_output_store(path, what: str = "--out") -> Path:
     return check_own_folder(path, what, marker="zarr.json", kind="a kernel store",
                             empty_hint="give a store path such as K.zarr",
                             foreign_hint="nothing was overwritten", parents_made=False)
-
-
-class LenderRefused(CNNGPError):
-    """A store named to lend tiles (``--reuse``) that cannot lend to this computation: another
-    computation, or images that this one's do not begin with (:func:`open_lender`)."""
 
 
 class StoreWriteError(CNNGPError):
@@ -158,176 +152,6 @@ def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> No
             f"computation (images, network, readouts, dtype, tile), or give another {what} "
             "(nothing was overwritten)"
         )
-
-
-#: what a store lends its tiles by: its identity but for its images, their number and its tile
-#: size (a block of any size is cut from, or assembled out of, the lender's tiles)
-LENDING_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("x1_sha256", "x2_sha256", "shape", "tile"))
-
-
-def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> "KernelStore":
-    """The kernel store at ``source``, checked as a lender to the computation ``identity`` on
-    images ``x1`` (and ``x2``; None: x1 × x1), as stored (the plan's dtype): a store of the same
-    computation (:data:`LENDING_KEYS`: network, readouts, kernels, flip, dtype), whatever its
-    tile size, on images that begin as ``x1`` (and ``x2``) begin: its images are the first rows
-    of ``x1`` (compared by the sha256 it recorded of its inputs), or ``x1`` is the first rows of
-    its images (compared with the images it keeps). It lends the block of the images both have.
-    Anything else is refused, naming ``what``. Nothing is written."""
-    source = Path(source)
-    other = KernelStore.open(source, what=what)
-    wanted = {"format": STORE_FORMAT, **identity}
-    key = _first_difference(other.attrs, wanted, LENDING_KEYS)
-    if key is not None:
-        values = ""
-        if key in ("dtype", "flip"):  # short values: say both
-            show = (lambda v: _FLIP_WORDS.get(v, v)) if key == "flip" else str
-            values = f" ({show(other.attrs.get(key))}; this computation: {show(wanted.get(key))})"
-        raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}{values}; only "
-                            "a store of the same computation (network, readouts, dtype) on images that begin "
-                            "as these do lends its tiles")
-    if other.symmetric != (x2 is None):
-        kinds = ("x1 × x1", "x1 × x2")
-        raise LenderRefused(f"{what}: {str(source)!r} holds a {kinds[not other.symmetric]} kernel; this one is "
-                            f"{kinds[x2 is not None]}")
-    _, n1, n2 = other.shape
-    for which, n, x in (("x1", n1, x1), ("x2", n2, x2)):
-        if which == "x2" and x2 is None:
-            break
-        if n <= x.shape[0]:  # its images are the first of these: by the hash it recorded of them
-            same = fingerprint(np.ascontiguousarray(x[:n])) == other.attrs.get(f"{which}_sha256")
-            whose = f"{n} images ({which}) that are not the first {n} of this computation's {x.shape[0]}"
-        else:  # these are the first of its images: by the images it keeps
-            try:
-                kept = np.asarray(other.images(which, slice(0, x.shape[0])))
-            except Exception:  # an unreadable chunk
-                kept = None
-            same = kept is not None and fingerprint(np.ascontiguousarray(x)) == fingerprint(kept)
-            whose = (f"{n} images ({which}) whose first {x.shape[0]} are not this computation's "
-                     f"{x.shape[0]}")
-        if not same:
-            zca = ((other.attrs.get("preprocessing") or {}).get("zca") or {})
-            whitened = "" if not zca else (
-                f"; its images were whitened by ZCA of strength {zca.get('strength')} fitted on "
-                f"{zca.get('fitted_on_images') or 'its training images'}, and a whitening fitted on other "
-                "images makes other images")
-            raise LenderRefused(f"{what}: {str(source)!r} was computed on {whose}; it lends tiles only to a "
-                                "kernel whose images begin as its do (the same images first, in the same order "
-                                f"and preprocessing){whitened}")
-    return other
-
-
-#: a store's ``flip`` as words
-_FLIP_WORDS = {None: "no flip", False: "no flip", True: "flip-averaged", "mirror": "the mirror term"}
-
-
-def refuse_lending_to_itself(source, path, what: str = "--reuse") -> None:
-    """Refuse ``source`` as the lender of the store at ``path`` when it is that store."""
-    if Path(source).resolve() == Path(path).resolve():
-        raise CNNGPError(f"{what}: {str(source)!r} is the store being computed; give another store of the same "
-                         "computation")
-
-
-def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None, tiles: list,
-                   what: str = "--reuse") -> tuple:
-    """``(store, tiles)``: the lender at ``source`` (:func:`open_lender`, which refuses any
-    other store) and those of ``tiles`` it would lend: those within the images both have whose
-    block the lender holds in tiles it has recorded as done (:func:`_lender_pieces`: one tile at
-    the same place when the tile sizes agree, else the parts of up to four). Their bytes are
-    read only when copied (:func:`reuse_tiles`, which checks them then): a tile whose bytes no
-    longer match its record is computed after all, not lent. Nothing is read but records,
-    nothing is written."""
-    other = open_lender(source, identity, x1, x2, what)
-    records: dict = {}
-
-    def recorded(tile: Tile, mirrored: bool) -> bool:
-        if tile.name not in records:
-            records[tile.name] = other._record(tile.name)
-        record = records[tile.name]
-        return _records_place(record, tile) and (not mirrored or "mirror_sha256" in record)
-
-    lent = []
-    for t in tiles:
-        pieces = _lender_pieces(other, t.rows, t.cols)
-        if pieces is not None and all(recorded(tile, mirrored) for tile, mirrored, _, _ in pieces):
-            lent.append(t)
-    return other, lent
-
-
-def _records_place(record: dict | None, tile: Tile) -> bool:
-    """Whether a tile record is that of ``tile``'s rows and columns."""
-    return (record or {}).get("rows") == [tile.rows.start, tile.rows.stop] and \
-        (record or {}).get("cols") == [tile.cols.start, tile.cols.stop]
-
-
-def _lender_pieces(lender: "KernelStore", rows: slice, cols: slice) -> list | None:
-    """Where the lender holds the block ``rows × cols`` of its matrix: a list of ``(tile,
-    mirrored, src, dst)``, one per block of its tiling that the block meets. ``tile``: the
-    lender's tile that computed that part; ``mirrored``: the part lies at its mirror place
-    (below the diagonal of a symmetric lender: stored as ``tile``'s mirror chunk, hashed by its
-    record's ``mirror_sha256``); ``src``: (rows, cols) slices of that stored chunk, ``dst``:
-    of the block. None when the block is not within the lender's images."""
-    _, n1, n2 = lender.shape
-    if rows.stop > n1 or cols.stop > n2:
-        return None
-    t = lender.tile
-    pieces = []
-    for i in range(rows.start // t, (rows.stop - 1) // t + 1):
-        for j in range(cols.start // t, (cols.stop - 1) // t + 1):
-            mirrored = lender.symmetric and i > j
-            a, b = (j, i) if mirrored else (i, j)  # the computed tile: a <= b when symmetric
-            tile = Tile(a, b, slice(a * t, min((a + 1) * t, n1)), slice(b * t, min((b + 1) * t, n2)),
-                        diagonal=lender.symmetric and a == b, mirror=lender.symmetric and a != b)
-            r0, r1 = max(rows.start, i * t), min(rows.stop, (i + 1) * t)
-            c0, c1 = max(cols.start, j * t), min(cols.stop, (j + 1) * t)
-            pieces.append((tile, mirrored, (slice(r0 - i * t, r1 - i * t), slice(c0 - j * t, c1 - j * t)),
-                           (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start))))
-    return pieces
-
-
-def lend_tile(store: "KernelStore", lender: "KernelStore", tile: Tile, origin: str) -> bool:
-    """Copy ``tile`` from ``lender`` (a store :func:`lendable_tiles` chose) into ``store``: its
-    block, assembled from the lender's chunks that hold it (:func:`_lender_pieces`), each read
-    whole once and checked against the sha256 of its tile's record, then written with its
-    mirror and a record that names the lender (``reused_from``: ``origin``) and keeps the
-    lender's time: its tiles' seconds in proportion to the entries taken from each. Returns
-    False, writing nothing, for a block any part of which does not match its record or cannot
-    be read: the tile is then computed, not lent."""
-    pieces = _lender_pieces(lender, tile.rows, tile.cols)
-    if pieces is None:
-        return False
-    L = lender.shape[0]
-    block = np.empty((L, tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start),
-                     dtype=lender.kernel.dtype)
-    spent = {"seconds": 0.0, "cpu_seconds": 0.0}
-    for part, mirrored, src, dst in pieces:
-        record = lender._record(part.name) or {}
-        if not _records_place(record, part):
-            return False
-        try:
-            chunk = np.asarray(lender.kernel[:, part.cols, part.rows] if mirrored
-                               else lender.kernel[:, part.rows, part.cols])
-        except Exception:  # an unreadable chunk
-            return False
-        if record.get("mirror_sha256" if mirrored else "sha256") != _checksum(chunk):
-            return False
-        block[:, dst[0], dst[1]] = chunk[:, src[0], src[1]]
-        share = (src[0].stop - src[0].start) * (src[1].stop - src[1].start) / (chunk.shape[1] * chunk.shape[2])
-        for key in spent:  # unknown (an older record) for one part: unknown for the tile
-            spent[key] = None if spent[key] is None or record.get(key) is None else spent[key] + share * record[key]
-    store.write_tile(tile, block, spent["seconds"], spent["cpu_seconds"], origin=origin)
-    return True
-
-
-def reuse_tiles(store: "KernelStore", source, tiles: list, what: str = "--reuse") -> list:
-    """Copy into ``store``, one after the other, the tiles of ``tiles`` that the store at
-    ``source`` lends (:func:`lendable_tiles`, :func:`lend_tile`). Returns the tiles copied.
-    Growing a Gram matrix from N to N' > N images this way computes only the pairs with a
-    new image. (A run on a cluster has its workers copy them instead, tile by tile.)"""
-    refuse_lending_to_itself(source, store.path, what)
-    identity = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
-    x2 = None if store.symmetric else store.group["images"]["x2"]
-    other, candidates = lendable_tiles(source, identity, store.group["images"]["x1"], x2, tiles, what)
-    return [tile for tile in candidates if lend_tile(store, other, tile, str(source))]
 
 
 def _links_in(path: Path, deep: bool) -> str | None:

@@ -455,15 +455,22 @@ def _store_parts(ex, part: str, flip, heads) -> list:
     tile archive and the store that lends it tiles: ``ex.reuse`` itself for the train kernel
     (refused by the run if it cannot lend), and its test and mirror-term counterparts only
     where they exist and hold the readouts ``heads`` this part computes (an earlier sweep
-    without ``--test`` or ``--flip``, or with ``--test best``, lends its train kernels alone)."""
+    without ``--test`` or ``--flip``, or with ``--test best``, lends its train kernels alone).
+    ``ex.reuse`` may also be an earlier sweep's ``--archive`` folder: its ``train/``, ``test/``
+    and ``-mirror`` tile archives lend in the stores' place."""
+    from cnngp.engine.lending import holds_readouts
+
     out = []
+    archived = ex.reuse is not None and is_sweep_archive(ex.reuse)  # lent by a sweep's tile archive
     lenders = ([None] * (2 if flip else 1) if ex.reuse is None
                else [b for _, b in store_terms(ex.reuse, flip)])
     for (term, store), lender in zip(store_terms(ex.store, flip), lenders):
         suffix = "-mirror" if term else ""
-        if lender is not None and part == "test":
+        if archived:
+            lender = Path(ex.reuse) / (part + suffix)
+        elif lender is not None and part == "test":
             lender = test_store_path(lender)
-        if lender is not None and (term or part == "test") and not _holds_readouts(lender, heads):
+        if lender is not None and (term or part == "test") and not holds_readouts(lender, heads):
             lender = None
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
@@ -476,12 +483,12 @@ def _lent_or_in_full(call, e, ex):
     ``--reuse`` (a test or mirror-term store, not ``ex.reuse`` itself) and refuses to lend (other
     test images, say), that store is computed in full instead, with a warning; a refusal by the
     store named by ``--reuse`` stops the sweep. The refusal comes before any store is made."""
-    from cnngp.engine.store import LenderRefused
+    from cnngp.engine.lending import LenderRefused
 
     try:
         return call(e)
     except LenderRefused as refusal:
-        if e.reuse is None or ex.reuse is None or Path(e.reuse) == Path(ex.reuse):
+        if e.reuse is None or ex.reuse is None or Path(e.reuse) == _named_lender(ex.reuse):
             raise
         if (str(e.reuse), str(e.store)) not in _LENDERS_REFUSED:  # once, not again after the dry run
             _LENDERS_REFUSED.add((str(e.reuse), str(e.store)))
@@ -493,13 +500,17 @@ def _lent_or_in_full(call, e, ex):
 _LENDERS_REFUSED: set = set()
 
 
-def _holds_readouts(path, heads) -> bool:
-    """Whether the kernel store at ``path`` exists and holds the readouts ``heads``."""
-    from cnngp.engine.store import KernelStore, same_spec
+def is_sweep_archive(path) -> bool:
+    """``path`` is a sweep's tile archive folder (``--archive DIR``: its ``train/`` at least)."""
+    from cnngp.engine.archive import is_archive
 
-    if not (Path(path) / "zarr.json").is_file():
-        return False
-    return same_spec(KernelStore.open(path, what="--reuse").attrs.get("readouts"), [h.to_spec() for h in heads])
+    return is_archive(Path(path) / "train")
+
+
+def _named_lender(reuse) -> Path:
+    """The lender ``--reuse`` names for a sweep's train kernel: the store, or a sweep archive
+    folder's ``train/``. Its refusal stops the sweep; its siblings' only warn."""
+    return Path(reuse) / "train" if is_sweep_archive(reuse) else Path(reuse)
 
 
 def _stored_readouts(executions):
