@@ -1,7 +1,8 @@
-"""Growing a Gram matrix: a store of N images lends its finished tiles to the store of N' > N
-images that begin with the same N (``reuse=`` / ``--reuse``), which computes only the pairs
-with a new image. Oracles: the kernel computed in memory from scratch, the source store's
-bytes, and a sweep run from scratch."""
+"""Lending (``reuse=`` / ``--reuse``): a store of N images lends its finished tiles to the
+store of N' > N images that begin with the same N, which computes only the pairs with a new
+image; a store of more images lends its leading block; tile sizes may differ; a tile archive
+lends as its store would. Oracles: the kernel computed in memory from scratch, the source
+store's bytes, the records' times, and a sweep run from scratch."""
 
 from __future__ import annotations
 
@@ -84,18 +85,17 @@ def test_a_store_of_another_tile_size_lends_the_blocks_its_tiles_hold(tmp_path, 
     reach = max(t.cols.stop for t in inside)
     assert K[:, :reach, :reach].tobytes() == np.asarray(KernelStore.open(old).kernel[:, :reach, :reach]).tobytes()
     assert KernelStore.open(new).complete()
-    # times: each new tile takes from each old tile its share of that tile's entries
+    # times: each new tile is charged, for every pair (r <= c) it takes, that pair's share of the
+    # old tile that computed it (6 pairs on the diagonal, 9 off it), counted pair by pair here
     old_seconds = {name: r["seconds"] for name, r in _records(old).items()}
     records = _records(new)
     for t in inside:
-        want = 0.0
-        for i in range(2):  # the old store's 6 images: blocks 0 and 1
-            for j in range(2):
-                rows = range(max(t.rows.start, 3 * i), min(t.rows.stop, 3 * i + 3))
-                cols = range(max(t.cols.start, 3 * j), min(t.cols.stop, 3 * j + 3))
-                want += len(rows) * len(cols) / 9 * old_seconds[f"tile-{min(i, j)}-{max(i, j)}"]
+        want = sum(old_seconds[f"tile-{r // 3}-{c // 3}"] / (6 if r // 3 == c // 3 else 9)
+                   for r in range(t.rows.start, t.rows.stop) for c in range(t.cols.start, t.cols.stop) if r <= c)
         assert records[t.name]["seconds"] == pytest.approx(want, rel=1e-12)
         assert records[t.name]["reused_from"] == str(old)
+    if 6 % tile == 0:  # the new tiles cover the old matrix: its time is charged once, in full
+        assert sum(records[t.name]["seconds"] for t in inside) == pytest.approx(sum(old_seconds.values()), rel=1e-12)
 
 
 @pytest.mark.parametrize("n, tile", [(6, 3), (5, 2), (4, 4)])
@@ -529,3 +529,4 @@ def test_sweep_reuse_of_an_earlier_sweeps_archive_folder_reproduces_a_sweep_from
                         "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cnngp: error: --reuse: ") and err.count("\n") == 1 and not (tmp_path / "s4.zarr").exists()
+    assert "is neither a kernel store (zarr.json) nor a tile archive (archive.json)" in err

@@ -777,6 +777,16 @@ def test_sweep_dry_run_plans_every_kernel_and_writes_nothing(tmp_path, capsys, m
     capsys.readouterr()
     stored = argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--tile", "16",
                      "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "c")]
+    import cnngp.engine.distributed as distributed
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a dry run started a Dask cluster")
+
+    with monkeypatch.context() as m:  # with --workers and --archive: no cluster, no archive folder
+        m.setattr(distributed, "dask_client", no_cluster)
+        assert main(stored + ["--workers", "2", "--archive", str(tmp_path / "arch"), "--dry-run", "--quiet"]) == 0
+    assert "2 worker(s)" in json.loads(capsys.readouterr().out)["text"]
+    assert not (tmp_path / "arch").exists()
     assert main(stored + ["--dry-run", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == ""

@@ -158,10 +158,12 @@ def cmd_sweep(args) -> int:
         from cnngp.engine.storage import check_output_file
 
         prefix = f"{out}.checkpoint"
-        if not args.dry_run:  # (a dry run reads the checkpoints, to price what they lack)
+        if not args.dry_run:  # (a dry run makes nothing; it reads the checkpoints, to price what they lack)
             out.parent.mkdir(parents=True, exist_ok=True)  # --out's folder is made anyway, at the end
+        if out.parent.is_dir():
             for path in checkpoint_files(prefix):
                 check_output_file(path, "--out (its checkpoint)")
+        if not args.dry_run:
             args.checkpoint_path = str(checkpoint_files(prefix)[0])
 
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,

@@ -19,7 +19,8 @@ survives: a folder that can be copied, synced or committed. That is a tile archi
 :func:`cnngp.engine.distributed.store_kernel` with ``archive=DIR`` restores every tile
 the store lacks from DIR before computing, saves every tile the store holds but DIR lacks,
 and saves each new tile as it finishes; a corrupted archived tile is reported and
-recomputed, never trusted.
+recomputed, never trusted. An archive also lends its tiles to another computation that shares
+its pairs, as its store would (``--reuse DIR``, :mod:`cnngp.engine.lending`).
 """
 
 from __future__ import annotations

@@ -53,9 +53,26 @@ class Lender:
 
     kind = "kernel store"
 
+    #: bytes of checked chunks kept for the next tiles (a lender of larger tiles serves
+    #: several borrower tiles from one chunk: each is read and hashed once, not once per tile)
+    CACHE_BYTES = 256 * 1024**2
+
     def __init__(self, path, attrs: dict):
         self.path = Path(path)
         self.attrs = attrs
+        self._cache: dict = {}
+
+    def checked_chunk(self, tile: Tile, mirrored: bool) -> tuple[np.ndarray, dict] | None:
+        """:meth:`chunk`, keeping the last few checked ones."""
+        key = (tile.name, mirrored)
+        if key in self._cache:
+            return self._cache[key]
+        loaded = self.chunk(tile, mirrored)
+        if loaded is not None and loaded[0].nbytes <= self.CACHE_BYTES:
+            while self._cache and sum(c.nbytes for c, _ in self._cache.values()) + loaded[0].nbytes > self.CACHE_BYTES:
+                self._cache.pop(next(iter(self._cache)))  # the oldest first
+            self._cache[key] = loaded
+        return loaded
 
     @property
     def shape(self) -> tuple:
@@ -143,6 +160,9 @@ def open_source(source, what: str = "--reuse") -> Lender:
     if is_archive(source):
         header = read_archive_header(source, what)
         return _ArchiveLender(source, dict(header.get("identity") or {}))
+    if Path(source).is_dir() and not (Path(source) / "zarr.json").is_file():
+        raise CNNGPError(f"{what}: {str(source)!r} is neither a kernel store (zarr.json) nor a tile archive "
+                         "(archive.json); give the store or tile archive to copy tiles from")
     return _StoreLender(KernelStore.open(source, what=what))
 
 
@@ -199,7 +219,10 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
             whose = f"{n} images ({which}) that are not the first {n} of this computation's {x.shape[0]}"
         else:  # these are the first of its images: by the images it keeps
             kept = other.first_images(which, x.shape[0])
-            if kept is None and isinstance(other, _ArchiveLender):
+            if kept is None and isinstance(other, _StoreLender):
+                raise LenderRefused(f"{what}: {str(source)!r}: its images ({which}) cannot be read to check that "
+                                    "these are its first; it lends nothing")
+            if kept is None:
                 raise LenderRefused(
                     f"{what}: {str(source)!r} is a tile archive of a kernel on more images ({which}: {n}) than "
                     f"this computation has ({x.shape[0]}), and an archive keeps no images to check that these "
@@ -278,10 +301,12 @@ def lendable_tiles(source, identity: dict, x1: np.ndarray, x2: np.ndarray | None
 def lend_tile(store: KernelStore, lender: Lender, tile: Tile, origin: str) -> bool:
     """Copy ``tile`` from ``lender`` (:func:`lendable_tiles` chose it) into ``store``: its block,
     assembled from the lender's chunks that hold it (:func:`_pieces`), each read whole once and
-    checked against its tile's record, then written with its mirror and a record that names
-    the lender (``reused_from``: ``origin``) and keeps the lender's time: its tiles' seconds in
-    proportion to the entries taken from each. Returns False, writing nothing, for a block any
-    part of which does not match its record or cannot be read: the tile is then computed."""
+    checked against its tile's record (the last few are kept: :meth:`Lender.checked_chunk`),
+    then written with its mirror and a record that names the lender (``reused_from``:
+    ``origin``) and keeps the lender's time: its tiles' seconds in
+    proportion to the pairs taken from each (:func:`_pairs_in`). Returns False, writing
+    nothing, for a block any part of which does not match its record or cannot be read: the
+    tile is then computed."""
     pieces = _pieces(lender, tile.rows, tile.cols)
     if pieces is None:
         return False
@@ -289,16 +314,30 @@ def lend_tile(store: KernelStore, lender: Lender, tile: Tile, origin: str) -> bo
                      dtype=np.dtype(lender.attrs["dtype"]))
     spent = {"seconds": 0.0, "cpu_seconds": 0.0}
     for part, mirrored, src, dst in pieces:
-        loaded = lender.chunk(part, mirrored)
+        loaded = lender.checked_chunk(part, mirrored)
         if loaded is None:
             return False
         chunk, record = loaded
         block[:, dst[0], dst[1]] = chunk[:, src[0], src[1]]
-        share = (src[0].stop - src[0].start) * (src[1].stop - src[1].start) / (chunk.shape[1] * chunk.shape[2])
+        share = _pairs_in(part, mirrored, src) / part.pairs  # of the pairs that tile computed
         for key in spent:  # unknown (an older record) for one part: unknown for the tile
             spent[key] = None if spent[key] is None or record.get(key) is None else spent[key] + share * record[key]
     store.write_tile(tile, block, spent["seconds"], spent["cpu_seconds"], origin=origin)
     return True
+
+
+def _pairs_in(tile: Tile, mirrored: bool, src: tuple) -> int:
+    """How many of the pairs ``tile`` computed lie in its part ``src`` (slices of its chunk):
+    all its entries off the diagonal of a symmetric matrix or in a rectangular one; on a
+    diagonal tile only those with row <= column (the others are their mirrors); none in a
+    mirror chunk (each of its entries is a pair the tile's own chunk holds). So a lender's
+    seconds are shared out by pairs, and a tile lent in parts is charged its time once."""
+    if mirrored:
+        return 0
+    rows, cols = src
+    if not tile.diagonal:
+        return (rows.stop - rows.start) * (cols.stop - cols.start)
+    return sum(max(0, cols.stop - max(r, cols.start)) for r in range(rows.start, rows.stop))
 
 
 def reuse_tiles(store: KernelStore, source, tiles: list, what: str = "--reuse") -> list:

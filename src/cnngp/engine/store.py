@@ -455,7 +455,8 @@ class KernelStore:
         """Write a tile's block ``(L, R, C)`` (and its mirror), then its record, with what the
         tile took: ``seconds`` of wall time and ``cpu_seconds`` of its process's CPU time
         (every thread's), so that a computation's cost survives pauses and interruptions.
-        ``origin``: the store it was copied from (:func:`reuse_tiles`), recorded as such."""
+        ``origin``: the store or archive it was copied from
+        (:func:`cnngp.engine.lending.reuse_tiles`), recorded as such."""
         with self._writing(f"tile {tile.name}"):
             self._write_tile(tile, block, seconds, cpu_seconds, origin)
 

@@ -147,7 +147,8 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
                      for term, e in _store_parts(ex, "test", flip, heads)]
         seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
-        # each store's dry run: its tiles to compute (less those lent or restored), disk, memory
+        # each store's dry run: its tiles to compute (less those it holds or --reuse lends; the
+        # archive is left out: a tile it would restore is priced as computed), disk, memory
         text = "\n".join(f"{name}:\n" + describe_dry_run(r.dry_run) for name, r in runs)
         text += f"\nestimate in all: about {human_seconds(seconds)}"
         rates_d = {k: runs[0][1].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
