@@ -33,6 +33,20 @@ def _records(path) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in (path / "records").glob("tile-*.json")}
 
 
+def _lent(path) -> list:
+    """The names of a store's tiles that were lent, not computed (their records say where from)."""
+    return sorted(n for n, r in _records(path).items() if "reused_from" in r)
+
+
+def _grown_and_fresh(argv, tmp_path, lender) -> tuple:
+    """Run the sweep ``argv`` at --n 40,80 into s2.zarr grown from ``lender`` (--reuse) and into
+    s3.zarr from scratch; their results (folders b and c)."""
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(lender),
+                        "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
+    return tuple(json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+
+
 def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_scratch(tmp_path):
     x = _images(9)
     old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
@@ -274,13 +288,9 @@ def test_sweep_reuse_at_a_larger_n_reproduces_a_sweep_from_scratch(tmp_path, cap
     argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--test", "all",
             "--n-test", "30", "--tile", "20", "--quiet", "--yes"]
     assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
-    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
-                        "--out", str(tmp_path / "b")]) == 0
-    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
-    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
-    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]  # of 10
-    assert lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]  # of 8
-    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+    grown, fresh = _grown_and_fresh(argv, tmp_path, tmp_path / "s1.zarr")
+    assert _lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]  # of 10
+    assert _lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]  # of 8
     scored = 0
     for a, b in zip(grown["results"], fresh["results"], strict=True):
         assert a.keys() == b.keys()
@@ -323,16 +333,15 @@ def test_sweep_reuse_of_a_test_best_sweep_lends_its_train_kernels_alone(tmp_path
                         "--out", str(tmp_path / "a")]) == 0
     assert main(argv + ["--test", "all", "--n", "40,80", "--store", str(tmp_path / "s2.zarr"),
                         "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "b")]) == 0
-    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
-    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
-    assert lent(tmp_path / "s2-test.zarr") == []
+    assert _lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert _lent(tmp_path / "s2-test.zarr") == []
     first = json.loads((tmp_path / "a" / "results.json").read_text())["test"]
     # the same N and readouts again with --test best: the same readout is chosen, its test kernels lent
     assert main(argv + ["--test", "best", "--n", "40", "--store", str(tmp_path / "s3.zarr"),
                         "--reuse", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "c")]) == 0
     again = json.loads((tmp_path / "c" / "results.json").read_text())["test"]
     assert (again["readout"], again["lengthscale"]) == (first["readout"], first["lengthscale"])
-    assert lent(tmp_path / "s3-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
+    assert _lent(tmp_path / "s3-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
     assert again["test_accuracy"] == first["test_accuracy"]
 
 
@@ -355,9 +364,8 @@ def test_sweep_reuse_with_other_test_images_lends_the_train_kernel_and_warns(tmp
     err = capsys.readouterr().err
     assert re.search(r"--reuse: .*s1-test\.zarr' was computed on 30 images \(x1\) whose first 20 are not this "
                      r"computation's 20.*s2-test\.zarr' is computed in full", err), err
-    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
-    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
-    assert lent(tmp_path / "s2-test.zarr") == []
+    assert _lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert _lent(tmp_path / "s2-test.zarr") == []
     assert main(argv + ["--data", str(other), "--n-test", "20", "--n", "40,80", "--store", str(tmp_path / "s3.zarr"),
                         "--out", str(tmp_path / "c")]) == 0
     grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
@@ -413,13 +421,10 @@ def test_sweep_reuse_with_a_whitening_fitted_outside_the_larger_n_lends_and_repr
             "--n-test", "30", "--tile", "20", "--quiet", "--yes", "--zca", "0.1", "--zca-fit", "rest",
             "--zca-fit-outside", "80"]
     assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
-    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
-                        "--out", str(tmp_path / "b")]) == 0
-    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
-    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
-    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
-    assert lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
-    small, grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b", "c"))
+    grown, fresh = _grown_and_fresh(argv, tmp_path, tmp_path / "s1.zarr")
+    assert _lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert _lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
+    small = json.loads((tmp_path / "a" / "results.json").read_text())
     assert small["config"]["zca_fit"] == grown["config"]["zca_fit"]  # one whitening for both N_max
     assert small["config"]["zca_fit"]["fit_outside"] == 80
     assert small["config"]["zca_fit"]["fitted_on"] == 600 - 80  # the 600 training images of d.npz but the 80
@@ -447,8 +452,7 @@ def test_dask_workers_assemble_lent_tiles_of_another_size(tmp_path, dask_cluster
     spread = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "spread.zarr", tile=2, reuse=old,
                           scheduler=dask_cluster, progress=False)
     assert spread.tiles_reused == alone.tiles_reused == 6  # blocks of 2 within the first 6: 3 × 4 / 2
-    lent = lambda p: {n for n, r in _records(p).items() if "reused_from" in r}  # noqa: E731
-    assert lent(tmp_path / "spread.zarr") == lent(tmp_path / "alone.zarr")
+    assert _lent(tmp_path / "spread.zarr") == _lent(tmp_path / "alone.zarr")
     assert np.asarray(KernelStore.open(tmp_path / "spread.zarr").kernel[...]).tobytes() == \
         np.asarray(KernelStore.open(tmp_path / "alone.zarr").kernel[...]).tobytes()
 
@@ -511,13 +515,9 @@ def test_sweep_reuse_of_an_earlier_sweeps_archive_folder_reproduces_a_sweep_from
                         "--out", str(tmp_path / "a")]) == 0
     for name in ("s1.zarr", "s1-test.zarr"):
         shutil.rmtree(tmp_path / name)
-    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "arch"),
-                        "--out", str(tmp_path / "b")]) == 0
-    assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
-    lent = lambda p: sorted(n for n, r in _records(p).items() if "reused_from" in r)  # noqa: E731
-    assert lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
-    assert lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
-    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b", "c"))
+    grown, fresh = _grown_and_fresh(argv, tmp_path, tmp_path / "arch")
+    assert _lent(tmp_path / "s2.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert _lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]
     for a, b in zip(grown["results"], fresh["results"], strict=True):
         for key in ("cv_accuracy", "noise_variance", "test_accuracy", "test_nll"):
             if key in a:

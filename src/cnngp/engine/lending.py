@@ -26,7 +26,7 @@ from cnngp.engine.archive import is_archive, read_archive_header, read_archived_
 from cnngp.engine.gram import Tile
 from cnngp.engine.storage import fingerprint
 from cnngp.engine.store import (
-    IDENTITY_KEYS, STORE_FORMAT, KernelStore, _WHAT, _checksum, _first_difference, _read_json,
+    IDENTITY_KEYS, STORE_FORMAT, KernelStore, TiledKernel, _WHAT, _checksum, _first_difference, _read_json,
 )
 from cnngp.errors import CNNGPError
 
@@ -47,7 +47,7 @@ class LenderRefused(CNNGPError):
     (:func:`open_lender`)."""
 
 
-class Lender:
+class Lender(TiledKernel):
     """A kernel store or a tile archive as lending reads it: its identity (``attrs``), shape
     and tiling, its tiles' records, and each tile's chunk checked against its record."""
 
@@ -73,18 +73,6 @@ class Lender:
                 self._cache.pop(next(iter(self._cache)))  # the oldest first
             self._cache[key] = loaded
         return loaded
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.attrs["shape"])
-
-    @property
-    def tile(self) -> int:
-        return int(self.attrs["tile"])
-
-    @property
-    def symmetric(self) -> bool:
-        return self.attrs.get("x2_sha256") is None
 
     def record(self, tile: Tile) -> dict | None:
         raise NotImplementedError

@@ -40,7 +40,7 @@ from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 from cnngp.settings import env_number
 
-__all__ = ["KernelStore", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
+__all__ = ["KernelStore", "TiledKernel", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
            "same_spec"]
 
 #: tiles a store's check (:meth:`KernelStore.verify`) reads and hashes at once: I/O-bound
@@ -179,7 +179,27 @@ def _links_in(path: Path, deep: bool) -> str | None:
     return None
 
 
-class KernelStore:
+class TiledKernel:
+    """What a kernel's identity (``attrs``: :data:`IDENTITY_KEYS`) says of its layout: shape
+    ``(L, N1, N2)``, tile size, and whether it is symmetric (x2 is x1). A store and a tile
+    archive share it."""
+
+    attrs: dict
+
+    @property
+    def symmetric(self) -> bool:
+        return self.attrs.get("x2_sha256") is None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.attrs["shape"])
+
+    @property
+    def tile(self) -> int:
+        return int(self.attrs["tile"])
+
+
+class KernelStore(TiledKernel):
     """A Gram matrix being computed, or computed, in a Zarr group at ``path``.
 
     Create or resume one with :meth:`create`; open a finished or partial one with
@@ -384,18 +404,6 @@ class KernelStore:
     @property
     def kernel(self):
         return self.group["kernel"]
-
-    @property
-    def symmetric(self) -> bool:
-        return self.attrs.get("x2_sha256") is None
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.attrs["shape"])
-
-    @property
-    def tile(self) -> int:
-        return int(self.attrs["tile"])
 
     def tiles(self) -> list[Tile]:
         _, n1, n2 = self.shape
