@@ -21,6 +21,7 @@ on the test split.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -491,14 +492,18 @@ def _lent_or_in_full(call, e, ex):
     except LenderRefused as refusal:
         if e.reuse is None or ex.reuse is None or Path(e.reuse) == _named_lender(ex.reuse):
             raise
-        if (str(e.reuse), str(e.store)) not in _LENDERS_REFUSED:  # once, not again after the dry run
-            _LENDERS_REFUSED.add((str(e.reuse), str(e.store)))
+        warned = _LENDERS_REFUSED.get()
+        if warned is None:  # outside run_sweep: this call's own
+            warned = set()
+        if (str(e.reuse), str(e.store)) not in warned:  # once, not again after the plan's dry run
+            warned.add((str(e.reuse), str(e.store)))
             warnings.warn(f"{refusal} (so {str(e.store)!r} is computed in full)", RuntimeWarning, stacklevel=2)
         return call(e.replace(reuse=None))
 
 
-#: (lender, store) pairs whose refusal :func:`_lent_or_in_full` has warned of in this sweep
-_LENDERS_REFUSED: set = set()
+#: (lender, store) pairs whose refusal :func:`_lent_or_in_full` has warned of in this sweep: a
+#: set per run_sweep call (a context variable, so sweeps in other threads keep their own)
+_LENDERS_REFUSED: contextvars.ContextVar = contextvars.ContextVar("cnngp_lenders_refused", default=None)
 
 
 def is_sweep_archive(path) -> bool:
@@ -1150,7 +1155,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
     ValueError, FileNotFoundError
         From :func:`cnngp.io.data.load_dataset` for unreadable or missing data.
     """
-    _LENDERS_REFUSED.clear()  # this sweep's warnings (_lent_or_in_full)
+    _LENDERS_REFUSED.set(set())  # this sweep's warnings (_lent_or_in_full)
     protocol_options = {k: options.pop(k) for k in list(options) if k in SweepProtocol.names()}
     if protocol is None:
         protocol = SweepProtocol(**protocol_options)
