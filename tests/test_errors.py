@@ -95,6 +95,22 @@ def test_bad_lengthscales(bad):
         RBF(bad)
 
 
+@pytest.mark.parametrize("text, end", [("1e400", r"beyond float range \(it would read as inf, mean pooling\); "
+                                                 r"write inf"),
+                                       ("2.5e-400", r"below float range \(it would read as 0, the independent "
+                                                    r"readout\); write 0")])
+def test_a_lengthscale_beyond_float_range_is_not_silently_an_end(text, end):
+    """A written number that overflows or underflows float is refused, naming the end it would
+    have become; the ends themselves (inf, 0, 0.0, 0e5, -0) and the extreme floats are kept."""
+    from cnngp.cli.main import parse_lengthscales
+
+    with pytest.raises(CNNGPError, match=rf"^--lengthscales: '{text}' is {end}"):
+        parse_lengthscales(f"0.5,{text}")
+    assert parse_lengthscales("inf,0,0.0,0e5,1e308,5e-324") == [math.inf, 0.0, 0.0, 0.0, 1e308, 5e-324]
+    assert str(parse_lengthscales("-0")[0]) == "0.0"  # not -0.0 in labels
+    assert main(["kernel", "--arch", "cnngp1", "--x1", "digits:2", "--lengthscales", text, "--out", "k.npz"]) == 2
+
+
 def test_bad_matern_order_and_variances():
     with pytest.raises(CNNGPError, match=r"nu: expected one of 0.5, 1.5, 2.5"):
         Matern(1.0, 2.0)

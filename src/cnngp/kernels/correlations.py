@@ -41,17 +41,26 @@ def parse_lengthscale(value, name: str = "lengthscale") -> float:
         if text in ("inf", "infinity", "+inf"):
             return math.inf
         try:
-            value = float(text)
+            number = float(text)
         except ValueError:
             raise CNNGPError(
                 f"{name}: expected a number >= 0, 0 or 'inf', got {value!r}"
             ) from None
+        # a number written out that floats cannot hold is not silently one of the two ends
+        # (λ = ∞: mean pooling; λ = 0: the independent readout): they are written inf and 0
+        if math.isinf(number) and "inf" not in text:
+            raise CNNGPError(f"{name}: {value!r} is beyond float range (it would read as inf, mean "
+                             "pooling); write inf for that end, or a number up to about 1.8e308")
+        if number == 0 and any(c in "123456789" for c in text.split("e")[0]):
+            raise CNNGPError(f"{name}: {value!r} is below float range (it would read as 0, the "
+                             "independent readout); write 0 for that end, or a number from about 5e-324")
+        value = number
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise CNNGPError(f"{name}: expected a number >= 0, 0 or 'inf', got {value!r}")
     value = float(value)
     if math.isnan(value) or value < 0:
         raise CNNGPError(f"{name}: expected a number >= 0, 0 or 'inf', got {value!r}")
-    return value
+    return value + 0.0  # -0.0 as 0.0
 
 
 def tap_coordinates(shape: Sequence[int]) -> np.ndarray:
