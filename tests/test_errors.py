@@ -265,16 +265,31 @@ def test_cli_entry_point_runs_as_a_process(tmp_path, images):
 
 
 def test_cli_info_lists_grids_and_representation(capsys):
-    assert main(["info", "--arch", "myrtle10-paper"]) == 0
+    assert main(["info", "--arch", "myrtle10-paper", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["grids"][0] == [32, 32] and info["grids"][-1] == []
     assert [32, 32] in info["grids"] and [8, 8] in info["grids"]
     assert info["representation"][0] == "full"  # global pooling on top: the full tensor
-    assert main(["info", "--arch", "cnngp3"]) == 0
+    assert main(["info", "--arch", "cnngp3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["representation"] == ["diagonal"] * 8
-    assert main(["info", "--arch", "myrtle10-paper", "--readout", "independent"]) == 0
-    reps = json.loads(capsys.readouterr().out)["representation"]
+    assert main(["info", "--arch", "myrtle10-paper", "--readout", "independent", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    reps = record["representation"]
     assert reps[0] == "band 3x3" and "band 1x1" in reps and reps[-1] == "diagonal"
+    # without --json: a table a person reads, one row per layer, the same grids and representations
+    assert main(["info", "--arch", "myrtle10-paper", "--readout", "independent"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "myrtle10-paper on a 32×32 input:" and lines[-1].endswith("(full record: --json)")
+    rows = [line.split() for line in lines[2:-1]]
+    layers = record["spec"]["layers"]
+    assert [int(r[0]) for r in rows] == list(range(1, len(layers) + 1))
+    for i, row in enumerate(rows):
+        out = record["grids"][i + 1]
+        assert row[-3 if reps[i].startswith("band") else -2] == ("×".join(map(str, out)) if out else "—")
+        assert " ".join(row[-2:]).endswith(reps[i])
+        assert row[1] == layers[i]["type"]
+    assert main(["info"]) == 0
+    assert "architectures: cnngp{depth}, myrtle5" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")

@@ -741,7 +741,13 @@ def cmd_info(args) -> int:
         if args.shape or args.readout:
             raise CNNGPError("--shape/--readout: only meaningful together with --arch")
         info["architectures"] = list(architectures.NAMES)
-    print(json.dumps(info, indent=2))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif args.arch:
+        print(arch_summary(info))
+    else:
+        print(_machine_text(info) + "\narchitectures: " + ", ".join(info["architectures"])
+              + "\n(cnngp info --arch NAME: its layers; --json: the full record)")
     return 0
 
 
@@ -771,24 +777,56 @@ def _correlation_text(corr) -> str:
     return " ".join([kind, *extra])
 
 
+def _layer_text(layer, stride: bool = False) -> str:
+    """One layer spec in a few characters: ``conv 3``, ``conv 6 stride 2 (matern ν=1.5 λ=3)``,
+    ``relu``, ``readout (constant)``; a serial one as its layers joined by arrows."""
+    if not isinstance(layer, dict):
+        return str(layer)
+    kind = str(layer.get("type", "?"))
+    if kind == "serial":
+        return " → ".join(_layer_text(v, stride) for v in layer.get("layers") or [])
+    size = layer.get("filter", layer.get("window"))
+    if isinstance(size, (list, tuple)):
+        size = "×".join(str(v) for v in size)
+    corr = layer.get("correlation")
+    text = kind if size is None else f"{kind} {size}"
+    steps = layer.get("stride")
+    if stride and steps is not None and any(int(v) != 1 for v in (steps if isinstance(steps, list) else [steps])):
+        text += " stride " + "×".join(str(v) for v in (steps if isinstance(steps, list) else [steps]))
+    if isinstance(corr, dict) and corr.get("type") not in (None, "independent"):
+        text += f" ({_correlation_text(corr)})"
+    return text
+
+
 def _network_text(spec) -> str:
     """The layers of a spec in one line: ``conv 3×3 → relu → … → readout``."""
-    def one(layer):
-        if not isinstance(layer, dict):
-            return str(layer)
-        kind = str(layer.get("type", "?"))
-        if kind == "serial":
-            return " → ".join(one(v) for v in layer.get("layers") or [])
-        size = layer.get("filter", layer.get("window"))
-        if isinstance(size, (list, tuple)):
-            size = "×".join(str(v) for v in size)
-        corr = layer.get("correlation")
-        text = kind if size is None else f"{kind} {size}"
-        if isinstance(corr, dict) and corr.get("type") not in (None, "independent"):
-            text += f" ({_correlation_text(corr)})"
-        return text
+    return _layer_text(spec) if spec else "(not recorded)"
 
-    return one(spec) if spec else "(not recorded)"
+
+def _machine_text(info: dict) -> str:
+    """The versions and threads ``cnngp info`` reports, in one line."""
+    v = info.get("versions") or {}
+    return (f"cnngp {v.get('cnngp')}, torch {v.get('torch')}, python {v.get('python')}; "
+            f"{info.get('threads')} threads; CUDA: {'yes' if info.get('cuda') else 'no'}")
+
+
+def arch_summary(info: dict) -> str:
+    """What ``cnngp info --arch NAME`` prints (the full record is ``--json``): per layer, its
+    output grid and how its input is carried (full, band, diagonal: README "Representations")."""
+    layers = (info.get("spec") or {}).get("layers") or []
+    grids, reps = info.get("grids") or [], info.get("representation") or []
+    grid = lambda g: "×".join(str(v) for v in g) if g else "—"  # noqa: E731
+    texts = [_layer_text(layer, stride=True) for layer in layers]
+    width = max([len("layer")] + [len(t) for t in texts])
+    lines = [f"{info.get('arch')} on a {grid(grids[0] if grids else [])} input:",
+             f"  {'#':>3}  {'layer':<{width}}  {'output':<7}  its input carried as"]
+    for i, text in enumerate(texts):
+        out = grid(grids[i + 1]) if i + 1 < len(grids) else "?"
+        lines.append(f"  {i + 1:>3}  {text:<{width}}  {out:<7}  {reps[i] if i < len(reps) else '?'}")
+    if len(reps) > len(texts) and grids and grids[-1]:  # a network without a readout: its output
+        lines.append(f"  its output is carried as: {reps[len(texts)]}")
+    lines.append(_machine_text(info) + "  (full record: --json)")
+    return "\n".join(lines)
 
 
 def store_summary(path, info: dict) -> str:
@@ -920,7 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--shape", help="input spatial shape, e.g. 32x32 (default)")
     i.add_argument("--readout", help="readout correlation, as for `cnngp kernel`")
     i.add_argument("--json", action="store_true",
-                   help="with a store or archive: the full record as JSON (default: a short summary)")
+                   help="the full record as JSON (of a store, an archive, --arch, or the machine; "
+                        "default: a short summary)")
     i.set_defaults(func=cmd_info)
 
     for register in _EXTRA_COMMANDS:
