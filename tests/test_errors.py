@@ -30,6 +30,8 @@ GOOD = np.random.default_rng(0).uniform(size=(2, 5, 5, 3))
         (np.zeros((5, 5)), r"x1: expected images of shape \(N, \*spatial, C\)"),
         (np.zeros((1, 2, 2, 2, 2, 2, 1)), r"x1: expected images of shape"),
         (np.zeros((0, 5, 5, 3)), r"x1: is empty"),
+        (np.zeros((2, 5, 5, 0)), r"x1: its images have no channels \(shape \(2, 5, 5, 0\), channels last\)"),
+        (np.zeros((2, 5, 0, 3)), r"x1: its images have no pixels along spatial axis 2 \(shape \(2, 5, 0, 3\)\)"),
         (np.full((2, 5, 5, 3), np.nan), r"x1: contains 150 NaN or infinite"),
         (np.where(np.eye(5)[None, :, :, None] > 0, np.inf, 0.5) * np.ones((1, 1, 1, 3)), r"x1: contains 15 NaN"),
         (np.array([[["a"]]]), r"x1: got a string array .*accepted are uint8"),

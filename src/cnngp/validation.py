@@ -186,8 +186,15 @@ def as_images(x, name: str = "x1", channels: int | None = None, layout: str | No
             f"{name}: expected images of shape (N, *spatial, C) with 1, 2 or 3 spatial "
             f"dimensions, i.e. 3 to 5 axes, got shape {arr.shape}"
         )
-    if arr.shape[0] == 0 or any(s == 0 for s in arr.shape[1:]):
+    if arr.shape[0] == 0:
         raise CNNGPError(f"{name}: is empty (shape {arr.shape}); expected at least one image")
+    if arr.shape[-1] == 0:
+        raise CNNGPError(f"{name}: its images have no channels (shape {arr.shape}, channels last); "
+                         "expected at least one")
+    if any(s == 0 for s in arr.shape[1:-1]):
+        axis = next(i for i, s in enumerate(arr.shape[1:-1], start=1) if s == 0)
+        raise CNNGPError(f"{name}: its images have no pixels along spatial axis {axis} (shape {arr.shape}); "
+                         "expected images of at least 1 pixel per side")
     finite = np.isfinite(arr)
     if not finite.all():
         bad = int(arr.size - np.count_nonzero(finite))
