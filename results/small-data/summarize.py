@@ -233,8 +233,9 @@ def main():
     (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired, "cost": cost,
                                                    "learning_curve": curve, "cv_test_gaps": cv_test_gaps()},
                                                   indent=1) + "\n")
-    lines = ["| network | config | N | readout | test acc % | NLL | ECE % | CV acc % (at N) | nested CV % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = overview(table, paired) + [
+        "| network | config | N | readout | test acc % | NLL | ECE % | CV acc % (at N) | nested CV % |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         nested = "" if t["nested_cv_accuracy"] is None else f"{100 * t['nested_cv_accuracy']:.1f}"
         lam = ""
@@ -304,6 +305,39 @@ def main():
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
     figure(table, HERE / "summary.png", curve)
     print("\n".join(lines))
+
+
+def overview(table: list, paired: list) -> list:
+    """The study at a glance (summary.md's head): per network (rows) and configuration
+    (columns), the CV-chosen readout's test accuracy with mean pooling's beside it, and the
+    paired difference between the two; the N = 1,280 run in a row of its own."""
+    def cell(net, cfg, role):
+        return next((t for t in table if (t["network"], t["config"], t["readout"]) == (net, cfg, role)), None)
+
+    def diff(net, cfg):
+        return next((p for p in paired if (p["network"], p["config"], p["readout"], p["against"])
+                     == (net, cfg, "CV-chosen λ", "vs mean pool")), None)
+
+    rows = [(net, "", net) for net in NETWORKS] + [(net, N1280, f"{net}, N = 1,280") for net in NETWORKS
+                                                   if any(cell(net, c + N1280, "mean pool") for c in CONFIGS)]
+    head = ["| network | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
+    accuracy, gain = list(head), list(head)
+    for net, suffix, name in rows:
+        acc, gains = [], []
+        for cfg in CONFIGS:
+            chosen, pool, d = cell(net, cfg + suffix, "CV-chosen λ"), cell(net, cfg + suffix, "mean pool"), \
+                diff(net, cfg + suffix)
+            acc.append("" if chosen is None or pool is None else
+                       f"{100 * chosen['test_accuracy']:.1f} ({100 * pool['test_accuracy']:.1f})")
+            gains.append("" if d is None else
+                         f"{100 * d['accuracy_difference']:+.1f} ± {100 * d['accuracy_difference_2se']:.1f}"
+                         + ("" if d["mcnemar_p"] is None else f" (p = {d['mcnemar_p']:.2g})"))
+        accuracy.append(f"| {name} | " + " | ".join(acc) + " |")
+        gain.append(f"| {name} | " + " | ".join(gains) + " |")
+    return (["Test accuracy % of the CV-chosen readout (mean pooling in brackets), N = 640 unless said; "
+             "an empty cell: not finished.", ""] + accuracy
+            + ["", "The readout's weight correlation: CV-chosen λ minus mean pooling, points, paired on the same "
+               "test images ± 2 SE (exact McNemar p, uncorrected).", ""] + gain + ["", ""])
 
 
 def cv_test_gaps() -> list:
