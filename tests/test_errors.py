@@ -561,3 +561,22 @@ def test_kernel_on_a_disk_without_room_names_out(tmp_path, capsys, monkeypatch):
     assert re.fullmatch(rf"cnngp: error: --out: writes about .* but {re.escape(repr(str(out)))} has 1 KiB free; "
                         r"free space there, or give an --out on a larger disk", err[0]), err[0]
     assert not out.exists()
+
+
+def test_cli_kernel_says_how_it_read_the_images_only_after_every_check(tmp_path, capsys):
+    """``cnngp kernel`` prints how it read --x1/--x2 once the command's checks have passed, so a
+    refusal after reading them (a second image set of another shape, a lender that cannot lend)
+    is still one line; a run that starts says it first."""
+    np.savez(tmp_path / "small.npz", x=np.random.default_rng(0).uniform(size=(3, 4, 4, 1)))
+    base = ["kernel", "--arch", "cnngp2", "--x1", "digits:8"]
+    assert main(base + ["--x2", str(tmp_path / "small.npz"), "--out", str(tmp_path / "a.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cnngp: error: --x2: images of shape (4, 4, 1)")
+    assert main(["kernel", "--arch", "cnngp2", "--x1", "digits:12", "--out", str(tmp_path / "big.zarr"),
+                 "--archive", str(tmp_path / "arch"), "--quiet"]) == 0
+    assert main(base + ["--out", str(tmp_path / "b.zarr"), "--reuse", str(tmp_path / "arch")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reuse: " in err and "a tile archive of a kernel on more images" in err
+    assert main(base + ["--out", str(tmp_path / "c.zarr"), "--reuse", str(tmp_path / "big.zarr")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("--x1: 8 images of 8×8, 1 channel (N, H, W, C)\n") and "1 reused from" in err

@@ -141,14 +141,14 @@ def _load_network(arch: str, readout: str | None):
     return net
 
 
-def load_images(flag: str, path_spec: str, layout: str | None = None, echo: bool = False):
+def load_images(flag: str, path_spec: str, layout: str | None = None):
     """Images from ``FILE.npz``, ``FILE.npz:ARRAY`` or ``digits[:N]``, under the package's
     image-array policy (:func:`cnngp.validation.as_images`: the one place that decides an
-    array's layout; ``layout`` is ``--layout`` when given), errors naming ``flag``. With
-    ``echo``, one stderr line says how the array was read
-    (``--x1: 100 images of 32×32, 3 channels (N, H, W, C)``)."""
+    array's layout; ``layout`` is ``--layout`` when given), errors naming ``flag``. How the
+    array was read, for a person (``--x1: 100 images of 32×32, 3 channels (N, H, W, C)``):
+    :func:`cnngp.validation.describe_images`, said once the command's checks have passed."""
     from cnngp.io.data import load_array, load_digits
-    from cnngp.validation import as_images, describe_images
+    from cnngp.validation import as_images
 
     name, _, count = str(path_spec).partition(":")
     if name == "digits" and not Path(name).exists():  # the embedded default data set
@@ -169,8 +169,6 @@ def load_images(flag: str, path_spec: str, layout: str | None = None, echo: bool
                 raise
             raise CNNGPError(f"{flag}: {e}") from None
         x = as_images(arr, flag, layout=None if layout is None else _layout_of(layout))
-    if echo:
-        print(describe_images(x, flag), file=sys.stderr)
     return x
 
 
@@ -491,8 +489,13 @@ def cmd_kernel(args) -> int:
     args.zca = parse_zca(args.zca)
     net = load_network(args.arch, args.readout)
     net = parameterized(net, args.parameterization, args.width)
-    x1 = load_images("--x1", args.x1, args.layout, echo=not args.quiet)
-    x2 = None if args.x2 is None else load_images("--x2", args.x2, args.layout, echo=not args.quiet)
+    from cnngp.validation import describe_images
+
+    x1 = load_images("--x1", args.x1, args.layout)
+    x2 = None if args.x2 is None else load_images("--x2", args.x2, args.layout)
+    # how the images were read: said once every check has passed, so that a refusal stays one line
+    data_lines = [] if args.quiet else [describe_images(x, flag) for flag, x in (("--x1", x1), ("--x2", x2))
+                                        if x is not None]
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise CNNGPError(
             f"--x2: images of shape {x2.shape[1:]} do not match --x1's {x1.shape[1:]}; both "
@@ -530,7 +533,7 @@ def cmd_kernel(args) -> int:
 
     ex = execution_from_args(args)
     if is_store_path(args.out):
-        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening)
+        return _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening, data_lines)
     priced = body  # with --flip, the flip plan: refused here if not flip-symmetric, priced twice per pair
     if args.flip:
         from cnngp.engine.gram import GramPlan
@@ -553,20 +556,21 @@ def cmd_kernel(args) -> int:
                                  get=get, flip=args.flip, dtype=ex.dtype)
     est = check_gram("--x1", priced, x1.shape[1:], x1.shape[0], n2, readouts=None if args.flip else readouts,
                      yes=args.yes or bool(done), images=x1, execution=ex)
+    lines = data_lines
     if done:
         pairs = x1.shape[0] * (x1.shape[0] + 1) // 2 if n2 is None else x1.shape[0] * n2
-        if ex.progress:
-            print(f"--out: resuming from {checkpoint}: {done:,} of {pairs:,} pairs already done", file=sys.stderr)
+        lines = lines + [f"--out: resuming from {checkpoint}: {done:,} of {pairs:,} pairs already done"]
         if est is not None:
             left = est.seconds * (pairs - done) / pairs
             check_job(f"--x1 (the {pairs - done:,} pairs left of {pairs:,})", seconds=left, yes=args.yes,
                       remedy="use fewer images or readouts, or split the work (--x2 takes row blocks)")
-            if ex.progress:
-                from cnngp.engine.resources import human_seconds
+            from cnngp.engine.resources import human_seconds
 
-                print(f"estimate: about {human_seconds(left)} for the pairs left", file=sys.stderr)
-    elif est is not None and ex.progress:  # a long job: its timed estimate before it starts
-        print(est.describe(), file=sys.stderr)
+            lines.append(f"estimate: about {human_seconds(left)} for the pairs left")
+    elif est is not None:  # a long job: its timed estimate before it starts
+        lines = lines + [est.describe()]
+    if ex.progress and lines:
+        print("\n".join(lines), file=sys.stderr)
     start = time.perf_counter()
     if readouts is not None:
         k = readout_sweep(body, readouts, x1, x2, get=get, flip=args.flip, execution=ex)
@@ -620,10 +624,12 @@ def cmd_kernel(args) -> int:
 _DISK_REMEDY = "free space there, or give an --out on a larger disk"
 
 
-def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening=None) -> int:
+def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening=None,
+                     data_lines=()) -> int:
     """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask. With
     ``--zca`` the store holds the whitened images (its identity hashes them) and records
-    the whitening as ``preprocessing`` once complete."""
+    the whitening as ``preprocessing`` once complete. ``data_lines`` (how the images were
+    read) are printed once the store, its lender and the job have passed their checks."""
     from cnngp.engine.distributed import describe_dry_run, store_dry_run, store_kernel
     from cnngp.engine.resources import check_job
 
@@ -639,7 +645,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     plan = store_dry_run(model, x1, x2, **options).dry_run
     if args.dry_run:  # the lines for a person on stderr, the JSON alone on stdout (`> plan.json`)
         if not args.quiet:
-            print(describe_dry_run(plan), file=sys.stderr)
+            print("\n".join([*data_lines, describe_dry_run(plan)]), file=sys.stderr)
         print(json.dumps(plan, indent=2))
         return 0
     here = args.scheduler is None  # a remote cluster's memory and speed are not this machine's
@@ -651,6 +657,8 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
         yes=args.yes,
         remedy="use more --workers, a --scheduler, or fewer images (--x2 takes row blocks)",
     )
+    if data_lines:
+        print("\n".join(data_lines), file=sys.stderr)
     preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--x1"}}
     report = store_kernel(model, x1, x2, labels=labels, **options)
     if preprocessing is not None:
