@@ -580,3 +580,15 @@ def test_cli_kernel_says_how_it_read_the_images_only_after_every_check(tmp_path,
     assert main(base + ["--out", str(tmp_path / "c.zarr"), "--reuse", str(tmp_path / "big.zarr")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("--x1: 8 images of 8×8, 1 channel (N, H, W, C)\n") and "1 reused from" in err
+
+
+def test_cli_montecarlo_says_how_it_read_the_images_only_after_every_check(tmp_path, capsys):
+    """As ``kernel``: a refusal after reading the images (a --x2 of another shape) is one line."""
+    np.savez(tmp_path / "small.npz", x=np.random.default_rng(0).uniform(size=(3, 4, 4, 1)))
+    argv = ["montecarlo", "--arch", "cnngp2", "--x1", "digits:2", "--samples", "4", "--width", "8",
+            "--out", str(tmp_path / "m.json")]
+    assert main(argv + ["--x2", str(tmp_path / "small.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cnngp: error: --x2: images of shape (4, 4, 1)")
+    assert main(argv) == 0
+    assert capsys.readouterr().err.startswith("--x1: 2 images of 8×8, 1 channel (N, H, W, C)\n")

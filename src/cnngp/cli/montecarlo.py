@@ -28,17 +28,23 @@ __all__ = ["register", "cmd_montecarlo", "cmd_correlation_figure", "montecarlo_r
 
 def _load_images(spec: str, flag: str, limit: int | None, args=None):
     from cnngp.cli.main import load_images
-    from cnngp.validation import describe_images
 
     x = load_images(flag, spec, getattr(args, "layout", None))
     if limit is not None and limit > x.shape[0]:
         n_flag = {"--x1": "--n1", "--x2": "--n2"}.get(flag, flag)
         raise CNNGPError(f"{n_flag} {limit}: more than the {x.shape[0]} images in {flag} {spec}; "
                          f"give {n_flag} <= {x.shape[0]}")
-    x = x if limit is None else x[:limit]
-    if args is not None and not getattr(args, "quiet", False):
-        print(describe_images(x, flag), file=sys.stderr)
-    return x
+    return x if limit is None else x[:limit]
+
+
+def _say_how_read(args, **images) -> None:
+    """How the images were read (``--x1: 100 images of 32×32, 3 channels (N, H, W, C)``), on
+    stderr unless ``--quiet``: once the command's checks have passed, so a refusal stays one line."""
+    from cnngp.validation import describe_images
+
+    if not getattr(args, "quiet", False):
+        lines = [describe_images(x, "--" + name) for name, x in images.items() if x is not None]
+        print("\n".join(lines), file=sys.stderr)
 
 
 def _frobenius(a: np.ndarray) -> float:
@@ -115,6 +121,7 @@ def cmd_montecarlo(args) -> int:
     analytic_ex = ex.replace(dtype="float64", memory_budget=None, progress=False)  # the kernel's
     check_gram("--x1", net, x1.shape[1:], x1.shape[0], None if x2 is None else x2.shape[0],
                yes=args.yes, execution=analytic_ex)
+    _say_how_read(args, x1=x1, x2=x2)
 
     start = time.perf_counter()
     analytic = kernel(net, x1, x2, get=get, execution=analytic_ex).numpy()
@@ -208,6 +215,7 @@ def cmd_correlation_figure(args) -> int:
     h, w = x.shape[1:3]
     if not (pos[0] < h and pos[2] < h and pos[1] < w and pos[3] < w):
         raise CNNGPError(f"--positions: {args.positions!r} lies outside the {h}x{w} images")
+    _say_how_read(args, x=x)
     start = time.perf_counter()
     figure = plots.CorrelationFigure(
         index=args.index, other=args.other, depth=depth, positions=((pos[0], pos[1]), (pos[2], pos[3])),
