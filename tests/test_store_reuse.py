@@ -129,6 +129,22 @@ def test_a_store_of_more_images_lends_its_leading_block_whole(tmp_path, n, tile)
     assert KernelStore.open(new).complete()
 
 
+def test_a_store_of_more_images_whose_kept_images_were_altered_lends_nothing(tmp_path):
+    """A larger lender is checked against the images it keeps, and those against the sha256 it
+    recorded of the images it computed on: images altered after the fact (even where they
+    now match this computation's) make it refuse, in one line, before any store is made."""
+    x = _images(9)
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=old, tile=3, progress=False)
+    altered = x.copy()
+    altered[0] += 1e-3
+    KernelStore.open(old).group["images"]["x1"][...] = altered  # its kernel is still of x
+    with pytest.raises(CNNGPError, match=r"^--reuse: .*old\.zarr': its stored images \(x1\) cannot be read or do "
+                                         r"not match the sha256 it recorded"):
+        store_kernel(BODY, altered[:6], readouts=READOUTS, out=new, tile=3, reuse=old, progress=False)
+    assert not new.exists()
+
+
 def test_a_rectangular_store_lends_where_both_image_sets_overlap(tmp_path):
     """x1 × x2 with more rows and fewer columns than the old store (and another tile size):
     the blocks within the old rows and the new columns are lent, the rest computed."""

@@ -88,7 +88,8 @@ class Lender(TiledKernel):
         raise NotImplementedError
 
     def first_images(self, which: str, n: int) -> np.ndarray | None:
-        """Its first ``n`` images of ``which`` ("x1", "x2"), or None where it keeps none."""
+        """Its first ``n`` images of ``which`` ("x1", "x2"), or None where it keeps none, or
+        where those it keeps are not those it computed on (by the sha256 it recorded)."""
         return None
 
 
@@ -116,9 +117,11 @@ class _StoreLender(Lender):
 
     def first_images(self, which, n):
         try:
-            return np.asarray(self.store.images(which, slice(0, n)))
+            kept = np.asarray(self.store.group["images"][which][...])
         except Exception:  # an unreadable chunk
             return None
+        # the images it keeps must be those it computed on: the sha256 it recorded of them
+        return kept[:n] if fingerprint(kept) == self.attrs.get(f"{which}_sha256") else None
 
 
 class _ArchiveLender(Lender):
@@ -208,8 +211,9 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
         else:  # these are the first of its images: by the images it keeps
             kept = other.first_images(which, x.shape[0])
             if kept is None and isinstance(other, _StoreLender):
-                raise LenderRefused(f"{what}: {str(source)!r}: its images ({which}) cannot be read to check that "
-                                    "these are its first; it lends nothing")
+                raise LenderRefused(f"{what}: {str(source)!r}: its stored images ({which}) cannot be read or do not "
+                                    "match the sha256 it recorded of the images it computed on, so nothing shows "
+                                    "that these are its first; it lends nothing")
             if kept is None:
                 raise LenderRefused(
                     f"{what}: {str(source)!r} is a tile archive of a kernel on more images ({which}: {n}) than "
