@@ -155,7 +155,35 @@ def test_an_archive_of_another_computation_is_refused(tmp_path):
         with pytest.raises(CNNGPError, match=f"--archive: .* holds tiles of a kernel of different {what}"):
             store_kernel(BODY, args["x1"], readouts=args["readouts"], dtype=args["dtype"], tile=3,
                          out=tmp_path / f"other-{len(what)}.zarr", archive=tmp_path / "arch", progress=False)
+        assert not (tmp_path / f"other-{len(what)}.zarr").exists()  # refused before the store is made
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == before  # nothing overwritten
+
+
+def test_an_archive_sets_the_tile_and_a_refusal_leaves_no_store_in_a_run_or_its_dry_run(tmp_path):
+    """A store restored from an archive must have its tile size: without a tile it takes the
+    archive's (every tile restored, none computed); with another tile the run and its dry run
+    both refuse, naming the two sizes, and leave no store behind, so the corrected command
+    runs. The dry run prices the tiles the archive would restore as restored, not computed."""
+    from cnngp.engine.distributed import describe_dry_run, store_dry_run
+
+    x = _images(6)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=2, archive=tmp_path / "arch",
+                 progress=False)
+    for run in (store_kernel, store_dry_run):
+        with pytest.raises(CNNGPError, match=r"^--archive: .*arch' holds tiles of a kernel of different tile size "
+                                             r"\(2; this computation: 4\)"):
+            run(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", tile=4, archive=tmp_path / "arch",
+                progress=False)
+        assert not (tmp_path / "b.zarr").exists()
+    plan = store_dry_run(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", archive=tmp_path / "arch",
+                         progress=False).dry_run
+    assert (plan["tile"], plan["tiles"], plan["tiles_restored"], plan["tiles_total"]) == (2, 0, 6, 6)
+    assert f"0 tiles of 2 to compute (of 6; 6 restored from {tmp_path / 'arch'} (--archive))" in describe_dry_run(plan)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "b.zarr", archive=tmp_path / "arch",
+                          progress=False)
+    assert (report.tile, report.tiles_restored, report.tiles_computed) == (2, 6, 0)
+    assert np.asarray(KernelStore.open(tmp_path / "b.zarr").kernel[...]).tobytes() == \
+        np.asarray(KernelStore.open(tmp_path / "a.zarr").kernel[...]).tobytes()
 
 
 def test_cli_info_on_a_sweeps_archive_folder_describes_each_part(tmp_path, capsys):

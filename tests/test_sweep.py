@@ -763,6 +763,7 @@ def test_sweep_dry_run_plans_every_kernel_and_writes_nothing(tmp_path, capsys, m
     assert [(s["name"], s["pairs"]) for s in plan["stages"]] == [
         ("train kernel (4 readouts)", 80 * 81 // 2), ("test kernel (4 readouts)", 30 * 80)]
     assert plan["seconds"] > 0 and plan["memory_bytes"] > 0
+    assert [(k["pairs"], k["pairs_total"]) for k in plan["kernels"]] == [(3240, 3240), (2400, 2400)]  # no checkpoint
     assert err.startswith("data: ") and "plan: train kernel (4 readouts): 3,240 pairs" in err
     assert err.rstrip().endswith(plan["text"].splitlines()[-1])
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out, no checkpoint
@@ -791,6 +792,11 @@ def test_sweep_dry_run_plans_every_kernel_and_writes_nothing(tmp_path, capsys, m
     out, err = capsys.readouterr()
     assert err == ""
     plan = json.loads(out)
+    # per store, as fields: tiles to compute, lent, in all; the pairs left (80·81/2 less the 3 lent
+    # 16-tiles' 2·136 + 256 pairs; 30 × 80 less 2 × 2 lent 16 × 16 (and 16 × 14) tiles)
+    assert [(k["tiles"], k["tiles_lent"], k["tiles_total"]) for k in plan["kernels"]] == [(12, 3, 15), (6, 4, 10)]
+    assert plan["kernels"][0]["pairs"] == 3240 - (2 * 136 + 256)
+    assert plan["kernels"][1]["pairs"] == 2400 - 2 * (16 * 16 + 14 * 16)
     assert f"12 tiles of 16 to compute (of 15; 3 copied from {tmp_path / 's1.zarr'} (--reuse))" in plan["text"]
     assert "6 tiles of 16 to compute (of 10; 4 copied from" in plan["text"]
     assert not (tmp_path / "s2.zarr").exists() and not (tmp_path / "s2-test.zarr").exists()

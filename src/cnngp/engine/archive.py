@@ -41,7 +41,8 @@ from cnngp.engine.store import (
 from cnngp.errors import CNNGPError
 
 __all__ = ["TileArchive", "ARCHIVE_FORMAT", "archive_info", "is_archive", "check_archive_folder",
-           "check_archive_apart", "read_archived_tile", "read_archive_header",
+           "check_archive_apart", "check_archive_identity", "restorable_tiles", "archive_tile",
+           "read_archived_tile", "read_archive_header",
            "encode_tile", "decode_tile"]
 
 #: version tag of the archive layout
@@ -205,6 +206,47 @@ def read_archive_header(path, what: str = "archive") -> dict:
     return header
 
 
+def check_archive_identity(path, identity: dict, what: str = "--archive") -> bool:
+    """Refuse the folder ``path`` as the tile archive of the computation ``identity``
+    (:data:`IDENTITY_KEYS`, the store format included) unless it is a new or empty folder
+    (False) or an archive of exactly that computation (True). Nothing is written: a run checks
+    this before it makes its store, so a refusal leaves nothing behind."""
+    path = Path(path)
+    check_archive_folder(path, what)
+    if not (path / "archive.json").is_file():
+        return False
+    stored = read_archive_header(path, what)
+    key = _first_difference(stored.get("identity") or {}, identity)
+    if key is not None:
+        values = ""
+        if key in ("tile", "dtype"):  # short values: say both
+            values = f" ({(stored.get('identity') or {}).get(key)}; this computation: {identity.get(key)})"
+        raise CNNGPError(f"{what}: {str(path)!r} holds tiles of a kernel of different {_WHAT[key]}{values}; "
+                         "give the archive of this computation or a new folder (nothing was written)")
+    return True
+
+
+def restorable_tiles(path, tiles: list) -> list:
+    """Those of ``tiles`` the archive at ``path`` records at their place (their bytes are
+    checked only when restored): what a dry run prices as restored, not computed."""
+    path = Path(path)
+    out = []
+    for t in tiles:
+        record = _read_json(path / f"{t.name}.json")
+        if (record or {}).get("rows") == [t.rows.start, t.rows.stop] and \
+                (record or {}).get("cols") == [t.cols.start, t.cols.stop] and (path / f"{t.name}.bin").is_file():
+            out.append(t)
+    return out
+
+
+def archive_tile(path) -> int | None:
+    """The tile size of the archive at ``path``, None when it is not one (or unreadable)."""
+    try:
+        return int(read_archive_header(path)["identity"]["tile"]) if is_archive(path) else None
+    except (CNNGPError, KeyError, TypeError, ValueError):
+        return None
+
+
 class TileArchive:
     """The archive folder ``path`` of the store ``store`` (created if absent).
 
@@ -226,21 +268,7 @@ class TileArchive:
         identity = {key: store.attrs.get(key) for key in IDENTITY_KEYS}
         header = self.path / "archive.json"
         check_archive_apart(self.path, store.path, what)
-        check_archive_folder(self.path, what)
-        if header.is_file():
-            try:
-                with open(header) as f:
-                    stored = json.load(f)
-            except (OSError, ValueError) as e:
-                raise CNNGPError(f"{what}: {str(header)!r} cannot be read ({e})") from None
-            if stored.get("format") != ARCHIVE_FORMAT:
-                raise CNNGPError(f"{what}: {str(self.path)!r} is not a {ARCHIVE_FORMAT} folder "
-                                 f"(format {stored.get('format')!r})")
-            key = _first_difference(stored.get("identity") or {}, identity)
-            if key is not None:
-                raise CNNGPError(f"{what}: {str(self.path)!r} holds tiles of a kernel of different "
-                                 f"{_WHAT[key]}; give the archive of this computation or a new folder")
-        else:
+        if not check_archive_identity(self.path, identity, what):
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 _atomic_json(header, {

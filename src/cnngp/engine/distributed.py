@@ -41,7 +41,7 @@ from cnngp.engine import fused
 from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords
 from cnngp.engine.resources import human_bytes, human_seconds
 from cnngp.engine.storage import fingerprint
-from cnngp.engine.store import KernelStore, StoreWriteError, Tile, tile_plan
+from cnngp.engine.store import STORE_FORMAT, KernelStore, StoreWriteError, Tile, tile_plan
 from cnngp.errors import CNNGPError
 from cnngp.provenance import versions
 
@@ -355,13 +355,15 @@ def _progress_bar(total_pairs: int, tiles_total: int, tiles_done: int, enabled: 
     return bar
 
 
-def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, images=()) -> tuple:
-    """``(to compute, lent)``: the tiles a run would compute (all of them, or what a store of
-    this computation lacks, less those the store ``reuse`` would lend; ``images``: the run's x1
-    and x2) and those it would copy from ``reuse``; a store of another computation is refused
-    here, as the run would refuse it."""
+def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, images=(), archive=None) -> tuple:
+    """``(to compute, lent, restored)``: the tiles a run would compute (all of them, or what a
+    store of this computation lacks, less those its tile ``archive`` would restore and those
+    the store ``reuse`` would lend; ``images``: the run's x1 and x2), those it would copy from
+    ``reuse`` and those from ``archive``; a store of another computation is refused here, as the
+    run would refuse it."""
+    from cnngp.engine.archive import restorable_tiles
     from cnngp.engine.lending import lendable_tiles
-    from cnngp.engine.store import STORE_FORMAT, refuse_other_computation
+    from cnngp.engine.store import refuse_other_computation
 
     if KernelStore.stored_tile(out) is not None:
         try:
@@ -373,12 +375,17 @@ def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, i
             state = store.verify()
             left = {t.name for t in state["missing"] + state["bad"]}
             tiles = [t for t in tiles if t.name in left]
+    restored = []
+    if archive is not None and (Path(archive) / "archive.json").is_file():
+        restored = restorable_tiles(archive, tiles)
+        names = {t.name for t in restored}
+        tiles = [t for t in tiles if t.name not in names]
     lent = []
     if reuse is not None:
         _, lent = lendable_tiles(reuse, identity, *images, tiles)
         lent_names = {t.name for t in lent}
         tiles = [t for t in tiles if t.name not in lent_names]
-    return tiles, lent
+    return tiles, lent, restored
 
 
 #: bytes of a file system block: each chunk and record file takes whole ones
@@ -386,11 +393,11 @@ FILE_BLOCK = 4096
 
 
 def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, on_cluster=False,
-             cold_workers=True, lent=()) -> dict:
+             cold_workers=True, lent=(), restored=()) -> dict:
     """Plan, sizes and a time estimate (:mod:`cnngp.engine.timing`): a few pairs of this plan
     timed here at the workers' thread count, the tiles scheduled on the workers, the start of a
-    local cluster and its workers included. ``lent``: tiles copied from another store, written
-    but not computed."""
+    local cluster and its workers included. ``lent``: tiles copied from another store, and
+    ``restored``: from the tile archive, written but not computed."""
     from cnngp.engine import timing
 
     n_pairs = sum(t.pairs for t in tiles)
@@ -408,7 +415,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         return -(-nbytes // FILE_BLOCK) * FILE_BLOCK + FILE_BLOCK
 
     disk_bytes = sum(on_disk(L * item * (t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start))
-                     * (2 if t.mirror else 1) + FILE_BLOCK for t in [*tiles, *lent])
+                     * (2 if t.mirror else 1) + FILE_BLOCK for t in [*tiles, *lent, *restored])
     if not (Path(path) / "zarr.json").is_file():
         per_image = math.prod(plan.image_shape) * item + _record_bytes_per_image(plan, grids)
         chunks = math.ceil(n1 / tile) + (0 if xb is None else math.ceil(n2 / tile))
@@ -454,10 +461,11 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
 
 def _tiles_elsewhere(d: dict) -> str:
     """" (of 10; 3 copied from K1.zarr, the rest in the store)": where the plan's other tiles come from."""
-    total, lent = d.get("tiles_total", d["tiles"]), d.get("tiles_lent", 0)
-    rest = total - d["tiles"] - lent
-    parts = ([f"{lent} copied from {d['reuse']} (--reuse)"] if lent else []) \
-        + (["the rest in the store" if lent else "the rest are in the store"] if rest else [])
+    total, lent, restored = d.get("tiles_total", d["tiles"]), d.get("tiles_lent", 0), d.get("tiles_restored", 0)
+    rest = total - d["tiles"] - lent - restored
+    parts = ([f"{restored} restored from {d['archive']} (--archive)"] if restored else []) \
+        + ([f"{lent} copied from {d['reuse']} (--reuse)"] if lent else []) \
+        + (["the rest in the store" if lent or restored else "the rest are in the store"] if rest else [])
     return f" (of {total}; {', '.join(parts)})" if parts else ""
 
 
@@ -567,10 +575,13 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     if client is None and scheduler is None:  # this machine's processes: before any starts
         check_local_cluster(workers or 0, ex.threads, budget)
     if tile is None:  # a store being resumed keeps its tile, whatever the workers now
+        from cnngp.engine.archive import archive_tile
         from cnngp.engine.lending import source_tile
 
-        # (a store grown from another takes its tile: each of its tiles is then lent whole)
-        tile = (KernelStore.stored_tile(out) or (ex.reuse is not None and source_tile(ex.reuse))
+        # (a store restored from an archive takes its tile, as it must; a store grown from
+        # another takes the lender's: each of its tiles is then lent whole)
+        tile = (KernelStore.stored_tile(out) or (archive is not None and archive_tile(archive))
+                or (ex.reuse is not None and source_tile(ex.reuse))
                 or choose_tile(plan, n1, n2, grids, budget, n_workers))
     n_tiles = count_tiles(n1, n2, tile)
     if n_tiles > MAX_TILES:
@@ -602,12 +613,18 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     # the tasks' key: the computation and how it runs (a worker's cached plan is one engine's)
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))
+    if archive is not None:  # before the store is made (a dry run too): a refusal leaves nothing behind
+        from cnngp.engine.archive import check_archive_apart, check_archive_identity
+
+        check_archive_apart(archive, out, "--archive")
+        check_archive_identity(archive, {"format": STORE_FORMAT, **identity}, "--archive")
     if dry_run:
-        to_compute, lent = _tiles_to_compute(out, identity, tiles, what, ex.reuse, (xa, xb))
+        to_compute, lent, restored = _tiles_to_compute(out, identity, tiles, what, ex.reuse, (xa, xb), archive)
         d = _dry_run(plan, xa, xb, to_compute, grids, tile, n_workers,
                      threads_per_worker, budget, out, on_cluster=bool(workers or client or scheduler),
-                     cold_workers=client is None and scheduler is None, lent=lent)
+                     cold_workers=client is None and scheduler is None, lent=lent, restored=restored)
         d["tiles_total"] = len(tiles)
+        d["tiles_restored"], d["archive"] = len(restored), None if archive is None else str(archive)
         d["reuse"] = None if ex.reuse is None else str(ex.reuse)
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)
@@ -620,10 +637,6 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
 
         refuse_lending_to_itself(ex.reuse, out)
         open_lender(ex.reuse, identity, xa, xb)
-    if archive is not None:  # before the store is made: an archive inside it would overwrite it
-        from cnngp.engine.archive import check_archive_apart
-
-        check_archive_apart(archive, out, "--archive")
     with contextlib.ExitStack() as session:
         if scheduler is not None:  # connect first: a cluster that cannot be reached leaves no store
             client = session.enter_context(dask_client(None, scheduler))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnngp.engine.archive import is_archive, read_archive_header, read_archived_tile
+from cnngp.engine.archive import archive_tile, is_archive, read_archive_header, read_archived_tile
 from cnngp.engine.gram import Tile
 from cnngp.engine.storage import fingerprint
 from cnngp.engine.store import (
@@ -159,12 +159,7 @@ def open_source(source, what: str = "--reuse") -> Lender:
 
 def source_tile(source) -> int | None:
     """The tile size of the store or archive at ``source``, None when it is neither."""
-    if is_archive(source):
-        try:
-            return int(read_archive_header(source)["identity"]["tile"])
-        except (CNNGPError, KeyError, TypeError, ValueError):
-            return None
-    return KernelStore.stored_tile(source)
+    return archive_tile(source) if is_archive(source) else KernelStore.stored_tile(source)
 
 
 def holds_readouts(path, heads) -> bool:

@@ -129,6 +129,8 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         left += [[st.pairs] for st in stages[len(left):]]
         est = timing.estimate(rates, stages, tile_pairs=left)
         seconds, text, rates_d = est.seconds, est.describe(), rates.as_dict()
+        kernels = [{"name": st.name, "pairs": int(todo[0]), "pairs_total": st.pairs}  # pairs: still to compute
+                   for st, todo in zip(stages, left)]
     else:
         from cnngp.engine.distributed import describe_dry_run, store_dry_run
 
@@ -137,23 +139,27 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         runs = [(f"{stages[0].name}{' (mirror term)' if term else ''}",
                  _lent_or_in_full(lambda e, term=term: store_dry_run(
                      body, x_sub, readouts=readouts, get=get, flip=term,
-                     execution=e.replace(archive=None, progress=False)), e, ex))
+                     execution=e.replace(progress=False)), e, ex))
                 for term, e in _store_parts(ex, "train", flip, readouts)]
         if test_mode is not None:
             heads = readouts if test_mode == "all" else readouts[:1]
             runs += [(f"{stages[1].name}{' (mirror term)' if term else ''}",
                       _lent_or_in_full(lambda e, term=term: store_dry_run(
                           body, x_test, x_sub, readouts=heads, get=get, flip=term,
-                          execution=e.replace(archive=None, progress=False)), e, ex))
+                          execution=e.replace(progress=False)), e, ex))
                      for term, e in _store_parts(ex, "test", flip, heads)]
         seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
-        # each store's dry run: its tiles to compute (less those it holds or --reuse lends; the
-        # archive is left out: a tile it would restore is priced as computed), disk, memory
+        # each store's dry run: its tiles to compute (less those it holds, its archive restores
+        # or --reuse lends), disk, memory
         text = "\n".join(f"{name}:\n" + describe_dry_run(r.dry_run) for name, r in runs)
         text += f"\nestimate in all: about {human_seconds(seconds)}"
         rates_d = {k: runs[0][1].dry_run[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                     "load_average", "timed_pairs")}
+        # per store, what its dry run says: tiles to compute and where the others come from
+        kernels = [{"name": name, **{k: r.dry_run.get(k) for k in (
+            "path", "tile", "tiles", "tiles_total", "tiles_lent", "tiles_restored", "pairs", "disk_bytes",
+            "memory_per_worker_bytes", "estimated_seconds", "reuse", "archive")}} for name, r in runs]
     if disk_bytes:  # the stores' chunks and records (a resumed store: only what it lacks)
         check_job("--store", disk_bytes=disk_bytes, disk_path=ex.store, yes=True,
                   remedy="free space there, or give a --store on a larger disk")
@@ -168,6 +174,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
         print("\n".join(lines), file=sys.stderr)
     return {"seconds": seconds, "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images,
                                             "kernel_evaluations": st.evaluations} for st in stages],
+            "kernels": kernels,  # what is left to compute: per store, or per in-memory kernel
             "memory_bytes": int(memory),
             "rates": rates_d, "text": "\n".join(lines)}
 
@@ -439,7 +446,7 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
         jobs += [(x_test, x_train, part) for part in _store_parts(ex, "test", flip, readouts)]
     if not yes and not ex.on_cluster:
         seconds = sum(_lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_dry_run(
-            body, x1, x2, readouts=readouts, get=get, flip=term, execution=e.replace(archive=None)),
+            body, x1, x2, readouts=readouts, get=get, flip=term, execution=e),
             e, ex).dry_run["estimated_seconds"] for x1, x2, (term, e) in jobs)
         _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
     for x1, x2, (term, e) in jobs:
@@ -1100,9 +1107,13 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
     dry_run : bool, default False
         Check everything and plan the kernels (their pairs, memory, disk, and a time estimate
         from timing a few pairs here; a store's from its dry run: only the tiles it still
-        lacks, less those ``reuse`` lends), then return ``{"dry_run": plan}`` without computing
-        a kernel or writing anything (no store, no cluster started). The plan of kernels read
-        from ``kernel_cache`` says so. A job too long for ``yes`` is planned, not refused.
+        lacks, less those its archive restores and ``reuse`` lends), then return
+        ``{"dry_run": plan}`` without computing a kernel or writing anything (no store, no
+        cluster started). The plan's ``stages`` give each kernel's pairs in all, its
+        ``kernels`` what is left to compute: per store (its tiles to compute, lent, restored,
+        in all, and the pairs to compute) or per in-memory kernel (the pairs its checkpoint
+        lacks). The plan of kernels read from ``kernel_cache`` says so. A job too long for
+        ``yes`` is planned, not refused.
     **options
         Settings of :class:`SweepProtocol` and execution options by name, overriding
         ``protocol`` and ``execution``: ``run_sweep("cnngp1", "digits", ns=(40, 80), progress=False)``.
@@ -1295,7 +1306,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             if dry_run:
                 if job_plan is None:  # the cache's checks come with reading it: do them now
                     _read_cache(Path(kernel_cache), key)
-                    job_plan = {"seconds": 0.0, "stages": [],
+                    job_plan = {"seconds": 0.0, "stages": [], "kernels": [],
                                 "text": f"{data_line}\nplan: the kernels are read from {kernel_cache}; nothing "
                                         "to compute"}
                     if progress:
