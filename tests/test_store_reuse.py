@@ -546,3 +546,26 @@ def test_sweep_reuse_of_an_earlier_sweeps_archive_folder_reproduces_a_sweep_from
     err = capsys.readouterr().err
     assert err.startswith("cnngp: error: --reuse: ") and err.count("\n") == 1 and not (tmp_path / "s4.zarr").exists()
     assert "is neither a kernel store (zarr.json) nor a tile archive (archive.json)" in err
+
+
+def test_a_test_best_sweeps_plan_prices_the_readout_its_lender_holds(tmp_path, capsys):
+    """``--test best`` chooses its readout after the CV, so its plan guesses: the one readout
+    the lender's test store holds (an earlier sweep's choice, which it would lend, at that
+    store's tile size). Oracle: the real run then computes exactly the planned test tiles."""
+    data = digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--test", "best",
+            "--n-test", "30", "--quiet", "--yes"]
+    assert main(argv + ["--n", "40", "--store", str(tmp_path / "s1.zarr"), "--tile", "8",
+                        "--out", str(tmp_path / "a")]) == 0
+    grow = argv + ["--n", "40,80", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
+                   "--out", str(tmp_path / "b")]
+    capsys.readouterr()
+    assert main(grow + ["--dry-run"]) == 0
+    planned = json.loads(capsys.readouterr().out)["kernels"][1]
+    assert (planned["tile"], planned["tiles"], planned["tiles_lent"], planned["tiles_total"]) == (8, 20, 20, 40)
+    assert main(grow) == 0
+    chosen = [json.loads((tmp_path / d / "results.json").read_text())["test"]["lengthscale"] for d in "ab"]
+    records = _records(tmp_path / "s2-test.zarr")
+    computed = [r for r in records.values() if "reused_from" not in r]
+    assert chosen[0] == chosen[1]  # on these data the CV at 80 chooses as the one at 40 did: the guess holds
+    assert (len(records), len(computed), sum(r["pairs"] for r in computed)) == (40, planned["tiles"], planned["pairs"])

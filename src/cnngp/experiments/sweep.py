@@ -142,7 +142,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
                      execution=e.replace(progress=False)), e, ex))
                 for term, e in _store_parts(ex, "train", flip, readouts)]
         if test_mode is not None:
-            heads = readouts if test_mode == "all" else readouts[:1]
+            heads = readouts if test_mode == "all" else _planned_best(ex, readouts, flip)
             runs += [(f"{stages[1].name}{' (mirror term)' if term else ''}",
                       _lent_or_in_full(lambda e, term=term: store_dry_run(
                           body, x_test, x_sub, readouts=heads, get=get, flip=term,
@@ -518,6 +518,25 @@ def is_sweep_archive(path) -> bool:
     from cnngp.engine.archive import is_archive
 
     return is_archive(Path(path) / "train")
+
+
+def _planned_best(ex, readouts, flip) -> list:
+    """The one readout a ``--test best`` sweep's plan prices (the CV has not chosen yet): the
+    readout the test store of ``--reuse`` holds when it is one of ``readouts`` — an earlier
+    sweep's choice, whose tiles (and tile size) it would lend — else the first."""
+    from cnngp.engine.lending import open_source
+
+    if ex.reuse is not None:
+        lender = (Path(ex.reuse) / "test") if is_sweep_archive(ex.reuse) else test_store_path(ex.reuse)
+        if (lender / "zarr.json").is_file() or (lender / "archive.json").is_file():
+            try:
+                held = open_source(lender).attrs.get("readouts") or []
+            except CNNGPError:
+                held = []
+            specs = [json.dumps(h.to_spec(), sort_keys=True) for h in readouts]
+            if len(held) == 1 and json.dumps(held[0], sort_keys=True) in specs:
+                return [readouts[specs.index(json.dumps(held[0], sort_keys=True))]]
+    return readouts[:1]
 
 
 def _named_lender(reuse) -> Path:
