@@ -159,7 +159,7 @@ def test_a_rectangular_store_lends_where_both_image_sets_overlap(tmp_path):
     assert K[:, :6].tobytes() == np.asarray(KernelStore.open(old).kernel[:, :6, :5]).tobytes()
 
 
-def test_a_new_tile_is_lent_only_if_every_old_tile_it_takes_from_is_intact(tmp_path):
+def test_a_new_tile_is_lent_only_if_every_old_tile_it_takes_from_is_intact(tmp_path, capsys):
     """An old tile without a record lends none of its entries (the dry run, from records), and
     one whose mirror chunk no longer matches its record's mirror hash is computed after all
     (the copy, which reads the bytes): both are checked per old tile, mirror parts included."""
@@ -174,7 +174,11 @@ def test_a_new_tile_is_lent_only_if_every_old_tile_it_takes_from_is_intact(tmp_p
     needs_2_2 = lambda t: t.rows.stop > 6 and t.cols.stop > 6  # noqa: E731
     expected_lent = {t.name for t in tile_plan(9, None, 2) if not needs_2_2(t)}
     assert plan["tiles_lent"] == len(expected_lent) and not new.exists()
-    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=2, reuse=old, progress=False)
+    capsys.readouterr()
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=2, reuse=old, progress=True)
+    assert report.tiles_lend_refused == 1  # said, not silent
+    assert f"(1 that {old} would lend did not match their records there or could not be read: computed)" \
+        in capsys.readouterr().err
     records = _records(new)
     lent = {n for n, r in records.items() if "reused_from" in r}
     # of the new tiles, only tile-1-1 (images 2-3 × 2-3) takes an entry from rows 3-5 × cols
@@ -468,6 +472,16 @@ def test_dask_workers_assemble_lent_tiles_of_another_size(tmp_path, dask_cluster
     spread = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "spread.zarr", tile=2, reuse=old,
                           scheduler=dask_cluster, progress=False)
     assert spread.tiles_reused == alone.tiles_reused == 6  # blocks of 2 within the first 6: 3 × 4 / 2
+    assert spread.tiles_lend_refused == alone.tiles_lend_refused == 0
+    # a lender chunk damaged since: the workers' copies of the tiles that need it fail their check,
+    # are computed instead, and the report counts them (tile-0-0 of the old store: images 0-2)
+    damaged = KernelStore.open(old)
+    damaged.kernel[0, 0, 0] = damaged.kernel[0, 0, 0] + 1.0
+    again = store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "again.zarr", tile=2, reuse=old,
+                         scheduler=dask_cluster, progress=False)
+    assert (again.tiles_reused, again.tiles_lend_refused) == (3, 3)  # new tiles 0-0, 0-1 and 1-1 need it
+    np.testing.assert_allclose(np.asarray(KernelStore.open(tmp_path / "again.zarr").kernel[...]),
+                               cnngp.readout_sweep(BODY, READOUTS, x).numpy(), rtol=1e-12, atol=0)
     assert _lent(tmp_path / "spread.zarr") == _lent(tmp_path / "alone.zarr")
     assert np.asarray(KernelStore.open(tmp_path / "spread.zarr").kernel[...]).tobytes() == \
         np.asarray(KernelStore.open(tmp_path / "alone.zarr").kernel[...]).tobytes()

@@ -106,6 +106,7 @@ class StoreReport:
     tiles_restored: int = 0
     archive: str | None = None
     tiles_reused: int = 0  # copied from the store ``reuse``
+    tiles_lend_refused: int = 0  # that ``reuse`` would lend, whose copy failed its checks: computed
     reuse: str | None = None
 
     def as_dict(self) -> dict:
@@ -651,6 +652,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         todo = [t for t in tiles if t.name in pending]  # the plan's nested order: leading blocks first
         saver = None
         restored = lent = lend = []
+        refused: list = []  # lent tiles whose copy failed its checks here
         if archive is not None:
             from cnngp.engine.archive import TileArchive
 
@@ -665,7 +667,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
             if on_cluster:  # the workers copy them, tile by tile, beside the tiles they compute
                 lend = lendable_tiles(ex.reuse, identity, xa, xb, rest)[1]
             else:
-                lent = reuse_tiles(store, ex.reuse, rest)
+                lent = reuse_tiles(store, ex.reuse, rest, refused=refused)
         filled = {t.name for t in restored + lent + lend}  # names: plans reach a million tiles
         todo = [t for t in todo if t.name not in filled]
         state["done"] += restored + lent
@@ -678,14 +680,16 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         report = StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), len(state["done"]),
                              len(state["bad"]), 0, 0, 0, 0.0, n_workers, tiles_restored=len(restored),
                              archive=None if archive is None else str(archive), tiles_reused=len(lent),
-                             reuse=None if ex.reuse is None else str(ex.reuse))
-        if progress and (state["done"] or state["bad"] or lend):
+                             reuse=None if ex.reuse is None else str(ex.reuse), tiles_lend_refused=len(refused))
+        if progress and (state["done"] or state["bad"] or lend or refused):
             print(f"{out}: {len(state['done'])} of {len(tiles)} tiles already done"
                   + (f" ({len(restored)} restored from {archive})" if restored else "")
                   + (f" ({len(lent)} reused from {ex.reuse})" if lent else "")
                   + (f", {len(lend)} to copy from {ex.reuse} on the workers" if lend else "")
                   + f", {len(todo)} to compute"
-                  + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else ""), file=sys.stderr)
+                  + (f" ({len(state['bad'])} bad, recomputed)" if state["bad"] else "")
+                  + (f" ({len(refused)} that {ex.reuse} would lend did not match their records there or "
+                     "could not be read: computed)" if refused else ""), file=sys.stderr)
         if not todo and not lend:  # self records are needed only by tiles still to compute
             report.seconds = time.perf_counter() - start
             return report
@@ -730,6 +734,9 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
             raise e.named(what) from None
         finally:
             book.close()
+        if progress and lend and report.tiles_lend_refused:
+            print(f"{out}: {report.tiles_lend_refused} tile(s) that {ex.reuse} would lend did not match their "
+                  "records there or could not be read on the workers: computed", file=sys.stderr)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -770,6 +777,7 @@ class _TileBook:
 
     def lend_refused(self, tile: Tile) -> None:
         """A tile whose copy its bytes refused: computed instead, so its pairs join the bar's."""
+        self.report.tiles_lend_refused += 1
         if self.bar is not None:
             self.bar.total += tile.pairs
             self.bar.refresh()

@@ -327,13 +327,18 @@ def _pairs_in(tile: Tile, mirrored: bool, src: tuple) -> int:
     return sum(max(0, cols.stop - max(r, cols.start)) for r in range(rows.start, rows.stop))
 
 
-def reuse_tiles(store: KernelStore, source, tiles: list, what: str = "--reuse") -> list:
+def reuse_tiles(store: KernelStore, source, tiles: list, what: str = "--reuse", refused: list | None = None) -> list:
     """Copy into ``store``, one after the other, the tiles of ``tiles`` that the store or tile
     archive at ``source`` lends (:func:`lendable_tiles`, :func:`lend_tile`). Returns the tiles
-    copied. Growing a Gram matrix from N to N' > N images this way computes only the pairs with
-    a new image. (A run on a cluster has its workers copy them instead, tile by tile.)"""
+    copied; those whose copy failed its checks (a part that no longer matches its record, or
+    cannot be read) are appended to ``refused``. Growing a Gram matrix from N to N' > N images
+    this way computes only the pairs with a new image. (A run on a cluster has its workers copy
+    them instead, tile by tile.)"""
     refuse_lending_to_itself(source, store.path, what)
     identity = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
     x2 = None if store.symmetric else store.group["images"]["x2"]
     other, candidates = lendable_tiles(source, identity, store.group["images"]["x1"], x2, tiles, what)
-    return [tile for tile in candidates if lend_tile(store, other, tile, str(source))]
+    lent = []
+    for tile in candidates:
+        (lent if lend_tile(store, other, tile, str(source)) else refused if refused is not None else []).append(tile)
+    return lent
