@@ -480,6 +480,10 @@ def _store_parts(ex, part: str, flip, heads) -> list:
         elif lender is not None and part == "test":
             lender = test_store_path(lender)
         if lender is not None and (term or part == "test") and not holds_readouts(lender, heads):
+            if Path(lender).exists():  # there, but lends nothing to this part: said once, not silently
+                _warn_once((str(lender), part + suffix), f"--reuse: {str(lender)!r} is not of the {part}"
+                           f"{' mirror-term' if term else ''} kernel this sweep computes ({len(heads)} readout(s)): "
+                           "it holds other readouts, or is no kernel store or tile archive, so it lends nothing to it")
             lender = None
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
@@ -499,13 +503,18 @@ def _lent_or_in_full(call, e, ex):
     except LenderRefused as refusal:
         if e.reuse is None or ex.reuse is None or Path(e.reuse) == _named_lender(ex.reuse):
             raise
-        warned = _LENDERS_REFUSED.get()
-        if warned is None:  # outside run_sweep: this call's own
-            warned = set()
-        if (str(e.reuse), str(e.store)) not in warned:  # once, not again after the plan's dry run
-            warned.add((str(e.reuse), str(e.store)))
-            warnings.warn(f"{refusal} (so {str(e.store)!r} is computed in full)", RuntimeWarning, stacklevel=2)
+        _warn_once((str(e.reuse), str(e.store)), f"{refusal} (so {str(e.store)!r} is computed in full)")
         return call(e.replace(reuse=None))
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    """A warning about a lender, once per run_sweep call (not again after the plan's dry run)."""
+    warned = _LENDERS_REFUSED.get()
+    if warned is None:  # outside run_sweep: this call's own
+        warned = set()
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 #: (lender, store) pairs whose refusal :func:`_lent_or_in_full` has warned of in this sweep: a
