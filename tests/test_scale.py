@@ -717,6 +717,8 @@ def test_local_cluster_scratch_is_a_cnngp_temp_folder_removed_on_exit(tmp_path, 
         assert len(ours) == 1 and (ours[0] / "dask-scratch-space").is_dir()
         assert not stale.exists() and live.exists()
     assert not ours[0].exists() and live.exists()
+    # nor do Dask's own lock files (dask-scratch-space/global.lock) land in the shared temp folder
+    assert not (tmp_path / "dask-scratch-space").exists()
 
 
 @pytest.mark.parametrize("trial", [0, pytest.param(1, marks=pytest.mark.slow)])

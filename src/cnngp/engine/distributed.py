@@ -242,22 +242,27 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
         finally:
             client.close()
         return
+    import dask
+
     scratch = _scratch_folder()
+    # Dask's own lock files (dask-scratch-space/global.lock, purge.lock) go into it too, not
+    # into the shared temp folder, where they outlived the run
     try:
-        cluster = LocalCluster(  # every listening socket, the dashboard's included, on 127.0.0.1
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address="127.0.0.1:0", memory_limit=memory_limit or "auto",
-            silence_logs=logging.ERROR, local_directory=scratch,
-            preload=["cnngp.engine._dask_worker"],  # workers ignore Ctrl-C: this process handles it
-        )
-        try:
-            client = Client(cluster)
+        with dask.config.set({"temporary-directory": scratch}):
+            cluster = LocalCluster(  # every listening socket, the dashboard's included, on 127.0.0.1
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address="127.0.0.1:0", memory_limit=memory_limit or "auto",
+                silence_logs=logging.ERROR, local_directory=scratch,
+                preload=["cnngp.engine._dask_worker"],  # workers ignore Ctrl-C: this process handles it
+            )
             try:
-                yield client
+                client = Client(cluster)
+                try:
+                    yield client
+                finally:
+                    client.close()
             finally:
-                client.close()
-        finally:
-            cluster.close()
+                cluster.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
