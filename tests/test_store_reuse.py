@@ -241,7 +241,8 @@ def test_a_lent_tile_whose_bytes_no_longer_match_its_record_is_computed_not_copi
 
 @pytest.mark.parametrize("change, message", [
     (dict(body=cnngp.Serial(cnngp.Conv(3), cnngp.ReLU())), "different network spec"),
-    (dict(readouts=READOUTS[:2]), "different readouts"),
+    (dict(readouts=[READOUTS[0], cnngp.Readout(correlation=cnngp.Matern(1.5, 9.0))]),
+     r"different readouts \(it lacks 1 of this computation's 2 readouts"),
     (dict(dtype="float32"), "different dtype"),
     (dict(flip="mirror"), r"different flip averaging \(no flip; this computation: the mirror term\)"),
     (dict(images=lambda x: x[::-1]), r"computed on 6 images \(x1\) that are not the first 6 of this "
@@ -591,3 +592,45 @@ def test_a_test_best_sweeps_plan_prices_the_readout_its_lender_holds(tmp_path, c
     computed = [r for r in records.values() if "reused_from" not in r]
     assert chosen[0] == chosen[1]  # on these data the CV at 80 chooses as the one at 40 did: the guess holds
     assert (len(records), len(computed), sum(r["pairs"] for r in computed)) == (40, planned["tiles"], planned["pairs"])
+
+
+def test_a_store_of_more_readouts_lends_those_it_shares(tmp_path):
+    """A lender of more readouts lends the borrower's, taken from its rows (in the borrower's
+    order, NNGP then NTK rows with both kernels); one that lacks a readout is refused naming
+    how many. Oracle: the lender's rows, bit for bit, and the kernel from scratch."""
+    x = _images(9)
+    old = tmp_path / "old.zarr"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, get=("nngp", "ntk"), progress=False)
+    some = [READOUTS[2], READOUTS[0]]  # two of the three, in another order
+    new = tmp_path / "new.zarr"
+    report = store_kernel(BODY, x, readouts=some, out=new, tile=2, get=("nngp", "ntk"), reuse=old, progress=False)
+    assert report.tiles_reused == 6
+    K, K_old = (np.asarray(KernelStore.open(p).kernel[...]) for p in (new, old))
+    rows = [2, 0, 3 + 2, 3 + 0]  # NNGP λ = inf, λ = 0; NTK λ = inf, λ = 0
+    assert K[:, :6, :6].tobytes() == np.ascontiguousarray(K_old[rows]).tobytes()
+    nngp, ntk = cnngp.readout_sweep(BODY, some, x, get=("nngp", "ntk"))
+    np.testing.assert_allclose(K, np.concatenate([nngp.numpy(), ntk.numpy()]), rtol=1e-12, atol=0)
+    other = [cnngp.Readout(correlation=cnngp.Matern(1.5, 7.0)), READOUTS[0]]
+    with pytest.raises(CNNGPError, match=r"^--reuse: .*old\.zarr' holds a kernel of different readouts \(it lacks "
+                                         r"1 of this computation's 2 readouts"):
+        store_kernel(BODY, x, readouts=other, out=tmp_path / "no.zarr", tile=2, get=("nngp", "ntk"), reuse=old,
+                     progress=False)
+    assert not (tmp_path / "no.zarr").exists()
+
+
+def test_a_test_best_sweep_borrows_its_chosen_readout_from_a_test_all_sweeps_stores(tmp_path, capsys):
+    """A --test all sweep's test store holds every readout, so it lends the one a later --test
+    best sweep chooses. Oracle: the same --test best sweep from scratch."""
+    data = digits_npz(tmp_path / "d.npz")
+    argv = ["sweep", "--arch", "cnngp1", "--data", str(data), "--lengthscales", "0.5,5", "--n-test", "30",
+            "--tile", "20", "--quiet", "--yes", "--n", "40"]
+    assert main(argv + ["--test", "all", "--store", str(tmp_path / "s1.zarr"), "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--test", "best", "--store", str(tmp_path / "s2.zarr"), "--reuse", str(tmp_path / "s1.zarr"),
+                        "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--test", "best", "--store", str(tmp_path / "s3.zarr"), "--out", str(tmp_path / "c")]) == 0
+    assert _lent(tmp_path / "s2-test.zarr") == ["tile-0-0", "tile-0-1", "tile-1-0", "tile-1-1"]  # all of them
+    grown, fresh = (json.loads((tmp_path / d / "results.json").read_text()) for d in "bc")
+    assert (grown["test"]["readout"], grown["test"]["lengthscale"]) == (fresh["test"]["readout"],
+                                                                        fresh["test"]["lengthscale"])
+    for key in ("test_accuracy", "test_nll", "test_ece"):
+        assert grown["test"][key] == pytest.approx(fresh["test"][key], rel=1e-9, abs=1e-12), key

@@ -952,9 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run on another machine)")
     k.add_argument("--reuse", metavar="OLD.zarr",
                    help="with --out K.zarr: copy from OLD.zarr, a store (or tile archive DIR) of the same "
-                        "network, readouts and dtype (any tile size) on images that begin as --x1 (and "
-                        "--x2) do (fewer: the first of these; more, a store only: these first), the "
-                        "finished part of the pairs both have; compute only the rest")
+                        "network and dtype holding these readouts (any tile size) on images that begin as "
+                        "--x1 (and --x2) do (fewer: the first of these; more, a store only: these first), "
+                        "the finished part of the pairs both have; compute only the rest")
     k.add_argument("--dry-run", action="store_true",
                    help="with --out K.zarr: print the plan, sizes and a time estimate; compute nothing")
     k.set_defaults(func=cmd_kernel, checkpointed=True, store_ok=True)

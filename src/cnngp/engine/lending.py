@@ -1,9 +1,10 @@
 """Lending: the finished entries of one computation copied into another's store (``--reuse``).
 
-Two computations of the same kernel (network, readouts, kernel type, flip term, dtype) whose
-images begin alike share the pairs of the images both have: a Gram matrix grown from N to
-N' images, the kernel of a subset that begins a larger one's, a store moved to a GPU with
-larger tiles. Those pairs are computed once and lent.
+Two computations of the same kernel (network, kernel type, flip term, dtype) whose images
+begin alike share the pairs of the images both have: a Gram matrix grown from N to N'
+images, the kernel of a subset that begins a larger one's, a store moved to a GPU with larger
+tiles, a sweep of a few of the readouts another computed. Those pairs are computed once and
+lent, each readout the borrower computes taken from the lender's row of it.
 
 The lender is a kernel store (``K.zarr``, :mod:`cnngp.engine.store`) or a tile archive (its
 portable copy, ``archive.json``: :mod:`cnngp.engine.archive`), of any tile size. Its images
@@ -18,6 +19,7 @@ makes the tile computed instead, never trusted.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,35 @@ from cnngp.engine.store import (
 from cnngp.errors import CNNGPError
 
 __all__ = ["LENDING_KEYS", "LenderRefused", "Lender", "open_source", "open_lender", "source_tile",
-           "refuse_lending_to_itself", "lendable_tiles", "lend_tile", "reuse_tiles", "holds_readouts"]
+           "refuse_lending_to_itself", "lendable_tiles", "lend_tile", "reuse_tiles", "holds_readouts", "readout_rows"]
 
-#: what a computation lends its entries by: its identity but for its images, their number and
-#: its tile size (a block of any size is cut from, or assembled out of, the lender's tiles)
-LENDING_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("x1_sha256", "x2_sha256", "shape", "tile"))
+#: what a computation lends its entries by: its identity but for its images, their number, its
+#: tile size (a block of any size is cut from, or assembled out of, the lender's tiles) and its
+#: readouts (a lender of more readouts lends those it shares: :func:`readout_rows`)
+LENDING_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("x1_sha256", "x2_sha256", "shape", "tile", "readouts"))
+
+
+def readout_rows(lender_attrs: dict, borrower_attrs: dict) -> list | None | str:
+    """Where the borrower's readouts lie on the lender's leading axis: None when the two hold
+    the same readouts (every row, in order); else the lender's rows of the borrower's, in its
+    order (per kernel type, NNGP then NTK, as stores lay them out); or, as a string, why the
+    lender cannot lend them (the readouts it lacks)."""
+    have, want = lender_attrs.get("readouts"), borrower_attrs.get("readouts")
+    if json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True):
+        return None
+    if not have or not want:
+        return "other readouts"
+    index: dict = {}
+    for i, spec in enumerate(have):
+        index.setdefault(json.dumps(spec, sort_keys=True), i)
+    keys = [json.dumps(spec, sort_keys=True) for spec in want]
+    missing = [w for w, k in zip(want, keys) if k not in index]
+    if missing:
+        corr = (missing[0] or {}).get("correlation") if isinstance(missing[0], dict) else None
+        return f"it lacks {len(missing)} of this computation's {len(want)} readouts (the first: {corr})"
+    per_kind = len(have)
+    kinds = max(1, int(lender_attrs["shape"][0]) // per_kind)
+    return [kind * per_kind + index[k] for kind in range(kinds) for k in keys]
 
 #: a store's ``flip`` as words
 _FLIP_WORDS = {None: "no flip", False: "no flip", True: "flip-averaged", "mirror": "the mirror term"}
@@ -163,22 +189,22 @@ def source_tile(source) -> int | None:
 
 
 def holds_readouts(path, heads) -> bool:
-    """Whether a kernel store or tile archive exists at ``path`` and holds the readouts ``heads``."""
-    from cnngp.engine.store import same_spec
-
+    """Whether a kernel store or tile archive exists at ``path`` and holds the readouts ``heads``
+    (among others, perhaps: it lends those it shares, :func:`readout_rows`)."""
     if not ((Path(path) / "zarr.json").is_file() or is_archive(path)):
         return False
-    return same_spec(open_source(path).attrs.get("readouts"), [h.to_spec() for h in heads])
+    attrs = open_source(path).attrs
+    return not isinstance(readout_rows(attrs, {"readouts": [h.to_spec() for h in heads]}), str)
 
 
 def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender:
     """The kernel store or tile archive at ``source``, checked as a lender to the computation
     ``identity`` on images ``x1`` (and ``x2``; None: x1 × x1), as stored (the plan's dtype): one
-    of the same computation (:data:`LENDING_KEYS`: network, readouts, kernels, flip, dtype),
-    whatever its tile size, on images that begin as ``x1`` (and ``x2``) begin: its images are
-    the first rows of ``x1`` (compared by the sha256 it recorded of its inputs), or ``x1`` is
-    the first rows of its images (compared with the images a store keeps; an archive keeps
-    none). It lends the block of the images both have. Anything else is refused, naming
+    of the same computation (:data:`LENDING_KEYS`: network, kernels, flip, dtype) that holds
+    every readout of ``identity`` (:func:`readout_rows`), whatever its tile size, on images
+    that begin as ``x1`` (and ``x2``) begin: its images are the first rows of ``x1`` (compared
+    by the sha256 it recorded of its inputs), or ``x1`` is the first rows of its images
+    (compared with the images a store keeps; an archive keeps none). It lends the block of the images both have. Anything else is refused, naming
     ``what``. Nothing is written."""
     source = Path(source)
     other = open_source(source, what)
@@ -192,6 +218,10 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
         raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}{values}; only "
                             "a store or tile archive of the same computation (network, readouts, dtype) on "
                             "images that begin as these do lends its tiles")
+    rows = readout_rows(other.attrs, wanted)
+    if isinstance(rows, str):
+        raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different readouts ({rows}); a store or "
+                            "tile archive lends only readouts it holds")
     if other.symmetric != (x2 is None):
         kinds = ("x1 × x1", "x1 × x2")
         raise LenderRefused(f"{what}: {str(source)!r} holds a {kinds[not other.symmetric]} kernel; this one is "
@@ -297,7 +327,10 @@ def lend_tile(store: KernelStore, lender: Lender, tile: Tile, origin: str) -> bo
     pieces = _pieces(lender, tile.rows, tile.cols)
     if pieces is None:
         return False
-    block = np.empty((lender.shape[0], tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start),
+    rows = readout_rows(lender.attrs, store.attrs)  # the lender's readouts this store holds
+    if isinstance(rows, str):
+        return False
+    block = np.empty((store.shape[0], tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start),
                      dtype=np.dtype(lender.attrs["dtype"]))
     spent = {"seconds": 0.0, "cpu_seconds": 0.0}
     for part, mirrored, src, dst in pieces:
@@ -305,7 +338,8 @@ def lend_tile(store: KernelStore, lender: Lender, tile: Tile, origin: str) -> bo
         if loaded is None:
             return False
         chunk, record = loaded
-        block[:, dst[0], dst[1]] = chunk[:, src[0], src[1]]
+        part_block = chunk[:, src[0], src[1]]
+        block[:, dst[0], dst[1]] = part_block if rows is None else part_block[rows]
         share = _pairs_in(part, mirrored, src) / part.pairs  # of the pairs that tile computed
         for key in spent:  # unknown (an older record) for one part: unknown for the tile
             spent[key] = None if spent[key] is None or record.get(key) is None else spent[key] + share * record[key]
