@@ -29,6 +29,7 @@ from cnngp.engine.gram import Tile
 from cnngp.engine.storage import fingerprint
 from cnngp.engine.store import (
     IDENTITY_KEYS, STORE_FORMAT, KernelStore, TiledKernel, _WHAT, _checksum, _first_difference, _read_json,
+    same_spec,
 )
 from cnngp.errors import CNNGPError
 
@@ -47,7 +48,7 @@ def readout_rows(lender_attrs: dict, borrower_attrs: dict) -> list | None | str:
     order (per kernel type, NNGP then NTK, as stores lay them out); or, as a string, why the
     lender cannot lend them (the readouts it lacks)."""
     have, want = lender_attrs.get("readouts"), borrower_attrs.get("readouts")
-    if json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True):
+    if same_spec(have, want):
         return None
     if not have or not want:
         return "other readouts"
@@ -142,12 +143,13 @@ class _StoreLender(Lender):
         return (block, record) if record.get("mirror_sha256" if mirrored else "sha256") == _checksum(block) else None
 
     def first_images(self, which, n):
+        # the images it keeps must be those it computed on: the sha256 it recorded of them
+        if which in self.store.damaged_images():
+            return None
         try:
-            kept = np.asarray(self.store.group["images"][which][...])
+            return np.asarray(self.store.images(which, slice(0, n)))
         except Exception:  # an unreadable chunk
             return None
-        # the images it keeps must be those it computed on: the sha256 it recorded of them
-        return kept[:n] if fingerprint(kept) == self.attrs.get(f"{which}_sha256") else None
 
 
 class _ArchiveLender(Lender):
