@@ -326,12 +326,12 @@ def test_learn_through_a_store_matches_and_reuses_it(tmp_path, monkeypatch):
     assert again["config"]["objective"] == "loo" and again["learned"]["lengthscale"] > 0
     with pytest.raises(cnngp.CNNGPError, match="not with params='all'"):
         run_learn(net, "digits", store=tmp_path / "S.zarr", params="all", **kw)
-    # learn's stores are not grown from smaller ones: ``reuse`` is refused before any work,
-    # as a keyword and inside an Execution
-    for given in (dict(reuse=tmp_path / "S.zarr"), dict(execution=cnngp.Execution(reuse=tmp_path / "S.zarr"))):
-        with pytest.raises(cnngp.CNNGPError, match="^reuse: not an execution option of run_learn"):
-            run_learn(net, "digits", store=tmp_path / "S2.zarr", **given, **kw)
-    assert not (tmp_path / "S2.zarr").exists()
+    # the store's options need a store: refused before any work, as a keyword and inside an Execution
+    for given in (dict(reuse=tmp_path / "S.zarr"), dict(execution=cnngp.Execution(archive=tmp_path / "A")),
+                  dict(workers=2)):
+        with pytest.raises(cnngp.CNNGPError, match=r"^(reuse|archive|workers): needs store= \(--store S.zarr\)"):
+            run_learn(net, "digits", **given, **kw)
+    assert not (tmp_path / "A").exists()
 
 
 
@@ -413,7 +413,7 @@ def test_cnngp_learn_internal_writes_results_and_figure(tmp_path, capsys):
     assert "learned internal λ" in captured.out and "internal λ 0:" in captured.err
     assert main(["learn", "--n", "40", "--params", "all", "--store", str(tmp_path / "S.zarr"),
                  "--out", str(tmp_path / "y")]) == 2
-    assert "not with params='all'" in capsys.readouterr().err
+    assert "cnngp: error: --store: not with --params all" in capsys.readouterr().err
 
 
 # -- a freely learned stationary readout: the spectral mixture ------------------------------
@@ -557,3 +557,197 @@ def test_learn_test_split_reports_nll_and_ece_of_the_learned_model(params, flip)
     assert held["test_nll"] == pytest.approx(ref["nll"], rel=1e-6)
     assert held["test_ece"] == pytest.approx(ref["ece"], rel=1e-6, abs=1e-9)
     assert held["calibration_scale"] == pytest.approx(ref["calibration_scale"], rel=1e-6)
+
+
+# -- learn through the store's options: --reuse, --archive, --workers, --dry-run ----------------
+
+
+def _digits_with_test():
+    from cnngp.io.data import Dataset, load_digits
+
+    xd, yd = load_digits()
+    return Dataset(xd[:200], yd[:200], xd[1000:1050], yd[1000:1050], "digits", tuple(str(i) for i in range(10)))
+
+
+def _lent_tiles(path) -> list:
+    """The tiles of a store that were lent, not computed (their records say where from)."""
+    return sorted(p.stem for p in (path / "records").glob("tile-*.json") if "reused_from" in json.loads(p.read_text()))
+
+
+def _stored(path):
+    from cnngp.engine.store import KernelStore
+
+    return np.asarray(KernelStore.open(path).kernel[...])
+
+
+_STORE_KW = dict(starts=(2.0,), max_iter=5, lengthscales=(1.0,), folds=2, test=True, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_grown_from_a_smaller_runs_stores_equals_a_fresh_run(tmp_path):
+    """``reuse``: a learn run at n = 60 borrows from one at n = 40 the tiles of its train, test
+    and mirror-term stores that lie within the first 40 images (the balanced subsets begin
+    alike), computes the rest, and equals a run from scratch. Oracles: the tiles the tiling
+    geometry puts within the smaller run (tile 16: 3 of the train stores' 10, 2 × 4 of the
+    test stores' 4 × 4), the lender's bytes, and the fresh run's offset sums and results."""
+    from cnngp.experiments.learned import run_learn
+
+    data, net = _digits_with_test(), "cnngp1"
+    kw = dict(_STORE_KW, flip=True, tile=16)
+    run_learn(net, data, 40, store=tmp_path / "S.zarr", **kw)
+    grown = run_learn(net, data, 60, store=tmp_path / "G.zarr", reuse=tmp_path / "S.zarr", **kw)
+    fresh = run_learn(net, data, 60, store=tmp_path / "F.zarr", **kw)
+    for name in ("G.zarr", "G-mirror.zarr"):
+        assert _lent_tiles(tmp_path / name) == ["tile-0-0", "tile-0-1", "tile-1-1"], name
+    for name in ("G-test.zarr", "G-mirror-test.zarr"):  # 50 test rows (4 tiles) × the first 32 columns
+        assert _lent_tiles(tmp_path / name) == [f"tile-{i}-{j}" for i in range(4) for j in range(2)], name
+    for suffix in ("", "-mirror", "-test", "-mirror-test"):
+        got, want = _stored(tmp_path / f"G{suffix}.zarr"), _stored(tmp_path / f"F{suffix}.zarr")
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+        rows = slice(None) if "test" in suffix else slice(0, 32)  # the block lent: the lender's to the bit
+        assert got[:, rows, :32].tobytes() == _stored(tmp_path / f"S{suffix}.zarr")[:, rows, :32].tobytes()
+    for k, v in fresh["learned"].items():
+        assert grown["learned"][k] == pytest.approx(v, rel=1e-8)
+    assert grown["heldout"]["test_accuracy"] == fresh["heldout"]["test_accuracy"]
+    assert grown["heldout"]["test_nll"] == pytest.approx(fresh["heldout"]["test_nll"], rel=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_archive_restores_its_stores_and_lends_as_they_would(tmp_path, monkeypatch):
+    """``archive``: each store (train, test, ``internal-<λ>/`` of ``params="internal"``) keeps its
+    tiles in its own part of the folder; the stores deleted, the same run restores them and
+    computes no tile; a new store ``reuse``-ing the archive folder borrows every tile. Before,
+    the test store was refused by the train store's archive."""
+    import shutil
+
+    import cnngp.engine.distributed as distributed
+    from cnngp.experiments.learned import internal_archive_path, run_learn
+
+    data = _digits_with_test()
+    kw = dict(_STORE_KW, params="internal", refine=1, tile=16)
+    first = run_learn(_internal_net(), data, 40, store=tmp_path / "S.zarr", archive=tmp_path / "A", **kw)
+    lams = [r["internal_lengthscale"] for r in first["trace"] if r["body_pass"]]
+    assert len(lams) >= 7 and sorted(p.name for p in (tmp_path / "A").iterdir()) == sorted(
+        ["train", "test"] + [internal_archive_path("A", lam).name for lam in lams])
+    fitted = first["learned"]["internal_lengthscale"]
+    if fitted != 3.0:  # the test pass at the learned internal λ went through its store too
+        assert (internal_archive_path(tmp_path / "A", fitted) / "test" / "archive.json").is_file()
+    for p in tmp_path.glob("S*.zarr"):
+        shutil.rmtree(p)
+
+    def no_body_pass(*a, **k):
+        raise AssertionError("every tile is archived: none may be computed")
+
+    monkeypatch.setattr(distributed, "run_tile_task", no_body_pass)
+    again = run_learn(_internal_net(), data, 40, store=tmp_path / "S.zarr", archive=tmp_path / "A", **kw)
+    lent = run_learn(_internal_net(), data, 40, store=tmp_path / "T.zarr", reuse=tmp_path / "A", **kw)
+    for r in (again, lent):
+        assert [row["objective"] for row in r["trace"]] == [row["objective"] for row in first["trace"]]
+        assert r["learned"] == first["learned"] and r["heldout"] == first["heldout"]
+    assert _lent_tiles(tmp_path / "T.zarr") == ["tile-0-0", "tile-0-1", "tile-0-2", "tile-1-1", "tile-1-2",
+                                                "tile-2-2"]
+    assert len(_lent_tiles(tmp_path / f"T-internal-{lams[0]:.10g}.zarr")) == 6
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_dry_run_plans_every_body_pass_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """``cnngp learn --dry-run``: JSON on stdout, nothing written, not refused as long (the same
+    command without --yes is). Oracles: the closed-form pair counts of every pass (with
+    ``--params internal`` one per internal λ besides the network's own, the refine steps and
+    the test pass at the learned λ), and, after the run, a plan with nothing left to compute
+    in the known passes' stores."""
+    from cnngp.engine import resources
+
+    npz = tmp_path / "d.npz"
+    data = _digits_with_test()
+    np.savez(npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
+    spec = tmp_path / "net.json"
+    spec.write_text(json.dumps(_internal_net().to_spec()))
+    argv = ["learn", "--arch", str(spec), "--data", str(npz), "--n", "40", "--test", "--params", "internal",
+            "--refine", "2", "--starts", "2", "--max-iter", "5", "--folds", "2"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 1e-6)  # every learn is "long" now
+    assert main(argv + ["--out", str(tmp_path / "o"), "--dry-run", "--quiet"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    train, test = 40 * 41 // 2, 50 * 40
+    assert [(s["name"], s["pairs"], s["times"]) for s in plan["stages"]] == [
+        ("offset sums", train, 1), ("test offset sums", test, 1),
+        *((f"offset sums at internal λ {lam:g}", train, 1) for lam in (0, 0.3, 1, 10, 30, 100)),
+        ("offset sums at the internal λ the search refines to", train, 2),
+        ("test offset sums at the learned internal λ", test, 1)]
+    assert [k["pairs"] for k in plan["kernels"]] == [train, test] + [train] * 6 + [2 * train, test]
+    # held in float64: the 4×4 last grid's 7×7 offsets of two train sets (best λ, current) and the test set
+    assert plan["seconds"] > 0 and plan["memory_bytes"] == 8 * 7 ** 2 * (2 * 40 * 40 + test)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 2  # refused: over the limit
+    assert "pass --yes" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 3600.0)
+
+    # through stores: each store's tiles; after the run, none left in the passes of known λ
+    store = ["--store", str(tmp_path / "S.zarr"), "--tile", "16"]
+    assert main(argv + store + ["--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
+    assert err.startswith("data: ") and "plan: offset sums: 820 pairs; test offset sums: 2,000 pairs" in err
+    assert [k["tiles"] for k in plan["kernels"]] == [6, 12] + [6] * 6 + [6, 12]
+    assert [k["path"] for k in plan["kernels"]][:3] == [str(tmp_path / "S.zarr"), str(tmp_path / "S-test.zarr"),
+                                                       str(tmp_path / "S-internal-0.zarr")]
+    assert plan["kernels"][-1]["path"] is None and not (tmp_path / "S.zarr").exists()
+    assert main(argv + store + ["--out", str(tmp_path / "o"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(argv + store + ["--out", str(tmp_path / "o2"), "--dry-run", "--quiet"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [k["tiles"] for k in plan["kernels"]] == [0, 0] + [0] * 6 + [6, 12]
+
+
+def test_learn_store_options_are_refused_in_one_line_before_any_work(tmp_path, capsys):
+    """--workers, --archive, --reuse without --store; --reuse of the store itself, of nothing,
+    --archive of a folder that is not an archive, --workers with --scheduler: one line, exit 2,
+    nothing written."""
+    base = ["learn", "--n", "40", "--starts", "2", "--max-iter", "3", "--out", str(tmp_path / "o"), "--quiet"]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    s = str(tmp_path / "S.zarr")
+    for extra, message in [
+        (["--workers", "2"], "--workers: needs --store K.zarr"),
+        (["--reuse", s], "--reuse: needs --store K.zarr"),
+        (["--store", s, "--reuse", s], "--reuse: "),
+        (["--store", s, "--reuse", str(tmp_path / "none.zarr")], "--reuse: "),
+        (["--store", s, "--archive", str(tmp_path / "foreign")], "--archive: "),
+        (["--store", s, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--workers: cannot be combined"),
+        (["--store", s, "--params", "all"], "--store: not with --params all"),
+    ]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"cnngp: error: {message}"), (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_on_dask_workers_opens_one_cluster_and_equals_one_process(tmp_path, dask_cluster, monkeypatch):
+    """``workers``: every store of the run (train, test, their mirror terms, each internal λ's)
+    is computed on one cluster, opened once; its stores hold the same bytes as a run in one
+    process, and the results are the same."""
+    import contextlib
+
+    import cnngp.engine.distributed as distributed
+    from cnngp.experiments.learned import run_learn
+
+    opened = []
+
+    @contextlib.contextmanager
+    def one_client(workers=None, scheduler=None, memory_limit=None):
+        opened.append(workers)
+        yield dask_cluster
+
+    monkeypatch.setattr(distributed, "dask_client", one_client)
+    data = _digits_with_test()
+    kw = dict(_STORE_KW, params="internal", refine=0, flip=True, tile=16)
+    alone = run_learn(_internal_net(), data, 40, store=tmp_path / "A.zarr", **kw)
+    spread = run_learn(_internal_net(), data, 40, store=tmp_path / "B.zarr", workers=2, **kw)
+    assert opened == [2]
+    assert spread["learned"] == alone["learned"] and spread["heldout"] == alone["heldout"]
+    names = sorted(p.name[1:] for p in tmp_path.glob("A*.zarr"))
+    assert len(names) >= 2 * 8 and names == sorted(p.name[1:] for p in tmp_path.glob("B*.zarr"))
+    for name in names:
+        assert _stored(tmp_path / f"B{name}").tobytes() == _stored(tmp_path / f"A{name}").tobytes(), name

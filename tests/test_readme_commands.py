@@ -114,6 +114,10 @@ VARIANTS: dict[str, tuple[list[str], int, tuple]] = {
          "cnngp info K2.zarr"], 0, ()),
     "cnngp info K.zarr": (
         [f"cnngp kernel --arch myrtle10 {TINY} --out K.zarr --quiet", "cnngp info K.zarr"], 0, ()),
+    "cnngp learn --arch myrtle10-correlated --data examples/cifar10-small.npz --n 40 --params internal "
+    "--store S.zarr --dry-run --quiet": (  # as written: a plan only, seconds
+        ["cnngp learn --arch myrtle10-correlated --data examples/cifar10-small.npz --n 40 --params internal "
+         "--store S.zarr --dry-run --quiet"], 0, ()),
     "cnngp sweep --arch myrtle10 --data examples/cifar10-small.npz --n 80,160,320 --store S.zarr --dry-run": (
         ["cnngp sweep --arch myrtle10 --data examples/cifar10-small.npz --n 40 --store S.zarr --dry-run "
          "--quiet"], 0, ()),

@@ -194,7 +194,7 @@ def test_learn_and_montecarlo_have_the_one_hour_gate(tmp_path, monkeypatch, caps
     learn = ["learn", "--arch", "cnngp2", "--n", "40", "--out", str(out), "--quiet"]
     assert main(learn) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cnngp: error: --n (40 images, 820 pairs): would take about"), err
+    assert len(err) == 1 and err[0].startswith("cnngp: error: --n 40 (820 pairs): would take about"), err
     assert "pass --yes" in err[0] and not out.exists()
 
 

@@ -560,7 +560,7 @@ def test_sweep_reuse_of_an_earlier_sweeps_archive_folder_reproduces_a_sweep_from
     assert main(argv + ["--n", "40,80", "--store", str(tmp_path / "s5.zarr"), "--reuse", str(tmp_path / "arch"),
                         "--out", str(tmp_path / "f")]) == 0
     err = capsys.readouterr().err
-    assert f"--reuse: '{tmp_path / 'arch' / 'test'}' is not of the test kernel this sweep computes" in err
+    assert f"--reuse: '{tmp_path / 'arch' / 'test'}' is not of the test kernel this run computes" in err
     assert _lent(tmp_path / "s5.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"] and not _lent(tmp_path / "s5-test.zarr")
     # a folder that is neither a store nor an archive: one line, before any work
     (tmp_path / "empty").mkdir()

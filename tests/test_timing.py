@@ -80,3 +80,32 @@ def test_measure_times_the_real_plan():
     assert r.threads == 1 and r.seconds_per_pair > 0 and r.seconds_per_image > 0
     assert r.pairs_timed in {k * k for k in range(2, timing.MAX_SIDE + 1)}
     assert r.start_seconds >= 0 and "ms per pair" in r.describe()
+
+
+def test_a_commands_plans_count_its_start_once():
+    """``total_seconds``: each plan's own work, and the fixed part (the command's start, a cold
+    cluster's) once — the largest, where one plan starts a cluster and another does not."""
+    from cnngp.engine.timing import total_seconds
+
+    plans = [{"estimated_seconds": 10.0, "fixed_seconds": 3.0}, {"estimated_seconds": 5.0, "fixed_seconds": 3.0},
+             {"estimated_seconds": 20.0, "fixed_seconds": 8.0}]
+    assert total_seconds(plans) == pytest.approx(7 + 2 + 12 + 8)
+    assert total_seconds([]) == 0.0 and total_seconds(plans[:1]) == 10.0
+    assert total_seconds([{"estimated_seconds": 4.0}]) == 4.0  # a plan without a fixed part
+
+
+def test_an_estimate_says_its_fixed_part():
+    """The in-process estimate's fixed part is the command's start and warm-up; a cold local
+    cluster's adds the cluster's start and stop and a worker's own start."""
+    from cnngp.engine import timing
+
+    rates = timing.Rates(seconds_per_pair=1e-3, seconds_per_image=1e-4, warmup_seconds=0.5, start_seconds=2.0,
+                         threads=1, pairs_timed=4, load_average=None)
+    stage = [timing.Stage("kernel", 10)]
+    here = timing.estimate(rates, stage)
+    assert here.fixed_seconds == pytest.approx(2.5)
+    assert here.seconds == pytest.approx(2.5 + 55 * 1e-3 + 10 * 1e-4)
+    cold = timing.estimate(rates, stage, workers=2)
+    worker = max(2.0, timing.TYPICAL_START_SECONDS) + 0.5
+    assert cold.fixed_seconds == pytest.approx(2.5 + timing.CLUSTER_START_SECONDS + worker + timing.CLUSTER_STOP_SECONDS)
+    assert timing.estimate(rates, stage, workers=2, cold_workers=False).fixed_seconds == pytest.approx(2.5)

@@ -33,19 +33,17 @@ def _starts(text: str) -> list[float]:
 
 
 def cmd_learn(args) -> int:
-    from cnngp.cli.sweep import _write_outputs
+    from cnngp.cli.sweep import _write_outputs, check_store_options
     from cnngp.experiments.learned import learned_figure, run_learn
 
     args.zca = parse_zca(args.zca)
     if args.refine is not None and args.params != "internal":
         raise CNNGPError("--refine: only meaningful with --params internal (the Brent steps after "
                          "the internal λ grid)")
-    if args.store is not None:
-        from cnngp.engine.store import is_store_path
-
-        if not is_store_path(args.store):
-            raise CNNGPError(f"--store {args.store}: a store is a Zarr folder and its name must end "
-                             "in .zarr, e.g. S.zarr")
+    if args.store is not None and args.params == "all":
+        raise CNNGPError("--store: not with --params all (its kernels are recomputed by autograd at every "
+                         "step); use --params readout or internal")
+    check_store_options(args, nested="internal-")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
@@ -74,7 +72,11 @@ def cmd_learn(args) -> int:
         zca_fit_outside=parse_zca_fit_outside(args), flip=args.flip,
     )
     result = run_learn(args.arch, load_data(args), args.n, protocol, on_step=None if args.quiet else progress,
-                       data_label=str(args.data), execution=execution_from_args(args), yes=args.yes)
+                       data_label=str(args.data), execution=execution_from_args(args), yes=args.yes,
+                       dry_run=args.dry_run)
+    if args.dry_run:  # the plan's lines for a person went to stderr; its JSON alone to stdout
+        print(json.dumps(result["dry_run"], indent=2, allow_nan=False))
+        return 0
     result["config"]["command"] = command_line(args)
     png = io.BytesIO()
     learned_figure(result, png)
@@ -100,6 +102,7 @@ def cmd_learn(args) -> int:
 
 
 def register(subparsers) -> None:
+    from cnngp.cli.sweep import add_store_options
     from cnngp.kernels.correlations import FAMILIES
 
     p = subparsers.add_parser(
@@ -130,6 +133,7 @@ def register(subparsers) -> None:
     p.add_argument("--store", help="S.zarr: compute the offset sums into this resumable tiled store (and "
                                    "S-test.zarr with --test), or reuse it; with --params internal also "
                                    "S-internal-<λ>.zarr per internal λ, so an interrupted run resumes")
+    add_store_options(p, "offset sums")
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32", help="readout family (default matern32)")
     p.add_argument("--folds", type=int_at_least(2), default=4, help="CV folds (default 4)")
     p.add_argument("--fold-scheme", choices=["paper", "stratified"], default="paper")
@@ -150,6 +154,11 @@ def register(subparsers) -> None:
     p.add_argument("--starts", default="0.3,3,30", help="starting lengthscales, best kept (default 0.3,3,30)")
     p.add_argument("--max-iter", type=int_at_least(1), default=100, help="L-BFGS-B iterations per start (default 100)")
     p.add_argument("--out", default="cnngp-learn", help="output directory (default cnngp-learn)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (with --dry-run: the JSON alone)")
     p.add_argument("--yes", action="store_true", help="start even if the estimate says it takes over an hour")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan: every body pass (with --params internal one per "
+                        "internal λ), memory and a time estimate (with --store: only the tiles the stores lack, "
+                        "less those --archive restores or --reuse lends), as JSON on stdout; compute nothing, "
+                        "write nothing")
     p.set_defaults(func=cmd_learn, out_kind="dir", out_files=("learned.json", "learned.png"))

@@ -121,30 +121,9 @@ def cmd_sweep(args) -> int:
         from cnngp.engine.storage import check_output_file
 
         check_output_file(args.kernel_cache, "--kernel-cache")
-    if args.store is not None:
-        from cnngp.engine.store import check_output_store, is_store_path
-        from cnngp.experiments.sweep import sweep_store_paths
-
-        if args.kernel_cache is not None:
-            raise CNNGPError("--store: cannot be combined with --kernel-cache (choose one)")
-        if not is_store_path(args.store):
-            raise CNNGPError(f"--store: expected a kernel store path ending in .zarr, got {args.store!r}")
-        for path in sweep_store_paths(args.store, bool(args.test), bool(args.flip)):
-            check_output_store(path, "--store" + ("" if path == Path(args.store) else
-                                                  f" (its {'test ' if path.name.endswith('-test.zarr') else ''}"
-                                                  f"{'mirror-term ' if '-mirror' in path.name else ''}store)"))
-        if args.archive is not None:
-            from cnngp.experiments.sweep import check_sweep_archive
-
-            check_sweep_archive(args.archive, args.test, flip=bool(args.flip))
-        if args.reuse is not None:
-            from cnngp.cli.main import check_reuse_store
-
-            check_reuse_store(args.reuse, args.store, "--store", sweep=True)
-    else:
-        for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse"):
-            if getattr(args, flag) is not None:
-                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
+    if args.store is not None and args.kernel_cache is not None:
+        raise CNNGPError("--store: cannot be combined with --kernel-cache (choose one)")
+    check_store_options(args)
 
     dataset = load_data(args)
 
@@ -216,6 +195,58 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def check_store_options(args, nested: str | None = None) -> None:
+    """The store flags of ``sweep`` and ``learn`` before any work: ``--store`` (a new store or
+    one of this computation, with its test and mirror-term stores), ``--archive`` (a sweep's
+    archive folder; ``nested``: :func:`check_sweep_archive`'s), ``--reuse`` (a store or archive
+    that opens, not the store itself), ``--workers`` or ``--scheduler``; without ``--store``
+    the flags that need one are refused."""
+    if args.store is None:
+        for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse"):
+            if getattr(args, flag) is not None:
+                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
+        return
+    from cnngp.engine.store import check_output_store, is_store_path
+    from cnngp.experiments.sweep import check_sweep_archive, sweep_store_paths
+
+    if not is_store_path(args.store):
+        raise CNNGPError(f"--store: expected a kernel store path ending in .zarr, got {args.store!r}")
+    for path in sweep_store_paths(args.store, bool(args.test), bool(args.flip)):
+        check_output_store(path, "--store" + ("" if path == Path(args.store) else
+                                              f" (its {'test ' if path.name.endswith('-test.zarr') else ''}"
+                                              f"{'mirror-term ' if '-mirror' in path.name else ''}store)"))
+    if args.archive is not None:
+        check_sweep_archive(args.archive, bool(args.test), flip=bool(args.flip), nested=nested)
+    if args.reuse is not None:
+        from cnngp.cli.main import check_reuse_store
+
+        check_reuse_store(args.reuse, args.store, "--store", sweep=True)
+    if args.workers is not None and args.scheduler is not None:
+        raise CNNGPError("--workers: cannot be combined with --scheduler (that cluster has its own workers)")
+
+
+def add_store_options(p, what: str) -> None:
+    """``--workers``, ``--scheduler``, ``--tile``, ``--threads-per-worker``, ``--archive`` and
+    ``--reuse`` of a command whose ``--store`` holds ``what`` ("kernels", "offset sums")."""
+    p.add_argument("--workers", type=int_at_least(1), help="with --store: a local Dask cluster of N worker processes")
+    p.add_argument("--scheduler", help="with --store: an existing Dask scheduler address")
+    p.add_argument("--tile", type=int_at_least(1), help="with --store: tile side (default: from the memory budget)")
+    p.add_argument("--threads-per-worker", type=int_at_least(1), help="with --store: torch/numba threads per task")
+    p.add_argument("--archive", metavar="DIR",
+                   help="with --store: keep a compressed, portable copy of every finished tile in "
+                        "DIR/train (and DIR/test, the -mirror terms"
+                        + (", DIR/internal-<λ>/ of --params internal" if what == "offset sums" else "")
+                        + ") and restore from it what the stores lack (copy or commit DIR to finish a "
+                        "run on another machine)")
+    p.add_argument("--reuse", metavar="OLD.zarr",
+                   help=f"with --store: copy the finished tiles of an earlier run's store OLD.zarr of {what} "
+                        "(and of its -test, -mirror"
+                        + (" and -internal-<λ>" if what == "offset sums" else "")
+                        + " stores, where they exist), or of its --archive folder, of the same network and "
+                        "dtype (any tile size) on training images that begin as these do (a smaller or, "
+                        "from a store, larger --n, same seed); compute only the pairs it lacks")
+
+
 def register(subparsers) -> None:
     """Add the ``sweep`` command to the ``cnngp`` parser."""
     from cnngp.kernels.correlations import FAMILIES
@@ -285,20 +316,7 @@ def register(subparsers) -> None:
     p.add_argument("--store",
                    help="K.zarr: compute the kernels tile by tile into this resumable store (and "
                    "K-test.zarr with --test), or finish/reuse it; one readout in memory at a time")
-    p.add_argument("--workers", type=int_at_least(1), help="with --store: a local Dask cluster of N worker processes")
-    p.add_argument("--scheduler", help="with --store: an existing Dask scheduler address")
-    p.add_argument("--tile", type=int_at_least(1), help="with --store: tile side (default: from the memory budget)")
-    p.add_argument("--threads-per-worker", type=int_at_least(1), help="with --store: torch/numba threads per task")
-    p.add_argument("--archive", metavar="DIR",
-                   help="with --store: keep a compressed, portable copy of every finished tile in "
-                        "DIR/train (and DIR/test) and restore from it what the stores lack (copy or "
-                        "commit DIR to finish a run on another machine)")
-    p.add_argument("--reuse", metavar="OLD.zarr",
-                   help="with --store: copy the finished tiles of an earlier sweep's store OLD.zarr (and "
-                        "of its -test and -mirror stores, where they exist), or of its --archive folder, "
-                        "of the same network and dtype (any tile size) on training images that begin as "
-                        "these do (a smaller or, from a store, larger --n, same seed); compute only the "
-                        "pairs it lacks")
+    add_store_options(p, "kernels")
     p.add_argument("--yes", action="store_true",
                    help="start even if the estimate says the kernels take over an hour")
     p.add_argument("--dry-run", action="store_true",

@@ -460,6 +460,7 @@ def _dry_run(plan, xa, xb, tiles, grids, tile, workers, threads, budget, path, o
         "load_average": rates.load_average,
         "estimated_seconds_one_worker": serial,
         "estimated_seconds": est.seconds,
+        "fixed_seconds": est.fixed_seconds,  # of those, paid once per command (timing.total_seconds)
         "estimate": est.describe(),
         "path": str(path),
     }

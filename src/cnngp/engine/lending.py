@@ -192,10 +192,13 @@ def source_tile(source) -> int | None:
 
 def holds_readouts(path, heads) -> bool:
     """Whether a kernel store or tile archive exists at ``path`` and holds the readouts ``heads``
-    (among others, perhaps: it lends those it shares, :func:`readout_rows`)."""
+    (among others, perhaps: it lends those it shares, :func:`readout_rows`); ``heads`` None:
+    whether it holds offset sums (``cnngp learn``'s stores), which lend only to offset sums."""
     if not ((Path(path) / "zarr.json").is_file() or is_archive(path)):
         return False
     attrs = open_source(path).attrs
+    if heads is None or attrs.get("offsets"):
+        return heads is None and bool(attrs.get("offsets"))
     return not isinstance(readout_rows(attrs, {"readouts": [h.to_spec() for h in heads]}), str)
 
 

@@ -172,6 +172,9 @@ class Stage:
 class Estimate:
     seconds: float
     lines: tuple  # one line per stage and one for the total
+    #: the part of ``seconds`` a command pays once whatever it computes: its own start and first
+    #: call's warm-up, and a cold cluster's start and stop (:func:`total_seconds`)
+    fixed_seconds: float = 0.0
 
     def describe(self) -> str:
         return "\n".join(self.lines)
@@ -207,7 +210,7 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
             total += s
             lines.append(f"  {st.name}: {st.describe_pairs(sum(pairs))}, {st.images:,} images: about {_human(s)}")
         lines.append(f"estimate: about {_human(total)} with this command's start ({rates.describe()})")
-        return Estimate(total, tuple(lines))
+        return Estimate(total, tuple(lines), rates.start_seconds + rates.warmup_seconds)
     # a cold worker imports more than this command had when it was timed (distributed, the
     # task modules): at least the typical start, then numba loads the kernels on its first call
     worker = max(rates.start_seconds, TYPICAL_START_SECONDS) + rates.warmup_seconds
@@ -224,7 +227,18 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
     total += start
     lines.append(f"  start: this command, the cluster and its workers about {_human(start + rates.start_seconds)}")
     lines.append(f"estimate: about {_human(total)} on {workers} worker(s) ({rates.describe()})")
-    return Estimate(total, tuple(lines))
+    return Estimate(total, tuple(lines), rates.start_seconds + rates.warmup_seconds + start)
+
+
+def total_seconds(plans) -> float:
+    """The time of one command that computes every plan of ``plans`` (dry runs' dictionaries:
+    ``estimated_seconds`` and ``fixed_seconds``, :class:`Estimate`'s), one after another: each
+    plan's own work, and the fixed part (the command's start, a cluster's) once."""
+    plans = list(plans)
+    if not plans:
+        return 0.0
+    return (sum(p["estimated_seconds"] - p.get("fixed_seconds", 0.0) for p in plans)
+            + max(p.get("fixed_seconds", 0.0) for p in plans))
 
 
 def _human(s: float) -> str:

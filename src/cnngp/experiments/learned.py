@@ -17,6 +17,7 @@ pass they share is counted separately in ``body_pair_evaluations``).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import numbers
@@ -32,8 +33,8 @@ import torch
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine.gram import flip_average, kernel, offset_sums
 from cnngp.experiments.sweep import (
-    _folds_for, _in_memory, check_folds_and_seed, check_store_zca, note_store_zca, store_terms, sweep_store_paths,
-    test_store_path,
+    _LENDERS_REFUSED, _folds_for, _in_memory, _lent_or_in_full, _store_parts, check_folds_and_seed,
+    check_store_zca, check_sweep_archive, is_sweep_archive, note_store_zca, open_cluster, sweep_store_paths,
 )
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
@@ -121,28 +122,54 @@ def internal_store_path(store, lengthscale: float) -> Path:
     return prefix.with_name(f"{prefix.name}{lengthscale:.10g}.zarr")
 
 
+def internal_archive_path(archive, lengthscale: float) -> Path:
+    """Where ``params="internal"`` archives the offset sums at one internal λ in a learn run's
+    ``--archive`` folder ``DIR``: ``DIR/internal-<λ>/``, laid out as ``DIR`` itself (``train/``,
+    ``test/`` and their ``-mirror`` terms)."""
+    return Path(archive) / f"internal-{lengthscale:.10g}"
+
+
+def _internal_execution(ex, lengthscale: float):
+    """The execution of the offset sums at internal λ ``lengthscale``: its own store
+    (:func:`internal_store_path`) and tile archive (:func:`internal_archive_path`), lent by
+    ``ex.reuse``'s counterpart at that λ (an earlier learn run's store or ``--archive`` folder)
+    where there is one."""
+    lender = None
+    if ex.reuse is not None:
+        if is_sweep_archive(ex.reuse):
+            lender = internal_archive_path(ex.reuse, lengthscale)
+            lender = lender if is_sweep_archive(lender) else None
+        else:
+            lender = internal_store_path(ex.reuse, lengthscale)
+            lender = lender if (lender / "zarr.json").is_file() else None
+    return ex.replace(store=internal_store_path(ex.store, lengthscale), reuse=lender,
+                      archive=None if ex.archive is None else internal_archive_path(ex.archive, lengthscale))
+
+
 def _check_resumed_stores(body, x, x_test, ex, flip) -> None:
     """Refuse, before anything is printed or computed, a store of ``ex.store``'s layout (train,
     test, mirror terms) that exists but holds another computation (other images, network,
-    dtype, tile): the dry run of each (:func:`cnngp.engine.distributed.store_dry_run`) refuses it
-    in the words the run would use."""
+    dtype, tile), or a ``--reuse`` that cannot lend to it: the dry run of each
+    (:func:`cnngp.engine.distributed.store_dry_run`) refuses it in the words the run would use."""
     from cnngp.engine.distributed import store_dry_run
 
-    for term, base in store_terms(ex.store, flip):
-        for path, x1, x2 in ((base, x, None), (test_store_path(base), x_test, x)):
-            if x1 is not None and (Path(path) / "zarr.json").is_file():
-                store_dry_run(body, x1, x2, offsets=True, flip=term, execution=ex.replace(store=path, progress=False))
+    for part, x1, x2 in (("train", x, None), ("test", x_test, x)):
+        for term, e in ([] if x1 is None else _store_parts(ex, part, flip, None)):
+            if (Path(e.store) / "zarr.json").is_file() or (part == "train" and not term and e.reuse is not None):
+                _lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_dry_run(
+                    body, x1, x2, offsets=True, flip=term, execution=e.replace(progress=False)), e, ex)
 
 
 def learn_store_paths(store, test: bool, flip: bool) -> list[Path]:
     """Every store of offset sums a learn run with ``store`` (``S.zarr``) has written or may
     write: the sweep's layout (train, test, mirror terms) and, of ``params="internal"``, the
-    stores at each internal λ already there (:func:`internal_store_path`) with their mirror terms."""
+    stores at each internal λ already there (:func:`internal_store_path`) with their mirror
+    terms and, at the learned λ, test stores."""
     prefix = _internal_stores_prefix(store)
     internal = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}*.zarr"))
     return sweep_store_paths(Path(store), test, flip) + [
         p for base in internal if not base.name.endswith(("-mirror.zarr", "-test.zarr"))
-        for p in sweep_store_paths(base, False, flip)]
+        for p in sweep_store_paths(base, test, flip) if "-test" not in p.name[len(base.stem):] or p.exists()]
 
 
 def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls, fold_list, protocol,
@@ -172,8 +199,8 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls,
             S = S_given
         else:
             S = _offset_sums(with_internal(body, indices, key), x, None,
-                             ex.replace(store=None if store is None else internal_store_path(store, key),
-                                        progress=ex.progress and store is not None), protocol.flip)
+                             ex.replace(progress=False) if store is None else _internal_execution(ex, key),
+                             protocol.flip)
         ro = OffsetReadout(S, grid, family, bias_var)
         res = learn_readout(ro, y, objective=objective, n_classes=k_cls, starts=starts, max_iter=max_iter)
         fit = res.learned
@@ -217,23 +244,122 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls,
     return rows, kept["S"]
 
 
+def _plan_learn(body, indices, x, x_test, ex, protocol, *, timed: bool) -> dict:
+    """The body passes of a learn run, priced before any is made: the offset sums of the
+    training images (and of the test images against them); with ``params="internal"`` one pass
+    per internal λ of :data:`INTERNAL_GRID`, ``refine`` passes at λ the search chooses and,
+    with a test split, the test pass at the learned λ (these last two priced in full: their λ
+    is not known yet). Through a store (``ex.store``) each store's dry run prices the tiles it
+    lacks, less those its archive restores or ``--reuse`` lends, and refuses a store or lender
+    of another computation here, before any work; in memory a few pairs are timed here (when
+    ``timed``, or when the operation count prices the passes above
+    :data:`~cnngp.engine.gram.MEASURE_ABOVE_SECONDS`). ``params="all"``'s autograd steps (about
+    three kernel passes each) are not priced. Memory: the offset sums held in float64 for the
+    inference (with ``params="internal"`` two sets: the best λ's and the current).
+
+    Returns the plan: ``stages`` (pairs and images of each pass), ``kernels`` (per store, or
+    per in-memory pass: what is left to compute), ``seconds``, ``memory_bytes`` and ``text``,
+    the lines printed."""
+    from cnngp.engine import timing
+    from cnngp.engine.distributed import describe_dry_run, store_dry_run
+    from cnngp.engine.gram import MEASURE_ABOVE_SECONDS, GramPlan, gram_needs
+    from cnngp.engine.resources import human_bytes, human_seconds
+
+    flip, n, store = protocol.flip, len(x), ex.store
+    n_test = 0 if x_test is None else len(x_test)
+    # (name, network, x1, x2, execution of its store (None: in memory), times, known λ)
+    passes = [("offset sums", body, x, None, ex, 1, True)]
+    if x_test is not None:
+        passes.append(("test offset sums", body, x_test, x, ex, 1, True))
+    internal = protocol.params == "internal"
+    if internal:
+        own = float(body.layers[indices[0]].correlation.lengthscale)
+        for lam in sorted(set(INTERNAL_GRID) - {own}):
+            passes.append((f"offset sums at internal λ {lam:g}", with_internal(body, indices, lam), x, None,
+                           None if store is None else _internal_execution(ex, lam), 1, True))
+        if protocol.refine:
+            passes.append(("offset sums at the internal λ the search refines to", body, x, None, None,
+                           int(protocol.refine), False))
+        if x_test is not None:
+            passes.append(("test offset sums at the learned internal λ", body, x_test, x, None, 1, False))
+    grid = body.grids(tuple(x.shape[1:-1]))[-1]
+    offsets = math.prod(2 * g - 1 for g in grid)
+    memory = 8 * offsets * (n * n * (2 if internal else 1) + n_test * n)
+    if store is not None:  # a store is read whole in its dtype, then made float64 (both terms with flip)
+        memory += torch.finfo(ex.torch_dtype).bits // 8 * offsets * n * n * (2 if flip else 1)
+
+    stages, kernels, lines, reports, seconds = [], [], [], [], 0.0
+    rates_d = None
+    if store is not None:
+        unknown = ex.replace(store=_internal_stores_prefix(store).with_name(
+            f"{_internal_stores_prefix(store).name}plan-only.zarr"), archive=None, reuse=None)
+        for name, net, x1, x2, e_base, times, known in passes:
+            part = "train" if x2 is None else "test"
+            for term, e in _store_parts(e_base if known else unknown, part, flip, None):
+                report = _lent_or_in_full(lambda e, net=net, x1=x1, x2=x2, term=term: store_dry_run(
+                    net, x1, x2, offsets=True, flip=term, execution=e.replace(progress=False)), e, ex).dry_run
+                label = name + (" (mirror term)" if term else "") + ("" if times == 1 else f" (× {times})")
+                lines.append(f"{label}:\n" + describe_dry_run({**report, "path": report["path"] if known
+                                                                 else "(a store per λ, priced in full)"}))
+                reports += [report] * times
+                rates_d = rates_d or {k: report[k] for k in ("seconds_per_pair", "seconds_per_image_self",
+                                                            "load_average", "timed_pairs")}
+                kernels.append({"name": label, "times": times, **{k: report.get(k) for k in (
+                    "tile", "tiles", "tiles_total", "tiles_lent", "tiles_restored", "pairs", "disk_bytes",
+                    "memory_per_worker_bytes", "estimated_seconds", "reuse", "archive")},
+                    "path": report["path"] if known else None})
+            stages.append(timing.Stage(name, len(x1), None if x2 is None else len(x2), flip=flip))
+        seconds = timing.total_seconds(reports)  # the command's (and a cluster's) start once
+        lines.append(f"estimate in all: about {human_seconds(seconds)}")
+    else:
+        in_memory = _in_memory(ex).replace(progress=False)
+        priced = Serial(*body.layers, Readout())
+        stages = [timing.Stage(name, len(x1), None if x2 is None else len(x2), flip=flip)
+                  for name, _, x1, x2, _, _, _ in passes]
+        times = [p[5] for p in passes]
+        counted = sum(t * gram_needs(priced, x.shape[1:], st.n1, st.n2, dtype=ex.dtype, flip=flip)[1]
+                      for st, t in zip(stages, times))
+        if timed or counted > MEASURE_ABOVE_SECONDS:
+            plan = GramPlan(body, x.shape[1:], offsets=True, flip=flip, execution=in_memory)
+            rates = timing.measure(plan, plan.images(x[:timing.MAX_SIDE]))
+            est = timing.estimate(rates, stages, tile_pairs=[[st.pairs] * t for st, t in zip(stages, times)])
+            seconds, rates_d = est.seconds, rates.as_dict()
+            lines.append(est.describe())
+        else:
+            seconds = counted
+            lines.append(f"estimate: about {human_seconds(seconds)} (from the operation count; timed above "
+                         f"{human_seconds(MEASURE_ABOVE_SECONDS)})")
+        kernels = [{"name": st.name, "times": t, "pairs": st.pairs * t} for st, t in zip(stages, times)]
+    head = "plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages) + \
+        f"; offset sums held for inference about {human_bytes(memory)}"
+    if protocol.params == "all":
+        lines.append("then about three float64 kernel passes per optimiser step (autograd, up to "
+                     f"{protocol.max_iter} steps per start): not priced")
+    return {"seconds": seconds, "memory_bytes": int(memory), "kernels": kernels, "rates": rates_d,
+            "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images, "times": p[5]}
+                       for st, p in zip(stages, passes)],
+            "text": "\n".join([head, *lines])}
+
+
 def _offset_sums(body, x1, x2, ex, flip: bool = False, test: bool = False) -> torch.Tensor:
     """S (M, N1, N2) in float64: in memory, or through the resumable tiled store ``ex.store``
     (``S.zarr``; with ``test``, its test store ``S-test.zarr``), computed or finished there
     first, then read whole. ``flip``: the flip-averaged sums ½[S_xx' + S_x,flip x']
     (:func:`cnngp.offset_sums`); through a store, the plain sums there and their mirror term
     in ``S-mirror.zarr`` (``S-mirror-test.zarr``), the sweep's layout (:func:`store_terms`),
-    averaged in their dtype as the in-memory pass averages them."""
-    store = ex.store
-    if store is None:
+    averaged in their dtype as the in-memory pass averages them. ``ex.archive`` (a folder laid
+    out as a sweep's, :func:`check_sweep_archive`) keeps each store's tiles; ``ex.reuse`` (an
+    earlier learn run's store or archive folder) lends them, its test and mirror-term
+    counterparts where they hold offset sums (:func:`cnngp.experiments.sweep._store_parts`)."""
+    if ex.store is None:
         return offset_sums(body, x1, x2, flip=flip, execution=ex).to(torch.float64)
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore
 
     parts = []
-    for term, base in store_terms(store, flip):
-        path = test_store_path(base) if test else base
-        store_kernel(body, x1, x2, offsets=True, flip=term, execution=ex.replace(store=path))
+    for term, e in _store_parts(ex, "test" if test else "train", flip, None):
+        _lent_or_in_full(lambda e, term=term: store_kernel(body, x1, x2, offsets=True, flip=term, execution=e), e, ex)
+        path = e.store
         opened = KernelStore.open(path)
         state = opened.verify()
         if state["missing"] or state["bad"]:  # store_kernel finished it: a bug if not
@@ -380,7 +506,7 @@ class LearnProtocol(Settings):
 
 def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol | None = None, *,
               on_step=None, data_label: str | None = None, execution=None, yes: bool = True,
-              **options) -> dict:
+              dry_run: bool = False, **options) -> dict:
     """Learn the readout λ of ``network`` on ``n`` class-balanced training images and compare
     it with the grid search; returns the JSON-ready ``learned.json`` dictionary (see the
     module docstring and README "Learning the correlation").
@@ -390,10 +516,18 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     (or, with ``params="internal"``, every internal λ). ``execution`` (:class:`cnngp.Execution`,
     README "Execution options") computes the body pass; with its ``store`` (``S.zarr``) the
     offset sums go into that resumable tiled store (and ``S-test.zarr`` with ``test``) or are
-    reused from it, so that another objective on the same data costs no body pass. ``options``:
+    reused from it, so that another objective on the same data costs no body pass; its
+    ``workers`` or ``scheduler`` compute the stores' tiles on a Dask cluster, its ``archive``
+    (a folder: ``train/``, ``test/``, their ``-mirror`` terms and ``internal-<λ>/`` of the same
+    layout) keeps a portable copy of every finished tile, and its ``reuse`` (an earlier learn
+    run's store or archive folder, on training images that begin as these do) lends the tiles
+    it holds, its test, mirror-term and internal-λ counterparts included. ``options``:
     settings of either by name (``run_learn(net, "digits", 40, params="internal", dtype="float32")``).
-    ``yes=False`` (the ``learn`` command without ``--yes``) refuses a body pass estimated over
-    an hour (:func:`cnngp.engine.resources.check_job`) before it starts."""
+    ``yes=False`` (the ``learn`` command without ``--yes``) refuses body passes estimated over
+    an hour (:func:`cnngp.engine.resources.check_job`) before they start; ``dry_run=True``
+    makes every check, then returns ``{"dry_run": plan}`` (:func:`_plan_learn`: the passes,
+    per store the tiles still to compute, memory and a time estimate) without computing or
+    writing anything."""
     protocol_options = {k: options.pop(k) for k in list(options) if k in LearnProtocol.names()}
     if protocol is None:
         protocol = LearnProtocol(**protocol_options)
@@ -401,12 +535,8 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         raise CNNGPError(f"protocol: expected a LearnProtocol or None, got {type(protocol).__name__}")
     elif protocol_options:
         protocol = protocol.replace(**protocol_options)
-    # no ``reuse``: learn's stores of offset sums are not grown from smaller ones (not built)
-    ex = Execution.build(execution, options, where="run_learn",
-                         accepted=COMPUTE + tuple(k for k in STORE if k != "reuse"))
-    if ex.reuse is not None:
-        raise CNNGPError("reuse: not an execution option of run_learn (its stores are not grown from "
-                         "smaller ones); leave it None")
+    _LENDERS_REFUSED.set(set())  # this run's warnings about lenders (_lent_or_in_full)
+    ex = Execution.build(execution, options, where="run_learn", accepted=COMPUTE + STORE)
     objective, params, family, folds = protocol.objective, protocol.params, protocol.family, protocol.folds
     fold_scheme, seed, test, n_test = protocol.fold_scheme, protocol.seed, protocol.test, protocol.n_test
     starts, max_iter, lengthscales = protocol.starts, protocol.max_iter, protocol.lengthscales
@@ -416,6 +546,9 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     if store is not None and params == "all":
         raise CNNGPError("store: not with params='all' (its kernels are recomputed by autograd at every "
                          "step); use --params readout or internal")
+    for option in ("archive", "reuse", "workers", "scheduler", "tile", "threads"):
+        if getattr(ex, option) is not None and store is None:
+            raise CNNGPError(f"{option}: needs store= (--store S.zarr): it is an option of the tiled store")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise CNNGPError(f"n: expected an integer >= 2, got {n!r}")
     if store is not None:
@@ -427,6 +560,12 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             check_output_store(path, f"--store (its {path.name})")
         for path in learn_store_paths(store, bool(test), flip):  # a resume with another whitening, said so
             check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside, LEARN_ZCA_FITS)
+        if ex.archive is not None:
+            check_sweep_archive(ex.archive, bool(test), "archive", flip=flip, nested="internal-")
+        if ex.reuse is not None:
+            from cnngp.engine.lending import refuse_lending_to_itself
+
+            refuse_lending_to_itself(ex.reuse, store, "reuse")
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     ds.check_test_classes()
     source = data_label or (ds.name if isinstance(dataset, Dataset) else os.fspath(dataset))
@@ -463,201 +602,218 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     grid = body.grids(tuple(x.shape[1:-1]))[-1]
     if not grid:
         raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
-    if not yes:  # the body pass priced (and timed when long) before it starts: the one-hour gate
-        from cnngp.engine.gram import check_gram
+    with contextlib.ExitStack() as cleanup:
+        if ex.on_cluster and not dry_run:  # one cluster for every store of the run
+            ex = open_cluster(ex, cleanup)
+        plan = None
+        if not yes or dry_run:  # every body pass priced (and timed when long) before the first starts
+            from cnngp.engine.resources import check_job
 
-        priced = Serial(*body.layers, Readout())
-        check_ex = _in_memory(ex).replace(progress=False)
-        check_gram("--n", priced, x.shape[1:], n, yes=False, images=x, execution=check_ex)
+            plan = _plan_learn(body, indices, x, x_test, ex, protocol, timed=dry_run)
+            passes = sum(st["times"] for st in plan["stages"])
+            what = (f"--n {n} ({n * (n + 1) // 2:,} pairs" + ("" if x_test is None else f", {len(x_test) * n:,} test pairs")
+                    + (", each twice: flip-averaged" if flip else "") + (f"; {passes} body passes" if passes > 2 else "")
+                    + ")")
+            check_job(what, memory_bytes=plan["memory_bytes"], yes=True,
+                      remedy="use a smaller --n or --n-test (the offset sums are held in float64 for the inference)")
+            check_job(what, seconds=plan["seconds"] if str(ex.device).startswith("cpu") else None, yes=yes or dry_run,
+                      remedy="--store S.zarr with --workers, or over several runs (a store resumes where it stopped)")
+        elif store is not None:  # a store being resumed is checked before the data line (as the sweep's plan does)
+            _check_resumed_stores(body, x, x_test, ex, flip)
+        if ex.progress:  # every check passed: say what was read before the long part
+            print(f"data: {source}: {ds.describe()}; a class-balanced training subset of n = {n:,} (seed {seed})"
+                  + ("" if x_test is None else f", {len(x_test):,} test images"), file=sys.stderr)
+            if plan is not None:
+                print(plan["text"], file=sys.stderr)
+        if dry_run:
+            return {"dry_run": plan}
+        t0 = time.perf_counter()
+        S = _offset_sums(body, x, None, ex, flip)
+        S_test = None
         if test:
-            check_gram("--test", priced, x.shape[1:], len(x_test), n, yes=False, images=x_test, execution=check_ex)
-    if store is not None:  # a store being resumed is checked before the data line (as the sweep's plan does)
-        _check_resumed_stores(body, x, x_test, ex, flip)
-    if ex.progress:  # every check passed: say what was read before the long part
-        print(f"data: {source}: {ds.describe()}; a class-balanced training subset of n = {n:,} (seed {seed})"
-              + ("" if x_test is None else f", {len(x_test):,} test images"), file=sys.stderr)
-    t0 = time.perf_counter()
-    S = _offset_sums(body, x, None, ex, flip)
-    S_test = None
-    if test:
-        S_test = _offset_sums(body, x_test, x, ex, flip, test=True)
-    body_seconds = time.perf_counter() - t0
-    pairs = n * (n + 1) // 2
-    test_pairs = 0 if x_test is None else len(x_test) * n
+            S_test = _offset_sums(body, x_test, x, ex, flip, test=True)
+        body_seconds = time.perf_counter() - t0
+        pairs = n * (n + 1) // 2
+        test_pairs = 0 if x_test is None else len(x_test) * n
 
-    readout = OffsetReadout(S, grid, family, template.bias_var)
-    fold_list = _folds_for(fold_scheme, n, y, folds, seed)  # the sweep's folds
+        readout = OffsetReadout(S, grid, family, template.bias_var)
+        fold_list = _folds_for(fold_scheme, n, y, folds, seed)  # the sweep's folds
 
-    # -- learned ------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    internal_rows = None
-    if params == "internal":  # one tied internal λ, profiled; the readout learned exactly at each
-        own = float(body.layers[indices[0]].correlation.lengthscale)
-        internal_rows, S_best = _learn_internal(
-            body, indices, x, y, S, own, grid=grid, bias_var=template.bias_var, k_cls=k_cls,
-            fold_list=fold_list, protocol=protocol, ex=ex, progress=progress)
-        top = max(internal_rows, key=lambda r: r["objective"])
-        learned = {"internal_lengthscale": top["internal_lengthscale"], "lengthscale": top["readout_lengthscale"],
-                   "amplitude": top["amplitude"], "noise_variance": top["noise_variance"]}
-        learn_evals = sum(r["kernel_evaluations"] for r in internal_rows)
-        result = LearnResult(learned, top["objective"], internal_rows, learn_evals, [])
-        best_readout = OffsetReadout(S_best, grid, family, template.bias_var)
-        with torch.no_grad():
-            K = best_readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
-    elif params == "readout":
-        result = learn_readout(readout, y, objective=objective, n_classes=k_cls, starts=starts,
-                               max_iter=max_iter, progress=progress)
-        learned = result.learned
-        learn_evals = result.kernel_evaluations * pairs
-        with torch.no_grad():
-            K = readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
-    else:  # every lengthscale and the readout amplitude, by autograd through the network
-        net = Serial(*body.layers, template.with_correlation(correlation_family(family, float(starts[0]))))
-        result = learn_network(net, x, y, objective=objective, n_classes=k_cls, max_iter=max_iter,
-                               progress=progress, execution=_in_memory(ex).replace(dtype="float64"),
-                               starts=starts, flip=flip)  # every start, the best kept (as params="readout")
-        learned = result.learned
-        learn_evals = result.kernel_evaluations
-        fitted = with_parameters(net, {k: v for k, v in learned.items() if k != "noise_variance"})
-        K = kernel(fitted, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
-        learned = {**learned, "lengthscale": learned["readout.lengthscale"]}
-    cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
-    fold_acc = cv.fold_accuracies[:, 0]
-    held = {"cv_accuracy": float(fold_acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(fold_acc)[1]),
-            "fold_accuracies": fold_acc.tolist()}
-    if test and params == "internal":
-        fitted_body = with_internal(body, indices, learned["internal_lengthscale"])
-        S_t = offset_sums(fitted_body, x_test, x, flip=flip,
-                          execution=_in_memory(ex).replace(progress=False)).to(torch.float64)
-        K_test = (learned["amplitude"] * torch.tensordot(best_readout.weights(learned["lengthscale"]), S_t, 1)
-                  + template.bias_var).numpy()
-    elif test and params == "all":
-        K_test = kernel(fitted, x_test, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
-    elif test:
-        K_test = (learned["amplitude"] * torch.tensordot(readout.weights(learned["lengthscale"]), S_test, 1)
-                  + readout.bias_var).numpy()
-    if test:  # accuracy, and NLL and ECE of probabilities calibrated on the training folds alone
-        final = fitted if params == "all" else Serial(
-            *(fitted_body if params == "internal" else body).layers,
-            Readout(learned["amplitude"], template.bias_var, correlation_family(family, learned["lengthscale"]),
-                    template.parameterization))
-        held.update(_test_scores(final, K, y, K_test, x_test, y_test, learned["noise_variance"], fold_list, k_cls,
-                                 flip, ex))
-    sm_result = None
-    if spectral_mixture:
-        sm = learn_spectral_mixture(S, grid, y, components=int(spectral_mixture), objective=objective,
-                                    n_classes=k_cls, bias_var=template.bias_var, progress=progress,
-                                    warm=learned)
-        sm_corr = from_correlation_spec(sm.learned["correlation"])
-        with torch.no_grad():
-            K_sm = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S, 1)
-                    + template.bias_var).numpy()
-        cv_sm = gp.cross_validate(K_sm, y, folds=fold_list, noise_variances=[sm.learned["noise_variance"]],
-                                  n_classes=k_cls)
-        acc = cv_sm.fold_accuracies[:, 0]
-        sm_result = {"learned": sm.learned, "objective": sm.objective, "components": int(spectral_mixture),
-                     "cv_accuracy": float(acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(acc)[1]),
-                     "fold_accuracies": acc.tolist(), "kernel_evaluations": int(sm.kernel_evaluations * pairs),
-                     "starts": sm.starts, "trace": sm.trace, "seconds": sm.seconds}
+        # -- learned ------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        internal_rows = None
+        if params == "internal":  # one tied internal λ, profiled; the readout learned exactly at each
+            own = float(body.layers[indices[0]].correlation.lengthscale)
+            internal_rows, S_best = _learn_internal(
+                body, indices, x, y, S, own, grid=grid, bias_var=template.bias_var, k_cls=k_cls,
+                fold_list=fold_list, protocol=protocol, ex=ex, progress=progress)
+            top = max(internal_rows, key=lambda r: r["objective"])
+            learned = {"internal_lengthscale": top["internal_lengthscale"], "lengthscale": top["readout_lengthscale"],
+                       "amplitude": top["amplitude"], "noise_variance": top["noise_variance"]}
+            learn_evals = sum(r["kernel_evaluations"] for r in internal_rows)
+            result = LearnResult(learned, top["objective"], internal_rows, learn_evals, [])
+            best_readout = OffsetReadout(S_best, grid, family, template.bias_var)
+            with torch.no_grad():
+                K = best_readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
+        elif params == "readout":
+            result = learn_readout(readout, y, objective=objective, n_classes=k_cls, starts=starts,
+                                   max_iter=max_iter, progress=progress)
+            learned = result.learned
+            learn_evals = result.kernel_evaluations * pairs
+            with torch.no_grad():
+                K = readout.kernel(learned["lengthscale"], learned["amplitude"]).numpy()
+        else:  # every lengthscale and the readout amplitude, by autograd through the network
+            net = Serial(*body.layers, template.with_correlation(correlation_family(family, float(starts[0]))))
+            result = learn_network(net, x, y, objective=objective, n_classes=k_cls, max_iter=max_iter,
+                                   progress=progress, execution=_in_memory(ex).replace(dtype="float64"),
+                                   starts=starts, flip=flip)  # every start, the best kept (as params="readout")
+            learned = result.learned
+            learn_evals = result.kernel_evaluations
+            fitted = with_parameters(net, {k: v for k, v in learned.items() if k != "noise_variance"})
+            K = kernel(fitted, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
+            learned = {**learned, "lengthscale": learned["readout.lengthscale"]}
+        cv = gp.cross_validate(K, y, folds=fold_list, noise_variances=[learned["noise_variance"]], n_classes=k_cls)
+        fold_acc = cv.fold_accuracies[:, 0]
+        held = {"cv_accuracy": float(fold_acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(fold_acc)[1]),
+                "fold_accuracies": fold_acc.tolist()}
+        if test and params == "internal":
+            fitted_lam = learned["internal_lengthscale"]
+            fitted_body = with_internal(body, indices, fitted_lam)
+            if fitted_lam == float(body.layers[indices[0]].correlation.lengthscale):
+                S_t = S_test  # the network's own λ: its test offset sums are computed already
+            else:  # through the store at that λ (resumable), or in memory
+                S_t = _offset_sums(fitted_body, x_test, x, ex.replace(progress=False) if store is None
+                                   else _internal_execution(ex, fitted_lam), flip, test=True)
+            K_test = (learned["amplitude"] * torch.tensordot(best_readout.weights(learned["lengthscale"]), S_t, 1)
+                      + template.bias_var).numpy()
+        elif test and params == "all":
+            K_test = kernel(fitted, x_test, x, flip=flip, execution=_in_memory(ex).replace(dtype="float64")).numpy()
+        elif test:
+            K_test = (learned["amplitude"] * torch.tensordot(readout.weights(learned["lengthscale"]), S_test, 1)
+                      + readout.bias_var).numpy()
+        if test:  # accuracy, and NLL and ECE of probabilities calibrated on the training folds alone
+            final = fitted if params == "all" else Serial(
+                *(fitted_body if params == "internal" else body).layers,
+                Readout(learned["amplitude"], template.bias_var, correlation_family(family, learned["lengthscale"]),
+                        template.parameterization))
+            held.update(_test_scores(final, K, y, K_test, x_test, y_test, learned["noise_variance"], fold_list, k_cls,
+                                     flip, ex))
+        sm_result = None
+        if spectral_mixture:
+            sm = learn_spectral_mixture(S, grid, y, components=int(spectral_mixture), objective=objective,
+                                        n_classes=k_cls, bias_var=template.bias_var, progress=progress,
+                                        warm=learned)
+            sm_corr = from_correlation_spec(sm.learned["correlation"])
+            with torch.no_grad():
+                K_sm = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S, 1)
+                        + template.bias_var).numpy()
+            cv_sm = gp.cross_validate(K_sm, y, folds=fold_list, noise_variances=[sm.learned["noise_variance"]],
+                                      n_classes=k_cls)
+            acc = cv_sm.fold_accuracies[:, 0]
+            sm_result = {"learned": sm.learned, "objective": sm.objective, "components": int(spectral_mixture),
+                         "cv_accuracy": float(acc.mean()), "cv_accuracy_2se": float(gp.mean_and_2se(acc)[1]),
+                         "fold_accuracies": acc.tolist(), "kernel_evaluations": int(sm.kernel_evaluations * pairs),
+                         "starts": sm.starts, "trace": sm.trace, "seconds": sm.seconds}
+            if test:
+                with torch.no_grad():
+                    K_smt = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S_test, 1)
+                             + template.bias_var).numpy()
+                sm_result["test_accuracy"] = gp.test_accuracy(K_sm, y, K_smt, y_test, sm.learned["noise_variance"], k_cls)
+            sm_result["heldout_accuracy"] = sm_result.get("test_accuracy", sm_result["cv_accuracy"])
+        learn_seconds = time.perf_counter() - t1
+
+        # -- grid (the sweep's protocol) and the objective profiled along it ------------------
+        t2 = time.perf_counter()
+        Y = torch.as_tensor(gp.centered_one_hot(y, k_cls), dtype=torch.float64)
+        readout.evaluations = 0
+        scale = float(torch.diagonal(readout.kernel(1.0)).mean())
+        grid_rows = []
+        for lam in lengthscales:
+            with torch.no_grad():
+                K_lam = readout.kernel(float(lam)).numpy()
+            cv_l = gp.cross_validate(K_lam, y, folds=fold_list, n_classes=k_cls)
+            grid_rows.append({"lengthscale": float(lam), "cv_accuracy": float(cv_l.best_accuracy),
+                              "cv_accuracy_2se": float(gp.mean_and_2se(cv_l.best_fold_accuracies)[1]),
+                              "noise_variance": float(cv_l.best_noise_variance)})
+        grid_evals = readout.evaluations
+        i_best, tied = first_best([r["cv_accuracy"] for r in grid_rows])  # ties as the sweep breaks them
+        best = grid_rows[i_best]
+        grid_best = {"lengthscale": best["lengthscale"], "noise_variance": best["noise_variance"],
+                     "cv_accuracy": best["cv_accuracy"], "cv_accuracy_2se": best["cv_accuracy_2se"],
+                     "tied_lengthscales": [grid_rows[i]["lengthscale"] for i in tied]}
         if test:
             with torch.no_grad():
-                K_smt = (sm.learned["amplitude"] * torch.tensordot(sm_corr.offset_weights(grid), S_test, 1)
-                         + template.bias_var).numpy()
-            sm_result["test_accuracy"] = gp.test_accuracy(K_sm, y, K_smt, y_test, sm.learned["noise_variance"], k_cls)
-        sm_result["heldout_accuracy"] = sm_result.get("test_accuracy", sm_result["cv_accuracy"])
-    learn_seconds = time.perf_counter() - t1
+                K_b = readout.kernel(best["lengthscale"]).numpy()
+                K_bt = torch.tensordot(readout.weights(best["lengthscale"]), S_test, 1).numpy() + readout.bias_var
+            grid_best["test_accuracy"] = gp.test_accuracy(K_b, y, K_bt, y_test, best["noise_variance"], k_cls)
+        grid_best["heldout_accuracy"] = grid_best.get("test_accuracy", grid_best["cv_accuracy"])
+        grid_best["kernel_evaluations"] = int(grid_evals * pairs + (test_pairs if test else 0))
+        grid_seconds = time.perf_counter() - t2
 
-    # -- grid (the sweep's protocol) and the objective profiled along it ------------------
-    t2 = time.perf_counter()
-    Y = torch.as_tensor(gp.centered_one_hot(y, k_cls), dtype=torch.float64)
-    readout.evaluations = 0
-    scale = float(torch.diagonal(readout.kernel(1.0)).mean())
-    grid_rows = []
-    for lam in lengthscales:
-        with torch.no_grad():
-            K_lam = readout.kernel(float(lam)).numpy()
-        cv_l = gp.cross_validate(K_lam, y, folds=fold_list, n_classes=k_cls)
-        grid_rows.append({"lengthscale": float(lam), "cv_accuracy": float(cv_l.best_accuracy),
-                          "cv_accuracy_2se": float(gp.mean_and_2se(cv_l.best_fold_accuracies)[1]),
-                          "noise_variance": float(cv_l.best_noise_variance)})
-    grid_evals = readout.evaluations
-    i_best, tied = first_best([r["cv_accuracy"] for r in grid_rows])  # ties as the sweep breaks them
-    best = grid_rows[i_best]
-    grid_best = {"lengthscale": best["lengthscale"], "noise_variance": best["noise_variance"],
-                 "cv_accuracy": best["cv_accuracy"], "cv_accuracy_2se": best["cv_accuracy_2se"],
-                 "tied_lengthscales": [grid_rows[i]["lengthscale"] for i in tied]}
-    if test:
-        with torch.no_grad():
-            K_b = readout.kernel(best["lengthscale"]).numpy()
-            K_bt = torch.tensordot(readout.weights(best["lengthscale"]), S_test, 1).numpy() + readout.bias_var
-        grid_best["test_accuracy"] = gp.test_accuracy(K_b, y, K_bt, y_test, best["noise_variance"], k_cls)
-    grid_best["heldout_accuracy"] = grid_best.get("test_accuracy", grid_best["cv_accuracy"])
-    grid_best["kernel_evaluations"] = int(grid_evals * pairs + (test_pairs if test else 0))
-    grid_seconds = time.perf_counter() - t2
+        # the objective along the grid, maximised over amplitude and σ² at each λ (for the figure)
+        readout.evaluations = 0
+        amp0 = learned.get("amplitude", 1.0)
+        start = [amp0, min(max(learned["noise_variance"], 1e-9 * scale), 1e1 * scale), 1e-9 * scale, 1e1 * scale]
+        for row in grid_rows:
+            value, (amp, noise) = _profile(readout, Y, objective, row["lengthscale"], start)
+            row.update({"objective": value, "objective_amplitude": amp, "objective_noise_variance": noise})
 
-    # the objective along the grid, maximised over amplitude and σ² at each λ (for the figure)
-    readout.evaluations = 0
-    amp0 = learned.get("amplitude", 1.0)
-    start = [amp0, min(max(learned["noise_variance"], 1e-9 * scale), 1e1 * scale), 1e-9 * scale, 1e1 * scale]
-    for row in grid_rows:
-        value, (amp, noise) = _profile(readout, Y, objective, row["lengthscale"], start)
-        row.update({"objective": value, "objective_amplitude": amp, "objective_noise_variance": noise})
-
-    if whitening is not None and store is not None:  # every store complete: say how its images were seen
-        note_store_zca(learn_store_paths(store, bool(test), flip), whitening, protocol.zca_fit,
-                       protocol.zca_fit_outside, LEARN_ZCA_FITS)
-    heldout = held.get("test_accuracy", held["cv_accuracy"])
-    return {
-        "config": {
-            "format": LEARNED_FORMAT,
-            "arch": net_name,
-            "spec": body.to_spec(),
-            "readout": {"family": family, "weight_var_learned_as": "amplitude",
-                        "bias_var": template.bias_var, "grid": list(grid)},
-            "data": source,
-            "dataset": ds.name,
-            "n": int(n),
-            "n_classes": int(k_cls),
-            "folds": int(folds),
-            "fold_scheme": fold_scheme,
-            "objective": objective,
-            "params": params,
-            **({"internal": {"layers": indices, "tied": True, "grid": list(INTERNAL_GRID), "refine_steps": int(refine),
-                             "given_lengthscale": float(body.layers[indices[0]].correlation.lengthscale)}}
-               if params == "internal" else {}),
-            "starts": [float(s) for s in starts],
-            "max_iter": int(max_iter),
-            "bounds": {"lengthscale": [1e-2, 1e5], "amplitude": [1e-4, 1e4],
-                       "noise_variance": "[1e-9, 10] x mean diagonal of the kernel at amplitude 1"},
-            "grid_lengthscales": [float(v) for v in lengthscales],
-            "dtype": dtype,
-            "execution": ex.as_dict(),
-            "seed": int(seed),
-            "test": bool(test),
-            "n_test": None if x_test is None else int(len(x_test)),
-            "train_sha256": train_sha256,
-            "zca": protocol.zca,
-            "flip": bool(protocol.flip),
-            "zca_fit": None if whitening is None else zca_fit_record(whitening, protocol.zca_fit,
-                                                                     protocol.zca_fit_outside, LEARN_ZCA_FITS),
-            "targets": "one-hot minus 1/n_classes",
-        },
-        "versions": versions(),
-        "learned": learned,
-        "objective": result.objective,
-        "trace": result.trace,
-        "starts": result.starts,
-        "kernel_evaluations": int(learn_evals + (test_pairs if test else 0)),
-        "body_pair_evaluations": int((pairs * (1 + sum(r["body_pass"] for r in internal_rows or []))
-                                      + test_pairs * (2 if params == "internal" and test else 1))
-                                     * (2 if flip else 1)),  # flip: each pair and its mirror term
-        "heldout_accuracy": heldout,
-        "heldout": held,
-        "grid_best": grid_best,
-        **({"spectral_mixture": sm_result} if sm_result is not None else {}),
-        "grid": grid_rows,
-        "seconds": {"body_pass": body_seconds, "learn": learn_seconds, "grid": grid_seconds},
-    }
+        if whitening is not None and store is not None:  # every store complete: say how its images were seen
+            note_store_zca(learn_store_paths(store, bool(test), flip), whitening, protocol.zca_fit,
+                           protocol.zca_fit_outside, LEARN_ZCA_FITS)
+        heldout = held.get("test_accuracy", held["cv_accuracy"])
+        return {
+            "config": {
+                "format": LEARNED_FORMAT,
+                "arch": net_name,
+                "spec": body.to_spec(),
+                "readout": {"family": family, "weight_var_learned_as": "amplitude",
+                            "bias_var": template.bias_var, "grid": list(grid)},
+                "data": source,
+                "dataset": ds.name,
+                "n": int(n),
+                "n_classes": int(k_cls),
+                "folds": int(folds),
+                "fold_scheme": fold_scheme,
+                "objective": objective,
+                "params": params,
+                **({"internal": {"layers": indices, "tied": True, "grid": list(INTERNAL_GRID), "refine_steps": int(refine),
+                                 "given_lengthscale": float(body.layers[indices[0]].correlation.lengthscale)}}
+                   if params == "internal" else {}),
+                "starts": [float(s) for s in starts],
+                "max_iter": int(max_iter),
+                "bounds": {"lengthscale": [1e-2, 1e5], "amplitude": [1e-4, 1e4],
+                           "noise_variance": "[1e-9, 10] x mean diagonal of the kernel at amplitude 1"},
+                "grid_lengthscales": [float(v) for v in lengthscales],
+                "dtype": dtype,
+                "execution": ex.as_dict(),
+                "seed": int(seed),
+                "test": bool(test),
+                "n_test": None if x_test is None else int(len(x_test)),
+                "train_sha256": train_sha256,
+                "zca": protocol.zca,
+                "flip": bool(protocol.flip),
+                "zca_fit": None if whitening is None else zca_fit_record(whitening, protocol.zca_fit,
+                                                                         protocol.zca_fit_outside, LEARN_ZCA_FITS),
+                "targets": "one-hot minus 1/n_classes",
+            },
+            "versions": versions(),
+            "learned": learned,
+            "objective": result.objective,
+            "trace": result.trace,
+            "starts": result.starts,
+            "kernel_evaluations": int(learn_evals + (test_pairs if test else 0)),
+            "body_pair_evaluations": int((pairs * (1 + sum(r["body_pass"] for r in internal_rows or []))
+                                          + test_pairs * (1 + (params == "internal" and test and fitted_lam != float(
+                                              body.layers[indices[0]].correlation.lengthscale))))
+                                         * (2 if flip else 1)),  # flip: each pair and its mirror term
+            "heldout_accuracy": heldout,
+            "heldout": held,
+            "grid_best": grid_best,
+            **({"spectral_mixture": sm_result} if sm_result is not None else {}),
+            "grid": grid_rows,
+            "seconds": {"body_pass": body_seconds, "learn": learn_seconds, "grid": grid_seconds},
+        }
 
 
 def _objective_axis(ax, x, values, style: str, label: str, ylabel: str) -> None:

@@ -148,7 +148,7 @@ def _plan_and_gate(body, readouts, x_sub, x_test, test_mode, kernel_cache, yes, 
                           body, x_test, x_sub, readouts=heads, get=get, flip=term,
                           execution=e.replace(progress=False)), e, ex))
                      for term, e in _store_parts(ex, "test", flip, heads)]
-        seconds = sum(r.dry_run["estimated_seconds"] for _, r in runs)
+        seconds = timing.total_seconds(r.dry_run for _, r in runs)  # the command's start once
         disk_bytes = sum(r.dry_run["disk_bytes"] for _, r in runs)  # what the stores still write
         # each store's dry run: its tiles to compute (less those it holds, its archive restores
         # or --reuse lends), disk, memory
@@ -389,6 +389,19 @@ def note_store_zca(paths, whitening, fit: str = "train", outside: int | None = N
             KernelStore.open(path).annotate(preprocessing=info)
 
 
+def open_cluster(ex, cleanup):
+    """``ex`` with the Dask client its ``workers`` or ``scheduler`` name, opened once for a whole
+    run (its stores' tiles, and the sweep's cross-validation) and closed by ``cleanup`` (a
+    :class:`contextlib.ExitStack`); a client given as ``scheduler`` is used as it is."""
+    client = ex.scheduler if not (ex.scheduler is None or isinstance(ex.scheduler, str)) else None
+    if client is None:
+        from cnngp.engine.distributed import dask_client
+
+        limit = None if ex.memory_budget is None else int(ex.memory_budget) + 2 * 1024**3
+        client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
+    return ex.replace(workers=None, scheduler=client)
+
+
 def _in_memory(ex, checkpoint=None):
     """The execution of an in-memory kernel of the sweep: no store options, its own checkpoint."""
     return ex.replace(store=None, archive=None, reuse=None, workers=None, scheduler=None, tile=None, threads=None,
@@ -408,17 +421,20 @@ def _refuse_long_store_job(what: str, seconds: float, ex) -> None:
 ARCHIVE_PARTS = ("train", "test", "train-mirror", "test-mirror")
 
 
-def check_sweep_archive(archive, test: bool, what: str = "--archive", flip: bool = False) -> Path:
+def check_sweep_archive(archive, test: bool, what: str = "--archive", flip: bool = False,
+                        nested: str | None = None) -> Path:
     """Refuse, before any work, a sweep archive folder cnngp must not write: it holds the
     tile archives ``train/`` (and ``test/``; with ``flip`` also ``train-mirror/`` and
-    ``test-mirror/``) and nothing else."""
+    ``test-mirror/``) and nothing else but, where ``nested`` names a prefix (``cnngp learn``'s
+    ``"internal-"``), folders of that name of the same layout."""
     from cnngp.engine.archive import check_archive_folder
 
     path = Path(archive)
     if not str(archive).strip() or not path.is_dir() or path.is_symlink():
         check_archive_folder(archive, what)  # a new folder, or refused
     else:
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in ARCHIVE_PARTS)
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ARCHIVE_PARTS
+                         and not (nested and p.name.startswith(nested) and p.is_dir()))
         if foreign:
             raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a sweep's tile archive "
                              f"(it holds {foreign[0]!r}; a sweep's holds train/ and test/); give a new or empty folder")
@@ -445,9 +461,11 @@ def _stored_kernels(body, readouts, labels, x_train, x_test, yes, ex, get, flip=
     if x_test is not None:
         jobs += [(x_test, x_train, part) for part in _store_parts(ex, "test", flip, readouts)]
     if not yes and not ex.on_cluster:
-        seconds = sum(_lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_dry_run(
+        from cnngp.engine.timing import total_seconds
+
+        seconds = total_seconds(_lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_dry_run(
             body, x1, x2, readouts=readouts, get=get, flip=term, execution=e),
-            e, ex).dry_run["estimated_seconds"] for x1, x2, (term, e) in jobs)
+            e, ex).dry_run for x1, x2, (term, e) in jobs)
         _refuse_long_store_job(f"--n {len(x_train)} with {len(readouts)} readouts", seconds, ex)
     for x1, x2, (term, e) in jobs:
         _lent_or_in_full(lambda e, x1=x1, x2=x2, term=term: store_kernel(
@@ -464,7 +482,8 @@ def _store_parts(ex, part: str, flip, heads) -> list:
     tile archive and the store that lends it tiles: ``ex.reuse`` itself for the train kernel
     (refused by the run if it cannot lend), and its test and mirror-term counterparts only
     where they exist and hold the readouts ``heads`` this part computes (an earlier sweep
-    without ``--test`` or ``--flip``, or with ``--test best``, lends its train kernels alone).
+    without ``--test`` or ``--flip``, or with ``--test best``, lends its train kernels alone;
+    ``heads`` None: offset sums, ``cnngp learn``'s stores, of the same layout).
     ``ex.reuse`` may also be an earlier sweep's ``--archive`` folder: its ``train/``, ``test/``
     and ``-mirror`` tile archives lend in the stores' place."""
     from cnngp.engine.lending import holds_readouts
@@ -481,9 +500,10 @@ def _store_parts(ex, part: str, flip, heads) -> list:
             lender = test_store_path(lender)
         if lender is not None and (term or part == "test") and not holds_readouts(lender, heads):
             if Path(lender).exists():  # there, but lends nothing to this part: said once, not silently
-                _warn_once((str(lender), part + suffix), f"--reuse: {str(lender)!r} is not of the {part}"
-                           f"{' mirror-term' if term else ''} kernel this sweep computes ({len(heads)} readout(s)): "
-                           "it holds other readouts, or is no kernel store or tile archive, so it lends nothing to it")
+                held = "offset sums" if heads is None else f"{len(heads)} readout(s)"
+            _warn_once((str(lender), part + suffix), f"--reuse: {str(lender)!r} is not of the {part}"
+                       f"{' mirror-term' if term else ''} kernel this run computes ({held}): it holds other "
+                       "contents, or is no kernel store or tile archive, so it lends nothing to it")
             lender = None
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
@@ -508,7 +528,8 @@ def _lent_or_in_full(call, e, ex):
 
 
 def _warn_once(key: tuple, message: str) -> None:
-    """A warning about a lender, once per run_sweep call (not again after the plan's dry run)."""
+    """A warning about a lender, once per run_sweep (or run_learn) call (not again after the
+    plan's dry run)."""
     warned = _LENDERS_REFUSED.get()
     if warned is None:  # outside run_sweep: this call's own
         warned = set()
@@ -518,7 +539,7 @@ def _warn_once(key: tuple, message: str) -> None:
 
 
 #: (lender, store) pairs whose refusal :func:`_lent_or_in_full` has warned of in this sweep: a
-#: set per run_sweep call (a context variable, so sweeps in other threads keep their own)
+#: set per run_sweep (or run_learn) call (a context variable, so sweeps in other threads keep their own)
 _LENDERS_REFUSED: contextvars.ContextVar = contextvars.ContextVar("cnngp_lenders_refused", default=None)
 
 
@@ -573,11 +594,12 @@ def _best_test_kernel(body, readout, name, x_train, x_test, yes, ex, get, flip=F
         return _resumable(lambda e: readout_sweep(body, [readout], x_test, x_train, get=get, flip=flip,
                                                   execution=e), ex, None, "test-best")[0].double().numpy()
     from cnngp.engine.distributed import store_dry_run, store_kernel
+    from cnngp.engine.timing import total_seconds
 
     parts = _store_parts(ex, "test", flip, [readout])
     if not yes and not ex.on_cluster:
-        seconds = sum(store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=term,
-                                    execution=e).dry_run["estimated_seconds"] for term, e in parts)
+        seconds = total_seconds(store_dry_run(body, x_test, x_train, readouts=[readout], get=get, flip=term,
+                                              execution=e).dry_run for term, e in parts)
         _refuse_long_store_job(f"--test best ({len(x_test)} × {len(x_train)} images)", seconds, ex)
     for term, e in parts:
         store_kernel(body, x_test, x_train, readouts=[readout], labels=[name], get=get, flip=term, execution=e)
@@ -1313,13 +1335,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             if kernel_cache is not None:
                 raise CNNGPError("store: cannot be combined with kernel_cache (choose one)")
             if ex.on_cluster and not dry_run:  # one cluster for the kernels and the cross-validation
-                client = ex.scheduler if not (ex.scheduler is None or isinstance(ex.scheduler, str)) else None
-                if client is None:
-                    from cnngp.engine.distributed import dask_client
-
-                    limit = None if ex.memory_budget is None else int(ex.memory_budget) + 2 * 1024**3
-                    client = cleanup.enter_context(dask_client(ex.workers, ex.scheduler, limit))
-                ex = ex.replace(workers=None, scheduler=client)
+                ex = open_cluster(ex, cleanup)
+                client = ex.scheduler
             for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
                 check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside)
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes or dry_run, ex, kernel,
