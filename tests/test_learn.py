@@ -301,9 +301,16 @@ def test_offset_sums_into_a_store_equal_the_in_memory_pass(tmp_path):
     # mean-pool readout is the one an offsets plan carries internally: only "offsets" differs)
     from cnngp import Constant
 
-    with pytest.raises(cnngp.CNNGPError, match="different contents"):
+    with pytest.raises(cnngp.CNNGPError, match=r"different contents \(it holds offset sums, not kernels\)"):
         store_kernel(body, x, out=tmp_path / "S.zarr", tile=3, progress=False,
                      readouts=[Readout(correlation=Constant())])
+    store_kernel(body, x, out=tmp_path / "K.zarr", tile=3, progress=False, readouts=[Readout(correlation=Constant())])
+    with pytest.raises(cnngp.CNNGPError, match=r"different contents \(it holds kernels, not offset sums\)"):
+        store_kernel(body, x, out=tmp_path / "K.zarr", offsets=True, tile=3, progress=False)
+    with pytest.raises(cnngp.CNNGPError, match=r"^--reuse: .* different contents \(it holds kernels, not offset "
+                                               r"sums\); only a store or tile archive of the same computation "
+                                               r"\(network, dtype\)"):
+        store_kernel(body, x, out=tmp_path / "S2.zarr", offsets=True, tile=3, progress=False, reuse=tmp_path / "K.zarr")
 
 
 def test_learn_through_a_store_matches_and_reuses_it(tmp_path, monkeypatch):
@@ -673,17 +680,20 @@ def test_learn_dry_run_plans_every_body_pass_and_writes_nothing(tmp_path, capsys
     assert [(s["name"], s["pairs"], s["times"]) for s in plan["stages"]] == [
         ("offset sums", train, 1), ("test offset sums", test, 1),
         *((f"offset sums at internal λ {lam:g}", train, 1) for lam in (0, 0.3, 1, 10, 30, 100)),
-        ("offset sums at the internal λ the search refines to", train, 2),
+        ("offset sums at the internal λ the search refines to", train, 3),  # --refine 2: at most 3 λ
         ("test offset sums at the learned internal λ", test, 1)]
-    assert [k["pairs"] for k in plan["kernels"]] == [train, test] + [train] * 6 + [2 * train, test]
-    # held in float64: the 4×4 last grid's 7×7 offsets of two train sets (best λ, current) and the test set
-    assert plan["seconds"] > 0 and plan["memory_bytes"] == 8 * 7 ** 2 * (2 * 40 * 40 + test)
+    assert [(k["pairs"], k["times"]) for k in plan["kernels"]] == [(train, 1), (test, 1)] + [(train, 1)] * 6 + [
+        (train, 3), (test, 1)]
+    # held in float64: the 4×4 last grid's 7×7 offsets of two train sets (best λ, current) and two
+    # test sets (the network's, the learned λ's), and the larger set as read (float64 here)
+    assert plan["seconds"] > 0 and plan["memory_bytes"] == 8 * 7 ** 2 * (2 * 40 * 40 + 2 * test + test)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert main(argv + ["--out", str(tmp_path / "o")]) == 2  # refused: over the limit
     assert "pass --yes" in capsys.readouterr().err and not (tmp_path / "o").exists()
     monkeypatch.setattr(resources, "LONG_JOB_SECONDS", 3600.0)
 
-    # through stores: each store's tiles; after the run, none left in the passes of known λ
+    # through stores: each store's tiles; after the run, none left: the search's λ are those of
+    # the stores the run left (it chooses them again), and so is the learned λ's test store
     store = ["--store", str(tmp_path / "S.zarr"), "--tile", "16"]
     assert main(argv + store + ["--out", str(tmp_path / "o"), "--dry-run"]) == 0
     out, err = capsys.readouterr()
@@ -693,11 +703,23 @@ def test_learn_dry_run_plans_every_body_pass_and_writes_nothing(tmp_path, capsys
     assert [k["path"] for k in plan["kernels"]][:3] == [str(tmp_path / "S.zarr"), str(tmp_path / "S-test.zarr"),
                                                        str(tmp_path / "S-internal-0.zarr")]
     assert plan["kernels"][-1]["path"] is None and not (tmp_path / "S.zarr").exists()
+    assert plan["disk_bytes"] == sum(k["disk_bytes"] * k["times"] for k in plan["kernels"]) > 0
     assert main(argv + store + ["--out", str(tmp_path / "o"), "--quiet"]) == 0
     capsys.readouterr()
+    result = json.loads((tmp_path / "o" / "learned.json").read_text())
+    searched = sorted({r["internal_lengthscale"] for r in result["trace"]} - {0, 0.3, 1, 3, 10, 30, 100})
+    assert 1 <= len(searched) <= 3
     assert main(argv + store + ["--out", str(tmp_path / "o2"), "--dry-run", "--quiet"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert [k["tiles"] for k in plan["kernels"]] == [0, 0] + [0] * 6 + [6, 12]
+    names = [k["name"] for k in plan["kernels"]]
+    assert names[8:8 + len(searched)] == [f"offset sums at internal λ {lam:.10g} (a refine step of an earlier run)"
+                                          for lam in searched]
+    learned_lam = result["learned"]["internal_lengthscale"]
+    if learned_lam != 3.0:  # its test sums are in their store: priced (nothing left), not in full
+        assert names[-1] == f"test offset sums at internal λ {learned_lam:.10g} (learned by an earlier run)"
+    tiles = {k["name"]: k["tiles"] for k in plan["kernels"]}
+    assert all(t == 0 for name, t in tiles.items() if "refines to" not in name and "the learned internal" not in name)
+    assert tiles.get("offset sums at the internal λ the search refines to", 0) == (6 if len(searched) < 3 else 0)
 
 
 def test_learn_store_options_are_refused_in_one_line_before_any_work(tmp_path, capsys):
@@ -709,8 +731,8 @@ def test_learn_store_options_are_refused_in_one_line_before_any_work(tmp_path, c
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     s = str(tmp_path / "S.zarr")
     for extra, message in [
-        (["--workers", "2"], "--workers: needs --store K.zarr"),
-        (["--reuse", s], "--reuse: needs --store K.zarr"),
+        (["--workers", "2"], "--workers: needs --store S.zarr (a store of offset sums)"),
+        (["--reuse", s], "--reuse: needs --store S.zarr"),
         (["--store", s, "--reuse", s], "--reuse: "),
         (["--store", s, "--reuse", str(tmp_path / "none.zarr")], "--reuse: "),
         (["--store", s, "--archive", str(tmp_path / "foreign")], "--archive: "),
@@ -747,7 +769,47 @@ def test_learn_on_dask_workers_opens_one_cluster_and_equals_one_process(tmp_path
     spread = run_learn(_internal_net(), data, 40, store=tmp_path / "B.zarr", workers=2, **kw)
     assert opened == [2]
     assert spread["learned"] == alone["learned"] and spread["heldout"] == alone["heldout"]
+    # recorded as given: two workers, not the address of the cluster they were started as
+    assert (spread["config"]["execution"]["workers"], spread["config"]["execution"]["scheduler"]) == (2, None)
     names = sorted(p.name[1:] for p in tmp_path.glob("A*.zarr"))
     assert len(names) >= 2 * 8 and names == sorted(p.name[1:] for p in tmp_path.glob("B*.zarr"))
     for name in names:
         assert _stored(tmp_path / f"B{name}").tobytes() == _stored(tmp_path / f"A{name}").tobytes(), name
+
+
+@pytest.mark.filterwarnings("ignore:max_iter")
+def test_learn_and_sweep_grow_from_a_run_without_test_or_flip_stores(tmp_path, capsys):
+    """A lender without test or mirror-term stores lends its train kernel alone, silently: the
+    borrower computes its test and mirror terms (a regression of 2df442c crashed both commands
+    with UnboundLocalError)."""
+    npz = tmp_path / "d.npz"
+    data = _digits_with_test()
+    np.savez(npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
+    common = ["--arch", "cnngp1", "--data", str(npz), "--folds", "2", "--quiet"]
+    learn = ["learn", *common, "--starts", "2", "--max-iter", "3"]
+    assert main(learn + ["--n", "20", "--store", str(tmp_path / "A.zarr"), "--out", str(tmp_path / "a")]) == 0
+    assert main(learn + ["--n", "30", "--store", str(tmp_path / "B.zarr"), "--reuse", str(tmp_path / "A.zarr"),
+                         "--tile", "10", "--test", "--n-test", "20", "--flip", "--out", str(tmp_path / "b")]) == 0
+    assert _lent_tiles(tmp_path / "B.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert not _lent_tiles(tmp_path / "B-test.zarr") and not _lent_tiles(tmp_path / "B-mirror.zarr")
+    sweep = ["sweep", *common, "--lengthscales", "1"]
+    assert main(sweep + ["--n", "20", "--store", str(tmp_path / "S.zarr"), "--tile", "10",
+                         "--out", str(tmp_path / "s")]) == 0
+    assert main(sweep + ["--n", "30", "--store", str(tmp_path / "T.zarr"), "--reuse", str(tmp_path / "S.zarr"),
+                         "--flip", "--out", str(tmp_path / "t")]) == 0
+    assert _lent_tiles(tmp_path / "T.zarr") == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert "--reuse" not in capsys.readouterr().err  # nothing to say: no counterparts to refuse
+
+
+def test_a_learn_archive_folder_holds_archives_only(tmp_path, capsys):
+    """--archive's internal-<λ>/ folders are checked as the folder itself is: a foreign file in
+    one is refused, in one line, before any work."""
+    junk = tmp_path / "A" / "internal-junk"
+    junk.mkdir(parents=True)
+    (junk / "a.txt").write_text("mine")
+    argv = ["learn", "--n", "40", "--starts", "2", "--max-iter", "3", "--store", str(tmp_path / "S.zarr"),
+            "--archive", str(tmp_path / "A"), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cnngp: error: --archive: '{junk}' is a folder that is not"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]

@@ -84,12 +84,13 @@ def test_measure_times_the_real_plan():
 
 def test_a_commands_plans_count_its_start_once():
     """``total_seconds``: each plan's own work, and the fixed part (the command's start, a cold
-    cluster's) once — the largest, where one plan starts a cluster and another does not."""
+    cluster's) once: the first plan's, since a later one's "start" also holds the planning
+    before it (its process is older when it is timed)."""
     from cnngp.engine.timing import total_seconds
 
-    plans = [{"estimated_seconds": 10.0, "fixed_seconds": 3.0}, {"estimated_seconds": 5.0, "fixed_seconds": 3.0},
+    plans = [{"estimated_seconds": 10.0, "fixed_seconds": 3.0}, {"estimated_seconds": 5.0, "fixed_seconds": 3.5},
              {"estimated_seconds": 20.0, "fixed_seconds": 8.0}]
-    assert total_seconds(plans) == pytest.approx(7 + 2 + 12 + 8)
+    assert total_seconds(plans) == pytest.approx(7 + 1.5 + 12 + 3)
     assert total_seconds([]) == 0.0 and total_seconds(plans[:1]) == 10.0
     assert total_seconds([{"estimated_seconds": 4.0}]) == 4.0  # a plan without a fixed part
 

@@ -43,7 +43,7 @@ def cmd_learn(args) -> int:
     if args.store is not None and args.params == "all":
         raise CNNGPError("--store: not with --params all (its kernels are recomputed by autograd at every "
                          "step); use --params readout or internal")
-    check_store_options(args, nested="internal-")
+    check_store_options(args, nested="internal-", store_words="S.zarr (a store of offset sums)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")

@@ -1067,7 +1067,8 @@ def _interrupted(args, code: int, what: str, stop: BaseException) -> int:
     failed = getattr(stop, "checkpoint_error", None)
     store = _store_of(args)
     if store is not None:
-        text = f"{what}; the finished tiles are in {store}: rerun the same command to resume"
+        beside = " and the stores beside it" if getattr(args, "command", None) in ("sweep", "learn") else ""
+        text = f"{what}; the finished tiles are in {store}{beside}: rerun the same command to resume"
     elif ckpt and Path(ckpt).is_file() and failed:
         text = f"{what}; saving progress failed ({failed}); the previous checkpoint {ckpt} still resumes"
     elif ckpt and Path(ckpt).is_file():

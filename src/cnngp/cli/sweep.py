@@ -195,22 +195,23 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def check_store_options(args, nested: str | None = None) -> None:
+def check_store_options(args, nested: str | None = None, store_words: str = "K.zarr (a kernel store)") -> None:
     """The store flags of ``sweep`` and ``learn`` before any work: ``--store`` (a new store or
     one of this computation, with its test and mirror-term stores), ``--archive`` (a sweep's
     archive folder; ``nested``: :func:`check_sweep_archive`'s), ``--reuse`` (a store or archive
     that opens, not the store itself), ``--workers`` or ``--scheduler``; without ``--store``
-    the flags that need one are refused."""
+    the flags that need one are refused, naming it as ``store_words``."""
     if args.store is None:
         for flag in ("workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse"):
             if getattr(args, flag) is not None:
-                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store K.zarr (a kernel store)")
+                raise CNNGPError(f"--{flag.replace('_', '-')}: needs --store {store_words}")
         return
     from cnngp.engine.store import check_output_store, is_store_path
     from cnngp.experiments.sweep import check_sweep_archive, sweep_store_paths
 
     if not is_store_path(args.store):
-        raise CNNGPError(f"--store: expected a kernel store path ending in .zarr, got {args.store!r}")
+        raise CNNGPError(f"--store {args.store}: a store is a Zarr folder and its name must end in .zarr, "
+                         f"e.g. {store_words}")
     for path in sweep_store_paths(args.store, bool(args.test), bool(args.flip)):
         check_output_store(path, "--store" + ("" if path == Path(args.store) else
                                               f" (its {'test ' if path.name.endswith('-test.zarr') else ''}"

@@ -36,7 +36,7 @@ import numpy as np
 from cnngp.engine.gram import Tile, tile_plan
 from cnngp.engine.storage import check_own_folder
 from cnngp.engine.store import (
-    IDENTITY_KEYS, KernelStore, _WHAT, _atomic_json, _checksum, _first_difference, _read_json,
+    IDENTITY_KEYS, KernelStore, difference_words, _atomic_json, _checksum, _first_difference, _read_json,
 )
 from cnngp.errors import CNNGPError
 
@@ -221,7 +221,8 @@ def check_archive_identity(path, identity: dict, what: str = "--archive") -> boo
         values = ""
         if key in ("tile", "dtype"):  # short values: say both
             values = f" ({(stored.get('identity') or {}).get(key)}; this computation: {identity.get(key)})"
-        raise CNNGPError(f"{what}: {str(path)!r} holds tiles of a kernel of different {_WHAT[key]}{values}; "
+        raise CNNGPError(f"{what}: {str(path)!r} holds tiles of a kernel of different "
+                         f"{difference_words(key, stored.get('identity') or {})}{values}; "
                          "give the archive of this computation or a new folder (nothing was written)")
     return True
 

@@ -28,7 +28,7 @@ from cnngp.engine.archive import archive_tile, is_archive, read_archive_header, 
 from cnngp.engine.gram import Tile
 from cnngp.engine.storage import fingerprint
 from cnngp.engine.store import (
-    IDENTITY_KEYS, STORE_FORMAT, KernelStore, TiledKernel, _WHAT, _checksum, _first_difference, _read_json,
+    IDENTITY_KEYS, STORE_FORMAT, KernelStore, TiledKernel, difference_words, _checksum, _first_difference, _read_json,
     same_spec,
 )
 from cnngp.errors import CNNGPError
@@ -220,9 +220,10 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
         if key in ("dtype", "flip"):  # short values: say both
             show = (lambda v: _FLIP_WORDS.get(v, v)) if key == "flip" else str
             values = f" ({show(other.attrs.get(key))}; this computation: {show(wanted.get(key))})"
-        raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different {_WHAT[key]}{values}; only "
-                            "a store or tile archive of the same computation (network, readouts, dtype) on "
-                            "images that begin as these do lends its tiles")
+        same = "network, dtype" if wanted.get("offsets") else "network, readouts, dtype"
+        raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different "
+                            f"{difference_words(key, other.attrs)}{values}; only a store or tile archive of the "
+                            f"same computation ({same}) on images that begin as these do lends its tiles")
     rows = readout_rows(other.attrs, wanted)
     if isinstance(rows, str):
         raise LenderRefused(f"{what}: {str(source)!r} holds a kernel of different readouts ({rows}); a store or "

@@ -133,9 +133,19 @@ def _first_difference(stored: dict, wanted: dict, keys=IDENTITY_KEYS) -> str | N
     return next((key for key in keys if not same_spec(stored.get(key), wanted.get(key))), None)
 
 
+def difference_words(key: str, stored: dict) -> str:
+    """What differs, in words, when a store's (or archive's) identity ``stored`` differs from
+    the computation's on ``key`` (:func:`_first_difference`): :data:`_WHAT`'s, and for the
+    contents which way round."""
+    if key == "offsets":
+        return ("contents (it holds offset sums, not kernels)" if stored.get("offsets")
+                else "contents (it holds kernels, not offset sums)")
+    return _WHAT[key]
+
+
 _WHAT = {
     "format": "store format", "spec": "network spec", "readouts": "readouts", "kernels": "kernel type (NNGP, NTK)",
-    "offsets": "contents (offset sums, not kernels)",
+    "offsets": "contents (offset sums or kernels)",
     "flip": "flip averaging",
     "x1_sha256": "images (its rows)", "x2_sha256": "images (its columns)", "dtype": "dtype",
     "tile": "tile size", "shape": "shape",
@@ -148,7 +158,7 @@ def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> No
     key = _first_difference(attrs, identity)
     if key is not None:
         raise CNNGPError(
-            f"{what}: {str(path)!r} holds a kernel of different {_WHAT[key]}; resume only with the same "
+            f"{what}: {str(path)!r} holds a kernel of different {difference_words(key, attrs)}; resume only with the same "
             f"computation (images, network, readouts, dtype, tile), or give another {what} "
             "(nothing was overwritten)"
         )

@@ -233,12 +233,13 @@ def estimate(rates: Rates, stages, *, workers: int | None = None, tile_pairs=Non
 def total_seconds(plans) -> float:
     """The time of one command that computes every plan of ``plans`` (dry runs' dictionaries:
     ``estimated_seconds`` and ``fixed_seconds``, :class:`Estimate`'s), one after another: each
-    plan's own work, and the fixed part (the command's start, a cluster's) once."""
+    plan's own work, and the fixed part (the command's start, a cluster's) once, the first
+    plan's: the later ones were timed later in the same command, so their "start" also holds
+    the planning before them."""
     plans = list(plans)
     if not plans:
         return 0.0
-    return (sum(p["estimated_seconds"] - p.get("fixed_seconds", 0.0) for p in plans)
-            + max(p.get("fixed_seconds", 0.0) for p in plans))
+    return sum(p["estimated_seconds"] - p.get("fixed_seconds", 0.0) for p in plans) + plans[0].get("fixed_seconds", 0.0)
 
 
 def _human(s: float) -> str:

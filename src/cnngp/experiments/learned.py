@@ -146,6 +146,22 @@ def _internal_execution(ex, lengthscale: float):
                       archive=None if ex.archive is None else internal_archive_path(ex.archive, lengthscale))
 
 
+def _stored_internal(store, known: set, test: bool = False) -> list[float]:
+    """The internal λ, other than ``known``, of the stores an earlier run left beside ``store``
+    (:func:`internal_store_path`; ``test``: their test stores, ``S-internal-<λ>-test.zarr``)."""
+    prefix = _internal_stores_prefix(store)
+    end = "-test.zarr" if test else ".zarr"
+    found = []
+    for path in prefix.parent.glob(f"{glob.escape(prefix.name)}*{end}"):
+        try:
+            lam = float(path.name[len(prefix.name):-len(end)])
+        except ValueError:  # a mirror term's or a test store's name (S-internal-3-mirror.zarr)
+            continue
+        if lam not in known and (path / "zarr.json").is_file():
+            found.append(lam)
+    return sorted(found)
+
+
 def _check_resumed_stores(body, x, x_test, ex, flip) -> None:
     """Refuse, before anything is printed or computed, a store of ``ex.store``'s layout (train,
     test, mirror terms) that exists but holds another computation (other images, network,
@@ -247,9 +263,10 @@ def _learn_internal(body, indices, x, y, S_given, own, *, grid, bias_var, k_cls,
 def _plan_learn(body, indices, x, x_test, ex, protocol, *, timed: bool) -> dict:
     """The body passes of a learn run, priced before any is made: the offset sums of the
     training images (and of the test images against them); with ``params="internal"`` one pass
-    per internal λ of :data:`INTERNAL_GRID`, ``refine`` passes at λ the search chooses and,
-    with a test split, the test pass at the learned λ (these last two priced in full: their λ
-    is not known yet). Through a store (``ex.store``) each store's dry run prices the tiles it
+    per internal λ of :data:`INTERNAL_GRID`, ``refine`` + 1 passes at λ the search chooses and,
+    with a test split, the test pass at the learned λ (these last two priced in full, their λ
+    not known yet, but for the stores an earlier run of the same search left beside ``ex.store``:
+    it chooses those λ again). Through a store (``ex.store``) each store's dry run prices the tiles it
     lacks, less those its archive restores or ``--reuse`` lends, and refuses a store or lender
     of another computation here, before any work; in memory a few pairs are timed here (when
     ``timed``, or when the operation count prices the passes above
@@ -257,9 +274,10 @@ def _plan_learn(body, indices, x, x_test, ex, protocol, *, timed: bool) -> dict:
     three kernel passes each) are not priced. Memory: the offset sums held in float64 for the
     inference (with ``params="internal"`` two sets: the best λ's and the current).
 
-    Returns the plan: ``stages`` (pairs and images of each pass), ``kernels`` (per store, or
-    per in-memory pass: what is left to compute), ``seconds``, ``memory_bytes`` and ``text``,
-    the lines printed."""
+    Returns the plan: ``stages`` (pairs and images of one pass, and how many ``times`` it is
+    made), ``kernels`` (per store, or per in-memory pass: what is left to compute in one pass,
+    ``times`` over), ``seconds``, ``memory_bytes``, ``disk_bytes`` (what the stores still
+    write) and ``text``, the lines printed."""
     from cnngp.engine import timing
     from cnngp.engine.distributed import describe_dry_run, store_dry_run
     from cnngp.engine.gram import MEASURE_ABOVE_SECONDS, GramPlan, gram_needs
@@ -274,21 +292,40 @@ def _plan_learn(body, indices, x, x_test, ex, protocol, *, timed: bool) -> dict:
     internal = protocol.params == "internal"
     if internal:
         own = float(body.layers[indices[0]].correlation.lengthscale)
+
+        def at(lam):  # the network at internal λ, and the execution of its store
+            return with_internal(body, indices, lam), None if store is None else _internal_execution(ex, lam)
+
         for lam in sorted(set(INTERNAL_GRID) - {own}):
-            passes.append((f"offset sums at internal λ {lam:g}", with_internal(body, indices, lam), x, None,
-                           None if store is None else _internal_execution(ex, lam), 1, True))
-        if protocol.refine:
+            passes.append((f"offset sums at internal λ {lam:g}", at(lam)[0], x, None, at(lam)[1], 1, True))
+        # the search's λ are not known before it runs; those of an earlier run of this one (its
+        # stores beside ``store``) are what it chooses again, the rest are priced in full. A
+        # bounded Brent search of ``refine`` iterations evaluates at most refine + 1 λ
+        steps = int(protocol.refine) + 1 if protocol.refine else 0
+        earlier = [] if store is None else _stored_internal(store, set(INTERNAL_GRID) | {own})[:steps]
+        for lam in earlier:
+            passes.append((f"offset sums at internal λ {lam:.10g} (a refine step of an earlier run)",
+                           at(lam)[0], x, None, at(lam)[1], 1, True))
+        if steps > len(earlier):
             passes.append(("offset sums at the internal λ the search refines to", body, x, None, None,
-                           int(protocol.refine), False))
+                           steps - len(earlier), False))
         if x_test is not None:
-            passes.append(("test offset sums at the learned internal λ", body, x_test, x, None, 1, False))
+            tested = [] if store is None else _stored_internal(store, {own}, test=True)
+            if len(tested) == 1:
+                passes.append((f"test offset sums at internal λ {tested[0]:.10g} (learned by an earlier run)",
+                               at(tested[0])[0], x_test, x, at(tested[0])[1], 1, True))
+            else:
+                passes.append(("test offset sums at the learned internal λ", body, x_test, x, None, 1, False))
     grid = body.grids(tuple(x.shape[1:-1]))[-1]
     offsets = math.prod(2 * g - 1 for g in grid)
-    memory = 8 * offsets * (n * n * (2 if internal else 1) + n_test * n)
-    if store is not None:  # a store is read whole in its dtype, then made float64 (both terms with flip)
-        memory += torch.finfo(ex.torch_dtype).bits // 8 * offsets * n * n * (2 if flip else 1)
+    # held in float64: S (and with params="internal" the best λ's S beside the current), S_test
+    # (and the learned internal λ's), and the largest set read in its dtype before it is made
+    # float64 (from a store with flip: both terms)
+    two = 2 if internal else 1
+    read = max(n * n, n_test * n) * (2 if flip and store is not None else 1)
+    memory = 8 * offsets * two * (n * n + n_test * n) + torch.finfo(ex.torch_dtype).bits // 8 * offsets * read
 
-    stages, kernels, lines, reports, seconds = [], [], [], [], 0.0
+    stages, kernels, lines, reports, seconds, disk = [], [], [], [], 0.0, 0
     rates_d = None
     if store is not None:
         unknown = ex.replace(store=_internal_stores_prefix(store).with_name(
@@ -302,6 +339,7 @@ def _plan_learn(body, indices, x, x_test, ex, protocol, *, timed: bool) -> dict:
                 lines.append(f"{label}:\n" + describe_dry_run({**report, "path": report["path"] if known
                                                                  else "(a store per λ, priced in full)"}))
                 reports += [report] * times
+                disk += times * report["disk_bytes"]
                 rates_d = rates_d or {k: report[k] for k in ("seconds_per_pair", "seconds_per_image_self",
                                                             "load_average", "timed_pairs")}
                 kernels.append({"name": label, "times": times, **{k: report.get(k) for k in (
@@ -329,13 +367,14 @@ def _plan_learn(body, indices, x, x_test, ex, protocol, *, timed: bool) -> dict:
             seconds = counted
             lines.append(f"estimate: about {human_seconds(seconds)} (from the operation count; timed above "
                          f"{human_seconds(MEASURE_ABOVE_SECONDS)})")
-        kernels = [{"name": st.name, "times": t, "pairs": st.pairs * t} for st, t in zip(stages, times)]
+        kernels = [{"name": st.name, "times": t, "pairs": st.pairs} for st, t in zip(stages, times)]
     head = "plan: " + "; ".join(f"{st.name}: {st.describe_pairs()}" for st in stages) + \
         f"; offset sums held for inference about {human_bytes(memory)}"
     if protocol.params == "all":
         lines.append("then about three float64 kernel passes per optimiser step (autograd, up to "
                      f"{protocol.max_iter} steps per start): not priced")
-    return {"seconds": seconds, "memory_bytes": int(memory), "kernels": kernels, "rates": rates_d,
+    return {"seconds": seconds, "memory_bytes": int(memory), "disk_bytes": int(disk), "kernels": kernels,
+            "rates": rates_d,
             "stages": [{"name": st.name, "pairs": st.pairs, "images": st.images, "times": p[5]}
                        for st, p in zip(stages, passes)],
             "text": "\n".join([head, *lines])}
@@ -602,6 +641,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
     grid = body.grids(tuple(x.shape[1:-1]))[-1]
     if not grid:
         raise CNNGPError("network: its last hidden layer has no spatial grid, so the readout has no λ to learn")
+    recorded_execution = ex.as_dict()  # as given (--workers 2, not the address of the cluster started)
     with contextlib.ExitStack() as cleanup:
         if ex.on_cluster and not dry_run:  # one cluster for every store of the run
             ex = open_cluster(ex, cleanup)
@@ -616,8 +656,14 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
                     + ")")
             check_job(what, memory_bytes=plan["memory_bytes"], yes=True,
                       remedy="use a smaller --n or --n-test (the offset sums are held in float64 for the inference)")
-            check_job(what, seconds=plan["seconds"] if str(ex.device).startswith("cpu") else None, yes=yes or dry_run,
-                      remedy="--store S.zarr with --workers, or over several runs (a store resumes where it stopped)")
+            if plan["disk_bytes"]:  # the stores' chunks and records (a resumed store: what it lacks)
+                check_job("--store", disk_bytes=plan["disk_bytes"], disk_path=store, yes=True,
+                          remedy="free space there, or give a --store on a larger disk")
+            resume = "or over several runs (a store resumes where it stopped)"
+            remedy = (f"--store S.zarr with --workers or a --scheduler, {resume}" if store is None
+                      else f"--workers or a --scheduler, {resume}" if not ex.on_cluster else f"more workers, {resume}")
+            check_job(what, seconds=plan["seconds"] if str(ex.device).startswith("cpu") else None,
+                      yes=yes or dry_run, remedy=remedy)
         elif store is not None:  # a store being resumed is checked before the data line (as the sweep's plan does)
             _check_resumed_stores(body, x, x_test, ex, flip)
         if ex.progress:  # every check passed: say what was read before the long part
@@ -786,7 +832,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
                            "noise_variance": "[1e-9, 10] x mean diagonal of the kernel at amplitude 1"},
                 "grid_lengthscales": [float(v) for v in lengthscales],
                 "dtype": dtype,
-                "execution": ex.as_dict(),
+                "execution": recorded_execution,
                 "seed": int(seed),
                 "test": bool(test),
                 "n_test": None if x_test is None else int(len(x_test)),

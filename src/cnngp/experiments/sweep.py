@@ -433,8 +433,10 @@ def check_sweep_archive(archive, test: bool, what: str = "--archive", flip: bool
     if not str(archive).strip() or not path.is_dir() or path.is_symlink():
         check_archive_folder(archive, what)  # a new folder, or refused
     else:
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in ARCHIVE_PARTS
-                         and not (nested and p.name.startswith(nested) and p.is_dir()))
+        inner = sorted(p for p in path.iterdir() if nested and p.name.startswith(nested) and p.is_dir())
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ARCHIVE_PARTS and p not in inner)
+        for folder in inner:  # each laid out as this one (check_sweep_archive), nothing else in it
+            check_sweep_archive(folder, True, what, flip=flip)
         if foreign:
             raise CNNGPError(f"{what}: {str(path)!r} is a folder that is not a sweep's tile archive "
                              f"(it holds {foreign[0]!r}; a sweep's holds train/ and test/); give a new or empty folder")
@@ -501,9 +503,9 @@ def _store_parts(ex, part: str, flip, heads) -> list:
         if lender is not None and (term or part == "test") and not holds_readouts(lender, heads):
             if Path(lender).exists():  # there, but lends nothing to this part: said once, not silently
                 held = "offset sums" if heads is None else f"{len(heads)} readout(s)"
-            _warn_once((str(lender), part + suffix), f"--reuse: {str(lender)!r} is not of the {part}"
-                       f"{' mirror-term' if term else ''} kernel this run computes ({held}): it holds other "
-                       "contents, or is no kernel store or tile archive, so it lends nothing to it")
+                _warn_once((str(lender), part + suffix), f"--reuse: {str(lender)!r} is not of the {part}"
+                           f"{' mirror-term' if term else ''} kernel this run computes ({held}): it holds other "
+                           "contents, or is no kernel store or tile archive, so it lends nothing to it")
             lender = None
         out.append((term, ex.replace(
             store=store if part == "train" else test_store_path(store),
@@ -1233,6 +1235,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
         raise
     if kernel not in ("nngp", "ntk"):
         raise CNNGPError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
+    # as given (--workers 2, not the address of the cluster they are started as: open_cluster)
+    recorded_execution = {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")}
     ns, folds, lengthscales, family = protocol.ns, protocol.folds, protocol.lengthscales, protocol.family
     test, n_test, seed, fold_scheme = protocol.test, protocol.n_test, protocol.seed, protocol.fold_scheme
     n_grid, progress, kernel_store, archive, dtype = protocol.n_grid, ex.progress, ex.store, ex.archive, ex.dtype
@@ -1473,7 +1477,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             "flip": flip,
             "kernel_store": None if kernel_store is None else str(kernel_store),
             "archive": None if archive is None else str(archive),
-            "execution": {k: v for k, v in ex.as_dict().items() if k not in ("checkpoint", "keep_checkpoint")},
+            "execution": recorded_execution,
             "test_probabilities": None if test_mode is None else {
                 "method": calibration.PROBABILITY_METHOD,
                 "kernel": "the NNGP" if kernel == "nngp" else "the NTK taken as the GP's covariance",
