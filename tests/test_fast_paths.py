@@ -157,6 +157,33 @@ def test_layer_changes_after_a_run_are_seen(torch_path):
     assert rel_err(cnngp.kernel(net, x), torch_path(cnngp.kernel, net, x)) < 1e-12
 
 
+@pytest.mark.parametrize("route", ["deepcopy", "pickle"])
+def test_a_lengthscale_changed_in_place_after_a_copy_is_never_served_a_stale_plan(route):
+    """The engines cache plans on the layers, once keyed by the correlation object, whose hash
+    follows its value: a network run once, copied (the cache with it), its λ then set in place,
+    and copied or pickled again (rehashing the cache: a Dask worker's copy) found the plan of
+    the old λ under the new one and computed offset sums off by up to 23 % — silently, into
+    stores whose records then matched. Oracles: the same network rebuilt from its spec (no
+    history), and the reference torch path."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(6)
+    x = rng.uniform(0, 1, (3, 8, 8, 1))
+    body = Serial(Conv(3), ReLU(), Conv(4, stride=2, padding="same", correlation=Matern(1.5, 3.0)), ReLU(),
+                  Conv(3), ReLU())
+    cnngp.offset_sums(body, x)  # plans cached for λ = 3
+    changed = copy.deepcopy(body)
+    changed.layers[2].correlation.lengthscale = 0.3  # in place, on the copy (the old way of learn)
+    again = copy.deepcopy(changed) if route == "deepcopy" else pickle.loads(pickle.dumps(changed))
+    # the caches are not copied with the layers at all (a worker builds its own)
+    assert "_fused_plans" in vars(body.layers[2])
+    assert not any(name in vars(layer) for layer in again.layers for name in layer.ENGINE_CACHES)
+    want = cnngp.offset_sums(cnngp.io.spec.from_spec(changed.to_spec()), x)
+    assert rel_err(cnngp.offset_sums(again, x), want) < 1e-12
+    assert rel_err(cnngp.offset_sums(changed, x), want) < 1e-12
+
+
 def test_high_rank_correlation_uses_dense_path():
     g = np.random.default_rng(0)
     a = g.standard_normal((25, 25))

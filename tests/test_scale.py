@@ -762,3 +762,17 @@ def test_disk_check_counts_file_blocks_and_only_what_a_resumed_store_still_write
     assert resumed["tiles"] == 1 and resumed["tiles_total"] == tiles
     chunk = -(-1 * 2 * 2 * 8 // FILE_BLOCK) * FILE_BLOCK + FILE_BLOCK
     assert resumed["disk_bytes"] == 2 * chunk + FILE_BLOCK  # the tile, its mirror, its record
+
+
+def test_a_local_cluster_is_refused_while_a_worker_process_is_being_started(monkeypatch):
+    """A script without a main guard that runs cnngp with workers runs again in every spawned
+    worker, before it is a worker: there cnngp refuses to start a cluster of its own, in one line
+    naming the guard, instead of Dask's "Nanny failed to start"."""
+    import multiprocessing
+
+    from cnngp.engine.distributed import dask_client
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(CNNGPError, match=r'^--workers: .*`if __name__ == "__main__":`$'):
+        with dask_client(workers=2):
+            pass

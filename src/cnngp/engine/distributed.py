@@ -242,6 +242,15 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
         finally:
             client.close()
         return
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a worker process being started runs the parent's script again when the script has no
+        # main guard: here it would start a cluster of its own (Dask then fails as "Nanny
+        # failed to start", or a wrapper that catches that goes on as a worker)
+        raise CNNGPError("--workers: a local cluster cannot be started while this process is itself being "
+                         "started by multiprocessing: a script that runs cnngp with workers must do so under "
+                         "`if __name__ == \"__main__\":`")
     import dask
 
     scratch = _scratch_folder()

@@ -403,9 +403,9 @@ def conv_plan(conv: Conv, spatial) -> ConvPlan | None:
     """The fused plan for ``conv`` on ``spatial``, or None where the torch path is better."""
     if not _supported(conv, spatial):
         return None
-    # keyed by everything the plan depends on (layers are mutable; weight_var and bias_var are
-    # read at each call)
-    key = (tuple(spatial), conv.filter, conv.stride, conv.dilation, conv.padding, conv.correlation)
+    # keyed by everything the plan depends on, by value (layers are mutable; weight_var and
+    # bias_var are read at each call)
+    key = (tuple(spatial), conv.filter, conv.stride, conv.dilation, conv.padding, conv.correlation.snapshot())
     cache = conv.__dict__.setdefault("_fused_plans", {})
     if key not in cache:
         plan = ConvPlan(conv, spatial)
@@ -604,7 +604,7 @@ def _offset_table(head, spatial):
     """Σ of a readout as a function of the offset δ = p' − p, shape (2N0 − 1, 2N1 − 1), or None
     if Σ is not stationary on this grid (then the dense matrix is used)."""
     cache = head.__dict__.setdefault("_fused_offsets", {})
-    key = (spatial, head.correlation)
+    key = (spatial, head.correlation.snapshot())  # by value: the readout is mutable
     if key not in cache:
         n0, n1 = _spatial2(spatial)
         sigma = head.weights(spatial, torch.float64, "cpu").numpy().reshape(n0, n1, n0, n1)

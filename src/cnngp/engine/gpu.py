@@ -173,7 +173,8 @@ def conv_plan(conv, spatial) -> GpuConvPlan | None:
     """The plan for ``conv`` on ``spatial``, or None where the torch path runs it."""
     if not supports(conv, spatial):
         return None
-    key = (tuple(spatial), conv.filter, conv.stride, conv.dilation, conv.padding, conv.correlation)
+    # by value (the layer is mutable: Correlation.snapshot)
+    key = (tuple(spatial), conv.filter, conv.stride, conv.dilation, conv.padding, conv.correlation.snapshot())
     cache = conv.__dict__.setdefault("_gpu_plans", {})
     if key not in cache:
         cache[key] = GpuConvPlan(conv, spatial)

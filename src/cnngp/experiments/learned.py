@@ -103,8 +103,10 @@ def with_internal(body, indices, lengthscale: float):
     import copy
 
     net = copy.deepcopy(body)
-    for i in indices:
-        net.layers[i].correlation.lengthscale = float(lengthscale)
+    for i in indices:  # a new correlation object, not the copy's changed in place
+        correlation = copy.copy(net.layers[i].correlation)
+        correlation.lengthscale = float(lengthscale)
+        net.layers[i].correlation = correlation
     return Serial(*net.layers)
 
 

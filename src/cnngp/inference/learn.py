@@ -421,7 +421,8 @@ def with_parameters(model, values: dict):
             raise CNNGPError(f"parameter {name!r}: not a parameter of this network; expected one of {sorted(known)}")
         layer_name, attr = name.split(".")
         layer = net.layers[index[layer_name]]
-        if attr == "lengthscale":
+        if attr == "lengthscale":  # a new correlation object, not the copy's changed in place
+            layer.correlation = copy.copy(layer.correlation)
             layer.correlation.lengthscale = v
         else:
             setattr(layer, attr, v)

@@ -149,7 +149,15 @@ class Correlation:
         return type(self) is type(other) and self.to_spec() == other.to_spec()
 
     def __hash__(self):
-        return hash(repr(self.to_spec()))
+        return hash(self.snapshot())
+
+    def snapshot(self) -> str:
+        """This correlation's value as it is now (its spec, as text): the key of a cache of
+        anything built from it. Not the object itself, whose hash follows its value: a cache
+        keyed by the object finds an entry of the old value under the new one once the object
+        is changed in place (``correlation.lengthscale = ...``) and the cache rehashed, as
+        copying or pickling the layer that holds both does."""
+        return repr(self.to_spec())
 
 
 class Independent(Correlation):

@@ -141,6 +141,16 @@ class Layer(nn.Module):
     #: "ntk" or "standard" (docs/maths.md §7): where σ_w/√fan_in sits, which only the NTK sees
     parameterization = "ntk"
 
+    #: the engines' caches of plans built from this layer (fused, GPU): rebuilt on first use,
+    #: never copied or pickled with it (a copy may be changed; a worker builds its own)
+    ENGINE_CACHES = ("_fused_plans", "_gpu_plans", "_fused_offsets")
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in self.ENGINE_CACHES:
+            state.pop(name, None)
+        return state
+
     def tangent_coefficients(self, channels: int | None, spatial: tuple) -> tuple[float, float]:
         """(a, b) with this layer's own NTK term a·(Σ * V) + b, Σ * V its filtered input before
         weight_var and bias_var (docs/maths.md §7): (weight_var, bias_var) — the output NNGP —
