@@ -776,3 +776,42 @@ def test_a_local_cluster_is_refused_while_a_worker_process_is_being_started(monk
     with pytest.raises(CNNGPError, match=r'^--workers: .*`if __name__ == "__main__":`$'):
         with dask_client(workers=2):
             pass
+
+
+def test_workers_values_are_spot_checked_against_this_process(tmp_path, dask_cluster, monkeypatch):
+    """After a cluster computed tiles, a few of their pairs are computed again in this process:
+    equal (to rounding) passes and is reported; a worker that computes something else (here
+    every task's network has another λ, as a worker of another version or a stale plan would)
+    is refused in one line, and the tiles it computed are discarded from the store and its
+    archive, so that nothing wrong reads or resumes as done."""
+    import cnngp.engine.distributed as distributed
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore
+
+    x = np.random.default_rng(3).uniform(size=(9, 6, 6, 2))
+    body = cnngp.Serial(cnngp.Conv(3, correlation=cnngp.Matern(1.5, 2.0)), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+    readouts = [cnngp.Readout(correlation=cnngp.Matern(1.5, 1.0))]
+    good = store_kernel(body, x, readouts=readouts, out=tmp_path / "good.zarr", tile=3, scheduler=dask_cluster,
+                        progress=False)
+    assert good.pairs_spot_checked == 3 and KernelStore.open(tmp_path / "good.zarr").complete()
+
+    real = distributed.run_tile_task
+
+    def another_network(path, key, recipe, *args, **kwargs):
+        import pickle
+
+        recipe = pickle.loads(recipe) if isinstance(recipe, bytes) else recipe  # (it travels pickled)
+        other = cnngp.Serial(cnngp.Conv(3, correlation=cnngp.Matern(1.5, 0.3)), cnngp.ReLU(), cnngp.Conv(3),
+                             cnngp.ReLU())
+        distributed._PLANS.clear()
+        return real(path, key + "-other", (other, *recipe[1:]), *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "run_tile_task", another_network)
+    with pytest.raises(CNNGPError, match=r"^--out: the workers' value of the pair \(\d+, \d+\) \(tile tile-\d-\d\) "
+                                         r"differs from this process's by .* the 6 tile\(s\) they computed in this "
+                                         r"run were discarded from .*bad.zarr' and its archive"):
+        store_kernel(body, x, readouts=readouts, out=tmp_path / "bad.zarr", tile=3, scheduler=dask_cluster,
+                     archive=tmp_path / "bad-archive", progress=False)
+    state = KernelStore.open(tmp_path / "bad.zarr").verify()
+    assert len(state["missing"]) == 6 and not state["done"]
+    assert not list((tmp_path / "bad-archive").glob("tile-*"))

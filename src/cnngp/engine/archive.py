@@ -307,6 +307,14 @@ class TileArchive:
             raise CNNGPError(f"{self.what}: writing tile {tile.name} to {str(self.path)!r} failed "
                              f"({e.strerror or e})") from None
 
+    def discard(self, tile: Tile) -> None:
+        """Remove ``tile`` from the archive (record first: a tile without one is not archived)."""
+        for suffix in (".json", ".bin"):
+            try:
+                os.unlink(self.path / f"{tile.name}{suffix}")
+            except FileNotFoundError:
+                pass
+
     def load(self, tile: Tile) -> tuple[np.ndarray, dict] | None:
         """``(block, record)`` of ``tile`` if the archive holds it intact, else None (a
         damaged tile is reported on stderr and left to be recomputed)."""

@@ -108,6 +108,7 @@ class StoreReport:
     tiles_reused: int = 0  # copied from the store ``reuse``
     tiles_lend_refused: int = 0  # that ``reuse`` would lend, whose copy failed its checks: computed
     reuse: str | None = None
+    pairs_spot_checked: int = 0  # of the tiles the workers computed, recomputed here (spot_check)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, shape=list(self.shape))
@@ -745,6 +746,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                         raise CNNGPError(
                             f"dask: all workers were lost ({type(e).__name__}); the finished tiles are "
                             f"in {str(out)}: rerun to resume") from None
+                report.pairs_spot_checked = spot_check(plan, store, todo, xa, xb, saver, what)
         except StoreWriteError as e:  # a task knows the store's path; this call knows its flag
             raise e.named(what) from None
         finally:
@@ -754,6 +756,50 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                   "records there or could not be read on the workers: computed", file=sys.stderr)
         report.seconds = time.perf_counter() - start
         return report
+
+
+#: pairs of the tiles a cluster's workers computed that this process computes again
+#: (:func:`spot_check`), and the agreement asked of them, relative to the pair's largest entry
+SPOT_CHECK_PAIRS = 3
+SPOT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def spot_check(plan, store: KernelStore, tiles: list, xa, xb, saver=None, what: str = "--out") -> int:
+    """Compute a few pairs of ``tiles`` (those a cluster's workers computed) in this process,
+    each image's self records included, and compare them with what the workers stored. A
+    worker's record only hashes the bytes that worker wrote, so without this a worker that ran
+    another cnngp, torch or numba than this process, or was sent another network or other
+    images, would fill the store with wrong numbers that verify as done. A pair that differs
+    beyond rounding (:data:`SPOT_CHECK_TOLERANCE`) discards every tile of ``tiles`` from the
+    store (and from ``saver``, its tile archive), so that nothing wrong is read or resumed as
+    done, and is refused with the pair and the difference. Returns the pairs checked."""
+    computed = [t for t in tiles if store._record(t.name) is not None]  # (all, unless a task failed)
+    if not computed:
+        return 0
+    rng = np.random.default_rng(len(computed))  # the same pairs for the same run
+    picks = [computed[i] for i in rng.choice(len(computed), size=min(SPOT_CHECK_PAIRS, len(computed)), replace=False)]
+    cols_images = xa if xb is None else xb
+    for t in picks:
+        i = int(rng.integers(t.rows.start, t.rows.stop))
+        j = int(rng.integers(max(t.cols.start, i) if t.diagonal else t.cols.start, t.cols.stop))
+        a = torch.as_tensor(xa[i:i + 1], device=plan.device)
+        b = torch.as_tensor(cols_images[j:j + 1], device=plan.device)
+        want = plan.block(a, plan.self_records(a), b, plan.self_records(b)).double().cpu().numpy()[:, 0, 0]
+        got = np.asarray(store.kernel[:, i, j], dtype=np.float64)
+        scale = max(float(np.abs(want).max()), np.finfo(np.float64).tiny)
+        difference = float(np.abs(got - want).max()) / scale
+        if not difference <= SPOT_CHECK_TOLERANCE.get(plan.dtype, 1e-4):
+            for tile in computed:
+                store.forget(tile)
+                if saver is not None:
+                    saver.discard(tile)
+            raise CNNGPError(
+                f"{what}: the workers' value of the pair ({i}, {j}) (tile {t.name}) differs from this "
+                f"process's by {difference:.2g} relative: the workers may run another cnngp, torch or numba "
+                f"than this process, or were sent something else; the {len(computed)} tile(s) they computed "
+                f"in this run were discarded from {str(store.path)!r}" + ("" if saver is None else " and its archive")
+                + " (check the workers' environment, then rerun)")
+    return len(picks)
 
 
 class _TileBook:
