@@ -646,3 +646,26 @@ def test_a_pool_after_a_conv_is_summed_in_the_convs_pass(monkeypatch, torch_path
     cnngp.kernel(Serial(Conv(3), AvgPool(2), Conv(3), ReLU(), Readout(correlation=Matern(1.5, 1.0))), x)
     cnngp.kernel(net, x, get="ntk")
     assert all(p is None for p in pools)
+
+
+def test_a_correlations_snapshot_is_exact_and_quiet():
+    """The cache key of a correlation (Correlation.snapshot) tells apart values that its repr
+    rounds together (a tensor lengthscale, as autograd learns it), warns about nothing for a
+    tensor that requires grad, and tells apart user matrices that differ in one entry."""
+    import warnings
+
+    def tensor_lengthscale(value, grad=False):  # as cnngp.inference.learn.with_parameters sets it
+        corr = Matern(1.5, 1.0)
+        corr.lengthscale = torch.tensor(value, dtype=torch.float64, requires_grad=grad)
+        return corr
+
+    a, b = tensor_lengthscale(2.00001), tensor_lengthscale(2.00004, grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert a.snapshot() != b.snapshot()
+        assert a.snapshot() == tensor_lengthscale(2.00001).snapshot()
+    m = np.eye(4) + 0.1
+    other = m.copy()
+    other[1, 2] = other[2, 1] = 0.1 + 1e-12
+    assert UserCorrelation(m).snapshot() != UserCorrelation(other).snapshot()
+    assert UserCorrelation(m).snapshot() == UserCorrelation(m.copy()).snapshot()

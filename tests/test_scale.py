@@ -779,11 +779,12 @@ def test_a_local_cluster_is_refused_while_a_worker_process_is_being_started(monk
 
 
 def test_workers_values_are_spot_checked_against_this_process(tmp_path, dask_cluster, monkeypatch):
-    """After a cluster computed tiles, a few of their pairs are computed again in this process:
-    equal (to rounding) passes and is reported; a worker that computes something else (here
-    every task's network has another λ, as a worker of another version or a stale plan would)
-    is refused in one line, and the tiles it computed are discarded from the store and its
-    archive, so that nothing wrong reads or resumes as done."""
+    """After a cluster computed tiles, one pair of each worker's is computed again in this
+    process (and its mirror entry): equal to rounding, the worker's tiles are vouched for in
+    their records; a worker that computes something else (here every task's network has
+    another λ, as a worker of another version or a stale plan would) is refused in one line,
+    the tiles it computed and the self records are discarded from the store and its archive,
+    and the same command with sound workers then finishes the store, equal to the kernel."""
     import cnngp.engine.distributed as distributed
     from cnngp.engine.distributed import store_kernel
     from cnngp.engine.store import KernelStore
@@ -793,7 +794,10 @@ def test_workers_values_are_spot_checked_against_this_process(tmp_path, dask_clu
     readouts = [cnngp.Readout(correlation=cnngp.Matern(1.5, 1.0))]
     good = store_kernel(body, x, readouts=readouts, out=tmp_path / "good.zarr", tile=3, scheduler=dask_cluster,
                         progress=False)
-    assert good.pairs_spot_checked == 3 and KernelStore.open(tmp_path / "good.zarr").complete()
+    records = [json.loads(p.read_text()) for p in (tmp_path / "good.zarr" / "records").glob("tile-*.json")]
+    workers = {(r["host"], r["pid"]) for r in records}
+    assert good.pairs_spot_checked == len(workers) >= 1 and {r["worker"] for r in records} == {"checked"}
+    assert KernelStore.open(tmp_path / "good.zarr").complete()
 
     real = distributed.run_tile_task
 
@@ -807,11 +811,58 @@ def test_workers_values_are_spot_checked_against_this_process(tmp_path, dask_clu
         return real(path, key + "-other", (other, *recipe[1:]), *args, **kwargs)
 
     monkeypatch.setattr(distributed, "run_tile_task", another_network)
-    with pytest.raises(CNNGPError, match=r"^--out: the workers' value of the pair \(\d+, \d+\) \(tile tile-\d-\d\) "
-                                         r"differs from this process's by .* the 6 tile\(s\) they computed in this "
-                                         r"run were discarded from .*bad.zarr' and its archive"):
-        store_kernel(body, x, readouts=readouts, out=tmp_path / "bad.zarr", tile=3, scheduler=dask_cluster,
+    bad = tmp_path / "bad.zarr"
+    with pytest.raises(CNNGPError, match=r"^--out: the value of the pair \(\d+, \d+\) \(tile tile-\d-\d\) computed by "
+                                         r"the worker .*:\d+ differs from this process's by .* the 6 tile\(s\) they "
+                                         r"computed were discarded from .*bad.zarr' and its archive"):
+        store_kernel(body, x, readouts=readouts, out=bad, tile=3, scheduler=dask_cluster,
                      archive=tmp_path / "bad-archive", progress=False)
-    state = KernelStore.open(tmp_path / "bad.zarr").verify()
+    state = KernelStore.open(bad).verify()
     assert len(state["missing"]) == 6 and not state["done"]
-    assert not list((tmp_path / "bad-archive").glob("tile-*"))
+    assert not list((tmp_path / "bad-archive").glob("tile-*")) and not list((bad / "records").glob("self-*"))
+    monkeypatch.setattr(distributed, "run_tile_task", real)
+    again = store_kernel(body, x, readouts=readouts, out=bad, tile=3, scheduler=dask_cluster,
+                         archive=tmp_path / "bad-archive", progress=False)
+    assert again.tiles_computed == 6 and KernelStore.open(bad).complete()
+    np.testing.assert_allclose(np.asarray(KernelStore.open(bad).kernel[...]),
+                               cnngp.readout_sweep(body, readouts, x).numpy(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_a_workers_tiles_left_unchecked_are_checked_by_the_next_run_mirrors_included(tmp_path, monkeypatch, offsets):
+    """Tiles a worker wrote that no check has vouched for (a cluster run stopped before its
+    check) are checked by the next run on the store, in one process too, and the pair's mirror
+    entry with them: a worker whose mirror half alone is wrong (here offset sums not reversed,
+    or a kernel's mirror scaled) is caught. Tiles written right pass and are vouched for."""
+    import cnngp.engine.store as store_module
+    from cnngp.engine.distributed import store_kernel
+    from cnngp.engine.store import KernelStore
+
+    x = np.random.default_rng(4).uniform(size=(7, 6, 6, 1))
+    body = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU())
+    kw = dict(offsets=True) if offsets else dict(readouts=[cnngp.Readout(correlation=cnngp.Matern(1.5, 1.0))])
+    for name, spoil in (("right.zarr", False), ("wrong.zarr", True)):
+        path = tmp_path / name
+        store_kernel(body, x, out=path, tile=3, progress=False, **kw)
+        store = KernelStore.open(path)
+        with monkeypatch.context() as m:
+            if spoil and offsets:  # the upper half right, its mirror not reversed
+                m.setattr(store_module, "mirrored_offsets", lambda values, *a: values)
+            for tile in store.tiles():  # rewritten as a worker's, unchecked
+                block = np.array(store.kernel[:, tile.rows, tile.cols])
+                if spoil and offsets and tile.diagonal:  # its lower half, too, not reversed
+                    upper = block.copy()
+                    for r in range(block.shape[1]):
+                        block[:, r, :r] = upper[:, :r, r]
+                elif spoil and not offsets:
+                    block = block * 1.01
+                store.write_tile(tile, block, worker=True)
+        report = None
+        if spoil:
+            with pytest.raises(CNNGPError, match=r"computed by the worker .* differs from this process's"):
+                store_kernel(body, x, out=path, tile=3, progress=False, **kw)
+            assert not KernelStore.open(path).verify()["done"]
+        else:
+            report = store_kernel(body, x, out=path, tile=3, progress=False, **kw)
+            assert report.pairs_spot_checked == 1 and report.tiles_computed == 0
+            assert not KernelStore.open(path).unchecked_worker_tiles()

@@ -38,7 +38,7 @@ import torch
 
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine import fused
-from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords
+from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords, mirrored_offsets
 from cnngp.engine.resources import human_bytes, human_seconds
 from cnngp.engine.storage import fingerprint
 from cnngp.engine.store import STORE_FORMAT, KernelStore, StoreWriteError, Tile, tile_plan
@@ -205,8 +205,21 @@ def run_tile_task(path: str, key: str, recipe: tuple, tile: Tile, threads: int |
         x_cols = torch.as_tensor(store.images(which, tile.cols), device=plan.device)
         block = plan.block(x_rows, rec_rows, x_cols, _records(store, plan, which, tile.cols), progress=progress)
     seconds = time.perf_counter() - start
-    store.write_tile(tile, block.numpy(), seconds, time.process_time() - cpu_start)
+    store.write_tile(tile, block.numpy(), seconds, time.process_time() - cpu_start, worker=_on_worker())
     return tile.name, tile.pairs, seconds
+
+
+def _on_worker() -> bool:
+    """Whether this process is a Dask worker (its tiles are then spot-checked: spot_check)."""
+    if "distributed" not in sys.modules:
+        return False
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 def run_lend_task(path: str, source: str, origin: str, tile: Tile) -> bool:
@@ -707,6 +720,8 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                   + (f" ({len(refused)} that {ex.reuse} would lend did not match their records there or "
                      "could not be read: computed)" if refused else ""), file=sys.stderr)
         if not todo and not lend:  # self records are needed only by tiles still to compute
+            # (a store an interrupted cluster run finished: its workers' tiles not yet checked)
+            report.pairs_spot_checked = spot_check(plan, store, xa, xb, saver, what)
             report.seconds = time.perf_counter() - start
             return report
         book = _TileBook(report, saver, todo + lend, len(tiles))
@@ -740,13 +755,16 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
                     try:
                         _run_on_dask(c, os.path.abspath(out), key, recipe, blocks, todo, threads_per_worker,
                                      store.symmetric, book, lending)
-                    except Exception as e:
-                        if not _workers_lost(e):
+                    except BaseException as e:
+                        # the tiles the workers finished before it stopped are checked now (a
+                        # refusal says so instead), else on the next run
+                        spot_check(plan, store, xa, xb, saver, what)
+                        if not isinstance(e, Exception) or not _workers_lost(e):
                             raise
                         raise CNNGPError(
                             f"dask: all workers were lost ({type(e).__name__}); the finished tiles are "
                             f"in {str(out)}: rerun to resume") from None
-                report.pairs_spot_checked = spot_check(plan, store, todo, xa, xb, saver, what)
+            report.pairs_spot_checked = spot_check(plan, store, xa, xb, saver, what)
         except StoreWriteError as e:  # a task knows the store's path; this call knows its flag
             raise e.named(what) from None
         finally:
@@ -764,42 +782,76 @@ SPOT_CHECK_PAIRS = 3
 SPOT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
-def spot_check(plan, store: KernelStore, tiles: list, xa, xb, saver=None, what: str = "--out") -> int:
-    """Compute a few pairs of ``tiles`` (those a cluster's workers computed) in this process,
-    each image's self records included, and compare them with what the workers stored. A
-    worker's record only hashes the bytes that worker wrote, so without this a worker that ran
-    another cnngp, torch or numba than this process, or was sent another network or other
-    images, would fill the store with wrong numbers that verify as done. A pair that differs
-    beyond rounding (:data:`SPOT_CHECK_TOLERANCE`) discards every tile of ``tiles`` from the
-    store (and from ``saver``, its tile archive), so that nothing wrong is read or resumed as
-    done, and is refused with the pair and the difference. Returns the pairs checked."""
-    computed = [t for t in tiles if store._record(t.name) is not None]  # (all, unless a task failed)
-    if not computed:
+def spot_check(plan, store: KernelStore, xa, xb, saver=None, what: str = "--out") -> int:
+    """Compute again, in this process, one pair of the tiles of every cluster worker whose
+    tiles this process has not checked yet (those of this run, and of an earlier one that
+    stopped before its check: :meth:`KernelStore.unchecked_worker_tiles`), each image's self
+    records included, and the pair's mirror entry where the worker wrote one. A worker's record
+    only hashes the bytes that worker wrote, so without this a worker that ran another cnngp,
+    torch or numba than this process, or was sent another network or other images, would fill
+    the store with wrong numbers that verify as done.
+
+    A worker that agrees to rounding (:data:`SPOT_CHECK_TOLERANCE` of the pair's largest entry
+    of each kernel type) is vouched for: its tiles' records say so (:meth:`KernelStore.vouch`).
+    One that does not has every tile it computed discarded from the store and from ``saver``
+    (its tile archive), and the store's self records with them (a worker writes those too), so
+    that nothing wrong reads or resumes as done; then the run is refused, naming the worker,
+    the pair and the difference. Returns the pairs checked."""
+    groups = store.unchecked_worker_tiles()
+    if not groups:
         return 0
-    rng = np.random.default_rng(len(computed))  # the same pairs for the same run
-    picks = [computed[i] for i in rng.choice(len(computed), size=min(SPOT_CHECK_PAIRS, len(computed)), replace=False)]
-    cols_images = xa if xb is None else xb
-    for t in picks:
-        i = int(rng.integers(t.rows.start, t.rows.stop))
-        j = int(rng.integers(max(t.cols.start, i) if t.diagonal else t.cols.start, t.cols.stop))
-        a = torch.as_tensor(xa[i:i + 1], device=plan.device)
-        b = torch.as_tensor(cols_images[j:j + 1], device=plan.device)
-        want = plan.block(a, plan.self_records(a), b, plan.self_records(b)).double().cpu().numpy()[:, 0, 0]
-        got = np.asarray(store.kernel[:, i, j], dtype=np.float64)
-        scale = max(float(np.abs(want).max()), np.finfo(np.float64).tiny)
-        difference = float(np.abs(got - want).max()) / scale
-        if not difference <= SPOT_CHECK_TOLERANCE.get(plan.dtype, 1e-4):
-            for tile in computed:
+    rng = np.random.default_rng(sum(len(tiles) for tiles in groups.values()))  # the same picks for the same store
+    failed = []
+    for worker, tiles in sorted(groups.items(), key=str):
+        t = tiles[int(rng.integers(len(tiles)))]
+        if t.diagonal and t.rows.stop - t.rows.start > 1:  # a pair above the diagonal: its mirror is below
+            i = int(rng.integers(t.rows.start, t.rows.stop - 1))
+            j = int(rng.integers(i + 1, t.cols.stop))
+        else:
+            i, j = int(rng.integers(t.rows.start, t.rows.stop)), int(rng.integers(t.cols.start, t.cols.stop))
+        difference = _pair_difference(plan, store, xa, xb, i, j, mirror=t.mirror or (t.diagonal and i != j))
+        if difference <= SPOT_CHECK_TOLERANCE.get(plan.dtype, 1e-4):
+            store.vouch(tiles)
+        else:
+            failed.append((worker, t, i, j, difference, tiles))
+    if failed:
+        for *_, tiles in failed:
+            for tile in tiles:
                 store.forget(tile)
                 if saver is not None:
                     saver.discard(tile)
-            raise CNNGPError(
-                f"{what}: the workers' value of the pair ({i}, {j}) (tile {t.name}) differs from this "
-                f"process's by {difference:.2g} relative: the workers may run another cnngp, torch or numba "
-                f"than this process, or were sent something else; the {len(computed)} tile(s) they computed "
-                f"in this run were discarded from {str(store.path)!r}" + ("" if saver is None else " and its archive")
-                + " (check the workers' environment, then rerun)")
-    return len(picks)
+        store.forget_self_records()
+        (host, pid), t, i, j, difference, _ = failed[0]
+        lost = sum(len(f[-1]) for f in failed)
+        raise CNNGPError(
+            f"{what}: the value of the pair ({i}, {j}) (tile {t.name}) computed by the worker {host}:{pid} differs "
+            f"from this process's by {difference:.2g} relative"
+            + (f" (and {len(failed) - 1} other worker(s) too)" if len(failed) > 1 else "")
+            + f": the workers may run another cnngp, torch or numba than this process, or were sent something "
+            f"else; the {lost} tile(s) they computed were discarded from {str(store.path)!r}"
+            + ("" if saver is None else " and its archive") + " (check the workers' environment, then rerun)")
+    return len(groups)
+
+
+def _pair_difference(plan, store: KernelStore, xa, xb, i: int, j: int, mirror: bool) -> float:
+    """The largest gap between the store's entries of the pair (i, j) (and with ``mirror`` its
+    entry (j, i), the pair the other way round) and the pair computed here, relative to the
+    largest entry of each kernel type (NNGP, NTK: their scales differ)."""
+    a = torch.as_tensor(xa[i:i + 1], device=plan.device)
+    b = torch.as_tensor((xa if xb is None else xb)[j:j + 1], device=plan.device)
+    want = plan.block(a, plan.self_records(a), b, plan.self_records(b)).double().cpu().numpy()[:, 0, 0]
+    pairs = [(np.asarray(store.kernel[:, i, j], dtype=np.float64), want)]
+    if mirror:  # the worker also wrote the pair the other way round (offset sums reversed)
+        turned = (mirrored_offsets(want, store.attrs.get("offset_shape") or [len(want)], store.attrs.get("flip"))
+                  if store.attrs.get("offsets") else want)
+        pairs.append((np.asarray(store.kernel[:, j, i], dtype=np.float64), turned))
+    kinds = 1 if store.attrs.get("offsets") else max(1, len(plan.kernels))
+    gap = 0.0
+    for got, expected in pairs:
+        for g, e in zip(np.split(got, kinds), np.split(expected, kinds)):
+            scale = max(float(np.abs(e).max()), np.finfo(np.float64).tiny)
+            gap = max(gap, float(np.abs(g - e).max()) / scale)
+    return gap
 
 
 class _TileBook:

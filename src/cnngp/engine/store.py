@@ -469,17 +469,19 @@ class KernelStore(TiledKernel):
 
     # -- stage 2: tiles -----------------------------------------------------------------
     def write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None = None,
-                   cpu_seconds: float | None = None, origin: str | None = None) -> None:
+                   cpu_seconds: float | None = None, origin: str | None = None, worker: bool = False) -> None:
         """Write a tile's block ``(L, R, C)`` (and its mirror), then its record, with what the
         tile took: ``seconds`` of wall time and ``cpu_seconds`` of its process's CPU time
         (every thread's), so that a computation's cost survives pauses and interruptions.
         ``origin``: the store or archive it was copied from
-        (:func:`cnngp.engine.lending.reuse_tiles`), recorded as such."""
+        (:func:`cnngp.engine.lending.reuse_tiles`), recorded as such; ``worker``: computed by
+        a cluster's worker, recorded as such until this process vouches for it
+        (:func:`cnngp.engine.distributed.spot_check`)."""
         with self._writing(f"tile {tile.name}"):
-            self._write_tile(tile, block, seconds, cpu_seconds, origin)
+            self._write_tile(tile, block, seconds, cpu_seconds, origin, worker)
 
     def _write_tile(self, tile: Tile, block: np.ndarray, seconds: float | None, cpu_seconds: float | None,
-                    origin: str | None = None) -> None:
+                    origin: str | None = None, worker: bool = False) -> None:
         data = np.ascontiguousarray(np.asarray(block, dtype=self.kernel.dtype))
         self.kernel[:, tile.rows, tile.cols] = data
         record = {"sha256": _checksum(data), "rows": [tile.rows.start, tile.rows.stop],
@@ -487,6 +489,8 @@ class KernelStore(TiledKernel):
                   "seconds": seconds, "cpu_seconds": cpu_seconds, "host": os.uname().nodename, "pid": os.getpid()}
         if origin is not None:
             record["reused_from"] = origin
+        if worker:
+            record["worker"] = True
         if tile.mirror:
             # pair (x', x); a store of offset sums reverses its offsets: S_x'x[δ] = S_xx'[−δ]
             # (the mirror term's, flip="mirror", all but the width's: gram.mirrored_offsets)
@@ -556,6 +560,32 @@ class KernelStore(TiledKernel):
             os.unlink(self.records_dir / f"{tile.name}.json")
         except FileNotFoundError:
             pass
+
+    def forget_self_records(self) -> None:
+        """Drop every image block's self record: the next run computes them again."""
+        for path in self.records_dir.glob("self-*.json"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def vouch(self, tiles) -> None:
+        """Mark the records of ``tiles`` (a worker's) as checked by this process (``worker``
+        becomes ``"checked"``)."""
+        for tile in tiles:
+            record = self._record(tile.name)
+            if record is not None and record.get("worker") is True:
+                _atomic_json(self.records_dir / f"{tile.name}.json", {**record, "worker": "checked"})
+
+    def unchecked_worker_tiles(self) -> dict:
+        """{(host, pid): [tiles]} of the finished tiles a cluster's worker computed that this
+        process has not checked (:func:`cnngp.engine.distributed.spot_check`), by worker."""
+        out: dict = {}
+        for tile in self.tiles():
+            record = self._record(tile.name)
+            if record is not None and record.get("worker") is True and "reused_from" not in record:
+                out.setdefault((record.get("host"), record.get("pid")), []).append(tile)
+        return out
 
     # -- reading --------------------------------------------------------------------------
     def complete(self) -> bool:

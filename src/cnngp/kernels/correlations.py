@@ -95,6 +95,18 @@ def offsets(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return grid, counts
 
 
+def _exact(value):
+    """A spec's values as plain, exact Python (for :meth:`Correlation.snapshot`): a tensor as
+    its floats (its repr rounds them to 4 decimals)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.detach().cpu().double().reshape(-1).tolist())
+    if isinstance(value, dict):
+        return {k: _exact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_exact(v) for v in value)
+    return value
+
+
 class Correlation:
     """Base class: a PSD correlation over the positions of a grid, normalised to sum 1.
 
@@ -156,8 +168,9 @@ class Correlation:
         anything built from it. Not the object itself, whose hash follows its value: a cache
         keyed by the object finds an entry of the old value under the new one once the object
         is changed in place (``correlation.lengthscale = ...``) and the cache rehashed, as
-        copying or pickling the layer that holds both does."""
-        return repr(self.to_spec())
+        copying or pickling the layer that holds both does. Exact: a tensor value (a
+        lengthscale learned by autograd) by its floats, not its rounded repr."""
+        return repr(_exact(self.to_spec()))
 
 
 class Independent(Correlation):
@@ -237,7 +250,8 @@ class _Stationary(Correlation):
         return w / (counts_t * w).sum()
 
     def _lengthscale_spec(self):
-        return "inf" if math.isinf(self.lengthscale) else self.lengthscale
+        lam = self.lengthscale  # a tensor while autograd learns it: read without its graph
+        return "inf" if math.isinf(float(lam.detach()) if isinstance(lam, torch.Tensor) else lam) else lam
 
 
 class Matern(_Stationary):
@@ -450,6 +464,14 @@ class UserCorrelation(Correlation):
 
     def to_spec(self):
         return {"type": "user", "matrix": self._m.tolist(), "normalise": self.normalise}
+
+    def snapshot(self) -> str:
+        # the matrix by its bytes' digest: its spec as text is slow for a large grid (1024²
+        # entries: 0.5 s), and a cache looks this up every batch
+        import hashlib
+
+        m = np.ascontiguousarray(np.asarray(self._m, dtype=np.float64))
+        return f"user {m.shape} {self.normalise} {hashlib.sha256(m.tobytes()).hexdigest()}"
 
     def __repr__(self):
         return f"UserCorrelation(<{self._m.shape[0]}x{self._m.shape[0]}>)"
