@@ -798,6 +798,21 @@ def test_workers_values_are_spot_checked_against_this_process(tmp_path, dask_clu
     workers = {(r["host"], r["pid"]) for r in records}
     assert good.pairs_spot_checked == len(workers) >= 1 and {r["worker"] for r in records} == {"checked"}
     assert KernelStore.open(tmp_path / "good.zarr").complete()
+    # a worker's tile archived before any check is restored as unchecked (checked by the next
+    # run there), one vouched for is not
+    import shutil
+
+    archived = store_kernel(body, x, readouts=readouts, out=tmp_path / "a.zarr", tile=3, scheduler=dask_cluster,
+                            archive=tmp_path / "a-archive", progress=False)
+    assert archived.pairs_spot_checked >= 1
+    assert not any("worker" in json.loads(p.read_text()) for p in (tmp_path / "a-archive").glob("tile-*.json"))
+    tile = KernelStore.open(tmp_path / "a.zarr").tiles()[0]
+    record_path = tmp_path / "a-archive" / f"{tile.name}.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "worker": True}))
+    shutil.rmtree(tmp_path / "a.zarr")
+    restored = store_kernel(body, x, readouts=readouts, out=tmp_path / "a.zarr", tile=3,
+                            archive=tmp_path / "a-archive", progress=False)
+    assert (restored.tiles_restored, restored.tiles_computed, restored.pairs_spot_checked) == (6, 0, 1)
 
     real = distributed.run_tile_task
 

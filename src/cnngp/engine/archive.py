@@ -302,10 +302,21 @@ class TileArchive:
                 "sha256": sha, "shape": list(block.shape), "dtype": str(block.dtype), "codec": CODEC,
                 "rows": [tile.rows.start, tile.rows.stop], "cols": [tile.cols.start, tile.cols.stop],
                 "seconds": stored.get("seconds"), "cpu_seconds": stored.get("cpu_seconds"), "host": stored.get("host"),
+                # a worker's tile not yet checked by the process that ran it stays to be checked
+                # wherever it is restored (distributed.spot_check)
+                **({"worker": True} if stored.get("worker") is True else {}),
             })
         except OSError as e:
             raise CNNGPError(f"{self.what}: writing tile {tile.name} to {str(self.path)!r} failed "
                              f"({e.strerror or e})") from None
+
+    def vouch(self, tiles) -> None:
+        """The archived records of ``tiles`` no longer ask for a check (their store's do not:
+        :meth:`KernelStore.vouch`)."""
+        for tile in tiles:
+            record = self._record(tile)
+            if record is not None and record.get("worker") is True:
+                _atomic_json(self.path / f"{tile.name}.json", {k: v for k, v in record.items() if k != "worker"})
 
     def discard(self, tile: Tile) -> None:
         """Remove ``tile`` from the archive (record first: a tile without one is not archived)."""
@@ -331,12 +342,14 @@ class TileArchive:
 
     def restore(self, tiles: list[Tile]) -> list[Tile]:
         """Write every tile of ``tiles`` the archive holds intact into the store (with its
-        mirror and record); return the ones restored."""
+        mirror and record; a worker's tile that no check had vouched for when it was archived
+        is restored as such, to be checked); return the ones restored."""
         restored = []
         for tile in tiles:
             loaded = self.load(tile)
             if loaded is not None:
                 block, record = loaded
-                self.store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"))
+                self.store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"),
+                                      worker=record.get("worker") is True)
                 restored.append(tile)
         return restored

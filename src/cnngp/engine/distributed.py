@@ -812,6 +812,8 @@ def spot_check(plan, store: KernelStore, xa, xb, saver=None, what: str = "--out"
         difference = _pair_difference(plan, store, xa, xb, i, j, mirror=t.mirror or (t.diagonal and i != j))
         if difference <= SPOT_CHECK_TOLERANCE.get(plan.dtype, 1e-4):
             store.vouch(tiles)
+            if saver is not None:
+                saver.vouch(tiles)
         else:
             failed.append((worker, t, i, j, difference, tiles))
     if failed:
