@@ -844,7 +844,8 @@ def test_workers_values_are_spot_checked_against_this_process(tmp_path, dask_clu
 
 
 @pytest.mark.parametrize("offsets", [False, True])
-def test_a_workers_tiles_left_unchecked_are_checked_by_the_next_run_mirrors_included(tmp_path, monkeypatch, offsets):
+def test_a_workers_tiles_left_unchecked_are_checked_by_the_next_run_mirrors_included(tmp_path, monkeypatch, capsys,
+                                                                                     offsets):
     """Tiles a worker wrote that no check has vouched for (a cluster run stopped before its
     check) are checked by the next run on the store, in one process too, and the pair's mirror
     entry with them: a worker whose mirror half alone is wrong (here offset sums not reversed,
@@ -878,6 +879,12 @@ def test_a_workers_tiles_left_unchecked_are_checked_by_the_next_run_mirrors_incl
                 store_kernel(body, x, out=path, tile=3, progress=False, **kw)
             assert not KernelStore.open(path).verify()["done"]
         else:
+            assert KernelStore.open(path).info()["tiles_by_workers"] == {"checked": 0, "unchecked": 6}
             report = store_kernel(body, x, out=path, tile=3, progress=False, **kw)
             assert report.pairs_spot_checked == 1 and report.tiles_computed == 0
             assert not KernelStore.open(path).unchecked_worker_tiles()
+            assert KernelStore.open(path).info()["tiles_by_workers"] == {"checked": 6, "unchecked": 0}
+            from cnngp.cli.main import main
+
+            assert main(["info", str(path)]) == 0
+            assert "6 tile(s) computed by cluster workers, each worker checked" in capsys.readouterr().out

@@ -851,7 +851,8 @@ def store_summary(path, info: dict) -> str:
         f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}"
         + (", flip-averaged" if info.get("flip") else ""),
         f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done"
-        + "".join(f"; {k} tile(s) copied from {src} (--reuse)" for src, k in (info.get("tiles_reused_from") or {}).items()),
+        + "".join(f"; {k} tile(s) copied from {src} (--reuse)" for src, k in (info.get("tiles_reused_from") or {}).items())
+        + _workers_words(info.get("tiles_by_workers") or {}),
         f"  time     {info.get('seconds_recorded') or 0:,.1f} s wall, {info.get('cpu_seconds_recorded') or 0:,.1f} s CPU "
         "(the finished tiles, every attempt"
         + (f"; {info['seconds_recorded_reused']:,.1f} s wall of it spent in the store the copied tiles came from"
@@ -1060,6 +1061,16 @@ def _store_of(args) -> str | None:
         if path is not None and str(path).rstrip("/").lower().endswith(".zarr") and (Path(path) / "zarr.json").is_file():
             return str(path)
     return None
+
+
+def _workers_words(by_workers: dict) -> str:
+    """"; 12 tile(s) computed by cluster workers (3 not yet checked ...)" for ``cnngp info``."""
+    checked, unchecked = by_workers.get("checked", 0), by_workers.get("unchecked", 0)
+    if not checked and not unchecked:
+        return ""
+    return (f"; {checked + unchecked} tile(s) computed by cluster workers"
+            + (f" ({unchecked} not yet checked against this machine: the next run on the store checks them)"
+               if unchecked else ", each worker checked"))
 
 
 def _interrupted(args, code: int, what: str, stop: BaseException) -> int:

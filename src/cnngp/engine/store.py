@@ -642,11 +642,19 @@ class KernelStore(TiledKernel):
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
             "tiles_reused_from": self._lenders(state["done"]),  # --reuse: {source store: tiles}
+            # computed by a cluster's workers: checked by this process's spot check, or not yet
+            "tiles_by_workers": self._by_workers(state["done"]),
             "seconds_recorded": self._recorded("seconds", state["done"]),
             "cpu_seconds_recorded": self._recorded("cpu_seconds", state["done"]),
             # of which in tiles copied from another store: their time was spent there
             "seconds_recorded_reused": self._recorded("seconds", self._copied(state["done"])),
         }
+
+    def _by_workers(self, tiles) -> dict:
+        """{"checked": n, "unchecked": m}: those of ``tiles`` a cluster's worker computed,
+        vouched for by a spot check (:func:`cnngp.engine.distributed.spot_check`) or not yet."""
+        marks = [(self._record(t.name) or {}).get("worker") for t in tiles]
+        return {"checked": marks.count("checked"), "unchecked": marks.count(True)}
 
     def _copied(self, tiles) -> list:
         """Those of ``tiles`` whose records say they were copied from another store (``--reuse``)."""
