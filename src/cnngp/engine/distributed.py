@@ -776,9 +776,8 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         return report
 
 
-#: pairs of the tiles a cluster's workers computed that this process computes again
-#: (:func:`spot_check`), and the agreement asked of them, relative to the pair's largest entry
-SPOT_CHECK_PAIRS = 3
+#: the agreement asked of a pair a cluster's worker computed when this process computes it
+#: again (:func:`spot_check`), relative to the pair's largest entry of each kernel type
 SPOT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
