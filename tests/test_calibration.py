@@ -112,6 +112,17 @@ def _digits_like(seed=0, n=60, m=40, c=3):
     return J[:n, :n], y[:n], J[n:, :n], np.diagonal(J[n:, n:]).copy(), y[n:]
 
 
+def test_log_probabilities_are_floored_as_the_nll():
+    """A test image equal to a training image of another class, at a small σ²: its log
+    probability is far below LOG_FLOOR, and the per-image values (the NLL's ±2 SE, `cnngp
+    compare`) are floored exactly as the NLL is, so their mean is the NLL."""
+    K, y, Ks, prior, y_test = _digits_like()
+    Ks, prior, y_test = K[:3], np.diagonal(K)[:3].copy(), (y[:3] + 1) % 3   # mislabelled copies
+    s = cal.test_scores(K, y, Ks, prior, y_test, 1e-6, gp.paper_folds(len(y), 4), 3)
+    assert s["log_prob_true"].min() == cal.LOG_FLOOR
+    assert s["nll"] == pytest.approx(-np.mean(s["log_prob_true"]), rel=1e-12)
+
+
 def test_scale_is_chosen_without_the_test_labels():
     K, y, Ks, prior, y_test = _digits_like()
     folds = gp.paper_folds(len(y), 4)

@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 from sklearn.kernel_ridge import KernelRidge
 
+from cnngp.errors import CNNGPError
 from cnngp.inference import gp
 from cnngp.inference.gp import (
     centered_one_hot,
@@ -391,3 +392,55 @@ def test_posterior_variance_negative_beyond_rounding_is_reported():
     with pytest.warns(RuntimeWarning, match="negative beyond rounding"):
         v = gp.posterior_variance(np.eye(2), np.array([[1.0, 0.0]]), np.array([0.1]), 1e-6)
     assert v.tolist() == [0.0]
+
+
+def test_sigma2_ties_are_decided_by_counts_not_last_bits():
+    """Two σ² with the same 13 of 40 right, spread differently over 4 folds of 10, have means
+    0.32499999999999996 and 0.325: a tie, so the first (smallest) σ² is chosen, not the one
+    whose float happens to be larger."""
+    folds = np.array([[0.4, 0.3], [0.3, 0.3], [0.2, 0.2], [0.4, 0.5]])
+    assert folds.mean(axis=0)[0] < folds.mean(axis=0)[1]  # the bits differ
+    assert gp._make_result(np.array([1e-9, 4.2]), folds).best_index == 0
+    # and on real CV problems the choice is always the first within the tie tolerance
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        y = np.arange(40) % 4
+        f = rng.normal(size=(40, 5)) + 0.6 * np.eye(4, 5)[y]
+        r = cross_validate(f @ f.T / 5, y, 4, None, 4, n_grid=200)
+        assert r.best_index == np.flatnonzero(r.accuracy >= r.accuracy.max() - gp.TIE_ATOL)[0]
+
+
+def test_sigma2_below_the_floor_is_reported_not_scored():
+    """A duplicated image and σ² = 0 or 1e-16 given explicitly: 1/(s + σ²) is infinite or
+    rounding there, so those σ² are warned about and scored NaN (never chosen); the others
+    equal brute-force refits; a grid entirely below the floor is refused."""
+    K, y = _problem(n=24, n_classes=3, seed=2)
+    idx = np.r_[np.arange(24), 0]
+    K, y = K[np.ix_(idx, idx)], y[idx]  # image 0 twice: K is singular
+    grid = np.array([0.0, 1e-16, 0.05])
+    for result in (lambda: leave_one_out(K, y, grid), lambda: cross_validate(K, y, 5, grid)):
+        with pytest.warns(gp.IllConditionedWarning, match="reported as NaN"):
+            r = result()
+        assert np.isnan(r.accuracy[:2]).all() and r.best_index == 2
+    # the scored σ²: leave-one-out by explicit refits
+    n, hits = len(y), 0
+    for i in range(n):
+        keep = np.delete(np.arange(n), i)
+        m_i = K[i, keep] @ np.linalg.solve(K[np.ix_(keep, keep)] + 0.05 * np.eye(n - 1),
+                                           centered_one_hot(y[keep], 3))
+        hits += m_i.argmax() == y[i]
+    with pytest.warns(gp.IllConditionedWarning):
+        assert leave_one_out(K, y, grid).accuracy[2] == hits / n
+    with pytest.warns(gp.IllConditionedWarning), pytest.raises(CNNGPError, match="every noise variance is below"):
+        leave_one_out(K, y, [0.0])
+
+
+def test_full_posterior_covariance_has_a_non_negative_diagonal():
+    """A test point equal to a training point at σ² = 0: its variance is 0 up to rounding, and
+    the full covariance's diagonal is clipped like the variances (not −2e-16)."""
+    x = np.random.default_rng(0).normal(size=(12, 3))
+    K = np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / 2)[:10, :10]
+    cov = gp.posterior_variance(K, K[:5], K[:5, :5], 0.0, full_covariance=True)
+    assert np.all(np.diagonal(cov) >= 0)
+    np.testing.assert_allclose(cov, 0.0, atol=1e-10)
+    np.testing.assert_allclose(np.diagonal(cov), gp.posterior_variance(K, K[:5], np.diagonal(K)[:5], 0.0), atol=1e-12)

@@ -815,3 +815,19 @@ def test_sweep_dry_run_plans_every_kernel_and_writes_nothing(tmp_path, capsys, m
     assert main(argv[:6] + ["0.5", *argv[7:]] + cache + ["--out", str(tmp_path / "e"), "--dry-run"]) == 2
     assert "holds kernels of a different sweep" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_nested_estimate_of_agreeing_blocks_has_the_binomial_2se(monkeypatch):
+    """Two blocks whose nested estimates agree (0.75 and 0.75) have a spread of 0, which is
+    degenerate, not certainty: their ±2 SE is the binomial one over the 2 × 40 held-out
+    predictions, as the plain CV's rows (plots.accuracy_2se), not ± 0."""
+    from types import SimpleNamespace
+
+    from cnngp.experiments import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module.selection, "nested_choice",
+                        lambda scores: SimpleNamespace(accuracy=0.75, chosen=[0], noise_variances=[0.1], tied=[[0]]))
+    rows = [{"readout": "mean_pool", "lengthscale": math.inf, "_nested": [None, None]}]
+    entry = sweep_module._nested_entry(rows, 40)
+    assert entry["cv_accuracy"] == 0.75 and entry["block_accuracies"] == [0.75, 0.75]
+    assert entry["cv_accuracy_2se"] == pytest.approx(2 * math.sqrt(0.75 * 0.25 / 80), rel=1e-12)

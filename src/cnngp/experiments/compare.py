@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cnngp.errors import CNNGPError, MissingFileError
+from cnngp.inference.calibration import LOG_FLOOR
 
 __all__ = ["SweepPredictions", "load_predictions", "paired_comparison", "paired_differences"]
 
@@ -144,7 +145,9 @@ def load_predictions(path) -> SweepPredictions:
         chosen = f"{test['readout']}:{test['lengthscale']}"
     return SweepPredictions(
         path=str(folder), readouts=[str(r) for r in arrays["readouts"]],
-        predicted=np.asarray(arrays["predicted"]), log_prob_true=np.asarray(arrays["log_prob_true"], dtype=np.float64),
+        predicted=np.asarray(arrays["predicted"]),
+        # floored as the NLL of results.json (files before 2026-12-06 hold unfloored values)
+        log_prob_true=np.maximum(np.asarray(arrays["log_prob_true"], dtype=np.float64), LOG_FLOOR),
         y_test=np.asarray(arrays["y_test"]), test_index=np.asarray(arrays["test_index"]),
         test_sha256=str(arrays["test_sha256"]) if "test_sha256" in arrays else None,
         chosen=chosen, config=results.get("config") or {})

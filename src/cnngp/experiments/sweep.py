@@ -1001,9 +1001,13 @@ def _nested_entry(rows, n: int) -> dict:
         chosen.append([{"readout": rows[i]["readout"], "lengthscale": rows[i]["lengthscale"],
                         "noise_variance": s, "tied": len(t)}
                        for i, s, t in zip(res.chosen, res.noise_variances, res.tied)])
+    from cnngp.experiments.plots import accuracy_2se
+
     mean, two_se = gp.mean_and_2se(accs)
-    if len(accs) == 1:  # one data set: binomial over its n held-out predictions
-        two_se = 2.0 * math.sqrt(max(mean * (1.0 - mean), 0.0) / n)
+    # one data set, or blocks that agree (a spread of 0 is degenerate): binomial over the
+    # n × blocks held-out predictions, as the plain CV's rows
+    two_se = accuracy_2se({"n": n, "cv_accuracy": float(mean), "cv_accuracy_2se": float(two_se),
+                           "n_datasets": len(accs), "block_cv_accuracies": accs})
     return {"cv_accuracy": float(mean), "cv_accuracy_2se": float(two_se),
             "block_accuracies": [float(a) for a in accs], "chosen": chosen}
 

@@ -396,7 +396,8 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
         :func:`classification_metrics` plus ``calibration_scale``, ``calibration_nll`` (the
         held-out NLL on the training set at that scale) and ``mean_posterior_variance``; and per
         test point (arrays, for paired comparisons): ``predicted`` (M,) the most probable class
-        and ``log_prob_true`` (M,) the log probability of its label.
+        and ``log_prob_true`` (M,) the log probability of its label (at least ``LOG_FLOOR``, as
+        in the NLL).
     """
     K_train = np.asarray(K_train, dtype=np.float64)
     y_train = np.asarray(y_train)
@@ -412,7 +413,8 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
     out.update(calibration_scale=float(tau), calibration_nll=float(cal_nll),
                mean_posterior_variance=float(np.mean(var)),
                # per test point, for paired comparisons of models on the same points
-               predicted=np.argmax(mean, axis=1), log_prob_true=log_p[np.arange(len(labels)), labels])
+               predicted=np.argmax(mean, axis=1),
+               log_prob_true=np.maximum(log_p[np.arange(len(labels)), labels], LOG_FLOOR))
     return out
 
 

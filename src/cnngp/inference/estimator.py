@@ -642,8 +642,9 @@ class CNNGPClassifierCV(_CNNGPBase):
         # the first λ reaching the best score, with the largest σ² that reaches it there:
         # ties are common (accuracy is discrete) and the largest tied σ² is the best
         # conditioned, so predictions do not hinge on rounding in the kernel
-        best_j = [int(np.flatnonzero(row >= row.max() - TIE_ATOL)[-1]) for row in scores]
-        mean = scores.max(axis=1)
+        # (a σ² below a kernel's conditioning floor, only in a grid passed in, scores NaN)
+        mean = np.nanmax(scores, axis=1)
+        best_j = [int(np.flatnonzero(row >= top - TIE_ATOL)[-1]) for row, top in zip(scores, mean)]
         i, tied = first_best(mean)  # the first λ among ties, as the sweep chooses
         j = best_j[i]
 

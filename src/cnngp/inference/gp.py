@@ -44,6 +44,7 @@ __all__ = [
     "PD_MARGIN",
     "NOISE_RCOND",
     "IllConditionedWarning",
+    "TIE_ATOL",
 ]
 
 #: Natural logarithms of the ends of the paper's noise grid, ``[e^-36, e^5]``.
@@ -57,6 +58,9 @@ PD_MARGIN = 1e-6
 #: ``lambda_max``) in the numerically null directions of a rank-deficient kernel (duplicate
 #: images, few features) is amplified by ``1 / sigma^2`` into the posterior mean.
 NOISE_RCOND = 1e-10
+#: scores closer than this are tied (accuracies are ratios of counts: equal counts spread
+#: differently over folds give means that differ in the last bits)
+TIE_ATOL = 1e-12
 
 
 class IllConditionedWarning(RuntimeWarning):
@@ -481,7 +485,9 @@ class CVResult:
     fold_accuracies : numpy.ndarray, shape (n_folds, J)
         Accuracy of each fold at each sigma^2 (one row for leave-one-out).
     best_index : int
-        Index of the best sigma^2 (the first, i.e. smallest, among ties).
+        Index of the best sigma^2 (the first, i.e. smallest, among ties: means within
+        ``TIE_ATOL``). A sigma^2 below a training kernel's floor (only a grid passed in can
+        hold one) has accuracy NaN and is never chosen.
     """
 
     noise_variances: np.ndarray
@@ -506,8 +512,33 @@ class CVResult:
 
 
 def _make_result(noise: np.ndarray, fold_acc: np.ndarray) -> CVResult:
+    """The mean over folds, and the best σ²: the first (smallest) of those within ``TIE_ATOL``
+    of the highest mean (equal counts of correct predictions are a tie, whatever their last
+    bits); NaN (σ² below a fold's floor) is never chosen."""
     acc = fold_acc.mean(axis=0)
-    return CVResult(noise, acc, fold_acc, int(np.argmax(acc)))
+    ok = np.isfinite(acc)
+    if not ok.any():
+        raise CNNGPError(
+            "every noise variance is below the floor that makes K + sigma^2 I positive definite "
+            f"and well conditioned (at least {NOISE_RCOND:g} x the largest eigenvalue of each "
+            "training kernel); pass larger noise_variances, or None for the default grid")
+    top = acc[ok].max()
+    return CVResult(noise, acc, fold_acc, int(np.flatnonzero(ok & (acc >= top - TIE_ATOL))[0]))
+
+
+def _below_floor(noise: np.ndarray, s: np.ndarray, what: str) -> np.ndarray:
+    """Which σ² lie below the floor of a kernel with eigenvalues ``s`` (:func:`_pd_floor`):
+    there 1/(s + σ²) is infinite, negative or rounding, so predictions are garbage. Warned
+    once; the callers score them NaN, which no selection chooses."""
+    floor = _pd_floor(float(s[0]), float(s[-1]))
+    below = noise < floor * (1.0 - 1e-9)  # the default grid starts at the floor, up to rounding
+    if below.any():
+        warnings.warn(
+            f"{int(below.sum())} of the noise_variances (down to {float(noise.min()):.3g}) are below "
+            f"{floor:.3g}, the floor of {what} (K + sigma^2 I positive definite, condition number "
+            f"at most {1 / NOISE_RCOND:g}): their accuracies depend on rounding and are reported "
+            "as NaN", IllConditionedWarning, stacklevel=3)
+    return below
 
 
 def cross_validate(
@@ -570,11 +601,12 @@ def cross_validate(
     else:
         noise = _check_noise(noise_variances)
 
-    fold_acc = np.empty((len(folds), len(noise)))
+    fold_acc = np.full((len(folds), len(noise)), np.nan)
     for i, ((tr, va), (s, U)) in enumerate(zip(folds, eigs)):
+        ok = ~_below_floor(noise, s, f"fold {i}'s training kernel")
         A = K[np.ix_(va, tr)] @ U
         B = U.T @ Y[tr]
-        fold_acc[i] = _accuracies_eig(s, A, B, y[va], noise)
+        fold_acc[i, ok] = _accuracies_eig(s, A, B, y[va], noise[ok])
     return _make_result(noise, fold_acc)
 
 
@@ -626,10 +658,11 @@ def leave_one_out(
         noise = _check_noise(noise_variances)
 
     C = Y.shape[1]
-    acc = np.empty(len(noise))
-    for sl in _chunks(len(noise), 8 * (C + 4) * n):
-        pred = _loo_means(s, U, Y, noise[sl])
-        acc[sl] = (pred.argmax(axis=0) == y[:, None]).mean(axis=0)
+    acc = np.full(len(noise), np.nan)
+    ok = np.flatnonzero(~_below_floor(noise, s, "K"))
+    for sl in _chunks(len(ok), 8 * (C + 4) * n):
+        pred = _loo_means(s, U, Y, noise[ok[sl]])
+        acc[ok[sl]] = (pred.argmax(axis=0) == y[:, None]).mean(axis=0)
     return _make_result(noise, acc[None, :])
 
 
@@ -814,10 +847,12 @@ class PosteriorFactor:
         Ks = self._check_cross(K_test_train)
         P = _check_prior(test_prior, Ks.shape[0], bool(full_covariance))
         explained = self.explained(Ks, full=bool(full_covariance))
+        prior = np.diagonal(P) if P.ndim == 2 else P
         if full_covariance:
             cov = P - explained
-            return 0.5 * (cov + cov.T)
-        prior = np.diagonal(P) if P.ndim == 2 else P
+            cov = 0.5 * (cov + cov.T)
+            np.fill_diagonal(cov, _clip_variances(np.diagonal(cov).copy(), prior, "test_prior"))
+            return cov
         return _clip_variances(prior - explained, prior, "test_prior")
 
 

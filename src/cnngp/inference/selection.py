@@ -30,8 +30,8 @@ from cnngp.inference import gp
 __all__ = ["first_best", "NestedFolds", "nested_fold_scores", "nested_choice", "TIE_ATOL"]
 
 #: scores closer than this are tied (accuracies are ratios of counts: equal counts give equal
-#: floats up to the order of a mean's summation)
-TIE_ATOL = 1e-12
+#: floats up to the order of a mean's summation); the same tolerance picks σ² in gp
+TIE_ATOL = gp.TIE_ATOL
 
 
 def first_best(scores: Sequence[float], atol: float = TIE_ATOL) -> tuple[int, list[int]]:
