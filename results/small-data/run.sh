@@ -70,7 +70,11 @@ configs() {  # configs NAME-PREFIX ARCH CONFIG...: each of plain, zca, flip, zca
             # a flip sweep keeps the plain kernels in its --store and their mirror terms beside
             # (K-mirror.zarr): given the plain configuration's store it computes only those
             flip) REUSE=1 STORE="$prefix-plain" run "$prefix-flip" "$arch" --flip ;;
-            zca-flip) REUSE=1 STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" "${ZCA[@]}" --flip ;;
+            # --no-zca-mirror: the whitening fitted on the images alone, as the ZCA run's (whose
+            # stores hold the plain term), the flip average taken over the whitened images; the
+            # mirror-symmetric fit, cnngp's default with --flip since 2026-12-06, came after these
+            # runs began (README "Protocol change, 2026-12-06")
+            zca-flip) REUSE=1 STORE="$prefix-zca" run "$prefix-zca-flip" "$arch" "${ZCA[@]}" --flip --no-zca-mirror ;;
         esac || return $?
     done
 }

@@ -69,7 +69,7 @@ def cmd_learn(args) -> int:
         fold_scheme=args.fold_scheme, seed=args.seed, test=args.test, n_test=args.n_test,
         starts=_starts(args.starts), max_iter=args.max_iter, refine=5 if args.refine is None else args.refine,
         spectral_mixture=args.spectral_mixture, zca=args.zca, zca_fit=args.zca_fit,
-        zca_fit_outside=parse_zca_fit_outside(args), flip=args.flip,
+        zca_fit_outside=parse_zca_fit_outside(args), zca_mirror=args.zca_mirror, flip=args.flip,
     )
     result = run_learn(args.arch, load_data(args), args.n, protocol, on_step=None if args.quiet else progress,
                        data_label=str(args.data), execution=execution_from_args(args), yes=args.yes,

@@ -212,6 +212,10 @@ def add_zca_argument(parser, fitted_on: str) -> None:
                         help="whiten the images by regularised ZCA of strength EPS >= 0 (a fraction of the "
                         f"mean eigenvalue of the training covariance, e.g. 0.1), fitted on {fitted_on} only "
                         "and applied to every image the kernel sees (default: no whitening)")
+    parser.add_argument("--zca-mirror", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --zca: fit the whitening on those images and their mirror images, so that it "
+                             "commutes with horizontal flips (default: with --flip, so that predictions are invariant "
+                             "to mirroring the images; --no-zca-mirror with --flip mirrors the whitened images)")
 
 
 def add_zca_fit_argument(parser, subset: str, reuse: bool = False) -> None:
@@ -321,6 +325,8 @@ NOT_RECORDED = frozenset({
     "workers", "scheduler", "tile", "threads_per_worker", "archive", "reuse", "dry_run", "store", "kernel_cache",
 })
 #: argparse bookkeeping set by set_defaults or preflight, not options
+#: options whose default is None and whose False is given as --no-OPTION (BooleanOptionalAction)
+_NEGATABLE = frozenset({"zca_mirror"})
 _INTERNAL = frozenset({"command", "func", "out_kind", "out_files", "checkpointed", "store_ok", "checkpoint_path"})
 
 
@@ -334,9 +340,13 @@ def command_line(args) -> str:
 
     parts = ["cnngp", str(getattr(args, "command", "") or "")]
     for key, value in vars(args).items():
-        if key in NOT_RECORDED or key in _INTERNAL or key.startswith("_") or value is None or value is False:
+        if key in NOT_RECORDED or key in _INTERNAL or key.startswith("_") or value is None:
             continue
         flag = "--" + key.replace("_", "-")
+        if value is False:  # recorded only where False differs from the default (None)
+            if key in _NEGATABLE:
+                parts.append("--no-" + key.replace("_", "-"))
+            continue
         if value is True:
             parts.append(flag)
         else:
@@ -510,11 +520,15 @@ def cmd_kernel(args) -> int:
         return {"x1_sha256": array_sha256(x1), **({} if x2 is None else {"x2_sha256": array_sha256(x2)})}
 
     whitening, read = None, None
+    from cnngp.io.preprocess import check_zca_mirror
+
+    mirror = check_zca_mirror(args.zca_mirror, args.zca, args.flip)
+    args.zca_mirror = mirror if args.zca is not None else None  # recorded as resolved
     if args.zca is not None:  # regularised ZCA fitted on --x1 alone, applied to --x1 and --x2
         from cnngp.io.preprocess import fit_zca
 
         read = hashes()
-        whitening = fit_zca(x1, args.zca, name="--x1")
+        whitening = fit_zca(x1, args.zca, name="--x1", mirror=mirror)
         x1 = whitening.transform(x1, "--x1")
         x2 = None if x2 is None else whitening.transform(x2, "--x2")
     lengthscales, readouts, body = None, None, net
@@ -641,7 +655,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     model = body if readouts is not None else net
     from cnngp.experiments.sweep import check_store_zca
 
-    check_store_zca(args.out, args.zca)  # first: a whitening that differs is the reason to say
+    check_store_zca(args.out, args.zca, mirror=bool(getattr(args, "zca_mirror", False)))  # first: a whitening that differs is the reason to say
     plan = store_dry_run(model, x1, x2, **options).dry_run
     if args.dry_run:  # the lines for a person on stderr, the JSON alone on stdout (`> plan.json`)
         if not args.quiet:

@@ -148,7 +148,7 @@ def cmd_sweep(args) -> int:
     protocol = SweepProtocol(ns=ns, folds=folds, lengthscales=lengthscales, family=args.family,
                              test=args.test or False, n_test=n_test, seed=seed, fold_scheme=args.fold_scheme,
                              zca=args.zca, zca_fit=args.zca_fit, zca_fit_outside=parse_zca_fit_outside(args),
-                             flip=args.flip, nested=not args.no_nested)
+                             zca_mirror=args.zca_mirror, flip=args.flip, nested=not args.no_nested)
     results = run_sweep(args.arch, dataset, protocol, kernel=args.kernel, kernel_cache=args.kernel_cache,
                         data_label=str(args.data), yes=args.yes, dry_run=args.dry_run,
                         execution=execution_from_args(args, batch_size=batch_size, checkpoint=prefix,

@@ -55,7 +55,7 @@ from cnngp.io.architectures import split_network
 from cnngp.io.spec import correlation_from_spec as from_correlation_spec
 from cnngp.io.data import Dataset, balanced_subset, load_dataset
 from cnngp.io.preprocess import (
-    check_zca_fit, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
+    check_zca_fit, check_zca_mirror, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
 )
 from cnngp.kernels.correlations import FAMILIES, PAPER_LENGTHSCALES, family as correlation_family
 from cnngp.kernels.layers import Readout, Serial
@@ -485,6 +485,9 @@ class LearnProtocol(Settings):
         or with ``params="all"`` by autograd through both terms. Refused for a network whose
         last hidden layer is not flip-symmetric, and with ``spectral_mixture`` (its readouts
         need not be mirror-symmetric).
+    zca_mirror : bool, optional
+        Fit the whitening on the fit images and their mirror images, so that it commutes with
+        flips. Default (None): as ``flip``. As :attr:`cnngp.experiments.sweep.SweepProtocol.zca_mirror`.
     """
 
     KIND = "learn setting"
@@ -506,12 +509,14 @@ class LearnProtocol(Settings):
     flip: bool = False
     zca_fit: str = "train"
     zca_fit_outside: int | None = None
+    zca_mirror: bool | None = None
 
     def __post_init__(self):
 
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
         check_zca_fit(self.zca_fit, self.zca, self.zca_fit_outside)
+        check_zca_mirror(self.zca_mirror, self.zca, self.flip)
         objective, params, spectral_mixture = self.objective, self.params, self.spectral_mixture
         if objective not in OBJECTIVES:
             raise CNNGPError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -600,7 +605,8 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         for path in sweep_store_paths(store, bool(test), flip)[1:]:  # the test and mirror-term stores
             check_output_store(path, f"--store (its {path.name})")
         for path in learn_store_paths(store, bool(test), flip):  # a resume with another whitening, said so
-            check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside, LEARN_ZCA_FITS)
+            check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside, LEARN_ZCA_FITS,
+                            mirror=check_zca_mirror(protocol.zca_mirror, protocol.zca, protocol.flip))
         if ex.archive is not None:
             check_sweep_archive(ex.archive, bool(test), "archive", flip=flip, nested="internal-")
         if ex.reuse is not None:
@@ -631,7 +637,8 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
         held_out = zca_held_out(ds.y_train, order, outside, seed=seed, n_classes=k_cls, what=what)
         x_fit = zca_fit_images(ds.x_train, order, protocol.zca_fit,
                                what if outside is None else f"the balanced {outside} training images", held_out)
-        whitening = fit_zca(x_fit, protocol.zca, name=zca_fit_words(protocol.zca_fit, outside, LEARN_ZCA_FITS))
+        whitening = fit_zca(x_fit, protocol.zca, name=zca_fit_words(protocol.zca_fit, outside, LEARN_ZCA_FITS),
+                            mirror=check_zca_mirror(protocol.zca_mirror, protocol.zca, protocol.flip))
         x = whitening.transform(x, "the training images")
         x_test = None if x_test is None else whitening.transform(x_test, "the test images")
 

@@ -42,7 +42,7 @@ from cnngp.kernels.correlations import (
 from cnngp.kernels.correlations import family as correlation_family
 from cnngp.io.data import Dataset, balanced_subset, blocks, load_dataset
 from cnngp.io.preprocess import (
-    check_zca_fit, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
+    check_zca_fit, check_zca_mirror, check_zca_strength, fit_zca, zca_fit_images, zca_fit_record, zca_fit_words, zca_held_out,
 )
 from cnngp.errors import CNNGPError
 from cnngp.settings import Settings
@@ -341,11 +341,12 @@ def sweep_store_paths(kernel_store, test: bool, flip: bool) -> list[Path]:
 
 
 def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside: int | None = None,
-                    words: dict | None = None) -> None:
+                    words: dict | None = None, mirror: bool = False) -> None:
     """Refuse, before any work, to resume or reuse the store at ``path`` if it records a ZCA
     whitening (its ``preprocessing``, written once complete) other than ``zca`` (None: none)
     fitted on other images (``fit``: :data:`ZCA_FITS`, or ``words`` where another command
-    names its fits otherwise; ``outside``: :attr:`SweepProtocol.zca_fit_outside`). A store of
+    names its fits otherwise; ``outside``: :attr:`SweepProtocol.zca_fit_outside`; ``mirror``:
+    fitted with the mirror images, :attr:`SweepProtocol.zca_mirror`). A store of
     whitened images also hashes them, so any other mismatch is refused by the store's own
     identity check."""
     from cnngp.engine.store import KernelStore
@@ -374,6 +375,14 @@ def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside:
                          f"{zca_fit_words(fit, outside, words or ZCA_FITS)} "
                          f"({flags}); resume only with the same whitening, or give another store (nothing was "
                          "overwritten)")
+    if zca is not None and bool(recorded.get("mirror", False)) != bool(mirror):
+        def how(m):
+            return "fitted on the images and their mirror images (--zca-mirror)" if m else \
+                "fitted on the images alone (--no-zca-mirror)"
+
+        raise CNNGPError(f"{flag}: {str(path)!r} holds kernels of images whitened by ZCA {how(recorded.get('mirror'))}, "
+                         f"not {how(mirror)}; resume only with the same whitening (--zca-mirror with --flip is the "
+                         "default), or give another store (nothing was overwritten)")
 
 
 def note_store_zca(paths, whitening, fit: str = "train", outside: int | None = None,
@@ -1078,6 +1087,12 @@ class SweepProtocol(Settings):
         at several ``N_max`` (640, then 1,280) then share one whitening: the larger sweep's
         kernels begin with the smaller one's, and a store of the smaller lends its tiles to
         the larger (``reuse``).
+    zca_mirror : bool, optional
+        Fit the whitening on the fit images and their mirror images, so that it commutes with
+        horizontal flips (:mod:`cnngp.io.preprocess`; docs/maths.md §9). Default (None): as
+        ``flip``, so that a flip-averaged sweep's predictions are invariant to mirroring the
+        images themselves; ``False`` with ``flip`` mirrors the whitened images instead (what
+        sweeps before 2026-12-06 did).
     """
 
     KIND = "sweep protocol setting"
@@ -1096,11 +1111,13 @@ class SweepProtocol(Settings):
     nested: bool = True
     zca_fit: str = "train"
     zca_fit_outside: int | None = None
+    zca_mirror: bool | None = None
 
     def __post_init__(self):
         if self.zca is not None:
             object.__setattr__(self, "zca", check_zca_strength(self.zca, "zca"))
         check_zca_fit(self.zca_fit, self.zca, self.zca_fit_outside)
+        check_zca_mirror(self.zca_mirror, self.zca, self.flip)
         if self.family not in FAMILIES:
             raise CNNGPError(f"family: expected one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.fold_scheme not in _FOLD_SCHEMES:
@@ -1328,7 +1345,11 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                                    what if outside is None else f"the balanced N = {outside} subset", held_out)
             if protocol.zca_fit != "train":
                 key["zca_fit_sha256"] = array_sha256(x_fit)
-            whitening = fit_zca(x_fit, protocol.zca, name=zca_fit_words(protocol.zca_fit, outside, ZCA_FITS))
+            mirror = check_zca_mirror(protocol.zca_mirror, protocol.zca, protocol.flip)
+            if mirror:  # (a whitening fitted on the images alone keeps the key it always had)
+                key["zca_mirror"] = True
+            whitening = fit_zca(x_fit, protocol.zca, name=zca_fit_words(protocol.zca_fit, outside, ZCA_FITS),
+                                mirror=mirror)
             x_sub = whitening.transform(x_sub, "the training subset")
             if x_test is not None:
                 x_test = whitening.transform(x_test, "the test images")
@@ -1346,7 +1367,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 ex = open_cluster(ex, cleanup)
                 client = ex.scheduler
             for path in sweep_store_paths(kernel_store, test_mode is not None, flip):
-                check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside)
+                check_store_zca(path, protocol.zca, "zca", protocol.zca_fit, protocol.zca_fit_outside,
+                                mirror=check_zca_mirror(protocol.zca_mirror, protocol.zca, protocol.flip))
             job_plan = _plan_and_gate(body, readouts, x_sub, x_test, test_mode, None, yes or dry_run, ex, kernel,
                                       flip, data_line)
             if dry_run:

@@ -183,15 +183,21 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
     def _whiten_fit(self, images: np.ndarray) -> np.ndarray:
         """Fit the ZCA whitening (``zca``) on the training images, or take the one given;
         ``zca_`` (None without)."""
-        from cnngp.io.preprocess import ZCAWhitening, check_zca_strength, fit_zca
+        from cnngp.io.preprocess import ZCAWhitening, check_zca_mirror, check_zca_strength, fit_zca
 
         if self.zca is None:
+            if self.zca_mirror is not None:
+                check_zca_mirror(self.zca_mirror, None, self.flip)  # refused: no whitening to fit
             self.zca_ = None
             return images
         if isinstance(self.zca, ZCAWhitening):  # fitted beforehand (other images): applied as it is
+            if self.zca_mirror is not None:
+                raise CNNGPError("zca_mirror: says how zca is fitted, but zca is a whitening fitted beforehand; "
+                                 "fit it with fit_zca(..., mirror=True) instead")
             self.zca_ = self.zca
         else:
-            self.zca_ = fit_zca(images, check_zca_strength(self.zca, "zca"), name="X")
+            mirror = check_zca_mirror(self.zca_mirror, self.zca, self._flip())
+            self.zca_ = fit_zca(images, check_zca_strength(self.zca, "zca"), name="X", mirror=mirror)
         return self.zca_.transform(images, "X")
 
     def _set_fit(self, images, network, K, y_enc, noise, folds=None):
@@ -332,12 +338,18 @@ class CNNGPClassifier(_CNNGPBase):
     flip : bool, default False
         Use the flip-averaged kernel ½[K(x, x') + K(x, flip x')] (horizontal flips,
         docs/maths.md §9) for training and prediction alike; refused in ``fit`` for a network or
-        readout that is not flip-symmetric. About twice the kernel work.
+        readout that is not flip-symmetric. About twice the kernel work. With ``zca`` the
+        whitening is then fitted mirror-symmetric (``zca_mirror``), so that predictions are
+        invariant to mirroring the images.
     calibration_scale : float, optional
         The scale τ of the posterior variance in :meth:`predict_proba`. Default None: chosen in
         ``fit`` by minimising the negative log likelihood of the training set's held-out
         predictions (exact leave-one-out; the folds of ``cv`` for :class:`CNNGPClassifierCV`);
         ``1.0`` is the GP's own posterior.
+    zca_mirror : bool, optional
+        With a ``zca`` strength: fit the whitening on the training X and their mirror images,
+        so that it commutes with horizontal flips (:func:`cnngp.io.preprocess.fit_zca`).
+        Default None: as ``flip``.
 
     Attributes
     ----------
@@ -381,6 +393,7 @@ class CNNGPClassifier(_CNNGPBase):
         zca=None,
         flip=False,
         calibration_scale=None,
+        zca_mirror=None,
     ):
         self.arch = arch
         self.calibration_scale = calibration_scale
@@ -396,6 +409,7 @@ class CNNGPClassifier(_CNNGPBase):
         self.engine = engine
         self.zca = zca
         self.flip = flip
+        self.zca_mirror = zca_mirror
 
     def fit(self, X, y):
         """Compute the training kernel and solve for the dual coefficients.
@@ -475,6 +489,8 @@ class CNNGPClassifierCV(_CNNGPBase):
     calibration_scale : float, optional
         As for :class:`CNNGPClassifier`; fitted on the folds of ``cv`` (leave-one-out by default)
         at the selected λ and σ².
+    zca_mirror : bool, optional
+        As for :class:`CNNGPClassifier` (default: as ``flip``).
 
     Attributes
     ----------
@@ -527,6 +543,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         zca=None,
         flip=False,
         calibration_scale=None,
+        zca_mirror=None,
     ):
         self.arch = arch
         self.calibration_scale = calibration_scale
@@ -546,6 +563,7 @@ class CNNGPClassifierCV(_CNNGPBase):
         self.engine = engine
         self.zca = zca
         self.flip = flip
+        self.zca_mirror = zca_mirror
 
     def _candidate_lengthscales(self) -> list[float]:
         from cnngp.kernels.correlations import PAPER_LENGTHSCALES

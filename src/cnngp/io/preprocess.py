@@ -33,6 +33,16 @@ refused, as is a strength that is negative, NaN, infinite or not a number. With 
 (40 CIFAR-10 images, ``D = 3072``) any ``ε > 0`` makes ``W`` well defined: the
 ``D − rank`` directions the images do not span get the factor ``δ^{-1/2}``.
 
+**Mirror-symmetric fit** (``mirror=True``; the default of a protocol with horizontal flips,
+docs/maths.md §9): fitted on the images and their mirror images (width reversed) together, so
+that μ and C, and with them W, commute with the mirror P exactly: ``z(P x) = P z(x)``. A
+flip-averaged kernel of whitened images, ½[K(z(x), z(x')) + K(z(x), P z(x'))], is then the
+flip-averaged kernel of the images themselves, and its predictions do not change when an
+image is mirrored. A whitening fitted on the images alone does not commute with P (on the
+CIFAR-10 subset, ‖P z(x) − z(P x)‖ is about a third of ‖z(x)‖), so there the flip average
+mirrors whitened images: still a valid kernel, invariant to mirroring the whitened image, not
+the raw one.
+
 Computation: never a ``D × D`` eigendecomposition when ``N <= D``. The nonzero eigenvalues of
 ``C`` are those of the ``N × N`` Gram matrix ``G = (1/N) X_c X_cᵀ = V Λ_r Vᵀ``, with
 eigenvectors ``U_r = X_cᵀ V Λ_r^{-1/2} / √N``, so (``P = I − U_r U_rᵀ`` projects on the
@@ -61,7 +71,8 @@ import numpy as np
 from cnngp.errors import CNNGPError
 from cnngp.validation import as_images, non_negative_real
 
-__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "check_zca_fit", "zca_fit_images", "zca_held_out", "zca_fit_words",
+__all__ = ["ZCAWhitening", "fit_zca", "check_zca_strength", "check_zca_fit", "check_zca_mirror", "zca_fit_images",
+           "zca_held_out", "zca_fit_words",
            "zca_fit_record", "ZCA_FITS",
            "ZCA_METHODS", "ZCA_STRENGTH_RANGE"]
 
@@ -120,8 +131,11 @@ class ZCAWhitening:
     image_shape : tuple
         ``(*spatial, C)`` of the images it was fitted on (and accepts).
     n_fit : int
-        N, the number of training images.
+        N, the number of training images (without their mirror images).
     method : {"gram", "covariance"}
+    mirror : bool
+        Fitted on the images and their mirror images (module docstring): W commutes with
+        horizontal flips.
     """
 
     strength: float
@@ -133,6 +147,7 @@ class ZCAWhitening:
     image_shape: tuple
     n_fit: int
     method: str
+    mirror: bool = False
 
     def __post_init__(self):
         for name in ("mean", "basis", "eigenvalues"):  # its own read-only copies: a fitted
@@ -210,7 +225,8 @@ class ZCAWhitening:
 
     def __repr__(self) -> str:  # short: it is also an estimator parameter (zca=), shown in its repr
         return (f"ZCAWhitening(strength={self.strength:g}, n_fit={int(self.n_fit)}, "
-                f"image_shape={tuple(self.image_shape)}, method={self.method!r})")
+                f"image_shape={tuple(self.image_shape)}, method={self.method!r}"
+                + (", mirror=True)" if self.mirror else ")"))
 
     def provenance(self) -> dict:
         """What a result records about the whitening (JSON-ready)."""
@@ -223,7 +239,9 @@ class ZCAWhitening:
             "features": self.features,
             "rank": self.rank,
             "method": self.method,
-            "centring": "per-feature mean of the training images",
+            "mirror": bool(self.mirror),
+            "centring": ("per-feature mean of the training images and their mirror images" if self.mirror
+                         else "per-feature mean of the training images"),
             "per_image_normalisation": None,
         }
 
@@ -250,6 +268,20 @@ def check_zca_fit(fit, zca, outside=None) -> str:
             raise CNNGPError(f"zca_fit_outside: says which training images a zca_fit 'rest' whitening leaves "
                              f"out, but zca_fit is {fit!r}; add zca_fit 'rest' (--zca-fit rest)")
     return fit
+
+
+def check_zca_mirror(mirror, zca, flip) -> bool:
+    """A protocol's ``zca_mirror`` resolved: None (the default) is ``flip`` — with horizontal
+    flips the whitening is fitted mirror-symmetric, so that predictions are invariant to
+    mirroring the images themselves — else a bool, which needs a whitening (``zca``)."""
+    if mirror is None:
+        return bool(flip) and zca is not None
+    if not isinstance(mirror, (bool, np.bool_)):
+        raise CNNGPError(f"zca_mirror: expected None (the same as flip), True or False, got {mirror!r}")
+    if zca is None:
+        raise CNNGPError("zca_mirror: says how a ZCA whitening is fitted, but no strength is given; add zca "
+                         "(--zca EPS)")
+    return bool(mirror)
 
 
 def zca_fit_words(fit: str, outside: int | None, words: dict) -> str:
@@ -320,7 +352,7 @@ def _rank_tolerance(eigenvalues: np.ndarray, n: int, d: int) -> float:
     return max(n, d) * np.finfo(np.float64).eps * top
 
 
-def fit_zca(x, strength, name: str = "x_train", method: str = "auto") -> ZCAWhitening:
+def fit_zca(x, strength, name: str = "x_train", method: str = "auto", mirror: bool = False) -> ZCAWhitening:
     """Fit regularised ZCA whitening on training images (module docstring).
 
     Parameters
@@ -334,6 +366,9 @@ def fit_zca(x, strength, name: str = "x_train", method: str = "auto") -> ZCAWhit
     method : {"auto", "gram", "covariance"}, default "auto"
         Eigendecompose the N × N Gram matrix (``"auto"`` when N <= D) or the D × D
         covariance (``"auto"`` when N > D); both give the same whitening.
+    mirror : bool, default False
+        Fit on the images and their mirror images (the last spatial axis reversed), 2N in
+        all: the whitening then commutes with horizontal flips (module docstring).
 
     Returns
     -------
@@ -354,6 +389,10 @@ def fit_zca(x, strength, name: str = "x_train", method: str = "auto") -> ZCAWhit
     d = math.prod(shape)
     if n < 2:
         raise CNNGPError(f"zca: {name} holds {n} image; whitening is fitted on at least 2 training images")
+    n_given = n
+    if mirror:  # the images and their mirror images: μ = Pμ and C = P C P, so W P = P W
+        images = np.concatenate([images, np.flip(images, -2)])
+        n = 2 * n
     X = images.reshape(n, d)
     mu = X.mean(axis=0)
     Xc = X - mu  # centring with the training mean (step 1)
@@ -385,4 +424,4 @@ def fit_zca(x, strength, name: str = "x_train", method: str = "auto") -> ZCAWhit
                 + "; give a positive strength such as 0.1 (a fraction of the mean eigenvalue)")
     return ZCAWhitening(strength=eps, regulariser=float(delta), mean_eigenvalue=mean_eig, mean=mu,
                         basis=np.ascontiguousarray(U), eigenvalues=np.ascontiguousarray(lam),
-                        image_shape=shape, n_fit=n, method=method)
+                        image_shape=shape, n_fit=n_given, method=method, mirror=bool(mirror))
