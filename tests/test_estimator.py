@@ -9,6 +9,7 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from cnngp import Independent, Matern, Readout, kernel
+from cnngp.errors import CNNGPError
 from cnngp.inference import gp
 from cnngp.io.data import balanced_subset, load_digits
 from cnngp.inference.estimator import CNNGPClassifier, CNNGPClassifierCV
@@ -274,3 +275,24 @@ def test_cv_ties_within_rounding_break_as_the_sweeps_do(digits_split, monkeypatc
     cv = CNNGPClassifierCV("cnngp1", lengthscales=(1.0, 2.0), cv=2).fit(xtr, ytr)
     assert (cv.lengthscale_, list(cv.tied_lengthscales_)) == (2.0, [2.0])
     assert list(cv.cv_results_["rank_test_score"]) == [2, 1]
+
+
+def test_calibration_of_a_singular_kernel_names_the_calibration():
+    """noise_variance=0 with duplicated images: the leave-one-out calibration of predict_proba is
+    undefined; the refusal names calibration_scale (not a leave-one-out the user never asked
+    for), and a given calibration_scale fits."""
+    import warnings
+
+    spec = {"layers": [{"type": "conv", "filter": 1}, {"type": "relu"}, {"type": "conv", "filter": 1},
+                       {"type": "relu"}, {"type": "readout"}]}
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 4))
+    y = (X[:, 0] > 0).astype(int)
+    Xd, yd = np.concatenate([X, X[:5]]), np.concatenate([y, y[:5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CNNGPError, match=r"^calibration_scale: choosing it .* held-out predictions at "
+                                             r"noise_variance=0, and K \+ noise_variance\*I is singular"):
+            CNNGPClassifier(spec, image_shape="channels", noise_variance=0.0).fit(Xd, yd)
+        clf = CNNGPClassifier(spec, image_shape="channels", noise_variance=0.0, calibration_scale=1.0).fit(Xd, yd)
+    assert np.allclose(clf.predict_proba(X[:3]).sum(axis=1), 1.0)

@@ -673,3 +673,14 @@ def test_a_fitted_whitening_is_immutable_keeps_its_own_arrays_and_survives_pickl
     again = pickle.loads(pickle.dumps(zca))
     assert not again.basis.flags.writeable and repr(again) == repr(zca)
     np.testing.assert_array_equal(again.transform(x), want)
+
+
+def test_provenance_records_the_covariance_rank_on_both_routes():
+    """Digits have 8 pixels that never vary: the covariance of 500 images has rank 56, not 64,
+    on the covariance route as on the Gram route (numpy's matrix_rank of the centred images)."""
+    x, _ = load_digits()
+    for images in (x[:500], x[:30]):
+        X = images.reshape(len(images), -1)
+        rank = np.linalg.matrix_rank(X - X.mean(axis=0))
+        assert fit_zca(images, 0.1).provenance()["rank"] == rank
+    assert fit_zca(x[:500], 0.1).provenance()["rank"] == 56

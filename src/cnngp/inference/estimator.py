@@ -212,7 +212,13 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
         with gp.small_problem_threads(n):
             self._posterior = gp.PosteriorFactor(K, noise)
             if self.calibration_scale is None:
-                tau, nll = calibrate(K, y_enc, noise, folds, len(self.classes_))
+                try:
+                    tau, nll = calibrate(K, y_enc, noise, folds, len(self.classes_))
+                except CNNGPError as e:  # say which step needs the held-out predictions
+                    raise CNNGPError(
+                        f"calibration_scale: choosing it (calibration_scale=None) needs the training set's "
+                        f"held-out predictions at noise_variance={noise:g}, and {e}; or give calibration_scale "
+                        "(1.0: the GP's own posterior variance)") from None
                 self.calibration_scale_, self.calibration_nll_ = float(tau), float(nll)
             else:
                 self.calibration_scale_ = _check_scale(self.calibration_scale)

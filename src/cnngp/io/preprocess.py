@@ -237,7 +237,10 @@ class ZCAWhitening:
             "mean_eigenvalue": self.mean_eigenvalue,
             "fitted_on": int(self.n_fit),
             "features": self.features,
-            "rank": self.rank,
+            # the covariance's rank (its eigenvalues above rounding), not the basis size, which
+            # the covariance route keeps at D
+            "rank": int(np.count_nonzero(self.eigenvalues > _rank_tolerance(
+                self.eigenvalues, int(self.n_fit) * (2 if self.mirror else 1), self.features))),
             "method": self.method,
             "mirror": bool(self.mirror),
             "centring": ("per-feature mean of the training images and their mirror images" if self.mirror
