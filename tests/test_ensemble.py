@@ -227,3 +227,52 @@ def test_finite_networks_trained_by_gradient_descent_match_the_ensemble():
               f"variance {var.round(3)} vs {want_var.round(3)} (SE {se_var.round(3)})")
     # the test is not vacuous: the trained means are well away from the prior's 0
     assert np.abs(theory.mean[-1]).max() > 5 * se_mean.max()
+
+
+def test_run_ensemble_scores_both_dynamics_and_the_converged_readout_is_the_gp(tmp_path):
+    """On digits (no test split: the images outside the n): a row per mode and time; the
+    converged readout-only ensemble classifies exactly as the GP posterior mean at the same σ²;
+    at t = 0 every class score is 0 (the first class wins, probabilities uniform: NLL log 10)."""
+    import math
+
+    import torch
+
+    import cnngp
+    from cnngp.experiments.ensemble import run_ensemble
+    from cnngp.io.data import balanced_subset, load_digits
+
+    res = run_ensemble("cnngp1", "digits", 60, n_test=40, times=[0, 50, np.inf], noise_variance=1e-3)
+    rows = {(r["mode"], r["time"]): r for r in res["rows"]}
+    assert set(rows) == {(m, t) for m in ("nngp", "ntk") for t in (0.0, 50.0, math.inf)}
+    assert rows["nngp", 0.0]["nll"] == pytest.approx(math.log(10), rel=1e-12)
+    x, y = load_digits()
+    order = balanced_subset(y, 60, seed=0, n_classes=10)
+    rest = np.setdiff1d(np.arange(len(y)), order)
+    t_order = rest[balanced_subset(y[rest], 40, seed=0, n_classes=10)]
+    net = cnngp.io.architectures.get("cnngp1")
+    K = cnngp.kernel(net, torch.as_tensor(x[order])).numpy()
+    Ks = cnngp.kernel(net, torch.as_tensor(x[t_order]), torch.as_tensor(x[order])).numpy()
+    want = gp.test_accuracy(K, y[order], Ks, y[t_order], 1e-3, 10)
+    assert rows["nngp", math.inf]["accuracy"] == want > 0.6
+    assert res["config"]["test_images"] == "the training split's images outside the n"
+    assert not set(order) & set(t_order)
+
+
+def test_ensemble_command_writes_its_results_and_refuses_bad_times(tmp_path, capsys):
+    import json
+
+    from cnngp.cli.main import main
+
+    out = tmp_path / "ens"
+    assert main(["ensemble", "--arch", "cnngp1", "--n", "30", "--n-test", "20", "--times", "0,10,inf",
+                 "--learning-rate", "0.5", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "ensemble.json").read_text())
+    assert len(res["rows"]) == 6 and res["config"]["learning_rate"] == 0.5
+    assert "--times 0,10,inf" in res["config"]["command"] and "torch" in res["versions"]
+    for flags, message in ((["--times", "0,-1"], "--times: expected training times >= 0"),
+                           (["--learning-rate", "0"], "--learning-rate: expected a finite number > 0"),
+                           (["--noise-variance", "nan"], "--noise-variance: expected a finite number >= 0")):
+        capsys.readouterr()
+        assert main(["ensemble", "--n", "20", "--out", str(tmp_path / "x"), *flags]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err

@@ -118,6 +118,9 @@ VARIANTS: dict[str, tuple[list[str], int, tuple]] = {
     "--store S.zarr --dry-run --quiet": (  # as written: a plan only, seconds
         ["cnngp learn --arch myrtle10-correlated --data examples/cifar10-small.npz --n 40 --params internal "
          "--store S.zarr --dry-run --quiet"], 0, ()),
+    "cnngp ensemble --arch myrtle10 --data examples/cifar10-small.npz --n 160 --times 0,100,1000,inf": (
+        ["cnngp ensemble --arch myrtle10 --data examples/cifar10-small.npz --n 20 --n-test 10 --times 0,inf "
+         "--quiet"], 0, ()),
     "cnngp sweep --arch myrtle10 --data examples/cifar10-small.npz --n 80,160,320 --store S.zarr --dry-run": (
         ["cnngp sweep --arch myrtle10 --data examples/cifar10-small.npz --n 40 --store S.zarr --dry-run "
          "--quiet"], 0, ()),

@@ -997,7 +997,8 @@ _EXTRA_COMMANDS: list = []
 def _register_optional_commands():
     import importlib
 
-    for mod in ("cnngp.cli.sweep", "cnngp.cli.montecarlo", "cnngp.cli.learn", "cnngp.cli.compare"):
+    for mod in ("cnngp.cli.sweep", "cnngp.cli.montecarlo", "cnngp.cli.learn", "cnngp.cli.compare",
+                "cnngp.cli.ensemble"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
