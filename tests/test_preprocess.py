@@ -184,6 +184,30 @@ def test_kernel_command_whitens_with_the_x1_statistics(digits_files, capsys):
     assert str(white["x1_sha256"]) == str(plain["x1_sha256"])  # the images as read
 
 
+def test_kernel_command_fits_on_x2_when_told(digits_files, capsys):
+    """A test × train kernel (--x1 TEST --x2 TRAIN) whitens with the training images' statistics
+    given --zca-fit x2; without --x2, or without --zca, --zca-fit x2 is refused in one line."""
+    import cnngp
+    from cnngp.cli.main import load_network
+
+    d, x1, x2 = digits_files
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--x2", str(d / "b.npz"),
+                 "--out", str(d / "zca2.npz"), "--zca", "0.1", "--zca-fit", "x2", "--quiet"]) == 0
+    mu, W, _ = _direct(x2, 0.1)
+    want = cnngp.kernel(load_network("cnngp1"), _whiten(x1, mu, W), _whiten(x2, mu, W)).numpy()
+    got = np.load(d / "zca2.npz")
+    np.testing.assert_allclose(got["kernel"], want, rtol=1e-9, atol=1e-12)
+    config = json.loads(str(got["config"]))
+    assert config["zca_fit"]["fitted_on_images"] == "--x2" and config["zca_fit"]["fitted_on"] == 6
+    for extra, message in ((["--zca", "0.1", "--zca-fit", "x2"], "--zca-fit: x2 fits the whitening on --x2, but no --x2"),
+                           (["--zca-fit", "x2"], "--zca-fit: x2 says where to fit a ZCA whitening, but no --zca")):
+        capsys.readouterr()
+        assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(d / "no.npz"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+        assert not (d / "no.npz").exists()
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc", ""])
 def test_kernel_command_refuses_a_bad_zca(digits_files, capsys, value):
     d, _, _ = digits_files

@@ -524,11 +524,16 @@ def cmd_kernel(args) -> int:
 
     mirror = check_zca_mirror(args.zca_mirror, args.zca, args.flip)
     args.zca_mirror = mirror if args.zca is not None else None  # recorded as resolved
-    if args.zca is not None:  # regularised ZCA fitted on --x1 alone, applied to --x1 and --x2
+    if args.zca is None and args.zca_fit != "x1":
+        raise CNNGPError(f"--zca-fit: {args.zca_fit} says where to fit a ZCA whitening, but no --zca strength is given")
+    if args.zca is not None:  # regularised ZCA fitted on --x1 (or --x2) alone, applied to --x1 and --x2
         from cnngp.io.preprocess import fit_zca
 
         read = hashes()
-        whitening = fit_zca(x1, args.zca, name="--x1", mirror=mirror)
+        if args.zca_fit == "x2" and x2 is None:
+            raise CNNGPError("--zca-fit: x2 fits the whitening on --x2, but no --x2 is given")
+        fit_flag = "--" + args.zca_fit
+        whitening = fit_zca(x1 if args.zca_fit == "x1" else x2, args.zca, name=fit_flag, mirror=mirror)
         x1 = whitening.transform(x1, "--x1")
         x2 = None if x2 is None else whitening.transform(x2, "--x2")
     lengthscales, readouts, body = None, None, net
@@ -607,7 +612,7 @@ def cmd_kernel(args) -> int:
         "get": args.get,
         "flip": args.flip,
         "zca": args.zca,
-        "zca_fit": None if whitening is None else {**whitening.provenance(), "fitted_on_images": "--x1"},
+        "zca_fit": None if whitening is None else {**whitening.provenance(), "fitted_on_images": "--" + args.zca_fit},
         "saved_dtype": str(k.dtype),
         "command_line": command_line(args),
         "engine": ex.resolved_engine,
@@ -673,7 +678,7 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     )
     if data_lines:
         print("\n".join(data_lines), file=sys.stderr)
-    preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--x1"}}
+    preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--" + args.zca_fit}}
     report = store_kernel(model, x1, x2, labels=labels, **options)
     if preprocessing is not None:
         from cnngp.engine.store import KernelStore
@@ -943,7 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--width", type=int_at_least(1),
                    help="with --parameterization standard: channels of every hidden layer")
     k.add_argument("--lengthscales", help="readout sweep, e.g. 0,0.5,2,inf: output (L, N1, N2)")
-    add_zca_argument(k, "--x1")
+    add_zca_argument(k, "--x1 (or --x2, --zca-fit x2)")
+    k.add_argument("--zca-fit", choices=["x1", "x2"], default="x1",
+                   help="with --zca: fit the whitening on --x1 (default) or --x2: the training images, whichever "
+                        "they are (a test × train kernel is --x1 TEST --x2 TRAIN --zca-fit x2); never test images")
     k.add_argument("--family", choices=sorted(FAMILIES), help="family of a --lengthscales sweep (default matern32)")
     k.add_argument("--batch-size", type=int_at_least(1), help="image pairs per batch (default: from the memory budget)")
     k.add_argument("--memory-budget", help="working memory for a batch, e.g. 2G (default 2G)")
