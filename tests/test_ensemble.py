@@ -266,13 +266,44 @@ def test_ensemble_command_writes_its_results_and_refuses_bad_times(tmp_path, cap
     out = tmp_path / "ens"
     assert main(["ensemble", "--arch", "cnngp1", "--n", "30", "--n-test", "20", "--times", "0,10,inf",
                  "--learning-rate", "0.5", "--out", str(out), "--quiet"]) == 0
-    res = json.loads((out / "ensemble.json").read_text())
+    def strict(word):
+        raise ValueError(f"not strict JSON: {word}")
+
+    res = json.loads((out / "ensemble.json").read_text(), parse_constant=strict)
     assert len(res["rows"]) == 6 and res["config"]["learning_rate"] == 0.5
+    assert res["config"]["times"] == [0.0, 10.0, "inf"] and res["rows"][2]["time"] == "inf"
     assert "--times 0,10,inf" in res["config"]["command"] and "torch" in res["versions"]
     for flags, message in ((["--times", "0,-1"], "--times: expected training times >= 0"),
                            (["--learning-rate", "0"], "--learning-rate: expected a finite number > 0"),
-                           (["--noise-variance", "nan"], "--noise-variance: expected a finite number >= 0")):
+                           (["--noise-variance", "nan"], "--noise-variance: expected a finite number >= 0"),
+                           (["--zca-mirror"], "--zca-mirror: says how a ZCA whitening is fitted, but no strength")):
         capsys.readouterr()
         assert main(["ensemble", "--n", "20", "--out", str(tmp_path / "x"), *flags]) != 0
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err
+
+
+def test_null_directions_are_left_out_at_every_time_and_huge_times_converge():
+    """A duplicated image (a null direction of the training kernels), kernels rounded through
+    float32 (eigenvalues of about −1e-16): times of 1e30 and 1e308 (c t overflows) give the t = ∞
+    ensemble, finite and without NaN, not rounding amplified by c t."""
+    n, m = 8, 3
+    K = _joint(n, m, 6)
+    T = K + _joint(n, m, 7)
+    idx = np.r_[np.arange(n), 1, np.arange(n, n + m)]
+    K, T = (np.asarray(A[np.ix_(idx, idx)], dtype=np.float32).astype(np.float64) for A in (K, T))
+    K, T = 0.5 * (K + K.T), 0.5 * (T + T.T)
+    y = np.r_[np.arange(n) % 3, 1]
+    tr, te = slice(0, n + 1), slice(n + 1, None)
+    for ntk in ({}, dict(ntk_train=T[tr, tr], ntk_test_train=T[te, tr])):
+        with pytest.warns(IllConditionedWarning, match="left out at every time"):
+            out = trained_ensemble(y, K[tr, tr], K[te, tr], test_prior=np.diagonal(K)[te].copy(),
+                                   times=[1e30, 1e308, np.inf], **ntk)
+        assert np.all(np.isfinite(out.mean)) and np.all(np.isfinite(out.variance))
+        np.testing.assert_allclose(out.mean[0], out.mean[2], atol=1e-9)
+        np.testing.assert_allclose(out.mean[1], out.mean[2], atol=1e-9)
+        np.testing.assert_allclose(out.variance[:2], out.variance[[2, 2]], atol=1e-9)
+    with pytest.raises(CNNGPError, match="n_classes=3 does not match the 2 columns"):
+        trained_ensemble(np.ones((n + 1, 2)), K[tr, tr], K[te, tr], n_classes=3)
+    with pytest.raises(CNNGPError, match="times must be a number"):
+        trained_ensemble(y, K[tr, tr], K[te, tr], times=True)

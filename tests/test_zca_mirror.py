@@ -108,4 +108,4 @@ def test_commands_record_and_check_zca_mirror(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", "--arch", "cnngp1", "--n", "20", "--zca-mirror", "--out", str(out), "--quiet"]) != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "zca_mirror: says how a ZCA whitening is fitted" in err
+    assert len(err.splitlines()) == 1 and "--zca-mirror: says how a ZCA whitening is fitted" in err

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from cnngp.cli.main import (
-    add_engine_argument, add_layout_argument, command_line, comma_items, int_at_least, load_data, parse_zca,
+    add_engine_argument, add_layout_argument, add_zca_argument, command_line, comma_items, int_at_least, load_data,
+    parse_zca,
 )
 from cnngp.errors import CNNGPError
 
@@ -40,6 +41,17 @@ def _positive(flag: str, text: str, zero: bool) -> float:
     return value
 
 
+def _strict(value):
+    """``value`` with every infinite float written ``"inf"`` / ``"-inf"``: strict JSON."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def cmd_ensemble(args) -> int:
     from cnngp.cli.main import execution_from_args
     from cnngp.cli.sweep import _write_outputs
@@ -53,7 +65,7 @@ def cmd_ensemble(args) -> int:
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
     res = run_ensemble(args.arch, load_data(args), args.n, n_test=args.n_test, times=times, learning_rate=rate,
-                       noise_variance=noise, seed=args.seed, zca=zca, flip=args.flip,
+                       noise_variance=noise, seed=args.seed, zca=zca, flip=args.flip, zca_mirror=args.zca_mirror,
                        execution=execution_from_args(args), data_label=str(args.data))
     res["config"]["command"] = command_line(args)
     c = res["config"]
@@ -67,7 +79,7 @@ def cmd_ensemble(args) -> int:
             cells = [f"{100 * by[m, t]['accuracy']:7.1f} {by[m, t]['nll']:7.3f} {100 * by[m, t]['ece']:7.1f}"
                      for m in ("ntk", "nngp")]
             print(f"{t:>8g}  {cells[0]}    {cells[1]}")
-    text = json.dumps(res, indent=2, allow_nan=True) + "\n"
+    text = json.dumps(_strict(res), indent=2, allow_nan=False) + "\n"  # strict JSON: t = ∞ as "inf"
     _write_outputs(out, {"ensemble.json": text.encode()})
     if not args.quiet:
         print(f"wrote {out / 'ensemble.json'}", file=sys.stderr)
@@ -99,8 +111,7 @@ def register(subparsers) -> None:
     p.add_argument("--noise-variance", default="0",
                    help="σ² >= 0, the ridge on the training kernel (neural-tangents' diag_reg, absolute; default 0)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subsets (default 0)")
-    p.add_argument("--zca", metavar="EPS", help="whiten the images by regularised ZCA of strength EPS, fitted on the "
-                                                "--n training images (mirror-symmetric with --flip)")
+    add_zca_argument(p, "the --n training images")
     p.add_argument("--flip", action="store_true", help="flip-averaged kernels ½[K(x, x') + K(x, mirrored x')]")
     add_layout_argument(p)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",

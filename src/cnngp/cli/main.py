@@ -1032,7 +1032,8 @@ _FLAGS = {
     "kernel_cache": "--kernel-cache", "lengthscales": "--lengthscales", "kernel_store": "--store",
     "engine": "--engine", "threads": "--threads-per-worker", "workers": "--workers", "tile": "--tile",
     "spectral_mixture": "--spectral-mixture", "dataset": "--data", "zca": "--zca", "zca_fit": "--zca-fit",
-    "zca_fit_outside": "--zca-fit-outside",
+    "zca_fit_outside": "--zca-fit-outside", "zca_mirror": "--zca-mirror",
+    "times": "--times", "learning_rate": "--learning-rate", "noise_variance": "--noise-variance",
     "flip": "--flip", "index": "--index", "other": "--other", "layout": "--layout", "params": "--params", "shift": "--shift", "starts": "--starts",
     "store": "--store", "scheduler": "--scheduler",
 }

@@ -29,7 +29,8 @@ def _check_times(times) -> list[float]:
 
 def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(0.0, 10.0, 100.0, 1000.0, math.inf),
                  learning_rate: float = 1.0, noise_variance: float = 0.0, seed: int = 0, zca: float | None = None,
-                 flip: bool = False, execution=None, data_label: str | None = None) -> dict:
+                 flip: bool = False, zca_mirror: bool | None = None, execution=None,
+                 data_label: str | None = None) -> dict:
     """Score the trained ensembles of ``network`` on ``n`` class-balanced training images and the
     test split (or a class-balanced ``n_test`` of it) at every time of ``times``.
 
@@ -55,6 +56,9 @@ def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(
         ``flip``), applied to train and test.
     flip : bool, default False
         Flip-averaged kernels (docs/maths.md §9).
+    zca_mirror : bool, optional
+        Fit the whitening with the images' mirror images (default: as ``flip``; see
+        :func:`cnngp.io.preprocess.check_zca_mirror`).
     execution : Execution, optional
         How the kernels are computed.
 
@@ -93,9 +97,9 @@ def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(
     x_test, y_test = pool_x[t_order], pool_y[t_order]
     net, name = resolve(network)
     whitening = None
+    mirror = check_zca_mirror(zca_mirror, zca, flip)
     if zca is not None:
-        whitening = fit_zca(x, check_zca_strength(zca, "zca"), name="the training images",
-                            mirror=check_zca_mirror(None, zca, flip))
+        whitening = fit_zca(x, check_zca_strength(zca, "zca"), name="the training images", mirror=mirror)
         x, x_test = whitening.transform(x, "the training images"), whitening.transform(x_test, "the test images")
 
     start = time.perf_counter()
@@ -124,4 +128,6 @@ def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(
         "test_sha256": array_sha256(pool_x[t_order]),
     }
     return {"config": config, "versions": versions(), "rows": rows,
-            "timing": {"kernel_seconds": kernel_seconds, "pairs": int(n * (n + 1) // 2 + len(t_order) * n)}}
+            # pairs of the two kernel passes (each twice with flip) and the test images' diagonal
+            "timing": {"kernel_seconds": kernel_seconds,
+                       "pairs": int((n * (n + 1) // 2 + len(t_order) * n) * (2 if flip else 1) + len(t_order))}}

@@ -25,8 +25,9 @@ noise σ², and its mean the posterior mean of :func:`cnngp.inference.gp.posteri
 
 Everything is computed in the eigenbasis of the training kernel that drives the dynamics
 (Θ_r, or K_r), once for all times: ``Θ_r = V diag(λ) Vᵀ`` and ``A_t = V diag(g_t(λ)) Vᵀ`` with
-``g_t(λ) = (1 − e^{−c t λ}) / λ`` (c t at λ = 0; at t = ∞, 1/λ, and 0 on the numerically null
-directions: a pseudo-inverse). Float64 NumPy throughout.
+``g_t(λ) = (1 − e^{−c t λ}) / λ`` (at t = ∞, 1/λ), and 0 at every time on the numerically null
+directions, λ ≤ 1e-10 λ_max (the test points' kernel has no component there: a pseudo-inverse,
+and finite times approach t = ∞ continuously). Float64 NumPy throughout.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def _targets(y_train, n: int, n_classes: int | None) -> np.ndarray:
         y = y.astype(np.int64)
         return centered_one_hot(y, _resolve_n_classes(y, n_classes))
     if y.ndim == 2 and np.issubdtype(y.dtype, np.floating):
+        if n_classes is not None and int(n_classes) != y.shape[1]:
+            raise CNNGPError(f"n_classes={n_classes} does not match the {y.shape[1]} columns of the float "
+                             "targets y_train (n_classes is for integer labels)")
         if y.shape[0] != n or y.shape[1] == 0:
             raise CNNGPError(f"y_train: regression targets must have shape ({n}, C) with C >= 1 to "
                              f"match the training kernel; got {y.shape}")
@@ -110,7 +114,9 @@ def _cross(K, n: int, what: str) -> np.ndarray:
 
 
 def _times(times) -> np.ndarray:
-    t = np.atleast_1d(np.asarray(times, dtype=np.float64))
+    if isinstance(times, (bool, np.bool_, str, bytes)):
+        raise CNNGPError(f"times must be a number or a 1-D array of numbers >= 0; got {times!r}")
+    t = np.atleast_1d(np.asarray(times, dtype=np.float64)) + 0.0  # (+ 0.0: -0.0 is 0)
     if t.ndim != 1 or t.size == 0:
         raise CNNGPError(f"times must be a number or a 1-D array of them; got shape {t.shape}")
     if np.any(np.isnan(t)) or np.any(t < 0):
@@ -120,15 +126,17 @@ def _times(times) -> np.ndarray:
 
 
 def _gains(lam: np.ndarray, times: np.ndarray, rate: float, null: np.ndarray) -> np.ndarray:
-    """g_t(λ) = (1 − e^{−rate t λ}) / λ for each time (rows) and eigenvalue (columns)."""
-    g = np.empty((len(times), len(lam)))
-    positive = lam > 0
+    """g_t(λ) = (1 − e^{−rate t λ}) / λ for each time (rows) and eigenvalue (columns), and 0 on
+    the numerically null directions at every time: the test points' kernel has no component
+    there (exactly, for a PSD joint kernel), so that only rounding would be amplified, and
+    finite times then approach t = ∞ continuously. rate · t may overflow to ∞: the limit 1/λ."""
+    g = np.zeros((len(times), len(lam)))
+    keep = ~null
+    kept = lam[keep]
     for i, t in enumerate(times):
-        if np.isinf(t):
-            g[i] = np.divide(1.0, lam, out=np.zeros_like(lam), where=~null)
-        else:
+        with np.errstate(over="ignore"):
             x = rate * t
-            g[i] = np.where(positive, -np.expm1(-x * lam) / np.where(positive, lam, 1.0), x)
+        g[i, keep] = 1.0 / kept if np.isinf(x) else -np.expm1(-x * kept) / kept
     return g
 
 
@@ -221,11 +229,11 @@ def trained_ensemble(
     lam, V = _eigh(T + s2 * np.eye(n))
     lam = np.maximum(lam, 0.0)
     null = lam <= NOISE_RCOND * lam[-1]
-    if np.isinf(times).any() and np.any(null) and s2 == 0:
+    if np.any(null):
         warnings.warn(
-            f"the training {mode.upper()} has {int(null.sum())} eigenvalue(s) below "
-            f"{NOISE_RCOND:g} x its largest: at t = inf those directions are left out (a "
-            "pseudo-inverse); a noise_variance > 0 regularises them instead",
+            f"the training {mode.upper()}{' + noise_variance' if s2 else ''} has {int(null.sum())} eigenvalue(s) "
+            f"below {NOISE_RCOND:g} x its largest: those directions are left out at every time (a "
+            "pseudo-inverse at t = inf); a larger noise_variance regularises them instead",
             IllConditionedWarning, stacklevel=2)
     c = rate / Y.size  # the loss is ½ mean over the N × C targets
     g = _gains(lam, times, c, null)
@@ -239,7 +247,8 @@ def trained_ensemble(
     prior_diag = np.diagonal(P) if P.ndim == 2 else P
     if mode == "nngp":
         # Σ_t = K_** − K_*X A_2t K_X*  (K_r's eigenbasis: B is Vᵀ K_X*)
-        g2 = _gains(lam, 2.0 * times, c, null)
+        with np.errstate(over="ignore"):  # 2t may overflow to ∞: the converged limit
+            g2 = _gains(lam, 2.0 * times, c, null)
         explained = (np.einsum("nm,tn,nk->tmk", B, g2, B) if full_covariance
                      else np.einsum("nm,tn,nm->tm", B, g2, B))
     else:
