@@ -109,3 +109,20 @@ def test_commands_record_and_check_zca_mirror(tmp_path, capsys):
     assert main(["sweep", "--arch", "cnngp1", "--n", "20", "--zca-mirror", "--out", str(out), "--quiet"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--zca-mirror: says how a ZCA whitening is fitted" in err
+
+
+def test_learn_with_flips_fits_mirror_symmetric_and_its_stores_keep_the_two_apart(tmp_path):
+    """`learn` resolves zca_mirror as the sweep does: with flip the whitening is fitted with the
+    mirror images (recorded), and a store of the other kind is refused before any work."""
+    from cnngp.experiments.learned import run_learn
+
+    common = dict(starts=(3.0,), max_iter=3, lengthscales=(1.0,), folds=2, progress=False, zca=0.3, flip=True)
+    store = tmp_path / "S.zarr"
+    res = run_learn("cnngp1", _dataset(), 20, store=store, **common)
+    assert res["config"]["zca_fit"]["mirror"] is True
+    off = run_learn("cnngp1", _dataset(), 20, zca_mirror=False, **common)
+    assert off["config"]["zca_fit"]["mirror"] is False
+    with pytest.raises(CNNGPError, match=r"^zca: .*S\.zarr' holds kernels of images whitened by ZCA fitted on the "
+                                         r"images and their mirror images"):
+        run_learn("cnngp1", _dataset(), 20, store=store, zca_mirror=False, **common)
+    assert run_learn("cnngp1", _dataset(), 20, store=store, **common)["learned"] == res["learned"]
