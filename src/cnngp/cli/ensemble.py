@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cnngp.cli.main import (
     add_engine_argument, add_layout_argument, add_zca_argument, command_line, comma_items, int_at_least, load_data,
-    parse_zca,
+    parse_zca, real_at_least,
 )
 from cnngp.errors import CNNGPError
 
@@ -31,16 +31,6 @@ def _times(text: str) -> list[float]:
     return values
 
 
-def _positive(flag: str, text: str, zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
-        raise CNNGPError(f"{flag}: expected a finite number {'>= 0' if zero else '> 0'}, got {text!r}")
-    return value
-
-
 def _strict(value):
     """``value`` with every infinite float written ``"inf"`` / ``"-inf"``: strict JSON."""
     if isinstance(value, float) and math.isinf(value):
@@ -58,14 +48,12 @@ def cmd_ensemble(args) -> int:
     from cnngp.experiments.ensemble import run_ensemble
 
     times = _times(args.times)
-    rate = _positive("--learning-rate", args.learning_rate, zero=False)
-    noise = _positive("--noise-variance", args.noise_variance, zero=True)
     zca = parse_zca(args.zca)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CNNGPError(f"--out: {str(out)!r} exists and is not a directory")
-    res = run_ensemble(args.arch, load_data(args), args.n, n_test=args.n_test, times=times, learning_rate=rate,
-                       noise_variance=noise, seed=args.seed, zca=zca, flip=args.flip, zca_mirror=args.zca_mirror,
+    res = run_ensemble(args.arch, load_data(args), args.n, n_test=args.n_test, times=times, learning_rate=args.learning_rate,
+                       noise_variance=args.noise_variance, seed=args.seed, zca=zca, flip=args.flip, zca_mirror=args.zca_mirror,
                        execution=execution_from_args(args), data_label=str(args.data))
     res["config"]["command"] = command_line(args)
     c = res["config"]
@@ -107,8 +95,8 @@ def register(subparsers) -> None:
     p.add_argument("--times", default="0,10,100,1000,10000,inf",
                    help="training times in steps of the learning rate, comma-separated; inf: converged "
                         "(default 0,10,100,1000,10000,inf)")
-    p.add_argument("--learning-rate", default="1", help="gradient-descent rate η > 0 on ½ mean (f − y)² (default 1)")
-    p.add_argument("--noise-variance", default="0",
+    p.add_argument("--learning-rate", type=real_at_least(0, strict=True), default=1.0, help="gradient-descent rate η > 0 on ½ mean (f − y)² (default 1)")
+    p.add_argument("--noise-variance", type=real_at_least(0), default=0.0,
                    help="σ² >= 0, the ridge on the training kernel (neural-tangents' diag_reg, absolute; default 0)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the class-balanced subsets (default 0)")
     add_zca_argument(p, "the --n training images")

@@ -62,6 +62,25 @@ def int_at_least(minimum: int):
     return parse
 
 
+def real_at_least(minimum: float, strict: bool = False):
+    """argparse ``type=`` for finite numbers >= ``minimum`` (> with ``strict``; messages name the flag)."""
+    import math
+
+    bound = f"{'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value + 0.0  # (-0.0 is 0)
+
+    parse.__name__ = f"number {bound}"
+    return parse
+
+
 def finite_float(text: str) -> float:
     """argparse ``type=`` for a finite number."""
     import math

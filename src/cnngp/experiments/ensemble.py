@@ -22,9 +22,9 @@ __all__ = ["run_ensemble"]
 
 
 def _check_times(times) -> list[float]:
-    from cnngp.inference.ensemble import _times
+    from cnngp.inference.ensemble import training_times
 
-    return [float(t) for t in _times(times)]
+    return [float(t) for t in training_times(times)]
 
 
 def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(0.0, 10.0, 100.0, 1000.0, math.inf),

@@ -51,7 +51,7 @@ from cnngp.inference.gp import (
     centered_one_hot,
 )
 
-__all__ = ["EnsemblePrediction", "trained_ensemble"]
+__all__ = ["EnsemblePrediction", "trained_ensemble", "training_times"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,10 @@ def _cross(K, n: int, what: str) -> np.ndarray:
     return K
 
 
-def _times(times) -> np.ndarray:
+def training_times(times) -> np.ndarray:
+    """``times`` checked and as a 1-D float64 array: one number or a 1-D array of numbers >= 0
+    (``np.inf``: trained to convergence), in any order; ``-0.0`` becomes 0. The check
+    :func:`trained_ensemble` makes, for callers that record the times before computing."""
     if isinstance(times, (bool, np.bool_, str, bytes)):
         raise CNNGPError(f"times must be a number or a 1-D array of numbers >= 0; got {times!r}")
     t = np.atleast_1d(np.asarray(times, dtype=np.float64)) + 0.0  # (+ 0.0: -0.0 is 0)
@@ -214,7 +217,7 @@ def trained_ensemble(
             raise CNNGPError(f"ntk_test_train has {T_star.shape[0]} rows but nngp_test_train has {m}")
     else:
         T, T_star = K, K_star
-    times = _times(times)
+    times = training_times(times)
     rate = float(learning_rate)
     if not np.isfinite(rate) or rate <= 0:
         raise CNNGPError(f"learning_rate must be finite and > 0; got {learning_rate!r}")
