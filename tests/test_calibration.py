@@ -4,6 +4,7 @@ hand computations, the calibration scale against a known truth and blind to the 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -100,6 +101,51 @@ def test_fitted_scale_recovers_the_scale_the_labels_were_drawn_with():
     at = lambda t: cal.negative_log_likelihood(cal.class_probabilities(mu, v, t), y)  # noqa: E731
     assert nll == pytest.approx(at(tau), rel=1e-9)
     assert at(tau) < at(tau * 1.2) and at(tau) < at(tau / 1.2) and at(tau) < at(1.0)
+
+
+def test_separable_held_out_predictions_fall_back_to_the_gp_variance():
+    """Every held-out prediction right: NLL(tau) falls towards 0 as tau -> 0, so the data set no
+    scale, and the grid's lower end (one-hot probabilities: each wrong test prediction would cost
+    708 nats) must not be taken. tau = 1 with a CalibrationWarning; one wrong prediction among
+    them gives an interior minimum again, with no warning."""
+    rng = np.random.default_rng(5)
+    n, c = 200, 4
+    y = np.arange(n) % c
+    mu = rng.normal(scale=0.1, size=(n, c))
+    mu[np.arange(n), y] += 0.5  # every argmax right
+    v = rng.uniform(0.05, 0.5, n)
+    at = lambda t: cal.negative_log_likelihood(cal.class_probabilities(mu, v, t), y)  # noqa: E731
+    assert at(1e-6) < at(1e-3) < at(1.0)  # the premise: no minimum above 0
+    with pytest.warns(cal.CalibrationWarning, match="200 held-out predictions, 200 right"):
+        tau, nll = cal.fit_calibration_scale(mu, v, y)
+    assert tau == 1.0 and nll == pytest.approx(at(1.0), rel=1e-12)
+    wrong = mu.copy()
+    wrong[0] = wrong[0, ::-1] if y[0] != c - 1 - y[0] else np.roll(wrong[0], 1)  # one wrong
+    assert np.argmax(wrong[0]) != y[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cal.CalibrationWarning)
+        tau1, _ = cal.fit_calibration_scale(wrong, v, y)
+    assert 0 < tau1 < 1e3 and tau1 != 1.0
+
+
+def test_estimator_on_separable_training_folds_keeps_its_nll_finite():
+    """Two digits' classes, 30 training images, every leave-one-out prediction right: the
+    calibration scale falls back to 1 (it was 4e-10, and the test NLL 42.5 from one-hot
+    probabilities); the test NLL is then that of the GP's own variance."""
+    from cnngp.inference.estimator import CNNGPClassifier
+    from cnngp.io.data import load_digits
+
+    x, y = load_digits()
+    keep = (y == 3) | (y == 8)
+    x, y = x[keep], y[keep]
+    with pytest.warns(cal.CalibrationWarning):
+        clf = CNNGPClassifier("cnngp1").fit(x[:30], y[:30])
+    assert clf.calibration_scale_ == 1.0
+    held_out = CNNGPClassifier("cnngp1", calibration_scale=1.0).fit(x[:30], y[:30])
+    P = clf.predict_proba(x[30:130])
+    np.testing.assert_allclose(P, held_out.predict_proba(x[30:130]), rtol=1e-12)
+    y_test = np.searchsorted(clf.classes_, y[30:130])
+    assert (P.argmax(1) != y_test).any() and cal.negative_log_likelihood(P, y_test) < 1.0
 
 
 def _digits_like(seed=0, n=60, m=40, c=3):

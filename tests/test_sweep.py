@@ -610,6 +610,26 @@ def test_test_nll_ece_and_calibration_scale_of_the_sweep(tmp_path):
     assert o["test_accuracy"] != t["test_accuracy"]
 
 
+def test_separable_training_folds_calibrate_to_the_gp_variance(tmp_path):
+    """Digits 0 and 1 at N = 40: every held-out prediction of the training folds is right, so they
+    set no τ (the grid's lower end gave τ ~ 1e-10, one-hot probabilities and an NLL of 708 per
+    wrong test image). τ = 1 with a warning, recorded and printed, and the NLL stays small."""
+    from cnngp.inference import calibration
+
+    x, y = load_digits()
+    keep = y < 2
+    x8, y = np.round(x[keep] * 255).astype(np.uint8), y[keep].astype(np.uint8)
+    np.savez(tmp_path / "d01.npz", x_train=x8[:200], y_train=y[:200], x_test=x8[200:], y_test=y[200:])
+    with pytest.warns(calibration.CalibrationWarning, match="40 right"):
+        res = run_sweep(ARCH, tmp_path / "d01.npz", ns=(40,), lengthscales=[2.0], test=True, progress=False)
+    t = res["test"]
+    assert res["best"][0]["cv_accuracy"] == 1.0
+    assert t["calibration_scale"] == 1.0 and t["calibration_separable"] is True
+    assert t["test_accuracy"] < 1.0  # some wrong test image, each of which one-hot probabilities cost 708
+    assert t["test_nll"] < 1.0
+    assert "τ = 1, the GP's own: every held-out prediction" in summary_table(res)
+
+
 def test_reliability_figure(sweep, tmp_path):
     from cnngp.experiments.plots import reliability_figure
     from cnngp.inference.calibration import reliability

@@ -1220,7 +1220,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             (with ``test``) the CV-selected model at ``N_max``: ``readout``,
             ``lengthscale``, ``noise_variance``, ``test_accuracy``, ``test_nll``, ``test_ece``,
             ``calibration_scale``, ``calibration_nll`` (held-out, training folds),
-            ``mean_posterior_variance``, ``reliability`` (the reliability diagram's bins,
+            ``calibration_separable`` (True: every held-out prediction was right, so τ is 1, the
+            GP's own variance), ``mean_posterior_variance``, ``reliability`` (the reliability diagram's bins,
             :func:`cnngp.inference.calibration.reliability`), ``n_train``, ``n_test``;
             ``config["test_probabilities"]`` says how the probabilities were made.
         ``test_predictions`` (with ``test``; numpy arrays, which ``cnngp sweep`` writes to
@@ -1461,6 +1462,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 "test_ece": chosen_scores["ece"],
                 "calibration_scale": chosen_scores["calibration_scale"],
                 "calibration_nll": chosen_scores["calibration_nll"],
+                "calibration_separable": chosen_scores["calibration_separable"],
                 "mean_posterior_variance": chosen_scores["mean_posterior_variance"],
                 "reliability": chosen_scores["reliability"],
             }
@@ -1617,8 +1619,10 @@ def summary_table(results: dict) -> str:
             f"σ²={t['noise_variance']:.3g})"
         )
         if "test_nll" in t:  # results written before the probabilities have no NLL/ECE
-            lines.append(f"      NLL {t['test_nll']:.3f}, ECE {100 * t['test_ece']:.1f} % "
-                         f"(calibration scale τ = {t['calibration_scale']:.3g}, chosen on the training folds)")
+            how = ("1, the GP's own: every held-out prediction of the training folds was right, which sets "
+                   "no scale" if t.get("calibration_separable") else
+                   f"{t['calibration_scale']:.3g}, chosen on the training folds")
+            lines.append(f"      NLL {t['test_nll']:.3f}, ECE {100 * t['test_ece']:.1f} % (calibration scale τ = {how})")
         curve = []  # --test all: the CV-chosen readout of each smaller N, its blocks' models on the test set
         for b in results["best"]:
             row = next((r for r in rows if r["n"] == b["n"] and r["readout"] == b["readout"]

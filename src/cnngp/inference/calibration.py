@@ -27,6 +27,7 @@ calibration error (ECE) over ``ECE_BINS`` = 15 equal-width bins of the top-label
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.optimize
@@ -49,6 +50,7 @@ __all__ = [
     "QUADRATURE_NODES",
     "LOG_FLOOR",
     "PROBABILITY_METHOD",
+    "CalibrationWarning",
 ]
 
 #: equal-width bins of the top-label confidence in the expected calibration error
@@ -68,6 +70,11 @@ PROBABILITY_METHOD = (
     "variance) independently, by adaptive Gauss-Hermite quadrature; tau minimises the held-out "
     "NLL of the training folds that chose sigma^2"
 )
+
+
+class CalibrationWarning(RuntimeWarning):
+    """The held-out predictions do not determine the calibration scale (every one of them is
+    right, so their NLL falls on as tau -> 0): tau = 1, the GP's own variance, is used."""
 
 
 # --------------------------------------------------------------------------------------
@@ -248,10 +255,20 @@ def fit_calibration_scale(mean, variance, y, bounds: tuple[float, float] = (-25.
     Returns
     -------
     tau : float
-        1.0 when every variance is 0 (tau has no effect).
+        1.0 when every variance is 0 (tau has no effect), and 1.0 with a
+        :class:`CalibrationWarning` when the NLL is smallest at the grid's lower end: the
+        held-out predictions are all right (separable), so the NLL falls towards 0 as tau -> 0
+        and the data set no scale (the limit would make every probability one-hot, and each
+        wrong test prediction cost -LOG_FLOOR ~ 708 nats).
     nll : float
         The held-out mean NLL at tau.
     """
+    tau, nll, _ = _fit_scale(mean, variance, y, bounds)
+    return tau, nll
+
+
+def _fit_scale(mean, variance, y, bounds=(-25.0, 25.0)) -> tuple[float, float, bool]:
+    """:func:`fit_calibration_scale`, and whether it fell back to tau = 1 (separable)."""
     mu, v = _check_mean_variance(mean, variance)
     labels = np.asarray(y)
     if labels.shape != (mu.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
@@ -263,19 +280,25 @@ def fit_calibration_scale(mean, variance, y, bounds: tuple[float, float] = (-25.
         return _nll_of_logs(log_class_probabilities(mu, v, math.exp(log_tau)), labels)
 
     if not np.any(v > 0):
-        return 1.0, nll(0.0)
+        return 1.0, nll(0.0), False
     spread = float(np.mean(np.var(mu, axis=1)))
     centre = math.log(spread / float(np.mean(v))) if spread > 0 else 0.0
     grid = centre + np.arange(float(bounds[0]), float(bounds[1]) + 1.0, 2.0)
     values = np.array([nll(u) for u in grid])
     i = int(np.argmin(values))
-    if i in (0, len(grid) - 1):
-        return math.exp(grid[i]), float(values[i])
+    if i == 0:  # no minimum: the held-out predictions are separable (all right)
+        warnings.warn(
+            f"calibration: the held-out NLL keeps falling as tau -> 0 ({labels.size} held-out predictions, "
+            f"{int(np.sum(np.argmax(mu, axis=1) == labels))} right), so they do not determine tau; using tau = 1, "
+            "the GP's own posterior variance", CalibrationWarning, stacklevel=3)
+        return 1.0, nll(0.0), True
+    if i == len(grid) - 1:  # probabilities as flat as the grid allows: the held-out data's verdict
+        return math.exp(grid[i]), float(values[i]), False
     res = scipy.optimize.minimize_scalar(nll, bounds=(grid[i - 1], grid[i + 1]), method="bounded",
                                          options={"xatol": 1e-3})
     if res.fun <= values[i]:
-        return math.exp(float(res.x)), float(res.fun)
-    return math.exp(grid[i]), float(values[i])
+        return math.exp(float(res.x)), float(res.fun), False
+    return math.exp(grid[i]), float(values[i]), False
 
 
 def calibrate(K, y, noise_variance: float, folds=None, n_classes: int | None = None) -> tuple[float, float]:
@@ -298,9 +321,14 @@ def calibrate(K, y, noise_variance: float, folds=None, n_classes: int | None = N
     -------
     (tau, held-out NLL at tau)
     """
+    tau, nll, _ = _calibrate(K, y, noise_variance, folds, n_classes)
+    return tau, nll
+
+
+def _calibrate(K, y, noise_variance, folds, n_classes) -> tuple[float, float, bool]:
     mean, var = gp.held_out_predictions(K, y, noise_variance, folds, n_classes)
     seen = np.isfinite(var)
-    return fit_calibration_scale(mean[seen], var[seen], np.asarray(y)[seen])
+    return _fit_scale(mean[seen], var[seen], np.asarray(y)[seen])
 
 
 # --------------------------------------------------------------------------------------
@@ -394,7 +422,8 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
     -------
     dict
         :func:`classification_metrics` plus ``calibration_scale``, ``calibration_nll`` (the
-        held-out NLL on the training set at that scale) and ``mean_posterior_variance``; and per
+        held-out NLL on the training set at that scale), ``calibration_separable`` (True: every
+        held-out prediction was right, so tau fell back to 1, :func:`fit_calibration_scale`) and ``mean_posterior_variance``; and per
         test point (arrays, for paired comparisons): ``predicted`` (M,) the most probable class
         and ``log_prob_true`` (M,) the log probability of its label (at least ``LOG_FLOOR``, as
         in the NLL).
@@ -402,7 +431,7 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
     K_train = np.asarray(K_train, dtype=np.float64)
     y_train = np.asarray(y_train)
     k_cls = int(np.max(y_train)) + 1 if n_classes is None else int(n_classes)
-    tau, cal_nll = calibrate(K_train, y_train, noise_variance, folds, k_cls)
+    tau, cal_nll, separable = _calibrate(K_train, y_train, noise_variance, folds, k_cls)
     mean = gp.posterior_mean(K_train, y_train, K_test_train, noise_variance, k_cls)
     var = gp.posterior_variance(K_train, K_test_train, test_prior, noise_variance)
     labels = np.asarray(y_test)
@@ -410,7 +439,7 @@ def test_scores(K_train, y_train, K_test_train, test_prior, y_test, noise_varian
         raise CNNGPError(f"y_test has shape {labels.shape} but K_test_train has {mean.shape[0]} rows")
     log_p = log_class_probabilities(mean, var, tau)
     out = classification_metrics(np.exp(log_p), labels)
-    out.update(calibration_scale=float(tau), calibration_nll=float(cal_nll),
+    out.update(calibration_scale=float(tau), calibration_nll=float(cal_nll), calibration_separable=separable,
                mean_posterior_variance=float(np.mean(var)),
                # per test point, for paired comparisons of models on the same points
                predicted=np.argmax(mean, axis=1),
