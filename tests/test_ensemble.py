@@ -151,6 +151,8 @@ def test_singular_kernel_at_convergence_is_the_pseudo_inverse():
     (dict(times=-1.0), "times must be >= 0"),
     (dict(times=[1.0, np.nan]), "times must be >= 0"),
     (dict(learning_rate=0.0), "learning_rate must be finite and > 0"),
+    (dict(learning_rate="a"), "learning_rate must be finite and > 0"),
+    (dict(learning_rate=True), "learning_rate must be finite and > 0"),
     (dict(noise_variance=-1.0), "noise_variance must be finite and >= 0"),
     (dict(ntk_train=np.eye(4)), "ntk_train and ntk_test_train go together"),
     (dict(ntk_train=np.eye(3), ntk_test_train=np.ones((2, 3))), r"ntk_train has shape \(3, 3\)"),
@@ -256,6 +258,17 @@ def test_run_ensemble_scores_both_dynamics_and_the_converged_readout_is_the_gp(t
     assert rows["nngp", math.inf]["accuracy"] == want > 0.6
     assert res["config"]["test_images"] == "the training split's images outside the n"
     assert not set(order) & set(t_order)
+
+
+def test_ensemble_accuracy_shares_exact_ties():
+    """t = 0: every mean class score is 0, so the argmax's first class would score that class's
+    frequency (0.6 here); an exact tie of k classes counts 1/k instead, chance."""
+    from cnngp.experiments.ensemble import _tie_shared_accuracy
+
+    y = np.array([0, 0, 0, 1, 2])
+    assert _tie_shared_accuracy(np.zeros((5, 3)), y) == pytest.approx(1 / 3, abs=1e-15)
+    mean = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
+    assert _tie_shared_accuracy(mean, y) == pytest.approx((0.5 + 0 + 1 + 1 + 0) / 5, abs=1e-15)
 
 
 def test_ensemble_command_writes_its_results_and_refuses_bad_times(tmp_path, capsys):

@@ -24,7 +24,7 @@ NS = (40, 80)
 LAMS = [0.0, 1.0, 10.0, math.inf]  # 0 and inf must reproduce the two exact ends
 ROW_KEYS = {
     "n", "readout", "lengthscale", "cv_accuracy", "cv_accuracy_2se", "n_datasets",
-    "noise_variance", "block_cv_accuracies", "block_noise_variances",
+    "noise_variance", "block_cv_accuracies", "block_noise_variances", "block_noise_variance_ties",
 }
 
 
@@ -628,6 +628,29 @@ def test_separable_training_folds_calibrate_to_the_gp_variance(tmp_path):
     assert t["test_accuracy"] < 1.0  # some wrong test image, each of which one-hot probabilities cost 708
     assert t["test_nll"] < 1.0
     assert "τ = 1, the GP's own: every held-out prediction" in summary_table(res)
+
+
+def test_tied_noise_variances_are_recorded_and_reported(tmp_path):
+    """Every block's [smallest, largest, count] of the σ² tied with the best agree with a brute
+    force over gp.cross_validate's grid on the cached kernels; the test line names the count."""
+    src = _digits_npz(tmp_path / "d.npz")
+    res = run_sweep(ARCH, src, ns=(40, 80), lengthscales=[2.0], test="best", progress=False,
+                    kernel_cache=tmp_path / "k.npz")
+    with np.load(tmp_path / "k.npz") as z:
+        kernels, y = z["kernels"], z["y_train"]
+        names = [str(n) for n in z["readout_names"]]
+    for row in res["results"]:
+        k = names.index(row["readout"]) if row["readout"] in names else names.index(f"{row['readout']}:2")
+        for b, (lo, hi, count), s2 in zip(blocks(80, row["n"], 10), row["block_noise_variance_ties"],
+                                          row["block_noise_variances"]):
+            cv = gp.cross_validate(kernels[k][np.ix_(b, b)], y[b], gp.paper_folds(len(b), 4), n_classes=10)
+            acc = cv.accuracy
+            tied = np.sort(cv.noise_variances[acc >= np.nanmax(acc) - 1e-12])
+            assert (lo, hi, count) == (tied[0], tied[-1], tied.size) and lo == s2
+    t = res["test"]
+    assert t["noise_variance_ties"][0] == t["noise_variance"]
+    if t["noise_variance_ties"][2] > 1:
+        assert f"the smallest of {t['noise_variance_ties'][2]} tied σ²" in summary_table(res)
 
 
 def test_reliability_figure(sweep, tmp_path):

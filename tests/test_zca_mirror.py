@@ -93,6 +93,10 @@ def test_sweep_with_flips_fits_mirror_symmetric_and_stores_keep_the_two_apart(tm
         run_sweep("cnngp1", _dataset(), **{**SWEEP, "zca": None, "zca_mirror": False})
     with pytest.raises(CNNGPError, match="^zca_mirror: expected None"):
         run_sweep("cnngp1", _dataset(), **{**SWEEP, "zca_mirror": "yes"})
+    from cnngp.io.preprocess import fit_zca
+
+    with pytest.raises(CNNGPError, match="^zca: mirror must be True or False, got 'yes'"):
+        fit_zca(np.zeros((4, 3, 3, 1)) + np.arange(4)[:, None, None, None], 0.1, mirror="yes")
 
 
 def test_commands_record_and_check_zca_mirror(tmp_path, capsys):

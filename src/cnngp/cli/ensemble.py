@@ -58,7 +58,10 @@ def cmd_ensemble(args) -> int:
     res["config"]["command"] = command_line(args)
     c = res["config"]
     if not args.quiet:
-        print(f"{c['network']}: {c['n']} training and {c['n_test']} test images of {c['data']}, learning rate "
+        from cnngp.experiments.plots import input_words
+
+        print(f"{c['network']}: {c['n']} training and {c['n_test']} test images of {c['data']}{input_words(c)}, "
+              f"learning rate "
               f"{c['learning_rate']:g}, σ² {c['noise_variance']:g}; kernels in {res['timing']['kernel_seconds']:.1f} s")
         print(f"{'time':>8}  {'NTK (every layer trained)':^27}  {'NNGP (readout trained)':^27}")
         print(f"{'':>8}  {'acc %':>7} {'NLL':>7} {'ECE %':>7}    {'acc %':>7} {'NLL':>7} {'ECE %':>7}")

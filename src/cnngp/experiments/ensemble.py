@@ -27,6 +27,14 @@ def _check_times(times) -> list[float]:
     return [float(t) for t in training_times(times)]
 
 
+def _tie_shared_accuracy(mean: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of the class scores' argmax, an exact tie of k classes counting 1/k when the label
+    is among them: at t = 0 every mean is 0, which scores chance (1/C), not the frequency of
+    whichever class an argmax takes first."""
+    top = mean == mean.max(axis=1, keepdims=True)
+    return float(np.mean(top[np.arange(len(y)), y] / top.sum(axis=1)))
+
+
 def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(0.0, 10.0, 100.0, 1000.0, math.inf),
                  learning_rate: float = 1.0, noise_variance: float = 0.0, seed: int = 0, zca: float | None = None,
                  flip: bool = False, zca_mirror: bool | None = None, execution=None,
@@ -66,7 +74,8 @@ def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(
     -------
     dict
         ``config`` (everything that sets the numbers), ``versions``, ``rows`` (one per mode and
-        time: ``mode``, ``time``, ``accuracy``, ``nll``, ``ece``, ``mean_variance``) and
+        time: ``mode``, ``time``, ``accuracy`` (an exact tie of k classes counts 1/k, so t = 0, where
+        every mean is 0, scores chance), ``nll``, ``ece``, ``mean_variance``) and
         ``timing``.
     """
     from cnngp.engine.execution import Execution
@@ -99,7 +108,7 @@ def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(
     whitening = None
     mirror = check_zca_mirror(zca_mirror, zca, flip)
     if zca is not None:
-        whitening = fit_zca(x, check_zca_strength(zca, "zca"), name="the training images", mirror=mirror)
+        whitening = fit_zca(x, check_zca_strength(zca, "zca"), name="the training set", mirror=mirror)
         x, x_test = whitening.transform(x, "the training images"), whitening.transform(x_test, "the test images")
 
     start = time.perf_counter()
@@ -115,14 +124,16 @@ def run_ensemble(network, dataset, n: int, *, n_test: int | None = None, times=(
                                 noise_variance=noise_variance, n_classes=n_classes, **ntk)
         for i, t in enumerate(times):
             metrics = classification_metrics(class_probabilities(pred.mean[i], pred.variance[i]), y_test)
-            rows.append({"mode": mode, "time": t, "accuracy": metrics["accuracy"], "nll": metrics["nll"],
+            rows.append({"mode": mode, "time": t, "accuracy": _tie_shared_accuracy(pred.mean[i], y_test),
+                         "nll": metrics["nll"],
                          "ece": metrics["ece"], "mean_variance": float(np.mean(pred.variance[i]))})
     config = {
         "network": name, "spec": net.to_spec(), "data": data_label or ds.name, "n": int(n),
         "n_test": int(len(t_order)), "test_images": test_images, "seed": int(seed), "times": times, "learning_rate": float(learning_rate),
         "noise_variance": float(noise_variance), "loss": "½ mean over the N × C targets of (f − y)², "
         "targets one-hot minus 1/C (neural-tangents' convention)", "probabilities": "independent Gaussian class "
-        "scores N(mean, variance) of the ensemble, no calibration", "flip": bool(flip), "zca": zca,
+        "scores N(mean, variance) of the ensemble, no calibration", "accuracy": "argmax of the mean class "
+        "scores, an exact tie of k classes counting 1/k (t = 0: chance)", "flip": bool(flip), "zca": zca,
         "zca_fit": None if whitening is None else {**whitening.provenance(), "fitted_on_images": "the n training images"},
         "dtype": str(ex.dtype), "train_sha256": array_sha256(ds.x_train[order]),
         "test_sha256": array_sha256(pool_x[t_order]),

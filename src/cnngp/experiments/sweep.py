@@ -901,7 +901,7 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
     out = []
     for n in ns:
         block_list = blocks(n_max, n, n_classes)
-        accs, noises, nested, nested_reason = [], [], [], None
+        accs, noises, ties, nested, nested_reason = [], [], [], [], None
         for b in block_list:
             yb = y_sub[b]
             whole = len(b) == len(Kl) and np.array_equal(b, np.arange(len(Kl)))
@@ -914,6 +914,8 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
             )
             accs.append(cv.best_accuracy)
             noises.append(cv.best_noise_variance)
+            tied = cv.tied_noise_variances
+            ties.append([float(tied[0]), float(tied[-1]), int(tied.size)])
             if protocol.nested and nested is not None:  # σ² chosen inside each outer fold
                 Kb = Kl if whole else Kl[np.ix_(b, b)]
                 try:
@@ -937,6 +939,7 @@ def _cv_readout(Kl, name, lam, y_sub, ns, n_classes, protocol, bar=None):
             "noise_variance": float(np.median(noises)),
             "block_cv_accuracies": [float(a) for a in accs],
             "block_noise_variances": [float(s) for s in noises],
+            "block_noise_variance_ties": ties,  # per block: [smallest, largest, count] of the tied σ²
             # combined over readouts, then dropped (None: not possible at this N, and why)
             **({"_nested": nested if nested is not None else nested_reason} if protocol.nested else {}),
         })
@@ -1205,7 +1208,9 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             name, ``"constant"``), ``lengthscale`` (number, ``0`` or ``"inf"``),
             ``cv_accuracy`` (mean over blocks of each block's best CV accuracy),
             ``cv_accuracy_2se``, ``n_datasets`` (blocks), ``noise_variance`` (median of
-            the blocks' CV-chosen σ²), ``block_cv_accuracies``, ``block_noise_variances``
+            the blocks' CV-chosen σ²), ``block_cv_accuracies``, ``block_noise_variances``,
+            ``block_noise_variance_ties`` (per block, [smallest, largest, count] of the σ² tied
+            with the best: the smallest is chosen)
             and, with ``test``, on the scored ``N_max`` entries: ``test_accuracy``,
             ``test_nll`` (mean negative log likelihood of the test labels), ``test_ece``
             (expected calibration error, 15 top-label bins) and ``calibration_scale`` (τ of
@@ -1218,7 +1223,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             per n, the entry with the highest ``cv_accuracy`` (first among ties);
         ``test``
             (with ``test``) the CV-selected model at ``N_max``: ``readout``,
-            ``lengthscale``, ``noise_variance``, ``test_accuracy``, ``test_nll``, ``test_ece``,
+            ``lengthscale``, ``noise_variance`` (and ``noise_variance_ties``: the smallest, largest
+            and count of the σ² whose CV accuracy ties it), ``test_accuracy``, ``test_nll``, ``test_ece``,
             ``calibration_scale``, ``calibration_nll`` (held-out, training folds),
             ``calibration_separable`` (True: every held-out prediction was right, so τ is 1, the
             GP's own variance), ``mean_posterior_variance``, ``reliability`` (the reliability diagram's bins,
@@ -1456,6 +1462,8 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 "readout": top[i]["readout"],
                 "lengthscale": top[i]["lengthscale"],
                 "noise_variance": top[i]["noise_variance"],
+                # [smallest, largest, count] of the σ² tied with it (the smallest is chosen)
+                "noise_variance_ties": (top[i].get("block_noise_variance_ties") or [None])[0],
                 "cv_accuracy": top[i]["cv_accuracy"],
                 "test_accuracy": top[i]["test_accuracy"],
                 "test_nll": chosen_scores["nll"],
@@ -1548,6 +1556,13 @@ def _fmt_lam(lam) -> str:
     return "0" if lam == 0 else f"{lam:.3g}"
 
 
+def _ties_words(ties) -> str:
+    """``", the smallest of 12 tied σ² up to 0.07"`` for a [smallest, largest, count] with count > 1."""
+    if not ties or int(ties[2]) <= 1:
+        return ""
+    return f", the smallest of {int(ties[2])} tied σ² up to {float(ties[1]):.3g}"
+
+
 def summary_table(results: dict) -> str:
     """A plain-text table like the paper's results table: per N, independent, mean pool, best λ, best.
 
@@ -1589,7 +1604,13 @@ def summary_table(results: dict) -> str:
         nest = f"  {'—':>13}" if nested else ""  # an N without one: said below
         if nested and "cv_accuracy" in b.get("nested", {}):
             nb = b["nested"]
-            nest = f"  {100 * nb['cv_accuracy']:5.1f} ± {100 * nb['cv_accuracy_2se']:4.1f} "
+            blocks = nb.get("block_accuracies")
+            as_row = {"n_datasets": len(blocks) if blocks else b["n_datasets"], "block_cv_accuracies": blocks,
+                      "cv_accuracy_2se": nb["cv_accuracy_2se"]}
+            mark = "b" if binomial_se(as_row) else " "
+            if mark == "b":
+                marked.append(as_row)
+            nest = f"  {100 * nb['cv_accuracy']:5.1f} ± {100 * nb['cv_accuracy_2se']:4.1f}{mark}"
         lines.append(
             f"{n:>6} {b['n_datasets']:>4}  {pct(ind):>13}  {pct(const):>13}  "
             f"{which:>24}  {pct(b):>13}{nest}"
@@ -1616,7 +1637,7 @@ def summary_table(results: dict) -> str:
         lines.append(
             f"test: {100 * t['test_accuracy']:.1f} % on {t['n_test']} images "
             f"(trained on N={t['n_train']}, {t['readout']} λ={lam}, "
-            f"σ²={t['noise_variance']:.3g})"
+            f"σ²={t['noise_variance']:.3g}{_ties_words(t.get('noise_variance_ties'))})"
         )
         if "test_nll" in t:  # results written before the probabilities have no NLL/ECE
             how = ("1, the GP's own: every held-out prediction of the training folds was right, which sets "

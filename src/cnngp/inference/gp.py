@@ -506,6 +506,13 @@ class CVResult:
         return float(self.accuracy[self.best_index])
 
     @property
+    def tied_noise_variances(self) -> np.ndarray:
+        """Every sigma^2 whose mean accuracy ties the best (within ``TIE_ATOL``), ascending: how
+        much the choice of the smallest rests on the tie-break."""
+        acc = np.where(np.isfinite(self.accuracy), self.accuracy, -np.inf)
+        return np.sort(self.noise_variances[acc >= self.best_accuracy - TIE_ATOL])
+
+    @property
     def best_fold_accuracies(self) -> np.ndarray:
         """Per-fold accuracies at the best sigma^2, shape (n_folds,)."""
         return self.fold_accuracies[:, self.best_index]

@@ -393,6 +393,8 @@ def fit_zca(x, strength, name: str = "x_train", method: str = "auto", mirror: bo
     if n < 2:
         raise CNNGPError(f"zca: {name} holds {n} image; whitening is fitted on at least 2 training images")
     n_given = n
+    if not isinstance(mirror, (bool, np.bool_)):
+        raise CNNGPError(f"zca: mirror must be True or False, got {mirror!r}")
     if mirror:  # the images and their mirror images: μ = Pμ and C = P C P, so W P = P W
         images = np.concatenate([images, np.flip(images, -2)])
         n = 2 * n
