@@ -84,6 +84,14 @@ def test_string_labels_and_flattened_images(digits_split):
     b = CNNGPClassifier("cnngp1").fit(xtr[:50], ytr[:50])
     assert a.X_fit_.shape == (50, 8, 8, 1)
     assert np.array_equal(a.predict(xte[:20].reshape(20, -1)), names[b.predict(xte[:20])])
+    # images of another shape than fit's are refused in image terms, not "X has 64 features,
+    # but CNNGPClassifier is expecting 8" (scikit-learn counts the second axis only)
+    with pytest.raises(CNNGPError, match=r"^X: the estimator was fitted on samples of shape \(8, 8, 1\) \(\*spatial, channels\), "
+                                         r"got \(64,\); it holds as many values per sample, so reshape it"):
+        b.predict(xte[:20].reshape(20, -1))
+    with pytest.raises(CNNGPError, match=r"^X: the estimator was fitted on samples of shape \(8, 8, 1\) \(\*spatial, channels\), "
+                                         r"got \(4, 8, 1\)$"):
+        b.predict_proba(xte[:20, :4])
 
 
 def test_cv_selection_matches_gp_leave_one_out_and_kfold(digits_split):

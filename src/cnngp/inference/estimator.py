@@ -150,6 +150,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
 
     def _validate_fit(self, X, y):
         X, y = validate_data(self, X, y, allow_nd=True, dtype="numeric")
+        self._fit_sample_shape = tuple(int(s) for s in X.shape[1:])
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
@@ -233,6 +234,7 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
     # -- prediction -----------------------------------------------------------------
     def _posterior_mean(self, X, variance: bool = False):
         check_is_fitted(self, "dual_coef_")
+        self._check_sample_shape(X)
         X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
         images = self._images(X)
         if getattr(self, "zca_", None) is not None:  # the training images' whitening
@@ -242,6 +244,21 @@ class _CNNGPBase(ClassifierMixin, BaseEstimator):
             return Ks @ self.dual_coef_
         prior = self._prior_variances(self.network_, images)
         return Ks @ self.dual_coef_, self._posterior.variance(Ks, prior)
+
+    def _check_sample_shape(self, X) -> None:
+        """Images of another shape than fit's: said in image terms (scikit-learn's own message
+        counts only the second axis, "X has 64 features, but ... is expecting 8"). 2-D against
+        2-D, and anything but an array of at least 2 dimensions, is left to scikit-learn."""
+        fitted, shape = getattr(self, "_fit_sample_shape", None), getattr(X, "shape", None)
+        if fitted is None or not isinstance(shape, tuple) or len(shape) < 2:
+            return  # lists and 1-D arrays: scikit-learn's own checks
+        given = tuple(int(s) for s in shape[1:])
+        if given == fitted or (len(fitted) == 1 and len(given) == 1):
+            return
+        hint = (f"; it holds as many values per sample, so reshape it to (n_samples, {', '.join(map(str, fitted))})"
+                if math.prod(given) == math.prod(fitted) else "")
+        what = " (*spatial, channels)" if len(fitted) > 1 else ""
+        raise CNNGPError(f"X: the estimator was fitted on samples of shape {fitted}{what}, got {given}{hint}")
 
     def decision_function(self, X) -> np.ndarray:
         """GP posterior means of the centred one-hot targets.
