@@ -228,7 +228,10 @@ def main():
     cost = {}
     for net, cfg, _, _ in _runs():
         key = f"{net}-{cfg}"
-        cost[key] = _tile_seconds(net, cfg) or previous.get(key)  # the stores may be gone later
+        # frozen once recorded: the first summary after a configuration finishes reads its complete
+        # stores; later their names may hold another run's tiles (CNNGP-14 + flips recomputes the
+        # plain test store that CNNGP-14 plain lost with a machine), or be gone
+        cost[key] = previous.get(key) or _tile_seconds(net, cfg)
     curve = learning_curve()
     (HERE / "summary.json").write_text(json.dumps({"table": table, "paired": paired, "cost": cost,
                                                    "learning_curve": curve, "cv_test_gaps": cv_test_gaps()},
@@ -423,8 +426,10 @@ def learning_curve() -> list:
 
 
 #: the issue's small-data anchors on CIFAR-10 (test accuracy, %, at the same N): {N: [(label, %)]}
+#: (issue 29's figures: Arora et al. 2020's CNTK-14 and ResNet-34, FABR, cnngp's results/paper-scale)
 ANCHORS = {640: [("Arora et al. CNTK-14", 42.6)],
-           1280: [("Arora et al. CNTK-14", 48.9), ("FABR", 51.1), ("cnngp CNNGP-14, paper-scale", 53.0)]}
+           1280: [("Arora et al. CNTK-14", 48.9), ("Arora et al. ResNet-34", 49.1), ("FABR", 51.1),
+                  ("cnngp CNNGP-14, paper-scale", 53.0)]}
 ROLES = ["independent", "mean pool", "CV-chosen λ"]
 
 
@@ -455,7 +460,7 @@ def figure(table: list, path: Path, curve: list = ()) -> None:
                 if t is not None:
                     ax.errorbar(g + (k - 1) * 0.25, 100 * t["test_accuracy"], yerr=100 * t["test_accuracy_2se"],
                                 fmt="o", color=colours[role], capsize=2, label=role if g == 0 else None)
-        for (label, value), style in zip(ANCHORS.get(n, []), ("--", ":", "-.")):
+        for (label, value), style in zip(ANCHORS.get(n, []), ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))):
             ax.axhline(value, color="k", lw=0.8, ls=style, label=f"{label}: {value}")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{net}\n{cfg.removesuffix(N1280)}" for net, cfg in groups], fontsize=7, rotation=30)
