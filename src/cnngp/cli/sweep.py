@@ -285,7 +285,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--lengthscales",
                    help="comma-separated λ in readout-grid units (default: the paper's "
-                   "10^linspace(-1.5, 4.5, 25)); 0 and inf allowed")
+                   "10^linspace(-1.5, 4.5, 25)); 0 and inf allowed, though they repeat the independent and mean-pool "
+                   "readouts the sweep always has (so tie with them)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="matern32",
                    help="correlation family of the swept readout (default matern32)")
     p.add_argument("--seed", default="0", help="seed of the class-balanced subsets (default 0)")
