@@ -307,6 +307,30 @@ def test_test_best_scores_the_cross_validated_choice_with_one_readouts_kernels(t
         run_sweep(net, ds, test="some", **common)
 
 
+def test_a_test_best_sweep_resumes_from_its_store_and_restores_from_its_archive(tmp_path):
+    """``test="best"`` whose CV chooses another readout than the sweep's first: its plan used to
+    price the first readout's test store, and so refused the earlier attempt's own test store
+    ("holds a kernel of different readouts") and, on a fresh machine, its own archive. The same
+    sweep again on its store, and on a new store from its archive, gives the same results."""
+    from cnngp.experiments.sweep import run_sweep
+    from cnngp.io.data import Dataset
+
+    rng = np.random.default_rng(0)
+    y, y_test = np.repeat(np.arange(3), 12), np.repeat(np.arange(3), 3)
+    x = rng.uniform(size=(36, 6, 6, 1)) + 0.15 * y[:, None, None, None]  # brighter by class: pooling helps
+    x_test = rng.uniform(size=(9, 6, 6, 1)) + 0.15 * y_test[:, None, None, None]
+    ds = Dataset(x.astype(np.float32), y, x_test.astype(np.float32), y_test, "toy", ("a", "b", "c"))
+    net = cnngp.Serial(cnngp.Conv(3), cnngp.ReLU(), cnngp.Conv(3), cnngp.ReLU(), cnngp.Readout())
+    common = dict(ns=(12, 36), folds=2, lengthscales=(0.5, 2.0, 8.0), progress=False, test="best", tile=4)
+    first = run_sweep(net, ds, store=tmp_path / "m1" / "K.zarr", archive=tmp_path / "arch", **common)
+    assert first["test"]["readout"] != "independent"  # the premise: not the first readout
+    again = run_sweep(net, ds, store=tmp_path / "m1" / "K.zarr", archive=tmp_path / "arch", **common)
+    fresh = run_sweep(net, ds, store=tmp_path / "m2" / "K.zarr", archive=tmp_path / "arch", **common)
+    for r in (again, fresh):
+        assert r["results"] == first["results"] and r["test"] == first["test"]
+    assert np.array_equal(_stored(tmp_path / "m1" / "K-test.zarr"), _stored(tmp_path / "m2" / "K-test.zarr"))
+
+
 def test_archives_of_offset_sum_and_ntk_stores_restore_bit_for_bit(tmp_path):
     """The mirror of an offset-sum tile reverses its offsets and an NTK store stacks two kernel
     types: both are rebuilt by the store's own write_tile, so both restore exactly."""

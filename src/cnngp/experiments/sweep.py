@@ -563,18 +563,26 @@ def is_sweep_archive(path) -> bool:
 
 def _planned_best(ex, readouts, flip) -> list:
     """The one readout a ``--test best`` sweep's plan prices (the CV has not chosen yet): the
-    readout the test store of ``--reuse`` holds when it is one of ``readouts`` — an earlier
-    sweep's choice, whose tiles (and tile size) it would lend — else the first."""
+    readout an earlier attempt of this sweep left in its own test store or its tile archive
+    (``--store``, ``--archive``: a resumed or restored run chooses it again), else the one the
+    test store of ``--reuse`` holds — an earlier sweep's choice, whose tiles (and tile size) it
+    would lend — when it is one of ``readouts``, else the first."""
     from cnngp.engine.lending import open_source
 
+    sources = []
+    for store in ([] if ex.store is None else [ex.store, mirror_store_path(ex.store)] if flip else [ex.store]):
+        sources.append(test_store_path(store))
+    if ex.archive is not None:
+        sources += [Path(ex.archive) / "test", *([Path(ex.archive) / "test-mirror"] if flip else [])]
     if ex.reuse is not None:
-        lender = (Path(ex.reuse) / "test") if is_sweep_archive(ex.reuse) else test_store_path(ex.reuse)
-        if (lender / "zarr.json").is_file() or (lender / "archive.json").is_file():
+        sources.append((Path(ex.reuse) / "test") if is_sweep_archive(ex.reuse) else test_store_path(ex.reuse))
+    specs = [json.dumps(h.to_spec(), sort_keys=True) for h in readouts]
+    for source in sources:
+        if (source / "zarr.json").is_file() or (source / "archive.json").is_file():
             try:
-                held = open_source(lender).attrs.get("readouts") or []
+                held = open_source(source).attrs.get("readouts") or []
             except CNNGPError:
                 held = []
-            specs = [json.dumps(h.to_spec(), sort_keys=True) for h in readouts]
             if len(held) == 1 and json.dumps(held[0], sort_keys=True) in specs:
                 return [readouts[specs.index(json.dumps(held[0], sort_keys=True))]]
     return readouts[:1]
