@@ -535,6 +535,37 @@ def test_full_disk_under_sweep_outputs_names_out_and_the_file(tmp_path, monkeypa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_output_write_leaves_the_previous_outputs_as_they_were(tmp_path, monkeypatch, failure):
+    """A rename failing (or Ctrl-C landing) after earlier files of the set were put in place
+    used to unlink those: the previous run's sweep.png and reliability.png were gone while the
+    message said nothing was written. Every previous file is back, byte for byte, no new file
+    stays and no temporary or backup file is left."""
+    from cnngp.cli import sweep as cli_sweep
+
+    out = tmp_path / "sw"
+    old = {"sweep.png": b"old png", "reliability.png": b"old rel", "results.json": b'{"old": 1}'}
+    cli_sweep._write_outputs(out, old)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("results.json") and str(src).endswith(".partial"):
+            raise failure
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cli_sweep.os, "replace", replace)
+    new = {"sweep.png": b"new png", "reliability.png": b"new rel", "extra.npz": b"new",
+           "results.json": b'{"new": 1}'}
+    with pytest.raises((CNNGPError, KeyboardInterrupt)) as info:
+        cli_sweep._write_outputs(out, new)
+    if isinstance(failure, OSError):
+        assert str(info.value).startswith("--out: writing") and "nothing was written" in str(info.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    monkeypatch.setattr(cli_sweep.os, "replace", real_replace)
+    cli_sweep._write_outputs(out, new)  # and a write that succeeds leaves only the new files
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == new
+
+
 def test_a_layer_in_a_message_shows_its_user_matrix_by_size_not_entries():
     """Layers appear in one-line messages by their repr; a 64×64 user matrix there would be
     4,096 numbers. The repr shows a correlation by its own (short) repr instead."""

@@ -1239,3 +1239,42 @@ def test_a_store_write_error_crosses_process_boundaries_and_takes_the_callers_fl
     assert str(back) == str(e) and isinstance(back, cnngp.CNNGPError)
     assert str(back.named("--store")).startswith(
         "--store: writing tile tile-0-1 of '/x/K.zarr' failed (No space left on device); its 3 finished")
+
+
+def test_a_store_stopped_while_being_created_says_so_and_is_refused_with_the_remedy(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a kernel store's arrays are being made (its images written, say): the
+    interrupt line used to promise a resume, and the rerun said "not a cnngp-kernel-store/1
+    store (format None)", with no remedy. Now the interrupt says the store was stopped while
+    being created, a rerun is refused in one line naming the remedy, and after deleting it the
+    same command gives the kernel."""
+    import shutil
+
+    import zarr
+
+    x = tmp_path / "x.npz"
+    np.savez(x, x=np.random.default_rng(0).random((12, 6, 6, 1)))
+    out = tmp_path / "K.zarr"
+    command = ["kernel", "--arch", "cnngp1", "--x1", str(x), "--out", str(out), "--quiet"]
+    real = zarr.Group.create_array
+
+    def stopped(self, name, *args, **kwargs):
+        if name == "x1":
+            raise KeyboardInterrupt
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", stopped)
+    capsys.readouterr()
+    assert main(command) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was stopped while it was being created" in err[0] and "resume" not in err[0], err
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was left half-created" in err[0] and "delete it and run again" in err[0], err
+    shutil.rmtree(out)
+    assert main(command) == 0
+    from cnngp.engine.store import KernelStore
+
+    stored = KernelStore.open(out).readout(0)
+    direct = cnngp.kernel(load_network("cnngp1"), np.load(x)["x"], dtype="float64").numpy()
+    np.testing.assert_allclose(stored, direct, rtol=1e-12)

@@ -1106,6 +1106,19 @@ def _store_of(args) -> str | None:
     return None
 
 
+def _store_laid_out(path) -> bool:
+    """Whether the kernel store at ``path`` was created to the end (``complete_layout``, written
+    last): one stopped while its arrays were being made cannot resume."""
+    import json
+
+    try:
+        with open(Path(path) / "zarr.json") as f:
+            attrs = json.load(f).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and bool(attrs.get("complete_layout"))
+
+
 def _workers_words(by_workers: dict) -> str:
     """"; 12 tile(s) computed by cluster workers (3 not yet checked ...)" for ``cnngp info``."""
     checked, unchecked = by_workers.get("checked", 0), by_workers.get("unchecked", 0)
@@ -1120,7 +1133,9 @@ def _interrupted(args, code: int, what: str, stop: BaseException) -> int:
     ckpt = getattr(args, "checkpoint_path", None) if args is not None else None
     failed = getattr(stop, "checkpoint_error", None)
     store = _store_of(args)
-    if store is not None:
+    if store is not None and not _store_laid_out(store):
+        text = f"{what}; {store} was stopped while it was being created (before any tile): delete it and run again"
+    elif store is not None:
         beside = " and the stores beside it" if getattr(args, "command", None) in ("sweep", "learn") else ""
         text = f"{what}; the finished tiles are in {store}{beside}: rerun the same command to resume"
     elif ckpt and Path(ckpt).is_file() and failed:

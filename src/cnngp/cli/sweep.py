@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -54,12 +55,13 @@ def _umask() -> int:
 
 
 def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
-    """Write every file atomically; on failure leave DIR as it was (or absent). A failed write
-    (a full disk, say) is a :class:`CNNGPError` naming ``--out`` and the file."""
+    """Write every file atomically; on failure leave DIR as it was (or absent): a file it had is
+    hard-linked aside before its new version replaces it, and put back if a later one fails. A
+    failed write (a full disk, say) is a :class:`CNNGPError` naming ``--out`` and the file."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     temps: dict[str, str] = {}
-    placed: list[Path] = []
+    placed: list[tuple[Path, str | None]] = []  # (file put in place, the previous version's link)
     name = None
     try:
         for name, payload in files.items():
@@ -67,22 +69,35 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
             temps[name] = tmp
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before any rename makes it the output
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         for name, tmp in temps.items():  # results.json last: its presence means complete
-            os.replace(tmp, out / name)
-            placed.append(out / name)
+            target, previous = out / name, None
+            if target.exists():
+                previous = tempfile.mktemp(prefix=f".{name}.", suffix=".previous", dir=out)
+                try:
+                    os.link(target, previous)  # the old version kept (a second name) until all are placed
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target, previous)
+            placed.append((target, previous))
+            os.replace(tmp, target)
     except BaseException as e:
         for tmp in temps.values():
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-        if len(placed) < len(files):
-            for p in placed:
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
+        for target, previous in reversed(placed):  # back as it was: old versions, no new files
+            try:
+                if previous is not None:
+                    os.replace(previous, target)
+                    if os.path.lexists(previous):  # still the target's own link (never replaced): a no-op rename
+                        os.unlink(previous)
+                else:
+                    target.unlink()
+            except OSError:
+                pass
         if created:
             try:
                 out.rmdir()
@@ -93,6 +108,12 @@ def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
             raise CNNGPError(f"--out: writing {str(target)!r} failed ({e.strerror or e}); "
                              f"nothing was written to {str(out)!r}") from None
         raise
+    for _, previous in placed:
+        if previous is not None:
+            try:
+                os.unlink(previous)
+            except OSError:
+                pass
 
 
 def cmd_sweep(args) -> int:

@@ -252,6 +252,10 @@ class KernelStore(TiledKernel):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             group = zarr.open_group(str(path), mode="w-")
+            # what it is for, first: a store torn while being created (an interrupt, a full disk)
+            # is then recognised as this computation's and refused as half-created, with the remedy
+            group.attrs.update({**identity, **provenance, "self_layers": sorted(self_layers),
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             L, n1, n2 = identity["shape"]
             t = identity["tile"]
             dtype = np.dtype(identity["dtype"])
@@ -271,8 +275,6 @@ class KernelStore(TiledKernel):
                                      chunks=(min(t, x.shape[0]), *grid), dtype=dtype,
                                      fill_value=np.nan, compressors=None)
             (path / "records").mkdir(exist_ok=True)
-            group.attrs.update({**identity, **provenance, "self_layers": sorted(self_layers),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             group.attrs["complete_layout"] = True  # last: a store without it was torn while created
         except OSError as e:
             raise CNNGPError(f"{what}: creating {str(path)!r} failed ({e.strerror or e})") from None
@@ -307,6 +309,9 @@ class KernelStore(TiledKernel):
         if group.attrs.get("format") != STORE_FORMAT:
             raise CNNGPError(f"{what}: {str(path)!r} is not a {STORE_FORMAT} store "
                              f"(format {group.attrs.get('format')!r})")
+        if not group.attrs.get("complete_layout"):  # set last by create(): torn while it was made
+            raise CNNGPError(f"{what}: {str(path)!r} was left half-created (stopped while its arrays were being "
+                             "made, before any tile); delete it and run again")
         store = cls(path, group, what)
         store._check_attrs()
         store._check_links(deep=False)
