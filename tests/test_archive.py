@@ -474,3 +474,20 @@ def test_a_store_with_a_symlinked_subfolder_is_refused_and_nothing_is_written_ou
     with pytest.raises(CNNGPError, match=r"symbolic link"):
         store_kernel(BODY, x, readouts=READOUTS, out=out, tile=3, progress=False)
     assert sorted((p.relative_to(outside), p.stat().st_mtime_ns) for p in outside.rglob("*")) == before
+
+
+def test_a_failed_archive_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """An archived tile's bytes go through a temporary file (named by host and process, for
+    archives shared by several machines); a failure removes it and leaves the target as it was."""
+    from cnngp.engine import archive
+
+    target = tmp_path / "tile-0-0.bin"
+    archive._atomic_bytes(target, b"old")
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive.os, "replace", full)
+    with pytest.raises(OSError):
+        archive._atomic_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["tile-0-0.bin"]

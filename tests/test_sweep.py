@@ -669,6 +669,32 @@ def test_reliability_figure(sweep, tmp_path):
         reliability_figure(sweep[0], tmp_path / "none.png")
 
 
+def test_figures_written_to_a_path_are_atomic(sweep, tmp_path, monkeypatch):
+    """A figure saved to a path goes through a temporary file: a failure while drawing leaves
+    the previous figure as it was and no partial file; the format follows the extension."""
+    import matplotlib.figure
+
+    from cnngp.experiments.plots import sweep_figure
+
+    path = tmp_path / "fig.png"
+    sweep_figure(sweep[0], path)
+    before = path.read_bytes()
+    assert before[:4] == b"\x89PNG"
+    real = matplotlib.figure.Figure.savefig
+
+    def fails(self, fname, *args, **kwargs):
+        fname.write(b"half a figure")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fails)
+    with pytest.raises(CNNGPError, match="No space left on device"):
+        sweep_figure(sweep[0], path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
+    sweep_figure(sweep[0], tmp_path / "fig.svg")
+    assert b"<svg" in (tmp_path / "fig.svg").read_bytes()[:400]
+
+
 def test_cli_test_writes_the_reliability_diagram(tmp_path, capsys):
     src = _digits_npz(tmp_path / "d.npz")
     out = tmp_path / "out"

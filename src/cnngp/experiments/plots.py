@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def accuracy_2se(row: dict) -> float:
     p = float(row["cv_accuracy"])
     m = int(row["n"]) * max(1, int(row.get("n_datasets", 1)))
     return 2.0 * math.sqrt(p * (1.0 - p) / m)
+
+
+def _save(fig, path, format: str | None) -> None:
+    """``fig.savefig`` into ``path``: a file object as it is (PNG unless ``format``), a path
+    atomically (a temporary file renamed into place: never a half-written figure; the format
+    from its extension unless given)."""
+    if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+        fig.savefig(path, dpi=120, format=format or "png")
+        return
+    from cnngp.engine.storage import atomic_write
+
+    path = Path(os.fsdecode(path))
+    fmt = format or path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format=fmt), what="path")
 
 
 def input_words(config: dict) -> str:
@@ -247,9 +262,7 @@ def sweep_figure(results: dict, path, title: str | None = None, format: str | No
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    if format is None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
-        format = "png"
-    fig.savefig(path, dpi=120, format=format)
+    _save(fig, path, format)
     return fig
 
 
@@ -354,9 +367,7 @@ def reliability_figure(results: dict, path, title: str | None = None, format: st
             f"(N={test.get('n_train')}, {rel['n']} test images)")
     top.set_title(f"{title}\n{line}", fontsize="small")
     fig.tight_layout()
-    if format is None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
-        format = "png"
-    fig.savefig(path, dpi=120, format=format)
+    _save(fig, path, format)
     return fig
 
 
@@ -450,9 +461,7 @@ def figure3(variants: dict, path, reference: dict | None = None, reference_n: in
     ax2.legend(loc="best", fontsize="small")
     ax2.set_title("readout sweep at the largest N", fontsize="medium")
     fig.tight_layout()
-    if format is None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
-        format = "png"
-    fig.savefig(path, dpi=120, format=format)
+    _save(fig, path, format)
     return fig
 
 
