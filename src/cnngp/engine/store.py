@@ -244,9 +244,7 @@ class KernelStore(TiledKernel):
                                      "nothing was overwritten")
             else:
                 store = cls.open(path, what=what)
-                refuse_other_computation(path, store.attrs, identity, what)
-                if not store.attrs.get("complete_layout"):
-                    raise CNNGPError(f"{what}: {str(path)!r} was left half-created; delete it and run again")
+                refuse_other_computation(path, store.attrs, identity, what)  # (open refused a half-created one)
                 store.check_for_work()
                 return store
         try:
@@ -311,7 +309,8 @@ class KernelStore(TiledKernel):
                              f"(format {group.attrs.get('format')!r})")
         if not group.attrs.get("complete_layout"):  # set last by create(): torn while it was made
             raise CNNGPError(f"{what}: {str(path)!r} was left half-created (stopped while its arrays were being "
-                             "made, before any tile); delete it and run again")
+                             "made, before any tile); delete it and run again (unless another process is "
+                             "creating it right now)")
         store = cls(path, group, what)
         store._check_attrs()
         store._check_links(deep=False)
