@@ -150,9 +150,9 @@ def test_singular_kernel_at_convergence_is_the_pseudo_inverse():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(times=-1.0), "times must be >= 0"),
     (dict(times=[1.0, np.nan]), "times must be >= 0"),
-    (dict(learning_rate=0.0), "learning_rate must be finite and > 0"),
-    (dict(learning_rate="a"), "learning_rate must be finite and > 0"),
-    (dict(learning_rate=True), "learning_rate must be finite and > 0"),
+    (dict(learning_rate=0.0), "learning_rate: expected a finite number > 0, got 0.0"),
+    (dict(learning_rate="a"), "learning_rate: expected a finite number > 0"),
+    (dict(learning_rate=True), "learning_rate: expected a finite number > 0"),
     (dict(noise_variance=-1.0), "noise_variance must be finite and >= 0"),
     (dict(ntk_train=np.eye(4)), "ntk_train and ntk_test_train go together"),
     (dict(ntk_train=np.eye(3), ntk_test_train=np.ones((2, 3))), r"ntk_train has shape \(3, 3\)"),

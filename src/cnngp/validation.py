@@ -44,15 +44,19 @@ IMAGE_POLICY = (
 )
 
 
-def non_negative_real(value, name: str, accepted: str = "a finite number >= 0") -> float:
-    """``value`` as a float: a real number (not a bool or a string), finite and >= 0.
+def non_negative_real(value, name: str, accepted: str | None = None, positive: bool = False) -> float:
+    """``value`` as a float: a real number (not a bool or a string), finite and >= 0 (> 0 with
+    ``positive``).
 
-    The one check behind every variance, noise level and regulariser strength an API takes;
-    the message is ``"{name}: expected {accepted}, got {value!r}"``.
+    The one check behind every variance, noise level, rate and regulariser strength an API
+    takes; the message is ``"{name}: expected {accepted}, got {value!r}"`` (``accepted`` by
+    default "a finite number >= 0", or "> 0").
 
     >>> non_negative_real(0.1, "zca")
     0.1
     """
+    if accepted is None:
+        accepted = f"a finite number {'>' if positive else '>='} 0"
     bad = CNNGPError(f"{name}: expected {accepted}, got {value!r}")
     if isinstance(value, (bool, np.bool_, str, bytes)):
         raise bad
@@ -60,9 +64,9 @@ def non_negative_real(value, name: str, accepted: str = "a finite number >= 0") 
         v = float(value)
     except (TypeError, ValueError):
         raise bad from None
-    if not np.isfinite(v) or v < 0:
+    if not np.isfinite(v) or v < 0 or (positive and v == 0):
         raise bad
-    return v
+    return v + 0.0  # (-0.0 is 0)
 
 
 def _pixel_values(arr: np.ndarray, name: str) -> np.ndarray:

@@ -50,6 +50,7 @@ from cnngp.inference.gp import (
     _resolve_n_classes,
     centered_one_hot,
 )
+from cnngp.validation import non_negative_real
 
 __all__ = ["EnsemblePrediction", "trained_ensemble", "training_times"]
 
@@ -218,15 +219,7 @@ def trained_ensemble(
     else:
         T, T_star = K, K_star
     times = training_times(times)
-    bad_rate = CNNGPError(f"learning_rate must be finite and > 0; got {learning_rate!r}")
-    if isinstance(learning_rate, (bool, np.bool_, str, bytes)):
-        raise bad_rate
-    try:
-        rate = float(learning_rate)
-    except (TypeError, ValueError):
-        raise bad_rate from None
-    if not np.isfinite(rate) or rate <= 0:
-        raise bad_rate
+    rate = non_negative_real(learning_rate, "learning_rate", positive=True)
     s2 = float(_check_noise(noise_variance, "noise_variance")[0])
     P = None if test_prior is None else _check_prior(test_prior, m, bool(full_covariance))
     if full_covariance and P is None:
