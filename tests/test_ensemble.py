@@ -271,6 +271,16 @@ def test_ensemble_accuracy_shares_exact_ties():
     assert _tie_shared_accuracy(mean, y) == pytest.approx((0.5 + 0 + 1 + 1 + 0) / 5, abs=1e-15)
 
 
+def test_ensemble_header_names_how_the_kernels_saw_the_images():
+    """The printed header says flips and whose images the whitening was fitted on (its own
+    --n training images, not the sweep's "N_max")."""
+    from cnngp.experiments.ensemble import run_ensemble
+    from cnngp.experiments.plots import input_words
+
+    res = run_ensemble("cnngp1", "digits", 30, n_test=20, times=[0.0], zca=0.1, flip=True)
+    assert input_words(res["config"]) == ", flip-averaged, ZCA ε=0.1 (fitted on the n training images)"
+
+
 def test_ensemble_command_writes_its_results_and_refuses_bad_times(tmp_path, capsys):
     import json
 

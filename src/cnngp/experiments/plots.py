@@ -108,6 +108,8 @@ def input_words(config: dict) -> str:
     if config.get("zca") is not None:
         fit = config.get("zca_fit") or {}
         where = {"train": "the N_max", "rest": "outside the N_max"}.get(fit.get("fit", "train"), "")
+        if "fit" not in fit and str(fit.get("fitted_on_images", "")).startswith("the "):  # cnngp ensemble's
+            where = fit["fitted_on_images"]
         if fit.get("fit_outside") is not None:
             where = f"outside the balanced {fit['fit_outside']}"
         words += f", ZCA ε={config['zca']:g}" + (f" (fitted on {where})" if where.startswith("the") else
