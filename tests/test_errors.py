@@ -511,7 +511,7 @@ def test_cli_spec_with_a_huge_integer_or_a_ragged_matrix_is_one_line(tmp_path, c
 def test_full_disk_under_sweep_outputs_names_out_and_the_file(tmp_path, monkeypatch):
     import errno
 
-    from cnngp.cli import sweep as cli_sweep
+    from cnngp.engine.storage import write_files
 
     real_fdopen = os.fdopen
 
@@ -528,10 +528,10 @@ def test_full_disk_under_sweep_outputs_names_out_and_the_file(tmp_path, monkeypa
         def write(self, payload):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cli_sweep.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
     out = tmp_path / "sw"
     with pytest.raises(CNNGPError, match=r"^--out: writing '.*sw/sweep\.png' failed \(No space left on device\)"):
-        cli_sweep._write_outputs(out, {"sweep.png": b"png", "results.json": b"{}"})
+        write_files(out, {"sweep.png": b"png", "results.json": b"{}"})
     assert not out.exists()
 
 
@@ -541,11 +541,11 @@ def test_a_failed_output_write_leaves_the_previous_outputs_as_they_were(tmp_path
     used to unlink those: the previous run's sweep.png and reliability.png were gone while the
     message said nothing was written. Every previous file is back, byte for byte, no new file
     stays and no temporary or backup file is left."""
-    from cnngp.cli import sweep as cli_sweep
+    from cnngp.engine.storage import write_files
 
     out = tmp_path / "sw"
     old = {"sweep.png": b"old png", "reliability.png": b"old rel", "results.json": b'{"old": 1}'}
-    cli_sweep._write_outputs(out, old)
+    write_files(out, old)
     real_replace = os.replace
 
     def replace(src, dst):
@@ -553,16 +553,16 @@ def test_a_failed_output_write_leaves_the_previous_outputs_as_they_were(tmp_path
             raise failure
         return real_replace(src, dst)
 
-    monkeypatch.setattr(cli_sweep.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     new = {"sweep.png": b"new png", "reliability.png": b"new rel", "extra.npz": b"new",
            "results.json": b'{"new": 1}'}
     with pytest.raises((CNNGPError, KeyboardInterrupt)) as info:
-        cli_sweep._write_outputs(out, new)
+        write_files(out, new)
     if isinstance(failure, OSError):
         assert str(info.value).startswith("--out: writing") and "nothing was written" in str(info.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
-    monkeypatch.setattr(cli_sweep.os, "replace", real_replace)
-    cli_sweep._write_outputs(out, new)  # and a write that succeeds leaves only the new files
+    monkeypatch.setattr(os, "replace", real_replace)
+    write_files(out, new)  # and a write that succeeds leaves only the new files
     assert {p.name: p.read_bytes() for p in out.iterdir()} == new
 
 

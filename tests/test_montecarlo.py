@@ -12,6 +12,7 @@ kernel: the bias is resolved at small widths and shrinks like 1/C, and wide netw
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import numpy as np
@@ -471,6 +472,25 @@ def test_cli_correlation_figure(tmp_path, capsys):
     assert set(data["left"]) and len(data["right"]["monte_carlo"]) == 1
     assert data["config"]["widths"] == [2, 4]
     assert "kernel" in capsys.readouterr().out
+    # the figure and its sidecar as a pair: a failed PNG write puts the previous sidecar back
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("fig.")}
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("fig.png") and str(src).endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    import cnngp.engine.storage
+
+    os_module = cnngp.engine.storage.os
+    os_module.replace = full
+    try:
+        assert main(argv[:-1] + ["--draws", "3", "--quiet"]) == 2
+    finally:
+        os_module.replace = real_replace
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(("fig", ".fig"))} == before
+    capsys.readouterr()
     rc = main(["correlation-figure", "--x", str(tmp_path / "img.npz"), "--out", str(tmp_path / "bad.png"),
                "--positions", "1,1,9,9", "--quiet"])
     assert rc == 2 and not (tmp_path / "bad.png").exists()

@@ -44,7 +44,7 @@ def _strict(value):
 
 def cmd_ensemble(args) -> int:
     from cnngp.cli.main import execution_from_args
-    from cnngp.cli.sweep import _write_outputs
+    from cnngp.engine.storage import write_files
     from cnngp.experiments.ensemble import run_ensemble
 
     times = _times(args.times)
@@ -71,7 +71,7 @@ def cmd_ensemble(args) -> int:
                      for m in ("ntk", "nngp")]
             print(f"{t:>8g}  {cells[0]}    {cells[1]}")
     text = json.dumps(_strict(res), indent=2, allow_nan=False) + "\n"  # strict JSON: t = ∞ as "inf"
-    _write_outputs(out, {"ensemble.json": text.encode()})
+    write_files(out, {"ensemble.json": text.encode()})
     if not args.quiet:
         print(f"wrote {out / 'ensemble.json'}", file=sys.stderr)
     return 0

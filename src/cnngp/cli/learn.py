@@ -33,7 +33,8 @@ def _starts(text: str) -> list[float]:
 
 
 def cmd_learn(args) -> int:
-    from cnngp.cli.sweep import _write_outputs, check_store_options
+    from cnngp.cli.sweep import check_store_options
+    from cnngp.engine.storage import write_files
     from cnngp.experiments.learned import learned_figure, run_learn
 
     args.zca = parse_zca(args.zca)
@@ -80,7 +81,7 @@ def cmd_learn(args) -> int:
     result["config"]["command"] = command_line(args)
     png = io.BytesIO()
     learned_figure(result, png)
-    _write_outputs(out, {"learned.json": json.dumps(result, indent=2).encode(), "learned.png": png.getvalue()})
+    write_files(out, {"learned.json": json.dumps(result, indent=2).encode(), "learned.png": png.getvalue()})
     gb = result["grid_best"]
     what = "test" if args.test else f"{args.folds}-fold CV"
     if "internal_lengthscale" in result["learned"]:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from cnngp.engine.storage import write_files
 from cnngp.cli.main import (
     add_engine_argument, add_layout_argument, add_zca_argument, add_zca_fit_argument, comma_items, command_line,
     int_at_least, load_data,
@@ -46,74 +44,6 @@ def _int(flag: str, text: str, minimum: int) -> int:
 
 def _int_list(flag: str, text: str) -> list[int]:
     return [_int(flag, t, 1) for t in comma_items(text, flag, "40,80,160")]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_outputs(out: Path, files: dict[str, bytes]) -> None:
-    """Write every file atomically; on failure leave DIR as it was (or absent): a file it had is
-    hard-linked aside before its new version replaces it, and put back if a later one fails. A
-    failed write (a full disk, say) is a :class:`CNNGPError` naming ``--out`` and the file."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    temps: dict[str, str] = {}
-    placed: list[tuple[Path, str | None]] = []  # (file put in place, the previous version's link)
-    name = None
-    try:
-        for name, payload in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=out)
-            temps[name] = tmp
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before any rename makes it the output
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        for name, tmp in temps.items():  # results.json last: its presence means complete
-            target, previous = out / name, None
-            if target.exists():
-                previous = tempfile.mktemp(prefix=f".{name}.", suffix=".previous", dir=out)
-                try:
-                    os.link(target, previous)  # the old version kept (a second name) until all are placed
-                except OSError:  # a file system without hard links
-                    shutil.copy2(target, previous)
-            placed.append((target, previous))
-            os.replace(tmp, target)
-    except BaseException as e:
-        for tmp in temps.values():
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        for target, previous in reversed(placed):  # back as it was: old versions, no new files
-            try:
-                if previous is not None:
-                    os.replace(previous, target)
-                    if os.path.lexists(previous):  # still the target's own link (never replaced): a no-op rename
-                        os.unlink(previous)
-                else:
-                    target.unlink()
-            except OSError:
-                pass
-        if created:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-        if isinstance(e, OSError):
-            target = out / name if name is not None else out
-            raise CNNGPError(f"--out: writing {str(target)!r} failed ({e.strerror or e}); "
-                             f"nothing was written to {str(out)!r}") from None
-        raise
-    for _, previous in placed:
-        if previous is not None:
-            try:
-                os.unlink(previous)
-            except OSError:
-                pass
 
 
 def cmd_sweep(args) -> int:
@@ -196,7 +126,7 @@ def cmd_sweep(args) -> int:
         np.savez(buf, **{k: np.asarray(v) for k, v in predictions.items()}, provenance=np.asarray(provenance))
         files["test_predictions.npz"] = buf.getvalue()
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    _write_outputs(out, {**files, "results.json": text.encode()})  # results.json last
+    write_files(out, {**files, "results.json": text.encode()})  # results.json last
     stale = out / "reliability.png"
     if "test" not in results and stale.is_file() and not stale.is_symlink():
         stale.unlink()  # an earlier --test run's figure, which these results do not back

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -183,6 +184,77 @@ def atomic_write(path, write, what: str = "--out") -> None:
                 f"{what}: writing {str(path)!r} failed ({e.strerror or e}); nothing was written"
             ) from None
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_files(out, files: dict[str, bytes], what: str = "--out") -> None:
+    """Write the files ``{name: bytes}`` into the folder ``out`` as one: each atomically (a
+    temporary file, fsynced, renamed into place, in the order given: put the one whose presence
+    means complete last), and on failure leave the folder as it was (or absent) — a file it had
+    is hard-linked aside before its new version replaces it, and put back if a later one fails.
+    A failed write (a full disk, say) is a :class:`CNNGPError` naming ``what`` and the file."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, str] = {}
+    placed: list[tuple[Path, str | None]] = []  # (file put in place, the previous version's link)
+    name = None
+    try:
+        for name, payload in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=out)
+            temps[name] = tmp
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before any rename makes it the output
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
+        for name, tmp in temps.items():  # results.json last: its presence means complete
+            target, previous = out / name, None
+            if target.exists():
+                previous = tempfile.mktemp(prefix=f".{name}.", suffix=".previous", dir=out)
+                try:
+                    os.link(target, previous)  # the old version kept (a second name) until all are placed
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target, previous)
+            placed.append((target, previous))
+            os.replace(tmp, target)
+    except BaseException as e:
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        for target, previous in reversed(placed):  # back as it was: old versions, no new files
+            try:
+                if previous is not None:
+                    os.replace(previous, target)
+                    if os.path.lexists(previous):  # still the target's own link (never replaced): a no-op rename
+                        os.unlink(previous)
+                else:
+                    target.unlink()
+            except OSError:
+                pass
+        if created:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            target = out / name if name is not None else out
+            raise CNNGPError(f"{what}: writing {str(target)!r} failed ({e.strerror or e}); "
+                             f"nothing was written to {str(out)!r}") from None
+        raise
+    for _, previous in placed:
+        if previous is not None:
+            try:
+                os.unlink(previous)
+            except OSError:
+                pass
 
 
 def fingerprint(*parts) -> str:

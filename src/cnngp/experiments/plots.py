@@ -775,8 +775,9 @@ def check_sidecar(out, what: str = "--out") -> Path:
 
 
 def save_correlation_figure(data: dict, out) -> None:
-    """Write the PNG (config in its metadata) and a sidecar JSON with every number, atomically."""
-    from cnngp.engine.storage import atomic_write
+    """Write the PNG (config in its metadata) and a sidecar JSON with every number, atomically
+    and as a pair."""
+    from cnngp.engine.storage import check_output_file, write_files
 
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -788,8 +789,11 @@ def save_correlation_figure(data: dict, out) -> None:
     fig.savefig(buf, format="png", dpi=130,
                 metadata={"Description": json.dumps(data["config"]), "Software": "cnngp"})
     text = json.dumps(data, indent=1) + "\n"
-    atomic_write(sidecar_path(out), lambda f: f.write(text.encode()))
-    atomic_write(out, lambda f: f.write(buf.getvalue()))
+    sidecar = sidecar_path(out)
+    check_output_file(sidecar, "--out")
+    check_output_file(out, "--out")
+    # the two as one (a failure leaves both as they were), the PNG last
+    write_files(out.parent, {sidecar.name: text.encode(), out.name: buf.getvalue()})
 
 
 def summary(data: dict) -> str:
