@@ -451,7 +451,7 @@ def test_cli_interrupt_and_late_failure_leave_nothing(tmp_path, capsys, monkeypa
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr("cnngp.cli.sweep.os.replace", replace_then_interrupt)
+    monkeypatch.setattr("cnngp.engine.storage.os.replace", replace_then_interrupt)
     assert main(CLI[:4] + ["40", "--lengthscales", "1", "--quiet", "--out", str(out)]) == 130
     assert not out.exists()
 
