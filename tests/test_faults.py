@@ -1278,3 +1278,38 @@ def test_a_store_stopped_while_being_created_says_so_and_is_refused_with_the_rem
     stored = KernelStore.open(out).readout(0)
     direct = cnngp.kernel(load_network("cnngp1"), np.load(x)["x"], dtype="float64").numpy()
     np.testing.assert_allclose(stored, direct, rtol=1e-12)
+
+
+def test_a_second_run_on_a_store_being_written_is_refused_naming_the_process(tmp_path, capsys):
+    """Two runs on one store (two shells, two batch jobs) used to compute the same tiles side
+    by side, each verifying the other's half-written chunks (and forgetting their records). The
+    run that fills a store now holds a lock on its folder: a second, from another process, is
+    refused in one line naming that process, writes nothing, and once the first has ended (the
+    operating system releases its lock however it ends) the same command runs and gives the
+    kernel."""
+    from cnngp.engine.store import KernelStore
+
+    x = tmp_path / "x.npz"
+    np.savez(x, x=np.random.default_rng(1).random((5, 6, 6, 1)))
+    out = tmp_path / "K.zarr"
+    command = ["kernel", "--arch", "cnngp1", "--x1", str(x), "--out", str(out), "--quiet"]
+    holder = subprocess.Popen(  # another process, in the middle of filling the store
+        [PYTHON, "-c", "import sys\nfrom cnngp.engine.store import writer_lock\n"
+                       f"with writer_lock({str(out)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is being written by another run right now" in err[0], err
+        if Path("/proc/locks").exists():
+            assert f"(process {holder.pid} on this machine)" in err[0], err
+        assert list(out.iterdir()) == []  # nothing written
+    finally:
+        holder.stdin.close()  # the holder ends: its lock goes with it
+        holder.wait(timeout=60)
+    assert main(command) == 0
+    direct = cnngp.kernel(load_network("cnngp1"), np.load(x)["x"], dtype="float64").numpy()
+    np.testing.assert_allclose(KernelStore.open(out).readout(0), direct, rtol=1e-12)
+    assert main(command) == 0  # the finished run let go of it too: a rerun (nothing to do) is let in

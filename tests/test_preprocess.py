@@ -221,8 +221,8 @@ def test_kernel_command_refuses_a_bad_zca(digits_files, capsys, value):
 
 
 def test_store_of_whitened_images_is_kept_apart(digits_files, capsys):
-    """A store records its whitening; resuming it with another --zca, or a store of unwhitened
-    images with --zca, is refused naming the flag."""
+    """A store records its whitening, or that it has none; resuming it with another --zca, or
+    a store of unwhitened images with --zca, is refused naming the flag and both whitenings."""
     d, _, _ = digits_files
     store = d / "K.zarr"
     args = ["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(store), "--quiet"]
@@ -242,8 +242,16 @@ def test_store_of_whitened_images_is_kept_apart(digits_files, capsys):
     assert main(args + ["--zca", "0.1"]) == 0  # the same whitening: reused
     plain = d / "P.zarr"
     assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(plain), "--quiet"]) == 0
+    assert KernelStore.open(plain).attrs["preprocessing"] == {"zca": None}  # recorded as unwhitened
     assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(plain), "--quiet",
-                 "--zca", "0.1"]) == 2  # the store's identity: other images
+                 "--zca", "0.1"]) == 2  # named as such (it used to be "a kernel of different images")
+    assert capsys.readouterr().err == (
+        f"cnngp: error: --zca: {str(plain)!r} holds kernels of unwhitened images, not of images whitened by ZCA "
+        "of strength 0.1; resume only with the same whitening, or give another store (nothing was overwritten)\n")
+    # a store made before stores recorded it (no preprocessing): its identity refuses the images
+    KernelStore.open(plain).group.attrs.__delitem__("preprocessing")
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(d / "a.npz"), "--out", str(plain), "--quiet",
+                 "--zca", "0.1"]) == 2
     assert "different images" in capsys.readouterr().err
 
 
@@ -489,6 +497,15 @@ def test_sweep_store_records_its_whitening(tmp_path):
         run_sweep_zca(_dataset(0), zca=None, store=store, test=False)
     again = run_sweep_zca(_dataset(0), store=store, test=False)  # the same whitening: reused
     assert again["results"] == res["results"]
+    # and the other way round: a store of unwhitened images (its train and test stores) records
+    # that, and a whitened run on it is refused naming both, not as "different images"
+    plain = tmp_path / "P.zarr"
+    run_sweep_zca(_dataset(0), zca=None, store=plain)
+    for path in (plain, tmp_path / "P-test.zarr"):
+        assert KernelStore.open(path).attrs["preprocessing"] == {"zca": None}, path
+    with pytest.raises(CNNGPError, match=r"^zca: .*P\.zarr' holds kernels of unwhitened images, not of images "
+                                         r"whitened by ZCA of strength 0\.25; resume only with the same whitening"):
+        run_sweep_zca(_dataset(0), store=plain)
 
 
 def test_sweep_command_records_zca(tmp_path, capsys):

@@ -665,8 +665,8 @@ _DISK_REMEDY = "free space there, or give an --out on a larger disk"
 def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, whitening=None,
                      data_lines=()) -> int:
     """``cnngp kernel --out K.zarr``: tiles into a resumable store, here or on Dask. With
-    ``--zca`` the store holds the whitened images (its identity hashes them) and records
-    the whitening as ``preprocessing`` once complete. ``data_lines`` (how the images were
+    ``--zca`` the store holds the whitened images (its identity hashes them); once complete it
+    records the whitening, or that there was none, as ``preprocessing``. ``data_lines`` (how the images were
     read) are printed once the store, its lender and the job have passed their checks."""
     from cnngp.engine.distributed import describe_dry_run, store_dry_run, store_kernel
     from cnngp.engine.resources import check_job
@@ -697,12 +697,13 @@ def _kernel_to_store(args, net, body, readouts, lengthscales, x1, x2, get, ex, w
     )
     if data_lines:
         print("\n".join(data_lines), file=sys.stderr)
-    preprocessing = None if whitening is None else {"zca": {**whitening.provenance(), "fitted_on_images": "--" + args.zca_fit}}
+    # how its images were seen, whitened or not (check_store_zca refuses another whitening by name)
+    preprocessing = {"zca": None if whitening is None else
+                     {**whitening.provenance(), "fitted_on_images": "--" + args.zca_fit}}
     report = store_kernel(model, x1, x2, labels=labels, **options)
-    if preprocessing is not None:
-        from cnngp.engine.store import KernelStore
+    from cnngp.engine.store import KernelStore
 
-        KernelStore.open(args.out, what="--out").annotate(preprocessing=preprocessing)
+    KernelStore.open(args.out, what="--out").annotate(preprocessing=preprocessing)
     if not args.quiet:
         print(f"wrote {args.out}: kernel {tuple(report.shape)}, {report.tiles_computed} tile(s) computed, "
               f"{report.tiles_done_before} already done ({report.tiles_bad} bad, recomputed"

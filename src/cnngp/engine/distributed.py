@@ -39,9 +39,9 @@ import torch
 from cnngp.engine.execution import COMPUTE, STORE, Execution
 from cnngp.engine import fused
 from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords, mirrored_offsets
-from cnngp.engine.resources import human_bytes, human_seconds
+from cnngp.engine.resources import human_bytes
 from cnngp.engine.storage import fingerprint
-from cnngp.engine.store import STORE_FORMAT, KernelStore, StoreWriteError, Tile, tile_plan
+from cnngp.engine.store import STORE_FORMAT, KernelStore, StoreWriteError, Tile, tile_plan, writer_lock
 from cnngp.errors import CNNGPError
 from cnngp.provenance import versions
 
@@ -671,6 +671,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         if scheduler is not None:  # connect first: a cluster that cannot be reached leaves no store
             client = session.enter_context(dask_client(None, scheduler))
             scheduler = None
+        session.enter_context(writer_lock(out, what))  # one run fills a store at a time
         store = KernelStore.create(out, identity, xa, xb, grids, provenance, what=what)
 
         start = time.perf_counter()

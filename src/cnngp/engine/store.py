@@ -20,13 +20,18 @@ Layout of ``K.zarr`` (a folder on a file system every worker sees: local disk, N
   different computation is refused, naming what differs.
 
 Writes are idempotent (a unit computed twice writes the same bytes and the same record), which
-is what Dask needs: it may run a task twice or rerun the tasks of a lost worker.
+is what Dask needs: it may run a task twice or rerun the tasks of a lost worker. Two *runs* on
+one store (two shells, two jobs of a batch queue) would still compute the same tiles twice and
+verify each other's half-written chunks: the run that fills a store holds an advisory lock on its
+folder (:func:`writer_lock`), and a second is refused in one line.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import stat
@@ -162,6 +167,63 @@ def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> No
             f"computation (images, network, readouts, dtype, tile), or give another {what} "
             "(nothing was overwritten)"
         )
+
+
+@contextlib.contextmanager
+def writer_lock(path, what: str = "--out"):
+    """Hold the store folder ``path`` for this run's writing while the block runs, creating
+    the (empty) folder if there is none yet; a second run on the same store, from another
+    process, is refused at once (:class:`CNNGPError`, naming the process where this machine
+    can tell). The lock is an advisory ``flock`` on the folder itself: the operating system
+    releases it when the run ends, however it ends, so nothing stale is ever left to clear.
+    Only the run that plans a store's tiles takes it (its cluster's workers write inside
+    it). Where the file system has no ``flock`` (some network mounts) nothing is locked."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:  # made meanwhile by another run: the lock below decides
+            pass
+        except OSError as e:
+            raise CNNGPError(f"{what}: creating {str(path)!r} failed ({e.strerror or e})") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # not a folder: the store's own checks refuse it, in their words
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                yield  # no flock here (ENOLCK, EBADF on some mounts): unlocked, as before
+                return
+            holder = _lock_holder(fd)
+            raise CNNGPError(
+                f"{what}: {str(path)!r} is being written by another run right now"
+                + (f" (process {holder} on this machine)" if holder else "")
+                + "; let it finish, or stop it, and run again: it resumes from the tiles already done "
+                "(nothing was changed)") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The process holding the ``flock`` on the open folder ``fd``, from Linux's
+    ``/proc/locks`` (None elsewhere, or if it cannot be told)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and fields[4] != str(os.getpid()):
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _links_in(path: Path, deep: bool) -> str | None:

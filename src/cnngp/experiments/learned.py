@@ -813,7 +813,7 @@ def run_learn(network, dataset="digits", n: int = 200, protocol: LearnProtocol |
             value, (amp, noise) = _profile(readout, Y, objective, row["lengthscale"], start)
             row.update({"objective": value, "objective_amplitude": amp, "objective_noise_variance": noise})
 
-        if whitening is not None and store is not None:  # every store complete: say how its images were seen
+        if store is not None:  # every store complete: say how its images were seen (whitened or not)
             note_store_zca(learn_store_paths(store, bool(test), flip), whitening, protocol.zca_fit,
                            protocol.zca_fit_outside, LEARN_ZCA_FITS)
         heldout = held.get("test_accuracy", held["cv_accuracy"])

@@ -388,11 +388,12 @@ def check_store_zca(path, zca, flag: str = "--zca", fit: str = "train", outside:
 def note_store_zca(paths, whitening, fit: str = "train", outside: int | None = None,
                    words: dict | None = None) -> None:
     """Record the whitening (fitted on ``fit``: :data:`ZCA_FITS` or ``words``, outside
-    ``outside``) in each complete store of ``paths`` (``preprocessing``), for
-    :func:`check_store_zca`."""
+    ``outside``; None: the images were not whitened) in each complete store of ``paths``
+    (``preprocessing``), for :func:`check_store_zca`: a later run with another whitening, or
+    none, is then refused naming it, not as a kernel of "different images"."""
     from cnngp.engine.store import KernelStore
 
-    info = {"zca": zca_fit_record(whitening, fit, outside, words or ZCA_FITS)}
+    info = {"zca": None if whitening is None else zca_fit_record(whitening, fit, outside, words or ZCA_FITS)}
     for path in paths:
         if (Path(path) / "zarr.json").is_file():
             KernelStore.open(path).annotate(preprocessing=info)
@@ -1410,7 +1411,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
             if job_plan is None and progress:  # read from the cache: its checks passed, say what was read
                 print(data_line, file=sys.stderr)
         kernel_seconds = time.perf_counter() - kernels_start
-        if whitening is not None and kernel_store is not None:
+        if kernel_store is not None:  # how its images were seen, whitened or not
             note_store_zca(sweep_store_paths(kernel_store, False, flip), whitening, protocol.zca_fit,
                            protocol.zca_fit_outside)
         # kernels read from a cache were checked when they were computed
@@ -1451,7 +1452,7 @@ def run_sweep(network, dataset, protocol: SweepProtocol | None = None, *, kernel
                 prior = _test_prior_variances(body, [readouts[i]], x_test, ex, kernel, flip)
                 kernel_seconds += time.perf_counter() - test_start
                 chosen_scores = _score_test(top[i], K[i], y_sub, Kt, prior[0], y_test, cal_folds, n_classes)
-            if whitening is not None and kernel_store is not None:
+            if kernel_store is not None:
                 note_store_zca([p for p in sweep_store_paths(kernel_store, True, flip)
                                 if p.name.endswith("-test.zarr")], whitening, protocol.zca_fit,
                                protocol.zca_fit_outside)
