@@ -70,6 +70,31 @@ def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_s
     assert info["seconds_recorded_reused"] == pytest.approx(sum(_records(old)[n]["seconds"] for n in lent))
 
 
+def test_lent_tiles_stay_lent_through_a_tile_archive(tmp_path):
+    """A grown store's tile archive keeps which tiles were lent and by whom: restored on
+    another machine (the store gone), the lent tiles are recorded as lent, with the lender's
+    time, and the store's info says so as before; they used to come back as computed there,
+    the lender's seconds counted as the restored store's own."""
+    import shutil
+
+    x = _images(9)
+    old, new, archive = tmp_path / "old.zarr", tmp_path / "new.zarr", tmp_path / "new-archive"
+    store_kernel(BODY, x[:6], readouts=READOUTS, out=old, tile=3, progress=False)
+    store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, archive=archive, progress=False)
+    before, info = _records(new), KernelStore.open(new).info()
+    assert info["tiles_reused_from"] == {str(old): 3}
+    shutil.rmtree(new)
+    report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, archive=archive, progress=False)
+    assert (report.tiles_restored, report.tiles_computed) == (6, 0)
+    after = _records(new)
+    assert {n: r.get("reused_from") for n, r in after.items()} == {n: r.get("reused_from") for n, r in before.items()}
+    assert _lent(new) == ["tile-0-0", "tile-0-1", "tile-1-1"]
+    assert all(after[n]["seconds"] == before[n]["seconds"] for n in before)
+    again = KernelStore.open(new).info()
+    assert again["tiles_reused_from"] == {str(old): 3}
+    assert again["seconds_recorded_reused"] == pytest.approx(info["seconds_recorded_reused"])
+
+
 def test_a_grown_store_without_a_tile_takes_the_lenders(tmp_path):
     """The default tile grows with N; a store grown from a smaller one takes that store's tile
     (a tile is lent whole, at its place), as a resumed store keeps its own."""

@@ -108,19 +108,31 @@ RECOMPUTED = {"cnngp14-flip": ["cnngp14-plain-test"]}
 def _tile_seconds(net: str, cfg: str) -> dict | None:
     """What the tiles of a configuration's own stores took, summed over every attempt (each
     tile's record holds its seconds; a session's end stops a sweep before /usr/bin/time can
-    report it): the plain and test stores, or for a flip configuration the mirror-term stores
-    it computed (its plain stores are its plain configuration's). None without the stores or
-    their archives."""
-    flip = "flip" in cfg
-    base = f"{net}-{cfg.replace('zca-flip', 'zca').replace('flip', 'plain')}"
-    names = [f"{base}-mirror", f"{base}-mirror-test"] if flip else [base, f"{base}-test"]
+    report it): the plain and test stores, or for a flip configuration at N = 640 the
+    mirror-term stores it computed (its plain stores are its plain configuration's); the
+    N = 1,280 run computes all of its stores. Tiles another store lent (``reused_from``: the
+    N = 640 stores lend the N = 1,280 run their pairs) keep their lender's time and are summed
+    apart (``lent_*``), not as this run's. None without the stores or their archives."""
+    n1280 = cfg.endswith(N1280)
+    core = cfg.removesuffix(N1280)
+    flip = "flip" in core
+    base = f"{net}-{core.replace('zca-flip', 'zca').replace('flip', 'plain')}" + (N1280 if n1280 else "")
+    plain = [base, f"{base}-test"]
+    mirror = [f"{base}-mirror", f"{base}-mirror-test"]
+    names = (plain + mirror if n1280 else mirror) if flip else plain
     names += RECOMPUTED.get(f"{net}-{cfg}", [])
     seconds, cpu, pairs, tiles, timed = 0.0, 0.0, 0, 0, 0
+    lent = {"lent_tiles": 0, "lent_pairs": 0, "lent_tile_seconds": 0.0}
     for name in names:
         records = _records(name)
         if records is None:
             return None
         for record in records:
+            if record.get("reused_from"):
+                lent["lent_tiles"] += 1
+                lent["lent_pairs"] += record.get("pairs") or 0
+                lent["lent_tile_seconds"] += record.get("seconds") or 0.0
+                continue
             seconds += record.get("seconds") or 0.0
             pairs += record.get("pairs") or 0
             tiles += 1
@@ -128,7 +140,7 @@ def _tile_seconds(net: str, cfg: str) -> dict | None:
                 cpu += record["cpu_seconds"]
                 timed += 1
     return {"tile_seconds": seconds, "cpu_seconds": cpu, "tiles_with_cpu_seconds": timed, "pairs": pairs,
-            "tiles": tiles, "stores": names}
+            "tiles": tiles, "stores": names, **(lent if lent["lent_tiles"] else {})}
 
 
 def _mean_2se(x):
@@ -310,7 +322,9 @@ def main():
         if c:
             cpu = (f"{c['cpu_seconds']:,.0f} s ({c['tiles_with_cpu_seconds']} of {c['tiles']})"
                    if c.get("tiles_with_cpu_seconds") else "not recorded")
-            lines.append(f"| {key} | {c['tile_seconds'] / 60:.0f} min | {cpu} | {c['pairs']:,} |")
+            lent = (f" (and {c['lent_pairs']:,} lent by the N = 640 stores, {c['lent_tiles']} tiles)"
+                    if c.get("lent_tiles") else "")
+            lines.append(f"| {key} | {c['tile_seconds'] / 60:.0f} min | {cpu} | {c['pairs']:,}{lent} |")
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
     figure(table, HERE / "summary.png", curve)
     print("\n".join(lines))

@@ -313,6 +313,9 @@ class TileArchive:
                 # a worker's tile not yet checked by the process that ran it stays to be checked
                 # wherever it is restored (distributed.spot_check)
                 **({"worker": True} if stored.get("worker") is True else {}),
+                # a tile another store lent (--reuse) stays the lender's, with the lender's time,
+                # wherever it is restored: the store's info and costs keep telling the two apart
+                **({"reused_from": stored["reused_from"]} if isinstance(stored.get("reused_from"), str) else {}),
             })
         except OSError as e:
             raise CNNGPError(f"{self.what}: writing tile {tile.name} to {str(self.path)!r} failed "
@@ -351,13 +354,16 @@ class TileArchive:
     def restore(self, tiles: list[Tile]) -> list[Tile]:
         """Write every tile of ``tiles`` the archive holds intact into the store (with its
         mirror and record; a worker's tile that no check had vouched for when it was archived
-        is restored as such, to be checked); return the ones restored."""
+        is restored as such, to be checked, and a tile another store had lent, as lent by it);
+        return the ones restored."""
         restored = []
         for tile in tiles:
             loaded = self.load(tile)
             if loaded is not None:
                 block, record = loaded
+                lender = record.get("reused_from")
                 self.store.write_tile(tile, block, record.get("seconds"), record.get("cpu_seconds"),
+                                      origin=lender if isinstance(lender, str) else None,
                                       worker=record.get("worker") is True)
                 restored.append(tile)
         return restored
