@@ -188,7 +188,7 @@ def test_the_mirror_term_completes_a_plain_kernel_into_the_flip_kernel_to_the_bi
         np.testing.assert_allclose(mirror, cross, rtol=1e-12 if dtype == "float64" else 1e-5, atol=0)
 
 
-def test_a_mirror_store_is_priced_once_and_never_resumed_as_a_flip_or_plain_store(tmp_path):
+def test_a_mirror_store_is_priced_once_and_never_resumed_as_a_flip_or_plain_store(tmp_path, capsys):
     pytest.importorskip("zarr")
     from cnngp.engine.distributed import store_dry_run, store_kernel
     from cnngp.engine.store import KernelStore
@@ -201,6 +201,18 @@ def test_a_mirror_store_is_priced_once_and_never_resumed_as_a_flip_or_plain_stor
     assert estimate_cost(NET, (6, 6, 2), 100, flip=MIRROR).seconds == estimate_cost(NET, (6, 6, 2), 100).seconds
     store_kernel(NET, x, out=mirror, tile=3, flip=MIRROR, progress=False)
     assert KernelStore.open(mirror).info()["flip"] == MIRROR
+    # cnngp info tells the three apart (it used to call the mirror term "flip-averaged")
+    from cnngp.cli.main import main
+
+    flipped = tmp_path / "k-flip.zarr"
+    store_kernel(NET, x, out=flipped, tile=3, flip=True, progress=False)
+    shapes = {}
+    for path in (plain, mirror, flipped):
+        assert main(["info", str(path)]) == 0
+        shapes[path] = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  shape"))
+    assert shapes[plain].endswith("tile 3") and shapes[flipped].endswith("tile 3, flip-averaged")
+    assert shapes[mirror].endswith("tile 3, the mirror term K(x1, mirrored x2) of a flip average (half of it: "
+                                   "average with the plain store)")
     averaged = (np.asarray(KernelStore.open(plain).kernel) + np.asarray(KernelStore.open(mirror).kernel)) * 0.5
     assert np.array_equal(averaged, cnngp.kernel(NET, x, flip=True).numpy()[None])
     for f in (True, False):

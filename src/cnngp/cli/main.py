@@ -888,7 +888,8 @@ def store_summary(path, info: dict) -> str:
         + (f"; {len(bad)} bad: {', '.join(bad)}" if bad else "") + ")",
         f"  shape    {' × '.join(str(v) for v in shape)} ({'readouts × ' if len(shape) == 3 else ''}N1 × N2), "
         f"{info.get('dtype')}, {'symmetric' if info.get('symmetric') else 'rectangular'}, tile {info.get('tile')}"
-        + (", flip-averaged" if info.get("flip") else ""),
+        + {True: ", flip-averaged", "mirror": ", the mirror term K(x1, mirrored x2) of a flip average (half of "
+                 "it: average with the plain store)"}.get(info.get("flip"), ""),
         f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done"
         + "".join(f"; {k} tile(s) copied from {src} (--reuse)" for src, k in (info.get("tiles_reused_from") or {}).items())
         + _workers_words(info.get("tiles_by_workers") or {}),
