@@ -1313,3 +1313,20 @@ def test_a_second_run_on_a_store_being_written_is_refused_naming_the_process(tmp
     direct = cnngp.kernel(load_network("cnngp1"), np.load(x)["x"], dtype="float64").numpy()
     np.testing.assert_allclose(KernelStore.open(out).readout(0), direct, rtol=1e-12)
     assert main(command) == 0  # the finished run let go of it too: a rerun (nothing to do) is let in
+    # `cnngp info` names a run filling the store (it only looks: the run is not disturbed)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("tiles done (complete)")
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import sys\nfrom cnngp.engine.store import writer_lock\n"
+                       f"with writer_lock({str(out)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["info", str(out)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        if Path("/proc/locks").exists():
+            assert first.endswith(f"(complete; being written now by process {holder.pid} on this machine)"), first
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

@@ -882,6 +882,8 @@ def store_summary(path, info: dict) -> str:
     network."""
     shape = info.get("shape") or []
     state = "complete" if info.get("complete") else "incomplete"
+    if info.get("being_written_by"):
+        state += f"; being written now by process {info['being_written_by']} on this machine"
     bad = info.get("tiles_bad") or []
     lines = [
         f"{path}: {info.get('tiles_done')}/{info.get('tiles_total')} tiles done ({state}"

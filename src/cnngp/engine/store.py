@@ -209,6 +209,20 @@ def writer_lock(path, what: str = "--out"):
         os.close(fd)  # releases the lock
 
 
+def writer_pid(path) -> int | None:
+    """The process of this machine filling the store at ``path`` now (holding its
+    :func:`writer_lock`), or None: none, another machine's, or not to be told here (Linux's
+    ``/proc/locks`` is read; nothing is locked, so asking never gets in a run's way)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        return _lock_holder(fd)
+    finally:
+        os.close(fd)
+
+
 def _lock_holder(fd: int) -> int | None:
     """The process holding the ``flock`` on the open folder ``fd``, from Linux's
     ``/proc/locks`` (None elsewhere, or if it cannot be told)."""
@@ -695,6 +709,7 @@ class KernelStore(TiledKernel):
             "pairs_total": sum(t.pairs for t in tiles),
             "pairs_done": done_pairs,
             "complete": not state["missing"] and not state["bad"],  # its kernel tiles
+            "being_written_by": writer_pid(self.path),  # a run of this machine filling it now (its pid)
             "images_damaged": self.damaged_images(),  # a resume refuses the store then
             "readouts": len(self.attrs.get("readouts") or [None]),
             "labels": self.labels(),
