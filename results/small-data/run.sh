@@ -102,7 +102,9 @@ configs cnngp14 cnngp14 plain zca zca-flip || exit $?
 # checked against the images it keeps), so CNNGP-14 + flips computes its train mirror terms and
 # its test kernels only (its test kernels: paper-scale's hold one readout, so lend nothing).
 CNNGP14_LENDER=$STORES/paper-scale-cnngp14-n1280.zarr
-if [ "$DATA" = ../../../shared/data/cifar10_subset.npz ] && [ ! -f "$CNNGP14_LENDER/zarr.json" ]; then
+# (not once CNNGP-14 + flips is finished: a new machine then has nothing to lend to)
+if [ "$DATA" = ../../../shared/data/cifar10_subset.npz ] && [ ! -f "$CNNGP14_LENDER/zarr.json" ] \
+        && [ ! -f cnngp14-flip/results.json ]; then
     { date -u +%FT%TZ; echo "# restoring $CNNGP14_LENDER from ../paper-scale/archive-cnngp14-n1280"; \
       cnngp sweep --arch cnngp14 --data "$DATA" --n 1280 --dtype float32 --store "$CNNGP14_LENDER" \
         --tile 128 --yes --quiet --out "$STORES/restored-paper-scale-cnngp14" \
