@@ -70,10 +70,10 @@ def test_a_grown_symmetric_store_copies_the_old_tiles_and_equals_a_kernel_from_s
     assert info["seconds_recorded_reused"] == pytest.approx(sum(_records(old)[n]["seconds"] for n in lent))
 
 
-def test_lent_tiles_stay_lent_through_a_tile_archive(tmp_path):
+def test_lent_tiles_stay_lent_through_a_tile_archive(tmp_path, capsys):
     """A grown store's tile archive keeps which tiles were lent and by whom: restored on
     another machine (the store gone), the lent tiles are recorded as lent, with the lender's
-    time, and the store's info says so as before; they used to come back as computed there,
+    time, and the store's info says so as before (the archive's too); they used to come back as computed there,
     the lender's seconds counted as the restored store's own."""
     import shutil
 
@@ -83,6 +83,13 @@ def test_lent_tiles_stay_lent_through_a_tile_archive(tmp_path):
     store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, reuse=old, archive=archive, progress=False)
     before, info = _records(new), KernelStore.open(new).info()
     assert info["tiles_reused_from"] == {str(old): 3}
+    from cnngp.engine.archive import archive_info
+
+    assert archive_info(archive)["tiles_reused_from"] == {str(old): 3}  # what `cnngp info DIR` prints
+    assert main(["info", str(archive)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{archive}: 6/6 tiles archived ({archive_info(archive)['bytes'] / 2**20:.1f} MiB), 3 of them copied "
+        f"from {old} (--reuse)")
     shutil.rmtree(new)
     report = store_kernel(BODY, x, readouts=READOUTS, out=new, tile=3, archive=archive, progress=False)
     assert (report.tiles_restored, report.tiles_computed) == (6, 0)

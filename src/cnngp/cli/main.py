@@ -744,6 +744,7 @@ def cmd_info(args) -> int:
         if parts:
             infos = [archive_info(p) for p in parts]
             lines = [f"{p}: {i['tiles_archived']}/{i['tiles_total']} tiles archived ({i['bytes'] / 2**20:.1f} MiB)"
+                     + "".join(f", {k} of them copied from {src} (--reuse)" for src, k in i["tiles_reused_from"].items())
                      + (f", {len(i['tiles_damaged'])} damaged: {', '.join(i['tiles_damaged'])}"
                         if i["tiles_damaged"] else "") for p, i in zip(parts, infos)]
             if args.json:

@@ -114,6 +114,7 @@ def archive_info(path) -> dict:
     _, n1, n2 = identity["shape"]
     plan = tile_plan(n1, None if identity.get("x2_sha256") is None else n2, int(identity["tile"]))
     archived, damaged = [], []
+    lenders: dict = {}  # tiles another store lent to the archived one (--reuse), by lender
     for t in plan:
         present = [(path / f"{t.name}.{ext}").is_file() for ext in ("json", "bin")]
         if not any(present):
@@ -123,11 +124,14 @@ def archive_info(path) -> dict:
               and record.get("rows") == [t.rows.start, t.rows.stop]
               and record.get("cols") == [t.cols.start, t.cols.stop])
         (archived if ok else damaged).append(t)
+        if ok and isinstance(record.get("reused_from"), str):
+            lenders[record["reused_from"]] = lenders.get(record["reused_from"], 0) + 1
     return {
         "path": str(path), "format": header["format"], "codec": header.get("codec"),
         "shape": identity["shape"], "dtype": identity.get("dtype"), "tile": identity["tile"],
         "tiles_total": len(plan), "tiles_archived": len(archived),
         "tiles_damaged": [t.name for t in damaged],
+        "tiles_reused_from": lenders,  # {lender: tiles}: those of the archived tiles it lent
         "pairs_total": sum(t.pairs for t in plan), "pairs_archived": sum(t.pairs for t in archived),
         "bytes": sum(p.stat().st_size for p in path.glob("tile-*.bin")),
         "labels": header.get("labels"), "spec": identity.get("spec"), "created": header.get("created"),
