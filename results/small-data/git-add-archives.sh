@@ -6,7 +6,7 @@
 set -eu
 cd "$(dirname "$0")"
 for dir in archive/*/*/; do
-    git add -- "$dir/archive.json"
+    [ -e "${dir}archive.json" ] && git add -- "${dir}archive.json"
     for record in "$dir"tile-*.json; do
         [ -e "$record" ] || continue
         grep -q '"reused_from"' "$record" && continue
