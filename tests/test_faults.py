@@ -1330,3 +1330,17 @@ def test_a_second_run_on_a_store_being_written_is_refused_naming_the_process(tmp
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def test_without_flock_a_store_is_written_unlocked(tmp_path, monkeypatch):
+    """Where the platform has no ``fcntl`` (Windows) cnngp imports and writes stores as before,
+    unlocked: the lock is a guard, never a requirement."""
+    from cnngp.engine import store
+
+    monkeypatch.setattr(store, "fcntl", None)
+    out = tmp_path / "K.zarr"
+    with store.writer_lock(out), store.writer_lock(out):  # a second run is not told apart here
+        assert out.is_dir()
+    x = tmp_path / "x.npz"
+    np.savez(x, x=np.random.default_rng(2).random((3, 6, 6, 1)))
+    assert main(["kernel", "--arch", "cnngp1", "--x1", str(x), "--out", str(tmp_path / "L.zarr"), "--quiet"]) == 0

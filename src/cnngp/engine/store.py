@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import stat
@@ -44,6 +43,11 @@ from cnngp.engine.gram import Tile, flip_average, mirrored_offsets, tile_plan
 from cnngp.engine.storage import check_own_folder, fingerprint
 from cnngp.errors import CNNGPError, MissingFileError
 from cnngp.settings import env_number
+
+try:
+    import fcntl  # POSIX: the writer lock (writer_lock)
+except ImportError:  # Windows: stores are not locked there
+    fcntl = None
 
 __all__ = ["KernelStore", "TiledKernel", "StoredReadouts", "Tile", "tile_plan", "STORE_FORMAT", "is_store_path", "check_output_store",
            "same_spec"]
@@ -177,7 +181,8 @@ def writer_lock(path, what: str = "--out"):
     can tell). The lock is an advisory ``flock`` on the folder itself: the operating system
     releases it when the run ends, however it ends, so nothing stale is ever left to clear.
     Only the run that plans a store's tiles takes it (its cluster's workers write inside
-    it). Where the file system has no ``flock`` (some network mounts) nothing is locked."""
+    it). Where the platform or file system has no ``flock`` (Windows, some network mounts)
+    nothing is locked."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         try:
@@ -186,6 +191,9 @@ def writer_lock(path, what: str = "--out"):
             pass
         except OSError as e:
             raise CNNGPError(f"{what}: creating {str(path)!r} failed ({e.strerror or e})") from None
+    if fcntl is None:  # no flock on this platform: unlocked, as before
+        yield
+        return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:  # not a folder: the store's own checks refuse it, in their words
@@ -214,7 +222,7 @@ def writer_pid(path) -> int | None:
     :func:`writer_lock`), or None: none, another machine's, or not to be told here (Linux's
     ``/proc/locks`` is read; nothing is locked, so asking never gets in a run's way)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return None
     try:
