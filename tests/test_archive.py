@@ -491,3 +491,83 @@ def test_a_failed_archive_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         archive._atomic_bytes(target, b"new")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["tile-0-0.bin"]
+
+
+def _last_bits_changed(x: np.ndarray, where) -> np.ndarray:
+    """``x`` with the values at ``where`` moved by one unit in the last place: the same images
+    as preprocessed on a machine whose BLAS rounds differently."""
+    y = x.copy()
+    y[where] = np.nextafter(y[where], np.inf)
+    return y
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_an_archive_of_the_same_images_rounded_otherwise_is_verified_and_restored(tmp_path, capsys, dtype):
+    """A ZCA-whitened run resumed on another machine: its images differ from the archive's in
+    a few last bits, so their sha256 differs. Pairs covering every image are computed again and
+    agree to rounding: every tile is restored (none computed), the header takes the new images'
+    sha256 and records the check, and the kernel equals the one computed from scratch on them."""
+    x = _images(7).astype(dtype)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, dtype=dtype,
+                 archive=tmp_path / "arch", progress=False)
+    old = json.loads((tmp_path / "arch" / "archive.json").read_text())["identity"]["x1_sha256"]
+    y = _last_bits_changed(x, (slice(None), 2, 3, 1))
+    report = store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "b.zarr", dtype=dtype,
+                          archive=tmp_path / "arch", progress=True)
+    assert (report.tiles_restored, report.tiles_computed) == (6, 0)
+    header = json.loads((tmp_path / "arch" / "archive.json").read_text())
+    new = KernelStore.open(tmp_path / "b.zarr").attrs["x1_sha256"]
+    assert new != old and header["identity"]["x1_sha256"] == new
+    (check,) = header["images_verified"]
+    assert check["previous"] == {"x1_sha256": old} and check["pairs_checked"] == 7  # one per image here
+    assert 0 <= check["largest_relative_difference"] <= check["tolerance"]
+    fresh = cnngp.readout_sweep(BODY, READOUTS, y, dtype=getattr(__import__("torch"), dtype)).numpy()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    assert np.allclose(_stored(tmp_path / "b.zarr"), fresh, rtol=tol, atol=tol * np.abs(fresh).max())
+    assert "computing again 7 pairs that cover every image" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "arch")]) == 0
+    assert re.search(r"6/6 tiles archived .*; accepted for images of another sha256 at .* on .*: 7 pairs computed "
+                     r"again agreed \(largest difference .* relative, tolerance", capsys.readouterr().out)
+    # and back: the first images are accepted again the same way (a second record)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "c.zarr", dtype=dtype, archive=tmp_path / "arch",
+                 progress=False)
+    assert len(json.loads((tmp_path / "arch" / "archive.json").read_text())["images_verified"]) == 2
+
+
+def test_an_archive_of_other_images_is_refused_even_when_one_image_alone_differs(tmp_path):
+    """The check covers every image: one image replaced (all the others the same) is found,
+    named by its pair, and nothing is written: no store, the archive as it was."""
+    x = _images(7)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, archive=tmp_path / "arch",
+                 progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "arch").iterdir()}
+    y = x.copy()
+    y[5] = _images(1, seed=9)[0]
+    with pytest.raises(CNNGPError, match=r"^--archive: .*arch' holds tiles of a kernel of different images \(its "
+                                         r"rows\): their sha256 differs from these images', and the pair \(\d, 5\)"):
+        store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "b.zarr", archive=tmp_path / "arch",
+                     progress=False)
+    assert not (tmp_path / "b.zarr").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "arch").iterdir()} == before
+
+
+def test_a_test_kernels_archive_is_verified_on_both_its_images(tmp_path):
+    """x1 × x2 (a sweep's test kernel): rows and columns are covered apart; a change in the
+    columns' last bits is accepted, a changed column image is refused naming the columns."""
+    from cnngp.engine.distributed import covering_pairs
+    from cnngp.engine.gram import tile_plan
+
+    pairs = covering_pairs(tile_plan(5, 8, 3), symmetric=False)
+    assert {i for i, _, _ in pairs} == set(range(5)) and {j for _, j, _ in pairs} == set(range(8))
+    assert len(pairs) <= 5 + 8
+    x1, x2 = _images(5, seed=1), _images(8, seed=2)
+    store_kernel(BODY, x1, x2, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, archive=tmp_path / "arch",
+                 progress=False)
+    report = store_kernel(BODY, x1, _last_bits_changed(x2, (slice(None), 0, 0, 0)), readouts=READOUTS,
+                          out=tmp_path / "b.zarr", archive=tmp_path / "arch", progress=False)
+    assert (report.tiles_restored, report.tiles_computed) == (6, 0)
+    other = x2.copy()
+    other[7] = _images(1, seed=9)[0]
+    with pytest.raises(CNNGPError, match=r"different images \(its columns\).* the pair \(\d, 7\)"):
+        store_kernel(BODY, x1, other, readouts=READOUTS, out=tmp_path / "c.zarr", archive=tmp_path / "arch",
+                     progress=False)

@@ -745,6 +745,10 @@ def cmd_info(args) -> int:
             infos = [archive_info(p) for p in parts]
             lines = [f"{p}: {i['tiles_archived']}/{i['tiles_total']} tiles archived ({i['bytes'] / 2**20:.1f} MiB)"
                      + "".join(f", {k} of them copied from {src} (--reuse)" for src, k in i["tiles_reused_from"].items())
+                     + "".join(f"; accepted for images of another sha256 at {v.get('at')} on {v.get('host')}: "
+                               f"{v.get('pairs_checked')} pairs computed again agreed (largest difference "
+                               f"{v.get('largest_relative_difference', 0):.2g} relative, tolerance "
+                               f"{v.get('tolerance', 0):g})" for v in i["images_verified"])
                      + (f", {len(i['tiles_damaged'])} damaged: {', '.join(i['tiles_damaged'])}"
                         if i["tiles_damaged"] else "") for p, i in zip(parts, infos)]
             if args.json:

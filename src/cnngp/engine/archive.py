@@ -37,12 +37,13 @@ import numpy as np
 from cnngp.engine.gram import Tile, tile_plan
 from cnngp.engine.storage import check_own_folder
 from cnngp.engine.store import (
-    IDENTITY_KEYS, KernelStore, difference_words, _atomic_json, _checksum, _first_difference, _read_json,
+    IDENTITY_KEYS, KernelStore, difference_words, same_spec, _atomic_json, _checksum, _first_difference, _read_json,
 )
 from cnngp.errors import CNNGPError
 
 __all__ = ["TileArchive", "ARCHIVE_FORMAT", "archive_info", "is_archive", "check_archive_folder",
-           "check_archive_apart", "check_archive_identity", "restorable_tiles", "archive_tile",
+           "check_archive_apart", "check_archive_identity", "archive_images_differ", "rekey_archive_images",
+           "restorable_tiles", "archive_tile",
            "read_archived_tile", "read_archive_header",
            "encode_tile", "decode_tile"]
 
@@ -136,6 +137,9 @@ def archive_info(path) -> dict:
         "bytes": sum(p.stat().st_size for p in path.glob("tile-*.bin")),
         "labels": header.get("labels"), "spec": identity.get("spec"), "created": header.get("created"),
         "versions": header.get("versions"),
+        # each time it was accepted for images whose sha256 differed (the same images rounded
+        # otherwise: distributed.verify_archive_images), what was checked
+        "images_verified": header.get("images_verified") or [],
     }
 
 
@@ -237,6 +241,51 @@ def check_archive_identity(path, identity: dict, what: str = "--archive") -> boo
                          f"{difference_words(key, stored.get('identity') or {})}{values}; "
                          "give the archive of this computation or a new folder (nothing was written)")
     return True
+
+
+#: the identity keys of a computation's images: an archive that differs from it on these alone
+#: may hold the same images to rounding (:func:`archive_images_differ`)
+IMAGE_KEYS = ("x1_sha256", "x2_sha256")
+
+
+def archive_images_differ(path, identity: dict) -> tuple[str, ...]:
+    """The image keys (``x1_sha256``, ``x2_sha256``) on which the archive at ``path`` differs
+    from the computation ``identity`` when it differs on nothing else; () otherwise (no
+    archive, the same identity, or another difference, which :func:`check_archive_identity`
+    refuses).
+
+    Images whose bits differ may still be the same images to rounding: a preprocessing step
+    (ZCA whitening: an eigendecomposition and matrix products in float64, then the kernel's
+    dtype) gives last bits that depend on the machine's BLAS, so the same command on another
+    machine hashes its images differently. The engine then recomputes pairs that cover every
+    image against the archived values (:func:`cnngp.engine.distributed.verify_archive_images`)
+    before it trusts the archive."""
+    path = Path(path)
+    if not (path / "archive.json").is_file():
+        return ()
+    stored = read_archive_header(path).get("identity") or {}
+    if _first_difference(stored, identity, tuple(k for k in IDENTITY_KEYS if k not in IMAGE_KEYS)) is not None:
+        return ()
+    return tuple(k for k in IMAGE_KEYS if not same_spec(stored.get(k), identity.get(k)))
+
+
+def rekey_archive_images(path, identity: dict, check: dict) -> None:
+    """Make the archive at ``path`` the archive of ``identity``'s images (its header's image
+    keys), once :func:`cnngp.engine.distributed.verify_archive_images` found its tiles equal
+    to rounding on them; ``check`` (what was checked) is appended to the header's
+    ``images_verified``, with the image keys it had before."""
+    path = Path(path)
+    header = read_archive_header(path)
+    stored = dict(header.get("identity") or {})
+    previous = {k: stored.get(k) for k in IMAGE_KEYS if not same_spec(stored.get(k), identity.get(k))}
+    stored.update({k: identity.get(k) for k in IMAGE_KEYS})
+    entry = {"previous": previous, **check, "host": socket.gethostname(),
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        _atomic_json(path / "archive.json", {**header, "identity": stored,
+                                             "images_verified": [*(header.get("images_verified") or []), entry]})
+    except OSError as e:
+        raise CNNGPError(f"--archive: rewriting {str(path / 'archive.json')!r} failed ({e.strerror or e})") from None
 
 
 def restorable_tiles(path, tiles: list) -> list:

@@ -41,7 +41,9 @@ from cnngp.engine import fused
 from cnngp.engine.gram import DEFAULT_MEMORY_BUDGET, GramPlan, SelfRecords, mirrored_offsets
 from cnngp.engine.resources import human_bytes
 from cnngp.engine.storage import fingerprint
-from cnngp.engine.store import STORE_FORMAT, KernelStore, StoreWriteError, Tile, tile_plan, writer_lock
+from cnngp.engine.store import (
+    STORE_FORMAT, KernelStore, StoreWriteError, Tile, difference_words, tile_plan, writer_lock,
+)
 from cnngp.errors import CNNGPError
 from cnngp.provenance import versions
 
@@ -646,8 +648,15 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     if archive is not None:  # before the store is made (a dry run too): a refusal leaves nothing behind
         from cnngp.engine.archive import check_archive_apart, check_archive_identity
 
+        from cnngp.engine.archive import archive_images_differ
+
         check_archive_apart(archive, out, "--archive")
-        check_archive_identity(archive, {"format": STORE_FORMAT, **identity}, "--archive")
+        differ = archive_images_differ(archive, {"format": STORE_FORMAT, **identity})
+        if differ and not dry_run:  # the same images to rounding? (a dry run prices them as restored)
+            verify_archive_images(plan, archive, {"format": STORE_FORMAT, **identity}, xa, xb, tiles, differ,
+                                  "--archive", progress)
+        elif not differ:
+            check_archive_identity(archive, {"format": STORE_FORMAT, **identity}, "--archive")
     if dry_run:
         to_compute, lent, restored = _tiles_to_compute(out, identity, tiles, what, ex.reuse, (xa, xb), archive)
         d = _dry_run(plan, xa, xb, to_compute, grids, tile, n_workers,
@@ -835,25 +844,107 @@ def spot_check(plan, store: KernelStore, xa, xb, saver=None, what: str = "--out"
     return len(groups)
 
 
-def _pair_difference(plan, store: KernelStore, xa, xb, i: int, j: int, mirror: bool) -> float:
-    """The largest gap between the store's entries of the pair (i, j) (and with ``mirror`` its
-    entry (j, i), the pair the other way round) and the pair computed here, relative to the
-    largest entry of each kernel type (NNGP, NTK: their scales differ)."""
+def _pair_values(plan, xa, xb, i: int, j: int) -> np.ndarray:
+    """Every stored value of the pair (x1[i], x2[j]) (readouts, kernel types), computed here
+    in float64 from the plan's own outputs."""
     a = torch.as_tensor(xa[i:i + 1], device=plan.device)
     b = torch.as_tensor((xa if xb is None else xb)[j:j + 1], device=plan.device)
-    want = plan.block(a, plan.self_records(a), b, plan.self_records(b)).double().cpu().numpy()[:, 0, 0]
+    return plan.block(a, plan.self_records(a), b, plan.self_records(b)).double().cpu().numpy()[:, 0, 0]
+
+
+def _relative_gap(got: np.ndarray, expected: np.ndarray, kinds: int) -> float:
+    """The largest gap between a pair's values ``got`` and ``expected``, relative to the
+    largest entry of each of its ``kinds`` kernel types (NNGP, NTK: their scales differ)."""
+    gap = 0.0
+    for g, e in zip(np.split(np.asarray(got, dtype=np.float64), kinds), np.split(expected, kinds)):
+        scale = max(float(np.abs(e).max()), np.finfo(np.float64).tiny)
+        gap = max(gap, float(np.abs(g - e).max()) / scale)
+    return gap
+
+
+def _pair_difference(plan, store: KernelStore, xa, xb, i: int, j: int, mirror: bool) -> float:
+    """The largest gap between the store's entries of the pair (i, j) (and with ``mirror`` its
+    entry (j, i), the pair the other way round) and the pair computed here (:func:`_relative_gap`)."""
+    want = _pair_values(plan, xa, xb, i, j)
     pairs = [(np.asarray(store.kernel[:, i, j], dtype=np.float64), want)]
     if mirror:  # the worker also wrote the pair the other way round (offset sums reversed)
         turned = (mirrored_offsets(want, store.attrs.get("offset_shape") or [len(want)], store.attrs.get("flip"))
                   if store.attrs.get("offsets") else want)
         pairs.append((np.asarray(store.kernel[:, j, i], dtype=np.float64), turned))
     kinds = 1 if store.attrs.get("offsets") else max(1, len(plan.kernels))
-    gap = 0.0
-    for got, expected in pairs:
-        for g, e in zip(np.split(got, kinds), np.split(expected, kinds)):
-            scale = max(float(np.abs(e).max()), np.finfo(np.float64).tiny)
-            gap = max(gap, float(np.abs(g - e).max()) / scale)
-    return gap
+    return max(_relative_gap(got, expected, kinds) for got, expected in pairs)
+
+
+def covering_pairs(tiles: list, symmetric: bool) -> list[tuple[int, int, object]]:
+    """Pairs ``(i, j, tile)`` inside ``tiles`` such that every image of their rows and columns
+    is in at least one pair: a tile's k-th row with its k-th column (wrapping round the shorter
+    side), kept only where it brings an image not yet covered. About one pair per image: a
+    symmetric matrix's ``i`` and ``j`` are the same images (a diagonal tile gives (i, i))."""
+    rows_seen: set = set()
+    cols_seen = rows_seen if symmetric else set()
+    pairs = []
+    for t in tiles:
+        h, w = t.rows.stop - t.rows.start, t.cols.stop - t.cols.start
+        for k in range(max(h, w)):
+            i, j = t.rows.start + k % h, t.cols.start + k % w
+            if t.diagonal and i > j:  # a diagonal tile computes r <= c
+                i, j = j, i
+            if i not in rows_seen or j not in cols_seen:
+                rows_seen.add(i)
+                cols_seen.add(j)
+                pairs.append((i, j, t))
+    return pairs
+
+
+def verify_archive_images(plan, archive, identity: dict, xa, xb, tiles: list, differ: tuple,
+                          what: str = "--archive", progress: bool = True) -> dict:
+    """Accept the archive at ``archive``, whose identity differs from ``identity`` only in the
+    sha256 of its images (``differ``: :func:`cnngp.engine.archive.archive_images_differ`), as
+    an archive of these images ``xa`` / ``xb``, or refuse it.
+
+    The same images preprocessed on another machine (ZCA whitening: float64 eigenvectors and
+    products whose last bits follow the BLAS) hash differently, so a run resumed there would
+    otherwise recompute everything. Every image the archived tiles (of ``tiles``) hold is put
+    in one pair at least (:func:`covering_pairs`), each pair is computed again here and
+    compared with the archived values: all within :data:`SPOT_CHECK_TOLERANCE` of the dtype
+    (rounding), and the header is rewritten with these images' sha256 and what was checked
+    (``images_verified``); any pair beyond it, and the archive is refused as one of other
+    images, nothing written. Returns the check's record."""
+    from cnngp.engine.archive import read_archived_tile, rekey_archive_images, restorable_tiles
+
+    archived = restorable_tiles(archive, tiles)
+    pairs = covering_pairs(archived, xb is None)
+    tolerance = SPOT_CHECK_TOLERANCE.get(plan.dtype, 1e-4)
+    kinds = 1 if identity.get("offsets") else max(1, len(plan.kernels))
+    n_out, dtype = int(identity["shape"][0]), np.dtype(identity["dtype"])
+    if progress and pairs:
+        print(f"{what}: {str(archive)!r} was computed on images whose sha256 differs from these (the same images "
+              "preprocessed on another machine differ in their last bits); computing again "
+              f"{len(pairs):,} pairs that cover every image it holds, to compare", file=sys.stderr)
+    worst, blocks = 0.0, {}
+    for i, j, t in pairs:
+        if t.name not in blocks:
+            blocks.clear()  # pairs come tile by tile: one decoded tile at a time
+            loaded = read_archived_tile(archive, t, n_out, dtype)
+            blocks[t.name] = None if loaded is None or isinstance(loaded, str) else loaded[0]
+        block = blocks[t.name]
+        if block is None:  # a damaged tile: not restored, recomputed (the archive says so later)
+            continue
+        gap = _relative_gap(block[:, i - t.rows.start, j - t.cols.start], _pair_values(plan, xa, xb, i, j), kinds)
+        if not gap <= tolerance:
+            which = " and ".join(difference_words(k, {}) for k in differ)
+            raise CNNGPError(
+                f"{what}: {str(archive)!r} holds tiles of a kernel of different {which}: their sha256 differs from "
+                f"these images', and the pair ({i}, {j}) (tile {t.name}) computed on these differs from its archived "
+                f"value by {gap:.2g} relative, beyond rounding ({tolerance:g}); give the archive of this computation "
+                "or a new folder (nothing was written)")
+        worst = max(worst, gap)
+    check = {"pairs_checked": len(pairs), "largest_relative_difference": worst, "tolerance": tolerance}
+    rekey_archive_images(archive, identity, check)
+    if progress and pairs:
+        print(f"{what}: the {len(pairs):,} pairs agree with {str(archive)!r} to {worst:.1g} relative (rounding): "
+              "its tiles are restored as this computation's", file=sys.stderr)
+    return check
 
 
 class _TileBook:
