@@ -571,3 +571,26 @@ def test_a_test_kernels_archive_is_verified_on_both_its_images(tmp_path):
     with pytest.raises(CNNGPError, match=r"different images \(its columns\).* the pair \(\d, 7\)"):
         store_kernel(BODY, x1, other, readouts=READOUTS, out=tmp_path / "c.zarr", archive=tmp_path / "arch",
                      progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [dict(flip=True), dict(flip="mirror"), dict(get=("nngp", "ntk"))],
+                         ids=["flip-average", "mirror-term", "nngp+ntk"])
+def test_images_rounded_otherwise_are_verified_for_flip_terms_and_ntks(tmp_path, kwargs):
+    """The recomputed pairs are the stored quantity itself (the flip average, its mirror term,
+    NNGP and NTK side by side): the archive is accepted for the same images in other last
+    bits, its kernel that of a store computed from scratch on them, and refused for others."""
+    x = _images(7)
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "a.zarr", tile=3, archive=tmp_path / "arch",
+                 progress=False, **kwargs)
+    y = _last_bits_changed(x, (slice(None), 1, 4, 0))
+    report = store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "b.zarr", archive=tmp_path / "arch",
+                          progress=False, **kwargs)
+    assert (report.tiles_restored, report.tiles_computed) == (6, 0)
+    store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "fresh.zarr", tile=3, progress=False, **kwargs)
+    fresh = _stored(tmp_path / "fresh.zarr")
+    assert np.allclose(_stored(tmp_path / "b.zarr"), fresh, rtol=1e-12, atol=1e-12 * np.abs(fresh).max())
+    other = y.copy()
+    other[3] = _images(1, seed=9)[0]  # (not its mirror image: the flip average is the same for it)
+    with pytest.raises(CNNGPError, match=r"different images \(its rows\).* the pair \(\d, 3\)"):
+        store_kernel(BODY, other, readouts=READOUTS, out=tmp_path / "c.zarr", archive=tmp_path / "arch",
+                     progress=False, **kwargs)

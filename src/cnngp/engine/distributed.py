@@ -896,6 +896,31 @@ def covering_pairs(tiles: list, symmetric: bool) -> list[tuple[int, int, object]
     return pairs
 
 
+def _values_at_pairs(plan, xa, xb, pairs: list, chunk: int = 2048) -> np.ndarray:
+    """Every stored value of the listed pairs (x1[i], x2[j]) (``xb`` None: x1 × x1), computed
+    here in float64: (n_outputs, P), through :meth:`GramPlan.at_pairs` in the plan's batches
+    (one pair at a time costs ~25× as much), ``chunk`` pairs at a time with the self records of
+    their images alone, so that memory does not grow with the matrix."""
+    out = np.empty((plan.n_outputs, len(pairs)))
+    for begin in range(0, len(pairs), chunk):
+        part = np.asarray(pairs[begin:begin + chunk], dtype=np.int64).reshape(-1, 2)
+        if xb is None:  # x1 × x1: each image's self records once, whichever side it is on
+            images, at = np.unique(part, return_inverse=True)
+            x_rows = x_cols = torch.as_tensor(np.ascontiguousarray(xa[images]), device=plan.device)
+            rec_rows = rec_cols = plan.self_records(x_rows)
+            row_at, col_at = at.reshape(-1, 2).T
+        else:
+            rows, row_at = np.unique(part[:, 0], return_inverse=True)
+            cols, col_at = np.unique(part[:, 1], return_inverse=True)
+            x_rows = torch.as_tensor(np.ascontiguousarray(xa[rows]), device=plan.device)
+            x_cols = torch.as_tensor(np.ascontiguousarray(xb[cols]), device=plan.device)
+            rec_rows, rec_cols = plan.self_records(x_rows), plan.self_records(x_cols)
+        values = plan.at_pairs(x_rows, rec_rows, x_cols, rec_cols, torch.as_tensor(np.ravel(row_at)),
+                               torch.as_tensor(np.ravel(col_at)))
+        out[:, begin:begin + len(part)] = values.double().cpu().numpy()
+    return out
+
+
 def verify_archive_images(plan, archive, identity: dict, xa, xb, tiles: list, differ: tuple,
                           what: str = "--archive", progress: bool = True) -> dict:
     """Accept the archive at ``archive``, whose identity differs from ``identity`` only in the
@@ -921,16 +946,18 @@ def verify_archive_images(plan, archive, identity: dict, xa, xb, tiles: list, di
         print(f"{what}: {str(archive)!r} was computed on images whose sha256 differs from these (the same images "
               "preprocessed on another machine differ in their last bits); computing again "
               f"{len(pairs):,} pairs that cover every image it holds, to compare", file=sys.stderr)
-    worst, blocks = 0.0, {}
+    archived_values, kept, current = [], [], None
     for i, j, t in pairs:
-        if t.name not in blocks:
-            blocks.clear()  # pairs come tile by tile: one decoded tile at a time
-            loaded = read_archived_tile(archive, t, n_out, dtype)
-            blocks[t.name] = None if loaded is None or isinstance(loaded, str) else loaded[0]
-        block = blocks[t.name]
-        if block is None:  # a damaged tile: not restored, recomputed (the archive says so later)
-            continue
-        gap = _relative_gap(block[:, i - t.rows.start, j - t.cols.start], _pair_values(plan, xa, xb, i, j), kinds)
+        if t.name != current:  # pairs come tile by tile: one decoded at a time
+            current, loaded = t.name, read_archived_tile(archive, t, n_out, dtype)
+            block = None if loaded is None or isinstance(loaded, str) else loaded[0]
+        if block is not None:  # a damaged tile is not restored but recomputed (said later)
+            archived_values.append(block[:, i - t.rows.start, j - t.cols.start])
+            kept.append((i, j, t))
+    computed = _values_at_pairs(plan, xa, xb, [(i, j) for i, j, _ in kept])
+    worst = 0.0
+    for p, (i, j, t) in enumerate(kept):
+        gap = _relative_gap(archived_values[p], computed[:, p], kinds)
         if not gap <= tolerance:
             which = " and ".join(difference_words(k, {}) for k in differ)
             raise CNNGPError(
@@ -939,10 +966,10 @@ def verify_archive_images(plan, archive, identity: dict, xa, xb, tiles: list, di
                 f"value by {gap:.2g} relative, beyond rounding ({tolerance:g}); give the archive of this computation "
                 "or a new folder (nothing was written)")
         worst = max(worst, gap)
-    check = {"pairs_checked": len(pairs), "largest_relative_difference": worst, "tolerance": tolerance}
+    check = {"pairs_checked": len(kept), "largest_relative_difference": worst, "tolerance": tolerance}
     rekey_archive_images(archive, identity, check)
-    if progress and pairs:
-        print(f"{what}: the {len(pairs):,} pairs agree with {str(archive)!r} to {worst:.1g} relative (rounding): "
+    if progress and kept:
+        print(f"{what}: the {len(kept):,} pairs agree with {str(archive)!r} to {worst:.1g} relative (rounding): "
               "its tiles are restored as this computation's", file=sys.stderr)
     return check
 

@@ -816,28 +816,39 @@ class GramPlan:
         With ``flip``, ½[k(x_i, x_i) + k(x_i, flip x_i)], the diagonal of the flip-averaged
         Gram matrix (docs/maths.md §9): 2N pairs.
         """
-        n = int(x.shape[0])
+        every = torch.arange(int(x.shape[0]))
+        return self.at_pairs(x, rec, x, rec, every, every, progress)
+
+    def at_pairs(self, x_rows, rec_rows: SelfRecords, x_cols, rec_cols: SelfRecords, rows, cols,
+                 progress=None) -> torch.Tensor:
+        """The kernels of the listed pairs (x_rows[rows[p]], x_cols[cols[p]]) alone:
+        (n_outputs, P), as :meth:`block` computes them (with ``flip``, the flip average or its
+        mirror term), in batches of the plan's pairs: what checks a few scattered pairs of a
+        large matrix (:func:`cnngp.engine.distributed.verify_archive_images`) without a block
+        around each."""
+        rows, cols = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+        n = int(rows.numel())
         out = torch.empty((self.n_outputs, n), dtype=self.dtype)
         if self.flip:
-            x_flip, rec_flip = flip_images(x), rec.flipped()
+            x_flip, rec_flip = flip_images(x_cols), rec_cols.flipped()
         with torch.no_grad():
             for begin in range(0, n, self.pair_batch):
-                idx = torch.arange(begin, min(n, begin + self.pair_batch))
-                d = idx.to(self.device)
-                if idx.numel() == 1:  # a lone pair runs as two, as in block()
-                    d = d.repeat(2)
+                r, c = rows[begin : begin + self.pair_batch], cols[begin : begin + self.pair_batch]
+                rd, cd = r.to(self.device), c.to(self.device)
+                if r.numel() == 1:  # a lone pair runs as two, as in block()
+                    rd, cd = rd.repeat(2), cd.repeat(2)
                 if self.flip != MIRROR:
-                    values = _pair_values(self.plan, x[d], x[d], rec.variances, rec.variances,
-                                          d, d).cpu()[:, : idx.numel()]
+                    values = _pair_values(self.plan, x_rows[rd], x_cols[cd], rec_rows.variances,
+                                          rec_cols.variances, rd, cd).cpu()[:, : r.numel()]
                 if self.flip:  # as in block()
-                    mirrored = _pair_values(self.plan, x[d], x_flip[d], rec.variances, rec_flip.variances,
-                                            d, d).cpu()[:, : idx.numel()]
+                    mirrored = _pair_values(self.plan, x_rows[rd], x_flip[cd], rec_rows.variances,
+                                            rec_flip.variances, rd, cd).cpu()[:, : r.numel()]
                     values = mirrored if self.flip == MIRROR else flip_average(values, mirrored)
                 if not bool(torch.isfinite(values).all()):
-                    _check_finite(values, self.body, self.heads, (x,), self.dtype)
-                out[:, idx] = values
+                    _check_finite(values, self.body, self.heads, (x_rows, x_cols), self.dtype)
+                out[:, begin : begin + r.numel()] = values
                 if progress is not None:
-                    progress.update(idx.numel())
+                    progress.update(r.numel())
         return out
 
     def tiles(self, n_rows: int, n_cols: int | None = None, tile: int = 512):
