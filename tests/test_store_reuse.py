@@ -666,3 +666,61 @@ def test_a_test_best_sweep_borrows_its_chosen_readout_from_a_test_all_sweeps_sto
                                                                         fresh["test"]["lengthscale"])
     for key in ("test_accuracy", "test_nll", "test_ece"):
         assert grown["test"][key] == pytest.approx(fresh["test"][key], rel=1e-9, abs=1e-12), key
+
+
+def _last_bits_changed(x: np.ndarray, where) -> np.ndarray:
+    """``x`` with the values at ``where`` one unit in the last place higher: the same images as
+    preprocessed on another machine (ZCA whitening's last bits follow the BLAS)."""
+    y = x.copy()
+    y[where] = np.nextafter(y[where], np.inf)
+    return y
+
+
+@pytest.mark.parametrize("grow", [True, False], ids=["lender-of-fewer", "lender-of-more"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_store_on_the_same_images_rounded_otherwise_lends_and_other_images_are_refused(tmp_path, grow, dtype):
+    """A lender store whose sha256 differs from these images' compares the images it keeps:
+    within rounding (last bits) it lends, and the kernel is that of these images to the
+    dtype's rounding; one pixel moved beyond rounding, and it is refused, nothing made."""
+    from cnngp.engine.lending import same_to_rounding
+
+    x = _images(9).astype(dtype)
+    old = tmp_path / "old.zarr"
+    store_kernel(BODY, x[:6] if grow else x, readouts=READOUTS, out=old, tile=3, dtype=dtype, progress=False)
+    y = _last_bits_changed(x, (slice(None), 2, 3, 1))
+    n = 9 if grow else 6
+    report = store_kernel(BODY, y[:n], readouts=READOUTS, out=tmp_path / "new.zarr", tile=3, reuse=old,
+                          dtype=dtype, progress=False)
+    assert report.tiles_reused == 3 if grow else report.tiles_reused == report.tiles_total
+    K = np.asarray(KernelStore.open(tmp_path / "new.zarr").kernel[...])
+    want = cnngp.readout_sweep(BODY, READOUTS, y[:n], dtype=dtype).numpy()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(K, want, rtol=tol, atol=tol * np.abs(want).max())
+    # the rule itself: last bits pass; a pixel moved by 1e-6 of the scale, another shape or dtype do not
+    assert same_to_rounding(x, y) and not same_to_rounding(x, y[:5]) and not same_to_rounding(None, y)
+    assert not same_to_rounding(x.astype(np.float64 if dtype == "float32" else np.float32), y)
+    moved = y.copy()
+    moved[4, 0, 0, 0] += 1e-6 * np.abs(y).max()
+    assert not same_to_rounding(x, moved)
+    with pytest.raises(CNNGPError, match=r"^--reuse: .*old\.zarr' was computed on .*images \(x1\)"):
+        store_kernel(BODY, moved[:n], readouts=READOUTS, out=tmp_path / "other.zarr", tile=3, reuse=old,
+                     dtype=dtype, progress=False)
+    assert not (tmp_path / "other.zarr").exists()
+
+
+def test_an_archive_lender_on_images_rounded_otherwise_is_refused_saying_to_restore_it(tmp_path):
+    """An archive keeps no images to compare: its lending is refused, with the remedy (restore
+    it with its own command, which checks the images by computing pairs again)."""
+    x = _images(6)
+    archive = tmp_path / "archive"
+    store_kernel(BODY, x, readouts=READOUTS, out=tmp_path / "old.zarr", tile=3, archive=archive, progress=False)
+    y = np.concatenate([_last_bits_changed(x, (slice(None), 0, 0, 0)), _images(3, seed=4)])
+    with pytest.raises(CNNGPError, match=r"^--reuse: .*archive' was computed on .*an archive keeps no images to "
+                                         r"compare: restore it into a store first"):
+        store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "new.zarr", tile=3, reuse=archive, progress=False)
+    restored = store_kernel(BODY, y[:6], readouts=READOUTS, out=tmp_path / "restored.zarr", archive=archive,
+                            progress=False)
+    assert (restored.tiles_restored, restored.tiles_computed) == (3, 0)  # the remedy, checked by pairs
+    grown = store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "new.zarr", tile=3,
+                         reuse=tmp_path / "restored.zarr", progress=False)
+    assert (grown.tiles_reused, grown.tiles_computed) == (3, 3)

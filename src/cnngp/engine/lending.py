@@ -10,7 +10,9 @@ The lender is a kernel store (``K.zarr``, :mod:`cnngp.engine.store`) or a tile a
 portable copy, ``archive.json``: :mod:`cnngp.engine.archive`), of any tile size. Its images
 must begin as the borrower's do, compared by the sha256 it recorded of its images when it has
 fewer, or with the images it keeps when it has more (a store; an archive keeps none, so it
-lends only to a kernel on at least its images). A borrower's tile is lent when every tile of
+lends only to a kernel on at least its images). A store's kept images also settle a sha256
+that differs: the same images preprocessed on another machine differ in their last bits, and
+are accepted within rounding (:func:`same_to_rounding`). A borrower's tile is lent when every tile of
 the lender that holds part of its block is recorded as done; it is then cut from, or assembled
 out of, those tiles (below a symmetric lender's diagonal, the mirror chunks), each read whole
 once and checked against its record's sha256 as it is copied. A part that fails the check
@@ -202,6 +204,29 @@ def holds_readouts(path, heads) -> bool:
     return not isinstance(readout_rows(attrs, {"readouts": [h.to_spec() for h in heads]}), str)
 
 
+#: how far a lender's images may be from a borrower's, relative to their largest pixel, and
+#: still be the same images: the same preprocessing (ZCA whitening's float64 eigenvectors and
+#: products) on another machine differs in its last bits, about 1e-13 relative before the
+#: images are rounded to the kernel's dtype (float32: at most a unit in the last place)
+IMAGE_ROUNDING = 1e-10
+
+
+def same_to_rounding(kept, x) -> bool:
+    """Whether images ``kept`` (a lender's, None: none) are ``x`` to rounding: the same shape
+    and dtype, every pixel within :data:`IMAGE_ROUNDING` or 4 units in the last place of the
+    dtype, relative to the largest pixel — the kernels of images that close agree within the
+    store's spot-check tolerance."""
+    if kept is None:
+        return False
+    kept, x = np.asarray(kept), np.asarray(x)
+    if kept.shape != x.shape or kept.dtype != x.dtype or not np.issubdtype(x.dtype, np.floating):
+        return False
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    tolerance = max(IMAGE_ROUNDING, 4 * float(np.finfo(x.dtype).eps)) * scale
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.abs(kept.astype(np.float64) - x.astype(np.float64)) <= tolerance))
+
+
 def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender:
     """The kernel store or tile archive at ``source``, checked as a lender to the computation
     ``identity`` on images ``x1`` (and ``x2``; None: x1 × x1), as stored (the plan's dtype): one
@@ -238,6 +263,8 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
             break
         if n <= x.shape[0]:  # its images are the first of these: by the hash it recorded of them
             same = fingerprint(np.ascontiguousarray(x[:n])) == other.attrs.get(f"{which}_sha256")
+            if not same and isinstance(other, _StoreLender):  # or, to rounding, by those it keeps
+                same = same_to_rounding(other.first_images(which, n), x[:n])
             whose = f"{n} images ({which}) that are not the first {n} of this computation's {x.shape[0]}"
         else:  # these are the first of its images: by the images it keeps
             kept = other.first_images(which, x.shape[0])
@@ -251,7 +278,8 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
                     f"this computation has ({x.shape[0]}), and an archive keeps no images to check that these "
                     "are its first; restore it into a store first (its own command with --archive DIR), "
                     "then give that store to --reuse")
-            same = kept is not None and fingerprint(np.ascontiguousarray(x)) == fingerprint(kept)
+            same = kept is not None and (fingerprint(np.ascontiguousarray(x)) == fingerprint(kept)
+                                         or same_to_rounding(kept, x))
             whose = (f"{n} images ({which}) whose first {x.shape[0]} are not this computation's "
                      f"{x.shape[0]}")
         if not same:
@@ -260,9 +288,13 @@ def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender
                 f"; its images were whitened by ZCA of strength {zca.get('strength')} fitted on "
                 f"{zca.get('fitted_on_images') or 'its training images'}, and a whitening fitted on other "
                 "images makes other images")
+            archived = "" if isinstance(other, _StoreLender) else (
+                " (the same images preprocessed on another machine, whose last bits differ? an archive keeps no "
+                "images to compare: restore it into a store first, its own command with --archive DIR, which "
+                "checks them by computing pairs again, then give that store to --reuse)")
             raise LenderRefused(f"{what}: {str(source)!r} was computed on {whose}; it lends tiles only to a "
                                 "kernel whose images begin as its do (the same images first, in the same order "
-                                f"and preprocessing){whitened}")
+                                f"and preprocessing){whitened}{archived}")
     return other
 
 
