@@ -594,3 +594,53 @@ def test_images_rounded_otherwise_are_verified_for_flip_terms_and_ntks(tmp_path,
     with pytest.raises(CNNGPError, match=r"different images \(its rows\).* the pair \(\d, 3\)"):
         store_kernel(BODY, other, readouts=READOUTS, out=tmp_path / "c.zarr", archive=tmp_path / "arch",
                      progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_store_resumed_on_the_same_images_rounded_otherwise_goes_on_and_other_images_are_refused(tmp_path,
+                                                                                                    dtype):
+    """A store on a shared file system resumed from a machine whose preprocessing rounds
+    otherwise: its kept images are compared with these (within rounding), so it is resumed —
+    its kept images and their sha256 rewritten to these, the change recorded — and its missing
+    tiles computed; the kernel is that of these images to rounding. The dry run agrees. An image
+    moved beyond rounding is refused as before, the store untouched."""
+    from cnngp.engine.distributed import store_dry_run
+
+    x = _images(7).astype(dtype)
+    path = tmp_path / "a.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=path, tile=3, dtype=dtype, progress=False)
+    store = KernelStore.open(path)
+    old_sha = store.attrs["x1_sha256"]
+    store.forget(store.tiles()[-1])  # an unfinished store
+    y = _last_bits_changed(x, (slice(None), 3, 2, 0))
+    assert store_dry_run(BODY, y, readouts=READOUTS, out=path, dtype=dtype, progress=False).dry_run["tiles"] == 1
+    report = store_kernel(BODY, y, readouts=READOUTS, out=path, dtype=dtype, progress=False)
+    assert (report.tiles_done_before, report.tiles_computed) == (5, 1)
+    store = KernelStore.open(path)
+    assert store.attrs["x1_sha256"] != old_sha and store.damaged_images() == []
+    assert np.asarray(store.group["images"]["x1"][...]).tobytes() == y.tobytes()
+    (entry,) = store.attrs["images_rounded_otherwise"]
+    assert entry["previous"] == {"x1_sha256": old_sha}
+    want = cnngp.readout_sweep(BODY, READOUTS, y, dtype=getattr(__import__("torch"), dtype)).numpy()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    assert np.allclose(_stored(path), want, rtol=tol, atol=tol * np.abs(want).max())
+    moved = y.copy()
+    moved[2] = _images(1, seed=9)[0]
+    before = _stored(path).tobytes()
+    for run in (store_dry_run, store_kernel):
+        with pytest.raises(CNNGPError, match=r"holds a kernel of different images \(its rows\)"):
+            run(BODY, moved, readouts=READOUTS, out=path, dtype=dtype, progress=False)
+    assert _stored(path).tobytes() == before and KernelStore.open(path).attrs["x1_sha256"] == store.attrs["x1_sha256"]
+
+
+def test_a_rekey_cut_short_is_finished_by_the_next_resume(tmp_path):
+    """Kept images already rewritten, the sha256 not yet: the next resume with those images
+    accepts the store (its images hash to the new sha256) and finishes the rekey."""
+    x = _images(5)
+    path = tmp_path / "a.zarr"
+    store_kernel(BODY, x, readouts=READOUTS, out=path, tile=3, progress=False)
+    y = _last_bits_changed(x, (slice(None), 0, 1, 2))
+    KernelStore.open(path).group["images"]["x1"][...] = y  # cut short after the images
+    assert KernelStore.open(path).damaged_images() == ["x1"]
+    report = store_kernel(BODY, y, readouts=READOUTS, out=path, progress=False)
+    assert report.tiles_computed == 0 and KernelStore.open(path).damaged_images() == []

@@ -37,7 +37,7 @@ import numpy as np
 from cnngp.engine.gram import Tile, tile_plan
 from cnngp.engine.storage import check_own_folder
 from cnngp.engine.store import (
-    IDENTITY_KEYS, KernelStore, difference_words, same_spec, _atomic_json, _checksum, _first_difference, _read_json,
+    IDENTITY_KEYS, IMAGE_KEYS, KernelStore, difference_words, same_spec, _atomic_json, _checksum, _first_difference, _read_json,
 )
 from cnngp.errors import CNNGPError
 
@@ -241,11 +241,6 @@ def check_archive_identity(path, identity: dict, what: str = "--archive") -> boo
                          f"{difference_words(key, stored.get('identity') or {})}{values}; "
                          "give the archive of this computation or a new folder (nothing was written)")
     return True
-
-
-#: the identity keys of a computation's images: an archive that differs from it on these alone
-#: may hold the same images to rounding (:func:`archive_images_differ`)
-IMAGE_KEYS = ("x1_sha256", "x2_sha256")
 
 
 def archive_images_differ(path, identity: dict) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from cnngp.engine.gram import Tile
 from cnngp.engine.storage import fingerprint
 from cnngp.engine.store import (
     IDENTITY_KEYS, STORE_FORMAT, KernelStore, TiledKernel, difference_words, _checksum, _first_difference, _read_json,
-    same_spec,
+    same_spec, same_to_rounding,
 )
 from cnngp.errors import CNNGPError
 
@@ -202,29 +202,6 @@ def holds_readouts(path, heads) -> bool:
     if heads is None or attrs.get("offsets"):
         return heads is None and bool(attrs.get("offsets"))
     return not isinstance(readout_rows(attrs, {"readouts": [h.to_spec() for h in heads]}), str)
-
-
-#: how far a lender's images may be from a borrower's, relative to their largest pixel, and
-#: still be the same images: the same preprocessing (ZCA whitening's float64 eigenvectors and
-#: products) on another machine differs in its last bits, about 1e-13 relative before the
-#: images are rounded to the kernel's dtype (float32: at most a unit in the last place)
-IMAGE_ROUNDING = 1e-10
-
-
-def same_to_rounding(kept, x) -> bool:
-    """Whether images ``kept`` (a lender's, None: none) are ``x`` to rounding: the same shape
-    and dtype, every pixel within :data:`IMAGE_ROUNDING` or 4 units in the last place of the
-    dtype, relative to the largest pixel — the kernels of images that close agree within the
-    store's spot-check tolerance."""
-    if kept is None:
-        return False
-    kept, x = np.asarray(kept), np.asarray(x)
-    if kept.shape != x.shape or kept.dtype != x.dtype or not np.issubdtype(x.dtype, np.floating):
-        return False
-    scale = float(np.abs(x).max()) if x.size else 0.0
-    tolerance = max(IMAGE_ROUNDING, 4 * float(np.finfo(x.dtype).eps)) * scale
-    with np.errstate(invalid="ignore"):
-        return bool(np.all(np.abs(kept.astype(np.float64) - x.astype(np.float64)) <= tolerance))
 
 
 def open_lender(source, identity: dict, x1, x2, what: str = "--reuse") -> Lender:

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import json
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ STORE_FORMAT = "cnngp-kernel-store/1"
 
 #: identity keys that must agree for a resume, in the order a mismatch is reported
 IDENTITY_KEYS = ("format", "spec", "readouts", "kernels", "offsets", "flip", "dtype", "x1_sha256", "x2_sha256", "tile", "shape")
+#: the identity's keys of the images (the sha256 of x1, x2)
+IMAGE_KEYS = ("x1_sha256", "x2_sha256")
 
 
 def is_store_path(path) -> bool:
@@ -159,6 +162,29 @@ _WHAT = {
     "x1_sha256": "images (its rows)", "x2_sha256": "images (its columns)", "dtype": "dtype",
     "tile": "tile size", "shape": "shape",
 }
+
+
+#: how far a store's (or lender's) images may be from a computation's, relative to their
+#: largest pixel, and still be the same images: the same preprocessing (ZCA whitening's float64 eigenvectors and
+#: products) on another machine differs in its last bits, about 1e-13 relative before the
+#: images are rounded to the kernel's dtype (float32: at most a unit in the last place)
+IMAGE_ROUNDING = 1e-10
+
+
+def same_to_rounding(kept, x) -> bool:
+    """Whether images ``kept`` (a store's or lender's, None: none) are ``x`` to rounding: the same shape
+    and dtype, every pixel within :data:`IMAGE_ROUNDING` or 4 units in the last place of the
+    dtype, relative to the largest pixel — the kernels of images that close agree within the
+    store's spot-check tolerance."""
+    if kept is None:
+        return False
+    kept, x = np.asarray(kept), np.asarray(x)
+    if kept.shape != x.shape or kept.dtype != x.dtype or not np.issubdtype(x.dtype, np.floating):
+        return False
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    tolerance = max(IMAGE_ROUNDING, 4 * float(np.finfo(x.dtype).eps)) * scale
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.abs(kept.astype(np.float64) - x.astype(np.float64)) <= tolerance))
 
 
 def refuse_other_computation(path, attrs: dict, identity: dict, what: str) -> None:
@@ -328,6 +354,8 @@ class KernelStore(TiledKernel):
                                      "nothing was overwritten")
             else:
                 store = cls.open(path, what=what)
+                if store.images_within_rounding(identity, {"x1": x1, "x2": x2}):
+                    store._rekey_images(identity, {"x1": x1, "x2": x2})  # the same images, last bits aside
                 refuse_other_computation(path, store.attrs, identity, what)  # (open refused a half-created one)
                 store.check_for_work()
                 return store
@@ -497,6 +525,48 @@ class KernelStore(TiledKernel):
             if not same:
                 damaged.append(which)
         return damaged
+
+    def images_within_rounding(self, identity: dict, images: dict) -> bool:
+        """Whether this store, made for ``identity`` but for the sha256 of its images, keeps
+        images that are ``images`` (``{"x1": ..., "x2": ...}``, as stored) to rounding
+        (:func:`same_to_rounding`): the same preprocessing (``--zca``) on another machine, whose
+        last bits differ. Such a store is resumed, not refused: its tiles are the kernel of
+        these images within the dtype's rounding (:meth:`create` rekeys it)."""
+        if _first_difference(self.attrs, identity, tuple(k for k in IDENTITY_KEYS if k not in IMAGE_KEYS)):
+            return False
+        differ = [k for k in IMAGE_KEYS if not same_spec(self.attrs.get(k), identity.get(k))]
+        if not differ:
+            return False
+        damaged = self.damaged_images()
+        for key in differ:
+            which, x = key.removesuffix("_sha256"), images.get(key.removesuffix("_sha256"))
+            try:
+                kept = np.asarray(self.group["images"][which][...])
+            except Exception:  # unreadable: refused as other images
+                return False
+            if x is None or not (fingerprint(kept) == identity.get(key)  # rewritten by a rekey cut short
+                                 or which not in damaged and same_to_rounding(kept, x)):
+                return False
+        return True
+
+    def _rekey_images(self, identity: dict, images: dict) -> None:
+        """Make the store that of ``images`` (checked by :meth:`images_within_rounding`): its
+        kept images rewritten, then the sha256 it records of them, and the change recorded
+        (``images_rounded_otherwise``; a rewrite cut short between the two is finished by the
+        next resume, whose check accepts kept images that already hash to the new sha256)."""
+        differ = [k for k in IMAGE_KEYS if not same_spec(self.attrs.get(k), identity.get(k))]
+        try:
+            for key in differ:
+                self.group["images"][key.removesuffix("_sha256")][...] = images[key.removesuffix("_sha256")]
+            entry = {"previous": {k: self.attrs.get(k) for k in differ}, "host": socket.gethostname(),
+                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            values = {**{k: identity.get(k) for k in differ},
+                      "images_rounded_otherwise": [*(self.attrs.get("images_rounded_otherwise") or []), entry]}
+            self.group.attrs.update(values)
+        except OSError as e:
+            raise CNNGPError(f"{self.what}: rewriting the images of {str(self.path)!r} failed ({e.strerror or e})") \
+                from None
+        self.attrs.update(values)
 
     # -- shape of the work ----------------------------------------------------------------
     @property
