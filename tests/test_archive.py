@@ -512,6 +512,15 @@ def test_an_archive_of_the_same_images_rounded_otherwise_is_verified_and_restore
                  archive=tmp_path / "arch", progress=False)
     old = json.loads((tmp_path / "arch" / "archive.json").read_text())["identity"]["x1_sha256"]
     y = _last_bits_changed(x, (slice(None), 2, 3, 1))
+    from cnngp.engine.distributed import describe_dry_run, store_dry_run
+
+    plan = store_dry_run(BODY, y, readouts=READOUTS, out=tmp_path / "b.zarr", dtype=dtype,
+                         archive=tmp_path / "arch", progress=False).dry_run
+    assert (plan["tiles"], plan["tiles_restored"], plan["archive_images_differ"]) == (0, 6, ["x1_sha256"])
+    assert "6 restored from" in describe_dry_run(plan) and "after a check of its images by pairs" in \
+        describe_dry_run(plan)
+    assert not (tmp_path / "b.zarr").exists() and "images_verified" not in \
+        json.loads((tmp_path / "arch" / "archive.json").read_text())  # a dry run writes nothing (the run checks)
     report = store_kernel(BODY, y, readouts=READOUTS, out=tmp_path / "b.zarr", dtype=dtype,
                           archive=tmp_path / "arch", progress=True)
     assert (report.tiles_restored, report.tiles_computed) == (6, 0)

@@ -497,7 +497,8 @@ def _tiles_elsewhere(d: dict) -> str:
     """" (of 10; 3 copied from K1.zarr, the rest in the store)": where the plan's other tiles come from."""
     total, lent, restored = d.get("tiles_total", d["tiles"]), d.get("tiles_lent", 0), d.get("tiles_restored", 0)
     rest = total - d["tiles"] - lent - restored
-    parts = ([f"{restored} restored from {d['archive']} (--archive)"] if restored else []) \
+    checked = " after a check of its images by pairs: their sha256 differs" if d.get("archive_images_differ") else ""
+    parts = ([f"{restored} restored from {d['archive']} (--archive){checked}"] if restored else []) \
         + ([f"{lent} copied from {d['reuse']} (--reuse)"] if lent else []) \
         + (["the rest in the store" if lent or restored else "the rest are in the store"] if rest else [])
     return f" (of {total}; {', '.join(parts)})" if parts else ""
@@ -647,6 +648,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
     # the tasks' key: the computation and how it runs (a worker's cached plan is one engine's)
     key = fingerprint(identity, recipe[2]["engine"], recipe[2]["batch_size"], recipe[2]["memory_budget"],
                       str(plan.device))
+    differ = ()
     if archive is not None:  # before the store is made (a dry run too): a refusal leaves nothing behind
         from cnngp.engine.archive import check_archive_apart, check_archive_identity
 
@@ -667,6 +669,7 @@ def _store(model, x1, x2, out, readouts, labels, kind, dry_run: bool, ex: Execut
         d["tiles_total"] = len(tiles)
         d["tiles_restored"], d["archive"] = len(restored), None if archive is None else str(archive)
         d["reuse"] = None if ex.reuse is None else str(ex.reuse)
+        d["archive_images_differ"] = list(differ)  # the run checks them by pairs first (verify_archive_images)
         return StoreReport(str(out), tuple(identity["shape"]), tile, len(tiles), 0, 0, 0, 0, 0, 0.0,
                            n_workers, dry_run=d)
     provenance = {"versions": versions(), "labels": list(labels or []),
