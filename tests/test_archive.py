@@ -607,7 +607,7 @@ def test_images_rounded_otherwise_are_verified_for_flip_terms_and_ntks(tmp_path,
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_store_resumed_on_the_same_images_rounded_otherwise_goes_on_and_other_images_are_refused(tmp_path,
-                                                                                                    dtype):
+                                                                                                    dtype, capsys):
     """A store on a shared file system resumed from a machine whose preprocessing rounds
     otherwise: its kept images are compared with these (within rounding), so it is resumed —
     its kept images and their sha256 rewritten to these, the change recorded — and its missing
@@ -629,7 +629,10 @@ def test_a_store_resumed_on_the_same_images_rounded_otherwise_goes_on_and_other_
     assert store.attrs["x1_sha256"] != old_sha and store.damaged_images() == []
     assert np.asarray(store.group["images"]["x1"][...]).tobytes() == y.tobytes()
     (entry,) = store.attrs["images_rounded_otherwise"]
-    assert entry["previous"] == {"x1_sha256": old_sha}
+    assert entry["previous"] == {"x1_sha256": old_sha} and store.info()["images_rounded_otherwise"] == [entry]
+    assert main(["info", str(path)]) == 0
+    assert f"resumed {entry['at']} on {entry['host']} with the same images rounded otherwise" in \
+        capsys.readouterr().out
     want = cnngp.readout_sweep(BODY, READOUTS, y, dtype=getattr(__import__("torch"), dtype)).numpy()
     tol = 1e-5 if dtype == "float32" else 1e-12
     assert np.allclose(_stored(path), want, rtol=tol, atol=tol * np.abs(want).max())

@@ -899,7 +899,9 @@ def store_summary(path, info: dict) -> str:
                  "it: average with the plain store)"}.get(info.get("flip"), ""),
         f"  pairs    {info.get('pairs_done', 0):,}/{info.get('pairs_total', 0):,} done"
         + "".join(f"; {k} tile(s) copied from {src} (--reuse)" for src, k in (info.get("tiles_reused_from") or {}).items())
-        + _workers_words(info.get("tiles_by_workers") or {}),
+        + _workers_words(info.get("tiles_by_workers") or {})
+        + "".join(f"; resumed {v.get('at')} on {v.get('host')} with the same images rounded otherwise (their "
+                  "last bits; its kept images rewritten)" for v in info.get("images_rounded_otherwise") or []),
         f"  time     {info.get('seconds_recorded') or 0:,.1f} s wall, {info.get('cpu_seconds_recorded') or 0:,.1f} s CPU "
         "(the finished tiles, every attempt"
         + (f"; {info['seconds_recorded_reused']:,.1f} s wall of it spent in the store the copied tiles came from"

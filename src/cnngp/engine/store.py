@@ -788,6 +788,8 @@ class KernelStore(TiledKernel):
             "pairs_done": done_pairs,
             "complete": not state["missing"] and not state["bad"],  # its kernel tiles
             "being_written_by": writer_pid(self.path),  # a run of this machine filling it now (its pid)
+            # resumes on the same images rounded otherwise (another machine's preprocessing)
+            "images_rounded_otherwise": list(self.attrs.get("images_rounded_otherwise") or []),
             "images_damaged": self.damaged_images(),  # a resume refuses the store then
             "readouts": len(self.attrs.get("readouts") or [None]),
             "labels": self.labels(),
