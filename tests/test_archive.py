@@ -22,6 +22,7 @@ from cnngp.engine.archive import TileArchive, decode_tile, encode_tile
 from cnngp.engine.distributed import store_kernel
 from cnngp.engine.store import KernelStore
 from cnngp.errors import CNNGPError
+from conftest import last_bits_changed as _last_bits_changed
 
 pytest.importorskip("zarr")
 pytest.importorskip("numcodecs")
@@ -492,13 +493,6 @@ def test_a_failed_archive_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         archive._atomic_bytes(target, b"new")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["tile-0-0.bin"]
 
-
-def _last_bits_changed(x: np.ndarray, where) -> np.ndarray:
-    """``x`` with the values at ``where`` moved by one unit in the last place: the same images
-    as preprocessed on a machine whose BLAS rounds differently."""
-    y = x.copy()
-    y[where] = np.nextafter(y[where], np.inf)
-    return y
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -18,6 +18,7 @@ from cnngp.cli.main import main
 from cnngp.engine.distributed import describe_dry_run, store_dry_run, store_kernel
 from cnngp.engine.store import KernelStore, tile_plan
 from cnngp.errors import CNNGPError
+from conftest import last_bits_changed as _last_bits_changed
 
 pytest.importorskip("zarr")
 
@@ -667,13 +668,6 @@ def test_a_test_best_sweep_borrows_its_chosen_readout_from_a_test_all_sweeps_sto
     for key in ("test_accuracy", "test_nll", "test_ece"):
         assert grown["test"][key] == pytest.approx(fresh["test"][key], rel=1e-9, abs=1e-12), key
 
-
-def _last_bits_changed(x: np.ndarray, where) -> np.ndarray:
-    """``x`` with the values at ``where`` one unit in the last place higher: the same images as
-    preprocessed on another machine (ZCA whitening's last bits follow the BLAS)."""
-    y = x.copy()
-    y[where] = np.nextafter(y[where], np.inf)
-    return y
 
 
 @pytest.mark.parametrize("grow", [True, False], ids=["lender-of-fewer", "lender-of-more"])
