@@ -467,8 +467,9 @@ def figure(table: list, path: Path, curve: list = ()) -> None:
     if not ns:
         return
     chosen = [c for c in curve if c["readout"] == "CV-chosen λ"]
-    widths = [max(1, len({(t["network"], t["config"]) for t in table if t["n_train"] == n})) for n in ns]
-    fig, axes = plt.subplots(1, len(ns) + bool(chosen), figsize=(4 + 5 * len(ns) + 5 * bool(chosen), 4.2),
+    # a panel of one configuration is still wide enough for its title and its anchors' legend below
+    widths = [max(3, len({(t["network"], t["config"]) for t in table if t["n_train"] == n})) for n in ns]
+    fig, axes = plt.subplots(1, len(ns) + bool(chosen), figsize=(6 + 5 * len(ns) + 5 * bool(chosen), 5.2),
                              squeeze=False, gridspec_kw={"width_ratios": widths + [4] * bool(chosen)})
     colours = {"independent": "#999999", "mean pool": "#4477aa", "CV-chosen λ": "#cc6677"}
     for ax, n in zip(axes[0], ns):
@@ -484,17 +485,22 @@ def figure(table: list, path: Path, curve: list = ()) -> None:
             ax.axhline(value, color="k", lw=0.8, ls=style, label=f"{label}: {value}")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{net}\n{cfg.removesuffix(N1280)}" for net, cfg in groups], fontsize=7, rotation=30)
-        ax.set_title(f"N = {n:,} training images, 1,000 test images")
+        ax.set_title(f"N = {n:,} training images, 1,000 test images", fontsize=9)
         ax.set_ylabel("test accuracy % (± 2 SE)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if len(groups) >= 6:
+            ax.legend(fontsize=7, loc="lower right")
+        else:  # below a narrow panel, where it would hide the points and the anchors
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     if chosen:  # the learning curves
         ax = axes[0][-1]
-        for c in chosen:
+        palette = plt.get_cmap("tab20").colors  # 13 runs: tab10's colours would repeat
+        for k, c in enumerate(chosen):
             n_c = sorted(int(n) for n in c["test_accuracy"])
             ax.errorbar(n_c, [100 * c["test_accuracy"][str(n)] for n in n_c],
                         yerr=[100 * c["test_accuracy_2se"][str(n)] for n in n_c], marker="o", ms=4, capsize=2,
-                        lw=1, label=f"{c['network']} {c['config']}")
+                        lw=2 if c["config"].endswith(N1280) else 1, color=palette[k % len(palette)],
+                        label=f"{c['network']} {c['config']}")
         n_a = sorted(n for n in ARORA_CNTK14 if n >= 100)
         ax.plot(n_a, [ARORA_CNTK14[n] for n in n_a], "k--", marker="s", mfc="none", label="Arora et al. CNTK-14")
         ax.set_xscale("log")
@@ -505,10 +511,10 @@ def figure(table: list, path: Path, curve: list = ()) -> None:
         ax.set_ylabel("test accuracy % (CV-chosen readout; ± 2 SE)")
         ax.set_title("test learning curve (disjoint training sets below the largest N)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: the curves fill the panel
     fig.suptitle("CIFAR-10 subset: weight correlation with ZCA and flips (results/small-data)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
