@@ -494,7 +494,6 @@ def test_a_failed_archive_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["tile-0-0.bin"]
 
 
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_an_archive_of_the_same_images_rounded_otherwise_is_verified_and_restored(tmp_path, capsys, dtype):
     """A ZCA-whitened run resumed on another machine: its images differ from the archive's in

@@ -669,7 +669,6 @@ def test_a_test_best_sweep_borrows_its_chosen_readout_from_a_test_all_sweeps_sto
         assert grown["test"][key] == pytest.approx(fresh["test"][key], rel=1e-9, abs=1e-12), key
 
 
-
 @pytest.mark.parametrize("grow", [True, False], ids=["lender-of-fewer", "lender-of-more"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_store_on_the_same_images_rounded_otherwise_lends_and_other_images_are_refused(tmp_path, grow, dtype):

@@ -534,27 +534,30 @@ class KernelStore(TiledKernel):
         these images within the dtype's rounding (:meth:`create` rekeys it)."""
         if _first_difference(self.attrs, identity, tuple(k for k in IDENTITY_KEYS if k not in IMAGE_KEYS)):
             return False
-        differ = [k for k in IMAGE_KEYS if not same_spec(self.attrs.get(k), identity.get(k))]
-        if not differ:
-            return False
-        damaged = self.damaged_images()
+        differ = self._image_keys_differing(identity)
         for key in differ:
-            which, x = key.removesuffix("_sha256"), images.get(key.removesuffix("_sha256"))
-            try:
+            which = key.removesuffix("_sha256")
+            try:  # each kept image read and hashed once (it may be a 50,000-image array)
                 kept = np.asarray(self.group["images"][which][...])
+                kept_sha = fingerprint(kept)
             except Exception:  # unreadable: refused as other images
                 return False
-            if x is None or not (fingerprint(kept) == identity.get(key)  # rewritten by a rekey cut short
-                                 or which not in damaged and same_to_rounding(kept, x)):
+            x = images.get(which)
+            if x is None or not (kept_sha == identity.get(key)  # rewritten by a rekey cut short
+                                 or kept_sha == self.attrs.get(key) and same_to_rounding(kept, x)):  # intact
                 return False
-        return True
+        return bool(differ)
+
+    def _image_keys_differing(self, identity: dict) -> list[str]:
+        """The image keys (:data:`IMAGE_KEYS`) on which this store's identity differs from ``identity``."""
+        return [k for k in IMAGE_KEYS if not same_spec(self.attrs.get(k), identity.get(k))]
 
     def _rekey_images(self, identity: dict, images: dict) -> None:
         """Make the store that of ``images`` (checked by :meth:`images_within_rounding`): its
         kept images rewritten, then the sha256 it records of them, and the change recorded
         (``images_rounded_otherwise``; a rewrite cut short between the two is finished by the
         next resume, whose check accepts kept images that already hash to the new sha256)."""
-        differ = [k for k in IMAGE_KEYS if not same_spec(self.attrs.get(k), identity.get(k))]
+        differ = self._image_keys_differing(identity)
         try:
             for key in differ:
                 self.group["images"][key.removesuffix("_sha256")][...] = images[key.removesuffix("_sha256")]
