@@ -401,10 +401,10 @@ def _tiles_to_compute(out, identity: dict, tiles: list, what: str, reuse=None, i
             store = KernelStore.open(out)
         except CNNGPError:
             store = None
-        if store is not None and not store.images_within_rounding({"format": STORE_FORMAT, **identity},
-                                                                   dict(zip(("x1", "x2"), images))):
-            refuse_other_computation(out, store.attrs, {"format": STORE_FORMAT, **identity}, what)
         if store is not None:
+            full = {"format": STORE_FORMAT, **identity}
+            if not store.images_within_rounding(full, dict(zip(("x1", "x2"), images))):  # (the run rekeys those)
+                refuse_other_computation(out, store.attrs, full, what)
             state = store.verify()
             left = {t.name for t in state["missing"] + state["bad"]}
             tiles = [t for t in tiles if t.name in left]
